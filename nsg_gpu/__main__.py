@@ -1,0 +1,5 @@
+"""``python -m nsg_gpu`` runs the ``nsg`` command line."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,142 @@
+"""Array backends: NumPy everywhere, CuPy where a usable CUDA GPU exists.
+
+Library functions infer the backend from the arrays they are given (:func:`get_backend`);
+only the edges (command line, benchmarks, tests) pick one by name (:func:`select_backend`).
+There is no global "current backend" and nothing is swapped at import time, so
+``import nsg_gpu`` works on machines without CuPy. Host/device copies go through
+:meth:`Backend.asarray` and :meth:`Backend.to_host` so that they can be found by name.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import scipy.ndimage
+
+from .errors import BackendUnavailableError
+
+__all__ = [
+    "Backend",
+    "NUMPY",
+    "BACKEND_NAMES",
+    "cupy_status",
+    "get_backend",
+    "select_backend",
+]
+
+BACKEND_NAMES = ("auto", "numpy", "cupy")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One array library together with its ``ndimage`` counterpart.
+
+    Parameters
+    ----------
+    name : str
+        ``"numpy"`` or ``"cupy"``.
+
+    xp : module
+        The array module (``numpy`` or ``cupy``).
+
+    ndimage : module
+        ``scipy.ndimage`` or ``cupyx.scipy.ndimage``.
+    """
+
+    name: str
+    xp: ModuleType
+    ndimage: ModuleType
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.name == "cupy"
+
+    def asarray(self, array: Any, dtype: Any = None) -> Any:
+        """Move ``array`` onto this backend (a host-to-device copy for CuPy)."""
+        return self.xp.asarray(array, dtype=dtype)
+
+    def to_host(self, array: Any) -> np.ndarray:
+        """Return ``array`` as a NumPy array (a device-to-host copy for CuPy)."""
+        if self.is_gpu:
+            return self.xp.asnumpy(array)
+        return np.asarray(array)
+
+
+NUMPY = Backend("numpy", np, scipy.ndimage)
+
+
+@functools.lru_cache(maxsize=1)
+def cupy_status() -> tuple[bool, str]:
+    """Tell whether CuPy is importable *and* a CUDA device is usable.
+
+    Returns
+    -------
+    usable : bool
+        True when CuPy imports and ``cupy.is_available()`` is true.
+
+    reason : str
+        One line saying why (or on which device) for ``nsg info`` and error messages.
+    """
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a broken CUDA installation
+        return False, f"CuPy is not importable ({type(exc).__name__}: {exc}); install nsg-gpu[gpu]"
+    try:
+        available = bool(cupy.is_available())
+    except Exception as exc:
+        return False, f"CuPy is installed but CUDA failed ({type(exc).__name__}: {exc})"
+    if not available:
+        return False, "CuPy is installed but no usable CUDA GPU was found"
+    try:
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    except Exception:
+        name = "CUDA device"
+    return True, f"CuPy {cupy.__version__} on {name}"
+
+
+@functools.lru_cache(maxsize=1)
+def _cupy_backend() -> Backend:
+    import cupy
+    import cupyx.scipy.ndimage
+
+    return Backend("cupy", cupy, cupyx.scipy.ndimage)
+
+
+def select_backend(name: str = "auto") -> Backend:
+    """Choose a backend by name, for the edges of the program.
+
+    Parameters
+    ----------
+    name : {"auto", "numpy", "cupy"}
+        ``"auto"`` picks CuPy when a usable GPU exists and NumPy otherwise.
+
+    Raises
+    ------
+    BackendUnavailableError
+        ``"cupy"`` was asked for where no usable GPU exists, or ``name`` is unknown.
+    """
+    name = name.lower()
+    if name not in BACKEND_NAMES:
+        raise BackendUnavailableError(
+            f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}"
+        )
+    if name == "numpy":
+        return NUMPY
+    usable, reason = cupy_status()
+    if name == "cupy" and not usable:
+        raise BackendUnavailableError(f"--backend cupy is not usable here: {reason}")
+    return _cupy_backend() if usable else NUMPY
+
+
+def get_backend(*arrays: Any) -> Backend:
+    """Infer the backend from array arguments: CuPy if any of them is a CuPy array."""
+    for array in arrays:
+        module = type(array).__module__
+        if module.startswith("cupy"):
+            return _cupy_backend()
+    return NUMPY

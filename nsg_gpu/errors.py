@@ -1,0 +1,65 @@
+"""Exceptions that name the file and the rule it broke.
+
+Every problem with one frame is a :class:`FrameError`; the pipeline records it against that
+frame and goes on with the others. Messages say what to do, not only what went wrong.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "NSGError",
+    "BackendUnavailableError",
+    "FrameError",
+    "FrameReadError",
+    "FrameShapeError",
+    "FrameDataError",
+    "TooFewStarsError",
+    "TooFewSamplesError",
+    "ReferenceFrameError",
+    "OutputError",
+]
+
+
+class NSGError(Exception):
+    """Base class of the errors nsg-gpu raises on purpose."""
+
+
+class BackendUnavailableError(NSGError):
+    """The requested array backend cannot run on this machine."""
+
+
+class FrameError(NSGError):
+    """A problem with one input frame; the run goes on with the others."""
+
+    def __init__(self, path: object, message: str):
+        self.path = str(path)
+        self.reason = message
+        super().__init__(f"{self.path}: {message}")
+
+
+class FrameReadError(FrameError):
+    """The file is missing, unreadable, not FITS, or holds no usable image."""
+
+
+class FrameShapeError(FrameError):
+    """The frame's axes or shape differ from what the reference requires."""
+
+
+class FrameDataError(FrameError):
+    """The pixel data cannot be normalized (all zero, wrong units, ...)."""
+
+
+class TooFewStarsError(FrameError):
+    """Too few usable stars or star pairs to measure a photometric scale."""
+
+
+class TooFewSamplesError(FrameError):
+    """Too few background samples to model the gradient."""
+
+
+class ReferenceFrameError(FrameError):
+    """The reference frame is missing or unusable; nothing can be normalized."""
+
+
+class OutputError(NSGError):
+    """An output could not be written (it is then absent, never partial)."""

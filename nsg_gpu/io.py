@@ -1,0 +1,310 @@
+"""FITS frames in and out: reading, header metadata, output names and atomic writes.
+
+Frames are held channels-first, ``(channels, height, width)`` float32, whatever their layout on
+disk (2-D mono, or 3-D colour with three planes). Integer data are scaled by BZERO/BSCALE to
+physical values; non-finite pixels become 0, which means "no data" throughout nsg-gpu. An
+output is written to a temporary file in the output directory and renamed into place, so a
+reader never sees a partial file, and an input is never opened for writing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+from astropy.utils.exceptions import AstropyUserWarning
+from astropy.wcs import FITSFixedWarning
+
+from .errors import FrameReadError, FrameShapeError, OutputError
+
+__all__ = [
+    "FITS_SUFFIXES",
+    "Frame",
+    "FrameMeta",
+    "read_frame",
+    "read_meta",
+    "write_frame",
+    "output_path",
+    "frame_stem",
+    "set_nsg_keywords",
+]
+
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.gz", ".fit.gz", ".fts.gz")
+
+#: Cards that describe the array layout; astropy writes them from the data itself.
+_STRUCTURAL = re.compile(
+    r"^(SIMPLE|BITPIX|NAXIS\d*|EXTEND|XTENSION|PCOUNT|GCOUNT|BZERO|BSCALE|BLANK|"
+    r"CHECKSUM|DATASUM|Z[A-Z0-9]*)$"
+)
+
+
+@dataclass
+class FrameMeta:
+    """Header facts nsg-gpu uses: optics for the Auto rules, and columns of the results."""
+
+    exposure: float | None = None
+    focal_length_mm: float | None = None
+    pixel_size_um: float | None = None
+    filter: str | None = None
+    date_obs: str | None = None
+    altitude: float | None = None
+    airmass: float | None = None
+    noise: tuple[float, ...] | None = None  # NOISE00..02, one per channel
+
+
+@dataclass
+class Frame:
+    """One light frame in memory.
+
+    Attributes
+    ----------
+    path : Path
+        Where it was read from.
+
+    data : ndarray
+        ``(channels, height, width)`` float32; 0 marks pixels without data.
+
+    header : astropy.io.fits.Header
+        The image header, structural cards included as read.
+
+    white_level : float
+        The value of a saturated pixel in the frame's units: 1.0 for data normalized to
+        [0, 1], the largest integer of the stored type for integer data.
+    """
+
+    path: Path
+    data: Any
+    header: fits.Header
+    white_level: float
+    meta: FrameMeta = field(default_factory=FrameMeta)
+
+    @property
+    def channels(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.data.shape[1]), int(self.data.shape[2])
+
+
+def frame_stem(path: str | os.PathLike) -> str:
+    """The file name without its FITS suffixes (``a.fits.gz`` gives ``a``)."""
+    name = Path(path).name
+    lower = name.lower()
+    for suffix in sorted(FITS_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def output_path(path: str | os.PathLike, output_dir: str | os.PathLike, postfix: str = "_nsg") -> Path:
+    """``<output_dir>/<input stem><postfix>.fits``."""
+    return Path(output_dir) / f"{frame_stem(path)}{postfix}.fits"
+
+
+def _first_image_hdu(hdul: fits.HDUList, path: Path):
+    for hdu in hdul:
+        if isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
+            if hdu.header.get("NAXIS", 0) >= 2 or (hdu.data is not None and hdu.data.ndim >= 2):
+                return hdu
+    raise FrameReadError(path, "holds no image (no HDU with two or more axes)")
+
+
+def _float_card(header: fits.Header, *keys: str) -> float | None:
+    for key in keys:
+        value = header.get(key)
+        if value is None or isinstance(value, bool):
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(number):
+            return number
+    return None
+
+
+def _meta_from_header(header: fits.Header) -> FrameMeta:
+    noise = []
+    for c in range(3):
+        value = _float_card(header, f"NOISE0{c}")
+        if value is None or value <= 0:
+            break
+        noise.append(value)
+    filt = header.get("FILTER")
+    date = header.get("DATE-OBS")
+    return FrameMeta(
+        exposure=_float_card(header, "EXPOSURE", "EXPTIME", "ELAPTIME"),
+        focal_length_mm=_float_card(header, "FOCALLEN"),
+        pixel_size_um=_float_card(header, "XPIXSZ"),
+        filter=str(filt).strip() if filt is not None else None,
+        date_obs=str(date).strip() if date is not None else None,
+        altitude=_float_card(header, "ALTITUDE", "OBJCTALT", "CENTALT"),
+        airmass=_float_card(header, "AIRMASS"),
+        noise=tuple(noise) if noise else None,
+    )
+
+
+def _white_level(header: fits.Header, data: np.ndarray) -> float:
+    """Saturation value in physical units, from the header as stored (before scaling)."""
+    bitpix = int(header.get("BITPIX", -32))
+    if bitpix > 0:
+        top = 255 if bitpix == 8 else 2 ** (bitpix - 1) - 1
+        return float(top) * float(header.get("BSCALE", 1.0)) + float(header.get("BZERO", 0.0))
+    finite_max = float(np.max(data)) if data.size else 0.0
+    if finite_max <= 1.0:
+        return 1.0
+    if finite_max <= 65535.0:
+        return 65535.0
+    return finite_max
+
+
+def read_meta(path: str | os.PathLike) -> FrameMeta:
+    """Read only the header facts of a frame (no pixel data)."""
+    path = Path(path)
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            return _meta_from_header(_first_image_hdu(hdul, path).header)
+    except FrameReadError:
+        raise
+    except Exception as exc:
+        raise FrameReadError(path, f"cannot be read as FITS ({type(exc).__name__}: {exc})") from exc
+
+
+def read_frame(path: str | os.PathLike) -> Frame:
+    """Read a registered light frame.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A FITS file (``.fits``, ``.fit``, ``.fts``, tile-compressed ``.fz``, or gzipped).
+
+    Returns
+    -------
+    Frame
+        Data as ``(channels, height, width)`` float32 with non-finite pixels set to 0.
+
+    Raises
+    ------
+    FrameReadError
+        Missing, unreadable or corrupt file, or no image in it.
+
+    FrameShapeError
+        Not a 2-D mono or 3-plane colour image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FrameReadError(path, "no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", (AstropyUserWarning, FITSFixedWarning))
+            with fits.open(path, memmap=False) as hdul:
+                hdu = _first_image_hdu(hdul, path)
+                # Copy the header before touching the data: astropy rewrites BITPIX/BZERO
+                # when it scales integer data, and they tell the white level.
+                header = hdu.header.copy()
+                data = np.asarray(hdu.data)
+    except (FrameReadError, FrameShapeError):
+        raise
+    except Exception as exc:
+        raise FrameReadError(path, f"cannot be read as FITS ({type(exc).__name__}: {exc})") from exc
+    if data.ndim == 2:
+        data = data[np.newaxis]
+    elif data.ndim != 3 or data.shape[0] not in (1, 3):
+        raise FrameShapeError(
+            path,
+            f"has shape {tuple(data.shape)}; frames must be 2-D mono or 3-D colour with 3 planes",
+        )
+    data = np.array(data, dtype=np.float32)  # a copy: the input file's buffer is never touched
+    np.nan_to_num(data, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    meta = _meta_from_header(header)
+    return Frame(path=path, data=data, header=header, white_level=_white_level(header, data), meta=meta)
+
+
+def _clean_header(header: fits.Header) -> fits.Header:
+    out = fits.Header()
+    for card in header.cards:
+        if _STRUCTURAL.match(card.keyword or ""):
+            continue
+        out.append(card, end=True)
+    return out
+
+
+def set_nsg_keywords(
+    header: fits.Header,
+    *,
+    reference_name: str,
+    transmission: list[float],
+    snr: list[float],
+    weight: float,
+    weight_keyword: str = "NWEIGHT",
+    weight_source: str = "",
+    high: float | None = None,
+    history: list[str] = (),
+) -> fits.Header:
+    """Return a copy of ``header`` carrying NSG's keywords (old NSG cards replaced).
+
+    ``transmission`` and ``snr`` have one value per channel; ``NSGS0`` alone is written for mono.
+    """
+    header = header.copy()
+    for key in list(dict.fromkeys(header.keys())):
+        if key.startswith("NSG") or key == weight_keyword:
+            del header[key]
+    if "HISTORY" in header:
+        kept = [h for h in header["HISTORY"] if not str(h).startswith("NSG.")]
+        del header["HISTORY"]
+        for h in kept:
+            header.add_history(str(h))
+    header["NSGREF"] = (reference_name[-68:], "NSG reference frame")
+    for c, value in enumerate(transmission):
+        header[f"NSGS{c}"] = (float(f"{value:.5g}"), "NSG transmission (1/scale)")
+    for c, value in enumerate(snr):
+        header[f"NSGSNR{c}"] = (float(f"{value:.5g}"), "NSG signal-to-noise ratio vs reference")
+    comment = f"NSG weight ({weight_source})" if weight_source else "NSG weight"
+    header[weight_keyword] = (float(f"{weight:.6g}"), comment[:47])
+    if high is not None:
+        header["NSGHIGH"] = (float(f"{high:.6g}"), "NSG max value before truncation")
+    for line in history:
+        header.add_history(f"NSG.{line}")
+    return header
+
+
+def write_frame(path: str | os.PathLike, data: np.ndarray, header: fits.Header) -> Path:
+    """Write ``(channels, height, width)`` float32 data atomically to ``path``.
+
+    The data go to a temporary file beside ``path`` which is renamed over it once complete,
+    so ``path`` is either the complete new file or untouched.
+
+    Raises
+    ------
+    OutputError
+        The directory is not writable or the disk is full; no partial file is left.
+    """
+    path = Path(path)
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim == 3 and data.shape[0] == 1:
+        data = data[0]
+    hdu = fits.PrimaryHDU(data=data, header=_clean_header(header))
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as handle:
+            hdu.writeto(handle, output_verify="silentfix")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+        tmp_name = None
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot be written ({exc.strerror or exc})") from exc
+    finally:
+        if tmp_name is not None and os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return path

@@ -1,0 +1,203 @@
+"""All parameters of a run, with NormalizeScaleGradient's defaults and "Auto" rules.
+
+A field set to ``None`` is "Auto": :func:`resolve_parameters` derives it from the reference
+frame (pixel scale from XPIXSZ and FOCALLEN, image size, brightest star, brightest pixel) by the
+formulas of NSG 3.0.x (``reference/nsg-algorithm.md`` section 8). Every field is a command-line
+option of ``nsg normalize``; the resolved values are written to the output headers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+__all__ = [
+    "DEFAULT_FOCAL_LENGTH_MM",
+    "DEFAULT_PIXEL_SIZE_UM",
+    "Parameters",
+    "degrees_per_pixel",
+    "resolve_parameters",
+    "auto_sample_size",
+]
+
+#: NSG's assumptions when the header has no FOCALLEN / XPIXSZ.
+DEFAULT_FOCAL_LENGTH_MM = 1000.0
+DEFAULT_PIXEL_SIZE_UM = 6.0
+#: Fraction of the reference's brightest pixel above which a star is treated as non-linear.
+LINEAR_RANGE = 0.7
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """Parameters of the normalization. ``None`` means Auto.
+
+    Photometry
+    ----------
+    detection_sigma : float
+        Star detection threshold of the matched-filter image, in units of its noise.
+    linear_range : float or None
+        Stars whose peak reaches this value (reference or target) are not measured.
+        Auto: 0.7 x the reference's maximum pixel, rounded to 3 decimals.
+    star_search_radius : float
+        How far (px) a star may move between reference and target after recentring;
+        stars that move further are not paired (NSG default 2).
+    star_flux_tolerance : float
+        Pairs whose flux ratio differs from the first estimate by more than this factor
+        are dropped before the outlier removal (NSG default 1.5).
+    outlier_removal : float
+        Percentage of the star pairs removed, one at a time, as the farthest from the
+        fitted line (NSG default 2).
+    aperture_fwhm : float
+        Photometry aperture radius in units of the larger of the two frames' FWHM.
+    aperture_add : float
+        Pixels added to the aperture radius and to the sample rejection circles (NSG 1).
+    aperture_gap : float or None
+        Gap (px) between aperture and background annulus. Auto: 0.0005 deg, at least 1 px.
+    aperture_bg_delta : float or None
+        Width (px) of the background annulus. Auto: 0.002 deg, at least 5 px.
+    min_star_pairs : int
+        Fewer usable star pairs than this is an error for that frame, never a silent scale 1.
+
+    Gradient
+    --------
+    sample_size : int or None
+        Side (px) of the square background samples. Auto: NSG's rule (100 um on the sensor,
+        about 27 arcsec, and about 2000 samples over the image).
+    limit_sample_stars_percent : float or None
+        Share of the reference's stars, brightest first, whose circles reject samples.
+        Auto: as many stars as a tenth of the number of samples.
+    sample_star_growth_rate : float or None
+        Growth of the rejection circle radius per unit of star flux. Auto: the brightest
+        star's circle grows by about 135 arcsec.
+    gradient_smoothness : float
+        log10 of the thin-plate spline smoothing; 4 or more fits a plane (NSG default -2).
+    max_samples : int
+        Samples are binned into super-samples above this count (NSG default 2000).
+
+    Output
+    ------
+    weight_keyword : str
+        Header keyword for the weight (NSG default NWEIGHT).
+    truncate : bool
+        Clip the output to [0, white level] as NSG does; off keeps the full float range.
+    """
+
+    detection_sigma: float = 5.0
+    linear_range: float | None = None
+    star_search_radius: float = 2.0
+    star_flux_tolerance: float = 1.5
+    outlier_removal: float = 2.0
+    aperture_fwhm: float = 1.5
+    aperture_add: float = 1.0
+    aperture_gap: float | None = None
+    aperture_bg_delta: float | None = None
+    min_star_pairs: int = 5
+    sample_size: int | None = None
+    limit_sample_stars_percent: float | None = None
+    sample_star_growth_rate: float | None = None
+    gradient_smoothness: float = -2.0
+    max_samples: int = 2000
+    weight_keyword: str = "NWEIGHT"
+    truncate: bool = True
+    focal_length_mm: float | None = None
+    pixel_size_um: float | None = None
+
+    def __post_init__(self):
+        checks = [
+            (self.detection_sigma > 0, "detection_sigma must be positive"),
+            (self.star_search_radius > 0, "star_search_radius must be positive"),
+            (1.0 < self.star_flux_tolerance <= 10, "star_flux_tolerance must be in (1, 10]"),
+            (0 <= self.outlier_removal <= 50, "outlier_removal must be a percentage in [0, 50]"),
+            (self.aperture_fwhm > 0, "aperture_fwhm must be positive"),
+            (self.min_star_pairs >= 2, "min_star_pairs must be at least 2"),
+            (self.sample_size is None or 2 <= self.sample_size <= 1000, "sample_size must be in [2, 1000]"),
+            (-8 <= self.gradient_smoothness <= 4 or self.gradient_smoothness >= 4, "gradient_smoothness too small"),
+            (self.max_samples >= 10, "max_samples must be at least 10"),
+            (0 < len(self.weight_keyword) <= 8 and self.weight_keyword.isascii(), "weight_keyword must be 1-8 ASCII characters"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def replace(self, **changes) -> Parameters:
+        return dataclasses.replace(self, **changes)
+
+    def history(self) -> list[str]:
+        """``name: value`` lines for the HISTORY cards of the outputs."""
+        return [f"{f.name}: {getattr(self, f.name)}" for f in dataclasses.fields(self)]
+
+
+def degrees_per_pixel(pixel_size_um: float, focal_length_mm: float) -> float:
+    """Image scale in degrees per pixel (NSG's ``calcDegreesPerPixel``)."""
+    return (pixel_size_um * 1e-6) / (focal_length_mm * 1e-3) * 180.0 / math.pi
+
+
+def _round_half_up(value: float) -> int:
+    # JavaScript's Math.round, which NSG's formulas use.
+    return int(math.floor(value + 0.5))
+
+
+def auto_sample_size(width: int, height: int, pixel_size_um: float, deg_per_px: float) -> int:
+    """NSG's Auto sample size: 100 um on the sensor, about 27 arcsec, about 2000 samples."""
+    by_scale = max(_round_half_up(100.0 / pixel_size_um), 2, _round_half_up(0.0075 / deg_per_px))
+    by_count = int(math.floor(math.sqrt(width * height / 2000.0)))
+    return int(min(150, max(by_scale, by_count)))
+
+
+def resolve_parameters(
+    params: Parameters,
+    *,
+    width: int,
+    height: int,
+    header_focal_length_mm: float | None,
+    header_pixel_size_um: float | None,
+    reference_max: float,
+    max_star_flux: float,
+    n_reference_stars: int,
+) -> Parameters:
+    """Fill every Auto field from the reference frame.
+
+    Parameters
+    ----------
+    params : Parameters
+        What the user asked for; ``None`` fields are filled.
+
+    width, height : int
+        Image size in pixels.
+
+    header_focal_length_mm, header_pixel_size_um : float or None
+        FOCALLEN and XPIXSZ of the reference; NSG's defaults (1000 mm, 6 um) when missing.
+
+    reference_max : float
+        The reference's maximum pixel value.
+
+    max_star_flux : float
+        Background-subtracted flux of the reference's brightest star.
+
+    n_reference_stars : int
+        Number of stars detected on the reference.
+    """
+    focal = params.focal_length_mm or header_focal_length_mm or DEFAULT_FOCAL_LENGTH_MM
+    pixel = params.pixel_size_um or header_pixel_size_um or DEFAULT_PIXEL_SIZE_UM
+    a = degrees_per_pixel(pixel, focal)
+    changes: dict = {"focal_length_mm": focal, "pixel_size_um": pixel}
+    if params.linear_range is None:
+        changes["linear_range"] = round(1000 * LINEAR_RANGE * reference_max) / 1000 or LINEAR_RANGE
+    if params.aperture_gap is None:
+        changes["aperture_gap"] = float(min(50, max(1, _round_half_up(0.0005 / a))))
+    if params.aperture_bg_delta is None:
+        changes["aperture_bg_delta"] = float(min(50, max(5, _round_half_up(0.002 / a))))
+    sample_size = params.sample_size or auto_sample_size(width, height, pixel, a)
+    changes["sample_size"] = sample_size
+    if params.sample_star_growth_rate is None:
+        reach = max(2, _round_half_up(0.0375 / a))
+        changes["sample_star_growth_rate"] = min(0.25, reach / max_star_flux) if max_star_flux > 0 else 0.25
+    if params.limit_sample_stars_percent is None:
+        bins = (width // sample_size) * (height // sample_size)
+        if n_reference_stars > 0:
+            percent = min(100.0, round(10000 * (bins / 10) / n_reference_stars) / 100)
+        else:
+            percent = 100.0
+        changes["limit_sample_stars_percent"] = percent
+    return params.replace(**changes)

@@ -1,0 +1,457 @@
+"""Differential aperture photometry of the reference's stars, and the robust scale fit.
+
+Frames are registered, so every target is measured at the reference's star positions after
+recentring; a star that moves further than ``star_search_radius`` is not paired, and a frame
+where most stars move that far is reported as not registered. Fluxes come from photutils
+circular apertures; the background is the plain annulus mean. Everything in the annulus but
+the sky and the noise (faint neighbours, nebula, wings) scales with the transmission, and the
+mean stays linear in it; a median or a clipped mean responds to faint neighbours in
+proportion to the noise instead, which differs from frame to frame and biases the scale. A
+hot pixel in an annulus spoils one star, which the robust fit rejects.
+
+Seeing changes between frames, and a fixed aperture keeps a different share of a Moffat-like
+star's light at each FWHM. So apertures are sized from the larger of the two frames' FWHM,
+and each frame's fluxes get an aperture correction from its own curve of growth: the median
+ratio of a large aperture to the measuring aperture over bright isolated stars, times a Moffat
+tail fitted to that curve for the light beyond the large aperture. The scale ``m`` per channel
+is then NSG's fit: an L1 line with intercept, a flux-ratio tolerance and removal of the
+farthest pairs one at a time, followed by a noise-weighted robust refit of the survivors.
+
+Images reach this module as small cutouts around the stars (a mosaic on the host), so a
+frame on the GPU never crosses to the host whole.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from photutils.aperture import ApertureStats, CircularAnnulus, CircularAperture, aperture_photometry
+from scipy.optimize import least_squares
+
+from .backend import get_backend
+
+BACKGROUND_CLIP = 5.0
+BACKGROUND_STAT = "median"
+
+__all__ = [
+    "ApertureGeometry",
+    "StarMeasurement",
+    "ScaleFit",
+    "aperture_geometry",
+    "recentre",
+    "measure_stars",
+    "aperture_correction",
+    "l1_line",
+    "fit_scale",
+]
+
+
+@dataclass(frozen=True)
+class ApertureGeometry:
+    """Radii in pixels: measuring aperture, curve-of-growth aperture, background annulus."""
+
+    radius: float
+    big_radius: float
+    annulus_inner: float
+    annulus_outer: float
+
+    @property
+    def curve_radii(self) -> tuple[float, ...]:
+        """Radii of the curve of growth, the measuring and the big aperture among them."""
+        r, big = self.radius, self.big_radius
+        inner = [0.5 * r, 0.75 * r, r]
+        mid = [v for v in np.linspace(r, big, 5)[1:-1]]
+        return tuple(inner + mid + [big])
+
+
+def aperture_geometry(fwhm: float, *, aperture_fwhm: float, aperture_add: float, gap: float, bg_delta: float) -> ApertureGeometry:
+    """Aperture radii for a pair of frames whose larger FWHM is ``fwhm`` (px)."""
+    radius = max(aperture_fwhm * fwhm + aperture_add, 3.0)
+    big = 2.0 * radius
+    inner = big + gap
+    return ApertureGeometry(radius, big, inner, inner + bg_delta)
+
+
+@dataclass
+class StarMeasurement:
+    """Aperture photometry of stars in one frame, per channel.
+
+    ``flux`` is in the measuring aperture, background-subtracted; ``curve`` holds the fluxes
+    at ``geometry.curve_radii``; ``ok`` is False where an aperture or most of an annulus has
+    no data, or leaves the image.
+    """
+
+    geometry: ApertureGeometry
+    flux: np.ndarray  # (channels, n)
+    flux_error: np.ndarray  # (channels, n)
+    curve: np.ndarray  # (channels, n, radii)
+    background: np.ndarray  # (channels, n)
+    ok: np.ndarray  # (n,)
+
+
+def _gather_stamps(image, x, y, half: int):
+    """Cutouts ``(n, 2*half+1, 2*half+1)`` around rounded positions; outside the image is 0."""
+    be = get_backend(image)
+    xp = be.xp
+    h, w = image.shape[-2:]
+    xi = be.asarray(np.rint(x).astype(np.int64))
+    yi = be.asarray(np.rint(y).astype(np.int64))
+    off = xp.arange(-half, half + 1)
+    rows = yi[:, None, None] + off[None, :, None]
+    cols = xi[:, None, None] + off[None, None, :]
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    rows = xp.clip(rows, 0, h - 1)
+    cols = xp.clip(cols, 0, w - 1)
+    if image.ndim == 2:
+        return xp.where(inside, image[rows, cols], 0)
+    return xp.where(inside[None], image[:, rows, cols], 0)
+
+
+def recentre(image, x, y, *, fwhm: float, background=None) -> tuple[np.ndarray, np.ndarray]:
+    """Intensity-weighted centroids near ``(x, y)`` on a 2-D image (any backend).
+
+    The window is ``1.5 * fwhm`` around the rounded position; ``background`` (an image of
+    the same shape) is subtracted first when given.
+    """
+    be = get_backend(image)
+    xp = be.xp
+    half = max(2, int(math.ceil(1.5 * fwhm)))
+    win = _gather_stamps(image, x, y, half)
+    if background is not None:
+        win = win - _gather_stamps(background, x, y, half)
+    win = xp.clip(win - xp.median(win.reshape(win.shape[0], -1), axis=1)[:, None, None], 0, None)
+    off = xp.arange(-half, half + 1, dtype=xp.float64)
+    total = win.sum(axis=(1, 2))
+    safe = xp.where(total > 0, total, 1)
+    dy = (win.sum(axis=2) * off).sum(axis=1) / safe
+    dx = (win.sum(axis=1) * off).sum(axis=1) / safe
+    cx = np.rint(x) + be.to_host(dx)
+    cy = np.rint(y) + be.to_host(dy)
+    bad = be.to_host(total) <= 0
+    cx[bad] = np.nan
+    cy[bad] = np.nan
+    return cx, cy
+
+
+def measure_stars(data, x, y, geometry: ApertureGeometry) -> StarMeasurement:
+    """Aperture photometry at ``(x, y)`` in every channel of ``data`` ``(channels, h, w)``.
+
+    Cutouts around the stars are laid side by side in one host mosaic, which photutils
+    measures; pixels of value 0 (no data, or outside the image) are masked.
+    """
+    be = get_backend(data)
+    channels = data.shape[0]
+    n = int(np.size(x))
+    radii = geometry.curve_radii
+    if n == 0:
+        empty = np.zeros((channels, 0))
+        return StarMeasurement(geometry, empty, empty, np.zeros((channels, 0, len(radii))), empty, np.zeros(0, bool))
+    finite = np.isfinite(x) & np.isfinite(y)
+    x = np.where(finite, x, 0.0)
+    y = np.where(finite, y, 0.0)
+    half = int(math.ceil(geometry.annulus_outer)) + 1
+    side = 2 * half + 1
+    stamps = be.to_host(_gather_stamps(data, x, y, half)).astype(np.float64)  # (c, n, s, s)
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    mosaic = np.zeros((channels, rows * side, cols * side))
+    index = np.arange(n)
+    r0, c0 = (index // cols) * side, (index % cols) * side
+    for i in range(n):
+        mosaic[:, r0[i] : r0[i] + side, c0[i] : c0[i] + side] = stamps[:, i]
+    # Sub-pixel position within each cutout, in the mosaic's frame.
+    px = c0 + half + (np.asarray(x) - np.rint(x))
+    py = r0 + half + (np.asarray(y) - np.rint(y))
+    positions = np.column_stack([px, py])
+    no_data = np.any(mosaic == 0, axis=0)
+    apertures = [CircularAperture(positions, r=r) for r in radii]
+    annulus = CircularAnnulus(positions, r_in=geometry.annulus_inner, r_out=geometry.annulus_outer)
+    holes = aperture_photometry(no_data.astype(float), apertures[-1], method="center")["aperture_sum"]
+    ok = (np.asarray(holes) == 0) & finite
+    annulus_area = annulus.area
+    curve = np.empty((channels, n, len(radii)))
+    flux_error = np.empty((channels, n))
+    background = np.empty((channels, n))
+    measure_index = radii.index(geometry.radius)
+    for c in range(channels):
+        stats = ApertureStats(mosaic[c], annulus, mask=no_data)
+        bkg = np.asarray(stats.mean, float)
+        bkg_std = np.asarray(stats.std, float)
+        counted = np.asarray(stats.sum_aper_area.value if hasattr(stats.sum_aper_area, "value") else stats.sum_aper_area, float)
+        ok &= np.isfinite(bkg) & (counted > 0.3 * annulus_area)
+        table = aperture_photometry(mosaic[c], apertures, mask=no_data)
+        for k, aperture in enumerate(apertures):
+            curve[c, :, k] = np.asarray(table[f"aperture_sum_{k}"], float) - bkg * aperture.area
+        background[c] = bkg
+        # Error of the measuring aperture: sky noise over the aperture and in the background
+        # estimate, plus the star's shot noise in sky-noise units (gain from sky level/variance).
+        area = apertures[measure_index].area
+        sky_var = np.nan_to_num(bkg_std) ** 2
+        gain_inv = sky_var / np.maximum(np.abs(bkg), np.sqrt(sky_var) + 1e-30)
+        star = np.clip(curve[c, :, measure_index], 0, None)
+        flux_error[c] = np.sqrt(area * sky_var * (1 + area * math.pi / (2 * max(annulus_area, 1))) + star * gain_inv)
+    flux = curve[:, :, measure_index]
+    ok &= np.all(np.isfinite(flux), axis=0) & np.all(flux > 0, axis=0)
+    return StarMeasurement(geometry, flux, flux_error, curve, background, ok)
+
+
+def _moffat_enclosed(r, alpha, beta):
+    return 1.0 - (1.0 + (r / alpha) ** 2) ** (1.0 - beta)
+
+
+def _enclosed_at_big(profile: np.ndarray, radii: np.ndarray, measure_radius: float, fwhm: float) -> float:
+    """``E(big radius)`` of a Moffat profile fitted to a curve of growth normalized at its end."""
+    use = radii >= 0.5 * measure_radius
+
+    def residual(p):
+        alpha, beta = p
+        model = _moffat_enclosed(radii[use], alpha, beta) / _moffat_enclosed(radii[-1], alpha, beta)
+        return model - profile[use]
+
+    alpha0 = max(fwhm, 1.0) / (2 * math.sqrt(2 ** (1 / 3.0) - 1))
+    try:
+        fit = least_squares(residual, x0=[alpha0, 3.0], bounds=([0.2, 1.5], [100.0, 20.0]))
+    except (ValueError, FloatingPointError):
+        return 1.0
+    if not fit.success:
+        return 1.0
+    # The tail beyond the big aperture is a small correction; never let a poor fit make it large.
+    return float(np.clip(_moffat_enclosed(radii[-1], *fit.x), 0.97, 1.0))
+
+
+def aperture_correction(
+    reference: StarMeasurement,
+    target: StarMeasurement,
+    select: np.ndarray,
+    *,
+    reference_fwhm: float,
+    target_fwhm: float,
+) -> np.ndarray:
+    """Seeing correction of the flux ratio, per channel, from the two curves of growth.
+
+    The ratio ``reference / target`` of the measuring-aperture fluxes is multiplied by this to
+    become the ratio of total fluxes. It is the weighted median, over bright isolated stars, of
+
+        (R_big / R_ap) / (T_big / T_ap)
+
+    (the light each frame's PSF puts between the measuring and the big aperture), times
+    ``E_T(big) / E_R(big)`` of Moffat profiles fitted to each frame's curve of growth (the light
+    beyond the big aperture). Faint neighbours inside the big aperture are the same stars in
+    both frames, so they cancel in the per-star ratio.
+
+    Parameters
+    ----------
+    reference, target : StarMeasurement
+        Photometry of the same stars with the same geometry.
+
+    select : bool array (n,)
+        Stars to use: bright, isolated and fully measured in both frames.
+
+    reference_fwhm, target_fwhm : float
+        Start values of the Moffat fits.
+
+    Returns
+    -------
+    ndarray (channels,)
+    """
+    geometry = reference.geometry
+    radii = np.asarray(geometry.curve_radii)
+    k_ap = list(radii).index(geometry.radius)
+    channels = reference.flux.shape[0]
+    out = np.ones(channels)
+    for c in range(channels):
+        rc, tc = reference.curve[c][select], target.curve[c][select]
+        re, te = reference.flux_error[c][select], target.flux_error[c][select]
+        good = np.all(rc[:, [k_ap, -1]] > 0, axis=1) & np.all(tc[:, [k_ap, -1]] > 0, axis=1)
+        if good.sum() < 3:
+            continue
+        rc, tc, re, te = rc[good], tc[good], re[good], te[good]
+        ratio = (rc[:, -1] / rc[:, k_ap]) / (tc[:, -1] / tc[:, k_ap])
+        # Sky noise between the two apertures dominates the error of each star's ratio.
+        annulus = (geometry.big_radius / geometry.radius) ** 2 - 1
+        variance = annulus * ((re / rc[:, k_ap]) ** 2 + (te / tc[:, k_ap]) ** 2)
+        empirical = _biweight_mean(ratio, 1.0 / np.maximum(variance, 1e-12))
+        weights = (rc[:, -1] / rc[:, -1].max()) ** 2
+        profile_r = np.array([_weighted_median(rc[:, k] / rc[:, -1], weights) for k in range(radii.size)])
+        profile_t = np.array([_weighted_median(tc[:, k] / tc[:, -1], weights) for k in range(radii.size)])
+        tail = _enclosed_at_big(profile_t, radii, geometry.radius, target_fwhm) / _enclosed_at_big(
+            profile_r, radii, geometry.radius, reference_fwhm
+        )
+        out[c] = empirical * tail
+    return out
+
+
+def _biweight_mean(values: np.ndarray, weights: np.ndarray, c: float = 6.0) -> float:
+    """Weighted mean with Tukey's biweight, scaled by the error-normalized residuals."""
+    centre = _weighted_median(values, weights)
+    for _ in range(20):
+        z = (values - centre) * np.sqrt(weights)
+        scale = max(1.4826 * float(np.median(np.abs(z))), 1e-300)
+        u = z / (c * scale)
+        w = weights * np.where(np.abs(u) < 1, (1 - u * u) ** 2, 0.0)
+        if w.sum() <= 0:
+            break
+        new = float(np.sum(w * values) / np.sum(w))
+        if abs(new - centre) <= 1e-12 * abs(centre):
+            centre = new
+            break
+        centre = new
+    return centre
+
+
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    order = np.argsort(values)
+    cumulative = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(cumulative, 0.5 * cumulative[-1])])
+
+
+def l1_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """The straight line ``y = m x + b`` minimizing the sum of absolute deviations.
+
+    The slope is bracketed and bisected on the sign-weighted sum of residuals with
+    ``b = median(y - m x)`` (the classic ``medfit`` method, as PCL's ``LinearFit``).
+    """
+    x = np.asarray(x, float)
+    y = np.asarray(y, float)
+    if x.size < 2 or np.ptp(x) == 0:
+        return (float(np.sum(x * y) / np.sum(x * x)) if np.any(x) else 1.0), 0.0
+
+    def balance(m):
+        b = np.median(y - m * x)
+        return float(np.sum(x * np.sign(y - m * x - b))), b
+
+    m_ls, _ = np.polyfit(x, y, 1)
+    chisq = np.sum((y - np.polyval(np.polyfit(x, y, 1), x)) ** 2)
+    sigma_m = math.sqrt(chisq / max(np.sum((x - x.mean()) ** 2), 1e-300)) + 1e-12 * abs(m_ls)
+    lo, hi = m_ls - 3 * sigma_m, m_ls + 3 * sigma_m
+    f_lo, _ = balance(lo)
+    f_hi, _ = balance(hi)
+    for _ in range(60):
+        if f_lo * f_hi <= 0:
+            break
+        lo, hi = lo - 2 * (hi - lo), hi + 2 * (hi - lo)
+        f_lo, _ = balance(lo)
+        f_hi, _ = balance(hi)
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        f_mid, _ = balance(mid)
+        if f_mid == 0:
+            lo = hi = mid
+            break
+        if f_mid * f_lo > 0:
+            lo, f_lo = mid, f_mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * max(abs(mid), 1e-300):
+            break
+    m = 0.5 * (lo + hi)
+    return float(m), float(balance(m)[1])
+
+
+def _calculate_scale(x, y) -> tuple[float, float]:
+    """NSG's estimator: origin-forced least squares below 6 pairs, the L1 line otherwise."""
+    if x.size < 6:
+        return float(np.sum(x * y) / np.sum(x * x)), 0.0
+    return l1_line(x, y)
+
+
+@dataclass
+class ScaleFit:
+    """The scale of one channel and the pairs behind it."""
+
+    scale: float
+    intercept: float
+    used: np.ndarray  # bool mask over the input pairs
+    n_pairs: int
+    scale_error: float = float("nan")
+    rejected_tolerance: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+
+
+def fit_scale(
+    target_flux: np.ndarray,
+    reference_flux: np.ndarray,
+    *,
+    target_error: np.ndarray | None = None,
+    reference_error: np.ndarray | None = None,
+    tolerance: float = 1.5,
+    outlier_removal: float = 2.0,
+) -> ScaleFit:
+    """Fit ``reference = m * target + b`` robustly; ``m`` is the scale.
+
+    NSG's procedure (initial fit, flux-ratio tolerance, removal of the pair farthest from the
+    line ``round(n * outlier_removal / 100)`` times) selects the pairs. Where errors are given,
+    the scale is then refitted as ``reference = m * target`` through the origin, weighted by
+    the photometric errors with Tukey's biweight: with local backgrounds subtracted the
+    model has no offset, and fitting one would only add noise to ``m``. Without errors the
+    NSG estimate is final (the intercept ``b`` is reported, never applied).
+
+    Parameters
+    ----------
+    target_flux, reference_flux : ndarray (n,)
+        Matched fluxes (x is the target, y the reference).
+
+    target_error, reference_error : ndarray (n,), optional
+        One-sigma errors; without them the L1 fit is final, as in NSG.
+
+    tolerance : float
+        Pairs with ``y/x`` outside ``[m0 / tolerance, m0 * tolerance]`` are dropped.
+
+    outlier_removal : float
+        Percentage of the pairs removed as outliers.
+    """
+    x = np.asarray(target_flux, float)
+    y = np.asarray(reference_flux, float)
+    n = x.size
+    used = np.ones(n, bool)
+    if n == 0:
+        return ScaleFit(1.0, 0.0, used, 0)
+    m0, _ = _calculate_scale(x, y) if n > 2 else (float(np.median(y / x)), 0.0)
+    ratio = y / x
+    used &= (ratio >= m0 / tolerance) & (ratio <= m0 * tolerance)
+    tolerance_rejected = ~used.copy()
+    n_remove = int(math.floor(used.sum() * outlier_removal / 100 + 0.5))
+    for _ in range(n_remove):
+        if used.sum() < 4:
+            break
+        m, b = _calculate_scale(x[used], y[used])
+        distance = np.abs(m * x - y + b) / math.sqrt(m * m + 1)
+        distance[~used] = -1
+        used[int(np.argmax(distance))] = False
+    if not used.any():
+        return ScaleFit(1.0, 0.0, used, 0, rejected_tolerance=tolerance_rejected)
+    m, b = _calculate_scale(x[used], y[used])
+    error = float("nan")
+    if target_error is not None and reference_error is not None and used.sum() >= 3:
+        m, error, keep = _biweight_ratio(
+            x[used], y[used], np.asarray(target_error)[used], np.asarray(reference_error)[used], m
+        )
+        idx = np.nonzero(used)[0]
+        used[idx[~keep]] = False
+    return ScaleFit(float(m), float(b), used, int(used.sum()), error, tolerance_rejected)
+
+
+def _biweight_ratio(x, y, sx, sy, m, c: float = 4.685, iterations: int = 30):
+    """Weighted fit of ``y = m x`` with Tukey's biweight on error-normalized residuals."""
+    keep = np.ones(x.size, bool)
+    error = float("nan")
+    for _ in range(iterations):
+        sigma = np.sqrt(sy**2 + (m * sx) ** 2)
+        positive = sigma > 0
+        sigma = np.where(positive, sigma, np.median(sigma[positive]) if positive.any() else 1.0)
+        r = (y - m * x) / sigma
+        s = max(1.4826 * float(np.median(np.abs(r))), 1e-12)
+        u = r / (c * s)
+        robust = np.where(np.abs(u) < 1, (1 - u * u) ** 2, 0.0)
+        keep = robust > 0
+        if keep.sum() < 3:
+            break
+        w = robust / sigma**2
+        m_new = float(np.sum(w * x * y) / np.sum(w * x * x))
+        error = float(s / math.sqrt(np.sum(x * x / sigma**2 * keep)))
+        converged = abs(m_new - m) <= 1e-10 * abs(m)
+        m = m_new
+        if converged:
+            break
+    return m, error, keep

@@ -1,0 +1,656 @@
+"""The run: prepare the reference once, then normalize each target and write it.
+
+Data flow (DESIGN.md)::
+
+    read -> stars (reference, once) -> photometry (scale m) -> samples -> spline G
+         -> apply m*T - G, noise, weight -> write -> results
+
+:func:`prepare_reference` computes everything the reference contributes (its stars, sample
+medians, noise and the resolved parameters). :func:`normalize_frame` does one target in memory.
+:func:`normalize` drives a whole run from files: it never modifies an input, writes each
+output atomically, records a per-frame error and goes on, and writes ``results.csv`` and
+``results.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from . import photometry
+from .backend import NUMPY, Backend, get_backend
+from .errors import (
+    FrameDataError,
+    FrameError,
+    FrameShapeError,
+    NSGError,
+    OutputError,
+    ReferenceFrameError,
+    TooFewSamplesError,
+    TooFewStarsError,
+)
+from .io import Frame, output_path, read_frame, set_nsg_keywords, write_frame
+from .noise import ksigma_noise, weight_from_noise
+from .params import Parameters, resolve_parameters
+from .samples import SampleSet, bin_medians, bin_samples, make_grid, star_rejection
+from .spline import fit_surface_spline
+from .stars import StarCatalog, detect_stars, detection_image, estimate_fwhm
+
+__all__ = [
+    "Reference",
+    "FrameResult",
+    "RunResult",
+    "prepare_reference",
+    "normalize_frame",
+    "normalize",
+]
+
+#: Pairs below this signal-to-noise (both frames combined) are too noisy to help the scale.
+MIN_PAIR_SNR = 20.0
+#: At most this many reference stars are measured on each target, brightest first.
+MAX_PHOTOMETRY_STARS = 1500
+#: Fewer usable background samples than this is an error for the frame.
+MIN_SAMPLES = 3
+#: Share of the bright reference stars that must be found within the search radius.
+MIN_REGISTERED_FRACTION = 0.5
+
+
+@dataclass
+class Reference:
+    """What the reference contributes to every target, computed once."""
+
+    frame: Frame
+    params: Parameters
+    stars: StarCatalog
+    photometry_index: np.ndarray  # catalogue rows measured on targets
+    isolated: np.ndarray  # bool over photometry_index
+    grid: object
+    medians: object  # (channels, rows, cols) backend array
+    valid: object  # (rows, cols) backend bool
+    rejected: np.ndarray  # (rows, cols) host bool, star circles
+    noise: np.ndarray  # per channel
+    _measurements: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.frame.path.name
+
+    def measurement(self, geometry: photometry.ApertureGeometry) -> photometry.StarMeasurement:
+        """Reference photometry for an aperture geometry, measured once and kept."""
+        if geometry not in self._measurements:
+            if len(self._measurements) > 8:
+                self._measurements.clear()
+            idx = self.photometry_index
+            self._measurements[geometry] = photometry.measure_stars(
+                self.frame.data, self.stars.x[idx], self.stars.y[idx], geometry
+            )
+        return self._measurements[geometry]
+
+
+@dataclass
+class FrameResult:
+    """The outcome for one frame: numbers for the results table, and the data when kept."""
+
+    path: str
+    output: str | None = None
+    status: str = "ok"  # ok | reference | failed
+    error: str | None = None
+    scale: list[float] = field(default_factory=list)
+    transmission: list[float] = field(default_factory=list)
+    snr: list[float] = field(default_factory=list)
+    weight: float | None = None
+    weight_source: str | None = None
+    star_pairs: int | None = None
+    samples: int | None = None
+    noise: list[float] = field(default_factory=list)
+    fwhm: float | None = None
+    high: float | None = None
+    exposure: float | None = None
+    altitude: float | None = None
+    airmass: float | None = None
+    filter: str | None = None
+    date_obs: str | None = None
+    seconds: float | None = None
+    data: object = None  # normalized data, only for in-memory use
+
+    def row(self) -> dict:
+        """A flat dict for results.csv / results.json."""
+        out = {
+            "file": self.path,
+            "output": self.output,
+            "status": self.status,
+            "error": self.error,
+            "weight": self.weight,
+            "weight_source": self.weight_source,
+            "star_pairs": self.star_pairs,
+            "samples": self.samples,
+            "fwhm": self.fwhm,
+            "high": self.high,
+            "altitude": self.altitude,
+            "airmass": self.airmass,
+            "exposure": self.exposure,
+            "filter": self.filter,
+            "date_obs": self.date_obs,
+            "seconds": self.seconds,
+        }
+        for c in range(3):
+            out[f"scale_{c}"] = self.scale[c] if c < len(self.scale) else None
+            out[f"transmission_{c}"] = self.transmission[c] if c < len(self.transmission) else None
+            out[f"snr_{c}"] = self.snr[c] if c < len(self.snr) else None
+            out[f"noise_{c}"] = self.noise[c] if c < len(self.noise) else None
+        return out
+
+
+@dataclass
+class RunResult:
+    """All frames of a run, the reference first."""
+
+    reference: str
+    frames: list[FrameResult]
+    parameters: Parameters | None = None
+    reference_reason: str | None = None
+
+    @property
+    def failed(self) -> list[FrameResult]:
+        return [f for f in self.frames if f.status == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+# -- reference ----------------------------------------------------------------------------------
+def _check_data(frame: Frame) -> None:
+    data = frame.data
+    xp = get_backend(data).xp
+    covered = float(xp.count_nonzero(data.min(axis=0) > 0)) / (data.shape[1] * data.shape[2])
+    if covered == 0:
+        raise FrameDataError(frame.path, "every pixel is 0 (no data); is the frame empty or a failed registration?")
+    if covered < 0.05:
+        raise FrameDataError(frame.path, f"only {covered:.1%} of the pixels hold data; at least 5 % is needed")
+
+
+def prepare_reference(frame: Frame, params: Parameters | None = None, *, backend: Backend | None = None) -> Reference:
+    """Detect the reference's stars, resolve the Auto parameters and sample its background.
+
+    Parameters
+    ----------
+    frame : Frame
+        The reference, as read by :func:`nsg_gpu.io.read_frame`.
+
+    params : Parameters, optional
+        Requested parameters; Auto fields are resolved here.
+
+    backend : Backend, optional
+        Where image-sized work runs; by default the backend of ``frame.data``.
+
+    Raises
+    ------
+    ReferenceFrameError
+        The reference has no data or too few stars.
+    """
+    params = params or Parameters()
+    be = backend or get_backend(frame.data)
+    if be.is_gpu and get_backend(frame.data) is NUMPY:
+        frame = Frame(frame.path, be.asarray(frame.data), frame.header, frame.white_level, frame.meta)
+    try:
+        _check_data(frame)
+    except FrameError as exc:
+        raise ReferenceFrameError(frame.path, exc.reason) from exc
+    data = frame.data
+    _, height, width = data.shape
+    stars = detect_stars(data, detection_sigma=params.detection_sigma)
+    if len(stars) < params.min_star_pairs:
+        raise ReferenceFrameError(
+            frame.path,
+            f"only {len(stars)} stars detected on the reference (at least {params.min_star_pairs} needed); "
+            "choose a reference with more stars or lower --detection-sigma",
+        )
+    image_max = float(be.to_host(detection_image(data).max()))
+    resolved = resolve_parameters(
+        params,
+        width=width,
+        height=height,
+        header_focal_length_mm=frame.meta.focal_length_mm,
+        header_pixel_size_um=frame.meta.pixel_size_um,
+        reference_max=image_max,
+        max_star_flux=float(stars.flux.max()),
+        n_reference_stars=len(stars),
+    )
+    linear = np.nonzero(stars.peak < resolved.linear_range)[0][:MAX_PHOTOMETRY_STARS]
+    isolated = _isolated(stars, linear, reach=6.0 * stars.fwhm + 4)
+    grid = make_grid(height, width, resolved.sample_size)
+    if grid.count < MIN_SAMPLES:
+        raise ReferenceFrameError(frame.path, f"sample size {grid.size} leaves fewer than {MIN_SAMPLES} samples in the image")
+    medians, valid = bin_medians(data, grid, frame.white_level)
+    n_reject = int(math.floor(len(stars) * min(resolved.limit_sample_stars_percent, 100.0) / 100.0))
+    radius = stars.radius[:n_reject] + resolved.aperture_add + resolved.sample_star_growth_rate * stars.flux[:n_reject]
+    rejected = star_rejection(grid, stars.x[:n_reject], stars.y[:n_reject], radius)
+    noise = np.array([ksigma_noise(data[c]) for c in range(data.shape[0])])
+    return Reference(frame, resolved, stars, linear, isolated, grid, medians, valid, rejected, noise)
+
+
+def _isolated(stars: StarCatalog, index: np.ndarray, reach: float) -> np.ndarray:
+    """True where no star brighter than 5 % of this one lies within ``reach`` px."""
+    tree = cKDTree(np.column_stack([stars.x, stars.y]))
+    neighbours = tree.query_ball_point(np.column_stack([stars.x[index], stars.y[index]]), r=reach)
+    out = np.ones(index.size, bool)
+    for k, (i, near) in enumerate(zip(index, neighbours)):
+        for j in near:
+            if j != i and stars.flux[j] > 0.05 * stars.flux[i]:
+                out[k] = False
+                break
+    return out
+
+
+# -- one target ---------------------------------------------------------------------------------
+@dataclass
+class ScaleMeasurement:
+    scale: np.ndarray
+    pairs: int
+    fwhm: float
+    fits: list
+    correction: np.ndarray
+
+
+def measure_scale(reference: Reference, frame: Frame) -> ScaleMeasurement:
+    """The photometric scale ``m`` per channel of ``frame`` against the reference.
+
+    Raises
+    ------
+    TooFewStarsError
+        The frame is not registered to the reference, or has too few usable star pairs.
+    """
+    params = reference.params
+    data = frame.data
+    be = get_backend(data)
+    stars = reference.stars
+    idx = reference.photometry_index
+    image = detection_image(data)
+    # The target's FWHM, at the reference's bright isolated stars.
+    bright = idx[reference.isolated][:200]
+    fwhm_t = reference.stars.fwhm
+    if bright.size >= 5:
+        local = _local_level(image, stars.x[bright], stars.y[bright], 12)
+        values = estimate_fwhm(image, stars.x[bright], stars.y[bright], background=be.asarray(local),
+                               half=max(4, int(math.ceil(3 * stars.fwhm))))
+        values = values[values > 0.8]
+        if values.size >= 5:
+            fwhm_t = float(np.median(values))
+    tx, ty = photometry.recentre(image, stars.x[idx], stars.y[idx], fwhm=max(stars.fwhm, fwhm_t))
+    shift = np.hypot(tx - stars.x[idx], ty - stars.y[idx])
+    found = np.isfinite(shift) & (shift <= params.star_search_radius)
+    head = min(50, idx.size)
+    if head >= 10 and found[:head].mean() < MIN_REGISTERED_FRACTION:
+        raise TooFewStarsError(
+            frame.path,
+            f"only {int(found[:head].sum())} of the reference's {head} brightest stars lie within "
+            f"{params.star_search_radius:g} px of their reference positions: the frame does not "
+            "look registered to the reference (register it first, or raise --star-search-radius)",
+        )
+    tx = np.where(found, tx, stars.x[idx])
+    ty = np.where(found, ty, stars.y[idx])
+    peak_t = be.to_host(photometry._gather_stamps(image, tx, ty, 1).max(axis=(1, 2)))
+    geometry = photometry.aperture_geometry(
+        max(stars.fwhm, fwhm_t),
+        aperture_fwhm=params.aperture_fwhm,
+        aperture_add=params.aperture_add,
+        gap=params.aperture_gap,
+        bg_delta=params.aperture_bg_delta,
+    )
+    ref_m = reference.measurement(geometry)
+    tgt_m = photometry.measure_stars(data, tx, ty, geometry)
+    usable = ref_m.ok & tgt_m.ok & found & (peak_t < params.linear_range)
+    channels = data.shape[0]
+    # Signal-to-noise of each pair, on the faintest channel.
+    ratio0 = np.median(ref_m.flux[:, usable] / tgt_m.flux[:, usable], axis=1) if usable.any() else np.ones(channels)
+    snr = np.min(
+        (ref_m.flux + ratio0[:, None] * tgt_m.flux)
+        / np.maximum(np.hypot(ref_m.flux_error, ratio0[:, None] * tgt_m.flux_error), 1e-30),
+        axis=0,
+    )
+    usable &= snr >= MIN_PAIR_SNR
+    if usable.sum() < params.min_star_pairs:
+        raise TooFewStarsError(
+            frame.path,
+            f"{int(usable.sum())} usable star pairs (unsaturated, fully covered, signal-to-noise >= "
+            f"{MIN_PAIR_SNR:g}); at least {params.min_star_pairs} are needed for a photometric scale",
+        )
+    select = usable & reference.isolated
+    if select.sum() >= 5:
+        correction = photometry.aperture_correction(ref_m, tgt_m, select, reference_fwhm=stars.fwhm, target_fwhm=fwhm_t)
+    else:
+        correction = np.ones(channels)
+    scales, fits = [], []
+    for c in range(channels):
+        fit = photometry.fit_scale(
+            tgt_m.flux[c][usable],
+            ref_m.flux[c][usable] * correction[c],
+            target_error=tgt_m.flux_error[c][usable],
+            reference_error=ref_m.flux_error[c][usable] * correction[c],
+            tolerance=params.star_flux_tolerance,
+            outlier_removal=params.outlier_removal,
+        )
+        if fit.n_pairs < params.min_star_pairs or not (fit.scale > 0 and math.isfinite(fit.scale)):
+            raise TooFewStarsError(
+                frame.path,
+                f"channel {c}: {fit.n_pairs} star pairs survive the outlier rejection; at least "
+                f"{params.min_star_pairs} are needed",
+            )
+        scales.append(fit.scale)
+        fits.append(fit)
+    pairs = max(f.n_pairs for f in fits)
+    return ScaleMeasurement(np.array(scales), pairs, fwhm_t, fits, correction)
+
+
+def _local_level(image, x, y, half: int) -> np.ndarray:
+    """Median of the border of a window around each position: the local background."""
+    be = get_backend(image)
+    stamps = be.to_host(photometry._gather_stamps(image, x, y, half))
+    border = np.concatenate([stamps[:, 0, :], stamps[:, -1, :], stamps[:, :, 0], stamps[:, :, -1]], axis=1)
+    return np.median(border, axis=1)
+
+
+def model_gradient(reference: Reference, frame: Frame, scale: np.ndarray):
+    """The spline model ``G`` of ``m*T - R`` per channel, as a full image on the frame's backend.
+
+    Returns
+    -------
+    gradient : array (channels, height, width) float32
+    n_samples : int
+        Background samples used (before merging into super-samples).
+    """
+    params = reference.params
+    data = frame.data
+    be = get_backend(data)
+    xp = be.xp
+    grid = reference.grid
+    medians_t, valid_t = bin_medians(data, grid, frame.white_level)
+    use = be.to_host(reference.valid & valid_t) & ~reference.rejected
+    difference = be.to_host(xp.asarray(scale)[:, None, None] * medians_t - reference.medians)
+    use &= np.all(np.isfinite(difference), axis=0)
+    rows, cols = np.nonzero(use)
+    n = rows.size
+    if n < MIN_SAMPLES:
+        raise TooFewSamplesError(
+            frame.path,
+            f"{n} background samples are usable (valid in both frames, away from stars); at least "
+            f"{MIN_SAMPLES} are needed: check the frame's coverage, or lower --sample-size",
+        )
+    samples = SampleSet(
+        grid.centre_x[cols], grid.centre_y[rows], difference[:, rows, cols], np.ones(n)
+    )
+    samples = bin_samples(samples, grid, params.max_samples)
+    _, height, width = data.shape
+    step = max(4, min(32, grid.size // 2))
+    gradient = xp.empty(data.shape, dtype=xp.float32)
+    for c in range(data.shape[0]):
+        try:
+            spline = fit_surface_spline(
+                samples.x, samples.y, samples.values[c], weights=samples.weight, smoothness=params.gradient_smoothness
+            )
+        except ValueError as exc:
+            raise TooFewSamplesError(frame.path, f"the gradient cannot be modelled: {exc}") from exc
+        gradient[c] = spline.evaluate_image(height, width, step=step, xp=xp)
+    return gradient, n
+
+
+def normalize_frame(reference: Reference, frame: Frame) -> FrameResult:
+    """Normalize one target to the reference, in memory.
+
+    Returns
+    -------
+    FrameResult
+        With ``data`` holding ``m*T - G`` (0 where T is 0), truncated to
+        ``[0, white level]`` when the parameters ask for it.
+
+    Raises
+    ------
+    FrameError
+        Shape mismatch, no data, too few stars or samples.
+    """
+    started = time.perf_counter()
+    ref = reference.frame
+    be = get_backend(reference.frame.data)
+    if frame.data.shape != ref.data.shape:
+        raise FrameShapeError(
+            frame.path,
+            f"is {_describe(frame.data.shape)} but the reference {ref.path.name} is "
+            f"{_describe(ref.data.shape)}; frames must be registered to the reference",
+        )
+    if get_backend(frame.data) is not be:
+        frame = Frame(frame.path, be.asarray(frame.data), frame.header, frame.white_level, frame.meta)
+    _check_data(frame)
+    xp = be.xp
+    measured = measure_scale(reference, frame)
+    m = measured.scale
+    gradient, n_samples = model_gradient(reference, frame, m)
+    data = frame.data
+    out = xp.where(data != 0, xp.asarray(m, dtype=xp.float32)[:, None, None] * data - gradient, 0).astype(xp.float32)
+    high = float(be.to_host(out.max()))
+    if reference.params.truncate:
+        covered = data != 0
+        out = xp.where(covered, xp.clip(out, 0, ref.white_level), 0)
+    snr, weight, source, noise = _weights(reference, frame, out, m)
+    meta = frame.meta
+    return FrameResult(
+        path=str(frame.path),
+        scale=[float(v) for v in m],
+        transmission=[float(1 / v) for v in m],
+        snr=[float(v) for v in snr],
+        weight=weight,
+        weight_source=source,
+        star_pairs=measured.pairs,
+        samples=n_samples,
+        noise=[float(v) for v in noise],
+        fwhm=measured.fwhm,
+        high=high,
+        exposure=meta.exposure,
+        altitude=meta.altitude,
+        airmass=meta.airmass,
+        filter=meta.filter,
+        date_obs=meta.date_obs,
+        seconds=time.perf_counter() - started,
+        data=out,
+    )
+
+
+def _weights(reference: Reference, frame: Frame, normalized, m):
+    """SNR and weight: NOISExx cards of both frames when present, else measured noise."""
+    ref_noise = reference.frame.meta.noise
+    tgt_noise = frame.meta.noise
+    channels = frame.data.shape[0]
+    if ref_noise and tgt_noise and len(ref_noise) == len(tgt_noise) == channels:
+        snr, weight = weight_from_noise(ref_noise, tgt_noise, m)
+        return snr, weight, "NOISExx", np.asarray(tgt_noise)
+    measured = np.array([ksigma_noise(normalized[c]) for c in range(channels)])
+    snr, weight = weight_from_noise(reference.noise, measured)
+    return snr, weight, "noiseKSigma", measured
+
+
+def _describe(shape) -> str:
+    channels, height, width = shape
+    kind = "mono" if channels == 1 else f"{channels}-channel colour"
+    return f"{width}x{height} {kind}"
+
+
+# -- a run from files -----------------------------------------------------------------------------
+def _reference_result(reference: Reference, output: Path | None) -> FrameResult:
+    frame = reference.frame
+    channels = frame.data.shape[0]
+    meta = frame.meta
+    return FrameResult(
+        path=str(frame.path),
+        output=str(output) if output else None,
+        status="reference",
+        scale=[1.0] * channels,
+        transmission=[1.0] * channels,
+        snr=[1.0] * channels,
+        weight=1.0,
+        weight_source="reference",
+        star_pairs=len(reference.stars),
+        samples=int(np.count_nonzero(get_backend(reference.valid).to_host(reference.valid) & ~reference.rejected)),
+        noise=[float(v) for v in reference.noise],
+        fwhm=reference.stars.fwhm,
+        high=float(get_backend(frame.data).to_host(frame.data.max())),
+        exposure=meta.exposure,
+        altitude=meta.altitude,
+        airmass=meta.airmass,
+        filter=meta.filter,
+        date_obs=meta.date_obs,
+    )
+
+
+def _history(params: Parameters) -> list[str]:
+    return [line for line in params.history()]
+
+
+def normalize(
+    frames: Sequence[str | os.PathLike],
+    *,
+    reference: str | os.PathLike = "auto",
+    output_dir: str | os.PathLike = "nsg",
+    params: Parameters | None = None,
+    backend: Backend | None = None,
+    postfix: str = "_nsg",
+    stop_on_error: bool = False,
+    progress: Callable[[FrameResult, int, int], None] | None = None,
+) -> RunResult:
+    """Normalize frames on disk to a reference and write ``<stem><postfix>.fits`` for each.
+
+    Parameters
+    ----------
+    frames : sequence of paths
+        Registered FITS frames. The reference may be among them.
+
+    reference : path or "auto"
+        The reference frame, or "auto" to choose one (see :func:`nsg_gpu.select.choose_reference`).
+
+    output_dir : path
+        Created if needed; outputs, ``results.csv`` and ``results.json`` go there.
+
+    params : Parameters, optional
+
+    backend : Backend, optional
+        NumPy by default.
+
+    stop_on_error : bool
+        Stop at the first frame that fails instead of going on.
+
+    progress : callable, optional
+        Called as ``progress(result, done, total)`` after each frame.
+
+    Returns
+    -------
+    RunResult
+        The reference first, then the targets in input order; failed frames carry their error.
+
+    Raises
+    ------
+    ReferenceFrameError
+        The reference is missing or unusable (nothing can be normalized).
+    OutputError
+        An output would overwrite an input.
+    """
+    from .report import write_results
+    from .select import choose_reference
+
+    params = params or Parameters()
+    be = backend or NUMPY
+    output_dir = Path(output_dir)
+    paths = [Path(p) for p in frames]
+    reason = None
+    if str(reference) == "auto":
+        if not paths:
+            raise NSGError("no frames given")
+        chosen, reason = choose_reference(paths, detection_sigma=params.detection_sigma)
+        reference_path = chosen
+    else:
+        reference_path = Path(reference)
+        if not reference_path.is_file():
+            raise ReferenceFrameError(reference_path, "the reference frame does not exist")
+    seen: dict[Path, Path] = {}
+    targets: list[Path] = []
+    duplicates: list[FrameResult] = []
+    ref_resolved = reference_path.resolve()
+    for p in paths:
+        key = p.resolve()
+        if key == ref_resolved:
+            continue
+        if key in seen:
+            duplicates.append(FrameResult(path=str(p), status="failed", error=f"{p}: given twice (also as {seen[key]}); processed once"))
+            continue
+        seen[key] = p
+        targets.append(p)
+    inputs = {ref_resolved, *seen.keys()}
+    outputs = {}
+    for p in [reference_path, *targets]:
+        out = output_path(p, output_dir, postfix)
+        if out.resolve() in inputs:
+            raise OutputError(f"{out}: the output would overwrite an input frame; choose another --output-dir or postfix")
+        outputs[p] = out
+
+    try:
+        ref_frame = read_frame(reference_path)
+    except FrameError as exc:
+        raise ReferenceFrameError(reference_path, exc.reason) from exc
+    if be.is_gpu:
+        ref_frame = Frame(ref_frame.path, be.asarray(ref_frame.data), ref_frame.header, ref_frame.white_level, ref_frame.meta)
+    prepared = prepare_reference(ref_frame, params, backend=be)
+    history = _history(prepared.params)
+    ref_out = outputs[reference_path]
+    header = set_nsg_keywords(
+        ref_frame.header,
+        reference_name=reference_path.name,
+        transmission=[1.0] * ref_frame.channels,
+        snr=[1.0] * ref_frame.channels,
+        weight=1.0,
+        weight_keyword=prepared.params.weight_keyword,
+        weight_source="reference",
+        high=float(be.to_host(ref_frame.data.max())),
+        history=["reference", *history],
+    )
+    write_frame(ref_out, be.to_host(ref_frame.data), header)
+    results = [_reference_result(prepared, ref_out)]
+    total = len(targets) + 1
+    if progress:
+        progress(results[0], 1, total)
+    results.extend(duplicates)
+    for i, path in enumerate(targets, start=2):
+        started = time.perf_counter()
+        try:
+            frame = read_frame(path)
+            result = normalize_frame(prepared, frame)
+            header = set_nsg_keywords(
+                frame.header,
+                reference_name=reference_path.name,
+                transmission=result.transmission,
+                snr=result.snr,
+                weight=result.weight,
+                weight_keyword=prepared.params.weight_keyword,
+                weight_source=result.weight_source,
+                high=result.high,
+                history=history,
+            )
+            write_frame(outputs[path], be.to_host(result.data), header)
+            result.output = str(outputs[path])
+            result.data = None
+        except (FrameError, OutputError) as exc:
+            result = FrameResult(path=str(path), status="failed", error=str(exc))
+            if stop_on_error:
+                results.append(result)
+                break
+        result.seconds = time.perf_counter() - started
+        results.append(result)
+        if progress:
+            progress(result, i, total)
+    run = RunResult(str(reference_path), results, prepared.params, reason)
+    write_results(run, output_dir)
+    return run

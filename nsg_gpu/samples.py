@@ -1,0 +1,173 @@
+"""Background samples: a grid of square bins, their medians, validity and star rejection.
+
+The grid is built once on the reference (NSG section 7.1): square bins of ``sample_size``
+pixels, centred on the image. A bin is usable only when fewer than 1 % of its pixels are 0
+("no data") in every channel, in both the reference and the target. Medians ignore 0 and
+saturated pixels. Bins near the reference's brighter stars are rejected (section 7.3), and
+when more bins survive than ``max_samples`` they are merged into weighted super-samples
+(section 7.4) so the spline stays small.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import get_backend
+
+__all__ = [
+    "SampleGrid",
+    "SampleSet",
+    "make_grid",
+    "bin_medians",
+    "star_rejection",
+    "bin_samples",
+]
+
+#: A bin with this share of zero pixels or more, in any channel, is not used (NSG's rule).
+MAX_BLACK_PIXEL_FRACTION = 0.01
+
+
+@dataclass(frozen=True)
+class SampleGrid:
+    """Geometry of the sample bins: offset, size and count."""
+
+    size: int
+    x0: int
+    y0: int
+    n_cols: int
+    n_rows: int
+
+    @property
+    def centre_x(self) -> np.ndarray:
+        return self.x0 + np.arange(self.n_cols) * self.size + 0.5 * self.size - 0.5
+
+    @property
+    def centre_y(self) -> np.ndarray:
+        return self.y0 + np.arange(self.n_rows) * self.size + 0.5 * self.size - 0.5
+
+    @property
+    def count(self) -> int:
+        return self.n_cols * self.n_rows
+
+
+def make_grid(height: int, width: int, size: int) -> SampleGrid:
+    """The centred grid of NSG: offset ``round((W mod S) / 2)``, as many whole bins as fit."""
+    size = int(size)
+    x0 = int(math.floor((width % size) / 2 + 0.5))
+    y0 = int(math.floor((height % size) / 2 + 0.5))
+    return SampleGrid(size, x0, y0, (width - x0) // size, (height - y0) // size)
+
+
+def bin_medians(data, grid: SampleGrid, white_level: float):
+    """Median of every bin per channel, and the bins' validity.
+
+    Parameters
+    ----------
+    data : array (channels, height, width)
+        Any backend.
+
+    grid : SampleGrid
+
+    white_level : float
+        Pixels at or above it are saturated and ignored, like zeros.
+
+    Returns
+    -------
+    medians : array (channels, n_rows, n_cols), float64
+        NaN where a bin has no usable pixel.
+
+    valid : bool array (n_rows, n_cols)
+        Fewer than 1 % zero pixels in every channel.
+    """
+    xp = get_backend(data).xp
+    s = grid.size
+    crop = data[:, grid.y0 : grid.y0 + grid.n_rows * s, grid.x0 : grid.x0 + grid.n_cols * s]
+    blocks = crop.reshape(data.shape[0], grid.n_rows, s, grid.n_cols, s).transpose(0, 1, 3, 2, 4)
+    blocks = blocks.reshape(data.shape[0], grid.n_rows, grid.n_cols, s * s)
+    zeros = (blocks == 0).sum(axis=-1)
+    valid = xp.all(zeros < MAX_BLACK_PIXEL_FRACTION * s * s, axis=0)
+    usable = (blocks > 0) & (blocks < white_level)
+    values = xp.where(usable, blocks, xp.nan).astype(xp.float32)
+    medians = xp.nanmedian(values, axis=-1) if values.size else values.sum(axis=-1)
+    return medians.astype(xp.float64), valid
+
+
+def star_rejection(grid: SampleGrid, x, y, radius) -> np.ndarray:
+    """Bins to reject around stars at ``(x, y)`` with circle radii ``radius`` (NSG 7.3).
+
+    Within the window of bins the circle spans, a bin is rejected when it lies in the star's
+    bin row or column, or when its centre is closer than ``radius + size / 2``.
+
+    Returns
+    -------
+    bool ndarray (n_rows, n_cols)
+        True for rejected bins.
+    """
+    rejected = np.zeros((grid.n_rows, grid.n_cols), bool)
+    s = grid.size
+    cx, cy = grid.centre_x, grid.centre_y
+
+    def key(v, origin, n):
+        return int(np.clip(math.floor((v - origin) / s), 0, n - 1))
+
+    for xs, ys, r in zip(np.asarray(x, float), np.asarray(y, float), np.asarray(radius, float)):
+        c_lo, c_hi = key(xs - r, grid.x0, grid.n_cols), key(xs + r, grid.x0, grid.n_cols)
+        r_lo, r_hi = key(ys - r, grid.y0, grid.n_rows), key(ys + r, grid.y0, grid.n_rows)
+        col, row = math.floor((xs - grid.x0) / s), math.floor((ys - grid.y0) / s)
+        sub_x = cx[c_lo : c_hi + 1][None, :]
+        sub_y = cy[r_lo : r_hi + 1][:, None]
+        near = np.hypot(sub_x - xs, sub_y - ys) < r + 0.5 * s
+        same_line = (np.arange(r_lo, r_hi + 1)[:, None] == row) | (np.arange(c_lo, c_hi + 1)[None, :] == col)
+        rejected[r_lo : r_hi + 1, c_lo : c_hi + 1] |= near | same_line
+    return rejected
+
+
+@dataclass
+class SampleSet:
+    """Samples for the spline: positions (px), difference per channel, weight (bins merged)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    values: np.ndarray  # (channels, n)
+    weight: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.x.size)
+
+
+def bin_samples(samples: SampleSet, grid: SampleGrid, max_samples: int) -> SampleSet:
+    """Merge samples into super-samples of k x k bins when there are more than ``max_samples``.
+
+    NSG 7.4: with ``f = n / max_samples``, blocks of ``ceil(sqrt(f))`` bins square (2 x 1 when
+    ``f <= 2``); a block's node is the mean of its members' positions and differences, with
+    weight the member count. If that still exceeds the cap, the cap shrinks once by
+    ``cap * cap / n`` and the binning is redone.
+    """
+    n = len(samples)
+    if n <= max_samples:
+        return samples
+    result = _bin_once(samples, grid, n / max_samples)
+    if len(result) > max_samples:
+        cap = max_samples * max_samples / len(result)
+        result = _bin_once(samples, grid, n / cap)
+    return result
+
+
+def _bin_once(samples: SampleSet, grid: SampleGrid, factor: float) -> SampleSet:
+    if factor > 2:
+        kx = ky = int(math.ceil(math.sqrt(factor)))
+    else:
+        kx, ky = 2, 1
+    col = np.floor((samples.x - grid.x0) / grid.size).astype(np.int64) // kx
+    row = np.floor((samples.y - grid.y0) / grid.size).astype(np.int64) // ky
+    key = row * (grid.n_cols // kx + 2) + col
+    unique, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+
+    def mean(v):
+        return np.bincount(inverse, weights=v, minlength=unique.size) / counts
+
+    values = np.stack([mean(v) for v in samples.values])
+    return SampleSet(mean(samples.x), mean(samples.y), values, counts.astype(float))
