@@ -35,6 +35,12 @@ from .backend import get_backend
 BACKGROUND_CLIP = 5.0
 BACKGROUND_STAT = "median"
 
+#: Relative error floor of one star's flux (flat-field and PSF variations across the field);
+#: it keeps the few brightest stars from outweighing all others in the fit.
+SYSTEMATIC_ERROR = 0.005
+#: Share of the big aperture that may hold scattered zero pixels.
+MAX_HOLE_FRACTION = 0.05
+
 __all__ = [
     "ApertureGeometry",
     "StarMeasurement",
@@ -168,9 +174,14 @@ def measure_stars(data, x, y, geometry: ApertureGeometry) -> StarMeasurement:
     no_data = np.any(mosaic == 0, axis=0)
     apertures = [CircularAperture(positions, r=r) for r in radii]
     annulus = CircularAnnulus(positions, r_in=geometry.annulus_inner, r_out=geometry.annulus_outer)
-    holes = aperture_photometry(no_data.astype(float), apertures[-1], method="center")["aperture_sum"]
-    ok = (np.asarray(holes) == 0) & finite
+    # Scattered zero pixels (a raw frame clipped at 0) are tolerated up to a few per cent of the
+    # big aperture and count as background; a registration border in the aperture is not.
+    holes = np.asarray(aperture_photometry(no_data.astype(float), apertures[-1], method="center")["aperture_sum"])
+    ok = (holes <= MAX_HOLE_FRACTION * apertures[-1].area) & finite
     annulus_area = annulus.area
+    cell = np.full((rows * side, cols * side), -1, np.int64)
+    for i in range(n):
+        cell[r0[i] : r0[i] + side, c0[i] : c0[i] + side] = i
     curve = np.empty((channels, n, len(radii)))
     flux_error = np.empty((channels, n))
     background = np.empty((channels, n))
@@ -179,9 +190,12 @@ def measure_stars(data, x, y, geometry: ApertureGeometry) -> StarMeasurement:
         stats = ApertureStats(mosaic[c], annulus, mask=no_data)
         bkg = np.asarray(stats.mean, float)
         bkg_std = np.asarray(stats.std, float)
-        counted = np.asarray(stats.sum_aper_area.value if hasattr(stats.sum_aper_area, "value") else stats.sum_aper_area, float)
+        counted = np.asarray(getattr(stats.sum_aper_area, "value", stats.sum_aper_area), float)
         ok &= np.isfinite(bkg) & (counted > 0.3 * annulus_area)
-        table = aperture_photometry(mosaic[c], apertures, mask=no_data)
+        filled = mosaic[c].copy()
+        hole_cells = cell[no_data]
+        filled[no_data] = np.where(hole_cells >= 0, np.nan_to_num(bkg)[np.maximum(hole_cells, 0)], 0.0)
+        table = aperture_photometry(filled, apertures)
         for k, aperture in enumerate(apertures):
             curve[c, :, k] = np.asarray(table[f"aperture_sum_{k}"], float) - bkg * aperture.area
         background[c] = bkg
@@ -191,7 +205,9 @@ def measure_stars(data, x, y, geometry: ApertureGeometry) -> StarMeasurement:
         sky_var = np.nan_to_num(bkg_std) ** 2
         gain_inv = sky_var / np.maximum(np.abs(bkg), np.sqrt(sky_var) + 1e-30)
         star = np.clip(curve[c, :, measure_index], 0, None)
-        flux_error[c] = np.sqrt(area * sky_var * (1 + area * math.pi / (2 * max(annulus_area, 1))) + star * gain_inv)
+        flux_error[c] = np.sqrt(
+            area * sky_var * (1 + area / max(annulus_area, 1)) + star * gain_inv + (SYSTEMATIC_ERROR * star) ** 2
+        )
     flux = curve[:, :, measure_index]
     ok &= np.all(np.isfinite(flux), axis=0) & np.all(flux > 0, axis=0)
     return StarMeasurement(geometry, flux, flux_error, curve, background, ok)
@@ -424,11 +440,9 @@ def fit_scale(
     m, b = _calculate_scale(x[used], y[used])
     error = float("nan")
     if target_error is not None and reference_error is not None and used.sum() >= 3:
-        m, error, keep = _biweight_ratio(
+        m, error, _ = _biweight_ratio(
             x[used], y[used], np.asarray(target_error)[used], np.asarray(reference_error)[used], m
         )
-        idx = np.nonzero(used)[0]
-        used[idx[~keep]] = False
     return ScaleFit(float(m), float(b), used, int(used.sum()), error, tolerance_rejected)
 
 

@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 #: Pairs below this signal-to-noise (both frames combined) are too noisy to help the scale.
-MIN_PAIR_SNR = 20.0
+MIN_PAIR_SNR = 10.0
 #: At most this many reference stars are measured on each target, brightest first.
 MAX_PHOTOMETRY_STARS = 1500
 #: Fewer usable background samples than this is an error for the frame.
