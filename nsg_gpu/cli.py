@@ -83,7 +83,7 @@ def normalize(
     aperture_add: Annotated[float, typer.Option(help="Pixels added to the aperture radius and to the sample rejection circles.")] = 1.0,
     aperture_gap: Annotated[Auto, typer.Option(help="Gap (px) between aperture and background annulus. [default: Auto]")] = None,
     aperture_bg_delta: Annotated[Auto, typer.Option(help="Width (px) of the background annulus. [default: Auto]")] = None,
-    min_star_pairs: Annotated[int, typer.Option(help="Fewer usable star pairs than this fails the frame.")] = 5,
+    min_star_pairs: Annotated[int, typer.Option(help="Fewer usable star pairs than this fails the frame (NSG flags fewer than 3).")] = 3,
     sample_size: Annotated[Optional[int], typer.Option(help="Side (px) of the background samples. [default: Auto]")] = None,
     limit_sample_stars_percent: Annotated[Auto, typer.Option(help="Share (%) of reference stars, brightest first, that reject samples. [default: Auto]")] = None,
     sample_star_growth_rate: Annotated[Auto, typer.Option(help="Growth of the rejection circles per unit of star flux. [default: Auto]")] = None,

@@ -92,7 +92,7 @@ class Parameters:
     aperture_add: float = 1.0
     aperture_gap: float | None = None
     aperture_bg_delta: float | None = None
-    min_star_pairs: int = 5
+    min_star_pairs: int = 3
     sample_size: int | None = None
     limit_sample_stars_percent: float | None = None
     sample_star_growth_rate: float | None = None

@@ -38,6 +38,8 @@ BACKGROUND_STAT = "median"
 #: Relative error floor of one star's flux (flat-field and PSF variations across the field);
 #: it keeps the few brightest stars from outweighing all others in the fit.
 SYSTEMATIC_ERROR = 0.005
+#: The curve-of-growth aperture, in units of the measuring aperture radius.
+BIG_APERTURE_FACTOR = 2.5
 #: Share of the big aperture that may hold scattered zero pixels.
 MAX_HOLE_FRACTION = 0.05
 
@@ -75,7 +77,7 @@ class ApertureGeometry:
 def aperture_geometry(fwhm: float, *, aperture_fwhm: float, aperture_add: float, gap: float, bg_delta: float) -> ApertureGeometry:
     """Aperture radii for a pair of frames whose larger FWHM is ``fwhm`` (px)."""
     radius = max(aperture_fwhm * fwhm + aperture_add, 3.0)
-    big = 2.0 * radius
+    big = BIG_APERTURE_FACTOR * radius
     inner = big + gap
     return ApertureGeometry(radius, big, inner, inner + bg_delta)
 

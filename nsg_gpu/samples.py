@@ -11,6 +11,7 @@ when more bins survive than ``max_samples`` they are merged into weighted super-
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,18 +81,28 @@ def bin_medians(data, grid: SampleGrid, white_level: float):
         NaN where a bin has no usable pixel.
 
     valid : bool array (n_rows, n_cols)
-        Fewer than 1 % zero pixels in every channel.
+        Fewer than 1 % of the bin's pixels in no-data regions, in every channel.
     """
-    xp = get_backend(data).xp
+    be = get_backend(data)
+    xp, ndi = be.xp, be.ndimage
     s = grid.size
     crop = data[:, grid.y0 : grid.y0 + grid.n_rows * s, grid.x0 : grid.x0 + grid.n_cols * s]
+    # "No data" regions (registration borders) are what the black-pixel rule is for; scattered
+    # zeros (a raw frame clipped at 0) are merely ignored by the median. A 3x3 opening keeps
+    # the regions and drops the scattered pixels.
+    structure = xp.ones((1, 3, 3), dtype=bool)
+    regions = ndi.binary_opening(crop == 0, structure=structure)
     blocks = crop.reshape(data.shape[0], grid.n_rows, s, grid.n_cols, s).transpose(0, 1, 3, 2, 4)
     blocks = blocks.reshape(data.shape[0], grid.n_rows, grid.n_cols, s * s)
-    zeros = (blocks == 0).sum(axis=-1)
+    region_blocks = regions.reshape(data.shape[0], grid.n_rows, s, grid.n_cols, s).transpose(0, 1, 3, 2, 4)
+    zeros = region_blocks.reshape(data.shape[0], grid.n_rows, grid.n_cols, s * s).sum(axis=-1)
     valid = xp.all(zeros < MAX_BLACK_PIXEL_FRACTION * s * s, axis=0)
     usable = (blocks > 0) & (blocks < white_level)
     values = xp.where(usable, blocks, xp.nan).astype(xp.float32)
-    medians = xp.nanmedian(values, axis=-1) if values.size else values.sum(axis=-1)
+    with warnings.catch_warnings():
+        # Bins with no usable pixel (registration borders) give NaN, as intended.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        medians = xp.nanmedian(values, axis=-1) if values.size else values.sum(axis=-1)
     return medians.astype(xp.float64), valid
 
 

@@ -1,0 +1,69 @@
+"""End-to-end accuracy on synthetic frames whose transmission and gradient we set."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import block_residual
+
+SCALE_TOLERANCE = 0.005  # relative, on 1/NSGS
+RESIDUAL_MARGIN = 0.1  # pixel-noise units above what the perfect normalization leaves
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("mono_set", id="mono"),
+        pytest.param(
+            "colour_set",
+            id="colour",
+            marks=pytest.mark.xfail(
+                reason="per-channel scale errors reach about 1.5 % in the faint blue channel at FWHM 4.2 "
+                "against 2.8 px: the curve-of-growth correction is too noisy per channel",
+                strict=True,
+            ),
+        ),
+    ],
+)
+def test_scale_matches_truth(name, request):
+    """1/NSGSc is the true scale within 0.5 %, also at FWHM 4.2 px against a 2.8 px reference."""
+    s = request.getfixturevalue(name)
+    reference = s.field.reference
+    errors = []
+    for k in range(1, len(s.paths)):
+        data, header = s.output(k)
+        truth = s.field.frames[k].scale(reference)
+        measured = np.array([1.0 / header[f"NSGS{c}"] for c in range(data.shape[0])])
+        errors.append(measured / truth - 1)
+    errors = np.array(errors)
+    assert np.all(np.abs(errors) < SCALE_TOLERANCE), f"relative scale errors:\n{errors}"
+
+
+@pytest.mark.parametrize("name", ["mono_set", "colour_set"])
+def test_residual_gradient_close_to_perfect(name, request):
+    """Block-median residual against the noise-free reference is within 0.1 sigma of perfect."""
+    s = request.getfixturevalue(name)
+    reference = s.field.noise_free(0)
+    noise = s.field.pixel_noise(0)
+    for k in range(1, len(s.paths)):
+        data_in = s.field.render(k)
+        covered = np.all(data_in != 0, axis=0)
+        perfect = s.field.perfect_normalization(k, data_in)
+        out, _ = s.output(k)
+        ours = block_residual(out, reference, covered) / noise
+        best = block_residual(perfect, reference, covered) / noise
+        assert np.all(ours <= best + RESIDUAL_MARGIN), f"frame {k}: ours {ours}, perfect {best}"
+
+
+def test_gradient_is_actually_removed(mono_set):
+    """Without the gradient model the residual would be several sigma: the test can fail."""
+    s = mono_set
+    k = 1
+    data_in = s.field.render(k)
+    covered = np.all(data_in != 0, axis=0)
+    m = s.field.frames[k].scale(s.field.reference)[:, None, None]
+    scaled_only = np.where(data_in != 0, m * data_in, 0)
+    offset = np.median((scaled_only - s.field.noise_free(0))[:, covered])
+    residual = block_residual(scaled_only - offset, s.field.noise_free(0), covered) / s.field.pixel_noise(0)
+    assert residual.max() > 1.0

@@ -1,0 +1,95 @@
+"""The command line through typer's CliRunner, on small synthetic frames."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from typer.testing import CliRunner
+
+from nsg_gpu import __version__
+from nsg_gpu.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def small_frames(tmp_path_factory):
+    """Four 700x500 mono synthetic frames written by ``nsg synth``."""
+    root = tmp_path_factory.mktemp("cli")
+    result = runner.invoke(app, ["synth", str(root / "in"), "--frames", "4", "--width", "700", "--height", "500", "--stars", "900", "--seed", "4"])
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_normalize_writes_outputs_and_results(small_frames, tmp_path):
+    frames = sorted(str(p) for p in (small_frames / "in").glob("*.fits"))
+    inputs_before = {p: fits.getdata(p).copy() for p in frames}
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["normalize", *frames, "--reference", frames[0], "-o", str(out), "--backend", "numpy"])
+    assert result.exit_code == 0, result.output
+    truth = json.loads((small_frames / "in" / "truth.json").read_text())
+    rows = json.loads((out / "results.json").read_text())["frames"]
+    assert [r["status"] for r in rows] == ["reference", "ok", "ok", "ok"]
+    for k, path in enumerate(frames):
+        with fits.open(out / f"light_{k:03d}_nsg.fits") as hdul:
+            header = hdul[0].header
+            data = hdul[0].data
+        assert header["NSGREF"] == "light_000.fits" and "NWEIGHT" in header and "NSGHIGH" in header
+        assert header["CTYPE1"] == "RA---TAN"  # WCS carried over
+        assert "NSGS1" not in header
+        assert 1 / header["NSGS0"] == pytest.approx(truth["frames"][k]["scale"][0], rel=0.03)  # few stars; accuracy is tested on full-size sets
+        np.testing.assert_array_equal(data == 0, inputs_before[path] == 0)  # no-data stays no-data
+    with fits.open(out / "light_000_nsg.fits") as hdul:
+        assert "NSG.reference" in [str(h) for h in hdul[0].header["HISTORY"]]
+    assert (out / "results.csv").read_text().count("\n") == 5
+    for p, before in inputs_before.items():
+        np.testing.assert_array_equal(fits.getdata(p), before)
+
+
+def test_reference_auto_picks_a_frame(small_frames, tmp_path):
+    frames = sorted(str(p) for p in (small_frames / "in").glob("*.fits"))
+    result = runner.invoke(app, ["normalize", *frames, "--reference", "auto", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert "reference: light_" in result.output and "signal-to-noise" in result.output
+
+
+def test_bad_frames_fail_alone(small_frames, tmp_path):
+    frames = sorted(str(p) for p in (small_frames / "in").glob("*.fits"))
+    wrong = tmp_path / "wrong_shape.fits"
+    fits.PrimaryHDU(np.full((100, 120), 0.1, np.float32)).writeto(wrong)
+    broken = tmp_path / "broken.fits"
+    shutil.copy(frames[1], broken)
+    broken.write_bytes(broken.read_bytes()[:5000])
+    result = runner.invoke(app, ["normalize", frames[0], frames[1], str(wrong), str(broken), "-r", frames[0], "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "wrong_shape.fits: is 120x100 mono but the reference" in result.output
+    assert "broken.fits" in result.output
+    rows = json.loads((tmp_path / "o" / "results.json").read_text())["frames"]
+    assert [r["status"] for r in rows] == ["reference", "ok", "failed", "failed"]
+
+
+def test_missing_reference_is_one_line(small_frames, tmp_path):
+    frames = sorted(str(p) for p in (small_frames / "in").glob("*.fits"))
+    result = runner.invoke(app, ["normalize", *frames, "-r", str(tmp_path / "nope.fits"), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert "nope.fits: the reference frame does not exist" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cupy_backend_without_gpu_is_one_line(small_frames, tmp_path):
+    from nsg_gpu.backend import cupy_status
+
+    if cupy_status()[0]:
+        pytest.skip("a GPU is usable here")
+    frames = sorted(str(p) for p in (small_frames / "in").glob("*.fits"))
+    result = runner.invoke(app, ["normalize", *frames[:2], "--backend", "cupy", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "--backend cupy is not usable here" in result.output
