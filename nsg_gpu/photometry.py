@@ -273,32 +273,35 @@ def aperture_correction(
     Returns
     -------
     ndarray (channels,)
+        The same value for every channel (see the comment in the code).
     """
     geometry = reference.geometry
     radii = np.asarray(geometry.curve_radii)
     k_ap = list(radii).index(geometry.radius)
     channels = reference.flux.shape[0]
-    out = np.ones(channels)
-    for c in range(channels):
-        rc, tc = reference.curve[c][select], target.curve[c][select]
-        re, te = reference.flux_error[c][select], target.flux_error[c][select]
-        good = np.all(rc[:, [k_ap, -1]] > 0, axis=1) & np.all(tc[:, [k_ap, -1]] > 0, axis=1)
-        if good.sum() < 3:
-            continue
-        rc, tc, re, te = rc[good], tc[good], re[good], te[good]
-        ratio = (rc[:, -1] / rc[:, k_ap]) / (tc[:, -1] / tc[:, k_ap])
-        # Sky noise between the two apertures dominates the error of each star's ratio.
-        annulus = (geometry.big_radius / geometry.radius) ** 2 - 1
-        variance = annulus * ((re / rc[:, k_ap]) ** 2 + (te / tc[:, k_ap]) ** 2)
-        empirical = _biweight_mean(ratio, 1.0 / np.maximum(variance, 1e-12))
-        weights = (rc[:, -1] / rc[:, -1].max()) ** 2
-        profile_r = np.array([_weighted_median(rc[:, k] / rc[:, -1], weights) for k in range(radii.size)])
-        profile_t = np.array([_weighted_median(tc[:, k] / tc[:, -1], weights) for k in range(radii.size)])
-        tail = _enclosed_at_big(profile_t, radii, geometry.radius, target_fwhm) / _enclosed_at_big(
-            profile_r, radii, geometry.radius, reference_fwhm
-        )
-        out[c] = empirical * tail
-    return out
+    # The seeing is the same in every channel to within its chromatic change, which is far
+    # below the noise of a per-channel estimate: one correction from the sum of the channels
+    # (the photometry of the summed image) serves them all, with sqrt(channels) less noise.
+    rc = reference.curve.sum(axis=0)[select]
+    tc = target.curve.sum(axis=0)[select]
+    re = np.sqrt((reference.flux_error**2).sum(axis=0))[select]
+    te = np.sqrt((target.flux_error**2).sum(axis=0))[select]
+    good = np.all(rc[:, [k_ap, -1]] > 0, axis=1) & np.all(tc[:, [k_ap, -1]] > 0, axis=1)
+    if good.sum() < 3:
+        return np.ones(channels)
+    rc, tc, re, te = rc[good], tc[good], re[good], te[good]
+    ratio = (rc[:, -1] / rc[:, k_ap]) / (tc[:, -1] / tc[:, k_ap])
+    # Sky noise between the two apertures dominates the error of each star's ratio.
+    ring = (geometry.big_radius / geometry.radius) ** 2 - 1
+    variance = ring * ((re / rc[:, k_ap]) ** 2 + (te / tc[:, k_ap]) ** 2)
+    empirical = _biweight_mean(ratio, 1.0 / np.maximum(variance, 1e-12))
+    weights = (rc[:, -1] / rc[:, -1].max()) ** 2
+    profile_r = np.array([_weighted_median(rc[:, k] / rc[:, -1], weights) for k in range(radii.size)])
+    profile_t = np.array([_weighted_median(tc[:, k] / tc[:, -1], weights) for k in range(radii.size)])
+    tail = _enclosed_at_big(profile_t, radii, geometry.radius, target_fwhm) / _enclosed_at_big(
+        profile_r, radii, geometry.radius, reference_fwhm
+    )
+    return np.full(channels, empirical * tail)
 
 
 def _biweight_mean(values: np.ndarray, weights: np.ndarray, c: float = 6.0) -> float:

@@ -297,7 +297,12 @@ def measure_scale(reference: Reference, frame: Frame) -> ScaleMeasurement:
         )
     tx = np.where(found, tx, stars.x[idx])
     ty = np.where(found, ty, stars.y[idx])
-    peak_t = be.to_host(photometry._gather_stamps(image, tx, ty, 1).max(axis=(1, 2)))
+    # Non-linearity is a property of each channel: a red star can clip in red while its
+    # intensity stays low, so the peak test uses the brightest channel in both frames.
+    peak_t = be.to_host(photometry._gather_stamps(data.max(axis=0), tx, ty, 1).max(axis=(1, 2)))
+    peak_r = be.to_host(
+        photometry._gather_stamps(reference.frame.data.max(axis=0), stars.x[idx], stars.y[idx], 1).max(axis=(1, 2))
+    )
     geometry = photometry.aperture_geometry(
         max(stars.fwhm, fwhm_t),
         aperture_fwhm=params.aperture_fwhm,
@@ -307,7 +312,7 @@ def measure_scale(reference: Reference, frame: Frame) -> ScaleMeasurement:
     )
     ref_m = reference.measurement(geometry)
     tgt_m = photometry.measure_stars(data, tx, ty, geometry)
-    usable = ref_m.ok & tgt_m.ok & found & (peak_t < params.linear_range)
+    usable = ref_m.ok & tgt_m.ok & found & (peak_t < params.linear_range) & (peak_r < params.linear_range)
     channels = data.shape[0]
     # Signal-to-noise of each pair, on the faintest channel.
     ratio0 = np.median(ref_m.flux[:, usable] / tgt_m.flux[:, usable], axis=1) if usable.any() else np.ones(channels)
