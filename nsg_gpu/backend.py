@@ -122,9 +122,7 @@ def select_backend(name: str = "auto") -> Backend:
     """
     name = name.lower()
     if name not in BACKEND_NAMES:
-        raise BackendUnavailableError(
-            f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}"
-        )
+        raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
     if name == "numpy":
         return NUMPY
     usable, reason = cupy_status()

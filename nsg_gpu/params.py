@@ -114,7 +114,10 @@ class Parameters:
             (self.sample_size is None or 2 <= self.sample_size <= 1000, "sample_size must be in [2, 1000]"),
             (-8 <= self.gradient_smoothness <= 4 or self.gradient_smoothness >= 4, "gradient_smoothness too small"),
             (self.max_samples >= 10, "max_samples must be at least 10"),
-            (0 < len(self.weight_keyword) <= 8 and self.weight_keyword.isascii(), "weight_keyword must be 1-8 ASCII characters"),
+            (
+                0 < len(self.weight_keyword) <= 8 and self.weight_keyword.isascii(),
+                "weight_keyword must be 1-8 ASCII characters",
+            ),
         ]
         for ok, message in checks:
             if not ok:

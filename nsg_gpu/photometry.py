@@ -74,7 +74,9 @@ class ApertureGeometry:
         return tuple(inner + mid + [big])
 
 
-def aperture_geometry(fwhm: float, *, aperture_fwhm: float, aperture_add: float, gap: float, bg_delta: float) -> ApertureGeometry:
+def aperture_geometry(
+    fwhm: float, *, aperture_fwhm: float, aperture_add: float, gap: float, bg_delta: float
+) -> ApertureGeometry:
     """Aperture radii for a pair of frames whose larger FWHM is ``fwhm`` (px)."""
     radius = max(aperture_fwhm * fwhm + aperture_add, 3.0)
     big = BIG_APERTURE_FACTOR * radius

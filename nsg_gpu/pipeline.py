@@ -17,9 +17,9 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -228,7 +228,9 @@ def prepare_reference(frame: Frame, params: Parameters | None = None, *, backend
     isolated = _isolated(stars, linear, reach=6.0 * stars.fwhm + 4)
     grid = make_grid(height, width, resolved.sample_size)
     if grid.count < MIN_SAMPLES:
-        raise ReferenceFrameError(frame.path, f"sample size {grid.size} leaves fewer than {MIN_SAMPLES} samples in the image")
+        raise ReferenceFrameError(
+            frame.path, f"sample size {grid.size} leaves fewer than {MIN_SAMPLES} samples in the image"
+        )
     medians, valid = bin_medians(data, grid, frame.white_level)
     n_reject = int(math.floor(len(stars) * min(resolved.limit_sample_stars_percent, 100.0) / 100.0))
     radius = stars.radius[:n_reject] + resolved.aperture_add + resolved.sample_star_growth_rate * stars.flux[:n_reject]
@@ -279,8 +281,13 @@ def measure_scale(reference: Reference, frame: Frame) -> ScaleMeasurement:
     fwhm_t = reference.stars.fwhm
     if bright.size >= 5:
         local = _local_level(image, stars.x[bright], stars.y[bright], 12)
-        values = estimate_fwhm(image, stars.x[bright], stars.y[bright], background=be.asarray(local),
-                               half=max(4, int(math.ceil(3 * stars.fwhm))))
+        values = estimate_fwhm(
+            image,
+            stars.x[bright],
+            stars.y[bright],
+            background=be.asarray(local),
+            half=max(4, int(math.ceil(3 * stars.fwhm))),
+        )
         values = values[values > 0.8]
         if values.size >= 5:
             fwhm_t = float(np.median(values))
@@ -389,9 +396,7 @@ def model_gradient(reference: Reference, frame: Frame, scale: np.ndarray):
             f"{n} background samples are usable (valid in both frames, away from stars); at least "
             f"{MIN_SAMPLES} are needed: check the frame's coverage, or lower --sample-size",
         )
-    samples = SampleSet(
-        grid.centre_x[cols], grid.centre_y[rows], difference[:, rows, cols], np.ones(n)
-    )
+    samples = SampleSet(grid.centre_x[cols], grid.centre_y[rows], difference[:, rows, cols], np.ones(n))
     samples = bin_samples(samples, grid, params.max_samples)
     _, height, width = data.shape
     step = max(4, min(32, grid.size // 2))
@@ -590,7 +595,11 @@ def normalize(
         if key == ref_resolved:
             continue
         if key in seen:
-            duplicates.append(FrameResult(path=str(p), status="failed", error=f"{p}: given twice (also as {seen[key]}); processed once"))
+            duplicates.append(
+                FrameResult(
+                    path=str(p), status="failed", error=f"{p}: given twice (also as {seen[key]}); processed once"
+                )
+            )
             continue
         seen[key] = p
         targets.append(p)
@@ -599,7 +608,9 @@ def normalize(
     for p in [reference_path, *targets]:
         out = output_path(p, output_dir, postfix)
         if out.resolve() in inputs:
-            raise OutputError(f"{out}: the output would overwrite an input frame; choose another --output-dir or postfix")
+            raise OutputError(
+                f"{out}: the output would overwrite an input frame; choose another --output-dir or postfix"
+            )
         outputs[p] = out
 
     try:
@@ -607,7 +618,9 @@ def normalize(
     except FrameError as exc:
         raise ReferenceFrameError(reference_path, exc.reason) from exc
     if be.is_gpu:
-        ref_frame = Frame(ref_frame.path, be.asarray(ref_frame.data), ref_frame.header, ref_frame.white_level, ref_frame.meta)
+        ref_frame = Frame(
+            ref_frame.path, be.asarray(ref_frame.data), ref_frame.header, ref_frame.white_level, ref_frame.meta
+        )
     prepared = prepare_reference(ref_frame, params, backend=be)
     history = _history(prepared.params)
     ref_out = outputs[reference_path]

@@ -17,9 +17,9 @@ full coverage and a simple gradient. The rule here, applied to every candidate f
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -83,7 +83,9 @@ def choose_reference(paths: Sequence[str | os.PathLike], *, detection_sigma: flo
             continue
     scores = [s for s in scores if s.stars > 0 and s.noise > 0]
     if not scores:
-        raise ReferenceFrameError(paths[0] if paths else "auto", "no frame could be measured to choose a reference from")
+        raise ReferenceFrameError(
+            paths[0] if paths else "auto", "no frame could be measured to choose a reference from"
+        )
     best_coverage = max(s.coverage for s in scores)
     candidates = [s for s in scores if s.coverage >= 0.98 * best_coverage]
     median_gradient = float(np.median([s.gradient for s in candidates]))

@@ -45,8 +45,13 @@ class StarCatalog:
 
     def take(self, index) -> StarCatalog:
         return StarCatalog(
-            self.x[index], self.y[index], self.flux[index], self.peak[index], self.radius[index],
-            self.fwhm, self.noise,
+            self.x[index],
+            self.y[index],
+            self.flux[index],
+            self.peak[index],
+            self.radius[index],
+            self.fwhm,
+            self.noise,
         )
 
 
@@ -237,7 +242,10 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars) -> StarCata
         rows = be.asarray(np.rint(cy[bright]).astype(np.int64))
         cols = be.asarray(np.rint(cx[bright]).astype(np.int64))
         values = estimate_fwhm(
-            image, cx[bright], cy[bright], background=background[rows, cols],
+            image,
+            cx[bright],
+            cy[bright],
+            background=background[rows, cols],
             half=max(4, int(math.ceil(3 * fwhm))),
         )
         values = values[np.isfinite(values) & (values > 0.8)]
@@ -247,9 +255,7 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars) -> StarCata
     sharpness = peak_residual / flux * measured**2
     if sharpness.size >= 5:
         point_like = sharpness > 0.4 * np.median(sharpness[: max(5, sharpness.size // 4)])
-        cx, cy, flux, peak_value, peak_residual = (
-            a[point_like] for a in (cx, cy, flux, peak_value, peak_residual)
-        )
+        cx, cy, flux, peak_value, peak_residual = (a[point_like] for a in (cx, cy, flux, peak_value, peak_residual))
     level = np.maximum(peak_residual / max(3 * pixel_noise, 1e-30), 1.0 + 1e-9)
     radius = np.maximum(measured * _FWHM_TO_SIGMA * np.sqrt(2 * np.log(level)), 1.0)
     return StarCatalog(cx + 0.0, cy + 0.0, flux, peak_value, radius, measured, noise)

@@ -92,7 +92,7 @@ class SyntheticField:
         # Power law: many faint stars, a few that saturate.
         u = rng.uniform(0, 1, n)
         lo, hi, slope = 0.04, 60.0, 0.75
-        flux = (lo ** -slope - u * (lo ** -slope - hi ** -slope)) ** (-1 / slope)
+        flux = (lo**-slope - u * (lo**-slope - hi**-slope)) ** (-1 / slope)
         colour = np.ones((n, self.channels))
         if spec.colour:
             temperature = rng.normal(0, 0.25, n)
@@ -307,7 +307,9 @@ def write_synthetic_set(directory: str | Path, spec: SyntheticSpec | None = None
     for k, frame in enumerate(synthetic.frames):
         data = synthetic.render(k)
         path = directory / f"{frame.name}.fits"
-        fits.PrimaryHDU(data[0] if synthetic.channels == 1 else data, header=synthetic.header(k)).writeto(path, overwrite=True)
+        fits.PrimaryHDU(data[0] if synthetic.channels == 1 else data, header=synthetic.header(k)).writeto(
+            path, overwrite=True
+        )
         paths.append(path)
         entry = asdict(frame)
         entry["scale"] = [float(v) for v in frame.scale(synthetic.reference)]

@@ -47,8 +47,14 @@ class NormalizedSet:
         return (data[None] if data.ndim == 2 else data), header
 
 
-SEEING_SPEC = dict(width=2000, height=1400, n_frames=5, seed=7, fwhms=[2.8, 4.2, 3.1, 3.6, 2.6],
-                   transmissions=[0.95, 0.45, 1.0, 0.7, 0.55])
+SEEING_SPEC = dict(
+    width=2000,
+    height=1400,
+    n_frames=5,
+    seed=7,
+    fwhms=[2.8, 4.2, 3.1, 3.6, 2.6],
+    transmissions=[0.95, 0.45, 1.0, 0.7, 0.55],
+)
 
 
 @pytest.fixture(scope="session")
@@ -61,8 +67,14 @@ def mono_set(tmp_path_factory) -> NormalizedSet:
 def colour_set(tmp_path_factory) -> NormalizedSet:
     """Colour 2000x1400 frames with per-channel transmission, normalized to frame 0."""
     return NormalizedSet(
-        tmp_path_factory.mktemp("colour"), width=2000, height=1400, n_frames=3, seed=11, colour=True,
-        fwhms=[2.8, 4.2, 3.3], transmissions=[0.9, 0.5, 1.0],
+        tmp_path_factory.mktemp("colour"),
+        width=2000,
+        height=1400,
+        n_frames=3,
+        seed=11,
+        colour=True,
+        fwhms=[2.8, 4.2, 3.3],
+        transmissions=[0.9, 0.5, 1.0],
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import block_residual
 
 SCALE_TOLERANCE = 0.005  # relative, on 1/NSGS

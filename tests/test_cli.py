@@ -20,7 +20,23 @@ runner = CliRunner()
 def small_frames(tmp_path_factory):
     """Four 700x500 mono synthetic frames written by ``nsg synth``."""
     root = tmp_path_factory.mktemp("cli")
-    result = runner.invoke(app, ["synth", str(root / "in"), "--frames", "4", "--width", "700", "--height", "500", "--stars", "900", "--seed", "4"])
+    result = runner.invoke(
+        app,
+        [
+            "synth",
+            str(root / "in"),
+            "--frames",
+            "4",
+            "--width",
+            "700",
+            "--height",
+            "500",
+            "--stars",
+            "900",
+            "--seed",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return root
 
@@ -46,7 +62,9 @@ def test_normalize_writes_outputs_and_results(small_frames, tmp_path):
         assert header["NSGREF"] == "light_000.fits" and "NWEIGHT" in header and "NSGHIGH" in header
         assert header["CTYPE1"] == "RA---TAN"  # WCS carried over
         assert "NSGS1" not in header
-        assert 1 / header["NSGS0"] == pytest.approx(truth["frames"][k]["scale"][0], rel=0.03)  # few stars; accuracy is tested on full-size sets
+        assert 1 / header["NSGS0"] == pytest.approx(
+            truth["frames"][k]["scale"][0], rel=0.03
+        )  # few stars; accuracy is tested on full-size sets
         np.testing.assert_array_equal(data == 0, inputs_before[path] == 0)  # no-data stays no-data
     with fits.open(out / "light_000_nsg.fits") as hdul:
         assert "NSG.reference" in [str(h) for h in hdul[0].header["HISTORY"]]
@@ -69,7 +87,9 @@ def test_bad_frames_fail_alone(small_frames, tmp_path):
     broken = tmp_path / "broken.fits"
     shutil.copy(frames[1], broken)
     broken.write_bytes(broken.read_bytes()[:5000])
-    result = runner.invoke(app, ["normalize", frames[0], frames[1], str(wrong), str(broken), "-r", frames[0], "-o", str(tmp_path / "o")])
+    result = runner.invoke(
+        app, ["normalize", frames[0], frames[1], str(wrong), str(broken), "-r", frames[0], "-o", str(tmp_path / "o")]
+    )
     assert result.exit_code == 2
     assert "wrong_shape.fits: is 120x100 mono but the reference" in result.output
     assert "broken.fits" in result.output

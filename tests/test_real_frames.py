@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from astropy.io import fits
-
 from conftest import SHARED_DATA
+
 from nsg_gpu.io import read_frame
 from nsg_gpu.pipeline import normalize
 

@@ -36,8 +36,14 @@ def test_auto_rules_match_nsg_worked_examples(pixel, focal, width, height, size,
     a = degrees_per_pixel(pixel, focal)
     assert auto_sample_size(width, height, pixel, a) == size
     resolved = resolve_parameters(
-        Parameters(), width=width, height=height, header_focal_length_mm=focal, header_pixel_size_um=pixel,
-        reference_max=1.0, max_star_flux=100.0, n_reference_stars=1000,
+        Parameters(),
+        width=width,
+        height=height,
+        header_focal_length_mm=focal,
+        header_pixel_size_um=pixel,
+        reference_max=1.0,
+        max_star_flux=100.0,
+        n_reference_stars=1000,
     )
     assert resolved.aperture_gap == gap
     assert resolved.aperture_bg_delta == bg_delta
@@ -95,7 +101,9 @@ def test_write_is_atomic_and_keeps_header(tmp_path):
     header["NSGS0"] = 9.0
     header.add_history("NSG.old: 1")
     header.add_history("calibrated")
-    header = set_nsg_keywords(header, reference_name="ref.fits", transmission=[0.5], snr=[0.8], weight=0.64, high=1.2, history=["x: 1"])
+    header = set_nsg_keywords(
+        header, reference_name="ref.fits", transmission=[0.5], snr=[0.8], weight=0.64, high=1.2, history=["x: 1"]
+    )
     path = write_frame(tmp_path / "out.fits", np.ones((1, 4, 5), np.float32), header)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.fits"]
     with fits.open(path) as hdul:
@@ -120,7 +128,9 @@ def test_detection_finds_true_stars_and_fwhm():
     for k in (0, 1):
         catalog = detect_stars(field.render(k))
         bright = catalog.take(np.arange(min(60, len(catalog))))
-        distance = np.min(np.hypot(*(bright.x[:, None] - truth_xy[None, :, 0], bright.y[:, None] - truth_xy[None, :, 1])), axis=1)
+        distance = np.min(
+            np.hypot(*(bright.x[:, None] - truth_xy[None, :, 0], bright.y[:, None] - truth_xy[None, :, 1])), axis=1
+        )
         assert np.median(distance) < 0.3
         assert catalog.fwhm == pytest.approx(field.frames[k].fwhm, rel=0.15)
 
