@@ -113,3 +113,37 @@ def test_cupy_backend_without_gpu_is_one_line(small_frames, tmp_path):
     frames = sorted(str(p) for p in (small_frames / "in").glob("*.fits"))
     result = runner.invoke(app, ["normalize", *frames[:2], "--backend", "cupy", "-o", str(tmp_path / "o")])
     assert result.exit_code == 1 and "--backend cupy is not usable here" in result.output
+
+
+def test_noise_cards_give_the_weight(small_frames, tmp_path):
+    """With NOISE00 in both frames, SNR = sigma_R / (sigma_T * m) and NWEIGHT = SNR^2."""
+    frames = sorted((small_frames / "in").glob("*.fits"))[:2]
+    copies = []
+    for path, noise in zip(frames, (0.002, 0.004)):
+        with fits.open(path) as hdul:
+            hdul[0].header["NOISE00"] = noise
+            copy = tmp_path / path.name
+            hdul.writeto(copy)
+        copies.append(str(copy))
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["normalize", *copies, "-r", copies[0], "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    row = json.loads((out / "results.json").read_text())["frames"][1]
+    assert row["weight_source"] == "NOISExx"
+    expected_snr = 0.002 / (0.004 * row["scale_0"])
+    assert row["snr_0"] == pytest.approx(expected_snr, rel=1e-9)
+    assert row["weight"] == pytest.approx(expected_snr**2, rel=1e-9)
+    with fits.open(out / f"{frames[1].stem}_nsg.fits") as hdul:
+        assert hdul[0].header["NWEIGHT"] == pytest.approx(expected_snr**2, rel=1e-5)
+
+
+def test_output_never_lands_on_an_input(small_frames, tmp_path):
+    frames = sorted((small_frames / "in").glob("*.fits"))[:2]
+    for p in frames:
+        shutil.copy(p, tmp_path / p.name)
+    copies = [str(tmp_path / p.name) for p in frames]
+    before = [(tmp_path / p.name).read_bytes() for p in frames]
+    result = runner.invoke(app, ["normalize", *copies, "-r", copies[0], "-o", str(tmp_path), "--postfix", ""])
+    assert result.exit_code == 1
+    assert "would overwrite an input frame" in result.output
+    assert [(tmp_path / p.name).read_bytes() for p in frames] == before
