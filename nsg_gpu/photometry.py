@@ -11,11 +11,13 @@ hot pixel in an annulus spoils one star, which the robust fit rejects.
 
 Seeing changes between frames, and a fixed aperture keeps a different share of a Moffat-like
 star's light at each FWHM. So apertures are sized from the larger of the two frames' FWHM,
-and each frame's fluxes get an aperture correction from its own curve of growth: the median
-ratio of a large aperture to the measuring aperture over bright isolated stars, times a Moffat
-tail fitted to that curve for the light beyond the large aperture. The scale ``m`` per channel
-is then NSG's fit: an L1 line with intercept, a flux-ratio tolerance and removal of the
-farthest pairs one at a time, followed by a noise-weighted robust refit of the survivors.
+and the flux ratio gets a seeing correction from the two frames' curves of growth: the
+error-weighted biweight mean, over bright isolated stars, of the ratio between the frames of
+their big-to-measuring aperture ratios, times Moffat tails fitted to the curves for the light
+beyond the big aperture (see ``docs/scale-accuracy.md`` for what it reaches). The scale ``m``
+per channel is then NSG's fit: an L1 line with intercept, a flux-ratio tolerance and removal
+of the farthest pairs one at a time, followed by a noise-weighted robust refit through the
+origin of the survivors.
 
 Images reach this module as small cutouts around the stars (a mosaic on the host), so a
 frame on the GPU never crosses to the host whole.
@@ -31,9 +33,6 @@ from photutils.aperture import ApertureStats, CircularAnnulus, CircularAperture,
 from scipy.optimize import least_squares
 
 from .backend import get_backend
-
-BACKGROUND_CLIP = 5.0
-BACKGROUND_STAT = "median"
 
 #: Relative error floor of one star's flux (flat-field and PSF variations across the field);
 #: it keeps the few brightest stars from outweighing all others in the fit.
