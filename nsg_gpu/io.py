@@ -117,9 +117,17 @@ def _first_image_hdu(hdul: fits.HDUList, path: Path):
     raise FrameReadError(path, "holds no image (no HDU with two or more axes)")
 
 
+def _card(header: fits.Header, key: str):
+    """A card's value, or None when it is missing or cannot be parsed (a damaged header)."""
+    try:
+        return header.get(key)
+    except Exception:
+        return None
+
+
 def _float_card(header: fits.Header, *keys: str) -> float | None:
     for key in keys:
-        value = header.get(key)
+        value = _card(header, key)
         if value is None or isinstance(value, bool):
             continue
         try:
@@ -138,8 +146,8 @@ def _meta_from_header(header: fits.Header) -> FrameMeta:
         if value is None or value <= 0:
             break
         noise.append(value)
-    filt = header.get("FILTER")
-    date = header.get("DATE-OBS")
+    filt = _card(header, "FILTER")
+    date = _card(header, "DATE-OBS")
     return FrameMeta(
         exposure=_float_card(header, "EXPOSURE", "EXPTIME", "ELAPTIME"),
         focal_length_mm=_float_card(header, "FOCALLEN"),

@@ -295,7 +295,12 @@ def aperture_correction(
     # Sky noise between the two apertures dominates the error of each star's ratio.
     ring = (geometry.big_radius / geometry.radius) ** 2 - 1
     variance = ring * ((re / rc[:, k_ap]) ** 2 + (te / tc[:, k_ap]) ** 2)
-    empirical = _biweight_mean(ratio, 1.0 / np.maximum(variance, 1e-12))
+    empirical, error = _biweight_mean(ratio, 1.0 / np.maximum(variance, 1e-12))
+    # Shrink towards no correction by how well the estimate stands out of its own noise: a
+    # correction indistinguishable from 1 (equal seeing, or few faint stars) would only add
+    # noise to the scale.
+    excess = empirical - 1.0
+    empirical = 1.0 + excess * excess**2 / (excess**2 + error**2) if np.isfinite(error) else 1.0
     weights = (rc[:, -1] / rc[:, -1].max()) ** 2
     profile_r = np.array([_weighted_median(rc[:, k] / rc[:, -1], weights) for k in range(radii.size)])
     profile_t = np.array([_weighted_median(tc[:, k] / tc[:, -1], weights) for k in range(radii.size)])
@@ -305,9 +310,11 @@ def aperture_correction(
     return np.full(channels, empirical * tail)
 
 
-def _biweight_mean(values: np.ndarray, weights: np.ndarray, c: float = 6.0) -> float:
-    """Weighted mean with Tukey's biweight, scaled by the error-normalized residuals."""
+def _biweight_mean(values: np.ndarray, weights: np.ndarray, c: float = 6.0) -> tuple[float, float]:
+    """Weighted mean with Tukey's biweight, scaled by the error-normalized residuals, and its
+    standard error (from the scatter of the kept values)."""
     centre = _weighted_median(values, weights)
+    w = weights
     for _ in range(20):
         z = (values - centre) * np.sqrt(weights)
         scale = max(1.4826 * float(np.median(np.abs(z))), 1e-300)
@@ -320,7 +327,12 @@ def _biweight_mean(values: np.ndarray, weights: np.ndarray, c: float = 6.0) -> f
             centre = new
             break
         centre = new
-    return centre
+    kept = w > 0
+    if kept.sum() < 2:
+        return centre, float("inf")
+    spread = np.sum(w * (values - centre) ** 2) / np.sum(w)
+    effective = np.sum(w) ** 2 / np.sum(w * w)
+    return centre, float(np.sqrt(spread / max(effective - 1, 1)))
 
 
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:

@@ -54,6 +54,8 @@ __all__ = [
 
 #: Pairs below this signal-to-noise (both frames combined) are too noisy to help the scale.
 MIN_PAIR_SNR = 10.0
+#: Stars whose target peak is below this many noise sigmas do not measure the target's FWHM.
+MIN_FWHM_PEAK_SNR = 20.0
 #: At most this many reference stars are measured on each target, brightest first.
 MAX_PHOTOMETRY_STARS = 1500
 #: Fewer usable background samples than this is an error for the frame.
@@ -277,23 +279,33 @@ def measure_scale(reference: Reference, frame: Frame) -> ScaleMeasurement:
     idx = reference.photometry_index
     image = detection_image(data)
     # The target's FWHM, at the reference's bright isolated stars.
+    noise_t = ksigma_noise(image)
     bright = idx[reference.isolated][:200]
     fwhm_t = reference.stars.fwhm
     if bright.size >= 5:
+        # Only stars whose peak stands well above the target's noise: noise inflates the
+        # area above half maximum of faint ones.
         local = _local_level(image, stars.x[bright], stars.y[bright], 12)
-        values = estimate_fwhm(
-            image,
-            stars.x[bright],
-            stars.y[bright],
-            background=be.asarray(local),
-            half=max(4, int(math.ceil(3 * stars.fwhm))),
-        )
-        values = values[values > 0.8]
-        if values.size >= 5:
-            fwhm_t = float(np.median(values))
+        peaks = be.to_host(photometry._gather_stamps(image, stars.x[bright], stars.y[bright], 1).max(axis=(1, 2)))
+        strong = (peaks - local) > MIN_FWHM_PEAK_SNR * noise_t
+        if strong.sum() >= 5:
+            values = estimate_fwhm(
+                image,
+                stars.x[bright][strong],
+                stars.y[bright][strong],
+                background=be.asarray(local[strong]),
+                half=max(4, int(math.ceil(3 * stars.fwhm))),
+            )
+            values = values[values > 0.8]
+            if values.size >= 5:
+                fwhm_t = float(np.median(values))
     tx, ty = photometry.recentre(image, stars.x[idx], stars.y[idx], fwhm=max(stars.fwhm, fwhm_t))
     shift = np.hypot(tx - stars.x[idx], ty - stars.y[idx])
-    found = np.isfinite(shift) & (shift <= params.star_search_radius)
+    # Found: the centroid moved little and a star really stands there (the centroid of bare
+    # sky also lies near the window's centre).
+    level = _local_level(image, stars.x[idx], stars.y[idx], max(6, int(math.ceil(3 * stars.fwhm))))
+    peak_here = be.to_host(photometry._gather_stamps(image, stars.x[idx], stars.y[idx], 1).max(axis=(1, 2)))
+    found = np.isfinite(shift) & (shift <= params.star_search_radius) & (peak_here - level > 5 * noise_t)
     head = min(50, idx.size)
     if head >= 10 and found[:head].mean() < MIN_REGISTERED_FRACTION:
         raise TooFewStarsError(
@@ -435,6 +447,12 @@ def normalize_frame(reference: Reference, frame: Frame) -> FrameResult:
             f"is {_describe(frame.data.shape)} but the reference {ref.path.name} is "
             f"{_describe(ref.data.shape)}; frames must be registered to the reference",
         )
+    if frame.white_level != ref.white_level:
+        raise FrameDataError(
+            frame.path,
+            f"units unlike the reference's: {_units(frame.white_level)} against {_units(ref.white_level)} in "
+            f"{ref.path.name}; write all frames in the same units (same bit depth, or all normalized to [0, 1])",
+        )
     if get_backend(frame.data) is not be:
         frame = Frame(frame.path, be.asarray(frame.data), frame.header, frame.white_level, frame.meta)
     _check_data(frame)
@@ -485,6 +503,12 @@ def _weights(reference: Reference, frame: Frame, normalized, m):
     return snr, weight, "noiseKSigma", measured
 
 
+def _units(white_level: float) -> str:
+    if white_level == 1.0:
+        return "data normalized to [0, 1]"
+    return f"data up to {white_level:g} (ADU)"
+
+
 def _describe(shape) -> str:
     channels, height, width = shape
     kind = "mono" if channels == 1 else f"{channels}-channel colour"
@@ -516,6 +540,16 @@ def _reference_result(reference: Reference, output: Path | None) -> FrameResult:
         filter=meta.filter,
         date_obs=meta.date_obs,
     )
+
+
+def _remove_stale_temporaries(outputs) -> None:
+    """Delete temporary files a killed run left beside these outputs (never complete files)."""
+    for out in outputs:
+        for stale in out.parent.glob(f".{out.name}.*.tmp"):
+            try:
+                stale.unlink()
+            except OSError:
+                pass
 
 
 def _history(params: Parameters) -> list[str]:
@@ -613,6 +647,7 @@ def normalize(
             )
         outputs[p] = out
 
+    _remove_stale_temporaries(outputs.values())
     try:
         ref_frame = read_frame(reference_path)
     except FrameError as exc:

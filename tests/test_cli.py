@@ -63,7 +63,7 @@ def test_normalize_writes_outputs_and_results(small_frames, tmp_path):
         assert header["CTYPE1"] == "RA---TAN"  # WCS carried over
         assert "NSGS1" not in header
         assert 1 / header["NSGS0"] == pytest.approx(
-            truth["frames"][k]["scale"][0], rel=0.03
+            truth["frames"][k]["scale"][0], rel=0.05
         )  # few stars; accuracy is tested on full-size sets
         np.testing.assert_array_equal(data == 0, inputs_before[path] == 0)  # no-data stays no-data
     with fits.open(out / "light_000_nsg.fits") as hdul:

@@ -1,0 +1,201 @@
+"""Bad input, crashes and faults: every problem is one frame's clear error, nothing is lost."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nsg_gpu.errors import FrameError
+from nsg_gpu.io import read_frame
+from nsg_gpu.pipeline import normalize
+from nsg_gpu.synthetic import write_synthetic_set
+
+SMALL = dict(width=700, height=500, n_stars=900)
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory) -> list[Path]:
+    """Five small synthetic frames."""
+    return write_synthetic_set(tmp_path_factory.mktemp("rel"), n_frames=5, seed=21, **SMALL)
+
+
+def _keep_centre(data: np.ndarray) -> np.ndarray:
+    """Only a central box of 4 % of the pixels keeps data."""
+    out = np.zeros_like(data)
+    h, w = data.shape[-2:]
+    box = (slice(int(0.4 * h), int(0.6 * h)), slice(int(0.4 * w), int(0.6 * w)))
+    out[box] = data[box]
+    return out
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _valid_output(path: Path) -> bool:
+    with fits.open(path) as hdul:
+        hdul.verify("exception")
+        return "NSGREF" in hdul[0].header and hdul[0].data is not None and np.all(np.isfinite(hdul[0].data))
+
+
+def test_inputs_are_never_modified(frames, tmp_path):
+    before = {p: _digest(p) for p in frames}
+    normalize(frames, reference=frames[0], output_dir=tmp_path / "o")
+    assert {p: _digest(p) for p in frames} == before
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        pytest.param(lambda d: (d * 65535).astype(np.uint16), "units unlike the reference", id="adu-vs-normalized"),
+        pytest.param(lambda d: np.zeros_like(d), "every pixel is 0", id="all-zero"),
+        pytest.param(lambda d: np.roll(d, 12, axis=-1), "does not look registered", id="not-registered"),
+        pytest.param(_keep_centre, "of the pixels hold data", id="mostly-zero"),
+    ],
+)
+def test_bad_frames_fail_alone_with_a_clear_message(frames, tmp_path, make, message):
+    data = fits.getdata(frames[1])
+    bad = tmp_path / "bad.fits"
+    fits.PrimaryHDU(make(data), header=fits.getheader(frames[1])).writeto(bad)
+    run = normalize([frames[0], bad, frames[2]], reference=frames[0], output_dir=tmp_path / "o")
+    statuses = {Path(f.path).name: f.status for f in run.frames}
+    assert statuses == {frames[0].name: "reference", "bad.fits": "failed", frames[2].name: "ok"}
+    error = next(f.error for f in run.frames if f.status == "failed")
+    assert "bad.fits" in error and message in error
+    assert not (tmp_path / "o" / "bad_nsg.fits").exists()
+
+
+def test_nan_pixels_are_no_data_not_an_error(frames, tmp_path):
+    data = fits.getdata(frames[1]).astype(np.float32)
+    data[100:140, 200:260] = np.nan
+    nan_frame = tmp_path / "nan.fits"
+    fits.PrimaryHDU(data, header=fits.getheader(frames[1])).writeto(nan_frame)
+    run = normalize([frames[0], nan_frame], reference=frames[0], output_dir=tmp_path / "o")
+    assert run.ok
+    out = fits.getdata(tmp_path / "o" / "nan_nsg.fits")
+    assert np.all(out[100:140, 200:260] == 0)
+
+
+def test_same_path_twice_is_processed_once(frames, tmp_path):
+    run = normalize([frames[0], frames[1], frames[1]], reference=frames[0], output_dir=tmp_path / "o")
+    assert [f.status for f in run.frames] == ["reference", "failed", "ok"]
+    assert "given twice" in run.frames[1].error
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    position=st.floats(0, 1),
+    length=st.integers(1, 64),
+    fill=st.binary(min_size=1, max_size=64),
+    truncate=st.booleans(),
+)
+def test_reader_never_fails_unexpectedly(tmp_path_factory, position, length, fill, truncate):
+    """Mutated or truncated FITS files are read or rejected with FrameError, nothing else."""
+    source = tmp_path_factory.getbasetemp() / "fuzz_source.fits"
+    if not source.exists():
+        header = fits.Header({"EXPTIME": 10.0, "FOCALLEN": 500.0, "NOISE00": 0.001})
+        fits.PrimaryHDU(np.random.default_rng(0).random((40, 50)).astype(np.float32), header=header).writeto(source)
+    blob = bytearray(source.read_bytes())
+    start = int(position * (len(blob) - 1))
+    if truncate:
+        blob = blob[:start]
+    else:
+        blob[start : start + length] = (fill * (length // len(fill) + 1))[:length]
+    target = tmp_path_factory.mktemp("fuzz") / "mutated.fits"
+    target.write_bytes(bytes(blob))
+    try:
+        frame = read_frame(target)
+    except FrameError:
+        return
+    assert frame.data.dtype == np.float32 and np.all(np.isfinite(frame.data))
+
+
+def test_killed_run_then_rerun_leaves_only_valid_outputs(tmp_path):
+    """SIGKILL at several points; a rerun completes; every output is valid FITS."""
+    inputs = write_synthetic_set(tmp_path / "in", n_frames=10, seed=22, **SMALL)
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "nsg_gpu",
+        "normalize",
+        *map(str, inputs),
+        "-r",
+        str(inputs[0]),
+        "-o",
+        str(out),
+        "-q",
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    killed = 0
+    for delay in (2.0, 3.0, 4.0):
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        killed += process.wait() == -signal.SIGKILL
+        for path in out.glob("*_nsg.fits"):
+            assert _valid_output(path), path
+        if (out / "results.json").exists():
+            json.loads((out / "results.json").read_text())
+    assert killed >= 2, "the runs finished before they could be killed; the test needs more frames"
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    outputs = sorted(out.glob("*_nsg.fits"))
+    assert len(outputs) == len(inputs) and all(_valid_output(p) for p in outputs)
+    assert not list(out.glob(".*.tmp"))
+    assert len(json.loads((out / "results.json").read_text())["frames"]) == len(inputs)
+
+
+def _scale_error(run, field, k=1):
+    truth = field.frames[k].scale(field.reference)[0]
+    return run.frames[k].scale[0] / truth - 1
+
+
+@pytest.mark.parametrize(
+    ("transmissions", "case"),
+    [
+        pytest.param([0.95, 0.1], "a frame ten times fainter than the reference", id="transmission-0.1"),
+        pytest.param(
+            [4.0, 1.0], "a reference four times brighter, its bright stars saturated", id="saturated-reference"
+        ),
+    ],
+)
+def test_extreme_transmissions(tmp_path, transmissions, case):
+    from nsg_gpu.synthetic import SyntheticField
+
+    field = SyntheticField(n_frames=2, seed=23, transmissions=transmissions, fwhms=[3.0, 3.0], **SMALL)
+    paths = write_synthetic_set(tmp_path / "in", field.spec)
+    run = normalize(paths, reference=paths[0], output_dir=tmp_path / "o")
+    assert run.ok, (case, run.frames[1].error)
+    assert abs(_scale_error(run, field)) < 0.035, case
+
+
+def test_a_single_huge_star_does_not_spoil_the_frame(tmp_path):
+    from nsg_gpu.synthetic import SyntheticField
+
+    field = SyntheticField(n_frames=2, seed=24, fwhms=[3.0, 3.4], **SMALL)
+    field.star_x = np.append(field.star_x, 350.0)
+    field.star_y = np.append(field.star_y, 250.0)
+    field.star_flux = np.vstack([field.star_flux, [[3000.0]]])
+    paths = write_synthetic_set(tmp_path / "in", field.spec)
+    for k, path in enumerate(paths):  # re-render with the huge star
+        fits.PrimaryHDU(field.render(k)[0], header=field.header(k)).writeto(path, overwrite=True)
+    assert fits.getdata(paths[0])[250, 350] == 1.0  # saturated core
+    run = normalize(paths, reference=paths[0], output_dir=tmp_path / "o")
+    assert run.ok, run.frames[1].error
+    assert abs(_scale_error(run, field)) < 0.035
