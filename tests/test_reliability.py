@@ -199,3 +199,47 @@ def test_a_single_huge_star_does_not_spoil_the_frame(tmp_path):
     run = normalize(paths, reference=paths[0], output_dir=tmp_path / "o")
     assert run.ok, run.frames[1].error
     assert abs(_scale_error(run, field)) < 0.035
+
+
+def test_unwritable_output_directory_is_one_clear_error(frames):
+    """A directory that cannot be created (sysfs refuses it, even to root) ends the run cleanly."""
+    from typer.testing import CliRunner
+
+    from nsg_gpu.cli import app
+
+    target = Path("/sys/nsg-gpu-test-output")
+    if not Path("/sys").is_dir():
+        pytest.skip("no /sys to stand in for a read-only file system")
+    result = CliRunner().invoke(app, ["normalize", *map(str, frames[:2]), "-r", str(frames[0]), "-o", str(target)])
+    assert result.exit_code == 1
+    assert "cannot be written" in result.output and "Traceback" not in result.output
+    assert not target.exists()
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to read the resident set size")
+def test_memory_stays_flat_over_many_frames(tmp_path):
+    """400 small frames: the resident set after frame 400 is within 10 % of that after frame 50."""
+    paths = write_synthetic_set(tmp_path / "in", n_frames=2, seed=25, width=320, height=240, n_stars=250)
+    data = fits.getdata(paths[1])
+    header = fits.getheader(paths[1])
+    many = [paths[0]]
+    for i in range(400):
+        p = tmp_path / "in" / f"copy_{i:03d}.fits"
+        fits.PrimaryHDU(data, header=header).writeto(p)
+        many.append(p)
+    samples = {}
+
+    def progress(result, done, total):
+        if done in (51, 401):
+            samples[done] = _rss_mb()
+
+    run = normalize(many, reference=paths[0], output_dir=tmp_path / "o", progress=progress)
+    assert run.ok, [f.error for f in run.failed][:3]
+    assert samples[401] <= 1.10 * samples[51], samples
