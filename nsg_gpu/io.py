@@ -222,7 +222,9 @@ def read_frame(path: str | os.PathLike) -> Frame:
     except (FrameReadError, FrameShapeError):
         raise
     except Exception as exc:
-        raise FrameReadError(path, f"cannot be read as FITS ({type(exc).__name__}: {exc})") from exc
+        raise FrameReadError(
+            path, f"cannot be read as FITS: not a FITS file, or truncated or corrupt ({type(exc).__name__}: {exc})"
+        ) from exc
     if data.ndim == 2:
         data = data[np.newaxis]
     elif data.ndim != 3 or data.shape[0] not in (1, 3):

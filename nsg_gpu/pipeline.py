@@ -310,9 +310,10 @@ def measure_scale(reference: Reference, frame: Frame) -> ScaleMeasurement:
     if head >= 10 and found[:head].mean() < MIN_REGISTERED_FRACTION:
         raise TooFewStarsError(
             frame.path,
-            f"only {int(found[:head].sum())} of the reference's {head} brightest stars lie within "
-            f"{params.star_search_radius:g} px of their reference positions: the frame does not "
-            "look registered to the reference (register it first, or raise --star-search-radius)",
+            f"only {int(found[:head].sum())} of the reference's {head} brightest stars are found within "
+            f"{params.star_search_radius:g} px of their reference positions: the frame does not look "
+            "registered to the reference, or shows no stars (cloud, dew, a closed shutter); register it "
+            "first, or raise --star-search-radius",
         )
     tx = np.where(found, tx, stars.x[idx])
     ty = np.where(found, ty, stars.y[idx])
