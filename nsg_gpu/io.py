@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -286,6 +287,19 @@ def set_nsg_keywords(
     return header
 
 
+def _os_reason(error: OSError, directory: Path) -> str:
+    if error.errno is not None:
+        return os.strerror(error.errno)
+    # A short write (astropy reports it without an errno) on a device with no room left.
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return str(error)
+    if free < 1 << 20:
+        return f"No space left on device ({free // 1024} KiB free)"
+    return str(error)
+
+
 def write_frame(path: str | os.PathLike, data: np.ndarray, header: fits.Header) -> Path:
     """Write ``(channels, height, width)`` float32 data atomically to ``path``.
 
@@ -312,8 +326,15 @@ def write_frame(path: str | os.PathLike, data: np.ndarray, header: fits.Header) 
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
         tmp_name = None
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot be written ({exc.strerror or exc})") from exc
+    except Exception as exc:
+        # astropy can mask the OSError of a full disk behind an error of its own clean-up;
+        # report the OSError.
+        cause = exc
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise OutputError(f"{path}: cannot be written ({_os_reason(cause, path.parent)})") from exc
     finally:
         if tmp_name is not None and os.path.exists(tmp_name):
             os.unlink(tmp_name)

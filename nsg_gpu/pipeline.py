@@ -306,14 +306,16 @@ def measure_scale(reference: Reference, frame: Frame) -> ScaleMeasurement:
     level = _local_level(image, stars.x[idx], stars.y[idx], max(6, int(math.ceil(3 * stars.fwhm))))
     peak_here = be.to_host(photometry._gather_stamps(image, stars.x[idx], stars.y[idx], 1).max(axis=(1, 2)))
     found = np.isfinite(shift) & (shift <= params.star_search_radius) & (peak_here - level > 5 * noise_t)
-    head = min(50, idx.size)
-    if head >= 10 and found[:head].mean() < MIN_REGISTERED_FRACTION:
+    # Judge registration on the brightest stars that the target covers at all.
+    covered = be.to_host(photometry._gather_stamps(image, stars.x[idx], stars.y[idx], 2).min(axis=(1, 2))) > 0
+    judged = np.nonzero(covered)[0][:50]
+    if judged.size >= 10 and found[judged].mean() < MIN_REGISTERED_FRACTION:
         raise TooFewStarsError(
             frame.path,
-            f"only {int(found[:head].sum())} of the reference's {head} brightest stars are found within "
-            f"{params.star_search_radius:g} px of their reference positions: the frame does not look "
-            "registered to the reference, or shows no stars (cloud, dew, a closed shutter); register it "
-            "first, or raise --star-search-radius",
+            f"only {int(found[judged].sum())} of the reference's {judged.size} brightest stars in the frame's "
+            f"coverage are found within {params.star_search_radius:g} px of their reference positions: the "
+            "frame does not look registered to the reference, or shows no stars (cloud, dew, a closed "
+            "shutter); register it first, or raise --star-search-radius",
         )
     tx = np.where(found, tx, stars.x[idx])
     ty = np.where(found, ty, stars.y[idx])

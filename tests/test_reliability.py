@@ -225,21 +225,57 @@ def _rss_mb() -> float:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to read the resident set size")
 def test_memory_stays_flat_over_many_frames(tmp_path):
-    """400 small frames: the resident set after frame 400 is within 10 % of that after frame 50."""
+    """500 small frames: the resident set after frame 500 is within 10 % of that after frame 50."""
     paths = write_synthetic_set(tmp_path / "in", n_frames=2, seed=25, width=320, height=240, n_stars=250)
     data = fits.getdata(paths[1])
     header = fits.getheader(paths[1])
     many = [paths[0]]
-    for i in range(400):
+    for i in range(500):
         p = tmp_path / "in" / f"copy_{i:03d}.fits"
         fits.PrimaryHDU(data, header=header).writeto(p)
         many.append(p)
     samples = {}
 
     def progress(result, done, total):
-        if done in (51, 401):
+        if done in (51, 501):
             samples[done] = _rss_mb()
 
     run = normalize(many, reference=paths[0], output_dir=tmp_path / "o", progress=progress)
     assert run.ok, [f.error for f in run.failed][:3]
-    assert samples[401] <= 1.10 * samples[51], samples
+    assert samples[501] <= 1.10 * samples[51], samples
+
+
+def test_too_few_background_samples_is_named(frames, tmp_path):
+    """A frame covering only a small island: its stars measure, but no sample fits the island."""
+    data = fits.getdata(frames[1])
+    island = np.zeros_like(data)
+    island[120:330, 180:520] = data[120:330, 180:520]
+    path = tmp_path / "island.fits"
+    fits.PrimaryHDU(island, header=fits.getheader(frames[1])).writeto(path)
+    from nsg_gpu.params import Parameters
+
+    run = normalize(
+        [frames[0], path], reference=frames[0], output_dir=tmp_path / "o", params=Parameters(sample_size=240)
+    )
+    assert run.frames[1].status == "failed"
+    assert "background samples are usable" in run.frames[1].error
+
+
+def test_full_output_directory_leaves_no_partial_file(frames, tmp_path):
+    """On a 2 MB file system the reference's output fits, the next does not: it is absent."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        run = normalize(frames[:2], reference=frames[0], output_dir=mount_point)
+        assert [f.status for f in run.frames] == ["reference", "failed"]
+        assert "cannot be written" in run.frames[1].error and "No space left" in run.frames[1].error
+        assert _valid_output(mount_point / f"{frames[0].stem}_nsg.fits")
+        assert not (mount_point / f"{frames[1].stem}_nsg.fits").exists()
+        assert not list(mount_point.glob(".*.tmp"))
+        rows = json.loads((mount_point / "results.json").read_text())["frames"]
+        assert rows[1]["status"] == "failed"
+    finally:
+        subprocess.run(["umount", str(mount_point)], capture_output=True)
