@@ -279,3 +279,11 @@ def test_full_output_directory_leaves_no_partial_file(frames, tmp_path):
         assert rows[1]["status"] == "failed"
     finally:
         subprocess.run(["umount", str(mount_point)], capture_output=True)
+
+
+def test_too_few_star_pairs_is_an_error_never_scale_one(frames, tmp_path):
+    from nsg_gpu.params import Parameters
+
+    run = normalize(frames[:2], reference=frames[0], output_dir=tmp_path / "o", params=Parameters(min_star_pairs=200))
+    assert run.frames[1].status == "failed" and run.frames[1].scale == []
+    assert "at least 200 are needed for a photometric scale" in run.frames[1].error

@@ -257,6 +257,14 @@ def test_coarse_evaluation_within_one_percent_of_noise():
     assert np.max(np.abs(coarse - exact)) < 0.01 * noise
 
 
+def test_duplicate_spline_nodes_are_merged():
+    x = np.array([0.0, 100, 0, 100, 50, 50])
+    y = np.array([0.0, 0, 100, 100, 50, 50])
+    spline = fit_surface_spline(x, y, 1 + 0.01 * x, smoothness=-2)
+    assert spline.coefficients.size == 5
+    assert spline(np.array([25.0]), np.array([75.0]))[0] == pytest.approx(1.25, abs=1e-9)
+
+
 def test_degenerate_spline_inputs_raise():
     with pytest.raises(ValueError, match="at least 3"):
         fit_surface_spline([1, 2], [1, 2], [0, 0])
