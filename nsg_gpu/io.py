@@ -179,7 +179,7 @@ def read_meta(path: str | os.PathLike) -> FrameMeta:
     """Read only the header facts of a frame (no pixel data)."""
     path = Path(path)
     try:
-        with fits.open(path, memmap=False) as hdul:
+        with open(path, "rb") as handle, fits.open(handle, memmap=False) as hdul:
             return _meta_from_header(_first_image_hdu(hdul, path).header)
     except FrameReadError:
         raise
@@ -214,7 +214,9 @@ def read_frame(path: str | os.PathLike) -> Frame:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", (AstropyUserWarning, FITSFixedWarning))
-            with fits.open(path, memmap=False) as hdul:
+            # The file object is ours to close: astropy leaves its own handle open when a
+            # damaged file makes it fail half-way.
+            with open(path, "rb") as handle, fits.open(handle, memmap=False) as hdul:
                 hdu = _first_image_hdu(hdul, path)
                 # Copy the header before touching the data: astropy rewrites BITPIX/BZERO
                 # when it scales integer data, and they tell the white level.

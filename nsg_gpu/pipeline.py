@@ -72,6 +72,7 @@ class Reference:
     params: Parameters
     stars: StarCatalog
     photometry_index: np.ndarray  # catalogue rows measured on targets
+    channel_peak: np.ndarray  # brightest channel's peak at each of those stars
     isolated: np.ndarray  # bool over photometry_index
     grid: object
     medians: object  # (channels, rows, cols) backend array
@@ -227,6 +228,9 @@ def prepare_reference(frame: Frame, params: Parameters | None = None, *, backend
         n_reference_stars=len(stars),
     )
     linear = np.nonzero(stars.peak < resolved.linear_range)[0][:MAX_PHOTOMETRY_STARS]
+    channel_peak = be.to_host(
+        photometry._gather_stamps(data.max(axis=0), stars.x[linear], stars.y[linear], 1).max(axis=(1, 2))
+    )
     isolated = _isolated(stars, linear, reach=6.0 * stars.fwhm + 4)
     grid = make_grid(height, width, resolved.sample_size)
     if grid.count < MIN_SAMPLES:
@@ -238,7 +242,7 @@ def prepare_reference(frame: Frame, params: Parameters | None = None, *, backend
     radius = stars.radius[:n_reject] + resolved.aperture_add + resolved.sample_star_growth_rate * stars.flux[:n_reject]
     rejected = star_rejection(grid, stars.x[:n_reject], stars.y[:n_reject], radius)
     noise = np.array([ksigma_noise(data[c]) for c in range(data.shape[0])])
-    return Reference(frame, resolved, stars, linear, isolated, grid, medians, valid, rejected, noise)
+    return Reference(frame, resolved, stars, linear, channel_peak, isolated, grid, medians, valid, rejected, noise)
 
 
 def _isolated(stars: StarCatalog, index: np.ndarray, reach: float) -> np.ndarray:
@@ -322,9 +326,6 @@ def measure_scale(reference: Reference, frame: Frame) -> ScaleMeasurement:
     # Non-linearity is a property of each channel: a red star can clip in red while its
     # intensity stays low, so the peak test uses the brightest channel in both frames.
     peak_t = be.to_host(photometry._gather_stamps(data.max(axis=0), tx, ty, 1).max(axis=(1, 2)))
-    peak_r = be.to_host(
-        photometry._gather_stamps(reference.frame.data.max(axis=0), stars.x[idx], stars.y[idx], 1).max(axis=(1, 2))
-    )
     geometry = photometry.aperture_geometry(
         max(stars.fwhm, fwhm_t),
         aperture_fwhm=params.aperture_fwhm,
@@ -334,7 +335,9 @@ def measure_scale(reference: Reference, frame: Frame) -> ScaleMeasurement:
     )
     ref_m = reference.measurement(geometry)
     tgt_m = photometry.measure_stars(data, tx, ty, geometry)
-    usable = ref_m.ok & tgt_m.ok & found & (peak_t < params.linear_range) & (peak_r < params.linear_range)
+    usable = (
+        ref_m.ok & tgt_m.ok & found & (peak_t < params.linear_range) & (reference.channel_peak < params.linear_range)
+    )
     channels = data.shape[0]
     # Signal-to-noise of each pair, on the faintest channel.
     ratio0 = np.median(ref_m.flux[:, usable] / tgt_m.flux[:, usable], axis=1) if usable.any() else np.ones(channels)

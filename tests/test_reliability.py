@@ -94,7 +94,11 @@ def test_same_path_twice_is_processed_once(frames, tmp_path):
     assert "given twice" in run.frames[1].error
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(
     position=st.floats(0, 1),
     length=st.integers(1, 64),
