@@ -36,7 +36,7 @@ from .errors import (
     TooFewSamplesError,
     TooFewStarsError,
 )
-from .io import Frame, output_path, read_frame, set_nsg_keywords, write_frame
+from .io import Frame, output_path, read_frame, read_meta, set_nsg_keywords, write_frame
 from .noise import ksigma_noise, weight_from_noise
 from .params import Parameters, resolve_parameters
 from .samples import SampleSet, bin_medians, bin_samples, make_grid, star_rejection
@@ -548,6 +548,18 @@ def _reference_result(reference: Reference, output: Path | None) -> FrameResult:
     )
 
 
+def _failed_result(path: Path, error: Exception) -> FrameResult:
+    """A failed frame's row: the error, and the header facts where the header can be read."""
+    result = FrameResult(path=str(path), status="failed", error=str(error))
+    try:
+        meta = read_meta(path)
+    except FrameError:
+        return result
+    result.exposure, result.altitude, result.airmass = meta.exposure, meta.altitude, meta.airmass
+    result.filter, result.date_obs = meta.filter, meta.date_obs
+    return result
+
+
 def _remove_stale_temporaries(outputs) -> None:
     """Delete temporary files a killed run left beside these outputs (never complete files)."""
     for out in outputs:
@@ -702,7 +714,7 @@ def normalize(
             result.output = str(outputs[path])
             result.data = None
         except (FrameError, OutputError) as exc:
-            result = FrameResult(path=str(path), status="failed", error=str(exc))
+            result = _failed_result(path, exc)
             if stop_on_error:
                 results.append(result)
                 break

@@ -72,8 +72,9 @@ def test_bad_frames_fail_alone_with_a_clear_message(frames, tmp_path, make, mess
     run = normalize([frames[0], bad, frames[2]], reference=frames[0], output_dir=tmp_path / "o")
     statuses = {Path(f.path).name: f.status for f in run.frames}
     assert statuses == {frames[0].name: "reference", "bad.fits": "failed", frames[2].name: "ok"}
-    error = next(f.error for f in run.frames if f.status == "failed")
-    assert "bad.fits" in error and message in error
+    failed = next(f for f in run.frames if f.status == "failed")
+    assert "bad.fits" in failed.error and message in failed.error
+    assert failed.date_obs == fits.getheader(frames[1])["DATE-OBS"]  # the row keeps the header facts
     assert not (tmp_path / "o" / "bad_nsg.fits").exists()
 
 
