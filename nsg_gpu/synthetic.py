@@ -24,7 +24,7 @@ import numpy as np
 import scipy.ndimage
 from astropy.io import fits
 
-__all__ = ["FrameTruth", "SyntheticSpec", "SyntheticField", "write_synthetic_set"]
+__all__ = ["FrameTruth", "SyntheticSpec", "SyntheticField", "write_synthetic_set", "block_residual"]
 
 #: Channel-to-channel colour of the atmosphere's extinction (blue dims most).
 _CHANNEL_EXTINCTION = np.array([0.0, 0.35, 0.8])
@@ -317,3 +317,21 @@ def write_synthetic_set(directory: str | Path, spec: SyntheticSpec | None = None
         truth["frames"].append(entry)
     (directory / "truth.json").write_text(json.dumps(truth, indent=2))
     return paths
+
+
+def block_residual(image: np.ndarray, truth: np.ndarray, covered: np.ndarray, block: int = 64) -> np.ndarray:
+    """RMS per channel of the medians of ``block`` x ``block`` blocks of ``image - truth``.
+
+    Only pixels where ``covered`` is true count, and only blocks at least half covered. It is
+    the residual-gradient figure of the tests and benchmarks (divide by the pixel noise).
+    """
+    diff = np.where(covered[None], image - truth, np.nan)
+    c, h, w = diff.shape
+    hb, wb = h // block, w // block
+    blocks = diff[:, : hb * block, : wb * block].reshape(c, hb, block, wb, block).transpose(0, 1, 3, 2, 4)
+    blocks = blocks.reshape(c, hb, wb, -1)
+    enough = np.mean(np.isfinite(blocks), axis=-1) > 0.5
+    medians = np.full((c, hb, wb), np.nan)
+    for ch in range(c):
+        medians[ch][enough[ch]] = np.nanmedian(blocks[ch][enough[ch]], axis=-1)
+    return np.sqrt(np.nanmean(medians**2, axis=(1, 2)))

@@ -71,17 +71,3 @@ def colour_set(tmp_path_factory) -> NormalizedSet:
         fwhms=[2.8, 4.2, 3.3],
         transmissions=[0.9, 0.5, 1.0],
     )
-
-
-def block_residual(image: np.ndarray, truth: np.ndarray, covered: np.ndarray, block: int = 64) -> np.ndarray:
-    """RMS per channel of the medians of ``block`` x ``block`` blocks of ``image - truth`` over covered pixels."""
-    diff = np.where(covered[None], image - truth, np.nan)
-    c, h, w = diff.shape
-    hb, wb = h // block, w // block
-    blocks = diff[:, : hb * block, : wb * block].reshape(c, hb, block, wb, block).transpose(0, 1, 3, 2, 4)
-    blocks = blocks.reshape(c, hb, wb, -1)
-    enough = np.mean(np.isfinite(blocks), axis=-1) > 0.5
-    medians = np.full((c, hb, wb), np.nan)
-    for ch in range(c):
-        medians[ch][enough[ch]] = np.nanmedian(blocks[ch][enough[ch]], axis=-1)
-    return np.sqrt(np.nanmean(medians**2, axis=(1, 2)))
