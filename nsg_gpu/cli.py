@@ -16,6 +16,7 @@ import typer
 
 from . import __version__
 from .errors import NSGError
+from .params import Parameters
 
 __all__ = ["app", "main"]
 
@@ -44,6 +45,8 @@ def _root(
 
 
 Auto = Optional[float]
+#: The library's defaults (NSG's), shown and used by the options.
+_DEFAULTS = Parameters()
 
 
 def _one_line_errors(command):
@@ -87,7 +90,7 @@ def normalize(
     ] = "auto",
     detection_sigma: Annotated[
         float, typer.Option(help="Star detection threshold, in noise units of the matched-filter image.")
-    ] = 5.0,
+    ] = _DEFAULTS.detection_sigma,
     linear_range: Annotated[
         Auto,
         typer.Option(
@@ -96,22 +99,22 @@ def normalize(
     ] = None,
     star_search_radius: Annotated[
         float, typer.Option(help="Largest star shift (px) between reference and target after recentring.")
-    ] = 2.0,
+    ] = _DEFAULTS.star_search_radius,
     star_flux_tolerance: Annotated[
         float,
         typer.Option(
             help="Star pairs whose flux ratio is off the first estimate by more than this factor are dropped."
         ),
-    ] = 1.5,
+    ] = _DEFAULTS.star_flux_tolerance,
     outlier_removal: Annotated[
         float, typer.Option(help="Percentage of star pairs removed as the farthest from the fitted line.")
-    ] = 2.0,
+    ] = _DEFAULTS.outlier_removal,
     aperture_fwhm: Annotated[
         float, typer.Option(help="Photometry aperture radius in units of the larger FWHM of the two frames.")
-    ] = 1.5,
+    ] = _DEFAULTS.aperture_fwhm,
     aperture_add: Annotated[
         float, typer.Option(help="Pixels added to the aperture radius and to the sample rejection circles.")
-    ] = 1.0,
+    ] = _DEFAULTS.aperture_add,
     aperture_gap: Annotated[
         Auto, typer.Option(help="Gap (px) between aperture and background annulus. [default: Auto]")
     ] = None,
@@ -120,7 +123,7 @@ def normalize(
     ] = None,
     min_star_pairs: Annotated[
         int, typer.Option(help="Fewer usable star pairs than this fails the frame (NSG flags fewer than 3).")
-    ] = 3,
+    ] = _DEFAULTS.min_star_pairs,
     sample_size: Annotated[
         Optional[int], typer.Option(help="Side (px) of the background samples. [default: Auto]")
     ] = None,
@@ -130,12 +133,16 @@ def normalize(
     sample_star_growth_rate: Annotated[
         Auto, typer.Option(help="Growth of the rejection circles per unit of star flux. [default: Auto]")
     ] = None,
-    gradient_smoothness: Annotated[float, typer.Option(help="log10 of the spline smoothing; 4 fits a plane.")] = -2.0,
-    max_samples: Annotated[int, typer.Option(help="Samples are merged into super-samples above this count.")] = 2000,
-    weight_keyword: Annotated[str, typer.Option(help="Header keyword for the weight.")] = "NWEIGHT",
+    gradient_smoothness: Annotated[
+        float, typer.Option(help="log10 of the spline smoothing; 4 fits a plane.")
+    ] = _DEFAULTS.gradient_smoothness,
+    max_samples: Annotated[
+        int, typer.Option(help="Samples are merged into super-samples above this count.")
+    ] = _DEFAULTS.max_samples,
+    weight_keyword: Annotated[str, typer.Option(help="Header keyword for the weight.")] = _DEFAULTS.weight_keyword,
     truncate: Annotated[
         bool, typer.Option("--truncate/--no-truncate", help="Clip outputs to [0, white level] as NSG does.")
-    ] = True,
+    ] = _DEFAULTS.truncate,
     focal_length: Annotated[
         Auto, typer.Option(help="Focal length (mm) when the header has no FOCALLEN. [default: header, else 1000]")
     ] = None,
@@ -148,7 +155,6 @@ def normalize(
 ):
     """Normalize FRAMES to a reference and write <stem>_nsg.fits with NSG's keywords."""
     from .backend import select_backend
-    from .params import Parameters
     from .pipeline import normalize as run_normalize
 
     params = Parameters(

@@ -26,7 +26,7 @@ frame on the GPU never crosses to the host whole.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from photutils.aperture import ApertureStats, CircularAnnulus, CircularAperture, aperture_photometry
@@ -400,7 +400,6 @@ class ScaleFit:
     used: np.ndarray  # bool mask over the input pairs
     n_pairs: int
     scale_error: float = float("nan")
-    rejected_tolerance: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
 
 
 def fit_scale(
@@ -444,7 +443,6 @@ def fit_scale(
     m0, _ = _calculate_scale(x, y) if n > 2 else (float(np.median(y / x)), 0.0)
     ratio = y / x
     used &= (ratio >= m0 / tolerance) & (ratio <= m0 * tolerance)
-    tolerance_rejected = ~used.copy()
     n_remove = int(math.floor(used.sum() * outlier_removal / 100 + 0.5))
     for _ in range(n_remove):
         if used.sum() < 4:
@@ -454,14 +452,14 @@ def fit_scale(
         distance[~used] = -1
         used[int(np.argmax(distance))] = False
     if not used.any():
-        return ScaleFit(1.0, 0.0, used, 0, rejected_tolerance=tolerance_rejected)
+        return ScaleFit(1.0, 0.0, used, 0)
     m, b = _calculate_scale(x[used], y[used])
     error = float("nan")
     if target_error is not None and reference_error is not None and used.sum() >= 3:
         m, error, _ = _biweight_ratio(
             x[used], y[used], np.asarray(target_error)[used], np.asarray(reference_error)[used], m
         )
-    return ScaleFit(float(m), float(b), used, int(used.sum()), error, tolerance_rejected)
+    return ScaleFit(float(m), float(b), used, int(used.sum()), error)
 
 
 def _biweight_ratio(x, y, sx, sy, m, c: float = 4.685, iterations: int = 30):

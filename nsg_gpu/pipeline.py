@@ -570,10 +570,6 @@ def _remove_stale_temporaries(outputs) -> None:
                 pass
 
 
-def _history(params: Parameters) -> list[str]:
-    return [line for line in params.history()]
-
-
 def normalize(
     frames: Sequence[str | os.PathLike],
     *,
@@ -670,13 +666,10 @@ def normalize(
         ref_frame = read_frame(reference_path)
     except FrameError as exc:
         raise ReferenceFrameError(reference_path, exc.reason) from exc
-    if be.is_gpu:
-        ref_frame = Frame(
-            ref_frame.path, be.asarray(ref_frame.data), ref_frame.header, ref_frame.white_level, ref_frame.meta
-        )
     prepared = prepare_reference(ref_frame, params, backend=be)
-    history = _history(prepared.params)
+    history = prepared.params.history()
     ref_out = outputs[reference_path]
+    reference_result = _reference_result(prepared, ref_out)
     header = set_nsg_keywords(
         ref_frame.header,
         reference_name=reference_path.name,
@@ -685,11 +678,11 @@ def normalize(
         weight=1.0,
         weight_keyword=prepared.params.weight_keyword,
         weight_source="reference",
-        high=float(be.to_host(ref_frame.data.max())),
+        high=reference_result.high,
         history=["reference", *history],
     )
-    write_frame(ref_out, be.to_host(ref_frame.data), header)
-    results = [_reference_result(prepared, ref_out)]
+    write_frame(ref_out, ref_frame.data, header)
+    results = [reference_result]
     total = len(targets) + 1
     if progress:
         progress(results[0], 1, total)
