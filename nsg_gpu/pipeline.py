@@ -50,6 +50,11 @@ __all__ = [
     "prepare_reference",
     "normalize_frame",
     "normalize",
+    "plan_run",
+    "process_frame",
+    "write_reference",
+    "FrameJob",
+    "RunPlan",
 ]
 
 #: Pairs below this signal-to-noise (both frames combined) are too noisy to help the scale.
@@ -570,66 +575,59 @@ def _remove_stale_temporaries(outputs) -> None:
                 pass
 
 
-def normalize(
+@dataclass(frozen=True)
+class FrameJob:
+    """One target of a run: where to read it, where its output goes, and the header's history."""
+
+    path: Path
+    output: Path
+    reference_name: str
+    history: tuple[str, ...] = ()
+
+
+@dataclass
+class RunPlan:
+    """What a run will do, decided before any pixel is read: reference, targets, outputs."""
+
+    reference_path: Path
+    reference_output: Path
+    targets: list[Path]
+    outputs: dict[Path, Path]
+    duplicates: list[FrameResult]
+    reference_reason: str | None = None
+
+    def jobs(self, history: Sequence[str] = ()) -> list[FrameJob]:
+        name = self.reference_path.name
+        return [FrameJob(p, self.outputs[p], name, tuple(history)) for p in self.targets]
+
+
+def plan_run(
     frames: Sequence[str | os.PathLike],
     *,
     reference: str | os.PathLike = "auto",
     output_dir: str | os.PathLike = "nsg",
     params: Parameters | None = None,
-    backend: Backend | None = None,
     postfix: str = "_nsg",
-    stop_on_error: bool = False,
-    progress: Callable[[FrameResult, int, int], None] | None = None,
-) -> RunResult:
-    """Normalize frames on disk to a reference and write ``<stem><postfix>.fits`` for each.
-
-    Parameters
-    ----------
-    frames : sequence of paths
-        Registered FITS frames. The reference may be among them.
-
-    reference : path or "auto"
-        The reference frame, or "auto" to choose one (see :func:`nsg_gpu.select.choose_reference`).
-
-    output_dir : path
-        Created if needed; outputs, ``results.csv`` and ``results.json`` go there.
-
-    params : Parameters, optional
-
-    backend : Backend, optional
-        NumPy by default.
-
-    stop_on_error : bool
-        Stop at the first frame that fails instead of going on.
-
-    progress : callable, optional
-        Called as ``progress(result, done, total)`` after each frame.
-
-    Returns
-    -------
-    RunResult
-        The reference first, then the targets in input order; failed frames carry their error.
+) -> RunPlan:
+    """Choose the reference, drop duplicates and name every output; nothing is written.
 
     Raises
     ------
     ReferenceFrameError
-        The reference is missing or unusable (nothing can be normalized).
+        The reference does not exist.
     OutputError
         An output would overwrite an input.
     """
-    from .report import write_results
     from .select import choose_reference
 
     params = params or Parameters()
-    be = backend or NUMPY
     output_dir = Path(output_dir)
     paths = [Path(p) for p in frames]
     reason = None
     if str(reference) == "auto":
         if not paths:
             raise NSGError("no frames given")
-        chosen, reason = choose_reference(paths, detection_sigma=params.detection_sigma)
-        reference_path = chosen
+        reference_path, reason = choose_reference(paths, detection_sigma=params.detection_sigma)
     else:
         reference_path = Path(reference)
         if not reference_path.is_file():
@@ -660,61 +658,133 @@ def normalize(
                 f"{out}: the output would overwrite an input frame; choose another --output-dir or postfix"
             )
         outputs[p] = out
+    return RunPlan(reference_path, outputs[reference_path], targets, outputs, duplicates, reason)
 
-    _remove_stale_temporaries(outputs.values())
-    try:
-        ref_frame = read_frame(reference_path)
-    except FrameError as exc:
-        raise ReferenceFrameError(reference_path, exc.reason) from exc
-    prepared = prepare_reference(ref_frame, params, backend=be)
-    history = prepared.params.history()
-    ref_out = outputs[reference_path]
-    reference_result = _reference_result(prepared, ref_out)
+
+def write_reference(reference: Reference, output: Path) -> FrameResult:
+    """Write the reference's own copy with NSG's keywords (scale 1, weight 1); return its row."""
+    frame = reference.frame
+    result = _reference_result(reference, output)
     header = set_nsg_keywords(
-        ref_frame.header,
-        reference_name=reference_path.name,
-        transmission=[1.0] * ref_frame.channels,
-        snr=[1.0] * ref_frame.channels,
+        frame.header,
+        reference_name=frame.path.name,
+        transmission=[1.0] * frame.channels,
+        snr=[1.0] * frame.channels,
         weight=1.0,
-        weight_keyword=prepared.params.weight_keyword,
+        weight_keyword=reference.params.weight_keyword,
         weight_source="reference",
-        high=reference_result.high,
-        history=["reference", *history],
+        high=result.high,
+        history=["reference", *reference.params.history()],
     )
-    write_frame(ref_out, ref_frame.data, header)
-    results = [reference_result]
-    total = len(targets) + 1
+    write_frame(output, get_backend(frame.data).to_host(frame.data), header)
+    return result
+
+
+def process_frame(reference: Reference, job: FrameJob) -> FrameResult:
+    """Read, normalize and write one target: the unit of work of every executor.
+
+    A problem with the frame itself (unreadable, unregistered, no stars, disk full) becomes
+    the frame's failed result rather than an exception, so that the run goes on.
+    """
+    started = time.perf_counter()
+    try:
+        frame = read_frame(job.path)
+        result = normalize_frame(reference, frame)
+        header = set_nsg_keywords(
+            frame.header,
+            reference_name=job.reference_name,
+            transmission=result.transmission,
+            snr=result.snr,
+            weight=result.weight,
+            weight_keyword=reference.params.weight_keyword,
+            weight_source=result.weight_source,
+            high=result.high,
+            history=list(job.history),
+        )
+        write_frame(job.output, get_backend(result.data).to_host(result.data), header)
+        result.output = str(job.output)
+        result.data = None
+    except (FrameError, OutputError) as exc:
+        result = _failed_result(job.path, exc)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def normalize(
+    frames: Sequence[str | os.PathLike],
+    *,
+    reference: str | os.PathLike = "auto",
+    output_dir: str | os.PathLike = "nsg",
+    params: Parameters | None = None,
+    backend: Backend | None = None,
+    postfix: str = "_nsg",
+    stop_on_error: bool = False,
+    progress: Callable[[FrameResult, int, int], None] | None = None,
+    executor=None,
+) -> RunResult:
+    """Normalize frames on disk to a reference and write ``<stem><postfix>.fits`` for each.
+
+    Parameters
+    ----------
+    frames : sequence of paths
+        Registered FITS frames. The reference may be among them.
+
+    reference : path or "auto"
+        The reference frame, or "auto" to choose one (see :func:`nsg_gpu.select.choose_reference`).
+
+    output_dir : path
+        Created if needed; outputs, ``results.csv`` and ``results.json`` go there.
+
+    params : Parameters, optional
+
+    backend : Backend, optional
+        NumPy by default.
+
+    stop_on_error : bool
+        Stop at the first frame that fails instead of going on.
+
+    progress : callable, optional
+        Called as ``progress(result, done, total)`` after each frame.
+
+    executor : optional
+        Runs :func:`process_frame` over the targets (:mod:`nsg_gpu.executors`); in-process
+        by default.
+
+    Returns
+    -------
+    RunResult
+        The reference first, then the targets in input order; failed frames carry their error.
+
+    Raises
+    ------
+    ReferenceFrameError
+        The reference is missing or unusable (nothing can be normalized).
+    OutputError
+        An output would overwrite an input.
+    """
+    from .executors import InProcessExecutor
+    from .report import write_results
+
+    params = params or Parameters()
+    be = backend or NUMPY
+    executor = executor or InProcessExecutor()
+    plan = plan_run(frames, reference=reference, output_dir=output_dir, params=params, postfix=postfix)
+    _remove_stale_temporaries(plan.outputs.values())
+    try:
+        ref_frame = read_frame(plan.reference_path)
+    except FrameError as exc:
+        raise ReferenceFrameError(plan.reference_path, exc.reason) from exc
+    prepared = prepare_reference(ref_frame, params, backend=be)
+    results = [write_reference(prepared, plan.reference_output)]
+    total = len(plan.targets) + 1
     if progress:
         progress(results[0], 1, total)
-    results.extend(duplicates)
-    for i, path in enumerate(targets, start=2):
-        started = time.perf_counter()
-        try:
-            frame = read_frame(path)
-            result = normalize_frame(prepared, frame)
-            header = set_nsg_keywords(
-                frame.header,
-                reference_name=reference_path.name,
-                transmission=result.transmission,
-                snr=result.snr,
-                weight=result.weight,
-                weight_keyword=prepared.params.weight_keyword,
-                weight_source=result.weight_source,
-                high=result.high,
-                history=history,
-            )
-            write_frame(outputs[path], be.to_host(result.data), header)
-            result.output = str(outputs[path])
-            result.data = None
-        except (FrameError, OutputError) as exc:
-            result = _failed_result(path, exc)
-            if stop_on_error:
-                results.append(result)
-                break
-        result.seconds = time.perf_counter() - started
+    results.extend(plan.duplicates)
+    jobs = plan.jobs(prepared.params.history())
+    for done, result in enumerate(executor.run(prepared, jobs, stop_on_error=stop_on_error), start=2):
         results.append(result)
         if progress:
-            progress(result, i, total)
-    run = RunResult(str(reference_path), results, prepared.params, reason)
+            progress(result, done, total)
+    run = RunResult(str(plan.reference_path), results, prepared.params, plan.reference_reason)
     write_results(run, output_dir)
     return run
