@@ -248,7 +248,7 @@ def normalize(
         )
     rejected = [f for f in run.frames if f.rejected]
     if rejected:
-        typer.echo(f"{len(rejected)} frame(s) rejected, outputs moved to {output_dir / 'rejected'}:")
+        typer.echo(f"{len(rejected)} frame(s) rejected, their outputs in {output_dir / 'rejected'}:")
         for f in rejected:
             typer.echo(f"  {Path(f.path).name}: {f.rejected}")
     for f in run.frames:

@@ -34,7 +34,7 @@ def _write_xisf_set(directory, field: SyntheticField) -> list:
         path = directory / f"{frame.name}.xisf"
         data = field.render(k).transpose(1, 2, 0)  # (height, width, channels)
         metadata = {"FITSKeywords": _keywords(field.header(k)), "XISFProperties": {PROPERTY["id"]: dict(PROPERTY)}}
-        xisf.XISF.write(str(path), np.ascontiguousarray(data), image_metadata=metadata)
+        xisf.XISF.write(str(path), np.ascontiguousarray(data), image_metadata=metadata, codec="zlib", shuffle=True)
         paths.append(path)
     return paths
 
@@ -87,6 +87,25 @@ def test_integer_xisf_keeps_its_white_level(tmp_path):
     frame = read_frame(path)
     assert frame.white_level == 65535.0 and frame.data.dtype == np.float32
     np.testing.assert_array_equal(frame.data[0], values[..., 0].astype(np.float32))
+
+
+def test_normal_pixel_storage_is_read_as_interleaved(tmp_path):
+    """An XISF file written here by hand, samples interleaved (pixelStorage="Normal")."""
+    height, width = 30, 40
+    rgb = np.random.default_rng(4).uniform(0.01, 1, (height, width, 3)).astype("<f4")
+    position = 4096
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8"?><xisf version="1.0" xmlns="http://www.pixinsight.com/xisf">'
+        f'<Image geometry="{width}:{height}:3" sampleFormat="Float32" colorSpace="RGB" pixelStorage="Normal" '
+        f'location="attachment:{position}:{rgb.nbytes}"><FITSKeyword name="FILTER" value="\'OSC\'" comment=""/>'
+        "</Image><Metadata/></xisf>"
+    ).encode()
+    head = b"XISF0100" + len(xml).to_bytes(4, "little") + bytes(4) + xml
+    path = tmp_path / "normal.xisf"
+    path.write_bytes(head + bytes(position - len(head)) + rgb.tobytes())
+    frame = read_frame(path)
+    np.testing.assert_array_equal(frame.data, rgb.transpose(2, 0, 1))
+    assert frame.meta.filter == "OSC"
 
 
 def _damage(kind: str, good: bytes) -> bytes:
