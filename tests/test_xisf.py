@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import xisf
 from astropy.io import fits
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from nsg_gpu.errors import FrameReadError
+from nsg_gpu.errors import FrameError, FrameReadError
 from nsg_gpu.io import read_frame
 from nsg_gpu.pipeline import normalize
 from nsg_gpu.synthetic import SyntheticField
@@ -138,3 +142,36 @@ def test_corrupt_xisf_fails_alone_in_a_run(tmp_path):
     run = normalize([*paths, bad], reference=paths[0], output_dir=tmp_path / "out")
     assert [f.status for f in run.frames] == ["reference", "ok", "failed"]
     assert "light_bad.xisf: cannot be read as XISF" in run.frames[2].error
+
+
+@settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    position=st.floats(0, 1),
+    length=st.integers(1, 64),
+    fill=st.binary(min_size=1, max_size=64),
+    truncate=st.booleans(),
+)
+def test_xisf_reader_never_fails_unexpectedly(tmp_path_factory, position, length, fill, truncate):
+    """Mutated or truncated XISF files are read or rejected with FrameError, nothing else."""
+    source = tmp_path_factory.getbasetemp() / "fuzz_source.xisf"
+    if not source.exists():
+        keywords = {"EXPTIME": [{"value": "10.", "comment": ""}], "FILTER": [{"value": "'L'", "comment": ""}]}
+        data = np.random.default_rng(0).random((40, 50, 3)).astype(np.float32)
+        xisf.XISF.write(str(source), data, image_metadata={"FITSKeywords": keywords}, xisf_metadata={})
+    blob = bytearray(source.read_bytes())
+    start = int(position * (len(blob) - 1))
+    if truncate:
+        blob = blob[:start]
+    else:
+        blob[start : start + length] = (fill * (length // len(fill) + 1))[:length]
+    target = tmp_path_factory.mktemp("fuzz") / "mutated.xisf"
+    target.write_bytes(bytes(blob))
+    try:
+        frame = read_frame(target)
+    except FrameError:
+        return
+    assert frame.data.dtype == np.float32 and np.all(np.isfinite(frame.data))
