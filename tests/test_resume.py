@@ -174,3 +174,13 @@ def test_without_every_exposure_rejection_uses_raw_values_and_spares_the_referen
     assert [f.path for f in rejected] == []
     assert frames[0].relative_weight == pytest.approx(0.125) and frames[2].relative_transmission == pytest.approx(0.8)
     assert frames[2].relative_weight == pytest.approx(2.5 / 8)
+
+
+def test_thresholds_are_checked_and_not_part_of_the_history():
+    with pytest.raises(ValueError, match="min_weight must be in"):
+        Parameters(min_weight=1.5)
+    with pytest.raises(ValueError, match="min_transmission must be in"):
+        Parameters(min_transmission=-0.1)
+    history = Parameters(min_weight=0.4).history()
+    assert not any(line.startswith(("min_weight", "min_transmission")) for line in history)
+    assert Parameters(min_weight=0.4).history() == Parameters().history()
