@@ -5,7 +5,8 @@ For every normalized frame (the reference included) the weight ``w`` and the tra
 of those frames has one, then by the best frame's value: ``relative_weight = (w/t) / max(w/t)``
 and ``relative_transmission = (T/t) / max(T/t)`` (``w / max w`` and ``T / max T`` otherwise).
 A frame is rejected when ``relative_weight <= min_weight`` or ``relative_transmission <=
-min_transmission`` (NSG's defaults 0.25 and 0.75); the reference never is. A rejected frame's
+min_transmission`` (NSG's defaults 0.25 and 0.75; a threshold of 0 turns its test off); the
+reference never is. A rejected frame's
 output is moved into ``<output_dir>/rejected/`` by a rename (atomic: the file is in one place or
 the other, never both or neither), and a frame accepted again on a rerun with other thresholds
 is moved back.
@@ -99,9 +100,9 @@ def reject_frames(
             continue
         reasons = []
         if f.status != "reference":
-            if f.relative_weight <= min_weight:
+            if min_weight > 0 and f.relative_weight <= min_weight:
                 reasons.append(f"weight {f.relative_weight:.3f} of the best{unit} (minimum {min_weight:g})")
-            if f.relative_transmission <= min_transmission:
+            if min_transmission > 0 and f.relative_transmission <= min_transmission:
                 reasons.append(
                     f"transmission {f.relative_transmission:.3f} of the best{unit} (minimum {min_transmission:g})"
                 )

@@ -174,6 +174,9 @@ def test_without_every_exposure_rejection_uses_raw_values_and_spares_the_referen
     assert [f.path for f in rejected] == []
     assert frames[0].relative_weight == pytest.approx(0.125) and frames[2].relative_transmission == pytest.approx(0.8)
     assert frames[2].relative_weight == pytest.approx(2.5 / 8)
+    # A threshold of 0 turns its test off, even for a frame of no weight at all.
+    frames.append(_row("dark", 0.0, [0.0], 60.0))
+    assert reject_frames(frames, min_weight=0, min_transmission=0, output_dir=tmp_path) == []
 
 
 def test_thresholds_are_checked_and_not_part_of_the_history():
