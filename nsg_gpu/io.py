@@ -29,7 +29,7 @@ from astropy.io import fits
 from astropy.utils.exceptions import AstropyUserWarning
 from astropy.wcs import FITSFixedWarning
 
-from .errors import FrameReadError, FrameShapeError, OutputError
+from .errors import FrameReadError, FrameShapeError, NSGError, OutputError
 
 __all__ = [
     "FITS_SUFFIXES",
@@ -283,16 +283,19 @@ def read_frame(path: str | os.PathLike) -> Frame:
 _XISF_INTEGER_WHITE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, np.dtype(np.uint32): 4294967295.0}
 
 
+_FITS_INTEGER = re.compile(r"^[+-]?\d+$")
+_FITS_REAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([EeDd][+-]?\d+)?$")
+
+
 def _keyword_value(text: str):
     """A FITS keyword value as XISF stores it (text, quotes already removed) back to a type."""
     text = text.strip()
     if text in ("T", "F"):
         return text == "T"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
+    if _FITS_INTEGER.match(text):
+        return int(text)
+    if _FITS_REAL.match(text):
+        return float(text.replace("D", "E").replace("d", "e"))
     return text
 
 
@@ -345,7 +348,7 @@ def _xisf_module():
     try:
         import xisf
     except ImportError as exc:  # a core dependency; only a broken install lacks it
-        raise OutputError("XISF needs the 'xisf' package: pip install xisf") from exc
+        raise NSGError("XISF files need the 'xisf' package: pip install xisf") from exc
     return xisf
 
 
