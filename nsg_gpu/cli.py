@@ -73,7 +73,9 @@ def _one_line_errors(command):
 @app.command()
 @_one_line_errors
 def normalize(
-    frames: Annotated[list[Path], typer.Argument(help="Registered FITS frames (the reference may be among them).")],
+    frames: Annotated[
+        list[Path], typer.Argument(help="Registered FITS or XISF frames (the reference may be among them).")
+    ],
     reference: Annotated[
         str,
         typer.Option(
@@ -150,6 +152,28 @@ def normalize(
         Auto, typer.Option(help="Pixel size (um) when the header has no XPIXSZ. [default: header, else 6]")
     ] = None,
     postfix: Annotated[str, typer.Option(help="Appended to each input's stem for its output name.")] = "_nsg",
+    output_format: Annotated[str, typer.Option(help="Format of the normalized frames: fits or xisf.")] = "fits",
+    min_weight: Annotated[
+        float,
+        typer.Option(
+            help="Reject frames whose weight is at or below this fraction of the best frame's "
+            "(per unit exposure when every frame has EXPTIME); 0 rejects none."
+        ),
+    ] = _DEFAULTS.min_weight,
+    min_transmission: Annotated[
+        float,
+        typer.Option(
+            help="Reject frames whose transmission is at or below this fraction of the best frame's "
+            "(per unit exposure when every frame has EXPTIME); 0 rejects none."
+        ),
+    ] = _DEFAULTS.min_transmission,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Redo every frame; without it, outputs left complete by an earlier run with the same "
+            "reference and parameters are kept."
+        ),
+    ] = False,
     stop_on_error: Annotated[bool, typer.Option(help="Stop at the first frame that fails.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary.")] = False,
 ):
@@ -177,6 +201,8 @@ def normalize(
         truncate=truncate,
         focal_length_mm=focal_length,
         pixel_size_um=pixel_size,
+        min_weight=min_weight,
+        min_transmission=min_transmission,
     )
     chosen = select_backend(backend)
 
@@ -186,6 +212,8 @@ def normalize(
         name = Path(result.path).name
         if result.status == "failed":
             typer.echo(f"[{done}/{total}] FAILED {result.error}", err=True)
+        elif result.resumed:
+            typer.echo(f"[{done}/{total}] {name}: output complete and up to date, kept")
         elif result.status == "reference":
             typer.echo(f"[{done}/{total}] {name}: reference, {result.star_pairs} stars")
         else:
@@ -204,6 +232,8 @@ def normalize(
         postfix=postfix,
         stop_on_error=stop_on_error,
         progress=report,
+        overwrite=overwrite,
+        output_format=output_format,
     )
     if run.reference_reason and not quiet:
         typer.echo(f"reference: {Path(run.reference).name}: {run.reference_reason}")
@@ -211,6 +241,19 @@ def normalize(
     typer.echo(
         f"{done} of {len(run.frames)} frames normalized on {chosen.name}; results in {output_dir / 'results.csv'}"
     )
+    kept = sum(1 for f in run.frames if f.resumed)
+    if kept:
+        typer.echo(
+            f"{kept} frame(s) kept from an earlier run (outputs complete and up to date; --overwrite redoes them)"
+        )
+    rejected = [f for f in run.frames if f.rejected]
+    if rejected:
+        typer.echo(f"{len(rejected)} frame(s) rejected, their outputs in {output_dir / 'rejected'}:")
+        for f in rejected:
+            typer.echo(f"  {Path(f.path).name}: {f.rejected}")
+    for f in run.frames:
+        if f.warning:
+            typer.echo(f"warning: {Path(f.path).name}: {f.warning}", err=True)
     if run.failed:
         typer.echo(f"{len(run.failed)} frame(s) failed:", err=True)
         for f in run.failed:

@@ -1,14 +1,20 @@
-"""FITS frames in and out: reading, header metadata, output names and atomic writes.
+"""FITS and XISF frames in and out: reading, header metadata, output names and atomic writes.
 
 Frames are held channels-first, ``(channels, height, width)`` float32, whatever their layout on
 disk (2-D mono, or 3-D colour with three planes). Integer data are scaled by BZERO/BSCALE to
 physical values; non-finite pixels become 0, which means "no data" throughout nsg-gpu. An
 output is written to a temporary file in the output directory and renamed into place, so a
 reader never sees a partial file, and an input is never opened for writing.
+
+XISF files (PixInsight's format, ``.xisf``) are read and written with the ``xisf`` package:
+their planar channels become the frame's channels, their FITS keywords its header, and their
+XISF properties ride along in :attr:`Frame.properties` into an XISF output.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io as _io
 import os
 import re
 import shutil
@@ -23,14 +29,18 @@ from astropy.io import fits
 from astropy.utils.exceptions import AstropyUserWarning
 from astropy.wcs import FITSFixedWarning
 
-from .errors import FrameReadError, FrameShapeError, OutputError
+from .errors import FrameReadError, FrameShapeError, NSGError, OutputError
 
 __all__ = [
     "FITS_SUFFIXES",
+    "XISF_SUFFIXES",
+    "OUTPUT_FORMATS",
     "Frame",
     "FrameMeta",
     "read_frame",
     "read_meta",
+    "read_output_header",
+    "meta_from_header",
     "write_frame",
     "output_path",
     "frame_stem",
@@ -38,6 +48,9 @@ __all__ = [
 ]
 
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.gz", ".fit.gz", ".fts.gz")
+XISF_SUFFIXES = (".xisf",)
+#: Output formats of ``normalize`` and the file suffix of each.
+OUTPUT_FORMATS = {"fits": ".fits", "xisf": ".xisf"}
 
 #: Cards that describe the array layout; astropy writes them from the data itself.
 _STRUCTURAL = re.compile(
@@ -73,11 +86,15 @@ class Frame:
         ``(channels, height, width)`` float32; 0 marks pixels without data.
 
     header : astropy.io.fits.Header
-        The image header, structural cards included as read.
+        The image header, structural cards included as read (an XISF file's FITS keywords).
 
     white_level : float
         The value of a saturated pixel in the frame's units: 1.0 for data normalized to
         [0, 1], the largest integer of the stored type for integer data.
+
+    properties : dict or None
+        An XISF file's image properties, as the ``xisf`` package reads them; written back
+        into an XISF output. None for FITS.
     """
 
     path: Path
@@ -85,6 +102,7 @@ class Frame:
     header: fits.Header
     white_level: float
     meta: FrameMeta = field(default_factory=FrameMeta)
+    properties: dict | None = None
 
     @property
     def channels(self) -> int:
@@ -96,18 +114,26 @@ class Frame:
 
 
 def frame_stem(path: str | os.PathLike) -> str:
-    """The file name without its FITS suffixes (``a.fits.gz`` gives ``a``)."""
+    """The file name without its FITS or XISF suffixes (``a.fits.gz`` gives ``a``)."""
     name = Path(path).name
     lower = name.lower()
-    for suffix in sorted(FITS_SUFFIXES, key=len, reverse=True):
+    for suffix in sorted(FITS_SUFFIXES + XISF_SUFFIXES, key=len, reverse=True):
         if lower.endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
 
 
-def output_path(path: str | os.PathLike, output_dir: str | os.PathLike, postfix: str = "_nsg") -> Path:
-    """``<output_dir>/<input stem><postfix>.fits``."""
-    return Path(output_dir) / f"{frame_stem(path)}{postfix}.fits"
+def output_path(
+    path: str | os.PathLike, output_dir: str | os.PathLike, postfix: str = "_nsg", *, output_format: str = "fits"
+) -> Path:
+    """``<output_dir>/<input stem><postfix>.fits`` (``.xisf`` for the XISF output format)."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output format {output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
+    return Path(output_dir) / f"{frame_stem(path)}{postfix}{OUTPUT_FORMATS[output_format]}"
+
+
+def _is_xisf(path: Path) -> bool:
+    return path.name.lower().endswith(XISF_SUFFIXES)
 
 
 def _first_image_hdu(hdul: fits.HDUList, path: Path):
@@ -175,9 +201,16 @@ def _white_level(header: fits.Header, data: np.ndarray) -> float:
     return finite_max
 
 
+def meta_from_header(header: fits.Header) -> FrameMeta:
+    """The header facts nsg-gpu uses (exposure, optics, filter, time, altitude, noise)."""
+    return _meta_from_header(header)
+
+
 def read_meta(path: str | os.PathLike) -> FrameMeta:
     """Read only the header facts of a frame (no pixel data)."""
     path = Path(path)
+    if _is_xisf(path):
+        return _meta_from_header(_read_xisf(path, pixels=False)[1])
     try:
         with open(path, "rb") as handle, fits.open(handle, memmap=False) as hdul:
             return _meta_from_header(_first_image_hdu(hdul, path).header)
@@ -193,7 +226,8 @@ def read_frame(path: str | os.PathLike) -> Frame:
     Parameters
     ----------
     path : str or path-like
-        A FITS file (``.fits``, ``.fit``, ``.fts``, tile-compressed ``.fz``, or gzipped).
+        A FITS file (``.fits``, ``.fit``, ``.fts``, tile-compressed ``.fz``, or gzipped), or
+        an XISF file (``.xisf``, mono or RGB, planar or normal pixel storage).
 
     Returns
     -------
@@ -211,6 +245,9 @@ def read_frame(path: str | os.PathLike) -> Frame:
     path = Path(path)
     if not path.is_file():
         raise FrameReadError(path, "no such file")
+    if _is_xisf(path):
+        data, header, white_level, properties = _read_xisf(path)
+        return Frame(path, data, header, white_level, _meta_from_header(header), properties)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", (AstropyUserWarning, FITSFixedWarning))
@@ -241,6 +278,183 @@ def read_frame(path: str | os.PathLike) -> Frame:
     return Frame(path=path, data=data, header=header, white_level=_white_level(header, data), meta=meta)
 
 
+# -- XISF ---------------------------------------------------------------------------------------
+#: White level of XISF's integer sample formats (PixInsight maps them to [0, 1] by these).
+_XISF_INTEGER_WHITE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, np.dtype(np.uint32): 4294967295.0}
+
+
+_FITS_INTEGER = re.compile(r"^[+-]?\d+$")
+_FITS_REAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([EeDd][+-]?\d+)?$")
+
+
+def _keyword_value(text: str):
+    """A FITS keyword value as XISF stores it (text, quotes already removed) back to a type."""
+    text = text.strip()
+    if text in ("T", "F"):
+        return text == "T"
+    if _FITS_INTEGER.match(text):
+        return int(text)
+    if _FITS_REAL.match(text):
+        return float(text.replace("D", "E").replace("d", "e"))
+    return text
+
+
+def _header_from_keywords(keywords: dict) -> fits.Header:
+    header = fits.Header()
+    with warnings.catch_warnings():
+        # Long or odd names become HIERARCH cards or are skipped: a third-party header's quirk.
+        warnings.simplefilter("ignore")
+        for name, entries in keywords.items():
+            if _STRUCTURAL.match(name):
+                continue
+            for entry in entries:
+                value, comment = entry.get("value", ""), entry.get("comment", "")
+                try:
+                    if name in ("HISTORY", "COMMENT"):
+                        header.append((name, (value + " " + comment).strip()), end=True)
+                    else:
+                        header.append((name, _keyword_value(value), comment), end=True)
+                except (ValueError, KeyError):
+                    continue
+    return header
+
+
+def _keywords_from_header(header: fits.Header) -> dict:
+    keywords: dict[str, list] = {}
+    for card in header.cards:
+        name = card.keyword
+        if not name or _STRUCTURAL.match(name):
+            continue
+        value = card.value
+        if name in ("HISTORY", "COMMENT"):
+            entry = {"value": "", "comment": str(value)}
+        else:
+            if isinstance(value, bool):
+                text = "T" if value else "F"
+            elif isinstance(value, str):
+                text = "'" + value.replace("'", "''") + "'"
+            elif isinstance(value, float):
+                text = repr(value).upper()
+            elif value is None or isinstance(value, fits.card.Undefined):
+                text = ""
+            else:
+                text = str(value)
+            entry = {"value": text, "comment": card.comment or ""}
+        keywords.setdefault(name, []).append(entry)
+    return keywords
+
+
+def _xisf_module():
+    try:
+        import xisf
+    except ImportError as exc:  # a core dependency; only a broken install lacks it
+        raise NSGError("XISF files need the 'xisf' package: pip install xisf") from exc
+    return xisf
+
+
+def _read_xisf(path: Path, *, pixels: bool = True):
+    """``(data, header, white_level, properties)`` of an XISF file; ``data`` None without pixels."""
+    xisf = _xisf_module()
+    try:
+        # The package prints notes about property types it skips; they are not ours to show.
+        with contextlib.redirect_stdout(_io.StringIO()):
+            document = xisf.XISF(str(path))
+            images = document.get_images_metadata()
+            if not images:
+                raise FrameReadError(path, "holds no image")
+            meta = images[0]
+            geometry = tuple(meta["geometry"])
+            if len(geometry) != 3 or geometry[2] not in (1, 3):
+                raise FrameShapeError(
+                    path,
+                    f"has XISF geometry {':'.join(map(str, geometry))}; frames must be 2-D mono or colour with 3 channels",
+                )
+            width, height, channels = geometry
+            header = _header_from_keywords(meta.get("FITSKeywords", {}))
+            properties = dict(meta.get("XISFProperties", {}))
+            if not pixels:
+                return None, header, None, properties
+            data = document.read_image(0, data_format="channels_first")
+            if meta.get("pixelStorage", "Planar").lower() == "normal":
+                # Interleaved samples: the package reshapes as planar; undo that.
+                data = data.reshape(-1).reshape(height, width, channels).transpose(2, 0, 1)
+            if meta.get("byteOrder", "little").lower() == "big" and data.dtype.itemsize > 1:
+                data = data.byteswap()
+            stored = data.dtype
+            data = np.array(data, dtype=np.float32)  # a copy in our own buffer
+    except (FrameReadError, FrameShapeError):
+        raise
+    except Exception as exc:
+        raise FrameReadError(
+            path, f"cannot be read as XISF: not an XISF file, or truncated or corrupt ({type(exc).__name__}: {exc})"
+        ) from exc
+    np.nan_to_num(data, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    if stored in _XISF_INTEGER_WHITE:
+        white = _XISF_INTEGER_WHITE[stored]
+    else:
+        white = _white_level(fits.Header([("BITPIX", -32)]), data)
+    return data, header, white, properties
+
+
+def _xisf_properties_for_writing(properties: dict | None) -> dict:
+    out = {}
+    for key, prop in (properties or {}).items():
+        if not isinstance(prop, dict) or "id" not in prop or "type" not in prop:
+            continue
+        prop = {k: prop[k] for k in ("id", "type", "value") if k in prop}
+        if prop["type"] == "Boolean":
+            # The package writes str(value); XISF spells booleans in lower case.
+            prop["value"] = "true" if prop.get("value") else "false"
+        out[key] = prop
+    return out
+
+
+def _write_xisf(name: str, data: np.ndarray, header: fits.Header, properties: dict | None) -> None:
+    xisf = _xisf_module()
+    image_metadata = {
+        "FITSKeywords": _keywords_from_header(header),
+        "XISFProperties": _xisf_properties_for_writing(properties),
+    }
+    with contextlib.redirect_stdout(_io.StringIO()):
+        xisf.XISF.write(
+            name, np.ascontiguousarray(data.transpose(1, 2, 0)), creator_app="nsg-gpu", image_metadata=image_metadata
+        )
+
+
+def read_output_header(path: str | os.PathLike) -> fits.Header:
+    """The header of a complete output file (FITS or XISF), read without its pixels.
+
+    Raises
+    ------
+    FrameReadError
+        The file is missing, unreadable, or shorter than its header says (truncated).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise FrameReadError(path, f"cannot be read ({exc.strerror or exc})") from exc
+    if _is_xisf(path):
+        _, header, _, _ = _read_xisf(path, pixels=False)
+        xisf = _xisf_module()
+        with contextlib.redirect_stdout(_io.StringIO()):
+            location = xisf.XISF(str(path)).get_images_metadata()[0]["location"]
+        if location[0] == "attachment" and location[1] + location[2] > size:
+            raise FrameReadError(path, f"is truncated: its image ends at byte {location[1] + location[2]} of {size}")
+        return header
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", (AstropyUserWarning, FITSFixedWarning))
+            with open(path, "rb") as handle, fits.open(handle, memmap=False, lazy_load_hdus=True) as hdul:
+                header = hdul[0].header.copy()
+                info = hdul.fileinfo(0)
+    except Exception as exc:
+        raise FrameReadError(path, f"cannot be read as FITS ({type(exc).__name__}: {exc})") from exc
+    if info["datLoc"] + info["datSpan"] > size:
+        raise FrameReadError(path, f"is truncated: its data end at byte {info['datLoc'] + info['datSpan']} of {size}")
+    return header
+
+
 def _clean_header(header: fits.Header) -> fits.Header:
     out = fits.Header()
     for card in header.cards:
@@ -261,10 +475,17 @@ def set_nsg_keywords(
     weight_source: str = "",
     high: float | None = None,
     history: list[str] = (),
+    fingerprint: str | None = None,
+    star_pairs: int | None = None,
+    samples: int | None = None,
+    fwhm: float | None = None,
 ) -> fits.Header:
     """Return a copy of ``header`` carrying NSG's keywords (old NSG cards replaced).
 
     ``transmission`` and ``snr`` have one value per channel; ``NSGS0`` alone is written for mono.
+    ``fingerprint`` (``NSGHASH``) identifies the input, reference and parameters that made the
+    output, so that a rerun can tell it is up to date; ``NSGPAIRS``, ``NSGSAMPL`` and
+    ``NSGFWHM`` keep the star pairs, samples and FWHM for the results of such a rerun.
     """
     header = header.copy()
     for key in list(dict.fromkeys(header.keys())):
@@ -284,6 +505,14 @@ def set_nsg_keywords(
     header[weight_keyword] = (float(f"{weight:.6g}"), comment[:47])
     if high is not None:
         header["NSGHIGH"] = (float(f"{high:.6g}"), "NSG max value before truncation")
+    if star_pairs is not None:
+        header["NSGPAIRS"] = (int(star_pairs), "NSG star pairs in the scale fit")
+    if samples is not None:
+        header["NSGSAMPL"] = (int(samples), "NSG background samples of the gradient")
+    if fwhm is not None:
+        header["NSGFWHM"] = (float(f"{fwhm:.4g}"), "[px] NSG FWHM of the frame")
+    if fingerprint is not None:
+        header["NSGHASH"] = (fingerprint, "NSG run fingerprint (for resume)")
     for line in history:
         header.add_history(f"NSG.{line}")
     return header
@@ -302,11 +531,15 @@ def _os_reason(error: OSError, directory: Path) -> str:
     return str(error)
 
 
-def write_frame(path: str | os.PathLike, data: np.ndarray, header: fits.Header) -> Path:
+def write_frame(
+    path: str | os.PathLike, data: np.ndarray, header: fits.Header, *, properties: dict | None = None
+) -> Path:
     """Write ``(channels, height, width)`` float32 data atomically to ``path``.
 
     The data go to a temporary file beside ``path`` which is renamed over it once complete,
-    so ``path`` is either the complete new file or untouched.
+    so ``path`` is either the complete new file or untouched. A ``.xisf`` path is written as
+    XISF (planar channels, the header as FITS keywords, ``properties`` as XISF properties);
+    anything else as FITS.
 
     Raises
     ------
@@ -315,16 +548,21 @@ def write_frame(path: str | os.PathLike, data: np.ndarray, header: fits.Header) 
     """
     path = Path(path)
     data = np.asarray(data, dtype=np.float32)
-    if data.ndim == 3 and data.shape[0] == 1:
-        data = data[0]
-    hdu = fits.PrimaryHDU(data=data, header=_clean_header(header))
+    if data.ndim == 2:
+        data = data[np.newaxis]
+    xisf_output = _is_xisf(path)
+    if not xisf_output:
+        hdu = fits.PrimaryHDU(data=data[0] if data.shape[0] == 1 else data, header=_clean_header(header))
     tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
-            hdu.writeto(handle, output_verify="silentfix")
-            handle.flush()
+            if xisf_output:
+                _write_xisf(tmp_name, data, header, properties)
+            else:
+                hdu.writeto(handle, output_verify="silentfix")
+                handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
         tmp_name = None

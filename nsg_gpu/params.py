@@ -19,6 +19,7 @@ __all__ = [
     "degrees_per_pixel",
     "resolve_parameters",
     "auto_sample_size",
+    "REJECTION_FIELDS",
 ]
 
 #: NSG's assumptions when the header has no FOCALLEN / XPIXSZ.
@@ -26,6 +27,9 @@ DEFAULT_FOCAL_LENGTH_MM = 1000.0
 DEFAULT_PIXEL_SIZE_UM = 6.0
 #: Fraction of the reference's brightest pixel above which a star is treated as non-linear.
 LINEAR_RANGE = 0.7
+#: Fields that decide which frames are rejected after the run, not how a frame is normalized:
+#: changing them never makes an output stale.
+REJECTION_FIELDS = ("min_weight", "min_transmission")
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,15 @@ class Parameters:
         Header keyword for the weight (NSG default NWEIGHT).
     truncate : bool
         Clip the output to [0, white level] as NSG does; off keeps the full float range.
+
+    Rejection
+    ---------
+    min_weight : float
+        A frame whose weight, relative to the best frame's (per unit exposure when every
+        frame has an exposure time), is at or below this is rejected (NSG default 0.25).
+    min_transmission : float
+        A frame whose transmission, relative to the best frame's (per unit exposure when
+        every frame has an exposure time), is at or below this is rejected (NSG default 0.75).
     """
 
     detection_sigma: float = 5.0
@@ -102,6 +115,8 @@ class Parameters:
     truncate: bool = True
     focal_length_mm: float | None = None
     pixel_size_um: float | None = None
+    min_weight: float = 0.25
+    min_transmission: float = 0.75
 
     def __post_init__(self):
         checks = [
@@ -118,6 +133,11 @@ class Parameters:
                 0 < len(self.weight_keyword) <= 8 and self.weight_keyword.isascii(),
                 "weight_keyword must be 1-8 ASCII characters",
             ),
+            (0 <= self.min_weight <= 1, "min_weight must be in [0, 1] (a fraction of the best frame's weight)"),
+            (
+                0 <= self.min_transmission <= 1,
+                "min_transmission must be in [0, 1] (a fraction of the best frame's transmission)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -126,9 +146,13 @@ class Parameters:
     def replace(self, **changes) -> Parameters:
         return dataclasses.replace(self, **changes)
 
+    def normalization_items(self) -> list[tuple[str, object]]:
+        """``(name, value)`` of every field that shapes an output (all but the rejection ones)."""
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in REJECTION_FIELDS]
+
     def history(self) -> list[str]:
         """``name: value`` lines for the HISTORY cards of the outputs."""
-        return [f"{f.name}: {getattr(self, f.name)}" for f in dataclasses.fields(self)]
+        return [f"{name}: {value}" for name, value in self.normalization_items()]
 
 
 def degrees_per_pixel(pixel_size_um: float, focal_length_mm: float) -> float:

@@ -14,6 +14,7 @@ output atomically, records a per-frame error and goes on, and writes ``results.c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -36,7 +37,7 @@ from .errors import (
     TooFewSamplesError,
     TooFewStarsError,
 )
-from .io import Frame, output_path, read_frame, read_meta, set_nsg_keywords, write_frame
+from .io import OUTPUT_FORMATS, Frame, output_path, read_frame, read_meta, set_nsg_keywords, write_frame
 from .noise import ksigma_noise, weight_from_noise
 from .params import Parameters, resolve_parameters
 from .samples import SampleSet, bin_medians, bin_samples, make_grid, star_rejection
@@ -126,6 +127,11 @@ class FrameResult:
     filter: str | None = None
     date_obs: str | None = None
     seconds: float | None = None
+    resumed: bool = False  # the output of an earlier run was complete and up to date, and kept
+    rejected: str | None = None  # why the frame was rejected (its output is in rejected/)
+    relative_weight: float | None = None  # weight / best weight (per unit exposure when known)
+    relative_transmission: float | None = None
+    warning: str | None = None
     data: object = None  # normalized data, only for in-memory use
 
     def row(self) -> dict:
@@ -135,6 +141,11 @@ class FrameResult:
             "output": self.output,
             "status": self.status,
             "error": self.error,
+            "rejected": self.rejected,
+            "warning": self.warning,
+            "resumed": self.resumed,
+            "relative_weight": self.relative_weight,
+            "relative_transmission": self.relative_transmission,
             "weight": self.weight,
             "weight_source": self.weight_source,
             "star_pairs": self.star_pairs,
@@ -577,12 +588,16 @@ def _remove_stale_temporaries(outputs) -> None:
 
 @dataclass(frozen=True)
 class FrameJob:
-    """One target of a run: where to read it, where its output goes, and the header's history."""
+    """One target of a run: where to read it, where its output goes, and the header's history.
+
+    ``fingerprint`` goes into the output's ``NSGHASH`` card (see :mod:`nsg_gpu.resume`).
+    """
 
     path: Path
     output: Path
     reference_name: str
     history: tuple[str, ...] = ()
+    fingerprint: str | None = None
 
 
 @dataclass
@@ -608,6 +623,7 @@ def plan_run(
     output_dir: str | os.PathLike = "nsg",
     params: Parameters | None = None,
     postfix: str = "_nsg",
+    output_format: str = "fits",
 ) -> RunPlan:
     """Choose the reference, drop duplicates and name every output; nothing is written.
 
@@ -621,6 +637,8 @@ def plan_run(
     from .select import choose_reference
 
     params = params or Parameters()
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}, not {output_format!r}")
     output_dir = Path(output_dir)
     paths = [Path(p) for p in frames]
     reason = None
@@ -652,7 +670,7 @@ def plan_run(
     inputs = {ref_resolved, *seen.keys()}
     outputs = {}
     for p in [reference_path, *targets]:
-        out = output_path(p, output_dir, postfix)
+        out = output_path(p, output_dir, postfix, output_format=output_format)
         if out.resolve() in inputs:
             raise OutputError(
                 f"{out}: the output would overwrite an input frame; choose another --output-dir or postfix"
@@ -661,7 +679,7 @@ def plan_run(
     return RunPlan(reference_path, outputs[reference_path], targets, outputs, duplicates, reason)
 
 
-def write_reference(reference: Reference, output: Path) -> FrameResult:
+def write_reference(reference: Reference, output: Path, *, fingerprint: str | None = None) -> FrameResult:
     """Write the reference's own copy with NSG's keywords (scale 1, weight 1); return its row."""
     frame = reference.frame
     result = _reference_result(reference, output)
@@ -675,8 +693,12 @@ def write_reference(reference: Reference, output: Path) -> FrameResult:
         weight_source="reference",
         high=result.high,
         history=["reference", *reference.params.history()],
+        fingerprint=fingerprint,
+        star_pairs=result.star_pairs,
+        samples=result.samples,
+        fwhm=result.fwhm,
     )
-    write_frame(output, get_backend(frame.data).to_host(frame.data), header)
+    write_frame(output, get_backend(frame.data).to_host(frame.data), header, properties=frame.properties)
     return result
 
 
@@ -700,8 +722,12 @@ def process_frame(reference: Reference, job: FrameJob) -> FrameResult:
             weight_source=result.weight_source,
             high=result.high,
             history=list(job.history),
+            fingerprint=job.fingerprint,
+            star_pairs=result.star_pairs,
+            samples=result.samples,
+            fwhm=result.fwhm,
         )
-        write_frame(job.output, get_backend(result.data).to_host(result.data), header)
+        write_frame(job.output, get_backend(result.data).to_host(result.data), header, properties=frame.properties)
         result.output = str(job.output)
         result.data = None
     except (FrameError, OutputError) as exc:
@@ -721,13 +747,21 @@ def normalize(
     stop_on_error: bool = False,
     progress: Callable[[FrameResult, int, int], None] | None = None,
     executor=None,
+    overwrite: bool = False,
+    output_format: str = "fits",
 ) -> RunResult:
     """Normalize frames on disk to a reference and write ``<stem><postfix>.fits`` for each.
+
+    A rerun keeps every output that is complete and was made from the same input, reference
+    and parameters (its ``NSGHASH`` card, :mod:`nsg_gpu.resume`) and redoes the others. After
+    the run, frames whose relative weight or transmission is at or below
+    ``params.min_weight`` / ``params.min_transmission`` are marked rejected and their outputs
+    moved into ``<output_dir>/rejected/`` (:mod:`nsg_gpu.rejection`).
 
     Parameters
     ----------
     frames : sequence of paths
-        Registered FITS frames. The reference may be among them.
+        Registered FITS or XISF frames. The reference may be among them.
 
     reference : path or "auto"
         The reference frame, or "auto" to choose one (see :func:`nsg_gpu.select.choose_reference`).
@@ -750,10 +784,17 @@ def normalize(
         Runs :func:`process_frame` over the targets (:mod:`nsg_gpu.executors`); in-process
         by default.
 
+    overwrite : bool
+        Redo every frame, even those whose output is complete and up to date.
+
+    output_format : {"fits", "xisf"}
+        Format of the normalized frames (``.fits`` or ``.xisf``).
+
     Returns
     -------
     RunResult
-        The reference first, then the targets in input order; failed frames carry their error.
+        The reference first, then the targets in input order; failed frames carry their error,
+        kept outputs are marked ``resumed``, rejected frames carry the reason in ``rejected``.
 
     Raises
     ------
@@ -763,28 +804,82 @@ def normalize(
         An output would overwrite an input.
     """
     from .executors import InProcessExecutor
-    from .report import write_results
+    from .rejection import reject_frames
+    from .report import write_results, write_weights
+    from .resume import clear_outputs, find_complete_output, frame_fingerprint, result_from_header
 
     params = params or Parameters()
     be = backend or NUMPY
     executor = executor or InProcessExecutor()
-    plan = plan_run(frames, reference=reference, output_dir=output_dir, params=params, postfix=postfix)
+    plan = plan_run(
+        frames, reference=reference, output_dir=output_dir, params=params, postfix=postfix, output_format=output_format
+    )
     _remove_stale_temporaries(plan.outputs.values())
+    # Resume: outputs made from the same input, reference and parameters are kept.
+    ref_name = plan.reference_path.name
+    fingerprints = {
+        p: frame_fingerprint(p, reference=plan.reference_path, params=params)
+        for p in [plan.reference_path, *plan.targets]
+    }
+    complete = {}
+    if not overwrite:
+        for p in [plan.reference_path, *plan.targets]:
+            found = find_complete_output(plan.outputs[p], reference_name=ref_name, fingerprint=fingerprints[p])
+            if found is not None:
+                complete[p] = found
     try:
         ref_frame = read_frame(plan.reference_path)
     except FrameError as exc:
         raise ReferenceFrameError(plan.reference_path, exc.reason) from exc
     prepared = prepare_reference(ref_frame, params, backend=be)
-    results = [write_reference(prepared, plan.reference_output)]
+    if plan.reference_path in complete:
+        reference_row = _reference_result(prepared, complete.pop(plan.reference_path)[0])
+        reference_row.resumed = True
+    else:
+        clear_outputs(plan.reference_output)
+        reference_row = write_reference(prepared, plan.reference_output, fingerprint=fingerprints[plan.reference_path])
     total = len(plan.targets) + 1
     if progress:
-        progress(results[0], 1, total)
-    results.extend(plan.duplicates)
-    jobs = plan.jobs(prepared.params.history())
-    for done, result in enumerate(executor.run(prepared, jobs, stop_on_error=stop_on_error), start=2):
-        results.append(result)
+        progress(reference_row, 1, total)
+    by_path: dict[Path, FrameResult] = {}
+    for p, (out, header) in complete.items():
+        by_path[p] = result_from_header(p, out, header, weight_keyword=prepared.params.weight_keyword)
         if progress:
-            progress(result, done, total)
+            progress(by_path[p], len(by_path) + 1, total)
+    jobs = [
+        dataclasses.replace(job, fingerprint=fingerprints[job.path])
+        for job in plan.jobs(prepared.params.history())
+        if job.path not in complete
+    ]
+    for job in jobs:
+        clear_outputs(job.output)  # a frame redone has no output until its new one is complete
+    results_iter = executor.run(prepared, jobs, stop_on_error=stop_on_error)
+    for job, result in zip(jobs, results_iter):
+        by_path[job.path] = result
+        if progress:
+            progress(result, len(by_path) + 1, total)
+    results = [reference_row, *plan.duplicates, *(by_path[p] for p in plan.targets if p in by_path)]
+    _filter_warnings(results)
+    reject_frames(
+        results, min_weight=params.min_weight, min_transmission=params.min_transmission, output_dir=output_dir
+    )
     run = RunResult(str(plan.reference_path), results, prepared.params, plan.reference_reason)
     write_results(run, output_dir)
+    write_weights(run, output_dir)
     return run
+
+
+def _filter_warnings(results: list[FrameResult]) -> None:
+    """Warn on every frame whose FILTER differs from the reference's (the first result)."""
+    reference = results[0]
+    if not reference.filter:
+        return
+    for result in results[1:]:
+        if result.status == "failed" or not result.filter:
+            continue
+        if result.filter.strip().casefold() != reference.filter.strip().casefold():
+            message = (
+                f"FILTER {result.filter!r} differs from the reference's {reference.filter!r}: "
+                "frames of different filters should not be normalized to one reference"
+            )
+            result.warning = f"{result.warning}; {message}" if result.warning else message

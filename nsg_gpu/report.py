@@ -1,8 +1,11 @@
 """Results of a run as files: ``results.csv`` and ``results.json`` in the output directory.
 
-One row per frame (the reference first) with the file, status and error, scale and
-transmission per channel, weight and SNR, star pairs, samples, noise, FWHM, and the header's
-altitude, exposure, filter and time. Both files are written atomically.
+One row per frame (the reference first) with the file, status and error, why it was rejected,
+warnings, whether its output was kept from an earlier run, scale and transmission per channel,
+weight (absolute and relative to the best frame) and SNR, star pairs, samples, noise, FWHM, and
+the header's altitude, exposure, filter and time. ``weights.csv`` lists the outputs a stacker
+should use (the reference and every accepted frame) with their weight. All are written
+atomically.
 """
 
 from __future__ import annotations
@@ -17,13 +20,18 @@ from pathlib import Path
 
 from .errors import OutputError
 
-__all__ = ["write_results", "RESULT_COLUMNS"]
+__all__ = ["write_results", "write_weights", "RESULT_COLUMNS"]
 
 RESULT_COLUMNS = (
     "file",
     "output",
     "status",
     "error",
+    "rejected",
+    "warning",
+    "resumed",
+    "relative_weight",
+    "relative_transmission",
     "weight",
     "weight_source",
     "scale_0",
@@ -88,6 +96,24 @@ def write_results(run, output_dir: str | os.PathLike) -> tuple[Path, Path]:
     }
     _atomic_write_text(json_path, json.dumps(document, indent=2, allow_nan=False, default=_json_default))
     return csv_path, json_path
+
+
+def write_weights(run, output_dir: str | os.PathLike) -> Path:
+    """Write ``weights.csv``: ``file,weight`` for the reference and every accepted frame.
+
+    ``file`` is the output's name relative to the output directory, so the list stays valid
+    wherever the directory is moved; rejected and failed frames are left out.
+    """
+    output_dir = Path(output_dir)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["file", "weight"])
+    for frame in run.frames:
+        if frame.status in ("ok", "reference") and not frame.rejected and frame.output and frame.weight is not None:
+            writer.writerow([os.path.relpath(frame.output, output_dir), f"{frame.weight:.6g}"])
+    path = output_dir / "weights.csv"
+    _atomic_write_text(path, buffer.getvalue())
+    return path
 
 
 def _json_default(value):

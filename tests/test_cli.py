@@ -55,8 +55,11 @@ def test_normalize_writes_outputs_and_results(small_frames, tmp_path):
     truth = json.loads((small_frames / "in" / "truth.json").read_text())
     rows = json.loads((out / "results.json").read_text())["frames"]
     assert [r["status"] for r in rows] == ["reference", "ok", "ok", "ok"]
+    # Frame 1 has about half the reference's transmission: NSG's default thresholds reject it.
+    assert [bool(r["rejected"]) for r in rows] == [False, True, False, False]
+    assert rows[1]["output"] == str(out / "rejected" / "light_001_nsg.fits")
     for k, path in enumerate(frames):
-        with fits.open(out / f"light_{k:03d}_nsg.fits") as hdul:
+        with fits.open(rows[k]["output"]) as hdul:
             header = hdul[0].header
             data = hdul[0].data
         assert header["NSGREF"] == "light_000.fits" and "NWEIGHT" in header and "NSGHIGH" in header
@@ -133,7 +136,7 @@ def test_noise_cards_give_the_weight(small_frames, tmp_path):
     expected_snr = 0.002 / (0.004 * row["scale_0"])
     assert row["snr_0"] == pytest.approx(expected_snr, rel=1e-9)
     assert row["weight"] == pytest.approx(expected_snr**2, rel=1e-9)
-    with fits.open(out / f"{frames[1].stem}_nsg.fits") as hdul:
+    with fits.open(row["output"]) as hdul:
         assert hdul[0].header["NWEIGHT"] == pytest.approx(expected_snr**2, rel=1e-5)
 
 

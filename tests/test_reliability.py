@@ -85,7 +85,7 @@ def test_nan_pixels_are_no_data_not_an_error(frames, tmp_path):
     fits.PrimaryHDU(data, header=fits.getheader(frames[1])).writeto(nan_frame)
     run = normalize([frames[0], nan_frame], reference=frames[0], output_dir=tmp_path / "o")
     assert run.ok
-    out = fits.getdata(tmp_path / "o" / "nan_nsg.fits")
+    out = fits.getdata(run.frames[1].output)
     assert np.all(out[100:140, 200:260] == 0)
 
 
@@ -153,14 +153,14 @@ def test_killed_run_then_rerun_leaves_only_valid_outputs(tmp_path):
         time.sleep(delay)
         process.send_signal(signal.SIGKILL)
         killed += process.wait() == -signal.SIGKILL
-        for path in out.glob("*_nsg.fits"):
+        for path in out.rglob("*_nsg.fits"):  # rejected frames' outputs are in out/rejected
             assert _valid_output(path), path
         if (out / "results.json").exists():
             json.loads((out / "results.json").read_text())
     assert killed >= 2, "the runs finished before they could be killed; the test needs more frames"
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
-    outputs = sorted(out.glob("*_nsg.fits"))
+    outputs = sorted(out.rglob("*_nsg.fits"))
     assert len(outputs) == len(inputs) and all(_valid_output(p) for p in outputs)
     assert not list(out.glob(".*.tmp"))
     assert len(json.loads((out / "results.json").read_text())["frames"]) == len(inputs)

@@ -1,0 +1,189 @@
+"""Resume: a rerun keeps complete, up-to-date outputs and redoes the rest; rejection moves files."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from astropy.io import fits
+
+from nsg_gpu.params import Parameters
+from nsg_gpu.pipeline import FrameResult, normalize
+from nsg_gpu.rejection import reject_frames
+from nsg_gpu.synthetic import write_synthetic_set
+
+SMALL = dict(width=700, height=500, n_stars=900)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """Four small frames (frame 1 at about half the transmission) and one run over them."""
+    root = tmp_path_factory.mktemp("resume")
+    paths = write_synthetic_set(root / "in", n_frames=4, seed=4, **SMALL)
+    run = normalize(paths, reference=paths[0], output_dir=root / "out")
+    return paths, run, root / "out"
+
+
+def _rerun(baseline, tmp_path, prepare=None, **kwargs):
+    """Copy the baseline's outputs to a fresh directory (``prepare`` it) and run again there."""
+    paths, first, out = baseline
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    if prepare:
+        prepare(copy)
+    snapshot = {p.relative_to(copy): p.stat().st_mtime_ns for p in copy.rglob("*_nsg.fits")}
+    reference = kwargs.pop("reference", paths[0])
+    run = normalize(kwargs.pop("frames", paths), reference=reference, output_dir=copy, **kwargs)
+    return run, copy, snapshot
+
+
+def _csv(path: Path) -> list[dict]:
+    return list(csv.DictReader(path.read_text().splitlines()))
+
+
+def _rewritten(run, copy, snapshot) -> list[bool]:
+    """Per frame: was its output written by this run (not the baseline's file)?"""
+    out = []
+    for frame in run.frames:
+        relative = Path(frame.output).relative_to(copy)
+        out.append(snapshot.get(relative) != Path(frame.output).stat().st_mtime_ns)
+    return out
+
+
+def test_rerun_keeps_complete_outputs_and_their_rows(baseline, tmp_path):
+    paths, first, out = baseline
+    run, copy, snapshot = _rerun(baseline, tmp_path)
+    assert [f.resumed for f in run.frames] == [True] * 4
+    assert _rewritten(run, copy, snapshot) == [False] * 4
+    for old, new in zip(first.frames, run.frames):
+        assert (new.status, new.rejected is None, new.star_pairs, new.samples) == (
+            old.status,
+            old.rejected is None,
+            old.star_pairs,
+            old.samples,
+        )
+        assert new.transmission == pytest.approx(old.transmission, rel=1e-4)  # NSGS0: 5 digits
+        assert new.weight == pytest.approx(old.weight, rel=1e-5)
+        assert new.weight_source == old.weight_source
+        assert Path(new.output).relative_to(copy) == Path(old.output).relative_to(out)
+    rows = _csv(copy / "results.csv")
+    assert [r["resumed"] for r in rows] == ["True"] * 4
+
+
+def test_overwrite_redoes_every_frame(baseline, tmp_path):
+    run, copy, snapshot = _rerun(baseline, tmp_path, overwrite=True)
+    assert [f.resumed for f in run.frames] == [False] * 4
+    assert _rewritten(run, copy, snapshot) == [True] * 4
+    assert sorted(p.name for p in copy.rglob("*_nsg.fits")) == [f"light_{k:03d}_nsg.fits" for k in range(4)]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        pytest.param({"params": Parameters(gradient_smoothness=-1.0)}, [False] * 4, id="parameter"),
+        pytest.param({"reference": "frame 2"}, [False] * 4, id="reference"),
+        pytest.param({"touch": 3}, [True, True, True, False], id="input-touched"),
+        pytest.param({"truncate": 2}, [True, True, False, True], id="output-truncated"),
+        pytest.param({"params": Parameters(min_weight=0.1, min_transmission=0.3)}, [True] * 4, id="thresholds-only"),
+    ],
+)
+def test_a_change_is_detected_and_redone(baseline, tmp_path, change, expected):
+    paths, first, out = baseline
+    kwargs = {}
+    if "params" in change:
+        kwargs["params"] = change["params"]
+    if change.get("reference") == "frame 2":
+        kwargs["reference"] = paths[2]
+    if "touch" in change:
+        # A copy of the inputs, one of them touched since the first run.
+        inputs = tmp_path / "in"
+        shutil.copytree(paths[0].parent, inputs)  # copytree keeps modification times
+        kwargs["frames"] = [inputs / p.name for p in paths]
+        kwargs["reference"] = inputs / paths[0].name
+        target = inputs / paths[change["touch"]].name
+        os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    prepare = None
+    if "truncate" in change:
+
+        def prepare(copy):
+            victim = copy / Path(first.frames[change["truncate"]].output).relative_to(out)
+            victim.write_bytes(victim.read_bytes()[:-2880])  # as a copy cut short would leave it
+
+    run, copy, snapshot = _rerun(baseline, tmp_path, prepare, **kwargs)
+    order = [Path(f.path).name for f in run.frames]
+    resumed = dict(zip(order, [f.resumed for f in run.frames]))
+    assert [resumed[p.name] for p in paths] == expected
+    for frame in run.frames:
+        assert frame.status in ("ok", "reference")
+        with fits.open(frame.output) as hdul:
+            assert hdul[0].header["NSGREF"] == Path(kwargs.get("reference", paths[0])).name
+            assert hdul[0].data.shape == (500, 700)
+    # A frame redone has one output, and only there.
+    assert len(list(copy.rglob("*_nsg.fits"))) == 4
+
+
+def test_thresholds_move_outputs_between_folders(baseline, tmp_path):
+    paths, first, out = baseline
+    assert [bool(f.rejected) for f in first.frames] == [False, True, False, False]
+    assert Path(first.frames[1].output) == out / "rejected" / "light_001_nsg.fits"
+    weights = _csv(out / "weights.csv")
+    assert [w["file"] for w in weights] == ["light_000_nsg.fits", "light_002_nsg.fits", "light_003_nsg.fits"]
+    assert float(weights[1]["weight"]) == pytest.approx(first.frames[2].weight, rel=1e-5)
+    # Lower thresholds on a rerun: the frame comes back, without being normalized again.
+    run, copy, snapshot = _rerun(baseline, tmp_path, params=Parameters(min_weight=0.1, min_transmission=0.3))
+    assert [f.rejected for f in run.frames] == [None] * 4 and all(f.resumed for f in run.frames)
+    assert Path(run.frames[1].output) == copy / "light_001_nsg.fits"
+    assert not (copy / "rejected" / "light_001_nsg.fits").exists()
+    assert len(_csv(copy / "weights.csv")) == 4
+
+
+def _row(name, weight, transmission, exposure, status="ok"):
+    return FrameResult(path=name, status=status, weight=weight, transmission=transmission, exposure=exposure)
+
+
+def test_rejection_is_relative_to_the_best_per_unit_exposure(tmp_path):
+    frames = [
+        _row("ref", 1.0, [1.0], 60.0, status="reference"),
+        _row("long", 3.0, [2.0, 2.0, 2.0], 120.0),  # per second: weight 1.5x, transmission 1x the reference
+        _row("at_limit", 0.375, [0.75], 60.0),  # weight 0.25 of the best: rejected (<=), transmission 0.75 too
+        _row("thin_cloud", 1.2, [0.7, 0.74, 0.78], 60.0),  # transmission 0.74
+        _row("good", 1.2, [0.9], 60.0),
+        FrameResult(path="broken", status="failed", error="x"),
+    ]
+    rejected = reject_frames(frames, min_weight=0.25, min_transmission=0.75, output_dir=tmp_path)
+    assert [f.path for f in rejected] == ["at_limit", "thin_cloud"]
+    assert frames[1].relative_weight == pytest.approx(1.0) and frames[0].relative_weight == pytest.approx(2 / 3)
+    assert frames[2].relative_weight == pytest.approx(0.25) and frames[3].relative_transmission == pytest.approx(0.74)
+    assert "weight 0.250 of the best per unit exposure" in frames[2].rejected
+    assert "transmission 0.750" in frames[2].rejected
+    assert frames[3].rejected.startswith("transmission 0.740 of the best per unit exposure (minimum 0.75)")
+    assert frames[5].rejected is None and frames[5].relative_weight is None
+
+
+def test_without_every_exposure_rejection_uses_raw_values_and_spares_the_reference(tmp_path):
+    frames = [
+        _row("ref", 1.0, [1.0], None, status="reference"),
+        _row("bright", 8.0, [3.0], 60.0),
+        _row("mid", 2.5, [2.4], 60.0),
+    ]
+    rejected = reject_frames(frames, min_weight=0.25, min_transmission=0.75, output_dir=tmp_path)
+    # Raw: reference 1/8 weight and 1/3 transmission, but the reference is never rejected.
+    assert [f.path for f in rejected] == []
+    assert frames[0].relative_weight == pytest.approx(0.125) and frames[2].relative_transmission == pytest.approx(0.8)
+    assert frames[2].relative_weight == pytest.approx(2.5 / 8)
+    # A threshold of 0 turns its test off, even for a frame of no weight at all.
+    frames.append(_row("dark", 0.0, [0.0], 60.0))
+    assert reject_frames(frames, min_weight=0, min_transmission=0, output_dir=tmp_path) == []
+
+
+def test_thresholds_are_checked_and_not_part_of_the_history():
+    with pytest.raises(ValueError, match="min_weight must be in"):
+        Parameters(min_weight=1.5)
+    with pytest.raises(ValueError, match="min_transmission must be in"):
+        Parameters(min_transmission=-0.1)
+    history = Parameters(min_weight=0.4).history()
+    assert not any(line.startswith(("min_weight", "min_transmission")) for line in history)
+    assert Parameters(min_weight=0.4).history() == Parameters().history()

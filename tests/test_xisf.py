@@ -1,0 +1,177 @@
+"""XISF frames: read through the ``xisf`` package, normalized, written back with keywords and properties."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import xisf
+from astropy.io import fits
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nsg_gpu.errors import FrameError, FrameReadError
+from nsg_gpu.io import read_frame
+from nsg_gpu.pipeline import normalize
+from nsg_gpu.synthetic import SyntheticField
+
+SMALL = dict(width=700, height=500, n_stars=900, n_frames=2)
+
+PROPERTY = {"id": "Observation:Object:Name", "type": "String", "value": "Synthetic field"}
+
+
+def _keywords(header: fits.Header) -> dict:
+    """FITS keywords as PixInsight stores them in XISF: strings quoted, numbers as text."""
+    out = {}
+    for card in header.cards:
+        value = f"'{card.value}'" if isinstance(card.value, str) else repr(card.value)
+        out.setdefault(card.keyword, []).append({"value": value, "comment": card.comment})
+    return out
+
+
+def _write_xisf_set(directory, field: SyntheticField) -> list:
+    """The field's frames as XISF (channels last in memory, planar on disk), as PixInsight writes them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, frame in enumerate(field.frames):
+        path = directory / f"{frame.name}.xisf"
+        data = field.render(k).transpose(1, 2, 0)  # (height, width, channels)
+        metadata = {"FITSKeywords": _keywords(field.header(k)), "XISFProperties": {PROPERTY["id"]: dict(PROPERTY)}}
+        xisf.XISF.write(str(path), np.ascontiguousarray(data), image_metadata=metadata, codec="zlib", shuffle=True)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("colour", [pytest.param(False, id="mono"), pytest.param(True, id="rgb")])
+def test_xisf_round_trip(tmp_path, colour):
+    """XISF in, XISF out: the same pixels as the FITS path, keywords and properties carried."""
+    field = SyntheticField(seed=31, colour=colour, **SMALL)
+    paths = _write_xisf_set(tmp_path / "in", field)
+    # The reader gives back exactly what was written, channel by channel.
+    frame = read_frame(paths[1])
+    np.testing.assert_array_equal(frame.data, field.render(1))
+    assert frame.header["FILTER"] == ("OSC" if colour else "L") and frame.meta.exposure == 120.0
+    assert frame.properties[PROPERTY["id"]]["value"] == PROPERTY["value"]
+    run = normalize(paths, reference=paths[0], output_dir=tmp_path / "out", output_format="xisf")
+    assert run.ok, [f.error for f in run.frames]
+    # The same frames as FITS give the same normalized pixels.
+    fits_paths = []
+    for k, frame_truth in enumerate(field.frames):
+        fits_paths.append(tmp_path / "fits" / f"{frame_truth.name}.fits")
+        fits_paths[-1].parent.mkdir(exist_ok=True)
+        fits.PrimaryHDU(field.render(k)[0] if not colour else field.render(k), field.header(k)).writeto(fits_paths[-1])
+    fits_run = normalize(fits_paths, reference=fits_paths[0], output_dir=tmp_path / "fits_out")
+    channels = 3 if colour else 1
+    for ours, theirs in zip(run.frames, fits_run.frames):
+        assert ours.output.endswith("_nsg.xisf")
+        metadata: dict = {}
+        data = xisf.XISF.read(ours.output, image_metadata=metadata)  # independent reader
+        assert data.shape == (500, 700, channels) and data.dtype == np.float32
+        expected = fits.getdata(theirs.output).astype(np.float32)
+        np.testing.assert_array_equal(data.transpose(2, 0, 1), expected.reshape(channels, 500, 700))
+        keywords = {name: entries[0]["value"] for name, entries in metadata["FITSKeywords"].items()}
+        assert keywords["NSGREF"] == "light_000.xisf"
+        for c in range(channels):
+            assert float(keywords[f"NSGS{c}"]) == pytest.approx(theirs.transmission[c], rel=1e-4)
+            assert f"NSGSNR{c}" in keywords
+        assert float(keywords["NWEIGHT"]) == pytest.approx(theirs.weight, rel=1e-5)
+        assert keywords["OBJECT"] == "SYNTHETIC" and float(keywords["EXPTIME"]) == 120.0
+        assert keywords["CTYPE1"] == "RA---TAN"
+        assert metadata["XISFProperties"][PROPERTY["id"]]["value"] == PROPERTY["value"]
+    # A rerun reads the XISF outputs' NSGHASH and keeps them.
+    again = normalize(paths, reference=paths[0], output_dir=tmp_path / "out", output_format="xisf")
+    assert all(f.resumed for f in again.frames)
+
+
+def test_integer_xisf_keeps_its_white_level(tmp_path):
+    values = np.random.default_rng(3).integers(100, 60000, (40, 50, 1)).astype(np.uint16)
+    path = tmp_path / "int.xisf"
+    xisf.XISF.write(str(path), values)
+    frame = read_frame(path)
+    assert frame.white_level == 65535.0 and frame.data.dtype == np.float32
+    np.testing.assert_array_equal(frame.data[0], values[..., 0].astype(np.float32))
+
+
+def test_normal_pixel_storage_is_read_as_interleaved(tmp_path):
+    """An XISF file written here by hand, samples interleaved (pixelStorage="Normal")."""
+    height, width = 30, 40
+    rgb = np.random.default_rng(4).uniform(0.01, 1, (height, width, 3)).astype("<f4")
+    position = 4096
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8"?><xisf version="1.0" xmlns="http://www.pixinsight.com/xisf">'
+        f'<Image geometry="{width}:{height}:3" sampleFormat="Float32" colorSpace="RGB" pixelStorage="Normal" '
+        f'location="attachment:{position}:{rgb.nbytes}"><FITSKeyword name="FILTER" value="\'OSC\'" comment=""/>'
+        "</Image><Metadata/></xisf>"
+    ).encode()
+    head = b"XISF0100" + len(xml).to_bytes(4, "little") + bytes(4) + xml
+    path = tmp_path / "normal.xisf"
+    path.write_bytes(head + bytes(position - len(head)) + rgb.tobytes())
+    frame = read_frame(path)
+    np.testing.assert_array_equal(frame.data, rgb.transpose(2, 0, 1))
+    assert frame.meta.filter == "OSC"
+
+
+def _damage(kind: str, good: bytes) -> bytes:
+    if kind == "not-xisf":
+        return b"SIMPLE  =                    T" + b" " * 200
+    if kind == "header-cut":
+        return good[:40]
+    if kind == "data-cut":
+        return good[: len(good) - 5000]
+    if kind == "garbage-header":
+        return good[:16] + b"\x00<not xml" + good[25:]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["not-xisf", "header-cut", "data-cut", "garbage-header"])
+def test_corrupt_xisf_is_a_clear_read_error(tmp_path, kind):
+    good = tmp_path / "good.xisf"
+    xisf.XISF.write(str(good), np.full((60, 80, 1), 0.1, np.float32))
+    bad = tmp_path / "light_bad.xisf"
+    bad.write_bytes(_damage(kind, good.read_bytes()))
+    with pytest.raises(FrameReadError, match=r"light_bad\.xisf: cannot be read as XISF"):
+        read_frame(bad)
+
+
+def test_corrupt_xisf_fails_alone_in_a_run(tmp_path):
+    field = SyntheticField(seed=32, **SMALL)
+    paths = _write_xisf_set(tmp_path / "in", field)
+    bad = tmp_path / "in" / "light_bad.xisf"
+    bad.write_bytes(paths[1].read_bytes()[:3000])
+    run = normalize([*paths, bad], reference=paths[0], output_dir=tmp_path / "out")
+    assert [f.status for f in run.frames] == ["reference", "ok", "failed"]
+    assert "light_bad.xisf: cannot be read as XISF" in run.frames[2].error
+
+
+@settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    position=st.floats(0, 1),
+    length=st.integers(1, 64),
+    fill=st.binary(min_size=1, max_size=64),
+    truncate=st.booleans(),
+)
+def test_xisf_reader_never_fails_unexpectedly(tmp_path_factory, position, length, fill, truncate):
+    """Mutated or truncated XISF files are read or rejected with FrameError, nothing else."""
+    source = tmp_path_factory.getbasetemp() / "fuzz_source.xisf"
+    if not source.exists():
+        keywords = {"EXPTIME": [{"value": "10.", "comment": ""}], "FILTER": [{"value": "'L'", "comment": ""}]}
+        data = np.random.default_rng(0).random((40, 50, 3)).astype(np.float32)
+        xisf.XISF.write(str(source), data, image_metadata={"FITSKeywords": keywords}, xisf_metadata={})
+    blob = bytearray(source.read_bytes())
+    start = int(position * (len(blob) - 1))
+    if truncate:
+        blob = blob[:start]
+    else:
+        blob[start : start + length] = (fill * (length // len(fill) + 1))[:length]
+    target = tmp_path_factory.mktemp("fuzz") / "mutated.xisf"
+    target.write_bytes(bytes(blob))
+    try:
+        frame = read_frame(target)
+    except FrameError:
+        return
+    assert frame.data.dtype == np.float32 and np.all(np.isfinite(frame.data))
