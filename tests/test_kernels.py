@@ -281,3 +281,18 @@ def test_ksigma_noise_through_the_kernel_layer(launcher):
 
     assert ksigma_clip(layer[valid]) / B3_LAYER1_FRACTION == ksigma_noise(image)
     assert ksigma_noise(image) == pytest.approx(0.002, rel=0.05)
+
+
+def test_info_names_the_backend_and_why():
+    from nsg_gpu.backend import cupy_status, describe_backend
+
+    usable, reason = cupy_status()
+    lines = describe_backend("auto")
+    if usable:
+        assert lines[0].startswith("backend: cupy (asked: auto; a usable CUDA GPU was found")
+        assert lines[1].startswith("GPU: ") and "GiB" in lines[1]
+    else:
+        assert lines[0] == f"backend: numpy (asked: auto; no usable GPU: {reason})"
+        assert lines[1] == "GPU: none usable"
+    assert lines[2].startswith("versions: ") and f"NumPy {np.__version__}" in lines[2]
+    assert describe_backend("numpy")[0] == "backend: numpy (asked: numpy; asked for by name)"
