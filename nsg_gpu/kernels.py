@@ -257,7 +257,8 @@ def launch(name: str, config: tuple[int, int], args: tuple) -> None:
     null pointer; scalars are cast to the parameter types.
     """
     grid, block = config
-    prepared = tuple(0 if a is None else a for a in kernel_arguments(name, args))
+    # A null pointer travels as 8 zero bytes, whatever the CuPy version does with None.
+    prepared = tuple(np.uint64(0) if a is None else a for a in kernel_arguments(name, args))
     function(name)((grid,), (block,), prepared)
 
 
