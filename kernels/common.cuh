@@ -30,7 +30,7 @@ __device__ __forceinline__ index_t reflect_index(index_t i, index_t n) {
 }
 
 // The bits of a non-negative float, ordered like the floats themselves.
-__device__ __forceinline__ int float_bits(float v) { return __float_as_int(v); }
+__device__ __forceinline__ unsigned int float_bits(float v) { return (unsigned int)__float_as_int(v); }
 
 __device__ __forceinline__ float bits_float(int b) { return __int_as_float(b); }
 

@@ -217,7 +217,9 @@ def _module(family: str, device_id: int):
 
     with cupy.cuda.Device(device_id):
         module = cupy.RawModule(code=kernel_source(family), options=(*COMPILE_OPTIONS, f"-I{kernels_dir()}"))
-        module.compile()
+        for entry in REGISTRY.values():  # compiles now, so that errors surface at load
+            if entry.family == family:
+                module.get_function(entry.name)
     return module
 
 
@@ -349,7 +351,7 @@ def _compile_nvrtc(path: Path, include: Path) -> tuple[str, str]:
         buffer = ctypes.create_string_buffer(size.value)
         nvrtc.nvrtcGetProgramLog(program, buffer)
         log = buffer.value.decode(errors="replace").strip()
-        if status != 0:
+        if status != 0 or "warning" in log:
             raise KernelCompileError(f"NVRTC failed on {path}:\n{log}")
         nvrtc.nvrtcGetPTXSize(program, ctypes.byref(size))
         ptx = ctypes.create_string_buffer(size.value)
@@ -382,8 +384,8 @@ def compile_check(
     Raises
     ------
     KernelCompileError
-        No compiler is available, a file does not compile (warnings count as errors with
-        nvcc), or its PTX entry points differ from :data:`REGISTRY`.
+        No compiler is available, a file does not compile (warnings count as errors), or
+        its PTX entry points differ from :data:`REGISTRY`.
     """
     directory = directory or kernels_dir()
     if compiler == "auto":
