@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import kernels
 from .backend import get_backend
 from .noise import B3_LAYER1_FRACTION, ksigma_clip, noise_row_stride, wavelet_layer_rows
 
@@ -57,10 +58,8 @@ def apply_gradient(data, scale, gradient, *, white_level: float, truncate: bool,
     xp = be.xp
     channels, height, width = data.shape
     m = np.asarray(scale, dtype=np.float32)
-    if launcher is not None or be.is_gpu:
-        from . import kernels
-
-        launcher = launcher or kernels.DEVICE
+    launcher = launcher or kernels.launcher_for(be.is_gpu)
+    if launcher is not None:
         frame = xp.ascontiguousarray(data, dtype=xp.float32)
         model = xp.ascontiguousarray(gradient, dtype=xp.float32)
         out = xp.empty_like(frame)

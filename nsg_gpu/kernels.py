@@ -48,6 +48,7 @@ __all__ = [
     "SCALAR_TYPES",
     "DeviceLauncher",
     "DEVICE",
+    "launcher_for",
     "available_compilers",
 ]
 
@@ -448,3 +449,9 @@ class DeviceLauncher:
 
 #: The launcher of the CuPy backend.
 DEVICE = DeviceLauncher()
+
+
+def launcher_for(on_gpu: bool) -> DeviceLauncher | None:
+    """The launcher a stage uses by default: :data:`DEVICE` for CuPy arrays, None (the NumPy
+    twin) otherwise. The tests replace it to run whole pipelines through emulated kernels."""
+    return DEVICE if on_gpu else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import kernels
 from .backend import get_backend
 
 __all__ = [
@@ -64,10 +65,8 @@ def wavelet_layer_rows(image, row_stride: int, *, launcher=None):
     be = get_backend(image)
     xp, ndi = be.xp, be.ndimage
     h, w = image.shape
-    if launcher is not None or be.is_gpu:
-        from . import kernels
-
-        launcher = launcher or kernels.DEVICE
+    launcher = launcher or kernels.launcher_for(be.is_gpu)
+    if launcher is not None:
         source = xp.ascontiguousarray(image, dtype=xp.float32)
         rows = -(-h // row_stride)
         layer = xp.empty((rows, w), dtype=xp.float32)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import kernels
 from .backend import get_backend
 
 __all__ = [
@@ -99,10 +100,8 @@ def bin_statistics(data, grid: SampleGrid, white_level: float, *, launcher=None)
     s = grid.size
     channels = data.shape[0]
     white = np.float32(white_level)
-    if launcher is not None or be.is_gpu:
-        from . import kernels
-
-        launcher = launcher or kernels.DEVICE
+    launcher = launcher or kernels.launcher_for(be.is_gpu)
+    if launcher is not None:
         frame = xp.ascontiguousarray(data, dtype=xp.float32)
         medians = xp.empty((channels, grid.n_rows, grid.n_cols), dtype=xp.float64)
         nodata = xp.empty((channels, grid.n_rows, grid.n_cols), dtype=xp.int32)

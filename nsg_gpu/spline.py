@@ -21,6 +21,7 @@ import numpy as np
 import scipy.linalg
 from scipy.interpolate import RectBivariateSpline
 
+from . import kernels
 from .backend import get_backend
 
 __all__ = ["SurfaceSpline", "fit_surface_spline", "PLANE_SMOOTHNESS"]
@@ -75,10 +76,9 @@ class SurfaceSpline:
         ``cupy``) or a ``launcher``: every pixel exactly, by the ``tps_eval_f32`` kernel, whose
         twin is :meth:`__call__`; ``step`` is then ignored.
         """
-        if launcher is not None or xp.__name__ == "cupy":
-            from . import kernels
-
-            return self._evaluate_kernel(height, width, xp, launcher or kernels.DEVICE)
+        launcher = launcher or kernels.launcher_for(xp.__name__ == "cupy")
+        if launcher is not None:
+            return self._evaluate_kernel(height, width, xp, launcher)
         if step <= 1 or not self.coefficients.size:
             yy, xx = xp.mgrid[0:height, 0:width]
             return self(xx.astype(xp.float64), yy.astype(xp.float64)).astype(xp.float32)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import kernels
 from .backend import get_backend
 
 __all__ = [
@@ -172,11 +173,9 @@ def matched_filter(residual, sigma: float, *, launcher=None):
     the last bit but for rare ties in the final rounding.
     """
     be = get_backend(residual)
-    if launcher is None and not be.is_gpu:
+    launcher = launcher or kernels.launcher_for(be.is_gpu)
+    if launcher is None:
         return be.ndimage.gaussian_filter(residual, sigma, mode="constant")
-    from . import kernels
-
-    launcher = launcher or kernels.DEVICE
     xp = be.xp
     image = xp.ascontiguousarray(residual, dtype=xp.float32)
     h, w = image.shape
@@ -217,7 +216,8 @@ def find_peaks(matched, image, *, half: int, threshold: float, margin: int, laun
     if margin < 1 or half < 1:
         raise ValueError(f"find_peaks needs margin >= 1 and half >= 1, got {margin} and {half}")
     margin = max(int(margin), int(half))
-    if launcher is None and not be.is_gpu:
+    launcher = launcher or kernels.launcher_for(be.is_gpu)
+    if launcher is None:
         valid = image > 0
         inner = ndi.binary_erosion(valid, structure=xp.ones((3, 3), dtype=bool), iterations=margin)
         inner[:margin] = False
@@ -226,9 +226,6 @@ def find_peaks(matched, image, *, half: int, threshold: float, margin: int, laun
         inner[:, -margin:] = False
         local_max = matched == ndi.maximum_filter(matched, size=2 * half + 1)
         return local_max & (matched > threshold) & inner
-    from . import kernels
-
-    launcher = launcher or kernels.DEVICE
     h, w = matched.shape
     peaks = xp.empty((h, w), dtype=xp.uint8)
     matched = xp.ascontiguousarray(matched, dtype=xp.float32)

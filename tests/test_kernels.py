@@ -10,6 +10,7 @@ import importlib
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -316,3 +317,40 @@ def test_bin_medians_kernel_wide_range_and_tiny_counts(launcher):
     assert expected[0][0, 0, 0] == np.float32(0.25) and expected[0][0, 0, 1] == np.float32(0.3125)
     assert_same(actual[0], expected[0], what="medians")
     assert_same(actual[1].astype(np.int64), expected[1].astype(np.int64), what="no-data counts")
+
+
+# -- the whole pipeline through the emulated kernels ------------------------------------------------
+def test_pipeline_through_emulated_kernels(monkeypatch):
+    """normalize_frame with every image-sized stage on the (emulated) kernels equals the NumPy
+    path evaluating the spline exactly: scale within 1e-5, output within 1e-3 of the noise."""
+    from nsg_gpu.backend import NUMPY
+    from nsg_gpu.io import Frame, FrameMeta
+    from nsg_gpu.pipeline import normalize_frame, prepare_reference
+    from nsg_gpu.spline import SurfaceSpline
+    from nsg_gpu.synthetic import SyntheticField
+
+    field = SyntheticField(width=512, height=384, n_frames=2, seed=5, n_stars=400)
+    meta = FrameMeta(focal_length_mm=530.0, pixel_size_um=3.76)
+    frames = [Frame(Path(f"frame_{k}.fits"), field.render(k), None, 1.0, meta) for k in range(2)]
+    original = SurfaceSpline.evaluate_image
+
+    def exact(self, height, width, *, step=16, xp=np, launcher=None):
+        return original(self, height, width, step=1, xp=xp, launcher=launcher)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SurfaceSpline, "evaluate_image", exact)
+        reference = prepare_reference(frames[0], backend=NUMPY)
+        expected = normalize_frame(reference, frames[1])
+    launcher = EmulatedLauncher(multiprocessors=2)
+    monkeypatch.setattr(kernels, "launcher_for", lambda on_gpu: launcher)
+    emulated_reference = prepare_reference(frames[0], backend=NUMPY)
+    actual = normalize_frame(emulated_reference, frames[1])
+    assert {name for name, _ in launcher.launches} == set(kernels.REGISTRY)
+    assert len(emulated_reference.stars) == len(reference.stars)
+    np.testing.assert_allclose(emulated_reference.noise, reference.noise, rtol=1e-6)
+    assert actual.samples == expected.samples and actual.star_pairs == expected.star_pairs
+    np.testing.assert_allclose(actual.scale, expected.scale, rtol=1e-5)
+    difference = np.abs(actual.data - expected.data).max(axis=(1, 2))
+    assert np.all(difference <= 1e-3 * field.pixel_noise(1)), difference / field.pixel_noise(1)
+    np.testing.assert_allclose(actual.noise, expected.noise, rtol=1e-5)
+    assert actual.high == pytest.approx(expected.high, abs=1e-3 * field.pixel_noise(1)[0])
