@@ -81,7 +81,9 @@ def test_find_peaks_on_gpu(cp, device, shape, half, margin):
     image, matched = matched_case(shape, seed=7 + shape[0], sigma=1.3)
     threshold = 5 * 0.002 * 0.2
     expected = find_peaks(matched, image, half=half, threshold=threshold, margin=margin)
-    actual = find_peaks(cp.asarray(matched), cp.asarray(image), half=half, threshold=threshold, margin=margin)
+    actual = find_peaks(
+        cp.asarray(matched), cp.asarray(image), half=half, threshold=threshold, margin=margin, launcher=device
+    )
     np.testing.assert_array_equal(_host(actual.view(cp.uint8)), expected.view(np.uint8))
 
 
