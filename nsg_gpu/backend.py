@@ -26,6 +26,7 @@ __all__ = [
     "cupy_status",
     "get_backend",
     "select_backend",
+    "describe_backend",
 ]
 
 BACKEND_NAMES = ("auto", "numpy", "cupy")
@@ -138,3 +139,47 @@ def get_backend(*arrays: Any) -> Backend:
         if module.startswith("cupy"):
             return _cupy_backend()
     return NUMPY
+
+
+def describe_backend(asked: str = "auto") -> list[str]:
+    """Lines for ``nsg info``: the backend chosen for ``asked`` and why, the GPU, the versions.
+
+    Raises
+    ------
+    BackendUnavailableError
+        As :func:`select_backend`.
+    """
+    import platform
+
+    import scipy
+
+    chosen = select_backend(asked)
+    usable, reason = cupy_status()
+    if chosen.is_gpu:
+        why = f"a usable CUDA GPU was found ({reason})"
+    elif asked.lower() == "numpy":
+        why = "asked for by name"
+    else:
+        why = f"no usable GPU: {reason}"
+    lines = [f"backend: {chosen.name} (asked: {asked}; {why})"]
+    versions = [f"NumPy {np.__version__}", f"SciPy {scipy.__version__}", f"Python {platform.python_version()}"]
+    if usable:
+        from .kernels import _describe_device
+
+        d = _describe_device()
+        gib = 1024.0**3
+        lines.append(
+            f"GPU: {d['name']}, compute capability {d['compute_capability']}, {d['multiprocessors']} multiprocessors, "
+            f"{d['memory_total_bytes'] / gib:.1f} GiB ({d['memory_free_bytes'] / gib:.1f} GiB free)"
+        )
+        versions = [f"CuPy {d['cupy']}", f"CUDA runtime {d['cuda_runtime']}", f"driver {d['cuda_driver']}", *versions]
+    else:
+        lines.append("GPU: none usable")
+        try:
+            import cupy
+
+            versions.insert(0, f"CuPy {cupy.__version__}")
+        except Exception:
+            versions.insert(0, "CuPy not installed")
+    lines.append("versions: " + ", ".join(versions))
+    return lines

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -288,17 +287,13 @@ def synth(
 def info(
     backend: Annotated[str, typer.Option(help="Backend to resolve: auto, numpy or cupy.")] = "auto",
 ):
-    """Print the backend that would run and why, with library versions."""
-    import numpy
-    import scipy
+    """Print the backend that would run and why, the GPU and its memory, and library versions."""
+    from .backend import describe_backend
 
-    from .backend import cupy_status, select_backend
-
-    usable, reason = cupy_status()
-    chosen = select_backend(backend)
+    lines = describe_backend(backend)
     typer.echo(f"nsg-gpu {__version__}")
-    typer.echo(f"backend: {chosen.name} (asked: {backend}; GPU: {reason})")
-    typer.echo(f"numpy {numpy.__version__}, scipy {scipy.__version__}, python {sys.version.split()[0]}")
+    for line in lines:
+        typer.echo(line)
 
 
 def main() -> None:

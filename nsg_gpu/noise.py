@@ -11,33 +11,85 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import kernels
 from .backend import get_backend
 
-__all__ = ["ksigma_noise", "weight_from_noise", "B3_LAYER1_FRACTION"]
+__all__ = [
+    "ksigma_noise",
+    "ksigma_clip",
+    "wavelet_layer_rows",
+    "noise_row_stride",
+    "weight_from_noise",
+    "B3_LAYER1_FRACTION",
+]
 
 #: Standard deviation of the first B3-spline a-trous layer of unit white Gaussian noise.
 B3_LAYER1_FRACTION = 0.8907
 _B3 = np.array([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
 
 
-def ksigma_noise(image, *, max_pixels: int = 4_000_000, iterations: int = 10) -> float:
-    """k-sigma noise of a 2-D image (any backend); 0 pixels mean no data.
+def noise_row_stride(height: int, width: int, max_pixels: int) -> int:
+    """Every how many rows the noise is sampled so that at most ``max_pixels`` are used."""
+    return max(1, int(np.ceil(height * width / max_pixels)))
 
-    ``max_pixels`` caps the pixels used (a regular subsample of rows), so the cost stays
-    small on large frames.
+
+def wavelet_layer_rows(image, row_stride: int, *, launcher=None):
+    """The first B3-spline a-trous layer on every ``row_stride``-th row, and its validity.
+
+    Parameters
+    ----------
+    image : array (height, width)
+        Any backend; 0 means no data.
+
+    row_stride : int
+        Rows ``0, row_stride, 2 row_stride, ...`` are returned.
+
+    launcher : optional
+        Runs the ``noise_layer_f32`` kernel instead (:data:`nsg_gpu.kernels.DEVICE`, or the
+        tests' host emulation); CuPy arrays always use the kernel.
+
+    Returns
+    -------
+    layer : float32 array (rows, width)
+        ``image - smooth(image)``, smooth being the separable B3 spline with SciPy's
+        "reflect" boundary, each pass in double rounded to float32.
+
+    valid : bool array (rows, width)
+        The 5x5 window around the pixel lies in the image and holds no 0.
+
+    Notes
+    -----
+    The NumPy path is the twin of ``noise_layer_f32`` and, applied to ``m*T - G``, of the
+    layer that ``apply_gradient_f32`` writes.
     """
     be = get_backend(image)
     xp, ndi = be.xp, be.ndimage
     h, w = image.shape
-    stride = max(1, int(np.ceil(h * w / max_pixels)))
+    launcher = launcher or kernels.launcher_for(be.is_gpu)
+    if launcher is not None:
+        source = xp.ascontiguousarray(image, dtype=xp.float32)
+        rows = -(-h // row_stride)
+        layer = xp.empty((rows, w), dtype=xp.float32)
+        valid = xp.empty((rows, w), dtype=xp.uint8)
+        config = launcher.config("noise_layer_f32", rows * w)
+        launcher("noise_layer_f32", config, (source, h, w, row_stride, layer, valid))
+        return layer, valid.view(bool)
     # Whole rows keep the smoothing exact; the layer needs 2 extra rows each side.
-    rows = xp.arange(0, h, stride)
+    rows = xp.arange(0, h, row_stride)
     img = image.astype(xp.float32)
     kernel = xp.asarray(_B3, dtype=xp.float32)
     smooth = ndi.convolve1d(ndi.convolve1d(img, kernel, axis=1, mode="reflect"), kernel, axis=0, mode="reflect")
     layer = (img - smooth)[rows]
     valid = ndi.binary_erosion(image > 0, structure=xp.ones((5, 5), bool), border_value=0)[rows]
-    values = layer[valid]
+    return layer, valid
+
+
+def ksigma_clip(values, *, iterations: int = 10) -> float:
+    """Standard deviation of ``values`` (1-D, any backend) after iterative 3-sigma clipping.
+
+    0 with fewer than 100 values.
+    """
+    xp = get_backend(values).xp
     if values.size < 100:
         return 0.0
     sigma = float(values.std())
@@ -52,7 +104,18 @@ def ksigma_noise(image, *, max_pixels: int = 4_000_000, iterations: int = 10) ->
             sigma = new_sigma
             break
         sigma = new_sigma
-    return sigma / B3_LAYER1_FRACTION
+    return sigma
+
+
+def ksigma_noise(image, *, max_pixels: int = 4_000_000, iterations: int = 10) -> float:
+    """k-sigma noise of a 2-D image (any backend); 0 pixels mean no data.
+
+    ``max_pixels`` caps the pixels used (a regular subsample of rows), so the cost stays
+    small on large frames. CuPy arrays run the ``noise_layer_f32`` kernel.
+    """
+    h, w = image.shape
+    layer, valid = wavelet_layer_rows(image, noise_row_stride(h, w, max_pixels))
+    return ksigma_clip(layer[valid], iterations=iterations) / B3_LAYER1_FRACTION
 
 
 def weight_from_noise(reference_noise, target_noise, scale=None) -> tuple[np.ndarray, float]:

@@ -26,6 +26,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from . import photometry
+from .apply import normalize_pixels
 from .backend import NUMPY, Backend, get_backend
 from .errors import (
     FrameDataError,
@@ -478,17 +479,18 @@ def normalize_frame(reference: Reference, frame: Frame) -> FrameResult:
     if get_backend(frame.data) is not be:
         frame = Frame(frame.path, be.asarray(frame.data), frame.header, frame.white_level, frame.meta)
     _check_data(frame)
-    xp = be.xp
     measured = measure_scale(reference, frame)
     m = measured.scale
     gradient, n_samples = model_gradient(reference, frame, m)
-    data = frame.data
-    out = xp.where(data != 0, xp.asarray(m, dtype=xp.float32)[:, None, None] * data - gradient, 0).astype(xp.float32)
-    high = float(be.to_host(out.max()))
-    if reference.params.truncate:
-        covered = data != 0
-        out = xp.where(covered, xp.clip(out, 0, ref.white_level), 0)
-    snr, weight, source, noise = _weights(reference, frame, out, m)
+    out, high, measured_noise = normalize_pixels(
+        frame.data,
+        m,
+        gradient,
+        white_level=ref.white_level,
+        truncate=reference.params.truncate,
+        measure_noise=_noise_cards(reference, frame) is None,
+    )
+    snr, weight, source, noise = _weights(reference, frame, measured_noise, m)
     meta = frame.meta
     return FrameResult(
         path=str(frame.path),
@@ -512,15 +514,21 @@ def normalize_frame(reference: Reference, frame: Frame) -> FrameResult:
     )
 
 
-def _weights(reference: Reference, frame: Frame, normalized, m):
-    """SNR and weight: NOISExx cards of both frames when present, else measured noise."""
+def _noise_cards(reference: Reference, frame: Frame):
+    """The NOISExx cards of both frames when both carry one per channel, else None."""
     ref_noise = reference.frame.meta.noise
     tgt_noise = frame.meta.noise
-    channels = frame.data.shape[0]
-    if ref_noise and tgt_noise and len(ref_noise) == len(tgt_noise) == channels:
-        snr, weight = weight_from_noise(ref_noise, tgt_noise, m)
-        return snr, weight, "NOISExx", np.asarray(tgt_noise)
-    measured = np.array([ksigma_noise(normalized[c]) for c in range(channels)])
+    if ref_noise and tgt_noise and len(ref_noise) == len(tgt_noise) == frame.data.shape[0]:
+        return ref_noise, tgt_noise
+    return None
+
+
+def _weights(reference: Reference, frame: Frame, measured, m):
+    """SNR and weight: NOISExx cards of both frames when present, else the measured noise."""
+    cards = _noise_cards(reference, frame)
+    if cards is not None:
+        snr, weight = weight_from_noise(cards[0], cards[1], m)
+        return snr, weight, "NOISExx", np.asarray(cards[1])
     snr, weight = weight_from_noise(reference.noise, measured)
     return snr, weight, "noiseKSigma", measured
 

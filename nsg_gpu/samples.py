@@ -16,12 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import kernels
 from .backend import get_backend
 
 __all__ = [
     "SampleGrid",
     "SampleSet",
     "make_grid",
+    "bin_statistics",
     "bin_medians",
     "star_rejection",
     "bin_samples",
@@ -62,13 +64,80 @@ def make_grid(height: int, width: int, size: int) -> SampleGrid:
     return SampleGrid(size, x0, y0, (width - x0) // size, (height - y0) // size)
 
 
+def bin_statistics(data, grid: SampleGrid, white_level: float, *, launcher=None):
+    """Median of every bin per channel, and its count of pixels in no-data regions.
+
+    Parameters
+    ----------
+    data : array (channels, height, width)
+        Any backend.
+
+    grid : SampleGrid
+
+    white_level : float
+        Pixels at or above it (compared in float32) are saturated and ignored, like zeros.
+
+    launcher : optional
+        Runs the ``samples.cu`` kernel instead (:data:`nsg_gpu.kernels.DEVICE`, or the tests'
+        host emulation on NumPy buffers); CuPy arrays always use the kernel.
+
+    Returns
+    -------
+    medians : array (channels, n_rows, n_cols), float64
+        Median of the pixels ``0 < v < white_level`` (float32 arithmetic, as
+        ``numpy.nanmedian``); NaN where a bin has none.
+
+    nodata : int array (channels, n_rows, n_cols)
+        Pixels of the bin in "no data" regions: zeros that survive a 3x3 binary opening of
+        the zero mask of the grid's crop.
+
+    Notes
+    -----
+    The NumPy path is the twin of ``bin_medians_f32``.
+    """
+    be = get_backend(data)
+    xp, ndi = be.xp, be.ndimage
+    s = grid.size
+    channels = data.shape[0]
+    white = np.float32(white_level)
+    launcher = launcher or kernels.launcher_for(be.is_gpu)
+    if launcher is not None:
+        frame = xp.ascontiguousarray(data, dtype=xp.float32)
+        medians = xp.empty((channels, grid.n_rows, grid.n_cols), dtype=xp.float64)
+        nodata = xp.empty((channels, grid.n_rows, grid.n_cols), dtype=xp.int32)
+        config = launcher.config("bin_medians_f32", medians.size)
+        launcher(
+            "bin_medians_f32",
+            config,
+            (frame, channels, *data.shape[1:], s, grid.x0, grid.y0, grid.n_cols, grid.n_rows, white, medians, nodata),
+        )
+        return medians, nodata
+    crop = data[:, grid.y0 : grid.y0 + grid.n_rows * s, grid.x0 : grid.x0 + grid.n_cols * s]
+    # "No data" regions (registration borders) are what the black-pixel rule is for; scattered
+    # zeros (a raw frame clipped at 0) are merely ignored by the median. A 3x3 opening keeps
+    # the regions and drops the scattered pixels.
+    structure = xp.ones((1, 3, 3), dtype=bool)
+    regions = ndi.binary_opening(crop == 0, structure=structure)
+    blocks = crop.reshape(channels, grid.n_rows, s, grid.n_cols, s).transpose(0, 1, 3, 2, 4)
+    blocks = blocks.reshape(channels, grid.n_rows, grid.n_cols, s * s)
+    region_blocks = regions.reshape(channels, grid.n_rows, s, grid.n_cols, s).transpose(0, 1, 3, 2, 4)
+    nodata = region_blocks.reshape(channels, grid.n_rows, grid.n_cols, s * s).sum(axis=-1)
+    usable = (blocks > 0) & (blocks < white)
+    values = xp.where(usable, blocks, xp.nan).astype(xp.float32)
+    with warnings.catch_warnings():
+        # Bins with no usable pixel (registration borders) give NaN, as intended.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        medians = xp.nanmedian(values, axis=-1) if values.size else values.sum(axis=-1)
+    return medians.astype(xp.float64), nodata
+
+
 def bin_medians(data, grid: SampleGrid, white_level: float):
     """Median of every bin per channel, and the bins' validity.
 
     Parameters
     ----------
     data : array (channels, height, width)
-        Any backend.
+        Any backend (CuPy runs the ``samples.cu`` kernel).
 
     grid : SampleGrid
 
@@ -83,27 +152,10 @@ def bin_medians(data, grid: SampleGrid, white_level: float):
     valid : bool array (n_rows, n_cols)
         Fewer than 1 % of the bin's pixels in no-data regions, in every channel.
     """
-    be = get_backend(data)
-    xp, ndi = be.xp, be.ndimage
-    s = grid.size
-    crop = data[:, grid.y0 : grid.y0 + grid.n_rows * s, grid.x0 : grid.x0 + grid.n_cols * s]
-    # "No data" regions (registration borders) are what the black-pixel rule is for; scattered
-    # zeros (a raw frame clipped at 0) are merely ignored by the median. A 3x3 opening keeps
-    # the regions and drops the scattered pixels.
-    structure = xp.ones((1, 3, 3), dtype=bool)
-    regions = ndi.binary_opening(crop == 0, structure=structure)
-    blocks = crop.reshape(data.shape[0], grid.n_rows, s, grid.n_cols, s).transpose(0, 1, 3, 2, 4)
-    blocks = blocks.reshape(data.shape[0], grid.n_rows, grid.n_cols, s * s)
-    region_blocks = regions.reshape(data.shape[0], grid.n_rows, s, grid.n_cols, s).transpose(0, 1, 3, 2, 4)
-    zeros = region_blocks.reshape(data.shape[0], grid.n_rows, grid.n_cols, s * s).sum(axis=-1)
-    valid = xp.all(zeros < MAX_BLACK_PIXEL_FRACTION * s * s, axis=0)
-    usable = (blocks > 0) & (blocks < white_level)
-    values = xp.where(usable, blocks, xp.nan).astype(xp.float32)
-    with warnings.catch_warnings():
-        # Bins with no usable pixel (registration borders) give NaN, as intended.
-        warnings.simplefilter("ignore", RuntimeWarning)
-        medians = xp.nanmedian(values, axis=-1) if values.size else values.sum(axis=-1)
-    return medians.astype(xp.float64), valid
+    xp = get_backend(data).xp
+    medians, nodata = bin_statistics(data, grid, white_level)
+    valid = xp.all(nodata < MAX_BLACK_PIXEL_FRACTION * grid.size * grid.size, axis=0)
+    return medians, valid
 
 
 def star_rejection(grid: SampleGrid, x, y, radius) -> np.ndarray:

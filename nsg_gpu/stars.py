@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import kernels
 from .backend import get_backend
 
 __all__ = [
@@ -23,6 +24,9 @@ __all__ = [
     "smooth_background",
     "detect_stars",
     "estimate_fwhm",
+    "gaussian_weights",
+    "matched_filter",
+    "find_peaks",
 ]
 
 _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
@@ -135,6 +139,102 @@ def estimate_fwhm(image, x, y, background=0.0, half: int = 8) -> np.ndarray:
     return be.to_host(2.0 * xp.sqrt(area / math.pi))
 
 
+def gaussian_weights(sigma: float) -> np.ndarray:
+    """Half of SciPy's Gaussian kernel (centre first) for ``sigma``, truncated at 4 sigma."""
+    radius = int(4.0 * float(sigma) + 0.5)
+    x = np.arange(-radius, radius + 1)
+    phi = np.exp(-0.5 / (float(sigma) * float(sigma)) * x**2)
+    return (phi / phi.sum())[radius:]
+
+
+def matched_filter(residual, sigma: float, *, launcher=None):
+    """The image convolved with a Gaussian of ``sigma`` px, zero outside: the matched filter.
+
+    Parameters
+    ----------
+    residual : array (height, width) float32
+        Background-subtracted image, on any backend.
+
+    sigma : float
+        Gaussian sigma (px).
+
+    launcher : optional
+        Runs the ``detect.cu`` kernels instead (:data:`nsg_gpu.kernels.DEVICE`, or the tests'
+        host emulation on NumPy buffers); CuPy arrays always use the kernels.
+
+    Returns
+    -------
+    array (height, width) float32, on the backend of ``residual``
+
+    Notes
+    -----
+    The NumPy path, ``scipy.ndimage.gaussian_filter(mode="constant")``, is the twin of
+    ``convolve_axis_f32``; the kernel sums in double in SciPy's order, so the two agree to
+    the last bit but for rare ties in the final rounding.
+    """
+    be = get_backend(residual)
+    launcher = launcher or kernels.launcher_for(be.is_gpu)
+    if launcher is None:
+        return be.ndimage.gaussian_filter(residual, sigma, mode="constant")
+    xp = be.xp
+    image = xp.ascontiguousarray(residual, dtype=xp.float32)
+    h, w = image.shape
+    weights = xp.asarray(gaussian_weights(sigma), dtype=xp.float64)
+    radius = weights.size - 1
+    across = xp.empty_like(image)
+    out = xp.empty_like(image)
+    config = launcher.config("convolve_axis_f32", h * w)
+    # SciPy filters axis 0 first, then axis 1, rounding to float32 in between.
+    launcher("convolve_axis_f32", config, (image, across, h, w, weights, radius, 0))
+    launcher("convolve_axis_f32", config, (across, out, h, w, weights, radius, 1))
+    return out
+
+
+def find_peaks(matched, image, *, half: int, threshold: float, margin: int, launcher=None):
+    """Local maxima of ``matched`` above ``threshold`` whose surroundings hold data.
+
+    A pixel is a peak when it is the maximum of its ``(2 half + 1)`` square window, exceeds
+    ``threshold`` (compared in float32), lies at least ``margin`` px from the image edges and
+    every ``image`` pixel within ``margin`` px (a square) is above 0. ``margin`` and ``half``
+    are at least 1; a margin below ``half`` is raised to it.
+
+    Parameters
+    ----------
+    matched, image : array (height, width) float32
+        The matched-filter image and the image itself (0 = no data).
+
+    launcher : optional
+        Runs ``find_peaks_f32`` instead (see :func:`matched_filter`).
+
+    Returns
+    -------
+    bool array (height, width) on the backend of ``matched``
+    """
+    be = get_backend(matched)
+    xp, ndi = be.xp, be.ndimage
+    threshold = np.float32(threshold)
+    if margin < 1 or half < 1:
+        raise ValueError(f"find_peaks needs margin >= 1 and half >= 1, got {margin} and {half}")
+    margin = max(int(margin), int(half))
+    launcher = launcher or kernels.launcher_for(be.is_gpu)
+    if launcher is None:
+        valid = image > 0
+        inner = ndi.binary_erosion(valid, structure=xp.ones((3, 3), dtype=bool), iterations=margin)
+        inner[:margin] = False
+        inner[-margin:] = False
+        inner[:, :margin] = False
+        inner[:, -margin:] = False
+        local_max = matched == ndi.maximum_filter(matched, size=2 * half + 1)
+        return local_max & (matched > threshold) & inner
+    h, w = matched.shape
+    peaks = xp.empty((h, w), dtype=xp.uint8)
+    matched = xp.ascontiguousarray(matched, dtype=xp.float32)
+    image = xp.ascontiguousarray(image, dtype=xp.float32)
+    config = launcher.config("find_peaks_f32", h * w)
+    launcher("find_peaks_f32", config, (matched, image, peaks, h, w, threshold, half, margin))
+    return peaks.view(bool)
+
+
 def detect_stars(
     data,
     *,
@@ -184,12 +284,12 @@ def detect_stars(
 
 
 def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars) -> StarCatalog:
-    xp, ndi = be.xp, be.ndimage
+    xp = be.xp
     h, w = image.shape
     background = smooth_background(image, valid, scale=max(8.0 * fwhm, 16.0))
     residual = xp.where(valid, image - background, 0).astype(xp.float32)
     sigma = fwhm * _FWHM_TO_SIGMA
-    matched = ndi.gaussian_filter(residual, sigma, mode="constant")
+    matched = matched_filter(residual, sigma)
     # Noise of the matched image from the median absolute deviation of a pixel subsample.
     step = max(1, int(math.sqrt(h * w / 2.0e6)))
     sub = matched[::step, ::step][valid[::step, ::step]]
@@ -202,13 +302,8 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars) -> StarCata
     half = max(2, int(math.ceil(1.5 * fwhm)))
     # Stay clear of no-data pixels and of the image edge by a few FWHM.
     margin = half + int(math.ceil(2 * fwhm)) + 1
-    inner = ndi.binary_erosion(valid, structure=xp.ones((3, 3), dtype=bool), iterations=margin)
-    inner[:margin] = False
-    inner[-margin:] = False
-    inner[:, :margin] = False
-    inner[:, -margin:] = False
     size = 2 * max(1, int(round(fwhm))) + 1
-    peaks = (matched == ndi.maximum_filter(matched, size=size)) & (matched > detection_sigma * noise) & inner
+    peaks = find_peaks(matched, image, half=size // 2, threshold=detection_sigma * noise, margin=margin)
     ys, xs = xp.nonzero(peaks)
     if ys.size == 0:
         return _empty(fwhm, noise)

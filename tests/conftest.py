@@ -22,13 +22,20 @@ def pytest_collection_modifyitems(config, items):
     usable, reason = cupy_status()
     if usable:
         return
-    require = os.environ.get("NSG_REQUIRE_GPU") == "1"
+    if os.environ.get("NSG_REQUIRE_GPU") == "1":
+        return  # pytest_runtest_setup fails them
     for item in items:
         if "gpu" in item.keywords:
-            if require:
-                item.add_marker(pytest.mark.xfail(reason=f"NSG_REQUIRE_GPU=1 but {reason}", run=False, strict=True))
-            else:
-                item.add_marker(pytest.mark.skip(reason=f"no usable GPU: {reason}"))
+            item.add_marker(pytest.mark.skip(reason=f"no usable GPU: {reason}"))
+
+
+def pytest_runtest_setup(item):
+    """With NSG_REQUIRE_GPU=1 a ``gpu`` test without a usable GPU is an error, not a skip."""
+    from nsg_gpu.backend import cupy_status
+
+    usable, reason = cupy_status()
+    if "gpu" in item.keywords and not usable and os.environ.get("NSG_REQUIRE_GPU") == "1":
+        pytest.fail(f"NSG_REQUIRE_GPU=1 but {reason}", pytrace=False)
 
 
 class NormalizedSet:

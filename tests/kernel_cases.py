@@ -1,0 +1,102 @@
+"""Inputs shared by the kernel tests, emulated (test_kernels.py) and on the GPU (test_gpu.py).
+
+Small, seeded, with odd sizes, image borders, no-data regions and saturated pixels, so that
+every branch of every kernel is taken while the host emulation stays fast.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nsg_gpu.samples import make_grid
+from nsg_gpu.spline import fit_surface_spline
+from nsg_gpu.stars import matched_filter
+
+__all__ = [
+    "SHAPES",
+    "star_image",
+    "sample_frame",
+    "spline_case",
+    "apply_case",
+    "assert_same",
+]
+
+#: Odd and awkward image sizes (height, width): a 1-px wide strip, primes, a width of 4k+1.
+SHAPES = [(1, 9), (7, 5), (37, 53), (64, 33)]
+
+
+def star_image(shape, *, seed: int, zero_block: bool = True) -> np.ndarray:
+    """Sky with Gaussian stars and noise, float32; a corner without data when ``zero_block``."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    image = 0.1 + rng.normal(0, 0.002, shape)
+    for _ in range(max(1, h * w // 150)):
+        x, y, flux = rng.uniform(-2, w + 2), rng.uniform(-2, h + 2), rng.uniform(0.01, 0.5)
+        image += flux * np.exp(-0.5 * ((xx - x) ** 2 + (yy - y) ** 2) / 1.3**2)
+    if zero_block:
+        image[: h // 4, : w // 3] = 0
+    return image.astype(np.float32)
+
+
+def matched_case(shape, *, seed: int, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """An image and its matched-filter image (NumPy twin)."""
+    image = star_image(shape, seed=seed)
+    residual = np.where(image > 0, image - 0.1, 0).astype(np.float32)
+    return image, matched_filter(residual, sigma)
+
+
+def sample_frame(channels: int, shape, *, seed: int, white_level: float = 1.0) -> np.ndarray:
+    """A frame for the bin medians: quantized values (ties), zeros scattered and in a
+    registration border that crosses bins, saturated pixels, a bin's worth of nothing."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    frame = np.round(rng.uniform(0.05, 0.3, (channels, h, w)) * 200) / 200  # many equal values
+    frame[rng.uniform(size=frame.shape) < 0.03] = 0  # scattered zeros
+    frame[rng.uniform(size=frame.shape) < 0.02] = white_level  # saturated
+    frame[rng.uniform(size=frame.shape) < 0.01] = 1.5 * white_level  # above the white level
+    frame[:, : h // 2, : w // 3] = 0  # border region, not aligned with the bins
+    frame[:, h // 2 :, -3:] = 0  # a thin strip, partly in the last bin column
+    frame[0, -5:, :4] = white_level  # saturated patch, no usable pixel in a corner bin
+    frame[-1, 3, 3:6] = 0  # a short zero run: not a region (the opening removes it)
+    return frame.astype(np.float32)
+
+
+def grid_for(shape, size: int):
+    return make_grid(shape[0], shape[1], size)
+
+
+def spline_case(*, seed: int, n_nodes: int, shape, smoothness: float = -2.0):
+    """A spline fitted to a smooth surface plus noise at random nodes, some on pixel centres."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    x = rng.uniform(0, w - 1, n_nodes)
+    y = rng.uniform(0, h - 1, n_nodes)
+    x[: n_nodes // 4] = np.round(x[: n_nodes // 4])  # nodes exactly on pixels: r = 0 there
+    y[: n_nodes // 4] = np.round(y[: n_nodes // 4])
+    z = 2.0 + 0.8 * np.sin(x / w * 3) * np.cos(y / h * 2) + 0.002 * x + rng.normal(0, 0.05, n_nodes)
+    return fit_surface_spline(x, y, z, smoothness=smoothness)
+
+
+def apply_case(channels: int, shape, *, seed: int):
+    """A target with a no-data border, a gradient and per-channel scales."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    data = rng.uniform(0.02, 0.9, (channels, h, w)).astype(np.float32)
+    data[:, :, : w // 4] = 0
+    data[:, rng.uniform(size=(h, w)) < 0.02] = 0
+    yy, xx = np.mgrid[0:h, 0:w]
+    gradient = np.stack([0.05 * (c + 1) * (xx / w - yy / h) + 0.01 for c in range(channels)]).astype(np.float32)
+    scale = rng.uniform(0.8, 1.6, channels)
+    return data, gradient, scale
+
+
+def assert_same(actual, expected, *, atol: float = 0.0, rtol: float = 0.0, what: str = "") -> None:
+    """Dtype and shape first, then values (NaN equal to NaN)."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    if atol == 0 and rtol == 0:
+        np.testing.assert_array_equal(actual, expected, err_msg=what)
+    else:
+        np.testing.assert_allclose(actual, expected, atol=atol, rtol=rtol, err_msg=what)
