@@ -57,7 +57,7 @@ FRAME_PLOTS = (
 DEFAULT_MIN_WEIGHT = 0.25
 DEFAULT_MIN_TRANSMISSION = 0.75
 #: Largest side (px) of the grid the gradient image is evaluated on.
-GRADIENT_PREVIEW = 100
+GRADIENT_PREVIEW = 80
 _CHANNEL_COLOURS = ("#d62728", "#2ca02c", "#1f77b4")
 
 
@@ -182,29 +182,34 @@ def write_frame_plots(result, diagnostics: FrameDiagnostics, directory: str | os
 
 
 def _photometry_figure(d: FrameDiagnostics, name: str):
+    from matplotlib.ticker import NullFormatter
+
     figure = _figure(10, 4.2)
     line_axes, ratio_axes = figure.subplots(1, 2)
+    n_rejected = 0
     for c, pairs in enumerate(d.photometry):
         colour = _CHANNEL_COLOURS[c] if d.channels > 1 else "#1f77b4"
         label = f"channel {c}: " if d.channels > 1 else ""
         x, y, used = pairs.target_flux, pairs.reference_flux, pairs.used
+        n_rejected += int((~used).sum())
         line_axes.scatter(x[used], y[used], s=6, color=colour, alpha=0.6, label=f"{label}{int(used.sum())} pairs used")
         ratio_axes.scatter(x[used], y[used] / x[used], s=6, color=colour, alpha=0.6)
         if (~used).any():
-            line_axes.scatter(
-                x[~used], y[~used], s=22, marker="x", color="black", label=f"{label}{int((~used).sum())} rejected"
-            )
-            ratio_axes.scatter(x[~used], y[~used] / x[~used], s=22, marker="x", color="black")
+            line_axes.scatter(x[~used], y[~used], s=22, marker="x", color=colour)
+            ratio_axes.scatter(x[~used], y[~used] / x[~used], s=22, marker="x", color=colour)
         top = float(np.max(x)) if x.size else 1.0
         line_axes.plot(
             [0, top], [0, pairs.scale * top], color=colour, lw=1.2, label=f"{label}scale m = {pairs.scale:.4f}"
         )
         ratio_axes.axhline(pairs.scale, color=colour, lw=1.2)
+    if n_rejected:
+        line_axes.scatter([], [], s=22, marker="x", color="black", label=f"rejected by the fit ({n_rejected})")
     line_axes.set_xlabel("target flux")
     line_axes.set_ylabel("reference flux")
     line_axes.set_title(f"{name}: photometry")
     line_axes.legend(fontsize=8, loc="upper left")
     ratio_axes.set_xscale("log")
+    ratio_axes.xaxis.set_minor_formatter(NullFormatter())
     ratio_axes.set_xlabel("target flux")
     ratio_axes.set_ylabel("reference / target flux")
     ratio_axes.set_title("flux ratio; the line is the scale m")

@@ -794,7 +794,7 @@ def normalize(
     progress: Callable[[FrameResult, int, int], None] | None = None,
     executor=None,
     plots: bool = False,
-    report: bool = True,
+    report: bool = False,
 ) -> RunResult:
     """Normalize frames on disk to a reference and write ``<stem><postfix>.fits`` for each.
 
@@ -830,7 +830,8 @@ def normalize(
 
     report : bool
         Write ``report.html`` with the run charts and the chosen frames' diagnostics
-        (:mod:`nsg_gpu.htmlreport`).
+        (:mod:`nsg_gpu.htmlreport`); ``nsg normalize`` does by default. A report that cannot be
+        written leaves the run done, with the reason in ``RunResult.report_error``.
 
     Returns
     -------

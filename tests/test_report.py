@@ -104,9 +104,7 @@ def test_inspect_ranks_as_reference_auto_chooses(field_frames):
     table = runner.invoke(app, ["inspect", *map(str, paths)])
     assert table.exit_code == 0
     assert f"--reference auto would choose {Path(chosen).name}" in table.output
-    assert table.output.index(Path(chosen).name) < min(
-        table.output.index(p.name) for p in paths if p != Path(chosen)
-    )
+    assert table.output.index(Path(chosen).name) < min(table.output.index(p.name) for p in paths if p != Path(chosen))
 
 
 def test_json_lines_are_the_results_rows(plotted_run):
@@ -134,7 +132,7 @@ def test_plots_for_every_frame_and_the_report_links_them(plotted_run):
     for name in pngs:
         assert f'src="plots/{name}"' in page
     for line in lines[:-1]:
-        assert f"<td class=\"text\">{Path(line['file']).name}</td>" in page
+        assert f'<td class="text">{Path(line["file"]).name}</td>' in page
     assert "highest weight: " in page and "lowest weight: " in page
 
 
