@@ -275,6 +275,8 @@ class _Progress:
 
     def __enter__(self):
         if self.bar is not None:
+            # No total until the reference is prepared: the bar pulses meanwhile.
+            self.task = self.bar.add_task("normalize", total=None, eta=_clock(None))
             self.bar.start()
         return self
 
@@ -295,9 +297,7 @@ class _Progress:
         elif not self.quiet:
             self._print(_frame_line(result, done, total))
         if self.bar is not None:
-            if self.task is None:
-                self.task = self.bar.add_task("normalize", total=total, eta=_clock(eta))
-            self.bar.update(self.task, completed=done, eta=_clock(eta))
+            self.bar.update(self.task, total=total, completed=done, eta=_clock(eta))
 
     def _print(self, text: str) -> None:
         from rich.markup import escape
