@@ -126,10 +126,14 @@ def chosen_frames(frames: Sequence) -> dict[str, object]:
 
 
 # -- writing ------------------------------------------------------------------------------------
-def _figure(width: float, height: float):
+def _figure(width: float, height: float, **margins):
+    """A figure with fixed margins (fractions of the figure); constrained layout would double
+    the drawing time."""
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+    figure = Figure(figsize=(width, height), dpi=100)
+    figure.subplots_adjust(**margins)
+    return figure
 
 
 def _save(figure, path: Path) -> Path:
@@ -184,7 +188,7 @@ def write_frame_plots(result, diagnostics: FrameDiagnostics, directory: str | os
 def _photometry_figure(d: FrameDiagnostics, name: str):
     from matplotlib.ticker import NullFormatter
 
-    figure = _figure(10, 4.2)
+    figure = _figure(10, 4.2, left=0.07, right=0.98, bottom=0.12, top=0.92, wspace=0.22)
     line_axes, ratio_axes = figure.subplots(1, 2)
     n_rejected = 0
     for c, pairs in enumerate(d.photometry):
@@ -231,7 +235,7 @@ def _busiest(used: np.ndarray, axis: int) -> int:
 
 def _gradient_figure(d: FrameDiagnostics, name: str):
     grid = d.grid
-    figure = _figure(10, 4.2)
+    figure = _figure(10, 4.2, left=0.08, right=0.98, bottom=0.12, top=0.92, wspace=0.2)
     row_axes, col_axes = figure.subplots(1, 2)
     row = _busiest(d.used, axis=1)
     col = _busiest(d.used, axis=0)
@@ -282,7 +286,7 @@ def _samples_figure(d: FrameDiagnostics, name: str):
 
     grid = d.grid
     aspect = d.height / max(d.width, 1)
-    figure = _figure(8, max(3.0, 8 * aspect + 0.8))
+    figure = _figure(8, max(3.0, 6.6 * aspect + 0.9), left=0.1, right=0.97, bottom=0.1, top=0.92)
     axes = figure.subplots()
     # 0 no data, 1 rejected near a star, 2 used, 3 covered but unusable (NaN difference)
     category = np.zeros(d.used.shape, np.int8)
@@ -327,7 +331,9 @@ def gradient_preview(d: FrameDiagnostics) -> np.ndarray:
 def _gradient_image_figure(d: FrameDiagnostics, name: str):
     preview = gradient_preview(d)
     aspect = d.height / max(d.width, 1)
-    figure = _figure(5.5 * d.channels + 1, max(3.0, 5.5 * aspect + 0.8))
+    figure = _figure(
+        5.5 * d.channels + 1, max(3.0, 4.5 * aspect + 1.0), left=0.08, right=0.96, bottom=0.14, top=0.9, wspace=0.3
+    )
     axes = np.atleast_1d(figure.subplots(1, d.channels))
     for c, ax in enumerate(axes):
         image = ax.imshow(preview[c], extent=(0, d.width, d.height, 0), cmap="viridis", interpolation="bilinear")
@@ -394,7 +400,11 @@ def write_run_plots(run, directory: str | os.PathLike) -> list[Path]:
     if not done:
         return []
     min_weight, min_transmission = rejection_thresholds(run.parameters)
-    figure = _figure(10, 6)
+    labels = [frame_stem(f.path) for f in done] if len(done) <= 40 else None
+    # Room below the axes for the names, written vertically.
+    below = 0.6 + (0.06 * max(len(label) for label in labels) if labels else 0.0)
+    height = 5.2 + below
+    figure = _figure(11, height, left=0.08, right=0.84, bottom=below / height, top=1 - 0.4 / height, hspace=0.08)
     t_axes, w_axes = figure.subplots(2, 1, sharex=True)
     index = np.arange(len(done))
     rejected = np.array([bool(getattr(f, "rejected", None)) for f in done])
@@ -421,9 +431,9 @@ def write_run_plots(run, directory: str | os.PathLike) -> list[Path]:
         axes.axhline(threshold, color="#d62728", ls="--", lw=1, label=f"threshold {threshold:g}")
         axes.set_ylabel(f"{label}\nrelative to best")
         axes.set_ylim(0, 1.08)
-        axes.legend(fontsize=8, loc="lower left")
+        axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     w_axes.set_xlabel("frame, in time order (DATE-OBS)" if by_time else "frame, in input order (no DATE-OBS)")
-    if len(done) <= 40:
-        w_axes.set_xticks(index, [frame_stem(f.path) for f in done], rotation=60, ha="right", fontsize=7)
+    if labels:
+        w_axes.set_xticks(index, labels, rotation=90, fontsize=7)
     t_axes.set_title(f"{len(done)} frames: transmission and weight relative to the best frame")
     return [_save(figure, Path(directory) / "run_transmission_weight.png")]
