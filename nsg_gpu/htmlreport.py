@@ -162,6 +162,7 @@ def write_report(
             "rejection thresholds",
             f"weight {min_weight:g}, transmission {min_transmission:g} (relative to the best frame)",
         ),
+        ("time per frame", _time_per_frame(frames)),
         ("results", "results.csv, results.json"),
         ("written", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")),
         ("program", f"nsg-gpu {__version__}"),
@@ -213,6 +214,15 @@ def write_report(
     path = output_dir / "report.html"
     _atomic_write_text(path, "\n".join(parts) + "\n")
     return path
+
+
+def _time_per_frame(frames) -> str:
+    seconds = [f.seconds for f in frames if f.status != "failed" and f.seconds is not None]
+    if not seconds:
+        return "-"
+    return (
+        f"median {float(sorted(seconds)[len(seconds) // 2]):.2f} s, total {sum(seconds):.1f} s (read, normalize, write)"
+    )
 
 
 def _frame_section(prefix: str, frame, plots: Sequence[Path], base: Path, *, open_: bool) -> str:
