@@ -331,8 +331,9 @@ def gradient_preview(d: FrameDiagnostics) -> np.ndarray:
 def _gradient_image_figure(d: FrameDiagnostics, name: str):
     preview = gradient_preview(d)
     aspect = d.height / max(d.width, 1)
+    width = 5.5 * d.channels + 1
     figure = _figure(
-        5.5 * d.channels + 1, max(3.0, 4.5 * aspect + 1.0), left=0.08, right=0.96, bottom=0.14, top=0.9, wspace=0.3
+        width, max(3.0, 4.5 * aspect + 1.0), left=0.9 / width, right=0.96, bottom=0.14, top=0.9, wspace=0.3
     )
     axes = np.atleast_1d(figure.subplots(1, d.channels))
     for c, ax in enumerate(axes):
