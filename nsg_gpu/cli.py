@@ -7,7 +7,10 @@ set ``NSG_DEBUG=1`` for the traceback.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -174,7 +177,20 @@ def normalize(
         ),
     ] = False,
     stop_on_error: Annotated[bool, typer.Option(help="Stop at the first frame that fails.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary and failures.")] = False,
+    json_lines: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print one JSON object per frame (its results row) and one for the run, nothing else."
+        ),
+    ] = False,
+    plots: Annotated[
+        bool,
+        typer.Option(help="Write the diagnostic plots of every frame to DIR/plots (a few chosen frames always)."),
+    ] = False,
+    html_report: Annotated[
+        bool, typer.Option("--report/--no-report", help="Write DIR/report.html with charts and diagnostics.")
+    ] = True,
 ):
     """Normalize FRAMES to a reference and write <stem>_nsg.fits with NSG's keywords."""
     from .backend import select_backend
@@ -204,60 +220,237 @@ def normalize(
         min_transmission=min_transmission,
     )
     chosen = select_backend(backend)
+    display = _Progress(quiet=quiet, json_lines=json_lines)
+    with display:
+        run = run_normalize(
+            frames,
+            reference=reference,
+            output_dir=output_dir,
+            params=params,
+            backend=chosen,
+            postfix=postfix,
+            stop_on_error=stop_on_error,
+            progress=display.frame_done,
+            plots=plots,
+            report=html_report,
+            overwrite=overwrite,
+            output_format=output_format,
+        )
+    display.finish(run, backend=chosen.name, output_dir=output_dir)
+    if run.failed:
+        raise typer.Exit(code=2)
 
-    def report(result, done, total):
-        if quiet:
-            return
-        name = Path(result.path).name
-        if result.status == "failed":
-            typer.echo(f"[{done}/{total}] FAILED {result.error}", err=True)
-        elif result.resumed:
-            typer.echo(f"[{done}/{total}] {name}: output complete and up to date, kept")
-        elif result.status == "reference":
-            typer.echo(f"[{done}/{total}] {name}: reference, {result.star_pairs} stars")
-        else:
-            transmission = " ".join(f"{t:.4f}" for t in result.transmission)
-            typer.echo(
-                f"[{done}/{total}] {name}: transmission {transmission}  weight {result.weight:.3f}  "
-                f"pairs {result.star_pairs}  samples {result.samples}  {result.seconds:.1f} s"
+
+class _Rate:
+    """Frames per second and time left, from the completion times of the frames so far.
+
+    Counted from the first completion (the reference), so reading and preparing the
+    reference does not count as a frame's time.
+    """
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.last: float | None = None
+        self.done = 0
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+        self.last = now
+        self.done = done
+
+    def seconds_left(self, total: int) -> float | None:
+        if self.first is None or self.done < 2 or self.last <= self.first:
+            return None
+        rate = (self.done - 1) / (self.last - self.first)
+        return (total - self.done) / rate
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "-:--"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class _Progress:
+    """What ``normalize`` prints: a line per frame and an overall bar (rich), or JSON lines."""
+
+    def __init__(self, *, quiet: bool, json_lines: bool) -> None:
+        from rich.console import Console
+
+        self.quiet = quiet
+        self.json_lines = json_lines
+        self.console = Console(highlight=False)
+        self.errors = Console(stderr=True, highlight=False)
+        self.rate = _Rate()
+        self.bar = None
+        self.task = None
+        if not quiet and not json_lines:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(
+                TextColumn("normalizing"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA {task.fields[eta]}"),
+                console=self.console,
+                transient=True,
             )
 
-    run = run_normalize(
-        frames,
-        reference=reference,
-        output_dir=output_dir,
-        params=params,
-        backend=chosen,
-        postfix=postfix,
-        stop_on_error=stop_on_error,
-        progress=report,
-        overwrite=overwrite,
-        output_format=output_format,
-    )
-    if run.reference_reason and not quiet:
-        typer.echo(f"reference: {Path(run.reference).name}: {run.reference_reason}")
-    done = sum(1 for f in run.frames if f.status != "failed")
-    typer.echo(
-        f"{done} of {len(run.frames)} frames normalized on {chosen.name}; results in {output_dir / 'results.csv'}"
-    )
-    kept = sum(1 for f in run.frames if f.resumed)
-    if kept:
-        typer.echo(
-            f"{kept} frame(s) kept from an earlier run (outputs complete and up to date; --overwrite redoes them)"
+    def __enter__(self):
+        if self.bar is not None:
+            # No total until the reference is prepared: the bar pulses meanwhile.
+            self.task = self.bar.add_task("normalize", total=None, eta=_clock(None))
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False
+
+    def frame_done(self, result, done: int, total: int) -> None:
+        self.rate.update(done)
+        eta = self.rate.seconds_left(total)
+        if self.json_lines:
+            row = {"event": "frame", "done": done, "total": total, "eta_seconds": eta, **result.row()}
+            typer.echo(json.dumps(row, allow_nan=False, default=str))
+            return
+        if result.status == "failed":
+            self._print_error(f"[{done}/{total}] FAILED {result.error}")
+        elif not self.quiet:
+            self._print(_frame_line(result, done, total))
+        if self.bar is not None:
+            self.bar.update(self.task, total=total, completed=done, eta=_clock(eta))
+
+    def _print(self, text: str) -> None:
+        from rich.markup import escape
+
+        (self.bar.console if self.bar is not None else self.console).print(escape(text), soft_wrap=True)
+
+    def _print_error(self, text: str) -> None:
+        from rich.markup import escape
+
+        self.errors.print(escape(text), style="red", soft_wrap=True)
+
+    def finish(self, run, *, backend: str, output_dir: Path) -> None:
+        done = sum(1 for f in run.frames if f.status != "failed")
+        if self.json_lines:
+            summary = {
+                "event": "run",
+                "reference": run.reference,
+                "reference_reason": run.reference_reason,
+                "frames": len(run.frames),
+                "normalized": done,
+                "failed": len(run.failed),
+                "rejected": sum(1 for f in run.frames if f.rejected),
+                "kept": sum(1 for f in run.frames if f.resumed),
+                "backend": backend,
+                "results": str(output_dir / "results.csv"),
+                "report": run.report,
+                "report_error": run.report_error,
+            }
+            typer.echo(json.dumps(summary, allow_nan=False, default=str))
+            return
+        if run.reference_reason and not self.quiet:
+            self._print(f"reference: {Path(run.reference).name}: {run.reference_reason}")
+        self._print(
+            f"{done} of {len(run.frames)} frames normalized on {backend}; results in {output_dir / 'results.csv'}"
         )
-    rejected = [f for f in run.frames if f.rejected]
-    if rejected:
-        typer.echo(f"{len(rejected)} frame(s) rejected, their outputs in {output_dir / 'rejected'}:")
-        for f in rejected:
-            typer.echo(f"  {Path(f.path).name}: {f.rejected}")
-    for f in run.frames:
-        if f.warning:
-            typer.echo(f"warning: {Path(f.path).name}: {f.warning}", err=True)
-    if run.failed:
-        typer.echo(f"{len(run.failed)} frame(s) failed:", err=True)
-        for f in run.failed:
-            typer.echo(f"  {f.error}", err=True)
-        raise typer.Exit(code=2)
+        kept = sum(1 for f in run.frames if f.resumed)
+        if kept:
+            self._print(
+                f"{kept} frame(s) kept from an earlier run (outputs complete and up to date; --overwrite redoes them)"
+            )
+        rejected = [f for f in run.frames if f.rejected]
+        if rejected:
+            self._print(f"{len(rejected)} frame(s) rejected, their outputs in {output_dir / 'rejected'}:")
+            for f in rejected:
+                self._print(f"  {Path(f.path).name}: {f.rejected}")
+        for f in run.frames:
+            if f.warning:
+                self._print_error(f"warning: {Path(f.path).name}: {f.warning}")
+        if run.report and not self.quiet:
+            self._print(f"report: {run.report}")
+        if run.report_error:
+            self._print_error(f"report not written: {run.report_error}")
+        if run.failed:
+            self._print_error(f"{len(run.failed)} frame(s) failed:")
+            for f in run.failed:
+                self._print_error(f"  {f.error}")
+
+
+def _frame_line(result, done: int, total: int) -> str:
+    name = Path(result.path).name
+    if result.resumed:
+        return f"[{done}/{total}] {name}: output complete and up to date, kept"
+    if result.status == "reference":
+        return f"[{done}/{total}] {name}: reference, {result.star_pairs} stars"
+    transmission = " ".join(f"{t:.4f}" for t in result.transmission)
+    return (
+        f"[{done}/{total}] {name}: transmission {transmission}  weight {result.weight:.3f}  "
+        f"pairs {result.star_pairs}  samples {result.samples}  {result.seconds:.1f} s"
+    )
+
+
+@app.command()
+@_one_line_errors
+def inspect(
+    frames: Annotated[list[Path], typer.Argument(help="FITS frames to measure.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the table as a JSON list.")] = False,
+    detection_sigma: Annotated[
+        float, typer.Option(help="Star detection threshold, in noise units of the matched-filter image.")
+    ] = _DEFAULTS.detection_sigma,
+):
+    """Measure FRAMES and rank them as --reference auto does (the first row is its choice)."""
+    from .select import inspect_frames
+
+    ranked = inspect_frames(frames, detection_sigma=detection_sigma)
+    if json_output:
+        typer.echo(json.dumps([s.row() for s in ranked], indent=2, allow_nan=False, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    def number(value, fmt: str) -> str:
+        return "" if value is None else format(value, fmt)
+
+    table = Table(title="Frames ranked as --reference auto ranks them", title_justify="left")
+    columns = (
+        "#", "file", "date", "exp (s)", "filter", "alt / airmass", "median", "noise", "noise/s",
+        "stars", "FWHM", "gradient", "star SNR", "note",
+    )  # fmt: skip
+    for heading in columns:
+        table.add_column(heading, justify="left" if heading in ("file", "date", "filter", "note") else "right")
+    for s in ranked:
+        altitude = " / ".join(v for v in (number(s.altitude, ".1f"), number(s.airmass, ".3f")) if v)
+        table.add_row(
+            str(s.rank),
+            s.path.name,
+            s.date_obs or "",
+            number(s.exposure, "g"),
+            s.filter or "",
+            altitude,
+            number(s.median, ".4g"),
+            number(s.noise or None, ".3g"),
+            number(s.noise_per_second, ".3g"),
+            str(s.stars),
+            number(s.fwhm, ".2f"),
+            number(s.gradient or None, ".1f"),
+            number(s.star_snr or None, ".0f"),
+            s.error or s.note,
+        )
+    # Off a terminal (a pipe, a file) rich would squeeze the table into 80 columns.
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+    console.print(table)
+    if ranked and ranked[0].candidate:
+        console.print(f"--reference auto would choose {ranked[0].path.name}", highlight=False)
+    else:
+        console.print("no frame is a candidate reference", highlight=False)
 
 
 @app.command()

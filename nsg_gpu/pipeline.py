@@ -86,6 +86,7 @@ class Reference:
     valid: object  # (rows, cols) backend bool
     rejected: np.ndarray  # (rows, cols) host bool, star circles
     noise: np.ndarray  # per channel
+    circles: np.ndarray | None = None  # (n, 3) x, y, radius of the stars that reject samples
     _measurements: dict = field(default_factory=dict)
 
     @property
@@ -134,6 +135,7 @@ class FrameResult:
     relative_transmission: float | None = None
     warning: str | None = None
     data: object = None  # normalized data, only for in-memory use
+    diagnostics: object = None  # FrameDiagnostics, only when asked for (plots)
 
     def row(self) -> dict:
         """A flat dict for results.csv / results.json."""
@@ -176,6 +178,8 @@ class RunResult:
     frames: list[FrameResult]
     parameters: Parameters | None = None
     reference_reason: str | None = None
+    report: str | None = None  # report.html, when written
+    report_error: str | None = None  # why it was not
 
     @property
     def failed(self) -> list[FrameResult]:
@@ -259,7 +263,10 @@ def prepare_reference(frame: Frame, params: Parameters | None = None, *, backend
     radius = stars.radius[:n_reject] + resolved.aperture_add + resolved.sample_star_growth_rate * stars.flux[:n_reject]
     rejected = star_rejection(grid, stars.x[:n_reject], stars.y[:n_reject], radius)
     noise = np.array([ksigma_noise(data[c]) for c in range(data.shape[0])])
-    return Reference(frame, resolved, stars, linear, channel_peak, isolated, grid, medians, valid, rejected, noise)
+    circles = np.column_stack([stars.x[:n_reject], stars.y[:n_reject], radius])
+    return Reference(
+        frame, resolved, stars, linear, channel_peak, isolated, grid, medians, valid, rejected, noise, circles=circles
+    )
 
 
 def _isolated(stars: StarCatalog, index: np.ndarray, reach: float) -> np.ndarray:
@@ -283,6 +290,8 @@ class ScaleMeasurement:
     fwhm: float
     fits: list
     correction: np.ndarray
+    target_flux: np.ndarray | None = None  # (channels, pairs) usable pairs, as fitted
+    reference_flux: np.ndarray | None = None
 
 
 def measure_scale(reference: Reference, frame: Frame) -> ScaleMeasurement:
@@ -394,7 +403,15 @@ def measure_scale(reference: Reference, frame: Frame) -> ScaleMeasurement:
         scales.append(fit.scale)
         fits.append(fit)
     pairs = max(f.n_pairs for f in fits)
-    return ScaleMeasurement(np.array(scales), pairs, fwhm_t, fits, correction)
+    return ScaleMeasurement(
+        np.array(scales),
+        pairs,
+        fwhm_t,
+        fits,
+        correction,
+        target_flux=tgt_m.flux[:, usable],
+        reference_flux=ref_m.flux[:, usable] * np.asarray(correction)[:, None],
+    )
 
 
 def _local_level(image, x, y, half: int) -> np.ndarray:
@@ -405,8 +422,10 @@ def _local_level(image, x, y, half: int) -> np.ndarray:
     return np.median(border, axis=1)
 
 
-def model_gradient(reference: Reference, frame: Frame, scale: np.ndarray):
+def model_gradient(reference: Reference, frame: Frame, scale: np.ndarray, *, record: dict | None = None):
     """The spline model ``G`` of ``m*T - R`` per channel, as a full image on the frame's backend.
+
+    ``record``, when given, receives the sample table and the splines (for diagnostics).
 
     Returns
     -------
@@ -436,6 +455,7 @@ def model_gradient(reference: Reference, frame: Frame, scale: np.ndarray):
     _, height, width = data.shape
     step = max(4, min(32, grid.size // 2))
     gradient = xp.empty(data.shape, dtype=xp.float32)
+    splines = []
     for c in range(data.shape[0]):
         try:
             spline = fit_surface_spline(
@@ -444,11 +464,31 @@ def model_gradient(reference: Reference, frame: Frame, scale: np.ndarray):
         except ValueError as exc:
             raise TooFewSamplesError(frame.path, f"the gradient cannot be modelled: {exc}") from exc
         gradient[c] = spline.evaluate_image(height, width, step=step, xp=xp)
+        splines.append(spline)
+    if record is not None:
+        record.update(
+            used=use,
+            covered=be.to_host(reference.valid & valid_t),
+            difference=difference,
+            samples=samples,
+            splines=splines,
+        )
     return gradient, n
 
 
-def normalize_frame(reference: Reference, frame: Frame) -> FrameResult:
+def normalize_frame(reference: Reference, frame: Frame, *, diagnostics: bool = False) -> FrameResult:
     """Normalize one target to the reference, in memory.
+
+    Parameters
+    ----------
+    reference : Reference
+
+    frame : Frame
+
+    diagnostics : bool
+        Also keep what the fits used (star pairs, background samples, splines) in
+        ``result.diagnostics`` (a :class:`~nsg_gpu.diagnostics.FrameDiagnostics`, host arrays of
+        at most a few hundred kB); the numbers of the result are the same either way.
 
     Returns
     -------
@@ -481,7 +521,8 @@ def normalize_frame(reference: Reference, frame: Frame) -> FrameResult:
     _check_data(frame)
     measured = measure_scale(reference, frame)
     m = measured.scale
-    gradient, n_samples = model_gradient(reference, frame, m)
+    record = {} if diagnostics else None
+    gradient, n_samples = model_gradient(reference, frame, m, record=record)
     out, high, measured_noise = normalize_pixels(
         frame.data,
         m,
@@ -511,6 +552,36 @@ def normalize_frame(reference: Reference, frame: Frame) -> FrameResult:
         date_obs=meta.date_obs,
         seconds=time.perf_counter() - started,
         data=out,
+        diagnostics=_diagnostics(reference, measured, record) if diagnostics else None,
+    )
+
+
+def _diagnostics(reference: Reference, measured: ScaleMeasurement, record: dict):
+    from .diagnostics import FrameDiagnostics, PhotometryPairs
+
+    pairs = [
+        PhotometryPairs(
+            target_flux=measured.target_flux[c],
+            reference_flux=measured.reference_flux[c],
+            used=fit.used,
+            scale=fit.scale,
+            intercept=fit.intercept,
+        )
+        for c, fit in enumerate(measured.fits)
+    ]
+    _, height, width = reference.frame.data.shape
+    return FrameDiagnostics(
+        height=height,
+        width=width,
+        photometry=pairs,
+        grid=reference.grid,
+        covered=record["covered"],
+        star_rejected=reference.rejected,
+        used=record["used"],
+        difference=record["difference"],
+        samples=record["samples"],
+        splines=record["splines"],
+        circles=reference.circles,
     )
 
 
@@ -606,6 +677,7 @@ class FrameJob:
     reference_name: str
     history: tuple[str, ...] = ()
     fingerprint: str | None = None
+    diagnostics: bool = False  # keep what the fits used, for plots
 
 
 @dataclass
@@ -619,9 +691,9 @@ class RunPlan:
     duplicates: list[FrameResult]
     reference_reason: str | None = None
 
-    def jobs(self, history: Sequence[str] = ()) -> list[FrameJob]:
+    def jobs(self, history: Sequence[str] = (), *, diagnostics: bool = False) -> list[FrameJob]:
         name = self.reference_path.name
-        return [FrameJob(p, self.outputs[p], name, tuple(history)) for p in self.targets]
+        return [FrameJob(p, self.outputs[p], name, tuple(history), diagnostics) for p in self.targets]
 
 
 def plan_run(
@@ -719,7 +791,7 @@ def process_frame(reference: Reference, job: FrameJob) -> FrameResult:
     started = time.perf_counter()
     try:
         frame = read_frame(job.path)
-        result = normalize_frame(reference, frame)
+        result = normalize_frame(reference, frame, diagnostics=job.diagnostics)
         header = set_nsg_keywords(
             frame.header,
             reference_name=job.reference_name,
@@ -757,6 +829,8 @@ def normalize(
     executor=None,
     overwrite: bool = False,
     output_format: str = "fits",
+    plots: bool = False,
+    report: bool = False,
 ) -> RunResult:
     """Normalize frames on disk to a reference and write ``<stem><postfix>.fits`` for each.
 
@@ -797,6 +871,15 @@ def normalize(
 
     output_format : {"fits", "xisf"}
         Format of the normalized frames (``.fits`` or ``.xisf``).
+
+    plots : bool
+        Write the diagnostic plots of every frame to ``output_dir/plots`` as it completes
+        (:mod:`nsg_gpu.diagnostics`). Without it, only a few chosen frames are plotted.
+
+    report : bool
+        Write ``report.html`` with the run charts and the chosen frames' diagnostics
+        (:mod:`nsg_gpu.htmlreport`); ``nsg normalize`` does by default. A report that cannot be
+        written leaves the run done, with the reason in ``RunResult.report_error``.
 
     Returns
     -------
@@ -854,15 +937,30 @@ def normalize(
         by_path[p] = result_from_header(p, out, header, weight_keyword=prepared.params.weight_keyword)
         if progress:
             progress(by_path[p], len(by_path) + 1, total)
+    # Every frame records its diagnostics (a few hundred kB); with --plots each is plotted and
+    # dropped at once, otherwise only the highest- and lowest-weight frames' records are kept.
     jobs = [
         dataclasses.replace(job, fingerprint=fingerprints[job.path])
-        for job in plan.jobs(prepared.params.history())
+        for job in plan.jobs(prepared.params.history(), diagnostics=plots or report)
         if job.path not in complete
     ]
     for job in jobs:
         clear_outputs(job.output)  # a frame redone has no output until its new one is complete
+    frame_plots: dict[str, list[Path]] = {}
+    plot_error = None
+    kept: dict[str, tuple] = {}
     results_iter = executor.run(prepared, jobs, stop_on_error=stop_on_error)
     for job, result in zip(jobs, results_iter):
+        if result.diagnostics is not None:
+            if plots:
+                try:
+                    frame_plots[result.path] = _plot_frame(result, result.diagnostics, output_dir)
+                except OutputError as exc:
+                    plots = False  # the disk is full or gone: the next frames' plots would fail too
+                    plot_error = str(exc)
+            else:
+                _keep_extremes(kept, result)
+            result.diagnostics = None
         by_path[job.path] = result
         if progress:
             progress(result, len(by_path) + 1, total)
@@ -872,8 +970,14 @@ def normalize(
         results, min_weight=params.min_weight, min_transmission=params.min_transmission, output_dir=output_dir
     )
     run = RunResult(str(plan.reference_path), results, prepared.params, plan.reference_reason)
+    run.report_error = plot_error
     write_results(run, output_dir)
     write_weights(run, output_dir)
+    if report:
+        try:
+            run.report = str(_write_report(prepared, run, output_dir, frame_plots, kept))
+        except OutputError as exc:  # the frames and results are written; the report is extra
+            run.report_error = str(exc)
     return run
 
 
@@ -891,3 +995,38 @@ def _filter_warnings(results: list[FrameResult]) -> None:
                 "frames of different filters should not be normalized to one reference"
             )
             result.warning = f"{result.warning}; {message}" if result.warning else message
+
+
+def _keep_extremes(kept: dict, result: FrameResult) -> None:
+    """Keep ``result``'s diagnostics if it has the highest or lowest weight so far."""
+    record = (result, result.diagnostics)
+    for key, better in (("high", lambda a, b: a > b), ("low", lambda a, b: a < b)):
+        if key not in kept or better(result.weight, kept[key][0].weight):
+            kept[key] = record
+
+
+def _plot_frame(result: FrameResult, diagnostics, output_dir) -> list[Path]:
+    from .diagnostics import write_frame_plots
+
+    return write_frame_plots(result, diagnostics, Path(output_dir) / "plots")
+
+
+def _write_report(prepared: Reference, run: RunResult, output_dir, frame_plots: dict, kept: dict) -> Path:
+    """report.html, with the diagnostics of the chosen frames; one whose record was not kept
+    during the run (the median-weight frame) is normalized again in memory."""
+    from .diagnostics import chosen_frames
+    from .htmlreport import write_report
+
+    records = {result.path: diagnostics for result, diagnostics in kept.values()}
+    chosen = chosen_frames(run.frames)
+    for result in chosen.values():
+        if result.path in frame_plots:
+            continue
+        diagnostics = records.get(result.path)
+        if diagnostics is None:
+            try:
+                diagnostics = normalize_frame(prepared, read_frame(result.path), diagnostics=True).diagnostics
+            except FrameError:  # changed on disk since; the report goes without its plots
+                continue
+        frame_plots[result.path] = _plot_frame(result, diagnostics, output_dir)
+    return write_report(run, output_dir, frame_plots=frame_plots, chosen=chosen)

@@ -12,10 +12,15 @@ full coverage and a simple gradient. The rule here, applied to every candidate f
 3. **Signal-to-noise.** Of the rest, the frame with the highest star signal-to-noise wins:
    the summed flux of its 50 brightest unsaturated stars divided by its pixel noise. It
    favours transparent sky, good seeing, low background and long exposures alike.
+
+Frames are ranked by the same rule (candidates by star signal-to-noise, then the frames
+dropped for their gradient, then for their coverage, then those that could not be measured):
+``nsg inspect`` shows that ranking, and ``--reference auto`` takes its first frame.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,24 +33,63 @@ from .io import read_frame
 from .noise import ksigma_noise
 from .stars import detect_stars, detection_image, smooth_background
 
-__all__ = ["ReferenceScore", "score_frame", "choose_reference"]
+__all__ = ["ReferenceScore", "score_frame", "rank_frames", "inspect_frames", "choose_reference"]
+
+#: Frames covering less than this share of the best frame's coverage are not candidates.
+MIN_RELATIVE_COVERAGE = 0.98
+#: Frames whose gradient exceeds this multiple of the candidates' median are not candidates.
+MAX_RELATIVE_GRADIENT = 2.0
+#: Stars summed for the star signal-to-noise, brightest unsaturated first.
+SNR_STARS = 50
 
 
 @dataclass
 class ReferenceScore:
-    """The figures the reference choice uses, for one frame."""
+    """What the reference choice measures of one frame, with header facts for ``nsg inspect``.
+
+    ``star_snr`` is the score; ``rank`` (1 = the frame ``--reference auto`` picks),
+    ``candidate`` and ``note`` are set by :func:`rank_frames`.
+    """
 
     path: Path
-    coverage: float
-    noise: float
-    star_snr: float
-    gradient: float
-    stars: int
+    coverage: float = 0.0
+    noise: float = 0.0
+    star_snr: float = 0.0
+    gradient: float = 0.0
+    stars: int = 0
     error: str | None = None
+    median: float | None = None
+    fwhm: float | None = None
+    exposure: float | None = None
+    filter: str | None = None
+    date_obs: str | None = None
+    altitude: float | None = None
+    airmass: float | None = None
+    rank: int | None = None
+    candidate: bool = False
+    note: str = ""
+
+    @property
+    def noise_per_second(self) -> float | None:
+        """Pixel noise divided by the exposure time, where the header has one."""
+        return self.noise / self.exposure if self.exposure else None
+
+    def row(self) -> dict:
+        """A flat dict for ``nsg inspect --json``."""
+        out = dataclasses.asdict(self)
+        out["path"] = str(self.path)
+        out["noise_per_second"] = self.noise_per_second
+        return out
 
 
 def score_frame(path: str | os.PathLike, *, detection_sigma: float = 5.0) -> ReferenceScore:
-    """Measure coverage, noise, star signal-to-noise and gradient strength of a frame."""
+    """Measure coverage, noise, star signal-to-noise and gradient strength of a frame.
+
+    Raises
+    ------
+    FrameError
+        The frame cannot be read.
+    """
     frame = read_frame(path)
     image = detection_image(frame.data)
     valid = image > 0
@@ -53,16 +97,84 @@ def score_frame(path: str | os.PathLike, *, detection_sigma: float = 5.0) -> Ref
     noise = ksigma_noise(image)
     stars = detect_stars(frame.data, detection_sigma=detection_sigma)
     unsaturated = stars.peak < 0.7 * float(image.max())
-    flux = np.sort(stars.flux[unsaturated])[::-1][:50]
+    flux = np.sort(stars.flux[unsaturated])[::-1][:SNR_STARS]
     star_snr = float(flux.sum() / noise) if noise > 0 else 0.0
     background = smooth_background(image, valid, scale=max(image.shape) / 16.0, factor=8)
     values = background[valid]
     gradient = float(np.subtract(*np.percentile(values, [95, 5])) / noise) if noise > 0 and values.size else 0.0
-    return ReferenceScore(Path(path), coverage, noise, star_snr, gradient, len(stars))
+    meta = frame.meta
+    return ReferenceScore(
+        Path(path),
+        coverage,
+        noise,
+        star_snr,
+        gradient,
+        len(stars),
+        median=float(np.median(image[valid])) if valid.any() else None,
+        fwhm=float(stars.fwhm) if len(stars) else None,
+        exposure=meta.exposure,
+        filter=meta.filter,
+        date_obs=meta.date_obs,
+        altitude=meta.altitude,
+        airmass=meta.airmass,
+    )
+
+
+def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
+    """Order frames by the rule of this module and set their ``rank``, ``candidate`` and ``note``.
+
+    Returns
+    -------
+    list of ReferenceScore
+        Candidates first by star signal-to-noise, then the frames dropped for their gradient,
+        for their coverage, and the frames that could not be measured.
+    """
+    measured = [s for s in scores if s.error is None and s.stars > 0 and s.noise > 0]
+    for s in scores:
+        if s.error is None and s not in measured:
+            s.note = "no stars detected" if s.stars == 0 else "no noise measured"
+    if measured:
+        best_coverage = max(s.coverage for s in measured)
+        covered = [s for s in measured if s.coverage >= MIN_RELATIVE_COVERAGE * best_coverage]
+        median_gradient = float(np.median([s.gradient for s in covered]))
+        calm = [s for s in covered if s.gradient <= MAX_RELATIVE_GRADIENT * median_gradient + 1e-9] or covered
+        for s in measured:
+            s.candidate = s in calm
+            if s.candidate:
+                s.note = "candidate"
+            elif s in covered:
+                s.note = f"gradient {s.gradient / max(median_gradient, 1e-12):.1f}x the median"
+            else:
+                s.note = f"coverage {s.coverage:.1%}, below {MIN_RELATIVE_COVERAGE:.0%} of the best"
+
+    def group(s: ReferenceScore) -> int:
+        if s.candidate:
+            return 0
+        if s.error is None and s.note.startswith("gradient"):
+            return 1
+        if s.error is None and s.note.startswith("coverage"):
+            return 2
+        return 3
+
+    ordered = sorted(scores, key=lambda s: (group(s), -s.star_snr))
+    for k, s in enumerate(ordered, start=1):
+        s.rank = k
+    return ordered
+
+
+def inspect_frames(paths: Sequence[str | os.PathLike], *, detection_sigma: float = 5.0) -> list[ReferenceScore]:
+    """Score every frame (an unreadable one gets its error) and rank them; see :func:`rank_frames`."""
+    scores = []
+    for p in paths:
+        try:
+            scores.append(score_frame(p, detection_sigma=detection_sigma))
+        except FrameError as exc:
+            scores.append(ReferenceScore(Path(p), error=str(exc), note="cannot be read"))
+    return rank_frames(scores)
 
 
 def choose_reference(paths: Sequence[str | os.PathLike], *, detection_sigma: float = 5.0) -> tuple[Path, str]:
-    """Pick the reference among ``paths`` by the rule of this module.
+    """Pick the reference among ``paths``: the first frame of :func:`inspect_frames`.
 
     Returns
     -------
@@ -75,26 +187,27 @@ def choose_reference(paths: Sequence[str | os.PathLike], *, detection_sigma: flo
     ReferenceFrameError
         No frame could be read and measured.
     """
-    scores = []
-    for p in paths:
-        try:
-            scores.append(score_frame(p, detection_sigma=detection_sigma))
-        except FrameError:
-            continue
-    scores = [s for s in scores if s.stars > 0 and s.noise > 0]
-    if not scores:
+    ranked = inspect_frames(paths, detection_sigma=detection_sigma)
+    if not ranked or not ranked[0].candidate:
         raise ReferenceFrameError(
             paths[0] if paths else "auto", "no frame could be measured to choose a reference from"
         )
-    best_coverage = max(s.coverage for s in scores)
-    candidates = [s for s in scores if s.coverage >= 0.98 * best_coverage]
-    median_gradient = float(np.median([s.gradient for s in candidates]))
-    calm = [s for s in candidates if s.gradient <= 2 * median_gradient + 1e-9]
-    candidates = calm or candidates
-    best = max(candidates, key=lambda s: s.star_snr)
+    best = ranked[0]
+    candidates = [s for s in ranked if s.candidate]
+    measured = sum(1 for s in ranked if s.error is None and s.stars > 0 and s.noise > 0)
     reason = (
         f"highest star signal-to-noise ({best.star_snr:.0f}) of {len(candidates)} candidate(s) with "
         f"coverage {best.coverage:.1%} and gradient {best.gradient:.1f} sigma "
-        f"(of {len(scores)} frames measured)"
+        f"(of {measured} frames measured)"
     )
+    if len(candidates) > 1:
+        runner_up = candidates[1]
+        reason += f"; next: {runner_up.path.name} ({runner_up.star_snr:.0f})"
+    dropped = {
+        "for their gradient": sum(s.note.startswith("gradient") for s in ranked),
+        "for their coverage": sum(s.note.startswith("coverage") for s in ranked),
+        "unreadable or without stars": sum(s.error is not None or s.note.startswith("no ") for s in ranked),
+    }
+    if any(dropped.values()):
+        reason += "; not candidates: " + ", ".join(f"{n} {why}" for why, n in dropped.items() if n)
     return best.path, reason

@@ -1,0 +1,280 @@
+"""What users see: ``nsg inspect``, progress output, diagnostic plots and report.html."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from typer.testing import CliRunner
+
+from nsg_gpu.cli import app
+from nsg_gpu.diagnostics import FRAME_PLOTS, chosen_frames, gradient_preview, rejection_thresholds, relative_figures
+from nsg_gpu.io import read_frame
+from nsg_gpu.pipeline import FrameResult, normalize_frame, prepare_reference
+from nsg_gpu.select import choose_reference
+from nsg_gpu.synthetic import SyntheticField, write_synthetic_set
+
+runner = CliRunner()
+SPEC = dict(width=700, height=500, n_frames=4, n_stars=900, seed=4)
+
+
+@pytest.fixture(scope="module")
+def field_frames(tmp_path_factory):
+    """Four 700x500 mono synthetic frames and the field that made them."""
+    field = SyntheticField(**SPEC)
+    return field, write_synthetic_set(tmp_path_factory.mktemp("report") / "in", field.spec)
+
+
+@pytest.fixture(scope="module")
+def plotted_run(field_frames, tmp_path_factory):
+    """``nsg normalize --plots --json`` on the frames: (parsed JSON lines, output directory)."""
+    _, paths = field_frames
+    out = tmp_path_factory.mktemp("report_out") / "o"
+    result = runner.invoke(
+        app, ["normalize", *map(str, paths), "-r", str(paths[0]), "-o", str(out), "--plots", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    return lines, out
+
+
+def test_diagnostics_record_the_fits_without_changing_them(field_frames):
+    """With diagnostics the numbers are identical; the record's scale, pairs and spline agree
+    with the result, and the recorded spline follows the true gradient of the synthetic field."""
+    field, paths = field_frames
+    reference = prepare_reference(read_frame(paths[0]))
+    plain = normalize_frame(reference, read_frame(paths[1]))
+    recorded = normalize_frame(reference, read_frame(paths[1]), diagnostics=True)
+    assert plain.diagnostics is None
+    np.testing.assert_array_equal(plain.data, recorded.data)
+    assert (plain.scale, plain.weight, plain.star_pairs, plain.samples) == (
+        recorded.scale,
+        recorded.weight,
+        recorded.star_pairs,
+        recorded.samples,
+    )
+    d = recorded.diagnostics
+    pairs = d.photometry[0]
+    assert pairs.scale == recorded.scale[0]
+    assert int(pairs.used.sum()) == recorded.star_pairs
+    assert pairs.target_flux.shape == pairs.reference_flux.shape == pairs.used.shape
+    assert int(d.used.sum()) == recorded.samples
+    assert not (d.used & d.star_rejected).any() and not (d.used & ~d.covered).any()
+    # The spline at the preview points against the truth m*sky_1 - sky_0, where both frames have data.
+    preview = gradient_preview(d)[0]
+    ny, nx = preview.shape
+    rows = np.linspace(0, d.height - 1, ny).round().astype(int)
+    cols = np.linspace(0, d.width - 1, nx).round().astype(int)
+    m = field.frames[1].scale(field.reference)[0]
+    truth = (m * field.sky(1)[0] - field.sky(0)[0])[np.ix_(rows, cols)]
+    covered = (field.coverage(0) & field.coverage(1))[np.ix_(rows, cols)]
+    # Up to a constant: on frames this small the scale is off by up to a few per cent (its
+    # accuracy is tested on full-size sets), which shifts the pedestal m*sky level.
+    residual = (preview - truth)[covered]
+    error = np.abs(residual - np.median(residual)) / field.spec.noise_sigma
+    span = np.ptp(truth[covered]) / field.spec.noise_sigma
+    assert span > 5 and np.median(error) < 0.3 and error.max() < 1.0, (np.median(error), error.max(), span)
+
+
+def test_inspect_ranks_as_reference_auto_chooses(field_frames):
+    field, paths = field_frames
+    result = runner.invoke(app, ["inspect", *map(str, paths), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert sorted(r["path"] for r in rows) == sorted(map(str, paths))
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4]
+    chosen, reason = choose_reference(paths)
+    assert rows[0]["path"] == str(chosen) and rows[0]["candidate"]
+    candidates = [r["star_snr"] for r in rows if r["candidate"]]
+    assert candidates == sorted(candidates, reverse=True)
+    assert all(r["candidate"] for r in rows[: len(candidates)])  # candidates come first
+    by_path = {r["path"]: r for r in rows}
+    for k, path in enumerate(paths):
+        row, truth = by_path[str(path)], field.frames[k]
+        assert row["exposure"] == truth.exposure and row["date_obs"] == truth.date_obs
+        assert row["coverage"] == pytest.approx(field.coverage(k).mean(), abs=0.01)
+        assert row["noise_per_second"] == pytest.approx(row["noise"] / truth.exposure)
+        assert row["fwhm"] == pytest.approx(truth.fwhm, rel=0.25)
+    table = runner.invoke(app, ["inspect", *map(str, paths)])
+    assert table.exit_code == 0
+    assert f"--reference auto would choose {Path(chosen).name}" in table.output
+    assert table.output.index(Path(chosen).name) < min(table.output.index(p.name) for p in paths if p != Path(chosen))
+
+
+def test_json_lines_are_the_results_rows(plotted_run):
+    lines, out = plotted_run
+    frames = [line for line in lines if line["event"] == "frame"]
+    assert [line["done"] for line in frames] == [1, 2, 3, 4] and all(line["total"] == 4 for line in frames)
+    assert lines[-1]["event"] == "run" and lines[-1]["normalized"] == 4
+    assert lines[-1]["report"] == str(out / "report.html")
+    rows = json.loads((out / "results.json").read_text())["frames"]
+    assert [(f["file"], f["weight"], f["transmission_0"]) for f in frames] == [
+        (r["file"], r["weight"], r["transmission_0"]) for r in rows
+    ]
+    assert frames[0]["eta_seconds"] is None and frames[-1]["eta_seconds"] == 0
+
+
+def test_plots_for_every_frame_and_the_report_links_them(plotted_run):
+    lines, out = plotted_run
+    targets = [Path(line["file"]) for line in lines if line["event"] == "frame" and line["status"] == "ok"]
+    pngs = {p.name for p in (out / "plots").glob("*.png")}
+    expected = {f"{t.stem}_{key}.png" for t in targets for key, _ in FRAME_PLOTS} | {"run_transmission_weight.png"}
+    assert pngs == expected
+    for name in pngs:
+        assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "report.html").read_text()
+    for name in pngs:
+        assert f'src="plots/{name}"' in page
+    for line in lines[:-1]:
+        assert f'<td class="text">{Path(line["file"]).name}</td>' in page
+    assert "highest weight: " in page and "lowest weight: " in page
+
+
+def test_quiet_prints_only_the_summary(field_frames, tmp_path):
+    _, paths = field_frames
+    result = runner.invoke(
+        app,
+        [
+            "normalize",
+            *map(str, paths[:2]),
+            "-r",
+            str(paths[0]),
+            "-o",
+            str(tmp_path / "o"),
+            "-q",
+            "--no-report",
+            "--min-weight",
+            "0",
+            "--min-transmission",
+            "0",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines() == [
+        f"2 of 2 frames normalized on numpy; results in {tmp_path / 'o' / 'results.csv'}"
+    ]
+    assert not (tmp_path / "o" / "report.html").exists()
+    loud = runner.invoke(app, ["normalize", *map(str, paths[:2]), "-r", str(paths[0]), "-o", str(tmp_path / "p")])
+    assert f"[2/2] {paths[1].name}: transmission " in loud.output and "weight " in loud.output
+    assert f"report: {tmp_path / 'p' / 'report.html'}" in loud.output
+
+
+def test_chosen_frames_and_relative_figures():
+    """Highest, median and lowest weight; figures relative to the best, per second of exposure."""
+
+    def frame(name, weight, transmission, exposure, date):
+        return FrameResult(
+            path=name, status="ok", weight=weight, transmission=[transmission], exposure=exposure, date_obs=date
+        )
+
+    frames = [
+        frame("c", 0.5, 0.9, 60.0, "2025-01-01T22:00:00"),
+        frame("a", 1.0, 1.0, 120.0, "2025-01-01T20:00:00"),
+        frame("b", 0.2, 0.5, 120.0, "2025-01-01T21:00:00"),
+        FrameResult(path="x", status="failed", error="broken"),
+    ]
+    chosen = chosen_frames(frames)
+    assert {k: f.path for k, f in chosen.items()} == {"highest weight": "a", "median weight": "c", "lowest weight": "b"}
+    done, weight, transmission, per_exposure, by_time = relative_figures(frames)
+    assert [f.path for f in done] == ["a", "b", "c"] and per_exposure and by_time
+    np.testing.assert_allclose(weight, [1.0, 0.2, 0.5])
+    np.testing.assert_allclose(transmission, [1.0 / 120 / (0.9 / 60), 0.5 / 120 / (0.9 / 60), 1.0])
+    assert rejection_thresholds(None) == (0.25, 0.75)
+
+    class WithThresholds:
+        min_weight, min_transmission = 0.4, 0.6
+
+    assert rejection_thresholds(WithThresholds()) == (0.4, 0.6)
+
+
+def _chromium_driver():
+    """A headless Chromium through chromedriver, or the reason there is none."""
+    try:
+        from selenium import webdriver
+        from selenium.common.exceptions import WebDriverException
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        return None, "selenium is not installed (pip install selenium)"
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not browser or not driver_path:
+        return None, "Chromium or chromedriver is absent (apt-get install chromium chromium-driver)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    profile = tempfile.mkdtemp(prefix="nsg-chromium-")
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--window-size=1300,900",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    try:
+        return webdriver.Chrome(service=Service(driver_path), options=options), profile
+    except WebDriverException as exc:
+        shutil.rmtree(profile, ignore_errors=True)
+        return None, f"Chromium does not start here: {exc.msg}"
+
+
+def test_report_renders_in_chromium(plotted_run):
+    """report.html opens from disk with no console error, every image decoded, every frame listed."""
+    lines, out = plotted_run
+    driver, profile = _chromium_driver()
+    if driver is None:
+        pytest.skip(profile)
+    try:
+        driver.set_page_load_timeout(60)
+        driver.get((out / "report.html").resolve().as_uri())
+        driver.execute_script("document.querySelectorAll('details').forEach(d => d.open = true)")
+        # Lazy images load once scrolled to; scroll through the page, then wait for them.
+        driver.execute_script(
+            "document.querySelectorAll('img').forEach(i => i.loading = 'eager'); window.scrollTo(0, 1e6);"
+        )
+        images = driver.execute_async_script(
+            """
+            const done = arguments[arguments.length - 1];
+            const images = Array.from(document.images);
+            Promise.all(images.map(i => i.decode().then(() => true, () => false)))
+                .then(() => done(images.map(i => [i.getAttribute('src'), i.naturalWidth])));
+            """
+        )
+        rows = driver.execute_script("return document.querySelectorAll('.frames tr').length")
+        title = driver.title
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+    assert not errors, errors
+    assert title.startswith("nsg-gpu report")
+    assert rows == 1 + len([line for line in lines if line["event"] == "frame"])
+    assert len(images) == len(list((out / "plots").glob("*.png")))
+    assert all(width > 0 for _, width in images), images
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX only")
+def test_report_failure_leaves_the_run_done(field_frames, tmp_path):
+    """A plots directory that cannot be made: frames and results are written, the report error is told."""
+    _, paths = field_frames
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "plots").write_text("a file where the plots folder would go")
+    result = runner.invoke(app, ["normalize", *map(str, paths[:2]), "-r", str(paths[0]), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "report not written: " in result.output and "plots" in result.output
+    assert (out / "results.json").exists() and not (out / "report.html").exists()
+    row = json.loads((out / "results.json").read_text())["frames"][1]
+    assert Path(row["output"]).name == f"{paths[1].stem}_nsg.fits"
+    assert fits.getheader(row["output"])["NSGREF"] == paths[0].name
