@@ -53,13 +53,15 @@ class Parameters:
         Percentage of the star pairs removed, one at a time, as the farthest from the
         fitted line (NSG default 2).
     aperture_fwhm : float
-        Photometry aperture radius in units of the larger of the two frames' FWHM.
+        Photometry aperture radius in units of the larger of the two frames' FWHM (NSG uses
+        1.5; 3 keeps nearly all of a star's light in both frames, whatever the seeing).
     aperture_add : float
         Pixels added to the aperture radius and to the sample rejection circles (NSG 1).
     aperture_gap : float or None
         Gap (px) between aperture and background annulus. Auto: 0.0005 deg, at least 1 px.
     aperture_bg_delta : float or None
-        Width (px) of the background annulus. Auto: 0.002 deg, at least 5 px.
+        Least width (px) of the background annulus, which is at least as wide as the aperture
+        radius. Auto: 0.002 deg, at least 5 px.
     min_star_pairs : int
         Fewer usable star pairs than this is an error for that frame, never a silent scale 1.
 
@@ -101,7 +103,7 @@ class Parameters:
     star_search_radius: float = 2.0
     star_flux_tolerance: float = 1.5
     outlier_removal: float = 2.0
-    aperture_fwhm: float = 1.5
+    aperture_fwhm: float = 3.0
     aperture_add: float = 1.0
     aperture_gap: float | None = None
     aperture_bg_delta: float | None = None

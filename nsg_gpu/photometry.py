@@ -9,15 +9,17 @@ mean stays linear in it; a median or a clipped mean responds to faint neighbours
 proportion to the noise instead, which differs from frame to frame and biases the scale. A
 hot pixel in an annulus spoils one star, which the robust fit rejects.
 
-Seeing changes between frames, and a fixed aperture keeps a different share of a Moffat-like
-star's light at each FWHM. So apertures are sized from the larger of the two frames' FWHM,
-and the flux ratio gets a seeing correction from the two frames' curves of growth: the
-error-weighted biweight mean, over bright isolated stars, of the ratio between the frames of
-their big-to-measuring aperture ratios, times Moffat tails fitted to the curves for the light
-beyond the big aperture (see ``docs/scale-accuracy.md`` for what it reaches). The scale ``m``
-per channel is then NSG's fit: an L1 line with intercept, a flux-ratio tolerance and removal
-of the farthest pairs one at a time, followed by a noise-weighted robust refit through the
-origin of the survivors.
+Seeing changes between frames, and an aperture keeps a different share of a Moffat-like
+star's light at each FWHM. Every star is measured in both frames with the same wide aperture,
+``aperture_fwhm`` (3 by default) times the larger of the two FWHM, where both frames hold
+nearly all of its light, and a background annulus as wide as the aperture (its noise adds to
+every flux). Whatever else lies in the aperture (neighbours, nebula) is the same sky in both
+frames and scales with the transmission, so it cancels in the ratio; only the star light
+beyond the aperture and in the annulus differs, and a Moffat model of each frame's PSF
+(``seeing_correction``) restores it (see ``docs/scale-accuracy.md`` for what it reaches). The
+scale ``m`` per channel is then NSG's fit: an L1 line with intercept, a flux-ratio tolerance
+and removal of the farthest pairs one at a time, followed by a noise-weighted robust refit
+through the origin of the survivors.
 
 Images reach this module as small cutouts around the stars (a mosaic on the host), so a
 frame on the GPU never crosses to the host whole.
@@ -30,17 +32,18 @@ from dataclasses import dataclass
 
 import numpy as np
 from photutils.aperture import ApertureStats, CircularAnnulus, CircularAperture, aperture_photometry
-from scipy.optimize import least_squares
 
 from .backend import get_backend
 
 #: Relative error floor of one star's flux (flat-field and PSF variations across the field);
 #: it keeps the few brightest stars from outweighing all others in the fit.
 SYSTEMATIC_ERROR = 0.005
-#: The curve-of-growth aperture, in units of the measuring aperture radius.
-BIG_APERTURE_FACTOR = 2.5
-#: Share of the big aperture that may hold scattered zero pixels.
+#: Share of the aperture that may hold scattered zero pixels.
 MAX_HOLE_FRACTION = 0.05
+#: Moffat index of the PSF model behind the seeing correction. Seeing-limited stars have beta
+#: of about 2.5-4.5; on frames with beta 2.8-3.3 a fixed 3 leaves the correction up to 0.5 %
+#: off at 3 FWHM (docs/scale-accuracy.md).
+MOFFAT_BETA = 3.0
 
 __all__ = [
     "ApertureGeometry",
@@ -49,7 +52,7 @@ __all__ = [
     "aperture_geometry",
     "recentre",
     "measure_stars",
-    "aperture_correction",
+    "seeing_correction",
     "l1_line",
     "fit_scale",
 ]
@@ -57,45 +60,38 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ApertureGeometry:
-    """Radii in pixels: measuring aperture, curve-of-growth aperture, background annulus."""
+    """Radii in pixels: measuring aperture and background annulus."""
 
     radius: float
-    big_radius: float
     annulus_inner: float
     annulus_outer: float
-
-    @property
-    def curve_radii(self) -> tuple[float, ...]:
-        """Radii of the curve of growth, the measuring and the big aperture among them."""
-        r, big = self.radius, self.big_radius
-        inner = [0.5 * r, 0.75 * r, r]
-        mid = [v for v in np.linspace(r, big, 5)[1:-1]]
-        return tuple(inner + mid + [big])
 
 
 def aperture_geometry(
     fwhm: float, *, aperture_fwhm: float, aperture_add: float, gap: float, bg_delta: float
 ) -> ApertureGeometry:
-    """Aperture radii for a pair of frames whose larger FWHM is ``fwhm`` (px)."""
+    """Aperture radii for a pair of frames whose larger FWHM is ``fwhm`` (px).
+
+    The annulus starts ``gap`` beyond the aperture and is as wide as the aperture radius, or
+    ``bg_delta`` where that is wider: a wide annulus keeps the background's noise small
+    against the aperture's.
+    """
     radius = max(aperture_fwhm * fwhm + aperture_add, 3.0)
-    big = BIG_APERTURE_FACTOR * radius
-    inner = big + gap
-    return ApertureGeometry(radius, big, inner, inner + bg_delta)
+    inner = radius + gap
+    return ApertureGeometry(radius, inner, inner + max(bg_delta, radius))
 
 
 @dataclass
 class StarMeasurement:
     """Aperture photometry of stars in one frame, per channel.
 
-    ``flux`` is in the measuring aperture, background-subtracted; ``curve`` holds the fluxes
-    at ``geometry.curve_radii``; ``ok`` is False where an aperture or most of an annulus has
-    no data, or leaves the image.
+    ``flux`` is in the measuring aperture, background-subtracted; ``ok`` is False where an
+    aperture or most of an annulus has no data, or leaves the image.
     """
 
     geometry: ApertureGeometry
     flux: np.ndarray  # (channels, n)
     flux_error: np.ndarray  # (channels, n)
-    curve: np.ndarray  # (channels, n, radii)
     background: np.ndarray  # (channels, n)
     ok: np.ndarray  # (n,)
 
@@ -153,10 +149,9 @@ def measure_stars(data, x, y, geometry: ApertureGeometry) -> StarMeasurement:
     be = get_backend(data)
     channels = data.shape[0]
     n = int(np.size(x))
-    radii = geometry.curve_radii
     if n == 0:
         empty = np.zeros((channels, 0))
-        return StarMeasurement(geometry, empty, empty, np.zeros((channels, 0, len(radii))), empty, np.zeros(0, bool))
+        return StarMeasurement(geometry, empty, empty, empty, np.zeros(0, bool))
     finite = np.isfinite(x) & np.isfinite(y)
     x = np.where(finite, x, 0.0)
     y = np.where(finite, y, 0.0)
@@ -175,20 +170,20 @@ def measure_stars(data, x, y, geometry: ApertureGeometry) -> StarMeasurement:
     py = r0 + half + (np.asarray(y) - np.rint(y))
     positions = np.column_stack([px, py])
     no_data = np.any(mosaic == 0, axis=0)
-    apertures = [CircularAperture(positions, r=r) for r in radii]
+    aperture = CircularAperture(positions, r=geometry.radius)
     annulus = CircularAnnulus(positions, r_in=geometry.annulus_inner, r_out=geometry.annulus_outer)
     # Scattered zero pixels (a raw frame clipped at 0) are tolerated up to a few per cent of the
-    # big aperture and count as background; a registration border in the aperture is not.
-    holes = np.asarray(aperture_photometry(no_data.astype(float), apertures[-1], method="center")["aperture_sum"])
-    ok = (holes <= MAX_HOLE_FRACTION * apertures[-1].area) & finite
+    # aperture and count as background; a registration border in the aperture is not.
+    holes = np.asarray(aperture_photometry(no_data.astype(float), aperture, method="center")["aperture_sum"])
+    ok = (holes <= MAX_HOLE_FRACTION * aperture.area) & finite
     annulus_area = annulus.area
     cell = np.full((rows * side, cols * side), -1, np.int64)
     for i in range(n):
         cell[r0[i] : r0[i] + side, c0[i] : c0[i] + side] = i
-    curve = np.empty((channels, n, len(radii)))
+    flux = np.empty((channels, n))
     flux_error = np.empty((channels, n))
     background = np.empty((channels, n))
-    measure_index = radii.index(geometry.radius)
+    area = aperture.area
     for c in range(channels):
         stats = ApertureStats(mosaic[c], annulus, mask=no_data)
         bkg = np.asarray(stats.mean, float)
@@ -198,147 +193,45 @@ def measure_stars(data, x, y, geometry: ApertureGeometry) -> StarMeasurement:
         filled = mosaic[c].copy()
         hole_cells = cell[no_data]
         filled[no_data] = np.where(hole_cells >= 0, np.nan_to_num(bkg)[np.maximum(hole_cells, 0)], 0.0)
-        table = aperture_photometry(filled, apertures)
-        for k, aperture in enumerate(apertures):
-            curve[c, :, k] = np.asarray(table[f"aperture_sum_{k}"], float) - bkg * aperture.area
+        table = aperture_photometry(filled, aperture)
+        flux[c] = np.asarray(table["aperture_sum"], float) - bkg * area
         background[c] = bkg
-        # Error of the measuring aperture: sky noise over the aperture and in the background
-        # estimate, plus the star's shot noise in sky-noise units (gain from sky level/variance).
-        area = apertures[measure_index].area
+        # Error of the aperture: sky noise over the aperture and in the background estimate,
+        # plus the star's shot noise in sky-noise units (gain from sky level/variance).
         sky_var = np.nan_to_num(bkg_std) ** 2
         gain_inv = sky_var / np.maximum(np.abs(bkg), np.sqrt(sky_var) + 1e-30)
-        star = np.clip(curve[c, :, measure_index], 0, None)
+        star = np.clip(flux[c], 0, None)
         flux_error[c] = np.sqrt(
             area * sky_var * (1 + area / max(annulus_area, 1)) + star * gain_inv + (SYSTEMATIC_ERROR * star) ** 2
         )
-    flux = curve[:, :, measure_index]
     ok &= np.all(np.isfinite(flux), axis=0) & np.all(flux > 0, axis=0)
-    return StarMeasurement(geometry, flux, flux_error, curve, background, ok)
+    return StarMeasurement(geometry, flux, flux_error, background, ok)
 
 
-def _moffat_enclosed(r, alpha, beta):
-    return 1.0 - (1.0 + (r / alpha) ** 2) ** (1.0 - beta)
+def _moffat_outside(radius: float, fwhm: float, beta: float) -> float:
+    """Share of a Moffat star's light beyond ``radius``."""
+    alpha = fwhm / (2 * math.sqrt(2 ** (1 / beta) - 1))
+    return (1 + (radius / alpha) ** 2) ** (1 - beta)
 
 
-def _enclosed_at_big(profile: np.ndarray, radii: np.ndarray, measure_radius: float, fwhm: float) -> float:
-    """``E(big radius)`` of a Moffat profile fitted to a curve of growth normalized at its end."""
-    use = radii >= 0.5 * measure_radius
-
-    def residual(p):
-        alpha, beta = p
-        model = _moffat_enclosed(radii[use], alpha, beta) / _moffat_enclosed(radii[-1], alpha, beta)
-        return model - profile[use]
-
-    alpha0 = max(fwhm, 1.0) / (2 * math.sqrt(2 ** (1 / 3.0) - 1))
-    try:
-        fit = least_squares(residual, x0=[alpha0, 3.0], bounds=([0.2, 1.5], [100.0, 20.0]))
-    except (ValueError, FloatingPointError):
-        return 1.0
-    if not fit.success:
-        return 1.0
-    # The tail beyond the big aperture is a small correction; never let a poor fit make it large.
-    return float(np.clip(_moffat_enclosed(radii[-1], *fit.x), 0.97, 1.0))
+def _kept_share(geometry: ApertureGeometry, fwhm: float, beta: float) -> float:
+    """Background-subtracted aperture flux of a Moffat star over its total flux."""
+    r, inner, outer = geometry.radius, geometry.annulus_inner, geometry.annulus_outer
+    in_annulus = _moffat_outside(inner, fwhm, beta) - _moffat_outside(outer, fwhm, beta)
+    return 1 - _moffat_outside(r, fwhm, beta) - r * r / (outer * outer - inner * inner) * in_annulus
 
 
-def aperture_correction(
-    reference: StarMeasurement,
-    target: StarMeasurement,
-    select: np.ndarray,
-    *,
-    reference_fwhm: float,
-    target_fwhm: float,
-) -> np.ndarray:
-    """Seeing correction of the flux ratio, per channel, from the two curves of growth.
+def seeing_correction(
+    geometry: ApertureGeometry, *, reference_fwhm: float, target_fwhm: float, beta: float = MOFFAT_BETA
+) -> float:
+    """Factor turning the ratio ``reference / target`` of aperture fluxes into the ratio of
+    total fluxes, for Moffat PSFs of the two FWHM.
 
-    The ratio ``reference / target`` of the measuring-aperture fluxes is multiplied by this to
-    become the ratio of total fluxes. It is the weighted median, over bright isolated stars, of
-
-        (R_big / R_ap) / (T_big / T_ap)
-
-    (the light each frame's PSF puts between the measuring and the big aperture), times
-    ``E_T(big) / E_R(big)`` of Moffat profiles fitted to each frame's curve of growth (the light
-    beyond the big aperture). Faint neighbours inside the big aperture are the same stars in
-    both frames, so they cancel in the per-star ratio.
-
-    Parameters
-    ----------
-    reference, target : StarMeasurement
-        Photometry of the same stars with the same geometry.
-
-    select : bool array (n,)
-        Stars to use: bright, isolated and fully measured in both frames.
-
-    reference_fwhm, target_fwhm : float
-        Start values of the Moffat fits.
-
-    Returns
-    -------
-    ndarray (channels,)
-        The same value for every channel (see the comment in the code).
+    Each frame loses the light beyond the aperture and the light its annulus subtracts with
+    the background; the factor is the ratio of what the target and the reference keep,
+    ``K_T / K_R``. With the aperture at 3 FWHM it is within about 1 % of 1.
     """
-    geometry = reference.geometry
-    radii = np.asarray(geometry.curve_radii)
-    k_ap = list(radii).index(geometry.radius)
-    channels = reference.flux.shape[0]
-    # The seeing is the same in every channel to within its chromatic change, which is far
-    # below the noise of a per-channel estimate: one correction from the sum of the channels
-    # (the photometry of the summed image) serves them all, with sqrt(channels) less noise.
-    rc = reference.curve.sum(axis=0)[select]
-    tc = target.curve.sum(axis=0)[select]
-    re = np.sqrt((reference.flux_error**2).sum(axis=0))[select]
-    te = np.sqrt((target.flux_error**2).sum(axis=0))[select]
-    good = np.all(rc[:, [k_ap, -1]] > 0, axis=1) & np.all(tc[:, [k_ap, -1]] > 0, axis=1)
-    if good.sum() < 3:
-        return np.ones(channels)
-    rc, tc, re, te = rc[good], tc[good], re[good], te[good]
-    ratio = (rc[:, -1] / rc[:, k_ap]) / (tc[:, -1] / tc[:, k_ap])
-    # Sky noise between the two apertures dominates the error of each star's ratio.
-    ring = (geometry.big_radius / geometry.radius) ** 2 - 1
-    variance = ring * ((re / rc[:, k_ap]) ** 2 + (te / tc[:, k_ap]) ** 2)
-    empirical, error = _biweight_mean(ratio, 1.0 / np.maximum(variance, 1e-12))
-    # Shrink towards no correction by how well the estimate stands out of its own noise: a
-    # correction indistinguishable from 1 (equal seeing, or few faint stars) would only add
-    # noise to the scale.
-    excess = empirical - 1.0
-    empirical = 1.0 + excess * excess**2 / (excess**2 + error**2) if np.isfinite(error) else 1.0
-    weights = (rc[:, -1] / rc[:, -1].max()) ** 2
-    profile_r = np.array([_weighted_median(rc[:, k] / rc[:, -1], weights) for k in range(radii.size)])
-    profile_t = np.array([_weighted_median(tc[:, k] / tc[:, -1], weights) for k in range(radii.size)])
-    tail = _enclosed_at_big(profile_t, radii, geometry.radius, target_fwhm) / _enclosed_at_big(
-        profile_r, radii, geometry.radius, reference_fwhm
-    )
-    return np.full(channels, empirical * tail)
-
-
-def _biweight_mean(values: np.ndarray, weights: np.ndarray, c: float = 6.0) -> tuple[float, float]:
-    """Weighted mean with Tukey's biweight, scaled by the error-normalized residuals, and its
-    standard error (from the scatter of the kept values)."""
-    centre = _weighted_median(values, weights)
-    w = weights
-    for _ in range(20):
-        z = (values - centre) * np.sqrt(weights)
-        scale = max(1.4826 * float(np.median(np.abs(z))), 1e-300)
-        u = z / (c * scale)
-        w = weights * np.where(np.abs(u) < 1, (1 - u * u) ** 2, 0.0)
-        if w.sum() <= 0:
-            break
-        new = float(np.sum(w * values) / np.sum(w))
-        if abs(new - centre) <= 1e-12 * abs(centre):
-            centre = new
-            break
-        centre = new
-    kept = w > 0
-    if kept.sum() < 2:
-        return centre, float("inf")
-    spread = np.sum(w * (values - centre) ** 2) / np.sum(w)
-    effective = np.sum(w) ** 2 / np.sum(w * w)
-    return centre, float(np.sqrt(spread / max(effective - 1, 1)))
-
-
-def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
-    order = np.argsort(values)
-    cumulative = np.cumsum(weights[order])
-    return float(values[order][np.searchsorted(cumulative, 0.5 * cumulative[-1])])
+    return _kept_share(geometry, target_fwhm, beta) / _kept_share(geometry, reference_fwhm, beta)
 
 
 def l1_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

@@ -379,11 +379,9 @@ def measure_scale(reference: Reference, frame: Frame) -> ScaleMeasurement:
             f"{int(usable.sum())} usable star pairs (unsaturated, fully covered, signal-to-noise >= "
             f"{MIN_PAIR_SNR:g}); at least {params.min_star_pairs} are needed for a photometric scale",
         )
-    select = usable & reference.isolated
-    if select.sum() >= 5:
-        correction = photometry.aperture_correction(ref_m, tgt_m, select, reference_fwhm=stars.fwhm, target_fwhm=fwhm_t)
-    else:
-        correction = np.ones(channels)
+    correction = np.full(
+        channels, photometry.seeing_correction(geometry, reference_fwhm=stars.fwhm, target_fwhm=fwhm_t)
+    )
     scales, fits = [], []
     for c in range(channels):
         fit = photometry.fit_scale(
