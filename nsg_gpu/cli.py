@@ -6,6 +6,7 @@ set ``NSG_DEBUG=1`` for the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -151,6 +152,21 @@ def normalize(
     ] = None,
     postfix: Annotated[str, typer.Option(help="Appended to each input's stem for its output name.")] = "_nsg",
     stop_on_error: Annotated[bool, typer.Option(help="Stop at the first frame that fails.")] = False,
+    scheduler: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Run on the Dask cluster of this scheduler (tcp://host:8786, or a scheduler file); its workers must see the frames and the output directory at the same paths."
+        ),
+    ] = None,
+    workers: Annotated[
+        Optional[int], typer.Option(help="Run on a local Dask cluster of N worker processes (one thread each).")
+    ] = None,
+    gpus: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Run on a local dask-cuda cluster with one worker per GPU: 'all' or N; implies --backend cupy."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary.")] = False,
 ):
     """Normalize FRAMES to a reference and write <stem>_nsg.fits with NSG's keywords."""
@@ -178,6 +194,14 @@ def normalize(
         focal_length_mm=focal_length,
         pixel_size_um=pixel_size,
     )
+    clustered = scheduler is not None or workers is not None or gpus is not None
+    if gpus is not None:
+        from .cluster import ClusterError, require_dask_cuda
+
+        require_dask_cuda()
+        if backend.lower() == "numpy":
+            raise ClusterError("--gpus runs the cupy backend; drop --backend numpy or use --workers N")
+        backend = "cupy"
     chosen = select_backend(backend)
 
     def report(result, done, total):
@@ -195,16 +219,25 @@ def normalize(
                 f"pairs {result.star_pairs}  samples {result.samples}  {result.seconds:.1f} s"
             )
 
-    run = run_normalize(
-        frames,
-        reference=reference,
-        output_dir=output_dir,
-        params=params,
-        backend=chosen,
-        postfix=postfix,
-        stop_on_error=stop_on_error,
-        progress=report,
-    )
+    cluster = contextlib.nullcontext()
+    if clustered:  # Dask is imported only here
+        from .cluster import open_cluster
+
+        cluster = open_cluster(scheduler=scheduler, workers=workers, gpus=gpus)
+    with cluster as executor:
+        if executor is not None and not quiet:
+            typer.echo(executor.describe())
+        run = run_normalize(
+            frames,
+            reference=reference,
+            output_dir=output_dir,
+            params=params,
+            backend=chosen,
+            postfix=postfix,
+            stop_on_error=stop_on_error,
+            progress=report,
+            executor=executor,
+        )
     if run.reference_reason and not quiet:
         typer.echo(f"reference: {Path(run.reference).name}: {run.reference_reason}")
     done = sum(1 for f in run.frames if f.status != "failed")
