@@ -19,6 +19,7 @@ import importlib
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -75,6 +76,22 @@ def main() -> None:
     args = parser.parse_args()
     counts = [int(v) for v in args.workers.split(",")]
 
+    info = machine()
+    print(f"CPU: {info['cpu']}, {info['cores']} cores; load average {info['load_average_1_5_15']}")
+    print(f"{info['platform']}, Python {info['python']}; " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    root = Path(tempfile.mkdtemp(prefix="nsg-workers-"))
+    try:
+        report = measure(root, args, counts, info)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    text = json.dumps(report, indent=2)
+    if args.json:
+        args.json.write_text(text + "\n")
+    print(text)
+
+
+def measure(root: Path, args, counts: list[int], info: dict) -> dict:
+    """Write the frames under ``root`` and time them in process and on each cluster size."""
     import distributed
 
     from nsg_gpu.cluster import DaskExecutor
@@ -83,10 +100,6 @@ def main() -> None:
     from nsg_gpu.pipeline import plan_run, prepare_reference
     from nsg_gpu.synthetic import write_synthetic_set
 
-    info = machine()
-    print(f"CPU: {info['cpu']}, {info['cores']} cores; load average {info['load_average_1_5_15']}")
-    print(f"{info['platform']}, Python {info['python']}; " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
-    root = Path(tempfile.mkdtemp(prefix="nsg-workers-"))
     paths = write_synthetic_set(
         root / "in", width=args.width, height=args.height, n_frames=args.frames + 1, seed=args.seed
     )
@@ -126,10 +139,7 @@ def main() -> None:
             figures["workers_1"]["frames_per_second"] / figures["in_process"]["frames_per_second"], 3
         )
     print(f"load average after: {report['load_average_after']}")
-    text = json.dumps(report, indent=2)
-    if args.json:
-        args.json.write_text(text + "\n")
-    print(text)
+    return report
 
 
 if __name__ == "__main__":
