@@ -98,8 +98,8 @@ def run_frame_task(reference: Reference, job: FrameJob, path: str, output: str) 
     """:func:`~nsg_gpu.pipeline.process_frame` as a Dask task.
 
     ``job`` carries absolute paths (a worker's working directory is not the client's);
-    ``path`` and ``output`` are the names as given, which the result keeps so that the
-    results files match an in-process run. Any exception becomes the frame's failed result:
+    ``path`` and ``output`` are the names as given, which the result and its error keep so
+    that the results files match an in-process run. Any exception becomes the frame's failed result:
     a task that returns is never retried by Dask.
     """
     try:
@@ -109,6 +109,9 @@ def run_frame_task(reference: Reference, job: FrameJob, path: str, output: str) 
     result.path = path
     if result.output is not None:
         result.output = output
+    for absolute, given in ((job.path, path), (job.output, output)):
+        if result.error and result.error.startswith(f"{absolute}:"):  # errors name the file as given
+            result.error = given + result.error[len(str(absolute)) :]
     return result
 
 
