@@ -99,8 +99,8 @@ def run_frame_task(reference: Reference, job: FrameJob, path: str, output: str) 
 
     ``job`` carries absolute paths (a worker's working directory is not the client's);
     ``path`` and ``output`` are the names as given, which the result and its error keep so
-    that the results files match an in-process run. Any exception becomes the frame's failed result:
-    a task that returns is never retried by Dask.
+    that the results files match an in-process run. Any exception becomes the frame's failed
+    result: a task that returns is never retried by Dask.
     """
     try:
         result = process_frame(reference, job)
