@@ -120,7 +120,7 @@ def measure(root: Path, args, counts: list[int], info: dict) -> dict:
         executors = {"in_process": InProcessExecutor()}
         for count in counts:
             cluster = stack.enter_context(
-                distributed.LocalCluster(n_workers=count, threads_per_worker=1, processes=True, dashboard_address=None)
+                distributed.LocalCluster(n_workers=count, threads_per_worker=1, processes=True, dashboard_address=":0")
             )
             client = stack.enter_context(distributed.Client(cluster))
             client.wait_for_workers(count)

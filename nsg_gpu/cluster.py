@@ -327,11 +327,13 @@ def open_cluster(
     if gpus is not None:
         count = parse_gpus(gpus)
         local_cuda_cluster = require_dask_cuda()
-        cluster = local_cuda_cluster(n_workers=None if count == "all" else count, threads_per_worker=1)
+        # Port 0: a free port for the scheduler's HTTP server (dashboard), never a clash.
+        cluster = local_cuda_cluster(
+            n_workers=None if count == "all" else count, threads_per_worker=1, dashboard_address=":0"
+        )
     elif workers is not None:
-        dashboard = ":0" if importlib.util.find_spec("bokeh") else None
         cluster = distributed.LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=dashboard
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
         )
     try:
         if cluster is not None:

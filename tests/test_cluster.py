@@ -7,6 +7,7 @@ SIGKILL to its own process while a frame's task runs, and the nanny starts a fre
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import shutil
@@ -79,6 +80,14 @@ class RecordExecutions(distributed.WorkerPlugin):
                 log.write(str(key) + "\n")
 
 
+@pytest.fixture(autouse=True)
+def no_hang():
+    """A test still running after 5 minutes ends the test process, printing every thread's stack."""
+    faulthandler.dump_traceback_later(300, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
 @pytest.fixture(scope="module")
 def frames(tmp_path_factory):
     """Five 700x500 mono frames and their in-process normalization (the oracle)."""
@@ -100,7 +109,7 @@ def client():
     with dask.config.set(config):
         with (
             distributed.LocalCluster(
-                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
             ) as cluster,
             distributed.Client(cluster) as client,
         ):
