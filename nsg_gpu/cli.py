@@ -6,6 +6,7 @@ set ``NSG_DEBUG=1`` for the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -177,6 +178,21 @@ def normalize(
         ),
     ] = False,
     stop_on_error: Annotated[bool, typer.Option(help="Stop at the first frame that fails.")] = False,
+    scheduler: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Run on the Dask cluster of this scheduler (tcp://host:8786, or a scheduler file); its workers must see the frames and the output directory at the same paths."
+        ),
+    ] = None,
+    workers: Annotated[
+        Optional[int], typer.Option(help="Run on a local Dask cluster of N worker processes (one thread each).")
+    ] = None,
+    gpus: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Run on a local dask-cuda cluster with one worker per GPU: 'all' or N; implies --backend cupy."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary and failures.")] = False,
     json_lines: Annotated[
         bool,
@@ -219,9 +235,24 @@ def normalize(
         min_weight=min_weight,
         min_transmission=min_transmission,
     )
+    clustered = scheduler is not None or workers is not None or gpus is not None
+    if gpus is not None:
+        from .cluster import ClusterError, require_dask_cuda
+
+        require_dask_cuda()
+        if backend.lower() == "numpy":
+            raise ClusterError("--gpus runs the cupy backend; drop --backend numpy or use --workers N")
+        backend = "cupy"
     chosen = select_backend(backend)
+    cluster = contextlib.nullcontext()
+    if clustered:  # Dask is imported only here
+        from .cluster import open_cluster
+
+        cluster = open_cluster(scheduler=scheduler, workers=workers, gpus=gpus)
     display = _Progress(quiet=quiet, json_lines=json_lines)
-    with display:
+    with cluster as executor, display:
+        if executor is not None and not quiet and not json_lines:
+            display.note(executor.describe())
         run = run_normalize(
             frames,
             reference=reference,
@@ -235,6 +266,7 @@ def normalize(
             report=html_report,
             overwrite=overwrite,
             output_format=output_format,
+            executor=executor,
         )
     display.finish(run, backend=chosen.name, output_dir=output_dir)
     if run.failed:
@@ -326,6 +358,10 @@ class _Progress:
             self._print(_frame_line(result, done, total))
         if self.bar is not None:
             self.bar.update(self.task, total=total, completed=done, eta=_clock(eta))
+
+    def note(self, text: str) -> None:
+        """A line of its own above the bar (e.g. the cluster the run uses)."""
+        self._print(text)
 
     def _print(self, text: str) -> None:
         from rich.markup import escape

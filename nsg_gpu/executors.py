@@ -27,3 +27,14 @@ class InProcessExecutor:
             yield result
             if stop_on_error and result.status == "failed":
                 return
+
+
+# -- Dask distributed --------------------------------------------------------------------------
+def __getattr__(name: str):
+    # DaskExecutor lives in nsg_gpu.cluster, imported on first use: Dask is an optional extra
+    # and a run without it never imports it.
+    if name == "DaskExecutor":
+        from .cluster import DaskExecutor
+
+        return DaskExecutor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

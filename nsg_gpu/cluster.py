@@ -1,0 +1,360 @@
+"""Dask distributed execution: the frames of a run as tasks on many processes, GPUs or machines.
+
+:class:`DaskExecutor` has the interface of :class:`~nsg_gpu.executors.InProcessExecutor`. The
+reference, prepared once by :func:`nsg_gpu.pipeline.normalize`, is scattered to every worker
+(broadcast); each target is one task running :func:`nsg_gpu.pipeline.process_frame`, which reads
+the frame and writes its output on storage that the workers share with this process. Results
+come back as the tasks finish and are handed on in job order, so that the results files are
+those of an in-process run.
+
+Failures:
+
+- A frame's own problem (unreadable, unregistered, too few stars, disk full) is a failed result
+  returned by the task, so Dask never retries it; an unexpected exception inside a task becomes
+  that frame's failed result too.
+- A worker that dies (killed, out of memory, lost machine) has its tasks run again on other
+  workers by the Dask scheduler; outputs are written to a temporary file and renamed, so an
+  interrupted attempt leaves no partial output (its temporary file is removed at the end of
+  the run). A frame whose every attempt kills its worker ends, after Dask's
+  ``distributed.scheduler.allowed-failures`` retries, as that frame's failed result.
+
+Dask is imported by the functions of this module, never at import time, and this module is
+imported only when a cluster is asked for: a run without Dask options never imports Dask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import NSGError
+from .pipeline import FrameJob, FrameResult, Reference, _failed_result, _remove_stale_temporaries, process_frame
+
+__all__ = ["ClusterError", "DaskExecutor", "open_cluster", "parse_gpus", "require_dask_cuda", "run_frame_task"]
+
+
+#: A frame's task is submitted at most this many times when the scheduler cancels it (a lost
+#: reference), and the reference is scattered at most this many times in a run.
+MAX_SUBMISSIONS = 4
+
+
+class ClusterError(NSGError):
+    """The Dask cluster cannot be started, reached or used."""
+
+
+class _TaskError(NSGError):
+    """An unexpected exception or a lost task, reported as the frame's error."""
+
+
+def _distributed():
+    try:
+        import distributed
+    except ImportError as exc:
+        raise ClusterError(
+            "running on a Dask cluster needs Dask distributed, which is not installed: pip install 'nsg-gpu[dask]'"
+        ) from exc
+    return distributed
+
+
+def require_dask_cuda():
+    """Return ``dask_cuda.LocalCUDACluster``, or raise a :class:`ClusterError` saying how to install it."""
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError as exc:
+        raise ClusterError(
+            f"--gpus needs dask-cuda, which is not importable here ({exc}); install it with "
+            "pip install 'nsg-gpu[gpu-cluster]', or use --workers N"
+        ) from exc
+    return LocalCUDACluster
+
+
+def parse_gpus(value: str | int) -> str | int:
+    """``"all"`` or a positive GPU count, from the ``--gpus`` option.
+
+    Raises
+    ------
+    ClusterError
+        Anything else.
+    """
+    text = str(value).strip().lower()
+    if text == "all":
+        return "all"
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ClusterError(f"--gpus {value}: give 'all' or a number of GPUs (1 or more)")
+    return count
+
+
+def run_frame_task(reference: Reference, job: FrameJob, path: str, output: str) -> FrameResult:
+    """:func:`~nsg_gpu.pipeline.process_frame` as a Dask task.
+
+    ``job`` carries absolute paths (a worker's working directory is not the client's);
+    ``path`` and ``output`` are the names as given, which the result and its error keep so
+    that the results files match an in-process run. Any exception becomes the frame's failed
+    result: a task that returns is never retried by Dask.
+    """
+    try:
+        result = process_frame(reference, job)
+    except Exception as exc:
+        result = _failed_result(job.path, _TaskError(f"{job.path}: unexpected {type(exc).__name__}: {exc}"))
+    result.path = path
+    if result.output is not None:
+        result.output = output
+    for absolute, given in ((job.path, path), (job.output, output)):
+        if result.error and result.error.startswith(f"{absolute}:"):  # errors name the file as given
+            result.error = given + result.error[len(str(absolute)) :]
+    return result
+
+
+def _worker_facts(check_gpu: bool) -> tuple[str, bool]:
+    """Run on each worker before a run: its nsg-gpu version and whether CuPy can use a GPU."""
+    from .backend import cupy_status
+
+    return __version__, (cupy_status()[0] if check_gpu else True)
+
+
+class DaskExecutor:
+    """Process the frames as tasks on a Dask distributed cluster.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        A client of the cluster; it stays open (and is not closed) after a run.
+
+    timeout : float, optional
+        Give up with a :class:`ClusterError` when a run has not finished after this many
+        seconds (no limit by default).
+
+    Notes
+    -----
+    Workers read the inputs and write the outputs themselves: the frames and the output
+    directory must be at the same paths on every worker (shared storage). Relative paths are
+    made absolute against this process's working directory. The backend is the reference's
+    (chosen where :func:`~nsg_gpu.pipeline.normalize` runs); when it is CuPy every worker must
+    have a usable GPU, which is checked before the first task.
+    """
+
+    def __init__(self, client, *, timeout: float | None = None):
+        self.client = client
+        self.timeout = timeout
+
+    def describe(self) -> str:
+        """One line for the command line: the scheduler and its workers."""
+        workers = self.client.scheduler_info().get("workers", {})
+        threads = sum(w.get("nthreads", 0) for w in workers.values())
+        line = f"Dask scheduler {self.client.scheduler.address}: {len(workers)} workers, {threads} threads"
+        if importlib.util.find_spec("bokeh"):  # the scheduler serves a dashboard only with bokeh
+            line += f"; dashboard {self.client.dashboard_link}"
+        return line
+
+    def _check_workers(self, gpu: bool) -> None:
+        try:
+            facts = self.client.run(_worker_facts, gpu)
+        except Exception as exc:
+            raise ClusterError(
+                f"the Dask workers cannot run nsg-gpu ({type(exc).__name__}: {exc}); "
+                "install nsg-gpu, the same version, in the workers' environment"
+            ) from exc
+        other = sorted({f"{address} runs nsg-gpu {v}" for address, (v, _) in facts.items() if v != __version__})
+        if other:
+            raise ClusterError(f"this is nsg-gpu {__version__} but worker {other[0]}; install the same version")
+        no_gpu = sorted(address for address, (_, usable) in facts.items() if not usable)
+        if no_gpu:
+            raise ClusterError(
+                f"the run uses the cupy backend but worker {no_gpu[0]} has no usable GPU "
+                f"({len(no_gpu)} of {len(facts)} workers); start GPU workers (dask-cuda) or use --backend numpy"
+            )
+
+    def run(
+        self, reference: Reference, jobs: Sequence[FrameJob], *, stop_on_error: bool = False
+    ) -> Iterator[FrameResult]:
+        """Yield each job's result in job order, as the cluster finishes them.
+
+        With ``stop_on_error`` the run stops after the first failed result in job order and
+        the frames not started are cancelled; frames already running on a worker finish and
+        their outputs are written, but they are not in the results.
+
+        Raises
+        ------
+        ClusterError
+            The workers cannot run nsg-gpu or lack a GPU for the CuPy backend, or the run
+            exceeded ``timeout``.
+        """
+        distributed = _distributed()
+        from .backend import get_backend
+
+        if not jobs:
+            return
+        client = self.client
+        self._check_workers(get_backend(reference.frame.data).is_gpu)
+        started = time.monotonic()
+        token = uuid.uuid4().hex
+        shared = [client.scatter(reference, broadcast=True, hash=False)]
+        attempts = [0] * len(jobs)
+        position: dict[str, int] = {}
+        live: dict[int, object] = {}
+
+        def submit(index: int):
+            job = jobs[index]
+            absolute = dataclasses.replace(job, path=job.path.absolute(), output=job.output.absolute())
+            attempts[index] += 1
+            future = client.submit(
+                run_frame_task,
+                shared[-1],
+                absolute,
+                str(job.path),
+                str(job.output),
+                key=f"nsg-frame-{index}-{token}-{attempts[index]}",
+                retries=0,
+            )
+            position[future.key] = index
+            live[index] = future
+            return future
+
+        completed = distributed.as_completed([submit(i) for i in range(len(jobs))], timeout=self.timeout)
+        finished: dict[int, FrameResult] = {}
+        following = 0
+        try:
+            for future in completed:
+                index = position.pop(future.key)
+                del live[index]
+                if future.status == "cancelled" and attempts[index] < MAX_SUBMISSIONS:
+                    # Cancelled by the scheduler: the reference's copies were lost with the
+                    # workers that held them (scattered data is not recomputed). Send it again.
+                    if shared[-1].status != "finished" and len(shared) < MAX_SUBMISSIONS:
+                        shared.append(client.scatter(reference, broadcast=True, hash=False))
+                    completed.add(submit(index))
+                    continue
+                finished[index] = self._result(future, jobs[index])
+                future.release()
+                while following in finished:
+                    result = finished.pop(following)
+                    following += 1
+                    yield result
+                    if stop_on_error and result.status == "failed":
+                        return
+        except distributed.TimeoutError as exc:
+            raise ClusterError(
+                f"the Dask run did not finish within {self.timeout:g} s "
+                f"({following} of {len(jobs)} frames done in {time.monotonic() - started:.0f} s)"
+            ) from exc
+        finally:
+            if live:
+                client.cancel(list(live.values()))
+            for future in shared:
+                future.release()
+            _remove_stale_temporaries(job.output for job in jobs)
+
+    @staticmethod
+    def _result(future, job: FrameJob) -> FrameResult:
+        """The task's result; a task that died with its workers or erred becomes a failed result."""
+        distributed = _distributed()
+        try:
+            return future.result()
+        except distributed.KilledWorker:
+            error = _TaskError(
+                f"{job.path}: every Dask worker that processed this frame died (out of memory, or killed); "
+                "it was not retried further: see the workers' logs"
+            )
+        except distributed.client.FutureCancelledError as exc:
+            error = _TaskError(f"{job.path}: the Dask task was cancelled {MAX_SUBMISSIONS} times ({exc})")
+        except Exception as exc:  # a task that could not be deserialized, ...
+            error = _TaskError(f"{job.path}: the Dask task failed: {type(exc).__name__}: {exc}")
+        return _failed_result(job.path, error)
+
+
+@contextlib.contextmanager
+def open_cluster(
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    gpus: str | int | None = None,
+    connect_timeout: float | None = None,
+    worker_timeout: float = 300.0,
+    timeout: float | None = None,
+) -> Iterator[DaskExecutor]:
+    """Connect to a Dask cluster, or start a local one, and yield a :class:`DaskExecutor` on it.
+
+    Exactly one of the three options is given. A cluster started here is closed on exit; a
+    cluster reached by its scheduler's address is left running.
+
+    Parameters
+    ----------
+    scheduler : str, optional
+        Address of a running scheduler (``tcp://host:8786``), or the path of a scheduler file
+        written by ``dask scheduler --scheduler-file``.
+
+    workers : int, optional
+        Start a local cluster of this many worker processes, one thread each.
+
+    gpus : "all" or int, optional
+        Start a ``dask_cuda.LocalCUDACluster`` with one worker per GPU (all visible GPUs, or the
+        first ``gpus``); the run must use the CuPy backend.
+
+    connect_timeout : float, optional
+        Seconds to reach the scheduler; by default Dask's ``distributed.comm.timeouts.connect``.
+
+    worker_timeout : float
+        Seconds to wait for a first worker to join the scheduler.
+
+    timeout : float, optional
+        Passed to :class:`DaskExecutor`.
+
+    Raises
+    ------
+    ClusterError
+        Not exactly one option, a bad count, Dask (or dask-cuda for ``gpus``) missing, the
+        scheduler unreachable, or no worker joined in time.
+    """
+    given = [name for name, value in (("--scheduler", scheduler), ("--workers", workers), ("--gpus", gpus)) if value]
+    if workers is not None and workers < 1:
+        raise ClusterError(f"--workers {workers}: give 1 or more worker processes")
+    if len(given) != 1:
+        raise ClusterError(
+            f"{' and '.join(given)} exclude each other: give one" if given else "give --scheduler, --workers or --gpus"
+        )
+    distributed = _distributed()
+    cluster = None
+    if gpus is not None:
+        count = parse_gpus(gpus)
+        local_cuda_cluster = require_dask_cuda()
+        # Port 0: a free port for the scheduler's HTTP server (dashboard), never a clash.
+        cluster = local_cuda_cluster(
+            n_workers=None if count == "all" else count, threads_per_worker=1, dashboard_address=":0"
+        )
+    elif workers is not None:
+        cluster = distributed.LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+        )
+    try:
+        if cluster is not None:
+            client = distributed.Client(cluster)
+        else:
+            try:
+                limit = {} if connect_timeout is None else {"timeout": connect_timeout}
+                if Path(scheduler).is_file():
+                    client = distributed.Client(scheduler_file=scheduler, **limit)
+                else:
+                    client = distributed.Client(scheduler, **limit)
+            except (OSError, ValueError) as exc:
+                raise ClusterError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
+        with client:
+            try:
+                client.wait_for_workers(1, timeout=worker_timeout)
+            except (OSError, TimeoutError) as exc:
+                raise ClusterError(
+                    f"no Dask worker joined the scheduler at {client.scheduler.address} within {worker_timeout:g} s"
+                ) from exc
+            yield DaskExecutor(client, timeout=timeout)
+    finally:
+        if cluster is not None:
+            cluster.close()

@@ -1,0 +1,309 @@
+"""Runs on a real Dask distributed cluster of worker processes, against the in-process run.
+
+The cluster is a ``distributed.LocalCluster`` of two single-threaded worker processes. Worker
+deaths are real: a worker plugin (Dask's own hook into a worker's task transitions) sends
+SIGKILL to its own process while a frame's task runs, and the nanny starts a fresh worker.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from typer.testing import CliRunner
+
+from nsg_gpu.cli import app
+from nsg_gpu.pipeline import FrameJob, normalize, plan_run
+from nsg_gpu.synthetic import write_synthetic_set
+
+dask = pytest.importorskip("dask")
+distributed = pytest.importorskip("distributed")
+cloudpickle = pytest.importorskip("cloudpickle")
+
+from nsg_gpu.cluster import DaskExecutor, run_frame_task  # noqa: E402
+
+# The worker plugins below are defined here; workers get them by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+runner = CliRunner()
+#: Any single wait on the cluster longer than this fails the test rather than hanging it.
+TIMEOUT = 120
+
+
+class KillWorker(distributed.WorkerPlugin):
+    """SIGKILL this worker's process ``delay`` s after a frame's task starts executing.
+
+    ``frame`` limits it to the task of one job index (killed on every attempt); otherwise the
+    first frame task on any worker is killed, once, as ``flag`` (created exclusively) records.
+    """
+
+    def __init__(self, flag: str, *, frame: int | None = None, delay: float = 0.05):
+        self.flag, self.frame, self.delay = flag, frame, delay
+
+    def transition(self, key, start, finish, **kwargs):
+        key = str(key)
+        if finish != "executing" or not key.startswith("nsg-frame-"):
+            return
+        if self.frame is not None:
+            if key.split("-")[2] != str(self.frame):
+                return
+            with open(self.flag, "a") as log:
+                log.write(key + "\n")
+        else:
+            try:
+                os.close(os.open(self.flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
+        threading.Timer(self.delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
+
+
+class RecordExecutions(distributed.WorkerPlugin):
+    """Append the key of every frame task that starts executing to ``log``."""
+
+    def __init__(self, log: str):
+        self.log = log
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish == "executing" and str(key).startswith("nsg-frame-"):
+            with open(self.log, "a") as log:
+                log.write(str(key) + "\n")
+
+
+@pytest.fixture(autouse=True)
+def no_hang():
+    """A test still running after 5 minutes ends the test process, printing every thread's stack."""
+    faulthandler.dump_traceback_later(300, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory):
+    """Five 700x500 mono frames and their in-process normalization (the oracle)."""
+    root = tmp_path_factory.mktemp("cluster")
+    paths = write_synthetic_set(root / "in", width=700, height=500, n_frames=5, n_stars=900, seed=3)
+    run = normalize(paths, reference=paths[0], output_dir=root / "in-process")
+    assert [f.status for f in run.frames] == ["reference"] + ["ok"] * 4
+    return paths, run
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A client of a LocalCluster of two worker processes with one thread each.
+
+    One death allowed per task, so that a frame that kills every worker fails fast; one task
+    per worker at a time, so that a death only touches the task that caused it.
+    """
+    config = {"distributed.scheduler.allowed-failures": 1, "distributed.scheduler.worker-saturation": 1.0}
+    with dask.config.set(config):
+        with (
+            distributed.LocalCluster(
+                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+            ) as cluster,
+            distributed.Client(cluster) as client,
+        ):
+            client.wait_for_workers(2, timeout=TIMEOUT)
+            yield client
+
+
+@pytest.fixture
+def plugin(client):
+    """Register a worker plugin for one test, and remove it after."""
+    names = []
+
+    def register(instance):
+        name = f"test-plugin-{len(names)}-{os.getpid()}-{time.monotonic_ns()}"
+        client.register_plugin(instance, name=name)
+        names.append(name)
+
+    yield register
+    for name in names:
+        client.unregister_worker_plugin(name)
+    client.wait_for_workers(2, timeout=TIMEOUT)
+
+
+def _rows(run) -> list[dict]:
+    """Results rows without the timing column, which differs between any two runs."""
+    return [{k: v for k, v in frame.row().items() if k != "seconds"} for frame in run.frames]
+
+
+def _same_outputs(run, oracle) -> None:
+    """Every output is pixel-identical to the oracle's, with the same header cards in order."""
+    for frame, expected in zip(run.frames, oracle.frames):
+        with fits.open(frame.output) as got, fits.open(expected.output) as want:
+            np.testing.assert_array_equal(got[0].data, want[0].data, err_msg=frame.output)
+            assert got[0].header.tostring() == want[0].header.tostring(), frame.output
+
+
+def test_workers_option_matches_in_process_run(frames, tmp_path):
+    paths, oracle = frames
+    out = tmp_path / "out"
+    args = ["normalize", *map(str, paths), "-r", str(paths[0]), "-o", str(out), "--workers", "2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "Dask scheduler tcp://" in result.output and "2 workers" in result.output
+    assert f"[{len(paths)}/{len(paths)}]" in result.output
+    got = json.loads((out / "results.json").read_text())["frames"]
+    want = json.loads((Path(oracle.frames[0].output).parent / "results.json").read_text())["frames"]
+    oracle_out = Path(oracle.frames[0].output).parent
+    assert [Path(row["output"]).relative_to(out) for row in got] == [
+        Path(row["output"]).relative_to(oracle_out) for row in want
+    ]
+    ignored = ("seconds", "output")  # timing, and the other output directory
+    assert [{k: v for k, v in row.items() if k not in ignored} for row in got] == [
+        {k: v for k, v in row.items() if k not in ignored} for row in want
+    ]
+    for row, expected in zip(got, oracle.frames):
+        with fits.open(row["output"]) as hdul, fits.open(expected.output) as want_hdul:
+            np.testing.assert_array_equal(hdul[0].data, want_hdul[0].data, err_msg=row["output"])
+            assert hdul[0].header.tostring() == want_hdul[0].header.tostring(), row["output"]
+
+
+def test_worker_killed_during_run_has_its_frame_redone(frames, client, plugin, tmp_path):
+    paths, oracle = frames
+    flag = tmp_path / "killed"
+    plugin(KillWorker(str(flag)))
+    before = set(client.scheduler_info()["workers"])
+    run = normalize(
+        paths, reference=paths[0], output_dir=tmp_path / "out", executor=DaskExecutor(client, timeout=TIMEOUT)
+    )
+    assert flag.exists(), "no worker was killed"
+    assert set(client.scheduler_info()["workers"]) != before, "the killed worker was not replaced"
+    oracle_out = Path(oracle.frames[0].output).parent
+    assert _rows(run) == [
+        {**row, "output": str(tmp_path / "out" / Path(row["output"]).relative_to(oracle_out))} for row in _rows(oracle)
+    ]
+    _same_outputs(run, oracle)
+
+    def listing(root):
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+    assert listing(tmp_path / "out") == listing(oracle_out)
+
+
+def test_frame_that_kills_every_worker_fails_alone(frames, client, plugin, tmp_path):
+    paths, oracle = frames
+    log = tmp_path / "attempts"
+    plugin(KillWorker(str(log), frame=2))
+    run = normalize(
+        paths, reference=paths[0], output_dir=tmp_path / "out", executor=DaskExecutor(client, timeout=TIMEOUT)
+    )
+    attempts = log.read_text().split()
+    assert len(attempts) == 2 and len(set(attempts)) == 1  # the first try and one retry
+    statuses = [f.status for f in run.frames]
+    assert statuses == ["reference", "ok", "ok", "failed", "ok"]
+    failed = run.frames[3]
+    assert failed.path == str(paths[3]) and "every Dask worker that processed this frame died" in failed.error
+    assert failed.exposure == oracle.frames[3].exposure  # header facts kept, as for any failed frame
+    assert not (tmp_path / "out" / f"{paths[3].stem}_nsg.fits").exists()
+
+
+def test_bad_frame_among_good_ones_is_reported_once(frames, client, plugin, tmp_path):
+    paths, oracle = frames
+    log = tmp_path / "executions"
+    plugin(RecordExecutions(str(log)))
+    bad = tmp_path / "truncated.fits"
+    bad.write_bytes(paths[2].read_bytes()[:20000])
+    inputs = [*map(str, paths[:4]), str(bad), *map(str, paths[4:])]
+    out = tmp_path / "out"
+    scheduler = client.scheduler.address
+    result = runner.invoke(app, ["normalize", *inputs, "-r", str(paths[0]), "-o", str(out), "--scheduler", scheduler])
+    assert result.exit_code == 2, result.output
+    rows = json.loads((out / "results.json").read_text())["frames"]
+    assert [r["file"] for r in rows] == [str(paths[0]), *inputs[1:]]
+    assert [r["status"] for r in rows] == ["reference"] + ["ok"] * 3 + ["failed"] + ["ok"]
+    assert str(bad) in rows[4]["error"]
+    assert result.output.count(f"{bad}:") == 2  # its progress line and its line in the summary
+    executions = log.read_text().split()
+    assert len(executions) == len(inputs) - 1 == len(set(executions))  # every task ran once
+    assert not (out / "truncated_nsg.fits").exists()
+    for row in rows[1:4] + rows[5:]:
+        want = next(f for f in oracle.frames if f.path == row["file"])
+        assert row["transmission_0"] == want.transmission[0] and row["weight"] == want.weight
+
+
+def test_unexpected_exception_in_a_task_is_the_frames_failed_result(frames, tmp_path):
+    paths, _ = frames
+    job = FrameJob(paths[1].absolute(), tmp_path / "x_nsg.fits", paths[0].name)
+    result = run_frame_task(None, job, "given/name.fits", "given/x_nsg.fits")
+    assert result.status == "failed" and result.path == "given/name.fits"
+    assert result.error.startswith("given/name.fits: unexpected AttributeError")
+    assert result.exposure is not None and not (tmp_path / "x_nsg.fits").exists()
+
+
+def test_relative_paths_resolve_against_the_clients_directory(frames, client, tmp_path, monkeypatch):
+    paths, oracle = frames
+    for p in paths[:3]:
+        shutil.copy(p, tmp_path / p.name)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.fits").write_bytes(paths[1].read_bytes()[:5000])
+    names = [p.name for p in paths[:3]] + ["bad.fits"]
+    plan = plan_run(names, reference=names[0], output_dir="out")
+    run = normalize(names, reference=names[0], output_dir="out", executor=DaskExecutor(client, timeout=TIMEOUT))
+    assert [f.path for f in run.frames] == names
+    assert [f.output for f in run.frames] == [str(plan.outputs[Path(n)]) for n in names[:3]] + [None]
+    assert [f.status for f in run.frames] == ["reference", "ok", "ok", "failed"]
+    assert run.frames[3].error.startswith("bad.fits: ")  # named as given, as in an in-process run
+    assert (tmp_path / "out" / f"{paths[2].stem}_nsg.fits").is_file()
+
+
+def test_without_dask_options_dask_is_not_imported(frames, tmp_path):
+    paths, _ = frames
+    script = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from nsg_gpu.cli import app\n"
+        "result = CliRunner().invoke(app, sys.argv[1:])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed', 'dask_cuda')))\n"
+    )
+    args = ["normalize", *map(str, paths[:2]), "-r", str(paths[0]), "-o", str(tmp_path / "out"), "-q"]
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=TIMEOUT, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        pytest.param(["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "exclude each other", id="two-options"),
+        pytest.param(["--workers", "0"], "1 or more", id="no-workers"),
+        pytest.param(["--scheduler", "tcp://127.0.0.1:1"], "cannot reach the Dask scheduler", id="unreachable"),
+    ],
+)
+def test_cluster_option_errors_are_one_line(frames, tmp_path, options, message):
+    paths, _ = frames
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        result = runner.invoke(app, ["normalize", *map(str, paths[:2]), "-o", str(tmp_path / "out"), *options])
+    assert result.exit_code == 1
+    assert result.output.startswith("nsg: error:") and message in result.output
+    assert result.output.count("\n") == 1
+
+
+def test_gpus_without_dask_cuda_is_a_one_line_error(frames, tmp_path):
+    try:
+        import dask_cuda  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("dask-cuda is installed here")
+    paths, _ = frames
+    result = runner.invoke(app, ["normalize", *map(str, paths[:2]), "-o", str(tmp_path / "out"), "--gpus", "all"])
+    assert result.exit_code == 1
+    assert result.output.startswith("nsg: error: --gpus needs dask-cuda") and result.output.count("\n") == 1
+    assert not (tmp_path / "out").exists()
