@@ -156,6 +156,7 @@ def normalize(
     """Normalize FRAMES to a reference and write <stem>_nsg.fits with NSG's keywords."""
     from .backend import select_backend
     from .pipeline import normalize as run_normalize
+    from .progress import RunProgress
 
     params = Parameters(
         detection_sigma=detection_sigma,
@@ -179,8 +180,13 @@ def normalize(
         pixel_size_um=pixel_size,
     )
     chosen = select_backend(backend)
+    tracker: list[RunProgress] = []
 
     def report(result, done, total):
+        if not tracker:
+            tracker.append(RunProgress(total))
+        progress = tracker[0]
+        progress.update(done)
         if quiet:
             return
         name = Path(result.path).name
@@ -192,7 +198,8 @@ def normalize(
             transmission = " ".join(f"{t:.4f}" for t in result.transmission)
             typer.echo(
                 f"[{done}/{total}] {name}: transmission {transmission}  weight {result.weight:.3f}  "
-                f"pairs {result.star_pairs}  samples {result.samples}  {result.seconds:.1f} s"
+                f"pairs {result.star_pairs}  samples {result.samples}  {result.seconds:.1f} s  "
+                f"({progress.summary()})"
             )
 
     run = run_normalize(

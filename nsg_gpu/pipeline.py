@@ -40,7 +40,7 @@ from .io import Frame, output_path, read_frame, read_meta, set_nsg_keywords, wri
 from .noise import ksigma_noise, weight_from_noise
 from .params import Parameters, resolve_parameters
 from .samples import SampleSet, bin_medians, bin_samples, make_grid, star_rejection
-from .spline import fit_surface_spline
+from .spline import evaluate_surfaces, fit_surface_splines
 from .stars import StarCatalog, detect_stars, detection_image, estimate_fwhm
 
 __all__ = [
@@ -55,7 +55,30 @@ __all__ = [
     "write_reference",
     "FrameJob",
     "RunPlan",
+    "STAGES",
+    "read_job",
+    "compute_job",
+    "write_job",
+    "failed_result",
 ]
+
+#: The stages of one target, in order, as keys of :attr:`FrameResult.timings`.
+STAGES = ("read", "detect", "photometry", "sampling", "spline_fit", "spline_eval", "apply", "noise", "write")
+
+
+class _Stopwatch:
+    """Adds the wall time since the last lap to a named stage of a timings dict."""
+
+    def __init__(self, timings: dict | None):
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[stage] = self.timings.get(stage, 0.0) + (now - self.last)
+        self.last = now
+
 
 #: Pairs below this signal-to-noise (both frames combined) are too noisy to help the scale.
 MIN_PAIR_SNR = 10.0
@@ -127,6 +150,8 @@ class FrameResult:
     date_obs: str | None = None
     seconds: float | None = None
     data: object = None  # normalized data, only for in-memory use
+    #: Wall seconds per stage of :data:`STAGES` (those the frame reached).
+    timings: dict[str, float] = field(default_factory=dict)
 
     def row(self) -> dict:
         """A flat dict for results.csv / results.json."""
@@ -273,14 +298,18 @@ class ScaleMeasurement:
     correction: np.ndarray
 
 
-def measure_scale(reference: Reference, frame: Frame) -> ScaleMeasurement:
+def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = None) -> ScaleMeasurement:
     """The photometric scale ``m`` per channel of ``frame`` against the reference.
+
+    ``timings``, when given, gains the seconds spent in ``detect`` (target FWHM, recentring,
+    registration check) and ``photometry``.
 
     Raises
     ------
     TooFewStarsError
         The frame is not registered to the reference, or has too few usable star pairs.
     """
+    clock = _Stopwatch(timings)
     params = reference.params
     data = frame.data
     be = get_backend(data)
@@ -338,6 +367,7 @@ def measure_scale(reference: Reference, frame: Frame) -> ScaleMeasurement:
         gap=params.aperture_gap,
         bg_delta=params.aperture_bg_delta,
     )
+    clock.lap("detect")
     ref_m = reference.measurement(geometry)
     tgt_m = photometry.measure_stars(data, tx, ty, geometry)
     usable = (
@@ -382,6 +412,7 @@ def measure_scale(reference: Reference, frame: Frame) -> ScaleMeasurement:
         scales.append(fit.scale)
         fits.append(fit)
     pairs = max(f.n_pairs for f in fits)
+    clock.lap("photometry")
     return ScaleMeasurement(np.array(scales), pairs, fwhm_t, fits, correction)
 
 
@@ -393,8 +424,11 @@ def _local_level(image, x, y, half: int) -> np.ndarray:
     return np.median(border, axis=1)
 
 
-def model_gradient(reference: Reference, frame: Frame, scale: np.ndarray):
+def model_gradient(reference: Reference, frame: Frame, scale: np.ndarray, *, timings: dict | None = None):
     """The spline model ``G`` of ``m*T - R`` per channel, as a full image on the frame's backend.
+
+    ``timings``, when given, gains the seconds spent in ``sampling``, ``spline_fit`` and
+    ``spline_eval``.
 
     Returns
     -------
@@ -402,6 +436,7 @@ def model_gradient(reference: Reference, frame: Frame, scale: np.ndarray):
     n_samples : int
         Background samples used (before merging into super-samples).
     """
+    clock = _Stopwatch(timings)
     params = reference.params
     data = frame.data
     be = get_backend(data)
@@ -421,17 +456,18 @@ def model_gradient(reference: Reference, frame: Frame, scale: np.ndarray):
         )
     samples = SampleSet(grid.centre_x[cols], grid.centre_y[rows], difference[:, rows, cols], np.ones(n))
     samples = bin_samples(samples, grid, params.max_samples)
+    clock.lap("sampling")
     _, height, width = data.shape
     step = max(4, min(32, grid.size // 2))
-    gradient = xp.empty(data.shape, dtype=xp.float32)
-    for c in range(data.shape[0]):
-        try:
-            spline = fit_surface_spline(
-                samples.x, samples.y, samples.values[c], weights=samples.weight, smoothness=params.gradient_smoothness
-            )
-        except ValueError as exc:
-            raise TooFewSamplesError(frame.path, f"the gradient cannot be modelled: {exc}") from exc
-        gradient[c] = spline.evaluate_image(height, width, step=step, xp=xp)
+    try:
+        splines = fit_surface_splines(
+            samples.x, samples.y, samples.values, weights=samples.weight, smoothness=params.gradient_smoothness
+        )
+    except ValueError as exc:
+        raise TooFewSamplesError(frame.path, f"the gradient cannot be modelled: {exc}") from exc
+    clock.lap("spline_fit")
+    gradient = evaluate_surfaces(splines, height, width, step=step, xp=xp)
+    clock.lap("spline_eval")
     return gradient, n
 
 
@@ -450,6 +486,7 @@ def normalize_frame(reference: Reference, frame: Frame) -> FrameResult:
         Shape mismatch, no data, too few stars or samples.
     """
     started = time.perf_counter()
+    timings: dict[str, float] = {}
     ref = reference.frame
     be = get_backend(reference.frame.data)
     if frame.data.shape != ref.data.shape:
@@ -468,16 +505,24 @@ def normalize_frame(reference: Reference, frame: Frame) -> FrameResult:
         frame = Frame(frame.path, be.asarray(frame.data), frame.header, frame.white_level, frame.meta)
     _check_data(frame)
     xp = be.xp
-    measured = measure_scale(reference, frame)
+    measured = measure_scale(reference, frame, timings=timings)
     m = measured.scale
-    gradient, n_samples = model_gradient(reference, frame, m)
+    gradient, n_samples = model_gradient(reference, frame, m, timings=timings)
+    clock = _Stopwatch(timings)
     data = frame.data
-    out = xp.where(data != 0, xp.asarray(m, dtype=xp.float32)[:, None, None] * data - gradient, 0).astype(xp.float32)
+    # In place on the gradient's buffer: m*T - G, then 0 where T has no data.
+    out = gradient
+    xp.subtract(xp.asarray(m, dtype=xp.float32)[:, None, None] * data, out, out=out)
+    empty = data == 0
+    out[empty] = 0
     high = float(be.to_host(out.max()))
     if reference.params.truncate:
-        covered = data != 0
-        out = xp.where(covered, xp.clip(out, 0, ref.white_level), 0)
+        xp.clip(out, 0, ref.white_level, out=out)
+        out[empty] = 0
+    del empty
+    clock.lap("apply")
     snr, weight, source, noise = _weights(reference, frame, out, m)
+    clock.lap("noise")
     meta = frame.meta
     return FrameResult(
         path=str(frame.path),
@@ -498,6 +543,7 @@ def normalize_frame(reference: Reference, frame: Frame) -> FrameResult:
         date_obs=meta.date_obs,
         seconds=time.perf_counter() - started,
         data=out,
+        timings=timings,
     )
 
 
@@ -680,32 +726,82 @@ def write_reference(reference: Reference, output: Path) -> FrameResult:
     return result
 
 
+def read_job(job: FrameJob) -> Frame:
+    """The read stage of :func:`process_frame`: the target's frame from disk.
+
+    Raises
+    ------
+    FrameError
+        The frame cannot be read.
+    """
+    return read_frame(job.path)
+
+
+def compute_job(reference: Reference, job: FrameJob, frame: Frame) -> FrameResult:
+    """The compute stage of :func:`process_frame`: the normalized data in ``result.data``.
+
+    Raises
+    ------
+    FrameError
+        Shape mismatch, no data, too few stars or samples.
+    """
+    return normalize_frame(reference, frame)
+
+
+def write_job(reference: Reference, job: FrameJob, frame: Frame, result: FrameResult) -> FrameResult:
+    """The write stage of :func:`process_frame`: the output with NSG's keywords, atomically.
+
+    ``result.data`` is released once written and ``result.output`` set.
+
+    Raises
+    ------
+    OutputError
+        The output cannot be written; nothing is left behind.
+    """
+    header = set_nsg_keywords(
+        frame.header,
+        reference_name=job.reference_name,
+        transmission=result.transmission,
+        snr=result.snr,
+        weight=result.weight,
+        weight_keyword=reference.params.weight_keyword,
+        weight_source=result.weight_source,
+        high=result.high,
+        history=list(job.history),
+    )
+    write_frame(job.output, get_backend(result.data).to_host(result.data), header)
+    result.output = str(job.output)
+    result.data = None
+    return result
+
+
+def failed_result(job: FrameJob, error: Exception, timings: dict | None = None) -> FrameResult:
+    """The failed row of a job whose read, compute or write raised ``error``."""
+    result = _failed_result(job.path, error)
+    result.timings = dict(timings or {})
+    return result
+
+
 def process_frame(reference: Reference, job: FrameJob) -> FrameResult:
     """Read, normalize and write one target: the unit of work of every executor.
 
-    A problem with the frame itself (unreadable, unregistered, no stars, disk full) becomes
+    The composition of :func:`read_job`, :func:`compute_job` and :func:`write_job`. A
+    problem with the frame itself (unreadable, unregistered, no stars, disk full) becomes
     the frame's failed result rather than an exception, so that the run goes on.
     """
+    timings: dict[str, float] = {}
     started = time.perf_counter()
     try:
-        frame = read_frame(job.path)
-        result = normalize_frame(reference, frame)
-        header = set_nsg_keywords(
-            frame.header,
-            reference_name=job.reference_name,
-            transmission=result.transmission,
-            snr=result.snr,
-            weight=result.weight,
-            weight_keyword=reference.params.weight_keyword,
-            weight_source=result.weight_source,
-            high=result.high,
-            history=list(job.history),
-        )
-        write_frame(job.output, get_backend(result.data).to_host(result.data), header)
-        result.output = str(job.output)
-        result.data = None
+        frame = read_job(job)
+        timings["read"] = time.perf_counter() - started
+        result = compute_job(reference, job, frame)
+        timings.update(result.timings)
+        mark = time.perf_counter()
+        write_job(reference, job, frame, result)
+        timings["write"] = time.perf_counter() - mark
     except (FrameError, OutputError) as exc:
-        result = _failed_result(job.path, exc)
+        result = failed_result(job, exc, timings)
+    result.timings = timings
     result.seconds = time.perf_counter() - started
     return result
 
