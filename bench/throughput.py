@@ -10,7 +10,9 @@ big frames take a while to render), then in one run times
 - the same run frame after frame (no read-ahead or write-behind), for comparison,
 
 and prints the per-frame time of each stage, the per-frame wall time of the run (from the
-reference's completion to the last frame, divided by N) and the ratio normalize/copy.
+reference's completion to the last frame, divided by N), the ratio normalize/copy of the
+per-frame wall times, and the CPU seconds each used (a check on a machine shared with other
+work, where wall times stretch with the load).
 
     python bench/throughput.py [--frames 4] [--width 6248 --height 4176] [--colour]
                                [--cache DIR] [--json FILE]
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -60,9 +63,16 @@ def frame_set(cache: Path, *, width: int, height: int, colour: bool, frames: int
     return paths
 
 
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its threads so far."""
+    times = os.times()
+    return times.user + times.system
+
+
 def copy_floor(targets: list[Path], out: Path) -> dict:
     """Read and write every target with the run's own reader and writer."""
     reads, writes = [], []
+    cpu = _cpu_seconds()
     for path in targets:
         started = time.perf_counter()
         frame = read_frame(path)
@@ -73,6 +83,7 @@ def copy_floor(targets: list[Path], out: Path) -> dict:
         del frame
     per_frame = [r + w for r, w in zip(reads, writes)]
     return {
+        "cpu_per_frame_s": (_cpu_seconds() - cpu) / len(targets),
         "read_s": statistics.mean(reads),
         "write_s": statistics.mean(writes),
         "per_frame_s": statistics.mean(per_frame),
@@ -88,8 +99,10 @@ def timed_run(paths: list[Path], out: Path, backend, executor) -> dict:
         marks[done] = time.perf_counter()
 
     started = time.perf_counter()
+    cpu = _cpu_seconds()
     run = normalize(paths, reference=paths[0], output_dir=out, backend=backend, executor=executor, progress=progress)
     finished = time.perf_counter()
+    cpu = _cpu_seconds() - cpu
     targets = [f for f in run.frames if f.status == "ok"]
     if run.failed:
         raise SystemExit(f"the run failed: {[f.error for f in run.failed]}")
@@ -101,6 +114,7 @@ def timed_run(paths: list[Path], out: Path, backend, executor) -> dict:
         "stages_s": stages,
         "stage_sum_s": sum(stages.values()),
         "frames": len(targets),
+        "cpu_s": cpu,
     }
 
 
@@ -117,7 +131,11 @@ def main() -> None:
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "nsg-bench-frames", help="where frames are kept"
     )
     parser.add_argument("--backends", default="numpy,cupy", help="comma-separated; cupy only where usable")
-    parser.add_argument("--no-serial", action="store_true", help="skip the frame-after-frame run")
+    parser.add_argument(
+        "--modes",
+        default="serial,streamed",
+        help="executors to time, in this order: streamed (read-ahead, write-behind), serial (frame after frame)",
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
 
@@ -143,14 +161,16 @@ def main() -> None:
                 print(f"cupy: skipped ({cupy_status()[1]})")
                 continue
             backend = select_backend(name)
-            modes = [("streamed", InProcessExecutor())]
-            if not args.no_serial:
-                modes.append(("serial", InProcessExecutor(threads=False)))
-            for mode, executor in modes:
-                out = work / f"{name}-{mode}"
+            executors = {"streamed": InProcessExecutor, "serial": lambda: InProcessExecutor(threads=False)}
+            for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+                executor = executors[mode]()
+                label = f"{name}-{mode}"
+                while label in runs:
+                    label += "'"
+                out = work / label
                 figures = timed_run(paths, out, backend, executor)
                 figures["ratio_to_copy"] = figures["per_frame_s"] / copy["per_frame_s"]
-                runs[f"{name}-{mode}"] = figures
+                runs[label] = figures
                 shutil.rmtree(out, ignore_errors=True)
         report["runs"] = runs
         report["load_average_after"] = machine()["load_average_1_5_15"]
@@ -166,6 +186,8 @@ def main() -> None:
     print(f"{'wall/frame':<12}" + "".join(f"{r['per_frame_s']:>16.3f}" for r in runs.values()))
     print(f"{'reference':<12}" + "".join(f"{r['reference_s']:>16.3f}" for r in runs.values()))
     print(f"{'/ copy':<12}" + "".join(f"{r['ratio_to_copy']:>16.2f}" for r in runs.values()))
+    print(f"{'CPU s, run':<12}" + "".join(f"{r['cpu_s']:>16.1f}" for r in runs.values()))
+    print(f"(copy: {copy['cpu_per_frame_s']:.2f} CPU s per frame)")
     print(f"\nload average after: {report['load_average_after']}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
