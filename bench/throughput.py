@@ -133,8 +133,9 @@ def main() -> None:
     parser.add_argument("--backends", default="numpy,cupy", help="comma-separated; cupy only where usable")
     parser.add_argument(
         "--modes",
-        default="serial,streamed",
-        help="executors to time, in this order: streamed (read-ahead, write-behind), serial (frame after frame)",
+        default="serial,streamed1,streamed",
+        help="executors to time, in this order: serial (frame after frame), streamed (read-ahead, "
+        "write-behind, default compute threads), streamed1 (the same with one compute thread)",
     )
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
@@ -161,7 +162,11 @@ def main() -> None:
                 print(f"cupy: skipped ({cupy_status()[1]})")
                 continue
             backend = select_backend(name)
-            executors = {"streamed": InProcessExecutor, "serial": lambda: InProcessExecutor(threads=False)}
+            executors = {
+                "serial": lambda: InProcessExecutor(threads=False),
+                "streamed": InProcessExecutor,
+                "streamed1": lambda: InProcessExecutor(compute_threads=1),
+            }
             for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
                 executor = executors[mode]()
                 label = f"{name}-{mode}"
