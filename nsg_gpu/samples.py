@@ -155,7 +155,9 @@ def _usable_median(blocks, white_level: float, xp):
     if bool(xp.any(full)):
         rows = blocks[full]
         lower, upper = (n - 1) // 2, n // 2
-        part = xp.partition(rows, (lower, upper), axis=-1)
+        # A partition at both middle ranks on the CPU; a sort on the GPU, whose partition
+        # takes one rank only.
+        part = np.partition(rows, (lower, upper), axis=-1) if xp is np else xp.sort(rows, axis=-1)
         out[full] = 0.5 * (part[:, lower] + part[:, upper])
     partial = (count > 0) & ~full
     if bool(xp.any(partial)):
