@@ -6,10 +6,12 @@
 //   bin_medians_f32    one item per (channel, bin row, bin column): channels*n_rows*n_cols.
 //       data is (channels, height, width) float32, C order. The bins are size x size squares
 //       from (x0, y0); the "crop" is the n_rows*size x n_cols*size region they tile.
-//       medians[item] = median of the bin's pixels v with 0 < v < white_level (the mean of
-//       the two middle values, in float32, for an even count; NaN with none), as double.
+//       medians[item] = median of the bin's pixels v with 0 < v < white_level on its stride
+//       sub-grid (every stride-th pixel of every stride-th row from the bin's corner; the mean
+//       of the two middle values, in float32, for an even count; NaN with none), as double.
 //       nodata[item]  = pixels of the bin in a no-data region: zeros that survive a 3x3
-//       binary opening of (crop == 0) within the crop (scattered zeros do not count).
+//       binary opening of (crop == 0) within the crop (scattered zeros do not count), over
+//       every pixel of the bin whatever the stride.
 //       Every item is written. The median is found by radix selection on the float bits, a
 //       byte per pass: 4 passes over the bin (5 for an even count), a 256-entry histogram per
 //       thread and no scratch memory in global memory.
@@ -34,7 +36,8 @@ __device__ __forceinline__ bool in_nodata_region(const float* plane, index_t wid
 }
 
 extern "C" __global__ void bin_medians_f32(const float* __restrict__ data, index_t channels, index_t height,
-                                           index_t width, index_t size, index_t x0, index_t y0, index_t n_cols,
+                                           index_t width, index_t size, index_t stride, index_t x0, index_t y0,
+                                           index_t n_cols,
                                            index_t n_rows, float white_level, double* __restrict__ medians,
                                            int* __restrict__ nodata) {
     const index_t n = channels * n_rows * n_cols;
@@ -56,6 +59,7 @@ extern "C" __global__ void bin_medians_f32(const float* __restrict__ data, index
             for (index_t dx = 0; dx < size; ++dx) {
                 const float v = line[dx];
                 if (v > 0.0f && v < white_level) {
+                    if (dy % stride != 0 || dx % stride != 0) continue;
                     ++count;
                     ++histogram[float_bits(v) >> 24];
                 } else if (v == 0.0f && in_nodata_region(plane, width, x0, y0, crop_h, crop_w, by + dy, bx + dx)) {
@@ -81,9 +85,9 @@ extern "C" __global__ void bin_medians_f32(const float* __restrict__ data, index
             equal = histogram[digit];
             if (shift == 0) break;
             for (int d = 0; d < 256; ++d) histogram[d] = 0;
-            for (index_t dy = 0; dy < size; ++dy) {
+            for (index_t dy = 0; dy < size; dy += stride) {
                 const float* line = plane + (y0 + by + dy) * width + x0 + bx;
-                for (index_t dx = 0; dx < size; ++dx) {
+                for (index_t dx = 0; dx < size; dx += stride) {
                     const float v = line[dx];
                     const unsigned int b = float_bits(v);
                     if (v > 0.0f && v < white_level && (b >> shift) == (prefix >> shift))
@@ -97,9 +101,9 @@ extern "C" __global__ void bin_medians_f32(const float* __restrict__ data, index
         if (count % 2 == 0) {
             if (at_or_below < rank + 2) {  // the upper middle is the next larger value
                 upper = white_level;
-                for (index_t dy = 0; dy < size; ++dy) {
+                for (index_t dy = 0; dy < size; dy += stride) {
                     const float* line = plane + (y0 + by + dy) * width + x0 + bx;
-                    for (index_t dx = 0; dx < size; ++dx) {
+                    for (index_t dx = 0; dx < size; dx += stride) {
                         const float v = line[dx];
                         if (v > lower && v < upper) upper = v;
                     }

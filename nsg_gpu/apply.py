@@ -8,6 +8,8 @@ that kernel's twin and computes the same quantities with whole-array operations.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from . import kernels
@@ -90,11 +92,15 @@ def apply_gradient(data, scale, gradient, *, white_level: float, truncate: bool,
             ),
         )
         return out, float(be.to_host(high.max())), layer, None if valid is None else valid.view(bool)
-    out = xp.where(data != 0, xp.asarray(m)[:, None, None] * data - gradient, 0).astype(xp.float32)
+    # One temporary: m*T, then G subtracted and the no-data pixels zeroed in place.
+    out = xp.multiply(xp.asarray(m)[:, None, None], data, dtype=xp.float32)
+    out -= gradient
+    empty = data == 0
+    out[empty] = 0
     high = float(be.to_host(out.max()))
     if truncate:
-        covered = data != 0
-        out = xp.where(covered, xp.clip(out, 0, white_level), 0)
+        xp.clip(out, 0, white_level, out=out)
+        out[empty] = 0
     if row_stride is None:
         return out, high, None, None
     layers = [wavelet_layer_rows(out[c], row_stride) for c in range(channels)]
@@ -102,9 +108,20 @@ def apply_gradient(data, scale, gradient, *, white_level: float, truncate: bool,
 
 
 def normalize_pixels(
-    data, scale, gradient, *, white_level: float, truncate: bool, measure_noise: bool, max_pixels: int = 4_000_000
+    data,
+    scale,
+    gradient,
+    *,
+    white_level: float,
+    truncate: bool,
+    measure_noise: bool,
+    max_pixels: int = 4_000_000,
+    timings: dict | None = None,
 ):
     """The normalized frame, its maximum before clipping, and its k-sigma noise per channel.
+
+    ``timings``, when given, gains the seconds of ``apply`` (with the wavelet layer the
+    noise samples, which the GPU computes in the same pass) and of ``noise`` (the clipping).
 
     Returns
     -------
@@ -117,10 +134,15 @@ def normalize_pixels(
     """
     _, height, width = data.shape
     stride = noise_row_stride(height, width, max_pixels) if measure_noise else None
+    started = time.perf_counter()
     out, high, layer, valid = apply_gradient(
         data, scale, gradient, white_level=white_level, truncate=truncate, row_stride=stride
     )
-    if not measure_noise:
-        return out, high, None
-    noise = np.array([ksigma_clip(layer[c][valid[c]]) / B3_LAYER1_FRACTION for c in range(out.shape[0])])
+    applied = time.perf_counter()
+    noise = None
+    if measure_noise:
+        noise = np.array([ksigma_clip(layer[c][valid[c]]) / B3_LAYER1_FRACTION for c in range(out.shape[0])])
+    if timings is not None:
+        timings["apply"] = timings.get("apply", 0.0) + applied - started
+        timings["noise"] = timings.get("noise", 0.0) + time.perf_counter() - applied
     return out, high, noise

@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -273,32 +272,6 @@ def normalize(
         raise typer.Exit(code=2)
 
 
-class _Rate:
-    """Frames per second and time left, from the completion times of the frames so far.
-
-    Counted from the first completion (the reference), so reading and preparing the
-    reference does not count as a frame's time.
-    """
-
-    def __init__(self) -> None:
-        self.first: float | None = None
-        self.last: float | None = None
-        self.done = 0
-
-    def update(self, done: int) -> None:
-        now = time.monotonic()
-        if self.first is None:
-            self.first = now
-        self.last = now
-        self.done = done
-
-    def seconds_left(self, total: int) -> float | None:
-        if self.first is None or self.done < 2 or self.last <= self.first:
-            return None
-        rate = (self.done - 1) / (self.last - self.first)
-        return (total - self.done) / rate
-
-
 def _clock(seconds: float | None) -> str:
     if seconds is None:
         return "-:--"
@@ -317,7 +290,7 @@ class _Progress:
         self.json_lines = json_lines
         self.console = Console(highlight=False)
         self.errors = Console(stderr=True, highlight=False)
-        self.rate = _Rate()
+        self.rate = None  # RunProgress, once the total is known
         self.bar = None
         self.task = None
         if not quiet and not json_lines:
@@ -346,16 +319,27 @@ class _Progress:
         return False
 
     def frame_done(self, result, done: int, total: int) -> None:
+        from .progress import RunProgress
+
+        if self.rate is None:
+            self.rate = RunProgress(total)
         self.rate.update(done)
-        eta = self.rate.seconds_left(total)
+        eta = self.rate.eta_seconds
         if self.json_lines:
-            row = {"event": "frame", "done": done, "total": total, "eta_seconds": eta, **result.row()}
+            row = {
+                "event": "frame",
+                "done": done,
+                "total": total,
+                "frames_per_minute": self.rate.frames_per_minute,
+                "eta_seconds": eta,
+                **result.row(),
+            }
             typer.echo(json.dumps(row, allow_nan=False, default=str))
             return
         if result.status == "failed":
             self._print_error(f"[{done}/{total}] FAILED {result.error}")
         elif not self.quiet:
-            self._print(_frame_line(result, done, total))
+            self._print(f"{_frame_line(result, done, total)}  ({self.rate.summary()})")
         if self.bar is not None:
             self.bar.update(self.task, total=total, completed=done, eta=_clock(eta))
 

@@ -4,29 +4,232 @@ The pipeline prepares the reference once and hands every executor the same two t
 prepared :class:`~nsg_gpu.pipeline.Reference` and a list of :class:`~nsg_gpu.pipeline.FrameJob`.
 An executor yields one :class:`~nsg_gpu.pipeline.FrameResult` per job, in job order, whatever
 order the work finished in, so that results files are the same however the run was executed.
+
+:class:`InProcessExecutor` streams: a reader thread reads a few frames ahead, the calling
+thread hands frames to compute threads (two on a multi-core CPU), and a writer thread writes
+behind, with bounded queues between them. A run of N frames then costs about N times its
+slowest stage rather than N times the sum of the stages, and holds a bounded number of
+frames (``read_ahead + write_behind + compute threads + 2``) whatever N is. Reading, writing
+and most NumPy work release the GIL, so the threads overlap on separate cores.
 """
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
+import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
-from .pipeline import FrameJob, FrameResult, Reference, process_frame
+from .backend import get_backend
+from .errors import FrameError, OutputError
+from .pipeline import (
+    FrameJob,
+    FrameResult,
+    Reference,
+    compute_job,
+    failed_result,
+    process_frame,
+    read_job,
+    write_job,
+)
 
 __all__ = ["InProcessExecutor"]
 
+#: How often (s) a thread blocked on a queue looks whether the run was stopped.
+_POLL = 0.1
+
+
+class _Stopped(Exception):
+    """The run was stopped while a thread waited on a queue."""
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> None:
+    while True:
+        if stop.is_set():
+            raise _Stopped
+        try:
+            q.put(item, timeout=_POLL)
+            return
+        except queue.Full:
+            continue
+
+
+def _get(q: queue.Queue, stop: threading.Event):
+    while True:
+        if stop.is_set():
+            raise _Stopped
+        try:
+            return q.get(timeout=_POLL)
+        except queue.Empty:
+            continue
+
 
 class InProcessExecutor:
-    """Process the frames one after another in this process."""
+    """Process the frames in this process: read ahead, compute, write behind.
+
+    Parameters
+    ----------
+    read_ahead : int
+        Frames read and waiting for the compute stage, at most.
+
+    write_behind : int
+        Frames computed (or being computed) and waiting to be written, at most, beyond
+        one per compute thread.
+
+    compute_threads : int, optional
+        Frames normalized at the same time. By default 2 on the CPU where there are two
+        cores or more (most of the work is NumPy, SciPy and photutils code that releases
+        the GIL for part of its time, so a second frame uses the second core), 1 on a GPU.
+
+    threads : bool
+        Overlap the stages on threads (the default). False runs
+        :func:`~nsg_gpu.pipeline.process_frame` frame after frame on the calling thread.
+    """
+
+    def __init__(
+        self, *, read_ahead: int = 2, write_behind: int = 2, compute_threads: int | None = None, threads: bool = True
+    ):
+        if read_ahead < 1 or write_behind < 1:
+            raise ValueError("read_ahead and write_behind must be at least 1")
+        if compute_threads is not None and compute_threads < 1:
+            raise ValueError("compute_threads must be at least 1")
+        self.read_ahead = int(read_ahead)
+        self.write_behind = int(write_behind)
+        self.compute_threads = compute_threads
+        self.threads = bool(threads)
+
+    def _compute_threads(self, reference: Reference) -> int:
+        if self.compute_threads is not None:
+            return self.compute_threads
+        if get_backend(reference.frame.data).is_gpu:
+            return 1
+        return 2 if (os.cpu_count() or 1) >= 2 else 1
 
     def run(
         self, reference: Reference, jobs: Sequence[FrameJob], *, stop_on_error: bool = False
     ) -> Iterator[FrameResult]:
-        """Yield each job's result in order; stop after the first failure if asked."""
-        for job in jobs:
-            result = process_frame(reference, job)
-            yield result
-            if stop_on_error and result.status == "failed":
-                return
+        """Yield each job's result in order, once its output is written; stop after the
+        first failure if asked (frames after it are then neither reported nor written).
+
+        An exception that is not a frame's own problem (a bug, ``MemoryError``) stops the
+        run and is raised here.
+        """
+        if not self.threads:
+            for job in jobs:
+                result = process_frame(reference, job)
+                yield result
+                if stop_on_error and result.status == "failed":
+                    return
+            return
+        yield from self._stream(reference, list(jobs), stop_on_error)
+
+    def _stream(self, reference: Reference, jobs: list[FrameJob], stop_on_error: bool) -> Iterator[FrameResult]:
+        stop = threading.Event()  # the consumer went away, or a thread raised
+        failed = threading.Event()  # a frame failed and stop_on_error holds: read no further
+        errors: list[BaseException] = []  # what a thread raised, for the consumer to raise
+        workers = self._compute_threads(reference)
+        read_q: queue.Queue = queue.Queue(maxsize=self.read_ahead)
+        # Futures in job order; their number bounds the frames held between read and write.
+        write_q: queue.Queue = queue.Queue(maxsize=self.write_behind + workers - 1)
+        done_q: queue.Queue = queue.Queue()  # filled no faster than write_q drains
+
+        def reader() -> None:
+            try:
+                for job in jobs:
+                    if failed.is_set():
+                        break
+                    started = time.perf_counter()
+                    try:
+                        item = (job, read_job(job), None)
+                    except FrameError as exc:
+                        item = (job, None, exc)
+                    _put(read_q, (item, time.perf_counter() - started), stop)
+                _put(read_q, None, stop)
+            except _Stopped:
+                pass
+            except BaseException as exc:
+                errors.append(exc)
+                stop.set()
+
+        def compute(job: FrameJob, frame, error, read_seconds: float):
+            timings = {"read": read_seconds}
+            if error is not None or failed.is_set():
+                return None, failed_result(job, error or FrameError(job.path, "not processed"), timings)
+            try:
+                result = compute_job(reference, job, frame)
+            except FrameError as exc:
+                return None, failed_result(job, exc, timings)
+            result.timings = {**timings, **result.timings}
+            return frame, result
+
+        def writer() -> None:
+            halted = False  # a failure was reported with stop_on_error: later frames are dropped
+            try:
+                while True:
+                    future = _get(write_q, stop)
+                    if future is None:
+                        break
+                    job, (frame, result) = future[0], future[1].result()
+                    if halted:
+                        continue
+                    if result.status != "failed":
+                        started = time.perf_counter()
+                        try:
+                            write_job(reference, job, frame, result)
+                        except OutputError as exc:
+                            result = failed_result(job, exc, result.timings)
+                        result.timings["write"] = time.perf_counter() - started
+                    del frame, future
+                    result.seconds = sum(result.timings.values())
+                    if result.status == "failed" and stop_on_error:
+                        halted = True
+                        failed.set()
+                    done_q.put(result)
+                done_q.put(None)
+            except _Stopped:
+                pass
+            except BaseException as exc:
+                errors.append(exc)
+                stop.set()
+
+        threads = [
+            threading.Thread(target=reader, name="nsg-reader", daemon=True),
+            threading.Thread(target=writer, name="nsg-writer", daemon=True),
+        ]
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nsg-compute")
+        for thread in threads:
+            thread.start()
+        try:
+            while not failed.is_set():
+                item = _get(read_q, stop)
+                if item is None:
+                    break
+                (job, frame, error), read_seconds = item
+                _put(write_q, (job, pool.submit(compute, job, frame, error, read_seconds)), stop)
+                del item, frame
+                while True:  # report what is written so far, without waiting
+                    try:
+                        written = done_q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if written is None:
+                        break
+                    yield written
+            _put(write_q, None, stop)
+            while (written := _get(done_q, stop)) is not None:
+                yield written
+        except _Stopped:
+            if errors:
+                raise errors[0] from None
+            raise RuntimeError("the run's reader or writer thread stopped unexpectedly") from None
+        finally:
+            stop.set()
+            failed.set()  # computations still queued return at once
+            for thread in threads:
+                thread.join()
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 # -- Dask distributed --------------------------------------------------------------------------

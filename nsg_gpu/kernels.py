@@ -126,7 +126,7 @@ REGISTRY: dict[str, KernelEntry] = {
         _entry(
             "bin_medians_f32",
             "samples",
-            "const float* data, index_t channels, index_t height, index_t width, index_t size, index_t x0, "
+            "const float* data, index_t channels, index_t height, index_t width, index_t size, index_t stride, index_t x0, "
             "index_t y0, index_t n_cols, index_t n_rows, float white_level, double* medians, int* nodata",
             "channels * n_rows * n_cols",
         ),

@@ -42,7 +42,7 @@ from .io import OUTPUT_FORMATS, Frame, output_path, read_frame, read_meta, set_n
 from .noise import ksigma_noise, weight_from_noise
 from .params import Parameters, resolve_parameters
 from .samples import SampleSet, bin_medians, bin_samples, make_grid, star_rejection
-from .spline import fit_surface_spline
+from .spline import evaluate_surfaces, fit_surface_splines
 from .stars import StarCatalog, detect_stars, detection_image, estimate_fwhm
 
 __all__ = [
@@ -57,7 +57,30 @@ __all__ = [
     "write_reference",
     "FrameJob",
     "RunPlan",
+    "STAGES",
+    "read_job",
+    "compute_job",
+    "write_job",
+    "failed_result",
 ]
+
+#: The stages of one target, in order, as keys of :attr:`FrameResult.timings`.
+STAGES = ("read", "detect", "photometry", "sampling", "spline_fit", "spline_eval", "apply", "noise", "write")
+
+
+class _Stopwatch:
+    """Adds the wall time since the last lap to a named stage of a timings dict."""
+
+    def __init__(self, timings: dict | None):
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[stage] = self.timings.get(stage, 0.0) + (now - self.last)
+        self.last = now
+
 
 #: Pairs below this signal-to-noise (both frames combined) are too noisy to help the scale.
 MIN_PAIR_SNR = 10.0
@@ -95,14 +118,16 @@ class Reference:
 
     def measurement(self, geometry: photometry.ApertureGeometry) -> photometry.StarMeasurement:
         """Reference photometry for an aperture geometry, measured once and kept."""
-        if geometry not in self._measurements:
+        # Compute threads may ask at the same time: both measure, the dict keeps one, and
+        # each returns its own (identical) measurement.
+        measured = self._measurements.get(geometry)
+        if measured is None:
+            idx = self.photometry_index
+            measured = photometry.measure_stars(self.frame.data, self.stars.x[idx], self.stars.y[idx], geometry)
             if len(self._measurements) > 8:
                 self._measurements.clear()
-            idx = self.photometry_index
-            self._measurements[geometry] = photometry.measure_stars(
-                self.frame.data, self.stars.x[idx], self.stars.y[idx], geometry
-            )
-        return self._measurements[geometry]
+            self._measurements[geometry] = measured
+        return measured
 
 
 @dataclass
@@ -136,6 +161,8 @@ class FrameResult:
     warning: str | None = None
     data: object = None  # normalized data, only for in-memory use
     diagnostics: object = None  # FrameDiagnostics, only when asked for (plots)
+    #: Wall seconds per stage of :data:`STAGES` (those the frame reached).
+    timings: dict[str, float] = field(default_factory=dict)
 
     def row(self) -> dict:
         """A flat dict for results.csv / results.json."""
@@ -294,14 +321,18 @@ class ScaleMeasurement:
     reference_flux: np.ndarray | None = None
 
 
-def measure_scale(reference: Reference, frame: Frame) -> ScaleMeasurement:
+def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = None) -> ScaleMeasurement:
     """The photometric scale ``m`` per channel of ``frame`` against the reference.
+
+    ``timings``, when given, gains the seconds spent in ``detect`` (target FWHM, recentring,
+    registration check) and ``photometry``.
 
     Raises
     ------
     TooFewStarsError
         The frame is not registered to the reference, or has too few usable star pairs.
     """
+    clock = _Stopwatch(timings)
     params = reference.params
     data = frame.data
     be = get_backend(data)
@@ -359,6 +390,7 @@ def measure_scale(reference: Reference, frame: Frame) -> ScaleMeasurement:
         gap=params.aperture_gap,
         bg_delta=params.aperture_bg_delta,
     )
+    clock.lap("detect")
     ref_m = reference.measurement(geometry)
     tgt_m = photometry.measure_stars(data, tx, ty, geometry)
     usable = (
@@ -401,6 +433,7 @@ def measure_scale(reference: Reference, frame: Frame) -> ScaleMeasurement:
         scales.append(fit.scale)
         fits.append(fit)
     pairs = max(f.n_pairs for f in fits)
+    clock.lap("photometry")
     return ScaleMeasurement(
         np.array(scales),
         pairs,
@@ -420,10 +453,18 @@ def _local_level(image, x, y, half: int) -> np.ndarray:
     return np.median(border, axis=1)
 
 
-def model_gradient(reference: Reference, frame: Frame, scale: np.ndarray, *, record: dict | None = None):
+def model_gradient(
+    reference: Reference,
+    frame: Frame,
+    scale: np.ndarray,
+    *,
+    record: dict | None = None,
+    timings: dict | None = None,
+):
     """The spline model ``G`` of ``m*T - R`` per channel, as a full image on the frame's backend.
 
-    ``record``, when given, receives the sample table and the splines (for diagnostics).
+    ``record``, when given, receives the sample table and the splines (for diagnostics);
+    ``timings`` gains the seconds spent in ``sampling``, ``spline_fit`` and ``spline_eval``.
 
     Returns
     -------
@@ -431,6 +472,7 @@ def model_gradient(reference: Reference, frame: Frame, scale: np.ndarray, *, rec
     n_samples : int
         Background samples used (before merging into super-samples).
     """
+    clock = _Stopwatch(timings)
     params = reference.params
     data = frame.data
     be = get_backend(data)
@@ -450,19 +492,20 @@ def model_gradient(reference: Reference, frame: Frame, scale: np.ndarray, *, rec
         )
     samples = SampleSet(grid.centre_x[cols], grid.centre_y[rows], difference[:, rows, cols], np.ones(n))
     samples = bin_samples(samples, grid, params.max_samples)
+    clock.lap("sampling")
     _, height, width = data.shape
-    step = max(4, min(32, grid.size // 2))
-    gradient = xp.empty(data.shape, dtype=xp.float32)
-    splines = []
-    for c in range(data.shape[0]):
-        try:
-            spline = fit_surface_spline(
-                samples.x, samples.y, samples.values[c], weights=samples.weight, smoothness=params.gradient_smoothness
-            )
-        except ValueError as exc:
-            raise TooFewSamplesError(frame.path, f"the gradient cannot be modelled: {exc}") from exc
-        gradient[c] = spline.evaluate_image(height, width, step=step, xp=xp)
-        splines.append(spline)
+    # Half a bin: the spline varies on the scale of the bins, and this keeps the interpolation
+    # within 0.001 sigma of exact evaluation (bench/NOTES.md) at any frame size.
+    step = max(4, grid.size // 2)
+    try:
+        splines = fit_surface_splines(
+            samples.x, samples.y, samples.values, weights=samples.weight, smoothness=params.gradient_smoothness
+        )
+    except ValueError as exc:
+        raise TooFewSamplesError(frame.path, f"the gradient cannot be modelled: {exc}") from exc
+    clock.lap("spline_fit")
+    gradient = evaluate_surfaces(splines, height, width, step=step, xp=xp)
+    clock.lap("spline_eval")
     if record is not None:
         record.update(
             used=use,
@@ -500,6 +543,7 @@ def normalize_frame(reference: Reference, frame: Frame, *, diagnostics: bool = F
         Shape mismatch, no data, too few stars or samples.
     """
     started = time.perf_counter()
+    timings: dict[str, float] = {}
     ref = reference.frame
     be = get_backend(reference.frame.data)
     if frame.data.shape != ref.data.shape:
@@ -517,10 +561,10 @@ def normalize_frame(reference: Reference, frame: Frame, *, diagnostics: bool = F
     if get_backend(frame.data) is not be:
         frame = Frame(frame.path, be.asarray(frame.data), frame.header, frame.white_level, frame.meta)
     _check_data(frame)
-    measured = measure_scale(reference, frame)
+    measured = measure_scale(reference, frame, timings=timings)
     m = measured.scale
     record = {} if diagnostics else None
-    gradient, n_samples = model_gradient(reference, frame, m, record=record)
+    gradient, n_samples = model_gradient(reference, frame, m, record=record, timings=timings)
     out, high, measured_noise = normalize_pixels(
         frame.data,
         m,
@@ -528,7 +572,9 @@ def normalize_frame(reference: Reference, frame: Frame, *, diagnostics: bool = F
         white_level=ref.white_level,
         truncate=reference.params.truncate,
         measure_noise=_noise_cards(reference, frame) is None,
+        timings=timings,
     )
+    del gradient
     snr, weight, source, noise = _weights(reference, frame, measured_noise, m)
     meta = frame.meta
     return FrameResult(
@@ -551,6 +597,7 @@ def normalize_frame(reference: Reference, frame: Frame, *, diagnostics: bool = F
         seconds=time.perf_counter() - started,
         data=out,
         diagnostics=_diagnostics(reference, measured, record) if diagnostics else None,
+        timings=timings,
     )
 
 
@@ -780,36 +827,86 @@ def write_reference(reference: Reference, output: Path, *, fingerprint: str | No
     return result
 
 
+def read_job(job: FrameJob) -> Frame:
+    """The read stage of :func:`process_frame`: the target's frame from disk.
+
+    Raises
+    ------
+    FrameError
+        The frame cannot be read.
+    """
+    return read_frame(job.path)
+
+
+def compute_job(reference: Reference, job: FrameJob, frame: Frame) -> FrameResult:
+    """The compute stage of :func:`process_frame`: the normalized data in ``result.data``.
+
+    Raises
+    ------
+    FrameError
+        Shape mismatch, no data, too few stars or samples.
+    """
+    return normalize_frame(reference, frame, diagnostics=job.diagnostics)
+
+
+def write_job(reference: Reference, job: FrameJob, frame: Frame, result: FrameResult) -> FrameResult:
+    """The write stage of :func:`process_frame`: the output with NSG's keywords, atomically.
+
+    ``result.data`` is released once written and ``result.output`` set.
+
+    Raises
+    ------
+    OutputError
+        The output cannot be written; nothing is left behind.
+    """
+    header = set_nsg_keywords(
+        frame.header,
+        reference_name=job.reference_name,
+        transmission=result.transmission,
+        snr=result.snr,
+        weight=result.weight,
+        weight_keyword=reference.params.weight_keyword,
+        weight_source=result.weight_source,
+        high=result.high,
+        history=list(job.history),
+        fingerprint=job.fingerprint,
+        star_pairs=result.star_pairs,
+        samples=result.samples,
+        fwhm=result.fwhm,
+    )
+    write_frame(job.output, get_backend(result.data).to_host(result.data), header, properties=frame.properties)
+    result.output = str(job.output)
+    result.data = None
+    return result
+
+
+def failed_result(job: FrameJob, error: Exception, timings: dict | None = None) -> FrameResult:
+    """The failed row of a job whose read, compute or write raised ``error``."""
+    result = _failed_result(job.path, error)
+    result.timings = dict(timings or {})
+    return result
+
+
 def process_frame(reference: Reference, job: FrameJob) -> FrameResult:
     """Read, normalize and write one target: the unit of work of every executor.
 
-    A problem with the frame itself (unreadable, unregistered, no stars, disk full) becomes
+    The composition of :func:`read_job`, :func:`compute_job` and :func:`write_job`. A
+    problem with the frame itself (unreadable, unregistered, no stars, disk full) becomes
     the frame's failed result rather than an exception, so that the run goes on.
     """
+    timings: dict[str, float] = {}
     started = time.perf_counter()
     try:
-        frame = read_frame(job.path)
-        result = normalize_frame(reference, frame, diagnostics=job.diagnostics)
-        header = set_nsg_keywords(
-            frame.header,
-            reference_name=job.reference_name,
-            transmission=result.transmission,
-            snr=result.snr,
-            weight=result.weight,
-            weight_keyword=reference.params.weight_keyword,
-            weight_source=result.weight_source,
-            high=result.high,
-            history=list(job.history),
-            fingerprint=job.fingerprint,
-            star_pairs=result.star_pairs,
-            samples=result.samples,
-            fwhm=result.fwhm,
-        )
-        write_frame(job.output, get_backend(result.data).to_host(result.data), header, properties=frame.properties)
-        result.output = str(job.output)
-        result.data = None
+        frame = read_job(job)
+        timings["read"] = time.perf_counter() - started
+        result = compute_job(reference, job, frame)
+        timings.update(result.timings)
+        mark = time.perf_counter()
+        write_job(reference, job, frame, result)
+        timings["write"] = time.perf_counter() - mark
     except (FrameError, OutputError) as exc:
-        result = _failed_result(job.path, exc)
+        result = failed_result(job, exc, timings)
+    result.timings = timings
     result.seconds = time.perf_counter() - started
     return result
 

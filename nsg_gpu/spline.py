@@ -7,24 +7,37 @@ and ``P = [1, x, y]``, ``lambda = 10^smoothness``; at smoothness 4 or more a lea
 replaces the spline. The fit is a small dense solve on the host; the evaluation runs on the
 backend of the caller.
 
-On the CPU the full-resolution gradient is the spline evaluated on a coarse grid and
-interpolated by a bicubic spline; the gradient is smooth, and a test bounds the difference
-from exact evaluation. On the GPU every pixel is evaluated exactly by ``kernels/tps.cu``.
+The full-resolution gradient is exact on the GPU: ``kernels/tps.cu`` evaluates the spline at
+every pixel. On the CPU it is the spline evaluated on a coarse grid and interpolated by the
+interpolating bicubic spline of that grid; the gradient is smooth, and a test bounds the
+difference from exact evaluation. The interpolation is separable, so it is two matrix
+products with weights that depend only on the image geometry (computed once per geometry).
+The channels of a colour frame share their nodes and weights, so one factorization of the
+system and one kernel matrix serve all three (:func:`fit_surface_splines`,
+:func:`evaluate_surfaces`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
-from scipy.interpolate import RectBivariateSpline
+from scipy.interpolate import make_interp_spline
 
 from . import kernels
 from .backend import get_backend
 
-__all__ = ["SurfaceSpline", "fit_surface_spline", "PLANE_SMOOTHNESS"]
+__all__ = [
+    "SurfaceSpline",
+    "fit_surface_spline",
+    "fit_surface_splines",
+    "evaluate_surfaces",
+    "interpolation_weights",
+    "PLANE_SMOOTHNESS",
+]
 
 #: NSG's maximum smoothness, which means "fit a plane".
 PLANE_SMOOTHNESS = 4.0
@@ -51,22 +64,7 @@ class SurfaceSpline:
 
     def __call__(self, x, y):
         """Evaluate exactly at pixel coordinates ``x``, ``y`` (arrays of one shape, any backend)."""
-        xp = get_backend(x).xp
-        u = (xp.asarray(x, dtype=xp.float64) - self.centre[0]) / self.scale
-        v = (xp.asarray(y, dtype=xp.float64) - self.centre[1]) / self.scale
-        out = self.affine[0] + self.affine[1] * u + self.affine[2] * v
-        if self.coefficients.size:
-            flat_u, flat_v = u.reshape(-1), v.reshape(-1)
-            nodes = xp.asarray(self.nodes)
-            coefficients = xp.asarray(self.coefficients)
-            acc = xp.zeros(flat_u.shape, dtype=xp.float64)
-            chunk = max(1, 2_000_000 // max(1, nodes.shape[0]))
-            for start in range(0, flat_u.size, chunk):
-                du = flat_u[start : start + chunk, None] - nodes[None, :, 0]
-                dv = flat_v[start : start + chunk, None] - nodes[None, :, 1]
-                acc[start : start + chunk] = _tps_kernel(du * du + dv * dv, xp) @ coefficients
-            out = out + acc.reshape(u.shape)
-        return out
+        return _evaluate([self], x, y)[0]
 
     def evaluate_image(self, height: int, width: int, *, step: int = 16, xp=np, launcher=None):
         """The spline over a ``height`` x ``width`` image, float32.
@@ -77,19 +75,7 @@ class SurfaceSpline:
         twin is :meth:`__call__`; ``step`` is then ignored.
         """
         launcher = launcher or kernels.launcher_for(xp.__name__ == "cupy")
-        if launcher is not None:
-            return self._evaluate_kernel(height, width, xp, launcher)
-        if step <= 1 or not self.coefficients.size:
-            yy, xx = xp.mgrid[0:height, 0:width]
-            return self(xx.astype(xp.float64), yy.astype(xp.float64)).astype(xp.float32)
-        ny = int(math.ceil((height - 1) / step)) + 1
-        nx = int(math.ceil((width - 1) / step)) + 1
-        gy = np.linspace(0, height - 1, ny)
-        gx = np.linspace(0, width - 1, nx)
-        coarse = self(*np.meshgrid(gx, gy))
-        interpolator = RectBivariateSpline(gy, gx, coarse, kx=min(3, ny - 1), ky=min(3, nx - 1), s=0)
-        full = interpolator(np.arange(height), np.arange(width), grid=True).astype(np.float32)
-        return xp.asarray(full)
+        return evaluate_surfaces([self], height, width, step=step, xp=xp, launcher=launcher)[0]
 
     def kernel_nodes(self) -> np.ndarray:
         """Nodes packed for ``tps_eval_f32``: ``(u, v, c ln(2) / 2, 0)`` per node, float32."""
@@ -113,6 +99,110 @@ class SurfaceSpline:
         return out
 
 
+def _evaluate(splines: list[SurfaceSpline], x, y):
+    """Splines sharing nodes, centre and scale, evaluated exactly at ``(x, y)``: ``(k, *x.shape)``."""
+    first = splines[0]
+    xp = get_backend(x).xp
+    u = (xp.asarray(x, dtype=xp.float64) - first.centre[0]) / first.scale
+    v = (xp.asarray(y, dtype=xp.float64) - first.centre[1]) / first.scale
+    affine = xp.asarray(np.stack([s.affine for s in splines]))  # (k, 3)
+    out = affine[:, 0, None] + affine[:, 1, None] * u.reshape(1, -1) + affine[:, 2, None] * v.reshape(1, -1)
+    if first.coefficients.size:
+        flat_u, flat_v = u.reshape(-1), v.reshape(-1)
+        nodes = xp.asarray(first.nodes)
+        coefficients = xp.asarray(np.stack([s.coefficients for s in splines], axis=1))  # (n, k)
+        # phi(r) = r^2 ln r = 0.5 * r2 ln r2: the 0.5 goes into the coefficients, and the
+        # squared distances come from one product (|p|^2 + |q|^2 - 2 p.q), all in place.
+        half = 0.5 * coefficients
+        node_norm = (nodes * nodes).sum(axis=1)
+        chunk = max(1, 2_000_000 // max(1, nodes.shape[0]))
+        for start in range(0, flat_u.size, chunk):
+            points = xp.stack([flat_u[start : start + chunk], flat_v[start : start + chunk]], axis=1)
+            r2 = points @ (-2.0 * nodes.T)
+            r2 += (points * points).sum(axis=1)[:, None]
+            r2 += node_norm[None, :]
+            # At a node r2 is 0 up to rounding, and r2 ln r2 is 0 there.
+            xp.maximum(r2, 1e-300, out=r2)
+            kernel = xp.log(r2)
+            kernel *= r2
+            out[:, start : start + chunk] += (kernel @ half).T
+    return out.reshape((len(splines),) + tuple(u.shape))
+
+
+@functools.lru_cache(maxsize=8)
+def interpolation_weights(size: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Coarse nodes along one axis of ``size`` px, and the bicubic interpolation matrix.
+
+    Returns
+    -------
+    nodes : ndarray (n,)
+        ``n = ceil((size - 1) / step) + 1`` evenly spaced positions from 0 to ``size - 1``.
+
+    weights : ndarray (size, n), float32
+        Row ``i`` gives pixel ``i``'s value as a combination of the node values: the
+        interpolating cubic spline with not-a-knot ends (quadratic or linear for 3 or 2
+        nodes), the same spline as FITPACK's interpolating spline of the nodes.
+    """
+    n = int(math.ceil((size - 1) / step)) + 1
+    nodes = np.linspace(0, size - 1, n)
+    if n == 1:
+        return nodes, np.ones((size, 1), np.float32)
+    basis = make_interp_spline(nodes, np.eye(n), k=min(3, n - 1))
+    weights = basis(np.arange(size, dtype=np.float64))
+    # A cardinal spline's weights decay by about 0.27 per node; the far ones fall below
+    # float32's normal range, and subnormal numbers slow a matrix product many times over.
+    weights[np.abs(weights) < 1e-7] = 0
+    weights = weights.astype(np.float32)
+    weights.flags.writeable = False
+    return nodes, weights
+
+
+def evaluate_surfaces(splines: list[SurfaceSpline], height: int, width: int, *, step: int = 16, xp=np, launcher=None):
+    """Splines sharing their nodes (one per channel) over a ``height`` x ``width`` image.
+
+    Parameters
+    ----------
+    splines : list of SurfaceSpline
+        From one :func:`fit_surface_splines` call (same nodes, centre and scale).
+
+    height, width : int
+
+    step : int
+        Spacing (px) of the coarse grid evaluated exactly; bicubic interpolation in
+        between. ``step=1`` evaluates every pixel exactly.
+
+    xp : module
+        Array module of the result (``numpy`` or ``cupy``).
+
+    launcher : optional
+        Evaluates every pixel exactly with the ``tps_eval_f32`` kernel (twin:
+        :meth:`SurfaceSpline.__call__`); by default the device's for CuPy, none for NumPy.
+
+    Returns
+    -------
+    array (len(splines), height, width), float32
+        On ``xp``. The coarse grid is evaluated on the host (it is small); the
+        interpolation, two matrix products per channel, runs on ``xp``.
+    """
+    launcher = launcher or kernels.launcher_for(xp.__name__ == "cupy")
+    if launcher is not None:
+        out = xp.empty((len(splines), height, width), dtype=xp.float32)
+        for c, spline in enumerate(splines):
+            out[c] = spline._evaluate_kernel(height, width, xp, launcher)
+        return out
+    if step <= 1 or not splines[0].coefficients.size:
+        yy, xx = xp.mgrid[0:height, 0:width]
+        return _evaluate(splines, xx.astype(xp.float64), yy.astype(xp.float64)).astype(xp.float32)
+    gy, wy = interpolation_weights(height, step)
+    gx, wx = interpolation_weights(width, step)
+    coarse = _evaluate(splines, *np.meshgrid(gx, gy)).astype(np.float32)  # (k, ny, nx)
+    wy_b, wx_b = xp.asarray(wy), xp.asarray(wx)
+    out = xp.empty((len(splines), height, width), dtype=xp.float32)
+    for c in range(len(splines)):
+        out[c] = (wy_b @ xp.asarray(coarse[c])) @ wx_b.T
+    return out
+
+
 def fit_surface_spline(x, y, z, *, weights=None, smoothness: float = -2.0) -> SurfaceSpline:
     """Fit the thin-plate smoothing spline (or plane) of NSG to samples ``z`` at ``(x, y)``.
 
@@ -132,14 +222,27 @@ def fit_surface_spline(x, y, z, *, weights=None, smoothness: float = -2.0) -> Su
     ValueError
         Fewer than 3 nodes, or nodes that do not span a plane.
     """
+    return fit_surface_splines(x, y, np.asarray(z, float)[None], weights=weights, smoothness=smoothness)[0]
+
+
+def fit_surface_splines(x, y, values, *, weights=None, smoothness: float = -2.0) -> list[SurfaceSpline]:
+    """One spline per row of ``values`` ``(k, n)``, all at the nodes ``(x, y)``.
+
+    The same as :func:`fit_surface_spline` for each row, with the system factorized once.
+
+    Raises
+    ------
+    ValueError
+        Fewer than 3 nodes, or nodes that do not span a plane.
+    """
     x = np.asarray(x, float)
     y = np.asarray(y, float)
-    z = np.asarray(z, float)
-    w = np.ones_like(z) if weights is None else np.asarray(weights, float)
+    z = np.atleast_2d(np.asarray(values, float))
+    w = np.ones_like(x) if weights is None else np.asarray(weights, float)
     # Duplicate nodes make the system singular; keep the first of each position.
     _, first = np.unique(np.round(np.column_stack([x, y]), 6), axis=0, return_index=True)
     first = np.sort(first)
-    x, y, z, w = x[first], y[first], z[first], w[first]
+    x, y, z, w = x[first], y[first], z[:, first], w[first]
     n = x.size
     if n < 3:
         raise ValueError(f"{n} sample(s); a surface needs at least 3")
@@ -152,8 +255,8 @@ def fit_surface_spline(x, y, z, *, weights=None, smoothness: float = -2.0) -> Su
     if np.linalg.matrix_rank(P) < 3:
         raise ValueError("the samples lie on one line; a surface needs them spread over the image")
     if smoothness >= PLANE_SMOOTHNESS:
-        affine, *_ = np.linalg.lstsq(P, z, rcond=None)
-        return SurfaceSpline(np.zeros((0, 2)), np.zeros(0), affine, centre, scale)
+        affine, *_ = np.linalg.lstsq(P, z.T, rcond=None)
+        return [SurfaceSpline(np.zeros((0, 2)), np.zeros(0), affine[:, c], centre, scale) for c in range(z.shape[0])]
     lam = 10.0**smoothness
     du = u[:, None] - u[None, :]
     dv = v[:, None] - v[None, :]
@@ -162,9 +265,12 @@ def fit_surface_spline(x, y, z, *, weights=None, smoothness: float = -2.0) -> Su
     system[np.arange(n), np.arange(n)] += lam / np.maximum(w, 1e-12)
     system[:n, n:] = P
     system[n:, :n] = P.T
-    rhs = np.concatenate([z, np.zeros(3)])
+    rhs = np.concatenate([z.T, np.zeros((3, z.shape[0]))])
     try:
-        solution = scipy.linalg.solve(system, rhs, assume_a="sym")
+        # LU rather than the symmetric-indefinite solver: the same solution, several times
+        # faster with OpenBLAS at these sizes.
+        solution = scipy.linalg.solve(system, rhs, assume_a="gen", overwrite_a=True, check_finite=False)
     except (np.linalg.LinAlgError, scipy.linalg.LinAlgWarning) as exc:
         raise ValueError(f"the spline system is singular ({exc})") from exc
-    return SurfaceSpline(np.column_stack([u, v]), solution[:n], solution[n:], centre, scale)
+    nodes = np.column_stack([u, v])
+    return [SurfaceSpline(nodes, solution[:n, c], solution[n:, c], centre, scale) for c in range(z.shape[0])]

@@ -88,12 +88,16 @@ def test_find_peaks_on_gpu(cp, device, shape, half, margin):
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize(("shape", "size"), [((45, 61), 5), ((50, 50), 8), ((37, 53), 13), ((700, 1001), 31)], ids=str)
-def test_bin_medians_on_gpu(cp, device, channels, shape, size):
+@pytest.mark.parametrize(
+    ("shape", "size", "stride"),
+    [((45, 61), 5, 1), ((50, 50), 8, 1), ((37, 53), 13, 1), ((700, 1001), 31, 1), ((700, 1001), 64, 2)],
+    ids=str,
+)
+def test_bin_medians_on_gpu(cp, device, channels, shape, size, stride):
     frame = sample_frame(channels, shape, seed=size + channels)
     grid = grid_for(shape, size)
-    expected = bin_statistics(frame, grid, 1.0)
-    medians, nodata = bin_statistics(cp.asarray(frame), grid, 1.0, launcher=device)
+    expected = bin_statistics(frame, grid, 1.0, stride=stride)
+    medians, nodata = bin_statistics(cp.asarray(frame), grid, 1.0, stride=stride, launcher=device)
     np.testing.assert_array_equal(_host(medians), expected[0])
     np.testing.assert_array_equal(_host(nodata), expected[1])
 

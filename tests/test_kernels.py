@@ -171,17 +171,33 @@ def test_find_peaks_kernel(shape, half, margin, launcher):
 
 # -- samples.cu -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize(("shape", "size"), [((45, 61), 5), ((50, 50), 8), ((37, 53), 13), ((7, 5), 2)], ids=str)
-def test_bin_medians_kernel(channels, shape, size, launcher):
+@pytest.mark.parametrize(
+    ("shape", "size", "stride"),
+    [((45, 61), 5, 1), ((50, 50), 8, 1), ((37, 53), 13, 1), ((7, 5), 2, 1), ((50, 50), 8, 3), ((37, 53), 13, 4)],
+    ids=str,
+)
+def test_bin_medians_kernel(channels, shape, size, stride, launcher):
     white = 1.0
     frame = sample_frame(channels, shape, seed=size + channels, white_level=white)
     grid = grid_for(shape, size)
-    expected = bin_statistics(frame, grid, white)
-    actual = bin_statistics(frame, grid, white, launcher=launcher)
+    expected = bin_statistics(frame, grid, white, stride=stride)
+    actual = bin_statistics(frame, grid, white, stride=stride, launcher=launcher)
     assert_same(actual[0], expected[0], what="medians")
     assert_same(actual[1].astype(np.int64), expected[1].astype(np.int64), what="no-data counts")
-    if size in (5, 8):  # these cases take every branch: empty bins, no-data regions, clean bins
+    if size in (5, 8) and stride == 1:  # these cases take every branch: empty bins, no-data regions, clean bins
         assert np.isnan(expected[0]).any() and (expected[1] > 0).any() and (expected[1] == 0).any()
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_bin_medians_equal_the_twin(stride):
+    """The CPU's bin_medians (opening only the bins that can fail) equals the kernel's twin."""
+    frame = sample_frame(3, (61, 97), seed=11)
+    grid = grid_for((61, 97), 8)
+    medians, valid = bin_medians(frame, grid, 1.0, stride=stride)
+    twin, nodata = bin_statistics(frame, grid, 1.0, stride=stride)
+    assert_same(medians, twin, what="medians")
+    assert_same(valid, np.all(nodata < 0.01 * 64, axis=0), what="validity")
+    assert (~valid).any() and valid.any()
 
 
 def test_bin_medians_validity_is_unchanged():
@@ -323,22 +339,22 @@ def test_bin_medians_kernel_wide_range_and_tiny_counts(launcher):
 def test_pipeline_through_emulated_kernels(monkeypatch):
     """normalize_frame with every image-sized stage on the (emulated) kernels equals the NumPy
     path evaluating the spline exactly: scale within 1e-5, output within 1e-3 of the noise."""
+    from nsg_gpu import pipeline
     from nsg_gpu.backend import NUMPY
     from nsg_gpu.io import Frame, FrameMeta
     from nsg_gpu.pipeline import normalize_frame, prepare_reference
-    from nsg_gpu.spline import SurfaceSpline
+    from nsg_gpu.spline import evaluate_surfaces
     from nsg_gpu.synthetic import SyntheticField
 
     field = SyntheticField(width=512, height=384, n_frames=2, seed=5, n_stars=400)
     meta = FrameMeta(focal_length_mm=530.0, pixel_size_um=3.76)
     frames = [Frame(Path(f"frame_{k}.fits"), field.render(k), None, 1.0, meta) for k in range(2)]
-    original = SurfaceSpline.evaluate_image
 
-    def exact(self, height, width, *, step=16, xp=np, launcher=None):
-        return original(self, height, width, step=1, xp=xp, launcher=launcher)
+    def exact(splines, height, width, *, step=16, xp=np, launcher=None):
+        return evaluate_surfaces(splines, height, width, step=1, xp=xp, launcher=launcher)
 
     with monkeypatch.context() as patch:
-        patch.setattr(SurfaceSpline, "evaluate_image", exact)
+        patch.setattr(pipeline, "evaluate_surfaces", exact)
         reference = prepare_reference(frames[0], backend=NUMPY)
         expected = normalize_frame(reference, frames[1])
     launcher = EmulatedLauncher(multiprocessors=2)

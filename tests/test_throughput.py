@@ -1,0 +1,295 @@
+"""The streaming run and the speed shortcuts, each against a direct computation or known truth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from astropy.io import fits
+from scipy.interpolate import RectBivariateSpline
+
+from nsg_gpu import samples as samples_module
+from nsg_gpu.executors import InProcessExecutor
+from nsg_gpu.io import read_frame
+from nsg_gpu.noise import B3_LAYER1_FRACTION, ksigma_noise
+from nsg_gpu.pipeline import STAGES, normalize, normalize_frame, prepare_reference
+from nsg_gpu.progress import RunProgress, format_seconds
+from nsg_gpu.samples import MAX_BLACK_PIXEL_FRACTION, bin_medians, make_grid, median_stride
+from nsg_gpu.spline import _tps_kernel, evaluate_surfaces, fit_surface_spline, fit_surface_splines
+from nsg_gpu.synthetic import block_residual, write_synthetic_set
+
+SMALL = dict(width=700, height=500, n_stars=900)
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory) -> list[Path]:
+    """Six small synthetic frames."""
+    return write_synthetic_set(tmp_path_factory.mktemp("stream"), n_frames=6, seed=31, **SMALL)
+
+
+# -- bin medians --------------------------------------------------------------------------------
+def _direct_bin_medians(data, grid, white_level):
+    """Median per bin by a loop over bins, and validity from opening the whole frame."""
+    s = grid.size
+    channels = data.shape[0]
+    medians = np.full((channels, grid.n_rows, grid.n_cols), np.nan)
+    crop = data[:, grid.y0 : grid.y0 + grid.n_rows * s, grid.x0 : grid.x0 + grid.n_cols * s]
+    regions = ndi.binary_opening(crop == 0, structure=np.ones((1, 3, 3), bool))
+    valid = np.ones((grid.n_rows, grid.n_cols), bool)
+    for r in range(grid.n_rows):
+        for c in range(grid.n_cols):
+            block = crop[:, r * s : (r + 1) * s, c * s : (c + 1) * s]
+            zeros = regions[:, r * s : (r + 1) * s, c * s : (c + 1) * s].reshape(channels, -1).sum(axis=1)
+            valid[r, c] = np.all(zeros < MAX_BLACK_PIXEL_FRACTION * s * s)
+            for ch in range(channels):
+                values = block[ch][(block[ch] > 0) & (block[ch] < white_level)]
+                if values.size:
+                    medians[ch, r, c] = np.median(values)
+    return medians, valid
+
+
+def test_bin_medians_equal_a_direct_loop_with_borders_holes_and_saturation():
+    """Full-resolution medians and the black-pixel rule equal a loop over bins exactly."""
+    rng = np.random.default_rng(41)
+    data = (0.1 + rng.normal(0, 0.01, (3, 130, 170))).astype(np.float32)
+    data[:, :, :23] = 0  # a registration border through a column of bins
+    data[:, 100:, 150:] = 0  # a no-data corner
+    data[1, 40:43, 60:63] = 0  # a small hole in one channel
+    data[:, 5:45:4, 80:120:5] = 0  # scattered zeros: ignored
+    data[0, 60:70, 90:100] = 1.0  # saturated
+    data[2, 20:30, 30:50] = 0.0  # a bin mostly empty in one channel
+    grid = make_grid(130, 170, 16)
+    medians, valid = bin_medians(data, grid, 1.0, stride=1)
+    expected, expected_valid = _direct_bin_medians(data, grid, 1.0)
+    np.testing.assert_array_equal(valid, expected_valid)
+    assert not valid.all() and valid.any()
+    np.testing.assert_array_equal(np.isnan(medians), np.isnan(expected))
+    np.testing.assert_allclose(medians, expected, rtol=1e-6, equal_nan=True)
+
+
+def test_subsampled_bin_medians_stay_within_their_noise():
+    """Medians from every 3rd pixel of 114-px bins: within 5 standard errors of the full ones."""
+    sigma = 0.002
+    rng = np.random.default_rng(42)
+    yy, xx = np.mgrid[0:456, 0:570]
+    data = (0.1 + 1e-5 * xx + 2e-5 * yy + rng.normal(0, sigma, yy.shape)).astype(np.float32)[None]
+    grid = make_grid(456, 570, 114)
+    stride = median_stride(114)
+    assert stride == 3
+    sub, valid = bin_medians(data, grid, 1.0)
+    full, _ = bin_medians(data, grid, 1.0, stride=1)
+    n = (114 // stride) ** 2
+    assert valid.all()
+    assert np.max(np.abs(sub - full)) < 5 * 1.2533 * sigma / np.sqrt(n)
+    assert median_stride(37) == 1  # bins of small frames are used whole
+
+
+# -- spline -------------------------------------------------------------------------------------
+def test_separable_interpolation_equals_fitpack_bicubic():
+    """Two matrix products give FITPACK's interpolating bicubic spline of the coarse grid."""
+    rng = np.random.default_rng(43)
+    x, y = rng.uniform(0, 900, 200), rng.uniform(0, 650, 200)
+    z = np.sin(x / 170) + np.cos(y / 120) + rng.normal(0, 0.02, 200)
+    spline = fit_surface_spline(x, y, z, smoothness=-2)
+    height, width, step = 650, 900, 32
+    ny, nx = int(np.ceil((height - 1) / step)) + 1, int(np.ceil((width - 1) / step)) + 1
+    gy, gx = np.linspace(0, height - 1, ny), np.linspace(0, width - 1, nx)
+    coarse = spline(*np.meshgrid(gx, gy))
+    fitpack = RectBivariateSpline(gy, gx, coarse, kx=3, ky=3, s=0)(np.arange(height), np.arange(width))
+    ours = spline.evaluate_image(height, width, step=step)
+    assert ours.dtype == np.float32 and ours.shape == (height, width)
+    np.testing.assert_allclose(ours, fitpack, atol=2e-6 * np.abs(fitpack).max())
+
+
+def test_one_factorization_for_all_channels_equals_separate_fits():
+    """Shared nodes: the joint fit and evaluation equal one fit per channel."""
+    rng = np.random.default_rng(44)
+    x, y = rng.uniform(0, 500, 150), rng.uniform(0, 400, 150)
+    values = np.stack([np.sin(x / 90) * k + y / 400 for k in (1.0, 0.5, -2.0)]) + rng.normal(0, 0.01, (3, 150))
+    weights = rng.integers(1, 5, 150).astype(float)
+    joint = fit_surface_splines(x, y, values, weights=weights, smoothness=-2)
+    images = evaluate_surfaces(joint, 400, 500, step=16)
+    for c in range(3):
+        alone = fit_surface_spline(x, y, values[c], weights=weights, smoothness=-2)
+        np.testing.assert_allclose(joint[c].coefficients, alone.coefficients, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(images[c], alone.evaluate_image(400, 500, step=16), rtol=1e-6, atol=1e-6)
+
+
+def test_exact_evaluation_equals_the_kernel_sum():
+    """The in-place distance expansion gives the kernel sum written out directly, nodes included."""
+    rng = np.random.default_rng(45)
+    x, y = rng.uniform(0, 300, 80), rng.uniform(0, 200, 80)
+    spline = fit_surface_spline(x, y, np.cos(x / 50) * np.sin(y / 40), smoothness=-3)
+    qx = np.concatenate([x, rng.uniform(-20, 320, 500)])
+    qy = np.concatenate([y, rng.uniform(-20, 220, 500)])
+    u, v = (qx - spline.centre[0]) / spline.scale, (qy - spline.centre[1]) / spline.scale
+    direct = np.array(
+        [
+            spline.affine @ [1, a, b]
+            + np.sum(spline.coefficients * _tps_kernel((spline.nodes[:, 0] - a) ** 2 + (spline.nodes[:, 1] - b) ** 2))
+            for a, b in zip(u, v)
+        ]
+    )
+    np.testing.assert_allclose(spline(qx, qy), direct, rtol=1e-10, atol=1e-10)
+
+
+def test_half_bin_coarse_grid_of_a_large_frame_stays_exact():
+    """Bins of 114 px (a 26 MP frame) and the coarse grid at half a bin: within 0.01 sigma
+    of exact evaluation at random pixels, for a sky gradient of 10 sigma with 3 % noise."""
+    height, width, size = 2280, 3420, 114
+    grid = make_grid(height, width, size)
+    gx, gy = np.meshgrid(grid.centre_x, grid.centre_y)
+    u, v = gx / width - 0.4, gy / height - 0.6
+    sky = 3 * u - 2 * v + 4 * u * u + 2 * u * v + 6 * np.exp(-(u * u + v * v) / 0.1)  # plane, curvature, dome
+    sky *= 10 / np.ptp(sky)  # in sigma units
+    rng = np.random.default_rng(47)
+    spline = fit_surface_spline(gx.ravel(), gy.ravel(), sky.ravel() + rng.normal(0, 0.03, gx.size), smoothness=-2)
+    image = spline.evaluate_image(height, width, step=size // 2)
+    ys, xs = rng.integers(0, height, 5000), rng.integers(0, width, 5000)
+    exact = spline(xs.astype(float), ys.astype(float))
+    assert np.max(np.abs(image[ys, xs] - exact)) < 0.01
+
+
+# -- noise --------------------------------------------------------------------------------------
+def _direct_ksigma(image, max_pixels):
+    """The whole-image computation: smooth everything, erode everything, then keep rows."""
+    h, w = image.shape
+    stride = max(1, int(np.ceil(h * w / max_pixels)))
+    kernel = np.array([1, 4, 6, 4, 1], np.float32) / 16
+    smooth = ndi.convolve1d(ndi.convolve1d(image, kernel, axis=1, mode="reflect"), kernel, axis=0, mode="reflect")
+    layer = (image - smooth)[::stride]
+    valid = ndi.binary_erosion(image > 0, structure=np.ones((5, 5), bool), border_value=0)[::stride]
+    values = layer[valid]
+    sigma, centre = float(values.std()), 0.0
+    for _ in range(10):
+        kept = values[np.abs(values - centre) < 3 * sigma]
+        new_sigma, centre = float(kept.std()), float(kept.mean())
+        if abs(new_sigma - sigma) <= 1e-6 * sigma:
+            sigma = new_sigma
+            break
+        sigma = new_sigma
+    return sigma / B3_LAYER1_FRACTION
+
+
+@pytest.mark.parametrize("max_pixels", [pytest.param(10**9, id="every-row"), pytest.param(40_000, id="every-7th-row")])
+def test_row_subsampled_noise_equals_whole_image_smoothing(max_pixels):
+    """Layer and mask computed on the kept rows alone: the same noise as the whole-image way."""
+    rng = np.random.default_rng(46)
+    yy, xx = np.mgrid[0:403, 0:611]
+    image = (0.1 + 0.05 * np.sin(xx / 40) * np.cos(yy / 30) + rng.normal(0, 0.003, yy.shape)).astype(np.float32)
+    image[:, :37] = 0
+    image[390:, :] = 0
+    image[200:203, 300:305] = 0
+    image[::11, ::13] = 0
+    assert ksigma_noise(image, max_pixels=max_pixels) == pytest.approx(_direct_ksigma(image, max_pixels), rel=1e-5)
+
+
+# -- accuracy with the shortcuts forced on test-sized frames -------------------------------------
+def test_subsampled_medians_keep_the_accuracy_bounds(mono_set, monkeypatch):
+    """Bins of the mono set subsampled 2x2 (they are used whole at this size): scale within
+    3.5 % of the truth and residual within 0.1 sigma of the perfect normalization, as the
+    accuracy tests require."""
+    monkeypatch.setattr(samples_module, "MEDIAN_PIXELS", 300)
+    s = mono_set
+    reference = prepare_reference(read_frame(s.paths[0]))
+    assert median_stride(reference.grid.size) == 2
+    noise = s.field.pixel_noise(0)
+    truth_ref = s.field.noise_free(0)
+    for k in (1, 3):
+        result = normalize_frame(reference, read_frame(s.paths[k]))
+        truth = s.field.frames[k].scale(s.field.reference)
+        assert abs(result.scale[0] / truth[0] - 1) < 0.035
+        data_in = s.field.render(k)
+        covered = np.all(data_in != 0, axis=0)
+        ours = block_residual(result.data, truth_ref, covered) / noise
+        best = block_residual(s.field.perfect_normalization(k, data_in), truth_ref, covered) / noise
+        assert np.all(ours <= best + 0.1), (k, ours, best)
+
+
+# -- the streaming run --------------------------------------------------------------------------
+def _outputs(run) -> list:
+    return [(Path(f.path).name, f.status, f.error is None, f.scale, f.weight) for f in run.frames]
+
+
+def test_streamed_run_equals_frame_after_frame(frames, tmp_path):
+    """Read-ahead and write-behind change nothing: same rows in the same order, same pixels,
+    and every stage timed."""
+    bad = tmp_path / "broken.fits"
+    bad.write_bytes(b"SIMPLE  =                    T" + b" " * 50)
+    inputs = [frames[0], frames[1], bad, *frames[2:]]
+    streamed = normalize(
+        inputs, reference=frames[0], output_dir=tmp_path / "a", executor=InProcessExecutor(read_ahead=1, write_behind=1)
+    )
+    serial = normalize(
+        inputs, reference=frames[0], output_dir=tmp_path / "b", executor=InProcessExecutor(threads=False)
+    )
+    assert _outputs(streamed) == _outputs(serial)
+    assert [f.status for f in streamed.frames] == ["reference", "ok", "failed", "ok", "ok", "ok", "ok"]
+    for a, b in zip(streamed.frames, serial.frames):
+        if a.status == "ok":
+            np.testing.assert_array_equal(fits.getdata(a.output), fits.getdata(b.output))
+            assert set(a.timings) == set(STAGES) and all(v >= 0 for v in a.timings.values())
+            assert a.seconds == pytest.approx(sum(a.timings.values()))
+    assert list(streamed.frames[2].timings) == ["read"]
+    rows = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert [r["file"] for r in rows["frames"]] == [f.path for f in serial.frames]
+
+
+def test_stop_on_error_writes_nothing_after_the_failure(frames, tmp_path):
+    """With read-ahead the frames after the failed one are neither reported nor written."""
+    bad = tmp_path / "broken.fits"
+    bad.write_bytes(b"not a fits file at all")
+    inputs = [frames[0], frames[1], bad, *frames[2:]]
+    run = normalize(inputs, reference=frames[0], output_dir=tmp_path / "o", stop_on_error=True)
+    assert [f.status for f in run.frames] == ["reference", "ok", "failed"]
+    written = sorted(p.name for p in (tmp_path / "o").glob("*.fits"))
+    assert written == sorted([f"{frames[0].stem}_nsg.fits", f"{frames[1].stem}_nsg.fits"])
+
+
+def test_consumer_that_stops_early_ends_the_threads(frames, tmp_path):
+    """Leaving the result loop after one frame stops the reader and writer."""
+    import threading
+
+    from nsg_gpu.pipeline import plan_run
+
+    plan = plan_run(frames, reference=frames[0], output_dir=tmp_path)
+    reference = prepare_reference(read_frame(frames[0]))
+    results = InProcessExecutor(read_ahead=1, write_behind=1).run(reference, plan.jobs())
+    first = next(results)
+    assert first.status == "ok"
+    results.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("nsg-")]
+
+
+# -- progress -----------------------------------------------------------------------------------
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_rate_and_eta_follow_the_recent_frames():
+    """A slow start (the reference) is forgotten once the window moves past it."""
+    clock = _Clock()
+    progress = RunProgress(100, window=5, clock=clock)
+    assert progress.frames_per_minute is None and progress.eta_seconds is None
+    clock.now = 60.0  # the reference and set-up: one minute
+    progress.update(1)
+    assert progress.frames_per_minute is None
+    for done in range(2, 12):
+        clock.now += 6.0  # then a frame every 6 s
+        progress.update(done)
+    assert progress.frames_per_minute == pytest.approx(10.0)
+    assert progress.eta_seconds == pytest.approx(89 * 6.0)
+    assert "11/100 frames, 10.0 frames/min, ETA 8 min 54 s" == progress.summary()
+    clock.now += 30.0  # one slow frame moves the estimate by far less than 89 x 5
+    progress.update(12)
+    assert 6.0 * 88 < progress.eta_seconds < 13.0 * 88
+    progress.update(100)
+    assert progress.eta_seconds == 0.0
+    assert format_seconds(7620) == "2 h 07 min"
