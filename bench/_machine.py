@@ -7,10 +7,11 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["machine", "print_machine", "peak_rss_mb"]
+__all__ = ["cpu_model", "machine", "print_machine", "peak_rss_mb"]
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -41,7 +42,7 @@ def machine() -> dict:
     except OSError:
         load = None
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": cores,
         "gpu": reason if usable else None,
         "gpu_status": reason,

@@ -26,7 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _machine import cpu_model  # noqa: E402
+
 from nsg_gpu.backend import cupy_status  # noqa: E402
 
 #: Results per clock per multiprocessor of the special-function unit for lg2 (CUDA C++
@@ -34,16 +37,6 @@ from nsg_gpu.backend import cupy_status  # noqa: E402
 LG2_PER_CLOCK_PER_SM = 16
 #: The per-frame target of the GPU path (ms).
 TARGET_MS = 50.0
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def sm_clock_hz(cp) -> tuple[float | None, str]:
@@ -110,7 +103,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}")
     usable, reason = cupy_status()
     if not usable:
         print(f"no usable GPU here ({reason}); this benchmark runs only on a CUDA GPU: see kernels/README.md")
@@ -197,7 +190,7 @@ def main() -> int:
         f"frames, of which {inputs_bytes / frame_bytes:.1f} are the stages' inputs (frame, residual, gradient)"
     )
     report = {
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
         "gpu": {**device, "sm_clock_hz": clock_hz, "sm_clock_source": clock_source},
         "versions": {"numpy": np.__version__, "cupy": device["cupy"], "cuda_runtime": device["cuda_runtime"]},
         "frame": {"width": w, "height": h, "channels": 1, "bytes": frame_bytes},

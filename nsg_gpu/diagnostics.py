@@ -21,14 +21,12 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import OutputError
 from .io import frame_stem
 
 __all__ = [
@@ -138,20 +136,11 @@ def _figure(width: float, height: float, **margins):
 
 def _save(figure, path: Path) -> Path:
     """Render to PNG in memory, then write atomically."""
+    from .report import _atomic_write_bytes
+
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot be written ({exc.strerror or exc})") from exc
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+    _atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
