@@ -38,6 +38,28 @@ def pytest_runtest_setup(item):
         pytest.fail(f"NSG_REQUIRE_GPU=1 but {reason}", pytrace=False)
 
 
+def read_mutated(source: Path, directory: Path, *, position: float, length: int, fill: bytes, truncate: bool):
+    """Overwrite ``length`` bytes of ``source`` at ``position`` (0-1) with ``fill``, or truncate
+    it there, and read the result: a Frame, or FrameError, never another exception."""
+    from nsg_gpu.errors import FrameError
+    from nsg_gpu.io import read_frame
+
+    blob = bytearray(source.read_bytes())
+    start = int(position * (len(blob) - 1))
+    if truncate:
+        blob = blob[:start]
+    else:
+        blob[start : start + length] = (fill * (length // len(fill) + 1))[:length]
+    target = directory / f"mutated{source.suffix}"
+    target.write_bytes(bytes(blob))
+    try:
+        frame = read_frame(target)
+    except FrameError:
+        return None
+    assert frame.data.dtype == np.float32 and np.all(np.isfinite(frame.data))
+    return frame
+
+
 class NormalizedSet:
     """A synthetic set on disk, its truth, and the run that normalized it."""
 

@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
+from conftest import read_mutated
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nsg_gpu.errors import FrameError
-from nsg_gpu.io import read_frame
 from nsg_gpu.pipeline import normalize
 from nsg_gpu.synthetic import write_synthetic_set
 
@@ -112,19 +111,9 @@ def test_reader_never_fails_unexpectedly(tmp_path_factory, position, length, fil
     if not source.exists():
         header = fits.Header({"EXPTIME": 10.0, "FOCALLEN": 500.0, "NOISE00": 0.001})
         fits.PrimaryHDU(np.random.default_rng(0).random((40, 50)).astype(np.float32), header=header).writeto(source)
-    blob = bytearray(source.read_bytes())
-    start = int(position * (len(blob) - 1))
-    if truncate:
-        blob = blob[:start]
-    else:
-        blob[start : start + length] = (fill * (length // len(fill) + 1))[:length]
-    target = tmp_path_factory.mktemp("fuzz") / "mutated.fits"
-    target.write_bytes(bytes(blob))
-    try:
-        frame = read_frame(target)
-    except FrameError:
-        return
-    assert frame.data.dtype == np.float32 and np.all(np.isfinite(frame.data))
+    read_mutated(
+        source, tmp_path_factory.mktemp("fuzz"), position=position, length=length, fill=fill, truncate=truncate
+    )
 
 
 def test_killed_run_then_rerun_leaves_only_valid_outputs(tmp_path):

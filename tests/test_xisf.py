@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import xisf
 from astropy.io import fits
+from conftest import read_mutated
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nsg_gpu.errors import FrameError, FrameReadError
+from nsg_gpu.errors import FrameReadError
 from nsg_gpu.io import read_frame
 from nsg_gpu.pipeline import normalize
 from nsg_gpu.synthetic import SyntheticField
@@ -162,16 +163,6 @@ def test_xisf_reader_never_fails_unexpectedly(tmp_path_factory, position, length
         keywords = {"EXPTIME": [{"value": "10.", "comment": ""}], "FILTER": [{"value": "'L'", "comment": ""}]}
         data = np.random.default_rng(0).random((40, 50, 3)).astype(np.float32)
         xisf.XISF.write(str(source), data, image_metadata={"FITSKeywords": keywords}, xisf_metadata={})
-    blob = bytearray(source.read_bytes())
-    start = int(position * (len(blob) - 1))
-    if truncate:
-        blob = blob[:start]
-    else:
-        blob[start : start + length] = (fill * (length // len(fill) + 1))[:length]
-    target = tmp_path_factory.mktemp("fuzz") / "mutated.xisf"
-    target.write_bytes(bytes(blob))
-    try:
-        frame = read_frame(target)
-    except FrameError:
-        return
-    assert frame.data.dtype == np.float32 and np.all(np.isfinite(frame.data))
+    read_mutated(
+        source, tmp_path_factory.mktemp("fuzz"), position=position, length=length, fill=fill, truncate=truncate
+    )
