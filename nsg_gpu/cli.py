@@ -19,6 +19,7 @@ import typer
 from . import __version__
 from .errors import NSGError
 from .params import Parameters
+from .progress import RunProgress, format_seconds
 
 __all__ = ["app", "main"]
 
@@ -272,14 +273,6 @@ def normalize(
         raise typer.Exit(code=2)
 
 
-def _clock(seconds: float | None) -> str:
-    if seconds is None:
-        return "-:--"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
 class _Progress:
     """What ``normalize`` prints: a line per frame and an overall bar (rich), or JSON lines."""
 
@@ -309,7 +302,7 @@ class _Progress:
     def __enter__(self):
         if self.bar is not None:
             # No total until the reference is prepared: the bar pulses meanwhile.
-            self.task = self.bar.add_task("normalize", total=None, eta=_clock(None))
+            self.task = self.bar.add_task("normalize", total=None, eta="-")
             self.bar.start()
         return self
 
@@ -319,11 +312,9 @@ class _Progress:
         return False
 
     def frame_done(self, result, done: int, total: int) -> None:
-        from .progress import RunProgress
-
         if self.rate is None:
             self.rate = RunProgress(total)
-        self.rate.update(done)
+        self.rate.update(done, kept=result.resumed)
         eta = self.rate.eta_seconds
         if self.json_lines:
             row = {
@@ -341,7 +332,7 @@ class _Progress:
         elif not self.quiet:
             self._print(f"{_frame_line(result, done, total)}  ({self.rate.summary()})")
         if self.bar is not None:
-            self.bar.update(self.task, total=total, completed=done, eta=_clock(eta))
+            self.bar.update(self.task, total=total, completed=done, eta="-" if eta is None else format_seconds(eta))
 
     def note(self, text: str) -> None:
         """A line of its own above the bar (e.g. the cluster the run uses)."""

@@ -33,8 +33,6 @@ __all__ = [
     "PhotometryPairs",
     "FrameDiagnostics",
     "FRAME_PLOTS",
-    "DEFAULT_MIN_WEIGHT",
-    "DEFAULT_MIN_TRANSMISSION",
     "rejection_thresholds",
     "chosen_frames",
     "write_frame_plots",
@@ -51,9 +49,6 @@ FRAME_PLOTS = (
     ("samples", "Sample grid over the frame: used and rejected squares, star rejection circles"),
     ("gradient_image", "The fitted gradient over the frame"),
 )
-#: NSG's rejection thresholds, relative to the best frame, where the parameters set none.
-DEFAULT_MIN_WEIGHT = 0.25
-DEFAULT_MIN_TRANSMISSION = 0.75
 #: Largest side (px) of the grid the gradient image is evaluated on.
 GRADIENT_PREVIEW = 80
 _CHANNEL_COLOURS = ("#d62728", "#2ca02c", "#1f77b4")
@@ -92,14 +87,8 @@ class FrameDiagnostics:
 
 
 def rejection_thresholds(params) -> tuple[float, float]:
-    """``(min_weight, min_transmission)`` relative to the best frame, from the parameters when
-    they carry them, else NSG's defaults."""
-    min_weight = getattr(params, "min_weight", None)
-    min_transmission = getattr(params, "min_transmission", None)
-    return (
-        DEFAULT_MIN_WEIGHT if min_weight is None else float(min_weight),
-        DEFAULT_MIN_TRANSMISSION if min_transmission is None else float(min_transmission),
-    )
+    """``(min_weight, min_transmission)`` relative to the best frame, as the run used them."""
+    return float(params.min_weight), float(params.min_transmission)
 
 
 def chosen_frames(frames: Sequence) -> dict[str, object]:
@@ -110,7 +99,9 @@ def chosen_frames(frames: Sequence) -> dict[str, object]:
     dict
         Label to :class:`~nsg_gpu.pipeline.FrameResult`, at most three entries.
     """
-    targets = [f for f in frames if f.status not in ("failed", "reference") and f.weight is not None]
+    # Frames kept from an earlier run are left out: their diagnostics would mean normalizing
+    # them again.
+    targets = [f for f in frames if f.status not in ("failed", "reference") and f.weight is not None and not f.resumed]
     if not targets:
         return {}
     ordered = sorted(targets, key=lambda f: f.weight, reverse=True)
@@ -359,22 +350,21 @@ def time_order(frames: Sequence) -> tuple[list, bool]:
 def relative_figures(frames: Sequence) -> tuple[list, np.ndarray, np.ndarray, bool, bool]:
     """Frames (not failed) in time order, their weight and transmission relative to the best.
 
-    Transmission is the mean over channels, per unit exposure when every frame has one.
+    The values the rejection uses (:func:`nsg_gpu.rejection.relative_quality`): transmission
+    is the mean over channels, and both are per unit exposure when every frame has one.
 
     Returns
     -------
     frames, weight, transmission, per_exposure, by_time
     """
+    from .rejection import relative_quality
+
     done, by_time = time_order([f for f in frames if f.status != "failed" and f.weight is not None and f.transmission])
     if not done:
         return [], np.zeros(0), np.zeros(0), False, False
-    weight = np.array([f.weight for f in done], float)
-    transmission = np.array([float(np.mean(f.transmission)) for f in done])
-    per_exposure = all(f.exposure for f in done)
-    if per_exposure:
-        transmission = transmission / np.array([f.exposure for f in done], float)
-    weight = weight / np.max(weight) if np.max(weight) > 0 else weight
-    transmission = transmission / np.max(transmission) if np.max(transmission) > 0 else transmission
+    per_exposure = relative_quality(done)
+    weight = np.array([f.relative_weight for f in done], float)
+    transmission = np.array([f.relative_transmission for f in done], float)
     return done, weight, transmission, per_exposure, by_time
 
 

@@ -43,18 +43,21 @@ class RunProgress:
         self.total = int(total)
         self.done = 0
         self._clock = clock
-        self.started = clock()
+        self._kept = 0
         self._times: deque[tuple[int, float]] = deque(maxlen=window)
 
-    def update(self, done: int) -> None:
-        """Record that ``done`` frames are complete now."""
-        self.done = int(done)
-        self._times.append((self.done, self._clock()))
+    def update(self, done: int, *, kept: bool = False) -> None:
+        """Record that ``done`` frames are complete now.
 
-    @property
-    def elapsed(self) -> float:
-        """Seconds since the run started."""
-        return self._clock() - self.started
+        ``kept`` marks a frame that cost no work (its output from an earlier run was kept):
+        it counts as done but not towards the rate, which would otherwise promise the
+        remaining frames at the speed of skipping.
+        """
+        self.done = int(done)
+        if kept:
+            self._kept += 1
+            return
+        self._times.append((self.done - self._kept, self._clock()))
 
     @property
     def frames_per_minute(self) -> float | None:

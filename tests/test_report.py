@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from nsg_gpu.cli import app
 from nsg_gpu.diagnostics import FRAME_PLOTS, chosen_frames, gradient_preview, rejection_thresholds, relative_figures
 from nsg_gpu.io import read_frame
+from nsg_gpu.params import Parameters
 from nsg_gpu.pipeline import FrameResult, normalize_frame, prepare_reference
 from nsg_gpu.select import choose_reference
 from nsg_gpu.synthetic import SyntheticField, write_synthetic_set
@@ -183,14 +184,9 @@ def test_chosen_frames_and_relative_figures():
     assert {k: f.path for k, f in chosen.items()} == {"highest weight": "a", "median weight": "c", "lowest weight": "b"}
     done, weight, transmission, per_exposure, by_time = relative_figures(frames)
     assert [f.path for f in done] == ["a", "b", "c"] and per_exposure and by_time
-    np.testing.assert_allclose(weight, [1.0, 0.2, 0.5])
+    np.testing.assert_allclose(weight, [1.0, 0.2 / 120 / (0.5 / 60), 1.0])  # per second of exposure
     np.testing.assert_allclose(transmission, [1.0 / 120 / (0.9 / 60), 0.5 / 120 / (0.9 / 60), 1.0])
-    assert rejection_thresholds(None) == (0.25, 0.75)
-
-    class WithThresholds:
-        min_weight, min_transmission = 0.4, 0.6
-
-    assert rejection_thresholds(WithThresholds()) == (0.4, 0.6)
+    assert rejection_thresholds(Parameters(min_weight=0.4, min_transmission=0.6)) == (0.4, 0.6)
 
 
 def _chromium_driver():

@@ -290,6 +290,9 @@ def test_progress_rate_and_eta_follow_the_recent_frames():
     clock.now += 30.0  # one slow frame moves the estimate by far less than 89 x 5
     progress.update(12)
     assert 6.0 * 88 < progress.eta_seconds < 13.0 * 88
+    for done in range(13, 63):  # 50 outputs kept from an earlier run: done at once, no work
+        progress.update(done, kept=True)
+    assert 6.0 * 38 < progress.eta_seconds < 13.0 * 38  # 38 frames left, at the working rate
     progress.update(100)
     assert progress.eta_seconds == 0.0
     assert format_seconds(7620) == "2 h 07 min"
