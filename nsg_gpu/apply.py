@@ -99,8 +99,7 @@ def apply_gradient(data, scale, gradient, *, white_level: float, truncate: bool,
     out[empty] = 0
     high = float(be.to_host(out.max()))
     if truncate:
-        xp.clip(out, 0, white_level, out=out)
-        out[empty] = 0
+        xp.clip(out, 0, white_level, out=out)  # no-data pixels are 0 and stay 0
     if row_stride is None:
         return out, high, None, None
     layers = [wavelet_layer_rows(out[c], row_stride) for c in range(channels)]

@@ -181,7 +181,7 @@ class DaskExecutor:
 
         With ``stop_on_error`` the run stops after the first failed result in job order and
         the frames not started are cancelled; frames already running on a worker finish and
-        their outputs are written, but they are not in the results.
+        their outputs are written, but they are not in the results (a rerun keeps them).
 
         Raises
         ------
@@ -248,11 +248,15 @@ class DaskExecutor:
                 f"({following} of {len(jobs)} frames done in {time.monotonic() - started:.0f} s)"
             ) from exc
         finally:
-            if live:
+            running = bool(live)
+            if running:
                 client.cancel(list(live.values()))
             for future in shared:
                 future.release()
-            _remove_stale_temporaries(job.output for job in jobs)
+            # Tasks still running on a worker go on writing their temporaries; those of an
+            # interrupted run are cleared by the next run instead.
+            if not running:
+                _remove_stale_temporaries(job.output for job in jobs)
 
     @staticmethod
     def _result(future, job: FrameJob) -> FrameResult:

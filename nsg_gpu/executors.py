@@ -15,6 +15,7 @@ and most NumPy work release the GIL, so the threads overlap on separate cores.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import threading
@@ -162,7 +163,9 @@ class InProcessExecutor:
             except FrameError as exc:
                 return None, failed_result(job, exc, timings)
             result.timings = {**timings, **result.timings}
-            return frame, result
+            # The writer needs the header, not the input pixels: drop them now rather than
+            # keep a frame-sized array alive in the write queue.
+            return dataclasses.replace(frame, data=None), result
 
         def writer() -> None:
             halted = False  # a failure was reported with stop_on_error: later frames are dropped

@@ -1045,7 +1045,9 @@ def normalize(
     plot_error = None
     kept: dict[str, tuple] = {}
     results_iter = executor.run(prepared, jobs, stop_on_error=stop_on_error)
-    for job, result in zip(jobs, results_iter):
+    # Results first: zip then runs the executor to its end (its threads joined, its cluster
+    # futures released) before it looks at the jobs.
+    for result, job in zip(results_iter, jobs):
         if result.diagnostics is not None:
             if plots:
                 try:

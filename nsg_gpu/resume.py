@@ -113,7 +113,7 @@ def result_from_header(
         path=str(path),
         output=str(output),
         status="ok",
-        scale=[1.0 / t for t in transmission if t],
+        scale=[1.0 / t if t else None for t in transmission],
         transmission=transmission,
         snr=_channel_values(header, "NSGSNR"),
         weight=float(weight) if weight is not None else None,

@@ -199,7 +199,7 @@ def evaluate_surfaces(splines: list[SurfaceSpline], height: int, width: int, *, 
     wy_b, wx_b = xp.asarray(wy), xp.asarray(wx)
     out = xp.empty((len(splines), height, width), dtype=xp.float32)
     for c in range(len(splines)):
-        out[c] = (wy_b @ xp.asarray(coarse[c])) @ wx_b.T
+        xp.matmul(wy_b @ xp.asarray(coarse[c]), wx_b.T, out=out[c])
     return out
 
 
