@@ -28,8 +28,9 @@ def _version(name: str) -> str | None:
         return None
 
 
-def machine() -> dict:
-    """CPU model and cores, GPU (if CuPy can use one), load, Python and library versions."""
+def machine(*extra: str) -> dict:
+    """CPU model and cores, GPU (if CuPy can use one), load, Python and library versions
+    (those of the ``extra`` modules too)."""
     from nsg_gpu.backend import cupy_status
 
     usable, reason = cupy_status()
@@ -49,7 +50,9 @@ def machine() -> dict:
         "load_average_1_5_15": load,
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "versions": {name: _version(name) for name in ("nsg_gpu", "numpy", "scipy", "astropy", "photutils", "cupy")},
+        "versions": {
+            name: _version(name) for name in ("nsg_gpu", "numpy", "scipy", "astropy", "photutils", "cupy", *extra)
+        },
     }
 
 

@@ -20,40 +20,15 @@ import contextlib
 import importlib
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def machine() -> dict:
-    """CPU model and cores, load average, Python and library versions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for name in ("nsg_gpu", "numpy", "scipy", "astropy", "photutils", "dask", "distributed"):
-        try:
-            versions[name] = importlib.import_module(name).__version__
-        except Exception:
-            versions[name] = None
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()],
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "versions": versions,
-    }
+from _machine import machine, print_machine  # noqa: E402
 
 
 def timed(executor, reference, jobs) -> dict:
@@ -79,9 +54,8 @@ def main() -> None:
     args = parser.parse_args()
     counts = [int(v) for v in args.workers.split(",")]
 
-    info = machine()
-    print(f"CPU: {info['cpu']}, {info['cores']} cores; load average {info['load_average_1_5_15']}")
-    print(f"{info['platform']}, Python {info['python']}; " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    info = machine("dask", "distributed")
+    print_machine(info)
     root = Path(tempfile.mkdtemp(prefix="nsg-workers-"))
     try:
         report = measure(root, args, counts, info)

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import kernels
 from .backend import get_backend
-from .noise import B3_LAYER1_FRACTION, ksigma_clip, noise_row_stride, wavelet_layer_rows
+from .noise import layer_noise, noise_row_stride, wavelet_layer_rows
 
 __all__ = ["apply_gradient", "normalize_pixels"]
 
@@ -140,7 +140,7 @@ def normalize_pixels(
     applied = time.perf_counter()
     noise = None
     if measure_noise:
-        noise = np.array([ksigma_clip(layer[c][valid[c]]) / B3_LAYER1_FRACTION for c in range(out.shape[0])])
+        noise = np.array([layer_noise(layer[c], valid[c]) for c in range(out.shape[0])])
     if timings is not None:
         timings["apply"] = timings.get("apply", 0.0) + applied - started
         timings["noise"] = timings.get("noise", 0.0) + time.perf_counter() - applied

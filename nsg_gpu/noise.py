@@ -17,6 +17,7 @@ from .backend import get_backend
 __all__ = [
     "ksigma_noise",
     "ksigma_clip",
+    "layer_noise",
     "wavelet_layer_rows",
     "noise_row_stride",
     "weight_from_noise",
@@ -119,6 +120,11 @@ def ksigma_clip(values, *, iterations: int = 10) -> float:
     return sigma
 
 
+def layer_noise(layer, valid, *, iterations: int = 10) -> float:
+    """The image noise from its first wavelet layer's valid pixels (k-sigma, scaled)."""
+    return ksigma_clip(layer[valid], iterations=iterations) / B3_LAYER1_FRACTION
+
+
 def ksigma_noise(image, *, max_pixels: int = 4_000_000, iterations: int = 10) -> float:
     """k-sigma noise of a 2-D image (any backend); 0 pixels mean no data.
 
@@ -127,7 +133,7 @@ def ksigma_noise(image, *, max_pixels: int = 4_000_000, iterations: int = 10) ->
     """
     h, w = image.shape
     layer, valid = wavelet_layer_rows(image, noise_row_stride(h, w, max_pixels))
-    return ksigma_clip(layer[valid], iterations=iterations) / B3_LAYER1_FRACTION
+    return layer_noise(layer, valid, iterations=iterations)
 
 
 def weight_from_noise(reference_noise, target_noise, scale=None) -> tuple[np.ndarray, float]:

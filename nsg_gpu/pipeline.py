@@ -565,17 +565,18 @@ def normalize_frame(reference: Reference, frame: Frame, *, diagnostics: bool = F
     m = measured.scale
     record = {} if diagnostics else None
     gradient, n_samples = model_gradient(reference, frame, m, record=record, timings=timings)
+    cards = _noise_cards(reference, frame)
     out, high, measured_noise = normalize_pixels(
         frame.data,
         m,
         gradient,
         white_level=ref.white_level,
         truncate=reference.params.truncate,
-        measure_noise=_noise_cards(reference, frame) is None,
+        measure_noise=cards is None,
         timings=timings,
     )
     del gradient
-    snr, weight, source, noise = _weights(reference, frame, measured_noise, m)
+    snr, weight, source, noise = _weights(reference, cards, measured_noise, m)
     meta = frame.meta
     return FrameResult(
         path=str(frame.path),
@@ -639,9 +640,8 @@ def _noise_cards(reference: Reference, frame: Frame):
     return None
 
 
-def _weights(reference: Reference, frame: Frame, measured, m):
-    """SNR and weight: NOISExx cards of both frames when present, else the measured noise."""
-    cards = _noise_cards(reference, frame)
+def _weights(reference: Reference, cards, measured, m):
+    """SNR and weight: NOISExx ``cards`` of both frames when present, else the measured noise."""
     if cards is not None:
         snr, weight = weight_from_noise(cards[0], cards[1], m)
         return snr, weight, "NOISExx", np.asarray(cards[1])
