@@ -7,6 +7,7 @@ set ``NSG_DEBUG=1`` for the traceback.
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import json
 import os
@@ -50,6 +51,16 @@ def _root(
 Auto = Optional[float]
 #: The library's defaults (NSG's), shown and used by the options.
 _DEFAULTS = Parameters()
+
+
+class Photometry(str, enum.Enum):
+    """How star fluxes are measured (:attr:`nsg_gpu.params.Parameters.photometry`)."""
+
+    psf = "psf"
+    aperture = "aperture"
+
+
+_DEFAULT_PHOTOMETRY = Photometry(_DEFAULTS.photometry)
 
 
 def _one_line_errors(command):
@@ -114,6 +125,13 @@ def normalize(
     outlier_removal: Annotated[
         float, typer.Option(help="Percentage of star pairs removed as the farthest from the fitted line.")
     ] = _DEFAULTS.outlier_removal,
+    photometry: Annotated[
+        Photometry,
+        typer.Option(
+            help="psf: pixels weighted by the fitted Moffat PSF, corrected for both frames' PSFs; "
+            "aperture: NSG's plain aperture sum."
+        ),
+    ] = _DEFAULT_PHOTOMETRY,
     aperture_fwhm: Annotated[
         float, typer.Option(help="Photometry aperture radius in units of the larger FWHM of the two frames.")
     ] = _DEFAULTS.aperture_fwhm,
@@ -218,6 +236,7 @@ def normalize(
         star_search_radius=star_search_radius,
         star_flux_tolerance=star_flux_tolerance,
         outlier_removal=outlier_removal,
+        photometry=photometry.value,
         aperture_fwhm=aperture_fwhm,
         aperture_add=aperture_add,
         aperture_gap=aperture_gap,

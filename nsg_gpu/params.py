@@ -52,6 +52,13 @@ class Parameters:
     outlier_removal : float
         Percentage of the star pairs removed, one at a time, as the farthest from the
         fitted line (NSG default 2).
+    photometry : str
+        ``psf``: every pixel within the aperture counts with the broader frame's fitted Moffat
+        PSF as its weight, and the share of the light each frame's weights keep is corrected
+        from the two fitted PSFs (about three times less noise than a plain aperture).
+        ``aperture``: NSG's plain aperture sum, corrected with a Moffat of index 3 at each
+        frame's FWHM. ``psf`` falls back to ``aperture`` for a frame whose PSF cannot be
+        fitted (fewer than 8 bright isolated stars).
     aperture_fwhm : float
         Photometry aperture radius in units of the larger of the two frames' FWHM (NSG uses
         1.5; 3 keeps nearly all of a star's light in both frames, whatever the seeing).
@@ -103,6 +110,7 @@ class Parameters:
     star_search_radius: float = 2.0
     star_flux_tolerance: float = 1.5
     outlier_removal: float = 2.0
+    photometry: str = "psf"
     aperture_fwhm: float = 3.0
     aperture_add: float = 1.0
     aperture_gap: float | None = None
@@ -126,6 +134,7 @@ class Parameters:
             (self.star_search_radius > 0, "star_search_radius must be positive"),
             (1.0 < self.star_flux_tolerance <= 10, "star_flux_tolerance must be in (1, 10]"),
             (0 <= self.outlier_removal <= 50, "outlier_removal must be a percentage in [0, 50]"),
+            (self.photometry in ("psf", "aperture"), "photometry must be 'psf' or 'aperture'"),
             (self.aperture_fwhm > 0, "aperture_fwhm must be positive"),
             (self.min_star_pairs >= 2, "min_star_pairs must be at least 2"),
             (self.sample_size is None or 2 <= self.sample_size <= 1000, "sample_size must be in [2, 1000]"),

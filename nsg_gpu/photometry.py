@@ -1,25 +1,29 @@
-"""Differential aperture photometry of the reference's stars, and the robust scale fit.
+"""Differential photometry of the reference's stars, and the robust scale fit.
 
 Frames are registered, so every target is measured at the reference's star positions after
 recentring; a star that moves further than ``star_search_radius`` is not paired, and a frame
-where most stars move that far is reported as not registered. Fluxes come from photutils
-circular apertures; the background is the plain annulus mean. Everything in the annulus but
-the sky and the noise (faint neighbours, nebula, wings) scales with the transmission, and the
-mean stays linear in it; a median or a clipped mean responds to faint neighbours in
-proportion to the noise instead, which differs from frame to frame and biases the scale. A
-hot pixel in an annulus spoils one star, which the robust fit rejects.
+where most stars move that far is reported as not registered. The background is the plain
+annulus mean (photutils): everything in the annulus but the sky and the noise (faint
+neighbours, nebula, wings) scales with the transmission, and the mean stays linear in it; a
+median or a clipped mean responds to faint neighbours in proportion to the noise instead,
+which differs from frame to frame and biases the scale. A hot pixel in an annulus spoils one
+star, which the robust fit rejects.
 
-Seeing changes between frames, and an aperture keeps a different share of a Moffat-like
-star's light at each FWHM. Every star is measured in both frames with the same wide aperture,
-``aperture_fwhm`` (3 by default) times the larger of the two FWHM, where both frames hold
-nearly all of its light, and a background annulus as wide as the aperture (its noise adds to
-every flux). Whatever else lies in the aperture (neighbours, nebula) is the same sky in both
-frames and scales with the transmission, so it cancels in the ratio; only the star light
-beyond the aperture and in the annulus differs, and a Moffat model of each frame's PSF
-(``seeing_correction``) restores it (see ``docs/scale-accuracy.md`` for what it reaches). The
-scale ``m`` per channel is then NSG's fit: an L1 line with intercept, a flux-ratio tolerance
-and removal of the farthest pairs one at a time, followed by a noise-weighted robust refit
-through the origin of the survivors.
+Seeing changes between frames. Every star is measured in both frames within the same
+circle, ``aperture_fwhm`` (3 by default) times the larger of the two FWHM, and with the same
+pixel weights, so that whatever else lies there (neighbours, nebula) is the same sky in both
+frames and cancels in the ratio; only the star's own light is shared differently by the two
+PSFs. By default (``photometry="psf"``) each pixel is weighted by the broader frame's fitted
+Moffat PSF, which puts the weight where the star's light is and gives about a third of a
+plain aperture's noise; the share of a star's light those weights keep differs by up to 30 %
+between frames, and :func:`seeing_correction` restores it from the two fitted PSFs
+(:mod:`nsg_gpu.psf`, which fits the target's PSF against the reference's so that their
+difference is right). With ``photometry="aperture"``, or where a PSF cannot be fitted, the
+weights are a plain photutils aperture and the correction uses a Moffat of index 3 at each
+frame's FWHM (``docs/scale-accuracy.md`` has what each reaches). The scale ``m`` per channel
+is then NSG's fit: an L1 line with intercept, a flux-ratio tolerance and removal of the
+farthest pairs one at a time, followed by a noise-weighted robust refit through the origin
+of the survivors.
 
 Images reach this module as small cutouts around the stars (a mosaic on the host), so a
 frame on the GPU never crosses to the host whole.
@@ -32,17 +36,20 @@ from dataclasses import dataclass
 
 import numpy as np
 from photutils.aperture import ApertureStats, CircularAnnulus, CircularAperture, aperture_photometry
+from scipy import integrate
 
 from .backend import get_backend
+from .psf import MoffatPSF
 
 #: Relative error floor of one star's flux (flat-field and PSF variations across the field);
 #: it keeps the few brightest stars from outweighing all others in the fit.
 SYSTEMATIC_ERROR = 0.005
 #: Share of the aperture that may hold scattered zero pixels.
 MAX_HOLE_FRACTION = 0.05
-#: Moffat index of the PSF model behind the seeing correction. Seeing-limited stars have beta
-#: of about 2.5-4.5; on frames with beta 2.8-3.3 a fixed 3 leaves the correction up to 0.5 %
-#: off at 3 FWHM (docs/scale-accuracy.md).
+#: Moffat index assumed for a frame whose PSF could not be fitted (too few bright isolated
+#: stars). Seeing-limited stars have beta of about 2.5-4.5; on frames with beta 2.8-3.3 a
+#: fixed 3 leaves the plain aperture's correction up to 0.5 % off at 3 FWHM
+#: (docs/scale-accuracy.md).
 MOFFAT_BETA = 3.0
 
 __all__ = [
@@ -52,6 +59,7 @@ __all__ = [
     "aperture_geometry",
     "recentre",
     "measure_stars",
+    "kept_share",
     "seeing_correction",
     "l1_line",
     "fit_scale",
@@ -140,11 +148,15 @@ def recentre(image, x, y, *, fwhm: float, background=None) -> tuple[np.ndarray, 
     return cx, cy
 
 
-def measure_stars(data, x, y, geometry: ApertureGeometry) -> StarMeasurement:
-    """Aperture photometry at ``(x, y)`` in every channel of ``data`` ``(channels, h, w)``.
+def measure_stars(data, x, y, geometry: ApertureGeometry, weight: MoffatPSF | None = None) -> StarMeasurement:
+    """Photometry at ``(x, y)`` in every channel of ``data`` ``(channels, h, w)``.
 
-    Cutouts around the stars are laid side by side in one host mosaic, which photutils
-    measures; pixels of value 0 (no data, or outside the image) are masked.
+    Cutouts around the stars are laid side by side in one host mosaic; pixels of value 0 (no
+    data, or outside the image) are masked. The background is the annulus mean (photutils).
+    Without ``weight`` the flux is the photutils sum over the circular aperture; with it,
+    every pixel within the aperture radius counts with the profile ``weight`` (a Moffat
+    centred on the star, less its value at the aperture's edge so that it falls to 0 there),
+    which gives the bright core more say than the noisy wings.
     """
     be = get_backend(data)
     channels = data.shape[0]
@@ -166,24 +178,32 @@ def measure_stars(data, x, y, geometry: ApertureGeometry) -> StarMeasurement:
     for i in range(n):
         mosaic[:, r0[i] : r0[i] + side, c0[i] : c0[i] + side] = stamps[:, i]
     # Sub-pixel position within each cutout, in the mosaic's frame.
-    px = c0 + half + (np.asarray(x) - np.rint(x))
-    py = r0 + half + (np.asarray(y) - np.rint(y))
-    positions = np.column_stack([px, py])
+    fx, fy = np.asarray(x) - np.rint(x), np.asarray(y) - np.rint(y)
+    positions = np.column_stack([c0 + half + fx, r0 + half + fy])
     no_data = np.any(mosaic == 0, axis=0)
     aperture = CircularAperture(positions, r=geometry.radius)
     annulus = CircularAnnulus(positions, r_in=geometry.annulus_inner, r_out=geometry.annulus_outer)
-    # Scattered zero pixels (a raw frame clipped at 0) are tolerated up to a few per cent of the
-    # aperture and count as background; a registration border in the aperture is not.
-    holes = np.asarray(aperture_photometry(no_data.astype(float), aperture, method="center")["aperture_sum"])
-    ok = (holes <= MAX_HOLE_FRACTION * aperture.area) & finite
     annulus_area = annulus.area
     cell = np.full((rows * side, cols * side), -1, np.int64)
     for i in range(n):
         cell[r0[i] : r0[i] + side, c0[i] : c0[i] + side] = i
+    if weight is None:
+        # Scattered zero pixels (a raw frame clipped at 0) are tolerated up to a few per cent
+        # of the aperture and count as background; a registration border in it is not.
+        holes = np.asarray(aperture_photometry(no_data.astype(float), aperture, method="center")["aperture_sum"])
+        ok = (holes <= MAX_HOLE_FRACTION * aperture.area) & finite
+        area, area2 = aperture.area, aperture.area
+    else:
+        off = np.arange(-half, half + 1, dtype=np.float64)
+        r2 = (off[None, None, :] - fx[:, None, None]) ** 2 + (off[None, :, None] - fy[:, None, None]) ** 2
+        w = _weight_profile(weight, r2, geometry.radius)  # (n, s, s)
+        stamp_empty = np.any(stamps == 0, axis=0)
+        held = np.sum(w * stamp_empty, axis=(1, 2)) / np.sum(w, axis=(1, 2))
+        ok = (held <= MAX_HOLE_FRACTION) & finite
+        area, area2 = np.sum(w, axis=(1, 2)), np.sum(w * w, axis=(1, 2))
     flux = np.empty((channels, n))
     flux_error = np.empty((channels, n))
     background = np.empty((channels, n))
-    area = aperture.area
     for c in range(channels):
         stats = ApertureStats(mosaic[c], annulus, mask=no_data)
         bkg = np.asarray(stats.mean, float)
@@ -193,45 +213,74 @@ def measure_stars(data, x, y, geometry: ApertureGeometry) -> StarMeasurement:
         filled = mosaic[c].copy()
         hole_cells = cell[no_data]
         filled[no_data] = np.where(hole_cells >= 0, np.nan_to_num(bkg)[np.maximum(hole_cells, 0)], 0.0)
-        table = aperture_photometry(filled, aperture)
-        flux[c] = np.asarray(table["aperture_sum"], float) - bkg * area
-        background[c] = bkg
-        # Error of the aperture: sky noise over the aperture and in the background estimate,
-        # plus the star's shot noise in sky-noise units (gain from sky level/variance).
         sky_var = np.nan_to_num(bkg_std) ** 2
         gain_inv = sky_var / np.maximum(np.abs(bkg), np.sqrt(sky_var) + 1e-30)
+        if weight is None:
+            table = aperture_photometry(filled, aperture)
+            flux[c] = np.asarray(table["aperture_sum"], float) - bkg * area
+            star_var = np.clip(flux[c], 0, None) * gain_inv
+        else:
+            level = np.nan_to_num(bkg)[:, None, None]
+            signal = np.where(stamp_empty, 0.0, stamps[c] - level)
+            flux[c] = np.sum(w * signal, axis=(1, 2))
+            star_var = np.sum(w * w * np.clip(signal, 0, None), axis=(1, 2)) * gain_inv
+        background[c] = bkg
+        # Error: sky noise over the (weighted) aperture and in the background estimate, the
+        # star's shot noise in sky-noise units (gain from sky level/variance), and a floor.
         star = np.clip(flux[c], 0, None)
         flux_error[c] = np.sqrt(
-            area * sky_var * (1 + area / max(annulus_area, 1)) + star * gain_inv + (SYSTEMATIC_ERROR * star) ** 2
+            sky_var * (area2 + area * area / max(annulus_area, 1)) + star_var + (SYSTEMATIC_ERROR * star) ** 2
         )
     ok &= np.all(np.isfinite(flux), axis=0) & np.all(flux > 0, axis=0)
     return StarMeasurement(geometry, flux, flux_error, background, ok)
 
 
-def _moffat_outside(radius: float, fwhm: float, beta: float) -> float:
+def _weight_profile(weight: MoffatPSF, r2, radius: float):
+    """The photometric weight at squared distances ``r2``: the Moffat's shape less its value at
+    ``radius``, and 0 beyond."""
+    edge = weight.shape(radius * radius)
+    return np.where(r2 <= radius * radius, np.clip(weight.shape(r2) - edge, 0, None), 0.0)
+
+
+def _moffat_outside(radius: float, psf: MoffatPSF) -> float:
     """Share of a Moffat star's light beyond ``radius``."""
-    alpha = fwhm / (2 * math.sqrt(2 ** (1 / beta) - 1))
-    return (1 + (radius / alpha) ** 2) ** (1 - beta)
+    return (1 + (radius / psf.alpha) ** 2) ** (1 - psf.beta)
 
 
-def _kept_share(geometry: ApertureGeometry, fwhm: float, beta: float) -> float:
-    """Background-subtracted aperture flux of a Moffat star over its total flux."""
+def kept_share(geometry: ApertureGeometry, psf: MoffatPSF, weight: MoffatPSF | None = None) -> float:
+    """What :func:`measure_stars` returns for a star of unit flux and profile ``psf``.
+
+    The aperture (plain, or weighted by ``weight``) holds part of the light, and the annulus
+    mean, subtracted over the aperture's (weighted) area, takes off the wing light that
+    falls in the annulus.
+    """
     r, inner, outer = geometry.radius, geometry.annulus_inner, geometry.annulus_outer
-    in_annulus = _moffat_outside(inner, fwhm, beta) - _moffat_outside(outer, fwhm, beta)
-    return 1 - _moffat_outside(r, fwhm, beta) - r * r / (outer * outer - inner * inner) * in_annulus
+    annulus_mean = (_moffat_outside(inner, psf) - _moffat_outside(outer, psf)) / (
+        math.pi * (outer * outer - inner * inner)
+    )
+    if weight is None:
+        return 1 - _moffat_outside(r, psf) - math.pi * r * r * annulus_mean
+    # Radial integrals by Simpson's rule; both integrands are smooth inside the aperture.
+    radii = np.linspace(0.0, r, 4097)
+    w = _weight_profile(weight, radii**2, r)
+    ring = 2 * math.pi * radii
+    held = float(integrate.simpson(ring * w * psf(radii**2), x=radii))
+    area = float(integrate.simpson(ring * w, x=radii))
+    return held - area * annulus_mean
 
 
 def seeing_correction(
-    geometry: ApertureGeometry, *, reference_fwhm: float, target_fwhm: float, beta: float = MOFFAT_BETA
+    geometry: ApertureGeometry, *, reference_psf: MoffatPSF, target_psf: MoffatPSF, weight: MoffatPSF | None = None
 ) -> float:
-    """Factor turning the ratio ``reference / target`` of aperture fluxes into the ratio of
-    total fluxes, for Moffat PSFs of the two FWHM.
+    """Factor turning the ratio ``reference / target`` of measured fluxes into the ratio of
+    total fluxes, for stars of the two frames' PSFs measured the same way.
 
-    Each frame loses the light beyond the aperture and the light its annulus subtracts with
-    the background; the factor is the ratio of what the target and the reference keep,
-    ``K_T / K_R``. With the aperture at 3 FWHM it is within about 1 % of 1.
+    Each frame's measurement keeps a share ``K`` of a star's light (:func:`kept_share`); the
+    factor is ``K_T / K_R``. With a plain aperture of 3 FWHM it is within about 1 % of 1;
+    with PSF weights it is further from 1, and it is the *difference* of the two PSFs that
+    it needs right, which :func:`nsg_gpu.psf.fit_target_psf` measures.
     """
-    return _kept_share(geometry, target_fwhm, beta) / _kept_share(geometry, reference_fwhm, beta)
+    return kept_share(geometry, target_psf, weight) / kept_share(geometry, reference_psf, weight)
 
 
 def l1_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

@@ -26,6 +26,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from . import photometry
+from . import psf as psf_fitting
 from .apply import normalize_pixels
 from .backend import NUMPY, Backend, get_backend
 from .errors import (
@@ -41,6 +42,7 @@ from .errors import (
 from .io import OUTPUT_FORMATS, Frame, output_path, read_frame, read_meta, set_nsg_keywords, write_frame
 from .noise import ksigma_noise, weight_from_noise
 from .params import Parameters, resolve_parameters
+from .psf import MoffatPSF
 from .samples import SampleSet, bin_medians, bin_samples, make_grid, star_rejection
 from .spline import evaluate_surfaces, fit_surface_splines
 from .stars import StarCatalog, detect_stars, detection_image, estimate_fwhm
@@ -88,6 +90,9 @@ MIN_PAIR_SNR = 10.0
 MIN_FWHM_PEAK_SNR = 20.0
 #: At most this many reference stars are measured on each target, brightest first.
 MAX_PHOTOMETRY_STARS = 1500
+#: Bright isolated reference stars the PSFs are fitted on, and the fewest that will do.
+PSF_STARS = 60
+MIN_PSF_STARS = 8
 #: Fewer usable background samples than this is an error for the frame.
 MIN_SAMPLES = 3
 #: Share of the bright reference stars that must be found within the search radius.
@@ -111,23 +116,86 @@ class Reference:
     noise: np.ndarray  # per channel
     circles: np.ndarray | None = None  # (n, 3) x, y, radius of the stars that reject samples
     _measurements: dict = field(default_factory=dict)
+    _psf_fits: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.frame.path.name
 
-    def measurement(self, geometry: photometry.ApertureGeometry) -> photometry.StarMeasurement:
-        """Reference photometry for an aperture geometry, measured once and kept."""
+    def measurement(
+        self, geometry: photometry.ApertureGeometry, weight: MoffatPSF | None = None
+    ) -> photometry.StarMeasurement:
+        """Reference photometry for an aperture geometry and weight, measured once and kept."""
         # Compute threads may ask at the same time: both measure, the dict keeps one, and
         # each returns its own (identical) measurement.
-        measured = self._measurements.get(geometry)
+        key = (geometry, weight)
+        measured = self._measurements.get(key)
         if measured is None:
             idx = self.photometry_index
-            measured = photometry.measure_stars(self.frame.data, self.stars.x[idx], self.stars.y[idx], geometry)
+            measured = photometry.measure_stars(self.frame.data, self.stars.x[idx], self.stars.y[idx], geometry, weight)
             if len(self._measurements) > 8:
                 self._measurements.clear()
-            self._measurements[geometry] = measured
+            self._measurements[key] = measured
         return measured
+
+    def psf_fit(self, radius: int) -> ReferencePSF | None:
+        """The reference's PSF fitted on stamps of ``radius`` px around its bright isolated
+        stars, fitted once per radius and kept; None where too few stars can be fitted."""
+        if radius not in self._psf_fits:
+            if len(self._psf_fits) > 8:
+                self._psf_fits.clear()
+            self._psf_fits[radius] = _fit_reference_psf(self, radius)
+        return self._psf_fits[radius]
+
+
+@dataclass
+class ReferencePSF:
+    """The reference's Moffat and the stamps it was fitted on, which the target's fit reuses."""
+
+    psf: MoffatPSF
+    stamps: psf_fitting.PSFStamps
+    fitted: np.ndarray  # bool over the stamps
+    star_model: np.ndarray  # (fitted stamps, pixels)
+    noise: float
+    gain_inv: float
+
+
+def _fit_reference_psf(reference: Reference, radius: int) -> ReferencePSF | None:
+    idx = reference.photometry_index[reference.isolated][:PSF_STARS]
+    if idx.size < MIN_PSF_STARS:
+        return None
+    image = psf_fitting.psf_image(reference.frame.data)
+    stamps = psf_fitting.cut_stamps(image, reference.stars.x[idx], reference.stars.y[idx], radius)
+    noise, gain_inv = _stamp_noise(stamps)
+    if not noise > 0:
+        return None
+    # A curved background per star: the reference's fit has only its own frame, and the
+    # nebula's curvature under the wings would otherwise read as wing light.
+    fitted_psf, fitted, star = psf_fitting.fit_psf(
+        stamps, fwhm=reference.stars.fwhm, sigma=noise, gain_inv=gain_inv, curved=True
+    )
+    if fitted.sum() < MIN_PSF_STARS or not _plausible(fitted_psf, reference.stars.fwhm):
+        return None
+    return ReferencePSF(fitted_psf, stamps, fitted, star, noise, gain_inv)
+
+
+def _stamp_noise(stamps: psf_fitting.PSFStamps) -> tuple[float, float]:
+    """Pixel noise of the sky, and the factor turning signal into shot-noise variance (the
+    sky's variance over its level), from the stamps' outer rings."""
+    ring = (stamps.px**2 + stamps.py**2) >= 0.64 * float(np.max(stamps.px**2 + stamps.py**2))
+    values = stamps.data[:, ring]
+    full = np.all(values != 0, axis=1)
+    if not full.any():
+        return float("nan"), 0.0
+    values = values[full]
+    level = np.median(values, axis=1)
+    noise = 1.4826 * float(np.median(np.abs(values - level[:, None])))
+    return noise, noise * noise / max(float(np.median(level)), noise)
+
+
+def _plausible(psf: MoffatPSF, fwhm_estimate: float) -> bool:
+    """A fitted Moffat that seeing-limited stars can have, near the frame's quick FWHM."""
+    return 1.5 <= psf.beta <= 12.0 and 0.6 <= psf.fwhm / fwhm_estimate <= 1.4
 
 
 @dataclass
@@ -147,6 +215,7 @@ class FrameResult:
     samples: int | None = None
     noise: list[float] = field(default_factory=list)
     fwhm: float | None = None
+    beta: float | None = None  # Moffat index of the fitted PSF
     high: float | None = None
     exposure: float | None = None
     altitude: float | None = None
@@ -181,6 +250,7 @@ class FrameResult:
             "star_pairs": self.star_pairs,
             "samples": self.samples,
             "fwhm": self.fwhm,
+            "beta": self.beta,
             "high": self.high,
             "altitude": self.altitude,
             "airmass": self.airmass,
@@ -319,6 +389,8 @@ class ScaleMeasurement:
     correction: np.ndarray
     target_flux: np.ndarray | None = None  # (channels, pairs) usable pairs, as fitted
     reference_flux: np.ndarray | None = None
+    reference_psf: MoffatPSF | None = None  # fitted, or None where the fit was not possible
+    target_psf: MoffatPSF | None = None
 
 
 def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = None) -> ScaleMeasurement:
@@ -383,16 +455,28 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
     # Non-linearity is a property of each channel: a red star can clip in red while its
     # intensity stays low, so the peak test uses the brightest channel in both frames.
     peak_t = be.to_host(photometry._gather_stamps(data.max(axis=0), tx, ty, 1).max(axis=(1, 2)))
+    psfs = _fit_psfs(reference, frame, fwhm_t) if params.photometry == "psf" else None
+    if psfs is not None:
+        reference_psf, target_psf = psfs
+        # The broader PSF weighs the pixels of both frames: it is close to the best weight
+        # for the frame whose stars are noisiest per pixel.
+        weight = max(psfs, key=lambda p: p.fwhm)
+        fwhm_max = weight.fwhm
+    else:
+        reference_psf = MoffatPSF.from_fwhm(stars.fwhm, photometry.MOFFAT_BETA)
+        target_psf = MoffatPSF.from_fwhm(fwhm_t, photometry.MOFFAT_BETA)
+        weight = None
+        fwhm_max = max(stars.fwhm, fwhm_t)
     geometry = photometry.aperture_geometry(
-        max(stars.fwhm, fwhm_t),
+        fwhm_max,
         aperture_fwhm=params.aperture_fwhm,
         aperture_add=params.aperture_add,
         gap=params.aperture_gap,
         bg_delta=params.aperture_bg_delta,
     )
     clock.lap("detect")
-    ref_m = reference.measurement(geometry)
-    tgt_m = photometry.measure_stars(data, tx, ty, geometry)
+    ref_m = reference.measurement(geometry, weight)
+    tgt_m = photometry.measure_stars(data, tx, ty, geometry, weight)
     usable = (
         ref_m.ok & tgt_m.ok & found & (peak_t < params.linear_range) & (reference.channel_peak < params.linear_range)
     )
@@ -412,7 +496,8 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
             f"{MIN_PAIR_SNR:g}); at least {params.min_star_pairs} are needed for a photometric scale",
         )
     correction = np.full(
-        channels, photometry.seeing_correction(geometry, reference_fwhm=stars.fwhm, target_fwhm=fwhm_t)
+        channels,
+        photometry.seeing_correction(geometry, reference_psf=reference_psf, target_psf=target_psf, weight=weight),
     )
     scales, fits = [], []
     for c in range(channels):
@@ -437,12 +522,54 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
     return ScaleMeasurement(
         np.array(scales),
         pairs,
-        fwhm_t,
+        target_psf.fwhm if psfs is not None else fwhm_t,
         fits,
         correction,
         target_flux=tgt_m.flux[:, usable],
         reference_flux=ref_m.flux[:, usable] * np.asarray(correction)[:, None],
+        reference_psf=reference_psf if psfs is not None else None,
+        target_psf=target_psf if psfs is not None else None,
     )
+
+
+def _psf_radius(fwhm: float) -> int:
+    """Radius of the PSF stamps for stars of ``fwhm``, on a ladder of 10 % steps so that the
+    reference is fitted once per step, not once per frame."""
+    wanted = max(psf_fitting.FIT_RADIUS_FWHM * fwhm, 8.0)
+    return int(math.ceil(8 * 1.1 ** math.ceil(math.log(wanted / 8) / math.log(1.1) - 1e-9)))
+
+
+def _fit_psfs(reference: Reference, frame: Frame, fwhm_t: float) -> tuple[MoffatPSF, MoffatPSF] | None:
+    """The reference's and the target's Moffat PSFs, the target's fitted against the
+    reference's sky (:func:`nsg_gpu.psf.fit_target_psf`); None where either fit fails."""
+    radius = _psf_radius(max(reference.stars.fwhm, fwhm_t))
+    fitted_reference = reference.psf_fit(radius)
+    if fitted_reference is None:
+        return None
+    stamps = fitted_reference.stamps
+    image = psf_fitting.psf_image(frame.data)
+    target = psf_fitting.cut_stamps(image, stamps.xi + stamps.dx, stamps.yi + stamps.dy, radius)
+    s0 = psf_fitting.stamp_ratio(target.take(fitted_reference.fitted), stamps.take(fitted_reference.fitted))
+    if not (math.isfinite(s0) and s0 > 0):
+        return None
+    noise, gain_inv = _stamp_noise(target)
+    if not noise > 0:
+        return None
+    target_psf = psf_fitting.fit_target_psf(
+        target,
+        stamps,
+        fitted_reference.star_model,
+        fitted_reference.fitted,
+        s0=s0,
+        fwhm=fwhm_t,
+        sigma=noise,
+        reference_sigma=fitted_reference.noise,
+        gain_inv=gain_inv,
+        reference_gain_inv=fitted_reference.gain_inv,
+    )
+    if target_psf.stars < MIN_PSF_STARS or not _plausible(target_psf, fwhm_t):
+        return None
+    return fitted_reference.psf, target_psf
 
 
 def _local_level(image, x, y, half: int) -> np.ndarray:
@@ -589,6 +716,7 @@ def normalize_frame(reference: Reference, frame: Frame, *, diagnostics: bool = F
         samples=n_samples,
         noise=[float(v) for v in noise],
         fwhm=measured.fwhm,
+        beta=measured.target_psf.beta if measured.target_psf is not None else None,
         high=high,
         exposure=meta.exposure,
         altitude=meta.altitude,
@@ -666,6 +794,7 @@ def _reference_result(reference: Reference, output: Path | None) -> FrameResult:
     frame = reference.frame
     channels = frame.data.shape[0]
     meta = frame.meta
+    own = reference.psf_fit(_psf_radius(reference.stars.fwhm)) if reference.params.photometry == "psf" else None
     return FrameResult(
         path=str(frame.path),
         output=str(output) if output else None,
@@ -678,7 +807,8 @@ def _reference_result(reference: Reference, output: Path | None) -> FrameResult:
         star_pairs=len(reference.stars),
         samples=int(np.count_nonzero(get_backend(reference.valid).to_host(reference.valid) & ~reference.rejected)),
         noise=[float(v) for v in reference.noise],
-        fwhm=reference.stars.fwhm,
+        fwhm=own.psf.fwhm if own is not None else reference.stars.fwhm,
+        beta=own.psf.beta if own is not None else None,
         high=float(get_backend(frame.data).to_host(frame.data.max())),
         exposure=meta.exposure,
         altitude=meta.altitude,

@@ -49,6 +49,7 @@ RESULT_COLUMNS = (
     "star_pairs",
     "samples",
     "fwhm",
+    "beta",
     "high",
     "altitude",
     "airmass",

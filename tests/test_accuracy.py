@@ -8,7 +8,6 @@ import pytest
 from nsg_gpu.synthetic import block_residual
 
 SCALE_TARGET = 0.005  # relative, on 1/NSGS: what the engine is built to reach
-SCALE_NOW = 0.01  # relative: what it reaches on every set measured (worst case 0.73 %), guarded
 RESIDUAL_MARGIN = 0.1  # pixel-noise units above what the perfect normalization leaves
 
 
@@ -24,29 +23,9 @@ def _scale_errors(s) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", ["mono_set", "colour_set"])
-def test_scale_close_to_truth(name, request):
-    """1/NSGSc is the true scale within 1 %, with FWHM 2.5-4.5 px against a 2.8 px reference."""
-    errors = _scale_errors(request.getfixturevalue(name))
-    assert np.all(np.abs(errors) < SCALE_NOW), f"relative scale errors:\n{errors}"
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "mono_set",
-        pytest.param(
-            "colour_set",
-            marks=pytest.mark.xfail(
-                reason="the blue channel of this set is 0.7 % off: the wide aperture's sky noise "
-                "(about 0.3 % per frame) and the fixed Moffat index of the seeing correction "
-                "(up to 0.5 %) leave more than 0.5 % here (docs/scale-accuracy.md)",
-                strict=True,
-            ),
-        ),
-    ],
-)
 def test_scale_within_half_percent(name, request):
-    """The target: 1/NSGSc within 0.5 % of the true scale whatever the seeing."""
+    """1/NSGSc within 0.5 % of the true scale, with FWHM 2.5-4.5 px and Moffat index 2.8-3.3
+    against a 2.8 px reference."""
     errors = _scale_errors(request.getfixturevalue(name))
     assert np.all(np.abs(errors) < SCALE_TARGET), f"relative scale errors:\n{errors}"
 

@@ -15,6 +15,7 @@ from nsg_gpu.errors import BackendUnavailableError, FrameReadError, FrameShapeEr
 from nsg_gpu.io import output_path, read_frame, set_nsg_keywords, write_frame
 from nsg_gpu.noise import ksigma_noise, weight_from_noise
 from nsg_gpu.params import Parameters, auto_sample_size, degrees_per_pixel, resolve_parameters
+from nsg_gpu.psf import MoffatPSF
 from nsg_gpu.samples import SampleSet, bin_medians, bin_samples, make_grid, star_rejection
 from nsg_gpu.spline import fit_surface_spline
 from nsg_gpu.stars import detect_stars
@@ -199,7 +200,9 @@ def test_seeing_correction_recovers_flux_ratio():
     r = photometry.measure_stars(reference, xs[keep], ys[keep], geometry)
     t = photometry.measure_stars(target, xs[keep], ys[keep], geometry)
     raw = np.median(r.flux[0] / t.flux[0])
-    kappa = photometry.seeing_correction(geometry, reference_fwhm=2.8, target_fwhm=4.2)
+    kappa = photometry.seeing_correction(
+        geometry, reference_psf=MoffatPSF.from_fwhm(2.8, 3.0), target_psf=MoffatPSF.from_fwhm(4.2, 3.0)
+    )
     assert abs(raw / 2 - 1) > 0.01  # the uncorrected ratio is off by the seeing
     assert raw * kappa == pytest.approx(2.0, rel=2e-3)
 

@@ -1,0 +1,257 @@
+"""Moffat PSF of a frame, fitted jointly to its bright isolated stars.
+
+The scale's photometry weights each star's pixels by the PSF and corrects for the share of
+the light those weights keep in each frame (:mod:`nsg_gpu.photometry`), so it needs each
+frame's PSF, and above all the *difference* between the target's and the reference's, to
+about 0.02 in the Moffat index. One Moffat ``(1 + r^2/alpha^2)^-beta`` is shared by all stars
+of a frame; each star has its own amplitude, sub-pixel shift (linearized: the profile's
+derivatives are columns of the per-star linear model) and a plane of background, all solved
+exactly for each trial ``(alpha, beta)``, which :func:`scipy.optimize.least_squares` adjusts.
+Pixels of value 0 (no data) and residuals beyond 5 sigma (hot pixels, cosmic rays) are left
+out, and bright pixels are weighted by their shot noise.
+
+A single frame's fit is pulled by whatever else lies in the stars' wings: nebula, faint
+neighbours. The reference and the target show the same sky, scaled by the transmission, so
+the target is fitted on its stamps minus ``s0`` times the reference's stamps with the
+reference's fitted stars taken out (:func:`fit_target_psf`): what is left of the sky is a
+small fraction of it, and whatever the reference's own fit missed reappears in the target's
+fit, so that the difference of the two models is right even where each is slightly off.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import optimize
+
+from .backend import get_backend
+
+__all__ = ["MoffatPSF", "PSFStamps", "psf_image", "cut_stamps", "stamp_ratio", "fit_psf", "fit_target_psf"]
+
+#: Radius of the fitted stamps, in FWHM.
+FIT_RADIUS_FWHM = 4.0
+#: Residuals beyond this many sigma are left out of the fit.
+CLIP_SIGMA = 5.0
+#: Stamps with more than this share of no-data pixels are not fitted.
+MAX_EMPTY = 0.02
+
+
+@dataclass(frozen=True)
+class MoffatPSF:
+    """``P(r) = (beta - 1) / (pi alpha^2) * (1 + r^2 / alpha^2)^-beta``, of unit total flux."""
+
+    alpha: float
+    beta: float
+    stars: int = 0
+
+    @property
+    def fwhm(self) -> float:
+        return 2.0 * self.alpha * math.sqrt(2.0 ** (1.0 / self.beta) - 1.0)
+
+    @classmethod
+    def from_fwhm(cls, fwhm: float, beta: float, stars: int = 0) -> MoffatPSF:
+        return cls(fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0)), beta, stars)
+
+    def shape(self, r2):
+        """The profile without its normalization, 1 at the centre."""
+        return (1.0 + r2 / (self.alpha * self.alpha)) ** (-self.beta)
+
+    def __call__(self, r2):
+        return (self.beta - 1.0) / (math.pi * self.alpha * self.alpha) * self.shape(r2)
+
+
+@dataclass
+class PSFStamps:
+    """Circular stamps of the same stars in one frame: pixels ``(n, p)`` at offsets ``(p,)``
+    from the integer centres ``(n,)``; ``dx, dy`` place each star within its centre pixel."""
+
+    data: np.ndarray
+    px: np.ndarray
+    py: np.ndarray
+    xi: np.ndarray
+    yi: np.ndarray
+    dx: np.ndarray
+    dy: np.ndarray
+
+    def take(self, keep: np.ndarray) -> PSFStamps:
+        return PSFStamps(self.data[keep], self.px, self.py, self.xi[keep], self.yi[keep], self.dx[keep], self.dy[keep])
+
+
+def psf_image(data):
+    """The 2-D image PSFs are fitted on: the mean of the channels, 0 where any channel is 0.
+
+    A linear combination keeps the stars' profiles; the detection image's colour intensity
+    ``(min + max) / 2`` does not where a star's colour changes which channel is brightest.
+    """
+    xp = get_backend(data).xp
+    if data.shape[0] == 1:
+        return data[0]
+    return xp.where(data.min(axis=0) > 0, data.mean(axis=0), 0).astype(data.dtype)
+
+
+def cut_stamps(image, x: np.ndarray, y: np.ndarray, radius: float) -> PSFStamps:
+    """Pixels within ``radius`` of each star's nearest pixel, on the host; outside the image
+    reads 0. ``image`` may live on any backend: only the stamps cross to the host."""
+    be = get_backend(image)
+    h, w = image.shape
+    half = int(math.ceil(radius))
+    off = np.arange(-half, half + 1)
+    gy, gx = np.meshgrid(off, off, indexing="ij")
+    disc = gx * gx + gy * gy <= radius * radius
+    px, py = gx[disc].astype(float), gy[disc].astype(float)
+    xi = np.rint(x).astype(np.int64)
+    yi = np.rint(y).astype(np.int64)
+    rows = yi[:, None] + gy[disc][None, :]
+    cols = xi[:, None] + gx[disc][None, :]
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    flat = be.asarray(np.clip(rows, 0, h - 1) * w + np.clip(cols, 0, w - 1))
+    values = be.to_host(image.reshape(-1)[flat]).astype(np.float64)
+    data = np.where(inside, values, 0.0)
+    return PSFStamps(data, px, py, xi, yi, np.asarray(x, float) - xi, np.asarray(y, float) - yi)
+
+
+def stamp_ratio(target: PSFStamps, reference: PSFStamps) -> float:
+    """A first estimate of the target's brightness over the reference's: the median over
+    stars of the ratio of their stamp sums above the stamps' outer rings (about 1 %)."""
+    ring = (target.px**2 + target.py**2) >= 0.64 * float(np.max(target.px**2 + target.py**2))
+    full = np.all(target.data != 0, axis=1) & np.all(reference.data != 0, axis=1)
+    if not full.any():
+        return float("nan")
+    t, r = target.data[full], reference.data[full]
+    t_sum = np.sum(t - np.median(t[:, ring], axis=1)[:, None], axis=1)
+    r_sum = np.sum(r - np.median(r[:, ring], axis=1)[:, None], axis=1)
+    good = (r_sum > 0) & (t_sum > 0)
+    return float(np.median(t_sum[good] / r_sum[good])) if good.any() else float("nan")
+
+
+def _design(psf: MoffatPSF, stamps: PSFStamps, curved: bool = False) -> np.ndarray:
+    """Per-star linear model ``(n, p, k)``: profile, its x and y derivatives, and a plane of
+    background, or with ``curved`` a quadratic surface."""
+    ux = stamps.px[None] - stamps.dx[:, None]
+    uy = stamps.py[None] - stamps.dy[:, None]
+    q = 1.0 + (ux * ux + uy * uy) / (psf.alpha * psf.alpha)
+    shape = q ** (-psf.beta)
+    # d shape / d(star x) = 2 beta ux / alpha^2 * q^(-beta-1)
+    slope = 2.0 * psf.beta / (psf.alpha * psf.alpha) * shape / q
+    terms = [np.ones_like(stamps.px), stamps.px, stamps.py]
+    if curved:
+        u, v = stamps.px / max(stamps.px.max(), 1.0), stamps.py / max(stamps.py.max(), 1.0)
+        terms += [u * u, u * v, v * v]
+    return np.stack([shape, slope * ux, slope * uy] + [np.broadcast_to(t, shape.shape) for t in terms], axis=-1)
+
+
+def _solve(design: np.ndarray, data: np.ndarray, weight: np.ndarray):
+    """Weighted least squares per star; returns coefficients ``(n, 6)`` and the model."""
+    aw = (design * weight[..., None]).transpose(0, 2, 1)
+    normal = aw @ design
+    normal += 1e-12 * np.trace(normal, axis1=1, axis2=2)[:, None, None] * np.eye(design.shape[-1])
+    coef = np.linalg.solve(normal, aw @ data[..., None])
+    return coef[..., 0], (design @ coef)[..., 0]
+
+
+def fit_psf(
+    stamps: PSFStamps,
+    *,
+    fwhm: float,
+    sigma: float,
+    gain_inv: float = 0.0,
+    beta: float = 3.0,
+    curved: bool = False,
+    extra_variance: np.ndarray | None = None,
+) -> tuple[MoffatPSF, np.ndarray, np.ndarray]:
+    """Fit one Moffat to all stamps.
+
+    Parameters
+    ----------
+    stamps : PSFStamps
+        The stars' pixels (0 = no data); stamps with more than 2 % no data are skipped.
+    fwhm, beta : float
+        Starting values.
+    sigma : float
+        Noise of a sky pixel; ``gain_inv`` turns signal into shot-noise variance.
+    curved : bool
+        Fit each star's background as a quadratic surface instead of a plane.
+    extra_variance : ndarray (n, p), optional
+        Variance each pixel carries besides its own sky and shot noise.
+
+    Returns
+    -------
+    psf : MoffatPSF
+    stars : ndarray of bool over the stamps, those fitted
+    model : ndarray (n_fitted, p), the fitted star light alone (no background)
+    """
+    usable = np.mean(stamps.data == 0, axis=1) <= MAX_EMPTY
+    st = stamps.take(usable)
+    st.dx, st.dy = st.dx.copy(), st.dy.copy()
+    data = st.data
+    variance = np.full(data.shape, sigma * sigma)
+    if extra_variance is not None:
+        variance += extra_variance[usable]
+    empty = data == 0
+    weight = np.where(empty, 0.0, 1.0 / variance)
+    psf = MoffatPSF.from_fwhm(fwhm, beta)
+    if data.shape[0] == 0:
+        return psf, usable, np.zeros((0, data.shape[1]))
+
+    def centre(psf):
+        # Move each star's centre by the shift its derivative columns ask for.
+        for _ in range(3):
+            coef, _ = _solve(_design(psf, st, curved), data, weight)
+            amp = np.where(np.abs(coef[:, 0]) > 0, coef[:, 0], 1.0)
+            st.dx = np.clip(st.dx + coef[:, 1] / amp, -0.75, 0.75)
+            st.dy = np.clip(st.dy + coef[:, 2] / amp, -0.75, 0.75)
+
+    def residual(theta):
+        trial = MoffatPSF(math.exp(theta[0]), theta[1])
+        _, model = _solve(_design(trial, st, curved), data, weight)
+        return ((data - model) * np.sqrt(weight)).ravel()
+
+    for _ in range(3):
+        centre(psf)
+        solution = optimize.least_squares(
+            residual,
+            [math.log(psf.alpha), psf.beta],
+            bounds=([math.log(0.3), 1.2], [math.log(50.0), 20.0]),
+            x_scale=[0.01, 0.05],
+            diff_step=[1e-4, 1e-4],
+        )
+        psf = MoffatPSF(math.exp(solution.x[0]), float(solution.x[1]))
+        coef, model = _solve(_design(psf, st, curved), data, weight)
+        star = coef[:, :1] * _design(psf, st, curved)[..., 0]
+        weight = np.where(empty, 0.0, 1.0 / (variance + gain_inv * np.clip(star, 0, None)))
+        weight[np.abs(data - model) * np.sqrt(weight) > CLIP_SIGMA] = 0.0
+    coef, _ = _solve(_design(psf, st, curved), data, weight)
+    star = np.einsum("npk,nk->np", _design(psf, st, curved)[..., :3], coef[:, :3])
+    return MoffatPSF(psf.alpha, psf.beta, int(usable.sum())), usable, star
+
+
+def fit_target_psf(
+    target: PSFStamps,
+    reference: PSFStamps,
+    reference_star: np.ndarray,
+    fitted: np.ndarray,
+    *,
+    s0: float,
+    fwhm: float,
+    sigma: float,
+    reference_sigma: float,
+    gain_inv: float = 0.0,
+    reference_gain_inv: float = 0.0,
+    beta: float = 3.0,
+) -> MoffatPSF:
+    """The target's Moffat, fitted on ``target - s0 * (reference - reference's stars)``.
+
+    ``reference_star`` is :func:`fit_psf`'s star model for the stamps ``fitted`` of
+    ``reference``; ``target`` holds the same stars at the same integer centres, and ``s0``
+    is a first estimate of the target's brightness over the reference's (1 % is plenty).
+    """
+    t = target.take(fitted)
+    r = reference.take(fitted)
+    clean = np.where((t.data == 0) | (r.data == 0), 0.0, t.data - s0 * (r.data - reference_star))
+    clean_stamps = PSFStamps(clean, t.px, t.py, t.xi, t.yi, t.dx, t.dy)
+    # The reference's noise comes along, its stars' shot noise included.
+    extra = s0 * s0 * (reference_sigma**2 + reference_gain_inv * np.clip(reference_star, 0, None))
+    psf, _, _ = fit_psf(clean_stamps, fwhm=fwhm, sigma=sigma, gain_inv=gain_inv, beta=beta, extra_variance=extra)
+    return psf
