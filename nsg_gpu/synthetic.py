@@ -73,6 +73,7 @@ class SyntheticSpec:
     focal_length_mm: float = 530.0
     pixel_size_um: float = 3.76
     exposure: float = 120.0
+    noise_seed: int = 0  # another value draws new noise, hot pixels and nothing else
 
 
 class SyntheticField:
@@ -100,7 +101,7 @@ class SyntheticField:
         self.star_flux = flux[:, None] * colour  # (n, channels)
         self.nebula = self._make_nebula(rng)
         self.frames = [self._make_conditions(k, rng) for k in range(spec.n_frames)]
-        self._frame_seeds = rng.integers(0, 2**31, spec.n_frames)
+        self._frame_seeds = rng.integers(0, 2**31, spec.n_frames) + 1_000_003 * spec.noise_seed
 
     # -- construction ---------------------------------------------------------------------------
     def _make_nebula(self, rng) -> np.ndarray:
