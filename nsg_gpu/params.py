@@ -58,7 +58,8 @@ class Parameters:
         from the two fitted PSFs (about three times less noise than a plain aperture).
         ``aperture``: NSG's plain aperture sum, corrected with a Moffat of index 3 at each
         frame's FWHM. ``psf`` falls back to ``aperture`` for a frame whose PSF cannot be
-        fitted (fewer than 8 bright isolated stars).
+        fitted (fewer than 8 bright isolated stars) or whose stars are undersampled (FWHM
+        below 2 px).
     aperture_fwhm : float
         Photometry aperture radius in units of the larger of the two frames' FWHM (NSG uses
         1.5; 3 keeps nearly all of a star's light in both frames, whatever the seeing).

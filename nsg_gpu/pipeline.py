@@ -93,6 +93,9 @@ MAX_PHOTOMETRY_STARS = 1500
 #: Bright isolated reference stars the PSFs are fitted on, and the fewest that will do.
 PSF_STARS = 60
 MIN_PSF_STARS = 8
+#: Below this FWHM (px) stars are too undersampled for a Moffat sampled at pixel centres, and
+#: the photometry falls back to the plain aperture.
+MIN_PSF_FWHM = 2.0
 #: Fewer usable background samples than this is an error for the frame.
 MIN_SAMPLES = 3
 #: Share of the bright reference stars that must be found within the search radius.
@@ -397,7 +400,7 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
     """The photometric scale ``m`` per channel of ``frame`` against the reference.
 
     ``timings``, when given, gains the seconds spent in ``detect`` (target FWHM, recentring,
-    registration check) and ``photometry``.
+    registration check) and ``photometry`` (PSF fits, star fluxes, scale fit).
 
     Raises
     ------
@@ -455,7 +458,9 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
     # Non-linearity is a property of each channel: a red star can clip in red while its
     # intensity stays low, so the peak test uses the brightest channel in both frames.
     peak_t = be.to_host(photometry._gather_stamps(data.max(axis=0), tx, ty, 1).max(axis=(1, 2)))
-    psfs = _fit_psfs(reference, frame, fwhm_t) if params.photometry == "psf" else None
+    clock.lap("detect")
+    sampled = min(stars.fwhm, fwhm_t) >= MIN_PSF_FWHM
+    psfs = _fit_psfs(reference, frame, fwhm_t) if params.photometry == "psf" and sampled else None
     if psfs is not None:
         reference_psf, target_psf = psfs
         # The broader PSF weighs the pixels of both frames: it is close to the best weight
@@ -474,7 +479,6 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
         gap=params.aperture_gap,
         bg_delta=params.aperture_bg_delta,
     )
-    clock.lap("detect")
     ref_m = reference.measurement(geometry, weight)
     tgt_m = photometry.measure_stars(data, tx, ty, geometry, weight)
     usable = (
@@ -794,7 +798,9 @@ def _reference_result(reference: Reference, output: Path | None) -> FrameResult:
     frame = reference.frame
     channels = frame.data.shape[0]
     meta = frame.meta
-    own = reference.psf_fit(_psf_radius(reference.stars.fwhm)) if reference.params.photometry == "psf" else None
+    own = None
+    if reference.params.photometry == "psf" and reference.stars.fwhm >= MIN_PSF_FWHM:
+        own = reference.psf_fit(_psf_radius(reference.stars.fwhm))
     return FrameResult(
         path=str(frame.path),
         output=str(output) if output else None,

@@ -5,8 +5,9 @@ the light those weights keep in each frame (:mod:`nsg_gpu.photometry`), so it ne
 frame's PSF, and above all the *difference* between the target's and the reference's, to
 about 0.02 in the Moffat index. One Moffat ``(1 + r^2/alpha^2)^-beta`` is shared by all stars
 of a frame; each star has its own amplitude, sub-pixel shift (linearized: the profile's
-derivatives are columns of the per-star linear model) and a plane of background, all solved
-exactly for each trial ``(alpha, beta)``, which :func:`scipy.optimize.least_squares` adjusts.
+derivatives are columns of the per-star linear model) and a background plane, or quadratic
+surface, all solved exactly for each trial ``(alpha, beta)``, which
+:func:`scipy.optimize.least_squares` adjusts.
 Pixels of value 0 (no data) and residuals beyond 5 sigma (hot pixels, cosmic rays) are left
 out, and bright pixels are weighted by their shot noise.
 
@@ -31,7 +32,9 @@ from .backend import get_backend
 __all__ = ["MoffatPSF", "PSFStamps", "psf_image", "cut_stamps", "stamp_ratio", "fit_psf", "fit_target_psf"]
 
 #: Radius of the fitted stamps, in FWHM.
-FIT_RADIUS_FWHM = 4.0
+FIT_RADIUS_FWHM = 5.0
+#: At most this many rounds of positions, Moffat fit, weights and clipping.
+MAX_ROUNDS = 8
 #: Residuals beyond this many sigma are left out of the fit.
 CLIP_SIGMA = 5.0
 #: Stamps with more than this share of no-data pixels are not fitted.
@@ -208,7 +211,9 @@ def fit_psf(
         _, model = _solve(_design(trial, st, curved), data, weight)
         return ((data - model) * np.sqrt(weight)).ravel()
 
-    for _ in range(3):
+    # Positions, the Moffat, and the weights and clipping that depend on it, in turn until
+    # the Moffat settles.
+    for _ in range(MAX_ROUNDS):
         centre(psf)
         solution = optimize.least_squares(
             residual,
@@ -217,11 +222,13 @@ def fit_psf(
             x_scale=[0.01, 0.05],
             diff_step=[1e-4, 1e-4],
         )
-        psf = MoffatPSF(math.exp(solution.x[0]), float(solution.x[1]))
+        previous, psf = psf, MoffatPSF(math.exp(solution.x[0]), float(solution.x[1]))
         coef, model = _solve(_design(psf, st, curved), data, weight)
         star = coef[:, :1] * _design(psf, st, curved)[..., 0]
         weight = np.where(empty, 0.0, 1.0 / (variance + gain_inv * np.clip(star, 0, None)))
         weight[np.abs(data - model) * np.sqrt(weight) > CLIP_SIGMA] = 0.0
+        if abs(psf.beta - previous.beta) < 2e-3 and abs(psf.alpha / previous.alpha - 1) < 5e-4:
+            break
     coef, _ = _solve(_design(psf, st, curved), data, weight)
     star = np.einsum("npk,nk->np", _design(psf, st, curved)[..., :3], coef[:, :3])
     return MoffatPSF(psf.alpha, psf.beta, int(usable.sum())), usable, star
