@@ -479,13 +479,15 @@ def set_nsg_keywords(
     star_pairs: int | None = None,
     samples: int | None = None,
     fwhm: float | None = None,
+    beta: float | None = None,
 ) -> fits.Header:
     """Return a copy of ``header`` carrying NSG's keywords (old NSG cards replaced).
 
     ``transmission`` and ``snr`` have one value per channel; ``NSGS0`` alone is written for mono.
     ``fingerprint`` (``NSGHASH``) identifies the input, reference and parameters that made the
-    output, so that a rerun can tell it is up to date; ``NSGPAIRS``, ``NSGSAMPL`` and
-    ``NSGFWHM`` keep the star pairs, samples and FWHM for the results of such a rerun.
+    output, so that a rerun can tell it is up to date; ``NSGPAIRS``, ``NSGSAMPL``, ``NSGFWHM``
+    and ``NSGBETA`` keep the star pairs, samples, FWHM and fitted Moffat index for the results
+    of such a rerun.
     """
     header = header.copy()
     for key in list(dict.fromkeys(header.keys())):
@@ -511,6 +513,8 @@ def set_nsg_keywords(
         header["NSGSAMPL"] = (int(samples), "NSG background samples of the gradient")
     if fwhm is not None:
         header["NSGFWHM"] = (float(f"{fwhm:.4g}"), "[px] NSG FWHM of the frame")
+    if beta is not None:
+        header["NSGBETA"] = (float(f"{beta:.4g}"), "NSG Moffat index of the fitted PSF")
     if fingerprint is not None:
         header["NSGHASH"] = (fingerprint, "NSG run fingerprint (for resume)")
     for line in history:

@@ -55,6 +55,8 @@ MOFFAT_BETA = 3.0
 __all__ = [
     "ApertureGeometry",
     "StarMeasurement",
+    "Cutouts",
+    "cut_out",
     "ScaleFit",
     "aperture_geometry",
     "recentre",
@@ -84,7 +86,8 @@ def aperture_geometry(
     ``bg_delta`` where that is wider: a wide annulus keeps the background's noise small
     against the aperture's.
     """
-    radius = max(aperture_fwhm * fwhm + aperture_add, 3.0)
+    # Radii in half pixels, so that frames of similar seeing share the reference's cutouts.
+    radius = math.ceil(2 * max(aperture_fwhm * fwhm + aperture_add, 3.0)) / 2
     inner = radius + gap
     return ApertureGeometry(radius, inner, inner + max(bg_delta, radius))
 
@@ -148,91 +151,139 @@ def recentre(image, x, y, *, fwhm: float, background=None) -> tuple[np.ndarray, 
     return cx, cy
 
 
-def measure_stars(data, x, y, geometry: ApertureGeometry, weight: MoffatPSF | None = None) -> StarMeasurement:
+@dataclass
+class Cutouts:
+    """The stars' surroundings in one frame, as :func:`measure_stars` needs them whatever the
+    weights: host stamps ``(channels, n, s, s)`` around the rounded positions, each star's
+    sub-pixel offset within its stamp, and the annulus background of each star and channel
+    (photutils). A reference's cutouts serve every target measured with the same geometry."""
+
+    geometry: ApertureGeometry
+    stamps: np.ndarray
+    fx: np.ndarray
+    fy: np.ndarray
+    finite: np.ndarray
+    background: np.ndarray  # (channels, n) annulus mean
+    background_std: np.ndarray
+    counted: np.ndarray  # (channels, n) annulus area with data
+    annulus_area: float
+
+
+def _mosaic(stamps: np.ndarray, fx: np.ndarray, fy: np.ndarray):
+    """Stamps laid side by side in one image per channel, the stars' positions in it, and the
+    stamp index of every mosaic pixel."""
+    channels, n, side, _ = stamps.shape
+    half = side // 2
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    mosaic = np.zeros((channels, rows * side, cols * side))
+    cell = np.full((rows * side, cols * side), -1, np.int64)
+    index = np.arange(n)
+    r0, c0 = (index // cols) * side, (index % cols) * side
+    for i in range(n):
+        mosaic[:, r0[i] : r0[i] + side, c0[i] : c0[i] + side] = stamps[:, i]
+        cell[r0[i] : r0[i] + side, c0[i] : c0[i] + side] = i
+    return mosaic, np.column_stack([c0 + half + fx, r0 + half + fy]), cell
+
+
+def cut_out(data, x, y, geometry: ApertureGeometry) -> Cutouts:
+    """Stamps around ``(x, y)`` in every channel of ``data`` ``(channels, h, w)`` and the
+    annulus mean around each star; pixels of value 0 (no data, or outside the image) are
+    masked."""
+    be = get_backend(data)
+    channels = data.shape[0]
+    finite = np.isfinite(x) & np.isfinite(y)
+    x = np.where(finite, x, 0.0)
+    y = np.where(finite, y, 0.0)
+    half = int(math.ceil(geometry.annulus_outer)) + 1
+    stamps = be.to_host(_gather_stamps(data, x, y, half)).astype(np.float32)  # (c, n, s, s)
+    fx, fy = np.asarray(x) - np.rint(x), np.asarray(y) - np.rint(y)
+    n = fx.size
+    background = np.zeros((channels, n))
+    background_std = np.zeros((channels, n))
+    counted = np.zeros((channels, n))
+    annulus_area = math.pi * (geometry.annulus_outer**2 - geometry.annulus_inner**2)
+    if n:
+        mosaic, positions, _ = _mosaic(stamps, fx, fy)
+        no_data = np.any(mosaic == 0, axis=0)
+        annulus = CircularAnnulus(positions, r_in=geometry.annulus_inner, r_out=geometry.annulus_outer)
+        annulus_area = annulus.area
+        for c in range(channels):
+            stats = ApertureStats(mosaic[c], annulus, mask=no_data)
+            background[c] = np.asarray(stats.mean, float)
+            background_std[c] = np.asarray(stats.std, float)
+            counted[c] = np.asarray(getattr(stats.center_aper_area, "value", stats.center_aper_area), float)
+    return Cutouts(geometry, stamps, fx, fy, finite, background, background_std, counted, annulus_area)
+
+
+def measure_stars(
+    data, x, y, geometry: ApertureGeometry, weight: MoffatPSF | None = None, *, cutouts: Cutouts | None = None
+) -> StarMeasurement:
     """Photometry at ``(x, y)`` in every channel of ``data`` ``(channels, h, w)``.
 
-    Cutouts around the stars are laid side by side in one host mosaic; pixels of value 0 (no
-    data, or outside the image) are masked. The background is the annulus mean (photutils).
-    Without ``weight`` the flux is the photutils sum over the circular aperture; with it,
-    every pixel within the aperture radius counts with the profile ``weight`` (a Moffat
-    centred on the star, less its value at the aperture's edge so that it falls to 0 there),
-    which gives the bright core more say than the noisy wings.
+    The background is the annulus mean (photutils; :func:`cut_out`, or ``cutouts`` made
+    before for the same stars and geometry). Without ``weight`` the flux is the photutils sum
+    over the circular aperture; with it, every pixel within the aperture radius counts with
+    the profile ``weight`` (a Moffat centred on the star, less its value at the aperture's
+    edge so that it falls to 0 there), which gives the bright core more say than the noisy
+    wings.
     """
-    be = get_backend(data)
     channels = data.shape[0]
     n = int(np.size(x))
     if n == 0:
         empty = np.zeros((channels, 0))
         return StarMeasurement(geometry, empty, empty, empty, np.zeros(0, bool))
-    finite = np.isfinite(x) & np.isfinite(y)
-    x = np.where(finite, x, 0.0)
-    y = np.where(finite, y, 0.0)
-    half = int(math.ceil(geometry.annulus_outer)) + 1
-    side = 2 * half + 1
-    stamps = be.to_host(_gather_stamps(data, x, y, half)).astype(np.float64)  # (c, n, s, s)
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    mosaic = np.zeros((channels, rows * side, cols * side))
-    index = np.arange(n)
-    r0, c0 = (index // cols) * side, (index % cols) * side
-    for i in range(n):
-        mosaic[:, r0[i] : r0[i] + side, c0[i] : c0[i] + side] = stamps[:, i]
-    # Sub-pixel position within each cutout, in the mosaic's frame.
-    fx, fy = np.asarray(x) - np.rint(x), np.asarray(y) - np.rint(y)
-    positions = np.column_stack([c0 + half + fx, r0 + half + fy])
-    no_data = np.any(mosaic == 0, axis=0)
-    aperture = CircularAperture(positions, r=geometry.radius)
-    annulus = CircularAnnulus(positions, r_in=geometry.annulus_inner, r_out=geometry.annulus_outer)
-    annulus_area = annulus.area
-    cell = np.full((rows * side, cols * side), -1, np.int64)
-    for i in range(n):
-        cell[r0[i] : r0[i] + side, c0[i] : c0[i] + side] = i
+    cut = cutouts if cutouts is not None else cut_out(data, x, y, geometry)
+    stamps = cut.stamps
+    if weight is not None:
+        # The weights vanish beyond the aperture: only the box around it is summed.
+        half = stamps.shape[-1] // 2
+        keep = int(math.ceil(geometry.radius)) + 1
+        stamps = stamps[..., half - keep : half + keep + 1, half - keep : half + keep + 1]
+    stamps = stamps.astype(np.float64)
+    stamp_empty = np.any(stamps == 0, axis=0)  # (n, s, s)
+    bkg = np.nan_to_num(cut.background)
     if weight is None:
+        mosaic, positions, cell = _mosaic(stamps, cut.fx, cut.fy)
+        no_data = np.any(mosaic == 0, axis=0)
+        aperture = CircularAperture(positions, r=geometry.radius)
         # Scattered zero pixels (a raw frame clipped at 0) are tolerated up to a few per cent
         # of the aperture and count as background; a registration border in it is not.
         holes = np.asarray(aperture_photometry(no_data.astype(float), aperture, method="center")["aperture_sum"])
-        ok = (holes <= MAX_HOLE_FRACTION * aperture.area) & finite
+        ok = (holes <= MAX_HOLE_FRACTION * aperture.area) & cut.finite
         area, area2 = aperture.area, aperture.area
     else:
+        half = stamps.shape[-1] // 2
         off = np.arange(-half, half + 1, dtype=np.float64)
-        r2 = (off[None, None, :] - fx[:, None, None]) ** 2 + (off[None, :, None] - fy[:, None, None]) ** 2
+        r2 = (off[None, None, :] - cut.fx[:, None, None]) ** 2 + (off[None, :, None] - cut.fy[:, None, None]) ** 2
         w = _weight_profile(weight, r2, geometry.radius)  # (n, s, s)
-        stamp_empty = np.any(stamps == 0, axis=0)
         held = np.sum(w * stamp_empty, axis=(1, 2)) / np.sum(w, axis=(1, 2))
-        ok = (held <= MAX_HOLE_FRACTION) & finite
+        ok = (held <= MAX_HOLE_FRACTION) & cut.finite
         area, area2 = np.sum(w, axis=(1, 2)), np.sum(w * w, axis=(1, 2))
     flux = np.empty((channels, n))
     flux_error = np.empty((channels, n))
-    background = np.empty((channels, n))
     for c in range(channels):
-        stats = ApertureStats(mosaic[c], annulus, mask=no_data)
-        bkg = np.asarray(stats.mean, float)
-        bkg_std = np.asarray(stats.std, float)
-        counted = np.asarray(getattr(stats.sum_aper_area, "value", stats.sum_aper_area), float)
-        ok &= np.isfinite(bkg) & (counted > 0.3 * annulus_area)
-        filled = mosaic[c].copy()
-        hole_cells = cell[no_data]
-        filled[no_data] = np.where(hole_cells >= 0, np.nan_to_num(bkg)[np.maximum(hole_cells, 0)], 0.0)
-        sky_var = np.nan_to_num(bkg_std) ** 2
-        gain_inv = sky_var / np.maximum(np.abs(bkg), np.sqrt(sky_var) + 1e-30)
+        ok &= np.isfinite(cut.background[c]) & (cut.counted[c] > 0.3 * cut.annulus_area)
+        sky_var = np.nan_to_num(cut.background_std[c]) ** 2
+        gain_inv = sky_var / np.maximum(np.abs(bkg[c]), np.sqrt(sky_var) + 1e-30)
         if weight is None:
-            table = aperture_photometry(filled, aperture)
-            flux[c] = np.asarray(table["aperture_sum"], float) - bkg * area
+            filled = mosaic[c].copy()
+            hole_cells = cell[no_data]
+            filled[no_data] = np.where(hole_cells >= 0, bkg[c][np.maximum(hole_cells, 0)], 0.0)
+            flux[c] = np.asarray(aperture_photometry(filled, aperture)["aperture_sum"], float) - bkg[c] * area
             star_var = np.clip(flux[c], 0, None) * gain_inv
         else:
-            level = np.nan_to_num(bkg)[:, None, None]
-            signal = np.where(stamp_empty, 0.0, stamps[c] - level)
+            signal = np.where(stamp_empty, 0.0, stamps[c] - bkg[c][:, None, None])
             flux[c] = np.sum(w * signal, axis=(1, 2))
             star_var = np.sum(w * w * np.clip(signal, 0, None), axis=(1, 2)) * gain_inv
-        background[c] = bkg
         # Error: sky noise over the (weighted) aperture and in the background estimate, the
         # star's shot noise in sky-noise units (gain from sky level/variance), and a floor.
         star = np.clip(flux[c], 0, None)
         flux_error[c] = np.sqrt(
-            sky_var * (area2 + area * area / max(annulus_area, 1)) + star_var + (SYSTEMATIC_ERROR * star) ** 2
+            sky_var * (area2 + area * area / max(cut.annulus_area, 1)) + star_var + (SYSTEMATIC_ERROR * star) ** 2
         )
     ok &= np.all(np.isfinite(flux), axis=0) & np.all(flux > 0, axis=0)
-    return StarMeasurement(geometry, flux, flux_error, background, ok)
+    return StarMeasurement(geometry, flux, flux_error, cut.background.copy(), ok)
 
 
 def _weight_profile(weight: MoffatPSF, r2, radius: float):

@@ -119,6 +119,7 @@ class Reference:
     noise: np.ndarray  # per channel
     circles: np.ndarray | None = None  # (n, 3) x, y, radius of the stars that reject samples
     _measurements: dict = field(default_factory=dict)
+    _cutouts: dict = field(default_factory=dict)
     _psf_fits: dict = field(default_factory=dict)
 
     @property
@@ -135,7 +136,16 @@ class Reference:
         measured = self._measurements.get(key)
         if measured is None:
             idx = self.photometry_index
-            measured = photometry.measure_stars(self.frame.data, self.stars.x[idx], self.stars.y[idx], geometry, weight)
+            x, y = self.stars.x[idx], self.stars.y[idx]
+            # The cutouts and their backgrounds depend on the geometry alone; they are the
+            # costly part, and few geometries (radii in half pixels) are kept, for their size.
+            cutouts = self._cutouts.get(geometry)
+            if cutouts is None:
+                cutouts = photometry.cut_out(self.frame.data, x, y, geometry)
+                if len(self._cutouts) >= 3:
+                    self._cutouts.clear()
+                self._cutouts[geometry] = cutouts
+            measured = photometry.measure_stars(self.frame.data, x, y, geometry, weight, cutouts=cutouts)
             if len(self._measurements) > 8:
                 self._measurements.clear()
             self._measurements[key] = measured
@@ -958,6 +968,7 @@ def write_reference(reference: Reference, output: Path, *, fingerprint: str | No
         star_pairs=result.star_pairs,
         samples=result.samples,
         fwhm=result.fwhm,
+        beta=result.beta,
     )
     write_frame(output, get_backend(frame.data).to_host(frame.data), header, properties=frame.properties)
     return result
@@ -1009,6 +1020,7 @@ def write_job(reference: Reference, job: FrameJob, frame: Frame, result: FrameRe
         star_pairs=result.star_pairs,
         samples=result.samples,
         fwhm=result.fwhm,
+        beta=result.beta,
     )
     write_frame(job.output, get_backend(result.data).to_host(result.data), header, properties=frame.properties)
     result.output = str(job.output)

@@ -34,7 +34,7 @@ __all__ = ["MoffatPSF", "PSFStamps", "psf_image", "cut_stamps", "stamp_ratio", "
 #: Radius of the fitted stamps, in FWHM.
 FIT_RADIUS_FWHM = 5.0
 #: At most this many rounds of positions, Moffat fit, weights and clipping.
-MAX_ROUNDS = 8
+MAX_ROUNDS = 6
 #: Residuals beyond this many sigma are left out of the fit.
 CLIP_SIGMA = 5.0
 #: Stamps with more than this share of no-data pixels are not fitted.
@@ -129,29 +129,39 @@ def stamp_ratio(target: PSFStamps, reference: PSFStamps) -> float:
     return float(np.median(t_sum[good] / r_sum[good])) if good.any() else float("nan")
 
 
-def _design(psf: MoffatPSF, stamps: PSFStamps, curved: bool = False) -> np.ndarray:
-    """Per-star linear model ``(n, p, k)``: profile, its x and y derivatives, and a plane of
-    background, or with ``curved`` a quadratic surface."""
-    ux = stamps.px[None] - stamps.dx[:, None]
-    uy = stamps.py[None] - stamps.dy[:, None]
-    q = 1.0 + (ux * ux + uy * uy) / (psf.alpha * psf.alpha)
-    shape = q ** (-psf.beta)
-    # d shape / d(star x) = 2 beta ux / alpha^2 * q^(-beta-1)
-    slope = 2.0 * psf.beta / (psf.alpha * psf.alpha) * shape / q
+def _background_terms(stamps: PSFStamps, curved: bool) -> np.ndarray:
+    """The background's columns ``(k, p)``: a plane, or a quadratic surface."""
     terms = [np.ones_like(stamps.px), stamps.px, stamps.py]
     if curved:
         u, v = stamps.px / max(stamps.px.max(), 1.0), stamps.py / max(stamps.py.max(), 1.0)
         terms += [u * u, u * v, v * v]
-    return np.stack([shape, slope * ux, slope * uy] + [np.broadcast_to(t, shape.shape) for t in terms], axis=-1)
+    return np.stack(terms)
+
+
+def _design(psf: MoffatPSF, stamps: PSFStamps, background: np.ndarray) -> np.ndarray:
+    """Per-star linear model ``(n, k, p)``: profile, its x and y derivatives, and the
+    ``background`` terms."""
+    ux = stamps.px[None] - stamps.dx[:, None]
+    uy = stamps.py[None] - stamps.dy[:, None]
+    n, p = ux.shape
+    design = np.empty((n, 3 + background.shape[0], p))
+    q = 1.0 + (ux * ux + uy * uy) / (psf.alpha * psf.alpha)
+    shape = np.power(q, -psf.beta, out=design[:, 0])
+    # d shape / d(star x) = 2 beta ux / alpha^2 * q^(-beta-1)
+    slope = 2.0 * psf.beta / (psf.alpha * psf.alpha) * shape / q
+    np.multiply(slope, ux, out=design[:, 1])
+    np.multiply(slope, uy, out=design[:, 2])
+    design[:, 3:] = background[None]
+    return design
 
 
 def _solve(design: np.ndarray, data: np.ndarray, weight: np.ndarray):
-    """Weighted least squares per star; returns coefficients ``(n, 6)`` and the model."""
-    aw = (design * weight[..., None]).transpose(0, 2, 1)
-    normal = aw @ design
-    normal += 1e-12 * np.trace(normal, axis1=1, axis2=2)[:, None, None] * np.eye(design.shape[-1])
-    coef = np.linalg.solve(normal, aw @ data[..., None])
-    return coef[..., 0], (design @ coef)[..., 0]
+    """Weighted least squares per star; returns coefficients ``(n, k)`` and the model."""
+    dw = design * weight[:, None, :]
+    normal = dw @ design.transpose(0, 2, 1)
+    normal += 1e-12 * np.trace(normal, axis1=1, axis2=2)[:, None, None] * np.eye(design.shape[1])
+    coef = np.linalg.solve(normal, dw @ data[..., None])[..., 0]
+    return coef, np.einsum("nkp,nk->np", design, coef)
 
 
 def fit_psf(
@@ -195,24 +205,25 @@ def fit_psf(
     empty = data == 0
     weight = np.where(empty, 0.0, 1.0 / variance)
     psf = MoffatPSF.from_fwhm(fwhm, beta)
+    background = _background_terms(st, curved)
     if data.shape[0] == 0:
         return psf, usable, np.zeros((0, data.shape[1]))
 
     def centre(psf):
         # Move each star's centre by the shift its derivative columns ask for.
         for _ in range(3):
-            coef, _ = _solve(_design(psf, st, curved), data, weight)
+            coef, _ = _solve(_design(psf, st, background), data, weight)
             amp = np.where(np.abs(coef[:, 0]) > 0, coef[:, 0], 1.0)
             st.dx = np.clip(st.dx + coef[:, 1] / amp, -0.75, 0.75)
             st.dy = np.clip(st.dy + coef[:, 2] / amp, -0.75, 0.75)
 
     def residual(theta):
         trial = MoffatPSF(math.exp(theta[0]), theta[1])
-        _, model = _solve(_design(trial, st, curved), data, weight)
+        _, model = _solve(_design(trial, st, background), data, weight)
         return ((data - model) * np.sqrt(weight)).ravel()
 
     # Positions, the Moffat, and the weights and clipping that depend on it, in turn until
-    # the Moffat settles.
+    # the Moffat settles (the index within 0.005).
     for _ in range(MAX_ROUNDS):
         centre(psf)
         solution = optimize.least_squares(
@@ -223,14 +234,16 @@ def fit_psf(
             diff_step=[1e-4, 1e-4],
         )
         previous, psf = psf, MoffatPSF(math.exp(solution.x[0]), float(solution.x[1]))
-        coef, model = _solve(_design(psf, st, curved), data, weight)
-        star = coef[:, :1] * _design(psf, st, curved)[..., 0]
+        design = _design(psf, st, background)
+        coef, model = _solve(design, data, weight)
+        star = coef[:, :1] * design[:, 0]
         weight = np.where(empty, 0.0, 1.0 / (variance + gain_inv * np.clip(star, 0, None)))
         weight[np.abs(data - model) * np.sqrt(weight) > CLIP_SIGMA] = 0.0
-        if abs(psf.beta - previous.beta) < 2e-3 and abs(psf.alpha / previous.alpha - 1) < 5e-4:
+        if abs(psf.beta - previous.beta) < 5e-3 and abs(psf.alpha / previous.alpha - 1) < 1e-3:
             break
-    coef, _ = _solve(_design(psf, st, curved), data, weight)
-    star = np.einsum("npk,nk->np", _design(psf, st, curved)[..., :3], coef[:, :3])
+    design = _design(psf, st, background)
+    coef, _ = _solve(design, data, weight)
+    star = np.einsum("nkp,nk->np", design[:, :3], coef[:, :3])
     return MoffatPSF(psf.alpha, psf.beta, int(usable.sum())), usable, star
 
 

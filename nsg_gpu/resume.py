@@ -121,6 +121,7 @@ def result_from_header(
         star_pairs=optional("NSGPAIRS", int),
         samples=optional("NSGSAMPL", int),
         fwhm=optional("NSGFWHM", float),
+        beta=optional("NSGBETA", float),
         high=optional("NSGHIGH", float),
         exposure=meta.exposure,
         altitude=meta.altitude,

@@ -68,6 +68,8 @@ def test_rerun_keeps_complete_outputs_and_their_rows(baseline, tmp_path):
         assert new.transmission == pytest.approx(old.transmission, rel=1e-4)  # NSGS0: 5 digits
         assert new.weight == pytest.approx(old.weight, rel=1e-5)
         assert new.weight_source == old.weight_source
+        assert new.fwhm == pytest.approx(old.fwhm, rel=1e-3)  # NSGFWHM: 4 digits
+        assert old.beta is not None and new.beta == pytest.approx(old.beta, rel=1e-3)
         assert Path(new.output).relative_to(copy) == Path(old.output).relative_to(out)
     rows = _csv(copy / "results.csv")
     assert [r["resumed"] for r in rows] == ["True"] * 4
