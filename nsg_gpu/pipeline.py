@@ -177,9 +177,8 @@ def _fit_reference_psf(reference: Reference, radius: int) -> ReferencePSF | None
     idx = reference.photometry_index[reference.isolated][:PSF_STARS]
     if idx.size < MIN_PSF_STARS:
         return None
-    image = psf_fitting.psf_image(reference.frame.data)
-    stamps = psf_fitting.cut_stamps(image, reference.stars.x[idx], reference.stars.y[idx], radius)
-    noise, gain_inv = _stamp_noise(stamps)
+    stamps = psf_fitting.psf_stamps(reference.frame.data, reference.stars.x[idx], reference.stars.y[idx], radius)
+    noise, gain_inv = psf_fitting.stamp_noise(stamps)
     if not noise > 0:
         return None
     # A curved background per star: the reference's fit has only its own frame, and the
@@ -190,20 +189,6 @@ def _fit_reference_psf(reference: Reference, radius: int) -> ReferencePSF | None
     if fitted.sum() < MIN_PSF_STARS or not _plausible(fitted_psf, reference.stars.fwhm):
         return None
     return ReferencePSF(fitted_psf, stamps, fitted, star, noise, gain_inv)
-
-
-def _stamp_noise(stamps: psf_fitting.PSFStamps) -> tuple[float, float]:
-    """Pixel noise of the sky, and the factor turning signal into shot-noise variance (the
-    sky's variance over its level), from the stamps' outer rings."""
-    ring = (stamps.px**2 + stamps.py**2) >= 0.64 * float(np.max(stamps.px**2 + stamps.py**2))
-    values = stamps.data[:, ring]
-    full = np.all(values != 0, axis=1)
-    if not full.any():
-        return float("nan"), 0.0
-    values = values[full]
-    level = np.median(values, axis=1)
-    noise = 1.4826 * float(np.median(np.abs(values - level[:, None])))
-    return noise, noise * noise / max(float(np.median(level)), noise)
 
 
 def _plausible(psf: MoffatPSF, fwhm_estimate: float) -> bool:
@@ -561,12 +546,11 @@ def _fit_psfs(reference: Reference, frame: Frame, fwhm_t: float) -> tuple[Moffat
     if fitted_reference is None:
         return None
     stamps = fitted_reference.stamps
-    image = psf_fitting.psf_image(frame.data)
-    target = psf_fitting.cut_stamps(image, stamps.xi + stamps.dx, stamps.yi + stamps.dy, radius)
+    target = psf_fitting.psf_stamps(frame.data, stamps.xi + stamps.dx, stamps.yi + stamps.dy, radius)
     s0 = psf_fitting.stamp_ratio(target.take(fitted_reference.fitted), stamps.take(fitted_reference.fitted))
     if not (math.isfinite(s0) and s0 > 0):
         return None
-    noise, gain_inv = _stamp_noise(target)
+    noise, gain_inv = psf_fitting.stamp_noise(target)
     if not noise > 0:
         return None
     target_psf = psf_fitting.fit_target_psf(

@@ -29,7 +29,16 @@ from scipy import optimize
 
 from .backend import get_backend
 
-__all__ = ["MoffatPSF", "PSFStamps", "psf_image", "cut_stamps", "stamp_ratio", "fit_psf", "fit_target_psf"]
+__all__ = [
+    "MoffatPSF",
+    "PSFStamps",
+    "cut_stamps",
+    "psf_stamps",
+    "stamp_noise",
+    "stamp_ratio",
+    "fit_psf",
+    "fit_target_psf",
+]
 
 #: Radius of the fitted stamps, in FWHM.
 FIT_RADIUS_FWHM = 5.0
@@ -82,18 +91,6 @@ class PSFStamps:
         return PSFStamps(self.data[keep], self.px, self.py, self.xi[keep], self.yi[keep], self.dx[keep], self.dy[keep])
 
 
-def psf_image(data):
-    """The 2-D image PSFs are fitted on: the mean of the channels, 0 where any channel is 0.
-
-    A linear combination keeps the stars' profiles; the detection image's colour intensity
-    ``(min + max) / 2`` does not where a star's colour changes which channel is brightest.
-    """
-    xp = get_backend(data).xp
-    if data.shape[0] == 1:
-        return data[0]
-    return xp.where(data.min(axis=0) > 0, data.mean(axis=0), 0).astype(data.dtype)
-
-
 def cut_stamps(image, x: np.ndarray, y: np.ndarray, radius: float) -> PSFStamps:
     """Pixels within ``radius`` of each star's nearest pixel, on the host; outside the image
     reads 0. ``image`` may live on any backend: only the stamps cross to the host."""
@@ -115,10 +112,43 @@ def cut_stamps(image, x: np.ndarray, y: np.ndarray, radius: float) -> PSFStamps:
     return PSFStamps(data, px, py, xi, yi, np.asarray(x, float) - xi, np.asarray(y, float) - yi)
 
 
+def psf_stamps(data, x: np.ndarray, y: np.ndarray, radius: float) -> PSFStamps:
+    """Stamps of the image PSFs are fitted on: the frame itself, or for colour the mean of the
+    channels, 0 where any channel is 0. A linear combination keeps the stars' profiles; the
+    detection image's colour intensity ``(min + max) / 2`` does not where a star's colour
+    changes which channel is brightest. Only the stamps are combined, never the whole frame."""
+    planes = [cut_stamps(data[c], x, y, radius) for c in range(data.shape[0])]
+    if len(planes) == 1:
+        return planes[0]
+    values = np.stack([p.data for p in planes])
+    first = planes[0]
+    combined = np.where(np.all(values != 0, axis=0), values.mean(axis=0), 0.0)
+    return PSFStamps(combined, first.px, first.py, first.xi, first.yi, first.dx, first.dy)
+
+
+def _outer_ring(stamps: PSFStamps) -> np.ndarray:
+    """The stamps' pixels beyond 80 % of their radius: sky, far from the star's core."""
+    r2 = stamps.px**2 + stamps.py**2
+    return r2 >= 0.64 * float(np.max(r2))
+
+
+def stamp_noise(stamps: PSFStamps) -> tuple[float, float]:
+    """Pixel noise of the sky, and the factor turning signal into shot-noise variance (the
+    sky's variance over its level), from the stamps' outer rings; NaN noise without them."""
+    values = stamps.data[:, _outer_ring(stamps)]
+    full = np.all(values != 0, axis=1)
+    if not full.any():
+        return float("nan"), 0.0
+    values = values[full]
+    level = np.median(values, axis=1)
+    noise = 1.4826 * float(np.median(np.abs(values - level[:, None])))
+    return noise, noise * noise / max(float(np.median(level)), noise)
+
+
 def stamp_ratio(target: PSFStamps, reference: PSFStamps) -> float:
     """A first estimate of the target's brightness over the reference's: the median over
     stars of the ratio of their stamp sums above the stamps' outer rings (about 1 %)."""
-    ring = (target.px**2 + target.py**2) >= 0.64 * float(np.max(target.px**2 + target.py**2))
+    ring = _outer_ring(target)
     full = np.all(target.data != 0, axis=1) & np.all(reference.data != 0, axis=1)
     if not full.any():
         return float("nan")
