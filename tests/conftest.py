@@ -38,6 +38,26 @@ def pytest_runtest_setup(item):
         pytest.fail(f"NSG_REQUIRE_GPU=1 but {reason}", pytrace=False)
 
 
+def mutation_fuzz(test):
+    """Run ``test(..., position, length, fill, truncate)`` over hypothesis's byte mutations of a
+    file (FUZZ_EXAMPLES of them, 60 by default), for :func:`read_mutated`."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    return settings(
+        max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")),
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )(
+        given(
+            position=st.floats(0, 1),
+            length=st.integers(1, 64),
+            fill=st.binary(min_size=1, max_size=64),
+            truncate=st.booleans(),
+        )(test)
+    )
+
+
 def read_mutated(source: Path, directory: Path, *, position: float, length: int, fill: bytes, truncate: bool):
     """Overwrite ``length`` bytes of ``source`` at ``position`` (0-1) with ``fill``, or truncate
     it there, and read the result: a Frame, or FrameError, never another exception."""

@@ -14,9 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
-from conftest import read_mutated
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from conftest import mutation_fuzz, read_mutated
 
 from nsg_gpu.pipeline import normalize
 from nsg_gpu.synthetic import write_synthetic_set
@@ -94,17 +92,7 @@ def test_same_path_twice_is_processed_once(frames, tmp_path):
     assert "given twice" in run.frames[1].error
 
 
-@settings(
-    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")),
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
-@given(
-    position=st.floats(0, 1),
-    length=st.integers(1, 64),
-    fill=st.binary(min_size=1, max_size=64),
-    truncate=st.booleans(),
-)
+@mutation_fuzz
 def test_reader_never_fails_unexpectedly(tmp_path_factory, position, length, fill, truncate):
     """Mutated or truncated FITS files are read or rejected with FrameError, nothing else."""
     source = tmp_path_factory.getbasetemp() / "fuzz_source.fits"

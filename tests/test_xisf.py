@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import xisf
 from astropy.io import fits
-from conftest import read_mutated
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from conftest import mutation_fuzz, read_mutated
 
 from nsg_gpu.errors import FrameReadError
 from nsg_gpu.io import read_frame
@@ -145,17 +141,7 @@ def test_corrupt_xisf_fails_alone_in_a_run(tmp_path):
     assert "light_bad.xisf: cannot be read as XISF" in run.frames[2].error
 
 
-@settings(
-    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")),
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
-@given(
-    position=st.floats(0, 1),
-    length=st.integers(1, 64),
-    fill=st.binary(min_size=1, max_size=64),
-    truncate=st.booleans(),
-)
+@mutation_fuzz
 def test_xisf_reader_never_fails_unexpectedly(tmp_path_factory, position, length, fill, truncate):
     """Mutated or truncated XISF files are read or rejected with FrameError, nothing else."""
     source = tmp_path_factory.getbasetemp() / "fuzz_source.xisf"
