@@ -167,6 +167,7 @@ class Cutouts:
     background_std: np.ndarray
     counted: np.ndarray  # (channels, n) annulus area with data
     annulus_area: float
+    mosaic: tuple | None = None  # _mosaic's result, kept only where asked for
 
 
 def _mosaic(stamps: np.ndarray, fx: np.ndarray, fy: np.ndarray):
@@ -186,10 +187,11 @@ def _mosaic(stamps: np.ndarray, fx: np.ndarray, fy: np.ndarray):
     return mosaic, np.column_stack([c0 + half + fx, r0 + half + fy]), cell
 
 
-def cut_out(data, x, y, geometry: ApertureGeometry) -> Cutouts:
+def cut_out(data, x, y, geometry: ApertureGeometry, *, keep_mosaic: bool = False) -> Cutouts:
     """Stamps around ``(x, y)`` in every channel of ``data`` ``(channels, h, w)`` and the
     annulus mean around each star; pixels of value 0 (no data, or outside the image) are
-    masked."""
+    masked. ``keep_mosaic`` keeps the stamps' mosaic for the plain aperture's sums (it doubles
+    the cutouts' size, so cached cutouts go without)."""
     be = get_backend(data)
     channels = data.shape[0]
     finite = np.isfinite(x) & np.isfinite(y)
@@ -203,8 +205,10 @@ def cut_out(data, x, y, geometry: ApertureGeometry) -> Cutouts:
     background_std = np.zeros((channels, n))
     counted = np.zeros((channels, n))
     annulus_area = math.pi * (geometry.annulus_outer**2 - geometry.annulus_inner**2)
+    laid = None
     if n:
-        mosaic, positions, _ = _mosaic(stamps, fx, fy)
+        laid = _mosaic(stamps, fx, fy)
+        mosaic, positions, _ = laid
         no_data = np.any(mosaic == 0, axis=0)
         annulus = CircularAnnulus(positions, r_in=geometry.annulus_inner, r_out=geometry.annulus_outer)
         annulus_area = annulus.area
@@ -213,7 +217,18 @@ def cut_out(data, x, y, geometry: ApertureGeometry) -> Cutouts:
             background[c] = np.asarray(stats.mean, float)
             background_std[c] = np.asarray(stats.std, float)
             counted[c] = np.asarray(getattr(stats.center_aper_area, "value", stats.center_aper_area), float)
-    return Cutouts(geometry, stamps, fx, fy, finite, background, background_std, counted, annulus_area)
+    return Cutouts(
+        geometry,
+        stamps,
+        fx,
+        fy,
+        finite,
+        background,
+        background_std,
+        counted,
+        annulus_area,
+        laid if keep_mosaic else None,
+    )
 
 
 def measure_stars(
@@ -233,7 +248,7 @@ def measure_stars(
     if n == 0:
         empty = np.zeros((channels, 0))
         return StarMeasurement(geometry, empty, empty, empty, np.zeros(0, bool))
-    cut = cutouts if cutouts is not None else cut_out(data, x, y, geometry)
+    cut = cutouts if cutouts is not None else cut_out(data, x, y, geometry, keep_mosaic=weight is None)
     stamps = cut.stamps
     if weight is not None:
         # The weights vanish beyond the aperture: only the box around it is summed.
@@ -244,7 +259,7 @@ def measure_stars(
     stamp_empty = np.any(stamps == 0, axis=0)  # (n, s, s)
     bkg = np.nan_to_num(cut.background)
     if weight is None:
-        mosaic, positions, cell = _mosaic(stamps, cut.fx, cut.fy)
+        mosaic, positions, cell = cut.mosaic if cut.mosaic is not None else _mosaic(stamps, cut.fx, cut.fy)
         no_data = np.any(mosaic == 0, axis=0)
         aperture = CircularAperture(positions, r=geometry.radius)
         # Scattered zero pixels (a raw frame clipped at 0) are tolerated up to a few per cent
