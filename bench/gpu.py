@@ -119,7 +119,7 @@ def main() -> int:
     from nsg_gpu.spline import fit_surface_spline
     from nsg_gpu.stars import _FWHM_TO_SIGMA, detect_stars, find_peaks, matched_filter
 
-    device = kernels._describe_device()
+    device = kernels.describe_device()
     clock_hz, clock_source = sm_clock_hz(cp)
     print(
         f"GPU: {device['name']} (compute {device['compute_capability']}, {device['multiprocessors']} SMs, "

@@ -26,7 +26,7 @@ from _machine import machine, peak_rss_mb, print_machine  # noqa: E402
 
 def one_run(directory: Path, count: int) -> dict:
     """Normalize the reference and ``count`` copies of the target (in this process)."""
-    from nsg_gpu.pipeline import normalize
+    from nsg_gpu.run import normalize
 
     frames = [directory / "reference.fits"] + [directory / f"copy_{i:04d}.fits" for i in range(count)]
     marks = {}

@@ -37,7 +37,8 @@ from _machine import machine, print_machine  # noqa: E402
 from nsg_gpu.backend import cupy_status, select_backend  # noqa: E402
 from nsg_gpu.executors import InProcessExecutor  # noqa: E402
 from nsg_gpu.io import read_frame, write_frame  # noqa: E402
-from nsg_gpu.pipeline import STAGES, normalize  # noqa: E402
+from nsg_gpu.results import STAGES  # noqa: E402
+from nsg_gpu.run import normalize  # noqa: E402
 from nsg_gpu.synthetic import write_synthetic_set  # noqa: E402
 
 #: Stars of the generator's default field (2000 x 1400), scaled to the frame's area.

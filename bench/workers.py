@@ -74,7 +74,8 @@ def measure(root: Path, args, counts: list[int], info: dict) -> dict:
     from nsg_gpu.cluster import DaskExecutor
     from nsg_gpu.executors import InProcessExecutor
     from nsg_gpu.io import read_frame
-    from nsg_gpu.pipeline import plan_run, prepare_reference
+    from nsg_gpu.reference import prepare_reference
+    from nsg_gpu.run import plan_run
     from nsg_gpu.synthetic import write_synthetic_set
 
     paths = write_synthetic_set(
@@ -98,7 +99,7 @@ def measure(root: Path, args, counts: list[int], info: dict) -> dict:
             )
             client = stack.enter_context(distributed.Client(cluster))
             client.wait_for_workers(count)
-            client.run(importlib.import_module, "nsg_gpu.pipeline")  # imports are not throughput
+            client.run(importlib.import_module, "nsg_gpu.run")  # imports are not throughput
             executors[f"workers_{count}"] = DaskExecutor(client)
         # Interleaved rounds, best of each: other work on a shared machine only slows a run down.
         rounds: dict[str, list[dict]] = {name: [] for name in executors}

@@ -5,12 +5,15 @@ The library in one call::
     import nsg_gpu
     run = nsg_gpu.normalize(["a.fits", "b.fits"], reference="a.fits", output_dir="out")
 
-and per frame in memory with :func:`prepare_reference` and :func:`normalize_frame`.
+and per frame in memory with :func:`prepare_reference` and :func:`normalize_frame`. The modules
+read bottom-up in the order of the data: ``io`` and ``params``; ``stars``, ``photometry``,
+``psf``; ``reference``; ``scale``; ``samples``, ``spline``, ``gradient``; ``apply``, ``noise``;
+``pipeline`` (one frame); ``jobs``; ``executors``, ``cluster``; ``run`` (a whole run); the
+results files, plots and report; ``cli``.
 """
 
-__version__ = "0.1.0"
-
-from .errors import (  # noqa: E402
+from . import synthetic
+from .errors import (
     FrameDataError,
     FrameError,
     FrameReadError,
@@ -20,15 +23,25 @@ from .errors import (  # noqa: E402
     TooFewSamplesError,
     TooFewStarsError,
 )
-from .params import Parameters  # noqa: E402
-from .pipeline import normalize, normalize_frame, prepare_reference  # noqa: E402
+from .io import Frame, read_frame
+from .params import Parameters
+from .pipeline import normalize_frame
+from .reference import prepare_reference
+from .results import FrameResult, RunResult
+from .run import normalize
+from .version import __version__
 
 __all__ = [
     "__version__",
+    "Frame",
+    "FrameResult",
     "Parameters",
+    "RunResult",
     "normalize",
     "normalize_frame",
     "prepare_reference",
+    "read_frame",
+    "synthetic",
     "NSGError",
     "FrameError",
     "FrameReadError",

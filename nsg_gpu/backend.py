@@ -5,18 +5,28 @@ only the edges (command line, benchmarks, tests) pick one by name (:func:`select
 There is no global "current backend" and nothing is swapped at import time, so
 ``import nsg_gpu`` works on machines without CuPy. Host/device copies go through
 :meth:`Backend.asarray` and :meth:`Backend.to_host` so that they can be found by name.
+
+:func:`single_threaded_blas` runs the host's dense linear algebra on one BLAS/OpenMP thread:
+LAPACK's blocked factorizations round differently at different thread counts, and the same
+frames must give the same bytes however the run was executed. The run's parallelism comes
+from frames (:mod:`nsg_gpu.executors`), so one BLAS thread per frame also keeps a few cores
+from being oversubscribed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 import scipy.ndimage
+from threadpoolctl import threadpool_limits
 
+from . import kernels
 from .errors import BackendUnavailableError
 
 __all__ = [
@@ -27,6 +37,7 @@ __all__ = [
     "get_backend",
     "select_backend",
     "describe_backend",
+    "single_threaded_blas",
 ]
 
 BACKEND_NAMES = ("auto", "numpy", "cupy")
@@ -164,9 +175,7 @@ def describe_backend(asked: str = "auto") -> list[str]:
     lines = [f"backend: {chosen.name} (asked: {asked}; {why})"]
     versions = [f"NumPy {np.__version__}", f"SciPy {scipy.__version__}", f"Python {platform.python_version()}"]
     if usable:
-        from .kernels import _describe_device
-
-        d = _describe_device()
+        d = kernels.describe_device()
         gib = 1024.0**3
         lines.append(
             f"GPU: {d['name']}, compute capability {d['compute_capability']}, {d['multiprocessors']} multiprocessors, "
@@ -183,3 +192,31 @@ def describe_backend(asked: str = "auto") -> list[str]:
             versions.insert(0, "CuPy not installed")
     lines.append("versions: " + ", ".join(versions))
     return lines
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limit = None
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """Run the enclosed host computations with one BLAS and one OpenMP thread.
+
+    Re-entrant and shared by threads: the first to enter sets the limit and the last to leave
+    restores what was there, so that two frames computed at once both run under it.
+    """
+    global _blas_users, _blas_limit
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_limit = contextlib.ExitStack()
+            _blas_limit.enter_context(threadpool_limits(limits=1))
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limit.close()
+                _blas_limit = None

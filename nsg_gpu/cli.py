@@ -7,20 +7,23 @@ set ``NSG_DEBUG=1`` for the traceback.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import functools
+import inspect as pyinspect
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from . import __version__
 from .errors import NSGError
 from .params import Parameters
 from .progress import RunProgress, format_seconds
+from .version import __version__
 
 __all__ = ["app", "main"]
 
@@ -48,23 +51,9 @@ def _root(
     """nsg-gpu: NormalizeScaleGradient for stacks of frames, on the GPU or the CPU."""
 
 
-Auto = Optional[float]
-#: The library's defaults (NSG's), shown and used by the options.
-_DEFAULTS = Parameters()
-
-
-class Photometry(str, enum.Enum):
-    """How star fluxes are measured (:attr:`nsg_gpu.params.Parameters.photometry`)."""
-
-    psf = "psf"
-    aperture = "aperture"
-
-
-_DEFAULT_PHOTOMETRY = Photometry(_DEFAULTS.photometry)
-
-
 def _one_line_errors(command):
-    """Turn the library's known errors into one line on stderr and exit code 1."""
+    """Turn the library's known errors into one line on stderr and exit code 1; anything else
+    is a bug and keeps its traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -75,17 +64,51 @@ def _one_line_errors(command):
                 raise
             typer.echo(f"nsg: error: {exc}", err=True)
             raise typer.Exit(code=1) from None
-        except ValueError as exc:  # parameter validation
-            if os.environ.get("NSG_DEBUG"):
-                raise
-            typer.echo(f"nsg: error: {exc}", err=True)
-            raise typer.Exit(code=1) from None
 
+    return wrapper
+
+
+def _parameter_option(item: dataclasses.Field, annotation) -> pyinspect.Parameter:
+    """The typer option of one :class:`~nsg_gpu.params.Parameters` field, from its metadata."""
+    meta = item.metadata
+    help_text = meta["help"]
+    if meta["auto"]:
+        help_text += f" \\[default: Auto, {meta['auto']}]"
+    flag = meta["flag"] or "--" + item.name.replace("_", "-")
+    default = item.default
+    if meta["choices"]:  # typer offers choices through an Enum
+        annotation = enum.Enum(item.name.title(), {c: c for c in meta["choices"]}, type=str)
+        default = annotation(default)
+    option = typer.Option(*flag.split(" "), help=help_text, show_default=meta["auto"] is None)
+    return pyinspect.Parameter(
+        item.name, pyinspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[annotation, option]
+    )
+
+
+def _parameter_options(command):
+    """Give ``command`` one option per field of :class:`~nsg_gpu.params.Parameters`, declared
+    once there (help, default, Auto rule), and call it with them gathered as ``params``."""
+    hints = typing.get_type_hints(Parameters)
+    fields = dataclasses.fields(Parameters)
+    signature = pyinspect.signature(command, eval_str=True)
+    own = [p for name, p in signature.parameters.items() if name != "params"]
+    options = [_parameter_option(item, hints[item.name]) for item in fields]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        values = {item.name: kwargs.pop(item.name) for item in fields if item.name in kwargs}
+        values = {name: getattr(value, "value", value) for name, value in values.items()}
+        return command(*args, **kwargs, params=Parameters(**values))
+
+    del wrapper.__wrapped__
+    wrapper.__signature__ = signature.replace(parameters=own + options)
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + options}
     return wrapper
 
 
 @app.command()
 @_one_line_errors
+@_parameter_options
 def normalize(
     frames: Annotated[
         list[Path], typer.Argument(help="Registered FITS or XISF frames (the reference may be among them).")
@@ -104,90 +127,8 @@ def normalize(
     backend: Annotated[
         str, typer.Option(help="Array backend: auto (CuPy when a GPU is usable), numpy or cupy.")
     ] = "auto",
-    detection_sigma: Annotated[
-        float, typer.Option(help="Star detection threshold, in noise units of the matched-filter image.")
-    ] = _DEFAULTS.detection_sigma,
-    linear_range: Annotated[
-        Auto,
-        typer.Option(
-            help="Stars peaking at or above this are not measured. [default: Auto, 0.7 x the reference's maximum]"
-        ),
-    ] = None,
-    star_search_radius: Annotated[
-        float, typer.Option(help="Largest star shift (px) between reference and target after recentring.")
-    ] = _DEFAULTS.star_search_radius,
-    star_flux_tolerance: Annotated[
-        float,
-        typer.Option(
-            help="Star pairs whose flux ratio is off the first estimate by more than this factor are dropped."
-        ),
-    ] = _DEFAULTS.star_flux_tolerance,
-    outlier_removal: Annotated[
-        float, typer.Option(help="Percentage of star pairs removed as the farthest from the fitted line.")
-    ] = _DEFAULTS.outlier_removal,
-    photometry: Annotated[
-        Photometry,
-        typer.Option(
-            help="psf: pixels weighted by the fitted Moffat PSF, corrected for both frames' PSFs; "
-            "aperture: NSG's plain aperture sum."
-        ),
-    ] = _DEFAULT_PHOTOMETRY,
-    aperture_fwhm: Annotated[
-        float, typer.Option(help="Photometry aperture radius in units of the larger FWHM of the two frames.")
-    ] = _DEFAULTS.aperture_fwhm,
-    aperture_add: Annotated[
-        float, typer.Option(help="Pixels added to the aperture radius and to the sample rejection circles.")
-    ] = _DEFAULTS.aperture_add,
-    aperture_gap: Annotated[
-        Auto, typer.Option(help="Gap (px) between aperture and background annulus. [default: Auto]")
-    ] = None,
-    aperture_bg_delta: Annotated[
-        Auto, typer.Option(help="Width (px) of the background annulus. [default: Auto]")
-    ] = None,
-    min_star_pairs: Annotated[
-        int, typer.Option(help="Fewer usable star pairs than this fails the frame (NSG flags fewer than 3).")
-    ] = _DEFAULTS.min_star_pairs,
-    sample_size: Annotated[
-        Optional[int], typer.Option(help="Side (px) of the background samples. [default: Auto]")
-    ] = None,
-    limit_sample_stars_percent: Annotated[
-        Auto, typer.Option(help="Share (%) of reference stars, brightest first, that reject samples. [default: Auto]")
-    ] = None,
-    sample_star_growth_rate: Annotated[
-        Auto, typer.Option(help="Growth of the rejection circles per unit of star flux. [default: Auto]")
-    ] = None,
-    gradient_smoothness: Annotated[
-        float, typer.Option(help="log10 of the spline smoothing; 4 fits a plane.")
-    ] = _DEFAULTS.gradient_smoothness,
-    max_samples: Annotated[
-        int, typer.Option(help="Samples are merged into super-samples above this count.")
-    ] = _DEFAULTS.max_samples,
-    weight_keyword: Annotated[str, typer.Option(help="Header keyword for the weight.")] = _DEFAULTS.weight_keyword,
-    truncate: Annotated[
-        bool, typer.Option("--truncate/--no-truncate", help="Clip outputs to [0, white level] as NSG does.")
-    ] = _DEFAULTS.truncate,
-    focal_length: Annotated[
-        Auto, typer.Option(help="Focal length (mm) when the header has no FOCALLEN. [default: header, else 1000]")
-    ] = None,
-    pixel_size: Annotated[
-        Auto, typer.Option(help="Pixel size (um) when the header has no XPIXSZ. [default: header, else 6]")
-    ] = None,
     postfix: Annotated[str, typer.Option(help="Appended to each input's stem for its output name.")] = "_nsg",
     output_format: Annotated[str, typer.Option(help="Format of the normalized frames: fits or xisf.")] = "fits",
-    min_weight: Annotated[
-        float,
-        typer.Option(
-            help="Reject frames whose weight is at or below this fraction of the best frame's "
-            "(per unit exposure when every frame has EXPTIME); 0 rejects none."
-        ),
-    ] = _DEFAULTS.min_weight,
-    min_transmission: Annotated[
-        float,
-        typer.Option(
-            help="Reject frames whose transmission is at or below this fraction of the best frame's "
-            "(per unit exposure when every frame has EXPTIME); 0 rejects none."
-        ),
-    ] = _DEFAULTS.min_transmission,
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -225,35 +166,13 @@ def normalize(
     html_report: Annotated[
         bool, typer.Option("--report/--no-report", help="Write DIR/report.html with charts and diagnostics.")
     ] = True,
+    *,
+    params: Parameters,
 ):
     """Normalize FRAMES to a reference and write <stem>_nsg.fits with NSG's keywords."""
     from .backend import select_backend
-    from .pipeline import normalize as run_normalize
+    from .run import normalize as run_normalize
 
-    params = Parameters(
-        detection_sigma=detection_sigma,
-        linear_range=linear_range,
-        star_search_radius=star_search_radius,
-        star_flux_tolerance=star_flux_tolerance,
-        outlier_removal=outlier_removal,
-        photometry=photometry.value,
-        aperture_fwhm=aperture_fwhm,
-        aperture_add=aperture_add,
-        aperture_gap=aperture_gap,
-        aperture_bg_delta=aperture_bg_delta,
-        min_star_pairs=min_star_pairs,
-        sample_size=sample_size,
-        limit_sample_stars_percent=limit_sample_stars_percent,
-        sample_star_growth_rate=sample_star_growth_rate,
-        gradient_smoothness=gradient_smoothness,
-        max_samples=max_samples,
-        weight_keyword=weight_keyword,
-        truncate=truncate,
-        focal_length_mm=focal_length,
-        pixel_size_um=pixel_size,
-        min_weight=min_weight,
-        min_transmission=min_transmission,
-    )
     clustered = scheduler is not None or workers is not None or gpus is not None
     if gpus is not None:
         from .cluster import ClusterError, require_dask_cuda
@@ -433,8 +352,8 @@ def inspect(
     frames: Annotated[list[Path], typer.Argument(help="FITS frames to measure.")],
     json_output: Annotated[bool, typer.Option("--json", help="Print the table as a JSON list.")] = False,
     detection_sigma: Annotated[
-        float, typer.Option(help="Star detection threshold, in noise units of the matched-filter image.")
-    ] = _DEFAULTS.detection_sigma,
+        float, typer.Option(help=dataclasses.fields(Parameters)[0].metadata["help"])
+    ] = Parameters.detection_sigma,
 ):
     """Measure FRAMES and rank them as --reference auto does (the first row is its choice)."""
     from .select import inspect_frames

@@ -1,8 +1,8 @@
 """Dask distributed execution: the frames of a run as tasks on many processes, GPUs or machines.
 
 :class:`DaskExecutor` has the interface of :class:`~nsg_gpu.executors.InProcessExecutor`. The
-reference, prepared once by :func:`nsg_gpu.pipeline.normalize`, is scattered to every worker
-(broadcast); each target is one task running :func:`nsg_gpu.pipeline.process_frame`, which reads
+reference, prepared once by :func:`nsg_gpu.run.normalize`, is scattered to every worker
+(broadcast); each target is one task running :func:`nsg_gpu.jobs.process_frame`, which reads
 the frame and writes its output on storage that the workers share with this process. Results
 come back as the tasks finish and are handed on in job order, so that the results files are
 those of an in-process run.
@@ -32,9 +32,13 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import __version__
+from .backend import cupy_status, get_backend
 from .errors import NSGError
-from .pipeline import FrameJob, FrameResult, Reference, _failed_result, _remove_stale_temporaries, process_frame
+from .io import remove_stale_temporaries
+from .jobs import FrameJob, process_frame
+from .reference import Reference
+from .results import FrameResult, failed_result
+from .version import __version__
 
 __all__ = ["ClusterError", "DaskExecutor", "open_cluster", "parse_gpus", "require_dask_cuda", "run_frame_task"]
 
@@ -95,7 +99,7 @@ def parse_gpus(value: str | int) -> str | int:
 
 
 def run_frame_task(reference: Reference, job: FrameJob, path: str, output: str) -> FrameResult:
-    """:func:`~nsg_gpu.pipeline.process_frame` as a Dask task.
+    """:func:`~nsg_gpu.jobs.process_frame` as a Dask task.
 
     ``job`` carries absolute paths (a worker's working directory is not the client's);
     ``path`` and ``output`` are the names as given, which the result and its error keep so
@@ -105,7 +109,7 @@ def run_frame_task(reference: Reference, job: FrameJob, path: str, output: str) 
     try:
         result = process_frame(reference, job)
     except Exception as exc:
-        result = _failed_result(job.path, _TaskError(f"{job.path}: unexpected {type(exc).__name__}: {exc}"))
+        result = failed_result(job.path, _TaskError(f"{job.path}: unexpected {type(exc).__name__}: {exc}"))
     result.path = path
     if result.output is not None:
         result.output = output
@@ -117,8 +121,6 @@ def run_frame_task(reference: Reference, job: FrameJob, path: str, output: str) 
 
 def _worker_facts(check_gpu: bool) -> tuple[str, bool]:
     """Run on each worker before a run: its nsg-gpu version and whether CuPy can use a GPU."""
-    from .backend import cupy_status
-
     return __version__, (cupy_status()[0] if check_gpu else True)
 
 
@@ -139,7 +141,7 @@ class DaskExecutor:
     Workers read the inputs and write the outputs themselves: the frames and the output
     directory must be at the same paths on every worker (shared storage). Relative paths are
     made absolute against this process's working directory. The backend is the reference's
-    (chosen where :func:`~nsg_gpu.pipeline.normalize` runs); when it is CuPy every worker must
+    (chosen where :func:`~nsg_gpu.run.normalize` runs); when it is CuPy every worker must
     have a usable GPU, which is checked before the first task.
     """
 
@@ -190,7 +192,6 @@ class DaskExecutor:
             exceeded ``timeout``.
         """
         distributed = _distributed()
-        from .backend import get_backend
 
         if not jobs:
             return
@@ -256,7 +257,7 @@ class DaskExecutor:
             # Tasks still running on a worker go on writing their temporaries; those of an
             # interrupted run are cleared by the next run instead.
             if not running:
-                _remove_stale_temporaries(job.output for job in jobs)
+                remove_stale_temporaries(job.output for job in jobs)
 
     @staticmethod
     def _result(future, job: FrameJob) -> FrameResult:
@@ -273,7 +274,7 @@ class DaskExecutor:
             error = _TaskError(f"{job.path}: the Dask task was cancelled {MAX_SUBMISSIONS} times ({exc})")
         except Exception as exc:  # a task that could not be deserialized, ...
             error = _TaskError(f"{job.path}: the Dask task failed: {type(exc).__name__}: {exc}")
-        return _failed_result(job.path, error)
+        return failed_result(job.path, error)
 
 
 @contextlib.contextmanager

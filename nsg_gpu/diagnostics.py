@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import frame_stem
+from .io import frame_stem, write_bytes
+from .rejection import relative_quality
 
 __all__ = [
     "PhotometryPairs",
@@ -97,7 +98,7 @@ def chosen_frames(frames: Sequence) -> dict[str, object]:
     Returns
     -------
     dict
-        Label to :class:`~nsg_gpu.pipeline.FrameResult`, at most three entries.
+        Label to :class:`~nsg_gpu.results.FrameResult`, at most three entries.
     """
     # Frames kept from an earlier run are left out: their diagnostics would mean normalizing
     # them again.
@@ -127,11 +128,10 @@ def _figure(width: float, height: float, **margins):
 
 def _save(figure, path: Path) -> Path:
     """Render to PNG in memory, then write atomically."""
-    from .report import _atomic_write_bytes
 
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    _atomic_write_bytes(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -357,8 +357,6 @@ def relative_figures(frames: Sequence) -> tuple[list, np.ndarray, np.ndarray, bo
     -------
     frames, weight, transmission, per_exposure, by_time
     """
-    from .rejection import relative_quality
-
     done, by_time = time_order([f for f in frames if f.status != "failed" and f.weight is not None and f.transmission])
     if not done:
         return [], np.zeros(0), np.zeros(0), False, False

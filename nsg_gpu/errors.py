@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "NSGError",
     "BackendUnavailableError",
+    "ParameterError",
     "FrameError",
     "FrameReadError",
     "FrameShapeError",
@@ -26,6 +27,10 @@ class NSGError(Exception):
 
 class BackendUnavailableError(NSGError):
     """The requested array backend cannot run on this machine."""
+
+
+class ParameterError(NSGError, ValueError):
+    """A parameter outside its range, or an option that cannot be used."""
 
 
 class FrameError(NSGError):

@@ -1,9 +1,11 @@
-"""Executors: who runs :func:`nsg_gpu.pipeline.process_frame` over the targets of a run.
+"""Executors: who runs the jobs (:mod:`nsg_gpu.jobs`) of a run, and where.
 
-The pipeline prepares the reference once and hands every executor the same two things: the
-prepared :class:`~nsg_gpu.pipeline.Reference` and a list of :class:`~nsg_gpu.pipeline.FrameJob`.
-An executor yields one :class:`~nsg_gpu.pipeline.FrameResult` per job, in job order, whatever
-order the work finished in, so that results files are the same however the run was executed.
+Above the jobs, below the run (:mod:`nsg_gpu.run`), which prepares the reference once and
+hands every executor the same two things: the prepared :class:`~nsg_gpu.reference.Reference`
+and a list of :class:`~nsg_gpu.jobs.FrameJob`. An executor yields one
+:class:`~nsg_gpu.results.FrameResult` per job, in job order, whatever order the work finished
+in, so that results files are the same however the run was executed. The Dask executor, with
+the same interface, is :class:`nsg_gpu.cluster.DaskExecutor`.
 
 :class:`InProcessExecutor` streams: a reader thread reads a few frames ahead, the calling
 thread hands frames to compute threads (two on a multi-core CPU), and a writer thread writes
@@ -25,16 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .backend import get_backend
 from .errors import FrameError, OutputError
-from .pipeline import (
-    FrameJob,
-    FrameResult,
-    Reference,
-    compute_job,
-    failed_result,
-    process_frame,
-    read_job,
-    write_job,
-)
+from .jobs import FrameJob, compute_job, process_frame, read_job, write_job
+from .reference import Reference
+from .results import FrameResult, failed_result
 
 __all__ = ["InProcessExecutor"]
 
@@ -86,7 +81,7 @@ class InProcessExecutor:
 
     threads : bool
         Overlap the stages on threads (the default). False runs
-        :func:`~nsg_gpu.pipeline.process_frame` frame after frame on the calling thread.
+        :func:`~nsg_gpu.jobs.process_frame` frame after frame on the calling thread.
     """
 
     def __init__(
@@ -157,11 +152,11 @@ class InProcessExecutor:
         def compute(job: FrameJob, frame, error, read_seconds: float):
             timings = {"read": read_seconds}
             if error is not None or failed.is_set():
-                return None, failed_result(job, error or FrameError(job.path, "not processed"), timings)
+                return None, failed_result(job.path, error or FrameError(job.path, "not processed"), timings)
             try:
                 result = compute_job(reference, job, frame)
             except FrameError as exc:
-                return None, failed_result(job, exc, timings)
+                return None, failed_result(job.path, exc, timings)
             result.timings = {**timings, **result.timings}
             # The writer needs the header, not the input pixels: drop them now rather than
             # keep a frame-sized array alive in the write queue.
@@ -182,7 +177,7 @@ class InProcessExecutor:
                         try:
                             write_job(reference, job, frame, result)
                         except OutputError as exc:
-                            result = failed_result(job, exc, result.timings)
+                            result = failed_result(job.path, exc, result.timings)
                         result.timings["write"] = time.perf_counter() - started
                     del frame, future
                     result.seconds = sum(result.timings.values())
@@ -233,14 +228,3 @@ class InProcessExecutor:
             for thread in threads:
                 thread.join()
             pool.shutdown(wait=True, cancel_futures=True)
-
-
-# -- Dask distributed --------------------------------------------------------------------------
-def __getattr__(name: str):
-    # DaskExecutor lives in nsg_gpu.cluster, imported on first use: Dask is an optional extra
-    # and a run without it never imports it.
-    if name == "DaskExecutor":
-        from .cluster import DaskExecutor
-
-        return DaskExecutor
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

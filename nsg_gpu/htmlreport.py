@@ -17,9 +17,9 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import __version__
 from .diagnostics import FRAME_PLOTS, rejection_thresholds, write_run_plots
-from .report import _atomic_write_text
+from .io import write_text
+from .version import __version__
 
 __all__ = ["write_report"]
 
@@ -212,7 +212,7 @@ def write_report(
         "</body></html>",
     ]
     path = output_dir / "report.html"
-    _atomic_write_text(path, "\n".join(parts) + "\n")
+    write_text(path, "\n".join(parts) + "\n")
     return path
 
 

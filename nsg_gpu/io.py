@@ -14,6 +14,7 @@ XISF properties ride along in :attr:`Frame.properties` into an XISF output.
 from __future__ import annotations
 
 import contextlib
+import glob
 import io as _io
 import os
 import re
@@ -44,7 +45,10 @@ __all__ = [
     "write_frame",
     "output_path",
     "frame_stem",
-    "set_nsg_keywords",
+    "atomic_write",
+    "write_bytes",
+    "write_text",
+    "remove_stale_temporaries",
 ]
 
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.gz", ".fit.gz", ".fts.gz")
@@ -103,6 +107,28 @@ class Frame:
     white_level: float
     meta: FrameMeta = field(default_factory=FrameMeta)
     properties: dict | None = None
+
+    @classmethod
+    def from_array(cls, data, *, name: str = "array", header: fits.Header | None = None) -> Frame:
+        """A frame from host data ``(height, width)`` or ``(channels, height, width)``, as
+        :func:`read_frame` would hold it: float32, channels first, non-finite pixels 0.
+
+        Raises
+        ------
+        FrameShapeError
+            Not a 2-D mono or 3-plane colour image.
+        """
+        path = Path(name)
+        data = np.array(data, dtype=np.float32)
+        if data.ndim == 2:
+            data = data[np.newaxis]
+        elif data.ndim != 3 or data.shape[0] not in (1, 3):
+            raise FrameShapeError(
+                path, f"has shape {tuple(data.shape)}; frames must be 2-D mono or 3-D colour with 3 planes"
+            )
+        np.nan_to_num(data, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        header = header.copy() if header is not None else fits.Header()
+        return cls(path, data, header, _white_level(header, data), meta_from_header(header))
 
     @property
     def channels(self) -> int:
@@ -166,7 +192,8 @@ def _float_card(header: fits.Header, *keys: str) -> float | None:
     return None
 
 
-def _meta_from_header(header: fits.Header) -> FrameMeta:
+def meta_from_header(header: fits.Header) -> FrameMeta:
+    """The header facts nsg-gpu uses (exposure, optics, filter, time, altitude, noise)."""
     noise = []
     for c in range(3):
         value = _float_card(header, f"NOISE0{c}")
@@ -201,19 +228,14 @@ def _white_level(header: fits.Header, data: np.ndarray) -> float:
     return finite_max
 
 
-def meta_from_header(header: fits.Header) -> FrameMeta:
-    """The header facts nsg-gpu uses (exposure, optics, filter, time, altitude, noise)."""
-    return _meta_from_header(header)
-
-
 def read_meta(path: str | os.PathLike) -> FrameMeta:
     """Read only the header facts of a frame (no pixel data)."""
     path = Path(path)
     if _is_xisf(path):
-        return _meta_from_header(_read_xisf(path, pixels=False)[1])
+        return meta_from_header(_read_xisf(path, pixels=False)[1])
     try:
         with open(path, "rb") as handle, fits.open(handle, memmap=False) as hdul:
-            return _meta_from_header(_first_image_hdu(hdul, path).header)
+            return meta_from_header(_first_image_hdu(hdul, path).header)
     except FrameReadError:
         raise
     except Exception as exc:
@@ -247,7 +269,7 @@ def read_frame(path: str | os.PathLike) -> Frame:
         raise FrameReadError(path, "no such file")
     if _is_xisf(path):
         data, header, white_level, properties = _read_xisf(path)
-        return Frame(path, data, header, white_level, _meta_from_header(header), properties)
+        return Frame(path, data, header, white_level, meta_from_header(header), properties)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", (AstropyUserWarning, FITSFixedWarning))
@@ -274,7 +296,7 @@ def read_frame(path: str | os.PathLike) -> Frame:
         )
     data = np.array(data, dtype=np.float32)  # a copy: the input file's buffer is never touched
     np.nan_to_num(data, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    meta = _meta_from_header(header)
+    meta = meta_from_header(header)
     return Frame(path=path, data=data, header=header, white_level=_white_level(header, data), meta=meta)
 
 
@@ -464,64 +486,6 @@ def _clean_header(header: fits.Header) -> fits.Header:
     return out
 
 
-def set_nsg_keywords(
-    header: fits.Header,
-    *,
-    reference_name: str,
-    transmission: list[float],
-    snr: list[float],
-    weight: float,
-    weight_keyword: str = "NWEIGHT",
-    weight_source: str = "",
-    high: float | None = None,
-    history: list[str] = (),
-    fingerprint: str | None = None,
-    star_pairs: int | None = None,
-    samples: int | None = None,
-    fwhm: float | None = None,
-    beta: float | None = None,
-) -> fits.Header:
-    """Return a copy of ``header`` carrying NSG's keywords (old NSG cards replaced).
-
-    ``transmission`` and ``snr`` have one value per channel; ``NSGS0`` alone is written for mono.
-    ``fingerprint`` (``NSGHASH``) identifies the input, reference and parameters that made the
-    output, so that a rerun can tell it is up to date; ``NSGPAIRS``, ``NSGSAMPL``, ``NSGFWHM``
-    and ``NSGBETA`` keep the star pairs, samples, FWHM and fitted Moffat index for the results
-    of such a rerun.
-    """
-    header = header.copy()
-    for key in list(dict.fromkeys(header.keys())):
-        if key.startswith("NSG") or key == weight_keyword:
-            del header[key]
-    if "HISTORY" in header:
-        kept = [h for h in header["HISTORY"] if not str(h).startswith("NSG.")]
-        del header["HISTORY"]
-        for h in kept:
-            header.add_history(str(h))
-    header["NSGREF"] = (reference_name[-68:], "NSG reference frame")
-    for c, value in enumerate(transmission):
-        header[f"NSGS{c}"] = (float(f"{value:.5g}"), "NSG transmission (1/scale)")
-    for c, value in enumerate(snr):
-        header[f"NSGSNR{c}"] = (float(f"{value:.5g}"), "NSG signal-to-noise ratio vs reference")
-    comment = f"NSG weight ({weight_source})" if weight_source else "NSG weight"
-    header[weight_keyword] = (float(f"{weight:.6g}"), comment[:47])
-    if high is not None:
-        header["NSGHIGH"] = (float(f"{high:.6g}"), "NSG max value before truncation")
-    if star_pairs is not None:
-        header["NSGPAIRS"] = (int(star_pairs), "NSG star pairs in the scale fit")
-    if samples is not None:
-        header["NSGSAMPL"] = (int(samples), "NSG background samples of the gradient")
-    if fwhm is not None:
-        header["NSGFWHM"] = (float(f"{fwhm:.4g}"), "[px] NSG FWHM of the frame")
-    if beta is not None:
-        header["NSGBETA"] = (float(f"{beta:.4g}"), "NSG Moffat index of the fitted PSF")
-    if fingerprint is not None:
-        header["NSGHASH"] = (fingerprint, "NSG run fingerprint (for resume)")
-    for line in history:
-        header.add_history(f"NSG.{line}")
-    return header
-
-
 def _os_reason(error: OSError, directory: Path) -> str:
     if error.errno is not None:
         return os.strerror(error.errno)
@@ -535,15 +499,31 @@ def _os_reason(error: OSError, directory: Path) -> str:
     return str(error)
 
 
-def write_frame(
-    path: str | os.PathLike, data: np.ndarray, header: fits.Header, *, properties: dict | None = None
-) -> Path:
-    """Write ``(channels, height, width)`` float32 data atomically to ``path``.
+def _umask() -> int:
+    """The process's umask, read without changing it where the system shows it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no other way to read it: set and restore at once
+    os.umask(mask)
+    return mask
 
-    The data go to a temporary file beside ``path`` which is renamed over it once complete,
-    so ``path`` is either the complete new file or untouched. A ``.xisf`` path is written as
-    XISF (planar channels, the header as FITS keywords, ``properties`` as XISF properties);
-    anything else as FITS.
+
+def _temporary_name(path: Path) -> str:
+    return f".{path.name}."
+
+
+def atomic_write(path: str | os.PathLike, fill) -> Path:
+    """Write a file atomically: ``fill(handle, name)`` writes a temporary file beside
+    ``path``, which is synced once and renamed over ``path``.
+
+    ``path`` is then either the complete new file or untouched. The file gets the mode a plain
+    ``open()`` would give it (0666 less the umask). ``fill`` may write to the open binary
+    ``handle`` or, for writers that take a file name, to ``name``.
 
     Raises
     ------
@@ -551,25 +531,19 @@ def write_frame(
         The directory is not writable or the disk is full; no partial file is left.
     """
     path = Path(path)
-    data = np.asarray(data, dtype=np.float32)
-    if data.ndim == 2:
-        data = data[np.newaxis]
-    xisf_output = _is_xisf(path)
-    if not xisf_output:
-        hdu = fits.PrimaryHDU(data=data[0] if data.shape[0] == 1 else data, header=_clean_header(header))
     tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=_temporary_name(path), suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
-            if xisf_output:
-                _write_xisf(tmp_name, data, header, properties)
-            else:
-                hdu.writeto(handle, output_verify="silentfix")
-                handle.flush()
+            fill(handle, tmp_name)
+            handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
         tmp_name = None
+    except NSGError:
+        raise
     except Exception as exc:
         # astropy can mask the OSError of a full disk behind an error of its own clean-up;
         # report the OSError.
@@ -583,3 +557,49 @@ def write_frame(
         if tmp_name is not None and os.path.exists(tmp_name):
             os.unlink(tmp_name)
     return path
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda handle, _: handle.write(data))
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` as UTF-8 to ``path`` atomically (:func:`atomic_write`)."""
+    return write_bytes(path, text.encode())
+
+
+def remove_stale_temporaries(outputs) -> None:
+    """Delete the temporary files that a killed run left beside these outputs (never a
+    complete file: those have their final names)."""
+    for out in outputs:
+        out = Path(out)
+        for stale in out.parent.glob(f"{glob.escape(_temporary_name(out))}*.tmp"):
+            try:
+                stale.unlink()
+            except OSError:
+                pass
+
+
+def write_frame(
+    path: str | os.PathLike, data: np.ndarray, header: fits.Header, *, properties: dict | None = None
+) -> Path:
+    """Write ``(channels, height, width)`` float32 data atomically to ``path``
+    (:func:`atomic_write`).
+
+    A ``.xisf`` path is written as XISF (planar channels, the header as FITS keywords,
+    ``properties`` as XISF properties); anything else as FITS.
+
+    Raises
+    ------
+    OutputError
+        The directory is not writable or the disk is full; no partial file is left.
+    """
+    path = Path(path)
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim == 2:
+        data = data[np.newaxis]
+    if _is_xisf(path):
+        return atomic_write(path, lambda _, name: _write_xisf(name, data, header, properties))
+    hdu = fits.PrimaryHDU(data=data[0] if data.shape[0] == 1 else data, header=_clean_header(header))
+    return atomic_write(path, lambda handle, _: hdu.writeto(handle, output_verify="silentfix"))

@@ -33,6 +33,7 @@ import numpy as np
 from .errors import NSGError
 
 __all__ = [
+    "describe_device",
     "KernelEntry",
     "REGISTRY",
     "FAMILIES",
@@ -409,7 +410,7 @@ def compile_check(
     return results
 
 
-def _describe_device() -> dict[str, Any]:
+def describe_device() -> dict[str, Any]:
     """Name, memory and versions of the current CUDA device, for ``nsg info`` and benchmarks."""
     import cupy
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .errors import ParameterError
 
 __all__ = [
     "DEFAULT_FOCAL_LENGTH_MM",
@@ -20,6 +22,7 @@ __all__ = [
     "resolve_parameters",
     "auto_sample_size",
     "REJECTION_FIELDS",
+    "ParameterError",
 ]
 
 #: NSG's assumptions when the header has no FOCALLEN / XPIXSZ.
@@ -27,6 +30,14 @@ DEFAULT_FOCAL_LENGTH_MM = 1000.0
 DEFAULT_PIXEL_SIZE_UM = 6.0
 #: Fraction of the reference's brightest pixel above which a star is treated as non-linear.
 LINEAR_RANGE = 0.7
+
+
+def _option(default, help: str, *, auto: str | None = None, choices: tuple | None = None, flag: str | None = None):
+    """A parameter with what its command-line option says: help, the Auto rule when its
+    default is None, its choices, and its flag where the flag is not ``--<name>``."""
+    return field(default=default, metadata={"help": help, "auto": auto, "choices": choices, "flag": flag})
+
+
 #: Fields that decide which frames are rejected after the run, not how a frame is normalized:
 #: changing them never makes an output stale.
 REJECTION_FIELDS = ("min_weight", "min_transmission")
@@ -106,28 +117,63 @@ class Parameters:
         every frame has an exposure time), is at or below this is rejected (NSG default 0.75).
     """
 
-    detection_sigma: float = 5.0
-    linear_range: float | None = None
-    star_search_radius: float = 2.0
-    star_flux_tolerance: float = 1.5
-    outlier_removal: float = 2.0
-    photometry: str = "psf"
-    aperture_fwhm: float = 3.0
-    aperture_add: float = 1.0
-    aperture_gap: float | None = None
-    aperture_bg_delta: float | None = None
-    min_star_pairs: int = 3
-    sample_size: int | None = None
-    limit_sample_stars_percent: float | None = None
-    sample_star_growth_rate: float | None = None
-    gradient_smoothness: float = -2.0
-    max_samples: int = 2000
-    weight_keyword: str = "NWEIGHT"
-    truncate: bool = True
-    focal_length_mm: float | None = None
-    pixel_size_um: float | None = None
-    min_weight: float = 0.25
-    min_transmission: float = 0.75
+    detection_sigma: float = _option(5.0, "Star detection threshold, in noise units of the matched-filter image.")
+    linear_range: float | None = _option(
+        None, "Stars peaking at or above this are not measured.", auto="0.7 x the reference's maximum"
+    )
+    star_search_radius: float = _option(2.0, "Largest star shift (px) between reference and target after recentring.")
+    star_flux_tolerance: float = _option(
+        1.5, "Star pairs whose flux ratio is off the first estimate by more than this factor are dropped."
+    )
+    outlier_removal: float = _option(2.0, "Percentage of star pairs removed as the farthest from the fitted line.")
+    photometry: str = _option(
+        "psf",
+        "psf: pixels weighted by the fitted Moffat PSF, corrected for both frames' PSFs; "
+        "aperture: NSG's plain aperture sum.",
+        choices=("psf", "aperture"),
+    )
+    aperture_fwhm: float = _option(3.0, "Photometry aperture radius in units of the larger FWHM of the two frames.")
+    aperture_add: float = _option(1.0, "Pixels added to the aperture radius and to the sample rejection circles.")
+    aperture_gap: float | None = _option(
+        None, "Gap (px) between aperture and background annulus.", auto="0.0005 deg, at least 1 px"
+    )
+    aperture_bg_delta: float | None = _option(
+        None, "Least width (px) of the background annulus.", auto="0.002 deg, at least 5 px"
+    )
+    min_star_pairs: int = _option(3, "Fewer usable star pairs than this fails the frame (NSG flags fewer than 3).")
+    sample_size: int | None = _option(
+        None, "Side (px) of the background samples.", auto="NSG's rule from the pixel size and image size"
+    )
+    limit_sample_stars_percent: float | None = _option(
+        None,
+        "Share (%) of reference stars, brightest first, that reject samples.",
+        auto="as many stars as a tenth of the samples",
+    )
+    sample_star_growth_rate: float | None = _option(
+        None,
+        "Growth of the rejection circles per unit of star flux.",
+        auto="the brightest star's circle grows by about 135 arcsec",
+    )
+    gradient_smoothness: float = _option(-2.0, "log10 of the spline smoothing; 4 fits a plane.")
+    max_samples: int = _option(2000, "Samples are merged into super-samples above this count.")
+    weight_keyword: str = _option("NWEIGHT", "Header keyword for the weight.")
+    truncate: bool = _option(True, "Clip outputs to [0, white level] as NSG does.", flag="--truncate/--no-truncate")
+    focal_length_mm: float | None = _option(
+        None, "Focal length (mm) when the header has no FOCALLEN.", auto="header, else 1000", flag="--focal-length"
+    )
+    pixel_size_um: float | None = _option(
+        None, "Pixel size (um) when the header has no XPIXSZ.", auto="header, else 6", flag="--pixel-size"
+    )
+    min_weight: float = _option(
+        0.25,
+        "Reject frames whose weight is at or below this fraction of the best frame's "
+        "(per unit exposure when every frame has EXPTIME); 0 rejects none.",
+    )
+    min_transmission: float = _option(
+        0.75,
+        "Reject frames whose transmission is at or below this fraction of the best frame's "
+        "(per unit exposure when every frame has EXPTIME); 0 rejects none.",
+    )
 
     def __post_init__(self):
         checks = [
@@ -153,7 +199,7 @@ class Parameters:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ParameterError(message)
 
     def replace(self, **changes) -> Parameters:
         return dataclasses.replace(self, **changes)

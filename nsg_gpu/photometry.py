@@ -40,6 +40,7 @@ from scipy import integrate
 
 from .backend import get_backend
 from .psf import MoffatPSF
+from .stamps import gather_stamps
 
 #: Relative error floor of one star's flux (flat-field and PSF variations across the field);
 #: it keeps the few brightest stars from outweighing all others in the fit.
@@ -107,24 +108,6 @@ class StarMeasurement:
     ok: np.ndarray  # (n,)
 
 
-def _gather_stamps(image, x, y, half: int):
-    """Cutouts ``(n, 2*half+1, 2*half+1)`` around rounded positions; outside the image is 0."""
-    be = get_backend(image)
-    xp = be.xp
-    h, w = image.shape[-2:]
-    xi = be.asarray(np.rint(x).astype(np.int64))
-    yi = be.asarray(np.rint(y).astype(np.int64))
-    off = xp.arange(-half, half + 1)
-    rows = yi[:, None, None] + off[None, :, None]
-    cols = xi[:, None, None] + off[None, None, :]
-    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
-    rows = xp.clip(rows, 0, h - 1)
-    cols = xp.clip(cols, 0, w - 1)
-    if image.ndim == 2:
-        return xp.where(inside, image[rows, cols], 0)
-    return xp.where(inside[None], image[:, rows, cols], 0)
-
-
 def recentre(image, x, y, *, fwhm: float, background=None) -> tuple[np.ndarray, np.ndarray]:
     """Intensity-weighted centroids near ``(x, y)`` on a 2-D image (any backend).
 
@@ -134,9 +117,9 @@ def recentre(image, x, y, *, fwhm: float, background=None) -> tuple[np.ndarray, 
     be = get_backend(image)
     xp = be.xp
     half = max(2, int(math.ceil(1.5 * fwhm)))
-    win = _gather_stamps(image, x, y, half)
+    win = gather_stamps(image, x, y, half)
     if background is not None:
-        win = win - _gather_stamps(background, x, y, half)
+        win = win - gather_stamps(background, x, y, half)
     win = xp.clip(win - xp.median(win.reshape(win.shape[0], -1), axis=1)[:, None, None], 0, None)
     off = xp.arange(-half, half + 1, dtype=xp.float64)
     total = win.sum(axis=(1, 2))
@@ -198,7 +181,7 @@ def cut_out(data, x, y, geometry: ApertureGeometry, *, keep_mosaic: bool = False
     x = np.where(finite, x, 0.0)
     y = np.where(finite, y, 0.0)
     half = int(math.ceil(geometry.annulus_outer)) + 1
-    stamps = be.to_host(_gather_stamps(data, x, y, half)).astype(np.float32)  # (c, n, s, s)
+    stamps = be.to_host(gather_stamps(data, x, y, half)).astype(np.float32)  # (c, n, s, s)
     fx, fy = np.asarray(x) - np.rint(x), np.asarray(y) - np.rint(y)
     n = fx.size
     background = np.zeros((channels, n))

@@ -3,7 +3,8 @@
 The rate comes from the last few completions (a moving window), not from the whole run nor
 from the last frame alone: the reference's preparation and a slow first frame (caches, disk)
 stop counting once the window has moved past them, and one frame that stalls on a busy disk
-does not swing the estimate by a factor of the remaining count.
+does not swing the estimate by a factor of the remaining count. :class:`Stopwatch` times the
+stages of one frame for :attr:`nsg_gpu.results.FrameResult.timings`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,22 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-__all__ = ["RunProgress", "format_seconds"]
+__all__ = ["RunProgress", "Stopwatch", "format_seconds"]
+
+
+class Stopwatch:
+    """Adds the wall time since the last lap to a named stage of a ``timings`` dict (nothing
+    is recorded where ``timings`` is None)."""
+
+    def __init__(self, timings: dict | None):
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[stage] = self.timings.get(stage, 0.0) + (now - self.last)
+        self.last = now
 
 
 class RunProgress:

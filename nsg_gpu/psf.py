@@ -28,6 +28,7 @@ import numpy as np
 from scipy import optimize
 
 from .backend import get_backend
+from .stamps import gather_stamps
 
 __all__ = [
     "MoffatPSF",
@@ -38,6 +39,10 @@ __all__ = [
     "stamp_ratio",
     "fit_psf",
     "fit_target_psf",
+    "FittedPSF",
+    "fit_reference_psf",
+    "plausible",
+    "stamp_radius",
 ]
 
 #: Radius of the fitted stamps, in FWHM.
@@ -48,6 +53,12 @@ MAX_ROUNDS = 6
 CLIP_SIGMA = 5.0
 #: Stamps with more than this share of no-data pixels are not fitted.
 MAX_EMPTY = 0.02
+#: Bright isolated stars a frame's PSF is fitted on, and the fewest that will do.
+PSF_STARS = 60
+MIN_PSF_STARS = 8
+#: Below this FWHM (px) stars are too undersampled for a Moffat sampled at pixel centres, and
+#: the photometry falls back to the plain aperture.
+MIN_PSF_FWHM = 2.0
 
 
 @dataclass(frozen=True)
@@ -95,7 +106,6 @@ def cut_stamps(image, x: np.ndarray, y: np.ndarray, radius: float) -> PSFStamps:
     """Pixels within ``radius`` of each star's nearest pixel, on the host; outside the image
     reads 0. ``image`` may live on any backend: only the stamps cross to the host."""
     be = get_backend(image)
-    h, w = image.shape
     half = int(math.ceil(radius))
     off = np.arange(-half, half + 1)
     gy, gx = np.meshgrid(off, off, indexing="ij")
@@ -103,12 +113,7 @@ def cut_stamps(image, x: np.ndarray, y: np.ndarray, radius: float) -> PSFStamps:
     px, py = gx[disc].astype(float), gy[disc].astype(float)
     xi = np.rint(x).astype(np.int64)
     yi = np.rint(y).astype(np.int64)
-    rows = yi[:, None] + gy[disc][None, :]
-    cols = xi[:, None] + gx[disc][None, :]
-    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
-    flat = be.asarray(np.clip(rows, 0, h - 1) * w + np.clip(cols, 0, w - 1))
-    values = be.to_host(image.reshape(-1)[flat]).astype(np.float64)
-    data = np.where(inside, values, 0.0)
+    data = be.to_host(gather_stamps(image, xi, yi, half)[:, be.asarray(disc)]).astype(np.float64)
     return PSFStamps(data, px, py, xi, yi, np.asarray(x, float) - xi, np.asarray(y, float) - yi)
 
 
@@ -305,3 +310,47 @@ def fit_target_psf(
     extra = s0 * s0 * (reference_sigma**2 + reference_gain_inv * np.clip(reference_star, 0, None))
     psf, _, _ = fit_psf(clean_stamps, fwhm=fwhm, sigma=sigma, gain_inv=gain_inv, beta=beta, extra_variance=extra)
     return psf
+
+
+def stamp_radius(fwhm: float) -> int:
+    """Radius of the PSF stamps for stars of ``fwhm``, on a ladder of 10 % steps so that the
+    reference is fitted once per step, not once per frame."""
+    wanted = max(FIT_RADIUS_FWHM * fwhm, 8.0)
+    return int(math.ceil(8 * 1.1 ** math.ceil(math.log(wanted / 8) / math.log(1.1) - 1e-9)))
+
+
+def plausible(psf: MoffatPSF, fwhm_estimate: float) -> bool:
+    """A fitted Moffat that seeing-limited stars can have, near the frame's quick FWHM."""
+    return 1.5 <= psf.beta <= 12.0 and 0.6 <= psf.fwhm / fwhm_estimate <= 1.4
+
+
+@dataclass
+class FittedPSF:
+    """A frame's fitted Moffat and the stamps it was fitted on, which a target's fit reuses
+    (:func:`fit_target_psf`)."""
+
+    psf: MoffatPSF
+    stamps: PSFStamps
+    fitted: np.ndarray  # bool over the stamps
+    star_model: np.ndarray  # (fitted stamps, pixels)
+    noise: float
+    gain_inv: float
+
+
+def fit_reference_psf(data, x: np.ndarray, y: np.ndarray, *, fwhm: float, radius: int) -> FittedPSF | None:
+    """The reference's Moffat, fitted on stamps of ``radius`` px around its bright isolated
+    stars at ``(x, y)``; None where too few stars can be fitted or the fit is implausible.
+
+    A curved background per star: the reference's fit has only its own frame, and a nebula's
+    curvature under the wings would otherwise read as wing light.
+    """
+    if x.size < MIN_PSF_STARS:
+        return None
+    stamps = psf_stamps(data, x, y, radius)
+    noise, gain_inv = stamp_noise(stamps)
+    if not noise > 0:
+        return None
+    fitted_psf, fitted, star = fit_psf(stamps, fwhm=fwhm, sigma=noise, gain_inv=gain_inv, curved=True)
+    if fitted.sum() < MIN_PSF_STARS or not plausible(fitted_psf, fwhm):
+        return None
+    return FittedPSF(fitted_psf, stamps, fitted, star, noise, gain_inv)

@@ -15,10 +15,9 @@ import dataclasses
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
-from .errors import OutputError
+from .io import write_text
 
 __all__ = ["write_results", "write_weights", "RESULT_COLUMNS"]
 
@@ -60,30 +59,8 @@ RESULT_COLUMNS = (
 )
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode())
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, sync it and rename it into place."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot be written ({exc.strerror or exc})") from exc
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_results(run, output_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``results.csv`` and ``results.json`` for a :class:`~nsg_gpu.pipeline.RunResult`."""
+    """Write ``results.csv`` and ``results.json`` for a :class:`~nsg_gpu.results.RunResult`."""
     output_dir = Path(output_dir)
     rows = [frame.row() for frame in run.frames]
     buffer = io.StringIO()
@@ -93,14 +70,14 @@ def write_results(run, output_dir: str | os.PathLike) -> tuple[Path, Path]:
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
     csv_path = output_dir / "results.csv"
     json_path = output_dir / "results.json"
-    _atomic_write_text(csv_path, buffer.getvalue())
+    write_text(csv_path, buffer.getvalue())
     document = {
         "reference": run.reference,
         "reference_reason": run.reference_reason,
         "parameters": dataclasses.asdict(run.parameters) if run.parameters else None,
         "frames": rows,
     }
-    _atomic_write_text(json_path, json.dumps(document, indent=2, allow_nan=False, default=_json_default))
+    write_text(json_path, json.dumps(document, indent=2, allow_nan=False, default=_json_default))
     return csv_path, json_path
 
 
@@ -118,7 +95,7 @@ def write_weights(run, output_dir: str | os.PathLike) -> Path:
         if frame.status in ("ok", "reference") and not frame.rejected and frame.output and frame.weight is not None:
             writer.writerow([os.path.relpath(frame.output, output_dir), f"{frame.weight:.6g}"])
     path = output_dir / "weights.csv"
-    _atomic_write_text(path, buffer.getvalue())
+    write_text(path, buffer.getvalue())
     return path
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 from pathlib import Path
 
@@ -23,9 +22,10 @@ from astropy.io import fits
 
 from .errors import FrameError
 from .io import meta_from_header, read_output_header
+from .keywords import FINGERPRINT, REFERENCE, card_name, read_nsg_cards
 from .params import Parameters
-from .pipeline import FrameResult
 from .rejection import REJECTED_DIR
+from .results import FrameResult
 
 __all__ = ["frame_fingerprint", "find_complete_output", "result_from_header", "clear_outputs", "output_locations"]
 
@@ -71,7 +71,7 @@ def find_complete_output(
             header = read_output_header(candidate)
         except FrameError:
             continue
-        if header.get("NSGHASH") == fingerprint and header.get("NSGREF") == reference_name[-68:]:
+        if header.get(FINGERPRINT) == fingerprint and header.get(REFERENCE) == card_name(reference_name):
             return candidate, header
     return None
 
@@ -85,49 +85,28 @@ def clear_outputs(output: str | os.PathLike) -> None:
             pass
 
 
-def _channel_values(header: fits.Header, prefix: str) -> list[float]:
-    values = []
-    for c in range(3):
-        value = header.get(f"{prefix}{c}")
-        if value is None:
-            break
-        values.append(float(value))
-    return values
-
-
 def result_from_header(
     path: str | os.PathLike, output: Path, header: fits.Header, *, weight_keyword: str = "NWEIGHT"
 ) -> FrameResult:
     """The results row of a kept output, from its NSG cards and the input's header facts."""
     started = time.perf_counter()
-    transmission = _channel_values(header, "NSGS")
-    weight = header.get(weight_keyword)
-    source = re.search(r"\((.+)\)", header.comments[weight_keyword]) if weight_keyword in header else None
-    meta = meta_from_header(header)
-
-    def optional(key, kind):
-        value = header.get(key)
-        return kind(value) if value is not None else None
-
+    cards = read_nsg_cards(header, weight_keyword=weight_keyword)
     return FrameResult(
         path=str(path),
         output=str(output),
         status="ok",
-        scale=[1.0 / t if t else None for t in transmission],
-        transmission=transmission,
-        snr=_channel_values(header, "NSGSNR"),
-        weight=float(weight) if weight is not None else None,
-        weight_source=source.group(1) if source else None,
-        star_pairs=optional("NSGPAIRS", int),
-        samples=optional("NSGSAMPL", int),
-        fwhm=optional("NSGFWHM", float),
-        beta=optional("NSGBETA", float),
-        high=optional("NSGHIGH", float),
-        exposure=meta.exposure,
-        altitude=meta.altitude,
-        airmass=meta.airmass,
-        filter=meta.filter,
-        date_obs=meta.date_obs,
+        scale=[1.0 / t if t else None for t in cards.transmission],
+        transmission=cards.transmission,
+        snr=cards.snr,
+        weight=cards.weight,
+        weight_source=cards.weight_source or None,
+        star_pairs=cards.star_pairs,
+        samples=cards.samples,
+        noise=cards.noise,
+        fwhm=cards.fwhm,
+        beta=cards.beta,
+        high=cards.high,
+        meta=meta_from_header(header),
         resumed=True,
         seconds=time.perf_counter() - started,
     )

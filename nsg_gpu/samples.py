@@ -27,10 +27,13 @@ __all__ = [
     "median_stride",
     "star_rejection",
     "bin_samples",
+    "MIN_SAMPLES",
 ]
 
 #: A bin with this share of zero pixels or more, in any channel, is not used (NSG's rule).
 MAX_BLACK_PIXEL_FRACTION = 0.01
+#: Fewer usable background samples than this is an error for the frame.
+MIN_SAMPLES = 3
 #: A bin's median is taken over a regular sub-grid of at least this many of its pixels.
 MEDIAN_PIXELS = 1024
 

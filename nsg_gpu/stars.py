@@ -14,9 +14,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from . import kernels
 from .backend import get_backend
+from .stamps import gather_stamps
 
 __all__ = [
     "StarCatalog",
@@ -27,6 +29,7 @@ __all__ = [
     "gaussian_weights",
     "matched_filter",
     "find_peaks",
+    "isolated",
 ]
 
 _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
@@ -103,18 +106,6 @@ def smooth_background(image, valid, scale: float, factor: int = 4):
     return full[:h, :w]
 
 
-def _gather(image, ys, xs, half: int):
-    """Square windows of side ``2*half+1`` around integer positions, as ``(n, s, s)``.
-
-    Indices are clipped to the image, so windows at the edge repeat the edge pixels.
-    """
-    xp = get_backend(image).xp
-    offsets = xp.arange(-half, half + 1)
-    rows = xp.clip(ys[:, None, None] + offsets[None, :, None], 0, image.shape[0] - 1)
-    cols = xp.clip(xs[:, None, None] + offsets[None, None, :], 0, image.shape[1] - 1)
-    return image[rows, cols]
-
-
 def estimate_fwhm(image, x, y, background=0.0, half: int = 8) -> np.ndarray:
     """FWHM (px) of stars from the area above half their peak.
 
@@ -125,9 +116,7 @@ def estimate_fwhm(image, x, y, background=0.0, half: int = 8) -> np.ndarray:
     """
     be = get_backend(image)
     xp = be.xp
-    xi = be.asarray(np.rint(x).astype(np.int64))
-    yi = be.asarray(np.rint(y).astype(np.int64))
-    win = _gather(image, yi, xi, half)
+    win = gather_stamps(image, x, y, half)
     if np.isscalar(background):
         win = win - background
     else:
@@ -307,7 +296,7 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars) -> StarCata
     ys, xs = xp.nonzero(peaks)
     if ys.size == 0:
         return _empty(fwhm, noise)
-    win = _gather(residual, ys, xs, half)
+    win = gather_stamps(residual, xs, ys, half)
     weights = xp.clip(win, 0, None)
     total = weights.sum(axis=(1, 2))
     offsets = xp.arange(-half, half + 1, dtype=xp.float32)
@@ -316,7 +305,7 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars) -> StarCata
     cx = xs + (weights.sum(axis=1) * offsets).sum(axis=1) / xp.where(ok, total, 1)
     rr = offsets[:, None] ** 2 + offsets[None, :] ** 2
     flux = (win * (rr <= (2 * fwhm) ** 2)).sum(axis=(1, 2))
-    peak_value = _gather(image, ys, xs, 1).max(axis=(1, 2))
+    peak_value = gather_stamps(image, xs, ys, 1).max(axis=(1, 2))
     peak_residual = win[:, half - 1 : half + 2, half - 1 : half + 2].max(axis=(1, 2))
     # Hot pixels and cosmic rays: a star's 4-neighbours hold a good share of its peak
     # (half of it at FWHM 2 px), a single bright pixel's do not.
@@ -359,3 +348,17 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars) -> StarCata
 def _empty(fwhm: float, noise: float = 0.0) -> StarCatalog:
     e = np.zeros(0)
     return StarCatalog(e, e, e, e, e, float(fwhm), noise)
+
+
+def isolated(stars: StarCatalog, index: np.ndarray, reach: float) -> np.ndarray:
+    """True for each star ``stars[index]`` that has no star brighter than 5 % of it within
+    ``reach`` px."""
+    tree = cKDTree(np.column_stack([stars.x, stars.y]))
+    neighbours = tree.query_ball_point(np.column_stack([stars.x[index], stars.y[index]]), r=reach)
+    out = np.ones(index.size, bool)
+    for k, (i, near) in enumerate(zip(index, neighbours)):
+        for j in near:
+            if j != i and stars.flux[j] > 0.05 * stars.flux[i]:
+                out[k] = False
+                break
+    return out

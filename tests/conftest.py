@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from nsg_gpu.pipeline import normalize
+from nsg_gpu.run import normalize
 from nsg_gpu.synthetic import SyntheticField, write_synthetic_set
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ngc7023"

@@ -7,6 +7,7 @@ every branch of every kernel is taken while the host emulation stays fast.
 from __future__ import annotations
 
 import numpy as np
+from assertions import assert_close
 
 from nsg_gpu.samples import make_grid
 from nsg_gpu.spline import fit_surface_spline
@@ -91,12 +92,7 @@ def apply_case(channels: int, shape, *, seed: int):
     return data, gradient, scale
 
 
-def assert_same(actual, expected, *, atol: float = 0.0, rtol: float = 0.0, what: str = "") -> None:
-    """Dtype and shape first, then values (NaN equal to NaN)."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    if atol == 0 and rtol == 0:
-        np.testing.assert_array_equal(actual, expected, err_msg=what)
-    else:
-        np.testing.assert_allclose(actual, expected, atol=atol, rtol=rtol, err_msg=what)
+def assert_same(actual, expected, *, what: str = "") -> None:
+    """A kernel's result equals its twin's: dtype and shape first, then values, exactly."""
+    assert np.asarray(actual).dtype == np.asarray(expected).dtype, f"{what}: dtype differs"
+    assert_close(actual, expected, "kernel", what=what)

@@ -24,7 +24,8 @@ from astropy.io import fits
 from typer.testing import CliRunner
 
 from nsg_gpu.cli import app
-from nsg_gpu.pipeline import FrameJob, normalize, plan_run
+from nsg_gpu.jobs import FrameJob
+from nsg_gpu.run import normalize, plan_run
 from nsg_gpu.synthetic import write_synthetic_set
 
 dask = pytest.importorskip("dask")

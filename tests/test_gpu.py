@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from assertions import assert_close
 from kernel_cases import SHAPES, apply_case, grid_for, matched_case, sample_frame, spline_case, star_image
 
 from nsg_gpu import kernels
@@ -148,16 +149,20 @@ def test_noise_layer_on_gpu(cp, device, shape, row_stride):
 
 
 # -- the whole pipeline ---------------------------------------------------------------------------
-def _exact_numpy_gradient(monkeypatch):
-    """Make the NumPy path evaluate the spline at every pixel, as the GPU does."""
-    from nsg_gpu.spline import SurfaceSpline
+def _exact_numpy_gradient(monkeypatch) -> list:
+    """Make the NumPy path evaluate the spline at every pixel, as the GPU does; the list
+    returned counts the evaluations, so a test can tell the patch took effect."""
+    from nsg_gpu import gradient
 
-    original = SurfaceSpline.evaluate_image
+    original = gradient.evaluate_surfaces
+    calls = []
 
-    def exact(self, height, width, *, step=16, xp=np, launcher=None):
-        return original(self, height, width, step=1 if xp is np else step, xp=xp, launcher=launcher)
+    def exact(splines, height, width, *, step=16, xp=np, launcher=None):
+        calls.append(xp)
+        return original(splines, height, width, step=1 if xp is np else step, xp=xp, launcher=launcher)
 
-    monkeypatch.setattr(SurfaceSpline, "evaluate_image", exact)
+    monkeypatch.setattr(gradient, "evaluate_surfaces", exact)
+    return calls
 
 
 @pytest.mark.parametrize(
@@ -174,10 +179,11 @@ def test_pipeline_cupy_equals_numpy(cp, spec, monkeypatch):
     """Scales within 1e-5 relative, outputs within 1e-3 of the pixel noise (exact gradient on both)."""
     from nsg_gpu.backend import NUMPY, select_backend
     from nsg_gpu.io import Frame, FrameMeta
-    from nsg_gpu.pipeline import normalize_frame, prepare_reference
+    from nsg_gpu.pipeline import normalize_frame
+    from nsg_gpu.reference import prepare_reference
     from nsg_gpu.synthetic import SyntheticField
 
-    _exact_numpy_gradient(monkeypatch)
+    calls = _exact_numpy_gradient(monkeypatch)
     field = SyntheticField(**spec)
     frames = [
         Frame(Path(f"frame_{k}.fits"), field.render(k), None, 1.0, FrameMeta(focal_length_mm=530.0, pixel_size_um=3.76))
@@ -187,17 +193,18 @@ def test_pipeline_cupy_equals_numpy(cp, spec, monkeypatch):
     ref_numpy = prepare_reference(frames[0], backend=NUMPY)
     ref_cupy = prepare_reference(frames[0], backend=gpu)
     assert len(ref_cupy.stars) == len(ref_numpy.stars)
-    np.testing.assert_allclose(ref_cupy.noise, ref_numpy.noise, rtol=1e-6)
+    assert_close(ref_cupy.noise, ref_numpy.noise, "gpu_reference_noise")
     for k in range(1, spec["n_frames"]):
         expected = normalize_frame(ref_numpy, frames[k])
         actual = normalize_frame(ref_cupy, frames[k])
         assert isinstance(actual.data, cp.ndarray)
-        np.testing.assert_allclose(actual.scale, expected.scale, rtol=1e-5)
+        assert_close(actual.scale, expected.scale, "gpu_scale")
         noise = field.pixel_noise(k)
         difference = np.abs(_host(actual.data) - expected.data).max(axis=(1, 2))
         assert np.all(difference <= 1e-3 * noise), f"frame {k}: {difference / noise} of the pixel noise"
-        np.testing.assert_allclose(actual.noise, expected.noise, rtol=1e-4)
+        assert_close(actual.noise, expected.noise, "gpu_noise")
         assert actual.samples == expected.samples and actual.star_pairs == expected.star_pairs
+    assert np in calls and len(calls) == 2 * (spec["n_frames"] - 1)  # the NumPy gradient was the exact one
 
 
 def test_cli_info_names_the_gpu(cp):

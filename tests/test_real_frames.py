@@ -8,7 +8,7 @@ from astropy.io import fits
 from conftest import SHARED_DATA
 
 from nsg_gpu.io import read_frame
-from nsg_gpu.pipeline import normalize
+from nsg_gpu.run import normalize
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real frames not present at {SHARED_DATA}")
 

@@ -16,7 +16,7 @@ import pytest
 from astropy.io import fits
 from conftest import mutation_fuzz, read_mutated
 
-from nsg_gpu.pipeline import normalize
+from nsg_gpu.run import normalize
 from nsg_gpu.synthetic import write_synthetic_set
 
 SMALL = dict(width=700, height=500, n_stars=900)

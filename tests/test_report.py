@@ -15,9 +15,11 @@ from typer.testing import CliRunner
 
 from nsg_gpu.cli import app
 from nsg_gpu.diagnostics import FRAME_PLOTS, chosen_frames, gradient_preview, rejection_thresholds, relative_figures
-from nsg_gpu.io import read_frame
+from nsg_gpu.io import FrameMeta, read_frame
 from nsg_gpu.params import Parameters
-from nsg_gpu.pipeline import FrameResult, normalize_frame, prepare_reference
+from nsg_gpu.pipeline import normalize_frame
+from nsg_gpu.reference import prepare_reference
+from nsg_gpu.results import FrameResult
 from nsg_gpu.select import choose_reference
 from nsg_gpu.synthetic import SyntheticField, write_synthetic_set
 
@@ -171,7 +173,11 @@ def test_chosen_frames_and_relative_figures():
 
     def frame(name, weight, transmission, exposure, date):
         return FrameResult(
-            path=name, status="ok", weight=weight, transmission=[transmission], exposure=exposure, date_obs=date
+            path=name,
+            status="ok",
+            weight=weight,
+            transmission=[transmission],
+            meta=FrameMeta(exposure=exposure, date_obs=date),
         )
 
     frames = [

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 from astropy.io import fits
 
+from nsg_gpu.io import FrameMeta
 from nsg_gpu.params import Parameters
-from nsg_gpu.pipeline import FrameResult, normalize
 from nsg_gpu.rejection import reject_frames
+from nsg_gpu.results import FrameResult
+from nsg_gpu.run import normalize
 from nsg_gpu.synthetic import write_synthetic_set
 
 SMALL = dict(width=700, height=500, n_stars=900)
@@ -143,7 +145,9 @@ def test_thresholds_move_outputs_between_folders(baseline, tmp_path):
 
 
 def _row(name, weight, transmission, exposure, status="ok"):
-    return FrameResult(path=name, status=status, weight=weight, transmission=transmission, exposure=exposure)
+    return FrameResult(
+        path=name, status=status, weight=weight, transmission=transmission, meta=FrameMeta(exposure=exposure)
+    )
 
 
 def test_rejection_is_relative_to_the_best_per_unit_exposure(tmp_path):

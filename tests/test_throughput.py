@@ -15,8 +15,11 @@ from nsg_gpu import samples as samples_module
 from nsg_gpu.executors import InProcessExecutor
 from nsg_gpu.io import read_frame
 from nsg_gpu.noise import B3_LAYER1_FRACTION, ksigma_noise
-from nsg_gpu.pipeline import STAGES, normalize, normalize_frame, prepare_reference
+from nsg_gpu.pipeline import normalize_frame
 from nsg_gpu.progress import RunProgress, format_seconds
+from nsg_gpu.reference import prepare_reference
+from nsg_gpu.results import STAGES
+from nsg_gpu.run import normalize
 from nsg_gpu.samples import MAX_BLACK_PIXEL_FRACTION, bin_medians, make_grid, median_stride
 from nsg_gpu.spline import _tps_kernel, evaluate_surfaces, fit_surface_spline, fit_surface_splines
 from nsg_gpu.synthetic import block_residual, write_synthetic_set
@@ -253,7 +256,7 @@ def test_consumer_that_stops_early_ends_the_threads(frames, tmp_path):
     """Leaving the result loop after one frame stops the reader and writer."""
     import threading
 
-    from nsg_gpu.pipeline import plan_run
+    from nsg_gpu.run import plan_run
 
     plan = plan_run(frames, reference=frames[0], output_dir=tmp_path)
     reference = prepare_reference(read_frame(frames[0]))

@@ -10,7 +10,7 @@ from conftest import mutation_fuzz, read_mutated
 
 from nsg_gpu.errors import FrameReadError
 from nsg_gpu.io import read_frame
-from nsg_gpu.pipeline import normalize
+from nsg_gpu.run import normalize
 from nsg_gpu.synthetic import SyntheticField
 
 SMALL = dict(width=700, height=500, n_stars=900, n_frames=2)

@@ -1,0 +1,152 @@
+"""NSG's header cards: the one place that writes them into an output's header and reads them back.
+
+NSG's own cards are ``NSGREF``, ``NSGS0..2`` (transmission ``1/m`` per channel), ``NSGSNR0..2``,
+the weight (``NWEIGHT`` unless configured), ``NSGHIGH`` and ``HISTORY NSG.*``; nsg-gpu adds
+``NSGPAIRS``, ``NSGSAMPL``, ``NSGFWHM``, ``NSGBETA`` and ``NSGHASH`` (the fingerprint a rerun
+uses to keep an output, :mod:`nsg_gpu.resume`). The jobs write them (:mod:`nsg_gpu.jobs`); a
+resumed run reads them back into its results (:func:`read_nsg_cards`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from astropy.io import fits
+
+__all__ = [
+    "REFERENCE",
+    "TRANSMISSION",
+    "SNR",
+    "HIGH",
+    "PAIRS",
+    "SAMPLES",
+    "FWHM",
+    "BETA",
+    "FINGERPRINT",
+    "NOISE",
+    "HISTORY_PREFIX",
+    "NSGCards",
+    "card_name",
+    "set_nsg_keywords",
+    "read_nsg_cards",
+]
+
+REFERENCE = "NSGREF"
+#: Prefixes of the per-channel cards; the channel index follows (``NSGS0``).
+TRANSMISSION = "NSGS"
+SNR = "NSGSNR"
+HIGH = "NSGHIGH"
+PAIRS = "NSGPAIRS"
+SAMPLES = "NSGSAMPL"
+FWHM = "NSGFWHM"
+BETA = "NSGBETA"
+FINGERPRINT = "NSGHASH"
+#: Per-channel noise the weight was computed from, so that a resumed run's results say what
+#: the first run's said. (No time is written: the same inputs give the same bytes.)
+NOISE = "NSGNOIS"
+HISTORY_PREFIX = "NSG."
+#: A FITS card value holds at most 68 characters of a string; longer names keep their end.
+_MAX_NAME = 68
+
+
+@dataclass
+class NSGCards:
+    """What an output's NSG cards say about the frame."""
+
+    reference_name: str
+    transmission: list[float]
+    snr: list[float]
+    weight: float | None
+    weight_source: str = ""
+    high: float | None = None
+    star_pairs: int | None = None
+    samples: int | None = None
+    fwhm: float | None = None
+    beta: float | None = None
+    fingerprint: str | None = None
+    noise: list[float] = field(default_factory=list)
+    history: list[str] = field(default_factory=list)
+
+
+def card_name(name: str) -> str:
+    """A file name as the ``NSGREF`` card stores it."""
+    return name[-_MAX_NAME:]
+
+
+def set_nsg_keywords(header: fits.Header, cards: NSGCards, *, weight_keyword: str = "NWEIGHT") -> fits.Header:
+    """Return a copy of ``header`` carrying ``cards`` (earlier NSG cards and history replaced).
+
+    ``NSGS0`` and ``NSGSNR0`` alone are written for mono; existing cards other than NSG's,
+    and the WCS, are kept.
+    """
+    header = header.copy()
+    for key in list(dict.fromkeys(header.keys())):
+        if key.startswith("NSG") or key == weight_keyword:
+            del header[key]
+    if "HISTORY" in header:
+        kept = [h for h in header["HISTORY"] if not str(h).startswith(HISTORY_PREFIX)]
+        del header["HISTORY"]
+        for h in kept:
+            header.add_history(str(h))
+    header[REFERENCE] = (card_name(cards.reference_name), "NSG reference frame")
+    for c, value in enumerate(cards.transmission):
+        header[f"{TRANSMISSION}{c}"] = (float(f"{value:.5g}"), "NSG transmission (1/scale)")
+    for c, value in enumerate(cards.snr):
+        header[f"{SNR}{c}"] = (float(f"{value:.5g}"), "NSG signal-to-noise ratio vs reference")
+    comment = f"NSG weight ({cards.weight_source})" if cards.weight_source else "NSG weight"
+    header[weight_keyword] = (float(f"{cards.weight:.6g}"), comment[:47])
+    if cards.high is not None:
+        header[HIGH] = (float(f"{cards.high:.6g}"), "NSG max value before truncation")
+    if cards.star_pairs is not None:
+        header[PAIRS] = (int(cards.star_pairs), "NSG star pairs in the scale fit")
+    if cards.samples is not None:
+        header[SAMPLES] = (int(cards.samples), "NSG background samples of the gradient")
+    if cards.fwhm is not None:
+        header[FWHM] = (float(f"{cards.fwhm:.4g}"), "[px] NSG FWHM of the frame")
+    if cards.beta is not None:
+        header[BETA] = (float(f"{cards.beta:.4g}"), "NSG Moffat index of the fitted PSF")
+    for c, value in enumerate(cards.noise):
+        header[f"{NOISE}{c}"] = (float(f"{value:.6g}"), "NSG noise of the weight")
+    if cards.fingerprint is not None:
+        header[FINGERPRINT] = (cards.fingerprint, "NSG run fingerprint (for resume)")
+    for line in cards.history:
+        header.add_history(f"{HISTORY_PREFIX}{line}")
+    return header
+
+
+def _channel_values(header: fits.Header, prefix: str) -> list[float]:
+    values = []
+    for c in range(3):
+        value = header.get(f"{prefix}{c}")
+        if value is None:
+            break
+        values.append(float(value))
+    return values
+
+
+def read_nsg_cards(header: fits.Header, *, weight_keyword: str = "NWEIGHT") -> NSGCards:
+    """The NSG cards of an output's header, as :func:`set_nsg_keywords` wrote them."""
+
+    def optional(key, kind):
+        value = header.get(key)
+        return kind(value) if value is not None else None
+
+    weight = header.get(weight_keyword)
+    source = re.search(r"\((.+)\)", header.comments[weight_keyword]) if weight_keyword in header else None
+    history = [str(h)[len(HISTORY_PREFIX) :] for h in header.get("HISTORY", []) if str(h).startswith(HISTORY_PREFIX)]
+    return NSGCards(
+        reference_name=str(header.get(REFERENCE, "")),
+        transmission=_channel_values(header, TRANSMISSION),
+        snr=_channel_values(header, SNR),
+        weight=float(weight) if weight is not None else None,
+        weight_source=source.group(1) if source else "",
+        high=optional(HIGH, float),
+        star_pairs=optional(PAIRS, int),
+        samples=optional(SAMPLES, int),
+        fwhm=optional(FWHM, float),
+        beta=optional(BETA, float),
+        fingerprint=optional(FINGERPRINT, str),
+        noise=_channel_values(header, NOISE),
+        history=history,
+    )

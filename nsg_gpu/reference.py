@@ -1,0 +1,208 @@
+"""The reference: everything it contributes to every target, prepared once per run.
+
+First stage of the data flow after reading. :func:`prepare_reference` checks the reference's
+coverage, detects its stars (:mod:`nsg_gpu.stars`), resolves NSG's Auto parameters from them
+(:mod:`nsg_gpu.params`), chooses the stars that the scale stage measures on every target and
+those isolated enough to fit a PSF on, lays out the background sample grid with the
+reference's medians and its star-rejection circles (:mod:`nsg_gpu.samples`), and measures its
+noise (:mod:`nsg_gpu.noise`). The reference's photometry and PSF fits, which depend on the
+aperture each target needs, are computed on first use and kept (:meth:`Reference.measurement`,
+:meth:`Reference.psf_fit`). Memory does not grow with the number of targets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import photometry
+from .backend import Backend, get_backend, single_threaded_blas
+from .errors import FrameDataError, FrameError, ReferenceFrameError
+from .io import Frame, read_frame
+from .noise import ksigma_noise
+from .params import Parameters, resolve_parameters
+from .psf import MIN_PSF_FWHM, PSF_STARS, FittedPSF, MoffatPSF, fit_reference_psf, stamp_radius
+from .samples import MIN_SAMPLES, SampleGrid, bin_medians, make_grid, star_rejection
+from .stamps import stamp_peaks
+from .stars import StarCatalog, detect_stars, detection_image, isolated
+
+__all__ = ["Reference", "prepare_reference", "check_coverage", "as_frame", "MAX_PHOTOMETRY_STARS"]
+
+#: At most this many reference stars are measured on each target, brightest first.
+MAX_PHOTOMETRY_STARS = 1500
+#: A frame with less of its pixels holding data than this is not normalized.
+MIN_COVERAGE = 0.05
+
+
+@dataclass
+class Reference:
+    """What the reference contributes to every target, computed once."""
+
+    frame: Frame
+    params: Parameters  # resolved: no Auto field left
+    stars: StarCatalog
+    photometry_index: np.ndarray  # catalogue rows measured on targets
+    channel_peak: np.ndarray  # brightest channel's peak at each of those stars
+    isolated: np.ndarray  # bool over photometry_index
+    grid: SampleGrid
+    medians: object  # (channels, rows, cols) backend array
+    valid: object  # (rows, cols) backend bool
+    rejected: np.ndarray  # (rows, cols) host bool, star circles
+    noise: np.ndarray  # per channel
+    circles: np.ndarray | None = None  # (n, 3) x, y, radius of the stars that reject samples
+    _measurements: dict = field(default_factory=dict)
+    _cutouts: dict = field(default_factory=dict)
+    _psf_fits: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.frame.path.name
+
+    def measurement(
+        self, geometry: photometry.ApertureGeometry, weight: MoffatPSF | None = None
+    ) -> photometry.StarMeasurement:
+        """Reference photometry for an aperture geometry and weight, measured once and kept."""
+        # Compute threads may ask at the same time: both measure, the dict keeps one, and
+        # each returns its own (identical) measurement.
+        key = (geometry, weight)
+        measured = self._measurements.get(key)
+        if measured is None:
+            idx = self.photometry_index
+            x, y = self.stars.x[idx], self.stars.y[idx]
+            # The cutouts and their backgrounds depend on the geometry alone; they are the
+            # costly part, and few geometries (radii in half pixels) are kept, for their size.
+            cutouts = self._cutouts.get(geometry)
+            if cutouts is None:
+                cutouts = photometry.cut_out(self.frame.data, x, y, geometry)
+                if len(self._cutouts) >= 3:
+                    self._cutouts.clear()
+                self._cutouts[geometry] = cutouts
+            measured = photometry.measure_stars(self.frame.data, x, y, geometry, weight, cutouts=cutouts)
+            if len(self._measurements) > 8:
+                self._measurements.clear()
+            self._measurements[key] = measured
+        return measured
+
+    def psf_fit(self, radius: int) -> FittedPSF | None:
+        """The reference's PSF fitted on stamps of ``radius`` px around its bright isolated
+        stars, fitted once per radius and kept; None where too few stars can be fitted."""
+        if radius not in self._psf_fits:
+            if len(self._psf_fits) > 8:
+                self._psf_fits.clear()
+            idx = self.photometry_index[self.isolated][:PSF_STARS]
+            with single_threaded_blas():
+                self._psf_fits[radius] = fit_reference_psf(
+                    self.frame.data, self.stars.x[idx], self.stars.y[idx], fwhm=self.stars.fwhm, radius=radius
+                )
+        return self._psf_fits[radius]
+
+    def own_psf(self) -> MoffatPSF | None:
+        """The reference's fitted PSF at its own FWHM, where the photometry fits PSFs."""
+        if self.params.photometry != "psf" or self.stars.fwhm < MIN_PSF_FWHM:
+            return None
+        fitted = self.psf_fit(stamp_radius(self.stars.fwhm))
+        return fitted.psf if fitted is not None else None
+
+
+def check_coverage(frame: Frame) -> None:
+    """Raise :class:`FrameDataError` when the frame holds no data, or too little of it."""
+    data = frame.data
+    xp = get_backend(data).xp
+    covered = float(xp.count_nonzero(data.min(axis=0) > 0)) / (data.shape[1] * data.shape[2])
+    if covered == 0:
+        raise FrameDataError(frame.path, "every pixel is 0 (no data); is the frame empty or a failed registration?")
+    if covered < MIN_COVERAGE:
+        raise FrameDataError(
+            frame.path, f"only {covered:.1%} of the pixels hold data; at least {MIN_COVERAGE:.0%} is needed"
+        )
+
+
+def as_frame(frame, backend: Backend | None = None) -> Frame:
+    """A :class:`~nsg_gpu.io.Frame` on ``backend`` from a frame, a path, or an array
+    ``(height, width)`` or ``(channels, height, width)`` of data normalized to [0, 1] or in
+    ADU."""
+    if isinstance(frame, Frame):
+        pass
+    elif isinstance(frame, (str, bytes)) or hasattr(frame, "__fspath__"):
+        frame = read_frame(frame)
+    else:
+        frame = Frame.from_array(frame)
+    if backend is not None and get_backend(frame.data) is not backend:
+        held = get_backend(frame.data)
+        data = backend.asarray(frame.data) if backend.is_gpu else held.to_host(frame.data)
+        frame = dataclasses.replace(frame, data=data)
+    return frame
+
+
+def prepare_reference(frame, params: Parameters | None = None, *, backend: Backend | None = None) -> Reference:
+    """Detect the reference's stars, resolve the Auto parameters and sample its background.
+
+    Parameters
+    ----------
+    frame : Frame, path or array
+        The reference: a frame as read by :func:`nsg_gpu.io.read_frame`, a file to read, or
+        its data ``(height, width)`` or ``(channels, height, width)``.
+
+    params : Parameters, optional
+        Requested parameters; Auto fields are resolved here.
+
+    backend : Backend, optional
+        Where image-sized work runs; by default the backend of the frame's data.
+
+    Raises
+    ------
+    ReferenceFrameError
+        The reference cannot be read, has no data or too few stars.
+    """
+    params = params or Parameters()
+    try:
+        frame = as_frame(frame, backend)
+        check_coverage(frame)
+    except FrameError as exc:
+        raise ReferenceFrameError(exc.path, exc.reason) from exc
+    with single_threaded_blas():
+        return _prepare(frame, params)
+
+
+def _prepare(frame: Frame, params: Parameters) -> Reference:
+    be = get_backend(frame.data)
+    data = frame.data
+    _, height, width = data.shape
+    stars = detect_stars(data, detection_sigma=params.detection_sigma)
+    if len(stars) < params.min_star_pairs:
+        raise ReferenceFrameError(
+            frame.path,
+            f"only {len(stars)} stars detected on the reference (at least {params.min_star_pairs} needed); "
+            "choose a reference with more stars or lower --detection-sigma",
+        )
+    image_max = float(be.to_host(detection_image(data).max()))
+    resolved = resolve_parameters(
+        params,
+        width=width,
+        height=height,
+        header_focal_length_mm=frame.meta.focal_length_mm,
+        header_pixel_size_um=frame.meta.pixel_size_um,
+        reference_max=image_max,
+        max_star_flux=float(stars.flux.max()),
+        n_reference_stars=len(stars),
+    )
+    linear = np.nonzero(stars.peak < resolved.linear_range)[0][:MAX_PHOTOMETRY_STARS]
+    channel_peak = stamp_peaks(data.max(axis=0), stars.x[linear], stars.y[linear])
+    alone = isolated(stars, linear, reach=6.0 * stars.fwhm + 4)
+    grid = make_grid(height, width, resolved.sample_size)
+    if grid.count < MIN_SAMPLES:
+        raise ReferenceFrameError(
+            frame.path, f"sample size {grid.size} leaves fewer than {MIN_SAMPLES} samples in the image"
+        )
+    medians, valid = bin_medians(data, grid, frame.white_level)
+    n_reject = int(math.floor(len(stars) * min(resolved.limit_sample_stars_percent, 100.0) / 100.0))
+    radius = stars.radius[:n_reject] + resolved.aperture_add + resolved.sample_star_growth_rate * stars.flux[:n_reject]
+    rejected = star_rejection(grid, stars.x[:n_reject], stars.y[:n_reject], radius)
+    noise = np.array([ksigma_noise(data[c]) for c in range(data.shape[0])])
+    circles = np.column_stack([stars.x[:n_reject], stars.y[:n_reject], radius])
+    return Reference(
+        frame, resolved, stars, linear, channel_peak, alone, grid, medians, valid, rejected, noise, circles=circles
+    )

@@ -1,0 +1,329 @@
+"""A whole run from files: plan, prepare the reference, run the jobs, reject, and report.
+
+The top of the data flow. :func:`plan_run` chooses the reference (:mod:`nsg_gpu.select`),
+drops duplicates and names every output before any pixel is read; :func:`normalize` keeps the
+outputs an earlier run left complete and up to date (:mod:`nsg_gpu.resume`), prepares the
+reference once (:mod:`nsg_gpu.reference`), hands the other targets to an executor
+(:mod:`nsg_gpu.executors`, :mod:`nsg_gpu.cluster`), rejects frames as NSG does
+(:mod:`nsg_gpu.rejection`) and writes the results files (:mod:`nsg_gpu.report`), the plots
+(:mod:`nsg_gpu.diagnostics`) and ``report.html`` (:mod:`nsg_gpu.htmlreport`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .backend import NUMPY, Backend
+from .diagnostics import chosen_frames, write_frame_plots
+from .errors import FrameError, NSGError, OutputError, ReferenceFrameError
+from .executors import InProcessExecutor
+from .htmlreport import write_report
+from .io import OUTPUT_FORMATS, output_path, read_frame, remove_stale_temporaries
+from .jobs import FrameJob, reference_result, write_reference
+from .params import Parameters
+from .pipeline import normalize_frame
+from .reference import Reference, prepare_reference
+from .rejection import reject_frames
+from .report import write_results, write_weights
+from .results import FrameResult, RunResult
+from .resume import clear_outputs, find_complete_output, frame_fingerprint, result_from_header
+from .select import choose_reference
+
+__all__ = ["RunPlan", "plan_run", "normalize"]
+
+
+@dataclass
+class RunPlan:
+    """What a run will do, decided before any pixel is read: reference, targets, outputs."""
+
+    reference_path: Path
+    reference_output: Path
+    targets: list[Path]
+    outputs: dict[Path, Path]
+    duplicates: list[FrameResult]
+    reference_reason: str | None = None
+
+    def jobs(
+        self, history: Sequence[str] = (), *, fingerprints: dict | None = None, diagnostics: bool = False
+    ) -> list[FrameJob]:
+        """One job per target, in input order."""
+        fingerprints = fingerprints or {}
+        return [
+            FrameJob(
+                path=p,
+                output=self.outputs[p],
+                reference_name=self.reference_path.name,
+                history=tuple(history),
+                fingerprint=fingerprints.get(p),
+                diagnostics=diagnostics,
+            )
+            for p in self.targets
+        ]
+
+
+def plan_run(
+    frames: Sequence[str | os.PathLike],
+    *,
+    reference: str | os.PathLike = "auto",
+    output_dir: str | os.PathLike = "nsg",
+    params: Parameters | None = None,
+    postfix: str = "_nsg",
+    output_format: str = "fits",
+) -> RunPlan:
+    """Choose the reference, drop duplicates and name every output; nothing is written.
+
+    Raises
+    ------
+    ReferenceFrameError
+        The reference does not exist.
+    OutputError
+        An output would overwrite an input.
+    """
+    params = params or Parameters()
+    if output_format not in OUTPUT_FORMATS:
+        raise NSGError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}, not {output_format!r}")
+    output_dir = Path(output_dir)
+    paths = [Path(p) for p in frames]
+    reason = None
+    if str(reference) == "auto":
+        if not paths:
+            raise NSGError("no frames given")
+        reference_path, reason = choose_reference(paths, detection_sigma=params.detection_sigma)
+    else:
+        reference_path = Path(reference)
+        if not reference_path.is_file():
+            raise ReferenceFrameError(reference_path, "the reference frame does not exist")
+    seen: dict[Path, Path] = {}
+    targets: list[Path] = []
+    duplicates: list[FrameResult] = []
+    ref_resolved = reference_path.resolve()
+    for p in paths:
+        key = p.resolve()
+        if key == ref_resolved:
+            continue
+        if key in seen:
+            duplicates.append(
+                FrameResult(
+                    path=str(p), status="failed", error=f"{p}: given twice (also as {seen[key]}); processed once"
+                )
+            )
+            continue
+        seen[key] = p
+        targets.append(p)
+    inputs = {ref_resolved, *seen.keys()}
+    outputs = {}
+    for p in [reference_path, *targets]:
+        out = output_path(p, output_dir, postfix, output_format=output_format)
+        if out.resolve() in inputs:
+            raise OutputError(
+                f"{out}: the output would overwrite an input frame; choose another --output-dir or postfix"
+            )
+        outputs[p] = out
+    return RunPlan(reference_path, outputs[reference_path], targets, outputs, duplicates, reason)
+
+
+def normalize(
+    frames: Sequence[str | os.PathLike],
+    *,
+    reference: str | os.PathLike = "auto",
+    output_dir: str | os.PathLike = "nsg",
+    params: Parameters | None = None,
+    backend: Backend | None = None,
+    postfix: str = "_nsg",
+    stop_on_error: bool = False,
+    progress: Callable[[FrameResult, int, int], None] | None = None,
+    executor=None,
+    overwrite: bool = False,
+    output_format: str = "fits",
+    plots: bool = False,
+    report: bool = False,
+) -> RunResult:
+    """Normalize frames on disk to a reference and write ``<stem><postfix>.fits`` for each.
+
+    A rerun keeps every output that is complete and was made from the same input, reference
+    and parameters (its ``NSGHASH`` card, :mod:`nsg_gpu.resume`) and redoes the others. After
+    the run, frames whose relative weight or transmission is at or below
+    ``params.min_weight`` / ``params.min_transmission`` are marked rejected and their outputs
+    moved into ``<output_dir>/rejected/`` (:mod:`nsg_gpu.rejection`).
+
+    Parameters
+    ----------
+    frames : sequence of paths
+        Registered FITS or XISF frames. The reference may be among them.
+
+    reference : path or "auto"
+        The reference frame, or "auto" to choose one (see :func:`nsg_gpu.select.choose_reference`).
+
+    output_dir : path
+        Created if needed; outputs, ``results.csv`` and ``results.json`` go there.
+
+    params : Parameters, optional
+
+    backend : Backend, optional
+        NumPy by default.
+
+    stop_on_error : bool
+        Stop at the first frame that fails instead of going on.
+
+    progress : callable, optional
+        Called as ``progress(result, done, total)`` after each frame.
+
+    executor : optional
+        Runs :func:`nsg_gpu.jobs.process_frame` over the targets (:mod:`nsg_gpu.executors`);
+        in-process by default.
+
+    overwrite : bool
+        Redo every frame, even those whose output is complete and up to date.
+
+    output_format : {"fits", "xisf"}
+        Format of the normalized frames (``.fits`` or ``.xisf``).
+
+    plots : bool
+        Write the diagnostic plots of every frame to ``output_dir/plots`` as it completes
+        (:mod:`nsg_gpu.diagnostics`). Without it, only a few chosen frames are plotted.
+
+    report : bool
+        Write ``report.html`` with the run charts and the chosen frames' diagnostics
+        (:mod:`nsg_gpu.htmlreport`); ``nsg normalize`` does by default. A report that cannot be
+        written leaves the run done, with the reason in ``RunResult.report_error``.
+
+    Returns
+    -------
+    RunResult
+        The reference first, then the targets in input order; failed frames carry their error,
+        kept outputs are marked ``resumed``, rejected frames carry the reason in ``rejected``.
+
+    Raises
+    ------
+    ReferenceFrameError
+        The reference is missing or unusable (nothing can be normalized).
+    OutputError
+        An output would overwrite an input.
+    """
+    params = params or Parameters()
+    be = backend or NUMPY
+    executor = executor or InProcessExecutor()
+    plan = plan_run(
+        frames, reference=reference, output_dir=output_dir, params=params, postfix=postfix, output_format=output_format
+    )
+    remove_stale_temporaries(plan.outputs.values())
+    # Resume: outputs made from the same input, reference and parameters are kept.
+    ref_name = plan.reference_path.name
+    fingerprints = {
+        p: frame_fingerprint(p, reference=plan.reference_path, params=params)
+        for p in [plan.reference_path, *plan.targets]
+    }
+    complete = {}
+    if not overwrite:
+        for p in [plan.reference_path, *plan.targets]:
+            found = find_complete_output(plan.outputs[p], reference_name=ref_name, fingerprint=fingerprints[p])
+            if found is not None:
+                complete[p] = found
+    try:
+        ref_frame = read_frame(plan.reference_path)
+    except FrameError as exc:
+        raise ReferenceFrameError(plan.reference_path, exc.reason) from exc
+    prepared = prepare_reference(ref_frame, params, backend=be)
+    if plan.reference_path in complete:
+        reference_row = reference_result(prepared, complete.pop(plan.reference_path)[0])
+        reference_row.resumed = True
+    else:
+        clear_outputs(plan.reference_output)
+        reference_row = write_reference(prepared, plan.reference_output, fingerprint=fingerprints[plan.reference_path])
+    total = len(plan.targets) + 1
+    if progress:
+        progress(reference_row, 1, total)
+    by_path: dict[Path, FrameResult] = {}
+    for p, (out, header) in complete.items():
+        by_path[p] = result_from_header(p, out, header, weight_keyword=prepared.params.weight_keyword)
+        if progress:
+            progress(by_path[p], len(by_path) + 1, total)
+    # Every frame records its diagnostics (a few hundred kB); with --plots each is plotted and
+    # dropped at once, otherwise only the highest- and lowest-weight frames' records are kept.
+    jobs = [
+        job
+        for job in plan.jobs(prepared.params.history(), fingerprints=fingerprints, diagnostics=plots or report)
+        if job.path not in complete
+    ]
+    for job in jobs:
+        clear_outputs(job.output)  # a frame redone has no output until its new one is complete
+    frame_plots: dict[str, list[Path]] = {}
+    plot_error = None
+    kept: dict[str, tuple] = {}
+    results_iter = executor.run(prepared, jobs, stop_on_error=stop_on_error)
+    # Results first: zip then runs the executor to its end (its threads joined, its cluster
+    # futures released) before it looks at the jobs.
+    for result, job in zip(results_iter, jobs):
+        if result.diagnostics is not None:
+            if plots:
+                try:
+                    frame_plots[result.path] = write_frame_plots(result, result.diagnostics, Path(output_dir) / "plots")
+                except OutputError as exc:
+                    plots = False  # the disk is full or gone: the next frames' plots would fail too
+                    plot_error = str(exc)
+            else:
+                _keep_extremes(kept, result)
+            result.diagnostics = None
+        by_path[job.path] = result
+        if progress:
+            progress(result, len(by_path) + 1, total)
+    results = [reference_row, *plan.duplicates, *(by_path[p] for p in plan.targets if p in by_path)]
+    _filter_warnings(results)
+    reject_frames(
+        results, min_weight=params.min_weight, min_transmission=params.min_transmission, output_dir=output_dir
+    )
+    run = RunResult(str(plan.reference_path), results, prepared.params, plan.reference_reason)
+    run.report_error = plot_error
+    write_results(run, output_dir)
+    write_weights(run, output_dir)
+    if report:
+        try:
+            run.report = str(_write_report(prepared, run, output_dir, frame_plots, kept))
+        except OutputError as exc:  # the frames and results are written; the report is extra
+            run.report_error = str(exc)
+    return run
+
+
+def _filter_warnings(results: list[FrameResult]) -> None:
+    """Warn on every frame whose FILTER differs from the reference's (the first result)."""
+    reference = results[0]
+    if not reference.filter:
+        return
+    for result in results[1:]:
+        if result.status == "failed" or not result.filter:
+            continue
+        if result.filter.strip().casefold() != reference.filter.strip().casefold():
+            message = (
+                f"FILTER {result.filter!r} differs from the reference's {reference.filter!r}: "
+                "frames of different filters should not be normalized to one reference"
+            )
+            result.warning = f"{result.warning}; {message}" if result.warning else message
+
+
+def _keep_extremes(kept: dict, result: FrameResult) -> None:
+    """Keep ``result``'s diagnostics if it has the highest or lowest weight so far."""
+    record = (result, result.diagnostics)
+    for key, better in (("high", lambda a, b: a > b), ("low", lambda a, b: a < b)):
+        if key not in kept or better(result.weight, kept[key][0].weight):
+            kept[key] = record
+
+
+def _write_report(prepared: Reference, run: RunResult, output_dir, frame_plots: dict, kept: dict) -> Path:
+    """report.html, with the diagnostics of the chosen frames; one whose record was not kept
+    during the run (the median-weight frame) is normalized again in memory."""
+    records = {result.path: diagnostics for result, diagnostics in kept.values()}
+    chosen = chosen_frames(run.frames)
+    for result in chosen.values():
+        if result.path in frame_plots:
+            continue
+        diagnostics = records.get(result.path)
+        if diagnostics is None:
+            try:
+                diagnostics = normalize_frame(prepared, read_frame(result.path), diagnostics=True).diagnostics
+            except FrameError:  # changed on disk since; the report goes without its plots
+                continue
+        frame_plots[result.path] = write_frame_plots(result, diagnostics, Path(output_dir) / "plots")
+    return write_report(run, output_dir, frame_plots=frame_plots, chosen=chosen)

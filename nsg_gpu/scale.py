@@ -1,0 +1,250 @@
+"""The scale stage: the photometric scale ``m`` of a target per channel, from the reference's stars.
+
+Second stage of a target, after the reference is prepared (:mod:`nsg_gpu.reference`). The
+target's FWHM is measured at the reference's bright isolated stars; every reference star is
+recentred on the target (frames are registered, so stars are looked for where the reference
+has them) and the frame is failed when too few of the brightest are found. The PSFs of both
+frames are fitted (:mod:`nsg_gpu.psf`), the stars are measured in both frames with the same
+aperture and weights (:mod:`nsg_gpu.photometry`), corrected for the share of the light each
+frame's weights keep, and NSG's robust line fit gives ``m`` per channel. The gradient stage
+(:mod:`nsg_gpu.gradient`) comes next.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import photometry
+from .backend import get_backend
+from .errors import TooFewStarsError
+from .io import Frame
+from .noise import ksigma_noise
+from .progress import Stopwatch
+from .psf import (
+    MIN_PSF_FWHM,
+    MIN_PSF_STARS,
+    MoffatPSF,
+    fit_target_psf,
+    plausible,
+    psf_stamps,
+    stamp_noise,
+    stamp_radius,
+    stamp_ratio,
+)
+from .reference import Reference
+from .stamps import gather_stamps, local_level, stamp_peaks
+from .stars import detection_image, estimate_fwhm
+
+__all__ = ["ScaleMeasurement", "measure_scale", "fit_psfs", "MIN_PAIR_SNR", "MIN_REGISTERED_FRACTION"]
+
+#: Pairs below this signal-to-noise (both frames combined) are too noisy to help the scale.
+MIN_PAIR_SNR = 10.0
+#: Stars whose target peak is below this many noise sigmas do not measure the target's FWHM.
+MIN_FWHM_PEAK_SNR = 20.0
+#: Share of the bright reference stars that must be found within the search radius.
+MIN_REGISTERED_FRACTION = 0.5
+
+
+@dataclass
+class ScaleMeasurement:
+    """The scale of one target and what it was measured from."""
+
+    scale: np.ndarray  # m per channel
+    pairs: int
+    fwhm: float  # the target's
+    fits: list  # photometry.ScaleFit per channel
+    correction: np.ndarray  # per channel, applied to the reference's fluxes
+    target_flux: np.ndarray | None = None  # (channels, pairs) usable pairs, as fitted
+    reference_flux: np.ndarray | None = None
+    reference_psf: MoffatPSF | None = None  # fitted, or None where the fit was not possible
+    target_psf: MoffatPSF | None = None
+
+
+def _target_fwhm(reference: Reference, image, noise: float) -> float:
+    """The target's FWHM at the reference's bright isolated stars; the reference's where too
+    few stand out of the target's noise (noise inflates the area above half maximum of faint
+    ones)."""
+    be = get_backend(image)
+    stars = reference.stars
+    bright = reference.photometry_index[reference.isolated][:200]
+    if bright.size < 5:
+        return stars.fwhm
+    local = local_level(image, stars.x[bright], stars.y[bright], 12)
+    strong = (stamp_peaks(image, stars.x[bright], stars.y[bright]) - local) > MIN_FWHM_PEAK_SNR * noise
+    if strong.sum() < 5:
+        return stars.fwhm
+    values = estimate_fwhm(
+        image,
+        stars.x[bright][strong],
+        stars.y[bright][strong],
+        background=be.asarray(local[strong]),
+        half=max(4, int(math.ceil(3 * stars.fwhm))),
+    )
+    values = values[values > 0.8]
+    return float(np.median(values)) if values.size >= 5 else stars.fwhm
+
+
+def _find_stars(reference: Reference, frame: Frame, image, noise: float, fwhm_t: float):
+    """The reference's stars recentred on the target, and which were found there.
+
+    Raises
+    ------
+    TooFewStarsError
+        Too few of the brightest stars the frame covers are where the reference has them.
+    """
+    params = reference.params
+    stars = reference.stars
+    idx = reference.photometry_index
+    x, y = stars.x[idx], stars.y[idx]
+    tx, ty = photometry.recentre(image, x, y, fwhm=max(stars.fwhm, fwhm_t))
+    shift = np.hypot(tx - x, ty - y)
+    # Found: the centroid moved little and a star really stands there (the centroid of bare
+    # sky also lies near the window's centre).
+    level = local_level(image, x, y, max(6, int(math.ceil(3 * stars.fwhm))))
+    found = np.isfinite(shift) & (shift <= params.star_search_radius) & (stamp_peaks(image, x, y) - level > 5 * noise)
+    # Judge registration on the brightest stars that the target covers at all.
+    covered = get_backend(image).to_host(gather_stamps(image, x, y, 2).min(axis=(1, 2))) > 0
+    judged = np.nonzero(covered)[0][:50]
+    if judged.size >= 10 and found[judged].mean() < MIN_REGISTERED_FRACTION:
+        raise TooFewStarsError(
+            frame.path,
+            f"only {int(found[judged].sum())} of the reference's {judged.size} brightest stars in the frame's "
+            f"coverage are found within {params.star_search_radius:g} px of their reference positions: the "
+            "frame does not look registered to the reference, or shows no stars (cloud, dew, a closed "
+            "shutter); register it first, or raise --star-search-radius",
+        )
+    return np.where(found, tx, x), np.where(found, ty, y), found
+
+
+def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = None) -> ScaleMeasurement:
+    """The photometric scale ``m`` per channel of ``frame`` against the reference.
+
+    ``timings``, when given, gains the seconds spent in ``detect`` (target FWHM, recentring,
+    registration check) and ``photometry`` (PSF fits, star fluxes, scale fit).
+
+    Raises
+    ------
+    TooFewStarsError
+        The frame is not registered to the reference, or has too few usable star pairs.
+    """
+    clock = Stopwatch(timings)
+    params = reference.params
+    data = frame.data
+    stars = reference.stars
+    image = detection_image(data)
+    noise_t = ksigma_noise(image)
+    fwhm_t = _target_fwhm(reference, image, noise_t)
+    tx, ty, found = _find_stars(reference, frame, image, noise_t, fwhm_t)
+    # Non-linearity is a property of each channel: a red star can clip in red while its
+    # intensity stays low, so the peak test uses the brightest channel in both frames.
+    peak_t = stamp_peaks(data.max(axis=0), tx, ty)
+    clock.lap("detect")
+    sampled = min(stars.fwhm, fwhm_t) >= MIN_PSF_FWHM
+    psfs = fit_psfs(reference, frame, fwhm_t) if params.photometry == "psf" and sampled else None
+    if psfs is not None:
+        reference_psf, target_psf = psfs
+        # The broader PSF weighs the pixels of both frames: it is close to the best weight
+        # for the frame whose stars are noisiest per pixel.
+        weight = max(psfs, key=lambda p: p.fwhm)
+        fwhm_max = weight.fwhm
+    else:
+        reference_psf = MoffatPSF.from_fwhm(stars.fwhm, photometry.MOFFAT_BETA)
+        target_psf = MoffatPSF.from_fwhm(fwhm_t, photometry.MOFFAT_BETA)
+        weight = None
+        fwhm_max = max(stars.fwhm, fwhm_t)
+    geometry = photometry.aperture_geometry(
+        fwhm_max,
+        aperture_fwhm=params.aperture_fwhm,
+        aperture_add=params.aperture_add,
+        gap=params.aperture_gap,
+        bg_delta=params.aperture_bg_delta,
+    )
+    ref_m = reference.measurement(geometry, weight)
+    tgt_m = photometry.measure_stars(data, tx, ty, geometry, weight)
+    usable = (
+        ref_m.ok & tgt_m.ok & found & (peak_t < params.linear_range) & (reference.channel_peak < params.linear_range)
+    )
+    channels = data.shape[0]
+    # Signal-to-noise of each pair, on the faintest channel.
+    ratio0 = np.median(ref_m.flux[:, usable] / tgt_m.flux[:, usable], axis=1) if usable.any() else np.ones(channels)
+    snr = np.min(
+        (ref_m.flux + ratio0[:, None] * tgt_m.flux)
+        / np.maximum(np.hypot(ref_m.flux_error, ratio0[:, None] * tgt_m.flux_error), 1e-30),
+        axis=0,
+    )
+    usable &= snr >= MIN_PAIR_SNR
+    if usable.sum() < params.min_star_pairs:
+        raise TooFewStarsError(
+            frame.path,
+            f"{int(usable.sum())} usable star pairs (unsaturated, fully covered, signal-to-noise >= "
+            f"{MIN_PAIR_SNR:g}); at least {params.min_star_pairs} are needed for a photometric scale",
+        )
+    correction = np.full(
+        channels,
+        photometry.seeing_correction(geometry, reference_psf=reference_psf, target_psf=target_psf, weight=weight),
+    )
+    scales, fits = [], []
+    for c in range(channels):
+        fit = photometry.fit_scale(
+            tgt_m.flux[c][usable],
+            ref_m.flux[c][usable] * correction[c],
+            target_error=tgt_m.flux_error[c][usable],
+            reference_error=ref_m.flux_error[c][usable] * correction[c],
+            tolerance=params.star_flux_tolerance,
+            outlier_removal=params.outlier_removal,
+        )
+        if fit.n_pairs < params.min_star_pairs or not (fit.scale > 0 and math.isfinite(fit.scale)):
+            raise TooFewStarsError(
+                frame.path,
+                f"channel {c}: {fit.n_pairs} star pairs survive the outlier rejection; at least "
+                f"{params.min_star_pairs} are needed",
+            )
+        scales.append(fit.scale)
+        fits.append(fit)
+    clock.lap("photometry")
+    return ScaleMeasurement(
+        np.array(scales),
+        max(f.n_pairs for f in fits),
+        target_psf.fwhm if psfs is not None else fwhm_t,
+        fits,
+        correction,
+        target_flux=tgt_m.flux[:, usable],
+        reference_flux=ref_m.flux[:, usable] * np.asarray(correction)[:, None],
+        reference_psf=reference_psf if psfs is not None else None,
+        target_psf=target_psf if psfs is not None else None,
+    )
+
+
+def fit_psfs(reference: Reference, frame: Frame, fwhm_t: float) -> tuple[MoffatPSF, MoffatPSF] | None:
+    """The reference's and the target's Moffat PSFs, the target's fitted against the
+    reference's sky (:func:`nsg_gpu.psf.fit_target_psf`); None where either fit fails."""
+    radius = stamp_radius(max(reference.stars.fwhm, fwhm_t))
+    fitted_reference = reference.psf_fit(radius)
+    if fitted_reference is None:
+        return None
+    stamps = fitted_reference.stamps
+    target = psf_stamps(frame.data, stamps.xi + stamps.dx, stamps.yi + stamps.dy, radius)
+    s0 = stamp_ratio(target.take(fitted_reference.fitted), stamps.take(fitted_reference.fitted))
+    if not (math.isfinite(s0) and s0 > 0):
+        return None
+    noise, gain_inv = stamp_noise(target)
+    if not noise > 0:
+        return None
+    target_psf = fit_target_psf(
+        target,
+        stamps,
+        fitted_reference.star_model,
+        fitted_reference.fitted,
+        s0=s0,
+        fwhm=fwhm_t,
+        sigma=noise,
+        reference_sigma=fitted_reference.noise,
+        gain_inv=gain_inv,
+        reference_gain_inv=fitted_reference.gain_inv,
+    )
+    if target_psf.stars < MIN_PSF_STARS or not plausible(target_psf, fwhm_t):
+        return None
+    return fitted_reference.psf, target_psf

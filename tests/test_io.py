@@ -1,0 +1,62 @@
+"""Reading and writing frames: units, no-data pixels, errors naming the file, atomic writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from nsg_gpu.errors import FrameReadError, FrameShapeError, OutputError
+from nsg_gpu.io import output_path, read_frame, write_frame
+from nsg_gpu.keywords import NSGCards, set_nsg_keywords
+
+
+def test_integer_frames_are_scaled_and_nonfinite_is_no_data(tmp_path):
+    raw = np.array([[0, 1000], [65535, 30000]], dtype=np.float64)
+    hdu = fits.PrimaryHDU((raw - 32768).astype(np.int16))
+    hdu.header["BZERO"] = 32768
+    hdu.header["BSCALE"] = 1
+    hdu.writeto(tmp_path / "u16.fits")
+    frame = read_frame(tmp_path / "u16.fits")
+    assert frame.data.dtype == np.float32 and frame.data.shape == (1, 2, 2)
+    np.testing.assert_array_equal(frame.data[0], raw)
+    assert frame.white_level == 65535
+    fits.PrimaryHDU(np.array([[np.nan, 0.5], [np.inf, 0.2]], np.float32)).writeto(tmp_path / "nan.fits")
+    np.testing.assert_array_equal(read_frame(tmp_path / "nan.fits").data[0], np.array([[0, 0.5], [0, 0.2]], np.float32))
+
+
+def test_read_errors_name_the_file(tmp_path):
+    bad = tmp_path / "garbage.fits"
+    bad.write_bytes(b"this is not a FITS file at all" * 100)
+    with pytest.raises(FrameReadError, match="garbage.fits"):
+        read_frame(bad)
+    fits.PrimaryHDU(np.zeros((2, 3, 4), np.float32)).writeto(tmp_path / "cube.fits")
+    with pytest.raises(FrameShapeError, match="3 planes"):
+        read_frame(tmp_path / "cube.fits")
+    with pytest.raises(FrameReadError, match="no such file"):
+        read_frame(tmp_path / "missing.fits")
+
+
+def test_write_is_atomic_and_keeps_header(tmp_path):
+    header = fits.Header()
+    header["CTYPE1"] = "RA---TAN"
+    header["NSGS0"] = 9.0
+    header.add_history("NSG.old: 1")
+    header.add_history("calibrated")
+    cards = NSGCards(reference_name="ref.fits", transmission=[0.5], snr=[0.8], weight=0.64, high=1.2, history=["x: 1"])
+    header = set_nsg_keywords(header, cards)
+    path = write_frame(tmp_path / "out.fits", np.ones((1, 4, 5), np.float32), header)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.fits"]
+    with fits.open(path) as hdul:
+        h = hdul[0].header
+        assert h["NSGS0"] == 0.5 and h["NWEIGHT"] == pytest.approx(0.64) and h["CTYPE1"] == "RA---TAN"
+        assert "NSGS1" not in h
+        assert [str(v) for v in h["HISTORY"]] == ["calibrated", "NSG.x: 1"]
+    assert output_path("/a/light_1.fits.gz", "/o").name == "light_1_nsg.fits"
+
+
+def test_write_failure_leaves_nothing(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    with pytest.raises(OutputError):
+        write_frame(blocked / "out.fits", np.ones((1, 2, 2), np.float32), fits.Header())

@@ -1,0 +1,70 @@
+"""A whole run: the same inputs give the same bytes however the run was executed."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nsg_gpu.executors import InProcessExecutor
+from nsg_gpu.params import Parameters
+from nsg_gpu.run import normalize
+from nsg_gpu.synthetic import write_synthetic_set
+
+#: Small frames, but with every stage at work: PSF fits, a spline of a few hundred samples.
+SPEC = dict(width=900, height=640, n_frames=4, seed=21, n_stars=900)
+#: A relative parameter set that keeps every frame (rejection moves files, not bytes).
+KEEP_ALL = Parameters(min_weight=0, min_transmission=0)
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory) -> list[Path]:
+    """Four synthetic mono frames, the first the reference."""
+    return write_synthetic_set(tmp_path_factory.mktemp("frames"), **SPEC)
+
+
+def _outputs(directory: Path) -> dict[str, bytes]:
+    """Every output frame's bytes, by name."""
+    return {p.name: p.read_bytes() for p in sorted(directory.rglob("*_nsg.fits"))}
+
+
+def _results(directory: Path) -> list[dict]:
+    """results.csv without the column that measures time, outputs named without their directory."""
+    with open(directory / "results.csv", newline="") as handle:
+        rows = [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
+    for row in rows:
+        row["output"] = Path(row["output"]).name
+    return rows
+
+
+def test_executors_write_the_same_bytes(frames, tmp_path):
+    runs = {
+        "serial": InProcessExecutor(threads=False),
+        "one-thread": InProcessExecutor(compute_threads=1),
+        "two-threads": InProcessExecutor(compute_threads=2),
+    }
+    for name, executor in runs.items():
+        normalize(frames, reference=frames[0], output_dir=tmp_path / name, params=KEEP_ALL, executor=executor)
+    expected = _outputs(tmp_path / "serial")
+    assert len(expected) == SPEC["n_frames"]
+    for name in runs:
+        assert _outputs(tmp_path / name) == expected, name
+        assert _results(tmp_path / name) == _results(tmp_path / "serial"), name
+
+
+@pytest.mark.slow
+def test_blas_and_openmp_threads_do_not_change_the_bytes(frames, tmp_path):
+    """The spline's LU factorization rounds differently with more BLAS threads; the run pins
+    its dense linear algebra to one thread, so the environment cannot change the result."""
+    for threads in ("1", "2"):
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        command = [sys.executable, "-m", "nsg_gpu", "normalize", *map(str, frames), "-r", str(frames[0])]
+        command += ["-o", str(tmp_path / threads), "--min-weight", "0", "--min-transmission", "0", "--no-report", "-q"]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+    assert _outputs(tmp_path / "1") == _outputs(tmp_path / "2") and len(_outputs(tmp_path / "1")) == SPEC["n_frames"]
+    assert _results(tmp_path / "1") == _results(tmp_path / "2")

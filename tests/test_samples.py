@@ -1,0 +1,32 @@
+"""The background sample grid: medians, black bins, star rejection and super-samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nsg_gpu.samples import SampleSet, bin_medians, bin_samples, make_grid, star_rejection
+
+
+def test_bin_medians_ignore_zeros_and_saturation_and_flag_black_bins():
+    grid = make_grid(45, 64, 10)
+    assert (grid.x0, grid.y0, grid.n_cols, grid.n_rows) == (2, 3, 6, 4)
+    data = np.full((1, 45, 64), 0.2, np.float32)
+    data[0, 3:13, 2:12] = np.linspace(0.1, 0.3, 100).reshape(10, 10)
+    data[0, 3, 2] = 1.0  # saturated: ignored
+    data[0, 13:16, 12:15] = 0.0  # a 3x3 no-data region (9 %): bin invalid
+    data[0, 3:13, 12:22][::3, ::3] = 0.0  # scattered zeros (clipped pixels): ignored, bin valid
+    medians, valid = bin_medians(data, grid, white_level=1.0)
+    assert medians[0, 0, 0] == pytest.approx(np.median(np.linspace(0.1, 0.3, 100)[1:]), rel=1e-5)
+    assert not valid[1, 1] and valid[0, 0] and valid[0, 1]
+    assert medians[0, 0, 1] == pytest.approx(0.2)
+
+
+def test_star_rejection_and_binning():
+    grid = make_grid(200, 200, 20)
+    rejected = star_rejection(grid, [100.0], [100.0], [15.0])
+    assert rejected[5, 5] and not rejected[5, 0] and not rejected[0, 0]
+    n = 100
+    samples = SampleSet(np.repeat(grid.centre_x, 10), np.tile(grid.centre_y, 10), np.ones((1, n)), np.ones(n))
+    binned = bin_samples(samples, grid, max_samples=30)
+    assert len(binned) <= 30 and binned.weight.sum() == n

@@ -1,0 +1,31 @@
+"""The one stamp gatherer: positions rounded to the nearest pixel, 0 outside the image."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nsg_gpu.stamps import gather_stamps, local_level, stamp_peaks
+
+
+def test_stamps_are_the_image_around_each_position_and_zero_outside():
+    image = np.arange(1, 7 * 9 + 1, dtype=np.float32).reshape(7, 9)
+    stamps = gather_stamps(image, np.array([4.4, 0.0, 8.4]), np.array([3.2, 0.4, 6.5]), 1)
+    np.testing.assert_array_equal(stamps[0], image[2:5, 3:6])
+    corner = np.zeros((3, 3), np.float32)
+    corner[1:, 1:] = image[:2, :2]
+    np.testing.assert_array_equal(stamps[1], corner)
+    assert stamps[2][1, 1] == image[6, 8]  # rint(6.5) rounds to even
+    assert np.all(stamps[2][2, :] == 0) and np.all(stamps[2][:, 2] == 0)
+
+
+def test_colour_stamps_keep_the_channels_and_the_helpers_agree():
+    rng = np.random.default_rng(2)
+    data = rng.uniform(1, 2, (3, 20, 30)).astype(np.float32)
+    x, y = np.array([10.0, 25.0]), np.array([5.0, 15.0])
+    stamps = gather_stamps(data, x, y, 2)
+    assert stamps.shape == (3, 2, 5, 5)
+    for c in range(3):
+        np.testing.assert_array_equal(stamps[c], gather_stamps(data[c], x, y, 2))
+    np.testing.assert_array_equal(stamp_peaks(data[0], x, y, 2), stamps[0].max(axis=(1, 2)))
+    border = np.concatenate([stamps[0, 0, 0], stamps[0, 0, -1], stamps[0, 0, :, 0], stamps[0, 0, :, -1]])
+    assert local_level(data[0], x, y, 2)[0] == np.median(border)
