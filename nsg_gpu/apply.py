@@ -4,6 +4,9 @@ On the GPU one kernel (``kernels/apply.cu``) writes the normalized frame, the pe
 maxima of it (the ``NSGHIGH`` value) and the first wavelet layer of the output on the rows
 that the k-sigma noise estimate samples, so that the frame is read once. The NumPy path is
 that kernel's twin and computes the same quantities with whole-array operations.
+
+In the flow: after the gradient stage, called by :func:`nsg_gpu.pipeline.normalize_frame`;
+its noise statistics feed the weight (:mod:`nsg_gpu.noise`).
 """
 
 from __future__ import annotations

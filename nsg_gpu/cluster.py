@@ -32,9 +32,9 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from .atomic import remove_stale_temporaries
 from .backend import cupy_status, get_backend
 from .errors import NSGError
-from .io import remove_stale_temporaries
 from .jobs import FrameJob, process_frame
 from .reference import Reference
 from .results import FrameResult, failed_result

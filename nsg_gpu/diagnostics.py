@@ -14,6 +14,9 @@ Agg canvas, no display, no global pyplot state):
 and, for the run, transmission and weight per frame in time order, relative to the best frame,
 with the rejection thresholds. A frame's :class:`FrameDiagnostics` comes from
 :func:`nsg_gpu.pipeline.normalize_frame` with ``diagnostics=True``.
+
+In the flow: fed by :func:`nsg_gpu.pipeline.normalize_frame` with ``diagnostics=True``, drawn
+during and at the end of a run (:mod:`nsg_gpu.run`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import frame_stem, write_bytes
+from .atomic import write_bytes
+from .io import frame_stem
 from .rejection import relative_quality
 
 __all__ = [

@@ -6,6 +6,8 @@ frame in time order, with the rejection thresholds) and the diagnostic plots of 
 frames (highest, median and lowest weight) and of every frame plotted with ``--plots``.
 Images are PNG files under ``plots/`` beside it, linked by relative paths, so the output
 directory can be moved or archived whole. No script, no network access.
+
+In the flow: the last thing a run writes (:func:`nsg_gpu.run.normalize`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .atomic import write_text
 from .diagnostics import FRAME_PLOTS, rejection_thresholds, write_run_plots
-from .io import write_text
 from .version import __version__
 
 __all__ = ["write_report"]

@@ -3,8 +3,8 @@
 Frames are held channels-first, ``(channels, height, width)`` float32, whatever their layout on
 disk (2-D mono, or 3-D colour with three planes). Integer data are scaled by BZERO/BSCALE to
 physical values; non-finite pixels become 0, which means "no data" throughout nsg-gpu. An
-output is written to a temporary file in the output directory and renamed into place, so a
-reader never sees a partial file, and an input is never opened for writing.
+output is written atomically (:mod:`nsg_gpu.atomic`), so a reader never sees a partial file,
+and an input is never opened for writing.
 
 XISF files (PixInsight's format, ``.xisf``) are read and written with the ``xisf`` package:
 their planar channels become the frame's channels, their FITS keywords its header, and their
@@ -14,12 +14,9 @@ XISF properties ride along in :attr:`Frame.properties` into an XISF output.
 from __future__ import annotations
 
 import contextlib
-import glob
 import io as _io
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +27,8 @@ from astropy.io import fits
 from astropy.utils.exceptions import AstropyUserWarning
 from astropy.wcs import FITSFixedWarning
 
-from .errors import FrameReadError, FrameShapeError, NSGError, OutputError
+from .atomic import atomic_write
+from .errors import FrameReadError, FrameShapeError, NSGError
 
 __all__ = [
     "FITS_SUFFIXES",
@@ -45,10 +43,6 @@ __all__ = [
     "write_frame",
     "output_path",
     "frame_stem",
-    "atomic_write",
-    "write_bytes",
-    "write_text",
-    "remove_stale_temporaries",
 ]
 
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.gz", ".fit.gz", ".fts.gz")
@@ -484,101 +478,6 @@ def _clean_header(header: fits.Header) -> fits.Header:
             continue
         out.append(card, end=True)
     return out
-
-
-def _os_reason(error: OSError, directory: Path) -> str:
-    if error.errno is not None:
-        return os.strerror(error.errno)
-    # A short write (astropy reports it without an errno) on a device with no room left.
-    try:
-        free = shutil.disk_usage(directory).free
-    except OSError:
-        return str(error)
-    if free < 1 << 20:
-        return f"No space left on device ({free // 1024} KiB free)"
-    return str(error)
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it where the system shows it."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)  # no other way to read it: set and restore at once
-    os.umask(mask)
-    return mask
-
-
-def _temporary_name(path: Path) -> str:
-    return f".{path.name}."
-
-
-def atomic_write(path: str | os.PathLike, fill) -> Path:
-    """Write a file atomically: ``fill(handle, name)`` writes a temporary file beside
-    ``path``, which is synced once and renamed over ``path``.
-
-    ``path`` is then either the complete new file or untouched. The file gets the mode a plain
-    ``open()`` would give it (0666 less the umask). ``fill`` may write to the open binary
-    ``handle`` or, for writers that take a file name, to ``name``.
-
-    Raises
-    ------
-    OutputError
-        The directory is not writable or the disk is full; no partial file is left.
-    """
-    path = Path(path)
-    tmp_name = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=_temporary_name(path), suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as handle:
-            fill(handle, tmp_name)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
-    except NSGError:
-        raise
-    except Exception as exc:
-        # astropy can mask the OSError of a full disk behind an error of its own clean-up;
-        # report the OSError.
-        cause = exc
-        while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__context__
-        if cause is None:
-            raise
-        raise OutputError(f"{path}: cannot be written ({_os_reason(cause, path.parent)})") from exc
-    finally:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-    return path
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (:func:`atomic_write`)."""
-    return atomic_write(path, lambda handle, _: handle.write(data))
-
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` as UTF-8 to ``path`` atomically (:func:`atomic_write`)."""
-    return write_bytes(path, text.encode())
-
-
-def remove_stale_temporaries(outputs) -> None:
-    """Delete the temporary files that a killed run left beside these outputs (never a
-    complete file: those have their final names)."""
-    for out in outputs:
-        out = Path(out)
-        for stale in out.parent.glob(f"{glob.escape(_temporary_name(out))}*.tmp"):
-            try:
-                stale.unlink()
-            except OSError:
-                pass
 
 
 def write_frame(

@@ -5,6 +5,10 @@ minus its B3-spline smoothing (the first a-trous scale), iteratively clipped at 
 divided by that layer's noise fraction for white Gaussian noise. Zero ("no data") pixels and
 their neighbours are excluded. When both frames carry NOISExx header cards (measured before
 registration by the calibration software), NSG prefers those.
+
+In the flow: the reference's noise is measured once (:mod:`nsg_gpu.reference`), the
+target's on its output (:mod:`nsg_gpu.apply`), and the weight ends the pipeline
+(:mod:`nsg_gpu.pipeline`).
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ of the survivors.
 
 Images reach this module as small cutouts around the stars (a mosaic on the host), so a
 frame on the GPU never crosses to the host whole.
+
+In the flow: the measuring half of the scale stage (:mod:`nsg_gpu.scale`), below it; the
+reference's measurements are kept by :class:`nsg_gpu.reference.Reference`.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ the target is fitted on its stamps minus ``s0`` times the reference's stamps wit
 reference's fitted stars taken out (:func:`fit_target_psf`): what is left of the sky is a
 small fraction of it, and whatever the reference's own fit missed reappears in the target's
 fit, so that the difference of the two models is right even where each is slightly off.
+
+In the flow: below the photometry and the scale stage (:mod:`nsg_gpu.scale`); the
+reference's fit is kept by :class:`nsg_gpu.reference.Reference`.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ reference never is. A rejected frame's
 output is moved into ``<output_dir>/rejected/`` by a rename (atomic: the file is in one place or
 the other, never both or neither), and a frame accepted again on a rerun with other thresholds
 is moved back.
+
+In the flow: after every frame of a run is done (:func:`nsg_gpu.run.normalize`).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ weight (absolute and relative to the best frame) and SNR, star pairs, samples, n
 the header's altitude, exposure, filter and time. ``weights.csv`` lists the outputs a stacker
 should use (the reference and every accepted frame) with their weight. All are written
 atomically.
+
+In the flow: at the end of a run (:func:`nsg_gpu.run.normalize`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from .io import write_text
+from .atomic import write_text
 
 __all__ = ["write_results", "write_weights", "RESULT_COLUMNS"]
 

@@ -8,6 +8,9 @@ reads, and is as long as its header says), its ``NSGREF`` names this run's refer
 output's header cards and marked ``resumed``. Anything else (another reference, a changed
 parameter, an input touched since, a truncated or foreign file) is redone. The output may sit
 in the output directory or in its ``rejected/`` subfolder.
+
+In the flow: at the start of a run (:func:`nsg_gpu.run.normalize`), reading the cards that
+:mod:`nsg_gpu.keywords` wrote.
 """
 
 from __future__ import annotations

@@ -16,12 +16,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import remove_stale_temporaries
 from .backend import NUMPY, Backend
 from .diagnostics import chosen_frames, write_frame_plots
 from .errors import FrameError, NSGError, OutputError, ReferenceFrameError
 from .executors import InProcessExecutor
 from .htmlreport import write_report
-from .io import OUTPUT_FORMATS, output_path, read_frame, remove_stale_temporaries
+from .io import OUTPUT_FORMATS, output_path, read_frame
 from .jobs import FrameJob, reference_result, write_reference
 from .params import Parameters
 from .pipeline import normalize_frame

@@ -6,6 +6,9 @@ pixels, centred on the image. A bin is usable only when fewer than 1 % of its pi
 saturated pixels. Bins near the reference's brighter stars are rejected (section 7.3), and
 when more bins survive than ``max_samples`` they are merged into weighted super-samples
 (section 7.4) so the spline stays small.
+
+In the flow: the grid and the reference's medians are made once by
+:mod:`nsg_gpu.reference`; each target's medians feed the gradient stage (:mod:`nsg_gpu.gradient`).
 """
 
 from __future__ import annotations

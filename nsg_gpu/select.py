@@ -16,6 +16,9 @@ full coverage and a simple gradient. The rule here, applied to every candidate f
 Frames are ranked by the same rule (candidates by star signal-to-noise, then the frames
 dropped for their gradient, then for their coverage, then those that could not be measured):
 ``nsg inspect`` shows that ranking, and ``--reference auto`` takes its first frame.
+
+In the flow: before everything else, when the run is planned (:func:`nsg_gpu.run.plan_run`),
+and for ``nsg inspect``.
 """
 
 from __future__ import annotations

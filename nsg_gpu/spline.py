@@ -15,6 +15,9 @@ products with weights that depend only on the image geometry (computed once per 
 The channels of a colour frame share their nodes and weights, so one factorization of the
 system and one kernel matrix serve all three (:func:`fit_surface_splines`,
 :func:`evaluate_surfaces`).
+
+In the flow: below the gradient stage (:mod:`nsg_gpu.gradient`), which fits it to the
+samples and evaluates it as ``G``.
 """
 
 from __future__ import annotations

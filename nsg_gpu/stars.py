@@ -6,6 +6,10 @@ convolved with a Gaussian matched to the PSF; stars are the local maxima of that
 intensity-weighted centroid, a peak value (for the non-linearity cut), a background-subtracted
 flux and a radius. All image-sized work is done with the backend of the input array; only
 the short star table comes back to the host.
+
+In the flow: used by the reference's preparation (:mod:`nsg_gpu.reference`, once) and by
+the scale stage (:mod:`nsg_gpu.scale`, the target's FWHM); the cut-outs come from
+:mod:`nsg_gpu.stamps`.
 """
 
 from __future__ import annotations

@@ -150,3 +150,45 @@ def test_output_never_lands_on_an_input(small_frames, tmp_path):
     assert result.exit_code == 1
     assert "would overwrite an input frame" in result.output
     assert [(tmp_path / p.name).read_bytes() for p in frames] == before
+
+
+def test_every_parameter_is_an_option_with_its_help_and_default(small_frames, tmp_path, monkeypatch):
+    """The options are declared once, by Parameters; each reaches the run as given."""
+    import dataclasses
+
+    from nsg_gpu import cli
+    from nsg_gpu.params import Parameters
+
+    seen = {}
+
+    def fake_normalize(frames, *, params, **kwargs):
+        seen["params"] = params
+        raise cli.NSGError("stopped")
+
+    monkeypatch.setattr("nsg_gpu.run.normalize", fake_normalize)
+    result = runner.invoke(app, ["normalize", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    for item in dataclasses.fields(Parameters):
+        flag = item.metadata["flag"] or "--" + item.name.replace("_", "-")
+        assert flag.split("/")[0] in result.output, flag
+        if item.default is None:
+            assert f"[default: Auto, {item.metadata['auto'][:20]}" in result.output.replace("\n", " "), item.name
+    frames = [str(p) for p in sorted((small_frames / "in").glob("*.fits"))]
+    args = ["normalize", *frames, "-o", str(tmp_path), "--sample-size", "40", "--photometry", "aperture"]
+    result = runner.invoke(app, [*args, "--no-truncate", "--focal-length", "530", "--min-weight", "0.1"])
+    assert result.exit_code == 1 and "stopped" in result.output
+    assert seen["params"] == Parameters(
+        sample_size=40, photometry="aperture", truncate=False, focal_length_mm=530.0, min_weight=0.1
+    )
+
+
+def test_a_parameter_out_of_range_is_one_line_and_a_bug_keeps_its_traceback(small_frames, tmp_path, monkeypatch):
+    frames = [str(p) for p in sorted((small_frames / "in").glob("*.fits"))]
+    result = runner.invoke(app, ["normalize", *frames, "-o", str(tmp_path), "--star-flux-tolerance", "0.5"])
+    assert result.exit_code == 1 and result.output.startswith("nsg: error: star_flux_tolerance")
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug, not the user's error")
+
+    monkeypatch.setattr("nsg_gpu.run.normalize", broken)
+    result = runner.invoke(app, ["normalize", *frames, "-o", str(tmp_path)])
+    assert isinstance(result.exception, ValueError)  # not swallowed into a one-line message

@@ -1,0 +1,114 @@
+"""Atomic writes: every output file of a run is complete or absent.
+
+Frames, results, the report and the plots are all written here: to a temporary file beside
+the output, synced once, and renamed over it, with the mode a plain ``open()`` would give. A
+killed run leaves at most temporary files, which the next run removes
+(:func:`remove_stale_temporaries`); only this module knows their names.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import NSGError, OutputError
+
+__all__ = ["atomic_write", "write_bytes", "write_text", "remove_stale_temporaries"]
+
+
+def _os_reason(error: OSError, directory: Path) -> str:
+    if error.errno is not None:
+        return os.strerror(error.errno)
+    # A short write (astropy reports it without an errno) on a device with no room left.
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return str(error)
+    if free < 1 << 20:
+        return f"No space left on device ({free // 1024} KiB free)"
+    return str(error)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system shows it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no other way to read it: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def _temporary_name(path: Path) -> str:
+    return f".{path.name}."
+
+
+def atomic_write(path: str | os.PathLike, fill) -> Path:
+    """Write a file atomically: ``fill(handle, name)`` writes a temporary file beside
+    ``path``, which is synced once and renamed over ``path``.
+
+    ``path`` is then either the complete new file or untouched. The file gets the mode a plain
+    ``open()`` would give it (0666 less the umask). ``fill`` may write to the open binary
+    ``handle`` or, for writers that take a file name, to ``name``.
+
+    Raises
+    ------
+    OutputError
+        The directory is not writable or the disk is full; no partial file is left.
+    """
+    path = Path(path)
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=_temporary_name(path), suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as handle:
+            fill(handle, tmp_name)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+        tmp_name = None
+    except NSGError:
+        raise
+    except Exception as exc:
+        # astropy can mask the OSError of a full disk behind an error of its own clean-up;
+        # report the OSError.
+        cause = exc
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise OutputError(f"{path}: cannot be written ({_os_reason(cause, path.parent)})") from exc
+    finally:
+        if tmp_name is not None and os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return path
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda handle, _: handle.write(data))
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` as UTF-8 to ``path`` atomically (:func:`atomic_write`)."""
+    return write_bytes(path, text.encode())
+
+
+def remove_stale_temporaries(outputs) -> None:
+    """Delete the temporary files that a killed run left beside these outputs (never a
+    complete file: those have their final names)."""
+    for out in outputs:
+        out = Path(out)
+        for stale in out.parent.glob(f"{glob.escape(_temporary_name(out))}*.tmp"):
+            try:
+                stale.unlink()
+            except OSError:
+                pass
