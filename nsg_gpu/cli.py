@@ -1,7 +1,9 @@
 """The ``nsg`` command line: thin commands that parse, call one library function and report.
 
-Known errors (:class:`~nsg_gpu.errors.NSGError`) end as one line on stderr and exit code 1;
-set ``NSG_DEBUG=1`` for the traceback.
+Exit codes: 0 when every frame was done; 1 for an error that stops the run (one line on
+stderr, from :class:`~nsg_gpu.errors.NSGError`; ``NSG_DEBUG=1`` shows the traceback); 2 for a
+usage error (an unknown option, a missing argument); 3 when some frames failed and the others
+were done. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from .version import __version__
 
 __all__ = ["app", "main"]
 
+#: Exit codes of ``nsg`` (README "Exit codes"); 2, a usage error, is click's.
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_FRAMES_FAILED = 3
+
 app = typer.Typer(
     name="nsg",
     help="Normalize registered astronomical frames to a reference: photometric scale, sky gradient and weight.",
@@ -45,7 +52,8 @@ def _version(value: bool):
 @app.callback()
 def _root(
     version: Annotated[
-        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        Optional[bool],
+        typer.Option("--version", metavar="", callback=_version, is_eager=True, help="Print the version and exit."),
     ] = None,
 ):
     """nsg-gpu: NormalizeScaleGradient for stacks of frames, on the GPU or the CPU."""
@@ -63,7 +71,7 @@ def _one_line_errors(command):
             if os.environ.get("NSG_DEBUG"):
                 raise
             typer.echo(f"nsg: error: {exc}", err=True)
-            raise typer.Exit(code=1) from None
+            raise typer.Exit(code=EXIT_ERROR) from None
 
     return wrapper
 
@@ -79,7 +87,8 @@ def _parameter_option(item: dataclasses.Field, annotation) -> pyinspect.Paramete
     if meta["choices"]:  # typer offers choices through an Enum
         annotation = enum.Enum(item.name.title(), {c: c for c in meta["choices"]}, type=str)
         default = annotation(default)
-    option = typer.Option(*flag.split(" "), help=help_text, show_default=meta["auto"] is None)
+    flag_only = {"metavar": ""} if annotation is bool else {}  # a flag takes no value
+    option = typer.Option(*flag.split(" "), help=help_text, show_default=meta["auto"] is None, **flag_only)
     return pyinspect.Parameter(
         item.name, pyinspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[annotation, option]
     )
@@ -111,7 +120,10 @@ def _parameter_options(command):
 @_parameter_options
 def normalize(
     frames: Annotated[
-        list[Path], typer.Argument(help="Registered FITS or XISF frames (the reference may be among them).")
+        list[Path],
+        typer.Argument(
+            help="Registered FITS or XISF frames, or directories of them (the reference may be among them)."
+        ),
     ],
     reference: Annotated[
         str,
@@ -132,11 +144,12 @@ def normalize(
     overwrite: Annotated[
         bool,
         typer.Option(
+            metavar="",
             help="Redo every frame; without it, outputs left complete by an earlier run with the same "
-            "reference and parameters are kept."
+            "reference and parameters are kept.",
         ),
     ] = False,
-    stop_on_error: Annotated[bool, typer.Option(help="Stop at the first frame that fails.")] = False,
+    stop_on_error: Annotated[bool, typer.Option(metavar="", help="Stop at the first frame that fails.")] = False,
     scheduler: Annotated[
         Optional[str],
         typer.Option(
@@ -152,26 +165,36 @@ def normalize(
             help="Run on a local dask-cuda cluster with one worker per GPU: 'all' or N; implies --backend cupy."
         ),
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary and failures.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", metavar="", help="Print only the summary and failures.")
+    ] = False,
     json_lines: Annotated[
         bool,
         typer.Option(
-            "--json", help="Print one JSON object per frame (its results row) and one for the run, nothing else."
+            "--json",
+            metavar="",
+            help="Print one JSON object per frame (its results row) and one for the run, nothing else.",
         ),
     ] = False,
     plots: Annotated[
         bool,
-        typer.Option(help="Write the diagnostic plots of every frame to DIR/plots (a few chosen frames always)."),
+        typer.Option(
+            metavar="", help="Write the diagnostic plots of every frame to DIR/plots (a few chosen frames always)."
+        ),
     ] = False,
     html_report: Annotated[
-        bool, typer.Option("--report/--no-report", help="Write DIR/report.html with charts and diagnostics.")
+        bool,
+        typer.Option("--report/--no-report", metavar="", help="Write DIR/report.html with charts and diagnostics."),
     ] = True,
     *,
     params: Parameters,
 ):
     """Normalize FRAMES to a reference and write <stem>_nsg.fits with NSG's keywords."""
     from .backend import select_backend
+    from .run import check_output_dir
     from .run import normalize as run_normalize
+
+    check_output_dir(output_dir)  # before the progress bar: a one-line error, nothing started
 
     clustered = scheduler is not None or workers is not None or gpus is not None
     if gpus is not None:
@@ -208,7 +231,7 @@ def normalize(
         )
     display.finish(run, backend=chosen.name, output_dir=output_dir)
     if run.failed:
-        raise typer.Exit(code=2)
+        raise typer.Exit(code=EXIT_FRAMES_FAILED)
 
 
 class _Progress:
@@ -289,6 +312,12 @@ class _Progress:
     def finish(self, run, *, backend: str, output_dir: Path) -> None:
         done = sum(1 for f in run.frames if f.status != "failed")
         if self.json_lines:
+            # Rejection is decided once every frame is done: one event per rejected frame.
+            for f in run.frames:
+                if f.rejected:
+                    event = {"event": "rejected", "file": f.path, "output": f.output, "rejected": f.rejected}
+                    event |= {"relative_weight": f.relative_weight, "relative_transmission": f.relative_transmission}
+                    typer.echo(json.dumps(event, allow_nan=False, default=str))
             summary = {
                 "event": "run",
                 "reference": run.reference,
@@ -305,7 +334,7 @@ class _Progress:
             }
             typer.echo(json.dumps(summary, allow_nan=False, default=str))
             return
-        if run.reference_reason and not self.quiet:
+        if run.reference_reason:  # chosen by --reference auto: said even when quiet
             self._print(f"reference: {Path(run.reference).name}: {run.reference_reason}")
         self._print(
             f"{done} of {len(run.frames)} frames normalized on {backend}; results in {output_dir / 'results.csv'}"
@@ -349,18 +378,25 @@ def _frame_line(result, done: int, total: int) -> str:
 @app.command()
 @_one_line_errors
 def inspect(
-    frames: Annotated[list[Path], typer.Argument(help="FITS frames to measure.")],
-    json_output: Annotated[bool, typer.Option("--json", help="Print the table as a JSON list.")] = False,
+    frames: Annotated[list[Path], typer.Argument(help="FITS or XISF frames to measure, or directories of them.")],
+    json_output: Annotated[bool, typer.Option("--json", metavar="", help="Print the table as a JSON list.")] = False,
     detection_sigma: Annotated[
         float, typer.Option(help=dataclasses.fields(Parameters)[0].metadata["help"])
     ] = Parameters.detection_sigma,
 ):
-    """Measure FRAMES and rank them as --reference auto does (the first row is its choice)."""
+    """Measure FRAMES and rank them as --reference auto does (the first row is its choice).
+
+    A directory stands for its FITS and XISF frames. Exits with 3 when a frame cannot be read.
+    """
+    from .io import expand_frames
     from .select import inspect_frames
 
-    ranked = inspect_frames(frames, detection_sigma=detection_sigma)
+    ranked = inspect_frames(expand_frames(frames), detection_sigma=detection_sigma)
+    unreadable = any(s.error for s in ranked)
     if json_output:
         typer.echo(json.dumps([s.row() for s in ranked], indent=2, allow_nan=False, default=str))
+        if unreadable:
+            raise typer.Exit(code=EXIT_FRAMES_FAILED)
         return
     from rich.console import Console
     from rich.table import Table
@@ -400,6 +436,8 @@ def inspect(
         console.print(f"--reference auto would choose {ranked[0].path.name}", highlight=False)
     else:
         console.print("no frame is a candidate reference", highlight=False)
+    if unreadable:
+        raise typer.Exit(code=EXIT_FRAMES_FAILED)
 
 
 @app.command()
@@ -411,7 +449,7 @@ def synth(
     ] = 5,
     width: Annotated[int, typer.Option(help="Frame width (px).")] = 2000,
     height: Annotated[int, typer.Option(help="Frame height (px).")] = 1400,
-    colour: Annotated[bool, typer.Option("--colour/--mono", help="Three-channel colour frames.")] = False,
+    colour: Annotated[bool, typer.Option("--colour/--mono", metavar="", help="Three-channel colour frames.")] = False,
     stars: Annotated[int, typer.Option(help="Stars in the field.")] = 3500,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same frames.")] = 1,
 ):

@@ -43,10 +43,14 @@ __all__ = [
     "write_frame",
     "output_path",
     "frame_stem",
+    "expand_frames",
+    "FRAME_SUFFIXES",
 ]
 
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.gz", ".fit.gz", ".fts.gz")
 XISF_SUFFIXES = (".xisf",)
+#: What a directory given as frames contributes.
+FRAME_SUFFIXES = FITS_SUFFIXES + XISF_SUFFIXES
 #: Output formats of ``normalize`` and the file suffix of each.
 OUTPUT_FORMATS = {"fits": ".fits", "xisf": ".xisf"}
 
@@ -222,9 +226,44 @@ def _white_level(header: fits.Header, data: np.ndarray) -> float:
     return finite_max
 
 
+def _check_file(path: Path) -> None:
+    """Raise :class:`FrameReadError` unless ``path`` is a file that can be opened."""
+    if path.is_dir():
+        raise FrameReadError(path, "is a directory, not a frame")
+    if not path.is_file():
+        raise FrameReadError(path, "no such file")
+
+
+def _fits_reason(path: Path, error: Exception) -> str:
+    """Why a file cannot be read as FITS, in our words (astropy's hints are for its API)."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(80)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if start[:2] == b"\x1f\x8b" and not path.name.endswith(".gz"):
+        return "is gzip-compressed but not named .gz"
+    if not start.startswith(b"SIMPLE") and start[:2] != b"\x1f\x8b":
+        return "is not a FITS file (it does not start with a FITS header)" if start else "is empty"
+    return f"cannot be read as FITS: truncated or corrupt ({type(error).__name__})"
+
+
+def expand_frames(paths) -> list[Path]:
+    """The frames that ``paths`` name: a directory stands for its FITS and XISF files (sorted
+    by name, not recursive); anything else is kept as given, to be read or to fail alone."""
+    out: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            out.extend(sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(FRAME_SUFFIXES)))
+        else:
+            out.append(path)
+    return out
+
+
 def read_meta(path: str | os.PathLike) -> FrameMeta:
     """Read only the header facts of a frame (no pixel data)."""
     path = Path(path)
+    _check_file(path)
     if _is_xisf(path):
         return meta_from_header(_read_xisf(path, pixels=False)[1])
     try:
@@ -233,7 +272,7 @@ def read_meta(path: str | os.PathLike) -> FrameMeta:
     except FrameReadError:
         raise
     except Exception as exc:
-        raise FrameReadError(path, f"cannot be read as FITS ({type(exc).__name__}: {exc})") from exc
+        raise FrameReadError(path, _fits_reason(path, exc)) from exc
 
 
 def read_frame(path: str | os.PathLike) -> Frame:
@@ -259,8 +298,7 @@ def read_frame(path: str | os.PathLike) -> Frame:
         Not a 2-D mono or 3-plane colour image.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FrameReadError(path, "no such file")
+    _check_file(path)
     if _is_xisf(path):
         data, header, white_level, properties = _read_xisf(path)
         return Frame(path, data, header, white_level, meta_from_header(header), properties)
@@ -278,9 +316,7 @@ def read_frame(path: str | os.PathLike) -> Frame:
     except (FrameReadError, FrameShapeError):
         raise
     except Exception as exc:
-        raise FrameReadError(
-            path, f"cannot be read as FITS: not a FITS file, or truncated or corrupt ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise FrameReadError(path, _fits_reason(path, exc)) from exc
     if data.ndim == 2:
         data = data[np.newaxis]
     elif data.ndim != 3 or data.shape[0] not in (1, 3):
@@ -465,7 +501,7 @@ def read_output_header(path: str | os.PathLike) -> fits.Header:
                 header = hdul[0].header.copy()
                 info = hdul.fileinfo(0)
     except Exception as exc:
-        raise FrameReadError(path, f"cannot be read as FITS ({type(exc).__name__}: {exc})") from exc
+        raise FrameReadError(path, _fits_reason(path, exc)) from exc
     if info["datLoc"] + info["datSpan"] > size:
         raise FrameReadError(path, f"is truncated: its data end at byte {info['datLoc'] + info['datSpan']} of {size}")
     return header

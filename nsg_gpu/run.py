@@ -22,7 +22,7 @@ from .diagnostics import chosen_frames, write_frame_plots
 from .errors import FrameError, NSGError, OutputError, ReferenceFrameError
 from .executors import InProcessExecutor
 from .htmlreport import write_report
-from .io import OUTPUT_FORMATS, output_path, read_frame
+from .io import OUTPUT_FORMATS, expand_frames, output_path, read_frame
 from .jobs import FrameJob, reference_result, write_reference
 from .params import Parameters
 from .pipeline import normalize_frame
@@ -33,7 +33,7 @@ from .results import FrameResult, RunResult
 from .resume import clear_outputs, find_complete_output, frame_fingerprint, result_from_header
 from .select import choose_reference
 
-__all__ = ["RunPlan", "plan_run", "normalize"]
+__all__ = ["RunPlan", "plan_run", "normalize", "check_output_dir"]
 
 
 @dataclass
@@ -65,6 +65,20 @@ class RunPlan:
         ]
 
 
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """``output_dir`` as a path, after checking that it can be a directory.
+
+    Raises
+    ------
+    OutputError
+        It exists and is not a directory.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputError(f"{output_dir}: the output directory is a file; choose another --output-dir")
+    return output_dir
+
+
 def plan_run(
     frames: Sequence[str | os.PathLike],
     *,
@@ -76,18 +90,20 @@ def plan_run(
 ) -> RunPlan:
     """Choose the reference, drop duplicates and name every output; nothing is written.
 
+    ``frames`` may name directories: each stands for its FITS and XISF files.
+
     Raises
     ------
     ReferenceFrameError
         The reference does not exist.
     OutputError
-        An output would overwrite an input.
+        The output directory is a file, or an output would overwrite an input.
     """
     params = params or Parameters()
     if output_format not in OUTPUT_FORMATS:
         raise NSGError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}, not {output_format!r}")
-    output_dir = Path(output_dir)
-    paths = [Path(p) for p in frames]
+    output_dir = check_output_dir(output_dir)
+    paths = expand_frames(frames)
     reason = None
     if str(reference) == "auto":
         if not paths:
@@ -95,6 +111,8 @@ def plan_run(
         reference_path, reason = choose_reference(paths, detection_sigma=params.detection_sigma)
     else:
         reference_path = Path(reference)
+        if reference_path.is_dir():
+            raise ReferenceFrameError(reference_path, "is a directory; give the reference frame itself")
         if not reference_path.is_file():
             raise ReferenceFrameError(reference_path, "the reference frame does not exist")
     seen: dict[Path, Path] = {}

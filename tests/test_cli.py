@@ -93,7 +93,7 @@ def test_bad_frames_fail_alone(small_frames, tmp_path):
     result = runner.invoke(
         app, ["normalize", frames[0], frames[1], str(wrong), str(broken), "-r", frames[0], "-o", str(tmp_path / "o")]
     )
-    assert result.exit_code == 2
+    assert result.exit_code == 3
     assert "wrong_shape.fits: is 120x100 mono but the reference" in result.output
     assert "broken.fits" in result.output
     rows = json.loads((tmp_path / "o" / "results.json").read_text())["frames"]
@@ -192,3 +192,49 @@ def test_a_parameter_out_of_range_is_one_line_and_a_bug_keeps_its_traceback(smal
     monkeypatch.setattr("nsg_gpu.run.normalize", broken)
     result = runner.invoke(app, ["normalize", *frames, "-o", str(tmp_path)])
     assert isinstance(result.exception, ValueError)  # not swallowed into a one-line message
+
+
+def test_directories_stand_for_their_frames_and_errors_speak_our_words(small_frames, tmp_path):
+    directory = small_frames / "in"
+    result = runner.invoke(app, ["normalize", str(directory), "-o", str(tmp_path / "out"), "-q", "--no-report"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "out").rglob("*_nsg.fits"))) == 4
+    result = runner.invoke(app, ["normalize", str(directory), "-r", str(directory), "-o", str(tmp_path / "o2")])
+    assert result.exit_code == 1 and "is a directory; give the reference frame itself" in result.output
+    readme = tmp_path / "README.md"
+    readme.write_text("# not a frame\n")
+    result = runner.invoke(app, ["inspect", str(directory / "light_000.fits"), str(readme), "--json"])
+    assert result.exit_code == 3
+    rows = json.loads(result.stdout)
+    bad = next(r for r in rows if r["path"].endswith("README.md"))
+    assert "is not a FITS file" in bad["error"] and "ignore_missing_simple" not in bad["error"]
+    result = runner.invoke(app, ["inspect", str(tmp_path / "missing_dir")])
+    assert result.exit_code == 3
+
+
+def test_output_directory_that_is_a_file_is_one_line_before_any_work(small_frames, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    frames = [str(p) for p in sorted((small_frames / "in").glob("*.fits"))]
+    result = runner.invoke(app, ["normalize", *frames, "-r", frames[0], "-o", str(afile)])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "the output directory is a file" in result.output and afile.read_text() == "x"
+
+
+def test_exit_codes_json_rejections_and_quiet_reference(small_frames, tmp_path):
+    frames = [str(p) for p in sorted((small_frames / "in").glob("*.fits"))]
+    result = runner.invoke(app, ["normalize", *frames, "--no-such-option"])
+    assert result.exit_code == 2  # usage error: click's code, not "some frames failed"
+    result = runner.invoke(app, ["normalize", "--help"], env={"COLUMNS": "200"})
+    assert "--quiet" in result.output and "<bool>" not in result.output.split("--help")[0]
+    args = ["normalize", *frames, "-o", str(tmp_path / "j"), "--no-report", "--json", "--min-transmission", "0.99"]
+    result = runner.invoke(app, args)
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    rejected = [e for e in events if e["event"] == "rejected"]
+    run = events[-1]
+    assert run["event"] == "run" and run["rejected"] == len(rejected) > 0
+    assert all(e["rejected"] and "transmission" in e["rejected"] for e in rejected)
+    result = runner.invoke(app, ["normalize", *frames, "-o", str(tmp_path / "q"), "--no-report", "-q"])
+    assert (
+        result.exit_code == 0 and "reference: " in result.output and "auto" not in result.output.split("reference: ")[0]
+    )

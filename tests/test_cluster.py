@@ -220,7 +220,7 @@ def test_bad_frame_among_good_ones_is_reported_once(frames, client, plugin, tmp_
     out = tmp_path / "out"
     scheduler = client.scheduler.address
     result = runner.invoke(app, ["normalize", *inputs, "-r", str(paths[0]), "-o", str(out), "--scheduler", scheduler])
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 3, result.output
     rows = json.loads((out / "results.json").read_text())["frames"]
     assert [r["file"] for r in rows] == [str(paths[0]), *inputs[1:]]
     assert [r["status"] for r in rows] == ["reference"] + ["ok"] * 3 + ["failed"] + ["ok"]

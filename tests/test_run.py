@@ -68,3 +68,14 @@ def test_blas_and_openmp_threads_do_not_change_the_bytes(frames, tmp_path):
         assert done.returncode == 0, done.stderr
     assert _outputs(tmp_path / "1") == _outputs(tmp_path / "2") and len(_outputs(tmp_path / "1")) == SPEC["n_frames"]
     assert _results(tmp_path / "1") == _results(tmp_path / "2")
+
+
+def test_plots_are_drawn_for_every_frame_without_the_report(frames, tmp_path):
+    from nsg_gpu.diagnostics import FRAME_PLOTS
+
+    run = normalize(frames, reference=frames[0], output_dir=tmp_path, params=KEEP_ALL, plots=True, report=False)
+    assert not run.failed and not (tmp_path / "report.html").exists()
+    names = {p.name for p in (tmp_path / "plots").iterdir()}
+    for frame in frames[1:]:
+        for plot, _ in FRAME_PLOTS:
+            assert f"{frame.stem}_{plot}.png" in names, (frame.stem, plot)
