@@ -3,7 +3,9 @@
 Third stage of a target, once its scale ``m`` is known (:mod:`nsg_gpu.scale`). The target's
 medians in the reference's sample grid (:mod:`nsg_gpu.samples`) are scaled and differenced
 with the reference's; samples that are not valid in both frames, or lie in a reference star's
-rejection circle, are left out, the rest are merged into super-samples above
+rejection circle, are left out. Bins where one frame alone has many bright pixels (a satellite
+trail, a meteor) are measured again in both frames with their outliers clipped, and samples
+far out of their neighbourhood are dropped; the rest are merged into super-samples above
 ``max_samples``, and a thin-plate smoothing spline per channel (:mod:`nsg_gpu.spline`) is
 fitted and evaluated over the whole frame as the gradient image ``G``. The apply step
 (:mod:`nsg_gpu.apply`) comes next.
@@ -18,12 +20,25 @@ import numpy as np
 from .backend import get_backend
 from .errors import TooFewSamplesError
 from .io import Frame
+from .noise import ksigma_noise
 from .progress import Stopwatch
 from .reference import Reference
-from .samples import MIN_SAMPLES, SampleSet, bin_medians, bin_samples
+from .samples import (
+    MIN_SAMPLES,
+    SampleSet,
+    bin_medians,
+    bin_samples,
+    bright_counts,
+    clipped_medians,
+    one_frame_outliers,
+    reject_outlier_samples,
+)
 from .spline import SurfaceSpline, evaluate_surfaces, fit_surface_splines
 
 __all__ = ["GradientModel", "model_gradient"]
+
+#: Pixels the target's noise is estimated on for finding its bright pixels (a subsample).
+NOISE_PIXELS = 250_000
 
 
 @dataclass
@@ -62,7 +77,16 @@ def model_gradient(
     covered = be.to_host(reference.valid & valid_t)
     use = covered & ~reference.rejected
     difference = be.to_host(xp.asarray(scale)[:, None, None] * medians_t - reference.medians)
+    # Bins that hold something one frame alone has (a trail, a meteor) are measured again in
+    # both frames with their outliers clipped: a plain median would carry the trail into G.
+    noise = np.array([ksigma_noise(data[c], max_pixels=NOISE_PIXELS) for c in range(data.shape[0])])
+    counts = bright_counts(data, grid, medians_t, noise, frame.white_level)
+    odd = np.argwhere(one_frame_outliers(counts, reference.bright) & use)
+    if odd.size:
+        clipped = clipped_medians(data, grid, odd, frame.white_level)
+        difference[:, odd[:, 0], odd[:, 1]] = np.asarray(scale)[:, None] * clipped - reference.clipped_medians(odd)
     use &= np.all(np.isfinite(difference), axis=0)
+    use = reject_outlier_samples(difference, use)
     rows, cols = np.nonzero(use)
     n = rows.size
     if n < MIN_SAMPLES:

@@ -25,7 +25,7 @@ from .io import Frame, read_frame
 from .noise import ksigma_noise
 from .params import Parameters, resolve_parameters
 from .psf import MIN_PSF_FWHM, PSF_STARS, FittedPSF, MoffatPSF, fit_reference_psf, stamp_radius
-from .samples import MIN_SAMPLES, SampleGrid, bin_medians, make_grid, star_rejection
+from .samples import MIN_SAMPLES, SampleGrid, bin_medians, bright_counts, clipped_medians, make_grid, star_rejection
 from .stamps import stamp_peaks
 from .stars import StarCatalog, detect_stars, detection_image, isolated
 
@@ -53,6 +53,8 @@ class Reference:
     rejected: np.ndarray  # (rows, cols) host bool, star circles
     noise: np.ndarray  # per channel
     circles: np.ndarray | None = None  # (n, 3) x, y, radius of the stars that reject samples
+    bright: np.ndarray | None = None  # (channels, rows, cols) bright pixels per bin (samples.bright_counts)
+    _clipped: dict = field(default_factory=dict)  # (row, col) -> clipped medians per channel
     _measurements: dict = field(default_factory=dict)
     _cutouts: dict = field(default_factory=dict)
     _psf_fits: dict = field(default_factory=dict)
@@ -98,6 +100,17 @@ class Reference:
                     self.frame.data, self.stars.x[idx], self.stars.y[idx], fwhm=self.stars.fwhm, radius=radius
                 )
         return self._psf_fits[radius]
+
+    def clipped_medians(self, bins: np.ndarray) -> np.ndarray:
+        """The reference's clipped medians (:func:`nsg_gpu.samples.clipped_medians`) of
+        ``bins`` ``(n, 2)``, computed once per bin and kept; ``(channels, n)``."""
+        missing = [tuple(b) for b in np.asarray(bins).reshape(-1, 2) if tuple(b) not in self._clipped]
+        if missing:
+            values = clipped_medians(self.frame.data, self.grid, np.array(missing), self.frame.white_level)
+            for k, key in enumerate(missing):
+                self._clipped[key] = values[:, k]
+        columns = [self._clipped[tuple(b)] for b in np.asarray(bins).reshape(-1, 2)]
+        return np.stack(columns, axis=1) if columns else np.zeros((self.frame.data.shape[0], 0))
 
     def own_psf(self) -> MoffatPSF | None:
         """The reference's fitted PSF at its own FWHM, where the photometry fits PSFs."""
@@ -203,6 +216,19 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
     rejected = star_rejection(grid, stars.x[:n_reject], stars.y[:n_reject], radius)
     noise = np.array([ksigma_noise(data[c]) for c in range(data.shape[0])])
     circles = np.column_stack([stars.x[:n_reject], stars.y[:n_reject], radius])
+    bright = bright_counts(data, grid, medians, noise, frame.white_level)
     return Reference(
-        frame, resolved, stars, linear, channel_peak, alone, grid, medians, valid, rejected, noise, circles=circles
+        frame,
+        resolved,
+        stars,
+        linear,
+        channel_peak,
+        alone,
+        grid,
+        medians,
+        valid,
+        rejected,
+        noise,
+        circles=circles,
+        bright=bright,
     )
