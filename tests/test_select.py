@@ -25,7 +25,7 @@ SKY = 0.06
 def write_conditions(directory: Path, conditions: list[dict], *, white: float | None = None) -> list[Path]:
     """Frames of one field under ``conditions`` (FrameTruth fields per frame, by default
     transmission 0.9, FWHM 3, Moffat index 3, the same sky level and gradient as frame 0,
-    full coverage), written as float FITS, or as integers in units where 1.0 is ``white``."""
+    full coverage), written as float FITS, or as 16-bit integers in units where 1.0 is ``white``."""
     field = SyntheticField(n_frames=len(conditions), **FIELD)
     base = field.frames[0]
     paths = []
@@ -44,7 +44,7 @@ def write_conditions(directory: Path, conditions: list[dict], *, white: float | 
         field.frames[k] = dataclasses.replace(field.frames[k], **changes)
         data = field.render(k)[0]
         if white is not None:
-            data = np.where(data > 0, np.maximum(np.rint(data * white), 1), 0).astype(np.int32)
+            data = np.where(data > 0, np.maximum(np.rint(data * white), 1), 0).astype(np.uint16)
         path = directory / f"{field.frames[k].name}.fits"
         fits.PrimaryHDU(data, header=field.header(k)).writeto(path)
         paths.append(path)
