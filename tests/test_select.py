@@ -148,6 +148,7 @@ def test_inspect_ranks_as_reference_auto_chooses(inspected_set):
     rows = json.loads(result.stdout)
     assert sorted(r["path"] for r in rows) == sorted(map(str, paths))
     assert [r["rank"] for r in rows] == [1, 2, 3, 4]
+    assert not {"star_flux", "star_linear"} & set(rows[0])  # the star table stays out of the rows
     chosen, reason = choose_reference(paths)
     assert rows[0]["path"] == str(chosen) and rows[0]["candidate"]
     candidates = [r["star_snr"] for r in rows if r["candidate"]]
