@@ -2,8 +2,12 @@
 
 A field set to ``None`` is "Auto": :func:`resolve_parameters` derives it from the reference
 frame (pixel scale from XPIXSZ and FOCALLEN, image size, brightest star, brightest pixel) by the
-formulas of NSG 3.0.x (``reference/nsg-algorithm.md`` section 8). Every field is a command-line
-option of ``nsg normalize``; the resolved values are written to the output headers.
+formulas of NSG 3.0.x (``reference/nsg-algorithm.md`` section 8). NSG writes them for data in
+[0, 1]; here pixel values and fluxes in them are taken relative to the frame's white level, so
+the same frames in [0, 1] or in ADU resolve to the same circles, cuts and sample counts.
+Parameters in pixel-value or flux units (``linear_range``, ``sample_star_growth_rate``) are in
+the data's own units. Every field is a command-line option of ``nsg normalize``; the resolved
+values are written to the output headers.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ DEFAULT_FOCAL_LENGTH_MM = 1000.0
 DEFAULT_PIXEL_SIZE_UM = 6.0
 #: Fraction of the reference's brightest pixel above which a star is treated as non-linear.
 LINEAR_RANGE = 0.7
+#: NSG's largest Auto growth of the rejection circles: px per unit of star flux in [0, 1] data.
+SAMPLE_STAR_GROWTH_CAP = 0.25
 
 
 def _option(default, help: str, *, auto: str | None = None, choices: tuple | None = None, flag: str | None = None):
@@ -52,8 +58,9 @@ class Parameters:
     detection_sigma : float
         Star detection threshold of the matched-filter image, in units of its noise.
     linear_range : float or None
-        Stars whose peak reaches this value (reference or target) are not measured.
-        Auto: 0.7 x the reference's maximum pixel, rounded to 3 decimals.
+        Stars whose peak reaches this value (reference or target, in the data's units) are
+        not measured. Auto: 0.7 x the reference's maximum pixel, rounded to a thousandth of
+        the white level.
     star_search_radius : float
         How far (px) a star may move between reference and target after recentring;
         stars that move further are not paired (NSG default 2).
@@ -93,8 +100,10 @@ class Parameters:
         Share of the reference's stars, brightest first, whose circles reject samples.
         Auto: as many stars as a tenth of the number of samples.
     sample_star_growth_rate : float or None
-        Growth of the rejection circle radius per unit of star flux. Auto: the brightest
-        star's circle grows by about 135 arcsec.
+        Growth of the rejection circle radius (px) per unit of star flux, flux in the data's
+        units. Auto: the brightest star's circle grows by about 135 arcsec, and by at most
+        0.25 px per unit of flux relative to the white level (NSG's cap, 0.25 in [0, 1]
+        data, is 0.25 / 65535 in 16-bit ADU).
     gradient_smoothness : float
         log10 of the thin-plate spline smoothing; 4 or more fits a plane (NSG default -2).
     max_samples : int
@@ -151,7 +160,7 @@ class Parameters:
     )
     sample_star_growth_rate: float | None = _option(
         None,
-        "Growth of the rejection circles per unit of star flux.",
+        "Growth (px) of the rejection circles per unit of star flux, in the data's units.",
         auto="the brightest star's circle grows by about 135 arcsec",
     )
     gradient_smoothness: float = _option(-2.0, "log10 of the spline smoothing; 4 fits a plane.")
@@ -240,6 +249,7 @@ def resolve_parameters(
     reference_max: float,
     max_star_flux: float,
     n_reference_stars: int,
+    white_level: float = 1.0,
 ) -> Parameters:
     """Fill every Auto field from the reference frame.
 
@@ -262,13 +272,26 @@ def resolve_parameters(
 
     n_reference_stars : int
         Number of stars detected on the reference.
+
+    white_level : float
+        The value of a saturated pixel in the reference's units (1 for data in [0, 1]).
+
+    Notes
+    -----
+    NSG's rules are written for data in [0, 1]. Here every pixel value and flux in them is
+    taken relative to ``white_level``, and the values in flux or pixel units
+    (``linear_range``, ``sample_star_growth_rate``) are returned in the data's own units:
+    the same frames in [0, 1] or in ADU resolve to the same rejection circles, star cuts
+    and sample counts.
     """
     focal = params.focal_length_mm or header_focal_length_mm or DEFAULT_FOCAL_LENGTH_MM
     pixel = params.pixel_size_um or header_pixel_size_um or DEFAULT_PIXEL_SIZE_UM
     a = degrees_per_pixel(pixel, focal)
     changes: dict = {"focal_length_mm": focal, "pixel_size_um": pixel}
+    white = float(white_level) if white_level > 0 else 1.0
     if params.linear_range is None:
-        changes["linear_range"] = round(1000 * LINEAR_RANGE * reference_max) / 1000 or LINEAR_RANGE
+        # Rounded to a thousandth of the white level, as NSG rounds it in [0, 1] data.
+        changes["linear_range"] = white * (round(1000 * LINEAR_RANGE * reference_max / white) / 1000 or LINEAR_RANGE)
     if params.aperture_gap is None:
         changes["aperture_gap"] = float(min(50, max(1, _round_half_up(0.0005 / a))))
     if params.aperture_bg_delta is None:
@@ -276,8 +299,11 @@ def resolve_parameters(
     sample_size = params.sample_size or auto_sample_size(width, height, pixel, a)
     changes["sample_size"] = sample_size
     if params.sample_star_growth_rate is None:
+        # NSG's cap, 0.25 px per unit of flux in [0, 1] data, is 0.25 / white per unit of
+        # flux in the data's units; the brightest star's circle grows by ``reach`` at most.
         reach = max(2, _round_half_up(0.0375 / a))
-        changes["sample_star_growth_rate"] = min(0.25, reach / max_star_flux) if max_star_flux > 0 else 0.25
+        cap = SAMPLE_STAR_GROWTH_CAP / white
+        changes["sample_star_growth_rate"] = min(cap, reach / max_star_flux) if max_star_flux > 0 else cap
     if params.limit_sample_stars_percent is None:
         bins = (width // sample_size) * (height // sample_size)
         if n_reference_stars > 0:

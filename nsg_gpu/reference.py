@@ -201,6 +201,7 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
         reference_max=image_max,
         max_star_flux=float(stars.flux.max()),
         n_reference_stars=len(stars),
+        white_level=frame.white_level,
     )
     linear = np.nonzero(stars.peak < resolved.linear_range)[0][:MAX_PHOTOMETRY_STARS]
     channel_peak = stamp_peaks(data.max(axis=0), stars.x[linear], stars.y[linear])

@@ -1,7 +1,8 @@
 """Choosing a reference frame automatically (``--reference auto``).
 
-NSG leaves the choice to the user; the usual advice is a frame with low noise, many stars,
-full coverage and a simple gradient. The rule here, applied to every candidate frame:
+NSG leaves the choice to the user; the usual advice is a frame with good seeing and
+transparency, low noise, full coverage and a simple gradient. The rule here, applied to every
+candidate frame:
 
 1. **Coverage.** Frames whose share of pixels with data is below 98 % of the best frame's are
    not candidates: a reference with a registration border would cost every target the
@@ -9,9 +10,22 @@ full coverage and a simple gradient. The rule here, applied to every candidate f
 2. **Gradient.** Frames whose background gradient (the 5-95 % range of a smooth background
    model, in units of the frame's noise) is more than twice the median of the candidates are
    dropped, unless that would drop all.
-3. **Signal-to-noise.** Of the rest, the frame with the highest star signal-to-noise wins:
-   the summed flux of its 50 brightest unsaturated stars divided by its pixel noise. It
-   favours transparent sky, good seeing, low background and long exposures alike.
+3. **Star signal-to-noise.** Of the rest, the frame with the highest star signal-to-noise
+   wins: the signal-to-noise at which its typical bright star is measured with weights
+   matched to its PSF over a sky-limited background,
+   ``flux / (noise * sqrt(4 pi) * FWHM / 2.355)`` (exact for a Gaussian PSF), taken as the
+   median over a band of 50 bright stars. The flux grows with transparency and exposure, the
+   pixel noise with the sky, and the light of a star is spread over an area that grows with
+   the seeing, so the score falls as 1/FWHM: a sharper or clearer frame scores higher, in
+   proportion. The stars of the band are the same in every frame: the frames are
+   registered, so their stars ranked by flux are (nearly) the same stars, and the band
+   starts below the brightest stars that are non-linear (peak at or above 70 % of the
+   frame's maximum) in any frame, with the ranks scaled by each frame's coverage. Taking
+   each frame's own brightest unsaturated stars instead would compare stars near the
+   saturation limit, whose flux grows with the FWHM: it favours blurred frames.
+
+Every measure is a ratio of pixel values, so the choice does not depend on the data's units
+(the same frames in [0, 1] or in ADU rank alike).
 
 Frames are ranked by the same rule (candidates by star signal-to-noise, then the frames
 dropped for their gradient, then for their coverage, then those that could not be measured):
@@ -24,9 +38,10 @@ and for ``nsg inspect``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,22 +51,34 @@ from .io import read_frame
 from .noise import ksigma_noise
 from .stars import detect_stars, detection_image, smooth_background
 
-__all__ = ["ReferenceScore", "score_frame", "rank_frames", "inspect_frames", "choose_reference"]
+__all__ = ["ReferenceScore", "star_snr", "score_frame", "rank_frames", "inspect_frames", "choose_reference"]
 
 #: Frames covering less than this share of the best frame's coverage are not candidates.
 MIN_RELATIVE_COVERAGE = 0.98
 #: Frames whose gradient exceeds this multiple of the candidates' median are not candidates.
 MAX_RELATIVE_GRADIENT = 2.0
-#: Stars summed for the star signal-to-noise, brightest unsaturated first.
+#: Stars whose median gives the star signal-to-noise.
 SNR_STARS = 50
+#: Stars peaking at or above this fraction of the frame's maximum are non-linear (NSG's
+#: linear range); the band of stars scored starts below them.
+LINEAR_RANGE = 0.7
+#: Signal-to-noise of a star of flux F measured with weights matched to a Gaussian PSF on a
+#: background of pixel noise s: F / (s * sqrt(4 pi) * sigma_PSF) = this * F / (s * FWHM).
+PSF_SNR_FACTOR = 2.0 * math.sqrt(2.0 * math.log(2.0)) / math.sqrt(4.0 * math.pi)
+
+
+#: The star table a score carries for :func:`rank_frames`; not part of its row.
+_STAR_TABLE = ("star_flux", "star_linear")
 
 
 @dataclass
 class ReferenceScore:
     """What the reference choice measures of one frame, with header facts for ``nsg inspect``.
 
-    ``star_snr`` is the score; ``rank`` (1 = the frame ``--reference auto`` picks),
-    ``candidate`` and ``note`` are set by :func:`rank_frames`.
+    ``star_snr`` is the score (see the module's rule); ``rank`` (1 = the frame
+    ``--reference auto`` picks), ``candidate`` and ``note`` are set by :func:`rank_frames`,
+    which also scores every frame again on the band of stars common to all of them.
+    ``star_flux`` (brightest first) and ``star_linear`` are the detected stars it scores.
     """
 
     path: Path
@@ -71,6 +98,13 @@ class ReferenceScore:
     rank: int | None = None
     candidate: bool = False
     note: str = ""
+    star_flux: np.ndarray | None = field(default=None, repr=False, compare=False)
+    star_linear: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def nonlinear_stars(self) -> int:
+        """Number of detected stars peaking in the non-linear range."""
+        return 0 if self.star_linear is None else int(np.count_nonzero(~self.star_linear))
 
     @property
     def noise_per_second(self) -> float | None:
@@ -79,14 +113,41 @@ class ReferenceScore:
 
     def row(self) -> dict:
         """A flat dict for ``nsg inspect --json``."""
-        out = dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _STAR_TABLE}
         out["path"] = str(self.path)
         out["noise_per_second"] = self.noise_per_second
         return out
 
 
+def star_snr(score: ReferenceScore, first: int = 0, coverage: float = 1.0) -> float:
+    """The star signal-to-noise of a frame, over the band of :data:`SNR_STARS` stars from
+    rank ``first`` by flux, ranks scaled by ``coverage`` (the frame's share of the best
+    coverage); the band's non-linear stars are left out.
+
+    Returns
+    -------
+    float
+        ``PSF_SNR_FACTOR * median(flux) / (noise * FWHM)``; 0 when nothing can be scored.
+    """
+    flux, linear = score.star_flux, score.star_linear
+    if flux is None or linear is None or not flux.size or not score.noise > 0 or not score.fwhm:
+        return 0.0
+    width = max(1, int(round(SNR_STARS * coverage)))
+    # A frame with fewer stars than the band reaches: its faintest stars.
+    start = max(0, min(int(round(first * coverage)), flux.size - width))
+    band = flux[start : start + width][linear[start : start + width]]
+    if not band.size:
+        band = flux[linear][-SNR_STARS:]
+    if not band.size:
+        return 0.0
+    return float(PSF_SNR_FACTOR * np.median(band) / (score.noise * max(score.fwhm, 1.0)))
+
+
 def score_frame(path: str | os.PathLike, *, detection_sigma: float = 5.0) -> ReferenceScore:
     """Measure coverage, noise, star signal-to-noise and gradient strength of a frame.
+
+    The star signal-to-noise here is the frame's own, from the band below its own non-linear
+    stars; :func:`rank_frames` scores frames against each other on a common band.
 
     Raises
     ------
@@ -99,18 +160,15 @@ def score_frame(path: str | os.PathLike, *, detection_sigma: float = 5.0) -> Ref
     coverage = float(np.count_nonzero(valid)) / image.size
     noise = ksigma_noise(image)
     stars = detect_stars(frame.data, detection_sigma=detection_sigma)
-    unsaturated = stars.peak < 0.7 * float(image.max())
-    flux = np.sort(stars.flux[unsaturated])[::-1][:SNR_STARS]
-    star_snr = float(flux.sum() / noise) if noise > 0 else 0.0
     background = smooth_background(image, valid, scale=max(image.shape) / 16.0, factor=8)
     values = background[valid]
     gradient = float(np.subtract(*np.percentile(values, [95, 5])) / noise) if noise > 0 and values.size else 0.0
     meta = frame.meta
-    return ReferenceScore(
+    score = ReferenceScore(
         Path(path),
         coverage,
         noise,
-        star_snr,
+        0.0,
         gradient,
         len(stars),
         median=float(np.median(image[valid])) if valid.any() else None,
@@ -120,11 +178,19 @@ def score_frame(path: str | os.PathLike, *, detection_sigma: float = 5.0) -> Ref
         date_obs=meta.date_obs,
         altitude=meta.altitude,
         airmass=meta.airmass,
+        star_flux=stars.flux,
+        star_linear=stars.peak < LINEAR_RANGE * float(image.max()),
     )
+    score.star_snr = star_snr(score, score.nonlinear_stars)
+    return score
 
 
 def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
     """Order frames by the rule of this module and set their ``rank``, ``candidate`` and ``note``.
+
+    Frames that carry their stars (as :func:`score_frame` leaves them) are scored again on
+    one band of stars: from the rank below the most non-linear stars of any measured frame,
+    ranks scaled by each frame's coverage relative to the best.
 
     Returns
     -------
@@ -138,6 +204,10 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
             s.note = "no stars detected" if s.stars == 0 else "no noise measured"
     if measured:
         best_coverage = max(s.coverage for s in measured)
+        first = max(s.nonlinear_stars for s in measured)
+        for s in measured:
+            if s.star_flux is not None:
+                s.star_snr = star_snr(s, first, s.coverage / best_coverage if best_coverage > 0 else 1.0)
         covered = [s for s in measured if s.coverage >= MIN_RELATIVE_COVERAGE * best_coverage]
         median_gradient = float(np.median([s.gradient for s in covered]))
         calm = [s for s in covered if s.gradient <= MAX_RELATIVE_GRADIENT * median_gradient + 1e-9] or covered

@@ -1,10 +1,16 @@
-"""NSG's parameters and their Auto rules against NSG's worked examples."""
+"""NSG's parameters and their Auto rules: NSG's worked examples, and the same values whatever
+the data's units."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from astropy.io import fits
 
 from nsg_gpu.params import Parameters, auto_sample_size, degrees_per_pixel, resolve_parameters
+from nsg_gpu.reference import prepare_reference
+from nsg_gpu.run import normalize
+from nsg_gpu.synthetic import SyntheticField
 
 
 @pytest.mark.parametrize(
@@ -39,3 +45,93 @@ def test_auto_rules_match_nsg_worked_examples(pixel, focal, width, height, size,
 def test_parameters_reject_nonsense():
     with pytest.raises(ValueError, match="star_flux_tolerance"):
         Parameters(star_flux_tolerance=0.5)
+
+
+#: White level of 16-bit data (BITPIX 16, BZERO 32768).
+ADU = 65535.0
+
+
+@pytest.mark.parametrize(
+    ("max_star_flux", "binding"),
+    [
+        pytest.param(17.8, "cap", id="cap-binds"),  # a brightest star of 17.8 in [0, 1] units
+        pytest.param(2000.0, "reach", id="reach-binds"),
+    ],
+)
+def test_auto_rules_do_not_depend_on_the_data_units(max_star_flux, binding):
+    """The same reference in [0, 1] and in 16-bit ADU: values in pixel or flux units scale
+    with the white level, the others are equal, and the circles are the same in pixels."""
+    common = dict(width=1200, height=900, header_focal_length_mm=530.0, header_pixel_size_um=3.76)
+    common["n_reference_stars"] = 700
+    unit = resolve_parameters(Parameters(), **common, reference_max=0.93, max_star_flux=max_star_flux)
+    adu = resolve_parameters(
+        Parameters(), **common, reference_max=0.93 * ADU, max_star_flux=max_star_flux * ADU, white_level=ADU
+    )
+    reach = max(2, round(0.0375 / degrees_per_pixel(3.76, 530.0)))
+    expected_rate = 0.25 if binding == "cap" else reach / max_star_flux
+    assert unit.sample_star_growth_rate == pytest.approx(expected_rate, rel=1e-12)
+    # The brightest star's circle grows by the same number of pixels.
+    assert adu.sample_star_growth_rate * max_star_flux * ADU == pytest.approx(expected_rate * max_star_flux, rel=1e-12)
+    assert unit.linear_range == 0.651 and adu.linear_range == pytest.approx(0.651 * ADU, rel=1e-12)
+    for name in ("sample_size", "limit_sample_stars_percent", "aperture_gap", "aperture_bg_delta"):
+        assert getattr(adu, name) == getattr(unit, name), name
+
+
+@pytest.fixture(scope="module")
+def frames_in_two_units(tmp_path_factory):
+    """Three 600x450 synthetic frames written twice, as float [0, 1] and as 16-bit ADU with
+    BZERO 32768, holding the same values (the floats are the ADU divided by 65535)."""
+    root = tmp_path_factory.mktemp("units")
+    field = SyntheticField(width=600, height=450, n_frames=3, n_stars=800, seed=4)
+    paths = {"float": [], "adu": []}
+    for unit in paths:
+        (root / unit).mkdir()
+    for k, truth in enumerate(field.frames):
+        data = field.render(k)[0]
+        counts = np.where(data > 0, np.maximum(np.rint(data * ADU), 1), 0)
+        for unit, values in (("float", (counts / ADU).astype(np.float32)), ("adu", counts.astype(np.uint16))):
+            path = root / unit / f"{truth.name}.fits"
+            fits.PrimaryHDU(values, header=field.header(k)).writeto(path)
+            paths[unit].append(path)
+    with fits.open(paths["adu"][0]) as hdul:
+        assert (hdul[0].header["BITPIX"], hdul[0].header["BZERO"]) == (16, 32768)
+    return paths
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        pytest.param(Parameters(), id="header-optics"),  # the 0.25 cap on the growth rate binds
+        pytest.param(Parameters(focal_length_mm=10.0), id="wide-field"),  # the 2 px reach binds
+    ],
+)
+def test_reference_is_the_same_in_adu(frames_in_two_units, params):
+    """Prepared from float and from 16-bit files, the reference rejects the same samples with
+    the same circles and measures the same stars."""
+    unit = prepare_reference(frames_in_two_units["float"][0], params)
+    adu = prepare_reference(frames_in_two_units["adu"][0], params)
+    assert (unit.frame.white_level, adu.frame.white_level) == (1.0, ADU)
+    np.testing.assert_allclose(adu.circles, unit.circles, rtol=0, atol=1e-4)
+    assert adu.rejected.sum() > 0
+    np.testing.assert_array_equal(adu.rejected, unit.rejected)
+    np.testing.assert_array_equal(adu.photometry_index, unit.photometry_index)
+    assert adu.params.sample_size == unit.params.sample_size
+    assert adu.params.limit_sample_stars_percent == unit.params.limit_sample_stars_percent
+    assert adu.params.linear_range == pytest.approx(unit.params.linear_range * ADU, rel=1e-6)
+    assert adu.params.sample_star_growth_rate == pytest.approx(unit.params.sample_star_growth_rate / ADU, rel=1e-4)
+
+
+def test_run_is_the_same_in_adu(frames_in_two_units, tmp_path):
+    """A whole run on float and on 16-bit files: the same samples and star pairs per frame,
+    the same transmissions."""
+    keep_all = Parameters(min_weight=0, min_transmission=0)
+    runs = {
+        unit: normalize(paths, reference=paths[0], output_dir=tmp_path / unit, params=keep_all)
+        for unit, paths in frames_in_two_units.items()
+    }
+    unit, adu = runs["float"].frames, runs["adu"].frames
+    assert [f.status for f in unit + adu] == ["reference", "ok", "ok"] * 2
+    assert [f.samples for f in adu] == [f.samples for f in unit]
+    assert [f.star_pairs for f in adu] == [f.star_pairs for f in unit]
+    for a, b in zip(unit, adu):
+        np.testing.assert_allclose(b.transmission, a.transmission, rtol=0, atol=1e-4)

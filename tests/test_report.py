@@ -1,4 +1,5 @@
-"""What users see: ``nsg inspect``, progress output, diagnostic plots and report.html."""
+"""What users see: progress output, diagnostic plots and report.html (``nsg inspect`` is in
+test_select.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from nsg_gpu.params import Parameters
 from nsg_gpu.pipeline import normalize_frame
 from nsg_gpu.reference import prepare_reference
 from nsg_gpu.results import FrameResult
-from nsg_gpu.select import choose_reference
 from nsg_gpu.synthetic import SyntheticField, write_synthetic_set
 
 runner = CliRunner()
@@ -83,31 +83,6 @@ def test_diagnostics_record_the_fits_without_changing_them(field_frames):
     error = np.abs(residual - np.median(residual)) / field.spec.noise_sigma
     span = np.ptp(truth[covered]) / field.spec.noise_sigma
     assert span > 5 and np.median(error) < 0.3 and error.max() < 1.0, (np.median(error), error.max(), span)
-
-
-def test_inspect_ranks_as_reference_auto_chooses(field_frames):
-    field, paths = field_frames
-    result = runner.invoke(app, ["inspect", *map(str, paths), "--json"])
-    assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)
-    assert sorted(r["path"] for r in rows) == sorted(map(str, paths))
-    assert [r["rank"] for r in rows] == [1, 2, 3, 4]
-    chosen, reason = choose_reference(paths)
-    assert rows[0]["path"] == str(chosen) and rows[0]["candidate"]
-    candidates = [r["star_snr"] for r in rows if r["candidate"]]
-    assert candidates == sorted(candidates, reverse=True)
-    assert all(r["candidate"] for r in rows[: len(candidates)])  # candidates come first
-    by_path = {r["path"]: r for r in rows}
-    for k, path in enumerate(paths):
-        row, truth = by_path[str(path)], field.frames[k]
-        assert row["exposure"] == truth.exposure and row["date_obs"] == truth.date_obs
-        assert row["coverage"] == pytest.approx(field.coverage(k).mean(), abs=0.01)
-        assert row["noise_per_second"] == pytest.approx(row["noise"] / truth.exposure)
-        assert row["fwhm"] == pytest.approx(truth.fwhm, rel=0.25)
-    table = runner.invoke(app, ["inspect", *map(str, paths)])
-    assert table.exit_code == 0
-    assert f"--reference auto would choose {Path(chosen).name}" in table.output
-    assert table.output.index(Path(chosen).name) < min(table.output.index(p.name) for p in paths if p != Path(chosen))
 
 
 def test_json_lines_are_the_results_rows(plotted_run):

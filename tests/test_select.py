@@ -1,0 +1,167 @@
+"""Choosing the reference (``--reference auto``, ``nsg inspect``) on synthetic frames whose
+seeing, transparency, sky, coverage and gradient are set one at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from typer.testing import CliRunner
+
+from nsg_gpu.cli import app
+from nsg_gpu.select import ReferenceScore, choose_reference, inspect_frames, rank_frames
+from nsg_gpu.synthetic import SyntheticField, write_synthetic_set
+
+runner = CliRunner()
+#: A small, dense field: a few dozen saturated stars and plenty of bright linear ones.
+FIELD = dict(width=640, height=480, n_stars=1400, seed=11, borders=False, trail_frame=None)
+SKY = 0.06
+
+
+def write_conditions(directory: Path, conditions: list[dict], *, white: float | None = None) -> list[Path]:
+    """Frames of one field under ``conditions`` (FrameTruth fields per frame, by default
+    transmission 0.9, FWHM 3, Moffat index 3, the same sky level and gradient as frame 0,
+    full coverage), written as float FITS, or as 16-bit integers in units where 1.0 is ``white``."""
+    field = SyntheticField(n_frames=len(conditions), **FIELD)
+    base = field.frames[0]
+    paths = []
+    for k, changes in enumerate(conditions):
+        plain = dict(
+            transmission=[0.9],
+            fwhm=3.0,
+            beta=3.0,
+            sky_level=[SKY],
+            gradient_ptp_sigma=2.0,
+            gradient_coefficients=base.gradient_coefficients,
+        )
+        changes = {**plain, **changes}
+        if "transmission" in changes and np.isscalar(changes["transmission"]):
+            changes["transmission"] = [changes["transmission"]]
+        field.frames[k] = dataclasses.replace(field.frames[k], **changes)
+        data = field.render(k)[0]
+        if white is not None:
+            data = np.where(data > 0, np.maximum(np.rint(data * white), 1), 0).astype(np.uint16)
+        path = directory / f"{field.frames[k].name}.fits"
+        fits.PrimaryHDU(data, header=field.header(k)).writeto(path)
+        paths.append(path)
+    return paths
+
+
+def ranked_indices(ranked: list[ReferenceScore], paths: list[Path]) -> list[int]:
+    return [paths.index(s.path) for s in ranked]
+
+
+def test_sharper_frame_wins_at_equal_transparency_and_sky(tmp_path):
+    """Seeing alone differs: the sharpest frame is chosen, and the score falls as 1/FWHM.
+
+    The stars' flux does not depend on the seeing; a score from it alone (or from each frame's
+    own brightest unsaturated stars, which are brighter where the seeing spreads them) ranks
+    these frames the other way round."""
+    fwhms = [3.8, 2.4, 3.0]
+    paths = write_conditions(tmp_path, [{"fwhm": f} for f in fwhms])
+    ranked = inspect_frames(paths)
+    assert ranked_indices(ranked, paths) == [1, 2, 0]
+    assert all(s.candidate for s in ranked)
+    chosen, reason = choose_reference(paths)
+    assert chosen == paths[1] and "star signal-to-noise" in reason
+    # Equal transparency and noise: star_snr * FWHM is the same in every frame.
+    product = np.array([s.star_snr * fwhms[paths.index(s.path)] for s in ranked])
+    assert np.ptp(product) / product.mean() < 0.15, product
+
+
+def test_clearer_frame_wins_at_equal_seeing_and_sky(tmp_path):
+    """Transparency alone differs: the clearest frame is chosen, and the score follows it."""
+    transmissions = [0.6, 0.95, 0.8]
+    paths = write_conditions(tmp_path, [{"transmission": t} for t in transmissions])
+    ranked = inspect_frames(paths)
+    assert ranked_indices(ranked, paths) == [1, 2, 0]
+    assert choose_reference(paths)[0] == paths[1]
+    ratio = np.array([s.star_snr / transmissions[paths.index(s.path)] for s in ranked])
+    assert np.ptp(ratio) / ratio.mean() < 0.1, ratio
+
+
+def test_coverage_and_gradient_still_exclude_the_best_stars(tmp_path):
+    """The clearest frame has a registration border and the next a strong gradient: neither is
+    chosen, each says why, and the rest rank by transparency."""
+    conditions = [
+        {"transmission": 0.7},
+        {"transmission": 1.0, "border": [70, 0, 0, 0]},  # about 11 % of the width without data
+        {"transmission": 1.0, "gradient_ptp_sigma": 30.0},
+        {"transmission": 0.85},
+        {"transmission": 0.78},
+    ]
+    paths = write_conditions(tmp_path, conditions)
+    ranked = inspect_frames(paths)
+    by_index = {paths.index(s.path): s for s in ranked}
+    assert ranked_indices(ranked, paths) == [3, 4, 0, 2, 1]
+    assert [by_index[k].candidate for k in (3, 4, 0, 2, 1)] == [True, True, True, False, False]
+    assert by_index[1].note.startswith("coverage") and by_index[2].note.startswith("gradient")
+    # Both were measured, and would have won on their stars alone.
+    assert by_index[1].star_snr > by_index[3].star_snr and by_index[2].star_snr > by_index[3].star_snr
+    chosen, reason = choose_reference(paths)
+    assert chosen == paths[3]
+    assert "1 for their gradient" in reason and "1 for their coverage" in reason
+
+
+def test_score_does_not_depend_on_the_data_units(tmp_path):
+    """The same frames as floats in [0, 1] and as 16-bit ADU rank alike, with the same scores."""
+    conditions = [{"fwhm": 3.4}, {"fwhm": 2.6, "transmission": 0.7}]
+    floats = write_conditions(tmp_path, conditions)
+    (tmp_path / "adu").mkdir()
+    adu = write_conditions(tmp_path / "adu", conditions, white=65535.0)
+    a, b = inspect_frames(floats), inspect_frames(adu)
+    assert [s.path.name for s in a] == [s.path.name for s in b]
+    for x, y in zip(a, b):
+        assert y.star_snr == pytest.approx(x.star_snr, rel=1e-3)
+        assert y.gradient == pytest.approx(x.gradient, rel=1e-3)
+        assert y.noise == pytest.approx(65535.0 * x.noise, rel=1e-3)
+
+
+def test_rank_frames_keeps_a_given_score_without_a_star_table():
+    """Scores built by hand (no star table) rank by their own star_snr; unmeasured frames last."""
+    scores = [
+        ReferenceScore(Path("a.fits"), coverage=1.0, noise=1.0, star_snr=10.0, gradient=1.0, stars=100),
+        ReferenceScore(Path("b.fits"), coverage=1.0, noise=1.0, star_snr=20.0, gradient=1.0, stars=100),
+        ReferenceScore(Path("c.fits"), coverage=1.0, noise=1.0, star_snr=99.0, gradient=1.0, stars=0),
+    ]
+    ranked = rank_frames(scores)
+    assert [s.path.name for s in ranked] == ["b.fits", "a.fits", "c.fits"]
+    assert [s.star_snr for s in ranked] == [20.0, 10.0, 99.0]
+    assert ranked[2].note == "no stars detected" and not ranked[2].candidate
+
+
+@pytest.fixture(scope="module")
+def inspected_set(tmp_path_factory):
+    """Four 700x500 mono synthetic frames (random conditions and borders) and their field."""
+    field = SyntheticField(width=700, height=500, n_frames=4, n_stars=900, seed=4)
+    return field, write_synthetic_set(tmp_path_factory.mktemp("select") / "in", field.spec)
+
+
+def test_inspect_ranks_as_reference_auto_chooses(inspected_set):
+    field, paths = inspected_set
+    result = runner.invoke(app, ["inspect", *map(str, paths), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert sorted(r["path"] for r in rows) == sorted(map(str, paths))
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4]
+    assert not {"star_flux", "star_linear"} & set(rows[0])  # the star table stays out of the rows
+    chosen, reason = choose_reference(paths)
+    assert rows[0]["path"] == str(chosen) and rows[0]["candidate"]
+    candidates = [r["star_snr"] for r in rows if r["candidate"]]
+    assert candidates == sorted(candidates, reverse=True)
+    assert all(r["candidate"] for r in rows[: len(candidates)])  # candidates come first
+    by_path = {r["path"]: r for r in rows}
+    for k, path in enumerate(paths):
+        row, truth = by_path[str(path)], field.frames[k]
+        assert row["exposure"] == truth.exposure and row["date_obs"] == truth.date_obs
+        assert row["coverage"] == pytest.approx(field.coverage(k).mean(), abs=0.01)
+        assert row["noise_per_second"] == pytest.approx(row["noise"] / truth.exposure)
+        assert row["fwhm"] == pytest.approx(truth.fwhm, rel=0.25)
+    table = runner.invoke(app, ["inspect", *map(str, paths)])
+    assert table.exit_code == 0
+    assert f"--reference auto would choose {Path(chosen).name}" in table.output
+    assert table.output.index(Path(chosen).name) < min(table.output.index(p.name) for p in paths if p != Path(chosen))
