@@ -28,6 +28,9 @@ from nsg_gpu.jobs import FrameJob
 from nsg_gpu.run import normalize, plan_run
 from nsg_gpu.synthetic import write_synthetic_set
 
+#: Every test here starts a local Dask cluster: end-to-end and slow.
+pytestmark = pytest.mark.slow
+
 dask = pytest.importorskip("dask")
 distributed = pytest.importorskip("distributed")
 cloudpickle = pytest.importorskip("cloudpickle")

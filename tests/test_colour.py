@@ -41,6 +41,7 @@ def test_colour_stars_are_detected_on_min_max_intensity():
     np.testing.assert_allclose(np.sort(catalog.x), np.sort(mono.x), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_colour_outputs_carry_keywords_per_channel(colour_set):
     """NSGS0..2 and NSGSNR0..2 are each channel's own transmission and SNR."""
     for k, frame in enumerate(colour_set.run.frames[1:], start=1):

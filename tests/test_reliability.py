@@ -104,6 +104,7 @@ def test_reader_never_fails_unexpectedly(tmp_path_factory, position, length, fil
     )
 
 
+@pytest.mark.slow
 def test_killed_run_then_rerun_leaves_only_valid_outputs(tmp_path):
     """SIGKILL at several points; a rerun completes; every output is valid FITS."""
     inputs = write_synthetic_set(tmp_path / "in", n_frames=10, seed=22, **SMALL)
@@ -205,6 +206,7 @@ def _rss_mb() -> float:
     return float("nan")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to read the resident set size")
 def test_memory_stays_flat_over_many_frames(tmp_path):
     """500 small frames: the resident set after frame 500 is within 10 % of that after frame 50."""

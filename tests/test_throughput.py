@@ -190,6 +190,7 @@ def test_row_subsampled_noise_equals_whole_image_smoothing(max_pixels):
     assert ksigma_noise(image, max_pixels=max_pixels) == pytest.approx(_direct_ksigma(image, max_pixels), rel=1e-5)
 
 
+@pytest.mark.slow
 # -- accuracy with the shortcuts forced on test-sized frames -------------------------------------
 def test_subsampled_medians_keep_the_accuracy_bounds(mono_set, monkeypatch):
     """Bins of the mono set subsampled 2x2 (they are used whole at this size): scale within

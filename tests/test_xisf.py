@@ -40,6 +40,7 @@ def _write_xisf_set(directory, field: SyntheticField) -> list:
     return paths
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("colour", [pytest.param(False, id="mono"), pytest.param(True, id="rgb")])
 def test_xisf_round_trip(tmp_path, colour):
     """XISF in, XISF out: the same pixels as the FITS path, keywords and properties carried."""
