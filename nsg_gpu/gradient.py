@@ -21,18 +21,10 @@ from .backend import get_backend
 from .errors import TooFewSamplesError
 from .io import Frame
 from .noise import ksigma_noise
+from .outliers import bright_counts, clipped_medians, one_frame_outliers, reject_outlier_samples
 from .progress import Stopwatch
 from .reference import Reference
-from .samples import (
-    MIN_SAMPLES,
-    SampleSet,
-    bin_medians,
-    bin_samples,
-    bright_counts,
-    clipped_medians,
-    one_frame_outliers,
-    reject_outlier_samples,
-)
+from .samples import MIN_SAMPLES, SampleSet, bin_medians, bin_samples
 from .spline import SurfaceSpline, evaluate_surfaces, fit_surface_splines
 
 __all__ = ["GradientModel", "model_gradient"]

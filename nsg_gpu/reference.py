@@ -23,9 +23,10 @@ from .backend import Backend, get_backend, single_threaded_blas
 from .errors import FrameDataError, FrameError, ReferenceFrameError
 from .io import Frame, read_frame
 from .noise import ksigma_noise
+from .outliers import bright_counts, clipped_medians
 from .params import Parameters, resolve_parameters
 from .psf import MIN_PSF_FWHM, PSF_STARS, FittedPSF, MoffatPSF, fit_reference_psf, stamp_radius
-from .samples import MIN_SAMPLES, SampleGrid, bin_medians, bright_counts, clipped_medians, make_grid, star_rejection
+from .samples import MIN_SAMPLES, SampleGrid, bin_medians, make_grid, star_rejection
 from .stamps import stamp_peaks
 from .stars import StarCatalog, detect_stars, detection_image, isolated
 
