@@ -5,10 +5,12 @@ Agg canvas, no display, no global pyplot state):
 
 - **photometry**: reference against target flux of the star pairs, the fitted line, and the
   pairs the fit rejected; beside it the flux ratio against flux, where the scale is a line;
-- **gradient**: the background differences ``m*T - R`` along one row and one column of the
-  sample grid, with the fitted spline along the same line;
-- **samples**: the sample grid over the frame, used and rejected squares, and the circles of
-  the stars that reject samples;
+- **gradient**: the background differences ``m*T - R`` along the row and the column of the
+  sample grid whose samples sit farthest from the fitted spline, with the spline along the
+  same lines;
+- **samples**: the sample grid over the reference image (a small stretched preview, made once
+  per run by :func:`reference_preview`), used and rejected squares, and the circles of the
+  stars that reject samples, as NSG draws them;
 - **gradient image**: the fitted spline over the whole frame;
 
 and, for the run, transmission and weight per frame in time order, relative to the best frame,
@@ -31,15 +33,19 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_bytes
+from .backend import get_backend
 from .io import frame_stem
 from .rejection import relative_quality
 
 __all__ = [
     "PhotometryPairs",
     "FrameDiagnostics",
+    "ReferencePreview",
     "FRAME_PLOTS",
     "rejection_thresholds",
     "chosen_frames",
+    "reference_preview",
+    "gradient_lines",
     "write_frame_plots",
     "write_run_plots",
     "gradient_preview",
@@ -50,13 +56,23 @@ __all__ = [
 #: The frame plots, in the order the report shows them: (file suffix, caption).
 FRAME_PLOTS = (
     ("photometry", "Star photometry: reference against target flux, the fitted scale, rejected pairs"),
-    ("gradient", "Background difference m*T - R along a row and a column of samples, and the fitted spline"),
-    ("samples", "Sample grid over the frame: used and rejected squares, star rejection circles"),
+    (
+        "gradient",
+        "Background difference m*T - R and the fitted spline along the row and the column of samples "
+        "farthest from the spline",
+    ),
+    ("samples", "Sample grid over the reference: used and rejected squares, star rejection circles"),
     ("gradient_image", "The fitted gradient over the frame"),
 )
 #: Largest side (px) of the grid the gradient image is evaluated on.
 GRADIENT_PREVIEW = 80
 _CHANNEL_COLOURS = ("#d62728", "#2ca02c", "#1f77b4")
+#: Widest (px) the reference is drawn behind the sample grid; it is block-averaged to fit.
+PREVIEW_WIDTH = 800
+#: Display level of the reference's background after the stretch (PixInsight's auto STF value).
+PREVIEW_BACKGROUND = 0.25
+#: Shadows are clipped this many normalized MADs below the background (auto STF's value).
+PREVIEW_SHADOWS_CLIP = 2.8
 
 
 @dataclass
@@ -89,6 +105,80 @@ class FrameDiagnostics:
     @property
     def channels(self) -> int:
         return len(self.photometry)
+
+
+@dataclass
+class ReferencePreview:
+    """The reference as the plots draw it: block-averaged, mean over channels, stretched."""
+
+    image: np.ndarray  # (rows, cols) uint8 on the host, 0 where the reference has no data
+    step: int  # reference pixels per preview pixel, along both axes
+
+    @property
+    def extent(self) -> tuple[float, float, float, float]:
+        """Where the preview lies in reference pixels, as matplotlib's ``imshow`` takes it."""
+        rows, cols = self.image.shape
+        return (0.0, float(cols * self.step), float(rows * self.step), 0.0)
+
+
+def reference_preview(reference, *, width: int = PREVIEW_WIDTH) -> ReferencePreview:
+    """A small stretched image of the prepared reference, for drawing the sample grid on.
+
+    Made once per run: the mean over channels of ``step`` x ``step`` blocks, ``step`` the
+    smallest that leaves at most ``width`` columns, then stretched as PixInsight's automatic
+    screen transfer function does (shadows clipped 2.8 normalized MADs below the median, the
+    median brought to 0.25 by a midtones transfer).
+
+    Parameters
+    ----------
+    reference : Reference
+        From :func:`nsg_gpu.reference.prepare_reference`.
+
+    width : int
+        Most columns of the preview.
+
+    Returns
+    -------
+    ReferencePreview
+
+    Notes
+    -----
+    The blocks are summed on the reference's backend; only the preview (a few hundred kB of
+    ``uint8``) comes to the host.
+    """
+    data = reference.frame.data
+    backend = get_backend(data)
+    channels, height, frame_width = data.shape
+    step = max(1, min(math.ceil(frame_width / width), height))
+    rows, cols = height // step, frame_width // step
+    blocks = data[:, : rows * step, : cols * step].reshape(channels, rows, step, cols, step)
+    total = backend.to_host(blocks.sum(axis=(0, 2, 4), dtype=backend.xp.float64))
+    return ReferencePreview(_stretch(total / (channels * step * step)), step)
+
+
+def _midtones(balance: float, x):
+    """PixInsight's midtones transfer function: 0 to 0, 1 to 1, ``balance`` to 0.5."""
+    return (balance - 1) * x / ((2 * balance - 1) * x - balance)
+
+
+def _stretch(image: np.ndarray) -> np.ndarray:
+    """``image`` (no data at 0) to uint8, background at :data:`PREVIEW_BACKGROUND`."""
+    out = np.zeros(image.shape, np.uint8)
+    valid = np.isfinite(image) & (image > 0)
+    if not valid.any():
+        return out
+    values = image[valid] / image[valid].max()
+    median = float(np.median(values))
+    mad = 1.4826 * float(np.median(np.abs(values - median)))
+    shadows = max(0.0, median - PREVIEW_SHADOWS_CLIP * mad)
+    if shadows >= 1.0:
+        return out
+    x = np.clip((values - shadows) / (1.0 - shadows), 0.0, 1.0)
+    background = (median - shadows) / (1.0 - shadows)
+    if 0.0 < background < 1.0:
+        x = _midtones(_midtones(PREVIEW_BACKGROUND, background), x)
+    out[valid] = np.round(255 * x).astype(np.uint8)
+    return out
 
 
 def rejection_thresholds(params) -> tuple[float, float]:
@@ -139,7 +229,9 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-def write_frame_plots(result, diagnostics: FrameDiagnostics, directory: str | os.PathLike) -> list[Path]:
+def write_frame_plots(
+    result, diagnostics: FrameDiagnostics, directory: str | os.PathLike, *, preview: ReferencePreview | None = None
+) -> list[Path]:
     """Write the four plots of :data:`FRAME_PLOTS` for one frame as ``<stem>_<plot>.png``.
 
     Parameters
@@ -152,6 +244,10 @@ def write_frame_plots(result, diagnostics: FrameDiagnostics, directory: str | os
     directory : path
         Created if needed.
 
+    preview : ReferencePreview, optional
+        The reference drawn behind the sample grid (:func:`reference_preview`, once per run);
+        without it the grid is drawn on a blank canvas.
+
     Returns
     -------
     list of Path
@@ -163,7 +259,7 @@ def write_frame_plots(result, diagnostics: FrameDiagnostics, directory: str | os
     makers = {
         "photometry": _photometry_figure,
         "gradient": _gradient_figure,
-        "samples": _samples_figure,
+        "samples": lambda d, n: _samples_figure(d, n, preview),
         "gradient_image": _gradient_image_figure,
     }
     return [_save(makers[key](diagnostics, name), directory / f"{stem}_{key}.png") for key, _ in FRAME_PLOTS]
@@ -209,20 +305,53 @@ def _photometry_figure(d: FrameDiagnostics, name: str):
     return figure
 
 
-def _busiest(used: np.ndarray, axis: int) -> int:
-    """The grid row (axis=1) or column (axis=0) with the most used samples, centre first on ties."""
+def _line_residuals(d: FrameDiagnostics) -> np.ndarray:
+    """Squared distance of every used sample from its channel's spline, summed over channels
+    (rows, cols); 0 where no sample was used."""
+    rows, cols = np.nonzero(d.used)
+    squares = np.zeros(d.used.shape)
+    if rows.size:
+        x, y = d.grid.centre_x[cols], d.grid.centre_y[rows]
+        for c, spline in enumerate(d.splines):
+            squares[rows, cols] += (d.difference[c, rows, cols] - np.asarray(spline(x, y), float)) ** 2
+    return squares
+
+
+def _worst_line(squares: np.ndarray, used: np.ndarray, axis: int) -> tuple[int, float]:
+    """The row (axis=1) or column (axis=0) with the largest RMS distance from the spline among
+    those holding at least half as many used samples as the fullest; centre first on ties."""
     counts = used.sum(axis=axis)
+    rms = np.sqrt(squares.sum(axis=axis) / np.maximum(counts, 1))
+    score = np.where((counts > 0) & (2 * counts >= counts.max()), rms, -1.0)
     centre = counts.size // 2
     order = np.argsort(np.abs(np.arange(counts.size) - centre), kind="stable")
-    return int(order[np.argmax(counts[order])])
+    line = int(order[np.argmax(score[order])])
+    return line, float(rms[line])
+
+
+def gradient_lines(d: FrameDiagnostics) -> tuple[tuple[int, float], tuple[int, float]]:
+    """The sample-grid row and column that the gradient plot draws, and their RMS misfit.
+
+    Each is the line whose used samples sit farthest from the fitted spline (root mean square
+    of ``m*T - R`` minus the spline, over the line's samples and the channels), among the
+    lines holding at least half as many used samples as the fullest, so that one stray sample
+    on a nearly empty line does not choose it. Where the spline follows the samples there, it
+    follows them everywhere.
+
+    Returns
+    -------
+    (row, rms), (column, rms)
+        Indices into the sample grid; RMS in the frame's pixel units.
+    """
+    squares = _line_residuals(d)
+    return _worst_line(squares, d.used, axis=1), _worst_line(squares, d.used, axis=0)
 
 
 def _gradient_figure(d: FrameDiagnostics, name: str):
     grid = d.grid
-    figure = _figure(10, 4.2, left=0.08, right=0.98, bottom=0.12, top=0.92, wspace=0.2)
+    figure = _figure(10, 4.4, left=0.085, right=0.985, bottom=0.12, top=0.86, wspace=0.25)
     row_axes, col_axes = figure.subplots(1, 2)
-    row = _busiest(d.used, axis=1)
-    col = _busiest(d.used, axis=0)
+    (row, row_rms), (col, col_rms) = gradient_lines(d)
     xs = np.linspace(0, d.width - 1, 400)
     ys = np.linspace(0, d.height - 1, 400)
     y_row = float(grid.centre_y[row])
@@ -232,7 +361,7 @@ def _gradient_figure(d: FrameDiagnostics, name: str):
         label = f"channel {c} " if d.channels > 1 else ""
         used_r = d.used[row]
         row_axes.scatter(
-            grid.centre_x[used_r], d.difference[c, row, used_r], s=10, color=colour, label=f"{label}samples"
+            grid.centre_x[used_r], d.difference[c, row, used_r], s=10, color=colour, label=f"{label}samples used"
         )
         row_axes.plot(xs, spline(xs, np.full_like(xs, y_row)), color=colour, lw=1.5, label=f"{label}spline")
         used_c = d.used[:, col]
@@ -254,52 +383,75 @@ def _gradient_figure(d: FrameDiagnostics, name: str):
             col_axes.scatter(
                 grid.centre_y[unused_c], d.difference[c, unused_c, col], s=10, color="0.6", facecolors="none"
             )
-    row_axes.set_title(f"{name}: along row y = {y_row:.0f} px")
+    figure.suptitle(
+        f"{name}: background difference and spline along the row and the column of samples farthest from the spline",
+        fontsize=10,
+    )
+    row_axes.set_title(f"row {row + 1} of {grid.n_rows} (y = {y_row:.0f} px): RMS off the spline {row_rms:.3g}")
     row_axes.set_xlabel("x (px)")
-    row_axes.set_ylabel("m*T - R")
+    row_axes.set_ylabel("m*T - R (frame pixel units)")
     row_axes.legend(fontsize=8)
-    col_axes.set_title(f"along column x = {x_col:.0f} px")
+    col_axes.set_title(f"column {col + 1} of {grid.n_cols} (x = {x_col:.0f} px): RMS off the spline {col_rms:.3g}")
     col_axes.set_xlabel("y (px)")
+    col_axes.set_ylabel("m*T - R (frame pixel units)")
+    for axes in (row_axes, col_axes):
+        axes.title.set_fontsize(9)
     return figure
 
 
-def _samples_figure(d: FrameDiagnostics, name: str):
+def _samples_figure(d: FrameDiagnostics, name: str, preview: ReferencePreview | None = None):
     from matplotlib.collections import PatchCollection
-    from matplotlib.colors import ListedColormap
+    from matplotlib.colors import to_rgba
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Circle, Patch
 
     grid = d.grid
     aspect = d.height / max(d.width, 1)
     figure = _figure(8, max(3.0, 6.6 * aspect + 0.9), left=0.1, right=0.97, bottom=0.1, top=0.92)
     axes = figure.subplots()
-    # 0 no data, 1 rejected near a star, 2 used, 3 covered but unusable (NaN difference)
-    category = np.zeros(d.used.shape, np.int8)
-    category[d.covered] = 3
+    # Over the reference the squares are tints that let it show through; without it, solid.
+    over = preview is not None
+    if over:
+        axes.imshow(preview.image, cmap="gray", vmin=0, vmax=255, extent=preview.extent, interpolation="antialiased")
+    kinds = (  # colour, tint over the reference, legend label
+        ("#2166ac" if over else "#92c5de", 0.18, "used"),
+        ("#f46d43" if over else "#f4a582", 0.5, "rejected near a star"),
+        ("#202020" if over else "#bbbbbb", 0.65, "no data in a frame"),
+        ("#fee08b" if over else "#fddbc7", 0.6, "no usable median"),
+    )
+    # 0 used, 1 rejected near a star, 2 no data, 3 covered but unusable (NaN difference)
+    category = np.full(d.used.shape, 3, np.int8)
+    category[~d.covered] = 2
     category[d.covered & d.star_rejected] = 1
-    category[d.used] = 2
-    colours = ListedColormap(["#bbbbbb", "#f4a582", "#92c5de", "#fddbc7"])
+    category[d.used] = 0
+    palette = np.array([to_rgba(colour, alpha if over else 1.0) for colour, alpha, _ in kinds])
     extent = (grid.x0, grid.x0 + grid.n_cols * grid.size, grid.y0 + grid.n_rows * grid.size, grid.y0)
-    axes.imshow(category, cmap=colours, vmin=-0.5, vmax=3.5, extent=extent, interpolation="nearest")
+    axes.imshow(palette[category], extent=extent, interpolation="nearest")
+    edge = "#ff2d2d" if over else "#b2182b"
     if d.circles is not None and len(d.circles):
         patches = [Circle((x, y), r) for x, y, r in d.circles[:2000]]
-        axes.add_collection(PatchCollection(patches, facecolor="none", edgecolor="#b2182b", linewidth=0.6))
+        axes.add_collection(PatchCollection(patches, facecolor="none", edgecolor=edge, linewidth=0.6))
+    (row, _), (col, _) = gradient_lines(d)
+    line_colour = "#ffd400" if over else "#333333"
+    axes.axhline(grid.centre_y[row], color=line_colour, lw=0.9, ls="--")
+    axes.axvline(grid.centre_x[col], color=line_colour, lw=0.9, ls="--")
     axes.set_xlim(0, d.width)
     axes.set_ylim(d.height, 0)
     axes.set_xlabel("x (px)")
     axes.set_ylabel("y (px)")
-    n_used, n_star, n_none = int(d.used.sum()), int((d.covered & d.star_rejected).sum()), int((~d.covered).sum())
-    axes.set_title(f"{name}: {n_used} samples used, {d.grid.size} px squares")
-    axes.legend(
-        handles=[
-            Patch(color="#92c5de", label=f"used ({n_used})"),
-            Patch(color="#f4a582", label=f"rejected near a star ({n_star})"),
-            Patch(color="#bbbbbb", label=f"no data in a frame ({n_none})"),
-            Patch(facecolor="none", edgecolor="#b2182b", label="star rejection circle"),
-        ],
-        fontsize=8,
-        loc="upper right",
-        framealpha=0.9,
-    )
+    counts = [int((category == k).sum()) for k in range(len(kinds))]
+    where = "over the reference" if over else "over the frame"
+    axes.set_title(f"{name}: {counts[0]} samples used, {d.grid.size} px squares {where}", fontsize=10)
+    handles = [
+        Patch(facecolor=to_rgba(colour, alpha if over else 1.0), edgecolor="0.3", lw=0.4, label=f"{label} ({count})")
+        for (colour, alpha, label), count in zip(kinds, counts)
+        if count or label != "no usable median"
+    ]
+    handles += [
+        Patch(facecolor="none", edgecolor=edge, label="star rejection circle"),
+        Line2D([], [], color=line_colour, lw=0.9, ls="--", label="row and column of the gradient plot"),
+    ]
+    axes.legend(handles=handles, fontsize=7, loc="upper right", framealpha=0.85)
     return figure
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .atomic import remove_stale_temporaries
 from .backend import NUMPY, Backend
-from .diagnostics import chosen_frames, write_frame_plots
+from .diagnostics import chosen_frames, reference_preview, write_frame_plots
 from .errors import FrameError, NSGError, OutputError, ReferenceFrameError
 from .executors import InProcessExecutor
 from .htmlreport import write_report
@@ -246,6 +246,7 @@ def normalize(
     except FrameError as exc:
         raise ReferenceFrameError(plan.reference_path, exc.reason) from exc
     prepared = prepare_reference(ref_frame, params, backend=be)
+    preview = reference_preview(prepared) if plots or report else None  # drawn behind the sample grids
     if plan.reference_path in complete:
         reference_row = reference_result(prepared, complete.pop(plan.reference_path)[0])
         reference_row.resumed = True
@@ -279,7 +280,9 @@ def normalize(
         if result.diagnostics is not None:
             if plots:
                 try:
-                    frame_plots[result.path] = write_frame_plots(result, result.diagnostics, Path(output_dir) / "plots")
+                    frame_plots[result.path] = write_frame_plots(
+                        result, result.diagnostics, Path(output_dir) / "plots", preview=preview
+                    )
                 except OutputError as exc:
                     plots = False  # the disk is full or gone: the next frames' plots would fail too
                     plot_error = str(exc)
@@ -300,7 +303,7 @@ def normalize(
     write_weights(run, output_dir)
     if report:
         try:
-            run.report = str(_write_report(prepared, run, output_dir, frame_plots, kept))
+            run.report = str(_write_report(prepared, run, output_dir, frame_plots, kept, preview))
         except OutputError as exc:  # the frames and results are written; the report is extra
             run.report_error = str(exc)
     return run
@@ -330,7 +333,7 @@ def _keep_extremes(kept: dict, result: FrameResult) -> None:
             kept[key] = record
 
 
-def _write_report(prepared: Reference, run: RunResult, output_dir, frame_plots: dict, kept: dict) -> Path:
+def _write_report(prepared: Reference, run: RunResult, output_dir, frame_plots: dict, kept: dict, preview=None) -> Path:
     """report.html, with the diagnostics of the chosen frames; one whose record was not kept
     during the run (the median-weight frame) is normalized again in memory."""
     records = {result.path: diagnostics for result, diagnostics in kept.values()}
@@ -344,5 +347,5 @@ def _write_report(prepared: Reference, run: RunResult, output_dir, frame_plots: 
                 diagnostics = normalize_frame(prepared, read_frame(result.path), diagnostics=True).diagnostics
             except FrameError:  # changed on disk since; the report goes without its plots
                 continue
-        frame_plots[result.path] = write_frame_plots(result, diagnostics, Path(output_dir) / "plots")
+        frame_plots[result.path] = write_frame_plots(result, diagnostics, Path(output_dir) / "plots", preview=preview)
     return write_report(run, output_dir, frame_plots=frame_plots, chosen=chosen)

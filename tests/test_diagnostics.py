@@ -1,0 +1,130 @@
+"""The diagnostic plots' own pieces: the reference preview, the gradient plot's lines and the
+sample plot drawn over the reference."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from nsg_gpu.diagnostics import (
+    FRAME_PLOTS,
+    PREVIEW_BACKGROUND,
+    FrameDiagnostics,
+    PhotometryPairs,
+    ReferencePreview,
+    gradient_lines,
+    reference_preview,
+    write_frame_plots,
+)
+from nsg_gpu.results import FrameResult
+from nsg_gpu.samples import make_grid
+
+HEIGHT, WIDTH, SIZE = 480, 720, 40
+
+
+def _reference(data: np.ndarray) -> SimpleNamespace:
+    """What reference_preview reads of a prepared reference: ``reference.frame.data``."""
+    return SimpleNamespace(frame=SimpleNamespace(data=data))
+
+
+def _plane(x, y):
+    return 0.01 + 2e-5 * np.asarray(x, float) - 1e-5 * np.asarray(y, float)
+
+
+def _diagnostics(outliers=(), lonely=None) -> FrameDiagnostics:
+    """A frame's record on a 12x18 grid whose samples lie on a plane (the spline), but for
+    ``outliers`` ((row, col, offset), used) and a ``lonely`` (row, offset): that row keeps a
+    single used sample, offset."""
+    grid = make_grid(HEIGHT, WIDTH, SIZE)
+    xx, yy = np.meshgrid(grid.centre_x, grid.centre_y)
+    rng = np.random.default_rng(3)
+    difference = (_plane(xx, yy) + rng.normal(0, 1e-6, xx.shape))[None]
+    used = np.ones(xx.shape, bool)
+    star = np.zeros_like(used)
+    star[2, 3] = star[7, 11] = True
+    used &= ~star
+    for row, col, offset in outliers:
+        difference[0, row, col] += offset
+    if lonely is not None:
+        row, offset = lonely
+        used[row] = False
+        used[row, 0] = True
+        difference[0, row, 0] += offset
+    flux = rng.uniform(0.1, 2.0, 60)
+    pairs = PhotometryPairs(flux, 1.1 * flux, np.arange(60) % 10 != 0, 1.1, 0.0)
+    return FrameDiagnostics(
+        height=HEIGHT,
+        width=WIDTH,
+        photometry=[pairs],
+        grid=grid,
+        covered=np.ones_like(used),
+        star_rejected=star,
+        used=used,
+        difference=difference,
+        samples=None,
+        splines=[_plane],
+        circles=np.array([[grid.centre_x[3], grid.centre_y[2], 15.0], [grid.centre_x[11], grid.centre_y[7], 12.0]]),
+    )
+
+
+def test_reference_preview_is_small_and_stretched():
+    """Block means to at most 800 columns; the background lands at the stretch's level, stars
+    above it, no data at 0."""
+    rng = np.random.default_rng(1)
+    height, width = 1200, 3000
+    data = rng.normal(1000.0, 10.0, (3, height, width)).astype(np.float32)
+    data[:, 600:612, 1500:1512] = 30000.0  # a bright star, 4x4 preview pixels
+    data[:, :, :300] = 0  # no data along the left edge
+    preview = reference_preview(_reference(data))
+    assert isinstance(preview, ReferencePreview) and preview.image.dtype == np.uint8
+    assert preview.step == 4 and preview.image.shape == (300, 750)
+    assert preview.extent == (0.0, 3000.0, 1200.0, 0.0)
+    image = preview.image.astype(float)
+    assert (image[:, :75] == 0).all()  # 300 px of no data are 75 preview columns
+    background = np.median(image[:, 80:])
+    assert background == pytest.approx(255 * PREVIEW_BACKGROUND, abs=4)
+    assert image[150:153, 375:378].min() == 255  # the star's blocks
+    assert image[:, 80:].std() > 3  # the noise is visible: the stretch is not flat
+
+
+def test_reference_preview_of_a_blank_reference_is_black():
+    assert not reference_preview(_reference(np.zeros((1, 40, 50), np.float32))).image.any()
+
+
+def test_gradient_lines_pick_the_samples_farthest_from_the_spline():
+    """The row and column through an outlier sample, not the fullest line nor a line whose
+    only sample strays."""
+    row, col = gradient_lines(_diagnostics(outliers=[(8, 13, 4e-4)]))
+    assert (row[0], col[0]) == (8, 13)
+    assert row[1] == pytest.approx(4e-4 / np.sqrt(17), rel=0.05)  # one of the row's 17 used samples
+    # A stray sample alone on its row: that row is too empty to be shown.
+    row, col = gradient_lines(_diagnostics(outliers=[(8, 13, 4e-4)], lonely=(3, 1e-2)))
+    assert row[0] == 8
+
+
+def test_samples_plot_draws_the_reference_behind_the_grid(tmp_path):
+    """The preview shows through the sample grid: a reference bright on its right half gives a
+    plot bright on the right, the same plot without the preview does not."""
+    from matplotlib.image import imread
+
+    image = np.zeros((HEIGHT // 4, WIDTH // 4), np.uint8)
+    image[:, image.shape[1] // 2 :] = 255
+    preview = ReferencePreview(image, 4)
+    result = FrameResult(path="light_7.fits")
+    d = _diagnostics(outliers=[(8, 13, 4e-4)])
+
+    def halves(directory, preview):
+        paths = write_frame_plots(result, d, directory, preview=preview)
+        assert [p.name for p in paths] == [f"light_7_{key}.png" for key, _ in FRAME_PLOTS]
+        pixels = imread(paths[2])[..., :3].mean(axis=2)  # the samples plot
+        # Inside the axes: the middle of the figure, away from the legend at the top right.
+        h, w = pixels.shape
+        band = pixels[int(0.55 * h) : int(0.85 * h)]
+        return band[:, int(0.2 * w) : int(0.45 * w)].mean(), band[:, int(0.6 * w) : int(0.85 * w)].mean()
+
+    left, right = halves(tmp_path / "over", preview)
+    assert right - left > 0.4, (left, right)
+    left, right = halves(tmp_path / "blank", None)
+    assert abs(right - left) < 0.1, (left, right)
