@@ -1,11 +1,13 @@
 """``report.html``: one static page per run, opened from disk in any browser.
 
 The page holds the run summary (reference and why, frames normalized, failed and rejected),
-the parameters as resolved, the table of frames, the run chart (transmission and weight per
-frame in time order, with the rejection thresholds) and the diagnostic plots of the chosen
-frames (highest, median and lowest weight) and of every frame plotted with ``--plots``.
-Images are PNG files under ``plots/`` beside it, linked by relative paths, so the output
-directory can be moved or archived whole. No script, no network access.
+the table of frames (its row colours explained by a legend, a rejected frame's reason under
+its status), the run chart (transmission and weight per frame in time order, with the
+rejection thresholds), the diagnostic plots of the chosen frames (highest, median and lowest
+weight) and of every frame plotted with ``--plots``, and the parameters as resolved. Images are PNG files under
+``plots/`` beside it, linked by relative paths, so the output directory can be moved or
+archived whole. No script, no network access. The page uses the window's width, and the
+table wraps its text columns rather than scroll.
 
 In the flow: the last thing a run writes (:func:`nsg_gpu.run.normalize`).
 """
@@ -26,19 +28,41 @@ from .version import __version__
 __all__ = ["write_report"]
 
 _STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
-       padding: 0 1em; color: #222; }
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ccc; }
 table { border-collapse: collapse; font-size: 0.85em; }
-th, td { border: 1px solid #ddd; padding: 0.25em 0.5em; text-align: right; white-space: nowrap; }
-th { background: #f3f3f3; } td.text { text-align: left; }
-tr.failed td { background: #fde0dd; } tr.rejected td { background: #fff3cd; } tr.reference td { background: #e7f1fb; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.5em; text-align: right; white-space: nowrap; vertical-align: top; }
+th { background: #f3f3f3; white-space: normal; vertical-align: bottom; } .nowrap { white-space: nowrap; } td.text { text-align: left; } td.wrap { white-space: normal; }
+td.file, td.note { overflow-wrap: anywhere; } td.file { min-width: 8em; } td.status { min-width: 9em; } td.note { min-width: 10em; }
+.state { font-weight: 600; } .reason { display: block; font-size: 0.92em; }
+tr.failed td, .swatch.failed { background: #fde0dd; } tr.rejected td, .swatch.rejected { background: #fff3cd; }
+tr.reference td, .swatch.reference { background: #e7f1fb; } .swatch.ok { background: #fff; }
+.tag { display: inline-block; margin-left: 0.4em; padding: 0 0.35em; border: 1px solid #5b8a5b; border-radius: 0.3em;
+       color: #2f5f2f; background: #eef6ee; font-size: 0.85em; font-weight: normal; }
+.legend { list-style: none; padding: 0; margin: 0.4em 0 0.8em; font-size: 0.85em; display: flex; flex-wrap: wrap;
+          gap: 0.3em 1.6em; }
+.swatch { display: inline-block; width: 1.6em; height: 0.95em; border: 1px solid #bbb; vertical-align: -0.1em;
+          margin-right: 0.35em; }
 .summary td { text-align: left; white-space: normal; } .frames { overflow-x: auto; }
-figure { margin: 1em 0; } figcaption { font-size: 0.85em; color: #555; }
+.figures { display: flex; flex-wrap: wrap; gap: 0 1.5em; align-items: flex-start; }
+figure { margin: 0.6em 0; min-width: 0; } figcaption { font-size: 0.85em; color: #555; max-width: 60em; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; }
 details { margin: 0.6em 0; } summary { cursor: pointer; font-weight: 600; }
 .muted { color: #777; font-size: 0.85em; }
 """
+
+#: The table's row kinds and what they mean, in the legend's order.
+_LEGEND = (
+    ("ok", "normalized"),
+    ("reference", "the reference: the frame the others are brought to"),
+    (
+        "rejected",
+        "rejected: relative weight or transmission at or below its threshold (why: under the status); "
+        "output in rejected/",
+    ),
+    ("failed", "failed: not normalized (why: in the note)"),
+)
+_KEPT = "kept from an earlier run: its output was complete and up to date, so it was not normalized again"
 
 
 def _e(value) -> str:
@@ -60,52 +84,87 @@ def _relative(path: Path, base: Path) -> str:
     return Path(os.path.relpath(path, base)).as_posix()
 
 
-def _frame_row(frame) -> str:
-    rejected = getattr(frame, "rejected", None)
-    kind = "failed" if frame.status == "failed" else ("rejected" if rejected else frame.status)
-    note = frame.error or (f"rejected: {rejected}" if rejected else "")
-    cells = [
-        f'<td class="text">{_e(Path(frame.path).name)}</td>',
-        f'<td class="text">{_e(frame.status)}</td>',
-        f"<td>{_number(frame.transmission)}</td>",
-        f"<td>{_number(frame.weight)}</td>",
-        f"<td>{_number(frame.snr)}</td>",
-        f"<td>{_e(frame.star_pairs)}</td>",
-        f"<td>{_e(frame.samples)}</td>",
-        f"<td>{_number(frame.fwhm, 3)}</td>",
-        f"<td>{_number(frame.noise, 3)}</td>",
-        f"<td>{_number(frame.altitude, 3)}</td>",
-        f"<td>{_number(frame.exposure, 4)}</td>",
-        f'<td class="text">{_e(frame.filter)}</td>',
-        f'<td class="text">{_e(frame.date_obs)}</td>',
-        f"<td>{_number(frame.seconds, 2)}</td>",
-        f'<td class="text">{_e(note)}</td>',
-    ]
-    return f'<tr class="{kind}">' + "".join(cells) + "</tr>"
+def _kind(frame) -> str:
+    if frame.status == "failed":
+        return "failed"
+    return "rejected" if getattr(frame, "rejected", None) else frame.status
 
 
-_HEADINGS = (
-    "file",
-    "status",
-    "transmission",
-    "weight",
-    "SNR",
-    "star pairs",
-    "samples",
-    "FWHM (px)",
-    "noise",
-    "altitude",
-    "exposure (s)",
-    "filter",
-    "DATE-OBS",
-    "time (s)",
-    "note",
+def _status_cell(frame) -> str:
+    kind = _kind(frame)
+    parts = [f'<span class="state">{_e(kind)}</span>']
+    if frame.resumed:
+        parts.append(f'<span class="tag" title="{_e(_KEPT)}">kept</span>')
+    if kind == "rejected":
+        parts.append(f'<span class="reason">{_e(frame.rejected)}</span>')
+    return f'<td class="text wrap status">{"".join(parts)}</td>'
+
+
+def _date(value) -> str:
+    """DATE-OBS, breakable between the date and the time only."""
+    if not value:
+        return ""
+    date, sep, time = str(value).partition("T")
+    return f'<span class="nowrap">{_e(date)}{_e(sep)}</span><wbr><span class="nowrap">{_e(time)}</span>'
+
+
+def _note(frame) -> str:
+    """The error and the warning; an error's leading file path is the file column's already."""
+    error = frame.error
+    if error and error.startswith(f"{frame.path}: "):
+        error = error[len(frame.path) + 2 :]
+    return _e("; ".join(text for text in (error, getattr(frame, "warning", None)) if text))
+
+
+def _seconds(frame) -> str:
+    if frame.resumed:
+        return f'<td class="muted" title="{_e(_KEPT)}">kept</td>'
+    return f"<td>{_number(frame.seconds, 2)}</td>"
+
+
+def _cell(value: str, kind: str = "") -> str:
+    return f'<td class="{kind}">{value}</td>' if kind else f"<td>{value}</td>"
+
+
+#: The table's columns: heading, the cell of a frame, and the header fact that a column shows
+#: (left out where no frame has it, so that the table keeps to the window's width).
+_COLUMNS = (
+    ("file", lambda f: _cell(_e(Path(f.path).name), "text wrap file"), None),
+    ("status", _status_cell, None),
+    ("transmission", lambda f: _cell(_number(f.transmission)), None),
+    ("weight", lambda f: _cell(_number(f.weight)), None),
+    ("SNR", lambda f: _cell(_number(f.snr)), None),
+    ("star pairs", lambda f: _cell(_e(f.star_pairs)), None),
+    ("samples", lambda f: _cell(_e(f.samples)), None),
+    ("FWHM (px)", lambda f: _cell(_number(f.fwhm, 3)), None),
+    ("noise", lambda f: _cell(_number(f.noise, 3)), None),
+    ("altitude (deg)", lambda f: _cell(_number(f.altitude, 3)), "altitude"),
+    ("exposure (s)", lambda f: _cell(_number(f.exposure, 4)), "exposure"),
+    ("filter", lambda f: _cell(_e(f.filter), "text"), "filter"),
+    ("DATE-OBS", lambda f: _cell(_date(f.date_obs), "text wrap"), "date_obs"),
+    ("time (s)", _seconds, None),
+    ("note", lambda f: _cell(_note(f), "text wrap note"), None),
 )
+
+
+def _columns(frames) -> list:
+    return [c for c in _COLUMNS if c[2] is None or any(getattr(f, c[2]) is not None for f in frames)]
+
+
+def _frame_row(frame, columns) -> str:
+    classes = _kind(frame) + (" kept" if frame.resumed else "")
+    return f'<tr class="{classes}">' + "".join(cell(frame) for _, cell, _ in columns) + "</tr>"
+
+
+def _legend() -> str:
+    items = [f'<li><span class="swatch {kind}"></span>{_e(text)}</li>' for kind, text in _LEGEND]
+    items.append(f'<li><span class="tag">kept</span> {_e(_KEPT)}</li>')
+    return '<ul class="legend" id="legend">' + "".join(items) + "</ul>"
 
 
 def _figures(paths: Sequence[Path], base: Path, caption: str | None = None) -> str:
     captions = dict(FRAME_PLOTS)
-    parts = []
+    parts = ['<div class="figures">']
     for path in paths:
         key = next((k for k in captions if path.stem.endswith("_" + k)), None)
         text = caption or captions.get(key, path.stem)
@@ -113,6 +172,7 @@ def _figures(paths: Sequence[Path], base: Path, caption: str | None = None) -> s
             f'<figure><img src="{_e(_relative(path, base))}" alt="{_e(text)}" loading="lazy">'
             f"<figcaption>{_e(text)}</figcaption></figure>"
         )
+    parts.append("</div>")
     return "\n".join(parts)
 
 
@@ -170,6 +230,7 @@ def write_report(
         ("program", f"nsg-gpu {__version__}"),
     ]
     parameters = dataclasses.asdict(run.parameters) if run.parameters else {}
+    columns = _columns(frames)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -184,29 +245,31 @@ def write_report(
         *[f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in summary_rows],
         "</table>",
     ]
+    # The table first: why a frame was rejected or failed is read there.
+    parts += [
+        '<h2 id="frames">Frames</h2>',
+        _legend(),
+        '<div class="frames"><table>',
+        "<tr>" + "".join(f"<th>{_e(heading)}</th>" for heading, _, _ in columns) + "</tr>",
+        *[_frame_row(f, columns) for f in frames],
+        "</table></div>",
+    ]
     if run_plots:
         caption = (
             "Per frame in time order, relative to the best frame; dashed: rejection thresholds. Transmission "
             "is the mean over channels, per second of exposure where every frame has EXPTIME."
         )
         parts += ['<h2 id="run">Transmission and weight</h2>', _figures(run_plots, output_dir, caption)]
-    parts += [
-        '<h2 id="frames">Frames</h2><div class="frames"><table>',
-        "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in _HEADINGS) + "</tr>",
-        *[_frame_row(f) for f in frames],
-        "</table></div>",
-    ]
     if frame_plots:
         parts.append('<h2 id="diagnostics">Diagnostics</h2>')
-        by_path = {f.path: f for f in frames}
         shown = set()
         for label, frame in chosen.items():
             if frame.path in frame_plots:
                 shown.add(frame.path)
                 parts.append(_frame_section(f"{label}: ", frame, frame_plots[frame.path], output_dir, open_=True))
-        for path, plots in frame_plots.items():
-            if path not in shown and path in by_path:
-                parts.append(_frame_section("", by_path[path], plots, output_dir, open_=False))
+        for frame in frames:  # the others, in the table's order
+            if frame.path not in shown and frame.path in frame_plots:
+                parts.append(_frame_section("", frame, frame_plots[frame.path], output_dir, open_=False))
     parts += [
         '<h2 id="parameters">Parameters</h2><table class="summary">',
         *[f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in parameters.items()],
@@ -232,4 +295,6 @@ def _frame_section(prefix: str, frame, plots: Sequence[Path], base: Path, *, ope
         f"{prefix}{Path(frame.path).name}: transmission {_number(frame.transmission)}, weight "
         f"{_number(frame.weight)}, {_e(frame.star_pairs)} star pairs, {_e(frame.samples)} samples"
     )
+    if getattr(frame, "rejected", None):
+        heading += f"; rejected: {frame.rejected}"
     return f"<details{' open' if open_ else ''}><summary>{_e(heading)}</summary>\n{_figures(plots, base)}\n</details>"

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +18,12 @@ from typer.testing import CliRunner
 
 from nsg_gpu.cli import app
 from nsg_gpu.diagnostics import FRAME_PLOTS, chosen_frames, gradient_preview, rejection_thresholds, relative_figures
+from nsg_gpu.htmlreport import write_report
 from nsg_gpu.io import FrameMeta, read_frame
 from nsg_gpu.params import Parameters
 from nsg_gpu.pipeline import normalize_frame
 from nsg_gpu.reference import prepare_reference
-from nsg_gpu.results import FrameResult
+from nsg_gpu.results import FrameResult, RunResult
 from nsg_gpu.synthetic import SyntheticField, write_synthetic_set
 
 runner = CliRunner()
@@ -109,8 +112,9 @@ def test_plots_for_every_frame_and_the_report_links_them(plotted_run):
     page = (out / "report.html").read_text()
     for name in pngs:
         assert f'src="plots/{name}"' in page
-    for line in lines[:-1]:
-        assert f'<td class="text">{Path(line["file"]).name}</td>' in page
+    rows = _report_page(out / "report.html").rows
+    frames = [Path(line["file"]).name for line in lines if line["event"] == "frame"]
+    assert [cells[0][1] for _, cells in rows] == frames
     assert "highest weight: " in page and "lowest weight: " in page
 
 
@@ -170,6 +174,112 @@ def test_chosen_frames_and_relative_figures():
     assert rejection_thresholds(Parameters(min_weight=0.4, min_transmission=0.6)) == (0.4, 0.6)
 
 
+class _ReportPage(HTMLParser):
+    """The frames table's rows and the legend's items of a report.html."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.rows: list[tuple[str, list[tuple[str, str]]]] = []  # (row classes, [(cell classes, text)])
+        self.legend: list[str] = []
+        self._cell = self._item = None
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "tr" and "class" in attrs:
+            self.rows.append((attrs["class"], []))
+        elif tag == "td" and self.rows:
+            self._cell = [attrs.get("class") or "", ""]
+        elif tag == "ul" and attrs.get("id") == "legend":
+            self._item = ""
+        elif tag == "li" and self._item is not None:
+            self.legend.append("")
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._cell is not None:
+            self.rows[-1][1].append(tuple(self._cell))
+            self._cell = None
+        elif tag == "ul":
+            self._item = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell[1] += data
+        elif self._item is not None and self.legend:
+            self.legend[-1] += data
+
+    def row(self, name: str) -> tuple[str, dict[str, str]]:
+        """The row of the file ``name``: its classes and its cells by heading."""
+        for classes, cells in self.rows:
+            if cells[0][1] == name:
+                return classes, dict(zip(self.headings, (text for _, text in cells)))
+        raise KeyError(name)
+
+
+def _report_page(path: Path) -> _ReportPage:
+    text = path.read_text()
+    page = _ReportPage(text)
+    table = text[text.index('<div class="frames">') :]
+    page.headings = re.findall(r"<th>([^<]*)</th>", table[: table.index("</tr>")])
+    return page
+
+
+LONG_NAME = "Light_M31_300.0s_Bin1_L_gain100_20231015-221512_-10.0C_0042_registered_to_Light_0001.fits"
+
+
+@pytest.fixture(scope="module")
+def mixed_report(tmp_path_factory):
+    """report.html of a run made up in memory: reference, normalized, rejected, failed with a
+    long file name and error, kept from an earlier run; (its path, the frames)."""
+
+    def frame(name, weight, transmission, **kw):
+        meta = FrameMeta(exposure=120.0, filter="L", date_obs=f"2025-03-01T21:0{len(name) % 10}:00")
+        return FrameResult(
+            path=f"/data/{name}", weight=weight, transmission=[transmission], snr=[0.8], star_pairs=400,
+            samples=1500, fwhm=2.5, noise=[0.002], meta=meta, **kw
+        )  # fmt: skip
+
+    reason = "transmission 0.612 of the best per unit exposure (minimum 0.75)"
+    frames = [
+        frame("ref.fits", 1.0, 1.0, status="reference"),
+        frame("good.fits", 0.8, 0.95, seconds=2.5),
+        frame("cloudy.fits", 0.5, 0.61, seconds=3.5, rejected=reason),
+        FrameResult(
+            path=f"/data/{LONG_NAME}",
+            status="failed",
+            error=f"/data/{LONG_NAME}: only 7 star pairs matched the reference (at least 10 needed); is the frame "
+            "registered to the reference? /data/calibrated/registered/another/very/long/path/without/spaces.fits",
+        ),
+        frame("old.fits", 0.7, 0.9, seconds=0.004, resumed=True),
+    ]
+    out = tmp_path_factory.mktemp("mixed")
+    run = RunResult("/data/ref.fits", frames, Parameters(), "given with --reference")
+    return write_report(run, out, chosen=chosen_frames(frames)), frames
+
+
+def test_report_says_why_a_frame_was_rejected_and_what_the_colours_mean(mixed_report):
+    """The rejected row's status says rejected with the reason; a legend names every row kind;
+    a kept frame is marked and its header-reading time is not shown as its time."""
+    path, frames = mixed_report
+    page = _report_page(path)
+    classes, cells = page.row("cloudy.fits")
+    assert classes.split() == ["rejected"]
+    assert cells["status"].startswith("rejected") and frames[2].rejected in cells["status"]
+    assert page.row("good.fits")[1]["status"] == "ok"
+    assert page.row("ref.fits")[0] == "reference"
+    classes, cells = page.row(LONG_NAME)
+    assert classes == "failed" and cells["status"] == "failed" and "only 7 star pairs" in cells["note"]
+    classes, cells = page.row("old.fits")
+    assert classes.split() == ["ok", "kept"] and "kept" in cells["status"] and cells["time (s)"] == "kept"
+    legend = " | ".join(page.legend)
+    for word in ("normalized", "reference", "rejected", "failed", "kept from an earlier run"):
+        assert word in legend, legend
+    text = path.read_text()
+    # The page may use the window's width: no fixed width in pixels on anything.
+    style = text[text.index("<style>") : text.index("</style>")]
+    assert not re.search(r"(max-)?width:\s*\d+px", style), style
+
+
 def _chromium_driver():
     """A headless Chromium through chromedriver, or the reason there is none."""
     try:
@@ -195,7 +305,7 @@ def _chromium_driver():
         "--disable-component-update",
         "--disable-sync",
         f"--user-data-dir={profile}",
-        "--window-size=1300,900",
+        "--window-size=1280,800",
     ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -239,6 +349,41 @@ def test_report_renders_in_chromium(plotted_run):
     assert rows == 1 + len([line for line in lines if line["event"] == "frame"])
     assert len(images) == len(list((out / "plots").glob("*.png")))
     assert all(width > 0 for _, width in images), images
+
+
+@pytest.mark.parametrize("width, height", [(1920, 1080), (1280, 800)])
+def test_report_table_fits_the_window(mixed_report, width, height):
+    """At common widths the whole table, note column included, is on screen: neither the page
+    nor the table's wrapper scrolls sideways, though a file name and an error are long."""
+    path, _ = mixed_report
+    driver, profile = _chromium_driver()
+    if driver is None:
+        pytest.skip(profile)
+    try:
+        driver.set_window_size(width, height)
+        driver.get(path.resolve().as_uri())
+        geometry = driver.execute_script(
+            """
+            const notes = Array.from(document.querySelectorAll('.frames td.note'));
+            const wrapper = document.querySelector('.frames');
+            return {
+                view: document.documentElement.clientWidth,
+                page: document.documentElement.scrollWidth,
+                wrapper: [wrapper.scrollWidth, wrapper.clientWidth],
+                notes: notes.map(n => n.getBoundingClientRect().right),
+                legend: document.querySelectorAll('#legend li').length,
+            };
+            """
+        )
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+    assert not errors, errors
+    assert geometry["page"] <= geometry["view"], geometry
+    assert geometry["wrapper"][0] <= geometry["wrapper"][1], geometry
+    assert len(geometry["notes"]) == 5 and max(geometry["notes"]) <= geometry["view"], geometry
+    assert geometry["legend"] >= 5
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX only")
