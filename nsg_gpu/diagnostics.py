@@ -47,6 +47,7 @@ __all__ = [
     "reference_preview",
     "gradient_lines",
     "write_frame_plots",
+    "existing_frame_plots",
     "write_run_plots",
     "gradient_preview",
     "relative_figures",
@@ -194,9 +195,9 @@ def chosen_frames(frames: Sequence) -> dict[str, object]:
     dict
         Label to :class:`~nsg_gpu.results.FrameResult`, at most three entries.
     """
-    # Frames kept from an earlier run are left out: their diagnostics would mean normalizing
-    # them again.
-    targets = [f for f in frames if f.status not in ("failed", "reference") and f.weight is not None and not f.resumed]
+    # Frames kept from an earlier run are chosen too: the report links the plots the earlier
+    # run drew of them (existing_frame_plots).
+    targets = [f for f in frames if f.status not in ("failed", "reference") and f.weight is not None]
     if not targets:
         return {}
     ordered = sorted(targets, key=lambda f: f.weight, reverse=True)
@@ -263,6 +264,32 @@ def write_frame_plots(
         "gradient_image": _gradient_image_figure,
     }
     return [_save(makers[key](diagnostics, name), directory / f"{stem}_{key}.png") for key, _ in FRAME_PLOTS]
+
+
+def existing_frame_plots(result, directory: str | os.PathLike) -> list[Path] | None:
+    """The plots an earlier run drew of a frame whose output this run kept, or None.
+
+    They are the frame's when every plot of :data:`FRAME_PLOTS` exists and none is older than
+    the frame's output: a run writes the output before it plots the frame (and moving an
+    output into ``rejected/`` keeps its time), so an older plot is of an output since redone.
+
+    Returns
+    -------
+    list of Path or None
+        In the order of :data:`FRAME_PLOTS`.
+    """
+    if not result.output:
+        return None
+    directory = Path(directory)
+    stem = frame_stem(result.path)
+    paths = [directory / f"{stem}_{key}.png" for key, _ in FRAME_PLOTS]
+    try:
+        made = Path(result.output).stat().st_mtime_ns
+        if all(path.stat().st_mtime_ns >= made for path in paths):
+            return paths
+    except OSError:  # the output or a plot is missing
+        pass
+    return None
 
 
 def _photometry_figure(d: FrameDiagnostics, name: str):

@@ -4,7 +4,8 @@ The page holds the run summary (reference and why, frames normalized, failed and
 the table of frames (its row colours explained by a legend, a rejected frame's reason under
 its status), the run chart (transmission and weight per frame in time order, with the
 rejection thresholds), the diagnostic plots of the chosen frames (highest, median and lowest
-weight) and of every frame plotted with ``--plots``, and the parameters as resolved. Images are PNG files under
+weight) and of every frame plotted with ``--plots`` (a frame kept from an earlier run shows
+the plots that run drew of it), and the parameters as resolved. Images are PNG files under
 ``plots/`` beside it, linked by relative paths, so the output directory can be moved or
 archived whole. No script, no network access. The page uses the window's width, and the
 table wraps its text columns rather than scroll.
@@ -22,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .atomic import write_text
-from .diagnostics import FRAME_PLOTS, rejection_thresholds, write_run_plots
+from .diagnostics import FRAME_PLOTS, existing_frame_plots, rejection_thresholds, write_run_plots
 from .version import __version__
 
 __all__ = ["write_report"]
@@ -192,7 +193,9 @@ def write_report(
     output_dir : path
 
     frame_plots : mapping, optional
-        Frame path to its plot files (:func:`nsg_gpu.diagnostics.write_frame_plots`).
+        Frame path to its plot files (:func:`nsg_gpu.diagnostics.write_frame_plots`). A frame
+        kept from an earlier run that is not in it shows the plots that run drew of it, where
+        they are still its own (:func:`nsg_gpu.diagnostics.existing_frame_plots`).
 
     chosen : mapping, optional
         Label (e.g. "highest weight") to the frame shown first under that label.
@@ -212,14 +215,21 @@ def write_report(
     chosen = dict(chosen or {})
     run_plots = write_run_plots(run, output_dir / "plots")
     frames = run.frames
+    for frame in frames:
+        if frame.resumed and frame.path not in frame_plots:
+            existing = existing_frame_plots(frame, output_dir / "plots")
+            if existing:
+                frame_plots[frame.path] = existing
     n_failed = sum(f.status == "failed" for f in frames)
     n_rejected = sum(bool(getattr(f, "rejected", None)) for f in frames)
+    n_kept = sum(f.resumed for f in frames)
     n_done = len(frames) - n_failed
+    kept = f" ({n_kept} kept from an earlier run)" if n_kept else ""
     min_weight, min_transmission = rejection_thresholds(run.parameters)
     summary_rows = [
         ("reference", Path(run.reference).name),
         ("why this reference", run.reference_reason or "given with --reference"),
-        ("frames", f"{len(frames)}: {n_done} normalized, {n_failed} failed, {n_rejected} rejected"),
+        ("frames", f"{len(frames)}: {n_done} normalized{kept}, {n_failed} failed, {n_rejected} rejected"),
         (
             "rejection thresholds",
             f"weight {min_weight:g}, transmission {min_transmission:g} (relative to the best frame)",
@@ -282,12 +292,19 @@ def write_report(
 
 
 def _time_per_frame(frames) -> str:
-    seconds = [f.seconds for f in frames if f.status != "failed" and f.seconds is not None]
+    """Seconds of the frames normalized in this run; those kept from an earlier run (whose
+    seconds are the time to read their output's header) are counted, not timed."""
+    kept = sum(f.resumed and f.status != "reference" for f in frames)
+    seconds = [
+        f.seconds for f in frames if f.status not in ("failed", "reference") and not f.resumed and f.seconds is not None
+    ]
     if not seconds:
-        return "-"
-    return (
-        f"median {float(sorted(seconds)[len(seconds) // 2]):.2f} s, total {sum(seconds):.1f} s (read, normalize, write)"
+        return f"no frame normalized in this run: {kept} kept from an earlier run" if kept else "-"
+    text = (
+        f"median {float(sorted(seconds)[len(seconds) // 2]):.2f} s, total {sum(seconds):.1f} s over the "
+        f"{len(seconds)} frame(s) normalized in this run (read, normalize, write)"
     )
+    return text + (f"; {kept} kept from an earlier run" if kept else "")
 
 
 def _frame_section(prefix: str, frame, plots: Sequence[Path], base: Path, *, open_: bool) -> str:
@@ -297,4 +314,6 @@ def _frame_section(prefix: str, frame, plots: Sequence[Path], base: Path, *, ope
     )
     if getattr(frame, "rejected", None):
         heading += f"; rejected: {frame.rejected}"
+    if frame.resumed:
+        heading += "; kept from an earlier run, plots drawn by that run"
     return f"<details{' open' if open_ else ''}><summary>{_e(heading)}</summary>\n{_figures(plots, base)}\n</details>"

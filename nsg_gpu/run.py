@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .atomic import remove_stale_temporaries
 from .backend import NUMPY, Backend
-from .diagnostics import chosen_frames, reference_preview, write_frame_plots
+from .diagnostics import chosen_frames, existing_frame_plots, reference_preview, write_frame_plots
 from .errors import FrameError, NSGError, OutputError, ReferenceFrameError
 from .executors import InProcessExecutor
 from .htmlreport import write_report
@@ -334,12 +334,17 @@ def _keep_extremes(kept: dict, result: FrameResult) -> None:
 
 
 def _write_report(prepared: Reference, run: RunResult, output_dir, frame_plots: dict, kept: dict, preview=None) -> Path:
-    """report.html, with the diagnostics of the chosen frames; one whose record was not kept
-    during the run (the median-weight frame) is normalized again in memory."""
+    """report.html, with the diagnostics of the chosen frames; one kept from an earlier run
+    shows the plots that run drew of it, and one whose record was not kept during the run (the
+    median-weight frame, or a kept frame without plots) is normalized again in memory."""
     records = {result.path: diagnostics for result, diagnostics in kept.values()}
     chosen = chosen_frames(run.frames)
     for result in chosen.values():
         if result.path in frame_plots:
+            continue
+        existing = existing_frame_plots(result, Path(output_dir) / "plots") if result.resumed else None
+        if existing:
+            frame_plots[result.path] = existing
             continue
         diagnostics = records.get(result.path)
         if diagnostics is None:

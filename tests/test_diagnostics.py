@@ -1,8 +1,10 @@
-"""The diagnostic plots' own pieces: the reference preview, the gradient plot's lines and the
-sample plot drawn over the reference."""
+"""The diagnostic plots' own pieces: the reference preview, the gradient plot's lines, the
+sample plot drawn over the reference, and which earlier plots a kept frame may show."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,6 +16,7 @@ from nsg_gpu.diagnostics import (
     FrameDiagnostics,
     PhotometryPairs,
     ReferencePreview,
+    existing_frame_plots,
     gradient_lines,
     reference_preview,
     write_frame_plots,
@@ -128,3 +131,25 @@ def test_samples_plot_draws_the_reference_behind_the_grid(tmp_path):
     assert right - left > 0.4, (left, right)
     left, right = halves(tmp_path / "blank", None)
     assert abs(right - left) < 0.1, (left, right)
+
+
+def test_existing_plots_belong_to_the_output_they_are_newer_than(tmp_path):
+    """A kept frame shows the earlier plots only when all exist and none predates its output."""
+    output = tmp_path / "light_7_nsg.fits"
+    output.write_bytes(b"")
+    result = FrameResult(path="/in/light_7.fits", output=str(output), resumed=True)
+    plots = [tmp_path / "plots" / f"light_7_{key}.png" for key, _ in FRAME_PLOTS]
+    assert existing_frame_plots(result, tmp_path / "plots") is None  # none drawn
+    plots[0].parent.mkdir()
+    made = output.stat().st_mtime_ns
+    for path in plots:
+        path.write_bytes(b"png")
+        os.utime(path, ns=(made + 10**9, made + 10**9))
+    assert existing_frame_plots(result, tmp_path / "plots") == plots
+    # The output redone after the plots were drawn: they are another output's.
+    os.utime(output, ns=(made + 2 * 10**9, made + 2 * 10**9))
+    assert existing_frame_plots(result, tmp_path / "plots") is None
+    os.utime(output, ns=(made, made))
+    plots[1].unlink()
+    assert existing_frame_plots(result, tmp_path / "plots") is None
+    assert existing_frame_plots(FrameResult(path="/in/light_7.fits"), Path(tmp_path / "plots")) is None

@@ -259,7 +259,7 @@ def mixed_report(tmp_path_factory):
 
 def test_report_says_why_a_frame_was_rejected_and_what_the_colours_mean(mixed_report):
     """The rejected row's status says rejected with the reason; a legend names every row kind;
-    a kept frame is marked and its header-reading time is not shown as its time."""
+    a kept frame is marked and its header-reading time is not its time."""
     path, frames = mixed_report
     page = _report_page(path)
     classes, cells = page.row("cloudy.fits")
@@ -275,6 +275,9 @@ def test_report_says_why_a_frame_was_rejected_and_what_the_colours_mean(mixed_re
     for word in ("normalized", "reference", "rejected", "failed", "kept from an earlier run"):
         assert word in legend, legend
     text = path.read_text()
+    summary = re.search(r"time per frame</th><td>([^<]*)", text).group(1)
+    assert summary.startswith("median 3.50 s, total 6.0 s over the 2 frame(s) normalized in this run"), summary
+    assert "1 kept from an earlier run" in summary
     # The page may use the window's width: no fixed width in pixels on anything.
     style = text[text.index("<style>") : text.index("</style>")]
     assert not re.search(r"(max-)?width:\s*\d+px", style), style
@@ -384,6 +387,33 @@ def test_report_table_fits_the_window(mixed_report, width, height):
     assert geometry["wrapper"][0] <= geometry["wrapper"][1], geometry
     assert len(geometry["notes"]) == 5 and max(geometry["notes"]) <= geometry["view"], geometry
     assert geometry["legend"] >= 5
+
+
+def test_resumed_run_keeps_its_report(field_frames, tmp_path):
+    """Rerunning the command keeps every output; the report still shows the chosen frames'
+    diagnostics (the plots the first run drew, not redrawn) and does not time kept frames as 0 s."""
+    _, paths = field_frames
+    out = tmp_path / "o"
+    command = ["normalize", *map(str, paths[:3]), "-r", str(paths[0]), "-o", str(out), "--json"]
+    command += ["--min-weight", "0", "--min-transmission", "0"]
+    first = runner.invoke(app, command)
+    assert first.exit_code == 0, first.output
+    drawn = {p.name: p.stat().st_mtime_ns for p in (out / "plots").glob("*_*.png") if not p.name.startswith("run_")}
+    targets = [p for p in paths[1:3]]
+    assert set(drawn) == {f"{p.stem}_{key}.png" for p in targets for key, _ in FRAME_PLOTS}
+    second = runner.invoke(app, command)
+    assert second.exit_code == 0, second.output
+    rows = [json.loads(line) for line in second.stdout.splitlines() if '"event": "frame"' in line]
+    assert all(row["resumed"] for row in rows)
+    page = (out / "report.html").read_text()
+    assert '<h2 id="diagnostics">' in page
+    for name, made in drawn.items():
+        assert f'src="plots/{name}"' in page
+        assert (out / "plots" / name).stat().st_mtime_ns == made  # linked, not drawn again
+    assert "highest weight: " in page and "kept from an earlier run, plots drawn by that run" in page
+    summary = re.search(r"time per frame</th><td>([^<]*)", page).group(1)
+    assert summary == "no frame normalized in this run: 2 kept from an earlier run", summary
+    assert "0.00 s" not in page
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX only")
