@@ -92,6 +92,19 @@ def test_reference_preview_is_small_and_stretched():
     assert image[:, 80:].std() > 3  # the noise is visible: the stretch is not flat
 
 
+@pytest.mark.gpu
+def test_reference_preview_on_the_gpu_matches_numpy():
+    """The block sums run where the reference is; only the preview comes to the host."""
+    import cupy
+
+    rng = np.random.default_rng(2)
+    data = rng.normal(500.0, 5.0, (3, 900, 2500)).astype(np.float32)
+    on_gpu = reference_preview(_reference(cupy.asarray(data)))
+    on_cpu = reference_preview(_reference(data))
+    assert isinstance(on_gpu.image, np.ndarray) and on_gpu.step == on_cpu.step
+    np.testing.assert_allclose(on_gpu.image.astype(int), on_cpu.image.astype(int), atol=1)
+
+
 def test_reference_preview_of_a_blank_reference_is_black():
     assert not reference_preview(_reference(np.zeros((1, 40, 50), np.float32))).image.any()
 
