@@ -374,6 +374,33 @@ def gradient_lines(d: FrameDiagnostics) -> tuple[tuple[int, float], tuple[int, f
     return _worst_line(squares, d.used, axis=1), _worst_line(squares, d.used, axis=0)
 
 
+def _left_out(axes, x: np.ndarray, d: FrameDiagnostics, line) -> None:
+    """Open markers for a line's samples not given to the spline: near a reference star
+    (circles), and dropped as outliers or unusable (crosses)."""
+    covered, used, near = d.covered[line], d.used[line], d.star_rejected[line]
+    for mask, marker, label in (
+        (covered & ~used & near, "o", "rejected near a star"),
+        (covered & ~used & ~near, "x", "dropped as an outlier"),
+    ):
+        if mask.any():
+            for c in range(d.channels):
+                values = d.difference[c][line][mask]
+                style = {"facecolors": "none", "edgecolors": "0.55"} if marker == "o" else {"color": "#d95f02"}
+                axes.scatter(x[mask], values, s=14, marker=marker, label=label if c == 0 else None, **style)
+
+
+def _limits(axes, values: np.ndarray) -> None:
+    """y limits from the used samples and the spline, so that a far outlier (a trail) does not
+    flatten them; it is drawn only when it falls inside."""
+    lines = [line.get_ydata() for line in axes.get_lines()]
+    finite = np.concatenate([np.ravel(values), *map(np.ravel, lines)])
+    finite = finite[np.isfinite(finite)]
+    if finite.size:
+        low, high = float(finite.min()), float(finite.max())
+        pad = 0.08 * (high - low) or 1e-6 * max(abs(high), 1.0)
+        axes.set_ylim(low - pad, high + pad)
+
+
 def _gradient_figure(d: FrameDiagnostics, name: str):
     grid = d.grid
     figure = _figure(10, 4.4, left=0.085, right=0.985, bottom=0.12, top=0.86, wspace=0.25)
@@ -394,22 +421,17 @@ def _gradient_figure(d: FrameDiagnostics, name: str):
         used_c = d.used[:, col]
         col_axes.scatter(grid.centre_y[used_c], d.difference[c, used_c, col], s=10, color=colour)
         col_axes.plot(ys, spline(np.full_like(ys, x_col), ys), color=colour, lw=1.5)
-        unused_r = d.covered[row] & ~used_r
-        if unused_r.any():
-            row_axes.scatter(
-                grid.centre_x[unused_r],
-                d.difference[c, row, unused_r],
-                s=10,
-                color="0.6",
-                marker="o",
-                facecolors="none",
-                label="rejected (near a star)" if c == 0 else None,
-            )
-        unused_c = d.covered[:, col] & ~used_c
-        if unused_c.any():
-            col_axes.scatter(
-                grid.centre_y[unused_c], d.difference[c, unused_c, col], s=10, color="0.6", facecolors="none"
-            )
+        if c == 0:
+            for axes, x, line in (
+                (row_axes, grid.centre_x, np.s_[row, :]),
+                (col_axes, grid.centre_y, np.s_[:, col]),
+            ):
+                _left_out(axes, x, d, line)
+    for axes, values in (
+        (row_axes, d.difference[:, row][:, d.used[row]]),
+        (col_axes, d.difference[:, :, col][:, d.used[:, col]]),
+    ):
+        _limits(axes, values)
     figure.suptitle(
         f"{name}: background difference and spline along the row and the column of samples farthest from the spline",
         fontsize=10,
@@ -444,9 +466,9 @@ def _samples_figure(d: FrameDiagnostics, name: str, preview: ReferencePreview | 
         ("#2166ac" if over else "#92c5de", 0.18, "used"),
         ("#f46d43" if over else "#f4a582", 0.5, "rejected near a star"),
         ("#202020" if over else "#bbbbbb", 0.65, "no data in a frame"),
-        ("#fee08b" if over else "#fddbc7", 0.6, "no usable median"),
+        ("#fee08b" if over else "#fddbc7", 0.6, "dropped as an outlier"),
     )
-    # 0 used, 1 rejected near a star, 2 no data, 3 covered but unusable (NaN difference)
+    # 0 used, 1 rejected near a star, 2 no data, 3 covered but dropped (an outlier, or no median)
     category = np.full(d.used.shape, 3, np.int8)
     category[~d.covered] = 2
     category[d.covered & d.star_rejected] = 1
@@ -472,7 +494,7 @@ def _samples_figure(d: FrameDiagnostics, name: str, preview: ReferencePreview | 
     handles = [
         Patch(facecolor=to_rgba(colour, alpha if over else 1.0), edgecolor="0.3", lw=0.4, label=f"{label} ({count})")
         for (colour, alpha, label), count in zip(kinds, counts)
-        if count or label != "no usable median"
+        if count or label != "dropped as an outlier"
     ]
     handles += [
         Patch(facecolor="none", edgecolor=edge, label="star rejection circle"),

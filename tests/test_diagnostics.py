@@ -120,6 +120,27 @@ def test_gradient_lines_pick_the_samples_farthest_from_the_spline():
     assert row[0] == 8
 
 
+def test_gradient_plot_is_labelled_with_its_lines():
+    """Titles name the row and column drawn, axes carry units, and a sample dropped as an
+    outlier far off the scale does not flatten the samples the spline was fitted to."""
+    from nsg_gpu.diagnostics import _gradient_figure
+
+    d = _diagnostics(outliers=[(8, 13, 4e-4)])
+    d.used[8, 2] = False  # dropped as an outlier: covered, not near a star
+    d.difference[0, 8, 2] += 1.0
+    figure = _gradient_figure(d, "light_7.fits")
+    row_axes, col_axes = figure.axes
+    assert row_axes.get_title().startswith("row 9 of 12 (y = 340 px)")
+    assert col_axes.get_title().startswith("column 14 of 18 (x = 540 px)")
+    assert (row_axes.get_xlabel(), col_axes.get_xlabel()) == ("x (px)", "y (px)")
+    assert "m*T - R" in row_axes.get_ylabel() and "m*T - R" in col_axes.get_ylabel()
+    labels = [text.get_text() for text in row_axes.get_legend().get_texts()]
+    assert labels == ["samples used", "spline", "dropped as an outlier"]
+    low, high = row_axes.get_ylim()
+    used = d.difference[0, 8][d.used[8]]
+    assert low < used.min() and used.max() < high < used.max() + 0.5 * np.ptp(used)
+
+
 def test_samples_plot_draws_the_reference_behind_the_grid(tmp_path):
     """The preview shows through the sample grid: a reference bright on its right half gives a
     plot bright on the right, the same plot without the preview does not."""
