@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .atomic import remove_stale_temporaries
 from .backend import NUMPY, Backend
-from .diagnostics import chosen_frames, existing_frame_plots, reference_preview, write_frame_plots
+from .diagnostics import chosen_frames, existing_frame_plots, write_frame_plots
 from .errors import FrameError, NSGError, OutputError, ReferenceFrameError
 from .executors import InProcessExecutor
 from .htmlreport import write_report
@@ -26,6 +26,7 @@ from .io import OUTPUT_FORMATS, expand_frames, output_path, read_frame
 from .jobs import FrameJob, reference_result, write_reference
 from .params import Parameters
 from .pipeline import normalize_frame
+from .preview import reference_preview
 from .reference import Reference, prepare_reference
 from .rejection import reject_frames
 from .report import write_results, write_weights

@@ -12,15 +12,13 @@ import pytest
 
 from nsg_gpu.diagnostics import (
     FRAME_PLOTS,
-    PREVIEW_BACKGROUND,
     FrameDiagnostics,
     PhotometryPairs,
-    ReferencePreview,
     existing_frame_plots,
     gradient_lines,
-    reference_preview,
     write_frame_plots,
 )
+from nsg_gpu.preview import PREVIEW_BACKGROUND, ReferencePreview, reference_preview
 from nsg_gpu.results import FrameResult
 from nsg_gpu.samples import make_grid
 
