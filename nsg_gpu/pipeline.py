@@ -40,7 +40,7 @@ from .errors import (
     TooFewStarsError,
 )
 from .io import OUTPUT_FORMATS, Frame, output_path, read_frame, read_meta, set_nsg_keywords, write_frame
-from .noise import ksigma_noise, weight_from_noise
+from .noise import frame_noise, ksigma_noise, weight_from_noise
 from .params import Parameters, resolve_parameters
 from .psf import MoffatPSF
 from .samples import SampleSet, bin_medians, bin_samples, make_grid, star_rejection
@@ -357,7 +357,7 @@ def prepare_reference(frame: Frame, params: Parameters | None = None, *, backend
     n_reject = int(math.floor(len(stars) * min(resolved.limit_sample_stars_percent, 100.0) / 100.0))
     radius = stars.radius[:n_reject] + resolved.aperture_add + resolved.sample_star_growth_rate * stars.flux[:n_reject]
     rejected = star_rejection(grid, stars.x[:n_reject], stars.y[:n_reject], radius)
-    noise = np.array([ksigma_noise(data[c]) for c in range(data.shape[0])])
+    noise = frame_noise(data)  # the weight's noise: registration does not bias it
     circles = np.column_stack([stars.x[:n_reject], stars.y[:n_reject], radius])
     return Reference(
         frame, resolved, stars, linear, channel_peak, isolated, grid, medians, valid, rejected, noise, circles=circles
@@ -691,16 +691,18 @@ def normalize_frame(reference: Reference, frame: Frame, *, diagnostics: bool = F
     record = {} if diagnostics else None
     gradient, n_samples = model_gradient(reference, frame, m, record=record, timings=timings)
     cards = _noise_cards(reference, frame)
-    out, high, measured_noise = normalize_pixels(
+    out, high, _ = normalize_pixels(
         frame.data,
         m,
         gradient,
         white_level=ref.white_level,
         truncate=reference.params.truncate,
-        measure_noise=cards is None,
+        measure_noise=False,
         timings=timings,
     )
     del gradient
+    # The weight's noise: the multiscale estimate, which registration does not bias.
+    measured_noise = None if cards is not None else frame_noise(out, timings=timings)
     snr, weight, source, noise = _weights(reference, cards, measured_noise, m)
     meta = frame.meta
     return FrameResult(
@@ -772,7 +774,7 @@ def _weights(reference: Reference, cards, measured, m):
         snr, weight = weight_from_noise(cards[0], cards[1], m)
         return snr, weight, "NOISExx", np.asarray(cards[1])
     snr, weight = weight_from_noise(reference.noise, measured)
-    return snr, weight, "noiseKSigma", measured
+    return snr, weight, "noiseMultiscale", measured
 
 
 def _units(white_level: float) -> str:
