@@ -407,7 +407,26 @@ class SyntheticField:
 
     def render(self, k: int) -> np.ndarray:
         """Frame ``k`` as a camera would record it, ``(channels, h, w)`` float32 in [0, 1],
-        registered onto the reference's grid when the frame has an offset."""
+        registered onto the reference's grid when the frame has an offset, 0 where the
+        registration left no data."""
+        truth = self.frames[k]
+        data = self.capture(k)
+        if truth.shift != [0.0, 0.0]:
+            # Registration: the reference's pixel p lies at p + shift in the capture.
+            back = [-v for v in truth.shift]
+            data = np.stack(
+                [scipy.ndimage.shift(plane.astype(np.float64), back, order=3, mode="nearest") for plane in data]
+            )
+            data = np.clip(data, 0, 1).astype(np.float32)
+        covered = self.coverage(k)
+        data[:, ~covered] = 0
+        # A pixel that lands exactly on 0 would read as "no data"; real sky never does.
+        data[:, covered] = np.maximum(data[:, covered], 1e-6)
+        return data
+
+    def capture(self, k: int) -> np.ndarray:
+        """Frame ``k`` on the camera's own grid, before registration and its borders:
+        signal, Poisson and read noise, trail, hot pixels, clipped to [0, 1]."""
         spec, truth = self.spec, self.frames[k]
         rng = np.random.default_rng(self._frame_seeds[k])
         h, w = spec.height, spec.width
@@ -422,19 +441,7 @@ class SyntheticField:
         n_hot = int(spec.hot_pixel_fraction * h * w)
         hot = rng.integers(0, h * w, n_hot)
         data.reshape(self.channels, -1)[:, hot] = rng.uniform(0.1, 1.0, n_hot).astype(np.float32)
-        data = np.clip(data, 0, 1)
-        if truth.shift != [0.0, 0.0]:
-            # Registration: the reference's pixel p lies at p + shift in the capture.
-            back = [-v for v in truth.shift]
-            data = np.stack(
-                [scipy.ndimage.shift(plane.astype(np.float64), back, order=3, mode="nearest") for plane in data]
-            )
-            data = np.clip(data, 0, 1).astype(np.float32)
-        covered = self.coverage(k)
-        data[:, ~covered] = 0
-        # A pixel that lands exactly on 0 would read as "no data"; real sky never does.
-        data[:, covered] = np.maximum(data[:, covered], 1e-6)
-        return data
+        return np.clip(data, 0, 1)
 
     def pixel_noise(self, k: int) -> np.ndarray:
         """Noise per channel of the sky in frame ``k`` (shot noise at the sky level plus read)."""
