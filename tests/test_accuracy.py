@@ -57,3 +57,77 @@ def test_gradient_is_actually_removed(mono_set):
     offset = np.median((scaled_only - s.field.noise_free(0))[:, covered])
     residual = block_residual(scaled_only - offset, s.field.noise_free(0), covered) / s.field.pixel_noise(0)
     assert residual.max() > 1.0
+
+
+# -- scenarios: registered targets, pixel-integrated PSFs, sparse, undersampled and crowded fields --
+#: The scenarios at a size the suite affords (the same density of stars as the presets).
+SCENARIO_SETS = {
+    "undersampled-sparse-colour": dict(scenario="undersampled-sparse-colour", n_frames=4, seed=1),
+    "field-dependent-psf": dict(scenario="field-dependent-psf", width=1200, height=800, n_stars=1200, n_frames=3),
+    "crowded": dict(scenario="crowded", width=1200, height=800, n_stars=8700, n_frames=3),
+}
+#: Where our scale misses the target today, with what was measured (flips to a failure when fixed).
+SCALE_SHORT = {
+    "undersampled-sparse-colour": "6-10 star pairs of undersampled stars on the plain-aperture fallback: "
+    "errors of -7.6 to +3.5 %",
+    "field-dependent-psf": "one Moffat per frame for a PSF 70 % broader in the corners: +0.8 and +2.1 %",
+    "crowded": "+0.65 % on frame 1 (neighbours in the wide aperture)",
+}
+
+
+@pytest.fixture(scope="module", params=list(SCENARIO_SETS))
+def scenario_set(request, tmp_path_factory):
+    """A scenario's frames, normalized to frame 0 (the unresampled reference)."""
+    from conftest import NormalizedSet
+
+    name = request.param
+    s = NormalizedSet(tmp_path_factory.mktemp(name), **SCENARIO_SETS[name])
+    s.background_noise = [s.field.background_noise(k) for k in range(len(s.paths))]
+    return name, s
+
+
+def _true_weight(s, k: int, scale=None) -> float:
+    """``mean_c (sigma_R / (sigma_T m))^2`` with the background noise before registration."""
+    m = s.field.frames[k].scale(s.field.reference) if scale is None else np.asarray(scale)
+    return float(np.mean((s.background_noise[0] / (s.background_noise[k] * m)) ** 2))
+
+
+def test_scenario_scale_within_half_percent(scenario_set, request):
+    name, s = scenario_set
+    if name in SCALE_SHORT:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=SCALE_SHORT[name]))
+    errors = _scale_errors(s)
+    assert np.all(np.abs(errors) < SCALE_TARGET), f"relative scale errors:\n{errors}"
+
+
+def test_scenario_residual_gradient_close_to_perfect(scenario_set):
+    _, s = scenario_set
+    reference = s.field.noise_free(0)
+    noise = s.field.pixel_noise(0)
+    for k in range(1, len(s.paths)):
+        data_in = s.field.render(k)
+        covered = np.all(data_in != 0, axis=0)
+        ours = block_residual(s.output(k)[0], reference, covered) / noise
+        best = block_residual(s.field.perfect_normalization(k, data_in), reference, covered) / noise
+        assert np.all(ours <= best + RESIDUAL_MARGIN), f"frame {k}: ours {ours}, perfect {best}"
+
+
+def test_scenario_weight_within_ten_percent(scenario_set, request):
+    """NWEIGHT against ``(sigma_R / (sigma_T m))^2`` with the noise before registration."""
+    name, s = scenario_set
+    if name == "undersampled-sparse-colour":
+        request.applymarker(
+            pytest.mark.xfail(strict=True, reason="the scale is off by up to 7.6 %, and the weight carries it squared")
+        )
+    for k in range(1, len(s.paths)):
+        truth = _true_weight(s, k)
+        assert s.run.frames[k].weight == pytest.approx(truth, rel=0.10), f"frame {k} {s.field.frames[k].shift}"
+
+
+def test_scenario_weight_noise_within_three_percent(scenario_set):
+    """With our own scale in the truth, what is left is the noise estimate: within 3 % at every
+    registration offset, where a per-pixel noise estimate is off by 14-63 %."""
+    _, s = scenario_set
+    for k in range(1, len(s.paths)):
+        truth = _true_weight(s, k, scale=s.run.frames[k].scale)
+        assert s.run.frames[k].weight == pytest.approx(truth, rel=0.03), f"frame {k} {s.field.frames[k].shift}"

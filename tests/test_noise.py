@@ -128,3 +128,45 @@ def test_cupy_matches_numpy():
     image = _registered(_white(seed=13), 0.2, 0.4)
     image[:, :60] = 0
     assert multiscale_noise(cp.asarray(image)) == pytest.approx(multiscale_noise(image), rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def registered_run(tmp_path_factory):
+    """Mono 700 x 600 targets registered at offsets up to half a pixel in both axes, normalized."""
+    from conftest import NormalizedSet
+
+    shifts = [[0, 0], [0.5, 0.5], [0.3, -0.2], [-0.05, 0.45]]
+    s = NormalizedSet(
+        tmp_path_factory.mktemp("registered"),
+        width=700,
+        height=600,
+        n_frames=4,
+        n_stars=500,
+        seed=21,
+        registration=True,
+        shifts=shifts,
+    )
+    return s, [s.field.background_noise(k) for k in range(4)]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_nweight_of_registered_frames_is_the_weight_before_registration(registered_run, k):
+    """NWEIGHT within 10 % of ``(sigma_R / (sigma_T m))^2`` with the true scale and the noise
+    before registration; a per-pixel noise would be off by 40-110 % here."""
+    s, noise = registered_run
+    truth_m = s.field.frames[k].scale(s.field.reference)
+    truth = float(np.mean((noise[0] / (noise[k] * truth_m)) ** 2))
+    result = s.run.frames[k]
+    assert result.weight_source == "noiseMultiscale"
+    assert result.weight == pytest.approx(truth, rel=0.10)
+    # The estimate itself, with our scale in the truth: within 3 %.
+    ours_m = np.asarray(result.scale)
+    assert result.weight == pytest.approx(float(np.mean((noise[0] / (noise[k] * ours_m)) ** 2)), rel=0.03)
+    # What the first-layer estimate would have given: the failure this weight removes.
+    data, _ = s.output(k)
+    reference = s.field.render(0)
+    per_pixel = float(
+        np.mean([(ksigma_noise(reference[c]) / ksigma_noise(data[c])) ** 2 for c in range(data.shape[0])])
+    )
+    if max(abs(v) for v in s.field.frames[k].shift) >= 0.3:
+        assert per_pixel > 1.2 * truth
