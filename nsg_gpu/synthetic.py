@@ -98,6 +98,9 @@ class SyntheticSpec:
     fwhm_range: tuple[float, float] | None = None  # targets' FWHM drawn here; reference at 1/3
     beta_range: tuple[float, float] = (2.8, 3.3)  # Moffat index of every frame drawn here
     pixel_integrated: bool = False  # PSF integrated over each pixel, not sampled at its centre
+    # Colour from a one-shot-colour sensor's 2x2 RGGB cells (a superpixel debayer): red and blue
+    # each from one photosite, green the mean of two; needs colour and pixel_integrated.
+    bayer: bool = False
     fwhm_field: float = 0.0  # FWHM grows by (1 + fwhm_field * r^2), r = 1 in the corners
     registration: bool = False  # targets captured at a sub-pixel offset, shifted back (cubic)
     shifts: list[list[float]] | None = None  # (dy, dx) per frame; default uniform in +-0.5 px
@@ -115,17 +118,20 @@ class SyntheticSpec:
 SCENARIOS: dict[str, dict] = {
     # The generator's defaults: 2000 x 1400 mono, about 3500 stars, FWHM 2.5-4.5 px.
     "default": {},
-    # A small smart telescope's colour frames after a 2x2 superpixel debayer: 960 x 540,
-    # undersampled stars (FWHM 1.3-2.2 px, pixel-integrated), about 130 of them, Moffat index
-    # 2.3-4.0, hot pixels, registration at sub-pixel offsets.
+    # A small smart telescope's colour frames after a 2x2 superpixel debayer (a Seestar S50:
+    # 2.4"/px raw, seeing of 2-3.5"): 960 x 540, stars of 0.8-1.4 superpixels FWHM before
+    # pixel integration, integrated over each channel's photosites (so that a red or blue
+    # star's flux depends by up to 10-30 % on where it falls within the cell), about 130 of
+    # them, Moffat index 2.3-4.0, hot pixels, registration at sub-pixel offsets.
     "undersampled-sparse-colour": dict(
         width=960,
         height=540,
         colour=True,
         n_stars=130,
-        fwhm_range=(1.3, 2.2),
+        fwhm_range=(0.8, 1.4),
         beta_range=(2.3, 4.0),
         pixel_integrated=True,
+        bayer=True,
         registration=True,
         hot_pixel_fraction=5e-4,
         focal_length_mm=250.0,
@@ -337,7 +343,8 @@ class SyntheticField:
         return out.reshape(self.channels, h, w).astype(np.float32)
 
     def _stamps(self, fwhm: float, beta: float) -> tuple[np.ndarray, np.ndarray]:
-        """Normalized Moffat stamps ``(phase_y, phase_x, s, s)`` for 16 x 16 sub-pixel phases."""
+        """Normalized Moffat stamps ``(phase_y, phase_x, s, s)`` for 16 x 16 sub-pixel phases;
+        with ``bayer``, one set per channel ``(channels, phase_y, phase_x, s, s)``."""
         alpha = fwhm / (2 * math.sqrt(2 ** (1 / beta) - 1))
         # Stamps wide enough that the Moffat wing beyond them holds < 0.02 % of the light, so
         # every star's total flux in the image is its catalogue flux times the transmission,
@@ -348,20 +355,39 @@ class SyntheticField:
         phases = (np.arange(16) - 7.5) / 16.0
         r2y = (off[None, :] - phases[:, None]) ** 2  # (phase, s)
         stamps = (1 + (r2y[:, None, :, None] + r2y[None, :, None, :]) / alpha**2) ** (-beta)
+        bayer = self.spec.bayer and self.channels == 3
+        planes = np.repeat(stamps[None], 3, axis=0) if bayer else None
         if self.spec.pixel_integrated:
-            # The mean of the Moffat over each pixel (midpoint rule on n x n points, n odd and
-            # at least 8 / FWHM) within 3 FWHM + 3 px of the centre; farther out, where about
-            # 0.1 % of the light lies, the centre value is within a few per cent of the mean.
+            # The mean of the Moffat over each pixel (midpoint rule on n x n points, n at least
+            # 8 / FWHM, odd, or even for the photosites' quarters) within 3 FWHM + 3 px of the
+            # centre; farther out, where about 0.1 % of the light lies, the centre value is
+            # within a few per cent of the mean.
             core = min(radius, int(math.ceil(3 * fwhm)) + 3)
-            n = max(3, int(math.ceil(8 / fwhm)) | 1)
+            n = max(3, int(math.ceil(8 / fwhm)))
+            n = n + n % 2 if bayer else n | 1
+            half = n // 2
             sub = (np.arange(n) - (n - 1) / 2) / n
             inner = slice(radius - core, radius + core + 1)
             d2 = (off[inner][None, :, None] - phases[:, None, None] + sub[None, None, :]) ** 2  # (phase, s, n)
             for qy in range(16):
                 r2 = d2[qy][None, :, None, :, None] + d2[:, None, :, None, :]  # (phase_x, sy, sx, ny, nx)
-                stamps[qy, :, inner, inner] = ((1 + r2 / alpha**2) ** (-beta)).mean(axis=(3, 4))
-        stamps /= stamps.sum(axis=(2, 3), keepdims=True)
-        return stamps.astype(np.float32), off
+                profile = (1 + r2 / alpha**2) ** (-beta)
+                stamps[qy, :, inner, inner] = profile.mean(axis=(3, 4))
+                if bayer:
+                    # RGGB: red the top-left photosite, green the other diagonal, blue the
+                    # bottom-right; each reads its quarter of the cell, scaled to the cell.
+                    top, bottom = profile[..., :half, :], profile[..., half:, :]
+                    planes[0, qy, :, inner, inner] = top[..., :half].mean(axis=(3, 4))
+                    planes[1, qy, :, inner, inner] = (
+                        top[..., half:].mean(axis=(3, 4)) + bottom[..., :half].mean(axis=(3, 4))
+                    ) / 2
+                    planes[2, qy, :, inner, inner] = bottom[..., half:].mean(axis=(3, 4))
+        total = stamps.sum(axis=(2, 3), keepdims=True)
+        if bayer:
+            # Normalized by the whole cells' light: a channel's share of a star then depends on
+            # where the star falls within the cell (1 on average), as a real sensor's does.
+            return (planes / total[None]).astype(np.float32), off
+        return (stamps / total).astype(np.float32), off
 
     def _add_stars(self, out, star_x, star_y, star_flux, fwhm: float, beta: float) -> None:
         h, w = self.spec.height, self.spec.width
@@ -375,8 +401,8 @@ class SyntheticField:
             py = y0[chunk, None, None] + off[None, :, None]
             inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
             flat = (py * w + px)[inside]
-            profile = stamps[qy[chunk], qx[chunk]]
             for c in range(self.channels):
+                profile = stamps[c][qy[chunk], qx[chunk]] if stamps.ndim == 5 else stamps[qy[chunk], qx[chunk]]
                 vals = (profile * star_flux[chunk, c][:, None, None].astype(np.float32))[inside]
                 out[c] += np.bincount(flat, weights=vals, minlength=h * w)
 
@@ -432,8 +458,14 @@ class SyntheticField:
         h, w = spec.height, spec.width
         signal = self._captured_signal(k)
         read, gain = self._gain()
-        data = rng.poisson(np.clip(signal, 0, None) * gain).astype(np.float32) / gain
-        data += rng.normal(0, read, data.shape).astype(np.float32)
+        if self._photosites() is None:
+            data = rng.poisson(np.clip(signal, 0, None) * gain).astype(np.float32) / gain
+            data += rng.normal(0, read, data.shape).astype(np.float32)
+        else:
+            # Green is the mean of two photosites: half the variance.
+            sites = self._photosites()[:, None, None]
+            data = (rng.poisson(np.clip(signal, 0, None) * gain * sites) / (gain * sites)).astype(np.float32)
+            data += (rng.normal(0, read, data.shape) / np.sqrt(sites)).astype(np.float32)
         if truth.trail:
             yy, xx = np.mgrid[0:h, 0:w]
             distance = np.abs((yy - 0.2 * h) - 0.45 * (xx - 0.1 * w)) / math.hypot(1, 0.45)
@@ -443,17 +475,27 @@ class SyntheticField:
         data.reshape(self.channels, -1)[:, hot] = rng.uniform(0.1, 1.0, n_hot).astype(np.float32)
         return np.clip(data, 0, 1)
 
+    def _photosites(self) -> np.ndarray | None:
+        """Photosites behind each channel's pixel with ``bayer`` (1, 2, 1), else None."""
+        return np.array([1.0, 2.0, 1.0]) if self.spec.bayer and self.channels == 3 else None
+
     def pixel_noise(self, k: int) -> np.ndarray:
         """Noise per channel of the sky in frame ``k`` (shot noise at the sky level plus read)."""
         truth = self.frames[k]
         read, gain = self._gain()
+        sites = self._photosites()
+        if sites is not None:
+            return np.sqrt((np.asarray(truth.sky_level) / gain + read**2) / sites)
         return np.sqrt(np.asarray(truth.sky_level) / gain + read**2)
 
     def noise_map(self, k: int) -> np.ndarray:
         """The standard deviation of every pixel's noise in frame ``k`` as captured, before
         registration (shot noise of everything plus read noise), ``(channels, h, w)``."""
         read, gain = self._gain()
-        return np.sqrt(np.clip(self._captured_signal(k), 0, None) / gain + read**2).astype(np.float32)
+        sites = self._photosites()
+        sites = np.ones(self.channels) if sites is None else sites
+        variance = (np.clip(self._captured_signal(k), 0, None) / gain + read**2) / sites[:, None, None]
+        return np.sqrt(variance).astype(np.float32)
 
     def background_noise(self, k: int) -> np.ndarray:
         """The noise per channel of frame ``k``'s background before registration: the RMS of

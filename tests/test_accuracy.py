@@ -68,8 +68,10 @@ SCENARIO_SETS = {
 }
 #: Where our scale misses the target today, with what was measured (flips to a failure when fixed).
 SCALE_SHORT = {
-    "undersampled-sparse-colour": "6-10 star pairs of undersampled stars on the plain-aperture fallback: "
-    "errors of -7.6 to +3.5 %",
+    "undersampled-sparse-colour": "8-14 pairs on the plain-aperture fallback, red and blue fluxes scattered by the "
+    "Bayer cells: scale errors of -4.7 to +12.9 %; frame 2 fails (0 pairs survive the outlier rejection: NSG's "
+    "first line, with its intercept, comes out at m = -0.44 from 11 pairs of which four have ratios of 0.15-9.4: 7 of "
+    "the 92 apertures hold a hot pixel)",
     "field-dependent-psf": "one Moffat per frame for a PSF 70 % broader in the corners: +0.8 and +2.1 %",
     "crowded": "+0.65 % on frame 1 (neighbours in the wide aperture)",
 }
@@ -86,6 +88,11 @@ def scenario_set(request, tmp_path_factory):
     return name, s
 
 
+def _normalized(s) -> list[int]:
+    """The target frames the run normalized (a frame can fail, e.g. for too few star pairs)."""
+    return [k for k in range(1, len(s.paths)) if s.run.frames[k].status == "ok"]
+
+
 def _true_weight(s, k: int, scale=None) -> float:
     """``mean_c (sigma_R / (sigma_T m))^2`` with the background noise before registration."""
     m = s.field.frames[k].scale(s.field.reference) if scale is None else np.asarray(scale)
@@ -96,6 +103,7 @@ def test_scenario_scale_within_half_percent(scenario_set, request):
     name, s = scenario_set
     if name in SCALE_SHORT:
         request.applymarker(pytest.mark.xfail(strict=True, reason=SCALE_SHORT[name]))
+    assert s.run.ok, [f.error for f in s.run.failed]
     errors = _scale_errors(s)
     assert np.all(np.abs(errors) < SCALE_TARGET), f"relative scale errors:\n{errors}"
 
@@ -104,7 +112,8 @@ def test_scenario_residual_gradient_close_to_perfect(scenario_set):
     _, s = scenario_set
     reference = s.field.noise_free(0)
     noise = s.field.pixel_noise(0)
-    for k in range(1, len(s.paths)):
+    assert _normalized(s)
+    for k in _normalized(s):
         data_in = s.field.render(k)
         covered = np.all(data_in != 0, axis=0)
         ours = block_residual(s.output(k)[0], reference, covered) / noise
@@ -112,14 +121,10 @@ def test_scenario_residual_gradient_close_to_perfect(scenario_set):
         assert np.all(ours <= best + RESIDUAL_MARGIN), f"frame {k}: ours {ours}, perfect {best}"
 
 
-def test_scenario_weight_within_ten_percent(scenario_set, request):
+def test_scenario_weight_within_ten_percent(scenario_set):
     """NWEIGHT against ``(sigma_R / (sigma_T m))^2`` with the noise before registration."""
-    name, s = scenario_set
-    if name == "undersampled-sparse-colour":
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason="the scale is off by up to 7.6 %, and the weight carries it squared")
-        )
-    for k in range(1, len(s.paths)):
+    _, s = scenario_set
+    for k in _normalized(s):
         truth = _true_weight(s, k)
         assert s.run.frames[k].weight == pytest.approx(truth, rel=0.10), f"frame {k} {s.field.frames[k].shift}"
 
@@ -128,6 +133,6 @@ def test_scenario_weight_noise_within_three_percent(scenario_set):
     """With our own scale in the truth, what is left is the noise estimate: within 3 % at every
     registration offset, where a per-pixel noise estimate is off by 14-63 %."""
     _, s = scenario_set
-    for k in range(1, len(s.paths)):
+    for k in _normalized(s):
         truth = _true_weight(s, k, scale=s.run.frames[k].scale)
         assert s.run.frames[k].weight == pytest.approx(truth, rel=0.03), f"frame {k} {s.field.frames[k].shift}"

@@ -70,6 +70,25 @@ def test_pixel_integrated_stamp_is_the_moffat_integrated_over_each_pixel():
     )
 
 
+def test_bayer_cells_make_colour_fluxes_depend_on_where_a_star_falls():
+    """Superpixel colour of undersampled stars: the red and blue shares of a star of 0.8 px FWHM
+    vary by more than 5 % with its position in the cell, 1 on average; green, from two
+    photosites, varies less and has the lower noise."""
+    field = SyntheticField(width=64, height=64, n_frames=1, n_stars=1, colour=True, pixel_integrated=True, bayer=True)
+    stamps, _ = field._stamps(0.8, 3.0)
+    shares = stamps.sum(axis=(3, 4))  # (channel, phase_y, phase_x)
+    assert shares.mean(axis=(1, 2)) == pytest.approx([1, 1, 1], abs=0.002)
+    assert shares[0].std() > 0.05 and shares[2].std() > 0.05
+    assert shares[1].std() < 0.5 * shares[0].std()
+    # Red peaks where the star sits on the red photosite (the middle of the cell's top-left
+    # quarter, phase -0.25 px), blue where it sits on the blue one.
+    assert shares[0, 4, 4] > 1.15 and shares[2, 4, 4] < 0.9
+    assert shares[2, 11, 11] > 1.15 and shares[0, 11, 11] < 0.9
+    read, gain = field._gain()
+    sky = np.asarray(field.frames[0].sky_level)
+    assert field.pixel_noise(0) == pytest.approx(np.sqrt((sky / gain + read**2) / [1, 2, 1]), rel=1e-6)
+
+
 def test_star_light_is_conserved_whatever_the_psf():
     """Each star's light in the image is its catalogue flux: the truth a scale is checked with."""
     field = SyntheticField(
@@ -261,8 +280,9 @@ def test_nsg_synth_writes_a_scenario_and_its_truth(tmp_path):
 
 def test_independent_photometry_recovers_the_true_transmission():
     """The real-frame tests' oracle (sep, tests/independent.py) on frames whose transmission is
-    known: undersampled, sparse, colour, registered, with hot pixels; within 2 of its bootstrap
-    errors (plus 0.5 %) in every channel."""
+    known: undersampled, sparse, colour (superpixels of a Bayer sensor), registered, with hot
+    pixels; within 3 of its bootstrap errors (plus 1 %) in every channel, as the real-frame
+    tests use it."""
     from independent import independent_transmission
 
     field = SyntheticField(SyntheticSpec.from_scenario("undersampled-sparse-colour", n_frames=3, seed=1))
@@ -270,12 +290,12 @@ def test_independent_photometry_recovers_the_true_transmission():
     for k in (1, 2):
         truth = np.asarray(field.frames[k].transmission) / np.asarray(field.frames[0].transmission)
         for c, stars in enumerate(independent_transmission(reference, field.render(k).astype(np.float64))):
-            assert stars.ratios.size >= 15
+            assert stars.ratios.size >= 12
             error = stars.bootstrap_error()
-            assert abs(stars.transmission - truth[c]) <= 2 * error + 0.005 * truth[c], (
+            assert abs(stars.transmission - truth[c]) <= 3 * error + 0.01 * truth[c], (
                 k,
                 c,
                 stars.transmission,
                 truth[c],
             )
-            assert error < 0.03
+            assert error < 0.1 * truth[c]
