@@ -84,6 +84,10 @@ def main() -> None:
             reference = s.field.noise_free(0)
             noise = s.field.pixel_noise(0)
             for k in range(1, len(s.paths)):
+                if s.run.frames[k].status != "ok":
+                    print(f"{name:15s} #{realization} frame {k}: failed: {s.run.frames[k].error}", flush=True)
+                    rows.append({"set": name, "realization": realization, "frame": k, "error": s.run.frames[k].error})
+                    continue
                 data, header = s.output(k)
                 truth = s.field.frames[k].scale(s.field.reference)
                 errors = [1 / header[f"NSGS{c}"] / truth[c] - 1 for c in range(data.shape[0])]
@@ -133,6 +137,10 @@ def main() -> None:
                     f"{name:15s} frame {k} over {len(v)} realizations: mean {np.round(v.mean(0), 3)} %, "
                     f"scatter {np.round(v.std(0, ddof=1), 3)} %, worst {np.round(np.abs(v).max(0), 3)} %"
                 )
+    failed = [r for r in rows if "error" in r]
+    rows = [r for r in rows if "error" not in r]
+    if failed:
+        print(f"failed: {len(failed)} frames")
     errors = np.concatenate([np.ravel(r["scale_error_percent"]) for r in rows])
     print(
         f"all: {errors.size} scale errors, RMS {np.sqrt(np.mean(errors**2)):.3f} %, worst {np.abs(errors).max():.3f} %, "
@@ -145,7 +153,7 @@ def main() -> None:
         f"(per-pixel noise: worst {np.abs(per_pixel).max():.1f} %)"
     )
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps(rows + failed, indent=2))
 
 
 if __name__ == "__main__":
