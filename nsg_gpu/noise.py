@@ -254,7 +254,8 @@ def multiscale_noise(image, *, max_pixels: int = 1_000_000, iterations: int = 20
     -------
     float
         The standard deviation of white Gaussian noise that gives the background's second
-        wavelet layer; 0 when fewer than 100 background pixels are left.
+        wavelet layer; 0 when the image has fewer than 100 valid pixels (where the support
+        would leave fewer, the estimate of the round before stands).
 
     Notes
     -----
