@@ -444,21 +444,34 @@ def inspect(
 @_one_line_errors
 def synth(
     directory: Annotated[Path, typer.Argument(help="Where to write the frames and truth.json.")],
+    scenario: Annotated[
+        str,
+        typer.Option(
+            help="Named settings: default, undersampled-sparse-colour, field-dependent-psf or crowded "
+            "(nsg_gpu.synthetic.SCENARIOS); the options below override them."
+        ),
+    ] = "default",
     frames: Annotated[
         int, typer.Option("--frames", "-n", help="Number of frames; the first is the natural reference.")
     ] = 5,
-    width: Annotated[int, typer.Option(help="Frame width (px).")] = 2000,
-    height: Annotated[int, typer.Option(help="Frame height (px).")] = 1400,
-    colour: Annotated[bool, typer.Option("--colour/--mono", metavar="", help="Three-channel colour frames.")] = False,
-    stars: Annotated[int, typer.Option(help="Stars in the field.")] = 3500,
+    width: Annotated[Optional[int], typer.Option(help="Frame width (px); default 2000 or the scenario's.")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Frame height (px); default 1400 or the scenario's.")] = None,
+    colour: Annotated[
+        Optional[bool],
+        typer.Option("--colour/--mono", metavar="", help="Three-channel colour frames; default the scenario's."),
+    ] = None,
+    stars: Annotated[Optional[int], typer.Option(help="Stars in the field; default 3500 or the scenario's.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same frames.")] = 1,
 ):
-    """Write synthetic registered frames with known transmission and gradient (see truth.json)."""
-    from .synthetic import write_synthetic_set
+    """Write synthetic registered frames with known transmission, gradient, noise and
+    registration offsets (see truth.json)."""
+    from .synthetic import SyntheticSpec, write_synthetic_set
 
-    paths = write_synthetic_set(
-        directory, n_frames=frames, width=width, height=height, colour=colour, n_stars=stars, seed=seed
+    chosen = {"width": width, "height": height, "colour": colour, "n_stars": stars}
+    spec = SyntheticSpec.from_scenario(
+        scenario, n_frames=frames, seed=seed, **{k: v for k, v in chosen.items() if v is not None}
     )
+    paths = write_synthetic_set(directory, spec)
     typer.echo(f"{len(paths)} frames written to {directory} (truth in {directory / 'truth.json'})")
 
 

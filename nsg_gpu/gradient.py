@@ -20,17 +20,13 @@ import numpy as np
 from .backend import get_backend
 from .errors import TooFewSamplesError
 from .io import Frame
-from .noise import ksigma_noise
-from .outliers import bright_counts, clipped_medians, one_frame_outliers, reject_outlier_samples
+from .outliers import bright_counts, clipped_medians, one_frame_outliers, pixel_noise, reject_outlier_samples
 from .progress import Stopwatch
 from .reference import Reference
 from .samples import MIN_SAMPLES, SampleSet, bin_medians, bin_samples
 from .spline import SurfaceSpline, evaluate_surfaces, fit_surface_splines
 
 __all__ = ["GradientModel", "model_gradient"]
-
-#: Pixels the target's noise is estimated on for finding its bright pixels (a subsample).
-NOISE_PIXELS = 250_000
 
 
 @dataclass
@@ -71,8 +67,7 @@ def model_gradient(
     difference = be.to_host(xp.asarray(scale)[:, None, None] * medians_t - reference.medians)
     # Bins that hold something one frame alone has (a trail, a meteor) are measured again in
     # both frames with their outliers clipped: a plain median would carry the trail into G.
-    noise = np.array([ksigma_noise(data[c], max_pixels=NOISE_PIXELS) for c in range(data.shape[0])])
-    counts = bright_counts(data, grid, medians_t, noise, frame.white_level)
+    counts = bright_counts(data, grid, medians_t, pixel_noise(data), frame.white_level)
     odd = np.argwhere(one_frame_outliers(counts, reference.bright) & use)
     if odd.size:
         clipped = clipped_medians(data, grid, odd, frame.white_level)

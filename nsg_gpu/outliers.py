@@ -18,9 +18,13 @@ import numpy as np
 from scipy import ndimage
 
 from .backend import get_backend
+from .noise import ksigma_noise
 from .samples import SampleGrid, median_stride, strided_blocks
 
-__all__ = ["bright_counts", "one_frame_outliers", "clipped_medians", "reject_outlier_samples"]
+__all__ = ["pixel_noise", "bright_counts", "one_frame_outliers", "clipped_medians", "reject_outlier_samples"]
+
+#: Pixels a frame's noise is estimated on for finding its bright pixels (a subsample).
+NOISE_PIXELS = 250_000
 
 #: Pixels this many noise sigmas above their bin's median count as bright (a star, a trail, a
 #: hot pixel).
@@ -39,6 +43,12 @@ _WINGS = np.ones((1, 1, 5, 5), bool)
 #: than this many robust standard deviations of such differences is left out of the fit.
 OUTLIER_SIGMA = 5.0
 OUTLIER_REACH = 2
+
+
+def pixel_noise(data) -> np.ndarray:
+    """Each channel's k-sigma pixel noise on a subsample, the scale of "bright" in
+    :func:`bright_counts`; the same estimate for the reference and every target."""
+    return np.array([ksigma_noise(data[c], max_pixels=NOISE_PIXELS) for c in range(data.shape[0])])
 
 
 def bright_counts(data, grid: SampleGrid, medians, noise, white_level: float, *, stride: int | None = None):

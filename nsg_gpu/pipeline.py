@@ -22,7 +22,7 @@ from .diagnostics import FrameDiagnostics, PhotometryPairs
 from .errors import FrameDataError, FrameShapeError
 from .gradient import GradientModel, model_gradient
 from .io import Frame
-from .noise import weight_from_noise
+from .noise import frame_noise, weight_from_noise
 from .reference import Reference, as_frame, check_coverage
 from .results import FrameResult
 from .scale import ScaleMeasurement, measure_scale
@@ -80,22 +80,24 @@ def normalize_frame(reference: Reference, frame, *, diagnostics: bool = False) -
         m = measured.scale
         gradient = model_gradient(reference, frame, m, timings=timings)
         cards = _noise_cards(reference, frame)
-        out, high, measured_noise = normalize_pixels(
+        out, high, _ = normalize_pixels(
             frame.data,
             m,
             gradient.image,
             white_level=ref.white_level,
             truncate=reference.params.truncate,
-            measure_noise=cards is None,
+            measure_noise=False,
             timings=timings,
         )
+        # The weight's noise: the multiscale estimate, which registration does not bias.
+        measured_noise = None if cards is not None else frame_noise(out, timings=timings)
     gradient.image = None  # frame-sized; the diagnostics keep only the samples and splines
     if cards is not None:
         snr, weight = weight_from_noise(cards[0], cards[1], m)
         source, noise = "NOISExx", np.asarray(cards[1])
     else:
         snr, weight = weight_from_noise(reference.noise, measured_noise)
-        source, noise = "noiseKSigma", measured_noise
+        source, noise = "noiseMultiscale", measured_noise
     return FrameResult(
         path=str(frame.path),
         scale=[float(v) for v in m],

@@ -22,8 +22,8 @@ from . import photometry
 from .backend import Backend, get_backend, single_threaded_blas
 from .errors import FrameDataError, FrameError, ReferenceFrameError
 from .io import Frame, read_frame
-from .noise import ksigma_noise
-from .outliers import bright_counts, clipped_medians
+from .noise import frame_noise
+from .outliers import bright_counts, clipped_medians, pixel_noise
 from .params import Parameters, resolve_parameters
 from .psf import MIN_PSF_FWHM, PSF_STARS, FittedPSF, MoffatPSF, fit_reference_psf, stamp_radius
 from .samples import MIN_SAMPLES, SampleGrid, bin_medians, make_grid, star_rejection
@@ -216,9 +216,9 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
     n_reject = int(math.floor(len(stars) * min(resolved.limit_sample_stars_percent, 100.0) / 100.0))
     radius = stars.radius[:n_reject] + resolved.aperture_add + resolved.sample_star_growth_rate * stars.flux[:n_reject]
     rejected = star_rejection(grid, stars.x[:n_reject], stars.y[:n_reject], radius)
-    noise = np.array([ksigma_noise(data[c]) for c in range(data.shape[0])])
+    noise = frame_noise(data)  # the weight's noise: registration does not bias it
     circles = np.column_stack([stars.x[:n_reject], stars.y[:n_reject], radius])
-    bright = bright_counts(data, grid, medians, noise, frame.white_level)
+    bright = bright_counts(data, grid, medians, pixel_noise(data), frame.white_level)
     return Reference(
         frame,
         resolved,

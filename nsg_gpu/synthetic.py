@@ -2,29 +2,47 @@
 
 A :class:`SyntheticField` is one patch of sky: a star field with a power-law flux distribution
 (some stars saturate), an extended nebula, and per-frame observing conditions: transmission
-(per channel for colour), Moffat PSF of varying FWHM, an additive sky (pedestal, plane,
-curvature and a light-pollution dome), Poisson and read noise, hot pixels, a satellite trail
-and zero registration borders. Frame ``k`` is::
+(per channel for colour), Moffat PSF of varying FWHM and index, an additive sky (pedestal,
+plane, curvature and a light-pollution dome), Poisson and read noise, hot pixels, a satellite
+trail and zero registration borders. Frame ``k`` is::
 
     frame_k = clip( t_k * (stars_k + nebula) + sky_k + noise_k , 0, 1 )   (0 outside the border)
 
 so the scale that brings it to the reference is ``m_k = t_ref / t_k`` and the gradient to
 remove is ``m_k * sky_k - sky_ref``. :meth:`SyntheticField.perfect_normalization` applies
 exactly that, which is what a normalizer should approach.
+
+As unkind as real rigs, when the spec asks (the defaults keep the frames these options came
+after, bit for bit): PSFs integrated over each pixel (what an undersampled camera records, not
+the Moffat at pixel centres), a FWHM that grows towards the corners, Moffat indices spread per
+frame, and registration: the target is captured at a sub-pixel offset, gets its noise, hot
+pixels and saturation there, and is shifted back onto the reference's grid by a cubic spline,
+clamped to [0, 1], with the uncovered edge left at 0 (the reference is never resampled). Named
+scenarios (:data:`SCENARIOS`) gather such settings: sparse undersampled colour frames like a
+small smart telescope's, a field-dependent PSF, a crowded field.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import scipy.ndimage
 from astropy.io import fits
 
-__all__ = ["FrameTruth", "SyntheticSpec", "SyntheticField", "write_synthetic_set", "block_residual"]
+from .errors import ParameterError
+
+__all__ = [
+    "FrameTruth",
+    "SyntheticSpec",
+    "SyntheticField",
+    "SCENARIOS",
+    "write_synthetic_set",
+    "block_residual",
+]
 
 #: Channel-to-channel colour of the atmosphere's extinction (blue dims most).
 _CHANNEL_EXTINCTION = np.array([0.0, 0.35, 0.8])
@@ -46,6 +64,9 @@ class FrameTruth:
     trail: bool
     exposure: float
     date_obs: str
+    # Offset (dy, dx) in px at which the camera saw the field; registration undid it with a
+    # cubic spline. (0, 0): not resampled.
+    shift: list[float] = field(default_factory=lambda: [0.0, 0.0])
 
     def scale(self, reference: FrameTruth) -> np.ndarray:
         """``m`` per channel: multiply this frame by it to reach the reference's brightness."""
@@ -74,12 +95,82 @@ class SyntheticSpec:
     pixel_size_um: float = 3.76
     exposure: float = 120.0
     noise_seed: int = 0  # another value draws new noise, hot pixels and nothing else
+    # -- realism (the defaults leave every frame as it was before these options) ----------------
+    scenario: str = "default"  # the SCENARIOS entry these settings came from, for truth.json
+    fwhm_range: tuple[float, float] | None = None  # targets' FWHM drawn here; reference at 1/3
+    beta_range: tuple[float, float] = (2.8, 3.3)  # Moffat index of every frame drawn here
+    pixel_integrated: bool = False  # PSF integrated over each pixel, not sampled at its centre
+    # Colour from a one-shot-colour sensor's 2x2 RGGB cells (a superpixel debayer): red and blue
+    # each from one photosite, green the mean of two; needs colour and pixel_integrated.
+    bayer: bool = False
+    fwhm_field: float = 0.0  # FWHM grows by (1 + fwhm_field * r^2), r = 1 in the corners
+    registration: bool = False  # targets captured at a sub-pixel offset, shifted back (cubic)
+    shifts: list[list[float]] | None = None  # (dy, dx) per frame; default uniform in +-0.5 px
+    nebula_strength: float = 1.0  # the nebula's brightness relative to the default
+
+    @classmethod
+    def from_scenario(cls, name: str, **overrides) -> SyntheticSpec:
+        """The spec of a named scenario (:data:`SCENARIOS`), with ``overrides`` on top."""
+        if name not in SCENARIOS:
+            raise ParameterError(f"unknown scenario {name!r}; choose one of {', '.join(SCENARIOS)}")
+        return cls(**{**SCENARIOS[name], "scenario": name, **overrides})
+
+
+#: Named settings for :meth:`SyntheticSpec.from_scenario` and ``nsg synth --scenario``.
+SCENARIOS: dict[str, dict] = {
+    # The generator's defaults: 2000 x 1400 mono, about 3500 stars, FWHM 2.5-4.5 px.
+    "default": {},
+    # A small smart telescope's colour frames after a 2x2 superpixel debayer (a Seestar S50:
+    # 2.4"/px raw, seeing of 2-3.5"): 960 x 540, stars of 0.8-1.4 superpixels FWHM before
+    # pixel integration, integrated over each channel's photosites (so that a red or blue
+    # star's flux depends by up to 10-30 % on where it falls within the cell), about 130 of
+    # them, Moffat index 2.3-4.0, hot pixels, registration at sub-pixel offsets.
+    "undersampled-sparse-colour": dict(
+        width=960,
+        height=540,
+        colour=True,
+        n_stars=130,
+        fwhm_range=(0.8, 1.4),
+        beta_range=(2.3, 4.0),
+        pixel_integrated=True,
+        bayer=True,
+        registration=True,
+        hot_pixel_fraction=5e-4,
+        focal_length_mm=250.0,
+        pixel_size_um=5.8,
+        exposure=10.0,
+        nebula_strength=0.5,
+    ),
+    # A fast optic's PSF: 70 % broader in the corners than in the centre, indices 2.5-4.0,
+    # registered targets.
+    "field-dependent-psf": dict(
+        width=1600,
+        height=1100,
+        n_stars=2200,
+        fwhm_range=(2.4, 3.6),
+        beta_range=(2.5, 4.0),
+        fwhm_field=0.7,
+        pixel_integrated=True,
+        registration=True,
+    ),
+    # A Milky Way field: 16000 stars on 1600 x 1100 px (one per 110 px), registered targets.
+    "crowded": dict(
+        width=1600,
+        height=1100,
+        n_stars=16000,
+        fwhm_range=(2.5, 4.0),
+        pixel_integrated=True,
+        registration=True,
+    ),
+}
 
 
 class SyntheticField:
     """A star field and nebula observed in several frames; frame 0 is the natural reference."""
 
     def __init__(self, spec: SyntheticSpec | None = None, **overrides):
+        if spec is None and "scenario" in overrides:
+            spec = SyntheticSpec.from_scenario(overrides.pop("scenario"))
         spec = spec or SyntheticSpec()
         if overrides:
             spec = SyntheticSpec(**{**asdict(spec), **overrides})
@@ -102,6 +193,21 @@ class SyntheticField:
         self.nebula = self._make_nebula(rng)
         self.frames = [self._make_conditions(k, rng) for k in range(spec.n_frames)]
         self._frame_seeds = rng.integers(0, 2**31, spec.n_frames) + 1_000_003 * spec.noise_seed
+        self._add_realism()
+
+    def _add_realism(self) -> None:
+        """Seeing range and registration offsets, from a stream of their own (so the default
+        frames, which use neither, are those of the generator before them)."""
+        spec = self.spec
+        rng = np.random.default_rng([spec.seed, 20_251_201])
+        for k, truth in enumerate(self.frames):
+            if spec.fwhm_range is not None and spec.fwhms is None:
+                lo, hi = spec.fwhm_range
+                truth.fwhm = lo + (hi - lo) / 3 if k == 0 else float(rng.uniform(lo, hi))
+            if spec.shifts is not None:
+                truth.shift = [float(v) for v in spec.shifts[k]]
+            elif spec.registration and k:
+                truth.shift = [float(v) for v in rng.uniform(-0.5, 0.5, 2)]
 
     # -- construction ---------------------------------------------------------------------------
     def _make_nebula(self, rng) -> np.ndarray:
@@ -112,7 +218,7 @@ class SyntheticField:
         for _ in range(6):
             cx, cy = rng.uniform(0.15, 0.85) * w, rng.uniform(0.15, 0.85) * h
             sx, sy = rng.uniform(0.03, 0.15) * w, rng.uniform(0.03, 0.15) * h
-            amp = rng.uniform(2, 6) * spec.noise_sigma
+            amp = rng.uniform(2, 6) * spec.noise_sigma * spec.nebula_strength
             nebula += amp * np.exp(-0.5 * (((xx - cx) / sx) ** 2 + ((yy - cy) / sy) ** 2))
         # Filamentary texture where the nebula is bright, on a 10-30 px scale.
         texture = scipy.ndimage.gaussian_filter(rng.normal(0, 1, (h, w)).astype(np.float32), 8)
@@ -147,7 +253,7 @@ class SyntheticField:
             name=f"light_{k:03d}",
             transmission=transmission,
             fwhm=fwhm,
-            beta=float(rng.uniform(2.8, 3.3)),
+            beta=float(rng.uniform(*spec.beta_range)),
             sky_level=sky,
             gradient_ptp_sigma=ptp,
             gradient_coefficients=coefficients,
@@ -191,16 +297,56 @@ class SyntheticField:
         if truth.wedge:
             yy, xx = np.mgrid[0:h, 0:w]
             mask &= (xx / (0.3 * w) + yy / (0.35 * h)) > 1.0
+        # Registration leaves uncovered the reference's pixels that map outside the capture.
+        dy, dx = truth.shift
+        y_source = np.arange(h) + dy
+        x_source = np.arange(w) + dx
+        mask[(y_source < 0) | (y_source > h - 1)] = False
+        mask[:, (x_source < 0) | (x_source > w - 1)] = False
         return mask
 
-    def stars(self, k: int) -> np.ndarray:
-        """Star light of frame ``k`` above the atmosphere (transmission 1), ``(channels, h, w)``."""
-        truth = self.frames[k]
-        return self._render_stars(truth.fwhm, truth.beta)
+    def stars(self, k: int, *, captured: bool = False) -> np.ndarray:
+        """Star light of frame ``k`` above the atmosphere (transmission 1), ``(channels, h, w)``.
 
-    def _render_stars(self, fwhm: float, beta: float) -> np.ndarray:
+        On the reference's grid, or with ``captured`` on the camera's (at the frame's
+        registration offset).
+        """
+        truth = self.frames[k]
+        dy, dx = truth.shift if captured else (0.0, 0.0)
+        return self._render_stars(truth.fwhm, truth.beta, dx=dx, dy=dy)
+
+    def fwhm_at(self, k: int, x, y) -> np.ndarray:
+        """The FWHM of frame ``k``'s PSF at pixel positions ``x, y`` (before pixel integration)."""
+        return self.frames[k].fwhm * self._field_factor(np.asarray(x, float), np.asarray(y, float))
+
+    def _field_factor(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        spec = self.spec
+        cx, cy = (spec.width - 1) / 2, (spec.height - 1) / 2
+        r2 = ((x - cx) ** 2 + (y - cy) ** 2) / (cx**2 + cy**2)
+        return 1 + spec.fwhm_field * np.clip(r2, 0, 1)
+
+    def _render_stars(self, fwhm: float, beta: float, *, dx: float = 0.0, dy: float = 0.0) -> np.ndarray:
         spec = self.spec
         h, w = spec.height, spec.width
+        star_x, star_y = self.star_x + dx, self.star_y + dy
+        # A field-dependent FWHM in 8 steps of r^2, each star at its step's middle.
+        if spec.fwhm_field:
+            levels = 8
+            step = np.clip(np.floor((self._field_factor(star_x, star_y) - 1) / spec.fwhm_field * levels), 0, levels - 1)
+            groups = [
+                (fwhm * (1 + spec.fwhm_field * (i + 0.5) / levels), np.nonzero(step == i)[0]) for i in range(levels)
+            ]
+        else:
+            groups = [(fwhm, np.arange(star_x.size))]
+        out = np.zeros((self.channels, h * w), np.float64)
+        for group_fwhm, index in groups:
+            if index.size:
+                self._add_stars(out, star_x[index], star_y[index], self.star_flux[index], group_fwhm, beta)
+        return out.reshape(self.channels, h, w).astype(np.float32)
+
+    def _stamps(self, fwhm: float, beta: float) -> tuple[np.ndarray, np.ndarray]:
+        """Normalized Moffat stamps ``(phase_y, phase_x, s, s)`` for 16 x 16 sub-pixel phases;
+        with ``bayer``, one set per channel ``(channels, phase_y, phase_x, s, s)``."""
         alpha = fwhm / (2 * math.sqrt(2 ** (1 / beta) - 1))
         # Stamps wide enough that the Moffat wing beyond them holds < 0.02 % of the light, so
         # every star's total flux in the image is its catalogue flux times the transmission,
@@ -211,41 +357,117 @@ class SyntheticField:
         phases = (np.arange(16) - 7.5) / 16.0
         r2y = (off[None, :] - phases[:, None]) ** 2  # (phase, s)
         stamps = (1 + (r2y[:, None, :, None] + r2y[None, :, None, :]) / alpha**2) ** (-beta)
-        stamps /= stamps.sum(axis=(2, 3), keepdims=True)
-        stamps = stamps.astype(np.float32)  # (phase_y, phase_x, s, s)
-        out = np.zeros((self.channels, h * w), np.float64)
-        x0 = np.rint(self.star_x).astype(np.int64)
-        y0 = np.rint(self.star_y).astype(np.int64)
-        qx = np.clip(np.floor((self.star_x - x0 + 0.5) * 16), 0, 15).astype(np.int64)
-        qy = np.clip(np.floor((self.star_y - y0 + 0.5) * 16), 0, 15).astype(np.int64)
-        for chunk in np.array_split(np.arange(self.star_x.size), max(1, self.star_x.size // 400)):
+        bayer = self.spec.bayer and self.channels == 3
+        planes = np.repeat(stamps[None], 3, axis=0) if bayer else None
+        if self.spec.pixel_integrated:
+            # The mean of the Moffat over each pixel (midpoint rule on n x n points, n at least
+            # 8 / FWHM, odd, or even for the photosites' quarters) within 3 FWHM + 3 px of the
+            # centre; farther out, where about 0.1 % of the light lies, the centre value is
+            # within a few per cent of the mean.
+            core = min(radius, int(math.ceil(3 * fwhm)) + 3)
+            n = max(3, int(math.ceil(8 / fwhm)))
+            n = n + n % 2 if bayer else n | 1
+            half = n // 2
+            sub = (np.arange(n) - (n - 1) / 2) / n
+            inner = slice(radius - core, radius + core + 1)
+            d2 = (off[inner][None, :, None] - phases[:, None, None] + sub[None, None, :]) ** 2  # (phase, s, n)
+            for qy in range(16):
+                r2 = d2[qy][None, :, None, :, None] + d2[:, None, :, None, :]  # (phase_x, sy, sx, ny, nx)
+                profile = (1 + r2 / alpha**2) ** (-beta)
+                stamps[qy, :, inner, inner] = profile.mean(axis=(3, 4))
+                if bayer:
+                    # RGGB: red the top-left photosite, green the other diagonal, blue the
+                    # bottom-right; each reads its quarter of the cell, scaled to the cell.
+                    top, bottom = profile[..., :half, :], profile[..., half:, :]
+                    planes[0, qy, :, inner, inner] = top[..., :half].mean(axis=(3, 4))
+                    planes[1, qy, :, inner, inner] = (
+                        top[..., half:].mean(axis=(3, 4)) + bottom[..., :half].mean(axis=(3, 4))
+                    ) / 2
+                    planes[2, qy, :, inner, inner] = bottom[..., half:].mean(axis=(3, 4))
+        total = stamps.sum(axis=(2, 3), keepdims=True)
+        if bayer:
+            # Normalized by the whole cells' light: a channel's share of a star then depends on
+            # where the star falls within the cell (1 on average), as a real sensor's does.
+            return (planes / total[None]).astype(np.float32), off
+        return (stamps / total).astype(np.float32), off
+
+    def _add_stars(self, out, star_x, star_y, star_flux, fwhm: float, beta: float) -> None:
+        h, w = self.spec.height, self.spec.width
+        stamps, off = self._stamps(fwhm, beta)
+        x0 = np.rint(star_x).astype(np.int64)
+        y0 = np.rint(star_y).astype(np.int64)
+        qx = np.clip(np.floor((star_x - x0 + 0.5) * 16), 0, 15).astype(np.int64)
+        qy = np.clip(np.floor((star_y - y0 + 0.5) * 16), 0, 15).astype(np.int64)
+        for chunk in np.array_split(np.arange(star_x.size), max(1, star_x.size // 400)):
             px = x0[chunk, None, None] + off[None, None, :]
             py = y0[chunk, None, None] + off[None, :, None]
             inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
             flat = (py * w + px)[inside]
-            profile = stamps[qy[chunk], qx[chunk]]
             for c in range(self.channels):
-                vals = (profile * self.star_flux[chunk, c][:, None, None].astype(np.float32))[inside]
+                profile = stamps[c][qy[chunk], qx[chunk]] if stamps.ndim == 5 else stamps[qy[chunk], qx[chunk]]
+                vals = (profile * star_flux[chunk, c][:, None, None].astype(np.float32))[inside]
                 out[c] += np.bincount(flat, weights=vals, minlength=h * w)
-        return out.reshape(self.channels, h, w).astype(np.float32)
 
     def noise_free(self, k: int) -> np.ndarray:
-        """Frame ``k`` without noise, defects or borders (saturation applied)."""
+        """Frame ``k`` without noise, defects or borders (saturation applied), on the
+        reference's grid: what a registration without interpolation error would give."""
         t = np.asarray(self.frames[k].transmission, np.float32)[:, None, None]
         return np.clip(t * (self.stars(k) + self.nebula) + self.sky(k), 0, 1).astype(np.float32)
 
+    def _captured_signal(self, k: int) -> np.ndarray:
+        """What reaches the camera in frame ``k``, on its own grid (float32)."""
+        truth = self.frames[k]
+        t = np.asarray(truth.transmission, np.float32)[:, None, None]
+        if truth.shift == [0.0, 0.0]:
+            return t * (self.stars(k) + self.nebula) + self.sky(k)
+        # Nebula and sky are smooth: a spline shift carries them to the camera's grid; the stars
+        # are drawn there directly, so their profiles are the PSF's, not an interpolation's.
+        smooth = (t * self.nebula + self.sky(k)).astype(np.float64)
+        moved = np.stack([scipy.ndimage.shift(plane, truth.shift, order=3, mode="nearest") for plane in smooth])
+        return (t * self.stars(k, captured=True) + moved).astype(np.float32)
+
+    def _gain(self) -> tuple[float, float]:
+        """Read noise and gain (signal units per electron) of the camera."""
+        spec = self.spec
+        # Gain chosen so that the sky's shot noise plus read noise is about noise_sigma.
+        read = 0.4 * spec.noise_sigma
+        return read, spec.sky_level / (spec.noise_sigma**2 - read**2)
+
     def render(self, k: int) -> np.ndarray:
-        """Frame ``k`` as a camera would record it, ``(channels, h, w)`` float32 in [0, 1]."""
+        """Frame ``k`` as a camera would record it, ``(channels, h, w)`` float32 in [0, 1],
+        registered onto the reference's grid when the frame has an offset, 0 where the
+        registration left no data."""
+        truth = self.frames[k]
+        data = self.capture(k)
+        if truth.shift != [0.0, 0.0]:
+            # Registration: the reference's pixel p lies at p + shift in the capture.
+            back = [-v for v in truth.shift]
+            data = np.stack(
+                [scipy.ndimage.shift(plane.astype(np.float64), back, order=3, mode="nearest") for plane in data]
+            )
+            data = np.clip(data, 0, 1).astype(np.float32)
+        covered = self.coverage(k)
+        data[:, ~covered] = 0
+        # A pixel that lands exactly on 0 would read as "no data"; real sky never does.
+        data[:, covered] = np.maximum(data[:, covered], 1e-6)
+        return data
+
+    def capture(self, k: int) -> np.ndarray:
+        """Frame ``k`` on the camera's own grid, before registration and its borders:
+        signal, Poisson and read noise, trail, hot pixels, clipped to [0, 1]."""
         spec, truth = self.spec, self.frames[k]
         rng = np.random.default_rng(self._frame_seeds[k])
         h, w = spec.height, spec.width
-        t = np.asarray(truth.transmission, np.float32)[:, None, None]
-        signal = t * (self.stars(k) + self.nebula) + self.sky(k)
-        # Gain chosen so that the sky's shot noise plus read noise is about noise_sigma.
-        read = 0.4 * spec.noise_sigma
-        gain = spec.sky_level / (spec.noise_sigma**2 - read**2)
-        data = rng.poisson(np.clip(signal, 0, None) * gain).astype(np.float32) / gain
-        data += rng.normal(0, read, data.shape).astype(np.float32)
+        signal = self._captured_signal(k)
+        read, gain = self._gain()
+        if self._photosites() is None:
+            data = rng.poisson(np.clip(signal, 0, None) * gain).astype(np.float32) / gain
+            data += rng.normal(0, read, data.shape).astype(np.float32)
+        else:
+            # Green is the mean of two photosites: half the variance.
+            sites = self._photosites()[:, None, None]
+            data = (rng.poisson(np.clip(signal, 0, None) * gain * sites) / (gain * sites)).astype(np.float32)
+            data += (rng.normal(0, read, data.shape) / np.sqrt(sites)).astype(np.float32)
         if truth.trail:
             yy, xx = np.mgrid[0:h, 0:w]
             distance = np.abs((yy - 0.2 * h) - 0.45 * (xx - 0.1 * w)) / math.hypot(1, 0.45)
@@ -253,18 +475,39 @@ class SyntheticField:
         n_hot = int(spec.hot_pixel_fraction * h * w)
         hot = rng.integers(0, h * w, n_hot)
         data.reshape(self.channels, -1)[:, hot] = rng.uniform(0.1, 1.0, n_hot).astype(np.float32)
-        data = np.clip(data, 0, 1)
-        data[:, ~self.coverage(k)] = 0
-        # A pixel that lands exactly on 0 would read as "no data"; real sky never does.
-        data[:, self.coverage(k)] = np.maximum(data[:, self.coverage(k)], 1e-6)
-        return data
+        return np.clip(data, 0, 1)
+
+    def _photosites(self) -> np.ndarray | None:
+        """Photosites behind each channel's pixel with ``bayer`` (1, 2, 1), else None."""
+        return np.array([1.0, 2.0, 1.0]) if self.spec.bayer and self.channels == 3 else None
 
     def pixel_noise(self, k: int) -> np.ndarray:
         """Noise per channel of the sky in frame ``k`` (shot noise at the sky level plus read)."""
-        spec, truth = self.spec, self.frames[k]
-        read = 0.4 * spec.noise_sigma
-        gain = spec.sky_level / (spec.noise_sigma**2 - read**2)
+        truth = self.frames[k]
+        read, gain = self._gain()
+        sites = self._photosites()
+        if sites is not None:
+            return np.sqrt((np.asarray(truth.sky_level) / gain + read**2) / sites)
         return np.sqrt(np.asarray(truth.sky_level) / gain + read**2)
+
+    def noise_map(self, k: int) -> np.ndarray:
+        """The standard deviation of every pixel's noise in frame ``k`` as captured, before
+        registration (shot noise of everything plus read noise), ``(channels, h, w)``."""
+        read, gain = self._gain()
+        sites = self._photosites()
+        sites = np.ones(self.channels) if sites is None else sites
+        variance = (np.clip(self._captured_signal(k), 0, None) / gain + read**2) / sites[:, None, None]
+        return np.sqrt(variance).astype(np.float32)
+
+    def background_noise(self, k: int) -> np.ndarray:
+        """The noise per channel of frame ``k``'s background before registration: the RMS of
+        :meth:`noise_map` where the star light is under a tenth of the sky's pixel noise (which
+        takes in the gradient's and the nebula's shot noise), within the coverage."""
+        noise = self.noise_map(k)
+        t = np.asarray(self.frames[k].transmission, np.float32)[:, None, None]
+        faint = (t * self.stars(k, captured=True)).max(axis=0) < 0.1 * self.pixel_noise(k).min()
+        keep = faint & self.coverage(k)
+        return np.sqrt(np.mean(noise[:, keep] ** 2, axis=1))
 
     def perfect_normalization(self, k: int, data: np.ndarray) -> np.ndarray:
         """Frame ``k`` (as rendered) normalized with the true scale and gradient."""
@@ -297,8 +540,12 @@ class SyntheticField:
 def write_synthetic_set(directory: str | Path, spec: SyntheticSpec | None = None, **overrides) -> list[Path]:
     """Write a synthetic set as FITS files plus ``truth.json``; return the frame paths.
 
-    The truth file lists, per frame, its transmission, scale ``m`` against frame 0, FWHM and
-    the gradient's strength, so a run's results can be checked against it.
+    The truth file lists the spec (with its scenario) and, per frame, its transmission, scale
+    ``m`` against frame 0, FWHM (in the centre, before pixel integration) and Moffat index, the
+    gradient's strength, the registration offset ``shift`` (dy, dx; 0 for frames not
+    resampled) and the noise before registration: ``pixel_noise`` at the sky's pedestal and
+    ``background_noise`` over the background (:meth:`SyntheticField.background_noise`), so a
+    run's scales and weights can be checked against it.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -315,6 +562,7 @@ def write_synthetic_set(directory: str | Path, spec: SyntheticSpec | None = None
         entry = asdict(frame)
         entry["scale"] = [float(v) for v in frame.scale(synthetic.reference)]
         entry["pixel_noise"] = [float(v) for v in synthetic.pixel_noise(k)]
+        entry["background_noise"] = [float(v) for v in synthetic.background_noise(k)]
         truth["frames"].append(entry)
     (directory / "truth.json").write_text(json.dumps(truth, indent=2))
     return paths

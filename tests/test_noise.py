@@ -1,11 +1,175 @@
-"""The k-sigma noise estimate and NSG's weight against white noise of known sigma."""
+"""The weight's noise estimate against known truth: white noise resampled at sub-pixel shifts,
+synthetic fields with stars, nebula, gradients and borders."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.ndimage
 
-from nsg_gpu.noise import ksigma_noise, weight_from_noise
+from nsg_gpu.noise import MULTISCALE_BIAS, ksigma_noise, multiscale_noise, weight_from_noise
+from nsg_gpu.synthetic import SyntheticField
+
+
+def _white(shape=(900, 1000), sigma=0.002, level=0.1, seed=3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return level + rng.normal(0, sigma, shape)
+
+
+def _registered(image: np.ndarray, dy: float, dx: float) -> np.ndarray:
+    """``image`` resampled at a sub-pixel shift by a cubic spline, as registration does."""
+    return scipy.ndimage.shift(image, (dy, dx), order=3, mode="mirror").astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [pytest.param(s, id=f"seed{s}") for s in (1, 2, 3)])
+def test_white_noise_gives_its_sigma(seed):
+    """Un-resampled white noise: the per-pixel sigma, as the first-layer estimate gives it, so
+    NWEIGHT keeps NSG's meaning; the bias constant is checked at the same time."""
+    image = _white(seed=seed).astype(np.float32)
+    assert multiscale_noise(image) == pytest.approx(0.002, rel=0.006)
+    assert multiscale_noise(image) == pytest.approx(ksigma_noise(image), rel=0.025)
+
+
+def test_bias_constant_is_what_pure_noise_reads():
+    """Without the constant the estimate would be 5 % low: the test of the constant can fail."""
+    image = _white(seed=9).astype(np.float32)
+    raw = multiscale_noise(image) * MULTISCALE_BIAS
+    assert raw == pytest.approx(0.002 * MULTISCALE_BIAS, rel=0.006)
+    assert raw < 0.97 * 0.002
+
+
+@pytest.mark.parametrize(
+    ("dy", "dx"),
+    [pytest.param(d, d, id=f"diagonal-{d}") for d in (0.1, 0.2, 0.3, 0.4, 0.5)]
+    + [pytest.param(0.0, d, id=f"x-{d}") for d in (0.25, 0.5)]
+    + [pytest.param(0.35, -0.15, id="mixed")],
+)
+def test_registration_at_subpixel_shifts_does_not_fool_it(dy, dx):
+    """Cubic-spline resampling at any sub-pixel shift: within 2 % of the noise before it, while
+    the per-pixel estimate reads the smoothing (down to 0.68 of sigma at half a pixel)."""
+    image = _white(seed=11)
+    before = multiscale_noise(image.astype(np.float32))
+    after = _registered(image, dy, dx)
+    assert multiscale_noise(after) == pytest.approx(0.002, rel=0.02)
+    assert multiscale_noise(after) == pytest.approx(before, rel=0.015)
+    # The first-layer estimate does follow the shift: what the new one is for.
+    smoothing = ksigma_noise(after) / ksigma_noise(image.astype(np.float32))
+    if max(abs(dx), abs(dy)) >= 0.3:
+        assert smoothing < 0.92
+
+
+def test_per_pixel_estimate_loses_a_third_at_half_a_pixel():
+    """The failure the multiscale estimate removes, measured: the test of the tests."""
+    image = _white(seed=12)
+    after = _registered(image, 0.5, 0.5)
+    assert ksigma_noise(after) / ksigma_noise(image.astype(np.float32)) == pytest.approx(0.69, abs=0.03)
+
+
+@pytest.fixture(scope="module")
+def star_field():
+    """A mono field of 700 x 600 px with stars, a textured nebula, a gradient and borders."""
+    return SyntheticField(
+        width=700, height=600, n_frames=2, n_stars=420, seed=4, trail_frame=None, hot_pixel_fraction=2e-4
+    )
+
+
+@pytest.mark.parametrize("k", [pytest.param(0, id="reference"), pytest.param(1, id="target-with-borders")])
+def test_stars_nebula_gradient_and_borders_do_not_bias_it(star_field, k):
+    """Within 3 % of the background's true noise (shot noise of sky, gradient and nebula, plus
+    read noise) on a frame with everything."""
+    frame = star_field.render(k)[0]
+    truth = star_field.background_noise(k)[0]
+    assert multiscale_noise(frame) == pytest.approx(truth, rel=0.03)
+
+
+def test_stars_bias_an_unsupported_second_layer(star_field):
+    """Without the multiscale support the second layer reads the stars (the support matters)."""
+    from nsg_gpu.noise import B3_LAYER_FRACTIONS, _multiscale_bands, ksigma_clip
+
+    frame = star_field.render(0)[0]
+    bands = _multiscale_bands(frame, 10**8)
+    layer2, _, valid = bands[0]
+    plain = ksigma_clip(layer2[2:-2][valid]) / B3_LAYER_FRACTIONS[1] / MULTISCALE_BIAS
+    assert plain > 1.05 * star_field.background_noise(0)[0]
+
+
+def test_scattered_zeros_are_data_and_regions_are_not():
+    """Zero regions (borders) are left out; scattered zeros (a raw frame clipped at 0) do not
+    blank the frame: the estimate keeps its pixels."""
+    image = _white(seed=5).astype(np.float32)
+    image[:, :120] = 0
+    image[:200, :] = 0
+    rng = np.random.default_rng(6)
+    scattered = rng.random(image.shape) < 0.02
+    with_zeros = np.where(scattered, 0, image).astype(np.float32)
+    assert multiscale_noise(image) == pytest.approx(0.002, rel=0.01)
+    # A zero 50 sigma below the sky is an outlier the clipping removes.
+    assert multiscale_noise(with_zeros) == pytest.approx(0.002, rel=0.03)
+
+
+def test_bands_on_large_frames_agree_with_the_whole_frame():
+    """``max_pixels`` samples bands of rows: the same estimate to its scatter."""
+    image = _registered(_white((1200, 1000), seed=8), 0.3, 0.1)
+    whole = multiscale_noise(image, max_pixels=10**8)
+    banded = multiscale_noise(image, max_pixels=200_000)
+    assert banded == pytest.approx(whole, rel=0.02)
+    assert whole == pytest.approx(0.002, rel=0.015)
+
+
+def test_empty_and_tiny_frames_give_zero():
+    assert multiscale_noise(np.zeros((300, 300), np.float32)) == 0.0
+    assert multiscale_noise(np.full((8, 8), 0.1, np.float32)) == 0.0
+
+
+@pytest.mark.gpu
+def test_cupy_matches_numpy():
+    import cupy as cp
+
+    image = _registered(_white(seed=13), 0.2, 0.4)
+    image[:, :60] = 0
+    assert multiscale_noise(cp.asarray(image)) == pytest.approx(multiscale_noise(image), rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def registered_run(tmp_path_factory):
+    """Mono 700 x 600 targets registered at offsets up to half a pixel in both axes, normalized."""
+    from conftest import NormalizedSet
+
+    shifts = [[0, 0], [0.5, 0.5], [0.3, -0.2], [-0.05, 0.45]]
+    s = NormalizedSet(
+        tmp_path_factory.mktemp("registered"),
+        width=700,
+        height=600,
+        n_frames=4,
+        n_stars=500,
+        seed=21,
+        registration=True,
+        shifts=shifts,
+    )
+    return s, [s.field.background_noise(k) for k in range(4)]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_nweight_of_registered_frames_is_the_weight_before_registration(registered_run, k):
+    """NWEIGHT within 10 % of ``(sigma_R / (sigma_T m))^2`` with the true scale and the noise
+    before registration; a per-pixel noise would be off by 40-110 % here."""
+    s, noise = registered_run
+    truth_m = s.field.frames[k].scale(s.field.reference)
+    truth = float(np.mean((noise[0] / (noise[k] * truth_m)) ** 2))
+    result = s.run.frames[k]
+    assert result.weight_source == "noiseMultiscale"
+    assert result.weight == pytest.approx(truth, rel=0.10)
+    # The estimate itself, with our scale in the truth: within 3 %.
+    ours_m = np.asarray(result.scale)
+    assert result.weight == pytest.approx(float(np.mean((noise[0] / (noise[k] * ours_m)) ** 2)), rel=0.03)
+    # What the first-layer estimate would have given: the failure this weight removes.
+    data, _ = s.output(k)
+    reference = s.field.render(0)
+    per_pixel = float(
+        np.mean([(ksigma_noise(reference[c]) / ksigma_noise(data[c])) ** 2 for c in range(data.shape[0])])
+    )
+    if max(abs(v) for v in s.field.frames[k].shift) >= 0.3:
+        assert per_pixel > 1.2 * truth
 
 
 def test_ksigma_noise_of_white_noise_and_weight():

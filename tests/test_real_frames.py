@@ -1,4 +1,12 @@
-"""Real Seestar S50 frames of NGC 7023 (../shared/data/ngc7023), where present."""
+"""Real frames, where present: Seestar S50 colour frames of NGC 7023 (../shared/data/ngc7023) and
+mono frames of the StarGate asterism registered at sub-pixel shifts (../shared/data/stargate).
+
+Our transmissions are checked against an independent wide-aperture photometry with sep
+(``tests/independent.py``), and the weights of the registered StarGate frames against how much
+registration smoothed each frame's noise, measured from the noise's own pixel differences.
+Where our scale misses today the test is a strict xfail, so it turns into a failure (to be
+unmarked) when the scale is fixed.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +14,17 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from conftest import SHARED_DATA
+from independent import NGC7023, STARGATE, STARGATE_REFERENCE, independent_transmission, read_planes, spline_smoothing
 
 from nsg_gpu.io import read_frame
+from nsg_gpu.noise import ksigma_noise
 from nsg_gpu.run import normalize
 
-pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real frames not present at {SHARED_DATA}")
+pytestmark = [
+    pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real frames not present at {SHARED_DATA}"),
+    pytest.mark.slow,
+]
+needs_stargate = pytest.mark.skipif(not STARGATE.is_dir(), reason=f"real frames not present at {STARGATE}")
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +72,154 @@ def test_background_matches_better_than_global_scale_and_offset(real_run):
             offset = np.median(reference[c][covered]) - m * np.median(target[c][covered])
             global_fit = m * target[c] + offset
             assert _background_rms(ours[c], reference[c], covered) < _background_rms(global_fit, reference[c], covered)
+
+
+# -- transmission against an independent photometry ---------------------------------------------
+#: (set, frame prefix, channel) where our transmission is off the independent one today, with why.
+SCALE_MISSES = {
+    ("ngc7023", "002", 0): "9 pairs (the faintest channel's SNR cut) of red stars whose single-photosite "
+    "fluxes scatter by 32 % between frames: ours 1.261, sep 0.966 +- 0.063",
+    (
+        "ngc7023",
+        "003",
+        0,
+    ): "9 pairs, 6 left after the outlier rejection, red scatter 19 %: ours 1.064, sep 0.911 +- 0.039",
+    ("ngc7023", "003", 1): "9 pairs where sep uses 45: ours 1.060, sep 0.983 +- 0.010",
+}
+
+
+def _frames(directory, reference_name):
+    return [p for p in sorted(directory.glob("*.fits.gz")) if p.name != reference_name] if directory.is_dir() else []
+
+
+def _cases():
+    cases = []
+    for name, directory, reference, channels in (
+        ("ngc7023", NGC7023, "000_Light_NGC_7023_10.0s_IRCUT_20240730-224436.fits.gz", 3),
+        ("stargate", STARGATE, STARGATE_REFERENCE, 1),
+    ):
+        for path in _frames(directory, reference):
+            for c in range(channels):
+                key = (name, path.name[:3] if name == "ngc7023" else path.name[3:7], c)
+                marks = [pytest.mark.xfail(strict=True, reason=SCALE_MISSES[key])] if key in SCALE_MISSES else []
+                cases.append(
+                    pytest.param(
+                        name, path.name, c, marks=marks, id=f"{name}-{key[1]}-{'RGB'[c] if channels == 3 else 'L'}"
+                    )
+                )
+    return cases
+
+
+@pytest.fixture(scope="module")
+def stargate_run(tmp_path_factory):
+    """The ten StarGate frames normalized to sg_0005, the frame they were registered to."""
+    frames = sorted(STARGATE.glob("*.fits.gz"))
+    return normalize(frames, reference=STARGATE / STARGATE_REFERENCE, output_dir=tmp_path_factory.mktemp("stargate"))
+
+
+@pytest.fixture(scope="module")
+def independent_photometry():
+    """sep's transmissions per (set, frame file), computed once each."""
+    cache = {}
+
+    def get(name: str, frame: str):
+        if (name, frame) not in cache:
+            directory = NGC7023 if name == "ngc7023" else STARGATE
+            reference = sorted(NGC7023.glob("*.fits.gz"))[0] if name == "ngc7023" else STARGATE / STARGATE_REFERENCE
+            cache[name, frame] = independent_transmission(read_planes(reference), read_planes(directory / frame))
+        return cache[name, frame]
+
+    return get
+
+
+def _ours(run, frame: str):
+    return next(f for f in run.frames if f.path.endswith(frame))
+
+
+@pytest.mark.parametrize(("name", "frame", "channel"), _cases())
+def test_transmission_matches_independent_photometry(name, frame, channel, request, independent_photometry):
+    """Our transmission within 3 bootstrap errors (plus 1 %) of sep's median flux ratio."""
+    if name == "stargate" and not STARGATE.is_dir():
+        pytest.skip(f"real frames not present at {STARGATE}")
+    run = request.getfixturevalue("real_run")[1] if name == "ngc7023" else request.getfixturevalue("stargate_run")
+    ours = _ours(run, frame).transmission[channel]
+    theirs = independent_photometry(name, frame)[channel]
+    tolerance = 3 * theirs.bootstrap_error() + 0.01 * theirs.transmission
+    assert abs(ours - theirs.transmission) <= tolerance, (
+        f"ours {ours:.4f}, sep {theirs.transmission:.4f} +- {theirs.bootstrap_error():.4f} from {theirs.ratios.size} stars"
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="5-9 pairs: stars need signal-to-noise >= 10 in the faintest (blue) channel and a positive flux in "
+    "every channel, where sep finds 24-45 usable green stars",
+)
+@pytest.mark.parametrize("prefix", ["001", "002", "003", "004", "005"])
+def test_scale_uses_the_stars_an_independent_photometry_can_use(real_run, independent_photometry, prefix):
+    """At least half as many pairs as sep measures with signal-to-noise >= 10 in the green channel."""
+    frames, run, _ = real_run
+    frame = next(p.name for p in frames if p.name.startswith(prefix))
+    usable = independent_photometry("ngc7023", frame)[1].ratios.size
+    assert _ours(run, frame).star_pairs >= usable / 2, (_ours(run, frame).star_pairs, usable)
+
+
+# -- weights of frames registered at sub-pixel shifts --------------------------------------------
+@pytest.fixture(scope="module")
+def stargate_noise(stargate_run):
+    """Per target: the registration's smoothing of the pixel noise (from the noise's own pixel
+    differences), the target's noise before scaling by our estimate and by the per-pixel one,
+    relative to the reference's, and the two weights."""
+    reference = read_planes(STARGATE / STARGATE_REFERENCE)[0].astype(np.float32)
+    per_pixel_reference = ksigma_noise(reference)
+    ours_reference = next(f for f in stargate_run.frames if f.status == "reference").noise[0]
+    rows = []
+    for f in stargate_run.frames:
+        if f.status == "reference":
+            continue
+        smoothing, _ = spline_smoothing(read_planes(f.path)[0])
+        with fits.open(f.output) as hdul:
+            per_pixel = ksigma_noise(np.asarray(hdul[0].data, np.float32))
+        t = f.transmission[0]
+        rows.append(
+            dict(
+                smoothing=smoothing,
+                noise=f.noise[0] * t / ours_reference,
+                per_pixel_noise=per_pixel * t / per_pixel_reference,
+                weight=f.weight,
+                per_pixel_weight=(per_pixel_reference / per_pixel) ** 2,
+            )
+        )
+    return {key: np.array([r[key] for r in rows]) for key in rows[0]}
+
+
+@needs_stargate
+def test_stargate_targets_were_smoothed_by_registration(stargate_noise):
+    """The premise: the targets' registration smoothed their pixel noise by 0.80-0.98."""
+    s = stargate_noise["smoothing"]
+    assert s.min() < 0.85 and np.ptp(s) > 0.1
+    # The per-pixel noise follows it (log-log slope near 1): what fooled the old weight.
+    slope = np.polyfit(np.log(s), np.log(stargate_noise["per_pixel_noise"]), 1)[0]
+    assert 0.7 < slope < 1.5 and np.corrcoef(s, stargate_noise["per_pixel_noise"])[0, 1] > 0.9
+
+
+@needs_stargate
+def test_stargate_noise_does_not_follow_the_smoothing(stargate_noise):
+    """Our noise of every target within 3 % of the reference's (one sky, one exposure), with a
+    log-log slope against the smoothing under 0.2 where the per-pixel noise's is about 1.3."""
+    s, noise = stargate_noise["smoothing"], stargate_noise["noise"]
+    assert np.all(np.abs(noise - 1) < 0.03), noise
+    assert abs(np.polyfit(np.log(s), np.log(noise), 1)[0]) < 0.2
+
+
+@needs_stargate
+def test_stargate_weights_of_equal_exposures_agree(stargate_noise):
+    """NWEIGHT of these 30 s frames within 0.85-1.15 of the reference's and within 15 % of each
+    other, and its dependence on the smoothing (log-log slope) under 0.6 in size (-0.42 today,
+    all of it from our transmissions, squared in the weight); the per-pixel weight spreads by
+    1.8x and goes as the smoothing to the power -2.9."""
+    s, weight, old = stargate_noise["smoothing"], stargate_noise["weight"], stargate_noise["per_pixel_weight"]
+    assert np.all((weight > 0.85) & (weight < 1.15)), weight
+    assert weight.max() / weight.min() < 1.15
+    assert abs(np.polyfit(np.log(s), np.log(weight), 1)[0]) < 0.6
+    assert old.max() / old.min() > 1.5 and np.polyfit(np.log(s), np.log(old), 1)[0] < -2

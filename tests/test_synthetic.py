@@ -1,0 +1,301 @@
+"""The synthetic generator's realism against what it claims: pixel-integrated and field-dependent
+PSFs, registration at sub-pixel offsets, the noise before registration, scenarios and truth.json."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.ndimage
+from scipy import integrate
+from typer.testing import CliRunner
+
+from nsg_gpu.cli import app
+from nsg_gpu.noise import ksigma_noise
+from nsg_gpu.synthetic import SCENARIOS, SyntheticField, SyntheticSpec
+
+
+def _moffat(alpha: float, beta: float):
+    return lambda y, x: (1 + (x * x + y * y) / alpha**2) ** (-beta)
+
+
+def _shift_kernel(d: float) -> np.ndarray:
+    """The 1-D impulse response of a cubic-spline shift by ``d`` px (with its prefilter)."""
+    delta = np.zeros(41)
+    delta[20] = 1
+    return scipy.ndimage.shift(delta, d, order=3, mode="grid-wrap")
+
+
+def _bright_isolated(field: SyntheticField, k: int, count: int = 25, margin: int = 20) -> np.ndarray:
+    """Indices of bright, unsaturated stars with no other star within 12 px."""
+    spec = field.spec
+    flux = field.star_flux.mean(axis=1)
+    x, y = field.star_x, field.star_y
+    inside = (x > margin) & (x < spec.width - margin) & (y > margin) & (y < spec.height - margin)
+    distance = np.hypot(x[:, None] - x[None], y[:, None] - y[None]) + np.eye(x.size) * 1e9
+    isolated = distance.min(axis=1) > 12
+    frame = field.frames[k]
+    alpha = frame.fwhm / (2 * math.sqrt(2 ** (1 / frame.beta) - 1))
+    peak = flux * max(frame.transmission) * (frame.beta - 1) / (math.pi * alpha**2)
+    unsaturated = peak < 0.5
+    order = np.argsort(-flux)
+    chosen = [i for i in order if inside[i] and isolated[i] and unsaturated[i]]
+    return np.array(chosen[:count])
+
+
+# -- PSFs -----------------------------------------------------------------------------------------
+def test_pixel_integrated_stamp_is_the_moffat_integrated_over_each_pixel():
+    """An undersampled star (FWHM 1.3 px): each pixel holds the Moffat's integral over it (to
+    0.5 % of the peak pixel), unlike the Moffat sampled at pixel centres."""
+    fwhm, beta = 1.3, 2.8
+    field = SyntheticField(width=64, height=64, n_frames=1, n_stars=1, pixel_integrated=True, fwhm_range=(1.3, 1.3))
+    stamps, off = field._stamps(fwhm, beta)
+    alpha = fwhm / (2 * math.sqrt(2 ** (1 / beta) - 1))
+    moffat = _moffat(alpha, beta)
+    total = math.pi * alpha**2 / (beta - 1)
+    phase = (3 - 7.5) / 16  # phase index 3 in both axes
+    centre = len(off) // 2
+    expected = np.empty((5, 5))
+    for i, dy in enumerate(range(-2, 3)):
+        for j, dx in enumerate(range(-2, 3)):
+            y0, x0 = dy - phase - 0.5, dx - phase - 0.5
+            expected[i, j] = integrate.dblquad(moffat, x0, x0 + 1, y0, y0 + 1)[0] / total
+    got = stamps[3, 3, centre - 2 : centre + 3, centre - 2 : centre + 3]
+    assert np.abs(got - expected).max() < 0.005 * expected.max()
+    sampled = SyntheticField(width=64, height=64, n_frames=1, n_stars=1)._stamps(fwhm, beta)[0]
+    assert (
+        np.abs(sampled[3, 3, centre - 2 : centre + 3, centre - 2 : centre + 3] - expected).max() > 0.03 * expected.max()
+    )
+
+
+def test_bayer_cells_make_colour_fluxes_depend_on_where_a_star_falls():
+    """Superpixel colour of undersampled stars: the red and blue shares of a star of 0.8 px FWHM
+    vary by more than 5 % with its position in the cell, 1 on average; green, from two
+    photosites, varies less and has the lower noise."""
+    field = SyntheticField(width=64, height=64, n_frames=1, n_stars=1, colour=True, pixel_integrated=True, bayer=True)
+    stamps, _ = field._stamps(0.8, 3.0)
+    shares = stamps.sum(axis=(3, 4))  # (channel, phase_y, phase_x)
+    assert shares.mean(axis=(1, 2)) == pytest.approx([1, 1, 1], abs=0.002)
+    assert shares[0].std() > 0.05 and shares[2].std() > 0.05
+    assert shares[1].std() < 0.5 * shares[0].std()
+    # Red peaks where the star sits on the red photosite (the middle of the cell's top-left
+    # quarter, phase -0.25 px), blue where it sits on the blue one.
+    assert shares[0, 4, 4] > 1.15 and shares[2, 4, 4] < 0.9
+    assert shares[2, 11, 11] > 1.15 and shares[0, 11, 11] < 0.9
+    read, gain = field._gain()
+    sky = np.asarray(field.frames[0].sky_level)
+    assert field.pixel_noise(0) == pytest.approx(np.sqrt((sky / gain + read**2) / [1, 2, 1]), rel=1e-6)
+
+
+def test_star_light_is_conserved_whatever_the_psf():
+    """Each star's light in the image is its catalogue flux: the truth a scale is checked with."""
+    field = SyntheticField(
+        width=400,
+        height=300,
+        n_frames=2,
+        n_stars=40,
+        seed=3,
+        pixel_integrated=True,
+        fwhm_field=0.7,
+        beta_range=(3.0, 3.3),
+    )
+    for k in range(2):
+        inside = (field.star_x > 150) & (field.star_x < 250) & (field.star_y > 100) & (field.star_y < 200)
+        # Only the stars well inside count fully; measure their sum against a frame of them alone.
+        alone = SyntheticField(field.spec)
+        alone.star_flux = np.where(inside[:, None], field.star_flux, 0)
+        assert alone.stars(k).sum() == pytest.approx(field.star_flux[inside].sum(), rel=1e-3)
+
+
+def _fitted_fwhm(image: np.ndarray, x: float, y: float, beta: float, radius: int = 7) -> float:
+    """FWHM of a Moffat of index ``beta`` fitted to the noise-free star at ``x, y``."""
+    from scipy.optimize import curve_fit
+
+    cy, cx = int(round(y)), int(round(x))
+    cut = image[cy - radius : cy + radius + 1, cx - radius : cx + radius + 1].astype(float)
+    yy, xx = np.mgrid[cy - radius : cy + radius + 1, cx - radius : cx + radius + 1]
+
+    def model(_, amplitude, x0, y0, fwhm):
+        alpha = fwhm / (2 * math.sqrt(2 ** (1 / beta) - 1))
+        return (amplitude * (1 + ((xx - x0) ** 2 + (yy - y0) ** 2) / alpha**2) ** (-beta)).ravel()
+
+    params, _ = curve_fit(model, None, cut.ravel(), p0=[cut.max(), x, y, 3.0])
+    return float(params[3])
+
+
+def test_field_dependent_fwhm_grows_towards_the_corners():
+    """Stars near a corner are broader than stars near the centre by the stated factor."""
+    field = SyntheticField(
+        width=900, height=700, n_frames=1, n_stars=300, seed=5, fwhm_field=0.7, fwhms=[2.6], nebula_strength=0
+    )
+    light = field.stars(0)[0]
+    cx, cy = 449.5, 349.5
+    r2 = ((field.star_x - cx) ** 2 + (field.star_y - cy) ** 2) / (cx**2 + cy**2)
+    index = _bright_isolated(field, 0, count=300)
+    centre = [i for i in index if r2[i] < 0.1][:8]
+    corner = [i for i in index if r2[i] > 0.7][:8]
+    assert len(centre) >= 4 and len(corner) >= 4
+    beta = field.frames[0].beta
+    measured = np.array([_fitted_fwhm(light, field.star_x[i], field.star_y[i], beta) for i in centre + corner])
+    expected = field.fwhm_at(0, field.star_x[centre + corner], field.star_y[centre + corner])
+    # Each star's FWHM is its zone's (8 steps of r^2): within half a step of the exact law.
+    np.testing.assert_allclose(measured, expected, rtol=0, atol=2.6 * 0.7 / 16 + 0.02)
+    assert np.median(measured[len(centre) :]) > 1.3 * np.median(measured[: len(centre)])
+
+
+# -- registration -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def registered():
+    """Mono 600 x 500 frames: an unshifted reference and targets at known sub-pixel offsets."""
+    return SyntheticField(
+        width=600,
+        height=500,
+        n_frames=4,
+        n_stars=260,
+        seed=8,
+        registration=True,
+        shifts=[[0, 0], [0.5, 0.5], [0.3, -0.2], [0.0, -0.45]],
+        trail_frame=None,
+        hot_pixel_fraction=0,
+        borders=False,
+    )
+
+
+def _centroid_offsets(field: SyntheticField, image: np.ndarray, k: int) -> np.ndarray:
+    """Fitted minus catalogue position (dy, dx) of bright isolated stars in ``image``."""
+    from scipy.optimize import curve_fit
+
+    frame = field.frames[k]
+    alpha = frame.fwhm / (2 * math.sqrt(2 ** (1 / frame.beta) - 1))
+    offsets = []
+    for i in _bright_isolated(field, k):
+        x, y = field.star_x[i], field.star_y[i]
+        cy, cx = int(round(y)), int(round(x))
+        cut = image[cy - 6 : cy + 7, cx - 6 : cx + 7].astype(float)
+        yy, xx = np.mgrid[cy - 6 : cy + 7, cx - 6 : cx + 7]
+
+        def model(_, amplitude, x0, y0, sky, xx=xx, yy=yy):
+            return (amplitude * (1 + ((xx - x0) ** 2 + (yy - y0) ** 2) / alpha**2) ** (-frame.beta) + sky).ravel()
+
+        params, _ = curve_fit(model, None, cut.ravel(), p0=[cut.max(), x, y, np.median(cut)])
+        offsets.append([params[2] - y, params[1] - x])
+    return np.array(offsets)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_capture_is_offset_and_registration_brings_it_back(registered, k):
+    """Stars sit at catalogue + offset in the capture and back on the catalogue once registered."""
+    shift = np.array(registered.frames[k].shift)
+    captured = _centroid_offsets(registered, registered.capture(k)[0], k)
+    assert np.median(captured, axis=0) == pytest.approx(shift, abs=0.04)
+    back = _centroid_offsets(registered, registered.render(k)[0], k)
+    assert np.abs(np.median(back, axis=0)).max() < 0.04
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_registration_smooths_the_pixel_noise_by_the_spline_factor(registered, k):
+    """The per-pixel noise of a registered target drops by the cubic spline's factor for its
+    offset (0.57 at half a pixel in both axes, in the first-layer estimate); the reference is not
+    resampled and keeps its noise."""
+    dy, dx = registered.frames[k].shift
+    # The first-layer estimate's view of the spline: its noise gain at this offset.
+    white = np.random.default_rng(k).normal(0, 1, (400, 400))
+    moved = scipy.ndimage.shift(white, (-dy, -dx), order=3, mode="mirror")
+    expected = ksigma_noise((moved + 10).astype(np.float32)) / ksigma_noise((white + 10).astype(np.float32))
+    data = registered.render(k)[0]
+    truth = registered.background_noise(k)[0]
+    ratio = ksigma_noise(data) / ksigma_noise(registered.capture(k)[0])
+    assert ratio == pytest.approx(expected, rel=0.04)
+    assert ksigma_noise(registered.capture(k)[0]) == pytest.approx(truth, rel=0.04)
+    if k == 1:
+        per_axis = [float(np.sum(_shift_kernel(0.5) ** 2))] * 2
+        assert math.sqrt(per_axis[0] * per_axis[1]) == pytest.approx(0.756, abs=0.01)
+        assert ratio < 0.75
+
+
+def test_registration_leaves_the_uncovered_edge_at_zero_and_clamps(registered):
+    """A shift of +0.5 px in x leaves the last column uncovered; -0.45 px the first one."""
+    frame1, frame3 = registered.render(1)[0], registered.render(3)[0]
+    assert np.all(frame1[:, -1] == 0) and np.all(frame1[-1, :] == 0) and np.all(frame1[:-1, :-1] > 0)
+    assert np.all(frame3[:, 0] == 0) and np.all(frame3[:, 1:] > 0)
+    assert frame1.min() >= 0 and frame1.max() <= 1
+    assert registered.frames[0].shift == [0.0, 0.0]
+
+
+def test_background_noise_is_what_the_capture_holds(registered):
+    """The truth of the noise before registration: the capture minus its expected signal, on the
+    background, has that standard deviation."""
+    for k in (0, 1):
+        residual = registered.capture(k)[0] - registered._captured_signal(k)[0]
+        faint = registered.stars(k, captured=True)[0] * registered.frames[k].transmission[0] < 1e-4
+        assert residual[faint].std() == pytest.approx(registered.background_noise(k)[0], rel=0.01)
+
+
+# -- scenarios and truth.json ---------------------------------------------------------------------
+def test_default_scenario_is_the_default_spec():
+    assert SyntheticSpec.from_scenario("default") == SyntheticSpec()
+    with pytest.raises(ValueError, match="unknown scenario 'nope'"):
+        SyntheticSpec.from_scenario("nope")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in SCENARIOS if n != "default"])
+def test_scenarios_register_targets_and_keep_the_reference(name):
+    spec = SyntheticSpec.from_scenario(name, n_frames=3)
+    field = SyntheticField(spec)
+    assert field.frames[0].shift == [0.0, 0.0]
+    for frame in field.frames[1:]:
+        assert all(abs(v) <= 0.5 for v in frame.shift) and frame.shift != [0.0, 0.0]
+        assert spec.beta_range[0] <= frame.beta <= spec.beta_range[1]
+        assert spec.fwhm_range[0] <= frame.fwhm <= spec.fwhm_range[1]
+
+
+def test_undersampled_scenario_is_sparse_undersampled_colour():
+    spec = SyntheticSpec.from_scenario("undersampled-sparse-colour")
+    assert spec.colour and spec.pixel_integrated and spec.fwhm_range[1] < 2.5
+    assert spec.n_stars / (spec.width * spec.height) < 1 / 3000
+    crowded = SyntheticSpec.from_scenario("crowded")
+    assert crowded.n_stars / (crowded.width * crowded.height) > 1 / 150
+
+
+def test_nsg_synth_writes_a_scenario_and_its_truth(tmp_path):
+    result = CliRunner().invoke(
+        app, ["synth", str(tmp_path), "--scenario", "undersampled-sparse-colour", "--frames", "2", "--seed", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    truth = json.loads((tmp_path / "truth.json").read_text())
+    assert truth["spec"]["scenario"] == "undersampled-sparse-colour" and truth["spec"]["colour"]
+    field = SyntheticField(SyntheticSpec.from_scenario("undersampled-sparse-colour", n_frames=2, seed=2))
+    for k, entry in enumerate(truth["frames"]):
+        frame = field.frames[k]
+        assert entry["transmission"] == pytest.approx(frame.transmission)
+        assert entry["shift"] == pytest.approx(frame.shift)
+        assert (entry["fwhm"], entry["beta"]) == pytest.approx((frame.fwhm, frame.beta))
+        assert entry["background_noise"] == pytest.approx(field.background_noise(k).tolist(), rel=1e-6)
+        assert len(entry["pixel_noise"]) == 3
+    bad = CliRunner().invoke(app, ["synth", str(tmp_path / "x"), "--scenario", "nope"])
+    assert bad.exit_code == 1 and "unknown scenario" in bad.output
+
+
+def test_independent_photometry_recovers_the_true_transmission():
+    """The real-frame tests' oracle (sep, tests/independent.py) on frames whose transmission is
+    known: undersampled, sparse, colour (superpixels of a Bayer sensor), registered, with hot
+    pixels; within 3 of its bootstrap errors (plus 1 %) in every channel, as the real-frame
+    tests use it."""
+    from independent import independent_transmission
+
+    field = SyntheticField(SyntheticSpec.from_scenario("undersampled-sparse-colour", n_frames=3, seed=1))
+    reference = field.render(0).astype(np.float64)
+    for k in (1, 2):
+        truth = np.asarray(field.frames[k].transmission) / np.asarray(field.frames[0].transmission)
+        for c, stars in enumerate(independent_transmission(reference, field.render(k).astype(np.float64))):
+            assert stars.ratios.size >= 12
+            error = stars.bootstrap_error()
+            assert abs(stars.transmission - truth[c]) <= 3 * error + 0.01 * truth[c], (
+                k,
+                c,
+                stars.transmission,
+                truth[c],
+            )
+            assert error < 0.1 * truth[c]
