@@ -10,7 +10,9 @@
 //       For every pixel the samples with data are sorted by (value, frame) into the scratch
 //       columns sorted[j * n_pixels + p], order[j * n_pixels + p] (j < n, n = the coverage),
 //       the method (0 none, 1 percentile, 2 sigma, 3 winsorized sigma, 4 generalized ESD,
-//       5 linear fit) rejects some of them, and
+//       5 linear fit; 6 auto: by n, NSG's rule: none up to 2, percentile below 8, sigma up to 10,
+//       winsorized below 20, ESD from 20) rejects some of them with its thresholds
+//       thresholds[2 * method] (low) and thresholds[2 * method + 1] (high), and
 //       master[p]     = sum(w_i * x_i) / sum(w_i) over the kept samples (float32 of the double
 //                       quotient; 0 without data), summed in ascending (value, frame) order;
 //       coverage[p]   = n; low_count[p], high_count[p] = samples rejected low and high;
@@ -28,6 +30,7 @@
 #define METHOD_WINSORIZED 3
 #define METHOD_ESD 4
 #define METHOD_LINEAR 5
+#define METHOD_AUTO 6
 
 // Iteration caps; the twin has the same (nsg_gpu.stack.HUBER_ITERATIONS, LAD_STEPS).
 #define HUBER_ITERATIONS 100
@@ -243,8 +246,9 @@ __device__ void lad_fit(const Column& c, double* work, index_t stride, index_t n
 }
 
 extern "C" __global__ void reject_combine_f32(const float* __restrict__ values, const double* __restrict__ weights,
-                                              index_t n_frames, index_t n_pixels, int method, double low,
-                                              double high, int clip_low, int clip_high, double cutoff,
+                                              index_t n_frames, index_t n_pixels, int method,
+                                              const double* __restrict__ thresholds, int clip_low, int clip_high,
+                                              double cutoff,
                                               const double* __restrict__ esd_lambda, index_t esd_stride,
                                               double esd_outliers, double esd_low_relaxation,
                                               float* __restrict__ sorted, int* __restrict__ order,
@@ -266,13 +270,19 @@ extern "C" __global__ void reject_combine_f32(const float* __restrict__ values, 
         sort_column(c, n);
         index_t lo = 0, hi = n;
         int rejected_low = 0, rejected_high = 0;
-        if (method == METHOD_PERCENTILE && n >= 2) {
+        int use = method;
+        if (use == METHOD_AUTO)
+            use = n <= 2 ? METHOD_NONE
+                         : (n < 8 ? METHOD_PERCENTILE
+                                  : (n <= 10 ? METHOD_SIGMA : (n < 20 ? METHOD_WINSORIZED : METHOD_ESD)));
+        const double low = thresholds[2 * use], high = thresholds[2 * use + 1];
+        if (use == METHOD_PERCENTILE && n >= 2) {
             const double m = median_of(c, 0, n);
             if (1.0 + m != 1.0) clip_ends(c, &lo, &hi, m, m, low, high, clip_low, clip_high);
-        } else if ((method == METHOD_SIGMA || method == METHOD_WINSORIZED) && n >= 3) {
+        } else if ((use == METHOD_SIGMA || use == METHOD_WINSORIZED) && n >= 3) {
             for (int it = 0;; ++it) {
                 double centre, scale;
-                if (method == METHOD_SIGMA) {
+                if (use == METHOD_SIGMA) {
                     scale = sigma_of(c, lo, hi);
                     if (1.0 + scale == 1.0) break;
                     centre = median_of(c, lo, hi);
@@ -285,7 +295,7 @@ extern "C" __global__ void reject_combine_f32(const float* __restrict__ values, 
                 if (lo == lo0 && hi == hi0) break;
                 if (hi - lo < 3) break;
             }
-        } else if (method == METHOD_ESD && n >= 3) {
+        } else if (use == METHOD_ESD && n >= 3) {
             index_t k = (index_t)(esd_outliers * (double)n);
             if (k > n - 2) k = n - 2;
             if (k < 1) k = 1;
@@ -325,15 +335,15 @@ extern "C" __global__ void reject_combine_f32(const float* __restrict__ values, 
             }
             lo = clip_low ? best_lo : 0;
             hi = clip_high ? best_hi : n;
-        } else if (method == METHOD_LINEAR && n >= 5) {
-            index_t m = n;
+        } else if (use == METHOD_LINEAR && n >= 5) {
+            index_t count = n;
             for (;;) {
                 double a, b, adev;
-                lad_fit(c, work + p, n_pixels, m, &a, &b, &adev);
+                lad_fit(c, work + p, n_pixels, count, &a, &b, &adev);
                 const double s = mul(mul(2.0, adev), sqrt(__dadd_rn(1.0, mul(b, b))));
                 if (1.0 + s == 1.0) break;
                 index_t kept = 0;
-                for (index_t j = 0; j < m; ++j) {
+                for (index_t j = 0; j < count; ++j) {
                     const double x = c.x(j);
                     const double fit = __dadd_rn(a, mul(b, (double)j));
                     unsigned char flag = 0;
@@ -354,13 +364,13 @@ extern "C" __global__ void reject_combine_f32(const float* __restrict__ values, 
                         ++kept;
                     }
                 }
-                if (kept == m) break;
-                m = kept;
-                if (m < 3) break;
+                if (kept == count) break;
+                count = kept;
+                if (count < 3) break;
             }
             lo = 0;
-            hi = m;
-            n = m;  // the rejected samples are flagged already and no longer in the column
+            hi = count;
+            n = count;  // the rejected samples are flagged already and no longer in the column
         }
         if (hi <= lo) {  // a method never rejects every sample of a pixel: it keeps them all
             lo = 0;

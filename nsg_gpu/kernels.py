@@ -155,7 +155,7 @@ REGISTRY: dict[str, KernelEntry] = {
             "reject_combine_f32",
             "stack",
             "const float* values, const double* weights, index_t n_frames, index_t n_pixels, int method, "
-            "double low, double high, int clip_low, int clip_high, double cutoff, const double* esd_lambda, "
+            "const double* thresholds, int clip_low, int clip_high, double cutoff, const double* esd_lambda, "
             "index_t esd_stride, double esd_outliers, double esd_low_relaxation, float* sorted, int* order, "
             "double* work, float* master, int* coverage, int* low_count, int* high_count, unsigned char* flags",
             "n_pixels",
