@@ -8,6 +8,7 @@ per frame, a satellite trail, hot pixels and zero registration borders, so the i
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -19,8 +20,10 @@ import pytest
 import scipy.optimize
 import scipy.stats
 from astropy.io import fits
+from typer.testing import CliRunner
 
 import nsg_gpu
+from nsg_gpu.cli import app
 from nsg_gpu.stack import (
     LAD_STEPS,
     METHODS,
@@ -35,6 +38,7 @@ from nsg_gpu.stack import (
     stack,
 )
 
+runner = CliRunner()
 SHAPE = (64, 96)
 
 
@@ -625,3 +629,43 @@ def test_outputs_cards_maps_and_progress(tmp_path):
 
 def test_library_export():
     assert nsg_gpu.stack is stack
+
+
+# -- command line and report ------------------------------------------------------------------------
+def test_cli_stack(tmp_path):
+    scene = write_scene(tmp_path / "in", 5, seed=11)
+    fits.PrimaryHDU(np.ones(SHAPE, np.float32)).writeto(tmp_path / "in" / "zz_noweight.fits")
+    out = tmp_path / "out" / "master.fits"
+    result = runner.invoke(app, ["stack", str(tmp_path / "in"), "-o", str(out), "--backend", "numpy"])
+    assert result.exit_code == 2, result.output  # a frame was left out
+    assert "stacked 5 frames into" in result.stdout and "percentile clipping" in result.stdout
+    assert "zz_noweight.fits: has no NWEIGHT card" in result.stderr
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert '<h2 id="stack">Stack</h2>' in page and "frame_004_nsg.fits" in page
+    for name in ("stack_master.png", "stack_coverage.png", "stack_rejection.png"):
+        assert (tmp_path / "out" / "plots" / name).stat().st_size > 1000
+    lines = runner.invoke(
+        app,
+        ["stack", *map(str, scene.paths), "-o", str(out), "--json", "--rejection", "sigma", "--high", "2", "--backend", "numpy"],
+    )  # fmt: skip
+    assert lines.exit_code == 0, lines.output
+    events = [json.loads(line) for line in lines.stdout.splitlines()]
+    assert events[-1]["event"] == "stack" and events[-1]["rejection"] == "sigma" and events[-1]["frames"] == 5
+    assert all(e["event"] == "band" for e in events[:-1]) and events[-2]["done"] == events[-2]["total"]
+    bad = runner.invoke(app, ["stack", str(tmp_path / "in"), "-o", str(out), "--rejection", "esd", "--low", "3"])
+    assert bad.exit_code == 1 and "generalized ESD takes no --low" in bad.output
+
+
+def test_report_section_replaces_itself_and_joins_a_run_report(tmp_path):
+    from nsg_gpu.htmlreport import add_stack_section
+
+    scene = write_scene(tmp_path / "in", 4, seed=12)
+    result = stack(scene.paths, tmp_path / "m.fits", backend="numpy")
+    page = tmp_path / "report.html"
+    page.write_text('<html><body><h1>run</h1><h2 id="parameters">Parameters</h2></body></html>')
+    add_stack_section(page, result)
+    add_stack_section(page, result)
+    text = page.read_text()
+    assert text.count('<h2 id="stack">') == 1
+    assert text.index('<h2 id="stack">') < text.index('<h2 id="parameters">') and "<h1>run</h1>" in text
+    assert 'src="plots/stack_master.png"' in text and 'href="stack.csv"' in text
