@@ -1345,8 +1345,9 @@ def stack(
     if isinstance(rejection, str):
         rejection = Rejection(method=rejection, low=low, high=high)
     elif low is not None or high is not None:
-        rejection = dataclasses.replace(rejection, low=low if low is not None else rejection.low,
-                                        high=high if high is not None else rejection.high)  # fmt: skip
+        low = rejection.low if low is None else low
+        high = rejection.high if high is None else high
+        rejection = dataclasses.replace(rejection, low=low, high=high)
     rejection.resolve(max(len(inputs), 3))  # options checked before any file is read
     chosen = select_backend(backend) if isinstance(backend, str) else backend
     budget = default_memory() if memory is None else parse_memory(memory)
