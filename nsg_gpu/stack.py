@@ -481,17 +481,6 @@ def reject_combine(values, weights, rejection: Rejection, *, launcher=None) -> B
     )
 
 
-def _ordered_bits(values: np.ndarray) -> np.ndarray:
-    """float32 bits mapped to uint32 so that their order is the floats' order."""
-    bits = values.view(np.uint32)
-    return np.where(bits & np.uint32(0x80000000), ~bits, bits | np.uint32(0x80000000))
-
-
-def _float_of_ordered(ordered: np.ndarray) -> np.ndarray:
-    bits = np.where(ordered & np.uint32(0x80000000), ordered & np.uint32(0x7FFFFFFF), ~ordered)
-    return bits.view(np.float32)
-
-
 def _reject_combine_twin(values: np.ndarray, weights: np.ndarray, rejection: Rejection) -> BandResult:
     """The NumPy twin of ``reject_combine_f32``, in chunks of pixels."""
     n_frames, n_pixels = values.shape
@@ -517,13 +506,23 @@ def _twin_chunk(values: np.ndarray, weights: np.ndarray, rejection: Rejection) -
     n_frames, n_pixels = values.shape
     data = np.isfinite(values) & (values != 0)
     n = data.sum(axis=0).astype(np.int64)
-    # One sort of 64-bit keys (ordered value bits, frame index): the kernel's (value, frame) order.
-    ordered = np.where(data, _ordered_bits(values), np.uint32(0xFFFFFFFF))
-    keys = (ordered.astype(np.uint64) << np.uint64(32)) | np.arange(n_frames, dtype=np.uint64)[:, None]
-    keys = np.ascontiguousarray(np.sort(keys.T, axis=1).T)
-    order = (keys & np.uint64(0xFFFFFFFF)).astype(np.int32)
-    xs = _float_of_ordered((keys >> np.uint64(32)).astype(np.uint32)).astype(np.float64)
+    # One sort of 64-bit keys, pixel by pixel: the float bits mapped to an unsigned order
+    # (sign bit flipped for positive values, every bit for negative ones; no data last), then
+    # the frame: the kernel's (value, frame) order.
+    bits = values.view(np.uint32)
+    ordered = bits ^ ((values.view(np.int32) >> 31).view(np.uint32) | np.uint32(0x80000000))
+    ordered[~data] = 0xFFFFFFFF
+    keys = np.ascontiguousarray(ordered.T, dtype=np.uint64)  # (pixels, frames)
+    del ordered
+    keys <<= np.uint64(32)
+    keys |= np.arange(n_frames, dtype=np.uint64)
+    keys.sort(axis=1)
+    order = np.ascontiguousarray((keys & np.uint64(0xFFFFFFFF)).astype(np.int32).T)
+    top = (keys >> np.uint64(32)).astype(np.uint32)
     del keys
+    top ^= ((~top).view(np.int32) >> 31).view(np.uint32) | np.uint32(0x80000000)
+    xs = np.ascontiguousarray(top.view(np.float32).T, dtype=np.float64)
+    del top
     rows = np.arange(n_frames)[:, None]
     xs[rows >= n] = 0.0
     lo = np.zeros(n_pixels, np.int64)
@@ -671,32 +670,30 @@ def _winsorize(block, inside, count, mu, cutoff: float):
     """Huber winsorization of each column's samples in ``inside``: (centre, sigma)."""
     mu = mu.copy()
     sigma = 1.4826 * _mad(block, inside, (count + 0.5).astype(np.int64), mu)
-    live = np.arange(mu.size)  # columns still iterating
-    kept = live  # the columns block/inside currently hold
+    kept = np.arange(mu.size)  # the columns block/inside hold
+    live = np.ones(mu.size, bool)  # which of them still iterate
     for k in range(HUBER_ITERATIONS):
-        live = live[(1.0 + sigma[live]) != 1.0]
-        if not live.size:
+        live &= (1.0 + sigma[kept]) != 1.0
+        if not live.any():
             break
-        if live.size != kept.size:  # drop finished columns from the working matrices
-            position = np.searchsorted(kept, live)
-            block, inside, kept = block[:, position], inside[:, position], live
-        x, mask = block, inside
-        m, s = mu[live], sigma[live]
+        if live.sum() < 0.5 * kept.size:  # drop finished columns from the working matrices
+            block, inside, kept, live = block[:, live], inside[:, live], kept[live], live[live]
+        m, s = mu[kept], sigma[kept]
+        s = np.where(live, s, 1.0)  # finished columns compute harmless values, kept below
         t0, t1 = m - 1.5 * s, m + 1.5 * s
         if cutoff > 0:
-            below = np.where(x <= m - cutoff * s, m, t0)
-            above = np.where(x >= m + cutoff * s, m, t1)
-            v = np.where(x < t0, below, np.where(x > t1, above, x))
+            below = np.where(block <= m - cutoff * s, m, t0)
+            above = np.where(block >= m + cutoff * s, m, t1)
+            v = np.where(block < t0, below, np.where(block > t1, above, block))
         else:
-            v = np.minimum(np.maximum(x, t0), t1)
-        mean = _rows_sum(np.where(mask, v, 0.0)) / count[live]
+            v = np.minimum(np.maximum(block, t0), t1)
+        mean = _rows_sum(np.where(inside, v, 0.0)) / count[kept]
         d = v - mean
-        s = 1.134 * np.sqrt(_rows_sum(np.where(mask, d * d, 0.0)) / (count[live] - 1))
-        previous = sigma[live]
-        sigma[live] = s
-        mu[live] = mean
+        new_sigma = 1.134 * np.sqrt(_rows_sum(np.where(inside, d * d, 0.0)) / (count[kept] - 1))
+        sigma[kept] = np.where(live, new_sigma, sigma[kept])
+        mu[kept] = np.where(live, mean, mu[kept])
         if k >= 1:
-            live = live[~(np.abs(previous - s) / previous < 0.0005)]
+            live &= ~(np.abs(s - new_sigma) / s < 0.0005)
     return mu, sigma
 
 
@@ -712,37 +709,40 @@ def _esd(xs, n, lo, hi, cols, rejection: Rejection) -> None:
     y = block - shift
     s1 = _rows_sum(np.where(inside, y, 0.0))
     s2 = _rows_sum(np.where(inside, y * y, 0.0))
-    del block, inside, y
+    del inside, y
+    # Every column steps in lockstep, full width (masks rather than shrinking index sets):
+    # a column leaves for good when its tests are done or its samples are all equal.
+    flat = np.ascontiguousarray(block).reshape(-1)
+    width = cols.size
+    index = np.arange(width)
+    limits = table[count]  # (columns, tests)
     low_end, high_end = zero.copy(), count.copy()
     best_low, best_high = zero.copy(), count.copy()
-    live = np.arange(cols.size)
+    live = np.ones(width, bool)
+    relaxation = float(rejection.esd_low_relaxation)
     for i in range(int(tests.max())):
-        live = live[tests[live] > i]
-        if not live.size:
+        live &= tests > i
+        size = (high_end - low_end).astype(np.float64)
+        mean = s1 / size
+        variance = (s2 - s1 * mean) / (size - 1.0)
+        live &= variance > 0.0
+        if not live.any():
             break
-        size = (high_end[live] - low_end[live]).astype(np.float64)
-        mean = s1[live] / size
-        variance = (s2[live] - s1[live] * mean) / (size - 1.0)
-        ok = variance > 0.0
-        live, mean, variance = live[ok], mean[ok], variance[ok]
-        if not live.size:
-            break
-        sd = np.sqrt(variance)
-        c = cols[live]
-        y_low = xs[low_end[live], c] - shift[live]
-        y_high = xs[high_end[live] - 1, c] - shift[live]
-        d_low = (mean - y_low) / (sd * rejection.esd_low_relaxation)
+        sd = np.sqrt(np.where(live, variance, 1.0))
+        y_low = flat[low_end * width + index] - shift
+        y_high = flat[(high_end - 1) * width + index] - shift
+        d_low = (mean - y_low) / (sd * relaxation)
         d_high = (y_high - mean) / sd
         take_high = d_high >= d_low
         statistic = np.where(take_high, d_high, d_low)
         y = np.where(take_high, y_high, y_low)
-        high_end[live] -= take_high
-        low_end[live] += ~take_high
-        s1[live] = s1[live] - y
-        s2[live] = s2[live] - y * y
-        exceed = live[statistic > table[count[live], i]]
-        best_low[exceed] = low_end[exceed]
-        best_high[exceed] = high_end[exceed]
+        high_end -= take_high & live
+        low_end += ~take_high & live
+        s1 = np.where(live, s1 - y, s1)
+        s2 = np.where(live, s2 - y * y, s2)
+        exceed = live & (statistic > limits[:, i])
+        best_low = np.where(exceed, low_end, best_low)
+        best_high = np.where(exceed, high_end, best_high)
     lo[cols] = best_low if rejection.clip_low else 0
     hi[cols] = best_high if rejection.clip_high else count
 
