@@ -485,9 +485,9 @@ def stack(
     rejection: Annotated[
         RejectionMethod,
         typer.Option(
-            help="Pixel rejection; auto chooses by the frame count as NSG sets up ImageIntegration: percentile "
-            "clipping below 8 frames, sigma clipping to 10, winsorized sigma clipping to 19, generalized ESD "
-            "from 20 (none for 1-2 frames)."
+            help="Pixel rejection; auto applies NSG's rule by frame count to the frames with data at each "
+            "pixel: percentile clipping below 8 frames, sigma clipping to 10, winsorized sigma clipping to 19, "
+            "generalized ESD from 20 (none for 1-2 frames)."
         ),
     ] = RejectionMethod.auto,
     low: Annotated[
