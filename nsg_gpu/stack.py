@@ -898,7 +898,7 @@ class _Rows:
             position = self.offset + ((c * height + y0) * width) * item
             done = 0
             while done < len(view):
-                got = os.preadv(handle, [view[done:]], position + done)
+                got = _pread_into(handle, view[done:], position + done)
                 if got <= 0:
                     raise FrameReadError(self.file, f"is shorter than its header says (rows {y0}-{y1 - 1})")
                 done += got
@@ -916,6 +916,15 @@ class _Rows:
                 if self.blank is not None:
                     scaled[block == self.blank] = 0.0
                 np.copyto(target, scaled, casting="unsafe")
+
+
+def _pread_into(handle: int, view: memoryview, position: int) -> int:
+    """Read into ``view`` from ``position`` of an open file without moving its offset."""
+    if hasattr(os, "preadv"):
+        return os.preadv(handle, [view], position)
+    chunk = os.pread(handle, len(view), position)  # platforms without preadv: one copy more
+    view[: len(chunk)] = chunk
+    return len(chunk)
 
 
 @dataclass
