@@ -14,7 +14,7 @@
 //       winsorized below 20, ESD from 20) rejects some of them with its thresholds
 //       thresholds[2 * method] (low) and thresholds[2 * method + 1] (high), and
 //       master[p]     = sum(w_i * x_i) / sum(w_i) over the kept samples (float32 of the double
-//                       quotient; 0 without data), summed in ascending (value, frame) order;
+//                       quotient; 0 without data), summed in frame order;
 //       coverage[p]   = n; low_count[p], high_count[p] = samples rejected low and high;
 //       flags[i * n_pixels + p] = 1 (rejected low), 2 (rejected high), else 0, for every frame.
 //       esd_lambda[n * esd_stride + i] is the ESD critical value for n samples and test i
@@ -380,11 +380,14 @@ extern "C" __global__ void reject_combine_f32(const float* __restrict__ values, 
         for (index_t j = hi; j < n; ++j) flags[(index_t)c.frame[j * n_pixels] * n_pixels + p] = 2;
         rejected_low += (int)lo;
         rejected_high += (int)(n - hi);
+        // The average in frame order (the twin's, which then needs no gather by frame).
         double sum = 0.0, total = 0.0;
-        for (index_t j = lo; j < hi; ++j) {
-            const double w = weights[c.frame[j * n_pixels]];
-            sum = __dadd_rn(sum, mul(w, c.x(j)));
-            total = __dadd_rn(total, w);
+        for (index_t i = 0; i < n_frames; ++i) {
+            const float v = values[i * n_pixels + p];
+            if (v != 0.0f && v - v == 0.0f && flags[i * n_pixels + p] == 0) {
+                sum = __dadd_rn(sum, mul(weights[i], (double)v));
+                total = __dadd_rn(total, weights[i]);
+            }
         }
         master[p] = total > 0.0 ? (float)(sum / total) : 0.0f;
         coverage[p] = rejected_low + rejected_high + (int)(hi - lo);

@@ -383,7 +383,7 @@ def reject_combine(values, weights, rejection: Rejection, *, launcher=None) -> B
     -----
     For each pixel the ``n`` samples with data are sorted by value (ties by frame); a
     method rejects some, and the master is ``sum(w x) / sum(w)`` over the rest, in double,
-    summed in sorted order, rounded to float32 (0 where no frame has data). All
+    summed in frame order, rounded to float32 (0 where no frame has data). All
     statistics are in double. With ``c`` the centre and ``s`` the scale of a method, a sample
     ``x`` is rejected low when ``(c - x) / s > low`` and high when ``(x - c) / s > high``:
 
@@ -517,9 +517,7 @@ def _twin_chunk(values: np.ndarray, weights: np.ndarray, rejection: Rejection) -
     keys <<= np.uint64(32)
     keys |= np.arange(n_frames, dtype=np.uint64)
     keys.sort(axis=1)
-    order = np.ascontiguousarray((keys & np.uint64(0xFFFFFFFF)).astype(np.int32).T)
     top = (keys >> np.uint64(32)).astype(np.uint32)
-    del keys
     top ^= ((~top).view(np.int32) >> 31).view(np.uint32) | np.uint32(0x80000000)
     xs = np.ascontiguousarray(top.view(np.float32).T, dtype=np.float64)
     del top
@@ -551,6 +549,8 @@ def _twin_chunk(values: np.ndarray, weights: np.ndarray, rejection: Rejection) -
         elif method == "linear":
             cols = np.flatnonzero(mine & (n >= 5))
             if cols.size:
+                order = np.zeros((n_frames, n_pixels), np.int32)  # the frame of each sorted sample
+                order[:, cols] = (keys[cols] & np.uint64(0xFFFFFFFF)).astype(np.int32).T
                 rejected_low, rejected_high, kept = _linear_fit(xs, order, flags, n, cols, settings)
                 extra_low[cols] = rejected_low
                 extra_high[cols] = rejected_high
@@ -562,16 +562,28 @@ def _twin_chunk(values: np.ndarray, weights: np.ndarray, rejection: Rejection) -
     hi[emptied] = n[emptied]
     coverage = n.copy()
     n_kept_range = np.where(compacted, hi, n)  # compacted columns end at the kept count
-    ranks = np.arange(n_frames)[:, None]
-    for mask, flag in ((ranks < lo, 1), ((ranks >= hi) & (ranks < n_kept_range), 2)):
-        j, p = np.nonzero(mask)
-        flags[order[j, p], p] = flag
-    top = int(hi.max(initial=0))
-    inside = (ranks[:top] >= lo) & (ranks[:top] < hi)
-    w = weights[order[:top]]
-    weighted = _rows_sum(np.where(inside, w * xs[:top], 0.0))
-    total = _rows_sum(np.where(inside, w, 0.0))
-    del inside, w
+    # Flags of the contiguous methods, by frame: a sample is rejected low when its (value,
+    # frame) key is below the first kept one's, high when above the last kept one's.
+    contiguous = np.flatnonzero(~compacted & ((lo > 0) | (hi < n)))
+    if contiguous.size:
+        first = keys[contiguous, lo[contiguous]]
+        last = keys[contiguous, hi[contiguous] - 1]
+        frame_keys = _frame_keys(values[:, contiguous])
+        valid = data[:, contiguous]
+        sub = flags[:, contiguous]
+        sub[valid & (frame_keys < first)] = 1
+        sub[valid & (frame_keys > last)] = 2
+        flags[:, contiguous] = sub
+        del frame_keys
+    del keys
+    # The average in frame order (the kernel's), over the samples with data not rejected.
+    kept = data & (flags == 0)
+    weighted = np.zeros(n_pixels)
+    total = np.zeros(n_pixels)
+    for i in range(n_frames):
+        weighted += np.where(kept[i], weights[i] * values[i].astype(np.float64), 0.0)
+        total += np.where(kept[i], weights[i], 0.0)
+    del kept
     mean = np.zeros(n_pixels)
     np.divide(weighted, total, out=mean, where=total > 0)
     low_count = (lo + extra_low).astype(np.int32)
@@ -585,6 +597,15 @@ def _twin_chunk(values: np.ndarray, weights: np.ndarray, rejection: Rejection) -
         (flags == 1).sum(axis=1, dtype=np.int64),
         (flags == 2).sum(axis=1, dtype=np.int64),
     )
+
+
+def _frame_keys(values: np.ndarray) -> np.ndarray:
+    """The (value, frame) sort keys of ``values`` (frames, pixels), unsorted (data or not)."""
+    ordered = values.view(np.uint32) ^ ((values.view(np.int32) >> 31).view(np.uint32) | np.uint32(0x80000000))
+    keys = ordered.astype(np.uint64)
+    keys <<= np.uint64(32)
+    keys |= np.arange(values.shape[0], dtype=np.uint64)[:, None]
+    return keys
 
 
 def _median(xs, lo, hi, cols):
