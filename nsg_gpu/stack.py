@@ -86,9 +86,11 @@ ESD_ALPHA, ESD_OUTLIERS, ESD_LOW_RELAXATION = 0.05, 0.3, 1.0
 HUBER_ITERATIONS = 100
 LAD_STEPS = 48
 #: Samples (frames x pixels) the CPU twin works on at a time: bounds its temporaries.
-CHUNK_SAMPLES = 1 << 21
-#: Bytes per sample of the CPU twin's working set (sort keys, sorted values in double, ...).
-TWIN_BYTES_PER_SAMPLE = 48
+CHUNK_SAMPLES = 1 << 20
+#: Bytes per sample of the CPU twin's working set at its peak (sort keys, sorted values in
+#: double, masks and temporaries; measured with tracemalloc: 40-80 for the methods, with the
+#: chunk's copy of the samples).
+TWIN_BYTES_PER_SAMPLE = 96
 #: Memory set aside for the interpreter and the libraries within a --memory budget.
 PROCESS_RESERVE = 256 << 20
 #: Rows of the middle of a frame read to measure its noise for --weights noise.
@@ -1114,7 +1116,8 @@ def plan_bands(
     - :data:`PROCESS_RESERVE` for the interpreter and libraries;
     - the results, kept whole until written: the master (float32) and three count maps
       (uint16), ``channels x height x width x 10`` bytes;
-    - two bands of every frame (one read while the other is combined), float32;
+    - two bands of every frame (one read while the other is combined), float32, and the
+      reader's buffer for one frame's band;
     - the CPU twin's working set, :data:`CHUNK_SAMPLES` samples per thread (on the GPU,
       one band's kernel outputs on the host instead).
 
@@ -1125,7 +1128,7 @@ def plan_bands(
     """
     results = channels * height * width * 10
     fixed = PROCESS_RESERVE + results
-    band_row = 2 * channels * n_frames * width * 4  # two bands of every frame
+    band_row = 2 * channels * n_frames * width * 4 + 8 * width  # two bands of every frame, a read buffer
     if gpu:
         # The kernel's outputs of one band on the host: counts and master (int32/float32).
         rows = (memory - fixed) // (band_row + 16 * width)
@@ -1136,10 +1139,11 @@ def plan_bands(
         if rows * n_frames * width < CHUNK_SAMPLES:
             rows = (memory - fixed) // (band_row + working * n_frames * width)
     if rows < 1:
-        need = fixed + band_row + (16 * width if gpu else max(1, threads) * TWIN_BYTES_PER_SAMPLE * n_frames * width)
+        working = max(1, threads) * TWIN_BYTES_PER_SAMPLE * min(CHUNK_SAMPLES, n_frames * width)
+        need = fixed + band_row + (16 * width if gpu else working)
         raise StackError(
             f"--memory {memory / 2**30:.2f} GiB is too small for {n_frames} frames of {width} x {height}"
-            f"{' x 3' if channels == 3 else ''}: at least {need / 2**30:.2f} GiB is needed"
+            f"{' x 3' if channels == 3 else ''}: at least {math.ceil(need / 2**30 * 100) / 100:.2f} GiB is needed"
         )
     return int(min(rows, height))
 
@@ -1615,6 +1619,7 @@ def _combine(used: list[_Input], result: StackResult, chosen: Backend, *, thread
     handles = _Handles([s.rows.file for s in used])
     stop = threading.Event()
     read_seconds = [0.0]
+    covered = products.covered  # written by the reader only
 
     def reader():
         raw = bytearray(rows * width * max(s.rows.dtype.itemsize for s in used))
@@ -1628,6 +1633,8 @@ def _combine(used: list[_Input], result: StackResult, chosen: Backend, *, thread
                 for i, source in enumerate(used):
                     with handles.handle(i) as fd:
                         source.rows.read(fd, y0, y1, band[:, i], raw)
+                    for c in range(channels):  # samples with data (no temporary without an axis)
+                        covered[i] += np.count_nonzero(band[c, i])
                 read_seconds[0] += time.perf_counter() - started
                 ready.put((y0, y1, flat, band))
             ready.put(None)
@@ -1650,15 +1657,11 @@ def _combine(used: list[_Input], result: StackResult, chosen: Backend, *, thread
             started = time.perf_counter()
             for c in range(channels):
                 values = band[c].reshape(n, (y1 - y0) * width)
-                products.covered += np.count_nonzero(values, axis=1)
-                part = _combine_values(values, weights[:, c], result.rejection, chosen, pool, threads)
-                shape = (y1 - y0, width)
-                products.master[c, y0:y1] = part.master.reshape(shape)
-                products.coverage[c, y0:y1] = part.coverage.reshape(shape)
-                products.low[c, y0:y1] = part.low.reshape(shape)
-                products.high[c, y0:y1] = part.high.reshape(shape)
-                products.frame_low += part.frame_low
-                products.frame_high += part.frame_high
+                out = {
+                    name: getattr(products, name)[c, y0:y1].reshape(-1)  # views: rows are contiguous
+                    for name in ("master", "coverage", "low", "high")
+                }
+                _combine_values(values, weights[:, c], result.rejection, chosen, pool, threads, out, products)
             combine_seconds += time.perf_counter() - started
             buffers.put(flat)
             done += 1
@@ -1679,53 +1682,49 @@ def _combine(used: list[_Input], result: StackResult, chosen: Backend, *, thread
     return products
 
 
-def _combine_values(values: np.ndarray, weights: np.ndarray, rejection: Rejection, chosen: Backend, pool, threads):
-    """One channel of one band: on the GPU in device-sized chunks, on the CPU in pixel chunks
-    spread over the threads. The chunks do not change the result."""
+def _combine_values(
+    values: np.ndarray,
+    weights: np.ndarray,
+    rejection: Rejection,
+    chosen: Backend,
+    pool,
+    threads,
+    out: dict,
+    products: _Products,
+) -> None:
+    """One channel of one band into ``out`` (flat views of the band's rows of the master and
+    maps): on the GPU in device-sized chunks, on the CPU in pixel chunks spread over the
+    threads, a wave of ``threads`` chunks at a time so that their outputs stay small. The
+    chunks do not change the result."""
     n, pixels = values.shape
+
+    def store(start: int, part: BandResult, host) -> None:
+        end = start + int(part.master.shape[0])
+        for name in ("master", "coverage", "low", "high"):
+            out[name][start:end] = host(getattr(part, name))
+        products.frame_low += host(part.frame_low)
+        products.frame_high += host(part.frame_high)
+
     if chosen.is_gpu:
         xp = chosen.xp
         free = _device_free_bytes()
         per_pixel = n * (4 + 4 + 4 + 1 + (8 if rejection.method == "linear" else 0)) + 16
         step = max(1024, int(free * 0.5) // per_pixel)
-        parts = []
         for start in range(0, pixels, step):
             device = xp.asarray(values[:, start : start + step])
-            part = reject_combine(device, weights, rejection)
-            parts.append(
-                BandResult(
-                    *(chosen.to_host(getattr(part, f)) for f in ("master", "coverage", "low", "high")),
-                    None,
-                    chosen.to_host(part.frame_low),
-                    chosen.to_host(part.frame_high),
-                )
-            )
-        return _join(parts)
+            store(start, reject_combine(device, weights, rejection), chosen.to_host)
+        return
     step = max(1, CHUNK_SAMPLES // max(1, n))
-    chunks = [(start, min(pixels, start + step)) for start in range(0, pixels, step)]
+    starts = list(range(0, pixels, step))
 
-    def run(chunk):
-        start, end = chunk
-        part = reject_combine(np.ascontiguousarray(values[:, start:end]), weights, rejection)
-        part.flags = None  # counted per frame already; not kept
-        return part
+    def run(start: int) -> BandResult:
+        return reject_combine(np.ascontiguousarray(values[:, start : start + step]), weights, rejection)
 
-    parts = list(pool.map(run, chunks)) if pool is not None and len(chunks) > 1 else [run(c) for c in chunks]
-    return _join(parts)
-
-
-def _join(parts: list[BandResult]) -> BandResult:
-    if len(parts) == 1:
-        return parts[0]
-    return BandResult(
-        np.concatenate([p.master for p in parts]),
-        np.concatenate([p.coverage for p in parts]),
-        np.concatenate([p.low for p in parts]),
-        np.concatenate([p.high for p in parts]),
-        None,
-        sum(p.frame_low for p in parts),
-        sum(p.frame_high for p in parts),
-    )
+    for wave in range(0, len(starts), threads):
+        batch = starts[wave : wave + threads]
+        parts = pool.map(run, batch) if pool is not None and len(batch) > 1 else map(run, batch)
+        for start, part in zip(batch, parts):
+            store(start, part, np.asarray)
 
 
 def _device_free_bytes() -> int:
@@ -1841,7 +1840,8 @@ def _write_fits(path: Path, hdul: fits.HDUList) -> None:
 
 
 def _previews(products: _Products, width: int = 800) -> dict[str, np.ndarray]:
-    """Block means of the master and maps, at most ``width`` pixels wide, for the report."""
+    """Block means of the master and maps, at most ``width`` pixels wide, for the report
+    (reduced in double through views: no full-size temporaries)."""
     channels, height, full = products.master.shape
     factor = max(1, -(-full // width))
     h, w = height // factor, full // factor
@@ -1849,12 +1849,12 @@ def _previews(products: _Products, width: int = 800) -> dict[str, np.ndarray]:
         factor, h, w = 1, height, full
 
     def shrink(array):
-        cut = np.asarray(array[..., : h * factor, : w * factor], np.float64)
-        return cut.reshape(*cut.shape[:-2], h, factor, w, factor).mean(axis=(-3, -1)).astype(np.float32)
+        blocks = array[..., : h * factor, : w * factor].reshape(*array.shape[:-2], h, factor, w, factor)
+        return blocks.mean(axis=(-3, -1), dtype=np.float64).astype(np.float32)
 
     return {
         "master": shrink(products.master),
         "coverage": shrink(products.coverage[0]),
-        "rejlow": shrink(products.low.sum(axis=0, dtype=np.int64)),
-        "rejhigh": shrink(products.high.sum(axis=0, dtype=np.int64)),
+        "rejlow": sum(shrink(products.low[c]) for c in range(channels)),
+        "rejhigh": sum(shrink(products.high[c]) for c in range(channels)),
     }
