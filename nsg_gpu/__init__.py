@@ -5,11 +5,12 @@ The library in one call::
     import nsg_gpu
     run = nsg_gpu.normalize(["a.fits", "b.fits"], reference="a.fits", output_dir="out")
 
-and per frame in memory with :func:`prepare_reference` and :func:`normalize_frame`. The modules
-read bottom-up in the order of the data: ``io`` and ``params``; ``stars``, ``photometry``,
-``psf``; ``reference``; ``scale``; ``samples``, ``spline``, ``gradient``; ``apply``, ``noise``;
+and per frame in memory with :func:`prepare_reference` and :func:`normalize_frame`;
+:func:`stack` integrates the normalized frames into a master. The modules read bottom-up in
+the order of the data: ``io`` and ``params``; ``stars``, ``photometry``, ``psf``;
+``reference``; ``scale``; ``samples``, ``spline``, ``gradient``; ``apply``, ``noise``;
 ``pipeline`` (one frame); ``jobs``; ``executors``, ``cluster``; ``run`` (a whole run); the
-results files, plots and report; ``cli``.
+results files, plots and report; ``stacking`` (integration); ``cli``.
 """
 
 from . import synthetic
@@ -29,6 +30,7 @@ from .pipeline import normalize_frame
 from .reference import prepare_reference
 from .results import FrameResult, RunResult
 from .run import normalize
+from .stacking import stack
 from .version import __version__
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "normalize_frame",
     "prepare_reference",
     "read_frame",
+    "stack",
     "synthetic",
     "NSGError",
     "FrameError",

@@ -186,6 +186,14 @@ def normalize(
         bool,
         typer.Option("--report/--no-report", metavar="", help="Write DIR/report.html with charts and diagnostics."),
     ] = True,
+    stack_output: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--stack",
+            help="After the run, stack the accepted outputs into this master FITS file (nsg stack DIR -o PATH "
+            "with its defaults: NWEIGHT weights, rejection by the frame count).",
+        ),
+    ] = None,
     *,
     params: Parameters,
 ):
@@ -230,7 +238,16 @@ def normalize(
             executor=executor,
         )
     display.finish(run, backend=chosen.name, output_dir=output_dir)
-    if run.failed:
+    skipped = False
+    if stack_output is not None:
+        from .stacking import stack as run_stack
+
+        report_page = Path(run.report) if run.report else False
+        with _StackProgress(quiet=quiet, json_lines=json_lines) as shown:
+            result = run_stack([output_dir], stack_output, backend=chosen, report=report_page, progress=shown.band_done)
+        shown.finish(result)
+        skipped = bool(result.skipped)
+    if run.failed or skipped:
         raise typer.Exit(code=EXIT_FRAMES_FAILED)
 
 
@@ -373,6 +390,245 @@ def _frame_line(result, done: int, total: int) -> str:
         f"[{done}/{total}] {name}: transmission {transmission}  weight {result.weight:.3f}  "
         f"pairs {result.star_pairs}  samples {result.samples}  {result.seconds:.1f} s"
     )
+
+
+class RejectionMethod(str, enum.Enum):
+    """Pixel rejection of ``nsg stack`` (:data:`nsg_gpu.pixel_rejection.METHODS`, or auto)."""
+
+    auto = "auto"
+    none = "none"
+    percentile = "percentile"
+    sigma = "sigma"
+    winsorized = "winsorized"
+    esd = "esd"
+    linear = "linear"
+
+
+class Maps(str, enum.Enum):
+    """Where ``nsg stack`` writes the coverage and rejection maps."""
+
+    hdus = "hdus"
+    files = "files"
+    none = "none"
+
+
+@app.command()
+@_one_line_errors
+def stack(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Normalized frames (FITS or XISF), or directories of nsg normalize outputs: their accepted "
+            "frames (the files of weights.csv; never those of rejected/)."
+        ),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The master, a float32 FITS file.")],
+    weights: Annotated[
+        str,
+        typer.Option(
+            help="NWEIGHT (the frames' NSG weight), equal, noise (1/sigma^2 per channel: NOISExx cards, else "
+            "measured on the middle rows), or the name of another header keyword holding a weight."
+        ),
+    ] = "NWEIGHT",
+    rejection: Annotated[
+        RejectionMethod,
+        typer.Option(
+            help="Pixel rejection; auto applies NSG's rule by frame count to the frames with data at each "
+            "pixel: percentile clipping below 8 frames, sigma clipping to 10, winsorized sigma clipping to 19, "
+            "generalized ESD from 20 (none for 1-2 frames)."
+        ),
+    ] = RejectionMethod.auto,
+    low: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Low threshold of the chosen --rejection: a fraction of the median for percentile, sigmas for "
+            "sigma, winsorized and linear. [default: 0.2, 3.5, 3.5, 5]"
+        ),
+    ] = None,
+    high: Annotated[
+        Optional[float],
+        typer.Option(help="High threshold of the chosen --rejection (as --low). [default: 0.1, 2.5, 2.2, 4]"),
+    ] = None,
+    clip_low: Annotated[bool, typer.Option("--clip-low/--no-clip-low", help="Reject low samples at all.")] = True,
+    clip_high: Annotated[bool, typer.Option("--clip-high/--no-clip-high", help="Reject high samples at all.")] = True,
+    winsorization_cutoff: Annotated[
+        float,
+        typer.Option(help="Winsorized clipping: samples beyond this many sigma start at the centre; 0 turns it off."),
+    ] = 3.5,
+    esd_alpha: Annotated[float, typer.Option(help="Generalized ESD: significance of the outlier test.")] = 0.05,
+    esd_outliers: Annotated[
+        float, typer.Option(help="Generalized ESD: largest share of a pixel's samples that may be outliers.")
+    ] = 0.3,
+    esd_low_relaxation: Annotated[
+        float, typer.Option(help="Generalized ESD: low deviations are divided by this (1: symmetric).")
+    ] = 1.0,
+    memory: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Memory budget of the whole process, e.g. 4G; the band height follows from it. "
+            "[default: half the available memory, at most 8G]"
+        ),
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="Array backend: auto (CuPy when a GPU is usable), numpy or cupy.")
+    ] = "auto",
+    maps: Annotated[
+        Maps,
+        typer.Option(
+            help="Coverage and low/high rejection-count maps: hdus (extensions COVERAGE, REJLOW, REJHIGH of the "
+            "master), files (<stem>_coverage.fits, _rejlow, _rejhigh) or none."
+        ),
+    ] = Maps.hdus,
+    csv_path: Annotated[
+        Optional[Path], typer.Option("--csv", help="Per-frame table. [default: stack.csv beside the master]")
+    ] = None,
+    html_report: Annotated[
+        bool,
+        typer.Option(
+            "--report/--no-report",
+            help="Add a Stack section to report.html: the run's report of a stacked directory, else one "
+            "beside the master.",
+        ),
+    ] = True,
+    spool_dir: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Where compressed FITS and XISF inputs are decompressed once (a frame's size each). "
+            "[default: a temporary folder beside the master]"
+        ),
+    ] = None,
+    threads: Annotated[
+        Optional[int], typer.Option(help="CPU threads combining pixels. [default: the number of cores]")
+    ] = None,
+    stop_on_error: Annotated[bool, typer.Option(help="Stop at the first bad frame instead of leaving it out.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary and problems.")] = False,
+    json_lines: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object per band and one for the stack, nothing else.")
+    ] = False,
+):
+    """Integrate normalized frames into a master: weights, pixel rejection, no-data, streamed in bands."""
+    from .backend import select_backend
+    from .pixel_rejection import Rejection
+    from .stacking import stack as run_stack
+
+    settings = Rejection(
+        method=rejection.value,
+        low=low,
+        high=high,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        cutoff=winsorization_cutoff,
+        esd_alpha=esd_alpha,
+        esd_outliers=esd_outliers,
+        esd_low_relaxation=esd_low_relaxation,
+    )
+    chosen = select_backend(backend)
+    report_page = _stack_report_page(inputs, output) if html_report else False
+    with _StackProgress(quiet=quiet, json_lines=json_lines) as shown:
+        result = run_stack(
+            inputs,
+            output,
+            weights=weights,
+            rejection=settings,
+            memory=memory,
+            backend=chosen,
+            maps=maps.value,
+            csv_path=csv_path,
+            report=report_page,
+            spool_dir=spool_dir,
+            stop_on_error=stop_on_error,
+            threads=threads,
+            progress=shown.band_done,
+        )
+    shown.finish(result)
+    if result.skipped:
+        raise typer.Exit(code=EXIT_FRAMES_FAILED)
+
+
+def _stack_report_page(inputs: list[Path], output: Path) -> Path:
+    """The run's report.html when one directory of nsg normalize is stacked, else one beside the master."""
+    if len(inputs) == 1 and inputs[0].is_dir() and (inputs[0] / "report.html").is_file():
+        return inputs[0] / "report.html"
+    return output.parent / "report.html"
+
+
+class _StackProgress:
+    """What ``stack`` prints: an overall bar over the bands with the ETA, or JSON lines."""
+
+    def __init__(self, *, quiet: bool, json_lines: bool) -> None:
+        from rich.console import Console
+
+        self.quiet = quiet
+        self.json_lines = json_lines
+        self.console = Console(highlight=False)
+        self.errors = Console(stderr=True, highlight=False)
+        self.rate = None
+        self.bar = None
+        self.task = None
+        if not quiet and not json_lines:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(
+                TextColumn("stacking (bands)"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA {task.fields[eta]}"),
+                console=self.console,
+                transient=True,
+            )
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.task = self.bar.add_task("stack", total=None, eta="-")
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False
+
+    def band_done(self, done: int, total: int) -> None:
+        if self.rate is None:
+            self.rate = RunProgress(total)
+        self.rate.update(done)
+        eta = self.rate.eta_seconds
+        if self.json_lines:
+            typer.echo(json.dumps({"event": "band", "done": done, "total": total, "eta_seconds": eta}))
+        elif self.bar is not None:
+            self.bar.update(self.task, total=total, completed=done, eta="-" if eta is None else format_seconds(eta))
+
+    def finish(self, result) -> None:
+        from rich.markup import escape
+
+        if self.json_lines:
+            typer.echo(json.dumps(result.summary(), allow_nan=False, default=str))
+            return
+        rejection = result.rejection
+        lines = [
+            f"stacked {len(result.used)} frames into {result.output} in {format_seconds(result.seconds)} "
+            f"on {result.backend}",
+        ]
+        if not self.quiet:
+            chosen = rejection.reason if rejection.method == "auto" else rejection.describe()
+            lines.append(f"weights {result.weights}; rejection {chosen}")
+            lines.append(
+                f"rejected {100 * result.rejected_low_share:.3g} % of the samples low, "
+                f"{100 * result.rejected_high_share:.3g} % high; per frame in {result.csv}"
+            )
+            if result.maps:
+                lines.append("maps: " + ", ".join(f"{k} {v}" for k, v in result.maps.items()))
+            if result.report:
+                lines.append(f"report: {result.report}")
+        for line in lines:
+            self.console.print(escape(line), soft_wrap=True)
+        if result.report_error:
+            self.errors.print(escape(f"report not written: {result.report_error}"), style="red", soft_wrap=True)
+        if result.skipped:
+            self.errors.print(escape(f"{len(result.skipped)} frame(s) left out:"), style="red", soft_wrap=True)
+            for frame in result.skipped:
+                self.errors.print(escape(f"  {frame.error}"), style="red", soft_wrap=True)
 
 
 @app.command()

@@ -46,6 +46,8 @@ __all__ = [
     "chosen_frames",
     "gradient_lines",
     "write_frame_plots",
+    "new_figure",
+    "save_figure",
     "existing_frame_plots",
     "write_run_plots",
     "gradient_preview",
@@ -130,7 +132,7 @@ def chosen_frames(frames: Sequence) -> dict[str, object]:
 
 
 # -- writing ------------------------------------------------------------------------------------
-def _figure(width: float, height: float, **margins):
+def new_figure(width: float, height: float, **margins):
     """A figure with fixed margins (fractions of the figure); constrained layout would double
     the drawing time."""
     from matplotlib.figure import Figure
@@ -140,7 +142,7 @@ def _figure(width: float, height: float, **margins):
     return figure
 
 
-def _save(figure, path: Path) -> Path:
+def save_figure(figure, path: Path) -> Path:
     """Render to PNG in memory, then write atomically."""
 
     buffer = io.BytesIO()
@@ -182,7 +184,7 @@ def write_frame_plots(
         "samples": lambda d, n: _samples_figure(d, n, preview),
         "gradient_image": _gradient_image_figure,
     }
-    return [_save(makers[key](diagnostics, name), directory / f"{stem}_{key}.png") for key, _ in FRAME_PLOTS]
+    return [save_figure(makers[key](diagnostics, name), directory / f"{stem}_{key}.png") for key, _ in FRAME_PLOTS]
 
 
 def existing_frame_plots(result, directory: str | os.PathLike) -> list[Path] | None:
@@ -214,7 +216,7 @@ def existing_frame_plots(result, directory: str | os.PathLike) -> list[Path] | N
 def _photometry_figure(d: FrameDiagnostics, name: str):
     from matplotlib.ticker import NullFormatter
 
-    figure = _figure(10, 4.2, left=0.07, right=0.98, bottom=0.12, top=0.92, wspace=0.22)
+    figure = new_figure(10, 4.2, left=0.07, right=0.98, bottom=0.12, top=0.92, wspace=0.22)
     line_axes, ratio_axes = figure.subplots(1, 2)
     n_rejected = 0
     for c, pairs in enumerate(d.photometry):
@@ -322,7 +324,7 @@ def _limits(axes, values: np.ndarray) -> None:
 
 def _gradient_figure(d: FrameDiagnostics, name: str):
     grid = d.grid
-    figure = _figure(10, 4.4, left=0.085, right=0.985, bottom=0.12, top=0.86, wspace=0.25)
+    figure = new_figure(10, 4.4, left=0.085, right=0.985, bottom=0.12, top=0.86, wspace=0.25)
     row_axes, col_axes = figure.subplots(1, 2)
     (row, row_rms), (col, col_rms) = gradient_lines(d)
     xs = np.linspace(0, d.width - 1, 400)
@@ -375,7 +377,7 @@ def _samples_figure(d: FrameDiagnostics, name: str, preview: ReferencePreview | 
 
     grid = d.grid
     aspect = d.height / max(d.width, 1)
-    figure = _figure(8, max(3.0, 6.6 * aspect + 0.9), left=0.1, right=0.97, bottom=0.1, top=0.92)
+    figure = new_figure(8, max(3.0, 6.6 * aspect + 0.9), left=0.1, right=0.97, bottom=0.1, top=0.92)
     axes = figure.subplots()
     # Over the reference the squares are tints that let it show through; without it, solid.
     over = preview is not None
@@ -436,7 +438,7 @@ def _gradient_image_figure(d: FrameDiagnostics, name: str):
     preview = gradient_preview(d)
     aspect = d.height / max(d.width, 1)
     width = 5.5 * d.channels + 1
-    figure = _figure(
+    figure = new_figure(
         width, max(3.0, 4.5 * aspect + 1.0), left=0.9 / width, right=0.96, bottom=0.14, top=0.9, wspace=0.3
     )
     axes = np.atleast_1d(figure.subplots(1, d.channels))
@@ -506,7 +508,7 @@ def write_run_plots(run, directory: str | os.PathLike) -> list[Path]:
     # Room below the axes for the names, written vertically.
     below = 0.6 + (0.06 * max(len(label) for label in labels) if labels else 0.0)
     height = 5.2 + below
-    figure = _figure(11, height, left=0.08, right=0.84, bottom=below / height, top=1 - 0.4 / height, hspace=0.08)
+    figure = new_figure(11, height, left=0.08, right=0.84, bottom=below / height, top=1 - 0.4 / height, hspace=0.08)
     t_axes, w_axes = figure.subplots(2, 1, sharex=True)
     index = np.arange(len(done))
     rejected = np.array([bool(getattr(f, "rejected", None)) for f in done])
@@ -538,4 +540,4 @@ def write_run_plots(run, directory: str | os.PathLike) -> list[Path]:
     if labels:
         w_axes.set_xticks(index, labels, rotation=90, fontsize=7)
     t_axes.set_title(f"{len(done)} frames: transmission and weight relative to the best frame")
-    return [_save(figure, Path(directory) / "run_transmission_weight.png")]
+    return [save_figure(figure, Path(directory) / "run_transmission_weight.png")]

@@ -18,6 +18,7 @@ __all__ = [
     "TooFewSamplesError",
     "ReferenceFrameError",
     "OutputError",
+    "StackError",
 ]
 
 
@@ -68,3 +69,7 @@ class ReferenceFrameError(FrameError):
 
 class OutputError(NSGError):
     """An output could not be written (it is then absent, never partial)."""
+
+
+class StackError(NSGError):
+    """The stack cannot be made (no usable frame, a bad option, an output it cannot write)."""

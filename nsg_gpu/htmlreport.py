@@ -23,10 +23,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .atomic import write_text
-from .diagnostics import FRAME_PLOTS, existing_frame_plots, rejection_thresholds, write_run_plots
+from .diagnostics import (
+    FRAME_PLOTS,
+    existing_frame_plots,
+    new_figure,
+    rejection_thresholds,
+    save_figure,
+    write_run_plots,
+)
+from .progress import format_seconds
 from .version import __version__
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "stack_section", "add_stack_section", "write_stack_plots"]
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em; color: #222; }
@@ -183,6 +191,7 @@ def write_report(
     *,
     frame_plots: Mapping[str, Sequence[Path]] | None = None,
     chosen: Mapping[str, object] | None = None,
+    stack=None,
 ) -> Path:
     """Write ``output_dir/report.html`` (and the run chart under ``plots/``) for a run.
 
@@ -199,6 +208,10 @@ def write_report(
 
     chosen : mapping, optional
         Label (e.g. "highest weight") to the frame shown first under that label.
+
+    stack : StackResult, optional
+        A stack of the run's outputs (:func:`nsg_gpu.stacking.stack`): its section goes before
+        the parameters.
 
     Returns
     -------
@@ -280,6 +293,8 @@ def write_report(
         for frame in frames:  # the others, in the table's order
             if frame.path not in shown and frame.path in frame_plots:
                 parts.append(_frame_section("", frame, frame_plots[frame.path], output_dir, open_=False))
+    if stack is not None:
+        parts.append(stack_section(stack, output_dir))
     parts += [
         '<h2 id="parameters">Parameters</h2><table class="summary">',
         *[f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in parameters.items()],
@@ -317,3 +332,183 @@ def _frame_section(prefix: str, frame, plots: Sequence[Path], base: Path, *, ope
     if frame.resumed:
         heading += "; kept from an earlier run, plots drawn by that run"
     return f"<details{' open' if open_ else ''}><summary>{_e(heading)}</summary>\n{_figures(plots, base)}\n</details>"
+
+
+# -- the Stack section (nsg stack) ----------------------------------------------------------------
+_STACK_BEGIN = "<!-- nsg stack -->"
+_STACK_END = "<!-- /nsg stack -->"
+#: The Stack section's images, under ``plots/``: file stem and caption.
+STACK_PLOTS = (
+    ("stack_master", "The master (block means, asinh stretch between its 0.5 and 99.5 percentiles)"),
+    ("stack_coverage", "Coverage: frames with data at each pixel"),
+    ("stack_rejection", "Samples rejected low and high per pixel (block means)"),
+)
+
+
+def write_stack_plots(result, directory: str | os.PathLike) -> list[Path]:
+    """Draw the previews of a :class:`~nsg_gpu.stack_results.StackResult` as ``directory/stack_*.png``."""
+    import numpy as np
+
+    directory = Path(directory)
+    previews = result.previews
+    paths = []
+    if "master" in previews:
+        master = np.asarray(previews["master"], np.float64)
+        covered = master != 0
+        values = master[covered] if covered.any() else master.reshape(-1)
+        lo, hi = np.percentile(values, [0.5, 99.5]) if values.size else (0.0, 1.0)
+        span = max(hi - lo, 1e-12)
+        stretched = np.arcsinh(np.clip((master - lo) / span, 0, 1) * 10) / np.arcsinh(10)
+        image = stretched[0] if stretched.shape[0] == 1 else np.moveaxis(stretched, 0, -1)
+        height, width = image.shape[:2]
+        figure = new_figure(8, 8 * height / max(width, 1) + 0.1, left=0, right=1, bottom=0, top=1)
+        axes = figure.add_subplot(1, 1, 1)
+        axes.imshow(image, cmap="gray", origin="lower", interpolation="nearest", vmin=0, vmax=1)
+        axes.set_axis_off()
+        paths.append(save_figure(figure, directory / "stack_master.png"))
+    if "coverage" in previews:
+        figure = new_figure(8, 4.2, left=0.06, right=0.95, bottom=0.08, top=0.92)
+        axes = figure.add_subplot(1, 1, 1)
+        shown = axes.imshow(previews["coverage"], origin="lower", interpolation="nearest", cmap="viridis")
+        figure.colorbar(shown, ax=axes, label="frames")
+        axes.set_title("coverage")
+        paths.append(save_figure(figure, directory / "stack_coverage.png"))
+    if "rejlow" in previews and "rejhigh" in previews:
+        figure = new_figure(12, 4.2, left=0.04, right=0.97, bottom=0.08, top=0.9, wspace=0.15)
+        for k, (key, title) in enumerate((("rejlow", "rejected low"), ("rejhigh", "rejected high"))):
+            axes = figure.add_subplot(1, 2, k + 1)
+            shown = axes.imshow(previews[key], origin="lower", interpolation="nearest", cmap="magma")
+            figure.colorbar(shown, ax=axes, label="samples per pixel")
+            axes.set_title(title)
+        paths.append(save_figure(figure, directory / "stack_rejection.png"))
+    return paths
+
+
+def stack_section(result, base: str | os.PathLike, *, plots: bool = True) -> str:
+    """The Stack section of report.html for a :class:`~nsg_gpu.stack_results.StackResult`.
+
+    Its images are drawn into ``base/plots/`` (unless ``plots`` is false) and linked
+    relatively; the section is wrapped in markers so that :func:`add_stack_section` can
+    replace it.
+    """
+    base = Path(base)
+    used, skipped = result.used, result.skipped
+    per_frame = max(1, result.samples_per_frame)
+    full = result.coverage_counts.get(len(used), 0)
+    none = result.coverage_counts.get(0, 0)
+    pixels = max(1, result.shape[1] * result.shape[2] * result.shape[0])
+    maps = ", ".join(f"{name}: {where}" for name, where in result.maps.items()) or "not written"
+    rows = [
+        ("master", _link(result.output, base)),
+        ("frames", f"{len(used)} stacked, {len(skipped)} left out"),
+        ("weights", _e(result.weights)),
+        ("rejection", _e(result.rejection.describe())),
+        ("why this rejection", _e(result.rejection.reason)),
+        (
+            "rejected samples",
+            f"{100 * result.rejected_low_share:.3g} % low, {100 * result.rejected_high_share:.3g} % high",
+        ),
+        (
+            "coverage",
+            f"{100 * full / pixels:.4g} % of the pixels covered by every frame, {100 * none / pixels:.3g} % by none",
+        ),
+        ("maps", _e(maps)),
+        ("per frame", _link(result.csv, base) if result.csv else ""),
+        (
+            "streaming",
+            _e(
+                f"{result.bands} band(s) of {result.band_rows} rows within --memory "
+                f"{result.memory / 2**30:.2f} GiB, on {result.backend}"
+            ),
+        ),
+        (
+            "time",
+            _e(
+                f"{format_seconds(result.seconds)} in all: headers and spooling {result.scan_seconds:.1f} s, "
+                f"reading {result.read_seconds:.1f} s (beside the combining), combining {result.combine_seconds:.1f} s, "
+                f"writing {result.write_seconds:.1f} s"
+            ),
+        ),
+    ]
+    parts = [
+        _STACK_BEGIN,
+        '<h2 id="stack">Stack</h2><table class="summary">',
+        *[f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in rows],
+        "</table>",
+    ]
+    if plots and result.previews:
+        paths = write_stack_plots(result, base / "plots")
+        captions = dict(STACK_PLOTS)
+        parts += [
+            f'<figure><img src="{_e(_relative(path, base))}" alt="{_e(captions.get(path.stem, path.stem))}" '
+            f'loading="lazy"><figcaption>{_e(captions.get(path.stem, path.stem))}</figcaption></figure>'
+            for path in paths
+        ]
+    headings = ("file", "status", "weight", "relative weight", "covered", "rejected low", "rejected high", "note")
+    parts += [
+        '<div class="frames"><table>',
+        "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in headings) + "</tr>",
+    ]
+    for frame in result.frames:
+        kind = "failed" if frame.status != "used" else "ok"
+        covered = frame.covered or 1
+        cells = [
+            f'<td class="text">{_e(Path(frame.path).name)}</td>',
+            f'<td class="text">{_e(frame.status)}</td>',
+            f"<td>{_number(frame.weight)}</td>",
+            f"<td>{_number(frame.relative_weight)}</td>",
+            f"<td>{100 * frame.covered / per_frame:.4g} %</td>" if frame.status == "used" else "<td></td>",
+            f"<td>{100 * frame.rejected_low / covered:.3g} %</td>" if frame.status == "used" else "<td></td>",
+            f"<td>{100 * frame.rejected_high / covered:.3g} %</td>" if frame.status == "used" else "<td></td>",
+            f'<td class="text">{_e(frame.error)}</td>',
+        ]
+        parts.append(f'<tr class="{kind}">' + "".join(cells) + "</tr>")
+    parts += ["</table></div>", _STACK_END]
+    return "\n".join(parts)
+
+
+def _link(path, base: Path) -> str:
+    return f'<a href="{_e(_relative(Path(path), base))}">{_e(Path(path).name)}</a>'
+
+
+def add_stack_section(path: str | os.PathLike, result) -> Path:
+    """Put the Stack section of ``result`` into the report page at ``path``.
+
+    An earlier Stack section there is replaced; a run's report (``nsg normalize``) gets it
+    before its parameters; without a page at ``path`` a page of its own is written. The
+    page is written atomically.
+
+    Raises
+    ------
+    OutputError
+        The page or an image cannot be written.
+    """
+    path = Path(path)
+    section = stack_section(result, path.parent)
+    text = path.read_text() if path.is_file() else None
+    if text and _STACK_BEGIN in text and _STACK_END in text:
+        head, rest = text.split(_STACK_BEGIN, 1)
+        text = head + section + rest.split(_STACK_END, 1)[1]
+    elif text and '<h2 id="parameters">' in text:
+        text = text.replace('<h2 id="parameters">', section + '\n<h2 id="parameters">', 1)
+    elif text and "</body>" in text:
+        text = text.replace("</body>", section + "\n</body>", 1)
+    else:
+        text = "\n".join(
+            [
+                "<!DOCTYPE html>",
+                '<html lang="en"><head><meta charset="utf-8">',
+                '<meta name="viewport" content="width=device-width, initial-scale=1">',
+                f"<title>nsg-gpu stack: {_e(Path(result.output).name)}</title>",
+                '<link rel="icon" href="data:,">',
+                f"<style>{_STYLE}</style></head><body>",
+                "<h1>Stack report</h1>",
+                f'<p class="muted">{len(result.used)} frames integrated into {_e(Path(result.output).name)} by '
+                f"nsg-gpu {_e(__version__)}</p>",
+                section,
+                "</body></html>",
+                "",
+            ]
+        )
+    write_text(path, text)
+    return path

@@ -45,6 +45,7 @@ __all__ = [
     "frame_stem",
     "expand_frames",
     "FRAME_SUFFIXES",
+    "STRUCTURAL_CARDS",
 ]
 
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.gz", ".fit.gz", ".fts.gz")
@@ -55,7 +56,7 @@ FRAME_SUFFIXES = FITS_SUFFIXES + XISF_SUFFIXES
 OUTPUT_FORMATS = {"fits": ".fits", "xisf": ".xisf"}
 
 #: Cards that describe the array layout; astropy writes them from the data itself.
-_STRUCTURAL = re.compile(
+STRUCTURAL_CARDS = re.compile(
     r"^(SIMPLE|BITPIX|NAXIS\d*|EXTEND|XTENSION|PCOUNT|GCOUNT|BZERO|BSCALE|BLANK|"
     r"CHECKSUM|DATASUM|Z[A-Z0-9]*)$"
 )
@@ -357,7 +358,7 @@ def _header_from_keywords(keywords: dict) -> fits.Header:
         # Long or odd names become HIERARCH cards or are skipped: a third-party header's quirk.
         warnings.simplefilter("ignore")
         for name, entries in keywords.items():
-            if _STRUCTURAL.match(name):
+            if STRUCTURAL_CARDS.match(name):
                 continue
             for entry in entries:
                 value, comment = entry.get("value", ""), entry.get("comment", "")
@@ -375,7 +376,7 @@ def _keywords_from_header(header: fits.Header) -> dict:
     keywords: dict[str, list] = {}
     for card in header.cards:
         name = card.keyword
-        if not name or _STRUCTURAL.match(name):
+        if not name or STRUCTURAL_CARDS.match(name):
             continue
         value = card.value
         if name in ("HISTORY", "COMMENT"):
@@ -510,7 +511,7 @@ def read_output_header(path: str | os.PathLike) -> fits.Header:
 def _clean_header(header: fits.Header) -> fits.Header:
     out = fits.Header()
     for card in header.cards:
-        if _STRUCTURAL.match(card.keyword or ""):
+        if STRUCTURAL_CARDS.match(card.keyword or ""):
             continue
         out.append(card, end=True)
     return out

@@ -152,6 +152,15 @@ REGISTRY: dict[str, KernelEntry] = {
             "const float* image, index_t height, index_t width, index_t row_stride, float* layer, unsigned char* valid",
             "ceil(height / row_stride) * width",
         ),
+        _entry(
+            "reject_combine_f32",
+            "stack",
+            "const float* values, const double* weights, index_t n_frames, index_t n_pixels, int method, "
+            "const double* thresholds, int clip_low, int clip_high, double cutoff, const double* esd_lambda, "
+            "index_t esd_stride, double esd_outliers, double esd_low_relaxation, float* sorted, int* order, "
+            "double* work, float* master, int* coverage, int* low_count, int* high_count, unsigned char* flags",
+            "n_pixels",
+        ),
     )
 }
 

@@ -88,11 +88,9 @@ class SurfaceSpline:
         return packed
 
     def _evaluate_kernel(self, height: int, width: int, xp, launcher):
-        from .kernels import TPS_PIXELS
-
         nodes = xp.asarray(self.kernel_nodes())
         out = xp.empty((height, width), dtype=xp.float32)
-        items = height * -(-width // TPS_PIXELS)
+        items = height * -(-width // kernels.TPS_PIXELS)
         config = launcher.config("tps_eval_f32", items)
         launcher(
             "tps_eval_f32",

@@ -19,6 +19,7 @@ __all__ = [
     "sample_frame",
     "spline_case",
     "apply_case",
+    "stack_case",
     "assert_same",
 ]
 
@@ -90,6 +91,29 @@ def apply_case(channels: int, shape, *, seed: int):
     gradient = np.stack([0.05 * (c + 1) * (xx / w - yy / h) + 0.01 for c in range(channels)]).astype(np.float32)
     scale = rng.uniform(0.8, 1.6, channels)
     return data, gradient, scale
+
+
+def stack_case(n_frames: int, n_pixels: int, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Samples of ``n_pixels`` pixels in ``n_frames`` frames, and the frames' weights: sky with
+    noise of a different level per frame, no data (0) in a border and scattered, NaN, outliers
+    high (trails, hot pixels) and low, saturated values tied across frames, exact ties, pixels
+    covered by 0, 1 and 2 frames, and two-frame pixels far apart."""
+    rng = np.random.default_rng(seed)
+    sigma = rng.uniform(0.002, 0.004, n_frames)
+    values = (0.1 + rng.normal(0, 1, (n_frames, n_pixels)) * sigma[:, None]).astype(np.float32)
+    values[rng.uniform(size=values.shape) < 0.08] = 0  # scattered no data
+    values[: n_frames // 3, : n_pixels // 7] = 0  # a registration border
+    values[rng.uniform(size=values.shape) < 0.03] += np.float32(0.05)  # hot pixels, trails
+    values[rng.uniform(size=values.shape) < 0.02] -= np.float32(0.03)  # dark outliers
+    values[rng.uniform(size=values.shape) < 0.01] = np.nan  # no data too
+    values[:, 5:9] = 1.0  # saturated in every frame: all tied
+    values[:, 9:13] = np.round(values[:, 9:13], 2)  # many exact ties
+    values[:, 13] = 0  # no frame
+    values[1:, 14] = 0  # one frame
+    values[2:, 15] = 0  # two frames...
+    values[:2, 15] = [0.1, 0.25][:n_frames]  # ... far apart: percentile clipping would reject both
+    weights = rng.uniform(0.3, 2.0, n_frames)
+    return values, weights
 
 
 def assert_same(actual, expected, *, what: str = "") -> None:

@@ -238,3 +238,49 @@ def test_exit_codes_json_rejections_and_quiet_reference(small_frames, tmp_path):
     assert (
         result.exit_code == 0 and "reference: " in result.output and "auto" not in result.output.split("reference: ")[0]
     )
+
+
+def test_normalize_then_stack_against_the_truth(small_frames, tmp_path):
+    """``normalize --stack``: the accepted outputs (not rejected/) integrated; against the
+    synthetic field's truth the trail of frame 2 and the hot pixels are gone, the coverage is
+    the frames' and the borders are at the level of the rest."""
+    from nsg_gpu.synthetic import SyntheticField
+
+    frames = sorted(str(p) for p in (small_frames / "in").glob("*.fits"))
+    out = tmp_path / "out"
+    master_path = tmp_path / "master.fits"
+    result = runner.invoke(
+        app, ["normalize", *frames, "-r", frames[0], "-o", str(out), "--backend", "numpy", "--stack", str(master_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "stacked 3 frames into" in result.output  # frame 1 was rejected by its transmission
+    truth = json.loads((small_frames / "in" / "truth.json").read_text())
+    field = SyntheticField(**truth["spec"])
+    with fits.open(master_path) as hdul:
+        master = hdul[0].data.astype(np.float64)
+        coverage = hdul["COVERAGE"].data
+        history = [str(h) for h in hdul[0].header["HISTORY"]]
+    assert [h for h in history if h.startswith("NSG.stack frame")] == [
+        f"NSG.stack frame {k + 1}: light_00{n}_nsg.fits weight {w}"
+        for k, (n, w) in enumerate(
+            zip((0, 2, 3), [r.split(",")[1] for r in (out / "weights.csv").read_text().split()[1:]])
+        )
+    ]
+    accepted = (0, 2, 3)
+    np.testing.assert_array_equal(coverage, sum(field.coverage(k).astype(int) for k in accepted))
+    reference = field.noise_free(0)[0].astype(np.float64)
+    sky = field.stars(0)[0] < 0.05 * field.pixel_noise(0)[0]  # away from stars, whose PSFs differ per frame
+    residual = master - reference
+    noise = field.pixel_noise(0)[0] / np.sqrt(3)
+    everywhere = coverage == 3
+    trail = field.render(2)[0] - field.noise_free(2)[0] > 0.01  # the trail and frame 2's hot pixels
+    trail &= sky & everywhere
+    assert trail.sum() > 100
+    level = np.median(residual[sky & everywhere])  # what the gradient fit leaves: a fraction of the noise
+    assert abs(level) < noise
+    assert np.percentile(np.abs(residual[trail] - level), 99) < 5 * noise
+    partial = sky & (coverage > 0) & ~everywhere
+    assert partial.sum() > 1000
+    assert abs(np.median(residual[partial]) - level) < 0.5 * noise  # borders not darkened
+    assert '<h2 id="stack">Stack</h2>' in (out / "report.html").read_text()
+    assert (tmp_path / "stack.csv").is_file()

@@ -12,11 +12,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 from assertions import assert_close
-from kernel_cases import SHAPES, apply_case, grid_for, matched_case, sample_frame, spline_case, star_image
+from kernel_cases import (
+    SHAPES,
+    apply_case,
+    grid_for,
+    matched_case,
+    sample_frame,
+    spline_case,
+    stack_case,
+    star_image,
+)
 
 from nsg_gpu import kernels
 from nsg_gpu.apply import apply_gradient
+from nsg_gpu.combine import reject_combine
 from nsg_gpu.noise import wavelet_layer_rows
+from nsg_gpu.pixel_rejection import METHODS, Rejection
 from nsg_gpu.samples import bin_statistics
 from nsg_gpu.stars import find_peaks, matched_filter
 
@@ -205,6 +216,36 @@ def test_pipeline_cupy_equals_numpy(cp, spec, monkeypatch):
         assert_close(actual.noise, expected.noise, "gpu_noise")
         assert actual.samples == expected.samples and actual.star_pairs == expected.star_pairs
     assert np in calls and len(calls) == 2 * (spec["n_frames"] - 1)  # the NumPy gradient was the exact one
+
+
+@pytest.mark.parametrize("method", [*METHODS, "auto"])
+@pytest.mark.parametrize(("n_frames", "n_pixels"), [(1, 157), (5, 1031), (24, 20011), (41, 3001), (300, 517)], ids=str)
+def test_reject_combine_on_gpu(cp, device, method, n_frames, n_pixels):
+    values, weights = stack_case(n_frames, n_pixels, seed=n_frames)
+    rejection = Rejection(method).resolve(n_frames)
+    expected = reject_combine(values, weights, rejection)
+    actual = reject_combine(cp.asarray(values), weights, rejection, launcher=device)
+    for name in ("master", "coverage", "low", "high", "flags", "frame_low", "frame_high"):
+        np.testing.assert_array_equal(_host(getattr(actual, name)), getattr(expected, name), err_msg=name)
+
+
+def test_stack_on_gpu_equals_numpy(cp, tmp_path):
+    """nsg stack with --backend cupy and numpy: the same master, byte for byte."""
+    from astropy.io import fits
+
+    from nsg_gpu.stacking import stack
+
+    rng = np.random.default_rng(2)
+    paths = []
+    for k in range(22):
+        data = (0.1 + rng.normal(0, 0.002, (300, 410))).astype(np.float32)
+        data[:, : 3 * k] = 0
+        path = tmp_path / f"f{k:02d}.fits"
+        fits.PrimaryHDU(data, fits.Header([("NWEIGHT", 1.0 + k / 10)])).writeto(path)
+        paths.append(path)
+    stack(paths, tmp_path / "gpu.fits", backend="cupy", maps="hdus")
+    stack(paths, tmp_path / "cpu.fits", backend="numpy", maps="hdus")
+    assert (tmp_path / "gpu.fits").read_bytes() == (tmp_path / "cpu.fits").read_bytes()
 
 
 def test_cli_info_names_the_gpu(cp):

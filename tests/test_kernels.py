@@ -24,12 +24,15 @@ from kernel_cases import (
     matched_case,
     sample_frame,
     spline_case,
+    stack_case,
     star_image,
 )
 
 from nsg_gpu import kernels
 from nsg_gpu.apply import apply_gradient
+from nsg_gpu.combine import reject_combine
 from nsg_gpu.noise import ksigma_noise, wavelet_layer_rows
+from nsg_gpu.pixel_rejection import METHODS, Rejection
 from nsg_gpu.samples import bin_medians, bin_statistics
 from nsg_gpu.stars import find_peaks, matched_filter
 
@@ -304,6 +307,66 @@ def test_ksigma_noise_through_the_kernel_layer(launcher):
     assert ksigma_noise(image) == pytest.approx(0.002, rel=0.05)
 
 
+# -- stack.cu -------------------------------------------------------------------------------------
+_STACK_FIELDS = ("master", "coverage", "low", "high", "flags", "frame_low", "frame_high")
+
+
+def _assert_same_stack(actual, expected, what):
+    for name in _STACK_FIELDS:
+        assert_same(getattr(actual, name), getattr(expected, name), what=f"{what}: {name}")
+
+
+@pytest.mark.parametrize("method", [*METHODS, "auto"])
+@pytest.mark.parametrize("n_frames", [1, 2, 3, 5, 8, 13, 24, 41])
+def test_reject_combine_kernel(method, n_frames, launcher):
+    """Every method, bit for bit, from a single frame to more than 32 (heapsort instead of
+    insertion sort), with borders, NaN, outliers, saturated ties and 0-2 frame pixels."""
+    values, weights = stack_case(n_frames, 157, seed=n_frames)
+    before = values.copy()
+    rejection = Rejection(method).resolve(n_frames)
+    expected = reject_combine(values, weights, rejection)
+    actual = reject_combine(values, weights, rejection, launcher=launcher)
+    _assert_same_stack(actual, expected, f"{method}, {n_frames} frames")
+    assert_same(values, before, what="input untouched")
+    assert expected.coverage[13] == 0 and expected.master[13] == 0
+    if method not in ("none", "linear") and n_frames >= 13:  # auto: winsorized or ESD here
+        assert expected.low.sum() > 0 and expected.high.sum() > 0  # the rejection branches ran
+
+
+@pytest.mark.parametrize(
+    "rejection",
+    [
+        pytest.param(Rejection("sigma", low=2.0, high=1.5, clip_low=False), id="sigma-high-only"),
+        pytest.param(Rejection("winsorized", cutoff=0.0, clip_high=False), id="winsorized-no-cutoff-low-only"),
+        pytest.param(Rejection("esd", esd_alpha=0.2, esd_outliers=0.5, esd_low_relaxation=2.0), id="esd-relaxed"),
+        pytest.param(Rejection("esd", clip_low=False), id="esd-high-only"),
+        pytest.param(Rejection("linear", low=2.0, high=1.5), id="linear-tight"),
+        pytest.param(Rejection("percentile", low=0.0, high=0.0), id="percentile-zero"),
+    ],
+)
+def test_reject_combine_kernel_options(rejection, launcher):
+    values, weights = stack_case(17, 131, seed=3)
+    rejection = rejection.resolve(17)
+    expected = reject_combine(values, weights, rejection)
+    actual = reject_combine(values, weights, rejection, launcher=launcher)
+    _assert_same_stack(actual, expected, rejection.describe())
+    if not rejection.clip_low:
+        assert not expected.low.any()
+    if not rejection.clip_high:
+        assert not expected.high.any()
+
+
+def test_reject_combine_kernel_keeps_a_pixel_whose_samples_all_fail(launcher):
+    """Two samples far apart under percentile clipping: both would go; the pixel keeps them."""
+    values = np.array([[0.1, 0.1], [0.3, 0.0]], np.float32)
+    rejection = Rejection("percentile").resolve(2)
+    expected = reject_combine(values, [1.0, 3.0], rejection)
+    actual = reject_combine(values, [1.0, 3.0], rejection, launcher=launcher)
+    _assert_same_stack(actual, expected, "all rejected")
+    assert expected.master[0] == np.float32((0.1 * 1.0 + 0.3 * 3.0) / 4.0)
+    assert expected.low[0] == expected.high[0] == 0
+
+
 def test_info_names_the_backend_and_why():
     from nsg_gpu.backend import cupy_status, describe_backend
 
@@ -363,7 +426,7 @@ def test_pipeline_through_emulated_kernels(monkeypatch):
     monkeypatch.setattr(kernels, "launcher_for", lambda on_gpu: launcher)
     emulated_reference = prepare_reference(frames[0], backend=NUMPY)
     actual = normalize_frame(emulated_reference, frames[1])
-    assert {name for name, _ in launcher.launches} == set(kernels.REGISTRY)
+    assert {name for name, _ in launcher.launches} == {n for n, e in kernels.REGISTRY.items() if e.family != "stack"}
     assert len(emulated_reference.stars) == len(reference.stars)
     assert_close(emulated_reference.noise, reference.noise, "emulated_reference_noise")
     assert actual.samples == expected.samples and actual.star_pairs == expected.star_pairs

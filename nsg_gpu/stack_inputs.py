@@ -1,0 +1,329 @@
+"""The inputs of a stack: which frames, read once, in bands of rows, within a memory budget.
+
+Uncompressed FITS are read directly from their data, compressed FITS and XISF decompressed
+once into a spool file; :func:`plan_bands` sizes the bands from ``--memory``. Used by
+:mod:`nsg_gpu.stacking`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from .combine import CHUNK_SAMPLES, TWIN_BYTES_PER_SAMPLE
+from .errors import FrameError, FrameReadError, FrameShapeError, StackError
+from .io import FRAME_SUFFIXES
+
+#: Memory set aside for the interpreter and the libraries within a --memory budget.
+PROCESS_RESERVE = 256 << 20
+#: Name of the card that marks a master written by nsg stack (such files are never stacked).
+MASTER_CARD = "NSGSTACK"
+
+
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"PK\x03\x04")
+
+
+def _is_frame_file(path: Path) -> bool:
+    name = path.name.lower()
+    return path.is_file() and not name.startswith(".") and name.endswith(FRAME_SUFFIXES)
+
+
+def stack_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, bool]]:
+    """The frames named by ``inputs``: files as given, directories expanded.
+
+    A directory means the accepted outputs of ``nsg normalize``: the files its ``weights.csv``
+    lists (reference first) when it has one, else its FITS and XISF files (sorted by name; not
+    those of ``rejected/`` or any other subfolder). Returns ``(path, from_directory)`` pairs.
+
+    Raises
+    ------
+    StackError
+        An input is neither a file nor a directory, or a directory holds no frame.
+    """
+    found: list[tuple[Path, bool]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            listing = path / "weights.csv"
+            if listing.is_file():
+                rows = list(csv.DictReader(io.StringIO(listing.read_text())))
+                names = [row.get("file", "") for row in rows if row.get("file")]
+                files = [path / name for name in names]
+            else:
+                files = sorted(p for p in path.iterdir() if _is_frame_file(p))
+            if not files:
+                raise StackError(f"{path}: no frames in this directory (FITS or XISF files, or a weights.csv)")
+            found += [(f, True) for f in files]
+        elif path.exists() or path.suffix:
+            found.append((path, False))
+        else:
+            raise StackError(f"{path}: no such file or directory")
+    seen: set[Path] = set()
+    unique = []
+    for path, from_directory in found:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append((path, from_directory))
+    return unique
+
+
+@dataclass
+class BandRows:
+    """Where a frame's pixels are: a plain image at ``offset`` of ``file``, ``(channels,
+    height, width)`` of ``dtype`` (big-endian FITS, or native float32 in a spool file)."""
+
+    file: Path
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, int, int]
+    bscale: float = 1.0
+    bzero: float = 0.0
+    blank: int | None = None
+
+    def read(self, handle: int, y0: int, y1: int, out: np.ndarray, raw: bytearray) -> None:
+        """Rows ``y0:y1`` of every channel into ``out`` (channels, rows, width) float32."""
+        channels, height, width = self.shape
+        item = self.dtype.itemsize
+        count = (y1 - y0) * width
+        view = memoryview(raw)[: count * item]
+        for c in range(channels):
+            position = self.offset + ((c * height + y0) * width) * item
+            done = 0
+            while done < len(view):
+                got = _pread_into(handle, view[done:], position + done)
+                if got <= 0:
+                    raise FrameReadError(self.file, f"is shorter than its header says (rows {y0}-{y1 - 1})")
+                done += got
+            block = np.frombuffer(view, dtype=self.dtype, count=count).reshape(y1 - y0, width)
+            target = out[c]
+            if self.dtype.kind == "f":
+                np.copyto(target, block, casting="unsafe")
+                np.nan_to_num(target, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+            else:
+                scaled = block.astype(np.float64)
+                if self.bscale != 1.0:
+                    scaled *= self.bscale
+                if self.bzero != 0.0:
+                    scaled += self.bzero
+                if self.blank is not None:
+                    scaled[block == self.blank] = 0.0
+                np.copyto(target, scaled, casting="unsafe")
+
+
+def _pread_into(handle: int, view: memoryview, position: int) -> int:
+    """Read into ``view`` from ``position`` of an open file without moving its offset."""
+    if hasattr(os, "preadv"):
+        return os.preadv(handle, [view], position)
+    chunk = os.pread(handle, len(view), position)  # platforms without preadv: one copy more
+    view[: len(chunk)] = chunk
+    return len(chunk)
+
+
+@dataclass
+class StackInput:
+    path: Path
+    rows: BandRows | None = None
+    header: fits.Header | None = None
+    shape: tuple[int, int, int] | None = None
+    weight: np.ndarray | None = None
+    spooled: bool = False
+    error: str | None = None
+
+
+class FileHandles:
+    """File descriptors of the frames: all held open where the open-file limit allows (raised
+    towards its hard limit if needed), else each opened for one read and closed."""
+
+    def __init__(self, files: Sequence[Path]):
+        self.files = list(files)
+        self.keep = ensure_open_files(len(self.files) + 64)
+        self.open: dict[int, int] = {}
+
+    @contextlib.contextmanager
+    def handle(self, index: int):
+        if self.keep:
+            if index not in self.open:
+                self.open[index] = os.open(self.files[index], os.O_RDONLY)
+            yield self.open[index]
+            return
+        fd = os.open(self.files[index], os.O_RDONLY)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        for fd in self.open.values():
+            os.close(fd)
+        self.open.clear()
+
+
+def ensure_open_files(needed: int) -> bool:
+    """True when ``needed`` files can be open at once, after raising the soft limit if need be."""
+    try:
+        import resource
+    except ImportError:  # not Unix: assume the C runtime's default suffices for modest stacks
+        return needed <= 512
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return True
+    target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return False
+    return target >= needed
+
+
+def _image_shape(header: fits.Header, path: Path) -> tuple[int, int, int]:
+    naxis = int(header.get("NAXIS", 0))
+    axes = [int(header.get(f"NAXIS{k}", 0)) for k in range(1, naxis + 1)]
+    if naxis == 2:
+        return 1, axes[1], axes[0]
+    if naxis == 3 and axes[2] in (1, 3):
+        return axes[2], axes[1], axes[0]
+    shape = tuple(reversed(axes))
+    raise FrameShapeError(path, f"has shape {shape}; frames must be 2-D mono or 3-D colour with 3 planes")
+
+
+def open_fits(path: Path) -> tuple[fits.Header, BandRows | None]:
+    """The image header of an uncompressed FITS file and where its pixels are, or
+    ``(header, None)`` for a file that must be decompressed (tile-compressed or gzipped)."""
+    from astropy.utils.exceptions import AstropyUserWarning
+
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise FrameReadError(path, f"cannot be read ({exc.strerror or exc})") from exc
+    if magic.startswith(_COMPRESSED_MAGIC):
+        return None, None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyUserWarning)
+            with open(path, "rb") as handle, fits.open(handle, memmap=False, lazy_load_hdus=True) as hdul:
+                for index, hdu in enumerate(hdul):
+                    if hdu.header.get("NAXIS", 0) < 2:
+                        continue
+                    header = hdu.header.copy()
+                    if isinstance(hdu, fits.CompImageHDU):
+                        return header, None
+                    if not isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU)):
+                        continue
+                    offset = int(hdul.fileinfo(index)["datLoc"])
+                    break
+                else:
+                    raise FrameReadError(path, "holds no image (no HDU with two or more axes)")
+    except FrameError:
+        raise
+    except Exception as exc:
+        raise FrameReadError(
+            path, f"cannot be read as FITS: not a FITS file, or truncated or corrupt ({type(exc).__name__}: {exc})"
+        ) from exc
+    shape = _image_shape(header, path)
+    bitpix = int(header.get("BITPIX", -32))
+    kinds = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+    if bitpix not in kinds:
+        raise FrameReadError(path, f"has BITPIX {bitpix}, which FITS does not define")
+    dtype = np.dtype(kinds[bitpix])
+    size = path.stat().st_size
+    end = offset + int(np.prod(shape)) * dtype.itemsize
+    if end > size:
+        raise FrameReadError(path, f"is truncated: its data end at byte {end} of {size}")
+    blank = header.get("BLANK") if bitpix > 0 else None
+    return header, BandRows(
+        path,
+        offset,
+        dtype,
+        shape,
+        float(header.get("BSCALE", 1.0)),
+        float(header.get("BZERO", 0.0)),
+        int(blank) if blank is not None else None,
+    )
+
+
+def parse_memory(text: str | int | float) -> int:
+    """Bytes from ``"4G"``, ``"1500M"``, ``"512MiB"`` or a number of bytes.
+
+    Raises
+    ------
+    ValueError
+        Not a size.
+    """
+    if isinstance(text, (int, float)):
+        return int(text)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(text))
+    if not match:
+        raise ValueError(f"--memory {text!r} is not a size (e.g. 4G, 1500M)")
+    factor = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[match.group(2).lower()]
+    return int(float(match.group(1)) * factor)
+
+
+def default_memory() -> int:
+    """Half of the memory available now, at most 8 GiB and at least 1 GiB."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+                break
+    except OSError:
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = 4 << 30
+    return int(min(8 << 30, max(1 << 30, available // 2)))
+
+
+def plan_bands(
+    memory: int, *, n_frames: int, channels: int, height: int, width: int, threads: int = 1, gpu: bool = False
+) -> int:
+    """Rows per band so that a stack fits in ``memory`` bytes; what the budget holds:
+
+    - :data:`PROCESS_RESERVE` for the interpreter and libraries;
+    - the results, kept whole until written: the master (float32) and three count maps
+      (uint16), ``channels x height x width x 10`` bytes;
+    - two bands of every frame (one read while the other is combined), float32, and the
+      reader's buffer for one frame's band;
+    - the CPU twin's working set, :data:`CHUNK_SAMPLES` samples per thread (on the GPU,
+      one band's kernel outputs on the host instead).
+
+    Raises
+    ------
+    StackError
+        Not even one row fits.
+    """
+    results = channels * height * width * 10
+    fixed = PROCESS_RESERVE + results
+    band_row = 2 * channels * n_frames * width * 4 + 8 * width  # two bands of every frame, a read buffer
+    if gpu:
+        # The kernel's outputs of one band on the host: counts and master (int32/float32).
+        rows = (memory - fixed) // (band_row + 16 * width)
+    else:
+        # The twin works on min(CHUNK_SAMPLES, band samples of a channel) per thread.
+        working = max(1, threads) * TWIN_BYTES_PER_SAMPLE
+        rows = (memory - fixed - working * CHUNK_SAMPLES) // band_row
+        if rows * n_frames * width < CHUNK_SAMPLES:
+            rows = (memory - fixed) // (band_row + working * n_frames * width)
+    if rows < 1:
+        working = max(1, threads) * TWIN_BYTES_PER_SAMPLE * min(CHUNK_SAMPLES, n_frames * width)
+        need = fixed + band_row + (16 * width if gpu else working)
+        raise StackError(
+            f"--memory {memory / 2**30:.2f} GiB is too small for {n_frames} frames of {width} x {height}"
+            f"{' x 3' if channels == 3 else ''}: at least {math.ceil(need / 2**30 * 100) / 100:.2f} GiB is needed"
+        )
+    return int(min(rows, height))

@@ -1,0 +1,510 @@
+"""Integration of normalized frames: weights, pixel rejection, coverage, streamed in row bands.
+
+``nsg stack`` is the step after ``nsg normalize``: the weighted average of the frames, pixel by
+pixel, over the samples that have data (0 means none) and survive a rejection chosen, like
+NSG's set-up of ImageIntegration, by the number of frames (:mod:`nsg_gpu.pixel_rejection`).
+The frames never have to fit in memory: they are read in bands of rows, every file once
+(:mod:`nsg_gpu.stack_inputs`), and a band of every frame is combined
+(:mod:`nsg_gpu.combine`) while the next is read. The top of the stacking rooms; the command
+line and the run (``nsg normalize --stack``) call :func:`stack`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import math
+import os
+import queue
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .backend import Backend, select_backend
+from .combine import CHUNK_SAMPLES, BandResult, reject_combine
+from .errors import FrameDataError, FrameError, FrameReadError, FrameShapeError, OutputError, StackError
+from .htmlreport import add_stack_section
+from .io import XISF_SUFFIXES, read_frame
+from .noise import ksigma_noise
+from .pixel_rejection import Rejection
+from .stack_inputs import (
+    MASTER_CARD,
+    BandRows,
+    FileHandles,
+    StackInput,
+    default_memory,
+    open_fits,
+    parse_memory,
+    plan_bands,
+    stack_inputs,
+)
+from .stack_results import StackFrame, StackProducts, StackResult, stack_previews, write_outputs, write_stack_csv
+
+#: Rows of the middle of a frame read to measure its noise for --weights noise.
+NOISE_ROWS = 512
+
+
+def stack(
+    inputs: Sequence[str | os.PathLike] | str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    weights: str = "NWEIGHT",
+    rejection: Rejection | str = "auto",
+    low: float | None = None,
+    high: float | None = None,
+    memory: int | str | None = None,
+    backend: Backend | str = "auto",
+    maps: str = "hdus",
+    csv_path: str | os.PathLike | None = None,
+    report: bool | str | os.PathLike = False,
+    spool_dir: str | os.PathLike | None = None,
+    stop_on_error: bool = False,
+    threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> StackResult:
+    """Integrate registered, normalized frames into a master, streaming them in row bands.
+
+    Parameters
+    ----------
+    inputs : path or sequence of paths
+        Frames (FITS or XISF) and directories (the accepted outputs of ``nsg normalize``:
+        :func:`stack_inputs`).
+
+    output : path
+        The master, a FITS file (float32); written atomically.
+
+    weights : str
+        ``"NWEIGHT"`` (the frames' NSG weight card, the default), ``"equal"``, ``"noise"``
+        (``1 / sigma^2`` per channel, from the ``NOISE0n`` cards where a frame has them, else
+        the k-sigma noise of its middle :data:`NOISE_ROWS` rows), or any other header keyword
+        holding a weight.
+
+    rejection : Rejection or str
+        The settings, or a method name (``"auto"`` by the frame count, as NSG sets up
+        ImageIntegration); ``low`` and ``high`` then set its thresholds.
+
+    memory : int or str, optional
+        Budget in bytes (or ``"4G"``) for the whole process (:func:`plan_bands` says what it
+        holds); :func:`default_memory` when not given.
+
+    backend : Backend or str
+        ``"auto"`` (CuPy where a GPU is usable), ``"numpy"`` or ``"cupy"``.
+
+    maps : {"hdus", "files", "none"}
+        Coverage and low/high rejection-count maps (uint16 per channel) as image extensions
+        ``COVERAGE``, ``REJLOW``, ``REJHIGH`` of the master, as ``<stem>_coverage.fits``,
+        ``<stem>_rejlow.fits`` and ``<stem>_rejhigh.fits`` beside it, or not at all.
+
+    csv_path : path, optional
+        Where ``stack.csv`` goes; beside the master by default.
+
+    report : bool or path
+        Add a Stack section to a report page: True for ``report.html`` beside the master
+        (inserted into a run's report when one is there, else a page of its own), a path for
+        that page. Off by default.
+
+    spool_dir : path, optional
+        Where compressed (``.fz``, ``.gz``) and XISF inputs are decompressed once (native
+        float32, one frame's size each); a temporary folder beside the master by default,
+        removed at the end.
+
+    stop_on_error : bool
+        Stop at the first bad frame instead of leaving it out.
+
+    threads : int, optional
+        CPU threads combining pixel chunks (the number of cores by default); the result does
+        not depend on it.
+
+    progress : callable, optional
+        Called as ``progress(bands_done, bands_total)`` after every band.
+
+    Returns
+    -------
+    StackResult
+
+    Raises
+    ------
+    StackError
+        No usable frame, a bad option, a frame that fails with ``stop_on_error``, or an
+        output that would overwrite an input.
+
+    OutputError
+        An output cannot be written (it is then absent, never partial).
+
+    Notes
+    -----
+    Every input file is read once: uncompressed FITS images band by band straight from their
+    data (``os.preadv``, no memory map, so the resident memory does not grow with the files),
+    compressed FITS and XISF whole, one at a time, into the spool file they are then read
+    from. A frame that cannot be used (unreadable, another shape than the first frame's,
+    no or a non-positive weight) is left out with its reason in ``stack.csv`` and the
+    result; the stack goes on unless ``stop_on_error``. Results do not depend on the
+    memory budget (the band height), the pixel chunks or the threads.
+    """
+    started = time.perf_counter()
+    output = Path(output)
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    if maps not in ("hdus", "files", "none"):
+        raise ValueError(f"maps={maps!r}: choose hdus, files or none")
+    if isinstance(rejection, str):
+        rejection = Rejection(method=rejection, low=low, high=high)
+    elif low is not None or high is not None:
+        low = rejection.low if low is None else low
+        high = rejection.high if high is None else high
+        rejection = dataclasses.replace(rejection, low=low, high=high)
+    rejection.resolve(max(len(inputs), 3))  # options checked before any file is read
+    chosen = select_backend(backend) if isinstance(backend, str) else backend
+    budget = default_memory() if memory is None else parse_memory(memory)
+    threads = max(1, int(threads or os.cpu_count() or 1))
+    weight_mode = _weight_mode(weights)
+
+    listed = stack_inputs(inputs)
+    output_key = output.resolve()
+    for path, _ in listed:
+        if path.resolve() == output_key:
+            raise StackError(f"{output}: the master would overwrite an input frame; choose another -o")
+    spool_parent = Path(spool_dir) if spool_dir is not None else output.parent
+    try:
+        spool_parent.mkdir(parents=True, exist_ok=True)
+        spool_root = tempfile.mkdtemp(prefix=".nsg-stack-", dir=spool_parent)
+    except OSError as exc:
+        raise OutputError(f"{spool_parent}: cannot hold the stack's spool folder ({exc.strerror or exc})") from exc
+    try:
+        frames, sources = _scan(listed, weight_mode, Path(spool_root), stop_on_error=stop_on_error)
+        scan_seconds = time.perf_counter() - started
+        used = [s for s in sources if s.error is None]
+        if not used:
+            reasons = "; ".join(f.error for f in frames if f.error) or "no frames"
+            raise StackError(f"no frame can be stacked: {reasons}")
+        rejection = rejection.resolve(len(used))
+        channels, height, width = used[0].shape
+        rows = plan_bands(
+            budget,
+            n_frames=len(used),
+            channels=channels,
+            height=height,
+            width=width,
+            threads=threads,
+            gpu=chosen.is_gpu,
+        )
+        result = StackResult(
+            output=output,
+            frames=frames,
+            shape=(channels, height, width),
+            weights=weight_mode,
+            rejection=rejection,
+            backend=chosen.name,
+            memory=budget,
+            band_rows=rows,
+            bands=-(-height // rows),
+            scan_seconds=scan_seconds,
+        )
+        products = _combine(used, result, chosen, threads=threads, progress=progress)
+        _finish_frames(frames, sources, used, products)
+        written = time.perf_counter()
+        write_outputs(result, used, products, maps=maps)
+        result.csv = write_stack_csv(result, csv_path if csv_path is not None else output.parent / "stack.csv")
+        result.write_seconds = time.perf_counter() - written
+        result.previews = stack_previews(products)
+    finally:
+        shutil.rmtree(spool_root, ignore_errors=True)
+    result.seconds = time.perf_counter() - started
+    if report:
+        target = output.parent / "report.html" if report is True else Path(report)
+        try:
+            result.report = add_stack_section(target, result)
+        except (OutputError, OSError) as exc:
+            result.report_error = str(exc)
+    return result
+
+
+def _weight_mode(weights: str) -> str:
+    mode = str(weights).strip()
+    if mode.lower() in ("equal", "noise"):
+        return mode.lower()
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,8}", mode):
+        raise ValueError(f"--weights {weights!r}: use equal, noise or a FITS keyword (up to 8 letters, digits, - or _)")
+    return mode.upper()
+
+
+def _scan(listed, weight_mode: str, spool_root: Path, *, stop_on_error: bool):
+    """Open every input once: header, shape, weight; decompress what cannot be read in bands."""
+    frames: list[StackFrame] = []
+    sources: list[StackInput] = []
+    reference_shape = None
+    for path, from_directory in listed:
+        source = StackInput(path)
+        try:
+            try:
+                _prepare(source, weight_mode, spool_root, len(sources))
+            except _MasterFile:
+                if from_directory:
+                    continue  # a master of an earlier stack in the directory: never an input
+                raise FrameDataError(path, "is a master written by nsg stack, not a frame") from None
+            if reference_shape is None:
+                reference_shape = source.shape
+            elif source.shape != reference_shape:
+                raise FrameShapeError(
+                    path,
+                    f"is {_shape_text(source.shape)} but the first frame is {_shape_text(reference_shape)}; "
+                    "frames must be registered to the same reference",
+                )
+        except FrameError as exc:
+            if stop_on_error:
+                raise StackError(str(exc)) from exc
+            source.error = str(exc)
+        sources.append(source)
+        weight = None if source.weight is None else tuple(float(w) for w in source.weight)
+        frames.append(
+            StackFrame(
+                path,
+                status="used" if source.error is None else "skipped",
+                error=source.error,
+                weight=weight if source.error is None else None,
+                spooled=source.spooled,
+            )
+        )
+    return frames, sources
+
+
+def _shape_text(shape) -> str:
+    channels, height, width = shape
+    return f"{width}x{height}" + (f"x{channels}" if channels > 1 else "")
+
+
+class _MasterFile(Exception):
+    """The file is a master written by nsg stack."""
+
+
+def _prepare(source: StackInput, weight_mode: str, spool_root: Path, index: int) -> None:
+    path = source.path
+    if not path.is_file():
+        raise FrameReadError(path, "no such file")
+    data = None
+    if path.name.lower().endswith(XISF_SUFFIXES):
+        header, rows = None, None
+    else:
+        header, rows = open_fits(path)
+        if header is not None and MASTER_CARD in header:
+            raise _MasterFile(path)
+    if rows is None:
+        # Compressed FITS or XISF: read whole once and spooled as native float32 for the bands.
+        frame = read_frame(path)
+        data = frame.data
+        header = frame.header
+        if MASTER_CARD in header:
+            raise _MasterFile(path)
+        spool = spool_root / f"{index:05d}.f32"
+        try:
+            data.tofile(spool)
+        except OSError as exc:
+            raise StackError(f"{spool}: cannot spool {path.name} ({exc.strerror or exc}); set --spool-dir") from exc
+        rows = BandRows(spool, 0, np.dtype(np.float32), tuple(int(v) for v in data.shape))
+        source.spooled = True
+    source.header = header
+    source.rows = rows
+    source.shape = rows.shape
+    source.weight = _frame_weight(source, weight_mode, data)
+
+
+def _frame_weight(source: StackInput, mode: str, data: np.ndarray | None) -> np.ndarray:
+    channels = source.shape[0]
+    path = source.path
+    if mode == "equal":
+        return np.ones(channels)
+    if mode == "noise":
+        noise = [source.header.get(f"NOISE0{c}") for c in range(channels)]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in noise):
+            noise = _measure_noise(source, data)
+        noise = np.asarray(noise, np.float64)
+        if not np.all(np.isfinite(noise) & (noise > 0)):
+            raise FrameDataError(path, "its noise cannot be measured (too few pixels with data); use another --weights")
+        return 1.0 / noise**2
+    value = source.header.get(mode)
+    if value is None:
+        hint = "stack the outputs of nsg normalize, or choose --weights equal|noise|KEYWORD"
+        raise FrameDataError(path, f"has no {mode} card; {hint}")
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        raise FrameDataError(path, f"its {mode} card is {value!r}, not a number") from None
+    if not (math.isfinite(weight) and weight > 0):
+        raise FrameDataError(path, f"its {mode} card is {weight:g}; weights must be positive")
+    return np.full(channels, weight)
+
+
+def _measure_noise(source: StackInput, data: np.ndarray | None) -> list[float]:
+    channels, height, width = source.shape
+    if data is None:
+        # The middle rows only: the one place where a frame's pixels are read twice.
+        count = min(height, NOISE_ROWS)
+        y0 = (height - count) // 2
+        data = np.empty((channels, count, width), np.float32)
+        fd = os.open(source.rows.file, os.O_RDONLY)
+        try:
+            source.rows.read(fd, y0, y0 + count, data, bytearray(count * width * source.rows.dtype.itemsize))
+        finally:
+            os.close(fd)
+    return [ksigma_noise(data[c]) for c in range(channels)]
+
+
+def _combine(used: list[StackInput], result: StackResult, chosen: Backend, *, threads: int, progress) -> StackProducts:
+    """Read the frames band by band (a reader thread one band ahead) and combine each band."""
+    channels, height, width = result.shape
+    n = len(used)
+    rows = result.band_rows
+    count_type = np.uint16 if n <= np.iinfo(np.uint16).max else np.uint32
+    products = StackProducts(
+        master=np.zeros((channels, height, width), np.float32),
+        coverage=np.zeros((channels, height, width), count_type),
+        low=np.zeros((channels, height, width), count_type),
+        high=np.zeros((channels, height, width), count_type),
+        covered=np.zeros(n, np.int64),
+        frame_low=np.zeros(n, np.int64),
+        frame_high=np.zeros(n, np.int64),
+    )
+    weights = np.stack([s.weight for s in used])  # (n, channels)
+    bands = [(y0, min(height, y0 + rows)) for y0 in range(0, height, rows)]
+    buffers: queue.Queue = queue.Queue()
+    for _ in range(2):
+        buffers.put(np.empty(channels * n * rows * width, np.float32))
+    ready: queue.Queue = queue.Queue(maxsize=1)
+    handles = FileHandles([s.rows.file for s in used])
+    stop = threading.Event()
+    read_seconds = [0.0]
+    covered = products.covered  # written by the reader only
+
+    def reader():
+        raw = bytearray(rows * width * max(s.rows.dtype.itemsize for s in used))
+        try:
+            for y0, y1 in bands:
+                flat = buffers.get()
+                if stop.is_set():
+                    return
+                started = time.perf_counter()
+                band = flat[: channels * n * (y1 - y0) * width].reshape(channels, n, y1 - y0, width)
+                for i, source in enumerate(used):
+                    with handles.handle(i) as fd:
+                        source.rows.read(fd, y0, y1, band[:, i], raw)
+                    for c in range(channels):  # samples with data (no temporary without an axis)
+                        covered[i] += np.count_nonzero(band[c, i])
+                read_seconds[0] += time.perf_counter() - started
+                ready.put((y0, y1, flat, band))
+            ready.put(None)
+        except BaseException as exc:  # handed to the combining thread, which raises it
+            ready.put(exc)
+
+    thread = threading.Thread(target=reader, name="nsg-stack-reader", daemon=True)
+    thread.start()
+    pool = concurrent.futures.ThreadPoolExecutor(threads) if threads > 1 and not chosen.is_gpu else None
+    combine_seconds = 0.0
+    try:
+        done = 0
+        while True:
+            item = ready.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            y0, y1, flat, band = item
+            started = time.perf_counter()
+            for c in range(channels):
+                values = band[c].reshape(n, (y1 - y0) * width)
+                out = {
+                    name: getattr(products, name)[c, y0:y1].reshape(-1)  # views: rows are contiguous
+                    for name in ("master", "coverage", "low", "high")
+                }
+                _combine_values(values, weights[:, c], result.rejection, chosen, pool, threads, out, products)
+            combine_seconds += time.perf_counter() - started
+            buffers.put(flat)
+            done += 1
+            if progress is not None:
+                progress(done, len(bands))
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock the reader wherever it waits, then let it end
+            with contextlib.suppress(queue.Empty):
+                ready.get_nowait()
+            buffers.put(np.empty(0, np.float32))
+            thread.join(0.05)
+        handles.close()
+        if pool is not None:
+            pool.shutdown()
+    result.read_seconds = read_seconds[0]
+    result.combine_seconds = combine_seconds
+    return products
+
+
+def _combine_values(
+    values: np.ndarray,
+    weights: np.ndarray,
+    rejection: Rejection,
+    chosen: Backend,
+    pool,
+    threads,
+    out: dict,
+    products: StackProducts,
+) -> None:
+    """One channel of one band into ``out`` (flat views of the band's rows of the master and
+    maps): on the GPU in device-sized chunks, on the CPU in pixel chunks spread over the
+    threads, a wave of ``threads`` chunks at a time so that their outputs stay small. The
+    chunks do not change the result."""
+    n, pixels = values.shape
+
+    def store(start: int, part: BandResult, host) -> None:
+        end = start + int(part.master.shape[0])
+        for name in ("master", "coverage", "low", "high"):
+            out[name][start:end] = host(getattr(part, name))
+        products.frame_low += host(part.frame_low)
+        products.frame_high += host(part.frame_high)
+
+    if chosen.is_gpu:
+        xp = chosen.xp
+        free = _device_free_bytes()
+        per_pixel = n * (4 + 4 + 4 + 1 + (8 if rejection.method == "linear" else 0)) + 16
+        step = max(1024, int(free * 0.5) // per_pixel)
+        for start in range(0, pixels, step):
+            device = xp.asarray(values[:, start : start + step])
+            store(start, reject_combine(device, weights, rejection), chosen.to_host)
+        return
+    step = max(1, CHUNK_SAMPLES // max(1, n))
+    starts = list(range(0, pixels, step))
+
+    def run(start: int) -> BandResult:
+        return reject_combine(np.ascontiguousarray(values[:, start : start + step]), weights, rejection)
+
+    for wave in range(0, len(starts), threads):
+        batch = starts[wave : wave + threads]
+        parts = pool.map(run, batch) if pool is not None and len(batch) > 1 else map(run, batch)
+        for start, part in zip(batch, parts):
+            store(start, part, np.asarray)
+
+
+def _device_free_bytes() -> int:
+    import cupy
+
+    free, _ = cupy.cuda.runtime.memGetInfo()
+    return int(free) + int(cupy.get_default_memory_pool().free_bytes())
+
+
+def _finish_frames(
+    frames: list[StackFrame], sources: list[StackInput], used: list[StackInput], products: StackProducts
+) -> None:
+    by_source = {id(s): k for k, s in enumerate(used)}
+    best = max(float(np.mean(s.weight)) for s in used)
+    for frame, source in zip(frames, sources):
+        k = by_source.get(id(source))
+        if k is None:
+            continue
+        frame.covered = int(products.covered[k])
+        frame.rejected_low = int(products.frame_low[k])
+        frame.rejected_high = int(products.frame_high[k])
+        frame.relative_weight = float(np.mean(source.weight)) / best

@@ -1,0 +1,664 @@
+"""nsg stack: rejection against direct computations, and masters against known truth.
+
+The frames here are built directly: a smooth truth image, Gaussian noise of a different level
+per frame, a satellite trail, hot pixels and zero registration borders, so the ideal master
+(the weighted average of the noise-free truth) and its noise are known exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.optimize
+import scipy.stats
+from astropy.io import fits
+from typer.testing import CliRunner
+
+import nsg_gpu
+from nsg_gpu.cli import app
+from nsg_gpu.combine import LAD_STEPS, reject_combine
+from nsg_gpu.errors import StackError
+from nsg_gpu.pixel_rejection import METHODS, Rejection, auto_rejection, esd_critical_values
+from nsg_gpu.stack_inputs import PROCESS_RESERVE, parse_memory, plan_bands
+from nsg_gpu.stacking import stack
+
+runner = CliRunner()
+SHAPE = (64, 96)
+
+
+# -- direct computations of every method, one pixel at a time ---------------------------------------
+def _direct_pixel(samples, frames, weights, rejection):
+    """The documented definitions, written plainly for one pixel: (master, low frames, high frames)."""
+    keys = sorted(zip(samples, frames))
+    x = np.array([k[0] for k in keys], np.float64)
+    f = [k[1] for k in keys]
+    n = x.size
+    low = np.zeros(n, bool)
+    high = np.zeros(n, bool)
+    method = rejection.method_for(n)  # auto: NSG's rule applied to this pixel's frames
+    rejection = rejection.concrete(method)
+    if method == "percentile" and n >= 2:
+        m = np.median(x)
+        if 1 + m != 1:
+            low = rejection.clip_low & ((m - x) / m > rejection.low)
+            high = rejection.clip_high & ((x - m) / m > rejection.high)
+    elif method in ("sigma", "winsorized") and n >= 3:
+        kept = np.ones(n, bool)
+        iteration = 0
+        while kept.sum() >= 3:
+            k = x[kept]
+            if method == "sigma":
+                s = np.std(k, ddof=1)
+                centre = np.median(k)
+            else:
+                centre, s = _huber(k, rejection.cutoff if iteration == 0 else 0.0)
+            if 1 + s == 1:
+                break
+            new_low = kept & rejection.clip_low & ((centre - x) / s > rejection.low)
+            new_high = kept & rejection.clip_high & ((x - centre) / s > rejection.high)
+            if not (new_low | new_high).any():
+                break
+            low |= new_low
+            high |= new_high
+            kept &= ~(new_low | new_high)
+            iteration += 1
+    elif method == "esd" and n >= 3:
+        low, high = _rosner(x, rejection)
+    elif method == "linear" and n >= 5:
+        low, high = _linear_clip(x, rejection)
+    if (low | high).all():
+        low[:], high[:] = False, False
+    kept = ~(low | high)
+    w = np.array([weights[i] for i in f])
+    master = np.sum(w[kept] * x[kept]) / np.sum(w[kept]) if kept.any() else 0.0
+    return master, {f[j] for j in np.flatnonzero(low)}, {f[j] for j in np.flatnonzero(high)}
+
+
+def _huber(k, cutoff):
+    mu = np.median(k)
+    s = 1.4826 * np.median(np.abs(k - mu))
+    for iteration in range(100):
+        if 1 + s == 1:
+            break
+        v = np.clip(k, mu - 1.5 * s, mu + 1.5 * s)
+        if cutoff > 0:
+            v = np.where((k <= mu - cutoff * s) | (k >= mu + cutoff * s), mu, v)
+        previous, mu, s = s, v.mean(), 1.134 * v.std(ddof=1)
+        if iteration >= 1 and abs(previous - s) / previous < 0.0005:
+            break
+    return mu, s
+
+
+def _rosner(x, rejection):
+    """Rosner (1983): remove the most deviant value k times; the outliers are the first r
+    removed, r the largest i with R_i > lambda_i."""
+    n = x.size
+    k = min(max(int(rejection.esd_outliers * n), 1), n - 2)
+    remaining = list(range(n))
+    removed, statistics, limits = [], [], []
+    for i in range(k):
+        r = x[remaining]
+        mean, sd = r.mean(), r.std(ddof=1)
+        if not sd > 0:
+            break
+        deviation = r - mean
+        stat = np.where(deviation >= 0, deviation / sd, -deviation / (sd * rejection.esd_low_relaxation))
+        top = np.flatnonzero(stat == stat.max())
+        pick = top[-1] if deviation[top[-1]] >= 0 else top[0]
+        statistics.append(stat[pick])
+        removed.append((remaining.pop(pick), deviation[pick] >= 0))
+        size = n - i
+        t = scipy.stats.t.ppf(1 - rejection.esd_alpha / (2 * size), size - 2)
+        limits.append((size - 1) * t / np.sqrt((size - 2 + t * t) * size))
+    outliers = max([i + 1 for i in range(len(statistics)) if statistics[i] > limits[i]], default=0)
+    low, high = np.zeros(n, bool), np.zeros(n, bool)
+    for position, is_high in removed[:outliers]:
+        if is_high:
+            high[position] = rejection.clip_high
+        else:
+            low[position] = rejection.clip_low
+    return low, high
+
+
+def _lad(y):
+    """The LAD line through y against rank, by the documented bisection, one pixel at a time."""
+    ranks = np.arange(y.size, dtype=np.float64)
+
+    def intercept(b):
+        return np.median(y - b * ranks)
+
+    lo_b, hi_b = 0.0, y[-1] - y[0]
+    if hi_b > 0:
+        for _ in range(LAD_STEPS):
+            b = (lo_b + hi_b) / 2
+            g = np.sum(ranks * np.sign(y - b * ranks - intercept(b)))
+            lo_b, hi_b = (b, hi_b) if g > 0 else (lo_b, b)
+        slope = (lo_b + hi_b) / 2
+    else:
+        slope = 0.0
+    a = intercept(slope)
+    return a, slope, np.mean(np.abs(y - slope * ranks - a))
+
+
+def _linear_clip(x, rejection):
+    n = x.size
+    alive = np.arange(n)
+    low, high = np.zeros(n, bool), np.zeros(n, bool)
+    while True:
+        y = x[alive]
+        a, b, adev = _lad(y)
+        # An independent check of the fit: linear programming finds the same least sum of |residuals|.
+        assert adev * y.size == pytest.approx(_lad_optimum(y), rel=1e-9, abs=1e-12)
+        s = 2 * adev * np.sqrt(1 + b * b)
+        if 1 + s == 1:
+            break
+        fit = a + b * np.arange(y.size)
+        new_low = rejection.clip_low & (y < fit) & ((fit - y) / s >= rejection.low)
+        new_high = rejection.clip_high & (y >= fit) & ((y - fit) / s >= rejection.high)
+        if not (new_low | new_high).any():
+            break
+        low[alive[new_low]] = True
+        high[alive[new_high]] = True
+        alive = alive[~(new_low | new_high)]
+        if alive.size < 3:
+            break
+    return low, high
+
+
+def _lad_optimum(y):
+    m = y.size
+    ranks = np.arange(m, dtype=np.float64)
+    eye = np.eye(m)
+    a_ub = np.vstack([np.column_stack([-np.ones(m), -ranks, -eye]), np.column_stack([np.ones(m), ranks, -eye])])
+    b_ub = np.concatenate([-y, y])
+    cost = np.concatenate([[0.0, 0.0], np.ones(m)])
+    bounds = [(None, None), (None, None)] + [(0, None)] * m
+    return scipy.optimize.linprog(cost, A_ub=a_ub, b_ub=b_ub, bounds=bounds, method="highs").fun
+
+
+def _samples(n_frames, n_pixels, seed):
+    rng = np.random.default_rng(seed)
+    sigma = rng.uniform(0.002, 0.004, n_frames)
+    values = (0.1 + rng.normal(0, 1, (n_frames, n_pixels)) * sigma[:, None]).astype(np.float32)
+    values[rng.uniform(size=values.shape) < 0.1] = 0
+    values[rng.uniform(size=values.shape) < 0.04] += np.float32(0.04)
+    values[rng.uniform(size=values.shape) < 0.03] -= np.float32(0.02)
+    return values, rng.uniform(0.5, 2.0, n_frames)
+
+
+@pytest.mark.parametrize("method", [*METHODS, "auto"])
+@pytest.mark.parametrize("n_frames", [4, 9, 16, 27])
+def test_each_method_equals_a_direct_computation(method, n_frames):
+    """Flags exactly, master within float32 rounding, for every method at several frame counts."""
+    values, weights = _samples(n_frames, 48 if method == "linear" else 120, seed=n_frames)
+    rejection = Rejection(method).resolve(n_frames)
+    result = reject_combine(values, weights, rejection)
+    for p in range(values.shape[1]):
+        column = values[:, p]
+        frames = [i for i in range(n_frames) if column[i] != 0]
+        master, low, high = _direct_pixel(column[frames], frames, weights, rejection)
+        assert result.coverage[p] == len(frames)
+        assert set(np.flatnonzero(result.flags[:, p] == 1)) == low, (p, column)
+        assert set(np.flatnonzero(result.flags[:, p] == 2)) == high, (p, column)
+        assert result.low[p] == len(low) and result.high[p] == len(high)
+        assert result.master[p] == pytest.approx(master, rel=2e-7, abs=1e-9)
+    assert result.frame_low.sum() == result.low.sum() and result.frame_high.sum() == result.high.sum()
+    if method != "none" and n_frames >= (16 if method == "linear" else 9):
+        assert result.high.sum() > 0  # the test exercises rejection, not just the average
+
+
+@pytest.mark.parametrize(
+    "rejection",
+    [
+        pytest.param(Rejection("sigma", low=2.0, high=1.8, clip_low=False), id="sigma-high-only"),
+        pytest.param(Rejection("winsorized", low=3.0, high=3.0, cutoff=0.0), id="winsorized-no-cutoff"),
+        pytest.param(Rejection("esd", esd_alpha=0.2, esd_outliers=0.5, esd_low_relaxation=1.5), id="esd-relaxed"),
+        pytest.param(Rejection("linear", low=2.5, high=2.0, clip_high=False), id="linear-low-only"),
+    ],
+)
+def test_options_equal_a_direct_computation(rejection):
+    values, weights = _samples(14, 60, seed=99)
+    rejection = rejection.resolve(14)
+    result = reject_combine(values, weights, rejection)
+    for p in range(values.shape[1]):
+        frames = [i for i in range(14) if values[i, p] != 0]
+        master, low, high = _direct_pixel(values[frames, p], frames, weights, rejection)
+        assert set(np.flatnonzero(result.flags[:, p] == 1)) == low
+        assert set(np.flatnonzero(result.flags[:, p] == 2)) == high
+        assert result.master[p] == pytest.approx(master, rel=2e-7, abs=1e-9)
+
+
+def test_esd_critical_values_are_rosners():
+    """Each test's critical value is the two-sided Grubbs value of the remaining sample size
+    (published tables, alpha = 0.05: 2.822 for 25 values, 2.681 for 19, 2.290 for 10)."""
+    table = esd_critical_values(25, 0.05, 0.3)
+    assert table[25, 0] == pytest.approx(2.822, abs=0.001)
+    assert table[25, 6] == pytest.approx(2.681, abs=0.001)  # 25 - 6 = 19 values
+    assert table[10, 0] == pytest.approx(2.290, abs=0.001)
+    assert np.all(np.diff(table[25, :7]) < 0) and table.shape == (26, 7)
+
+
+@pytest.mark.parametrize(
+    ("n_frames", "method"),
+    [(1, "none"), (2, "none"), (3, "percentile"), (7, "percentile"), (8, "sigma"), (10, "sigma")]
+    + [(11, "winsorized"), (19, "winsorized"), (20, "esd"), (500, "esd")],
+)
+def test_auto_rejection_follows_nsg(n_frames, method):
+    assert auto_rejection(n_frames)[0] == method
+    resolved = Rejection().resolve(n_frames)
+    assert resolved.method == "auto" and resolved.method_for(n_frames) == method and str(n_frames) in resolved.reason
+    assert resolved.method_for(5) == "percentile" and resolved.method_for(2) == "none"
+
+
+def test_rejection_options_are_checked():
+    with pytest.raises(ValueError, match="ESD takes no --low"):
+        Rejection("esd", low=3).resolve(30)
+    with pytest.raises(ValueError, match="choose it with --rejection"):
+        Rejection(high=3).resolve(30)
+    with pytest.raises(ValueError, match="above 0"):
+        Rejection("sigma", low=0).resolve(9)
+    with pytest.raises(ValueError, match="unknown rejection"):
+        Rejection("median").resolve(9)
+    assert Rejection("percentile", low=0, high=0).resolve(4).low == 0
+    assert parse_memory("1.5G") == 3 << 29 and parse_memory("512M") == 512 << 20 and parse_memory(100) == 100
+    with pytest.raises(ValueError, match="not a size"):
+        parse_memory("lots")
+
+
+# -- frames with known truth ------------------------------------------------------------------------
+@dataclass
+class Scene:
+    """Frames on disk and what made them."""
+
+    paths: list[Path]
+    truth: np.ndarray  # (channels, h, w)
+    sigma: np.ndarray  # per frame
+    covered: np.ndarray  # (frames, h, w) bool
+    trail: np.ndarray  # (h, w) bool: the trail of frame 1
+    hot: np.ndarray  # (h, w) bool: hot pixels of any frame
+
+    def ideal_noise(self, mask=None) -> np.ndarray:
+        """Noise of the weighted average at each pixel (weights 1/sigma^2 of the covering frames)."""
+        inverse = np.tensordot(1 / self.sigma**2, self.covered.astype(float), axes=1)
+        return np.where(inverse > 0, 1 / np.sqrt(np.maximum(inverse, 1e-300)), np.inf)
+
+
+def write_scene(
+    directory: Path, n_frames: int, *, seed: int = 1, channels: int = 1, borders: bool = True, keyword: str = "NWEIGHT"
+) -> Scene:
+    """Frames of a smooth truth with noise per frame, a trail in frame 1, hot pixels and borders."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    h, w = SHAPE
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    base = 0.1 + 0.02 * np.sin(xx / 17) * np.cos(yy / 11) + 0.05 * np.exp(-((xx - 60) ** 2 + (yy - 30) ** 2) / 80)
+    truth = np.stack([base * (1 + 0.1 * c) for c in range(channels)]).astype(np.float32)
+    sigma = rng.uniform(0.002, 0.0035, n_frames)
+    covered = np.ones((n_frames, h, w), bool)
+    trail = np.abs((yy - 12) - 0.4 * xx) < 1.0
+    hot = np.zeros((h, w), bool)
+    paths = []
+    for k in range(n_frames):
+        data = truth + rng.normal(0, sigma[k], (channels, h, w)).astype(np.float32)
+        if k == 1:
+            data[:, trail] += np.float32(0.08)
+        # Hot pixels, never two on one pixel nor on the trail (dithered frames move them apart;
+        # sigma clipping, like PixInsight's, can miss two outliers among 8-10 samples).
+        for _ in range(12):
+            y, x = rng.integers(0, h), rng.integers(0, w)
+            if not hot[y, x] and not trail[y, x]:
+                data[:, y, x] = rng.uniform(0.5, 1.0)
+                hot[y, x] = True
+        if borders and k:
+            covered[k, :, : (k % 4) * 4] = False  # registration borders of different widths
+            covered[k, h - (k % 3) * 5 :, :] = False
+        data[:, ~covered[k]] = 0
+        header = fits.Header()
+        header["OBJECT"] = "SCENE"
+        header["NSGREF"] = "frame_000.fits"
+        header[keyword] = ((sigma[0] / sigma[k]) ** 2, "weight")
+        for c in range(channels):
+            header[f"NOISE0{c}"] = float(sigma[k])
+        header.add_history("NSG.parameters of the normalization")
+        path = directory / f"frame_{k:03d}_nsg.fits"
+        fits.PrimaryHDU(data[0] if channels == 1 else data, header=header).writeto(path)
+        paths.append(path)
+    return Scene(paths, truth, sigma, covered, trail, hot)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    """Scenes of 5, 9, 15 and 24 frames (percentile, sigma, winsorized and ESD by count)."""
+    root = tmp_path_factory.mktemp("scenes")
+    return {n: write_scene(root / f"n{n}", n, seed=n) for n in (5, 9, 15, 24)}
+
+
+def _master(path: Path):
+    with fits.open(path) as hdul:
+        data = np.asarray(hdul[0].data, np.float32)
+        maps = {h.name: np.asarray(h.data) for h in hdul[1:]}
+        header = hdul[0].header.copy()
+    return (data[None] if data.ndim == 2 else data), maps, header
+
+
+#: Largest master noise over the ideal weighted average's, per method: NSG's thresholds reject
+#: some clean samples (winsorized's 2.2 sigma high threshold about 2 %).
+NOISE_EXCESS = {"percentile": 1.03, "sigma": 1.03, "winsorized": 1.08, "esd": 1.04}
+
+
+@pytest.mark.parametrize("n_frames", [5, 9, 15, 24])
+def test_master_against_the_truth(scenes, n_frames, tmp_path):
+    """Noise near the ideal average; the trail and hot pixels rejected to within the noise; the
+    coverage exact and the borders at the truth's level."""
+    scene = scenes[n_frames]
+    result = stack(scene.paths, tmp_path / "master.fits", backend="numpy")
+    master, maps, header = _master(tmp_path / "master.fits")
+    assert result.rejection.method == "auto"
+    method = result.rejection.method_for(n_frames)
+    assert method == auto_rejection(n_frames)[0]
+    assert master.dtype == np.float32 and master.shape == scene.truth.shape
+    residual = master[0] - scene.truth[0]
+    expected = scene.ideal_noise()
+    everywhere = scene.covered.all(axis=0)
+    clean = everywhere & ~scene.trail & ~scene.hot
+    ratio = residual[clean].std() / expected[clean].mean()
+    assert 0.97 < ratio < NOISE_EXCESS[method], ratio
+    # The trail (about 30 sigma of a frame) and the hot pixels are gone wherever three or more
+    # frames cover the pixel (of two samples neither can be told to be the outlier).
+    for defect in (scene.trail, scene.hot):
+        defect = defect & (scene.covered.sum(axis=0) >= 3)
+        assert np.all(np.abs(residual[defect]) < 6 * expected[defect]), np.abs(residual / expected)[defect].max()
+    trail_frame = result.frames[1]
+    assert trail_frame.rejected_high == max(f.rejected_high for f in result.frames)
+    assert trail_frame.rejected_high >= scene.trail.sum()
+    # Coverage: the count of frames with data, exactly; borders: unbiased where fewer frames cover.
+    np.testing.assert_array_equal(maps["COVERAGE"], scene.covered.sum(axis=0))
+    partial = ~everywhere & ~scene.trail & ~scene.hot
+    normalized = residual[partial] / expected[partial]
+    assert partial.sum() > 500
+    assert abs(normalized.mean()) < 0.12 and normalized.std() < NOISE_EXCESS[method] + 0.05
+    assert header["NCOMBINE"] == n_frames and header["NSGSREJ"] == "auto"
+
+
+def test_without_rejection_the_trail_stays(scenes, tmp_path):
+    """The same scene with --rejection none: the trail shows, so the test above can fail."""
+    scene = scenes[9]
+    stack(scene.paths, tmp_path / "master.fits", rejection="none", backend="numpy")
+    master, maps, _ = _master(tmp_path / "master.fits")
+    residual = master[0] - scene.truth[0]
+    assert np.median(residual[scene.trail] / scene.ideal_noise()[scene.trail]) > 5
+    assert not maps["REJLOW"].any() and not maps["REJHIGH"].any()
+
+
+@pytest.mark.parametrize("method", ["linear", "esd", "sigma"])
+def test_chosen_methods_reject_the_trail(scenes, method, tmp_path):
+    scene = scenes[15]
+    result = stack(scene.paths, tmp_path / "m.fits", rejection=method, backend="numpy")
+    master, _, _ = _master(tmp_path / "m.fits")
+    residual = master[0] - scene.truth[0]
+    expected = scene.ideal_noise()
+    trail = scene.trail & scene.covered.all(axis=0)  # a chosen method is used at the borders too
+    assert np.all(np.abs(residual[trail]) < 6 * expected[trail])
+    assert result.rejection.method == method
+
+
+def test_same_bytes_whatever_the_memory_and_threads(scenes, tmp_path):
+    """A few rows per band and one band, one thread and two: the same master, byte for byte."""
+    scene = scenes[15]
+    h, w = SHAPE
+    small = PROCESS_RESERVE + 800_000
+    rows = plan_bands(small, n_frames=15, channels=1, height=h, width=w, threads=2)
+    assert 1 <= rows < h // 4
+    first = stack(scene.paths, tmp_path / "a.fits", memory=small, threads=2, backend="numpy")
+    second = stack(scene.paths, tmp_path / "b.fits", memory="2G", threads=1, backend="numpy")
+    assert first.bands > 4 and second.bands == 1
+    assert (tmp_path / "a.fits").read_bytes() == (tmp_path / "b.fits").read_bytes()
+
+
+def test_the_twin_and_the_emulated_kernel_give_the_same_master(scenes, tmp_path, monkeypatch):
+    """The whole stack with the kernel (host emulation) instead of the twin: identical bytes."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from emulation import EmulatedLauncher
+
+    from nsg_gpu import kernels
+
+    scene = scenes[24]
+    stack(scene.paths, tmp_path / "twin.fits", backend="numpy", maps="none")
+    launcher = EmulatedLauncher(multiprocessors=2)
+    monkeypatch.setattr(kernels, "launcher_for", lambda on_gpu: launcher)
+    stack(scene.paths, tmp_path / "kernel.fits", backend="numpy", maps="none")
+    assert launcher.launches and launcher.launches[0][0] == "reject_combine_f32"
+    assert (tmp_path / "twin.fits").read_bytes() == (tmp_path / "kernel.fits").read_bytes()
+
+
+def test_colour_frames_and_noise_weights(tmp_path):
+    """Three channels; --weights noise from the NOISE00 cards or, without them, measured."""
+    scene = write_scene(tmp_path / "in", 6, seed=3, channels=3)
+    result = stack(scene.paths, tmp_path / "m.fits", weights="noise", backend="numpy")
+    master, maps, _ = _master(tmp_path / "m.fits")
+    assert master.shape == (3, *SHAPE) and maps["COVERAGE"].shape == (3, *SHAPE)
+    expected = (scene.sigma[0] / scene.sigma) ** 2
+    relative = np.array([f.relative_weight for f in result.frames])
+    np.testing.assert_allclose(relative, expected / expected.max(), rtol=1e-6)  # the cards
+    for path in scene.paths:  # without the cards the noise is measured
+        with fits.open(path, mode="update") as hdul:
+            for c in range(3):
+                del hdul[0].header[f"NOISE0{c}"]
+    measured = stack(scene.paths, tmp_path / "m2.fits", weights="noise", backend="numpy")
+    relative = np.array([f.relative_weight for f in measured.frames])
+    np.testing.assert_allclose(relative, expected / expected.max(), rtol=0.12)
+    clean = scene.covered.all(axis=0) & ~scene.trail & ~scene.hot
+    for c in range(3):
+        assert np.abs(master[c] - scene.truth[c])[clean].std() < 1.05 * scene.ideal_noise()[clean].mean()
+
+
+def test_equal_and_keyword_weights(tmp_path):
+    scene = write_scene(tmp_path / "in", 4, seed=4, keyword="MYWEIGHT")
+    equal = stack(scene.paths, tmp_path / "e.fits", weights="equal", backend="numpy")
+    assert {f.weight for f in equal.frames} == {(1.0,)}
+    keyword = stack(scene.paths, tmp_path / "k.fits", weights="myweight", backend="numpy")
+    assert [f.weight[0] for f in keyword.frames] == pytest.approx((scene.sigma[0] / scene.sigma) ** 2, rel=1e-6)
+    with pytest.raises(StackError, match="no frame can be stacked: .*has no NWEIGHT card"):
+        stack(scene.paths, tmp_path / "n.fits", backend="numpy")
+
+
+# -- inputs -----------------------------------------------------------------------------------------
+def test_a_directory_means_the_accepted_outputs(tmp_path):
+    """weights.csv's files (never rejected/); without it every frame file but a master."""
+    scene = write_scene(tmp_path / "out", 5, seed=5)
+    (tmp_path / "out" / "rejected").mkdir()
+    rejected = tmp_path / "out" / "rejected" / "bad_nsg.fits"
+    fits.PrimaryHDU(np.ones(SHAPE, np.float32), fits.Header([("NWEIGHT", 1.0)])).writeto(rejected)
+    listed = [p.name for p in scene.paths[:4]]
+    (tmp_path / "out" / "weights.csv").write_text("file,weight\n" + "".join(f"{n},1\n" for n in listed))
+    result = stack(tmp_path / "out", tmp_path / "out" / "master.fits", backend="numpy")
+    assert [f.path.name for f in result.frames] == listed
+    (tmp_path / "out" / "weights.csv").unlink()
+    again = stack(tmp_path / "out", tmp_path / "out" / "master2.fits", backend="numpy")
+    # All five frames; not the master written beside them, nor rejected/.
+    assert [f.path.name for f in again.frames] == [p.name for p in scene.paths]
+    with pytest.raises(StackError, match="would overwrite an input"):
+        stack(scene.paths, scene.paths[2], backend="numpy")
+
+
+def test_bad_frames_are_left_out_with_their_reason(tmp_path):
+    scene = write_scene(tmp_path / "in", 6, seed=6)
+    fits.PrimaryHDU(np.ones((10, 10), np.float32), fits.Header([("NWEIGHT", 1.0)])).writeto(tmp_path / "small.fits")
+    fits.PrimaryHDU(np.ones(SHAPE, np.float32)).writeto(tmp_path / "noweight.fits")
+    (tmp_path / "garbage.fits").write_bytes(b"not a fits file" * 300)
+    truncated = tmp_path / "truncated.fits"
+    truncated.write_bytes(scene.paths[2].read_bytes()[:-4000])
+    inputs = [*scene.paths, tmp_path / "small.fits", tmp_path / "noweight.fits", tmp_path / "garbage.fits", truncated]
+    result = stack(inputs, tmp_path / "m.fits", backend="numpy")
+    errors = {f.path.name: f.error for f in result.skipped}
+    assert "is 10x10 but the first frame is 96x64" in errors["small.fits"]
+    assert "has no NWEIGHT card" in errors["noweight.fits"]
+    assert "cannot be read as FITS" in errors["garbage.fits"]
+    assert "is truncated" in errors["truncated.fits"]
+    assert all(str(tmp_path) in e for e in errors.values())  # every message names its file
+    assert len(result.used) == 6
+    rows = list(csv.DictReader((tmp_path / "stack.csv").read_text().splitlines()))
+    assert [r["status"] for r in rows] == ["used"] * 6 + ["skipped"] * 4
+    with pytest.raises(StackError, match="small.fits"):
+        stack(inputs, tmp_path / "m2.fits", backend="numpy", stop_on_error=True)
+    assert not (tmp_path / "m2.fits").exists()
+
+
+def test_compressed_integer_and_xisf_inputs_give_the_same_master(tmp_path):
+    """.fits.gz, tile-compressed .fz and XISF are decompressed once; 16-bit data are scaled."""
+    from nsg_gpu.io import read_frame, write_frame
+
+    scene = write_scene(tmp_path / "in", 5, seed=7)
+    plain = stack(scene.paths, tmp_path / "plain.fits", backend="numpy", maps="none")
+    other = []
+    for k, path in enumerate(scene.paths):
+        frame = read_frame(path)
+        header = frame.header.copy()
+        if k == 0:
+            target = tmp_path / "f0.fits.gz"
+            fits.PrimaryHDU(frame.data[0], header).writeto(target)
+        elif k == 1:
+            target = tmp_path / "f1.fz"
+            hdu = fits.CompImageHDU(frame.data[0], header, compression_type="GZIP_1", quantize_level=0.0)
+            fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(target)
+        elif k == 2:
+            target = tmp_path / "f2.xisf"
+            write_frame(target, frame.data, header)
+        else:
+            target = path
+        other.append(target)
+    mixed = stack(other, tmp_path / "mixed.fits", backend="numpy", maps="none")
+    assert [f.spooled for f in mixed.frames] == [True, True, True, False, False]
+    np.testing.assert_array_equal(fits.getdata(tmp_path / "mixed.fits"), fits.getdata(tmp_path / "plain.fits"))
+    assert not list(tmp_path.glob(".nsg-stack-*"))  # the spool folder is gone
+    # 16-bit integers with BZERO: the band reader gives read_frame's values.
+    ints = []
+    for k, path in enumerate(scene.paths):
+        data = np.round(fits.getdata(path) * 60000).astype(np.uint16)
+        target = tmp_path / f"int{k}.fits"
+        fits.PrimaryHDU(data, fits.getheader(path)).writeto(target)
+        ints.append(target)
+    stack(ints, tmp_path / "ints.fits", rejection="none", weights="equal", backend="numpy", maps="none")
+    frames = np.stack([read_frame(p).data[0].astype(np.float64) for p in ints])
+    covered = frames != 0
+    expected = (frames * covered).sum(axis=0) / np.maximum(covered.sum(axis=0), 1)
+    np.testing.assert_allclose(fits.getdata(tmp_path / "ints.fits"), expected, rtol=1e-6)
+    assert plain.band_rows >= 1
+
+
+def test_the_open_file_limit_is_respected(tmp_path):
+    """With fewer file descriptors than frames the frames are opened per read: same master."""
+    scene = write_scene(tmp_path / "in", 40, seed=8, borders=False)
+    stack(scene.paths, tmp_path / "free.fits", backend="numpy", maps="none", memory=PROCESS_RESERVE + 3_000_000)
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))\n"
+        "from nsg_gpu.stack_inputs import ensure_open_files\n"
+        "from nsg_gpu.stacking import stack\n"
+        "assert not ensure_open_files(104)\n"
+        f"r = stack(sys.argv[1:], {str(tmp_path / 'limited.fits')!r}, backend='numpy', maps='none', "
+        f"memory={PROCESS_RESERVE + 3_000_000})\n"
+        "assert r.bands > 1, r.bands\n"
+    )
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code, *map(str, scene.paths)], capture_output=True, text=True,
+                          env=environment)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "free.fits").read_bytes() == (tmp_path / "limited.fits").read_bytes()
+
+
+def test_memory_budget(tmp_path):
+    scene = write_scene(tmp_path / "in", 3, seed=9)
+    with pytest.raises(StackError, match="too small"):
+        stack(scene.paths, tmp_path / "m.fits", memory="100M", backend="numpy")
+    rows = plan_bands(parse_memory("24G"), n_frames=500, channels=1, height=4176, width=6248, threads=16)
+    assert rows >= 100  # 500 frames of 26 MP in bands of at least 100 rows on a 24 GB machine
+    assert plan_bands(parse_memory("24G"), n_frames=500, channels=1, height=4176, width=6248, gpu=True) >= 100
+
+
+def test_outputs_cards_maps_and_progress(tmp_path):
+    scene = write_scene(tmp_path / "in", 9, seed=10)
+    seen = []
+    result = stack(
+        scene.paths,
+        tmp_path / "out" / "m.fits",
+        maps="files",
+        memory=PROCESS_RESERVE + 1_000_000,
+        backend="numpy",
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    assert seen == [(k + 1, result.bands) for k in range(result.bands)] and result.bands > 1
+    data, maps, header = _master(tmp_path / "out" / "m.fits")
+    assert maps == {} and sorted(p.name for p in (tmp_path / "out").glob("m_*.fits")) == [
+        "m_coverage.fits",
+        "m_rejhigh.fits",
+        "m_rejlow.fits",
+    ]
+    assert header["NSGSTACK"].startswith("nsg-gpu") and header["OBJECT"] == "SCENE"
+    assert "NWEIGHT" not in header and "NSGREF" not in header and "NOISE00" not in header
+    history = [str(h) for h in header["HISTORY"]]
+    assert "NSG.parameters of the normalization" not in history
+    assert "NSG.stack weights: NWEIGHT" in history
+    assert "NSG.stack rejection: auto, by the frames with data at each pixel:" in history
+    assert "NSG.stack   8-10 frames: sigma clipping low 3.5 high 2.5 sigma" in history
+    assert all(len(h) <= 72 for h in history)  # one card each
+    assert sum(h.startswith("NSG.stack frame ") for h in history) == 9
+    assert "frame_008_nsg.fits weight" in history[-1]
+    rows = list(csv.DictReader((tmp_path / "out" / "stack.csv").read_text().splitlines()))
+    assert [Path(r["file"]).name for r in rows] == [p.name for p in scene.paths]
+    shares = [float(r["rejected_share"]) for r in rows]
+    assert shares[1] == max(shares)  # the trail's frame
+    assert float(rows[0]["covered_share"]) == 1.0 and float(rows[3]["covered_share"]) < 1.0
+    assert header["NSGSRJH"] == pytest.approx(result.rejected_high_share, rel=1e-5)
+
+
+def test_library_export():
+    assert nsg_gpu.stack is stack
+
+
+# -- command line and report ------------------------------------------------------------------------
+def test_cli_stack(tmp_path):
+    scene = write_scene(tmp_path / "in", 5, seed=11)
+    fits.PrimaryHDU(np.ones(SHAPE, np.float32)).writeto(tmp_path / "in" / "zz_noweight.fits")
+    out = tmp_path / "out" / "master.fits"
+    result = runner.invoke(app, ["stack", str(tmp_path / "in"), "-o", str(out), "--backend", "numpy"])
+    assert result.exit_code == 3, result.output  # a frame was left out
+    assert "stacked 5 frames into" in result.stdout and "percentile clipping" in result.stdout
+    assert "zz_noweight.fits: has no NWEIGHT card" in result.stderr
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert '<h2 id="stack">Stack</h2>' in page and "frame_004_nsg.fits" in page
+    for name in ("stack_master.png", "stack_coverage.png", "stack_rejection.png"):
+        assert (tmp_path / "out" / "plots" / name).stat().st_size > 1000
+    lines = runner.invoke(
+        app,
+        ["stack", *map(str, scene.paths), "-o", str(out), "--json", "--rejection", "sigma", "--high", "2", "--backend", "numpy"],
+    )  # fmt: skip
+    assert lines.exit_code == 0, lines.output
+    events = [json.loads(line) for line in lines.stdout.splitlines()]
+    assert events[-1]["event"] == "stack" and events[-1]["rejection"] == "sigma" and events[-1]["frames"] == 5
+    assert all(e["event"] == "band" for e in events[:-1]) and events[-2]["done"] == events[-2]["total"]
+    bad = runner.invoke(app, ["stack", str(tmp_path / "in"), "-o", str(out), "--rejection", "esd", "--low", "3"])
+    assert bad.exit_code == 1 and "generalized ESD takes no --low" in bad.output
+
+
+def test_report_section_replaces_itself_and_joins_a_run_report(tmp_path):
+    from nsg_gpu.htmlreport import add_stack_section
+
+    scene = write_scene(tmp_path / "in", 4, seed=12)
+    result = stack(scene.paths, tmp_path / "m.fits", backend="numpy")
+    page = tmp_path / "report.html"
+    page.write_text('<html><body><h1>run</h1><h2 id="parameters">Parameters</h2></body></html>')
+    add_stack_section(page, result)
+    add_stack_section(page, result)
+    text = page.read_text()
+    assert text.count('<h2 id="stack">') == 1
+    assert text.index('<h2 id="stack">') < text.index('<h2 id="parameters">') and "<h1>run</h1>" in text
+    assert 'src="plots/stack_master.png"' in text and 'href="stack.csv"' in text
