@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import ParameterError
+
 #: Rejection methods, in the order of their kernel codes.
 METHODS = ("none", "percentile", "sigma", "winsorized", "esd", "linear")
 METHOD_TITLES = {
@@ -104,7 +106,7 @@ class Rejection:
         reason = self.reason or "chosen"
         if method == "auto":
             if self.low is not None or self.high is not None:
-                raise ValueError("--low/--high set the thresholds of one method: choose it with --rejection")
+                raise ParameterError("--low/--high set the thresholds of one method: choose it with --rejection")
             everywhere, _ = auto_rejection(n_frames)
             reason = (
                 f"auto, by the frames with data at each pixel (NSG's rule by frame count): "
@@ -113,7 +115,9 @@ class Rejection:
             self._check_options()
             return dataclasses.replace(self, method="auto", reason=reason)
         if method not in METHODS:
-            raise ValueError(f"unknown rejection method {self.method!r}; choose auto or one of {', '.join(METHODS)}")
+            raise ParameterError(
+                f"unknown rejection method {self.method!r}; choose auto or one of {', '.join(METHODS)}"
+            )
         low, high = self.low, self.high
         if method in THRESHOLDS:
             default_low, default_high = THRESHOLDS[method]
@@ -123,25 +127,25 @@ class Rejection:
             for name, value in (("low", low), ("high", high)):
                 if not math.isfinite(value) or (value < 0 if least == 0.0 else value <= 0):
                     bound = "at least 0" if least == 0.0 else "above 0"
-                    raise ValueError(f"--{name} {value:g} for {METHOD_TITLES[method]}: it must be {bound}")
+                    raise ParameterError(f"--{name} {value:g} for {METHOD_TITLES[method]}: it must be {bound}")
         elif low is not None or high is not None:
             if method == "esd":
-                raise ValueError(
+                raise ParameterError(
                     "generalized ESD takes no --low/--high: set --esd-alpha, --esd-outliers and --esd-low-relaxation"
                 )
-            raise ValueError("--low/--high need a rejection method; --rejection none has no thresholds")
+            raise ParameterError("--low/--high need a rejection method; --rejection none has no thresholds")
         self._check_options()
         return dataclasses.replace(self, method=method, low=low, high=high, reason=reason)
 
     def _check_options(self) -> None:
         if not (self.cutoff == 0 or self.cutoff > 1.5):
-            raise ValueError(f"winsorization cut-off {self.cutoff:g}: use 0 (off) or a value above 1.5 sigma")
+            raise ParameterError(f"winsorization cut-off {self.cutoff:g}: use 0 (off) or a value above 1.5 sigma")
         if not 0 < self.esd_alpha < 1:
-            raise ValueError(f"ESD significance {self.esd_alpha:g}: it must be between 0 and 1")
+            raise ParameterError(f"ESD significance {self.esd_alpha:g}: it must be between 0 and 1")
         if not 0 < self.esd_outliers <= 1:
-            raise ValueError(f"ESD outliers share {self.esd_outliers:g}: it must be in (0, 1]")
+            raise ParameterError(f"ESD outliers share {self.esd_outliers:g}: it must be in (0, 1]")
         if not self.esd_low_relaxation >= 1:
-            raise ValueError(f"ESD low relaxation {self.esd_low_relaxation:g}: it must be at least 1")
+            raise ParameterError(f"ESD low relaxation {self.esd_low_relaxation:g}: it must be at least 1")
 
     def short(self) -> str:
         """The method and its thresholds in a few words (a HISTORY line; resolved settings)."""

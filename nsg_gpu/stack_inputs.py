@@ -22,7 +22,7 @@ import numpy as np
 from astropy.io import fits
 
 from .combine import CHUNK_SAMPLES, TWIN_BYTES_PER_SAMPLE
-from .errors import FrameError, FrameReadError, FrameShapeError, StackError
+from .errors import FrameError, FrameReadError, FrameShapeError, ParameterError, StackError
 from .io import FRAME_SUFFIXES
 
 #: Memory set aside for the interpreter and the libraries within a --memory budget.
@@ -266,7 +266,7 @@ def parse_memory(text: str | int | float) -> int:
         return int(text)
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(text))
     if not match:
-        raise ValueError(f"--memory {text!r} is not a size (e.g. 4G, 1500M)")
+        raise ParameterError(f"--memory {text!r} is not a size (e.g. 4G, 1500M)")
     factor = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[match.group(2).lower()]
     return int(float(match.group(1)) * factor)
 

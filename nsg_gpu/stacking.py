@@ -29,7 +29,7 @@ import numpy as np
 
 from .backend import Backend, select_backend
 from .combine import CHUNK_SAMPLES, BandResult, reject_combine
-from .errors import FrameDataError, FrameError, FrameReadError, FrameShapeError, OutputError, StackError
+from .errors import FrameDataError, FrameError, FrameReadError, FrameShapeError, OutputError, ParameterError, StackError
 from .htmlreport import add_stack_section
 from .io import XISF_SUFFIXES, read_frame
 from .noise import ksigma_noise
@@ -153,7 +153,7 @@ def stack(
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     if maps not in ("hdus", "files", "none"):
-        raise ValueError(f"maps={maps!r}: choose hdus, files or none")
+        raise ParameterError(f"maps={maps!r}: choose hdus, files or none")
     if isinstance(rejection, str):
         rejection = Rejection(method=rejection, low=low, high=high)
     elif low is not None or high is not None:
@@ -231,7 +231,9 @@ def _weight_mode(weights: str) -> str:
     if mode.lower() in ("equal", "noise"):
         return mode.lower()
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,8}", mode):
-        raise ValueError(f"--weights {weights!r}: use equal, noise or a FITS keyword (up to 8 letters, digits, - or _)")
+        raise ParameterError(
+            f"--weights {weights!r}: use equal, noise or a FITS keyword (up to 8 letters, digits, - or _)"
+        )
     return mode.upper()
 
 
