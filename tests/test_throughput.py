@@ -11,10 +11,12 @@ import scipy.ndimage as ndi
 from astropy.io import fits
 from scipy.interpolate import RectBivariateSpline
 
+from nsg_gpu import apply as apply_module
 from nsg_gpu import samples as samples_module
+from nsg_gpu.apply import apply_gradient
 from nsg_gpu.executors import InProcessExecutor
 from nsg_gpu.io import read_frame
-from nsg_gpu.noise import B3_LAYER1_FRACTION, ksigma_noise
+from nsg_gpu.noise import B3_LAYER1_FRACTION, ksigma_noise, wavelet_layer_rows
 from nsg_gpu.pipeline import normalize_frame
 from nsg_gpu.progress import RunProgress, format_seconds
 from nsg_gpu.reference import prepare_reference
@@ -188,6 +190,54 @@ def test_row_subsampled_noise_equals_whole_image_smoothing(max_pixels):
     image[200:203, 300:305] = 0
     image[::11, ::13] = 0
     assert ksigma_noise(image, max_pixels=max_pixels) == pytest.approx(_direct_ksigma(image, max_pixels), rel=1e-5)
+
+
+# -- the host apply ------------------------------------------------------------------------------
+def _holey_frame(shape, seed):
+    rng = np.random.default_rng(seed)
+    data = (0.05 + rng.random(shape)).astype(np.float32)
+    data[..., :, :3] = 0  # a registration border
+    data[..., 5:8, 4:9] = 0  # a hole
+    data[..., ::11, ::13] = 0  # scattered zeros
+    return data
+
+
+@pytest.mark.parametrize("truncate", [pytest.param(True, id="truncated"), pytest.param(False, id="not-truncated")])
+@pytest.mark.parametrize("shape", [pytest.param((1, 203, 611), id="mono"), pytest.param((3, 61, 50), id="colour")])
+def test_blocked_apply_equals_whole_array_arithmetic(shape, truncate):
+    """The row-blocked, in-place apply gives the bits and maximum of whole-array NumPy."""
+    data = _holey_frame(shape, 47)
+    gradient = (np.random.default_rng(48).random(shape) * 0.4).astype(np.float32)
+    scale = np.float32([1.13, 0.87, 1.41][: shape[0]])
+    expected = np.multiply(scale[:, None, None], data, dtype=np.float32)
+    expected -= gradient
+    expected[data == 0] = 0
+    high = float(expected.max())
+    if truncate:
+        np.clip(expected, 0, 1.0, out=expected)
+    out, got_high, layer, valid = apply_gradient(data, scale, gradient, white_level=1.0, truncate=truncate)
+    assert out.dtype == np.float32 and layer is None and valid is None
+    np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))
+    assert got_high == high
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "stride"),
+    [
+        pytest.param(403, 611, 7, id="every-7th-row"),
+        pytest.param(130, 171, 1, id="every-row"),
+        pytest.param(131, 7, 3, id="narrow"),
+        pytest.param(9, 5, 2, id="tiny"),
+        pytest.param(4, 4, 1, id="under-the-window"),
+    ],
+)
+def test_host_wavelet_layer_equals_scipy_to_the_bit(height, width, stride):
+    """The host layer of the apply step equals :func:`wavelet_layer_rows` (SciPy) bit for bit."""
+    image = _holey_frame((height, width), 49)
+    expected, expected_valid = wavelet_layer_rows(image, stride)
+    layer, valid = apply_module._layer_rows_host(image, stride)
+    np.testing.assert_array_equal(valid, expected_valid)
+    np.testing.assert_array_equal(layer.view(np.uint32), expected.view(np.uint32))
 
 
 @pytest.mark.slow
