@@ -3,8 +3,9 @@
 Frames are registered, so every target is measured at the reference's star positions after
 recentring; a star that moves further than ``star_search_radius`` is not paired, and a frame
 where most stars move that far is reported as not registered. The background is the plain
-annulus mean (photutils' ApertureStats definition, computed for all stars at once): everything in the annulus but the sky and the noise (faint
-neighbours, nebula, wings) scales with the transmission, and the mean stays linear in it; a
+annulus mean (photutils' ``ApertureStats`` definition, computed for all stars at once):
+everything in the annulus but the sky and the noise (faint neighbours, nebula, wings)
+scales with the transmission, and the mean stays linear in it; a
 median or a clipped mean responds to faint neighbours in proportion to the noise instead,
 which differs from frame to frame and biases the scale. A hot pixel in an annulus spoils one
 star, which the robust fit rejects.
