@@ -15,7 +15,7 @@ from nsg_gpu import apply as apply_module
 from nsg_gpu import samples as samples_module
 from nsg_gpu import scale as scale_module
 from nsg_gpu.apply import apply_gradient
-from nsg_gpu.executors import InProcessExecutor
+from nsg_gpu.executors import InProcessExecutor, default_compute_threads
 from nsg_gpu.io import read_frame
 from nsg_gpu.noise import B3_LAYER1_FRACTION, ksigma_noise, wavelet_layer_rows
 from nsg_gpu.pipeline import normalize_frame
@@ -367,3 +367,18 @@ def test_progress_rate_and_eta_follow_the_recent_frames():
     progress.update(100)
     assert progress.eta_seconds == 0.0
     assert format_seconds(7620) == "2 h 07 min"
+
+
+@pytest.mark.parametrize(
+    ("cores", "gpu", "threads"),
+    [
+        pytest.param(1, False, 1, id="one-core"),
+        pytest.param(2, False, 1, id="two-cores-leave-one-to-the-io"),
+        pytest.param(3, False, 2, id="three-cores"),
+        pytest.param(16, False, 2, id="sixteen-cores-gil-bound"),
+        pytest.param(16, True, 1, id="gpu"),
+    ],
+)
+def test_compute_threads_never_oversubscribe_the_cores(cores, gpu, threads):
+    """One core stays with the reader and writer; no more than two compute threads."""
+    assert default_compute_threads(gpu=gpu, cores=cores) == threads
