@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _machine import machine, print_machine  # noqa: E402
 
 from nsg_gpu.backend import cupy_status, select_backend  # noqa: E402
-from nsg_gpu.executors import InProcessExecutor  # noqa: E402
+from nsg_gpu.executors import InProcessExecutor, usable_cores  # noqa: E402
 from nsg_gpu.io import read_frame, write_frame  # noqa: E402
 from nsg_gpu.results import STAGES  # noqa: E402
 from nsg_gpu.run import normalize  # noqa: E402
@@ -121,8 +121,22 @@ def copy_floor(targets: list[Path], out: Path, *, plain: bool = True) -> dict:
     }
 
 
-def timed_run(paths: list[Path], out: Path, backend, executor) -> dict:
-    """One normalize run; per-frame wall time from the reference's completion to the end."""
+def timed_run(paths: list[Path], out: Path, backend, executor, cores: set[int] | None = None) -> dict:
+    """One normalize run; per-frame wall time from the reference's completion to the end.
+
+    ``cores``: run pinned to these cores (the calling thread's CPU affinity, which the
+    executor's threads inherit and by which it sizes itself)."""
+    held = os.sched_getaffinity(0) if cores is not None else None
+    if cores is not None:
+        os.sched_setaffinity(0, cores)
+    try:
+        return _timed_run(paths, out, backend, executor)
+    finally:
+        if held is not None:
+            os.sched_setaffinity(0, held)
+
+
+def _timed_run(paths: list[Path], out: Path, backend, executor) -> dict:
     marks = {}
 
     def progress(result, done, total):
@@ -163,9 +177,10 @@ def main() -> None:
     parser.add_argument("--backends", default="numpy,cupy", help="comma-separated; cupy only where usable")
     parser.add_argument(
         "--modes",
-        default="serial,streamed1,streamed",
+        default="serial,cores1,cores2,cores",
         help="executors to time, in this order: serial (frame after frame), streamed (read-ahead, "
-        "write-behind, default compute threads), streamed1 (the same with one compute thread)",
+        "write-behind, default compute threads), streamed1 and streamed2 (the same with one and two "
+        "compute threads), coresN (the default streaming run pinned to N cores), cores (on all)",
     )
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
@@ -205,14 +220,29 @@ def main() -> None:
                 "serial": lambda: InProcessExecutor(threads=False),
                 "streamed": InProcessExecutor,
                 "streamed1": lambda: InProcessExecutor(compute_threads=1),
+                "streamed2": lambda: InProcessExecutor(compute_threads=2),
             }
+            available = sorted(os.sched_getaffinity(0))
             for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-                executor = executors[mode]()
+                cores = None
+                if mode.startswith("cores"):
+                    count = int(mode[5:]) if mode[5:] else len(available)
+                    if count > len(available):
+                        print(f"{mode}: skipped (this process may use {len(available)} cores)")
+                        continue
+                    cores = set(available[:count])
+                    executor = InProcessExecutor()
+                    mode = f"cores{count}"
+                else:
+                    executor = executors[mode]()
                 label = f"{name}-{mode}"
+                if cores is not None and label in runs:
+                    continue  # "cores" on a machine of that many cores
                 while label in runs:
                     label += "'"
                 out = work / label
-                figures = timed_run(paths, out, backend, executor)
+                figures = timed_run(paths, out, backend, executor, cores)
+                figures["cores"] = len(cores) if cores is not None else usable_cores()
                 figures["ratio_to_copy"] = figures["per_frame_s"] / copy["per_frame_s"]
                 figures["ratio_to_own_copy"] = figures["per_frame_s"] / own["per_frame_s"]
                 runs[label] = figures
