@@ -9,16 +9,18 @@ big frames take a while to render), then in one run times
 - beside it, the same copy with the run's own reader and writer (``nsg_gpu.io.read_frame``,
   ``nsg_gpu.io.write_frame``: checks, atomic write and fsync included);
 - ``normalize`` (the function behind ``nsg normalize``) on the NumPy backend, and on CuPy
-  where a GPU is usable, with the streaming executor;
-- the same run frame after frame (no read-ahead or write-behind), for comparison,
+  where a GPU is usable: frame after frame (``serial``), and the default streaming run pinned
+  to 1, 2 and all cores (``cores1``, ``cores2``, ``cores``: the CPU affinity, which the
+  executor sizes its compute threads by),
 
 and prints the per-frame time of each stage, the per-frame wall time of the run (from the
-reference's completion to the last frame, divided by N), the ratio normalize/copy of the
-per-frame wall times, and the CPU seconds each used (a check on a machine shared with other
-work, where wall times stretch with the load).
+reference's completion to the last frame, divided by N), the ratios normalize/copy of the
+per-frame wall times, the CPU seconds each used (a check on a machine shared with other
+work, where wall times stretch with the load; per frame: those after the reference) and
+the peak resident set of each run.
 
     python bench/throughput.py [--frames 4] [--width 6248 --height 4176] [--colour]
-                               [--cache DIR] [--json FILE]
+                               [--cache DIR] [--modes serial,cores1,cores2,cores] [--json FILE]
 """
 
 from __future__ import annotations
@@ -136,16 +138,34 @@ def timed_run(paths: list[Path], out: Path, backend, executor, cores: set[int] |
             os.sched_setaffinity(0, held)
 
 
+def _peak_rss_mb(reset: bool = False) -> float | None:
+    """This process's peak resident set (VmHWM, MB); ``reset`` starts a new peak (Linux)."""
+    try:
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def _timed_run(paths: list[Path], out: Path, backend, executor) -> dict:
     marks = {}
 
+    cpu_marks = {}
+
     def progress(result, done, total):
         marks[done] = time.perf_counter()
+        cpu_marks[done] = _cpu_seconds()
 
+    resident = _peak_rss_mb(reset=True)
     started = time.perf_counter()
     cpu = _cpu_seconds()
     run = normalize(paths, reference=paths[0], output_dir=out, backend=backend, executor=executor, progress=progress)
     finished = time.perf_counter()
+    cpu_targets = _cpu_seconds() - cpu_marks[1]
     cpu = _cpu_seconds() - cpu
     targets = [f for f in run.frames if f.status == "ok"]
     if run.failed:
@@ -159,6 +179,9 @@ def _timed_run(paths: list[Path], out: Path, backend, executor) -> dict:
         "stage_sum_s": sum(stages.values()),
         "frames": len(targets),
         "cpu_s": cpu,
+        "cpu_per_frame_s": cpu_targets / len(targets),
+        "rss_before_mb": resident,
+        "peak_rss_mb": _peak_rss_mb(),
     }
 
 
@@ -263,6 +286,20 @@ def main() -> None:
     print(f"{'/ copy':<12}" + "".join(f"{r['ratio_to_copy']:>16.2f}" for r in runs.values()))
     print(f"{'/ nsg copy':<12}" + "".join(f"{r['ratio_to_own_copy']:>16.2f}" for r in runs.values()))
     print(f"{'CPU s, run':<12}" + "".join(f"{r['cpu_s']:>16.1f}" for r in runs.values()))
+    print(f"{'CPU s/frame':<12}" + "".join(f"{r['cpu_per_frame_s']:>16.2f}" for r in runs.values()))
+    frame_mb = args.width * args.height * (3 if args.colour else 1) * 4 / 2**20
+    print(
+        f"{'peak RSS MB':<12}"
+        + "".join(f"{r['peak_rss_mb']:>16.0f}" if r["peak_rss_mb"] else f"{'-':>16}" for r in runs.values())
+    )
+    print(
+        f"{'  in frames':<12}"
+        + "".join(
+            f"{(r['peak_rss_mb'] - r['rss_before_mb']) / frame_mb:>16.1f}" if r["peak_rss_mb"] else f"{'-':>16}"
+            for r in runs.values()
+        )
+        + f"   (peak above the start of the run, in frames of {frame_mb:.0f} MB)"
+    )
     print(
         f"(copy floor, plain astropy: {copy['per_frame_s']:.3f} s and {copy['cpu_per_frame_s']:.3f} CPU s per frame; "
         f"with nsg's reader and writer: {own['per_frame_s']:.3f} s)"
