@@ -195,6 +195,17 @@ def annulus_statistics(stamps: np.ndarray, fx: np.ndarray, fy: np.ndarray, geome
     mean, std, count : ndarray (channels, n) float64
     """
     channels, n, side, _ = stamps.shape
+    mean, std, count = np.empty((channels, n)), np.empty((channels, n)), np.empty(n)
+    # Stars in groups whose float64 copies stay in the CPU's cache between the passes.
+    group = max(1, (1 << 19) // (8 * channels * side * side))
+    for i0 in range(0, n, group):
+        i1 = min(n, i0 + group)
+        mean[:, i0:i1], std[:, i0:i1], count[i0:i1] = _annulus_group(stamps[:, i0:i1], fx[i0:i1], fy[i0:i1], geometry)
+    return mean, std, np.broadcast_to(count, (channels, n)).copy()
+
+
+def _annulus_group(stamps: np.ndarray, fx: np.ndarray, fy: np.ndarray, geometry: ApertureGeometry):
+    side = stamps.shape[-1]
     half = side // 2
     off = np.arange(-half, half + 1, dtype=np.float64)
     dx = off[None, None, :] - np.asarray(fx, np.float64)[:, None, None]
@@ -211,7 +222,7 @@ def annulus_statistics(stamps: np.ndarray, fx: np.ndarray, fy: np.ndarray, geome
         values *= ring
         np.multiply(values, values, out=values)
         std = np.sqrt(values.sum(axis=(2, 3)) / count)
-    return mean, std, np.broadcast_to(count, (channels, n)).copy()
+    return mean, std, count
 
 
 def cut_out(data, x, y, geometry: ApertureGeometry, *, keep_mosaic: bool = False) -> Cutouts:
