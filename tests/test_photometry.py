@@ -86,7 +86,7 @@ def test_annulus_statistics_equal_photutils_aperture_stats():
     from photutils.aperture import ApertureStats, CircularAnnulus
 
     rng = np.random.default_rng(50)
-    channels, n = 2, 40
+    channels, n = 2, 120  # more stars than one group (annulus_statistics works in groups)
     geometry = photometry.ApertureGeometry(radius=4.5, annulus_inner=7.0, annulus_outer=11.5)
     half = 13
     side = 2 * half + 1
