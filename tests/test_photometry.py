@@ -111,3 +111,15 @@ def test_annulus_statistics_equal_photutils_aperture_stats():
             assert count[c, i] == area
             assert mean[c, i] == pytest.approx(float(stats.mean), rel=1e-12)
             assert std[c, i] == pytest.approx(float(stats.std), rel=1e-10)
+
+
+@pytest.mark.parametrize("n", [pytest.param(1, id="one"), pytest.param(1500, id="even"), pytest.param(1501, id="odd")])
+def test_fast_median_equals_numpy_median_to_the_bit(n):
+    """The line fits' median is ``np.median``, bit for bit, ties and NaN included."""
+    rng = np.random.default_rng(53)
+    values = rng.normal(0, 1, n)
+    assert photometry.median(values) == np.median(values)
+    ties = np.round(values, 1)
+    assert photometry.median(ties) == np.median(ties)
+    values[n // 2] = np.nan
+    assert np.isnan(photometry.median(values))
