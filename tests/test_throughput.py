@@ -15,7 +15,7 @@ from nsg_gpu import apply as apply_module
 from nsg_gpu import samples as samples_module
 from nsg_gpu import scale as scale_module
 from nsg_gpu.apply import apply_gradient
-from nsg_gpu.executors import InProcessExecutor, default_compute_threads
+from nsg_gpu.executors import InProcessExecutor, ProcessExecutor, default_compute_threads
 from nsg_gpu.io import read_frame
 from nsg_gpu.noise import B3_LAYER1_FRACTION, ksigma_noise, wavelet_layer_rows
 from nsg_gpu.pipeline import normalize_frame
@@ -382,3 +382,19 @@ def test_progress_rate_and_eta_follow_the_recent_frames():
 def test_compute_threads_never_oversubscribe_the_cores(cores, gpu, threads):
     """One core stays with the reader and writer; no more than two compute threads."""
     assert default_compute_threads(gpu=gpu, cores=cores) == threads
+
+
+def test_processes_stop_after_a_failure_and_report_in_order(frames, tmp_path):
+    """Worker processes report in job order, and nothing after the first failed frame."""
+    broken = tmp_path / "broken.fits"
+    broken.write_bytes(b"not a FITS file")
+    inputs = [frames[0], frames[1], broken, frames[2], frames[3]]
+    run = normalize(
+        inputs,
+        reference=frames[0],
+        output_dir=tmp_path / "out",
+        executor=ProcessExecutor(processes=2),
+        stop_on_error=True,
+    )
+    assert [Path(f.path).name for f in run.frames] == [frames[0].name, frames[1].name, "broken.fits"]
+    assert [f.status for f in run.frames] == ["reference", "ok", "failed"]
