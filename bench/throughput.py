@@ -11,7 +11,8 @@ big frames take a while to render), then in one run times
 - ``normalize`` (the function behind ``nsg normalize``) on the NumPy backend, and on CuPy
   where a GPU is usable: frame after frame (``serial``), and the default streaming run pinned
   to 1, 2 and all cores (``cores1``, ``cores2``, ``cores``: the CPU affinity, which the
-  executor sizes its compute threads by),
+  executor sizes its compute threads by); ``procs`` for one worker process per core
+  (``ProcessExecutor``, for many cores),
 
 and prints the per-frame time of each stage, the per-frame wall time of the run (from the
 reference's completion to the last frame, divided by N), the ratios normalize/copy of the
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -43,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _machine import machine, print_machine  # noqa: E402
 
 from nsg_gpu.backend import cupy_status, select_backend  # noqa: E402
-from nsg_gpu.executors import InProcessExecutor, usable_cores  # noqa: E402
+from nsg_gpu.executors import InProcessExecutor, ProcessExecutor, usable_cores  # noqa: E402
 from nsg_gpu.io import read_frame, write_frame  # noqa: E402
 from nsg_gpu.results import STAGES  # noqa: E402
 from nsg_gpu.run import normalize  # noqa: E402
@@ -73,9 +75,10 @@ def frame_set(cache: Path, *, width: int, height: int, colour: bool, frames: int
 
 
 def _cpu_seconds() -> float:
-    """CPU time (user + system) of this process and its threads so far."""
+    """CPU time (user + system) of this process and its threads so far, and of its worker
+    processes that have ended."""
     times = os.times()
-    return times.user + times.system
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def _plain_read(path: Path):
@@ -182,6 +185,8 @@ def _timed_run(paths: list[Path], out: Path, backend, executor) -> dict:
         "cpu_per_frame_s": cpu_targets / len(targets),
         "rss_before_mb": resident,
         "peak_rss_mb": _peak_rss_mb(),
+        # the largest of any worker process so far (procs modes)
+        "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
 
 
@@ -203,7 +208,8 @@ def main() -> None:
         default="serial,cores1,cores2,cores",
         help="executors to time, in this order: serial (frame after frame), streamed (read-ahead, "
         "write-behind, default compute threads), streamed1 and streamed2 (the same with one and two "
-        "compute threads), coresN (the default streaming run pinned to N cores), cores (on all)",
+        "compute threads), coresN (the default streaming run pinned to N cores), cores (on all), "
+        "procsN and procs (ProcessExecutor with N processes on N cores, or on all)",
     )
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
@@ -248,14 +254,14 @@ def main() -> None:
             available = sorted(os.sched_getaffinity(0))
             for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
                 cores = None
-                if mode.startswith("cores"):
-                    count = int(mode[5:]) if mode[5:] else len(available)
+                if mode.startswith(("cores", "procs")):
+                    kind, count = mode[:5], int(mode[5:]) if mode[5:] else len(available)
                     if count > len(available):
                         print(f"{mode}: skipped (this process may use {len(available)} cores)")
                         continue
                     cores = set(available[:count])
-                    executor = InProcessExecutor()
-                    mode = f"cores{count}"
+                    executor = InProcessExecutor() if kind == "cores" else ProcessExecutor(processes=count)
+                    mode = f"{kind}{count}"
                 else:
                     executor = executors[mode]()
                 label = f"{name}-{mode}"
@@ -299,6 +305,11 @@ def main() -> None:
             for r in runs.values()
         )
         + f"   (peak above the start of the run, in frames of {frame_mb:.0f} MB)"
+    )
+    print(
+        f"{'worker RSS':<12}"
+        + "".join(f"{r['worker_peak_rss_mb']:>16.0f}" for r in runs.values())
+        + "   (procs: the largest worker process so far)"
     )
     print(
         f"(copy floor, plain astropy: {copy['per_frame_s']:.3f} s and {copy['cpu_per_frame_s']:.3f} CPU s per frame; "
