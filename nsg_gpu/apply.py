@@ -95,18 +95,102 @@ def apply_gradient(data, scale, gradient, *, white_level: float, truncate: bool,
             ),
         )
         return out, float(be.to_host(high.max())), layer, None if valid is None else valid.view(bool)
-    # One temporary: m*T, then G subtracted and the no-data pixels zeroed in place.
-    out = xp.multiply(xp.asarray(m)[:, None, None], data, dtype=xp.float32)
-    out -= gradient
-    empty = data == 0
-    out[empty] = 0
-    high = float(be.to_host(out.max()))
-    if truncate:
-        xp.clip(out, 0, white_level, out=out)  # no-data pixels are 0 and stay 0
-    if row_stride is None:
+    if be.is_gpu:
+        out = xp.multiply(xp.asarray(m)[:, None, None], data, dtype=xp.float32)
+        out -= gradient
+        out[data == 0] = 0
+        high = float(be.to_host(out.max()))
+        if truncate:
+            xp.clip(out, 0, white_level, out=out)
+        layers = None
+        if row_stride is not None:
+            layers = [wavelet_layer_rows(out[c], row_stride) for c in range(channels)]
+    else:
+        out, high = _apply_host(data, m, gradient, white_level=white_level, truncate=truncate)
+        layers = None
+        if row_stride is not None:
+            layers = [_layer_rows_host(out[c], row_stride) for c in range(channels)]
+    if layers is None:
         return out, high, None, None
-    layers = [wavelet_layer_rows(out[c], row_stride) for c in range(channels)]
     return out, high, xp.stack([a for a, _ in layers]), xp.stack([b for _, b in layers])
+
+
+#: Rows per block of the host apply: a block of the frame, the model and the output stays in
+#: the CPU's cache between the passes over it (about 0.6 MB each at 6248 px wide).
+_BLOCK_ROWS = 24
+#: Bytes of double-precision source rows per block of the host wavelet layer.
+_LAYER_BYTES = 1 << 19
+
+
+def _apply_host(data, m, gradient, *, white_level: float, truncate: bool):
+    """``m*T - G`` (0 where ``T == 0``), its maximum, and the clip, in row blocks in place.
+
+    The same float32 operations in the same order as whole-array NumPy, so the same bits;
+    but each block is read from memory once, and the only frame-sized array is the output.
+    """
+    channels, height, width = data.shape
+    out = np.empty((channels, height, width), dtype=np.float32)
+    empty = np.empty((_BLOCK_ROWS, width), dtype=bool)
+    high = -np.inf
+    for c in range(channels):
+        scale = np.float32(m[c])
+        for r0 in range(0, height, _BLOCK_ROWS):
+            r1 = min(height, r0 + _BLOCK_ROWS)
+            source, block, hole = data[c, r0:r1], out[c, r0:r1], empty[: r1 - r0]
+            np.multiply(source, scale, out=block, dtype=np.float32)
+            np.subtract(block, gradient[c, r0:r1], out=block)
+            np.equal(source, 0, out=hole)
+            np.copyto(block, 0, where=hole)
+            high = max(high, float(block.max()))
+            if truncate:
+                np.clip(block, 0, white_level, out=block)  # no-data pixels are 0 and stay 0
+    return out, high
+
+
+def _layer_rows_host(image, row_stride: int):
+    """:func:`nsg_gpu.noise.wavelet_layer_rows` on the host, to the same bits.
+
+    SciPy's symmetric 5-tap ``correlate1d`` sums ``w0*x0 + (x-2 + x2)*w2 + (x-1 + x1)*w1``
+    in double and rounds to float32; the horizontal pass does that on the 5 source rows of
+    each kept row (edges mirrored as ``mode="reflect"``), the vertical pass only at the
+    kept row itself rather than at all 5, and the 5x5 "holds data" test is a product of
+    shifted slices rather than a binary erosion.
+    """
+    height, width = image.shape
+    rows = np.arange(0, height, row_stride)
+    offsets = np.arange(-2, 3)[:, None]
+    source = rows[None, :] + offsets  # (5, rows)
+    folded = np.mod(source, 2 * height)
+    mirrored = np.where(folded >= height, 2 * height - 1 - folded, folded)
+    w0, w1, w2 = 6.0 / 16.0, 4.0 / 16.0, 1.0 / 16.0
+    layer = np.empty((rows.size, width), dtype=np.float32)
+    valid = np.empty((rows.size, width), dtype=bool)
+    outside = (source < 0) | (source >= height)
+    step = max(1, _LAYER_BYTES // (40 * width))  # kept rows per block: 5 source rows of doubles
+    padded = np.empty((5, step, width + 4), dtype=np.float64)
+    for k0 in range(0, rows.size, step):
+        k1 = min(rows.size, k0 + step)
+        n = k1 - k0
+        block = image[mirrored[:, k0:k1].ravel()].reshape(5, n, width)
+        pad = padded[:, :n]
+        pad[..., 2:-2] = block
+        pad[..., 0], pad[..., 1] = pad[..., 3], pad[..., 2]  # "reflect": d c b a | a b c d
+        pad[..., -1], pad[..., -2] = pad[..., -4], pad[..., -3]
+        horizontal = pad[..., 2:-2] * w0
+        horizontal += (pad[..., :-4] + pad[..., 4:]) * w2
+        horizontal += (pad[..., 1:-3] + pad[..., 3:-1]) * w1
+        h = horizontal.astype(np.float32).astype(np.float64)
+        smooth = h[2] * w0
+        smooth += (h[0] + h[4]) * w2
+        smooth += (h[1] + h[3]) * w1
+        np.subtract(block[2], smooth.astype(np.float32), out=layer[k0:k1])
+        # Valid: every pixel of the 5x5 window holds data and lies in the image.
+        holds = np.all(block > 0, axis=0) & ~np.any(outside[:, k0:k1], axis=0)[:, None]
+        ok = valid[k0:k1]
+        ok[:] = False
+        if width >= 5:
+            ok[:, 2:-2] = holds[:, :-4] & holds[:, 1:-3] & holds[:, 2:-2] & holds[:, 3:-1] & holds[:, 4:]
+    return layer, valid
 
 
 def normalize_pixels(

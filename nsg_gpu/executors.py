@@ -8,22 +8,29 @@ in, so that results files are the same however the run was executed. The Dask ex
 the same interface, is :class:`nsg_gpu.cluster.DaskExecutor`.
 
 :class:`InProcessExecutor` streams: a reader thread reads a few frames ahead, the calling
-thread hands frames to compute threads (two on a multi-core CPU), and a writer thread writes
-behind, with bounded queues between them. A run of N frames then costs about N times its
+thread hands frames to compute threads, and a writer thread writes behind, with bounded
+queues between them. A run of N frames then costs about N times its
 slowest stage rather than N times the sum of the stages, and holds a bounded number of
 frames (``read_ahead + write_behind + compute threads + 2``) whatever N is. Reading, writing
-and most NumPy work release the GIL, so the threads overlap on separate cores.
+and most NumPy work release the GIL, so the threads overlap on separate cores. The compute
+threads leave one core to the reader and writer (one compute thread on two cores: a second
+one there only contends with the first and with the I/O), and stop at two, where the GIL
+leaves a third nothing to gain; beyond that, frames are spread over processes
+(:class:`ProcessExecutor` on one machine, :class:`nsg_gpu.cluster.DaskExecutor` on many).
+Each computation runs with one BLAS and OpenMP
+thread (:func:`nsg_gpu.backend.single_threaded_blas`), so threads never multiply.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
 import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 from .backend import get_backend
 from .errors import FrameError, OutputError
@@ -31,7 +38,7 @@ from .jobs import FrameJob, compute_job, process_frame, read_job, write_job
 from .reference import Reference
 from .results import FrameResult, failed_result
 
-__all__ = ["InProcessExecutor"]
+__all__ = ["InProcessExecutor", "ProcessExecutor", "default_compute_threads", "usable_cores"]
 
 #: How often (s) a thread blocked on a queue looks whether the run was stopped.
 _POLL = 0.1
@@ -62,6 +69,23 @@ def _get(q: queue.Queue, stop: threading.Event):
             continue
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the system tells it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def default_compute_threads(*, gpu: bool = False, cores: int | None = None) -> int:
+    """Compute threads for a streaming run: one core is left to the reader and writer, and
+    more than two threads gain nothing against the GIL; 1 on a GPU."""
+    if gpu:
+        return 1
+    cores = usable_cores() if cores is None else cores
+    return max(1, min(2, cores - 1))
+
+
 class InProcessExecutor:
     """Process the frames in this process: read ahead, compute, write behind.
 
@@ -75,9 +99,9 @@ class InProcessExecutor:
         one per compute thread.
 
     compute_threads : int, optional
-        Frames normalized at the same time. By default 2 on the CPU where there are two
-        cores or more (most of the work is NumPy, SciPy and photutils code that releases
-        the GIL for part of its time, so a second frame uses the second core), 1 on a GPU.
+        Frames normalized at the same time. By default :func:`default_compute_threads`:
+        on the CPU one fewer than the cores this process may use, at least 1 and at most 2;
+        1 on a GPU.
 
     threads : bool
         Overlap the stages on threads (the default). False runs
@@ -99,9 +123,7 @@ class InProcessExecutor:
     def _compute_threads(self, reference: Reference) -> int:
         if self.compute_threads is not None:
             return self.compute_threads
-        if get_backend(reference.frame.data).is_gpu:
-            return 1
-        return 2 if (os.cpu_count() or 1) >= 2 else 1
+        return default_compute_threads(gpu=get_backend(reference.frame.data).is_gpu)
 
     def run(
         self, reference: Reference, jobs: Sequence[FrameJob], *, stop_on_error: bool = False
@@ -227,4 +249,77 @@ class InProcessExecutor:
             failed.set()  # computations still queued return at once
             for thread in threads:
                 thread.join()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+#: The prepared reference inside a :class:`ProcessExecutor` worker.
+_worker_reference: Reference | None = None
+
+
+def _start_worker(reference: Reference) -> None:
+    global _worker_reference
+    _worker_reference = reference
+
+
+def _process_in_worker(job: FrameJob) -> FrameResult:
+    result = process_frame(_worker_reference, job)
+    result.data = None  # written; only the numbers travel back
+    return result
+
+
+class ProcessExecutor:
+    """Process the frames on worker processes of this machine, each frame read, normalized
+    and written by one process (:func:`~nsg_gpu.jobs.process_frame`).
+
+    For many cores, where the GIL keeps compute threads from scaling: each process runs one
+    frame at a time on one core (one BLAS and OpenMP thread), so ``processes`` frames are in
+    flight and as many cores busy. Every worker receives the prepared reference once, when
+    it starts (forked where the system allows, so that its pixels are shared rather than
+    copied), and prepares what it caches (the reference's photometry at each aperture, its
+    PSF fits) itself. Results come back in job order, as from :class:`InProcessExecutor`,
+    and the outputs are the same bytes.
+
+    Parameters
+    ----------
+    processes : int, optional
+        Worker processes; by default the cores this process may use.
+
+    pending : int, optional
+        Jobs handed to the workers ahead of the one reported next; by default twice the
+        processes. It bounds the results held back for the order, not memory, which each
+        worker holds for its own frame only.
+    """
+
+    def __init__(self, *, processes: int | None = None, pending: int | None = None):
+        if processes is not None and processes < 1:
+            raise ValueError("processes must be at least 1")
+        self.processes = processes
+        self.pending = pending
+
+    def run(
+        self, reference: Reference, jobs: Sequence[FrameJob], *, stop_on_error: bool = False
+    ) -> Iterator[FrameResult]:
+        """Yield each job's result in order, once its output is written; stop after the
+        first failure if asked (frames not yet started are then neither reported nor written)."""
+        jobs = list(jobs)
+        processes = self.processes or usable_cores()
+        pending = self.pending or 2 * processes
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        pool = ProcessPoolExecutor(
+            max_workers=processes, mp_context=context, initializer=_start_worker, initargs=(reference,)
+        )
+        try:
+            futures: list = []
+            submitted = 0
+            for index in range(len(jobs)):
+                while submitted < len(jobs) and submitted < index + pending:
+                    futures.append(pool.submit(_process_in_worker, jobs[submitted]))
+                    submitted += 1
+                result = futures[index].result()
+                futures[index] = None
+                yield result
+                if stop_on_error and result.status == "failed":
+                    return
+        finally:
             pool.shutdown(wait=True, cancel_futures=True)

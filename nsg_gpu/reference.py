@@ -27,7 +27,7 @@ from .outliers import bright_counts, clipped_medians, pixel_noise
 from .params import Parameters, resolve_parameters
 from .psf import MIN_PSF_FWHM, PSF_STARS, FittedPSF, MoffatPSF, fit_reference_psf, stamp_radius
 from .samples import MIN_SAMPLES, SampleGrid, bin_medians, make_grid, star_rejection
-from .stamps import stamp_peaks
+from .stamps import channel_peaks
 from .stars import StarCatalog, detect_stars, detection_image, isolated
 
 __all__ = ["Reference", "prepare_reference", "check_coverage", "as_frame", "MAX_PHOTOMETRY_STARS"]
@@ -205,7 +205,7 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
         white_level=frame.white_level,
     )
     linear = np.nonzero(stars.peak < resolved.linear_range)[0][:MAX_PHOTOMETRY_STARS]
-    channel_peak = stamp_peaks(data.max(axis=0), stars.x[linear], stars.y[linear])
+    channel_peak = channel_peaks(data, stars.x[linear], stars.y[linear])
     alone = isolated(stars, linear, reach=6.0 * stars.fwhm + 4)
     grid = make_grid(height, width, resolved.sample_size)
     if grid.count < MIN_SAMPLES:

@@ -13,7 +13,7 @@ import numpy as np
 
 from .backend import get_backend
 
-__all__ = ["gather_stamps", "stamp_peaks", "local_level"]
+__all__ = ["gather_stamps", "stamp_peaks", "channel_peaks", "local_level"]
 
 
 def gather_stamps(image, x, y, half: int):
@@ -55,6 +55,13 @@ def stamp_peaks(image, x, y, half: int = 1) -> np.ndarray:
     """The brightest pixel within ``half`` px of each position, on the host (0 off the image)."""
     be = get_backend(image)
     return be.to_host(gather_stamps(image, x, y, half).max(axis=(-2, -1)))
+
+
+def channel_peaks(data, x, y, half: int = 1) -> np.ndarray:
+    """:func:`stamp_peaks` of the brightest channel, ``data.max(axis=0)``, without forming it:
+    the maximum over the channels of each channel's stamps, on the host."""
+    peaks = stamp_peaks(data, x, y, half)
+    return peaks.max(axis=0) if peaks.ndim == 2 else peaks
 
 
 def local_level(image, x, y, half: int) -> np.ndarray:

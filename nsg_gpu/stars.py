@@ -204,21 +204,14 @@ def find_peaks(matched, image, *, half: int, threshold: float, margin: int, laun
     bool array (height, width) on the backend of ``matched``
     """
     be = get_backend(matched)
-    xp, ndi = be.xp, be.ndimage
+    xp = be.xp
     threshold = np.float32(threshold)
     if margin < 1 or half < 1:
         raise ValueError(f"find_peaks needs margin >= 1 and half >= 1, got {margin} and {half}")
     margin = max(int(margin), int(half))
     launcher = launcher or kernels.launcher_for(be.is_gpu)
     if launcher is None:
-        valid = image > 0
-        inner = ndi.binary_erosion(valid, structure=xp.ones((3, 3), dtype=bool), iterations=margin)
-        inner[:margin] = False
-        inner[-margin:] = False
-        inner[:, :margin] = False
-        inner[:, -margin:] = False
-        local_max = matched == ndi.maximum_filter(matched, size=2 * half + 1)
-        return local_max & (matched > threshold) & inner
+        return _find_peaks_host(matched, image, half=half, threshold=threshold, margin=margin)
     h, w = matched.shape
     peaks = xp.empty((h, w), dtype=xp.uint8)
     matched = xp.ascontiguousarray(matched, dtype=xp.float32)
@@ -226,6 +219,44 @@ def find_peaks(matched, image, *, half: int, threshold: float, margin: int, laun
     config = launcher.config("find_peaks_f32", h * w)
     launcher("find_peaks_f32", config, (matched, image, peaks, h, w, threshold, half, margin))
     return peaks.view(bool)
+
+
+def _window_max(image: np.ndarray, half: int) -> np.ndarray:
+    """``scipy.ndimage.maximum_filter(image, size=2 * half + 1)`` (mode "reflect"), exactly:
+    separable maxima of shifted slices. Mirrored pixels lie inside the clipped window, so
+    the window clipped to the image gives the same maximum."""
+    out = image.copy()
+    for axis in (1, 0):
+        source = out.copy() if axis == 0 else image
+        n = image.shape[axis]
+        for k in range(1, min(half, n - 1) + 1):
+            ahead = [slice(None), slice(None)]
+            behind = [slice(None), slice(None)]
+            ahead[axis], behind[axis] = slice(0, n - k), slice(k, n)
+            np.maximum(out[tuple(ahead)], source[tuple(behind)], out=out[tuple(ahead)])
+            np.maximum(out[tuple(behind)], source[tuple(ahead)], out=out[tuple(behind)])
+    return out
+
+
+def _find_peaks_host(matched, image, *, half: int, threshold, margin: int):
+    """:func:`find_peaks` on the host: the window maximum by shifted slices, and the "data all
+    around" test only at the candidates, from a summed-area table of the no-data pixels
+    (the same as eroding "has data" ``margin`` times with a 3 x 3 square)."""
+    h, w = matched.shape
+    peaks = (matched > threshold) & (matched == _window_max(matched, half))
+    peaks[:margin] = False
+    peaks[h - margin :] = False
+    peaks[:, :margin] = False
+    peaks[:, w - margin :] = False
+    ys, xs = np.nonzero(peaks)
+    if ys.size:
+        empty = np.zeros((h + 1, w + 1), dtype=np.int32)
+        np.cumsum(~(image > 0), axis=0, dtype=np.int32, out=empty[1:, 1:])
+        np.cumsum(empty[1:, 1:], axis=1, dtype=np.int32, out=empty[1:, 1:])
+        top, bottom, left, right = ys - margin, ys + margin + 1, xs - margin, xs + margin + 1
+        holes = empty[bottom, right] - empty[top, right] - empty[bottom, left] + empty[top, left]
+        peaks[ys[holes > 0], xs[holes > 0]] = False
+    return peaks
 
 
 def detect_stars(

@@ -79,3 +79,47 @@ def test_seeing_correction_recovers_flux_ratio():
     )
     assert abs(raw / 2 - 1) > 0.01  # the uncorrected ratio is off by the seeing
     assert raw * kappa == pytest.approx(2.0, rel=2e-3)
+
+
+def test_annulus_statistics_equal_photutils_aperture_stats():
+    """All annuli at once: photutils' ApertureStats mean, std and area, star by star."""
+    from photutils.aperture import ApertureStats, CircularAnnulus
+
+    rng = np.random.default_rng(50)
+    channels, n = 2, 120  # more stars than one group (annulus_statistics works in groups)
+    geometry = photometry.ApertureGeometry(radius=4.5, annulus_inner=7.0, annulus_outer=11.5)
+    half = 13
+    side = 2 * half + 1
+    stamps = (0.1 + rng.random((channels, n, side, side))).astype(np.float32)
+    stamps[:, :5, :, :9] = 0  # stars at a registration border
+    stamps[1, 5:10, ::3, ::4] = 0  # scattered holes in one channel
+    stamps[:, 10] = 0  # a star with no data at all
+    fx, fy = rng.uniform(-0.5, 0.5, n), rng.uniform(-0.5, 0.5, n)
+    fx[11], fy[11] = 0.0, 0.0  # on a pixel centre: radii hit pixel centres exactly
+    mean, std, count = photometry.annulus_statistics(stamps, fx, fy, geometry)
+    no_data = np.any(stamps == 0, axis=0)
+    for i in range(n):
+        annulus = CircularAnnulus(
+            (half + fx[i], half + fy[i]), r_in=geometry.annulus_inner, r_out=geometry.annulus_outer
+        )
+        for c in range(channels):
+            stats = ApertureStats(stamps[c, i].astype(np.float64), annulus, mask=no_data[i])
+            area = float(getattr(stats.center_aper_area, "value", stats.center_aper_area))
+            if i == 10:  # photutils says NaN, we say 0: both fail the "enough annulus" test
+                assert np.isnan(mean[c, i]) and np.isnan(stats.mean) and count[c, i] == 0
+                continue
+            assert count[c, i] == area
+            assert mean[c, i] == pytest.approx(float(stats.mean), rel=1e-12)
+            assert std[c, i] == pytest.approx(float(stats.std), rel=1e-10)
+
+
+@pytest.mark.parametrize("n", [pytest.param(1, id="one"), pytest.param(1500, id="even"), pytest.param(1501, id="odd")])
+def test_fast_median_equals_numpy_median_to_the_bit(n):
+    """The line fits' median is ``np.median``, bit for bit, ties and NaN included."""
+    rng = np.random.default_rng(53)
+    values = rng.normal(0, 1, n)
+    assert photometry.median(values) == np.median(values)
+    ties = np.round(values, 1)
+    assert photometry.median(ties) == np.median(ties)
+    values[n // 2] = np.nan
+    assert np.isnan(photometry.median(values))

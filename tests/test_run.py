@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nsg_gpu.executors import InProcessExecutor
+from nsg_gpu.executors import InProcessExecutor, ProcessExecutor
 from nsg_gpu.params import Parameters
 from nsg_gpu.run import normalize
 from nsg_gpu.synthetic import write_synthetic_set
@@ -46,6 +46,7 @@ def test_executors_write_the_same_bytes(frames, tmp_path):
         "serial": InProcessExecutor(threads=False),
         "one-thread": InProcessExecutor(compute_threads=1),
         "two-threads": InProcessExecutor(compute_threads=2),
+        "two-processes": ProcessExecutor(processes=2, pending=1),
     }
     for name, executor in runs.items():
         normalize(frames, reference=frames[0], output_dir=tmp_path / name, params=KEEP_ALL, executor=executor)

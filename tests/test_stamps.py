@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nsg_gpu.stamps import gather_stamps, local_level, stamp_peaks
+from nsg_gpu.stamps import channel_peaks, gather_stamps, local_level, stamp_peaks
 
 
 def test_stamps_are_the_image_around_each_position_and_zero_outside():
@@ -29,3 +29,13 @@ def test_colour_stamps_keep_the_channels_and_the_helpers_agree():
     np.testing.assert_array_equal(stamp_peaks(data[0], x, y, 2), stamps[0].max(axis=(1, 2)))
     border = np.concatenate([stamps[0, 0, 0], stamps[0, 0, -1], stamps[0, 0, :, 0], stamps[0, 0, :, -1]])
     assert local_level(data[0], x, y, 2)[0] == np.median(border)
+
+
+def test_channel_peaks_equal_peaks_of_the_brightest_channel_image():
+    """Peaks over the channels' stamps equal the peaks of ``data.max(axis=0)``, edges included."""
+    rng = np.random.default_rng(51)
+    data = rng.random((3, 40, 50)).astype(np.float32)
+    x = np.array([0.2, 10.6, 49.4, 25.0, -0.4])
+    y = np.array([0.0, 39.3, 20.5, 12.2, 5.0])
+    np.testing.assert_array_equal(channel_peaks(data, x, y), stamp_peaks(data.max(axis=0), x, y))
+    np.testing.assert_array_equal(channel_peaks(data[:1], x, y), stamp_peaks(data[0], x, y))

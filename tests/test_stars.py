@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.ndimage as ndi
 
-from nsg_gpu.stars import detect_stars
+from nsg_gpu.stars import detect_stars, find_peaks
 from nsg_gpu.synthetic import SyntheticField
 
 
@@ -20,3 +21,36 @@ def test_detection_finds_true_stars_and_fwhm():
         )
         assert np.median(distance) < 0.3
         assert catalog.fwhm == pytest.approx(field.frames[k].fwhm, rel=0.15)
+
+
+def _direct_find_peaks(matched, image, *, half, threshold, margin):
+    """The definition: window maximum by SciPy, "has data" eroded ``margin`` times, edges off."""
+    margin = max(margin, half)
+    inner = ndi.binary_erosion(image > 0, structure=np.ones((3, 3), bool), iterations=margin)
+    inner[:margin] = inner[-margin:] = False
+    inner[:, :margin] = inner[:, -margin:] = False
+    local_max = matched == ndi.maximum_filter(matched, size=2 * half + 1)
+    return local_max & (matched > np.float32(threshold)) & inner
+
+
+@pytest.mark.parametrize(
+    ("shape", "half", "margin"),
+    [
+        pytest.param((120, 150), 1, 1, id="3x3-window"),
+        pytest.param((97, 203), 3, 8, id="wide-margin"),
+        pytest.param((40, 31), 5, 5, id="window-near-the-size"),
+        pytest.param((12, 9), 2, 7, id="margin-over-half-the-frame"),
+    ],
+)
+def test_host_peaks_equal_the_direct_filters(shape, half, margin):
+    """Shifted-slice maxima and the summed-area hole test equal SciPy's filters and erosion,
+    plateaus (equal neighbours) and holes included."""
+    rng = np.random.default_rng(52)
+    image = (0.1 + rng.random(shape)).astype(np.float32)
+    image[: shape[0] // 3, :4] = 0
+    image[shape[0] // 2, shape[1] // 2] = 0
+    matched = np.round(rng.normal(0, 1, shape), 1).astype(np.float32)  # many ties
+    for threshold in (-10.0, 0.5, 1.5):
+        expected = _direct_find_peaks(matched, image, half=half, threshold=threshold, margin=margin)
+        actual = find_peaks(matched, image, half=half, threshold=threshold, margin=margin)
+        np.testing.assert_array_equal(actual, expected)

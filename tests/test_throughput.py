@@ -11,10 +11,13 @@ import scipy.ndimage as ndi
 from astropy.io import fits
 from scipy.interpolate import RectBivariateSpline
 
+from nsg_gpu import apply as apply_module
 from nsg_gpu import samples as samples_module
-from nsg_gpu.executors import InProcessExecutor
+from nsg_gpu import scale as scale_module
+from nsg_gpu.apply import apply_gradient
+from nsg_gpu.executors import InProcessExecutor, ProcessExecutor, default_compute_threads
 from nsg_gpu.io import read_frame
-from nsg_gpu.noise import B3_LAYER1_FRACTION, ksigma_noise
+from nsg_gpu.noise import B3_LAYER1_FRACTION, ksigma_noise, wavelet_layer_rows
 from nsg_gpu.pipeline import normalize_frame
 from nsg_gpu.progress import RunProgress, format_seconds
 from nsg_gpu.reference import prepare_reference
@@ -190,6 +193,70 @@ def test_row_subsampled_noise_equals_whole_image_smoothing(max_pixels):
     assert ksigma_noise(image, max_pixels=max_pixels) == pytest.approx(_direct_ksigma(image, max_pixels), rel=1e-5)
 
 
+# -- the host apply ------------------------------------------------------------------------------
+def _holey_frame(shape, seed):
+    rng = np.random.default_rng(seed)
+    data = (0.05 + rng.random(shape)).astype(np.float32)
+    data[..., :, :3] = 0  # a registration border
+    data[..., 5:8, 4:9] = 0  # a hole
+    data[..., ::11, ::13] = 0  # scattered zeros
+    return data
+
+
+@pytest.mark.parametrize("truncate", [pytest.param(True, id="truncated"), pytest.param(False, id="not-truncated")])
+@pytest.mark.parametrize("shape", [pytest.param((1, 203, 611), id="mono"), pytest.param((3, 61, 50), id="colour")])
+def test_blocked_apply_equals_whole_array_arithmetic(shape, truncate):
+    """The row-blocked, in-place apply gives the bits and maximum of whole-array NumPy."""
+    data = _holey_frame(shape, 47)
+    gradient = (np.random.default_rng(48).random(shape) * 0.4).astype(np.float32)
+    scale = np.float32([1.13, 0.87, 1.41][: shape[0]])
+    expected = np.multiply(scale[:, None, None], data, dtype=np.float32)
+    expected -= gradient
+    expected[data == 0] = 0
+    high = float(expected.max())
+    if truncate:
+        np.clip(expected, 0, 1.0, out=expected)
+    out, got_high, layer, valid = apply_gradient(data, scale, gradient, white_level=1.0, truncate=truncate)
+    assert out.dtype == np.float32 and layer is None and valid is None
+    np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))
+    assert got_high == high
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "stride"),
+    [
+        pytest.param(403, 611, 7, id="every-7th-row"),
+        pytest.param(130, 171, 1, id="every-row"),
+        pytest.param(131, 7, 3, id="narrow"),
+        pytest.param(9, 5, 2, id="tiny"),
+        pytest.param(4, 4, 1, id="under-the-window"),
+    ],
+)
+def test_host_wavelet_layer_equals_scipy_to_the_bit(height, width, stride):
+    """The host layer of the apply step equals :func:`wavelet_layer_rows` (SciPy) bit for bit."""
+    image = _holey_frame((height, width), 49)
+    expected, expected_valid = wavelet_layer_rows(image, stride)
+    layer, valid = apply_module._layer_rows_host(image, stride)
+    np.testing.assert_array_equal(valid, expected_valid)
+    np.testing.assert_array_equal(layer.view(np.uint32), expected.view(np.uint32))
+
+
+def test_detect_noise_from_a_row_subsample_gives_the_same_scale(frames, monkeypatch):
+    """The detect step's noise from a subsample of rows: within 2 % of every row's, and the
+    same stars found and the same scale as with every row."""
+    reference = prepare_reference(read_frame(frames[0]))
+    target = read_frame(frames[1])
+    image = target.data[0]
+    full = ksigma_noise(image, max_pixels=10**9)
+    assert ksigma_noise(image, max_pixels=40_000) == pytest.approx(full, rel=0.02)
+    monkeypatch.setattr(scale_module, "DETECT_NOISE_PIXELS", 10**9)
+    direct = scale_module.measure_scale(reference, target)
+    monkeypatch.setattr(scale_module, "DETECT_NOISE_PIXELS", 40_000)
+    subsampled = scale_module.measure_scale(reference, target)
+    assert subsampled.pairs == direct.pairs
+    np.testing.assert_allclose(subsampled.scale, direct.scale, rtol=1e-9)
+
+
 @pytest.mark.slow
 # -- accuracy with the shortcuts forced on test-sized frames -------------------------------------
 def test_subsampled_medians_keep_the_accuracy_bounds(mono_set, monkeypatch):
@@ -300,3 +367,34 @@ def test_progress_rate_and_eta_follow_the_recent_frames():
     progress.update(100)
     assert progress.eta_seconds == 0.0
     assert format_seconds(7620) == "2 h 07 min"
+
+
+@pytest.mark.parametrize(
+    ("cores", "gpu", "threads"),
+    [
+        pytest.param(1, False, 1, id="one-core"),
+        pytest.param(2, False, 1, id="two-cores-leave-one-to-the-io"),
+        pytest.param(3, False, 2, id="three-cores"),
+        pytest.param(16, False, 2, id="sixteen-cores-gil-bound"),
+        pytest.param(16, True, 1, id="gpu"),
+    ],
+)
+def test_compute_threads_never_oversubscribe_the_cores(cores, gpu, threads):
+    """One core stays with the reader and writer; no more than two compute threads."""
+    assert default_compute_threads(gpu=gpu, cores=cores) == threads
+
+
+def test_processes_stop_after_a_failure_and_report_in_order(frames, tmp_path):
+    """Worker processes report in job order, and nothing after the first failed frame."""
+    broken = tmp_path / "broken.fits"
+    broken.write_bytes(b"not a FITS file")
+    inputs = [frames[0], frames[1], broken, frames[2], frames[3]]
+    run = normalize(
+        inputs,
+        reference=frames[0],
+        output_dir=tmp_path / "out",
+        executor=ProcessExecutor(processes=2),
+        stop_on_error=True,
+    )
+    assert [Path(f.path).name for f in run.frames] == [frames[0].name, frames[1].name, "broken.fits"]
+    assert [f.status for f in run.frames] == ["reference", "ok", "failed"]
