@@ -22,9 +22,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from .display import RunDisplay, StackDisplay
 from .errors import NSGError
 from .params import Parameters
-from .progress import RunProgress, format_seconds
 from .version import __version__
 
 __all__ = ["app", "main"]
@@ -218,7 +218,7 @@ def normalize(
         from .cluster import open_cluster
 
         cluster = open_cluster(scheduler=scheduler, workers=workers, gpus=gpus)
-    display = _Progress(quiet=quiet, json_lines=json_lines)
+    display = RunDisplay(quiet=quiet, json_lines=json_lines)
     with cluster as executor, display:
         if executor is not None and not quiet and not json_lines:
             display.note(executor.describe())
@@ -243,153 +243,12 @@ def normalize(
         from .stacking import stack as run_stack
 
         report_page = Path(run.report) if run.report else False
-        with _StackProgress(quiet=quiet, json_lines=json_lines) as shown:
+        with StackDisplay(quiet=quiet, json_lines=json_lines) as shown:
             result = run_stack([output_dir], stack_output, backend=chosen, report=report_page, progress=shown.band_done)
         shown.finish(result)
         skipped = bool(result.skipped)
     if run.failed or skipped:
         raise typer.Exit(code=EXIT_FRAMES_FAILED)
-
-
-class _Progress:
-    """What ``normalize`` prints: a line per frame and an overall bar (rich), or JSON lines."""
-
-    def __init__(self, *, quiet: bool, json_lines: bool) -> None:
-        from rich.console import Console
-
-        self.quiet = quiet
-        self.json_lines = json_lines
-        self.console = Console(highlight=False)
-        self.errors = Console(stderr=True, highlight=False)
-        self.rate = None  # RunProgress, once the total is known
-        self.bar = None
-        self.task = None
-        if not quiet and not json_lines:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(
-                TextColumn("normalizing"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("ETA {task.fields[eta]}"),
-                console=self.console,
-                transient=True,
-            )
-
-    def __enter__(self):
-        if self.bar is not None:
-            # No total until the reference is prepared: the bar pulses meanwhile.
-            self.task = self.bar.add_task("normalize", total=None, eta="-")
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False
-
-    def frame_done(self, result, done: int, total: int) -> None:
-        if self.rate is None:
-            self.rate = RunProgress(total)
-        self.rate.update(done, kept=result.resumed)
-        eta = self.rate.eta_seconds
-        if self.json_lines:
-            row = {
-                "event": "frame",
-                "done": done,
-                "total": total,
-                "frames_per_minute": self.rate.frames_per_minute,
-                "eta_seconds": eta,
-                **result.row(),
-            }
-            typer.echo(json.dumps(row, allow_nan=False, default=str))
-            return
-        if result.status == "failed":
-            self._print_error(f"[{done}/{total}] FAILED {result.error}")
-        elif not self.quiet:
-            self._print(f"{_frame_line(result, done, total)}  ({self.rate.summary()})")
-        if self.bar is not None:
-            self.bar.update(self.task, total=total, completed=done, eta="-" if eta is None else format_seconds(eta))
-
-    def note(self, text: str) -> None:
-        """A line of its own above the bar (e.g. the cluster the run uses)."""
-        self._print(text)
-
-    def _print(self, text: str) -> None:
-        from rich.markup import escape
-
-        (self.bar.console if self.bar is not None else self.console).print(escape(text), soft_wrap=True)
-
-    def _print_error(self, text: str) -> None:
-        from rich.markup import escape
-
-        self.errors.print(escape(text), style="red", soft_wrap=True)
-
-    def finish(self, run, *, backend: str, output_dir: Path) -> None:
-        done = sum(1 for f in run.frames if f.status != "failed")
-        if self.json_lines:
-            # Rejection is decided once every frame is done: one event per rejected frame.
-            for f in run.frames:
-                if f.rejected:
-                    event = {"event": "rejected", "file": f.path, "output": f.output, "rejected": f.rejected}
-                    event |= {"relative_weight": f.relative_weight, "relative_transmission": f.relative_transmission}
-                    typer.echo(json.dumps(event, allow_nan=False, default=str))
-            summary = {
-                "event": "run",
-                "reference": run.reference,
-                "reference_reason": run.reference_reason,
-                "frames": len(run.frames),
-                "normalized": done,
-                "failed": len(run.failed),
-                "rejected": sum(1 for f in run.frames if f.rejected),
-                "kept": sum(1 for f in run.frames if f.resumed),
-                "backend": backend,
-                "results": str(output_dir / "results.csv"),
-                "report": run.report,
-                "report_error": run.report_error,
-            }
-            typer.echo(json.dumps(summary, allow_nan=False, default=str))
-            return
-        if run.reference_reason:  # chosen by --reference auto: said even when quiet
-            self._print(f"reference: {Path(run.reference).name}: {run.reference_reason}")
-        self._print(
-            f"{done} of {len(run.frames)} frames normalized on {backend}; results in {output_dir / 'results.csv'}"
-        )
-        kept = sum(1 for f in run.frames if f.resumed)
-        if kept:
-            self._print(
-                f"{kept} frame(s) kept from an earlier run (outputs complete and up to date; --overwrite redoes them)"
-            )
-        rejected = [f for f in run.frames if f.rejected]
-        if rejected:
-            self._print(f"{len(rejected)} frame(s) rejected, their outputs in {output_dir / 'rejected'}:")
-            for f in rejected:
-                self._print(f"  {Path(f.path).name}: {f.rejected}")
-        for f in run.frames:
-            if f.warning:
-                self._print_error(f"warning: {Path(f.path).name}: {f.warning}")
-        if run.report and not self.quiet:
-            self._print(f"report: {run.report}")
-        if run.report_error:
-            self._print_error(f"report not written: {run.report_error}")
-        if run.failed:
-            self._print_error(f"{len(run.failed)} frame(s) failed:")
-            for f in run.failed:
-                self._print_error(f"  {f.error}")
-
-
-def _frame_line(result, done: int, total: int) -> str:
-    name = Path(result.path).name
-    if result.resumed:
-        return f"[{done}/{total}] {name}: output complete and up to date, kept"
-    if result.status == "reference":
-        return f"[{done}/{total}] {name}: reference, {result.star_pairs} stars"
-    transmission = " ".join(f"{t:.4f}" for t in result.transmission)
-    return (
-        f"[{done}/{total}] {name}: transmission {transmission}  weight {result.weight:.3f}  "
-        f"pairs {result.star_pairs}  samples {result.samples}  {result.seconds:.1f} s"
-    )
 
 
 class RejectionMethod(str, enum.Enum):
@@ -524,7 +383,7 @@ def stack(
     )
     chosen = select_backend(backend)
     report_page = _stack_report_page(inputs, output) if html_report else False
-    with _StackProgress(quiet=quiet, json_lines=json_lines) as shown:
+    with StackDisplay(quiet=quiet, json_lines=json_lines) as shown:
         result = run_stack(
             inputs,
             output,
@@ -550,85 +409,6 @@ def _stack_report_page(inputs: list[Path], output: Path) -> Path:
     if len(inputs) == 1 and inputs[0].is_dir() and (inputs[0] / "report.html").is_file():
         return inputs[0] / "report.html"
     return output.parent / "report.html"
-
-
-class _StackProgress:
-    """What ``stack`` prints: an overall bar over the bands with the ETA, or JSON lines."""
-
-    def __init__(self, *, quiet: bool, json_lines: bool) -> None:
-        from rich.console import Console
-
-        self.quiet = quiet
-        self.json_lines = json_lines
-        self.console = Console(highlight=False)
-        self.errors = Console(stderr=True, highlight=False)
-        self.rate = None
-        self.bar = None
-        self.task = None
-        if not quiet and not json_lines:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(
-                TextColumn("stacking (bands)"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("ETA {task.fields[eta]}"),
-                console=self.console,
-                transient=True,
-            )
-
-    def __enter__(self):
-        if self.bar is not None:
-            self.task = self.bar.add_task("stack", total=None, eta="-")
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False
-
-    def band_done(self, done: int, total: int) -> None:
-        if self.rate is None:
-            self.rate = RunProgress(total)
-        self.rate.update(done)
-        eta = self.rate.eta_seconds
-        if self.json_lines:
-            typer.echo(json.dumps({"event": "band", "done": done, "total": total, "eta_seconds": eta}))
-        elif self.bar is not None:
-            self.bar.update(self.task, total=total, completed=done, eta="-" if eta is None else format_seconds(eta))
-
-    def finish(self, result) -> None:
-        from rich.markup import escape
-
-        if self.json_lines:
-            typer.echo(json.dumps(result.summary(), allow_nan=False, default=str))
-            return
-        rejection = result.rejection
-        lines = [
-            f"stacked {len(result.used)} frames into {result.output} in {format_seconds(result.seconds)} "
-            f"on {result.backend}",
-        ]
-        if not self.quiet:
-            chosen = rejection.reason if rejection.method == "auto" else rejection.describe()
-            lines.append(f"weights {result.weights}; rejection {chosen}")
-            lines.append(
-                f"rejected {100 * result.rejected_low_share:.3g} % of the samples low, "
-                f"{100 * result.rejected_high_share:.3g} % high; per frame in {result.csv}"
-            )
-            if result.maps:
-                lines.append("maps: " + ", ".join(f"{k} {v}" for k, v in result.maps.items()))
-            if result.report:
-                lines.append(f"report: {result.report}")
-        for line in lines:
-            self.console.print(escape(line), soft_wrap=True)
-        if result.report_error:
-            self.errors.print(escape(f"report not written: {result.report_error}"), style="red", soft_wrap=True)
-        if result.skipped:
-            self.errors.print(escape(f"{len(result.skipped)} frame(s) left out:"), style="red", soft_wrap=True)
-            for frame in result.skipped:
-                self.errors.print(escape(f"  {frame.error}"), style="red", soft_wrap=True)
 
 
 @app.command()
