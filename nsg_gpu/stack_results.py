@@ -8,15 +8,13 @@ import csv
 import io
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 
-from .atomic import write_text
-from .errors import OutputError
+from .atomic import atomic_write, write_text
 from .io import STRUCTURAL_CARDS
 from .pixel_rejection import Rejection
 from .stack_inputs import MASTER_CARD, StackInput
@@ -247,22 +245,8 @@ def write_outputs(result: StackResult, used: list[StackInput], products: StackPr
 
 
 def _write_fits(path: Path, hdul: fits.HDUList) -> None:
-    """Write ``hdul`` to a temporary file beside ``path``, sync it and rename it into place."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as handle:
-            hdul.writeto(handle, output_verify="silentfix")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot be written ({exc.strerror or exc})") from exc
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write ``hdul`` atomically (:func:`nsg_gpu.atomic.atomic_write`)."""
+    atomic_write(path, lambda handle, _: hdul.writeto(handle, output_verify="silentfix"))
 
 
 def stack_previews(products: StackProducts, width: int = 800) -> dict[str, np.ndarray]:

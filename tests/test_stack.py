@@ -662,3 +662,14 @@ def test_report_section_replaces_itself_and_joins_a_run_report(tmp_path):
     assert text.count('<h2 id="stack">') == 1
     assert text.index('<h2 id="stack">') < text.index('<h2 id="parameters">') and "<h1>run</h1>" in text
     assert 'src="plots/stack_master.png"' in text and 'href="stack.csv"' in text
+
+
+def test_the_master_gets_the_mode_the_umask_gives(tmp_path):
+    scene = write_scene(tmp_path / "in", 3, seed=12, borders=False)
+    previous = os.umask(0o022)
+    try:
+        stack(scene.paths, tmp_path / "master.fits", backend="numpy", maps="files")
+    finally:
+        os.umask(previous)
+    written = [p for p in tmp_path.iterdir() if p.suffix in (".fits", ".csv")]
+    assert written and all(p.stat().st_mode & 0o777 == 0o644 for p in written), [oct(p.stat().st_mode) for p in written]
