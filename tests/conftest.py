@@ -96,6 +96,21 @@ class NormalizedSet:
         return (data[None] if data.ndim == 2 else data), header
 
 
+#: What the engine is built to reach: 1/NSGS within this (relative) of the true scale.
+SCALE_TARGET = 0.005
+
+
+def scale_errors(s: NormalizedSet) -> np.ndarray:
+    """Relative error of 1/NSGSc against the true scale, per target frame and channel."""
+    errors = []
+    for k in range(1, len(s.paths)):
+        data, header = s.output(k)
+        truth = s.field.frames[k].scale(s.field.reference)
+        measured = np.array([1.0 / header[f"NSGS{c}"] for c in range(data.shape[0])])
+        errors.append(measured / truth - 1)
+    return np.array(errors)
+
+
 #: The generator's defaults: reference FWHM 2.8 px, the next frame 4.2 px, the others random
 #: in 2.5-4.5 px; transmissions 0.45-1.0; gradients up to 10 sigma; about 3500 stars.
 MONO_SPEC = dict(width=2000, height=1400, n_frames=5, seed=1)

@@ -5,22 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import SCALE_TARGET, scale_errors
 
 from nsg_gpu.synthetic import block_residual
 
-SCALE_TARGET = 0.005  # relative, on 1/NSGS: what the engine is built to reach
 RESIDUAL_MARGIN = 0.1  # pixel-noise units above what the perfect normalization leaves
-
-
-def _scale_errors(s) -> np.ndarray:
-    """Relative error of 1/NSGSc against the true scale, per target frame and channel."""
-    errors = []
-    for k in range(1, len(s.paths)):
-        data, header = s.output(k)
-        truth = s.field.frames[k].scale(s.field.reference)
-        measured = np.array([1.0 / header[f"NSGS{c}"] for c in range(data.shape[0])])
-        errors.append(measured / truth - 1)
-    return np.array(errors)
 
 
 # -- scenarios: registered targets, pixel-integrated PSFs, sparse, undersampled and crowded fields --
@@ -69,7 +58,7 @@ def test_scenario_scale_within_half_percent(scenario_set, request):
     if name in SCALE_SHORT:
         request.applymarker(pytest.mark.xfail(strict=True, reason=SCALE_SHORT[name]))
     assert s.run.ok, [f.error for f in s.run.failed]
-    errors = _scale_errors(s)
+    errors = scale_errors(s)
     assert np.all(np.abs(errors) < SCALE_TARGET), f"relative scale errors:\n{errors}"
 
 
