@@ -135,6 +135,8 @@ class RunDisplay:
         for f in run.frames:
             if f.warning:
                 self._print_error(f"warning: {Path(f.path).name}: {f.warning}")
+            if f.scale_flag and not f.rejected:
+                self._print_error(f"warning: {Path(f.path).name}: scale in doubt: {f.scale_flag}")
         if run.report and not self.quiet:
             self._print(f"report: {run.report}")
         if run.report_error:
@@ -151,7 +153,8 @@ def _frame_line(result, done: int, total: int) -> str:
         return f"[{done}/{total}] {name}: output complete and up to date, kept"
     if result.status == "reference":
         return f"[{done}/{total}] {name}: reference, {result.star_pairs} stars"
-    transmission = " ".join(f"{t:.4f}" for t in result.transmission)
+    errors = result.transmission_error or [float("nan")] * len(result.transmission)
+    transmission = " ".join(f"{t:.4f}+-{e:.2g}" for t, e in zip(result.transmission, errors))
     return (
         f"[{done}/{total}] {name}: transmission {transmission}  weight {result.weight:.3f}  "
         f"pairs {result.star_pairs}  samples {result.samples}  {result.seconds:.1f} s"

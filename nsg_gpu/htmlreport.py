@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import html
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -89,6 +90,19 @@ def _number(value, digits: int = 4) -> str:
         return _e(value)
 
 
+def _transmission(frame) -> str:
+    """Each channel's transmission with its standard error where the fit gave one."""
+    errors = list(frame.transmission_error or [])
+    parts = []
+    for c, value in enumerate(frame.transmission or []):
+        error = errors[c] if c < len(errors) else None
+        text = _number(value)
+        if error is not None and math.isfinite(error):
+            text += f" ± {_number(error, 2)}"
+        parts.append(text)
+    return " / ".join(parts)
+
+
 def _relative(path: Path, base: Path) -> str:
     return Path(os.path.relpath(path, base)).as_posix()
 
@@ -122,7 +136,8 @@ def _note(frame) -> str:
     error = frame.error
     if error and error.startswith(f"{frame.path}: "):
         error = error[len(frame.path) + 2 :]
-    return _e("; ".join(text for text in (error, getattr(frame, "warning", None)) if text))
+    doubt = f"scale in doubt: {frame.scale_flag}" if getattr(frame, "scale_flag", None) else None
+    return _e("; ".join(text for text in (error, getattr(frame, "warning", None), doubt) if text))
 
 
 def _seconds(frame) -> str:
@@ -140,7 +155,7 @@ def _cell(value: str, kind: str = "") -> str:
 _COLUMNS = (
     ("file", lambda f: _cell(_e(Path(f.path).name), "text wrap file"), None),
     ("status", _status_cell, None),
-    ("transmission", lambda f: _cell(_number(f.transmission)), None),
+    ("transmission ± 1σ", lambda f: _cell(_transmission(f)), None),
     ("weight", lambda f: _cell(_number(f.weight)), None),
     ("SNR", lambda f: _cell(_number(f.snr)), None),
     ("star pairs", lambda f: _cell(_e(f.star_pairs)), None),

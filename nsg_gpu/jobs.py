@@ -86,6 +86,7 @@ def _cards(result: FrameResult, *, reference_name: str, history, fingerprint: st
         beta=result.beta,
         fingerprint=fingerprint,
         noise=result.noise,
+        transmission_error=result.transmission_error,
         history=list(history),
     )
 

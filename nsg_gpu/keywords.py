@@ -2,13 +2,14 @@
 
 NSG's own cards are ``NSGREF``, ``NSGS0..2`` (transmission ``1/m`` per channel), ``NSGSNR0..2``,
 the weight (``NWEIGHT`` unless configured), ``NSGHIGH`` and ``HISTORY NSG.*``; nsg-gpu adds
-``NSGPAIRS``, ``NSGSAMPL``, ``NSGFWHM``, ``NSGBETA`` and ``NSGHASH`` (the fingerprint a rerun
+``NSGSERR0..2`` (the standard error of ``NSGSn``), ``NSGPAIRS``, ``NSGSAMPL``, ``NSGFWHM``, ``NSGBETA`` and ``NSGHASH`` (the fingerprint a rerun
 uses to keep an output, :mod:`nsg_gpu.resume`). The jobs write them (:mod:`nsg_gpu.jobs`); a
 resumed run reads them back into its results (:func:`read_nsg_cards`).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from astropy.io import fits
 __all__ = [
     "REFERENCE",
     "TRANSMISSION",
+    "TRANSMISSION_ERROR",
     "SNR",
     "HIGH",
     "PAIRS",
@@ -35,6 +37,8 @@ __all__ = [
 REFERENCE = "NSGREF"
 #: Prefixes of the per-channel cards; the channel index follows (``NSGS0``).
 TRANSMISSION = "NSGS"
+#: One-sigma standard error of ``NSGSn`` from the scale fit (nsg-gpu's, beyond NSG).
+TRANSMISSION_ERROR = "NSGSERR"
 SNR = "NSGSNR"
 HIGH = "NSGHIGH"
 PAIRS = "NSGPAIRS"
@@ -66,6 +70,7 @@ class NSGCards:
     beta: float | None = None
     fingerprint: str | None = None
     noise: list[float] = field(default_factory=list)
+    transmission_error: list[float] = field(default_factory=list)
     history: list[str] = field(default_factory=list)
 
 
@@ -92,6 +97,9 @@ def set_nsg_keywords(header: fits.Header, cards: NSGCards, *, weight_keyword: st
     header[REFERENCE] = (card_name(cards.reference_name), "NSG reference frame")
     for c, value in enumerate(cards.transmission):
         header[f"{TRANSMISSION}{c}"] = (float(f"{value:.5g}"), "NSG transmission (1/scale)")
+    for c, value in enumerate(cards.transmission_error):
+        if math.isfinite(value):
+            header[f"{TRANSMISSION_ERROR}{c}"] = (float(f"{value:.4g}"), "NSG standard error of NSGS")
     for c, value in enumerate(cards.snr):
         header[f"{SNR}{c}"] = (float(f"{value:.5g}"), "NSG signal-to-noise ratio vs reference")
     comment = f"NSG weight ({cards.weight_source})" if cards.weight_source else "NSG weight"
@@ -148,5 +156,6 @@ def read_nsg_cards(header: fits.Header, *, weight_keyword: str = "NWEIGHT") -> N
         beta=optional(BETA, float),
         fingerprint=optional(FINGERPRINT, str),
         noise=_channel_values(header, NOISE),
+        transmission_error=_channel_values(header, TRANSMISSION_ERROR),
         history=history,
     )

@@ -46,7 +46,7 @@ def _option(default, help: str, *, auto: str | None = None, choices: tuple | Non
 
 #: Fields that decide which frames are rejected after the run, not how a frame is normalized:
 #: changing them never makes an output stale.
-REJECTION_FIELDS = ("min_weight", "min_transmission")
+REJECTION_FIELDS = ("min_weight", "min_transmission", "max_scale_error")
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,10 @@ class Parameters:
     min_transmission : float
         A frame whose transmission, relative to the best frame's (per unit exposure when
         every frame has an exposure time), is at or below this is rejected (NSG default 0.75).
+    max_scale_error : float or None
+        A frame whose transmission has a relative standard error above this in any channel,
+        or whose channels disagree beyond their errors, is rejected (beyond NSG; None, the
+        default, rejects none: such frames are only flagged).
     """
 
     detection_sigma: float = _option(5.0, "Star detection threshold, in noise units of the matched-filter image.")
@@ -183,12 +187,19 @@ class Parameters:
         "Reject frames whose transmission is at or below this fraction of the best frame's "
         "(per unit exposure when every frame has EXPTIME); 0 rejects none.",
     )
+    max_scale_error: float | None = _option(
+        None,
+        "Reject frames whose transmission is less certain than this in any channel (relative standard "
+        "error, e.g. 0.03), or whose channels' transmissions disagree beyond their errors; unset rejects "
+        "none (such frames are flagged in the results either way).",
+    )
 
     def __post_init__(self):
         checks = [
             (self.detection_sigma > 0, "detection_sigma must be positive"),
             (self.star_search_radius > 0, "star_search_radius must be positive"),
             (1.0 < self.star_flux_tolerance <= 10, "star_flux_tolerance must be in (1, 10]"),
+            (self.max_scale_error is None or self.max_scale_error > 0, "max_scale_error must be positive"),
             (0 <= self.outlier_removal <= 50, "outlier_removal must be a percentage in [0, 50]"),
             (self.photometry in ("psf", "aperture"), "photometry must be 'psf' or 'aperture'"),
             (self.aperture_fwhm > 0, "aperture_fwhm must be positive"),

@@ -1,4 +1,4 @@
-"""Differential photometry of the reference's stars, and the robust scale fit.
+"""Differential photometry of the reference's stars.
 
 Frames are registered, so every target is measured at the reference's star positions after
 recentring; a star that moves further than ``star_search_radius`` is not paired, and a frame
@@ -22,9 +22,7 @@ between frames, and :func:`seeing_correction` restores it from the two fitted PS
 difference is right). With ``photometry="aperture"``, or where a PSF cannot be fitted, the
 weights are a plain photutils aperture and the correction uses a Moffat of index 3 at each
 frame's FWHM (``docs/scale-accuracy.md`` has what each reaches). The scale ``m`` per channel
-is then NSG's fit: an L1 line with intercept, a flux-ratio tolerance and removal of the
-farthest pairs one at a time, followed by a noise-weighted robust refit through the origin
-of the survivors.
+is then fitted to the pairs by :mod:`nsg_gpu.scalefit`.
 
 Images reach this module as small cutouts around the stars (a mosaic on the host), so a
 frame on the GPU never crosses to the host whole.
@@ -62,15 +60,11 @@ __all__ = [
     "StarMeasurement",
     "Cutouts",
     "cut_out",
-    "ScaleFit",
     "aperture_geometry",
     "recentre",
     "measure_stars",
     "kept_share",
     "seeing_correction",
-    "median",
-    "l1_line",
-    "fit_scale",
 ]
 
 
@@ -102,8 +96,9 @@ def aperture_geometry(
 class StarMeasurement:
     """Aperture photometry of stars in one frame, per channel.
 
-    ``flux`` is in the measuring aperture, background-subtracted; ``ok`` is False where an
-    aperture or most of an annulus has no data, or leaves the image.
+    ``flux`` is in the measuring aperture, background-subtracted (it may be negative for a
+    faint star); ``ok`` is False where an aperture or most of an annulus has no data, or
+    leaves the image.
     """
 
     geometry: ApertureGeometry
@@ -327,7 +322,9 @@ def measure_stars(
         flux_error[c] = np.sqrt(
             sky_var * (area2 + area * area / max(cut.annulus_area, 1)) + star_var + (SYSTEMATIC_ERROR * star) ** 2
         )
-    ok &= np.all(np.isfinite(flux), axis=0) & np.all(flux > 0, axis=0)
+    # A faint star's flux may come out negative in a channel: it is a measurement all the
+    # same, and the scale fit weighs it by its error (a positivity cut would bias it).
+    ok &= np.all(np.isfinite(flux), axis=0)
     return StarMeasurement(geometry, flux, flux_error, cut.background.copy(), ok)
 
 
@@ -377,163 +374,3 @@ def seeing_correction(
     it needs right, which :func:`nsg_gpu.psf.fit_target_psf` measures.
     """
     return kept_share(geometry, target_psf, weight) / kept_share(geometry, reference_psf, weight)
-
-
-def median(values: np.ndarray) -> float:
-    """``np.median`` of a 1-D float64 array, to the bit, without its generic machinery (the
-    line fits call it thousands of times per frame on a thousand values): the middle
-    element, or the mean of the middle two, of one partition."""
-    n = values.size
-    if n == 0 or np.isnan(values).any():
-        return np.median(values)
-    k = n // 2
-    if n % 2:
-        return np.partition(values, k)[k]
-    part = np.partition(values, [k - 1, k])
-    return (part[k - 1] + part[k]) / 2
-
-
-def l1_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """The straight line ``y = m x + b`` minimizing the sum of absolute deviations.
-
-    The slope is bracketed and bisected on the sign-weighted sum of residuals with
-    ``b = median(y - m x)`` (the classic ``medfit`` method, as PCL's ``LinearFit``).
-    """
-    x = np.asarray(x, float)
-    y = np.asarray(y, float)
-    if x.size < 2 or np.ptp(x) == 0:
-        return (float(np.sum(x * y) / np.sum(x * x)) if np.any(x) else 1.0), 0.0
-
-    def balance(m):
-        b = median(y - m * x)
-        return float(np.sum(x * np.sign(y - m * x - b))), b
-
-    m_ls, _ = np.polyfit(x, y, 1)
-    chisq = np.sum((y - np.polyval(np.polyfit(x, y, 1), x)) ** 2)
-    sigma_m = math.sqrt(chisq / max(np.sum((x - x.mean()) ** 2), 1e-300)) + 1e-12 * abs(m_ls)
-    lo, hi = m_ls - 3 * sigma_m, m_ls + 3 * sigma_m
-    f_lo, _ = balance(lo)
-    f_hi, _ = balance(hi)
-    for _ in range(60):
-        if f_lo * f_hi <= 0:
-            break
-        lo, hi = lo - 2 * (hi - lo), hi + 2 * (hi - lo)
-        f_lo, _ = balance(lo)
-        f_hi, _ = balance(hi)
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        f_mid, _ = balance(mid)
-        if f_mid == 0:
-            lo = hi = mid
-            break
-        if f_mid * f_lo > 0:
-            lo, f_lo = mid, f_mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-12 * max(abs(mid), 1e-300):
-            break
-    m = 0.5 * (lo + hi)
-    return float(m), float(balance(m)[1])
-
-
-def _calculate_scale(x, y) -> tuple[float, float]:
-    """NSG's estimator: origin-forced least squares below 6 pairs, the L1 line otherwise."""
-    if x.size < 6:
-        return float(np.sum(x * y) / np.sum(x * x)), 0.0
-    return l1_line(x, y)
-
-
-@dataclass
-class ScaleFit:
-    """The scale of one channel and the pairs behind it."""
-
-    scale: float
-    intercept: float
-    used: np.ndarray  # bool mask over the input pairs
-    n_pairs: int
-    scale_error: float = float("nan")
-
-
-def fit_scale(
-    target_flux: np.ndarray,
-    reference_flux: np.ndarray,
-    *,
-    target_error: np.ndarray | None = None,
-    reference_error: np.ndarray | None = None,
-    tolerance: float = 1.5,
-    outlier_removal: float = 2.0,
-) -> ScaleFit:
-    """Fit ``reference = m * target + b`` robustly; ``m`` is the scale.
-
-    NSG's procedure (initial fit, flux-ratio tolerance, removal of the pair farthest from the
-    line ``round(n * outlier_removal / 100)`` times) selects the pairs. Where errors are given,
-    the scale is then refitted as ``reference = m * target`` through the origin, weighted by
-    the photometric errors with Tukey's biweight: with local backgrounds subtracted the
-    model has no offset, and fitting one would only add noise to ``m``. Without errors the
-    NSG estimate is final (the intercept ``b`` is reported, never applied).
-
-    Parameters
-    ----------
-    target_flux, reference_flux : ndarray (n,)
-        Matched fluxes (x is the target, y the reference).
-
-    target_error, reference_error : ndarray (n,), optional
-        One-sigma errors; without them the L1 fit is final, as in NSG.
-
-    tolerance : float
-        Pairs with ``y/x`` outside ``[m0 / tolerance, m0 * tolerance]`` are dropped.
-
-    outlier_removal : float
-        Percentage of the pairs removed as outliers.
-    """
-    x = np.asarray(target_flux, float)
-    y = np.asarray(reference_flux, float)
-    n = x.size
-    used = np.ones(n, bool)
-    if n == 0:
-        return ScaleFit(1.0, 0.0, used, 0)
-    m0, _ = _calculate_scale(x, y) if n > 2 else (float(np.median(y / x)), 0.0)
-    ratio = y / x
-    used &= (ratio >= m0 / tolerance) & (ratio <= m0 * tolerance)
-    n_remove = int(math.floor(used.sum() * outlier_removal / 100 + 0.5))
-    for _ in range(n_remove):
-        if used.sum() < 4:
-            break
-        m, b = _calculate_scale(x[used], y[used])
-        distance = np.abs(m * x - y + b) / math.sqrt(m * m + 1)
-        distance[~used] = -1
-        used[int(np.argmax(distance))] = False
-    if not used.any():
-        return ScaleFit(1.0, 0.0, used, 0)
-    m, b = _calculate_scale(x[used], y[used])
-    error = float("nan")
-    if target_error is not None and reference_error is not None and used.sum() >= 3:
-        m, error, _ = _biweight_ratio(
-            x[used], y[used], np.asarray(target_error)[used], np.asarray(reference_error)[used], m
-        )
-    return ScaleFit(float(m), float(b), used, int(used.sum()), error)
-
-
-def _biweight_ratio(x, y, sx, sy, m, c: float = 4.685, iterations: int = 30):
-    """Weighted fit of ``y = m x`` with Tukey's biweight on error-normalized residuals."""
-    keep = np.ones(x.size, bool)
-    error = float("nan")
-    for _ in range(iterations):
-        sigma = np.sqrt(sy**2 + (m * sx) ** 2)
-        positive = sigma > 0
-        sigma = np.where(positive, sigma, np.median(sigma[positive]) if positive.any() else 1.0)
-        r = (y - m * x) / sigma
-        s = max(1.4826 * float(median(np.abs(r))), 1e-12)
-        u = r / (c * s)
-        robust = np.where(np.abs(u) < 1, (1 - u * u) ** 2, 0.0)
-        keep = robust > 0
-        if keep.sum() < 3:
-            break
-        w = robust / sigma**2
-        m_new = float(np.sum(w * x * y) / np.sum(w * x * x))
-        error = float(s / math.sqrt(np.sum(x * x / sigma**2 * keep)))
-        converged = abs(m_new - m) <= 1e-10 * abs(m)
-        m = m_new
-        if converged:
-            break
-    return m, error, keep

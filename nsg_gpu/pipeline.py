@@ -26,6 +26,7 @@ from .noise import frame_noise, weight_from_noise
 from .reference import Reference, as_frame, check_coverage
 from .results import FrameResult
 from .scale import ScaleMeasurement, measure_scale
+from .scalefit import scale_doubt
 
 __all__ = ["normalize_frame"]
 
@@ -98,10 +99,15 @@ def normalize_frame(reference: Reference, frame, *, diagnostics: bool = False) -
     else:
         snr, weight = weight_from_noise(reference.noise, measured_noise)
         source, noise = "noiseMultiscale", measured_noise
+    transmission = [float(1 / v) for v in m]
+    # The transmission's error from the scale's: the same relative error.
+    transmission_error = [float(fit.scale_error / fit.scale**2) for fit in measured.fits]
     return FrameResult(
         path=str(frame.path),
         scale=[float(v) for v in m],
-        transmission=[float(1 / v) for v in m],
+        transmission=transmission,
+        transmission_error=transmission_error,
+        scale_flag=scale_doubt(transmission, transmission_error),
         snr=[float(v) for v in snr],
         weight=weight,
         weight_source=source,

@@ -1,4 +1,5 @@
-"""Frame rejection after a run, as NSG does it: too little weight or too little transmission.
+"""Frame rejection after a run, as NSG does it: too little weight or too little transmission;
+and, beyond NSG, a scale that the stars do not pin down (``max_scale_error``).
 
 For every normalized frame (the reference included) the weight ``w`` and the transmission
 ``T`` (the mean of ``1/m`` over the channels) are divided by the exposure time when every one
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import OutputError
+from .scalefit import scale_doubt
 
 __all__ = ["REJECTED_DIR", "relative_quality", "reject_frames"]
 
@@ -72,7 +74,12 @@ def _move(result, directory: Path) -> None:
 
 
 def reject_frames(
-    frames: Sequence, *, min_weight: float, min_transmission: float, output_dir: str | os.PathLike
+    frames: Sequence,
+    *,
+    min_weight: float,
+    min_transmission: float,
+    output_dir: str | os.PathLike,
+    max_scale_error: float | None = None,
 ) -> list:
     """Mark the frames to reject and put every output where it belongs; return the rejected.
 
@@ -84,6 +91,10 @@ def reject_frames(
 
     min_weight, min_transmission : float
         Thresholds as fractions of the best frame's value.
+
+    max_scale_error : float, optional
+        Largest relative standard error of a transmission; frames beyond it, or whose
+        channels disagree (:func:`nsg_gpu.scalefit.scale_doubt`), are rejected.
 
     output_dir : path
         The run's output directory; rejected outputs go to its ``rejected/`` subfolder.
@@ -108,6 +119,13 @@ def reject_frames(
                 reasons.append(
                     f"transmission {f.relative_transmission:.3f} of the best{unit} (minimum {min_transmission:g})"
                 )
+            doubt = (
+                scale_doubt(f.transmission, f.transmission_error, threshold=max_scale_error)
+                if max_scale_error
+                else None
+            )
+            if doubt:
+                reasons.append(f"scale in doubt: {doubt}")
         f.rejected = "; ".join(reasons) or None
         if f.rejected:
             rejected.append(f)

@@ -1,7 +1,8 @@
 """Results of a run as files: ``results.csv`` and ``results.json`` in the output directory.
 
 One row per frame (the reference first) with the file, status and error, why it was rejected,
-warnings, whether its output was kept from an earlier run, scale and transmission per channel,
+warnings, whether its output was kept from an earlier run, scale and transmission per channel with the
+transmission's standard error and whether the scale is in doubt,
 weight (absolute and relative to the best frame) and SNR, star pairs, samples, noise, FWHM, and
 the header's altitude, exposure, filter and time. ``weights.csv`` lists the outputs a stacker
 should use (the reference and every accepted frame) with their weight. All are written
@@ -30,6 +31,7 @@ RESULT_COLUMNS = (
     "error",
     "rejected",
     "warning",
+    "scale_flag",
     "resumed",
     "relative_weight",
     "relative_transmission",
@@ -41,6 +43,9 @@ RESULT_COLUMNS = (
     "transmission_0",
     "transmission_1",
     "transmission_2",
+    "transmission_error_0",
+    "transmission_error_1",
+    "transmission_error_2",
     "snr_0",
     "snr_1",
     "snr_2",

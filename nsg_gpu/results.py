@@ -33,6 +33,10 @@ class FrameResult:
     error: str | None = None
     scale: list[float] = field(default_factory=list)
     transmission: list[float] = field(default_factory=list)
+    #: One-sigma standard error of each transmission (NSGSERRn), from the scale fit.
+    transmission_error: list[float] = field(default_factory=list)
+    #: Why the scale is in doubt (:func:`nsg_gpu.scalefit.scale_doubt`), or None.
+    scale_flag: str | None = None
     snr: list[float] = field(default_factory=list)
     weight: float | None = None
     weight_source: str | None = None
@@ -83,6 +87,7 @@ class FrameResult:
             "error": self.error,
             "rejected": self.rejected,
             "warning": self.warning,
+            "scale_flag": self.scale_flag,
             "resumed": self.resumed,
             "relative_weight": self.relative_weight,
             "relative_transmission": self.relative_transmission,
@@ -103,6 +108,7 @@ class FrameResult:
         for c in range(3):
             out[f"scale_{c}"] = self.scale[c] if c < len(self.scale) else None
             out[f"transmission_{c}"] = self.transmission[c] if c < len(self.transmission) else None
+            out[f"transmission_error_{c}"] = self.transmission_error[c] if c < len(self.transmission_error) else None
             out[f"snr_{c}"] = self.snr[c] if c < len(self.snr) else None
             out[f"noise_{c}"] = self.noise[c] if c < len(self.noise) else None
         return out

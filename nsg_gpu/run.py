@@ -296,7 +296,11 @@ def normalize(
     results = [reference_row, *plan.duplicates, *(by_path[p] for p in plan.targets if p in by_path)]
     _filter_warnings(results)
     reject_frames(
-        results, min_weight=params.min_weight, min_transmission=params.min_transmission, output_dir=output_dir
+        results,
+        min_weight=params.min_weight,
+        min_transmission=params.min_transmission,
+        max_scale_error=params.max_scale_error,
+        output_dir=output_dir,
     )
     run = RunResult(str(plan.reference_path), results, prepared.params, plan.reference_reason)
     run.report_error = plot_error

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import photometry
+from . import photometry, scalefit
 from .backend import get_backend
 from .errors import TooFewStarsError
 from .io import Frame
@@ -38,14 +38,34 @@ from .reference import Reference
 from .stamps import channel_peaks, gather_stamps, local_level, stamp_peaks
 from .stars import detection_image, estimate_fwhm
 
-__all__ = ["ScaleMeasurement", "measure_scale", "fit_psfs", "MIN_PAIR_SNR", "MIN_REGISTERED_FRACTION"]
+__all__ = [
+    "ScaleMeasurement",
+    "measure_scale",
+    "fit_psfs",
+    "MIN_PAIR_SNR",
+    "JUDGED_PAIR_SNR",
+    "MIN_REGISTERED_FRACTION",
+]
 
-#: Pairs below this signal-to-noise (both frames combined) are too noisy to help the scale.
-MIN_PAIR_SNR = 10.0
+#: Pairs below this signal-to-noise (both frames combined, per channel) are left out: at 3
+#: a detection is barely a star, and its weight in the fit is 1 % of a pair at 30.
+MIN_PAIR_SNR = 3.0
+#: Pairs at or above this signal-to-noise are judged by NSG's pair selection (its ratio
+#: tolerance and outlier removal); fainter ones by the weighted fit's biweight only.
+JUDGED_PAIR_SNR = 10.0
 #: Stars whose target peak is below this many noise sigmas do not measure the target's FWHM.
 MIN_FWHM_PEAK_SNR = 20.0
 #: Share of the bright reference stars that must be found within the search radius.
 MIN_REGISTERED_FRACTION = 0.5
+#: Typical errors of a fitted PSF's parameters (docs/scale-accuracy.md: the joint fits' betas
+#: come out within a few hundredths, their FWHM within a few tenths of a per cent; their
+#: errors depend on the field, so the scale fit's own error does not hold them).
+FITTED_BETA_ERROR = 0.03
+FITTED_FWHM_ERROR = 0.005
+#: The same where the PSF is not fitted: a Moffat of index 3 is assumed (seeing-limited stars
+#: have 2.5-4.5), at the FWHM measured from the stars' half-maximum areas.
+ASSUMED_BETA_ERROR = 0.75
+ASSUMED_FWHM_ERROR = 0.03
 #: Pixels (a regular subsample of rows) behind the target's noise in the detect step. The
 #: noise only sets detection thresholds (a star's peak against 5 or 20 sigma), and half a
 #: million pixels give it to about 0.1 %; the whole frame's rows would cost ten times more.
@@ -59,10 +79,10 @@ class ScaleMeasurement:
     scale: np.ndarray  # m per channel
     pairs: int
     fwhm: float  # the target's
-    fits: list  # photometry.ScaleFit per channel
+    fits: list  # scalefit.ScaleFit per channel
     correction: np.ndarray  # per channel, applied to the reference's fluxes
-    target_flux: np.ndarray | None = None  # (channels, pairs) usable pairs, as fitted
-    reference_flux: np.ndarray | None = None
+    target_flux: list | None = None  # per channel, the fitted pairs' fluxes
+    reference_flux: list | None = None  # per channel, corrected for the seeing
     reference_psf: MoffatPSF | None = None  # fitted, or None where the fit was not possible
     target_psf: MoffatPSF | None = None
 
@@ -172,33 +192,36 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
         ref_m.ok & tgt_m.ok & found & (peak_t < params.linear_range) & (reference.channel_peak < params.linear_range)
     )
     channels = data.shape[0]
-    # Signal-to-noise of each pair, on the faintest channel.
-    ratio0 = np.median(ref_m.flux[:, usable] / tgt_m.flux[:, usable], axis=1) if usable.any() else np.ones(channels)
-    snr = np.min(
-        (ref_m.flux + ratio0[:, None] * tgt_m.flux)
-        / np.maximum(np.hypot(ref_m.flux_error, ratio0[:, None] * tgt_m.flux_error), 1e-30),
-        axis=0,
-    )
-    usable &= snr >= MIN_PAIR_SNR
-    if usable.sum() < params.min_star_pairs:
-        raise TooFewStarsError(
-            frame.path,
-            f"{int(usable.sum())} usable star pairs (unsaturated, fully covered, signal-to-noise >= "
-            f"{MIN_PAIR_SNR:g}); at least {params.min_star_pairs} are needed for a photometric scale",
-        )
     correction = np.full(
         channels,
         photometry.seeing_correction(geometry, reference_psf=reference_psf, target_psf=target_psf, weight=weight),
     )
-    scales, fits = [], []
+    # The correction's own uncertainty, from the PSFs' (the same for every channel).
+    correction_error = correction_uncertainty(
+        geometry, reference_psf=reference_psf, target_psf=target_psf, weight=weight, fitted=psfs is not None
+    )
+    scales, fits, pairs = [], [], []
     for c in range(channels):
-        fit = photometry.fit_scale(
-            tgt_m.flux[c][usable],
-            ref_m.flux[c][usable] * correction[c],
-            target_error=tgt_m.flux_error[c][usable],
-            reference_error=ref_m.flux_error[c][usable] * correction[c],
+        x, y = tgt_m.flux[c], ref_m.flux[c] * correction[c]
+        sx, sy = tgt_m.flux_error[c], ref_m.flux_error[c] * correction[c]
+        # Every star of the one star set measured in this channel counts, weighted by its
+        # noise; only pairs too faint to tell a star from the sky are left out.
+        snr = _pair_snr(x, y, sx, sy, usable)
+        pairs_c = usable & (snr >= MIN_PAIR_SNR)
+        if pairs_c.sum() < params.min_star_pairs:
+            raise TooFewStarsError(
+                frame.path,
+                f"channel {c}: {int(pairs_c.sum())} usable star pairs (unsaturated, fully covered, signal-to-noise "
+                f">= {MIN_PAIR_SNR:g}); at least {params.min_star_pairs} are needed for a photometric scale",
+            )
+        fit = scalefit.fit_scale(
+            x[pairs_c],
+            y[pairs_c],
+            target_error=sx[pairs_c],
+            reference_error=sy[pairs_c],
             tolerance=params.star_flux_tolerance,
             outlier_removal=params.outlier_removal,
+            judged=snr[pairs_c] >= JUDGED_PAIR_SNR,
         )
         if fit.n_pairs < params.min_star_pairs or not (fit.scale > 0 and math.isfinite(fit.scale)):
             raise TooFewStarsError(
@@ -206,8 +229,11 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
                 f"channel {c}: {fit.n_pairs} star pairs survive the outlier rejection; at least "
                 f"{params.min_star_pairs} are needed",
             )
+        fit.fit_error = fit.scale_error
+        fit.scale_error = math.hypot(fit.scale_error, correction_error * fit.scale)
         scales.append(fit.scale)
         fits.append(fit)
+        pairs.append(pairs_c)
     clock.lap("photometry")
     return ScaleMeasurement(
         np.array(scales),
@@ -215,11 +241,43 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
         target_psf.fwhm if psfs is not None else fwhm_t,
         fits,
         correction,
-        target_flux=tgt_m.flux[:, usable],
-        reference_flux=ref_m.flux[:, usable] * np.asarray(correction)[:, None],
+        target_flux=[tgt_m.flux[c][p] for c, p in enumerate(pairs)],
+        reference_flux=[ref_m.flux[c][p] * correction[c] for c, p in enumerate(pairs)],
         reference_psf=reference_psf if psfs is not None else None,
         target_psf=target_psf if psfs is not None else None,
     )
+
+
+def correction_uncertainty(
+    geometry: photometry.ApertureGeometry,
+    *,
+    reference_psf: MoffatPSF,
+    target_psf: MoffatPSF,
+    weight: MoffatPSF | None,
+    fitted: bool,
+) -> float:
+    """Relative standard error of :func:`nsg_gpu.photometry.seeing_correction` from the PSFs'
+    parameter errors (:data:`FITTED_BETA_ERROR` and the rest), each frame's taken as
+    independent: the correction's share of the scale's uncertainty, which no scatter of the
+    pairs shows since it moves every pair alike."""
+    beta_error, fwhm_error = (
+        (FITTED_BETA_ERROR, FITTED_FWHM_ERROR) if fitted else (ASSUMED_BETA_ERROR, ASSUMED_FWHM_ERROR)
+    )
+    variance = 0.0
+    for psf in (reference_psf, target_psf):
+        kept = photometry.kept_share(geometry, psf, weight)
+        for beta, fwhm in ((psf.beta + beta_error, psf.fwhm), (psf.beta, psf.fwhm * (1 + fwhm_error))):
+            moved = photometry.kept_share(geometry, MoffatPSF.from_fwhm(fwhm, max(beta, 1.05)), weight)
+            variance += (moved / kept - 1) ** 2
+    return math.sqrt(variance)
+
+
+def _pair_snr(x, y, sx, sy, usable) -> np.ndarray:
+    """Signal-to-noise of each pair in one channel, both frames combined, at the ratio
+    median of the usable pairs."""
+    positive = usable & (x > 0) & (y > 0)
+    ratio = float(np.median(y[positive] / x[positive])) if positive.any() else 1.0
+    return (y + ratio * x) / np.maximum(np.hypot(sy, ratio * sx), 1e-30)
 
 
 def fit_psfs(reference: Reference, frame: Frame, fwhm_t: float) -> tuple[MoffatPSF, MoffatPSF] | None:

@@ -170,14 +170,21 @@ def test_every_parameter_is_an_option_with_its_help_and_default(small_frames, tm
     for item in dataclasses.fields(Parameters):
         flag = item.metadata["flag"] or "--" + item.name.replace("_", "-")
         assert flag.split("/")[0] in result.output, flag
-        if item.default is None:
+        if item.default is None and item.metadata["auto"]:
             assert f"[default: Auto, {item.metadata['auto'][:20]}" in result.output.replace("\n", " "), item.name
     frames = [str(p) for p in sorted((small_frames / "in").glob("*.fits"))]
     args = ["normalize", *frames, "-o", str(tmp_path), "--sample-size", "40", "--photometry", "aperture"]
-    result = runner.invoke(app, [*args, "--no-truncate", "--focal-length", "530", "--min-weight", "0.1"])
+    result = runner.invoke(
+        app, [*args, "--no-truncate", "--focal-length", "530", "--min-weight", "0.1", "--max-scale-error", "0.02"]
+    )
     assert result.exit_code == 1 and "stopped" in result.output
     assert seen["params"] == Parameters(
-        sample_size=40, photometry="aperture", truncate=False, focal_length_mm=530.0, min_weight=0.1
+        sample_size=40,
+        photometry="aperture",
+        truncate=False,
+        focal_length_mm=530.0,
+        min_weight=0.1,
+        max_scale_error=0.02,
     )
 
 

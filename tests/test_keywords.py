@@ -23,6 +23,7 @@ def test_cards_read_back_as_written(channels):
         beta=3.25,
         fingerprint="ab" * 16,
         noise=[1.5e-3, 2e-3, 2.5e-3][:channels],
+        transmission_error=[0.0123456, 0.02, 0.03][:channels],
         history=["reference", "sample_size: 20"],
     )
     header = fits.Header()
@@ -37,6 +38,8 @@ def test_cards_read_back_as_written(channels):
     assert back.weight == pytest.approx(cards.weight, rel=1e-6) and back.weight_source == "noiseKSigma"
     assert (back.star_pairs, back.samples, back.fingerprint) == (412, 1650, "ab" * 16)
     assert back.high == 1.25 and back.fwhm == pytest.approx(2.8125, rel=1e-3) and back.beta == 3.25
+    assert back.transmission_error == pytest.approx(cards.transmission_error, rel=1e-3)
+    assert written["NSGSERR0"] == pytest.approx(0.01235) and f"NSGSERR{channels}" not in written
     assert back.history == cards.history
     assert [str(h) for h in written["HISTORY"]][0] == "calibrated"
     assert ("NSGS2" in written) == (channels == 3)

@@ -188,6 +188,30 @@ def test_without_every_exposure_rejection_uses_raw_values_and_spares_the_referen
     assert reject_frames(frames, min_weight=0, min_transmission=0, output_dir=tmp_path) == []
 
 
+def test_max_scale_error_rejects_uncertain_and_disagreeing_frames(tmp_path):
+    frames = [
+        _row("ref", 1.0, [1.0], 60.0, status="reference"),
+        _row("sure", 1.0, [1.0, 1.01, 0.99], 60.0),
+        _row("unsure", 1.0, [1.0, 1.0, 1.0], 60.0),
+        _row("chromatic", 1.0, [1.0, 1.3, 1.0], 60.0),
+    ]
+    frames[1].transmission_error = [0.01, 0.01, 0.01]
+    frames[2].transmission_error = [0.01, 0.045, 0.01]
+    frames[3].transmission_error = [0.01, 0.01, 0.01]
+    # Off by default: flagged frames are kept.
+    assert reject_frames(frames, min_weight=0, min_transmission=0, output_dir=tmp_path) == []
+    rejected = reject_frames(frames, min_weight=0, min_transmission=0, max_scale_error=0.03, output_dir=tmp_path)
+    assert [f.path for f in rejected] == ["unsure", "chromatic"]
+    assert "scale in doubt: channel 1 transmission 1 +- 0.045 (4.5 %, more than 3 %)" in frames[2].rejected
+    assert "disagree beyond their errors" in frames[3].rejected
+    # A looser threshold keeps the uncertain frame, never the disagreeing one.
+    rejected = reject_frames(frames, min_weight=0, min_transmission=0, max_scale_error=0.05, output_dir=tmp_path)
+    assert [f.path for f in rejected] == ["chromatic"]
+    with pytest.raises(ValueError, match="max_scale_error must be positive"):
+        Parameters(max_scale_error=0)
+    assert Parameters(max_scale_error=0.02).normalization_items() == Parameters().normalization_items()
+
+
 def test_thresholds_are_checked_and_not_part_of_the_history():
     with pytest.raises(ValueError, match="min_weight must be in"):
         Parameters(min_weight=1.5)

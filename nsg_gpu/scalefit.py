@@ -1,0 +1,408 @@
+"""The scale fit: ``m`` per channel from the stars' paired fluxes, and how sure it is.
+
+Without photometric errors the scale is NSG's: an L1 line with intercept (origin-forced least
+squares below 6 pairs), a flux-ratio tolerance around it, and the removal of the farthest
+pairs one at a time (:func:`nsg_selection`). With errors (what the scale stage passes), NSG's
+tolerance and removal keep their meaning around a robust centre, and the scale is the
+noise-weighted fit through the origin of every pair they keep, faint ones included
+(:func:`fit_scale`, :func:`weighted_ratio`):
+
+- **Errors in both frames.** The fit minimizes ``sum (y - m x)^2 / (sy^2 + m^2 sx^2 + ...)``
+  (the effective-variance, or York, fit through the origin), which stays unbiased when the
+  target's fluxes are as noisy as the reference's; an ordinary weighted fit of ``y`` on ``x``
+  is biased low by the target's noise, by a few per cent for stars at signal-to-noise 5.
+- **Scatter beyond the photometric errors.** Stars whose light is not conserved between the
+  frames (an undersampled star on a colour sensor's single photosite of red or blue, a
+  variable star, a flat-field error) scatter more than their noise says. A relative scatter
+  ``epsilon`` per channel, chosen so that the robust spread (1.4826 MAD) of the
+  error-normalized residuals is 1, joins every pair's variance. The brightest stars then no
+  longer outweigh all others where their own photometric error is small but their
+  scatter is not, and the uncertainty of ``m`` is honest.
+- **Outliers.** Tukey's biweight on the normalized residuals (``c = 4.685``), so that a pair
+  spoiled by a hot pixel, a cosmic ray or a neighbour does not pull ``m``.
+
+The uncertainty is the fit's standard error: the larger of ``1.026 / sqrt(sum beta^2 /
+sigma^2)`` over the pairs the biweight keeps (1.026: the biweight's Gaussian efficiency of
+95 %) and the sandwich estimate of the same fit, which stays honest where the residuals are
+not Gaussian. It is never smaller than the photometric errors allow. The scale stage adds the
+seeing correction's own uncertainty (:func:`nsg_gpu.scale.correction_uncertainty`).
+
+In the flow: called by the scale stage (:mod:`nsg_gpu.scale`) once per channel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+__all__ = [
+    "ScaleFit",
+    "median",
+    "l1_line",
+    "nsg_selection",
+    "weighted_ratio",
+    "fit_scale",
+    "scale_doubt",
+    "BIWEIGHT_C",
+    "UNCERTAIN_SCALE",
+    "CHANNELS_DISAGREE_P",
+]
+
+#: Tukey's biweight tuning constant, in units of the normalized residuals' spread (95 %
+#: Gaussian efficiency).
+BIWEIGHT_C = 4.685
+#: Its Gaussian efficiency, as a factor on the standard error.
+_EFFICIENCY = 1 / math.sqrt(0.95)
+#: Normal-consistent MAD factor.
+_MAD = 1.4826
+#: A frame whose transmission is less certain than this in any channel (relative standard
+#: error) is flagged: its scale moves its pixels by more than the stars can vouch for.
+UNCERTAIN_SCALE = 0.03
+#: A colour frame's channels disagree when the chi-square of their transmissions about the
+#: error-weighted mean has a probability below this (3.3 sigma): more than a grey change of
+#: transmission (exposure, thin cloud) explains, within the errors.
+CHANNELS_DISAGREE_P = 0.001
+
+
+def median(values: np.ndarray) -> float:
+    """``np.median`` of a 1-D float64 array, to the bit, without its generic machinery (the
+    line fits call it thousands of times per frame on a thousand values): the middle
+    element, or the mean of the middle two, of one partition."""
+    n = values.size
+    if n == 0 or np.isnan(values).any():
+        return np.median(values)
+    k = n // 2
+    if n % 2:
+        return np.partition(values, k)[k]
+    part = np.partition(values, [k - 1, k])
+    return (part[k - 1] + part[k]) / 2
+
+
+def l1_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """The straight line ``y = m x + b`` minimizing the sum of absolute deviations.
+
+    The slope is bracketed and bisected on the sign-weighted sum of residuals with
+    ``b = median(y - m x)`` (the classic ``medfit`` method, as PCL's ``LinearFit``).
+    """
+    x = np.asarray(x, float)
+    y = np.asarray(y, float)
+    if x.size < 2 or np.ptp(x) == 0:
+        return (float(np.sum(x * y) / np.sum(x * x)) if np.any(x) else 1.0), 0.0
+
+    def balance(m):
+        b = median(y - m * x)
+        return float(np.sum(x * np.sign(y - m * x - b))), b
+
+    m_ls, _ = np.polyfit(x, y, 1)
+    chisq = np.sum((y - np.polyval(np.polyfit(x, y, 1), x)) ** 2)
+    sigma_m = math.sqrt(chisq / max(np.sum((x - x.mean()) ** 2), 1e-300)) + 1e-12 * abs(m_ls)
+    lo, hi = m_ls - 3 * sigma_m, m_ls + 3 * sigma_m
+    f_lo, _ = balance(lo)
+    f_hi, _ = balance(hi)
+    for _ in range(60):
+        if f_lo * f_hi <= 0:
+            break
+        lo, hi = lo - 2 * (hi - lo), hi + 2 * (hi - lo)
+        f_lo, _ = balance(lo)
+        f_hi, _ = balance(hi)
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        f_mid, _ = balance(mid)
+        if f_mid == 0:
+            lo = hi = mid
+            break
+        if f_mid * f_lo > 0:
+            lo, f_lo = mid, f_mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * max(abs(mid), 1e-300):
+            break
+    m = 0.5 * (lo + hi)
+    return float(m), float(balance(m)[1])
+
+
+def _calculate_scale(x, y) -> tuple[float, float]:
+    """NSG's estimator: origin-forced least squares below 6 pairs, the L1 line otherwise."""
+    if x.size < 6:
+        return float(np.sum(x * y) / np.sum(x * x)), 0.0
+    return l1_line(x, y)
+
+
+@dataclass
+class ScaleFit:
+    """The scale of one channel and the pairs behind it."""
+
+    scale: float
+    intercept: float  # of NSG's line (reported, never applied); 0 for the weighted fit
+    used: np.ndarray  # bool mask over the input pairs: those with a say in the scale
+    n_pairs: int
+    scale_error: float = float("nan")  # one-sigma standard error of ``scale``
+    scatter: float = 0.0  # relative scatter of the pairs beyond their photometric errors
+    fit_error: float = float("nan")  # the pairs' share of ``scale_error`` (without the seeing correction's)
+
+    @property
+    def relative_error(self) -> float:
+        return self.scale_error / self.scale if self.scale else float("nan")
+
+
+def nsg_selection(x: np.ndarray, y: np.ndarray, *, tolerance: float, outlier_removal: float):
+    """NSG's pair selection and line: ``(m, b, kept)``.
+
+    An initial fit (:func:`l1_line`, or the ratio median for two pairs), the pairs whose
+    ratio ``y/x`` lies outside ``[m0 / tolerance, m0 * tolerance]`` dropped, then the pair
+    farthest from the line removed ``round(n * outlier_removal / 100)`` times, refitting
+    each time.
+    """
+    n = x.size
+    kept = np.ones(n, bool)
+    if n == 0:
+        return 1.0, 0.0, kept
+    m0, _ = _calculate_scale(x, y) if n > 2 else (float(np.median(y / x)), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = y / x
+    kept &= (ratio >= m0 / tolerance) & (ratio <= m0 * tolerance)
+    n_remove = int(math.floor(kept.sum() * outlier_removal / 100 + 0.5))
+    for _ in range(n_remove):
+        if kept.sum() < 4:
+            break
+        m, b = _calculate_scale(x[kept], y[kept])
+        distance = np.abs(m * x - y + b) / math.sqrt(m * m + 1)
+        distance[~kept] = -1
+        kept[int(np.argmax(distance))] = False
+    if not kept.any():
+        return 1.0, 0.0, kept
+    m, b = _calculate_scale(x[kept], y[kept])
+    return float(m), float(b), kept
+
+
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    order = np.argsort(values, kind="stable")
+    cumulative = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(cumulative, 0.5 * cumulative[-1])])
+
+
+def _spread(r, sy2, m2sx2, level2, scatter: float, say=None) -> float:
+    """The normalized residuals' spread: 1.4826 times their median, or, with ``say``, their
+    median weighted by each pair's say in the fit (``x^2 / sigma^2``)."""
+    variance = sy2 + m2sx2 + scatter * scatter * level2
+    normalized = np.abs(r) / np.sqrt(variance)
+    if say is None:
+        return _MAD * float(median(normalized))
+    return _MAD * _weighted_median(normalized, say / variance)
+
+
+def _scatter(r, sy2, m2sx2, level2, say=None) -> float:
+    """The relative scatter ``epsilon`` that brings the normalized residuals' spread to 1."""
+    if not _spread(r, sy2, m2sx2, level2, 0.0, say) > 1:
+        return 0.0
+    lo, hi = 0.0, 0.05
+    while _spread(r, sy2, m2sx2, level2, hi, say) > 1 and hi < 1e3:
+        lo, hi = hi, 2 * hi
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if _spread(r, sy2, m2sx2, level2, mid, say) > 1:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-4 * hi:
+            break
+    return hi
+
+
+def _level2(x, y, m: float, *, power: float = 0.25) -> np.ndarray:
+    """The squared flux level that a relative scatter multiplies, in reference units.
+
+    ``(m x)^2 (y / m x)^power``; with ``power = 0.25`` the fixed point of the reweighted fit with these weights is then
+    the centre of the ratios ``y / x`` for any scatter symmetric in log (a lognormal one),
+    where a level from ``(y + m x) / 2`` would weigh high ratios down and bias ``m`` low by
+    a good part of its error. Pairs with a flux at or below 0 (faint ones, whose photometric
+    error dominates) take the mean of the two.
+    """
+    mx = m * x
+    positive = (mx > 0) & (y > 0)
+    safe_mx, safe_y = np.where(positive, mx, 1.0), np.where(positive, y, 1.0)
+    return np.where(positive, safe_mx**2 * (safe_y / safe_mx) ** power, (0.5 * (np.abs(y) + np.abs(mx))) ** 2)
+
+
+def _standard_error(u, beta, x, variance, keep) -> float:
+    """The larger of the model's standard error (normalized residuals of unit spread, the
+    biweight's Gaussian efficiency) and the sandwich (Huber) estimate, which holds where the
+    residuals are not Gaussian (a lognormal scatter, a few pairs carrying the fit)."""
+    information = float(np.sum(beta[keep] ** 2 / variance[keep]))
+    model = _EFFICIENCY / math.sqrt(information)
+    n = int(keep.sum())
+    if n < 3:
+        return model
+    t = np.where(keep, u / BIWEIGHT_C, 0.0)
+    psi = np.where(keep, u * (1 - t * t) ** 2, 0.0)
+    slope = np.where(keep, (1 - t * t) * (1 - 5 * t * t), 0.0)
+    sigma = np.sqrt(variance)
+    bread = float(np.sum(slope * beta * x / variance))
+    meat = float(np.sum((psi * beta / sigma) ** 2))
+    sandwich = math.sqrt(meat * n / (n - 1)) / abs(bread) if bread > 0 else math.inf
+    return max(model, sandwich)
+
+
+def weighted_ratio(x, y, sx, sy, m: float, *, iterations: int = 50):
+    """The noise-weighted robust fit of ``y = m x`` from the start ``m``.
+
+    Returns
+    -------
+    m, error, scatter, keep
+        The scale, its standard error, the relative scatter beyond the errors, and the pairs
+        the biweight keeps.
+    """
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    sy2, sx2 = np.asarray(sy, float) ** 2, np.asarray(sx, float) ** 2
+    keep = np.ones(x.size, bool)
+    error, scatter = float("nan"), 0.0
+    for _ in range(iterations):
+        r = y - m * x
+        # Residuals are judged (spread, scatter, biweight) against the symmetric level
+        # ``sqrt(m x y)``, so that a ratio high by a factor and one low by it weigh alike;
+        # the fit's weights use :func:`_level2`, whose fixed point is the ratios' centre.
+        level2 = _level2(x, y, m, power=0.5)
+        m2sx2 = m * m * sx2
+        # The scatter that all pairs show, or that the pairs which carry the fit show, whichever
+        # is larger: many faint pairs with honest errors must not hide the excess scatter
+        # of the few bright ones that decide the scale, nor those few (whose spread is
+        # itself uncertain) the faint ones'.
+        scatter = max(_scatter(r, sy2, m2sx2, level2), _scatter(r, sy2, m2sx2, level2, x * x))
+        judging = sy2 + m2sx2 + scatter * scatter * level2
+        variance = sy2 + m2sx2 + scatter * scatter * _level2(x, y, m)
+        u = r / (BIWEIGHT_C * np.sqrt(judging))
+        robust = np.where(np.abs(u) < 1, (1 - u * u) ** 2, 0.0)
+        keep = robust > 0
+        if keep.sum() < 2:
+            break
+        # The true target flux of each pair, given m (York): the fit's "x" without its noise.
+        beta = x + r * m * sx2 / variance
+        w = robust / variance
+        m_new = float(np.sum(w * beta * y) / np.sum(w * beta * x))
+        error = _standard_error(r / np.sqrt(variance), beta, x, variance, keep)
+        converged = abs(m_new - m) <= 1e-10 * abs(m)
+        m = m_new
+        if converged:
+            break
+    return m, error, scatter, keep
+
+
+def fit_scale(
+    target_flux: np.ndarray,
+    reference_flux: np.ndarray,
+    *,
+    target_error: np.ndarray | None = None,
+    reference_error: np.ndarray | None = None,
+    tolerance: float = 1.5,
+    outlier_removal: float = 2.0,
+    judged: np.ndarray | None = None,
+) -> ScaleFit:
+    """Fit ``reference = m * target`` robustly; ``m`` is the scale.
+
+    Without errors this is NSG's procedure and line (:func:`nsg_selection`). With them:
+
+    1. the start ``m0`` is the median flux ratio of the ``judged`` pairs (the confident ones),
+       a centre that a few stray bright pairs cannot move (NSG's L1 line with an intercept
+       can be far off where the pairs scatter by tens of per cent);
+    2. NSG's tolerance drops the judged pairs whose ratio lies outside
+       ``[m0 / tolerance, m0 * tolerance]``, the tolerance widened to 3 robust sigmas of
+       their log ratios where they scatter more; fainter pairs are not judged by their ratio,
+       which their noise alone spreads (a cut there would clip it asymmetrically);
+    3. :func:`weighted_ratio` fits the rest; then the ``outlier_removal`` per cent of them
+       with the largest error-normalized residuals are left out (NSG's removal of the
+       farthest pairs, measured in each pair's own errors) and the fit is repeated.
+
+    Parameters
+    ----------
+    target_flux, reference_flux : ndarray (n,)
+        Matched fluxes (x is the target, y the reference).
+
+    target_error, reference_error : ndarray (n,), optional
+        One-sigma errors of the fluxes.
+
+    tolerance : float
+        NSG's flux-ratio tolerance.
+
+    outlier_removal : float
+        Percentage of the pairs removed as outliers (NSG).
+
+    judged : ndarray (n,) of bool, optional
+        The pairs bright enough for the ratio tolerance (all by default; all as well where
+        fewer than 3 are).
+    """
+    x = np.asarray(target_flux, float)
+    y = np.asarray(reference_flux, float)
+    n = x.size
+    if n == 0:
+        return ScaleFit(1.0, 0.0, np.ones(0, bool), 0)
+    if target_error is None or reference_error is None:
+        m, b, used = nsg_selection(x, y, tolerance=tolerance, outlier_removal=outlier_removal)
+        return ScaleFit(m, b, used, int(used.sum()))
+    sx, sy = np.asarray(target_error, float), np.asarray(reference_error, float)
+    judged = np.ones(n, bool) if judged is None else np.asarray(judged, bool)
+    positive = (x > 0) & (y > 0)
+    if (judged & positive).sum() < 3:
+        judged = np.ones(n, bool)
+    centre = judged & positive
+    if not centre.any():
+        return ScaleFit(1.0, 0.0, np.zeros(n, bool), 0)
+    logs = np.log(y[centre] / x[centre])
+    m0 = float(np.exp(np.median(logs)))
+    # NSG's tolerance, widened to 3 robust sigmas of the judged pairs' log ratios where they
+    # scatter more than it allows (a colour sensor's undersampled stars): it is there to cut
+    # outliers, and would otherwise cut the scatter itself and hide it from the fit.
+    tolerance = max(tolerance, math.exp(3 * _MAD * float(np.median(np.abs(logs - math.log(m0))))))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = y / x
+    used = ~judged | ((ratio >= m0 / tolerance) & (ratio <= m0 * tolerance))
+    n_remove = int(math.floor(used.sum() * outlier_removal / 100 + 0.5))
+    m, error, scatter = m0, float("nan"), 0.0
+    for attempt in range(2):
+        index = np.nonzero(used)[0]
+        if index.size < 2:
+            break
+        m, error, scatter, keep = weighted_ratio(x[index], y[index], sx[index], sy[index], m)
+        used[index[~keep]] = False
+        if attempt or n_remove == 0 or used.sum() - n_remove < 3:
+            break
+        # NSG's removal of the farthest pairs, in each pair's own errors.
+        index = np.nonzero(used)[0]
+        variance = sy[index] ** 2 + (m * sx[index]) ** 2 + scatter**2 * _level2(x[index], y[index], m)
+        residual = np.abs(y[index] - m * x[index]) / np.sqrt(variance)
+        used[index[np.argsort(-residual, kind="stable")[:n_remove]]] = False
+    return ScaleFit(float(m), 0.0, used, int(used.sum()), float(error), float(scatter), float(error))
+
+
+def scale_doubt(transmission, transmission_error, *, threshold: float = UNCERTAIN_SCALE) -> str | None:
+    """Why a frame's transmissions are in doubt, or None.
+
+    A channel's relative standard error above ``threshold``, or channels that disagree with
+    each other beyond their errors (:data:`CHANNELS_DISAGREE_P`), are in doubt; a channel
+    without an error (NaN) is not judged.
+    """
+    t = np.asarray(transmission, float)
+    e = np.asarray(transmission_error, float)
+    if t.size == 0 or e.size != t.size:
+        return None
+    reasons = []
+    relative = e / t
+    worst = int(np.nanargmax(relative)) if np.isfinite(relative).any() else None
+    if worst is not None and relative[worst] > threshold:
+        channel = f"channel {worst} " if t.size > 1 else ""
+        reasons.append(
+            f"{channel}transmission {t[worst]:.4g} +- {e[worst]:.2g} ({100 * relative[worst]:.1f} %, more than "
+            f"{100 * threshold:g} %)"
+        )
+    judged = np.isfinite(e) & (e > 0)
+    if judged.sum() >= 2:
+        w = 1 / e[judged] ** 2
+        mean = float(np.sum(w * t[judged]) / np.sum(w))
+        chi2 = float(np.sum(w * (t[judged] - mean) ** 2))
+        p = float(stats.chi2.sf(chi2, judged.sum() - 1))
+        if p < CHANNELS_DISAGREE_P:
+            values = ", ".join(f"{a:.4g} +- {b:.2g}" for a, b in zip(t, e))
+            reasons.append(f"channels' transmissions {values} disagree beyond their errors (p = {p:.1e})")
+    return "; ".join(reasons) or None
