@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from conftest import SHARED_DATA
-from independent import NGC7023, STARGATE, STARGATE_REFERENCE, independent_transmission, read_planes, spline_smoothing
+from independent import (
+    NGC7023,
+    STARGATE,
+    STARGATE_REFERENCE,
+    extractor_stars,
+    independent_transmission,
+    read_planes,
+    spline_smoothing,
+)
 
 from nsg_gpu.io import read_frame
 from nsg_gpu.noise import ksigma_noise
@@ -39,12 +47,15 @@ def test_all_frames_normalize(real_run):
     assert len(run.frames) == len(frames)
 
 
-def test_twenty_second_frames_have_transmission_about_2_4(real_run):
+def test_twenty_second_frames_are_about_twice_as_bright_in_green(real_run):
+    """The 20 s frames' green transmission against the 10 s reference: 2.06-2.08 by sep
+    (``tests/independent.py``); red and blue, which another Seestar's sensor renders otherwise,
+    are checked against sep below."""
     _, run, _ = real_run
     long = [f for f in run.frames if "20.0s" in f.path]
     assert len(long) == 2
     for f in long:
-        assert 2.0 < f.transmission[0] < 2.9, f.transmission
+        assert 1.95 < f.transmission[1] < 2.2, f.transmission
 
 
 def _background_rms(image, reference, covered, block=32):
@@ -70,6 +81,37 @@ def test_background_matches_better_than_global_scale_and_offset(real_run):
             offset = np.median(reference[c][covered]) - m * np.median(target[c][covered])
             global_fit = m * target[c] + offset
             assert _background_rms(ours[c], reference[c], covered) < _background_rms(global_fit, reference[c], covered)
+
+
+# -- detection against a standard extractor -----------------------------------------------------
+@pytest.mark.parametrize(
+    ("directory", "name"),
+    [(NGC7023, "000_Light_NGC_7023_10.0s_IRCUT_20240730-224436.fits.gz"), (STARGATE, STARGATE_REFERENCE)],
+    ids=["ngc7023", "stargate"],
+)
+def test_reference_detection_finds_the_extractors_stars_and_no_hot_pixel(directory, name):
+    """Our reference catalogue holds at least 85 % of the stars sep finds at 5 sigma (less
+    single hot pixels; NGC 7023's stars of 1.6 px included, which an undersampled star centred
+    on a pixel makes look like one), and none of ours is a single hot pixel."""
+    if not directory.is_dir():
+        pytest.skip(f"real frames not present at {directory}")
+    from nsg_gpu.params import Parameters
+    from nsg_gpu.reference import prepare_reference
+    from nsg_gpu.stars import detection_image
+
+    path = directory / name
+    x, y = extractor_stars(read_planes(path))
+    reference = prepare_reference(read_frame(path), Parameters())
+    ours = reference.stars
+    distance = np.hypot(x[:, None] - ours.x[None], y[:, None] - ours.y[None]).min(axis=1)
+    assert np.mean(distance < 1.5) >= 0.85, (int(np.sum(distance < 1.5)), x.size)
+    image = np.asarray(detection_image(reference.frame.data))
+    xi, yi = np.rint(ours.x).astype(int), np.rint(ours.y).astype(int)
+    sky = np.median(image[image > 0])
+    neighbours = np.maximum.reduce([image[yi + dy, xi + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx])
+    sky_noise = 1.4826 * np.median(np.abs(image[image > 0] - sky))
+    bright = image[yi, xi] - sky > 10 * sky_noise
+    assert np.all(neighbours[bright] - sky > 0.1 * (image[yi, xi][bright] - sky))
 
 
 # -- transmission against an independent photometry ---------------------------------------------

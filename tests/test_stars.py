@@ -54,3 +54,32 @@ def test_host_peaks_equal_the_direct_filters(shape, half, margin):
         expected = _direct_find_peaks(matched, image, half=half, threshold=threshold, margin=margin)
         actual = find_peaks(matched, image, half=half, threshold=threshold, margin=margin)
         np.testing.assert_array_equal(actual, expected)
+
+
+def test_undersampled_stars_centred_on_a_pixel_are_stars_and_hot_pixels_are_not():
+    """Stars of FWHM 1.0 px integrated over the pixel, each near a pixel's centre (its
+    4-neighbours hold a sixth of its peak), are all found; single hot pixels as bright are not."""
+    rng = np.random.default_rng(3)
+    h, w = 200, 240
+    image = rng.normal(0.1, 0.002, (h, w))
+    sigma = 1.0 / 2.3548
+    yy, xx = np.mgrid[0:h, 0:w]
+    stars = [(30 + 40 * i + 0.15 * (-1) ** i, 30 + 45 * j) for i in range(5) for j in range(4)]
+    from scipy.special import erf
+
+    def edge(u):
+        return 0.5 * (1 + erf(u / (np.sqrt(2) * sigma)))
+
+    for x0, y0 in stars:
+        px = edge(xx + 0.5 - x0) - edge(xx - 0.5 - x0)
+        py = edge(yy + 0.5 - y0) - edge(yy - 0.5 - y0)
+        image += 0.3 * px * py
+    hot = [(50 + 40 * i, 52 + 45 * j) for i in range(4) for j in range(3)]
+    peak = image[30, 30] - 0.1
+    for x0, y0 in hot:
+        image[y0, x0] += peak
+    catalog = detect_stars(image.astype(np.float32), fwhm=1.0)
+    found = np.hypot(catalog.x[:, None] - np.array(stars)[None, :, 0], catalog.y[:, None] - np.array(stars)[None, :, 1])
+    assert np.all(found.min(axis=0) < 0.5), found.min(axis=0)
+    taken = np.hypot(catalog.x[:, None] - np.array(hot)[None, :, 0], catalog.y[:, None] - np.array(hot)[None, :, 1])
+    assert np.all(taken.min(axis=0) > 2), taken.min(axis=0)
