@@ -91,6 +91,8 @@ def main() -> None:
                 data, header = s.output(k)
                 truth = s.field.frames[k].scale(s.field.reference)
                 errors = [1 / header[f"NSGS{c}"] / truth[c] - 1 for c in range(data.shape[0])]
+                # The stated uncertainty (NSGSERR, relative): the error over it should have an RMS near 1.
+                stated = [header.get(f"NSGSERR{c}", float("nan")) / header[f"NSGS{c}"] for c in range(data.shape[0])]
                 rendered = s.field.render(k)
                 covered = np.all(rendered != 0, axis=0)
                 ours = block_residual(data, reference, covered) / noise
@@ -106,6 +108,7 @@ def main() -> None:
                     "beta": frame.beta,
                     "transmission": frame.transmission[0],
                     "scale_error_percent": [round(100 * float(e), 3) for e in errors],
+                    "stated_error_percent": [round(100 * float(e), 3) for e in stated],
                     "residual_sigma": [round(float(v), 4) for v in ours],
                     "perfect_residual_sigma": [round(float(v), 4) for v in perfect],
                     "shift": [round(v, 3) for v in frame.shift],
@@ -123,7 +126,8 @@ def main() -> None:
                 fitted = f"fitted {result.fwhm:.2f} px / {result.beta:.2f}" if result.beta else "not fitted"
                 print(
                     f"{name:15s} #{realization} frame {k}: FWHM {frame.fwhm:.2f} px, beta {frame.beta:.2f} ({fitted}), "
-                    f"t {frame.transmission[0]:.3f}, scale error {row['scale_error_percent']} %, "
+                    f"t {frame.transmission[0]:.3f}, scale error {row['scale_error_percent']} % "
+                    f"(stated {row['stated_error_percent']} %), "
                     f"residual {row['residual_sigma']} (perfect {row['perfect_residual_sigma']}), "
                     f"shift {row['shift']} px, weight error {row['weight_error_percent']:+.1f} % "
                     f"(per-pixel noise {row['per_pixel_weight_error_percent']:+.1f} %), "
@@ -145,6 +149,11 @@ def main() -> None:
     print(
         f"all: {errors.size} scale errors, RMS {np.sqrt(np.mean(errors**2)):.3f} %, worst {np.abs(errors).max():.3f} %, "
         f"{np.mean(np.abs(errors) < 0.5):.1%} within 0.5 %"
+    )
+    stated = np.concatenate([np.ravel(r["stated_error_percent"]) for r in rows])
+    z = errors / stated
+    print(
+        f"all: error over stated uncertainty (NSGSERR): RMS {np.sqrt(np.nanmean(z**2)):.2f}, worst {np.nanmax(np.abs(z)):.2f}"
     )
     weight_errors = np.array([r["weight_error_percent"] for r in rows])
     per_pixel = np.array([r["per_pixel_weight_error_percent"] for r in rows])
