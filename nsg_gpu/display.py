@@ -153,8 +153,10 @@ def _frame_line(result, done: int, total: int) -> str:
         return f"[{done}/{total}] {name}: output complete and up to date, kept"
     if result.status == "reference":
         return f"[{done}/{total}] {name}: reference, {result.star_pairs} stars"
-    errors = result.transmission_error or [float("nan")] * len(result.transmission)
-    transmission = " ".join(f"{t:.4f}+-{e:.2g}" for t, e in zip(result.transmission, errors))
+    errors = list(result.transmission_error or []) + [None] * len(result.transmission)
+    transmission = " ".join(
+        f"{t:.4f}" + (f"+-{e:.2g}" if e is not None else "") for t, e in zip(result.transmission, errors)
+    )
     return (
         f"[{done}/{total}] {name}: transmission {transmission}  weight {result.weight:.3f}  "
         f"pairs {result.star_pairs}  samples {result.samples}  {result.seconds:.1f} s"

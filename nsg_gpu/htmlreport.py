@@ -97,7 +97,7 @@ def _transmission(frame) -> str:
     for c, value in enumerate(frame.transmission or []):
         error = errors[c] if c < len(errors) else None
         text = _number(value)
-        if error is not None and math.isfinite(error):
+        if error is not None and math.isfinite(error):  # None where the fit gave none
             text += f" ± {_number(error, 2)}"
         parts.append(text)
     return " / ".join(parts)

@@ -98,7 +98,7 @@ def set_nsg_keywords(header: fits.Header, cards: NSGCards, *, weight_keyword: st
     for c, value in enumerate(cards.transmission):
         header[f"{TRANSMISSION}{c}"] = (float(f"{value:.5g}"), "NSG transmission (1/scale)")
     for c, value in enumerate(cards.transmission_error):
-        if math.isfinite(value):
+        if value is not None and math.isfinite(value):
             header[f"{TRANSMISSION_ERROR}{c}"] = (float(f"{value:.4g}"), "NSG standard error of NSGS")
     for c, value in enumerate(cards.snr):
         header[f"{SNR}{c}"] = (float(f"{value:.5g}"), "NSG signal-to-noise ratio vs reference")

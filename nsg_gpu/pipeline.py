@@ -12,6 +12,7 @@ The data flow of DESIGN.md, for one frame against a prepared reference
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -101,7 +102,9 @@ def normalize_frame(reference: Reference, frame, *, diagnostics: bool = False) -
         source, noise = "noiseMultiscale", measured_noise
     transmission = [float(1 / v) for v in m]
     # The transmission's error from the scale's: the same relative error.
-    transmission_error = [float(fit.scale_error / fit.scale**2) for fit in measured.fits]
+    transmission_error = [
+        float(fit.scale_error / fit.scale**2) if math.isfinite(fit.scale_error) else None for fit in measured.fits
+    ]
     return FrameResult(
         path=str(frame.path),
         scale=[float(v) for v in m],

@@ -381,10 +381,10 @@ def scale_doubt(transmission, transmission_error, *, threshold: float = UNCERTAI
 
     A channel's relative standard error above ``threshold``, or channels that disagree with
     each other beyond their errors (:data:`CHANNELS_DISAGREE_P`), are in doubt; a channel
-    without an error (NaN) is not judged.
+    without an error (NaN or None) is not judged.
     """
     t = np.asarray(transmission, float)
-    e = np.asarray(transmission_error, float)
+    e = np.array([np.nan if v is None else v for v in transmission_error], float)
     if t.size == 0 or e.size != t.size:
         return None
     reasons = []
