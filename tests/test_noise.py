@@ -236,3 +236,28 @@ def test_ksigma_noise_of_white_noise_and_weight():
     assert ksigma_noise(image) == pytest.approx(0.002, rel=0.03)
     snr, weight = weight_from_noise([0.002], [0.004], [0.5])
     assert snr[0] == pytest.approx(1.0) and weight == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_host_ksigma_clip_is_the_direct_loop_to_the_bit(dtype):
+    """The host clip (reused work arrays, mean and std from one sum) against the loop of
+    boolean masks and NumPy's mean and std."""
+    from nsg_gpu.noise import ksigma_clip
+
+    def direct(values, iterations=10):
+        sigma, centre = float(values.std()), 0.0
+        for _ in range(iterations):
+            kept = values[np.abs(values - centre) < 3 * sigma]
+            if kept.size < 100:
+                break
+            new_sigma, centre = float(kept.std()), float(kept.mean())
+            if abs(new_sigma - sigma) <= 1e-6 * sigma:
+                return new_sigma
+            sigma = new_sigma
+        return sigma
+
+    rng = np.random.default_rng(9)
+    for size in (150, 20_001, 300_000):
+        values = np.concatenate([rng.normal(0.3, 2.0, size), rng.standard_cauchy(size // 50) * 10]).astype(dtype)
+        for iterations in (1, 3, 10):
+            assert ksigma_clip(values, iterations=iterations) == direct(values, iterations)
