@@ -264,6 +264,14 @@ def test_blocked_apply_equals_whole_array_arithmetic(shape, truncate):
     assert out.dtype == np.float32 and layer is None and valid is None
     np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))
     assert got_high == high
+    # Written into the gradient's own buffer: the same bits, and the gradient is the output.
+    model = gradient.copy()
+    out, got_high, _, _ = apply_gradient(
+        data, scale, model, white_level=1.0, truncate=truncate, overwrite_gradient=True
+    )
+    assert out is model
+    np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))
+    assert got_high == high
 
 
 @pytest.mark.parametrize(
