@@ -54,3 +54,28 @@ def test_host_peaks_equal_the_direct_filters(shape, half, margin):
         expected = _direct_find_peaks(matched, image, half=half, threshold=threshold, margin=margin)
         actual = find_peaks(matched, image, half=half, threshold=threshold, margin=margin)
         np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.mark.parametrize("half", [1, 2, 3, 4, 7, 12])
+@pytest.mark.parametrize("shape", [(60, 75), (9, 200), (200, 5), (1, 30)])
+def test_window_maximum_by_doubling_spans_is_scipys(shape, half):
+    from nsg_gpu.stars import _window_max
+
+    rng = np.random.default_rng(half)
+    image = np.round(rng.normal(0, 1, shape), 1).astype(np.float32)  # ties
+    np.testing.assert_array_equal(_window_max(image, half), ndi.maximum_filter(image, size=2 * half + 1))
+
+
+@pytest.mark.parametrize("shape", [(261, 391), (40, 17), (3, 5)])
+def test_separable_linear_upsampling_is_scipys_zoom(shape):
+    """The background's upsampling against ``scipy.ndimage.zoom``: SciPy sums the four
+    products in another order, so a last-bit tie may round the other way; none here."""
+    from nsg_gpu.stars import _upsample_linear
+
+    rng = np.random.default_rng(shape[0])
+    small = (0.05 + 0.1 * rng.random(shape)).astype(np.float32)
+    expected = ndi.zoom(small, 4, order=1, grid_mode=True, mode="nearest")
+    actual = _upsample_linear(small, 4)
+    assert actual.dtype == np.float32 and actual.shape == expected.shape
+    ulps = np.abs(actual.view(np.int32).astype(np.int64) - expected.view(np.int32))
+    assert ulps.max() <= 1 and np.count_nonzero(ulps) <= actual.size * 1e-6
