@@ -79,3 +79,20 @@ def test_separable_linear_upsampling_is_scipys_zoom(shape):
     assert actual.dtype == np.float32 and actual.shape == expected.shape
     ulps = np.abs(actual.view(np.int32).astype(np.int64) - expected.view(np.int32))
     assert ulps.max() <= 1 and np.count_nonzero(ulps) <= actual.size * 1e-6
+
+
+def test_host_colour_intensity_is_the_whole_array_formula_to_the_bit():
+    """``(min + max) / 2`` where every channel has data, by blocks of rows on the host,
+    against the whole-array expression (zeros, negative zeros, NaN, a partial last block)."""
+    from nsg_gpu.stars import detection_image
+
+    rng = np.random.default_rng(53)
+    data = rng.random((3, 203, 157), dtype=np.float32)
+    data[1, :20] = 0
+    data[:, 50, :] = -0.0
+    data[2, 70:75, 5:9] = np.nan
+    data[0, 100:110, 30:40] = -0.5
+    expected = np.where(data.min(axis=0) > 0, 0.5 * (data.min(axis=0) + data.max(axis=0)), 0).astype(np.float32)
+    actual = detection_image(data)
+    assert actual.dtype == np.float32
+    np.testing.assert_array_equal(actual.view(np.int32), expected.view(np.int32))
