@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
-from scipy.linalg import lapack
 from scipy.interpolate import make_interp_spline
+from scipy.linalg import lapack
 
 from . import kernels
 from .backend import get_backend

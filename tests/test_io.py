@@ -75,4 +75,3 @@ def test_one_non_finite_pixel_anywhere_reads_as_zero(tmp_path, bad):
     fits.PrimaryHDU(dirty).writeto(tmp_path / "dirty.fits")
     expected = np.nan_to_num(dirty, nan=0.0, posinf=0.0, neginf=0.0)
     np.testing.assert_array_equal(read_frame(tmp_path / "dirty.fits").data, expected)
-

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from nsg_gpu import stamps as stamp_module
-
 from nsg_gpu.stamps import channel_peaks, gather_stamps, local_level, stamp_peaks
 
 
