@@ -223,10 +223,23 @@ class _StarModels:
         self.bd = self.wdata @ background.T
         self.k = 3 + kb
         self._offsets = None  # the stars' pixel offsets, kept while their positions stand
+        # The last few Moffats' profiles and solutions: the fit asks again for the one
+        # least_squares settled on (its model, then its profile), at the same positions.
+        self._recent: list[tuple] = []
+
+    def _remembered(self, psf: MoffatPSF):
+        st = self.stamps
+        for entry in self._recent:
+            if entry[0] == psf.alpha and entry[1] == psf.beta and entry[2] is st.dx and entry[3] is st.dy:
+                return entry
+        return None
 
     def profile(self, psf: MoffatPSF) -> np.ndarray:
         """The profile and its x and y derivatives ``(n, 3, p)``, as :func:`_design`'s first
         three columns."""
+        entry = self._remembered(psf)
+        if entry is not None:
+            return entry[4]
         st = self.stamps
         if self._offsets is None or self._offsets[0] is not st.dx or self._offsets[1] is not st.dy:
             ux = st.px[None] - st.dx[:, None]
@@ -243,7 +256,11 @@ class _StarModels:
         return columns
 
     def solve(self, psf: MoffatPSF):
-        """Coefficients ``(n, k)`` and the model ``(n, p)``, as ``_solve(_design(...))``."""
+        """Coefficients ``(n, k)`` and the model ``(n, p)``, as ``_solve(_design(...))``
+        (not to be modified: the last few are kept and handed out again)."""
+        entry = self._remembered(psf)
+        if entry is not None:
+            return entry[5], entry[6]
         profile = self.profile(psf)
         n, _, p = profile.shape
         kb = self.k - 3
@@ -261,6 +278,7 @@ class _StarModels:
         coef = np.linalg.solve(normal, rhs[..., None])[..., 0]
         model = np.einsum("nkp,nk->np", profile, coef[:, :3])
         model += coef[:, 3:] @ self.background
+        self._recent = [(psf.alpha, psf.beta, self.stamps.dx, self.stamps.dy, profile, coef, model)] + self._recent[:3]
         return coef, model
 
 

@@ -199,3 +199,20 @@ def test_fit_psf_by_blocks_equals_the_direct_fit(monkeypatch, curved):
     assert fast[0].stars == direct[0].stars
     np.testing.assert_array_equal(fast[1], direct[1])
     np.testing.assert_allclose(fast[2], direct[2], rtol=0, atol=1e-9 * np.abs(direct[2]).max())
+
+
+def test_remembered_solutions_follow_the_positions():
+    """A Moffat solved again at the same positions is the one solved before; moved stars
+    are solved afresh, as the direct solve does."""
+    stamps, background, weight = _fit_inputs(False)
+    stamps.dx, stamps.dy = stamps.dx.copy(), stamps.dy.copy()
+    models = psf_fitting._StarModels(stamps, background, stamps.data, weight)
+    trial = MoffatPSF.from_fwhm(3.2, 2.9)
+    first = models.solve(trial)
+    assert models.solve(trial)[1] is first[1]
+    stamps.dx = np.clip(stamps.dx + 0.1, -0.75, 0.75)
+    moved = models.solve(trial)
+    direct = psf_fitting._solve(psf_fitting._design(trial, stamps, background), stamps.data, weight)
+    assert moved[1] is not first[1]
+    np.testing.assert_allclose(moved[1], direct[1], rtol=0, atol=1e-10 * np.abs(direct[1]).max())
+    np.testing.assert_allclose(models.profile(trial), psf_fitting._design(trial, stamps, background)[:, :3], rtol=1e-14)
