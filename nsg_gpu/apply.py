@@ -22,7 +22,17 @@ from .noise import layer_noise, noise_row_stride, wavelet_layer_rows
 __all__ = ["apply_gradient", "normalize_pixels"]
 
 
-def apply_gradient(data, scale, gradient, *, white_level: float, truncate: bool, row_stride=None, launcher=None):
+def apply_gradient(
+    data,
+    scale,
+    gradient,
+    *,
+    white_level: float,
+    truncate: bool,
+    row_stride=None,
+    launcher=None,
+    overwrite_gradient: bool = False,
+):
     """``m*T - G`` where ``T != 0`` (else 0), optionally clipped, with its maximum and noise layer.
 
     Parameters
@@ -49,6 +59,10 @@ def apply_gradient(data, scale, gradient, *, white_level: float, truncate: bool,
     launcher : optional
         Runs the ``apply_gradient_f32`` kernel instead (:data:`nsg_gpu.kernels.DEVICE`, or
         the tests' host emulation); CuPy arrays always use the kernel.
+
+    overwrite_gradient : bool
+        On the host, write the output into ``gradient`` (float32, C-ordered, the frame's
+        shape) instead of a new array; ``gradient`` then holds the output.
 
     Returns
     -------
@@ -106,7 +120,9 @@ def apply_gradient(data, scale, gradient, *, white_level: float, truncate: bool,
         if row_stride is not None:
             layers = [wavelet_layer_rows(out[c], row_stride) for c in range(channels)]
     else:
-        out, high = _apply_host(data, m, gradient, white_level=white_level, truncate=truncate)
+        out, high = _apply_host(
+            data, m, gradient, white_level=white_level, truncate=truncate, overwrite_gradient=overwrite_gradient
+        )
         layers = None
         if row_stride is not None:
             layers = [_layer_rows_host(out[c], row_stride) for c in range(channels)]
@@ -122,23 +138,35 @@ _BLOCK_ROWS = 24
 _LAYER_BYTES = 1 << 19
 
 
-def _apply_host(data, m, gradient, *, white_level: float, truncate: bool):
+def _apply_host(data, m, gradient, *, white_level: float, truncate: bool, overwrite_gradient: bool = False):
     """``m*T - G`` (0 where ``T == 0``), its maximum, and the clip, in row blocks in place.
 
     The same float32 operations in the same order as whole-array NumPy, so the same bits;
-    but each block is read from memory once, and the only frame-sized array is the output.
+    but each block is read from memory once, and the only frame-sized array is the output,
+    which with ``overwrite_gradient`` is ``gradient``'s own buffer (``G`` is read at each
+    pixel before that pixel is written): no fresh frame-sized memory to fault in.
     """
     channels, height, width = data.shape
-    out = np.empty((channels, height, width), dtype=np.float32)
+    reuse = (
+        overwrite_gradient
+        and isinstance(gradient, np.ndarray)
+        and gradient.dtype == np.float32
+        and gradient.shape == data.shape
+        and gradient.flags.c_contiguous
+        and gradient.flags.writeable
+    )
+    out = gradient if reuse else np.empty((channels, height, width), dtype=np.float32)
     empty = np.empty((_BLOCK_ROWS, width), dtype=bool)
+    scaled = np.empty((_BLOCK_ROWS, width), dtype=np.float32)
     high = -np.inf
     for c in range(channels):
         scale = np.float32(m[c])
         for r0 in range(0, height, _BLOCK_ROWS):
             r1 = min(height, r0 + _BLOCK_ROWS)
             source, block, hole = data[c, r0:r1], out[c, r0:r1], empty[: r1 - r0]
-            np.multiply(source, scale, out=block, dtype=np.float32)
-            np.subtract(block, gradient[c, r0:r1], out=block)
+            product = scaled[: r1 - r0]
+            np.multiply(source, scale, out=product, dtype=np.float32)
+            np.subtract(product, gradient[c, r0:r1], out=block)
             np.equal(source, 0, out=hole)
             np.copyto(block, 0, where=hole)
             high = max(high, float(block.max()))
@@ -203,11 +231,13 @@ def normalize_pixels(
     measure_noise: bool,
     max_pixels: int = 4_000_000,
     timings: dict | None = None,
+    overwrite_gradient: bool = False,
 ):
     """The normalized frame, its maximum before clipping, and its k-sigma noise per channel.
 
     ``timings``, when given, gains the seconds of ``apply`` (with the wavelet layer the
     noise samples, which the GPU computes in the same pass) and of ``noise`` (the clipping).
+    ``overwrite_gradient``: see :func:`apply_gradient`.
 
     Returns
     -------
@@ -222,7 +252,13 @@ def normalize_pixels(
     stride = noise_row_stride(height, width, max_pixels) if measure_noise else None
     started = time.perf_counter()
     out, high, layer, valid = apply_gradient(
-        data, scale, gradient, white_level=white_level, truncate=truncate, row_stride=stride
+        data,
+        scale,
+        gradient,
+        white_level=white_level,
+        truncate=truncate,
+        row_stride=stride,
+        overwrite_gradient=overwrite_gradient,
     )
     applied = time.perf_counter()
     noise = None

@@ -125,7 +125,7 @@ class Frame:
             raise FrameShapeError(
                 path, f"has shape {tuple(data.shape)}; frames must be 2-D mono or 3-D colour with 3 planes"
             )
-        np.nan_to_num(data, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        _zero_non_finite(data)
         header = header.copy() if header is not None else fits.Header()
         return cls(path, data, header, _white_level(header, data), meta_from_header(header))
 
@@ -211,6 +211,15 @@ def meta_from_header(header: fits.Header) -> FrameMeta:
         airmass=_float_card(header, "AIRMASS"),
         noise=tuple(noise) if noise else None,
     )
+
+
+def _zero_non_finite(data: np.ndarray) -> None:
+    """Set NaN and infinite pixels to 0 (no data), in place. A finite minimum and maximum
+    (NaN propagates through both) show there are none: two passes where ``nan_to_num`` makes
+    several, and it runs only where they find some."""
+    if data.size and np.isfinite(np.min(data)) and np.isfinite(np.max(data)):
+        return
+    np.nan_to_num(data, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _white_level(header: fits.Header, data: np.ndarray) -> float:
@@ -326,7 +335,7 @@ def read_frame(path: str | os.PathLike) -> Frame:
             f"has shape {tuple(data.shape)}; frames must be 2-D mono or 3-D colour with 3 planes",
         )
     data = np.array(data, dtype=np.float32)  # a copy: the input file's buffer is never touched
-    np.nan_to_num(data, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    _zero_non_finite(data)
     meta = meta_from_header(header)
     return Frame(path=path, data=data, header=header, white_level=_white_level(header, data), meta=meta)
 
@@ -441,7 +450,7 @@ def _read_xisf(path: Path, *, pixels: bool = True):
         raise FrameReadError(
             path, f"cannot be read as XISF: not an XISF file, or truncated or corrupt ({type(exc).__name__}: {exc})"
         ) from exc
-    np.nan_to_num(data, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    _zero_non_finite(data)
     if stored in _XISF_INTEGER_WHITE:
         white = _XISF_INTEGER_WHITE[stored]
     else:

@@ -137,9 +137,12 @@ def ksigma_clip(values, *, iterations: int = 10) -> float:
 
     0 with fewer than 100 values.
     """
-    xp = get_backend(values).xp
+    be = get_backend(values)
+    xp = be.xp
     if values.size < 100:
         return 0.0
+    if not be.is_gpu:
+        return _ksigma_clip_host(values, iterations)
     sigma = float(values.std())
     centre = 0.0
     for _ in range(iterations):
@@ -148,6 +151,38 @@ def ksigma_clip(values, *, iterations: int = 10) -> float:
             break
         new_sigma = float(kept.std())
         centre = float(kept.mean())
+        if abs(new_sigma - sigma) <= 1e-6 * sigma:
+            sigma = new_sigma
+            break
+        sigma = new_sigma
+    return sigma
+
+
+def _mean_std(values: np.ndarray) -> tuple[float, float]:
+    """``values.mean()`` and ``values.std()`` to the bit, from one sum: NumPy's own steps
+    (pairwise sum over the count; the deviations squared in place and summed)."""
+    n = np.intp(values.size)  # as NumPy counts: float32 sums are divided in double, then rounded
+    kind = values.dtype.type
+    mean = kind(np.add.reduce(values) / n)
+    deviation = np.subtract(values, mean)
+    np.multiply(deviation, deviation, out=deviation)
+    return float(mean), float(np.sqrt(kind(np.add.reduce(deviation) / n)))
+
+
+def _ksigma_clip_host(values: np.ndarray, iterations: int) -> float:
+    """:func:`ksigma_clip` on the host, to the bit, with its work arrays reused."""
+    sigma = float(values.std())
+    centre = 0.0
+    distance = np.empty_like(values)
+    inside = np.empty(values.shape, dtype=bool)
+    for _ in range(iterations):
+        np.subtract(values, centre, out=distance)
+        np.abs(distance, out=distance)
+        np.less(distance, 3 * sigma, out=inside)
+        kept = values[inside]
+        if kept.size < 100:
+            break
+        centre, new_sigma = _mean_std(kept)
         if abs(new_sigma - sigma) <= 1e-6 * sigma:
             sigma = new_sigma
             break
@@ -171,27 +206,23 @@ def ksigma_noise(image, *, max_pixels: int = 4_000_000, iterations: int = 10) ->
     return layer_noise(layer, valid, iterations=iterations)
 
 
-def _atrous_smooth(block, step: int, xp):
-    """The B3-spline smoothing at ``step`` (holes of ``step - 1`` pixels), mirrored edges."""
-    out = block
-    for axis in (0, 1):
-        pad = [(0, 0), (0, 0)]
-        pad[axis] = (2 * step, 2 * step)
-        padded = xp.pad(out, pad, mode="symmetric")
-        n = out.shape[axis]
-        acc = None
-        for k, weight in enumerate(_B3):
-            index = [slice(None), slice(None)]
-            index[axis] = slice(k * step, k * step + n)
-            term = weight * padded[tuple(index)]
-            acc = term if acc is None else acc + term
-        out = acc
-    return out
+def _atrous_smooth(block, step: int, xp, ndi):
+    """The B3-spline smoothing at ``step`` (holes of ``step - 1`` pixels), mirrored edges
+    (SciPy's "reflect": the edge pixel repeated)."""
+    kernel = np.zeros(4 * step + 1)
+    kernel[::step] = _B3
+    kernel = xp.asarray(kernel)
+    out = ndi.correlate1d(block, kernel, axis=0, mode="reflect")
+    return ndi.correlate1d(out, kernel, axis=1, mode="reflect")
 
 
 def _grow(mask, size: int, ndi, *, outside: int):
-    """Binary dilation of ``mask`` by a ``size`` x ``size`` square; ``outside`` beyond the edges."""
-    grown = ndi.maximum_filter1d(mask.view("uint8") if mask.dtype == bool else mask, size, axis=0, mode="nearest")
+    """Binary dilation of ``mask`` by a ``size`` x ``size`` square; ``outside`` beyond the edges.
+    A float array (``outside`` 0) gets the window's maximum instead."""
+    if mask.dtype != bool:
+        grown = ndi.maximum_filter1d(mask, size, axis=0, mode="nearest")
+        return ndi.maximum_filter1d(grown, size, axis=1, mode="constant", cval=outside)
+    grown = ndi.maximum_filter1d(mask.view("uint8"), size, axis=0, mode="nearest")
     return ndi.maximum_filter1d(grown, size, axis=1, mode="constant", cval=outside).astype(bool)
 
 
@@ -225,9 +256,9 @@ def _multiscale_bands(image, max_pixels: int):
         folded = np.mod(source, 2 * h)
         mirrored = np.where(folded >= h, 2 * h - 1 - folded, folded)
         block = image[xp.asarray(mirrored)].astype(xp.float64)
-        smooth1 = _atrous_smooth(block, 1, xp)
-        smooth2 = _atrous_smooth(smooth1, 2, xp)
-        smooth3 = _atrous_smooth(smooth2, 4, xp)
+        smooth1 = _atrous_smooth(block, 1, xp, ndi)
+        smooth2 = _atrous_smooth(smooth1, 2, xp, ndi)
+        smooth3 = _atrous_smooth(smooth2, 4, xp, ndi)
         keep = slice(_HALO - SUPPORT_GROWTH, _HALO + height + SUPPORT_GROWTH)
         layer2 = (smooth1 - smooth2)[keep]
         layer3 = (smooth2 - smooth3)[keep]
@@ -279,16 +310,22 @@ def multiscale_noise(image, *, max_pixels: int = 1_000_000, iterations: int = 20
     bands = _multiscale_bands(image, max_pixels)
     f2, f3 = B3_LAYER_FRACTIONS[1], B3_LAYER_FRACTIONS[2]
     g = SUPPORT_GROWTH
-    sigma = ksigma_clip(xp.concatenate([layer2[g:-g][valid] for layer2, _, valid in bands])) / f2
+    # A pixel is left out when its window of 2g + 1 px holds a layer value beyond
+    # SUPPORT_SIGMA of its noise: the grown support of an estimate sigma is where the window's
+    # largest ratio |layer| / (SUPPORT_SIGMA * fraction) exceeds sigma. That maximum does not
+    # depend on sigma, so it is computed once and each round only compares it.
+    layer2, level = [], []
+    for band2, band3, valid in bands:
+        ratio = xp.maximum(xp.abs(band2) / (SUPPORT_SIGMA * f2), xp.abs(band3) / (SUPPORT_SIGMA * f3))
+        grown = _grow(ratio, 2 * g + 1, be.ndimage, outside=0)[g:-g]
+        layer2.append(band2[g:-g][valid])
+        level.append(grown[valid])
+    layer2, level = xp.concatenate(layer2), xp.concatenate(level)
+    sigma = ksigma_clip(layer2) / f2
     if not sigma > 0:
         return 0.0
     for _ in range(iterations):
-        values = []
-        for layer2, layer3, valid in bands:
-            support = (xp.abs(layer2) > SUPPORT_SIGMA * f2 * sigma) | (xp.abs(layer3) > SUPPORT_SIGMA * f3 * sigma)
-            grown = _grow(support, 2 * g + 1, be.ndimage, outside=0)[g:-g]
-            values.append(layer2[g:-g][valid & ~grown])
-        new = ksigma_clip(xp.concatenate(values)) / f2
+        new = ksigma_clip(layer2[level <= sigma]) / f2
         if not new > 0:
             break
         settled = abs(new - sigma) <= 1e-4 * sigma

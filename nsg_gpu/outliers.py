@@ -21,7 +21,14 @@ from .backend import get_backend
 from .noise import ksigma_noise
 from .samples import SampleGrid, median_stride, strided_blocks
 
-__all__ = ["pixel_noise", "bright_counts", "one_frame_outliers", "clipped_medians", "reject_outlier_samples"]
+__all__ = [
+    "pixel_noise",
+    "bright_counts",
+    "one_frame_outliers",
+    "clipped_medians",
+    "nanmedian_last",
+    "reject_outlier_samples",
+]
 
 #: Pixels a frame's noise is estimated on for finding its bright pixels (a subsample).
 NOISE_PIXELS = 250_000
@@ -119,13 +126,26 @@ def clipped_medians(data, grid: SampleGrid, bins: np.ndarray, white_level: float
         clipped = np.zeros(flat.shape, bool)
         for _ in range(CLIP_ROUNDS):
             kept = np.where(clipped, np.nan, flat)
-            centre = np.nanmedian(kept, axis=-1, keepdims=True)
-            spread = 1.4826 * np.nanmedian(np.abs(kept - centre), axis=-1, keepdims=True)
+            centre = nanmedian_last(kept)[..., None]
+            spread = 1.4826 * nanmedian_last(np.abs(kept - centre))[..., None]
             clipped = np.abs(flat - centre) > CLIP_SIGMA * spread
         # A trail's or a star's wings lie next to its clipped pixels, below the clip: they go too.
         wings = ndimage.binary_dilation(clipped.reshape(values.shape), structure=_WINGS)
-        out = np.nanmedian(np.where(wings, np.nan, values).reshape(flat.shape), axis=-1)
+        out = nanmedian_last(np.where(wings, np.nan, values).reshape(flat.shape))
     return out.T
+
+
+def nanmedian_last(values: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(values, axis=-1)`` to the bit, by one sort of all rows (NaN sort last)
+    rather than NumPy's loop over rows: the middle value, or the mean ``(a + b) / 2`` of the
+    two middle values, of each row's non-NaN values; NaN for a row of NaN alone."""
+    ordered = np.sort(values, axis=-1)
+    count = values.shape[-1] - np.count_nonzero(np.isnan(values), axis=-1)
+    low = np.take_along_axis(ordered, np.maximum((count - 1) // 2, 0)[..., None], axis=-1)[..., 0]
+    high = np.take_along_axis(ordered, np.minimum(count // 2, values.shape[-1] - 1)[..., None], axis=-1)[..., 0]
+    out = (low + high) / 2
+    out[count == 0] = np.nan
+    return out
 
 
 def reject_outlier_samples(values: np.ndarray, use: np.ndarray, *, sigma: float = OUTLIER_SIGMA) -> np.ndarray:

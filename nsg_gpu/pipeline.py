@@ -90,6 +90,7 @@ def normalize_frame(reference: Reference, frame, *, diagnostics: bool = False) -
             truncate=reference.params.truncate,
             measure_noise=False,
             timings=timings,
+            overwrite_gradient=True,  # G is not needed after this: its buffer takes the output
         )
         # The weight's noise: the multiscale estimate, which registration does not bias.
         measured_noise = None if cards is not None else frame_noise(out, timings=timings)

@@ -178,7 +178,7 @@ def _background_terms(stamps: PSFStamps, curved: bool) -> np.ndarray:
 
 def _design(psf: MoffatPSF, stamps: PSFStamps, background: np.ndarray) -> np.ndarray:
     """Per-star linear model ``(n, k, p)``: profile, its x and y derivatives, and the
-    ``background`` terms."""
+    ``background`` terms. With :func:`_solve`, the specification of :class:`_StarModels`."""
     ux = stamps.px[None] - stamps.dx[:, None]
     uy = stamps.py[None] - stamps.dy[:, None]
     n, p = ux.shape
@@ -200,6 +200,86 @@ def _solve(design: np.ndarray, data: np.ndarray, weight: np.ndarray):
     normal += 1e-12 * np.trace(normal, axis1=1, axis2=2)[:, None, None] * np.eye(design.shape[1])
     coef = np.linalg.solve(normal, dw @ data[..., None])[..., 0]
     return coef, np.einsum("nkp,nk->np", design, coef)
+
+
+class _StarModels:
+    """The per-star linear models of one fit at fixed weights: :func:`_solve` of
+    :func:`_design`, computed by blocks.
+
+    The background columns are the same for every star and every trial Moffat, so their part
+    of the normal equations (``B W B^T``, ``B W d``) is formed once per set of weights; a trial
+    Moffat only adds its three profile columns and their products. The same system as
+    :func:`_solve`'s, summed in another order (equal to rounding; ``tests/test_psf.py``).
+    """
+
+    def __init__(self, stamps: PSFStamps, background: np.ndarray, data: np.ndarray, weight: np.ndarray):
+        n, p = data.shape
+        kb = background.shape[0]
+        self.stamps, self.background, self.data, self.weight = stamps, background, data, weight
+        self.sqrt_weight = np.sqrt(weight)
+        self.wdata = weight * data
+        pairs = (background[:, None, :] * background[None, :, :]).reshape(kb * kb, p)
+        self.bb = (weight @ pairs.T).reshape(n, kb, kb)
+        self.bd = self.wdata @ background.T
+        self.k = 3 + kb
+        self._offsets = None  # the stars' pixel offsets, kept while their positions stand
+        # The last few Moffats' profiles and solutions: the fit asks again for the one
+        # least_squares settled on (its model, then its profile), at the same positions.
+        self._recent: list[tuple] = []
+
+    def _remembered(self, psf: MoffatPSF):
+        st = self.stamps
+        for entry in self._recent:
+            if entry[0] == psf.alpha and entry[1] == psf.beta and entry[2] is st.dx and entry[3] is st.dy:
+                return entry
+        return None
+
+    def profile(self, psf: MoffatPSF) -> np.ndarray:
+        """The profile and its x and y derivatives ``(n, 3, p)``, as :func:`_design`'s first
+        three columns."""
+        entry = self._remembered(psf)
+        if entry is not None:
+            return entry[4]
+        st = self.stamps
+        if self._offsets is None or self._offsets[0] is not st.dx or self._offsets[1] is not st.dy:
+            ux = st.px[None] - st.dx[:, None]
+            uy = st.py[None] - st.dy[:, None]
+            self._offsets = (st.dx, st.dy, ux, uy, ux * ux + uy * uy)
+        _, _, ux, uy, r2 = self._offsets
+        n, p = ux.shape
+        columns = np.empty((n, 3, p))
+        q = 1.0 + r2 / (psf.alpha * psf.alpha)
+        shape = np.power(q, -psf.beta, out=columns[:, 0])
+        slope = 2.0 * psf.beta / (psf.alpha * psf.alpha) * shape / q
+        np.multiply(slope, ux, out=columns[:, 1])
+        np.multiply(slope, uy, out=columns[:, 2])
+        return columns
+
+    def solve(self, psf: MoffatPSF):
+        """Coefficients ``(n, k)`` and the model ``(n, p)``, as ``_solve(_design(...))``
+        (not to be modified: the last few are kept and handed out again)."""
+        entry = self._remembered(psf)
+        if entry is not None:
+            return entry[5], entry[6]
+        profile = self.profile(psf)
+        n, _, p = profile.shape
+        kb = self.k - 3
+        weighted = profile * self.weight[:, None, :]
+        normal = np.empty((n, self.k, self.k))
+        normal[:, :3, :3] = weighted @ profile.transpose(0, 2, 1)
+        cross = (weighted.reshape(3 * n, p) @ self.background.T).reshape(n, 3, kb)
+        normal[:, :3, 3:] = cross
+        normal[:, 3:, :3] = cross.transpose(0, 2, 1)
+        normal[:, 3:, 3:] = self.bb
+        rhs = np.empty((n, self.k))
+        rhs[:, :3] = np.einsum("nkp,np->nk", profile, self.wdata)
+        rhs[:, 3:] = self.bd
+        normal += 1e-12 * np.trace(normal, axis1=1, axis2=2)[:, None, None] * np.eye(self.k)
+        coef = np.linalg.solve(normal, rhs[..., None])[..., 0]
+        model = np.einsum("nkp,nk->np", profile, coef[:, :3])
+        model += coef[:, 3:] @ self.background
+        self._recent = [(psf.alpha, psf.beta, self.stamps.dx, self.stamps.dy, profile, coef, model)] + self._recent[:3]
+        return coef, model
 
 
 def fit_psf(
@@ -247,23 +327,24 @@ def fit_psf(
     if data.shape[0] == 0:
         return psf, usable, np.zeros((0, data.shape[1]))
 
-    def centre(psf):
+    def centre(psf, models):
         # Move each star's centre by the shift its derivative columns ask for.
         for _ in range(3):
-            coef, _ = _solve(_design(psf, st, background), data, weight)
+            coef, _ = models.solve(psf)
             amp = np.where(np.abs(coef[:, 0]) > 0, coef[:, 0], 1.0)
             st.dx = np.clip(st.dx + coef[:, 1] / amp, -0.75, 0.75)
             st.dy = np.clip(st.dy + coef[:, 2] / amp, -0.75, 0.75)
 
-    def residual(theta):
-        trial = MoffatPSF(math.exp(theta[0]), theta[1])
-        _, model = _solve(_design(trial, st, background), data, weight)
-        return ((data - model) * np.sqrt(weight)).ravel()
-
     # Positions, the Moffat, and the weights and clipping that depend on it, in turn until
     # the Moffat settles (the index within 0.005).
     for _ in range(MAX_ROUNDS):
-        centre(psf)
+        models = _StarModels(st, background, data, weight)
+        centre(psf, models)
+
+        def residual(theta, models=models):
+            _, model = models.solve(MoffatPSF(math.exp(theta[0]), theta[1]))
+            return ((data - model) * models.sqrt_weight).ravel()
+
         solution = optimize.least_squares(
             residual,
             [math.log(psf.alpha), psf.beta],
@@ -272,16 +353,15 @@ def fit_psf(
             diff_step=[1e-4, 1e-4],
         )
         previous, psf = psf, MoffatPSF(math.exp(solution.x[0]), float(solution.x[1]))
-        design = _design(psf, st, background)
-        coef, model = _solve(design, data, weight)
-        star = coef[:, :1] * design[:, 0]
+        coef, model = models.solve(psf)
+        star = coef[:, :1] * models.profile(psf)[:, 0]
         weight = np.where(empty, 0.0, 1.0 / (variance + gain_inv * np.clip(star, 0, None)))
         weight[np.abs(data - model) * np.sqrt(weight) > CLIP_SIGMA] = 0.0
         if abs(psf.beta - previous.beta) < 5e-3 and abs(psf.alpha / previous.alpha - 1) < 1e-3:
             break
-    design = _design(psf, st, background)
-    coef, _ = _solve(design, data, weight)
-    star = np.einsum("nkp,nk->np", design[:, :3], coef[:, :3])
+    models = _StarModels(st, background, data, weight)
+    coef, _ = models.solve(psf)
+    star = np.einsum("nkp,nk->np", models.profile(psf), coef[:, :3])
     return MoffatPSF(psf.alpha, psf.beta, int(usable.sum())), usable, star
 
 

@@ -11,7 +11,8 @@ The full-resolution gradient is exact on the GPU: ``kernels/tps.cu`` evaluates t
 every pixel. On the CPU it is the spline evaluated on a coarse grid and interpolated by the
 interpolating bicubic spline of that grid; the gradient is smooth, and a test bounds the
 difference from exact evaluation. The interpolation is separable, so it is two matrix
-products with weights that depend only on the image geometry (computed once per geometry).
+products with weights that depend only on the image geometry (computed once per geometry);
+the second runs by bands of rows over the coarse nodes their weights reach.
 The channels of a colour frame share their nodes and weights, so one factorization of the
 system and one kernel matrix serve all three (:func:`fit_surface_splines`,
 :func:`evaluate_surfaces`).
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 from scipy.interpolate import make_interp_spline
+from scipy.linalg import lapack
 
 from . import kernels
 from .backend import get_backend
@@ -197,11 +199,30 @@ def evaluate_surfaces(splines: list[SurfaceSpline], height: int, width: int, *, 
     gy, wy = interpolation_weights(height, step)
     gx, wx = interpolation_weights(width, step)
     coarse = _evaluate(splines, *np.meshgrid(gx, gy)).astype(np.float32)  # (k, ny, nx)
-    wy_b, wx_b = xp.asarray(wy), xp.asarray(wx)
     out = xp.empty((len(splines), height, width), dtype=xp.float32)
     for c in range(len(splines)):
-        xp.matmul(wy_b @ xp.asarray(coarse[c]), wx_b.T, out=out[c])
+        columns = xp.asarray(coarse[c] @ wx.T)  # (ny, width)
+        for start, stop, first, last in _row_bands(height, step):
+            xp.matmul(xp.asarray(wy[start:stop, first:last]), columns[first:last], out=out[c, start:stop])
     return out
+
+
+#: Rows of the image interpolated by one matrix product.
+_BAND_ROWS = 256
+
+
+@functools.lru_cache(maxsize=8)
+def _row_bands(height: int, step: int) -> tuple[tuple[int, int, int, int], ...]:
+    """Bands of image rows ``[start, stop)`` and the coarse nodes ``[first, last)`` their
+    interpolation weights reach: a weight beyond them is 0 (:func:`interpolation_weights`), so
+    the product over those nodes alone is the full product."""
+    _, weights = interpolation_weights(height, step)
+    bands = []
+    for start in range(0, height, _BAND_ROWS):
+        stop = min(height, start + _BAND_ROWS)
+        reached = np.flatnonzero(np.any(weights[start:stop] != 0, axis=0))
+        bands.append((start, stop, int(reached[0]), int(reached[-1]) + 1))
+    return tuple(bands)
 
 
 def fit_surface_spline(x, y, z, *, weights=None, smoothness: float = -2.0) -> SurfaceSpline:
@@ -261,17 +282,54 @@ def fit_surface_splines(x, y, values, *, weights=None, smoothness: float = -2.0)
     lam = 10.0**smoothness
     du = u[:, None] - u[None, :]
     dv = v[:, None] - v[None, :]
-    system = np.zeros((n + 3, n + 3))
-    system[:n, :n] = _tps_kernel(du * du + dv * dv)
-    system[np.arange(n), np.arange(n)] += lam / np.maximum(w, 1e-12)
-    system[:n, n:] = P
-    system[n:, :n] = P.T
-    rhs = np.concatenate([z.T, np.zeros((3, z.shape[0]))])
+    kernel = _tps_kernel(du * du + dv * dv)
+    kernel[np.arange(n), np.arange(n)] += lam / np.maximum(w, 1e-12)
     try:
-        # LU rather than the symmetric-indefinite solver: the same solution, several times
-        # faster with OpenBLAS at these sizes.
-        solution = scipy.linalg.solve(system, rhs, assume_a="gen", overwrite_a=True, check_finite=False)
-    except (np.linalg.LinAlgError, scipy.linalg.LinAlgWarning) as exc:
-        raise ValueError(f"the spline system is singular ({exc})") from exc
+        solution = _solve_projected(kernel, P, z.T)
+    except (np.linalg.LinAlgError, ValueError):
+        solution = _solve_bordered(_tps_kernel(du * du + dv * dv) + np.diag(lam / np.maximum(w, 1e-12)), P, z.T)
     nodes = np.column_stack([u, v])
     return [SurfaceSpline(nodes, solution[:n, c], solution[n:, c], centre, scale) for c in range(z.shape[0])]
+
+
+def _solve_bordered(kernel: np.ndarray, P: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """The spline system ``[[K, P], [P^T, 0]] [c; a] = [z; 0]`` by LU: ``(n + 3, k)``."""
+    n = kernel.shape[0]
+    system = np.zeros((n + 3, n + 3))
+    system[:n, :n] = kernel
+    system[:n, n:] = P
+    system[n:, :n] = P.T
+    rhs = np.concatenate([z, np.zeros((3, z.shape[1]))])
+    try:
+        return scipy.linalg.solve(system, rhs, assume_a="gen", overwrite_a=True, check_finite=False)
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgWarning) as exc:
+        raise ValueError(f"the spline system is singular ({exc})") from exc
+
+
+def _solve_projected(kernel: np.ndarray, P: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """The same system by the null space of ``P^T``: with ``P = Q R`` and ``c = Q2 g``,
+    ``(Q2^T K Q2) g = Q2^T z`` is positive definite (``r^2 ln r`` is conditionally positive
+    definite of order 2, and the smoothing adds a positive diagonal), so one Cholesky
+    factorization (half the work of LU) solves it; then ``R a = Q1^T (z - K c)``.
+    ``kernel`` is overwritten. Raises LinAlgError where the factorization fails."""
+    n = kernel.shape[0]
+    qr, tau, _, info = lapack.dgeqrf(P)
+    if info != 0:
+        raise np.linalg.LinAlgError("QR of the spline's affine part failed")
+    lwork = 64 * n
+    # Q^T K Q by the three Householder reflectors, from both sides.
+    projected, _, info_l = lapack.dormqr("L", "T", qr, tau, kernel, lwork, overwrite_c=1)
+    projected, _, info_r = lapack.dormqr("R", "N", qr, tau, projected, lwork, overwrite_c=1)
+    qz, _, info_z = lapack.dormqr("L", "T", qr, tau, np.array(z, order="F"), lwork)
+    if info_l or info_r or info_z:
+        raise np.linalg.LinAlgError("applying the spline's reflectors failed")
+    factor = scipy.linalg.cho_factor(projected[3:, 3:], overwrite_a=True, check_finite=False)
+    g = scipy.linalg.cho_solve(factor, qz[3:], check_finite=False)
+    padded = np.zeros_like(qz)
+    padded[3:] = g
+    c, _, info_c = lapack.dormqr("L", "N", qr, tau, padded, lwork)
+    if info_c:
+        raise np.linalg.LinAlgError("applying the spline's reflectors failed")
+    # Rows 0-2 of Q^T K Q [0; g] are Q1^T K c; the factorization left them untouched.
+    a = scipy.linalg.solve_triangular(np.triu(qr[:3]), qz[:3] - projected[:3, 3:] @ g, check_finite=False)
+    return np.concatenate([c, a])

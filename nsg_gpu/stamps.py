@@ -40,6 +40,16 @@ def gather_stamps(image, x, y, half: int):
     h, w = image.shape[-2:]
     xi = xp.rint(be.asarray(x)).astype(xp.int64)
     yi = xp.rint(be.asarray(y)).astype(xp.int64)
+    if not be.is_gpu:
+        return _gather_windows(image, xi, yi, half)
+    return _gather_pixels(image, xi, yi, half)
+
+
+def _gather_pixels(image, xi, yi, half: int):
+    """:func:`gather_stamps` pixel by pixel (one fancy index per pixel, clipped at the
+    edges): any backend, and the specification of :func:`_gather_windows`."""
+    xp = get_backend(image).xp
+    h, w = image.shape[-2:]
     off = xp.arange(-half, half + 1)
     rows = yi[:, None, None] + off[None, :, None]
     cols = xi[:, None, None] + off[None, None, :]
@@ -49,6 +59,25 @@ def gather_stamps(image, x, y, half: int):
     if image.ndim == 2:
         return xp.where(inside, image[rows, cols], 0)
     return xp.where(inside[None], image[:, rows, cols], 0)
+
+
+def _gather_windows(image: np.ndarray, xi: np.ndarray, yi: np.ndarray, half: int) -> np.ndarray:
+    """:func:`gather_stamps` on the host: the stamps that lie inside the image are copied as
+    whole windows (rows of contiguous pixels), the others pixel by pixel."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    h, w = image.shape[-2:]
+    side = 2 * half + 1
+    out = np.zeros(image.shape[:-2] + (xi.size, side, side), dtype=image.dtype)
+    inside = (yi >= half) & (yi < h - half) & (xi >= half) & (xi < w - half)
+    whole = np.flatnonzero(inside)
+    if whole.size:
+        windows = sliding_window_view(image, (side, side), axis=(-2, -1))
+        out[..., whole, :, :] = windows[..., yi[whole] - half, xi[whole] - half, :, :]
+    edge = np.flatnonzero(~inside)
+    if edge.size:
+        out[..., edge, :, :] = _gather_pixels(image, xi[edge], yi[edge], half)
+    return out
 
 
 def stamp_peaks(image, x, y, half: int = 1) -> np.ndarray:

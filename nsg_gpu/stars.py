@@ -72,11 +72,34 @@ def detection_image(data):
     ``data`` is ``(channels, height, width)``; colour uses PCL's HSI intensity
     ``(min + max) / 2``, as NSG does. Pixels where any channel is 0 are 0.
     """
-    xp = get_backend(data).xp
+    be = get_backend(data)
+    xp = be.xp
     if data.shape[0] == 1:
         return data[0]
+    if not be.is_gpu and data.dtype == np.float32:
+        return _intensity_host(data)
     intensity = 0.5 * (data.min(axis=0) + data.max(axis=0))
     return xp.where(data.min(axis=0) > 0, intensity, 0).astype(data.dtype)
+
+
+def _intensity_host(data: np.ndarray, block: int = 64) -> np.ndarray:
+    """:func:`detection_image` of a float32 colour frame on the host, to the bit: the same
+    float32 operations, by blocks of rows, without the whole-frame temporaries."""
+    _, height, width = data.shape
+    out = np.empty((height, width), dtype=np.float32)
+    low = np.empty((block, width), dtype=np.float32)
+    empty = np.empty((block, width), dtype=bool)
+    for r0 in range(0, height, block):
+        r1 = min(height, r0 + block)
+        lo, hi, hole = low[: r1 - r0], out[r0:r1], empty[: r1 - r0]
+        np.min(data[:, r0:r1], axis=0, out=lo)
+        np.max(data[:, r0:r1], axis=0, out=hi)
+        hi += lo
+        hi *= np.float32(0.5)
+        np.greater(lo, 0, out=hole)
+        np.logical_not(hole, out=hole)
+        np.copyto(hi, 0, where=hole)
+    return out
 
 
 def smooth_background(image, valid, scale: float, factor: int = 4):
@@ -106,8 +129,49 @@ def smooth_background(image, valid, scale: float, factor: int = 4):
     num = ndi.gaussian_filter(small_sum, sigma, mode="nearest")
     den = ndi.gaussian_filter(small_cnt, sigma, mode="nearest")
     small = num / xp.maximum(den, 1e-6)
-    full = ndi.zoom(small, factor, order=1, grid_mode=True, mode="nearest")
+    if be.is_gpu:
+        full = ndi.zoom(small, factor, order=1, grid_mode=True, mode="nearest")
+    else:
+        full = _upsample_linear(small, factor)
     return full[:h, :w]
+
+
+def _linear_taps(n: int, factor: int):
+    """Source pixels and weight of the second for each of ``n * factor`` outputs: pixel
+    centres aligned (``grid_mode``), clamped at the edges (mode "nearest")."""
+    x = np.clip((np.arange(n * factor) + 0.5) / factor - 0.5, 0, n - 1)
+    first = np.floor(x).astype(np.int64)
+    return first, np.minimum(first + 1, n - 1), x - first
+
+
+def _upsample_linear(small: np.ndarray, factor: int, block: int = 16) -> np.ndarray:
+    """``scipy.ndimage.zoom(small, factor, order=1, grid_mode=True, mode="nearest")`` of a
+    float32 image, separably: along x, then along y in blocks of rows, in double, rounded
+    to float32 at the end. SciPy sums the four products in another order; after the
+    rounding the two agree to the bit but for rare last-bit ties (test)."""
+    ny, nx = small.shape
+    y0, y1, fy = _linear_taps(ny, factor)
+    x0, x1, fx = _linear_taps(nx, factor)
+    source = small.astype(np.float64)
+    across = np.take(source, x0, axis=1)
+    across *= 1 - fx
+    second = np.take(source, x1, axis=1)
+    second *= fx
+    across += second
+    del second
+    out = np.empty((ny * factor, nx * factor), dtype=small.dtype)
+    upper = np.empty((block, out.shape[1]))
+    lower = np.empty((block, out.shape[1]))
+    gy = 1 - fy
+    for r0 in range(0, out.shape[0], block):
+        r1 = min(out.shape[0], r0 + block)
+        a, b = upper[: r1 - r0], lower[: r1 - r0]
+        np.take(across, y0[r0:r1], axis=0, out=a)
+        a *= gy[r0:r1, None]
+        np.take(across, y1[r0:r1], axis=0, out=b)
+        b *= fy[r0:r1, None]
+        np.add(a, b, out=out[r0:r1], casting="same_kind")
+    return out
 
 
 def estimate_fwhm(image, x, y, background=0.0, half: int = 8) -> np.ndarray:
@@ -224,24 +288,51 @@ def find_peaks(matched, image, *, half: int, threshold: float, margin: int, laun
 def _window_max(image: np.ndarray, half: int) -> np.ndarray:
     """``scipy.ndimage.maximum_filter(image, size=2 * half + 1)`` (mode "reflect"), exactly:
     separable maxima of shifted slices. Mirrored pixels lie inside the clipped window, so
-    the window clipped to the image gives the same maximum."""
-    out = image.copy()
+    the window clipped to the image gives the same maximum.
+
+    Along each axis, ``ahead[i]`` = max of ``[i, i + half]`` (clipped) is built by doubling
+    spans (spans of 1, 2, 4, ... px, the last one overlapping), in about ``log2(half) + 1``
+    passes, and the window ``[i - half, i + half]`` is ``max(ahead[i - half], ahead[i])``
+    (``ahead[0]`` near the start, whose span lies inside the clipped window)."""
+    out = image
     for axis in (1, 0):
-        source = out.copy() if axis == 0 else image
-        n = image.shape[axis]
-        for k in range(1, min(half, n - 1) + 1):
-            ahead = [slice(None), slice(None)]
-            behind = [slice(None), slice(None)]
-            ahead[axis], behind[axis] = slice(0, n - k), slice(k, n)
-            np.maximum(out[tuple(ahead)], source[tuple(behind)], out=out[tuple(ahead)])
-            np.maximum(out[tuple(behind)], source[tuple(ahead)], out=out[tuple(behind)])
+        out = _axis_window_max(out, half, axis)
+    return out if out is not image else image.copy()
+
+
+def _axis_window_max(image: np.ndarray, half: int, axis: int) -> np.ndarray:
+    n = image.shape[axis]
+    reach = min(half, n - 1)
+    if reach < 1:
+        return image.copy()
+
+    def span(start, stop):
+        index = [slice(None), slice(None)]
+        index[axis] = slice(start, stop)
+        return tuple(index)
+
+    # ahead[i] = max of image[i : i + width] (clipped), the width doubling; two buffers in
+    # turn, so that no maximum reads what it writes.
+    ahead, spare = image, None
+    width = 1
+    while width < reach + 1:
+        step = min(width, reach + 1 - width)  # the last doubling overlaps to land on reach + 1
+        target = np.empty_like(image) if spare is None or spare is image else spare
+        np.maximum(ahead[span(0, n - step)], ahead[span(step, n)], out=target[span(0, n - step)])
+        target[span(n - step, n)] = ahead[span(n - step, n)]
+        ahead, spare = target, ahead
+        width += step
+    out = spare if spare is not None and spare is not image else np.empty_like(image)
+    np.maximum(ahead[span(reach, n)], ahead[span(0, n - reach)], out=out[span(reach, n)])
+    np.maximum(ahead[span(0, reach)], ahead[span(0, 1)], out=out[span(0, reach)])
     return out
 
 
 def _find_peaks_host(matched, image, *, half: int, threshold, margin: int):
     """:func:`find_peaks` on the host: the window maximum by shifted slices, and the "data all
-    around" test only at the candidates, from a summed-area table of the no-data pixels
-    (the same as eroding "has data" ``margin`` times with a 3 x 3 square)."""
+    around" test only at the candidates (the same as eroding "has data" ``margin`` times with
+    a 3 x 3 square): their own windows where they are few, else a summed-area table of the
+    no-data pixels."""
     h, w = matched.shape
     peaks = (matched > threshold) & (matched == _window_max(matched, half))
     peaks[:margin] = False
@@ -249,7 +340,16 @@ def _find_peaks_host(matched, image, *, half: int, threshold, margin: int):
     peaks[:, :margin] = False
     peaks[:, w - margin :] = False
     ys, xs = np.nonzero(peaks)
-    if ys.size:
+    side = 2 * margin + 1
+    if ys.size and ys.size * side * side < h * w:
+        # Few candidates: look at their own windows (all inside the image, by the margin).
+        holes = np.zeros(ys.size, dtype=bool)
+        for start in range(0, ys.size, _WINDOWS_AT_ONCE):
+            chunk = slice(start, start + _WINDOWS_AT_ONCE)
+            windows = gather_stamps(image, xs[chunk], ys[chunk], margin)
+            holes[chunk] = ~np.all(windows > 0, axis=(1, 2))
+        peaks[ys[holes], xs[holes]] = False
+    elif ys.size:
         empty = np.zeros((h + 1, w + 1), dtype=np.int32)
         np.cumsum(~(image > 0), axis=0, dtype=np.int32, out=empty[1:, 1:])
         np.cumsum(empty[1:, 1:], axis=1, dtype=np.int32, out=empty[1:, 1:])
@@ -257,6 +357,10 @@ def _find_peaks_host(matched, image, *, half: int, threshold, margin: int):
         holes = empty[bottom, right] - empty[top, right] - empty[bottom, left] + empty[top, left]
         peaks[ys[holes > 0], xs[holes > 0]] = False
     return peaks
+
+
+#: Candidate windows looked at in one go by :func:`_find_peaks_host`.
+_WINDOWS_AT_ONCE = 2048
 
 
 def detect_stars(

@@ -60,3 +60,18 @@ def test_write_failure_leaves_nothing(tmp_path):
     blocked.write_text("x")
     with pytest.raises(OutputError):
         write_frame(blocked / "out.fits", np.ones((1, 2, 2), np.float32), fits.Header())
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_one_non_finite_pixel_anywhere_reads_as_zero(tmp_path, bad):
+    """The reader's finite check (minimum and maximum) finds a lone NaN or infinity and
+    zeroes it, as nan_to_num over the whole frame does; clean frames come back unchanged."""
+    rng = np.random.default_rng(5)
+    data = rng.uniform(-1, 2, (3, 40, 50)).astype(np.float32)
+    fits.PrimaryHDU(data).writeto(tmp_path / "clean.fits")
+    np.testing.assert_array_equal(read_frame(tmp_path / "clean.fits").data, data)
+    dirty = data.copy()
+    dirty[2, 39, 49] = bad
+    fits.PrimaryHDU(dirty).writeto(tmp_path / "dirty.fits")
+    expected = np.nan_to_num(dirty, nan=0.0, posinf=0.0, neginf=0.0)
+    np.testing.assert_array_equal(read_frame(tmp_path / "dirty.fits").data, expected)

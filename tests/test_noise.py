@@ -116,6 +116,63 @@ def test_bands_on_large_frames_agree_with_the_whole_frame():
     assert whole == pytest.approx(0.002, rel=0.015)
 
 
+def _direct_multiscale_noise(image, max_pixels=1_000_000, iterations=20):
+    """The estimate as first written: the B3 smoothing by padded slices, and each round's
+    support dilated as a mask (the specification of the precomputed window maxima)."""
+    from nsg_gpu import noise
+
+    def smooth(block, step):
+        out = block
+        for axis in (0, 1):
+            pad = [(0, 0), (0, 0)]
+            pad[axis] = (2 * step, 2 * step)
+            padded = np.pad(out, pad, mode="symmetric")
+            n = out.shape[axis]
+            acc = 0.0
+            for k, w in enumerate(noise._B3):
+                index = [slice(None), slice(None)]
+                index[axis] = slice(k * step, k * step + n)
+                acc = acc + w * padded[tuple(index)]
+            out = acc
+        return out
+
+    def dilate(mask, size, outside):
+        grown = scipy.ndimage.maximum_filter1d(mask.view("uint8"), size, axis=0, mode="nearest")
+        return scipy.ndimage.maximum_filter1d(grown, size, axis=1, mode="constant", cval=outside).astype(bool)
+
+    bands = []
+    original = noise._atrous_smooth
+    noise._atrous_smooth = lambda block, step, xp, ndi: smooth(block, step)
+    try:
+        bands = noise._multiscale_bands(image, max_pixels)
+    finally:
+        noise._atrous_smooth = original
+    f2, f3 = noise.B3_LAYER_FRACTIONS[1:]
+    g = noise.SUPPORT_GROWTH
+    sigma = noise.ksigma_clip(np.concatenate([l2[g:-g][v] for l2, _, v in bands])) / f2
+    for _ in range(iterations):
+        values = []
+        for l2, l3, v in bands:
+            support = (np.abs(l2) > noise.SUPPORT_SIGMA * f2 * sigma) | (np.abs(l3) > noise.SUPPORT_SIGMA * f3 * sigma)
+            values.append(l2[g:-g][v & ~dilate(support, 2 * g + 1, 0)[g:-g]])
+        new = noise.ksigma_clip(np.concatenate(values)) / f2
+        settled = abs(new - sigma) <= 1e-4 * sigma
+        sigma = new
+        if settled:
+            break
+    return sigma / noise.MULTISCALE_BIAS
+
+
+@pytest.mark.parametrize("max_pixels", [200_000, 10**8])
+def test_multiscale_noise_equals_its_direct_computation(star_field, max_pixels):
+    """The SciPy smoothing (another summation order) and the support from window maxima
+    against the direct computation: the same estimate to rounding."""
+    image = np.array(star_field.render(1)[0], np.float32)
+    assert multiscale_noise(image, max_pixels=max_pixels) == pytest.approx(
+        _direct_multiscale_noise(image, max_pixels=max_pixels), rel=1e-12
+    )
+
+
 def test_empty_and_tiny_frames_give_zero():
     assert multiscale_noise(np.zeros((300, 300), np.float32)) == 0.0
     assert multiscale_noise(np.full((8, 8), 0.1, np.float32)) == 0.0
@@ -179,3 +236,28 @@ def test_ksigma_noise_of_white_noise_and_weight():
     assert ksigma_noise(image) == pytest.approx(0.002, rel=0.03)
     snr, weight = weight_from_noise([0.002], [0.004], [0.5])
     assert snr[0] == pytest.approx(1.0) and weight == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_host_ksigma_clip_is_the_direct_loop_to_the_bit(dtype):
+    """The host clip (reused work arrays, mean and std from one sum) against the loop of
+    boolean masks and NumPy's mean and std."""
+    from nsg_gpu.noise import ksigma_clip
+
+    def direct(values, iterations=10):
+        sigma, centre = float(values.std()), 0.0
+        for _ in range(iterations):
+            kept = values[np.abs(values - centre) < 3 * sigma]
+            if kept.size < 100:
+                break
+            new_sigma, centre = float(kept.std()), float(kept.mean())
+            if abs(new_sigma - sigma) <= 1e-6 * sigma:
+                return new_sigma
+            sigma = new_sigma
+        return sigma
+
+    rng = np.random.default_rng(9)
+    for size in (150, 20_001, 300_000):
+        values = np.concatenate([rng.normal(0.3, 2.0, size), rng.standard_cauchy(size // 50) * 10]).astype(dtype)
+        for iterations in (1, 3, 10):
+            assert ksigma_clip(values, iterations=iterations) == direct(values, iterations)

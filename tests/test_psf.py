@@ -153,3 +153,66 @@ def test_psf_weighted_ratio_with_correction_is_the_true_ratio():
     )
     assert abs(raw * 0.6 - 1) > 0.2  # the weighted ratio alone is far off
     assert raw * kappa == pytest.approx(1 / 0.6, rel=2e-3)
+
+
+def _fit_inputs(curved):
+    rng = np.random.default_rng(8)
+    truth = MoffatPSF.from_fwhm(3.4, 2.8)
+    xs, ys, fluxes = _grid_stars(rng, n_side=5)
+    image = _render((400, 400), xs, ys, fluxes, truth, sky=0.05) + rng.normal(0, 1e-3, (400, 400))
+    image[:40, :] = 0  # no data over part of the first row of stamps
+    stamps = psf_fitting.cut_stamps(image, xs, ys, 14)
+    weight = np.where(stamps.data == 0, 0.0, rng.uniform(0.5, 2.0, stamps.data.shape) * 1e6)
+    return stamps, psf_fitting._background_terms(stamps, curved), weight
+
+
+@pytest.mark.parametrize("curved", [False, True])
+def test_block_solve_is_the_direct_least_squares(curved):
+    """The fit's per-star solve by blocks (background part formed once per weights) against
+    the normal equations of the whole design matrix."""
+    stamps, background, weight = _fit_inputs(curved)
+    models = psf_fitting._StarModels(stamps, background, stamps.data, weight)
+    for trial in (MoffatPSF.from_fwhm(3.0, 2.5), MoffatPSF.from_fwhm(4.1, 3.6)):
+        design = psf_fitting._design(trial, stamps, background)
+        coef, model = psf_fitting._solve(design, stamps.data, weight)
+        fast_coef, fast_model = models.solve(trial)
+        np.testing.assert_allclose(models.profile(trial), design[:, :3], rtol=1e-14, atol=0)
+        np.testing.assert_allclose(fast_coef, coef, rtol=1e-9, atol=1e-9 * np.abs(coef).max())
+        np.testing.assert_allclose(fast_model, model, rtol=0, atol=1e-10 * np.abs(model).max())
+
+
+class _DirectModels(psf_fitting._StarModels):
+    """The fit's linear models by the whole design matrix: the specification."""
+
+    def solve(self, psf):
+        return psf_fitting._solve(psf_fitting._design(psf, self.stamps, self.background), self.data, self.weight)
+
+
+@pytest.mark.parametrize("curved", [False, True])
+def test_fit_psf_by_blocks_equals_the_direct_fit(monkeypatch, curved):
+    stamps, _, _ = _fit_inputs(curved)
+    fast = psf_fitting.fit_psf(stamps, fwhm=3.0, sigma=1e-3, gain_inv=1e-3, curved=curved)
+    monkeypatch.setattr(psf_fitting, "_StarModels", _DirectModels)
+    direct = psf_fitting.fit_psf(stamps, fwhm=3.0, sigma=1e-3, gain_inv=1e-3, curved=curved)
+    assert fast[0].alpha == pytest.approx(direct[0].alpha, rel=1e-9)
+    assert fast[0].beta == pytest.approx(direct[0].beta, rel=1e-9)
+    assert fast[0].stars == direct[0].stars
+    np.testing.assert_array_equal(fast[1], direct[1])
+    np.testing.assert_allclose(fast[2], direct[2], rtol=0, atol=1e-9 * np.abs(direct[2]).max())
+
+
+def test_remembered_solutions_follow_the_positions():
+    """A Moffat solved again at the same positions is the one solved before; moved stars
+    are solved afresh, as the direct solve does."""
+    stamps, background, weight = _fit_inputs(False)
+    stamps.dx, stamps.dy = stamps.dx.copy(), stamps.dy.copy()
+    models = psf_fitting._StarModels(stamps, background, stamps.data, weight)
+    trial = MoffatPSF.from_fwhm(3.2, 2.9)
+    first = models.solve(trial)
+    assert models.solve(trial)[1] is first[1]
+    stamps.dx = np.clip(stamps.dx + 0.1, -0.75, 0.75)
+    moved = models.solve(trial)
+    direct = psf_fitting._solve(psf_fitting._design(trial, stamps, background), stamps.data, weight)
+    assert moved[1] is not first[1]
+    np.testing.assert_allclose(moved[1], direct[1], rtol=0, atol=1e-10 * np.abs(direct[1]).max())
+    np.testing.assert_allclose(models.profile(trial), psf_fitting._design(trial, stamps, background)[:, :3], rtol=1e-14)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from nsg_gpu import stamps as stamp_module
 from nsg_gpu.stamps import channel_peaks, gather_stamps, local_level, stamp_peaks
 
 
@@ -39,3 +41,18 @@ def test_channel_peaks_equal_peaks_of_the_brightest_channel_image():
     y = np.array([0.0, 39.3, 20.5, 12.2, 5.0])
     np.testing.assert_array_equal(channel_peaks(data, x, y), stamp_peaks(data.max(axis=0), x, y))
     np.testing.assert_array_equal(channel_peaks(data[:1], x, y), stamp_peaks(data[0], x, y))
+
+
+@pytest.mark.parametrize("half", [0, 1, 4, 13])
+@pytest.mark.parametrize("channels", [None, 3])
+def test_window_gather_equals_the_pixel_gather(half, channels):
+    """The host path (whole windows inside the image, pixel gather at the edges) gives the
+    same stamps, to the bit and in the image's dtype, as the pixel-by-pixel gather."""
+    rng = np.random.default_rng(half)
+    shape = (120, 150) if channels is None else (channels, 120, 150)
+    image = rng.random(shape, dtype=np.float32)
+    x, y = rng.uniform(-20, 170, 400), rng.uniform(-20, 140, 400)
+    fast = stamp_module.gather_stamps(image, x, y, half)
+    direct = stamp_module._gather_pixels(image, np.rint(x).astype(np.int64), np.rint(y).astype(np.int64), half)
+    assert fast.dtype == direct.dtype == image.dtype
+    np.testing.assert_array_equal(fast, direct)

@@ -83,3 +83,45 @@ def test_undersampled_stars_centred_on_a_pixel_are_stars_and_hot_pixels_are_not(
     assert np.all(found.min(axis=0) < 0.5), found.min(axis=0)
     taken = np.hypot(catalog.x[:, None] - np.array(hot)[None, :, 0], catalog.y[:, None] - np.array(hot)[None, :, 1])
     assert np.all(taken.min(axis=0) > 2), taken.min(axis=0)
+
+
+@pytest.mark.parametrize("half", [1, 2, 3, 4, 7, 12])
+@pytest.mark.parametrize("shape", [(60, 75), (9, 200), (200, 5), (1, 30)])
+def test_window_maximum_by_doubling_spans_is_scipys(shape, half):
+    from nsg_gpu.stars import _window_max
+
+    rng = np.random.default_rng(half)
+    image = np.round(rng.normal(0, 1, shape), 1).astype(np.float32)  # ties
+    np.testing.assert_array_equal(_window_max(image, half), ndi.maximum_filter(image, size=2 * half + 1))
+
+
+@pytest.mark.parametrize("shape", [(261, 391), (40, 17), (3, 5)])
+def test_separable_linear_upsampling_is_scipys_zoom(shape):
+    """The background's upsampling against ``scipy.ndimage.zoom``: SciPy sums the four
+    products in another order, so a last-bit tie may round the other way; none here."""
+    from nsg_gpu.stars import _upsample_linear
+
+    rng = np.random.default_rng(shape[0])
+    small = (0.05 + 0.1 * rng.random(shape)).astype(np.float32)
+    expected = ndi.zoom(small, 4, order=1, grid_mode=True, mode="nearest")
+    actual = _upsample_linear(small, 4)
+    assert actual.dtype == np.float32 and actual.shape == expected.shape
+    ulps = np.abs(actual.view(np.int32).astype(np.int64) - expected.view(np.int32))
+    assert ulps.max() <= 1 and np.count_nonzero(ulps) <= actual.size * 1e-6
+
+
+def test_host_colour_intensity_is_the_whole_array_formula_to_the_bit():
+    """``(min + max) / 2`` where every channel has data, by blocks of rows on the host,
+    against the whole-array expression (zeros, negative zeros, NaN, a partial last block)."""
+    from nsg_gpu.stars import detection_image
+
+    rng = np.random.default_rng(53)
+    data = rng.random((3, 203, 157), dtype=np.float32)
+    data[1, :20] = 0
+    data[:, 50, :] = -0.0
+    data[2, 70:75, 5:9] = np.nan
+    data[0, 100:110, 30:40] = -0.5
+    expected = np.where(data.min(axis=0) > 0, 0.5 * (data.min(axis=0) + data.max(axis=0)), 0).astype(np.float32)
+    actual = detection_image(data)
+    assert actual.dtype == np.float32
+    np.testing.assert_array_equal(actual.view(np.int32), expected.view(np.int32))

@@ -110,6 +110,50 @@ def test_separable_interpolation_equals_fitpack_bicubic():
     np.testing.assert_allclose(ours, fitpack, atol=2e-6 * np.abs(fitpack).max())
 
 
+@pytest.mark.parametrize("smoothness", [-4.0, -2.0, 0.0, 2.0])
+def test_projected_cholesky_solve_equals_the_bordered_lu_solve(smoothness):
+    """The spline system by Cholesky on the null space of the affine part against LU of the
+    whole bordered system, on a bin grid with gaps, merged-sample weights and three channels."""
+    from nsg_gpu import spline as spline_module
+
+    rng = np.random.default_rng(46)
+    gx, gy = np.meshgrid(np.arange(40), np.arange(27))
+    keep = rng.random(gx.size) < 0.8
+    x, y = (gx.ravel()[keep] + 0.5) * 50.0, (gy.ravel()[keep] + 0.5) * 50.0
+    values = np.stack([np.sin(x / 300) * k + y / 1e3 for k in (1.0, -0.5, 2.0)]) + rng.normal(0, 0.01, (3, x.size))
+    weights = rng.integers(1, 5, x.size).astype(float)
+    fast = fit_surface_splines(x, y, values, weights=weights, smoothness=smoothness)
+    centre, scale = fast[0].centre, fast[0].scale
+    u, v = (x - centre[0]) / scale, (y - centre[1]) / scale
+    du, dv = u[:, None] - u[None, :], v[:, None] - v[None, :]
+    kernel = _tps_kernel(du * du + dv * dv) + np.diag(10.0**smoothness / weights)
+    P = np.column_stack([np.ones(x.size), u, v])
+    direct = spline_module._solve_bordered(kernel, P, values.T)
+    for c in range(3):
+        coefficients, affine = direct[: x.size, c], direct[x.size :, c]
+        np.testing.assert_allclose(fast[c].coefficients, coefficients, rtol=0, atol=1e-9 * np.abs(coefficients).max())
+        np.testing.assert_allclose(fast[c].affine, affine, rtol=0, atol=1e-9 * np.abs(affine).max())
+        assert np.abs(P.T @ fast[c].coefficients).max() < 1e-12 * np.abs(coefficients).max()
+
+
+def test_interpolation_by_row_bands_equals_the_dense_product():
+    """The second product by bands of rows over the nodes their weights reach against the
+    dense separable product (float32 rounding apart)."""
+    from nsg_gpu.spline import _row_bands, interpolation_weights
+
+    rng = np.random.default_rng(47)
+    x, y = rng.uniform(0, 1200, 300), rng.uniform(0, 1100, 300)
+    spline = fit_surface_spline(x, y, np.sin(x / 170) + np.cos(y / 120) + rng.normal(0, 0.02, 300), smoothness=-2)
+    height, width, step = 1100, 1200, 19
+    assert len(_row_bands(height, step)) > 3 and _row_bands(height, step)[1][2] > 0
+    gy, wy = interpolation_weights(height, step)
+    gx, wx = interpolation_weights(width, step)
+    coarse = spline(*np.meshgrid(gx, gy)).astype(np.float32)
+    dense = wy.astype(np.float64) @ coarse @ wx.T.astype(np.float64)
+    ours = spline.evaluate_image(height, width, step=step)
+    np.testing.assert_allclose(ours, dense, rtol=0, atol=2e-6 * np.abs(dense).max())
+
+
 def test_one_factorization_for_all_channels_equals_separate_fits():
     """Shared nodes: the joint fit and evaluation equal one fit per channel."""
     rng = np.random.default_rng(44)
@@ -218,6 +262,14 @@ def test_blocked_apply_equals_whole_array_arithmetic(shape, truncate):
         np.clip(expected, 0, 1.0, out=expected)
     out, got_high, layer, valid = apply_gradient(data, scale, gradient, white_level=1.0, truncate=truncate)
     assert out.dtype == np.float32 and layer is None and valid is None
+    np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))
+    assert got_high == high
+    # Written into the gradient's own buffer: the same bits, and the gradient is the output.
+    model = gradient.copy()
+    out, got_high, _, _ = apply_gradient(
+        data, scale, model, white_level=1.0, truncate=truncate, overwrite_gradient=True
+    )
+    assert out is model
     np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))
     assert got_high == high
 
