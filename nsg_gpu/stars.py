@@ -448,9 +448,9 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars) -> StarCata
     peak_residual = win[:, half - 1 : half + 2, half - 1 : half + 2].max(axis=(1, 2))
     # Hot pixels and cosmic rays: a star's 4-neighbours hold a good share of its peak
     # (half of it at FWHM 2 px), a single bright pixel's do not. An undersampled star
-    # (FWHM 1-1.6 px) centred on a pixel keeps less in its cross, 12-20 % of its peak, but
+    # (FWHM 1-1.6 px) near a pixel's centre keeps less in its cross, 15-20 % of its peak, but
     # its light still shows in its 8 neighbours together (half to once the peak) and in the
-    # brightest of them (a sixth of the peak or more, well above the noise); a hot pixel's
+    # brightest of them (a quarter of the peak or more, well above the noise); a hot pixel's
     # show neither.
     centre = win[:, half, half]
     cross = 0.25 * (win[:, half - 1, half] + win[:, half + 1, half] + win[:, half, half - 1] + win[:, half, half + 1])
@@ -458,7 +458,7 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars) -> StarCata
     around = ring.sum(axis=(1, 2)) - centre
     nearest = xp.maximum(xp.max(ring.reshape(ring.shape[0], -1)[:, [0, 1, 2, 3, 5, 6, 7, 8]], axis=1), 0)
     pixel_noise = noise * math.sqrt(4 * math.pi) * sigma
-    undersampled = (around > 0.4 * centre) & (nearest > 0.15 * centre) & (nearest > 3 * pixel_noise)
+    undersampled = (around > 0.4 * centre) & (nearest > 0.25 * centre) & (nearest > 3 * pixel_noise)
     keep = ok & (flux > 0) & ((cross > 0.2 * centre) | undersampled)
     cx, cy, flux, peak_value, peak_residual = (
         be.to_host(a[keep]).astype(np.float64) for a in (cx, cy, flux, peak_value, peak_residual)
