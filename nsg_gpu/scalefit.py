@@ -257,6 +257,8 @@ def weighted_ratio(x, y, sx, sy, m: float, *, iterations: int = 50):
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
     sy2, sx2 = np.asarray(sy, float) ** 2, np.asarray(sx, float) ** 2
+    # A pair without an error (noise-free data) still gets a variance, a rounding error's.
+    sy2 = np.maximum(sy2, 1e-24 * y * y + 1e-300)
     keep = np.ones(x.size, bool)
     error, scatter = float("nan"), 0.0
     for _ in range(iterations):
@@ -342,6 +344,7 @@ def fit_scale(
         m, b, used = nsg_selection(x, y, tolerance=tolerance, outlier_removal=outlier_removal)
         return ScaleFit(m, b, used, int(used.sum()))
     sx, sy = np.asarray(target_error, float), np.asarray(reference_error, float)
+    sy = np.maximum(sy, 1e-12 * np.abs(y) + 1e-150)  # as in weighted_ratio
     judged = np.ones(n, bool) if judged is None else np.asarray(judged, bool)
     positive = (x > 0) & (y > 0)
     if (judged & positive).sum() < 3:

@@ -92,3 +92,23 @@ def test_scale_doubt():
     assert "disagree" in scalefit.scale_doubt([1.0, 1.2, 1.0], [0.01, 0.01, 0.01])
     assert scalefit.scale_doubt([1.0, 1.2, 1.0], [0.01, 0.01, 0.01], threshold=0.5).startswith("channels'")
     assert scalefit.scale_doubt([1.0], [float("nan")]) is None
+
+
+def test_pairs_without_errors_or_flux_give_a_finite_scale():
+    """Noise-free pairs (errors of 0) give the exact ratio; zero and negative fluxes among
+    few pairs give a finite scale and no floating-point warning."""
+    x = np.array([1.0, 2.0, 5.0, 9.0])
+    fit = scalefit.fit_scale(x, 1.7 * x, target_error=np.zeros(4), reference_error=np.zeros(4))
+    assert fit.scale == pytest.approx(1.7, rel=1e-9)
+    rng = np.random.default_rng(0)
+    with np.errstate(divide="raise", invalid="raise", over="raise"):
+        for trial in range(300):
+            n = int(rng.integers(2, 12))
+            x = rng.normal(5, 5, n)
+            y = 1.3 * x + rng.normal(0, 1, n)
+            sx, sy = np.abs(rng.normal(0, 1, (2, n)))
+            if trial % 3 == 0:
+                sx[:] = sy[:] = 0
+            x[0] = 0.0 if trial % 5 == 0 else x[0]
+            fit = scalefit.fit_scale(x, y, target_error=sx, reference_error=sy, judged=rng.random(n) > 0.3)
+            assert np.isfinite(fit.scale)
