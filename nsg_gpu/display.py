@@ -17,10 +17,11 @@ from .progress import RunProgress, format_seconds
 __all__ = ["RunDisplay", "StackDisplay"]
 
 
-class RunDisplay:
-    """What ``normalize`` prints: a line per frame and an overall bar (rich), or JSON lines."""
+class _Display:
+    """The rich consoles and the overall bar with its ETA (none when quiet or in JSON lines),
+    shared by the commands' displays."""
 
-    def __init__(self, *, quiet: bool, json_lines: bool) -> None:
+    def __init__(self, *, quiet: bool, json_lines: bool, label: str) -> None:
         from rich.console import Console
 
         self.quiet = quiet
@@ -34,7 +35,7 @@ class RunDisplay:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.bar = Progress(
-                TextColumn("normalizing"),
+                TextColumn(label),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
@@ -45,8 +46,8 @@ class RunDisplay:
 
     def __enter__(self):
         if self.bar is not None:
-            # No total until the reference is prepared: the bar pulses meanwhile.
-            self.task = self.bar.add_task("normalize", total=None, eta="-")
+            # No total until the work is planned: the bar pulses meanwhile.
+            self.task = self.bar.add_task(self.__class__.__name__, total=None, eta="-")
             self.bar.start()
         return self
 
@@ -55,32 +56,16 @@ class RunDisplay:
             self.bar.stop()
         return False
 
-    def frame_done(self, result, done: int, total: int) -> None:
+    def _advance(self, done: int, total: int, **update) -> float | None:
+        """Count ``done`` of ``total`` (``update`` goes to :meth:`RunProgress.update`), move the
+        bar, and return the seconds left (None while unknown)."""
         if self.rate is None:
             self.rate = RunProgress(total)
-        self.rate.update(done, kept=result.resumed)
+        self.rate.update(done, **update)
         eta = self.rate.eta_seconds
-        if self.json_lines:
-            row = {
-                "event": "frame",
-                "done": done,
-                "total": total,
-                "frames_per_minute": self.rate.frames_per_minute,
-                "eta_seconds": eta,
-                **result.row(),
-            }
-            typer.echo(json.dumps(row, allow_nan=False, default=str))
-            return
-        if result.status == "failed":
-            self._print_error(f"[{done}/{total}] FAILED {result.error}")
-        elif not self.quiet:
-            self._print(f"{_frame_line(result, done, total)}  ({self.rate.summary()})")
         if self.bar is not None:
             self.bar.update(self.task, total=total, completed=done, eta="-" if eta is None else format_seconds(eta))
-
-    def note(self, text: str) -> None:
-        """A line of its own above the bar (e.g. the cluster the run uses)."""
-        self._print(text)
+        return eta
 
     def _print(self, text: str) -> None:
         from rich.markup import escape
@@ -91,6 +76,34 @@ class RunDisplay:
         from rich.markup import escape
 
         self.errors.print(escape(text), style="red", soft_wrap=True)
+
+
+class RunDisplay(_Display):
+    """What ``normalize`` prints: a line per frame and an overall bar (rich), or JSON lines."""
+
+    def __init__(self, *, quiet: bool, json_lines: bool) -> None:
+        super().__init__(quiet=quiet, json_lines=json_lines, label="normalizing")
+
+    def frame_done(self, result, done: int, total: int) -> None:
+        eta = self._advance(done, total, kept=result.resumed)
+        if self.json_lines:
+            row = {
+                "event": "frame",
+                "done": done,
+                "total": total,
+                "frames_per_minute": self.rate.frames_per_minute,
+                "eta_seconds": eta,
+                **result.row(),
+            }
+            typer.echo(json.dumps(row, allow_nan=False, default=str))
+        elif result.status == "failed":
+            self._print_error(f"[{done}/{total}] FAILED {result.error}")
+        elif not self.quiet:
+            self._print(f"{_frame_line(result, done, total)}  ({self.rate.summary()})")
+
+    def note(self, text: str) -> None:
+        """A line of its own above the bar (e.g. the cluster the run uses)."""
+        self._print(text)
 
     def finish(self, run, *, backend: str, output_dir: Path) -> None:
         done = sum(1 for f in run.frames if f.status != "failed")
@@ -163,56 +176,18 @@ def _frame_line(result, done: int, total: int) -> str:
     )
 
 
-class StackDisplay:
+class StackDisplay(_Display):
     """What ``stack`` prints: an overall bar over the bands with the ETA, or JSON lines."""
 
     def __init__(self, *, quiet: bool, json_lines: bool) -> None:
-        from rich.console import Console
-
-        self.quiet = quiet
-        self.json_lines = json_lines
-        self.console = Console(highlight=False)
-        self.errors = Console(stderr=True, highlight=False)
-        self.rate = None
-        self.bar = None
-        self.task = None
-        if not quiet and not json_lines:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(
-                TextColumn("stacking (bands)"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("ETA {task.fields[eta]}"),
-                console=self.console,
-                transient=True,
-            )
-
-    def __enter__(self):
-        if self.bar is not None:
-            self.task = self.bar.add_task("stack", total=None, eta="-")
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False
+        super().__init__(quiet=quiet, json_lines=json_lines, label="stacking (bands)")
 
     def band_done(self, done: int, total: int) -> None:
-        if self.rate is None:
-            self.rate = RunProgress(total)
-        self.rate.update(done)
-        eta = self.rate.eta_seconds
+        eta = self._advance(done, total)
         if self.json_lines:
             typer.echo(json.dumps({"event": "band", "done": done, "total": total, "eta_seconds": eta}))
-        elif self.bar is not None:
-            self.bar.update(self.task, total=total, completed=done, eta="-" if eta is None else format_seconds(eta))
 
     def finish(self, result) -> None:
-        from rich.markup import escape
-
         if self.json_lines:
             typer.echo(json.dumps(result.summary(), allow_nan=False, default=str))
             return
@@ -233,10 +208,10 @@ class StackDisplay:
             if result.report:
                 lines.append(f"report: {result.report}")
         for line in lines:
-            self.console.print(escape(line), soft_wrap=True)
+            self._print(line)
         if result.report_error:
-            self.errors.print(escape(f"report not written: {result.report_error}"), style="red", soft_wrap=True)
+            self._print_error(f"report not written: {result.report_error}")
         if result.skipped:
-            self.errors.print(escape(f"{len(result.skipped)} frame(s) left out:"), style="red", soft_wrap=True)
+            self._print_error(f"{len(result.skipped)} frame(s) left out:")
             for frame in result.skipped:
-                self.errors.print(escape(f"  {frame.error}"), style="red", soft_wrap=True)
+                self._print_error(f"  {frame.error}")
