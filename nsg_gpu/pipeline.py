@@ -27,7 +27,6 @@ from .noise import frame_noise, weight_from_noise
 from .reference import Reference, as_frame, check_coverage
 from .results import FrameResult
 from .scale import ScaleMeasurement, measure_scale
-from .scalefit import scale_doubt
 
 __all__ = ["normalize_frame"]
 
@@ -111,7 +110,6 @@ def normalize_frame(reference: Reference, frame, *, diagnostics: bool = False) -
         scale=[float(v) for v in m],
         transmission=transmission,
         transmission_error=transmission_error,
-        scale_flag=scale_doubt(transmission, transmission_error),
         snr=[float(v) for v in snr],
         weight=weight,
         weight_source=source,

@@ -16,6 +16,7 @@ from pathlib import Path
 from .errors import FrameError
 from .io import FrameMeta, read_meta
 from .params import Parameters
+from .scalefit import scale_doubt
 
 __all__ = ["FrameResult", "RunResult", "failed_result", "STAGES"]
 
@@ -35,8 +36,6 @@ class FrameResult:
     transmission: list[float] = field(default_factory=list)
     #: One-sigma standard error of each transmission (NSGSERRn), from the scale fit.
     transmission_error: list[float] = field(default_factory=list)
-    #: Why the scale is in doubt (:func:`nsg_gpu.scalefit.scale_doubt`), or None.
-    scale_flag: str | None = None
     snr: list[float] = field(default_factory=list)
     weight: float | None = None
     weight_source: str | None = None
@@ -57,6 +56,11 @@ class FrameResult:
     diagnostics: object = None  # FrameDiagnostics, only when asked for (plots)
     #: Wall seconds per stage of :data:`STAGES` (those the frame reached).
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def scale_flag(self) -> str | None:
+        """Why the scale is in doubt (:func:`nsg_gpu.scalefit.scale_doubt`), or None."""
+        return scale_doubt(self.transmission, self.transmission_error)
 
     @property
     def exposure(self) -> float | None:

@@ -29,7 +29,6 @@ from .keywords import FINGERPRINT, REFERENCE, card_name, read_nsg_cards
 from .params import Parameters
 from .rejection import REJECTED_DIR
 from .results import FrameResult
-from .scalefit import scale_doubt
 
 __all__ = ["frame_fingerprint", "find_complete_output", "result_from_header", "clear_outputs", "output_locations"]
 
@@ -102,7 +101,6 @@ def result_from_header(
         scale=[1.0 / t if t else None for t in cards.transmission],
         transmission=cards.transmission,
         transmission_error=cards.transmission_error,
-        scale_flag=scale_doubt(cards.transmission, cards.transmission_error),
         snr=cards.snr,
         weight=cards.weight,
         weight_source=cards.weight_source or None,

@@ -13,7 +13,7 @@ frame's weights keep, and NSG's robust line fit gives ``m`` per channel. The gra
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -229,8 +229,7 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
                 f"channel {c}: {fit.n_pairs} star pairs survive the outlier rejection; at least "
                 f"{params.min_star_pairs} are needed",
             )
-        fit.fit_error = fit.scale_error
-        fit.scale_error = math.hypot(fit.scale_error, correction_error * fit.scale)
+        fit = replace(fit, scale_error=math.hypot(fit.scale_error, correction_error * fit.scale))
         scales.append(fit.scale)
         fits.append(fit)
         pairs.append(pairs_c)

@@ -141,11 +141,6 @@ class ScaleFit:
     n_pairs: int
     scale_error: float = float("nan")  # one-sigma standard error of ``scale``
     scatter: float = 0.0  # relative scatter of the pairs beyond their photometric errors
-    fit_error: float = float("nan")  # the pairs' share of ``scale_error`` (without the seeing correction's)
-
-    @property
-    def relative_error(self) -> float:
-        return self.scale_error / self.scale if self.scale else float("nan")
 
 
 def nsg_selection(x: np.ndarray, y: np.ndarray, *, tolerance: float, outlier_removal: float):
@@ -376,7 +371,7 @@ def fit_scale(
         variance = sy[index] ** 2 + (m * sx[index]) ** 2 + scatter**2 * _level2(x[index], y[index], m)
         residual = np.abs(y[index] - m * x[index]) / np.sqrt(variance)
         used[index[np.argsort(-residual, kind="stable")[:n_remove]]] = False
-    return ScaleFit(float(m), 0.0, used, int(used.sum()), float(error), float(scatter), float(error))
+    return ScaleFit(float(m), 0.0, used, int(used.sum()), float(error), float(scatter))
 
 
 def scale_doubt(transmission, transmission_error, *, threshold: float = UNCERTAIN_SCALE) -> str | None:
