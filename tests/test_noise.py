@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from nsg_gpu.noise import MULTISCALE_BIAS, ksigma_noise, multiscale_noise, weight_from_noise
+from nsg_gpu.noise import MULTISCALE_BIAS, NOISE_PIXELS, ksigma_noise, multiscale_noise, weight_from_noise
 from nsg_gpu.synthetic import SyntheticField
 
 
@@ -113,6 +113,9 @@ def test_bands_on_large_frames_agree_with_the_whole_frame():
     whole = multiscale_noise(image, max_pixels=10**8)
     banded = multiscale_noise(image, max_pixels=200_000)
     assert banded == pytest.approx(whole, rel=0.02)
+    # The default sample (NOISE_PIXELS, under half of this frame) to a third of that.
+    assert NOISE_PIXELS < image.size / 2
+    assert multiscale_noise(image) == pytest.approx(whole, rel=0.007)
     assert whole == pytest.approx(0.002, rel=0.015)
 
 

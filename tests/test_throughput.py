@@ -425,14 +425,14 @@ def test_progress_rate_and_eta_follow_the_recent_frames():
     ("cores", "gpu", "threads"),
     [
         pytest.param(1, False, 1, id="one-core"),
-        pytest.param(2, False, 1, id="two-cores-leave-one-to-the-io"),
-        pytest.param(3, False, 2, id="three-cores"),
+        pytest.param(2, False, 2, id="two-cores"),
+        pytest.param(3, False, 2, id="three-cores-gil-bound"),
         pytest.param(16, False, 2, id="sixteen-cores-gil-bound"),
         pytest.param(16, True, 1, id="gpu"),
     ],
 )
 def test_compute_threads_never_oversubscribe_the_cores(cores, gpu, threads):
-    """One core stays with the reader and writer; no more than two compute threads."""
+    """A compute thread per core, no more than two (the GIL), one on a GPU."""
     assert default_compute_threads(gpu=gpu, cores=cores) == threads
 
 
