@@ -87,8 +87,11 @@ def model_gradient(
     clock.lap("sampling")
     _, height, width = data.shape
     # Half a bin: the spline varies on the scale of the bins, and this keeps the interpolation
-    # within 0.001 sigma of exact evaluation (bench/NOTES.md) at any frame size.
+    # within 0.001 sigma of exact evaluation (bench/NOTES.md) at any frame size. The coarse
+    # grid is the lattice of the bins' centres and midpoints, which holds the nodes (bins, and
+    # super-samples of two), so that its values are one convolution.
     step = max(4, grid.size // 2)
+    lattice = (float(grid.centre_x[0]), float(grid.centre_y[0]), grid.size / 2) if grid.size >= 8 else None
     try:
         splines = fit_surface_splines(
             samples.x, samples.y, samples.values, weights=samples.weight, smoothness=params.gradient_smoothness
@@ -96,6 +99,6 @@ def model_gradient(
     except ValueError as exc:
         raise TooFewSamplesError(frame.path, f"the gradient cannot be modelled: {exc}") from exc
     clock.lap("spline_fit")
-    image = evaluate_surfaces(splines, height, width, step=step, xp=xp)
+    image = evaluate_surfaces(splines, height, width, step=step, xp=xp, lattice=lattice)
     clock.lap("spline_eval")
     return GradientModel(image, n, use, covered, difference, samples, splines)

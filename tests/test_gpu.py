@@ -168,7 +168,7 @@ def _exact_numpy_gradient(monkeypatch) -> list:
     original = gradient.evaluate_surfaces
     calls = []
 
-    def exact(splines, height, width, *, step=16, xp=np, launcher=None):
+    def exact(splines, height, width, *, step=16, xp=np, launcher=None, lattice=None):
         calls.append(xp)
         return original(splines, height, width, step=1 if xp is np else step, xp=xp, launcher=launcher)
 

@@ -415,7 +415,7 @@ def test_pipeline_through_emulated_kernels(monkeypatch):
     meta = FrameMeta(focal_length_mm=530.0, pixel_size_um=3.76)
     frames = [Frame(Path(f"frame_{k}.fits"), field.render(k), None, 1.0, meta) for k in range(2)]
 
-    def exact(splines, height, width, *, step=16, xp=np, launcher=None):
+    def exact(splines, height, width, *, step=16, xp=np, launcher=None, lattice=None):
         return evaluate_surfaces(splines, height, width, step=1, xp=xp, launcher=launcher)
 
     with monkeypatch.context() as patch:
