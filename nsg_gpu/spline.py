@@ -10,9 +10,13 @@ backend of the caller.
 The full-resolution gradient is exact on the GPU: ``kernels/tps.cu`` evaluates the spline at
 every pixel. On the CPU it is the spline evaluated on a coarse grid and interpolated by the
 interpolating bicubic spline of that grid; the gradient is smooth, and a test bounds the
-difference from exact evaluation. The interpolation is separable, so it is two matrix
-products with weights that depend only on the image geometry (computed once per geometry);
-the second runs by bands of rows over the coarse nodes their weights reach.
+difference from exact evaluation. The gradient stage puts the coarse grid on the lattice of
+the sample bins' centres and midpoints, where the nodes lie: the kernel between two lattice
+points depends only on their index difference, so the whole grid's values are one FFT
+convolution of the coefficients with a table of the kernel (1-2 ms where the kernel sums
+took 0.15-0.2 s for 2000 nodes on a 26 MP frame). The interpolation is separable, so it is
+two matrix products with weights that depend only on the image geometry (computed once per
+geometry); the second runs by bands of rows over the coarse nodes their weights reach.
 The channels of a colour frame share their nodes and weights, so one factorization of the
 system and one kernel matrix serve all three (:func:`fit_surface_splines`,
 :func:`evaluate_surfaces`).
