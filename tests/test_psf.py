@@ -333,3 +333,43 @@ def test_integrated_fit_recovers_undersampled_psf(fwhm, beta):
     assert fits[True].fwhm == pytest.approx(truth.fwhm, rel=0.01)
     assert fits[True].beta == pytest.approx(truth.beta, abs=0.1)
     assert fits[False].fwhm / truth.fwhm - 1 > 0.06
+
+
+def test_undersampled_kept_share_is_the_measured_share():
+    """PSF-weighted fluxes of pixel-integrated stars at random sub-pixel positions, averaged,
+    against kept_share of the integrated PSF; the share of a sampled PSF differs by 7 %."""
+    rng = np.random.default_rng(9)
+    psf = MoffatPSF.from_fwhm(1.3, 2.7, pixel_integrated=True)
+    weight = MoffatPSF.from_fwhm(1.6, 3.0)
+    n_side, spacing = 20, 40
+    xs = 30 + spacing * np.tile(np.arange(n_side), n_side) + rng.uniform(-0.5, 0.5, n_side * n_side)
+    ys = 30 + spacing * np.repeat(np.arange(n_side), n_side) + rng.uniform(-0.5, 0.5, n_side * n_side)
+    image = np.full((860, 860), 0.05)
+    off = np.arange(-20, 21)
+    for x0, y0 in zip(xs, ys):
+        xi, yi = int(round(x0)), int(round(y0))
+        image[yi - 20 : yi + 21, xi - 20 : xi + 21] += psf_fitting.pixel_mean(
+            psf, off[None, :] + xi - x0, off[:, None] + yi - y0
+        )
+    geometry = photometry.aperture_geometry(1.6, aperture_fwhm=3, aperture_add=1, gap=1.2, bg_delta=5)
+    measured = photometry.measure_stars(image[None], xs, ys, geometry, weight)
+    assert measured.ok.all()
+    mean, error = measured.flux[0].mean(), measured.flux[0].std() / math.sqrt(xs.size)
+    assert photometry.kept_share(geometry, psf, weight) == pytest.approx(mean, abs=3 * error)
+    sampled = MoffatPSF(psf.alpha, psf.beta)
+    assert abs(photometry.kept_share(geometry, sampled, weight) / mean - 1) > 0.05
+
+
+@pytest.mark.parametrize("radius", [4.0, 8.0])
+def test_integrated_light_outside_a_radius(radius):
+    """The pixels' light beyond ``radius`` (kept_share's aperture and annulus) against a
+    polar quadrature of the pixel-integrated profile."""
+    from scipy import integrate
+
+    psf = MoffatPSF.from_fwhm(1.3, 3.0, pixel_integrated=True)
+    rho = np.linspace(0.0, radius, 2001)
+    theta = (np.arange(32) + 0.5) * (math.pi / 64)
+    light = psf_fitting.pixel_mean(psf, rho[:, None] * np.cos(theta), rho[:, None] * np.sin(theta), nodes=10)
+    outside = 1 - integrate.simpson(2 * math.pi * rho * light.mean(axis=1), x=rho)
+    assert photometry._moffat_outside(radius, psf) == pytest.approx(outside, rel=0.003)
+    assert abs(photometry._moffat_outside(radius, MoffatPSF(psf.alpha, psf.beta)) / outside - 1) > 0.01
