@@ -73,9 +73,10 @@ PSF_STARS = 60
 MIN_PSF_STARS = 8
 #: Below this FWHM (px, as :func:`nsg_gpu.stars.estimate_fwhm` reads it) the photometry falls
 #: back to the plain aperture. Not for want of a model (the pixel-integrated one fits stars
-#: down to 0.5 px), but registration: a target resampled at a sub-pixel shift no longer shows
-#: its undersampled stars as any Moffat, and PSF weights corrected by the fitted PSFs miss the
-#: scale by 2-6 % there, where the aperture does not (docs/scale-accuracy.md).
+#: down to 0.5 px within 3 %), but registration: a target resampled at a sub-pixel shift no
+#: longer shows its undersampled stars as any Moffat, and PSF weights corrected by the fitted
+#: PSFs miss the scale by up to 19 % there (13-15 % in NGC 7023's green), where the aperture
+#: does not (docs/scale-accuracy.md, "Undersampled stars").
 MIN_PSF_FWHM = 2.0
 #: Where either frame's stars have a FWHM (px, as :func:`nsg_gpu.stars.estimate_fwhm`
 #: reads it) below this, the fits integrate the Moffat over each pixel. A sampled fit's
@@ -83,8 +84,9 @@ MIN_PSF_FWHM = 2.0
 #: read); above, the sampled fit costs half as much.
 INTEGRATE_BELOW_FWHM = 2.5
 #: Gauss-Legendre nodes per axis of a pixel's integral within :data:`PIXEL_CORE` px of a
-#: stamp's centre (the profile's mean over a pixel to about 1e-4 of the peak for a FWHM of
-#: 0.8 px, 1e-5 from 1 px), and beyond it, where the profile bends little across a pixel.
+#: stamp's centre (the profile's mean over a pixel to 3e-4 of the peak for a FWHM of 0.8 px,
+#: 7e-5 from 1 px, 3e-5 from 1.3 px), and beyond it, where the profile bends little across a
+#: pixel (1e-4 of the peak at 2.3 px from the star, less farther out).
 CORE_NODES = 4
 WING_NODES = 2
 PIXEL_CORE = 3.5
