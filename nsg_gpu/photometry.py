@@ -41,7 +41,7 @@ from photutils.aperture import CircularAperture, aperture_photometry
 from scipy import integrate
 
 from .backend import get_backend
-from .psf import MoffatPSF
+from .psf import MoffatPSF, pixel_mean
 from .stamps import gather_stamps
 
 #: Relative error floor of one star's flux (flat-field and PSF variations across the field);
@@ -335,9 +335,41 @@ def _weight_profile(weight: MoffatPSF, r2, radius: float):
     return np.where(r2 <= radius * radius, np.clip(weight.shape(r2) - edge, 0, None), 0.0)
 
 
+#: kept_share's grid for pixel-integrated light: radii (Simpson's rule), directions over a
+#: quarter turn (the pixel's square makes the light depend on the direction as
+#: ``cos 4k theta``, which 4 directions average exactly to ``k = 3``) and Gauss-Legendre
+#: nodes per axis of the pixel integral. Within 3e-8 of a grid 16 times finer in radius, 4 in
+#: direction and 3 in nodes for stars of 0.8 px FWHM and more, in about 2 ms.
+INTEGRATED_RADII = 513
+INTEGRATED_DIRECTIONS = 4
+INTEGRATED_NODES = 6
+
+
 def _moffat_outside(radius: float, psf: MoffatPSF) -> float:
-    """Share of a Moffat star's light beyond ``radius``."""
-    return (1 + (radius / psf.alpha) ** 2) ** (1 - psf.beta)
+    """Share of a Moffat star's light beyond ``radius``; for a pixel-integrated ``psf``, of
+    the pixels' light beyond ``radius`` (3 px or more from the star).
+
+    A pixel's mean of the profile is the profile plus a 24th of its Laplacian, and terms of
+    higher derivatives; over a disc the Laplacian sums to ``2 pi r P'(r)`` at its edge, and
+    what the higher terms add is within 2e-4 of the star's light at 3 px, 4e-5 at 4 px
+    (``tests/test_psf.py``).
+    """
+    q = 1 + (radius / psf.alpha) ** 2
+    outside = q ** (1 - psf.beta)
+    if psf.pixel_integrated:
+        slope = -2 * psf.beta * radius / (psf.alpha * psf.alpha) * psf(radius * radius) / q
+        outside -= math.pi * radius / 12 * slope
+    return outside
+
+
+def _radial_light(psf: MoffatPSF, radii: np.ndarray) -> np.ndarray:
+    """The star's light per unit area at ``radii``, averaged over the directions: ``psf``
+    there, or its pixel-integrated mean (:func:`nsg_gpu.psf.pixel_mean`)."""
+    if not psf.pixel_integrated:
+        return psf(radii**2)
+    theta = (np.arange(INTEGRATED_DIRECTIONS) + 0.5) * (math.pi / 2 / INTEGRATED_DIRECTIONS)
+    x, y = radii[:, None] * np.cos(theta), radii[:, None] * np.sin(theta)
+    return pixel_mean(psf, x, y, nodes=INTEGRATED_NODES).mean(axis=1)
 
 
 def kept_share(geometry: ApertureGeometry, psf: MoffatPSF, weight: MoffatPSF | None = None) -> float:
@@ -345,7 +377,10 @@ def kept_share(geometry: ApertureGeometry, psf: MoffatPSF, weight: MoffatPSF | N
 
     The aperture (plain, or weighted by ``weight``) holds part of the light, and the annulus
     mean, subtracted over the aperture's (weighted) area, takes off the wing light that
-    falls in the annulus.
+    falls in the annulus. For a pixel-integrated ``psf`` the light is what the pixels hold,
+    the profile's mean over each (the weights stay functions of the pixel centre's
+    distance): averaged over where a star falls within its pixel, a sum over pixels is the
+    integral over the plane of weight times pixel-integrated light.
     """
     r, inner, outer = geometry.radius, geometry.annulus_inner, geometry.annulus_outer
     annulus_mean = (_moffat_outside(inner, psf) - _moffat_outside(outer, psf)) / (
@@ -354,10 +389,10 @@ def kept_share(geometry: ApertureGeometry, psf: MoffatPSF, weight: MoffatPSF | N
     if weight is None:
         return 1 - _moffat_outside(r, psf) - math.pi * r * r * annulus_mean
     # Radial integrals by Simpson's rule; both integrands are smooth inside the aperture.
-    radii = np.linspace(0.0, r, 4097)
+    radii = np.linspace(0.0, r, INTEGRATED_RADII if psf.pixel_integrated else 4097)
     w = _weight_profile(weight, radii**2, r)
     ring = 2 * math.pi * radii
-    held = float(integrate.simpson(ring * w * psf(radii**2), x=radii))
+    held = float(integrate.simpson(ring * w * _radial_light(psf, radii), x=radii))
     area = float(integrate.simpson(ring * w, x=radii))
     return held - area * annulus_mean
 

@@ -18,6 +18,16 @@ reference's fitted stars taken out (:func:`fit_target_psf`): what is left of the
 small fraction of it, and whatever the reference's own fit missed reappears in the target's
 fit, so that the difference of the two models is right even where each is slightly off.
 
+A pixel records the PSF's light over its square, not its value at the centre. For stars of
+a few pixels FWHM the two differ little, and the fit samples the Moffat at the pixel centres.
+For undersampled stars they do not: a star's centre pixel holds 12 % less than the sampled
+peak at a FWHM of 2 px, 24 % at 1.3 px, and a sampled Moffat fitted to such stars comes out
+8 % and 17 % broader, its index 0.3-1 too high. Where either frame's stars are under
+:data:`INTEGRATE_BELOW_FWHM` each pixel's model is the Moffat's mean over the pixel
+(Gauss-Legendre nodes, :func:`pixel_mean`), and the fitted ``alpha`` and ``beta`` are those
+of the PSF before the pixels (``MoffatPSF.pixel_integrated``), which
+:func:`nsg_gpu.photometry.kept_share` then integrates over the pixels in turn.
+
 In the flow: below the photometry and the scale stage (:mod:`nsg_gpu.scale`); the
 reference's fit is kept by :class:`nsg_gpu.reference.Reference`.
 """
@@ -46,6 +56,8 @@ __all__ = [
     "fit_reference_psf",
     "plausible",
     "stamp_radius",
+    "pixel_mean",
+    "integrated_fit",
 ]
 
 #: Radius of the fitted stamps, in FWHM.
@@ -59,26 +71,55 @@ MAX_EMPTY = 0.02
 #: Bright isolated stars a frame's PSF is fitted on, and the fewest that will do.
 PSF_STARS = 60
 MIN_PSF_STARS = 8
-#: Below this FWHM (px) stars are too undersampled for a Moffat sampled at pixel centres, and
-#: the photometry falls back to the plain aperture.
+#: Below this FWHM (px, as :func:`nsg_gpu.stars.estimate_fwhm` reads it) the photometry falls
+#: back to the plain aperture. Not for want of a model (the pixel-integrated one fits stars
+#: down to 0.5 px within 3 %), but registration: a target resampled at a sub-pixel shift no
+#: longer shows its undersampled stars as any Moffat, and PSF weights corrected by the fitted
+#: PSFs miss the scale by up to 19 % there (13-15 % in NGC 7023's green), where the aperture
+#: does not (docs/scale-accuracy.md, "Undersampled stars").
 MIN_PSF_FWHM = 2.0
+#: Where either frame's stars have a FWHM (px, as :func:`nsg_gpu.stars.estimate_fwhm`
+#: reads it) below this, the fits integrate the Moffat over each pixel. A sampled fit's
+#: seeing correction is off by 1-2 % for stars of 1.3 px, by 0.2 % or less from 2 px (2.26 as
+#: read); above, the sampled fit costs half as much.
+INTEGRATE_BELOW_FWHM = 2.5
+#: Gauss-Legendre nodes per axis of a pixel's integral within :data:`PIXEL_CORE` px of a
+#: stamp's centre (the profile's mean over a pixel to 3e-4 of the peak for a FWHM of 0.8 px,
+#: 7e-5 from 1 px, 3e-5 from 1.3 px), and beyond it, where the profile bends little across a
+#: pixel (1e-4 of the peak at 2.3 px from the star, less farther out).
+CORE_NODES = 4
+WING_NODES = 2
+PIXEL_CORE = 3.5
 
 
 @dataclass(frozen=True)
 class MoffatPSF:
-    """``P(r) = (beta - 1) / (pi alpha^2) * (1 + r^2 / alpha^2)^-beta``, of unit total flux."""
+    """``P(r) = (beta - 1) / (pi alpha^2) * (1 + r^2 / alpha^2)^-beta``, of unit total flux.
+
+    ``pixel_integrated``: the frame's pixels hold ``P``'s mean over their square
+    (:func:`pixel_mean`), and ``alpha``, ``beta`` describe the PSF before the pixels; else
+    the pixels are taken as samples of ``P`` at their centres.
+    """
 
     alpha: float
     beta: float
     stars: int = 0
+    pixel_integrated: bool = False
 
     @property
     def fwhm(self) -> float:
         return 2.0 * self.alpha * math.sqrt(2.0 ** (1.0 / self.beta) - 1.0)
 
+    @property
+    def pixel_fwhm(self) -> float:
+        """The FWHM the stars show in the frame's pixels: for a pixel-integrated PSF about
+        ``hypot(fwhm, 1)``, which is what :func:`nsg_gpu.stars.estimate_fwhm` reads on
+        such stars from a FWHM of 1.3 px up (within 3 %; 1.6 px for 0.5-1.1)."""
+        return math.hypot(self.fwhm, 1.0) if self.pixel_integrated else self.fwhm
+
     @classmethod
-    def from_fwhm(cls, fwhm: float, beta: float, stars: int = 0) -> MoffatPSF:
-        return cls(fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0)), beta, stars)
+    def from_fwhm(cls, fwhm: float, beta: float, stars: int = 0, *, pixel_integrated: bool = False) -> MoffatPSF:
+        return cls(fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0)), beta, stars, pixel_integrated)
 
     def shape(self, r2):
         """The profile without its normalization, 1 at the centre."""
@@ -86,6 +127,31 @@ class MoffatPSF:
 
     def __call__(self, r2):
         return (self.beta - 1.0) / (math.pi * self.alpha * self.alpha) * self.shape(r2)
+
+
+def _legendre(nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Legendre nodes on ``[-1/2, 1/2]`` and weights summing to 1."""
+    t, w = np.polynomial.legendre.leggauss(nodes)
+    return t / 2, w / 2
+
+
+def _square_nodes(nodes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Offsets ``sx, sy`` and weights of the product rule over the unit square."""
+    t, w = _legendre(nodes)
+    return np.repeat(t, nodes), np.tile(t, nodes), np.outer(w, w).ravel()
+
+
+def pixel_mean(psf: MoffatPSF, x, y, *, nodes: int = 8):
+    """``psf``'s mean over the unit squares centred at offsets ``(x, y)`` from the star:
+    what a pixel there records of a star of unit flux (``nodes`` Gauss-Legendre nodes per
+    axis; 8 give about 1e-7 of the peak for a FWHM of 0.8 px)."""
+    sx, sy, w = _square_nodes(nodes)
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    total = np.zeros(np.broadcast(x, y).shape)
+    for a, b, weight in zip(sx, sy, w):
+        u, v = x + a, y + b
+        total += weight * psf(u * u + v * v)
+    return total
 
 
 @dataclass
@@ -176,19 +242,63 @@ def _background_terms(stamps: PSFStamps, curved: bool) -> np.ndarray:
     return np.stack(terms)
 
 
-def _design(psf: MoffatPSF, stamps: PSFStamps, background: np.ndarray) -> np.ndarray:
-    """Per-star linear model ``(n, k, p)``: profile, its x and y derivatives, and the
-    ``background`` terms. With :func:`_solve`, the specification of :class:`_StarModels`."""
+def _pixel_rule(stamps: PSFStamps) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """How the integrated profile integrates each stamp pixel: per group of pixels (their
+    indices), the node offsets ``sx, sy`` and weights; :data:`CORE_NODES` per axis within
+    :data:`PIXEL_CORE` of the stamp's centre, :data:`WING_NODES` beyond."""
+    core = stamps.px**2 + stamps.py**2 <= PIXEL_CORE * PIXEL_CORE
+    groups = []
+    for inside, nodes in ((core, CORE_NODES), (~core, WING_NODES)):
+        index = np.nonzero(inside)[0]
+        if index.size:
+            groups.append((index, *_square_nodes(nodes)))
+    return groups
+
+
+def _offsets(stamps: PSFStamps, integrated: bool) -> list[tuple]:
+    """Where the profile is evaluated: per group of pixels, their indices (None: all), the
+    offsets ``u, v`` from the stars ``(n, pixels[, nodes])``, ``u^2 + v^2`` and the nodes'
+    weights (None: the pixel centres, sampled)."""
     ux = stamps.px[None] - stamps.dx[:, None]
     uy = stamps.py[None] - stamps.dy[:, None]
-    n, p = ux.shape
+    if not integrated:
+        return [(None, ux, uy, ux * ux + uy * uy, None)]
+    groups = []
+    for index, sx, sy, w in _pixel_rule(stamps):
+        u = ux[:, index, None] + sx
+        v = uy[:, index, None] + sy
+        groups.append((index, u, v, u * u + v * v, w))
+    return groups
+
+
+def _columns(psf: MoffatPSF, offsets: list[tuple], out: np.ndarray) -> np.ndarray:
+    """The profile and its derivatives by the star's x and y into ``out`` ``(n, 3, p)``: at
+    the pixel centres, or their means over the pixels (the nodes' weighted sums)."""
+    a2 = psf.alpha * psf.alpha
+    for index, u, v, r2, w in offsets:
+        q = 1.0 + r2 / a2
+        if w is None:
+            shape = np.power(q, -psf.beta, out=out[:, 0])
+            # d shape / d(star x) = 2 beta u / alpha^2 * q^(-beta-1)
+            slope = 2.0 * psf.beta / a2 * shape / q
+            np.multiply(slope, u, out=out[:, 1])
+            np.multiply(slope, v, out=out[:, 2])
+        else:
+            shape = np.power(q, -psf.beta)
+            slope = 2.0 * psf.beta / a2 * shape / q
+            out[:, 0, index] = shape @ w
+            out[:, 1, index] = (slope * u) @ w
+            out[:, 2, index] = (slope * v) @ w
+    return out
+
+
+def _design(psf: MoffatPSF, stamps: PSFStamps, background: np.ndarray) -> np.ndarray:
+    """Per-star linear model ``(n, k, p)``: profile (sampled, or integrated over the pixels
+    where ``psf.pixel_integrated``), its x and y derivatives, and the ``background`` terms.
+    With :func:`_solve`, the specification of :class:`_StarModels`."""
+    n, p = stamps.dx.size, stamps.px.size
     design = np.empty((n, 3 + background.shape[0], p))
-    q = 1.0 + (ux * ux + uy * uy) / (psf.alpha * psf.alpha)
-    shape = np.power(q, -psf.beta, out=design[:, 0])
-    # d shape / d(star x) = 2 beta ux / alpha^2 * q^(-beta-1)
-    slope = 2.0 * psf.beta / (psf.alpha * psf.alpha) * shape / q
-    np.multiply(slope, ux, out=design[:, 1])
-    np.multiply(slope, uy, out=design[:, 2])
+    _columns(psf, _offsets(stamps, psf.pixel_integrated), design[:, :3])
     design[:, 3:] = background[None]
     return design
 
@@ -230,7 +340,7 @@ class _StarModels:
     def _remembered(self, psf: MoffatPSF):
         st = self.stamps
         for entry in self._recent:
-            if entry[0] == psf.alpha and entry[1] == psf.beta and entry[2] is st.dx and entry[3] is st.dy:
+            if entry[0] == psf and entry[1] is st.dx and entry[2] is st.dy:
                 return entry
         return None
 
@@ -239,28 +349,19 @@ class _StarModels:
         three columns."""
         entry = self._remembered(psf)
         if entry is not None:
-            return entry[4]
+            return entry[3]
         st = self.stamps
-        if self._offsets is None or self._offsets[0] is not st.dx or self._offsets[1] is not st.dy:
-            ux = st.px[None] - st.dx[:, None]
-            uy = st.py[None] - st.dy[:, None]
-            self._offsets = (st.dx, st.dy, ux, uy, ux * ux + uy * uy)
-        _, _, ux, uy, r2 = self._offsets
-        n, p = ux.shape
-        columns = np.empty((n, 3, p))
-        q = 1.0 + r2 / (psf.alpha * psf.alpha)
-        shape = np.power(q, -psf.beta, out=columns[:, 0])
-        slope = 2.0 * psf.beta / (psf.alpha * psf.alpha) * shape / q
-        np.multiply(slope, ux, out=columns[:, 1])
-        np.multiply(slope, uy, out=columns[:, 2])
-        return columns
+        key = (st.dx, st.dy, psf.pixel_integrated)
+        if self._offsets is None or any(a is not b for a, b in zip(self._offsets[0], key)):
+            self._offsets = (key, _offsets(st, psf.pixel_integrated))
+        return _columns(psf, self._offsets[1], np.empty((st.dx.size, 3, st.px.size)))
 
     def solve(self, psf: MoffatPSF):
         """Coefficients ``(n, k)`` and the model ``(n, p)``, as ``_solve(_design(...))``
         (not to be modified: the last few are kept and handed out again)."""
         entry = self._remembered(psf)
         if entry is not None:
-            return entry[5], entry[6]
+            return entry[4], entry[5]
         profile = self.profile(psf)
         n, _, p = profile.shape
         kb = self.k - 3
@@ -278,7 +379,7 @@ class _StarModels:
         coef = np.linalg.solve(normal, rhs[..., None])[..., 0]
         model = np.einsum("nkp,nk->np", profile, coef[:, :3])
         model += coef[:, 3:] @ self.background
-        self._recent = [(psf.alpha, psf.beta, self.stamps.dx, self.stamps.dy, profile, coef, model)] + self._recent[:3]
+        self._recent = [(psf, self.stamps.dx, self.stamps.dy, profile, coef, model)] + self._recent[:3]
         return coef, model
 
 
@@ -291,6 +392,7 @@ def fit_psf(
     beta: float = 3.0,
     curved: bool = False,
     extra_variance: np.ndarray | None = None,
+    pixel_integrated: bool = False,
 ) -> tuple[MoffatPSF, np.ndarray, np.ndarray]:
     """Fit one Moffat to all stamps.
 
@@ -306,6 +408,9 @@ def fit_psf(
         Fit each star's background as a quadratic surface instead of a plane.
     extra_variance : ndarray (n, p), optional
         Variance each pixel carries besides its own sky and shot noise.
+    pixel_integrated : bool
+        Model each pixel as the Moffat's mean over it (undersampled stars), not its value at
+        the pixel's centre.
 
     Returns
     -------
@@ -322,7 +427,7 @@ def fit_psf(
         variance += extra_variance[usable]
     empty = data == 0
     weight = np.where(empty, 0.0, 1.0 / variance)
-    psf = MoffatPSF.from_fwhm(fwhm, beta)
+    psf = MoffatPSF.from_fwhm(fwhm, beta, pixel_integrated=pixel_integrated)
     background = _background_terms(st, curved)
     if data.shape[0] == 0:
         return psf, usable, np.zeros((0, data.shape[1]))
@@ -342,7 +447,7 @@ def fit_psf(
         centre(psf, models)
 
         def residual(theta, models=models):
-            _, model = models.solve(MoffatPSF(math.exp(theta[0]), theta[1]))
+            _, model = models.solve(MoffatPSF(math.exp(theta[0]), theta[1], 0, pixel_integrated))
             return ((data - model) * models.sqrt_weight).ravel()
 
         solution = optimize.least_squares(
@@ -352,7 +457,7 @@ def fit_psf(
             x_scale=[0.01, 0.05],
             diff_step=[1e-4, 1e-4],
         )
-        previous, psf = psf, MoffatPSF(math.exp(solution.x[0]), float(solution.x[1]))
+        previous, psf = psf, MoffatPSF(math.exp(solution.x[0]), float(solution.x[1]), 0, pixel_integrated)
         coef, model = models.solve(psf)
         star = coef[:, :1] * models.profile(psf)[:, 0]
         weight = np.where(empty, 0.0, 1.0 / (variance + gain_inv * np.clip(star, 0, None)))
@@ -362,7 +467,7 @@ def fit_psf(
     models = _StarModels(st, background, data, weight)
     coef, _ = models.solve(psf)
     star = np.einsum("nkp,nk->np", models.profile(psf), coef[:, :3])
-    return MoffatPSF(psf.alpha, psf.beta, int(usable.sum())), usable, star
+    return MoffatPSF(psf.alpha, psf.beta, int(usable.sum()), pixel_integrated), usable, star
 
 
 def fit_target_psf(
@@ -378,12 +483,14 @@ def fit_target_psf(
     gain_inv: float = 0.0,
     reference_gain_inv: float = 0.0,
     beta: float = 3.0,
+    pixel_integrated: bool = False,
 ) -> MoffatPSF:
     """The target's Moffat, fitted on ``target - s0 * (reference - reference's stars)``.
 
     ``reference_star`` is :func:`fit_psf`'s star model for the stamps ``fitted`` of
     ``reference``; ``target`` holds the same stars at the same integer centres, and ``s0``
-    is a first estimate of the target's brightness over the reference's (1 % is plenty).
+    is a first estimate of the target's brightness over the reference's (1 % is plenty);
+    ``pixel_integrated`` as the reference's fit.
     """
     t = target.take(fitted)
     r = reference.take(fitted)
@@ -391,7 +498,15 @@ def fit_target_psf(
     clean_stamps = PSFStamps(clean, t.px, t.py, t.xi, t.yi, t.dx, t.dy)
     # The reference's noise comes along, its stars' shot noise included.
     extra = s0 * s0 * (reference_sigma**2 + reference_gain_inv * np.clip(reference_star, 0, None))
-    psf, _, _ = fit_psf(clean_stamps, fwhm=fwhm, sigma=sigma, gain_inv=gain_inv, beta=beta, extra_variance=extra)
+    psf, _, _ = fit_psf(
+        clean_stamps,
+        fwhm=fwhm,
+        sigma=sigma,
+        gain_inv=gain_inv,
+        beta=beta,
+        extra_variance=extra,
+        pixel_integrated=pixel_integrated,
+    )
     return psf
 
 
@@ -402,9 +517,17 @@ def stamp_radius(fwhm: float) -> int:
     return int(math.ceil(8 * 1.1 ** math.ceil(math.log(wanted / 8) / math.log(1.1) - 1e-9)))
 
 
+def integrated_fit(*fwhm: float) -> bool:
+    """Whether frames whose stars have these FWHM (px, as measured in pixels) are fitted with
+    the Moffat integrated over the pixels: where any is below :data:`INTEGRATE_BELOW_FWHM`.
+    The reference's and a target's fits go together, so that their difference is right."""
+    return min(fwhm) < INTEGRATE_BELOW_FWHM
+
+
 def plausible(psf: MoffatPSF, fwhm_estimate: float) -> bool:
-    """A fitted Moffat that seeing-limited stars can have, near the frame's quick FWHM."""
-    return 1.5 <= psf.beta <= 12.0 and 0.6 <= psf.fwhm / fwhm_estimate <= 1.4
+    """A fitted Moffat that seeing-limited stars can have, near the frame's quick FWHM (which
+    is measured in the pixels: :attr:`MoffatPSF.pixel_fwhm`)."""
+    return 1.5 <= psf.beta <= 12.0 and 0.6 <= psf.pixel_fwhm / fwhm_estimate <= 1.4
 
 
 @dataclass
@@ -420,9 +543,12 @@ class FittedPSF:
     gain_inv: float
 
 
-def fit_reference_psf(data, x: np.ndarray, y: np.ndarray, *, fwhm: float, radius: int) -> FittedPSF | None:
+def fit_reference_psf(
+    data, x: np.ndarray, y: np.ndarray, *, fwhm: float, radius: int, pixel_integrated: bool = False
+) -> FittedPSF | None:
     """The reference's Moffat, fitted on stamps of ``radius`` px around its bright isolated
-    stars at ``(x, y)``; None where too few stars can be fitted or the fit is implausible.
+    stars at ``(x, y)`` (integrated over the pixels with ``pixel_integrated``); None where
+    too few stars can be fitted or the fit is implausible.
 
     A curved background per star: the reference's fit has only its own frame, and a nebula's
     curvature under the wings would otherwise read as wing light.
@@ -433,7 +559,9 @@ def fit_reference_psf(data, x: np.ndarray, y: np.ndarray, *, fwhm: float, radius
     noise, gain_inv = stamp_noise(stamps)
     if not noise > 0:
         return None
-    fitted_psf, fitted, star = fit_psf(stamps, fwhm=fwhm, sigma=noise, gain_inv=gain_inv, curved=True)
+    fitted_psf, fitted, star = fit_psf(
+        stamps, fwhm=fwhm, sigma=noise, gain_inv=gain_inv, curved=True, pixel_integrated=pixel_integrated
+    )
     if fitted.sum() < MIN_PSF_STARS or not plausible(fitted_psf, fwhm):
         return None
     return FittedPSF(fitted_psf, stamps, fitted, star, noise, gain_inv)

@@ -25,7 +25,7 @@ from .io import Frame, read_frame
 from .noise import frame_noise
 from .outliers import bright_counts, clipped_medians, pixel_noise
 from .params import Parameters, resolve_parameters
-from .psf import MIN_PSF_FWHM, PSF_STARS, FittedPSF, MoffatPSF, fit_reference_psf, stamp_radius
+from .psf import MIN_PSF_FWHM, PSF_STARS, FittedPSF, MoffatPSF, fit_reference_psf, integrated_fit, stamp_radius
 from .samples import MIN_SAMPLES, SampleGrid, bin_medians, make_grid, star_rejection
 from .stamps import channel_peaks
 from .stars import StarCatalog, detect_stars, detection_image, isolated
@@ -89,18 +89,25 @@ class Reference:
             self._measurements[key] = measured
         return measured
 
-    def psf_fit(self, radius: int) -> FittedPSF | None:
+    def psf_fit(self, radius: int, *, pixel_integrated: bool = False) -> FittedPSF | None:
         """The reference's PSF fitted on stamps of ``radius`` px around its bright isolated
-        stars, fitted once per radius and kept; None where too few stars can be fitted."""
-        if radius not in self._psf_fits:
+        stars (integrated over the pixels with ``pixel_integrated``), fitted once per radius
+        and model and kept; None where too few stars can be fitted."""
+        key = (radius, pixel_integrated)
+        if key not in self._psf_fits:
             if len(self._psf_fits) > 8:
                 self._psf_fits.clear()
             idx = self.photometry_index[self.isolated][:PSF_STARS]
             with single_threaded_blas():
-                self._psf_fits[radius] = fit_reference_psf(
-                    self.frame.data, self.stars.x[idx], self.stars.y[idx], fwhm=self.stars.fwhm, radius=radius
+                self._psf_fits[key] = fit_reference_psf(
+                    self.frame.data,
+                    self.stars.x[idx],
+                    self.stars.y[idx],
+                    fwhm=self.stars.fwhm,
+                    radius=radius,
+                    pixel_integrated=pixel_integrated,
                 )
-        return self._psf_fits[radius]
+        return self._psf_fits[key]
 
     def clipped_medians(self, bins: np.ndarray) -> np.ndarray:
         """The reference's clipped medians (:func:`nsg_gpu.samples.clipped_medians`) of
@@ -117,7 +124,7 @@ class Reference:
         """The reference's fitted PSF at its own FWHM, where the photometry fits PSFs."""
         if self.params.photometry != "psf" or self.stars.fwhm < MIN_PSF_FWHM:
             return None
-        fitted = self.psf_fit(stamp_radius(self.stars.fwhm))
+        fitted = self.psf_fit(stamp_radius(self.stars.fwhm), pixel_integrated=integrated_fit(self.stars.fwhm))
         return fitted.psf if fitted is not None else None
 
 

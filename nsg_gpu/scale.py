@@ -4,10 +4,11 @@ Second stage of a target, after the reference is prepared (:mod:`nsg_gpu.referen
 target's FWHM is measured at the reference's bright isolated stars; every reference star is
 recentred on the target (frames are registered, so stars are looked for where the reference
 has them) and the frame is failed when too few of the brightest are found. The PSFs of both
-frames are fitted (:mod:`nsg_gpu.psf`), the stars are measured in both frames with the same
-aperture and weights (:mod:`nsg_gpu.photometry`), corrected for the share of the light each
-frame's weights keep, and NSG's robust line fit gives ``m`` per channel. The gradient stage
-(:mod:`nsg_gpu.gradient`) comes next.
+frames are fitted (:mod:`nsg_gpu.psf`; integrated over the pixels where either frame's stars
+are undersampled), the stars are measured in both frames with the same aperture and weights
+(:mod:`nsg_gpu.photometry`), corrected for the share of the light each frame's weights keep,
+and NSG's robust line fit gives ``m`` per channel. The gradient stage (:mod:`nsg_gpu.gradient`)
+comes next.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .psf import (
     MIN_PSF_STARS,
     MoffatPSF,
     fit_target_psf,
+    integrated_fit,
     plausible,
     psf_stamps,
     stamp_noise,
@@ -166,14 +168,14 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
     # intensity stays low, so the peak test uses the brightest channel in both frames.
     peak_t = channel_peaks(data, tx, ty)
     clock.lap("detect")
-    sampled = min(stars.fwhm, fwhm_t) >= MIN_PSF_FWHM
-    psfs = fit_psfs(reference, frame, fwhm_t) if params.photometry == "psf" and sampled else None
+    resolved = min(stars.fwhm, fwhm_t) >= MIN_PSF_FWHM
+    psfs = fit_psfs(reference, frame, fwhm_t) if params.photometry == "psf" and resolved else None
     if psfs is not None:
         reference_psf, target_psf = psfs
         # The broader PSF weighs the pixels of both frames: it is close to the best weight
         # for the frame whose stars are noisiest per pixel.
         weight = max(psfs, key=lambda p: p.fwhm)
-        fwhm_max = weight.fwhm
+        fwhm_max = weight.pixel_fwhm
     else:
         reference_psf = MoffatPSF.from_fwhm(stars.fwhm, photometry.MOFFAT_BETA)
         target_psf = MoffatPSF.from_fwhm(fwhm_t, photometry.MOFFAT_BETA)
@@ -266,7 +268,9 @@ def correction_uncertainty(
     for psf in (reference_psf, target_psf):
         kept = photometry.kept_share(geometry, psf, weight)
         for beta, fwhm in ((psf.beta + beta_error, psf.fwhm), (psf.beta, psf.fwhm * (1 + fwhm_error))):
-            moved = photometry.kept_share(geometry, MoffatPSF.from_fwhm(fwhm, max(beta, 1.05)), weight)
+            moved = photometry.kept_share(
+                geometry, MoffatPSF.from_fwhm(fwhm, max(beta, 1.05), pixel_integrated=psf.pixel_integrated), weight
+            )
             variance += (moved / kept - 1) ** 2
     return math.sqrt(variance)
 
@@ -281,9 +285,12 @@ def _pair_snr(x, y, sx, sy, usable) -> np.ndarray:
 
 def fit_psfs(reference: Reference, frame: Frame, fwhm_t: float) -> tuple[MoffatPSF, MoffatPSF] | None:
     """The reference's and the target's Moffat PSFs, the target's fitted against the
-    reference's sky (:func:`nsg_gpu.psf.fit_target_psf`); None where either fit fails."""
+    reference's sky (:func:`nsg_gpu.psf.fit_target_psf`), both integrated over the pixels
+    where either frame's stars are undersampled (:func:`nsg_gpu.psf.integrated_fit`); None
+    where either fit fails."""
     radius = stamp_radius(max(reference.stars.fwhm, fwhm_t))
-    fitted_reference = reference.psf_fit(radius)
+    integrated = integrated_fit(reference.stars.fwhm, fwhm_t)
+    fitted_reference = reference.psf_fit(radius, pixel_integrated=integrated)
     if fitted_reference is None:
         return None
     stamps = fitted_reference.stamps
@@ -305,6 +312,7 @@ def fit_psfs(reference: Reference, frame: Frame, fwhm_t: float) -> tuple[MoffatP
         reference_sigma=fitted_reference.noise,
         gain_inv=gain_inv,
         reference_gain_inv=fitted_reference.gain_inv,
+        pixel_integrated=integrated,
     )
     if target_psf.stars < MIN_PSF_STARS or not plausible(target_psf, fwhm_t):
         return None

@@ -1,0 +1,137 @@
+"""The scale stage alone, in memory: each frame's scale error and its stated uncertainty.
+
+For synthetic sets (``nsg_gpu.synthetic``, known truth) every target is measured against frame
+0 with ``measure_scale`` and its error per channel is printed next to the stated uncertainty
+(what becomes NSGSERR, relative) and their ratio z, with the photometry it took (PSF-weighted
+with the fitted FWHM / index and whether the fit integrated over the pixels, or the plain
+aperture); the RMS of z over all sets closes. ``--override`` changes every set's spec (e.g.
+``'{"registration": false}'``). With ``--real`` the real frames in ../shared/data are measured
+instead, against sep's wide-aperture transmissions (``tests/independent.py``). Prints the
+machine and library versions; --json writes the figures.
+
+    python bench/scale_errors.py [--sets "undersampled seed 1,mid seed 7"] [--override JSON] [--real] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(_ROOT), str(_ROOT / "tests"), str(Path(__file__).resolve().parent)]
+from _machine import machine, print_machine  # noqa: E402
+
+from nsg_gpu.io import Frame, read_frame  # noqa: E402
+from nsg_gpu.params import Parameters  # noqa: E402
+from nsg_gpu.reference import prepare_reference  # noqa: E402
+from nsg_gpu.scale import measure_scale  # noqa: E402
+from nsg_gpu.synthetic import SyntheticField  # noqa: E402
+
+#: Stars of 1.5-2.5 px before the pixels (read as 1.95-2.8 px), 1500 on 1200 x 800 px.
+_MID = dict(width=1200, height=800, n_stars=1500, fwhm_range=(1.5, 2.5), beta_range=(2.5, 4.0), pixel_integrated=True)
+SETS = {
+    "undersampled seed 1": dict(scenario="undersampled-sparse-colour", n_frames=4, seed=1),
+    "undersampled seed 3": dict(scenario="undersampled-sparse-colour", n_frames=4, seed=3),
+    "undersampled seed 5": dict(scenario="undersampled-sparse-colour", n_frames=4, seed=5),
+    "field-dependent": dict(scenario="field-dependent-psf", width=1200, height=800, n_stars=1200, n_frames=3),
+    "crowded": dict(scenario="crowded", width=1200, height=800, n_stars=8700, n_frames=3),
+    "mono seed 1": dict(seed=1, n_frames=5),
+    "colour seed 11": dict(seed=11, n_frames=3, colour=True),
+    **{f"mid seed {s}": dict(_MID, registration=True, n_frames=5, seed=s) for s in (7, 8, 9)},
+    **{f"mid unregistered seed {s}": dict(_MID, n_frames=5, seed=s) for s in (7, 8, 9)},
+}
+REAL = {"ngc7023": "000_Light_NGC_7023_10.0s_IRCUT_20240730-224436.fits.gz", "stargate": "sg_0005.fits.gz"}
+
+
+def _path(measured) -> str:
+    psf = measured.target_psf
+    if psf is None:
+        return "aperture"
+    # getattr: so that the script measures commits from before the pixel-integrated fit too.
+    kind = "integrated" if getattr(psf, "pixel_integrated", False) else "sampled"
+    return f"PSF {kind} {measured.reference_psf.fwhm:.2f}/{measured.reference_psf.beta:.2f} -> {psf.fwhm:.2f}/{psf.beta:.2f}"
+
+
+def synthetic(names: list[str], override: dict) -> list[dict]:
+    rows = []
+    for name in names:
+        field = SyntheticField(**{**SETS[name], **override})
+        reference = prepare_reference(Frame.from_array(field.render(0), name=f"{name} 0"), Parameters())
+        for k in range(1, field.spec.n_frames):
+            truth = field.frames[k].scale(field.reference)
+            try:
+                measured = measure_scale(reference, Frame.from_array(field.render(k), name=f"{name} {k}"))
+            except Exception as exc:  # a frame that fails is a result too
+                print(f"{name} frame {k}: failed: {exc}", flush=True)
+                rows.append({"set": name, "frame": k, "error": str(exc)})
+                continue
+            for c, fit in enumerate(measured.fits):
+                error, stated = fit.scale / truth[c] - 1, fit.scale_error / fit.scale
+                rows.append(
+                    {"set": name, "frame": k, "channel": c, "error": error, "stated": stated, "z": error / stated}
+                )
+                print(
+                    f"{name} frame {k} ch {c}: {_path(measured)}, error {100 * error:+.3f} % "
+                    f"(stated {100 * stated:.3f} %, z {error / stated:+.2f}), {fit.n_pairs} pairs",
+                    flush=True,
+                )
+    return rows
+
+
+def real(names: list[str]) -> list[dict]:
+    from independent import SHARED_DATA_ROOT, independent_transmission, read_planes
+
+    rows = []
+    for name in names:
+        directory = SHARED_DATA_ROOT / name
+        if not directory.is_dir():
+            print(f"{name}: no frames at {directory}")
+            continue
+        reference_path = directory / REAL[name]
+        reference = prepare_reference(read_frame(reference_path), Parameters())
+        planes = read_planes(reference_path)
+        for path in sorted(directory.glob("*.fits.gz")):
+            if path == reference_path:
+                continue
+            measured = measure_scale(reference, read_frame(path))
+            for c, (fit, sep) in enumerate(zip(measured.fits, independent_transmission(planes, read_planes(path)))):
+                ours, stated = 1 / fit.scale, fit.scale_error / fit.scale**2
+                combined = float(np.hypot(stated, sep.bootstrap_error()))
+                deviation = (ours - sep.transmission) / combined
+                rows.append({"set": name, "frame": path.name, "channel": c, "transmission": ours, "stated": stated})
+                rows[-1].update(sep=sep.transmission, sep_error=sep.bootstrap_error(), z=deviation)
+                print(
+                    f"{path.name[:7]} ch {c}: {_path(measured)}, transmission {ours:.4f} +- {stated:.4f}, "
+                    f"sep {sep.transmission:.4f} +- {sep.bootstrap_error():.4f}: {100 * (ours / sep.transmission - 1):+.2f} % "
+                    f"({deviation:+.2f} sigma)",
+                    flush=True,
+                )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", help="comma-separated set names (default: all)")
+    parser.add_argument("--override", default="{}", help="JSON of spec fields set in every synthetic set")
+    parser.add_argument("--real", action="store_true", help="the real frames against sep instead")
+    parser.add_argument("--json", type=Path, help="write the figures to this file")
+    args = parser.parse_args()
+    info = machine("sep")
+    print_machine(info)
+    if args.real:
+        rows = real([n.strip() for n in args.sets.split(",")] if args.sets else list(REAL))
+    else:
+        names = [n.strip() for n in args.sets.split(",")] if args.sets else list(SETS)
+        rows = synthetic(names, json.loads(args.override))
+    z = np.array([row["z"] for row in rows if "z" in row])
+    print(f"RMS z {np.sqrt(np.mean(z**2)):.2f} over {z.size}, worst {np.max(np.abs(z)):.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
