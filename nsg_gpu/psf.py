@@ -456,6 +456,12 @@ def fit_psf(
             bounds=([math.log(0.3), 1.2], [math.log(50.0), 20.0]),
             x_scale=[0.01, 0.05],
             diff_step=[1e-4, 1e-4],
+            # Steps of 1e-6 in log alpha and beta, far inside the rounds' own criterion
+            # (beta within 0.005): SciPy's default 1e-8 took a quarter more evaluations for
+            # the same parameters to 1e-5 (bench/NOTES.md).
+            ftol=1e-6,
+            xtol=1e-6,
+            gtol=1e-6,
         )
         previous, psf = psf, MoffatPSF(math.exp(solution.x[0]), float(solution.x[1]), 0, pixel_integrated)
         coef, model = models.solve(psf)
