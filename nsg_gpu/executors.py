@@ -13,11 +13,12 @@ queues between them. A run of N frames then costs about N times its
 slowest stage rather than N times the sum of the stages, and holds a bounded number of
 frames (``read_ahead + write_behind + compute threads + 2``) whatever N is. Reading, writing
 and most NumPy work release the GIL, so the threads overlap on separate cores. There are as
-many compute threads as cores, up to two: on two cores the second compute thread fills what
-the first leaves idle while it holds the GIL or waits, and the reader and writer, a tenth
-of the work, slip in between (1.53 s of wall time per 26 MP frame against 1.99 s with one
-compute thread, bench/NOTES.md); the GIL leaves a third thread nothing to gain, so beyond
-two cores frames are spread over processes
+many compute threads as idle cores, up to two: on two quiet cores the second compute thread
+fills what the first leaves idle while it holds the GIL or waits, and the reader and writer,
+a tenth of the work, slip in between (1.53 s of wall time per 26 MP frame against 1.99 s with
+one compute thread, bench/NOTES.md), while on a core that other work holds it only contends;
+the GIL leaves a third thread nothing to gain, so beyond two cores frames are spread over
+processes
 (:class:`ProcessExecutor` on one machine, :class:`nsg_gpu.cluster.DaskExecutor` on many).
 Each computation runs with one BLAS and OpenMP
 thread (:func:`nsg_gpu.backend.single_threaded_blas`), so threads never multiply.
@@ -26,6 +27,7 @@ thread (:func:`nsg_gpu.backend.single_threaded_blas`), so threads never multiply
 from __future__ import annotations
 
 import dataclasses
+import math
 import multiprocessing
 import os
 import queue
@@ -40,7 +42,7 @@ from .jobs import FrameJob, compute_job, process_frame, read_job, write_job
 from .reference import Reference
 from .results import FrameResult, failed_result
 
-__all__ = ["InProcessExecutor", "ProcessExecutor", "default_compute_threads", "usable_cores"]
+__all__ = ["InProcessExecutor", "ProcessExecutor", "default_compute_threads", "idle_cores", "usable_cores"]
 
 #: How often (s) a thread blocked on a queue looks whether the run was stopped.
 _POLL = 0.1
@@ -79,13 +81,28 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def default_compute_threads(*, gpu: bool = False, cores: int | None = None) -> int:
-    """Compute threads for a streaming run: one per core, and no more than two, which the GIL
-    leaves a third nothing to gain over; 1 on a GPU."""
+def idle_cores() -> float:
+    """Cores the machine leaves idle: its CPUs less the last minute's load average (as many
+    as it has where the system does not tell its load)."""
+    cpus = os.cpu_count() or 1
+    try:
+        return cpus - os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return float(cpus)
+
+
+def default_compute_threads(*, gpu: bool = False, cores: int | None = None, idle: float | None = None) -> int:
+    """Compute threads for a streaming run: one per core this process may use and the machine
+    leaves idle (rounded), at least one and no more than two, which the GIL leaves a third
+    nothing to gain over; 1 on a GPU. A second thread on a core that other work holds only
+    contends with the first (2.04 s per 26 MP frame against 1.75 s with one thread, with
+    another job on one of two cores; 1.53 against 1.99 on a quiet machine: bench/NOTES.md).
+    The count never changes the outputs."""
     if gpu:
         return 1
     cores = usable_cores() if cores is None else cores
-    return max(1, min(2, cores))
+    idle = idle_cores() if idle is None else idle
+    return max(1, min(2, cores, math.floor(idle + 0.5)))
 
 
 class InProcessExecutor:
@@ -102,7 +119,8 @@ class InProcessExecutor:
 
     compute_threads : int, optional
         Frames normalized at the same time. By default :func:`default_compute_threads`:
-        on the CPU as many as the cores this process may use, at most 2; 1 on a GPU.
+        on the CPU as many as the cores this process may use and the machine leaves idle, at
+        least 1 and at most 2; 1 on a GPU.
 
     threads : bool
         Overlap the stages on threads (the default). False runs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from nsg_gpu import apply as apply_module
 from nsg_gpu import samples as samples_module
 from nsg_gpu import scale as scale_module
 from nsg_gpu.apply import apply_gradient
-from nsg_gpu.executors import InProcessExecutor, ProcessExecutor, default_compute_threads
+from nsg_gpu.executors import InProcessExecutor, ProcessExecutor, default_compute_threads, idle_cores
 from nsg_gpu.io import read_frame
 from nsg_gpu.noise import B3_LAYER1_FRACTION, ksigma_noise, wavelet_layer_rows
 from nsg_gpu.pipeline import normalize_frame
@@ -492,18 +493,27 @@ def test_progress_rate_and_eta_follow_the_recent_frames():
 
 
 @pytest.mark.parametrize(
-    ("cores", "gpu", "threads"),
+    ("cores", "idle", "gpu", "threads"),
     [
-        pytest.param(1, False, 1, id="one-core"),
-        pytest.param(2, False, 2, id="two-cores"),
-        pytest.param(3, False, 2, id="three-cores-gil-bound"),
-        pytest.param(16, False, 2, id="sixteen-cores-gil-bound"),
-        pytest.param(16, True, 1, id="gpu"),
+        pytest.param(1, 1.0, False, 1, id="one-core"),
+        pytest.param(2, 2.0, False, 2, id="two-quiet-cores"),
+        pytest.param(2, 1.6, False, 2, id="two-cores-mostly-idle"),
+        pytest.param(2, 0.9, False, 1, id="two-cores-one-busy"),
+        pytest.param(2, -3.0, False, 1, id="overloaded"),
+        pytest.param(3, 3.0, False, 2, id="three-cores-gil-bound"),
+        pytest.param(16, 4.0, False, 2, id="sixteen-cores-gil-bound"),
+        pytest.param(16, 16.0, True, 1, id="gpu"),
     ],
 )
-def test_compute_threads_never_oversubscribe_the_cores(cores, gpu, threads):
-    """A compute thread per core, no more than two (the GIL), one on a GPU."""
-    assert default_compute_threads(gpu=gpu, cores=cores) == threads
+def test_compute_threads_never_oversubscribe_the_cores(cores, idle, gpu, threads):
+    """A compute thread per core that the machine leaves idle, no more than two (the GIL), one
+    on a GPU."""
+    assert default_compute_threads(gpu=gpu, cores=cores, idle=idle) == threads
+
+
+def test_idle_cores_are_the_cpus_less_the_load():
+    load = os.getloadavg()[0]
+    assert idle_cores() == pytest.approx((os.cpu_count() or 1) - load, abs=0.5)
 
 
 def test_processes_stop_after_a_failure_and_report_in_order(frames, tmp_path):
