@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -194,6 +196,28 @@ class SyntheticField:
         self.frames = [self._make_conditions(k, rng) for k in range(spec.n_frames)]
         self._frame_seeds = rng.integers(0, 2**31, spec.n_frames) + 1_000_003 * spec.noise_seed
         self._add_realism()
+        self._memo: dict | None = None  # see _frame_memo
+
+    @contextmanager
+    def _frame_memo(self) -> Iterator[None]:
+        """Within it, a frame's star light and captured signal are computed once and reused
+        (read-only): :func:`write_synthetic_set` needs them for the frame and again for its
+        noise. Outside it nothing is kept, so a field holds no frame-sized arrays."""
+        self._memo = {}
+        try:
+            yield
+        finally:
+            self._memo = None
+
+    def _memoized(self, key: tuple, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        memo = getattr(self, "_memo", None)
+        if memo is None:
+            return compute()
+        if key not in memo:
+            value = compute()
+            value.flags.writeable = False
+            memo[key] = value
+        return memo[key]
 
     def _add_realism(self) -> None:
         """Seeing range and registration offsets, from a stream of their own (so the default
@@ -313,7 +337,7 @@ class SyntheticField:
         """
         truth = self.frames[k]
         dy, dx = truth.shift if captured else (0.0, 0.0)
-        return self._render_stars(truth.fwhm, truth.beta, dx=dx, dy=dy)
+        return self._memoized(("stars", k, dy, dx), lambda: self._render_stars(truth.fwhm, truth.beta, dx=dx, dy=dy))
 
     def fwhm_at(self, k: int, x, y) -> np.ndarray:
         """The FWHM of frame ``k``'s PSF at pixel positions ``x, y`` (before pixel integration)."""
@@ -416,6 +440,9 @@ class SyntheticField:
 
     def _captured_signal(self, k: int) -> np.ndarray:
         """What reaches the camera in frame ``k``, on its own grid (float32)."""
+        return self._memoized(("signal", k), lambda: self._compute_captured_signal(k))
+
+    def _compute_captured_signal(self, k: int) -> np.ndarray:
         truth = self.frames[k]
         t = np.asarray(truth.transmission, np.float32)[:, None, None]
         if truth.shift == [0.0, 0.0]:
@@ -553,16 +580,17 @@ def write_synthetic_set(directory: str | Path, spec: SyntheticSpec | None = None
     paths = []
     truth = {"spec": asdict(synthetic.spec), "reference": synthetic.reference.name, "frames": []}
     for k, frame in enumerate(synthetic.frames):
-        data = synthetic.render(k)
-        path = directory / f"{frame.name}.fits"
-        fits.PrimaryHDU(data[0] if synthetic.channels == 1 else data, header=synthetic.header(k)).writeto(
-            path, overwrite=True
-        )
-        paths.append(path)
-        entry = asdict(frame)
-        entry["scale"] = [float(v) for v in frame.scale(synthetic.reference)]
-        entry["pixel_noise"] = [float(v) for v in synthetic.pixel_noise(k)]
-        entry["background_noise"] = [float(v) for v in synthetic.background_noise(k)]
+        with synthetic._frame_memo():  # the frame's star light and signal serve its noise too
+            data = synthetic.render(k)
+            path = directory / f"{frame.name}.fits"
+            fits.PrimaryHDU(data[0] if synthetic.channels == 1 else data, header=synthetic.header(k)).writeto(
+                path, overwrite=True
+            )
+            paths.append(path)
+            entry = asdict(frame)
+            entry["scale"] = [float(v) for v in frame.scale(synthetic.reference)]
+            entry["pixel_noise"] = [float(v) for v in synthetic.pixel_noise(k)]
+            entry["background_noise"] = [float(v) for v in synthetic.background_noise(k)]
         truth["frames"].append(entry)
     (directory / "truth.json").write_text(json.dumps(truth, indent=2))
     return paths
