@@ -84,10 +84,15 @@ def read_mutated(source: Path, directory: Path, *, position: float, length: int,
 class NormalizedSet:
     """A synthetic set on disk, its truth, and the run that normalized it."""
 
-    def __init__(self, root: Path, **spec):
-        self.field = SyntheticField(**spec)
-        self.paths = write_synthetic_set(root / "in", self.field.spec)
-        self.truth = json.loads((root / "in" / "truth.json").read_text())
+    def __init__(self, root: Path, *, frames_of: NormalizedSet | None = None, **spec):
+        """Write the frames of ``spec`` under ``root``, or take those ``frames_of`` wrote, and
+        normalize them into ``root / "out"``."""
+        if frames_of is None:
+            self.field = SyntheticField(**spec)
+            self.paths = write_synthetic_set(root / "in", self.field.spec)
+            self.truth = json.loads((root / "in" / "truth.json").read_text())
+        else:
+            self.field, self.paths, self.truth = frames_of.field, frames_of.paths, frames_of.truth
         self.run = normalize(self.paths, reference=self.paths[0], output_dir=root / "out")
         self.out_dir = root / "out"
 

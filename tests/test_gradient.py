@@ -72,7 +72,7 @@ def test_a_satellite_trail_leaves_no_groove(tmp_path, monkeypatch):
     groove = _trail_groove(1, s, s.output(1)[0])
     monkeypatch.setattr(gradient, "one_frame_outliers", lambda t, r: np.zeros(t.shape[1:], bool))
     monkeypatch.setattr(gradient, "reject_outlier_samples", lambda values, use: use)
-    plain = NormalizedSet(tmp_path / "plain", **spec)
+    plain = NormalizedSet(tmp_path / "plain", frames_of=s)
     plain_groove = _trail_groove(1, plain, plain.output(1)[0])
     assert abs(plain_groove) > 0.06, plain_groove
     assert abs(groove) < 0.03, (groove, plain_groove)
