@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -83,11 +84,27 @@ def read_mutated(source: Path, directory: Path, *, position: float, length: int,
 class NormalizedSet:
     """A synthetic set on disk, its truth, and the run that normalized it."""
 
-    def __init__(self, root: Path, **spec):
-        self.field = SyntheticField(**spec)
-        self.paths = write_synthetic_set(root / "in", self.field.spec)
+    def __init__(self, root: Path, *, frames_of: NormalizedSet | None = None, **spec):
+        """Write the frames of ``spec`` under ``root``, or take those ``frames_of`` wrote, and
+        normalize them into ``root / "out"``."""
+        if frames_of is None:
+            self.field = SyntheticField(**spec)
+            self.paths = write_synthetic_set(root / "in", self.field.spec)
+            self.truth = json.loads((root / "in" / "truth.json").read_text())
+        else:
+            self.field, self.paths, self.truth = frames_of.field, frames_of.paths, frames_of.truth
         self.run = normalize(self.paths, reference=self.paths[0], output_dir=root / "out")
         self.out_dir = root / "out"
+
+    def input(self, k: int) -> np.ndarray:
+        """Frame ``k`` as written, ``(channels, h, w)``: ``field.render(k)`` to the bit (float32
+        in FITS), without rendering it again."""
+        data = np.asarray(fits.getdata(self.paths[k]), np.float32)
+        return data[None] if data.ndim == 2 else data
+
+    def background_noise(self, k: int) -> np.ndarray:
+        """``field.background_noise(k)`` (float32 per channel) as truth.json records it, exactly."""
+        return np.asarray(self.truth["frames"][k]["background_noise"], np.float32)
 
     def output(self, k: int) -> tuple[np.ndarray, fits.Header]:
         with fits.open(self.run.frames[k].output) as hdul:

@@ -20,7 +20,7 @@ def test_residual_gradient_close_to_perfect(name, request):
     reference = s.field.noise_free(0)
     noise = s.field.pixel_noise(0)
     for k in range(1, len(s.paths)):
-        data_in = s.field.render(k)
+        data_in = s.input(k)
         covered = np.all(data_in != 0, axis=0)
         perfect = s.field.perfect_normalization(k, data_in)
         out, _ = s.output(k)
@@ -34,19 +34,20 @@ def test_gradient_is_actually_removed(mono_set):
     """Without the gradient model the residual would be several sigma: the test can fail."""
     s = mono_set
     k = 1
-    data_in = s.field.render(k)
+    data_in = s.input(k)
     covered = np.all(data_in != 0, axis=0)
     m = s.field.frames[k].scale(s.field.reference)[:, None, None]
     scaled_only = np.where(data_in != 0, m * data_in, 0)
-    offset = np.median((scaled_only - s.field.noise_free(0))[:, covered])
-    residual = block_residual(scaled_only - offset, s.field.noise_free(0), covered) / s.field.pixel_noise(0)
+    reference = s.field.noise_free(0)
+    offset = np.median((scaled_only - reference)[:, covered])
+    residual = block_residual(scaled_only - offset, reference, covered) / s.field.pixel_noise(0)
     assert residual.max() > 1.0
 
 
 def _trail_groove(frame_k: int, s, out: np.ndarray) -> float:
     """Median residual (pixel-noise units) 5-40 px beside frame k's trail, against the
     normalization with the true scale and gradient, less that 200-500 px away."""
-    data_in = s.field.render(frame_k)
+    data_in = s.input(frame_k)
     h, w = data_in.shape[1:]
     yy, xx = np.mgrid[0:h, 0:w]
     distance = np.abs((yy - 0.2 * h) - 0.45 * (xx - 0.1 * w)) / math.hypot(1, 0.45)
@@ -71,7 +72,7 @@ def test_a_satellite_trail_leaves_no_groove(tmp_path, monkeypatch):
     groove = _trail_groove(1, s, s.output(1)[0])
     monkeypatch.setattr(gradient, "one_frame_outliers", lambda t, r: np.zeros(t.shape[1:], bool))
     monkeypatch.setattr(gradient, "reject_outlier_samples", lambda values, use: use)
-    plain = NormalizedSet(tmp_path / "plain", **spec)
+    plain = NormalizedSet(tmp_path / "plain", frames_of=s)
     plain_groove = _trail_groove(1, plain, plain.output(1)[0])
     assert abs(plain_groove) > 0.06, plain_groove
     assert abs(groove) < 0.03, (groove, plain_groove)

@@ -206,7 +206,7 @@ def registered_run(tmp_path_factory):
         registration=True,
         shifts=shifts,
     )
-    return s, [s.field.background_noise(k) for k in range(4)]
+    return s, [s.background_noise(k) for k in range(4)]
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -224,7 +224,7 @@ def test_nweight_of_registered_frames_is_the_weight_before_registration(register
     assert result.weight == pytest.approx(float(np.mean((noise[0] / (noise[k] * ours_m)) ** 2)), rel=0.03)
     # What the first-layer estimate would have given: the failure this weight removes.
     data, _ = s.output(k)
-    reference = s.field.render(0)
+    reference = s.input(0)
     per_pixel = float(
         np.mean([(ksigma_noise(reference[c]) / ksigma_noise(data[c])) ** 2 for c in range(data.shape[0])])
     )

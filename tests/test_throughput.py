@@ -396,7 +396,7 @@ def test_subsampled_medians_keep_the_accuracy_bounds(mono_set, monkeypatch):
         result = normalize_frame(reference, read_frame(s.paths[k]))
         truth = s.field.frames[k].scale(s.field.reference)
         assert abs(result.scale[0] / truth[0] - 1) < 0.035
-        data_in = s.field.render(k)
+        data_in = s.input(k)
         covered = np.all(data_in != 0, axis=0)
         ours = block_residual(result.data, truth_ref, covered) / noise
         best = block_residual(s.field.perfect_normalization(k, data_in), truth_ref, covered) / noise
