@@ -106,7 +106,7 @@ def test_reader_never_fails_unexpectedly(tmp_path_factory, position, length, fil
 
 @pytest.mark.slow
 def test_killed_run_then_rerun_leaves_only_valid_outputs(tmp_path):
-    """SIGKILL at several points; a rerun completes; every output is valid FITS."""
+    """SIGKILL while outputs are being written; a rerun completes; every output is valid FITS."""
     inputs = write_synthetic_set(tmp_path / "in", n_frames=10, seed=22, **SMALL)
     out = tmp_path / "out"
     command = [
@@ -126,9 +126,17 @@ def test_killed_run_then_rerun_leaves_only_valid_outputs(tmp_path):
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
     }
     killed = 0
-    for delay in (2.0, 3.0, 4.0):
+    # Killed once the run has written 1, 3 and 6 frames (each rerun redoes what is missing),
+    # then a few milliseconds later, so that the kills land among the writes whatever the
+    # machine's speed, not before the first output.
+    for written, pause in ((1, 0.0), (3, 0.05), (6, 0.2)):
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline:
+            if len(list(out.rglob("*_nsg.fits"))) >= written:
+                break
+            time.sleep(0.01)
+        time.sleep(pause)
         process.send_signal(signal.SIGKILL)
         killed += process.wait() == -signal.SIGKILL
         for path in out.rglob("*_nsg.fits"):  # rejected frames' outputs are in out/rejected
@@ -136,6 +144,7 @@ def test_killed_run_then_rerun_leaves_only_valid_outputs(tmp_path):
         if (out / "results.json").exists():
             json.loads((out / "results.json").read_text())
     assert killed >= 2, "the runs finished before they could be killed; the test needs more frames"
+    assert 0 < len(list(out.rglob("*_nsg.fits"))) < len(inputs), "the kills landed before or after the writes"
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
     outputs = sorted(out.rglob("*_nsg.fits"))
