@@ -81,10 +81,26 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def idle_cores() -> float:
-    """Cores the machine leaves idle: its CPUs less the last minute's load average (as many
-    as it has where the system does not tell its load)."""
+def _cpu_ticks() -> tuple[int, int]:
+    """All CPUs' idle (with I/O wait) and total ticks since boot, from ``/proc/stat``."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])
+
+
+def idle_cores(interval: float = 0.1) -> float:
+    """Cores the machine leaves idle now: its CPUs times their idle share over ``interval``
+    seconds (``/proc/stat``), measured while this process waits; elsewhere its CPUs less the
+    last minute's load average, or all its CPUs where the system tells neither."""
     cpus = os.cpu_count() or 1
+    try:
+        idle0, total0 = _cpu_ticks()
+        time.sleep(interval)
+        idle1, total1 = _cpu_ticks()
+        if total1 > total0:
+            return cpus * (idle1 - idle0) / (total1 - total0)
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return cpus - os.getloadavg()[0]
     except (AttributeError, OSError):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -511,9 +514,17 @@ def test_compute_threads_never_oversubscribe_the_cores(cores, idle, gpu, threads
     assert default_compute_threads(gpu=gpu, cores=cores, idle=idle) == threads
 
 
-def test_idle_cores_are_the_cpus_less_the_load():
-    load = os.getloadavg()[0]
-    assert idle_cores() == pytest.approx((os.cpu_count() or 1) - load, abs=0.5)
+def test_idle_cores_see_a_busy_core():
+    """A process spinning on one core takes it from the idle cores."""
+    cpus = os.cpu_count() or 1
+    assert 0 <= idle_cores() <= cpus + 1e-9
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert idle_cores(0.3) <= cpus - 0.5
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def test_processes_stop_after_a_failure_and_report_in_order(frames, tmp_path):
