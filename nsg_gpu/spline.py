@@ -231,7 +231,7 @@ def evaluate_surfaces(
         x0, y0, spacing = (float(value) for value in lattice)
         gy, wy = lattice_weights(height, y0, spacing)
         gx, wx = lattice_weights(width, x0, spacing)
-        coarse = _evaluate_on_lattice(splines, gx, gy)
+        coarse = _evaluate_on_lattice(splines, gx, gy, spacing)
     if coarse is None:
         coarse = _evaluate(splines, *np.meshgrid(gx, gy))
     coarse = coarse.astype(np.float32)  # (k, ny, nx)
@@ -243,9 +243,10 @@ def evaluate_surfaces(
     return out
 
 
-def _evaluate_on_lattice(splines: list[SurfaceSpline], gx: np.ndarray, gy: np.ndarray):
-    """The splines at the points of the regular grid ``gx`` x ``gy`` ``(k, ny, nx)``, where
-    every node lies on that grid's lattice (to 1e-6 of its spacing); None where one does not.
+def _evaluate_on_lattice(splines: list[SurfaceSpline], gx: np.ndarray, gy: np.ndarray, spacing: float):
+    """The splines at the points of the regular grid ``gx`` x ``gy`` of ``spacing`` px
+    ``(k, ny, nx)``, where every node lies on that grid's lattice (to 1e-6 of its spacing);
+    None where one does not.
 
     Between two points of one lattice the kernel depends only on the difference of their
     indices, so the kernel sum at every grid point is one 2-D convolution of the
@@ -253,7 +254,6 @@ def _evaluate_on_lattice(splines: list[SurfaceSpline], gx: np.ndarray, gy: np.nd
     differences: ``O(N log N)`` by FFT instead of nodes x points logarithms. Equal to
     :func:`_evaluate` to rounding (``tests/test_spline.py``)."""
     first = splines[0]
-    spacing = float(gx[1] - gx[0]) if gx.size > 1 else float(gy[1] - gy[0])
     x = first.nodes[:, 0] * first.scale + first.centre[0]
     y = first.nodes[:, 1] * first.scale + first.centre[1]
     ix, iy = np.rint((x - gx[0]) / spacing), np.rint((y - gy[0]) / spacing)

@@ -238,7 +238,7 @@ def test_lattice_convolution_equals_the_kernel_sum(merge):
     gx, _ = lattice_weights(width, x0, spacing)
     assert gx[0] <= 0 < width - 1 <= gx[-1] and gy[0] <= 0 < height - 1 <= gy[-1]
     np.testing.assert_allclose(np.diff(gx), spacing, rtol=1e-12)
-    fast = _evaluate_on_lattice(splines, gx, gy)
+    fast = _evaluate_on_lattice(splines, gx, gy, spacing)
     direct = _evaluate(splines, *np.meshgrid(gx, gy))
     assert fast.shape == direct.shape == (3, gy.size, gx.size)
     np.testing.assert_allclose(fast, direct, rtol=0, atol=1e-10 * np.abs(direct).max())
@@ -257,7 +257,7 @@ def test_nodes_off_the_lattice_are_summed_directly():
     )
     gy, wy = lattice_weights(height, y0, spacing)
     gx, wx = lattice_weights(width, x0, spacing)
-    assert _evaluate_on_lattice(moved, gx, gy) is None
+    assert _evaluate_on_lattice(moved, gx, gy, spacing) is None
     image = evaluate_surfaces(moved, height, width, lattice=(x0, y0, spacing))[0]
     coarse = moved[0](*np.meshgrid(gx, gy)).astype(np.float32)
     dense = wy.astype(np.float64) @ coarse @ wx.T.astype(np.float64)
