@@ -28,6 +28,14 @@ peak at a FWHM of 2 px, 24 % at 1.3 px, and a sampled Moffat fitted to such star
 of the PSF before the pixels (``MoffatPSF.pixel_integrated``), which
 :func:`nsg_gpu.photometry.kept_share` then integrates over the pixels in turn.
 
+Fast optics widen their stars towards the edges (tilt, field curvature, coma) by tens of per
+cent, and one Moffat for the whole frame then reads the mixture of widths as a lower index.
+Each fitted star's own width is measured (:func:`star_widths`), and where the widths vary
+across the frame beyond their errors a quadratic surface of the width (:class:`FieldModel`)
+joins the Moffat: the fit is redone with each star's ``alpha`` scaled by the surface, and the
+target gets its own surface (seeing widens the centre and the edges differently). The
+photometry then corrects each star with the PSFs of its place in the field.
+
 In the flow: below the photometry and the scale stage (:mod:`nsg_gpu.scale`); the
 reference's fit is kept by :class:`nsg_gpu.reference.Reference`.
 """
@@ -45,6 +53,7 @@ from .stamps import gather_stamps
 
 __all__ = [
     "MoffatPSF",
+    "FieldModel",
     "PSFStamps",
     "cut_stamps",
     "psf_stamps",
@@ -105,6 +114,9 @@ class MoffatPSF:
     beta: float
     stars: int = 0
     pixel_integrated: bool = False
+    #: How the width changes across the frame (``alpha`` times the field's factor at a star),
+    #: or None where one Moffat holds everywhere.
+    field: FieldModel | None = None
 
     @property
     def fwhm(self) -> float:
@@ -121,12 +133,116 @@ class MoffatPSF:
     def from_fwhm(cls, fwhm: float, beta: float, stars: int = 0, *, pixel_integrated: bool = False) -> MoffatPSF:
         return cls(fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0)), beta, stars, pixel_integrated)
 
+    def at(self, factor: float) -> MoffatPSF:
+        """The same Moffat ``factor`` times as wide, without a field model: the PSF where the
+        field's factor is ``factor``."""
+        return MoffatPSF(self.alpha * factor, self.beta, self.stars, self.pixel_integrated)
+
+    def uniform(self) -> MoffatPSF:
+        """The Moffat at the field's typical width (factor 1), without the field model."""
+        return self.at(1.0) if self.field is not None else self
+
+    def factor(self, x, y) -> np.ndarray:
+        """The width's factor at frame positions ``x, y``: the field's, or 1."""
+        if self.field is None:
+            return np.ones(np.broadcast(np.asarray(x), np.asarray(y)).shape)
+        return self.field.factor(x, y)
+
     def shape(self, r2):
         """The profile without its normalization, 1 at the centre."""
         return (1.0 + r2 / (self.alpha * self.alpha)) ** (-self.beta)
 
     def __call__(self, r2):
         return (self.beta - 1.0) / (math.pi * self.alpha * self.alpha) * self.shape(r2)
+
+
+#: A frame's PSF is given a field model (:class:`FieldModel`) where its stars' widths vary
+#: across the frame by at least this ratio (the fitted surface's range over the stars)...
+FIELD_MIN_RANGE = 1.06
+#: ... and the surface explains them better than one width does at this false-alarm
+#: probability (an F-test on the widths' residuals).
+FIELD_FALSE_ALARM = 1e-3
+#: Fewest stars whose widths a field model is fitted to.
+FIELD_MIN_STARS = 16
+#: Trial widths, relative to the frame's Moffat, at which each star's own width is looked
+#: for (:func:`star_widths`): steps of 4.7 % from 0.6 to 1.8.
+WIDTH_TRIALS = np.exp(np.linspace(math.log(0.6), math.log(1.8), 25))
+
+
+@dataclass(frozen=True)
+class FieldModel:
+    """How a frame's PSF width changes across the field: its Moffat's ``alpha`` times
+    ``f(x, y)``, a quadratic surface in the frame's coordinates (tilt, field curvature and
+    coma widen the stars towards the edges, by tens of per cent on fast optics), whose median
+    over the fitted stars is 1. Outside the fitted stars' range of ``f`` it is held at that
+    range's ends, widened by a tenth."""
+
+    coefficients: tuple[float, ...]  # of 1, u, v, u^2, uv, v^2
+    x0: float
+    y0: float
+    half: float
+    low: float
+    high: float
+
+    @staticmethod
+    def _terms(x, y, x0: float, y0: float, half: float) -> np.ndarray:
+        u = (np.asarray(x, float) - x0) / half
+        v = (np.asarray(y, float) - y0) / half
+        return np.stack([np.ones_like(u), u, v, u * u, u * v, v * v])
+
+    def factor(self, x, y) -> np.ndarray:
+        """``f`` at frame positions ``x, y``."""
+        f = np.tensordot(np.asarray(self.coefficients), self._terms(x, y, self.x0, self.y0, self.half), axes=1)
+        return np.clip(f, self.low, self.high)
+
+    @classmethod
+    def fit(cls, x, y, factor, variance) -> FieldModel | None:
+        """The surface through stars' widths ``factor`` (relative to any common width) at
+        ``x, y`` with their ``variance``; None where the widths do not vary across the frame
+        beyond their errors (:data:`FIELD_FALSE_ALARM`) or by less than
+        :data:`FIELD_MIN_RANGE`. Stars beyond 4 robust sigmas are left out."""
+        from scipy import stats
+
+        x, y, factor, variance = (np.asarray(a, float) for a in (x, y, factor, variance))
+        keep = np.isfinite(factor) & np.isfinite(variance) & (variance > 0)
+        if keep.sum() < FIELD_MIN_STARS:
+            return None
+        x0, y0 = (x[keep].min() + x[keep].max()) / 2, (y[keep].min() + y[keep].max()) / 2
+        half = max(x[keep].max() - x0, y[keep].max() - y0, 1.0)
+        terms = cls._terms(x, y, x0, y0, half).T  # (n, 6)
+        for _ in range(4):
+            w = 1 / variance[keep]
+            a, b = terms[keep], factor[keep]
+            coef = np.linalg.lstsq(a * np.sqrt(w)[:, None], b * np.sqrt(w), rcond=None)[0]
+            z = (factor - terms @ coef) / np.sqrt(np.where(variance > 0, variance, np.inf))
+            spread = 1.4826 * float(np.median(np.abs(z[keep])))
+            now = keep & (np.abs(z) <= 4 * max(spread, 1e-12))
+            if now.sum() < FIELD_MIN_STARS:
+                return None
+            if np.array_equal(now, keep):
+                break
+            keep = now
+        n = int(keep.sum())
+        w = 1 / variance[keep]
+        mean = float(np.sum(w * factor[keep]) / np.sum(w))
+        chi_flat = float(np.sum(w * (factor[keep] - mean) ** 2))
+        chi_surface = float(np.sum(w * (factor[keep] - terms[keep] @ coef) ** 2))
+        f_stat = (chi_flat - chi_surface) / 5 / max(chi_surface / (n - 6), 1e-300)
+        fitted = terms[keep] @ coef
+        if not (stats.f.sf(f_stat, 5, n - 6) < FIELD_FALSE_ALARM and fitted.max() >= FIELD_MIN_RANGE * fitted.min()):
+            return None
+        if fitted.min() <= 0:
+            return None
+        norm = float(np.median(fitted))
+        coef = coef / norm
+        return cls(
+            tuple(float(c) for c in coef),
+            float(x0),
+            float(y0),
+            float(half),
+            float(fitted.min() / norm / 1.1),
+            float(fitted.max() / norm * 1.1),
+        )
 
 
 def _legendre(nodes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -271,11 +387,15 @@ def _offsets(stamps: PSFStamps, integrated: bool) -> list[tuple]:
     return groups
 
 
-def _columns(psf: MoffatPSF, offsets: list[tuple], out: np.ndarray) -> np.ndarray:
+def _columns(psf: MoffatPSF, offsets: list[tuple], out: np.ndarray, widths: np.ndarray | None = None) -> np.ndarray:
     """The profile and its derivatives by the star's x and y into ``out`` ``(n, 3, p)``: at
-    the pixel centres, or their means over the pixels (the nodes' weighted sums)."""
-    a2 = psf.alpha * psf.alpha
+    the pixel centres, or their means over the pixels (the nodes' weighted sums); each star's
+    ``alpha`` times its factor in ``widths`` ``(n,)`` where given (a field model)."""
     for index, u, v, r2, w in offsets:
+        if widths is None:
+            a2 = psf.alpha * psf.alpha
+        else:
+            a2 = (psf.alpha * np.asarray(widths, float)).reshape((-1,) + (1,) * (r2.ndim - 1)) ** 2
         q = 1.0 + r2 / a2
         if w is None:
             shape = np.power(q, -psf.beta, out=out[:, 0])
@@ -292,13 +412,14 @@ def _columns(psf: MoffatPSF, offsets: list[tuple], out: np.ndarray) -> np.ndarra
     return out
 
 
-def _design(psf: MoffatPSF, stamps: PSFStamps, background: np.ndarray) -> np.ndarray:
+def _design(psf: MoffatPSF, stamps: PSFStamps, background: np.ndarray, widths: np.ndarray | None = None) -> np.ndarray:
     """Per-star linear model ``(n, k, p)``: profile (sampled, or integrated over the pixels
-    where ``psf.pixel_integrated``), its x and y derivatives, and the ``background`` terms.
-    With :func:`_solve`, the specification of :class:`_StarModels`."""
+    where ``psf.pixel_integrated``; each star's width times ``widths`` where given), its x and
+    y derivatives, and the ``background`` terms. With :func:`_solve`, the specification of
+    :class:`_StarModels`."""
     n, p = stamps.dx.size, stamps.px.size
     design = np.empty((n, 3 + background.shape[0], p))
-    _columns(psf, _offsets(stamps, psf.pixel_integrated), design[:, :3])
+    _columns(psf, _offsets(stamps, psf.pixel_integrated), design[:, :3], widths)
     design[:, 3:] = background[None]
     return design
 
@@ -322,10 +443,18 @@ class _StarModels:
     :func:`_solve`'s, summed in another order (equal to rounding; ``tests/test_psf.py``).
     """
 
-    def __init__(self, stamps: PSFStamps, background: np.ndarray, data: np.ndarray, weight: np.ndarray):
+    def __init__(
+        self,
+        stamps: PSFStamps,
+        background: np.ndarray,
+        data: np.ndarray,
+        weight: np.ndarray,
+        widths: np.ndarray | None = None,
+    ):
         n, p = data.shape
         kb = background.shape[0]
         self.stamps, self.background, self.data, self.weight = stamps, background, data, weight
+        self.widths = widths  # each star's width factor (a field model), or None
         self.sqrt_weight = np.sqrt(weight)
         self.wdata = weight * data
         pairs = (background[:, None, :] * background[None, :, :]).reshape(kb * kb, p)
@@ -354,7 +483,7 @@ class _StarModels:
         key = (st.dx, st.dy, psf.pixel_integrated)
         if self._offsets is None or any(a is not b for a, b in zip(self._offsets[0], key)):
             self._offsets = (key, _offsets(st, psf.pixel_integrated))
-        return _columns(psf, self._offsets[1], np.empty((st.dx.size, 3, st.px.size)))
+        return _columns(psf, self._offsets[1], np.empty((st.dx.size, 3, st.px.size)), self.widths)
 
     def solve(self, psf: MoffatPSF):
         """Coefficients ``(n, k)`` and the model ``(n, p)``, as ``_solve(_design(...))``
@@ -393,6 +522,7 @@ def fit_psf(
     curved: bool = False,
     extra_variance: np.ndarray | None = None,
     pixel_integrated: bool = False,
+    widths: np.ndarray | None = None,
 ) -> tuple[MoffatPSF, np.ndarray, np.ndarray]:
     """Fit one Moffat to all stamps.
 
@@ -411,6 +541,9 @@ def fit_psf(
     pixel_integrated : bool
         Model each pixel as the Moffat's mean over it (undersampled stars), not its value at
         the pixel's centre.
+    widths : ndarray (n,), optional
+        Each star's width relative to the others (a field model's factor at the star): its
+        Moffat's ``alpha`` is the fitted one times this.
 
     Returns
     -------
@@ -418,9 +551,48 @@ def fit_psf(
     stars : ndarray of bool over the stamps, those fitted
     model : ndarray (n_fitted, p), the fitted star light alone (no background)
     """
+    fit = _fit(
+        stamps,
+        fwhm=fwhm,
+        sigma=sigma,
+        gain_inv=gain_inv,
+        beta=beta,
+        curved=curved,
+        extra_variance=extra_variance,
+        pixel_integrated=pixel_integrated,
+        widths=widths,
+    )
+    return fit.psf, fit.usable, fit.star
+
+
+@dataclass
+class _Fit:
+    """A joint fit and what it was fitted on: the stamps it used (recentred) and their
+    per-star models at the final weights."""
+
+    psf: MoffatPSF
+    usable: np.ndarray
+    star: np.ndarray
+    models: _StarModels | None
+
+
+def _fit(
+    stamps: PSFStamps,
+    *,
+    fwhm: float,
+    sigma: float,
+    gain_inv: float,
+    beta: float,
+    curved: bool,
+    extra_variance: np.ndarray | None,
+    pixel_integrated: bool,
+    widths: np.ndarray | None,
+) -> _Fit:
+    """:func:`fit_psf`, keeping the stars' models."""
     usable = np.mean(stamps.data == 0, axis=1) <= MAX_EMPTY
     st = stamps.take(usable)
     st.dx, st.dy = st.dx.copy(), st.dy.copy()
+    widths = None if widths is None else np.asarray(widths, float)[usable]
     data = st.data
     variance = np.full(data.shape, sigma * sigma)
     if extra_variance is not None:
@@ -430,7 +602,7 @@ def fit_psf(
     psf = MoffatPSF.from_fwhm(fwhm, beta, pixel_integrated=pixel_integrated)
     background = _background_terms(st, curved)
     if data.shape[0] == 0:
-        return psf, usable, np.zeros((0, data.shape[1]))
+        return _Fit(psf, usable, np.zeros((0, data.shape[1])), None)
 
     def centre(psf, models):
         # Move each star's centre by the shift its derivative columns ask for.
@@ -443,7 +615,7 @@ def fit_psf(
     # Positions, the Moffat, and the weights and clipping that depend on it, in turn until
     # the Moffat settles (the index within 0.005).
     for _ in range(MAX_ROUNDS):
-        models = _StarModels(st, background, data, weight)
+        models = _StarModels(st, background, data, weight, widths)
         centre(psf, models)
 
         def residual(theta, models=models):
@@ -470,10 +642,60 @@ def fit_psf(
         weight[np.abs(data - model) * np.sqrt(weight) > CLIP_SIGMA] = 0.0
         if abs(psf.beta - previous.beta) < 5e-3 and abs(psf.alpha / previous.alpha - 1) < 1e-3:
             break
-    models = _StarModels(st, background, data, weight)
+    models = _StarModels(st, background, data, weight, widths)
     coef, _ = models.solve(psf)
     star = np.einsum("nkp,nk->np", models.profile(psf), coef[:, :3])
-    return MoffatPSF(psf.alpha, psf.beta, int(usable.sum()), pixel_integrated), usable, star
+    return _Fit(MoffatPSF(psf.alpha, psf.beta, int(usable.sum()), pixel_integrated), usable, star, models)
+
+
+def star_widths(fit: _Fit) -> tuple[np.ndarray, np.ndarray]:
+    """Each fitted star's own width relative to the fit's Moffat (its index held), and the
+    variance of that ratio: the star's chi-square over :data:`WIDTH_TRIALS` of ``alpha``, its
+    minimum by a parabola in ``log alpha`` (its curvature gives the variance); NaN for a star
+    whose minimum lies at the trials' ends."""
+    models = fit.models
+    n = models.data.shape[0]
+    chi = np.empty((n, WIDTH_TRIALS.size))
+    for j, trial in enumerate(WIDTH_TRIALS):
+        _, model = models.solve(MoffatPSF(fit.psf.alpha * trial, fit.psf.beta, 0, fit.psf.pixel_integrated))
+        chi[:, j] = np.sum(models.weight * (models.data - model) ** 2, axis=1)
+    t = np.log(WIDTH_TRIALS)
+    step = t[1] - t[0]
+    best = np.clip(np.argmin(chi, axis=1), 1, t.size - 2)
+    rows = np.arange(n)
+    c_minus, c_0, c_plus = chi[rows, best - 1], chi[rows, best], chi[rows, best + 1]
+    curvature = (c_plus - 2 * c_0 + c_minus) / (step * step)  # d2 chi / d(log alpha)2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        vertex = t[best] - step * (c_plus - c_minus) / (2 * (c_plus - 2 * c_0 + c_minus))
+        variance = 2 / curvature
+    edge = (np.argmin(chi, axis=1) == 0) | (np.argmin(chi, axis=1) == t.size - 1) | ~(curvature > 0)
+    factor = np.exp(vertex)
+    factor[edge], variance[edge] = np.nan, np.nan
+    # Variance of the factor, not of its logarithm.
+    return factor, variance * factor * factor
+
+
+def _fit_with_field(stamps: PSFStamps, *, start: np.ndarray | None = None, **options) -> _Fit:
+    """:func:`_fit`, then a field model (:class:`FieldModel`) from the stars' own widths where
+    they vary across the frame, and the fit again with it; ``start`` gives each stamp's width
+    factor for the first fit (another frame's field), 1 where None. The result's Moffat holds
+    the field model, or none where the widths do not call for one."""
+    fit = _fit(stamps, widths=start, **options)
+    if fit.models is None or fit.usable.sum() < FIELD_MIN_STARS:
+        return fit
+    relative, variance = star_widths(fit)
+    st = fit.models.stamps
+    base = np.ones(relative.size) if start is None else np.asarray(start, float)[fit.usable]
+    x, y = st.xi + st.dx, st.yi + st.dy
+    field = FieldModel.fit(x, y, base * relative, base * base * variance)
+    if field is None:
+        return fit if start is None else _fit(stamps, widths=None, **options)
+    x_all, y_all = stamps.xi + stamps.dx, stamps.yi + stamps.dy
+    refit = _fit(stamps, widths=field.factor(x_all, y_all), **options)
+    psf = refit.psf
+    return _Fit(
+        MoffatPSF(psf.alpha, psf.beta, psf.stars, psf.pixel_integrated, field), refit.usable, refit.star, refit.models
+    )
 
 
 def fit_target_psf(
@@ -490,13 +712,17 @@ def fit_target_psf(
     reference_gain_inv: float = 0.0,
     beta: float = 3.0,
     pixel_integrated: bool = False,
+    field: FieldModel | None = None,
 ) -> MoffatPSF:
     """The target's Moffat, fitted on ``target - s0 * (reference - reference's stars)``.
 
     ``reference_star`` is :func:`fit_psf`'s star model for the stamps ``fitted`` of
     ``reference``; ``target`` holds the same stars at the same integer centres, and ``s0``
     is a first estimate of the target's brightness over the reference's (1 % is plenty);
-    ``pixel_integrated`` as the reference's fit.
+    ``pixel_integrated`` as the reference's fit. Where the reference's PSF has a ``field``
+    model the target's widths are measured star by star too, from the reference's field as
+    a start, and the target gets its own field model (seeing widens the stars of the centre
+    and the edges differently) or none.
     """
     t = target.take(fitted)
     r = reference.take(fitted)
@@ -504,16 +730,19 @@ def fit_target_psf(
     clean_stamps = PSFStamps(clean, t.px, t.py, t.xi, t.yi, t.dx, t.dy)
     # The reference's noise comes along, its stars' shot noise included.
     extra = s0 * s0 * (reference_sigma**2 + reference_gain_inv * np.clip(reference_star, 0, None))
-    psf, _, _ = fit_psf(
-        clean_stamps,
+    options = dict(
         fwhm=fwhm,
         sigma=sigma,
         gain_inv=gain_inv,
         beta=beta,
+        curved=False,
         extra_variance=extra,
         pixel_integrated=pixel_integrated,
     )
-    return psf
+    if field is None:
+        return _fit(clean_stamps, widths=None, **options).psf
+    start = field.factor(clean_stamps.xi + clean_stamps.dx, clean_stamps.yi + clean_stamps.dy)
+    return _fit_with_field(clean_stamps, start=start, **options).psf
 
 
 def stamp_radius(fwhm: float) -> int:
@@ -565,9 +794,16 @@ def fit_reference_psf(
     noise, gain_inv = stamp_noise(stamps)
     if not noise > 0:
         return None
-    fitted_psf, fitted, star = fit_psf(
-        stamps, fwhm=fwhm, sigma=noise, gain_inv=gain_inv, curved=True, pixel_integrated=pixel_integrated
+    fit = _fit_with_field(
+        stamps,
+        fwhm=fwhm,
+        sigma=noise,
+        gain_inv=gain_inv,
+        beta=3.0,
+        curved=True,
+        extra_variance=None,
+        pixel_integrated=pixel_integrated,
     )
-    if fitted.sum() < MIN_PSF_STARS or not plausible(fitted_psf, fwhm):
+    if fit.usable.sum() < MIN_PSF_STARS or not plausible(fit.psf, fwhm):
         return None
-    return FittedPSF(fitted_psf, stamps, fitted, star, noise, gain_inv)
+    return FittedPSF(fit.psf, stamps, fit.usable, fit.star, noise, gain_inv)
