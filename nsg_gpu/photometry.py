@@ -392,9 +392,34 @@ def kept_share(geometry: ApertureGeometry, psf: MoffatPSF, weight: MoffatPSF | N
     radii = np.linspace(0.0, r, INTEGRATED_RADII if psf.pixel_integrated else 4097)
     w = _weight_profile(weight, radii**2, r)
     ring = 2 * math.pi * radii
-    held = float(integrate.simpson(ring * w * _radial_light(psf, radii), x=radii))
     area = float(integrate.simpson(ring * w, x=radii))
+    if psf.blur is not None:
+        # The pixels' light is the profile convolved with the registration's kernel; summed
+        # under the weights it is the profile under the weights convolved with the kernel.
+        radii = np.linspace(0.0, r + psf.blur.half, INTEGRATED_RADII if psf.pixel_integrated else 1025)
+        w = _blurred_weight(weight, radii, r, psf.blur)
+        ring = 2 * math.pi * radii
+    held = float(integrate.simpson(ring * w * _radial_light(psf, radii), x=radii))
     return held - area * annulus_mean
+
+
+#: Directions over a quarter turn at which blurred weights are averaged.
+BLUR_DIRECTIONS = 8
+
+
+def _blurred_weight(weight: MoffatPSF, radii: np.ndarray, radius: float, blur) -> np.ndarray:
+    """The weights (:func:`_weight_profile`) convolved with the separable kernel ``blur``,
+    averaged over the directions at each of ``radii``."""
+    theta = (np.arange(BLUR_DIRECTIONS) + 0.5) * (math.pi / 2 / BLUR_DIRECTIONS)
+    x, y = radii[:, None] * np.cos(theta), radii[:, None] * np.sin(theta)
+    offsets = np.arange(-blur.half, blur.half + 1, dtype=float)
+    total = np.zeros_like(x)
+    for a, hx in zip(offsets, blur.x):
+        for b, hy in zip(offsets, blur.y):
+            if abs(hx * hy) < 1e-7:
+                continue
+            total += hx * hy * _weight_profile(weight, (x - a) ** 2 + (y - b) ** 2, radius)
+    return total.mean(axis=1)
 
 
 def seeing_correction(

@@ -36,6 +36,11 @@ joins the Moffat: the fit is redone with each star's ``alpha`` scaled by the sur
 target gets its own surface (seeing widens the centre and the edges differently). The
 photometry then corrects each star with the PSFs of its place in the field.
 
+A target registered at a sub-pixel offset shows its stars convolved with the registration's
+interpolation kernel, which no Moffat is. The kernel is read from the frame's noise
+(:mod:`nsg_gpu.resampling`), and the model is the Moffat convolved with it (``blur``): the
+profile is computed over a square around each stamp and convolved there.
+
 In the flow: below the photometry and the scale stage (:mod:`nsg_gpu.scale`); the
 reference's fit is kept by :class:`nsg_gpu.reference.Reference`.
 """
@@ -49,6 +54,7 @@ import numpy as np
 from scipy import optimize
 
 from .backend import get_backend
+from .resampling import InterpolationKernel
 from .stamps import gather_stamps
 
 __all__ = [
@@ -82,10 +88,11 @@ PSF_STARS = 60
 MIN_PSF_STARS = 8
 #: Below this FWHM (px, as :func:`nsg_gpu.stars.estimate_fwhm` reads it) the photometry falls
 #: back to the plain aperture. Not for want of a model (the pixel-integrated one fits stars
-#: down to 0.5 px within 3 %), but registration: a target resampled at a sub-pixel shift no
-#: longer shows its undersampled stars as any Moffat, and PSF weights corrected by the fitted
-#: PSFs miss the scale by up to 19 % there (13-15 % in NGC 7023's green), where the aperture
-#: does not (docs/scale-accuracy.md, "Undersampled stars").
+#: down to 0.5 px within 3 %), but weights as narrow as such stars make each star's measured
+#: share hang on where it falls in its pixel and on its centroid, and on registered colour
+#: frames of 1 px stars PSF weights missed the scale by up to 19 % without the registration's
+#: kernel and 14 % with it, where the aperture misses by less (docs/scale-accuracy.md,
+#: "Undersampled stars" and "The registration's kernel").
 MIN_PSF_FWHM = 2.0
 #: Where either frame's stars have a FWHM (px, as :func:`nsg_gpu.stars.estimate_fwhm`
 #: reads it) below this, the fits integrate the Moffat over each pixel. A sampled fit's
@@ -117,6 +124,9 @@ class MoffatPSF:
     #: How the width changes across the frame (``alpha`` times the field's factor at a star),
     #: or None where one Moffat holds everywhere.
     field: FieldModel | None = None
+    #: The registration's interpolation kernel the frame's pixels went through
+    #: (:mod:`nsg_gpu.resampling`), convolved with the profile; None for a frame not resampled.
+    blur: InterpolationKernel | None = None
 
     @property
     def fwhm(self) -> float:
@@ -136,11 +146,16 @@ class MoffatPSF:
     def at(self, factor: float) -> MoffatPSF:
         """The same Moffat ``factor`` times as wide, without a field model: the PSF where the
         field's factor is ``factor``."""
-        return MoffatPSF(self.alpha * factor, self.beta, self.stars, self.pixel_integrated)
+        return MoffatPSF(self.alpha * factor, self.beta, self.stars, self.pixel_integrated, None, self.blur)
 
     def uniform(self) -> MoffatPSF:
         """The Moffat at the field's typical width (factor 1), without the field model."""
         return self.at(1.0) if self.field is not None else self
+
+    def weights(self) -> MoffatPSF:
+        """The Moffat alone, as photometric weights: a function of the distance to the star,
+        at the field's typical width, without the registration's kernel."""
+        return MoffatPSF(self.alpha, self.beta, self.stars, self.pixel_integrated)
 
     def factor(self, x, y) -> np.ndarray:
         """The width's factor at frame positions ``x, y``: the field's, or 1."""
@@ -412,6 +427,30 @@ def _columns(psf: MoffatPSF, offsets: list[tuple], out: np.ndarray, widths: np.n
     return out
 
 
+def _square(stamps: PSFStamps, margin: int) -> PSFStamps:
+    """The square of pixels around the stamps' discs, ``margin`` px wider on each side (no
+    data: only its offsets and the stars' positions are used)."""
+    half = int(round(max(np.max(np.abs(stamps.px)), np.max(np.abs(stamps.py))))) + margin
+    off = np.arange(-half, half + 1, dtype=float)
+    gy, gx = np.meshgrid(off, off, indexing="ij")
+    return PSFStamps(np.zeros((0, gx.size)), gx.ravel(), gy.ravel(), stamps.xi, stamps.yi, stamps.dx, stamps.dy)
+
+
+def _blurred(columns: np.ndarray, stamps: PSFStamps, blur: InterpolationKernel) -> np.ndarray:
+    """Columns ``(n, 3, side * side)`` over :func:`_square`'s pixels convolved with the
+    separable ``blur`` and taken at the stamps' pixels: ``(n, 3, p)``."""
+    from scipy import ndimage
+
+    n = columns.shape[0]
+    side = int(round(math.sqrt(columns.shape[2])))
+    half = side // 2
+    grid = columns.reshape(n, 3, side, side)
+    grid = ndimage.correlate1d(grid, np.asarray(blur.x), axis=3, mode="constant")
+    grid = ndimage.correlate1d(grid, np.asarray(blur.y), axis=2, mode="constant")
+    index = (stamps.py.astype(int) + half) * side + (stamps.px.astype(int) + half)
+    return np.ascontiguousarray(grid.reshape(n, 3, side * side)[:, :, index])
+
+
 def _design(psf: MoffatPSF, stamps: PSFStamps, background: np.ndarray, widths: np.ndarray | None = None) -> np.ndarray:
     """Per-star linear model ``(n, k, p)``: profile (sampled, or integrated over the pixels
     where ``psf.pixel_integrated``; each star's width times ``widths`` where given), its x and
@@ -450,11 +489,13 @@ class _StarModels:
         data: np.ndarray,
         weight: np.ndarray,
         widths: np.ndarray | None = None,
+        blur: InterpolationKernel | None = None,
     ):
         n, p = data.shape
         kb = background.shape[0]
         self.stamps, self.background, self.data, self.weight = stamps, background, data, weight
         self.widths = widths  # each star's width factor (a field model), or None
+        self.blur = blur  # the registration's kernel, convolved with the profile, or None
         self.sqrt_weight = np.sqrt(weight)
         self.wdata = weight * data
         pairs = (background[:, None, :] * background[None, :, :]).reshape(kb * kb, p)
@@ -482,8 +523,11 @@ class _StarModels:
         st = self.stamps
         key = (st.dx, st.dy, psf.pixel_integrated)
         if self._offsets is None or any(a is not b for a, b in zip(self._offsets[0], key)):
-            self._offsets = (key, _offsets(st, psf.pixel_integrated))
-        return _columns(psf, self._offsets[1], np.empty((st.dx.size, 3, st.px.size)), self.widths)
+            evaluated = st if self.blur is None else _square(st, self.blur.half)
+            self._offsets = (key, _offsets(evaluated, psf.pixel_integrated), evaluated)
+        evaluated = self._offsets[2]
+        columns = _columns(psf, self._offsets[1], np.empty((st.dx.size, 3, evaluated.px.size)), self.widths)
+        return columns if self.blur is None else _blurred(columns, st, self.blur)
 
     def solve(self, psf: MoffatPSF):
         """Coefficients ``(n, k)`` and the model ``(n, p)``, as ``_solve(_design(...))``
@@ -523,6 +567,7 @@ def fit_psf(
     extra_variance: np.ndarray | None = None,
     pixel_integrated: bool = False,
     widths: np.ndarray | None = None,
+    blur: InterpolationKernel | None = None,
 ) -> tuple[MoffatPSF, np.ndarray, np.ndarray]:
     """Fit one Moffat to all stamps.
 
@@ -544,6 +589,9 @@ def fit_psf(
     widths : ndarray (n,), optional
         Each star's width relative to the others (a field model's factor at the star): its
         Moffat's ``alpha`` is the fitted one times this.
+    blur : InterpolationKernel, optional
+        The registration's kernel the frame went through (:mod:`nsg_gpu.resampling`): the
+        model is the Moffat (sampled or integrated) convolved with it.
 
     Returns
     -------
@@ -561,6 +609,7 @@ def fit_psf(
         extra_variance=extra_variance,
         pixel_integrated=pixel_integrated,
         widths=widths,
+        blur=blur,
     )
     return fit.psf, fit.usable, fit.star
 
@@ -587,6 +636,7 @@ def _fit(
     extra_variance: np.ndarray | None,
     pixel_integrated: bool,
     widths: np.ndarray | None,
+    blur: InterpolationKernel | None = None,
 ) -> _Fit:
     """:func:`fit_psf`, keeping the stars' models."""
     usable = np.mean(stamps.data == 0, axis=1) <= MAX_EMPTY
@@ -615,7 +665,7 @@ def _fit(
     # Positions, the Moffat, and the weights and clipping that depend on it, in turn until
     # the Moffat settles (the index within 0.005).
     for _ in range(MAX_ROUNDS):
-        models = _StarModels(st, background, data, weight, widths)
+        models = _StarModels(st, background, data, weight, widths, blur)
         centre(psf, models)
 
         def residual(theta, models=models):
@@ -642,10 +692,10 @@ def _fit(
         weight[np.abs(data - model) * np.sqrt(weight) > CLIP_SIGMA] = 0.0
         if abs(psf.beta - previous.beta) < 5e-3 and abs(psf.alpha / previous.alpha - 1) < 1e-3:
             break
-    models = _StarModels(st, background, data, weight, widths)
+    models = _StarModels(st, background, data, weight, widths, blur)
     coef, _ = models.solve(psf)
     star = np.einsum("nkp,nk->np", models.profile(psf), coef[:, :3])
-    return _Fit(MoffatPSF(psf.alpha, psf.beta, int(usable.sum()), pixel_integrated), usable, star, models)
+    return _Fit(MoffatPSF(psf.alpha, psf.beta, int(usable.sum()), pixel_integrated, None, blur), usable, star, models)
 
 
 def star_widths(fit: _Fit) -> tuple[np.ndarray, np.ndarray]:
@@ -694,7 +744,10 @@ def _fit_with_field(stamps: PSFStamps, *, start: np.ndarray | None = None, **opt
     refit = _fit(stamps, widths=field.factor(x_all, y_all), **options)
     psf = refit.psf
     return _Fit(
-        MoffatPSF(psf.alpha, psf.beta, psf.stars, psf.pixel_integrated, field), refit.usable, refit.star, refit.models
+        MoffatPSF(psf.alpha, psf.beta, psf.stars, psf.pixel_integrated, field, psf.blur),
+        refit.usable,
+        refit.star,
+        refit.models,
     )
 
 
@@ -713,6 +766,7 @@ def fit_target_psf(
     beta: float = 3.0,
     pixel_integrated: bool = False,
     field: FieldModel | None = None,
+    blur: InterpolationKernel | None = None,
 ) -> MoffatPSF:
     """The target's Moffat, fitted on ``target - s0 * (reference - reference's stars)``.
 
@@ -738,6 +792,7 @@ def fit_target_psf(
         curved=False,
         extra_variance=extra,
         pixel_integrated=pixel_integrated,
+        blur=blur,
     )
     if field is None:
         return _fit(clean_stamps, widths=None, **options).psf
@@ -779,7 +834,14 @@ class FittedPSF:
 
 
 def fit_reference_psf(
-    data, x: np.ndarray, y: np.ndarray, *, fwhm: float, radius: int, pixel_integrated: bool = False
+    data,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    fwhm: float,
+    radius: int,
+    pixel_integrated: bool = False,
+    blur: InterpolationKernel | None = None,
 ) -> FittedPSF | None:
     """The reference's Moffat, fitted on stamps of ``radius`` px around its bright isolated
     stars at ``(x, y)`` (integrated over the pixels with ``pixel_integrated``); None where
@@ -803,6 +865,7 @@ def fit_reference_psf(
         curved=True,
         extra_variance=None,
         pixel_integrated=pixel_integrated,
+        blur=blur,
     )
     if fit.usable.sum() < MIN_PSF_STARS or not plausible(fit.psf, fwhm):
         return None

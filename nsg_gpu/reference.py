@@ -26,6 +26,7 @@ from .noise import frame_noise
 from .outliers import bright_counts, clipped_medians, pixel_noise
 from .params import Parameters, resolve_parameters
 from .psf import MIN_PSF_FWHM, PSF_STARS, FittedPSF, MoffatPSF, fit_reference_psf, integrated_fit, stamp_radius
+from .resampling import InterpolationKernel, interpolation_kernel
 from .samples import MIN_SAMPLES, SampleGrid, bin_medians, make_grid, star_rejection
 from .stamps import channel_peaks
 from .stars import StarCatalog, detect_stars, detection_image, isolated
@@ -59,6 +60,7 @@ class Reference:
     _measurements: dict = field(default_factory=dict)
     _cutouts: dict = field(default_factory=dict)
     _psf_fits: dict = field(default_factory=dict)
+    _kernel: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -106,8 +108,16 @@ class Reference:
                     fwhm=self.stars.fwhm,
                     radius=radius,
                     pixel_integrated=pixel_integrated,
+                    blur=self.interpolation_kernel(),
                 )
         return self._psf_fits[key]
+
+    def interpolation_kernel(self) -> InterpolationKernel | None:
+        """The interpolation kernel the reference's pixels went through, where it was
+        resampled itself (:func:`nsg_gpu.resampling.interpolation_kernel`); read once."""
+        if "kernel" not in self._kernel:
+            self._kernel["kernel"] = interpolation_kernel(self.frame.data)
+        return self._kernel["kernel"]
 
     def clipped_medians(self, bins: np.ndarray) -> np.ndarray:
         """The reference's clipped medians (:func:`nsg_gpu.samples.clipped_medians`) of

@@ -7,7 +7,8 @@ has them) and the frame is failed when too few of the brightest are found. The s
 measured at the reference's positions moved by the frame's registration residual (an affine
 offset fitted to the centroids), not at each star's own centroid. The PSFs of both
 frames are fitted (:mod:`nsg_gpu.psf`; integrated over the pixels where either frame's stars
-are undersampled), the stars are measured in both frames with the same aperture and weights
+are undersampled, convolved with the registration's kernel where a frame was resampled:
+:mod:`nsg_gpu.resampling`), the stars are measured in both frames with the same aperture and weights
 (:mod:`nsg_gpu.photometry`), corrected for the share of the light each frame's weights keep,
 and NSG's robust line fit gives ``m`` per channel. The gradient stage (:mod:`nsg_gpu.gradient`)
 comes next.
@@ -39,6 +40,7 @@ from .psf import (
     stamp_ratio,
 )
 from .reference import Reference
+from .resampling import interpolation_kernel
 from .stamps import channel_peaks, gather_stamps, local_level, stamp_peaks
 from .stars import detection_image, estimate_fwhm
 
@@ -222,7 +224,7 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
         # for the frame whose stars are noisiest per pixel.
         # (Where the PSFs vary across the field, their typical widths: the same weights
         # serve every star, and each star's correction follows its own PSFs.)
-        weight = max((p.uniform() for p in psfs), key=lambda p: p.fwhm)
+        weight = max((p.weights() for p in psfs), key=lambda p: p.fwhm)
         fwhm_max = weight.pixel_fwhm
     else:
         reference_psf = MoffatPSF.from_fwhm(stars.fwhm, photometry.MOFFAT_BETA)
@@ -323,9 +325,8 @@ def correction_uncertainty(
     for psf in (reference_psf, target_psf):
         kept = photometry.kept_share(geometry, psf, weight)
         for beta, fwhm in ((psf.beta + beta_error, psf.fwhm), (psf.beta, psf.fwhm * (1 + fwhm_error))):
-            moved = photometry.kept_share(
-                geometry, MoffatPSF.from_fwhm(fwhm, max(beta, 1.05), pixel_integrated=psf.pixel_integrated), weight
-            )
+            shape = MoffatPSF.from_fwhm(fwhm, max(beta, 1.05))
+            moved = photometry.kept_share(geometry, replace(psf, alpha=shape.alpha, beta=shape.beta), weight)
             variance += (moved / kept - 1) ** 2
     return math.sqrt(variance)
 
@@ -369,6 +370,7 @@ def fit_psfs(reference: Reference, frame: Frame, fwhm_t: float) -> tuple[MoffatP
         reference_gain_inv=fitted_reference.gain_inv,
         pixel_integrated=integrated,
         field=fitted_reference.psf.field,
+        blur=interpolation_kernel(frame.data),
     )
     if target_psf.stars < MIN_PSF_STARS or not plausible(target_psf, fwhm_t):
         return None

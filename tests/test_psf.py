@@ -470,3 +470,58 @@ def test_per_star_correction_is_the_kept_share_at_each_star():
     ]
     assert np.allclose(kappa, direct, rtol=2e-5)
     assert np.ptp(kappa) > 0.02
+
+
+def test_blurred_columns_are_the_profile_convolved_with_the_kernel():
+    """The fit's profile and derivative columns with a registration kernel equal the sum over
+    the kernel's taps of the columns at the shifted offsets."""
+    from nsg_gpu.resampling import InterpolationKernel
+
+    kernel = InterpolationKernel(
+        (0.0, -0.02, 0.05, 0.12, 0.7, 0.12, 0.05, -0.02, 0.0), (0.0,) * 3 + (0.1, 0.8, 0.1) + (0.0,) * 3
+    )
+    psf = MoffatPSF.from_fwhm(1.6, 3.0, pixel_integrated=True)
+    rng = np.random.default_rng(3)
+    stamps = psf_fitting.cut_stamps(rng.normal(0, 1, (80, 80)), np.array([30.2, 50.7]), np.array([40.4, 20.9]), 6)
+    models = psf_fitting._StarModels(
+        stamps, psf_fitting._background_terms(stamps, False), stamps.data, np.ones_like(stamps.data), blur=kernel
+    )
+    blurred = models.profile(psf)
+    direct = np.zeros_like(blurred)
+    for a, hx in zip(range(-4, 5), kernel.x):
+        for b, hy in zip(range(-4, 5), kernel.y):
+            moved = psf_fitting.PSFStamps(
+                stamps.data, stamps.px - a, stamps.py - b, stamps.xi, stamps.yi, stamps.dx, stamps.dy
+            )
+            direct += hx * hy * psf_fitting._design(psf, moved, np.zeros((0, stamps.px.size)))
+    assert np.allclose(blurred, direct, atol=1e-12 * np.abs(direct).max())
+
+
+def test_blurred_kept_share_is_the_measured_share():
+    """A pixel-integrated star of 1.8 px shifted by a cubic spline at (0.3, 0.4) px: the
+    weighted aperture keeps, averaged over where the star falls in its pixel, the share
+    kept_share gives with the kernel read from a shifted noise frame, within 0.2 %; without
+    the kernel it is 1 % off."""
+    import scipy.ndimage
+
+    from nsg_gpu.resampling import interpolation_kernel
+
+    rng = np.random.default_rng(4)
+    noise = scipy.ndimage.shift(rng.normal(0, 1, (800, 800)), (0.3, 0.4), order=3, mode="nearest")
+    kernel = interpolation_kernel(noise[None].astype(np.float32))
+    psf = MoffatPSF.from_fwhm(1.8, 3.0, pixel_integrated=True)
+    weight = MoffatPSF.from_fwhm(2.1, 3.0)
+    geometry = photometry.aperture_geometry(2.1, aperture_fwhm=3, aperture_add=1, gap=1.2, bg_delta=5)
+    shares = []
+    for k in range(16):
+        x0, y0 = 40 + (k % 4) / 4 + 0.1, 40 + (k // 4) / 4 + 0.05
+        yy, xx = np.mgrid[0:81, 0:81].astype(float)
+        star = psf_fitting.pixel_mean(psf, xx - x0, yy - y0)
+        star = scipy.ndimage.shift(star, (-0.3, -0.4), order=3, mode="constant")
+        m = photometry.measure_stars(star[None] + 0.1, np.array([x0 - 0.4]), np.array([y0 - 0.3]), geometry, weight)
+        shares.append(m.flux[0, 0])
+    measured = float(np.mean(shares))
+    blurred = photometry.kept_share(geometry, MoffatPSF(psf.alpha, psf.beta, 0, True, None, kernel), weight)
+    plain = photometry.kept_share(geometry, psf, weight)
+    assert measured == pytest.approx(blurred, rel=2e-3)
+    assert abs(plain / measured - 1) > 0.007

@@ -70,3 +70,37 @@ def test_registration_offsets_follow_the_frame_not_each_centroid():
     few[:8] = True
     ox, oy = registration_offsets(x, y, x + 0.25, y - 0.1, few)
     assert np.allclose(ox, 0.25) and np.allclose(oy, -0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [5, 8])
+def test_registered_small_stars_with_the_registration_kernel(seed):
+    """Stars of 1.5-2.5 px before the pixels, targets registered by a cubic spline at
+    sub-pixel offsets: each target's PSF is fitted with the kernel read from its noise (the
+    reference, not resampled, has none), and every scale is within 2 % of the truth, where
+    PSFs fitted without the kernel miss by up to 3.9 % (seed 5) and 2.7 % (seed 8)."""
+    from nsg_gpu.io import Frame
+    from nsg_gpu.params import Parameters
+    from nsg_gpu.reference import prepare_reference
+    from nsg_gpu.scale import measure_scale
+    from nsg_gpu.synthetic import SyntheticField
+
+    field = SyntheticField(
+        width=900,
+        height=700,
+        n_stars=900,
+        n_frames=4,
+        fwhm_range=(1.5, 2.5),
+        beta_range=(2.5, 4.0),
+        pixel_integrated=True,
+        registration=True,
+        seed=seed,
+    )
+    reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
+    assert reference.interpolation_kernel() is None
+    for k in range(1, 4):
+        measured = measure_scale(reference, Frame.from_array(field.render(k), name=f"target {k}"))
+        assert measured.target_psf is not None and measured.target_psf.blur is not None
+        assert measured.reference_psf.blur is None
+        error = measured.scale[0] / field.frames[k].scale(field.reference)[0] - 1
+        assert abs(error) < 0.02, (k, field.frames[k].shift, error)

@@ -1,0 +1,163 @@
+"""What a registration's interpolation did to a frame, read from its noise.
+
+A target registered onto the reference's grid at a sub-pixel offset has every pixel made of
+the captured pixels around it, weighted by the interpolation kernel at that offset (a cubic
+spline, Lanczos, bicubic: whatever the registration used). Its stars are convolved with that
+kernel, which no Moffat is: for stars of 1.5-2.5 px a Moffat fitted to them misses the share
+of the light the photometry's weights keep by 0.5-2.4 % (docs/scale-accuracy.md). The noise
+was white before and went through the same kernel, so the noise's autocorrelation along each
+axis is the kernel's: in frequency, its square root is the kernel's magnitude. The
+zero-phase kernel with that magnitude (:func:`interpolation_kernel`) is what the PSF model of
+the frame is convolved with (:mod:`nsg_gpu.psf`); the kernel's phase moves the stars, which
+their fitted positions take up.
+
+The autocorrelation at lag ``l`` comes from the robust variance of pixel differences at that
+lag, ``D(l) = 2 sigma^2 (1 - rho(l))``, against the differences at lags where an interpolation
+kernel no longer correlates the noise, on the frame high-passed across the axis (which takes
+out smooth sky and nebula and keeps the noise's correlation along the axis): stars, hot
+pixels and no-data pixels do not move a median. A frame that was not
+resampled has no correlation beyond the estimate's error, and no kernel.
+
+In the flow: the scale stage (:mod:`nsg_gpu.scale`) reads each frame's kernel before its PSF
+fit; the reference's is read once (:mod:`nsg_gpu.reference`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import get_backend
+
+__all__ = ["InterpolationKernel", "interpolation_kernel", "noise_correlation", "MIN_CORRELATION"]
+
+#: Lags at which the noise's correlation is read (interpolation kernels of 4-8 taps correlate
+#: neighbours up to 3 px apart, with little beyond 2), and the lags taken as uncorrelated.
+CORRELATION_LAGS = (1, 2, 3)
+UNCORRELATED_LAGS = (6, 7)
+#: A frame whose neighbouring pixels' noise correlates by less than this along both axes has
+#: no kernel: white noise of 400 000 pixels reads within about 0.01, a cubic spline's shift
+#: of 0.1 px gives 0.022.
+MIN_CORRELATION = 0.02
+#: Pixels read: bands of rows across the frame.
+KERNEL_PIXELS = 400_000
+BAND_ROWS = 16
+#: Half-width of the kernel's taps.
+KERNEL_HALF = 4
+
+
+@dataclass(frozen=True)
+class InterpolationKernel:
+    """A separable zero-phase kernel: taps at integer offsets ``-h..h`` along x and y."""
+
+    x: tuple[float, ...]
+    y: tuple[float, ...]
+
+    @property
+    def half(self) -> int:
+        return len(self.x) // 2
+
+    def noise_gain(self) -> float:
+        """What the kernel leaves of white noise's standard deviation."""
+        return math.sqrt(sum(v * v for v in self.x) * sum(v * v for v in self.y))
+
+
+def _bands(data, max_pixels: int) -> list[np.ndarray]:
+    """Bands of :data:`BAND_ROWS` rows spread over the frame, the channels' mean, on the
+    host; no-data pixels (0 in any channel) as NaN."""
+    be = get_backend(data)
+    _, height, width = data.shape
+    count = max(1, min(height // BAND_ROWS, int(math.ceil(max_pixels / (BAND_ROWS * width)))))
+    starts = np.linspace(0, height - BAND_ROWS, count).astype(int) if height >= BAND_ROWS else [0]
+    bands = []
+    for start in starts:
+        block = be.to_host(data[:, start : start + BAND_ROWS]).astype(np.float64)
+        mean = block.mean(axis=0)
+        mean[np.any(block == 0, axis=0)] = np.nan
+        bands.append(mean)
+    return bands
+
+
+#: Pixels of the high-passed bands beyond this many robust sigmas (stars, hot pixels) are
+#: left out, with :data:`CLIP_GROWTH` px around them: a star's profile correlates its pixels.
+CLIP_SIGMA = 3.0
+CLIP_GROWTH = 2
+
+
+def _high_pass(band: np.ndarray, axis: int) -> np.ndarray:
+    """Each pixel less the mean of its two neighbours across ``axis``, NaN where clipped."""
+    from scipy import ndimage
+
+    if axis == 1:
+        high = band[1:-1] - 0.5 * (band[:-2] + band[2:])
+    else:
+        high = band[:, 1:-1] - 0.5 * (band[:, :-2] + band[:, 2:])
+    finite = np.isfinite(high)
+    if not finite.any():
+        return high
+    values = high[finite]
+    level = float(np.median(values))
+    spread = 1.4826 * float(np.median(np.abs(values - level)))
+    loud = (np.abs(np.nan_to_num(high, nan=level) - level) > CLIP_SIGMA * spread).astype(np.uint8)
+    loud = ndimage.maximum_filter(loud, size=2 * CLIP_GROWTH + 1) > 0
+    return np.where(loud, np.nan, high)
+
+
+def _difference_variance(highs: list[np.ndarray], lag: int, axis: int) -> float:
+    """Robust variance (1.4826 times the median absolute difference, squared) of pixel
+    differences at ``lag`` along ``axis`` (1: x, 0: y) of the high-passed bands
+    (:func:`_high_pass`, across that axis): that takes out the sky's and the nebula's smooth
+    structure, which would otherwise grow the differences with the lag, and multiplies the
+    noise's autocovariance along ``axis`` by one factor at every lag. The differences of
+    stationary noise are symmetric about 0."""
+    values = []
+    for high in highs:
+        if high.shape[axis] <= lag:
+            continue
+        a = high[:, lag:] - high[:, :-lag] if axis == 1 else high[lag:] - high[:-lag]
+        values.append(np.abs(a[np.isfinite(a)]))
+    values = np.concatenate(values) if values else np.zeros(0)
+    if values.size < 1000:
+        return float("nan")
+    return (1.4826 * float(np.median(values))) ** 2
+
+
+def noise_correlation(data, *, max_pixels: int = KERNEL_PIXELS) -> np.ndarray:
+    """The noise's correlation coefficient at :data:`CORRELATION_LAGS` along x and y,
+    ``(2, lags)``, from ``data`` ``(channels, h, w)`` (any backend)."""
+    bands = _bands(data, max_pixels)
+    out = np.full((2, len(CORRELATION_LAGS)), np.nan)
+    for row, axis in enumerate((1, 0)):
+        highs = [_high_pass(band, axis) for band in bands]
+        free = np.mean([_difference_variance(highs, lag, axis) for lag in UNCORRELATED_LAGS])
+        if not free > 0:
+            continue
+        for j, lag in enumerate(CORRELATION_LAGS):
+            out[row, j] = 1 - _difference_variance(highs, lag, axis) / free
+    return out
+
+
+def _zero_phase_taps(rho: np.ndarray) -> tuple[float, ...]:
+    """Taps ``-h..h`` of the zero-phase kernel whose autocorrelation has coefficients
+    ``rho`` at lags 1, 2, ..., and unit sum."""
+    f = (np.arange(1024) + 0.5) / 2048  # (0, 1/2): the spectrum is even
+    spectrum = 1 + 2 * sum(r * np.cos(2 * np.pi * f * lag) for lag, r in zip(CORRELATION_LAGS, rho))
+    at_zero = 1 + 2 * float(np.sum(rho))
+    magnitude = np.sqrt(np.clip(spectrum, 0, None) / max(at_zero, 1e-12))
+    k = np.arange(-KERNEL_HALF, KERNEL_HALF + 1)
+    # h(k) = 2 * integral over (0, 1/2) of |H(f)| cos(2 pi f k), by the midpoint rule.
+    taps = np.mean(magnitude[None, :] * np.cos(2 * np.pi * f[None, :] * k[:, None]), axis=1)
+    taps = taps / taps.sum()
+    return tuple(float(v) for v in taps)
+
+
+def interpolation_kernel(data, *, max_pixels: int = KERNEL_PIXELS) -> InterpolationKernel | None:
+    """The zero-phase kernel the frame's pixels went through (see the module's text), or None
+    where its noise is white (a frame that was not resampled)."""
+    rho = noise_correlation(data, max_pixels=max_pixels)
+    # Interpolation smooths: neighbours correlate positively along at least one axis.
+    if not np.all(np.isfinite(rho)) or np.max(rho[:, 0]) < MIN_CORRELATION:
+        return None
+    return InterpolationKernel(_zero_phase_taps(rho[0]), _zero_phase_taps(rho[1]))

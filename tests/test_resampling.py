@@ -1,0 +1,58 @@
+"""The registration's interpolation kernel read from a frame's noise, against kernels we apply."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.ndimage
+
+from nsg_gpu.resampling import interpolation_kernel, noise_correlation
+
+
+def _impulse_response(shift: float) -> np.ndarray:
+    """What ``scipy.ndimage.shift`` (cubic spline) does to one pixel, along one axis."""
+    x = np.zeros(41)
+    x[20] = 1
+    return scipy.ndimage.shift(x, shift, order=3, mode="constant")
+
+
+def _true_correlation(shift: float) -> np.ndarray:
+    h = _impulse_response(shift)
+    a = np.correlate(h, h, "full")
+    return a[41:44] / a[40]
+
+
+@pytest.mark.parametrize("shift", [(0.3, 0.2), (0.5, 0.5), (0.0, 0.4)])
+def test_kernel_of_a_cubic_spline_shift(shift):
+    """White noise shifted by a cubic spline: the correlations at lags 1-3 within 0.015 of the
+    spline's, and the kernel leaves the noise's standard deviation within 2 % of what the
+    spline leaves."""
+    rng = np.random.default_rng(1)
+    noise = 0.1 + rng.normal(0, 0.01, (1000, 1000))
+    shifted = scipy.ndimage.shift(noise, shift, order=3, mode="nearest")[None].astype(np.float32)
+    rho = noise_correlation(shifted)
+    assert np.allclose(rho[0], _true_correlation(shift[1]), atol=0.015), rho
+    assert np.allclose(rho[1], _true_correlation(shift[0]), atol=0.015), rho
+    kernel = interpolation_kernel(shifted)
+    hx, hy = _impulse_response(shift[1]), _impulse_response(shift[0])
+    assert kernel.noise_gain() == pytest.approx(np.sqrt(np.sum(hx**2) * np.sum(hy**2)), rel=0.02)
+    assert sum(kernel.x) == pytest.approx(1.0) and sum(kernel.y) == pytest.approx(1.0)
+
+
+def test_no_kernel_where_the_frame_was_not_resampled():
+    """Stars, hot pixels, a gradient and a textured nebula on white noise: no kernel; the same
+    frame shifted by 0.4 px has one, whose noise gain is the spline's within 3 %."""
+    rng = np.random.default_rng(2)
+    shape = (900, 1200)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    nebula = scipy.ndimage.gaussian_filter(rng.normal(0, 1, shape), 10)
+    image = 0.05 + 3e-5 * xx + 0.02 * nebula / nebula.std()
+    stars = np.zeros(shape)
+    stars[rng.integers(0, shape[0], 3000), rng.integers(0, shape[1], 3000)] = rng.uniform(0.01, 0.5, 3000)
+    image += scipy.ndimage.gaussian_filter(stars, 1.0) + rng.normal(0, 2e-3, shape)
+    image[rng.integers(0, shape[0], 200), rng.integers(0, shape[1], 200)] = 1.0
+    assert interpolation_kernel(image[None].astype(np.float32)) is None
+    shifted = scipy.ndimage.shift(image, (0.0, 0.4), order=3, mode="nearest")
+    kernel = interpolation_kernel(shifted[None].astype(np.float32))
+    assert kernel is not None
+    assert kernel.noise_gain() == pytest.approx(np.sqrt(np.sum(_impulse_response(0.4) ** 2)), rel=0.03)
