@@ -108,7 +108,7 @@ class Reference:
                     fwhm=self.stars.fwhm,
                     radius=radius,
                     pixel_integrated=pixel_integrated,
-                    blur=self.interpolation_kernel(),
+                    blur=self.interpolation_kernel() if pixel_integrated else None,
                 )
         return self._psf_fits[key]
 
