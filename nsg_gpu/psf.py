@@ -30,7 +30,7 @@ of the PSF before the pixels (``MoffatPSF.pixel_integrated``), which
 
 Fast optics widen their stars towards the edges (tilt, field curvature, coma) by tens of per
 cent, and one Moffat for the whole frame then reads the mixture of widths as a lower index.
-Each fitted star's own width is measured (:func:`star_widths`), and where the widths vary
+Each fitted star's own width is measured (:func:`_star_widths`), and where the widths vary
 across the frame beyond their errors a quadratic surface of the width (:class:`FieldModel`)
 joins the Moffat: the fit is redone with each star's ``alpha`` scaled by the surface, and the
 target gets its own surface (seeing widens the centre and the edges differently). The
@@ -180,7 +180,7 @@ FIELD_FALSE_ALARM = 1e-3
 #: Fewest stars whose widths a field model is fitted to.
 FIELD_MIN_STARS = 16
 #: Trial widths, relative to the frame's Moffat, at which each star's own width is looked
-#: for (:func:`star_widths`): steps of 4.7 % from 0.6 to 1.8.
+#: for (:func:`_star_widths`): steps of 4.7 % from 0.6 to 1.8.
 WIDTH_TRIALS = np.exp(np.linspace(math.log(0.6), math.log(1.8), 25))
 
 
@@ -698,7 +698,7 @@ def _fit(
     return _Fit(MoffatPSF(psf.alpha, psf.beta, int(usable.sum()), pixel_integrated, None, blur), usable, star, models)
 
 
-def star_widths(fit: _Fit) -> tuple[np.ndarray, np.ndarray]:
+def _star_widths(fit: _Fit) -> tuple[np.ndarray, np.ndarray]:
     """Each fitted star's own width relative to the fit's Moffat (its index held), and the
     variance of that ratio: the star's chi-square over :data:`WIDTH_TRIALS` of ``alpha``, its
     minimum by a parabola in ``log alpha`` (its curvature gives the variance); NaN for a star
@@ -733,7 +733,7 @@ def _fit_with_field(stamps: PSFStamps, *, start: np.ndarray | None = None, **opt
     fit = _fit(stamps, widths=start, **options)
     if fit.models is None or fit.usable.sum() < FIELD_MIN_STARS:
         return fit
-    relative, variance = star_widths(fit)
+    relative, variance = _star_widths(fit)
     st = fit.models.stamps
     base = np.ones(relative.size) if start is None else np.asarray(start, float)[fit.usable]
     x, y = st.xi + st.dx, st.yi + st.dy

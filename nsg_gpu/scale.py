@@ -7,11 +7,11 @@ has them) and the frame is failed when too few of the brightest are found. The s
 measured at the reference's positions moved by the frame's registration residual (an affine
 offset fitted to the centroids), not at each star's own centroid. The PSFs of both
 frames are fitted (:mod:`nsg_gpu.psf`; integrated over the pixels where either frame's stars
-are undersampled, convolved with the registration's kernel where a frame was resampled:
-:mod:`nsg_gpu.resampling`), the stars are measured in both frames with the same aperture and weights
-(:mod:`nsg_gpu.photometry`), corrected for the share of the light each frame's weights keep,
-and NSG's robust line fit gives ``m`` per channel. The gradient stage (:mod:`nsg_gpu.gradient`)
-comes next.
+are undersampled, and then convolved with the registration's kernel where a frame was
+resampled: :mod:`nsg_gpu.resampling`), the stars are measured in both frames with the same
+aperture and weights (:mod:`nsg_gpu.photometry`), corrected for the share of the light each
+frame's weights keep, and NSG's robust line fit gives ``m`` per channel. The gradient stage
+(:mod:`nsg_gpu.gradient`) comes next.
 """
 
 from __future__ import annotations
@@ -222,8 +222,9 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
         reference_psf, target_psf = psfs
         # The broader PSF weighs the pixels of both frames: it is close to the best weight
         # for the frame whose stars are noisiest per pixel.
-        # (Where the PSFs vary across the field, their typical widths: the same weights
-        # serve every star, and each star's correction follows its own PSFs.)
+        # The weights are the Moffat alone, at the field's typical width and without the
+        # registration's kernel: the same weights serve every star, and each star's
+        # correction follows its own PSFs.
         weight = max((p.weights() for p in psfs), key=lambda p: p.fwhm)
         fwhm_max = weight.pixel_fwhm
     else:
