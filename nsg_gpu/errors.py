@@ -1,10 +1,14 @@
-"""Exceptions that name the file and the rule it broke.
+"""Exceptions that name the file and the rule it broke, and third-party warnings kept quiet.
 
 Every problem with one frame is a :class:`FrameError`; the pipeline records it against that
 frame and goes on with the others. Messages say what to do, not only what went wrong.
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
 
 __all__ = [
     "NSGError",
@@ -19,7 +23,29 @@ __all__ = [
     "ReferenceFrameError",
     "OutputError",
     "StackError",
+    "quiet_warnings",
 ]
+
+#: Held while the process's warning filters are swapped (:func:`quiet_warnings`).
+_FILTERS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def quiet_warnings(*categories: type[Warning]):
+    """Ignore warnings of ``categories`` (all where none are given) within the block.
+
+    ``warnings.catch_warnings`` swaps the process's one list of filters, and restores it on
+    leaving: two such blocks in threads that interleave (a reader and a writer) can leave the
+    other thread's ignore undone while its block still runs, and a warning that was to be
+    ignored then meets the caller's filters (an error under pytest). The lock keeps such blocks
+    from interleaving."""
+    with _FILTERS_LOCK, warnings.catch_warnings():
+        if categories:
+            for category in categories:
+                warnings.simplefilter("ignore", category)
+        else:
+            warnings.simplefilter("ignore")
+        yield
 
 
 class NSGError(Exception):

@@ -17,7 +17,6 @@ import contextlib
 import io as _io
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from astropy.utils.exceptions import AstropyUserWarning
 from astropy.wcs import FITSFixedWarning
 
 from .atomic import atomic_write
-from .errors import FrameReadError, FrameShapeError, NSGError
+from .errors import FrameReadError, FrameShapeError, NSGError, quiet_warnings
 
 __all__ = [
     "FITS_SUFFIXES",
@@ -313,8 +312,7 @@ def read_frame(path: str | os.PathLike) -> Frame:
         data, header, white_level, properties = _read_xisf(path)
         return Frame(path, data, header, white_level, meta_from_header(header), properties)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", (AstropyUserWarning, FITSFixedWarning))
+        with quiet_warnings(AstropyUserWarning, FITSFixedWarning):
             # The file object is ours to close: astropy leaves its own handle open when a
             # damaged file makes it fail half-way.
             with open(path, "rb") as handle, fits.open(handle, memmap=False) as hdul:
@@ -363,9 +361,8 @@ def _keyword_value(text: str):
 
 def _header_from_keywords(keywords: dict) -> fits.Header:
     header = fits.Header()
-    with warnings.catch_warnings():
-        # Long or odd names become HIERARCH cards or are skipped: a third-party header's quirk.
-        warnings.simplefilter("ignore")
+    # Long or odd names become HIERARCH cards or are skipped: a third-party header's quirk.
+    with quiet_warnings():
         for name, entries in keywords.items():
             if STRUCTURAL_CARDS.match(name):
                 continue
@@ -505,8 +502,7 @@ def read_output_header(path: str | os.PathLike) -> fits.Header:
             raise FrameReadError(path, f"is truncated: its image ends at byte {location[1] + location[2]} of {size}")
         return header
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", (AstropyUserWarning, FITSFixedWarning))
+        with quiet_warnings(AstropyUserWarning, FITSFixedWarning):
             with open(path, "rb") as handle, fits.open(handle, memmap=False, lazy_load_hdus=True) as hdul:
                 header = hdul[0].header.copy()
                 info = hdul.fileinfo(0)

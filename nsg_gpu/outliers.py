@@ -12,8 +12,6 @@ stand far out of their neighbourhood.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 from scipy import ndimage
 
@@ -121,8 +119,9 @@ def clipped_medians(data, grid: SampleGrid, bins: np.ndarray, white_level: float
     values = be.to_host(picked).astype(np.float64)  # (n, channels, s', s')
     values = np.where((values > 0) & (values < white_level), values, np.nan)
     flat = values.reshape(values.shape[0], values.shape[1], -1)
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a bin of one channel may have no data
+    # A bin of one channel may have no data: NaN, without a warning (nanmedian_last warns of
+    # nothing, and the comparisons' invalid values are NumPy's floating-point errors).
+    with np.errstate(all="ignore"):
         clipped = np.zeros(flat.shape, bool)
         for _ in range(CLIP_ROUNDS):
             kept = np.where(clipped, np.nan, flat)
@@ -180,9 +179,11 @@ def reject_outlier_samples(values: np.ndarray, use: np.ndarray, *, sigma: float 
     judged = use & (np.sum(np.isfinite(stack[:, 0]), axis=0) >= 3)
     if judged.sum() < 10:
         return use
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # samples without used neighbours
-        residual = values - np.nanmedian(stack, axis=0)
+    # A sample without used neighbours compares with NaN. nanmedian_last, not np.nanmedian:
+    # the latter warns of all-NaN slices, and silencing a warning with catch_warnings is not
+    # safe while other threads run (it swaps the process's filters).
+    with np.errstate(all="ignore"):
+        residual = values - nanmedian_last(np.moveaxis(stack, 0, -1))
     centred = residual[:, judged] - np.median(residual[:, judged], axis=1)[:, None]
     scatter = 1.4826 * np.median(np.abs(centred), axis=1)
     with np.errstate(invalid="ignore"):

@@ -13,7 +13,6 @@ import io
 import math
 import os
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 from astropy.io import fits
 
 from .combine import CHUNK_SAMPLES, TWIN_BYTES_PER_SAMPLE
-from .errors import FrameError, FrameReadError, FrameShapeError, ParameterError, StackError
+from .errors import FrameError, FrameReadError, FrameShapeError, ParameterError, StackError, quiet_warnings
 from .io import FRAME_SUFFIXES
 
 #: Memory set aside for the interpreter and the libraries within a --memory budget.
@@ -211,8 +210,7 @@ def open_fits(path: Path) -> tuple[fits.Header, BandRows | None]:
     if magic.startswith(_COMPRESSED_MAGIC):
         return None, None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", AstropyUserWarning)
+        with quiet_warnings(AstropyUserWarning):
             with open(path, "rb") as handle, fits.open(handle, memmap=False, lazy_load_hdus=True) as hdul:
                 for index, hdu in enumerate(hdul):
                     if hdu.header.get("NAXIS", 0) < 2:

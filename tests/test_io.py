@@ -75,3 +75,38 @@ def test_one_non_finite_pixel_anywhere_reads_as_zero(tmp_path, bad):
     fits.PrimaryHDU(dirty).writeto(tmp_path / "dirty.fits")
     expected = np.nan_to_num(dirty, nan=0.0, posinf=0.0, neginf=0.0)
     np.testing.assert_array_equal(read_frame(tmp_path / "dirty.fits").data, expected)
+
+
+def test_quiet_warnings_holds_while_other_threads_quiet_theirs():
+    """Four threads each ignore a warning they raise, 20 000 times, under filters that turn
+    warnings into errors (as pytest's do): none escapes. With ``warnings.catch_warnings``
+    alone, whose blocks swap the process's filters, 10-65 escaped in every such run."""
+    import sys
+    import threading
+    import warnings
+
+    from nsg_gpu.errors import quiet_warnings
+
+    escaped = []
+
+    def work():
+        for _ in range(20_000):
+            try:
+                with quiet_warnings(UserWarning):
+                    warnings.warn("ignored", UserWarning, stacklevel=1)
+            except UserWarning as exc:
+                escaped.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            threads = [threading.Thread(target=work) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not escaped
