@@ -463,10 +463,10 @@ def _kept_shares(geometry: ApertureGeometry, psf: MoffatPSF, weight: MoffatPSF |
     if psf.field is None or factors.size == 0:
         return np.full(factors.shape, kept_share(geometry, psf.uniform(), weight))
     lo, hi = float(np.log(factors.min())), float(np.log(factors.max()))
-    nodes = np.linspace(lo, hi, FIELD_SHARE_NODES) if hi > lo else np.array([lo])
+    if hi <= lo:
+        return np.full(factors.shape, kept_share(geometry, psf.at(math.exp(lo)), weight))
+    nodes = np.linspace(lo, hi, FIELD_SHARE_NODES)
     shares = np.array([kept_share(geometry, psf.at(math.exp(t)), weight) for t in nodes])
-    if nodes.size == 1:
-        return np.full(factors.shape, shares[0])
     from scipy.interpolate import CubicSpline
 
     return CubicSpline(nodes, shares)(np.log(factors))

@@ -463,12 +463,19 @@ def _design(psf: MoffatPSF, stamps: PSFStamps, background: np.ndarray, widths: n
     return design
 
 
-def _solve(design: np.ndarray, data: np.ndarray, weight: np.ndarray):
-    """Weighted least squares per star; returns coefficients ``(n, k)`` and the model."""
+def _normal_equations(design: np.ndarray, data: np.ndarray, weight: np.ndarray):
+    """Per star, the weighted normal matrix ``(n, k, k)`` (with a 1e-12 ridge) and right-hand
+    side ``(n, k)`` of the linear model ``design`` ``(n, k, p)``."""
     dw = design * weight[:, None, :]
     normal = dw @ design.transpose(0, 2, 1)
     normal += 1e-12 * np.trace(normal, axis1=1, axis2=2)[:, None, None] * np.eye(design.shape[1])
-    coef = np.linalg.solve(normal, dw @ data[..., None])[..., 0]
+    return normal, (dw @ data[..., None])[..., 0]
+
+
+def _solve(design: np.ndarray, data: np.ndarray, weight: np.ndarray):
+    """Weighted least squares per star; returns coefficients ``(n, k)`` and the model."""
+    normal, rhs = _normal_equations(design, data, weight)
+    coef = np.linalg.solve(normal, rhs[..., None])[..., 0]
     return coef, np.einsum("nkp,nk->np", design, coef)
 
 
@@ -740,10 +747,8 @@ def _linear_widths(fit: _Fit) -> tuple[np.ndarray, np.ndarray]:
     design[:, :3] = models.profile(psf)
     design[:, 3] = (wider - narrower) / (2 * step)
     design[:, 4:] = models.background[None]
-    dw = design * models.weight[:, None, :]
-    normal = dw @ design.transpose(0, 2, 1)
-    normal += 1e-12 * np.trace(normal, axis1=1, axis2=2)[:, None, None] * np.eye(design.shape[1])
-    coef = np.linalg.solve(normal, dw @ models.data[..., None])[..., 0]
+    normal, rhs = _normal_equations(design, models.data, models.weight)
+    coef = np.linalg.solve(normal, rhs[..., None])[..., 0]
     amplitude = np.where(coef[:, 0] > 0, coef[:, 0], np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         log_width = coef[:, 3] / amplitude

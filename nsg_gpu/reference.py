@@ -13,6 +13,7 @@ aperture each target needs, are computed on first use and kept (:meth:`Reference
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -60,7 +61,6 @@ class Reference:
     _measurements: dict = field(default_factory=dict)
     _cutouts: dict = field(default_factory=dict)
     _psf_fits: dict = field(default_factory=dict)
-    _kernel: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -108,16 +108,15 @@ class Reference:
                     fwhm=self.stars.fwhm,
                     radius=radius,
                     pixel_integrated=pixel_integrated,
-                    blur=self.interpolation_kernel() if pixel_integrated else None,
+                    blur=self.interpolation_kernel if pixel_integrated else None,
                 )
         return self._psf_fits[key]
 
+    @functools.cached_property
     def interpolation_kernel(self) -> InterpolationKernel | None:
         """The interpolation kernel the reference's pixels went through, where it was
         resampled itself (:func:`nsg_gpu.resampling.interpolation_kernel`); read once."""
-        if "kernel" not in self._kernel:
-            self._kernel["kernel"] = interpolation_kernel(self.frame.data)
-        return self._kernel["kernel"]
+        return interpolation_kernel(self.frame.data)
 
     def clipped_medians(self, bins: np.ndarray) -> np.ndarray:
         """The reference's clipped medians (:func:`nsg_gpu.samples.clipped_medians`) of

@@ -97,7 +97,7 @@ def test_registered_small_stars_with_the_registration_kernel(seed):
         seed=seed,
     )
     reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
-    assert reference.interpolation_kernel() is None
+    assert reference.interpolation_kernel is None
     for k in range(1, 4):
         measured = measure_scale(reference, Frame.from_array(field.render(k), name=f"target {k}"))
         assert measured.target_psf is not None and measured.target_psf.blur is not None
