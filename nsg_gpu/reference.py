@@ -23,13 +23,13 @@ from . import photometry
 from .backend import Backend, get_backend, single_threaded_blas
 from .errors import FrameDataError, FrameError, ReferenceFrameError
 from .io import Frame, read_frame
-from .noise import frame_noise
+from .noise import DETECT_NOISE_PIXELS, frame_noise, ksigma_noise
 from .outliers import bright_counts, clipped_medians, pixel_noise
 from .params import Parameters, resolve_parameters
 from .psf import MIN_PSF_FWHM, PSF_STARS, FittedPSF, MoffatPSF, fit_reference_psf, integrated_fit, stamp_radius
 from .resampling import InterpolationKernel, interpolation_kernel
 from .samples import MIN_SAMPLES, SampleGrid, bin_medians, make_grid, star_rejection
-from .stamps import channel_peaks
+from .stamps import channel_peaks, local_level, stamp_peaks
 from .stars import StarCatalog, detect_stars, detection_image, isolated
 
 __all__ = ["Reference", "prepare_reference", "check_coverage", "as_frame", "MAX_PHOTOMETRY_STARS"]
@@ -57,6 +57,9 @@ class Reference:
     noise: np.ndarray  # per channel
     circles: np.ndarray | None = None  # (n, 3) x, y, radius of the stars that reject samples
     bright: np.ndarray | None = None  # (channels, rows, cols) bright pixels per bin (samples.bright_counts)
+    # Peak above the local level over the detection image's noise, at each photometry star:
+    # which stars every registered target must show (scale._find_stars).
+    peak_snr: np.ndarray | None = None
     _clipped: dict = field(default_factory=dict)  # (row, col) -> clipped medians per channel
     _measurements: dict = field(default_factory=dict)
     _cutouts: dict = field(default_factory=dict)
@@ -208,7 +211,8 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
             f"only {len(stars)} stars detected on the reference (at least {params.min_star_pairs} needed); "
             "choose a reference with more stars or lower --detection-sigma",
         )
-    image_max = float(be.to_host(detection_image(data).max()))
+    image = detection_image(data)
+    image_max = float(be.to_host(image.max()))
     resolved = resolve_parameters(
         params,
         width=width,
@@ -222,6 +226,9 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
     )
     linear = np.nonzero(stars.peak < resolved.linear_range)[0][:MAX_PHOTOMETRY_STARS]
     channel_peak = channel_peaks(data, stars.x[linear], stars.y[linear])
+    x, y = stars.x[linear], stars.y[linear]
+    level = local_level(image, x, y, max(6, int(math.ceil(3 * stars.fwhm))))
+    peak_snr = (stamp_peaks(image, x, y) - level) / max(ksigma_noise(image, max_pixels=DETECT_NOISE_PIXELS), 1e-30)
     alone = isolated(stars, linear, reach=6.0 * stars.fwhm + 4)
     grid = make_grid(height, width, resolved.sample_size)
     if grid.count < MIN_SAMPLES:
@@ -249,4 +256,5 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
         noise,
         circles=circles,
         bright=bright,
+        peak_snr=peak_snr,
     )

@@ -25,7 +25,7 @@ from . import photometry, scalefit
 from .backend import get_backend
 from .errors import TooFewStarsError
 from .io import Frame
-from .noise import ksigma_noise
+from .noise import DETECT_NOISE_PIXELS, ksigma_noise
 from .progress import Stopwatch
 from .psf import (
     MIN_PSF_FWHM,
@@ -64,6 +64,11 @@ JUDGED_PAIR_SNR = 10.0
 MIN_FWHM_PEAK_SNR = 20.0
 #: Share of the bright reference stars that must be found within the search radius.
 MIN_REGISTERED_FRACTION = 0.5
+#: The stars that judge registration: peaks this many noise sigmas above their surroundings
+#: in the reference (above the 5 sigma of "found" in a target of a third the transmission),
+#: at least MIN_JUDGED_STARS of them.
+JUDGED_STAR_SNR = 15.0
+MIN_JUDGED_STARS = 5
 #: Typical errors of a fitted PSF's parameters (docs/scale-accuracy.md: the joint fits' betas
 #: come out within a few hundredths, their FWHM within a few tenths of a per cent; their
 #: errors depend on the field, so the scale fit's own error does not hold them).
@@ -73,10 +78,6 @@ FITTED_FWHM_ERROR = 0.005
 #: have 2.5-4.5), at the FWHM measured from the stars' half-maximum areas.
 ASSUMED_BETA_ERROR = 0.75
 ASSUMED_FWHM_ERROR = 0.03
-#: Pixels (a regular subsample of rows) behind the target's noise in the detect step. The
-#: noise only sets detection thresholds (a star's peak against 5 or 20 sigma), and half a
-#: million pixels give it to about 0.1 %; the whole frame's rows would cost ten times more.
-DETECT_NOISE_PIXELS = 500_000
 
 
 @dataclass
@@ -136,10 +137,13 @@ def _find_stars(reference: Reference, frame: Frame, image, noise: float, fwhm_t:
     # sky also lies near the window's centre).
     level = local_level(image, x, y, max(6, int(math.ceil(3 * stars.fwhm))))
     found = np.isfinite(shift) & (shift <= params.star_search_radius) & (stamp_peaks(image, x, y) - level > 5 * noise)
-    # Judge registration on the brightest stars that the target covers at all.
+    # Judge registration on the brightest stars that the target covers at all and that stand
+    # out of the reference's noise enough for any registered target to show them (a sparse
+    # field's brightest 50 reach down to stars a shorter or hazier frame cannot show).
     covered = get_backend(image).to_host(gather_stamps(image, x, y, 2).min(axis=(1, 2))) > 0
-    judged = np.nonzero(covered)[0][:50]
-    if judged.size >= 10 and found[judged].mean() < MIN_REGISTERED_FRACTION:
+    strong = covered if reference.peak_snr is None else covered & (reference.peak_snr >= JUDGED_STAR_SNR)
+    judged = np.nonzero(strong)[0][:50]
+    if judged.size >= MIN_JUDGED_STARS and found[judged].mean() < MIN_REGISTERED_FRACTION:
         raise TooFewStarsError(
             frame.path,
             f"only {int(found[judged].sum())} of the reference's {judged.size} brightest stars in the frame's "

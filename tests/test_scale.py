@@ -104,3 +104,39 @@ def test_registered_small_stars_with_the_registration_kernel(seed):
         assert measured.reference_psf.blur is None
         error = measured.scale[0] / field.frames[k].scale(field.reference)[0] - 1
         assert abs(error) < 0.02, (k, field.frames[k].shift, error)
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_sparse_field_targets_are_judged_registered(seed):
+    """25 stars on a nebula, 800 x 600 px: the reference's 50 brightest reach down to stars a
+    target cannot show above 5 sigma, and every target was taken for unregistered ("only 5 of
+    the reference's 15 brightest stars ... are found"). Judged on the reference's stars that
+    stand 15 sigma out of its noise, every target measures, within 3 stated errors."""
+    from nsg_gpu.io import Frame
+    from nsg_gpu.params import Parameters
+    from nsg_gpu.reference import prepare_reference
+    from nsg_gpu.scale import measure_scale
+    from nsg_gpu.synthetic import SyntheticField
+
+    field = SyntheticField(width=800, height=600, n_stars=25, seed=seed, n_frames=4)
+    reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
+    for k in range(1, 4):
+        measured = measure_scale(reference, Frame.from_array(field.render(k), name=f"target {k}"))
+        error = measured.scale[0] / field.frames[k].scale(field.reference)[0] - 1
+        assert abs(error) < 3 * measured.fits[0].scale_error / measured.scale[0], (k, error)
+
+
+def test_a_shifted_sparse_frame_is_still_taken_for_unregistered():
+    """The same sparse field with the target moved by 7 px: the judged stars are not found."""
+    from nsg_gpu.errors import TooFewStarsError
+    from nsg_gpu.io import Frame
+    from nsg_gpu.params import Parameters
+    from nsg_gpu.reference import prepare_reference
+    from nsg_gpu.scale import measure_scale
+    from nsg_gpu.synthetic import SyntheticField
+
+    field = SyntheticField(width=800, height=600, n_stars=25, seed=2, n_frames=2)
+    reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
+    moved = np.roll(field.render(1), (7, -6), axis=(1, 2))
+    with pytest.raises(TooFewStarsError, match="does not look registered"):
+        measure_scale(reference, Frame.from_array(moved, name="moved"))
