@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 from photutils.aperture import CircularAperture, aperture_photometry
 from scipy import integrate
+from scipy.interpolate import CubicSpline
 
 from .backend import get_backend
 from .psf import MoffatPSF, pixel_mean
@@ -467,6 +468,4 @@ def _kept_shares(geometry: ApertureGeometry, psf: MoffatPSF, weight: MoffatPSF |
         return np.full(factors.shape, kept_share(geometry, psf.at(math.exp(lo)), weight))
     nodes = np.linspace(lo, hi, FIELD_SHARE_NODES)
     shares = np.array([kept_share(geometry, psf.at(math.exp(t)), weight) for t in nodes])
-    from scipy.interpolate import CubicSpline
-
     return CubicSpline(nodes, shares)(np.log(factors))

@@ -51,7 +51,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize
+from scipy import ndimage, optimize, stats
 
 from .backend import get_backend
 from .resampling import InterpolationKernel
@@ -216,8 +216,6 @@ class FieldModel:
         ``x, y`` with their ``variance``; None where the widths do not vary across the frame
         beyond their errors (:data:`FIELD_FALSE_ALARM`) or by less than
         :data:`FIELD_MIN_RANGE`. Stars beyond 4 robust sigmas are left out."""
-        from scipy import stats
-
         x, y, factor, variance = (np.asarray(a, float) for a in (x, y, factor, variance))
         keep = np.isfinite(factor) & np.isfinite(variance) & (variance > 0)
         if keep.sum() < FIELD_MIN_STARS:
@@ -439,8 +437,6 @@ def _square(stamps: PSFStamps, margin: int) -> PSFStamps:
 def _blurred(columns: np.ndarray, stamps: PSFStamps, blur: InterpolationKernel) -> np.ndarray:
     """Columns ``(n, 3, side * side)`` over :func:`_square`'s pixels convolved with the
     separable ``blur`` and taken at the stamps' pixels: ``(n, 3, p)``."""
-    from scipy import ndimage
-
     n = columns.shape[0]
     side = int(round(math.sqrt(columns.shape[2])))
     half = side // 2

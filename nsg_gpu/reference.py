@@ -29,7 +29,7 @@ from .params import Parameters, resolve_parameters
 from .psf import MIN_PSF_FWHM, PSF_STARS, FittedPSF, MoffatPSF, fit_reference_psf, integrated_fit, stamp_radius
 from .resampling import InterpolationKernel, interpolation_kernel
 from .samples import MIN_SAMPLES, SampleGrid, bin_medians, make_grid, star_rejection
-from .stamps import channel_peaks, local_level, stamp_peaks
+from .stamps import channel_peaks, peak_contrast
 from .stars import StarCatalog, detect_stars, detection_image, isolated
 
 __all__ = ["Reference", "prepare_reference", "check_coverage", "as_frame", "MAX_PHOTOMETRY_STARS"]
@@ -55,11 +55,12 @@ class Reference:
     valid: object  # (rows, cols) backend bool
     rejected: np.ndarray  # (rows, cols) host bool, star circles
     noise: np.ndarray  # per channel
+    # What each photometry star's peak stands over its surroundings (stamps.peak_contrast) in
+    # noise sigmas of the detection image: which stars every registered target must show
+    # (scale._find_stars).
+    peak_snr: np.ndarray
     circles: np.ndarray | None = None  # (n, 3) x, y, radius of the stars that reject samples
     bright: np.ndarray | None = None  # (channels, rows, cols) bright pixels per bin (samples.bright_counts)
-    # Peak above the local level over the detection image's noise, at each photometry star:
-    # which stars every registered target must show (scale._find_stars).
-    peak_snr: np.ndarray | None = None
     _clipped: dict = field(default_factory=dict)  # (row, col) -> clipped medians per channel
     _measurements: dict = field(default_factory=dict)
     _cutouts: dict = field(default_factory=dict)
@@ -225,10 +226,9 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
         white_level=frame.white_level,
     )
     linear = np.nonzero(stars.peak < resolved.linear_range)[0][:MAX_PHOTOMETRY_STARS]
-    channel_peak = channel_peaks(data, stars.x[linear], stars.y[linear])
     x, y = stars.x[linear], stars.y[linear]
-    level = local_level(image, x, y, max(6, int(math.ceil(3 * stars.fwhm))))
-    peak_snr = (stamp_peaks(image, x, y) - level) / max(ksigma_noise(image, max_pixels=DETECT_NOISE_PIXELS), 1e-30)
+    channel_peak = channel_peaks(data, x, y)
+    peak_snr = peak_contrast(image, x, y, stars.fwhm) / max(ksigma_noise(image, max_pixels=DETECT_NOISE_PIXELS), 1e-30)
     alone = isolated(stars, linear, reach=6.0 * stars.fwhm + 4)
     grid = make_grid(height, width, resolved.sample_size)
     if grid.count < MIN_SAMPLES:
@@ -254,7 +254,7 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
         valid,
         rejected,
         noise,
+        peak_snr,
         circles=circles,
         bright=bright,
-        peak_snr=peak_snr,
     )

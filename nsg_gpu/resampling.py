@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from .backend import get_backend
 
@@ -88,8 +89,6 @@ CLIP_GROWTH = 2
 
 def _high_pass(band: np.ndarray, axis: int) -> np.ndarray:
     """Each pixel less the mean of its two neighbours across ``axis``, NaN where clipped."""
-    from scipy import ndimage
-
     if axis == 1:
         high = band[1:-1] - 0.5 * (band[:-2] + band[2:])
     else:

@@ -41,7 +41,7 @@ from .psf import (
 )
 from .reference import Reference
 from .resampling import interpolation_kernel
-from .stamps import channel_peaks, gather_stamps, local_level, stamp_peaks
+from .stamps import channel_peaks, gather_stamps, local_level, peak_contrast, stamp_peaks
 from .stars import detection_image, estimate_fwhm
 
 __all__ = [
@@ -135,13 +135,14 @@ def _find_stars(reference: Reference, frame: Frame, image, noise: float, fwhm_t:
     shift = np.hypot(tx - x, ty - y)
     # Found: the centroid moved little and a star really stands there (the centroid of bare
     # sky also lies near the window's centre).
-    level = local_level(image, x, y, max(6, int(math.ceil(3 * stars.fwhm))))
-    found = np.isfinite(shift) & (shift <= params.star_search_radius) & (stamp_peaks(image, x, y) - level > 5 * noise)
+    found = (
+        np.isfinite(shift) & (shift <= params.star_search_radius) & (peak_contrast(image, x, y, stars.fwhm) > 5 * noise)
+    )
     # Judge registration on the brightest stars that the target covers at all and that stand
     # out of the reference's noise enough for any registered target to show them (a sparse
     # field's brightest 50 reach down to stars a shorter or hazier frame cannot show).
     covered = get_backend(image).to_host(gather_stamps(image, x, y, 2).min(axis=(1, 2))) > 0
-    strong = covered if reference.peak_snr is None else covered & (reference.peak_snr >= JUDGED_STAR_SNR)
+    strong = covered & (reference.peak_snr >= JUDGED_STAR_SNR)
     judged = np.nonzero(strong)[0][:50]
     if judged.size >= MIN_JUDGED_STARS and found[judged].mean() < MIN_REGISTERED_FRACTION:
         raise TooFewStarsError(

@@ -9,11 +9,13 @@ back on the backend of the image, and only the callers decide what crosses to th
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .backend import get_backend
 
-__all__ = ["gather_stamps", "stamp_peaks", "channel_peaks", "local_level"]
+__all__ = ["gather_stamps", "stamp_peaks", "channel_peaks", "peak_contrast", "local_level"]
 
 
 def gather_stamps(image, x, y, half: int):
@@ -91,6 +93,13 @@ def channel_peaks(data, x, y, half: int = 1) -> np.ndarray:
     the maximum over the channels of each channel's stamps, on the host."""
     peaks = stamp_peaks(data, x, y, half)
     return peaks.max(axis=0) if peaks.ndim == 2 else peaks
+
+
+def peak_contrast(image, x, y, fwhm: float) -> np.ndarray:
+    """The brightest pixel within 1 px of each position less the local level around it
+    (:func:`local_level` on a window of ``max(6, 3 FWHM)`` px either side), on the host: what
+    a star stands out of its surroundings, the same measure in the reference and a target."""
+    return stamp_peaks(image, x, y) - local_level(image, x, y, max(6, int(math.ceil(3 * fwhm))))
 
 
 def local_level(image, x, y, half: int) -> np.ndarray:

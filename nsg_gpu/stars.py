@@ -471,7 +471,8 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars) -> StarCata
     cx, cy, flux, peak_value, peak_residual = (a[order] for a in (cx, cy, flux, peak_value, peak_residual))
     # FWHM from bright stars that are clearly unsaturated and well above the noise.
     image_max = float(be.to_host(image.max()))
-    bright = np.nonzero((peak_value < 0.5 * image_max) & (peak_residual > 30 * pixel_noise))[0][:200]
+    unsaturated = peak_value < 0.5 * image_max
+    bright = np.nonzero(unsaturated & (peak_residual > 30 * pixel_noise))[0][:200]
     measured = fwhm
     if bright.size >= 5:
         rows = be.asarray(np.rint(cy[bright]).astype(np.int64))
@@ -495,7 +496,6 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars) -> StarCata
     sharpness = peak_residual / flux * measured**2
     if sharpness.size >= 5:
         typical = float(np.median(sharpness[: max(5, sharpness.size // 4)]))
-        unsaturated = peak_value < 0.5 * image_max
         candidates = np.nonzero(unsaturated)[0]
         if candidates.size >= 5:
             highest = candidates[np.argsort(-peak_residual[candidates], kind="stable")[:5]]
