@@ -107,9 +107,16 @@ def client():
     """A client of a LocalCluster of two worker processes with one thread each.
 
     One death allowed per task, so that a frame that kills every worker fails fast; one task
-    per worker at a time, so that a death only touches the task that caused it.
+    per worker at a time, so that a death only touches the task that caused it. A killed
+    worker's nanny starts a new process; the cluster waits TIMEOUT for it to join before it
+    closes that nanny for good (Dask's 15 s: a new process that imports NumPy, SciPy and
+    astropy on one busy core took longer, and the cluster went on with one worker).
     """
-    config = {"distributed.scheduler.allowed-failures": 1, "distributed.scheduler.worker-saturation": 1.0}
+    config = {
+        "distributed.scheduler.allowed-failures": 1,
+        "distributed.scheduler.worker-saturation": 1.0,
+        "distributed.deploy.lost-worker-timeout": f"{TIMEOUT}s",
+    }
     with dask.config.set(config):
         with (
             distributed.LocalCluster(
