@@ -328,6 +328,32 @@ def open_cluster(
             f"{' and '.join(given)} exclude each other: give one" if given else "give --scheduler, --workers or --gpus"
         )
     distributed = _distributed()
+    with contextlib.ExitStack() as stack:
+        if scheduler is None:
+            stack.enter_context(_patient_with_lost_workers())
+        yield from _open(distributed, scheduler, workers, gpus, connect_timeout, worker_timeout, timeout)
+
+
+#: Seconds a cluster started here waits for a killed worker's new process to join before it
+#: closes that worker's nanny for good (Dask's ``distributed.deploy.lost-worker-timeout``,
+#: 15 s by default). A new process imports NumPy, SciPy and astropy, which on a busy machine
+#: takes longer than 15 s; the run would then go on with one worker fewer, and hang with none.
+LOST_WORKER_TIMEOUT = 300.0
+
+
+def _patient_with_lost_workers():
+    """Dask's configuration with ``lost-worker-timeout`` raised to :data:`LOST_WORKER_TIMEOUT`
+    (kept where it is longer), for a cluster started here and its whole life."""
+    import dask
+    from dask.utils import parse_timedelta
+
+    key = "distributed.deploy.lost-worker-timeout"
+    current = parse_timedelta(dask.config.get(key, "0s"), default="s") or 0.0
+    return dask.config.set({key: f"{max(current, LOST_WORKER_TIMEOUT):g}s"})
+
+
+def _open(distributed, scheduler, workers, gpus, connect_timeout, worker_timeout, timeout) -> Iterator[DaskExecutor]:
+    """:func:`open_cluster` once its options are checked."""
     cluster = None
     if gpus is not None:
         count = parse_gpus(gpus)

@@ -7,6 +7,7 @@ SIGKILL to its own process while a frame's task runs, and the nanny starts a fre
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import os
@@ -318,3 +319,39 @@ def test_gpus_without_dask_cuda_is_a_one_line_error(frames, tmp_path):
     assert result.exit_code == 1
     assert result.output.startswith("nsg: error: --gpus needs dask-cuda") and result.output.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+#: How long a restarted worker of the test below takes to start: beyond Dask's default 15 s
+#: for a lost worker to come back, as a new process that imports NumPy, SciPy and astropy on
+#: a busy machine can.
+SLOW_START = 20
+
+_SLOW_START_PRELOAD = """
+import os, time
+marker = {marker!r}
+if os.path.exists(marker):
+    time.sleep({seconds})
+"""
+
+
+def test_workers_option_waits_for_a_killed_worker_that_starts_slowly(tmp_path):
+    """A worker of ``--workers N`` killed mid-run is restarted by its nanny; a new process
+    that takes longer than Dask's 15 s to join must still be waited for, not have its nanny
+    closed, or the run goes on with one worker fewer (and with none, hangs)."""
+    from nsg_gpu.cluster import open_cluster
+
+    marker = tmp_path / "slow"
+    preload = tmp_path / "slow_start.py"
+    preload.write_text(_SLOW_START_PRELOAD.format(marker=str(marker), seconds=SLOW_START))
+    with dask.config.set({"distributed.worker.preload": [str(preload)]}):
+        with open_cluster(workers=1, worker_timeout=TIMEOUT) as executor:
+            client = executor.client
+            pid = client.run(os.getpid)
+            assert len(pid) == 1
+            marker.touch()  # the next process of this worker starts slowly
+            with contextlib.suppress(Exception):
+                client.run(os._exit, 1)
+            # Past Dask's default timeout and the slow start, the worker is back and works.
+            client.wait_for_workers(1, timeout=TIMEOUT)
+            assert client.submit(os.getpid, pure=False).result(timeout=TIMEOUT) not in pid.values()
+            assert len(client.scheduler_info()["workers"]) == 1
