@@ -34,6 +34,9 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_FRAMES_FAILED = 3
 
+#: The array backend of ``nsg normalize`` and ``nsg stack``.
+BackendOption = Annotated[str, typer.Option(help="Array backend: auto (CuPy when a GPU is usable), numpy or cupy.")]
+
 app = typer.Typer(
     name="nsg",
     help="Normalize registered astronomical frames to a reference: photometric scale, sky gradient and weight.",
@@ -136,9 +139,7 @@ def normalize(
     output_dir: Annotated[
         Path, typer.Option("--output-dir", "-o", help="Directory for <stem>_nsg.fits, results.csv and results.json.")
     ] = Path("nsg"),
-    backend: Annotated[
-        str, typer.Option(help="Array backend: auto (CuPy when a GPU is usable), numpy or cupy.")
-    ] = "auto",
+    backend: BackendOption = "auto",
     postfix: Annotated[str, typer.Option(help="Appended to each input's stem for its output name.")] = "_nsg",
     output_format: Annotated[str, typer.Option(help="Format of the normalized frames: fits or xisf.")] = "fits",
     overwrite: Annotated[
@@ -328,9 +329,7 @@ def stack(
             "[default: half the available memory, at most 8G]"
         ),
     ] = None,
-    backend: Annotated[
-        str, typer.Option(help="Array backend: auto (CuPy when a GPU is usable), numpy or cupy.")
-    ] = "auto",
+    backend: BackendOption = "auto",
     maps: Annotated[
         Maps,
         typer.Option(
