@@ -287,12 +287,11 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
             tolerance=params.star_flux_tolerance,
             outlier_removal=params.outlier_removal,
             judged=snr[pairs_c] >= JUDGED_PAIR_SNR,
+            min_pairs=params.min_star_pairs,
         )
-        if fit.n_pairs < params.min_star_pairs or not (fit.scale > 0 and math.isfinite(fit.scale)):
+        if not (fit.scale > 0 and math.isfinite(fit.scale)):
             raise TooFewStarsError(
-                frame.path,
-                f"channel {c}: {fit.n_pairs} star pairs survive the outlier rejection; at least "
-                f"{params.min_star_pairs} are needed",
+                frame.path, f"channel {c}: the {fit.n_pairs} star pairs give no positive scale ({fit.scale:g})"
             )
         fit = replace(fit, scale_error=math.hypot(fit.scale_error, correction_error * fit.scale))
         scales.append(fit.scale)

@@ -24,7 +24,12 @@ noise-weighted fit through the origin of every pair they keep, faint ones includ
 The uncertainty is the fit's standard error: the larger of ``1.026 / sqrt(sum beta^2 /
 sigma^2)`` over the pairs the biweight keeps (1.026: the biweight's Gaussian efficiency of
 95 %) and the sandwich estimate of the same fit, which stays honest where the residuals are
-not Gaussian. It is never smaller than the photometric errors allow. The scale stage adds the
+not Gaussian. It is never smaller than the photometric errors allow. Where the scatter was
+estimated from the pairs themselves, the error takes Student's factor for the pairs' effective
+number, and below :data:`FEW_PAIRS` kept pairs the scatter behind it is the larger of the
+robust and the classical (chi-square) estimates: a sparse field's three to five pairs give a
+robust spread that is often far too small. A fit that the rejection would leave with fewer
+pairs than a scale needs keeps them all (:func:`fit_scale`, step 4). The scale stage adds the
 seeing correction's own uncertainty (:func:`nsg_gpu.scale.correction_uncertainty`).
 
 In the flow: called by the scale stage (:mod:`nsg_gpu.scale`) once per channel.
@@ -222,18 +227,22 @@ def _level2(x, y, m: float, *, power: float = 0.25) -> np.ndarray:
     return np.where(positive, safe_mx**2 * (safe_y / safe_mx) ** power, (0.5 * (np.abs(y) + np.abs(mx))) ** 2)
 
 
-def _standard_error(u, beta, x, variance, keep) -> float:
+def _standard_error(u, beta, x, variance, keep, *, robust: bool = True) -> float:
     """The larger of the model's standard error (normalized residuals of unit spread, the
     biweight's Gaussian efficiency) and the sandwich (Huber) estimate, which holds where the
-    residuals are not Gaussian (a lognormal scatter, a few pairs carrying the fit)."""
+    residuals are not Gaussian (a lognormal scatter, a few pairs carrying the fit); without
+    ``robust``, those of the plain weighted fit."""
     information = float(np.sum(beta[keep] ** 2 / variance[keep]))
-    model = _EFFICIENCY / math.sqrt(information)
+    model = (_EFFICIENCY if robust else 1.0) / math.sqrt(information)
     n = int(keep.sum())
     if n < 3:
         return model
-    t = np.where(keep, u / BIWEIGHT_C, 0.0)
-    psi = np.where(keep, u * (1 - t * t) ** 2, 0.0)
-    slope = np.where(keep, (1 - t * t) * (1 - 5 * t * t), 0.0)
+    if robust:
+        t = np.where(keep, u / BIWEIGHT_C, 0.0)
+        psi = np.where(keep, u * (1 - t * t) ** 2, 0.0)
+        slope = np.where(keep, (1 - t * t) * (1 - 5 * t * t), 0.0)
+    else:
+        psi, slope = np.where(keep, u, 0.0), keep.astype(float)
     sigma = np.sqrt(variance)
     bread = float(np.sum(slope * beta * x / variance))
     meat = float(np.sum((psi * beta / sigma) ** 2))
@@ -241,8 +250,9 @@ def _standard_error(u, beta, x, variance, keep) -> float:
     return max(model, sandwich)
 
 
-def weighted_ratio(x, y, sx, sy, m: float, *, iterations: int = 50):
-    """The noise-weighted robust fit of ``y = m x`` from the start ``m``.
+def weighted_ratio(x, y, sx, sy, m: float, *, iterations: int = 50, robust: bool = True):
+    """The noise-weighted robust fit of ``y = m x`` from the start ``m``; without ``robust``,
+    every pair is kept (no biweight).
 
     Returns
     -------
@@ -271,20 +281,74 @@ def weighted_ratio(x, y, sx, sy, m: float, *, iterations: int = 50):
         judging = sy2 + m2sx2 + scatter * scatter * level2
         variance = sy2 + m2sx2 + scatter * scatter * _level2(x, y, m)
         u = r / (BIWEIGHT_C * np.sqrt(judging))
-        robust = np.where(np.abs(u) < 1, (1 - u * u) ** 2, 0.0)
-        keep = robust > 0
+        say = np.where(np.abs(u) < 1, (1 - u * u) ** 2, 0.0) if robust else np.ones(x.size)
+        keep = say > 0
         if keep.sum() < 2:
             break
         # The true target flux of each pair, given m (York): the fit's "x" without its noise.
         beta = x + r * m * sx2 / variance
-        w = robust / variance
+        w = say / variance
         m_new = float(np.sum(w * beta * y) / np.sum(w * beta * x))
-        error = _standard_error(r / np.sqrt(variance), beta, x, variance, keep)
+        error = _standard_error(r / np.sqrt(variance), beta, x, variance, keep, robust=robust)
         converged = abs(m_new - m) <= 1e-10 * abs(m)
         m = m_new
         if converged:
             break
+    if 3 <= keep.sum() < FEW_PAIRS:
+        # A robust spread of so few residuals is itself a guess: the classical one (their
+        # chi-square at n - 1), where larger, sets the uncertainty (not the fit).
+        r, level2 = y - m * x, _level2(x, y, m)
+        classical = _chi2_scatter(r[keep], sy2[keep], (m * m * sx2)[keep], level2[keep])
+        if classical > scatter:
+            variance = sy2 + m * m * sx2 + classical * classical * level2
+            beta = x + r * m * sx2 / variance
+            w = say / variance
+            error = _standard_error(r / np.sqrt(variance), beta, x, variance, keep, robust=robust)
+            scatter = classical
+    if scatter > 0 and keep.sum() >= 2:
+        error *= _small_sample_factor(w[keep] * beta[keep] ** 2)
     return m, error, scatter, keep
+
+
+#: Below this many pairs the scatter that sets a fit's uncertainty is the larger of the robust
+#: and the classical estimates.
+FEW_PAIRS = 10
+
+
+def _chi2_scatter(r, sy2, m2sx2, level2) -> float:
+    """The relative scatter that brings the residuals' chi-square to ``n - 1``."""
+    target = r.size - 1
+
+    def chi2(eps):
+        return float(np.sum(r * r / (sy2 + m2sx2 + eps * eps * level2)))
+
+    if not chi2(0.0) > target:
+        return 0.0
+    lo, hi = 0.0, 0.05
+    while chi2(hi) > target and hi < 1e3:
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if chi2(mid) > target else (lo, mid)
+        if hi - lo <= 1e-4 * hi:
+            break
+    return hi
+
+
+#: The normal distribution's one-sigma quantile.
+_ONE_SIGMA = float(stats.norm.cdf(1.0))
+
+
+def _small_sample_factor(information: np.ndarray) -> float:
+    """Student's factor on a standard error whose variance was estimated from the pairs' own
+    scatter: its one-sigma quantile with ``n - 1`` degrees of freedom, ``n`` the pairs'
+    effective number (Kish's, from each pair's share of the information). 1.32 for three
+    equal pairs, 1.05 for ten, 1.01 for fifty."""
+    squares = float(np.sum(information**2))
+    if not squares > 0:
+        return 1.0
+    n = float(np.sum(information)) ** 2 / squares
+    return float(stats.t.ppf(_ONE_SIGMA, max(n - 1.0, 1.0)))
 
 
 def fit_scale(
@@ -296,6 +360,7 @@ def fit_scale(
     tolerance: float = 1.5,
     outlier_removal: float = 2.0,
     judged: np.ndarray | None = None,
+    min_pairs: int = 3,
 ) -> ScaleFit:
     """Fit ``reference = m * target`` robustly; ``m`` is the scale.
 
@@ -310,7 +375,12 @@ def fit_scale(
        which their noise alone spreads (a cut there would clip it asymmetrically);
     3. :func:`weighted_ratio` fits the rest; then the ``outlier_removal`` per cent of them
        with the largest error-normalized residuals are left out (NSG's removal of the
-       farthest pairs, measured in each pair's own errors) and the fit is repeated.
+       farthest pairs, measured in each pair's own errors) and the fit is repeated;
+    4. where that leaves fewer than ``min_pairs`` of at least as many, every pair is fitted
+       and kept (no tolerance, no biweight): among three or four pairs an outlier cannot be
+       told from the scatter (a red star of a colour sensor 30 % off its share, beside two
+       at signal-to-noise 2), and a scale with the uncertainty of all of them (flagged where
+       large) serves better than a failed frame.
 
     Parameters
     ----------
@@ -329,6 +399,9 @@ def fit_scale(
     judged : ndarray (n,) of bool, optional
         The pairs bright enough for the ratio tolerance (all by default; all as well where
         fewer than 3 are).
+
+    min_pairs : int
+        The fewest pairs a scale is fitted from (step 4).
     """
     x = np.asarray(target_flux, float)
     y = np.asarray(reference_flux, float)
@@ -371,6 +444,9 @@ def fit_scale(
         variance = sy[index] ** 2 + (m * sx[index]) ** 2 + scatter**2 * _level2(x[index], y[index], m)
         residual = np.abs(y[index] - m * x[index]) / np.sqrt(variance)
         used[index[np.argsort(-residual, kind="stable")[:n_remove]]] = False
+    if used.sum() < min_pairs <= n:
+        m, error, scatter, _ = weighted_ratio(x, y, sx, sy, m0, robust=False)
+        used = np.ones(n, bool)
     return ScaleFit(float(m), 0.0, used, int(used.sum()), float(error), float(scatter))
 
 

@@ -126,6 +126,27 @@ def test_sparse_field_targets_are_judged_registered(seed):
         assert abs(error) < 3 * measured.fits[0].scale_error / measured.scale[0], (k, error)
 
 
+def test_sparse_colour_frame_with_three_pairs_in_a_channel_is_measured_and_flagged():
+    """15 undersampled stars on a colour nebula (sep finds 12 of them on the reference and 10
+    on the target at 5 sigma): three red pairs, of which the biweight kept two, and the frame
+    failed. All three fitted, every channel is within 3 stated errors of the truth, and the
+    uncertainty flags the frame."""
+    from nsg_gpu.io import Frame
+    from nsg_gpu.params import Parameters
+    from nsg_gpu.reference import prepare_reference
+    from nsg_gpu.scale import measure_scale
+    from nsg_gpu.scalefit import scale_doubt
+    from nsg_gpu.synthetic import SyntheticField
+
+    field = SyntheticField(scenario="undersampled-sparse-colour", n_stars=15, seed=1, n_frames=4)
+    reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
+    measured = measure_scale(reference, Frame.from_array(field.render(1), name="target"))
+    errors = np.array([fit.scale_error for fit in measured.fits])
+    truth = field.frames[1].scale(field.reference)
+    assert np.all(np.abs(measured.scale - truth) < 3 * errors), (measured.scale, truth, errors)
+    assert "more than 3 %" in scale_doubt(measured.scale, errors)
+
+
 def test_a_shifted_sparse_frame_is_still_taken_for_unregistered():
     """The same sparse field with the target moved by 7 px: the judged stars are not found."""
     from nsg_gpu.errors import TooFewStarsError
