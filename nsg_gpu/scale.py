@@ -69,6 +69,8 @@ MIN_REGISTERED_FRACTION = 0.5
 #: at least MIN_JUDGED_STARS of them.
 JUDGED_STAR_SNR = 15.0
 MIN_JUDGED_STARS = 5
+#: The brightest judged stars from which a target's depth relative to the reference is read.
+DEPTH_STARS = 20
 #: Typical errors of a fitted PSF's parameters (docs/scale-accuracy.md: the joint fits' betas
 #: come out within a few hundredths, their FWHM within a few tenths of a per cent; their
 #: errors depend on the field, so the scale fit's own error does not hold them).
@@ -135,15 +137,26 @@ def _find_stars(reference: Reference, frame: Frame, image, noise: float, fwhm_t:
     shift = np.hypot(tx - x, ty - y)
     # Found: the centroid moved little and a star really stands there (the centroid of bare
     # sky also lies near the window's centre).
-    found = (
-        np.isfinite(shift) & (shift <= params.star_search_radius) & (peak_contrast(image, x, y, stars.fwhm) > 5 * noise)
-    )
+    snr = peak_contrast(image, x, y, stars.fwhm) / noise
+    found = np.isfinite(shift) & (shift <= params.star_search_radius) & (snr > 5)
     # Judge registration on the brightest stars that the target covers at all and that stand
     # out of the reference's noise enough for any registered target to show them (a sparse
     # field's brightest 50 reach down to stars a shorter or hazier frame cannot show).
     covered = get_backend(image).to_host(gather_stamps(image, x, y, 2).min(axis=(1, 2))) > 0
     strong = covered & (reference.peak_snr >= JUDGED_STAR_SNR)
     judged = np.nonzero(strong)[0][:50]
+    if judged.size >= MIN_JUDGED_STARS:
+        # A frame shallower than the reference (thin cloud, haze, worse seeing) shows them
+        # fainter by its depth, the median ratio of its stars' strength to the reference's at
+        # the brightest unsaturated of them (a saturated star's strength in the reference is
+        # clipped): judge it on those it shows at JUDGED_STAR_SNR. A frame not
+        # registered, or without stars, has no depth at the reference's positions; too few
+        # stars are left, and it is judged on the strong ones, as a deep frame is.
+        head = judged[reference.channel_peak[judged] < params.linear_range][:DEPTH_STARS]
+        depth = float(np.median(snr[head] / reference.peak_snr[head])) if head.size else 0.0
+        showable = np.nonzero(strong & (reference.peak_snr * min(depth, 1.0) >= JUDGED_STAR_SNR))[0][:50]
+        if showable.size >= MIN_JUDGED_STARS:
+            judged = showable
     if judged.size >= MIN_JUDGED_STARS and found[judged].mean() < MIN_REGISTERED_FRACTION:
         raise TooFewStarsError(
             frame.path,
