@@ -6,7 +6,8 @@ formulas of NSG 3.0.x (``reference/nsg-algorithm.md`` section 8). NSG writes the
 [0, 1]; here pixel values and fluxes in them are taken relative to the frame's white level, so
 the same frames in [0, 1] or in ADU resolve to the same circles, cuts and sample counts.
 Parameters in pixel-value or flux units (``linear_range``, ``sample_star_growth_rate``) are in
-the data's own units. Every field is a command-line option of ``nsg normalize``; the resolved
+the data's own units; a ``linear_range`` of 1 or less on frames whose white level is above 1
+(NSG's [0, 1] value copied onto frames in ADU) is refused with the value to give. Every field is a command-line option of ``nsg normalize``; the resolved
 values are written to the output headers.
 """
 
@@ -132,7 +133,9 @@ class Parameters:
 
     detection_sigma: float = _option(5.0, "Star detection threshold, in noise units of the matched-filter image.")
     linear_range: float | None = _option(
-        None, "Stars peaking at or above this are not measured.", auto="0.7 x the reference's maximum"
+        None,
+        "Stars peaking at or above this (in the data's units: 45875 for 0.7 of 16-bit ADU) are not measured.",
+        auto="0.7 x the reference's maximum",
     )
     star_search_radius: float = _option(2.0, "Largest star shift (px) between reference and target after recentring.")
     star_flux_tolerance: float = _option(
@@ -300,6 +303,13 @@ def resolve_parameters(
     a = degrees_per_pixel(pixel, focal)
     changes: dict = {"focal_length_mm": focal, "pixel_size_um": pixel}
     white = float(white_level) if white_level > 0 else 1.0
+    if params.linear_range is not None and white > 1 and params.linear_range <= 1:
+        # NSG's dialogue gives it in [0, 1]; copied onto frames in ADU it would leave every
+        # star out, and the frames would fail for want of stars.
+        raise ParameterError(
+            f"--linear-range {params.linear_range:g} is in the data's units, and the reference's white level is "
+            f"{white:g}: for {params.linear_range:g} of it give --linear-range {params.linear_range * white:g}"
+        )
     if params.linear_range is None:
         # Rounded to a thousandth of the white level, as NSG rounds it in [0, 1] data.
         changes["linear_range"] = white * (round(1000 * LINEAR_RANGE * reference_max / white) / 1000 or LINEAR_RANGE)

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import photometry
 from .backend import Backend, get_backend, single_threaded_blas
-from .errors import FrameDataError, FrameError, ReferenceFrameError
+from .errors import FrameDataError, FrameError, ParameterError, ReferenceFrameError
 from .io import Frame, read_frame
 from .noise import DETECT_NOISE_PIXELS, frame_noise, ksigma_noise
 from .outliers import bright_counts, clipped_medians, pixel_noise
@@ -214,17 +214,20 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
         )
     image = detection_image(data)
     image_max = float(be.to_host(image.max()))
-    resolved = resolve_parameters(
-        params,
-        width=width,
-        height=height,
-        header_focal_length_mm=frame.meta.focal_length_mm,
-        header_pixel_size_um=frame.meta.pixel_size_um,
-        reference_max=image_max,
-        max_star_flux=float(stars.flux.max()),
-        n_reference_stars=len(stars),
-        white_level=frame.white_level,
-    )
+    try:
+        resolved = resolve_parameters(
+            params,
+            width=width,
+            height=height,
+            header_focal_length_mm=frame.meta.focal_length_mm,
+            header_pixel_size_um=frame.meta.pixel_size_um,
+            reference_max=image_max,
+            max_star_flux=float(stars.flux.max()),
+            n_reference_stars=len(stars),
+            white_level=frame.white_level,
+        )
+    except ParameterError as exc:
+        raise ReferenceFrameError(frame.path, str(exc)) from exc
     linear = np.nonzero(stars.peak < resolved.linear_range)[0][:MAX_PHOTOMETRY_STARS]
     x, y = stars.x[linear], stars.y[linear]
     channel_peak = channel_peaks(data, x, y)

@@ -6,11 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from astropy.io import fits
+from typer.testing import CliRunner
 
+from nsg_gpu.cli import app
+from nsg_gpu.errors import ReferenceFrameError
 from nsg_gpu.params import Parameters, auto_sample_size, degrees_per_pixel, resolve_parameters
 from nsg_gpu.reference import prepare_reference
 from nsg_gpu.run import normalize
 from nsg_gpu.synthetic import SyntheticField
+
+runner = CliRunner()
 
 
 @pytest.mark.parametrize(
@@ -119,6 +124,22 @@ def test_reference_is_the_same_in_adu(frames_in_two_units, params):
     assert adu.params.limit_sample_stars_percent == unit.params.limit_sample_stars_percent
     assert adu.params.linear_range == pytest.approx(unit.params.linear_range * ADU, rel=1e-6)
     assert adu.params.sample_star_growth_rate == pytest.approx(unit.params.sample_star_growth_rate / ADU, rel=1e-4)
+
+
+def test_linear_range_in_zero_to_one_on_adu_frames_is_refused_with_the_value(frames_in_two_units, tmp_path):
+    """NSG's "linear range 0.7" copied onto 16-bit frames: in their units it leaves every
+    star out, and every frame failed for want of stars. It is refused, naming the reference
+    and the value that means 0.7 of the white level; on frames in [0, 1] it is NSG's."""
+    with pytest.raises(ReferenceFrameError, match=r"--linear-range 0.7 is in the data's units.*45874.5") as caught:
+        prepare_reference(frames_in_two_units["adu"][0], Parameters(linear_range=0.7))
+    assert str(caught.value.path) == str(frames_in_two_units["adu"][0])
+    assert prepare_reference(frames_in_two_units["float"][0], Parameters(linear_range=0.7)).params.linear_range == 0.7
+    adu = prepare_reference(frames_in_two_units["adu"][0], Parameters(linear_range=0.7 * ADU))
+    assert adu.params.linear_range == pytest.approx(0.7 * ADU)
+    result = runner.invoke(
+        app, ["normalize", *map(str, frames_in_two_units["adu"]), "-o", str(tmp_path / "o"), "--linear-range", "0.7"]
+    )
+    assert result.exit_code == 1 and "give --linear-range 45874.5" in result.output
 
 
 def test_run_is_the_same_in_adu(frames_in_two_units, tmp_path):
