@@ -134,7 +134,7 @@ class Parameters:
     detection_sigma: float = _option(5.0, "Star detection threshold, in noise units of the matched-filter image.")
     linear_range: float | None = _option(
         None,
-        "Stars peaking at or above this (in the data's units: 45875 for 0.7 of 16-bit ADU) are not measured.",
+        "Stars peaking at or above this (in data units) are not measured.",
         auto="0.7 x the reference's maximum",
     )
     star_search_radius: float = _option(2.0, "Largest star shift (px) between reference and target after recentring.")
