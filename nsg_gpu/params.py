@@ -7,7 +7,8 @@ formulas of NSG 3.0.x (``reference/nsg-algorithm.md`` section 8). NSG writes the
 the same frames in [0, 1] or in ADU resolve to the same circles, cuts and sample counts.
 Parameters in pixel-value or flux units (``linear_range``, ``sample_star_growth_rate``) are in
 the data's own units; a ``linear_range`` of 1 or less on frames whose white level is above 1
-(NSG's [0, 1] value copied onto frames in ADU) is refused with the value to give. Every field is a command-line option of ``nsg normalize``; the resolved
+(NSG's [0, 1] value copied onto frames in ADU), and a growth rate that would grow the
+brightest star's circle beyond the frame, are refused with the value to give. Every field is a command-line option of ``nsg normalize``; the resolved
 values are written to the output headers.
 """
 
@@ -309,6 +310,15 @@ def resolve_parameters(
         raise ParameterError(
             f"--linear-range {params.linear_range:g} is in the data's units, and the reference's white level is "
             f"{white:g}: for {params.linear_range:g} of it give --linear-range {params.linear_range * white:g}"
+        )
+    rate = params.sample_star_growth_rate
+    if rate is not None and rate * max_star_flux > max(width, height):
+        # A circle wider than the frame is never meant: most likely NSG's [0, 1] rate on ADU.
+        hint = f"; {rate:g} per unit of [0, 1] flux is {rate / white:.3g} here" if white > 1 else ""
+        raise ParameterError(
+            f"--sample-star-growth-rate {rate:g} grows the brightest star's rejection circle by "
+            f"{rate * max_star_flux:.3g} px, more than the frame's {max(width, height)}: it is in px per unit of "
+            f"flux in the data's units (white level {white:g}){hint}"
         )
     if params.linear_range is None:
         # Rounded to a thousandth of the white level, as NSG rounds it in [0, 1] data.

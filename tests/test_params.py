@@ -142,6 +142,17 @@ def test_linear_range_in_zero_to_one_on_adu_frames_is_refused_with_the_value(fra
     assert result.exit_code == 1 and "give --linear-range 45874.5" in result.output
 
 
+def test_growth_rate_in_zero_to_one_units_on_adu_frames_is_refused_with_the_value(frames_in_two_units):
+    """NSG's cap of 0.25 px per unit of [0, 1] flux given on 16-bit frames grows the brightest
+    star's circle by hundreds of thousands of pixels; it is refused with the rate in the data's
+    units. On frames in [0, 1] the same rate is NSG's."""
+    with pytest.raises(ReferenceFrameError, match=r"more than the frame's 600.*is 3.81e-06 here"):
+        prepare_reference(frames_in_two_units["adu"][0], Parameters(sample_star_growth_rate=0.25))
+    unit = prepare_reference(frames_in_two_units["float"][0], Parameters(sample_star_growth_rate=0.25))
+    adu = prepare_reference(frames_in_two_units["adu"][0], Parameters(sample_star_growth_rate=0.25 / ADU))
+    np.testing.assert_allclose(adu.circles, unit.circles, rtol=0, atol=1e-4)
+
+
 def test_run_is_the_same_in_adu(frames_in_two_units, tmp_path):
     """A whole run on float and on 16-bit files: the same samples and star pairs per frame,
     the same transmissions."""
