@@ -343,7 +343,7 @@ def _small_sample_factor(information: np.ndarray) -> float:
     """Student's factor on a standard error whose variance was estimated from the pairs' own
     scatter: its one-sigma quantile with ``n - 1`` degrees of freedom, ``n`` the pairs'
     effective number (Kish's, from each pair's share of the information). 1.32 for three
-    equal pairs, 1.05 for ten, 1.01 for fifty."""
+    equal pairs, 1.06 for ten, 1.01 for fifty."""
     squares = float(np.sum(information**2))
     if not squares > 0:
         return 1.0
