@@ -8,8 +8,9 @@ the same frames in [0, 1] or in ADU resolve to the same circles, cuts and sample
 Parameters in pixel-value or flux units (``linear_range``, ``sample_star_growth_rate``) are in
 the data's own units; a ``linear_range`` of 1 or less on frames whose white level is above 1
 (NSG's [0, 1] value copied onto frames in ADU), and a growth rate that would grow the
-brightest star's circle beyond the frame, are refused with the value to give. Every field is a command-line option of ``nsg normalize``; the resolved
-values are written to the output headers.
+brightest star's circle beyond the frame, are refused with the value to give. Every field is
+a command-line option of ``nsg normalize``; the resolved values are written to the output
+headers.
 """
 
 from __future__ import annotations

@@ -196,14 +196,21 @@ def _spread(r, sy2, m2sx2, level2, scatter: float, say=None) -> float:
 
 def _scatter(r, sy2, m2sx2, level2, say=None) -> float:
     """The relative scatter ``epsilon`` that brings the normalized residuals' spread to 1."""
-    if not _spread(r, sy2, m2sx2, level2, 0.0, say) > 1:
+    return _smallest_scatter(lambda eps: _spread(r, sy2, m2sx2, level2, eps, say) > 1)
+
+
+def _smallest_scatter(too_small) -> float:
+    """The smallest relative scatter ``epsilon`` (to 1e-4 of itself) that ``too_small`` no
+    longer holds for, 0 where it does not hold at 0; ``too_small`` must turn false as epsilon
+    grows (the residuals, normalized by a variance that grows with it, shrink)."""
+    if not too_small(0.0):
         return 0.0
     lo, hi = 0.0, 0.05
-    while _spread(r, sy2, m2sx2, level2, hi, say) > 1 and hi < 1e3:
+    while too_small(hi) and hi < 1e3:
         lo, hi = hi, 2 * hi
     for _ in range(40):
         mid = 0.5 * (lo + hi)
-        if _spread(r, sy2, m2sx2, level2, mid, say) > 1:
+        if too_small(mid):
             lo = mid
         else:
             hi = mid
@@ -317,22 +324,7 @@ FEW_PAIRS = 10
 
 def _chi2_scatter(r, sy2, m2sx2, level2) -> float:
     """The relative scatter that brings the residuals' chi-square to ``n - 1``."""
-    target = r.size - 1
-
-    def chi2(eps):
-        return float(np.sum(r * r / (sy2 + m2sx2 + eps * eps * level2)))
-
-    if not chi2(0.0) > target:
-        return 0.0
-    lo, hi = 0.0, 0.05
-    while chi2(hi) > target and hi < 1e3:
-        lo, hi = hi, 2 * hi
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if chi2(mid) > target else (lo, mid)
-        if hi - lo <= 1e-4 * hi:
-            break
-    return hi
+    return _smallest_scatter(lambda eps: float(np.sum(r * r / (sy2 + m2sx2 + eps * eps * level2))) > r.size - 1)
 
 
 #: The normal distribution's one-sigma quantile.
