@@ -139,24 +139,8 @@ def _find_stars(reference: Reference, frame: Frame, image, noise: float, fwhm_t:
     # sky also lies near the window's centre).
     snr = peak_contrast(image, x, y, stars.fwhm) / noise
     found = np.isfinite(shift) & (shift <= params.star_search_radius) & (snr > 5)
-    # Judge registration on the brightest stars that the target covers at all and that stand
-    # out of the reference's noise enough for any registered target to show them (a sparse
-    # field's brightest 50 reach down to stars a shorter or hazier frame cannot show).
     covered = get_backend(image).to_host(gather_stamps(image, x, y, 2).min(axis=(1, 2))) > 0
-    strong = covered & (reference.peak_snr >= JUDGED_STAR_SNR)
-    judged = np.nonzero(strong)[0][:50]
-    if judged.size >= MIN_JUDGED_STARS:
-        # A frame shallower than the reference (thin cloud, haze, worse seeing) shows them
-        # fainter by its depth, the median ratio of its stars' strength to the reference's at
-        # the brightest unsaturated of them (a saturated star's strength in the reference is
-        # clipped): judge it on those it shows at JUDGED_STAR_SNR. A frame not
-        # registered, or without stars, has no depth at the reference's positions; too few
-        # stars are left, and it is judged on the strong ones, as a deep frame is.
-        head = judged[reference.channel_peak[judged] < params.linear_range][:DEPTH_STARS]
-        depth = float(np.median(snr[head] / reference.peak_snr[head])) if head.size else 0.0
-        showable = np.nonzero(strong & (reference.peak_snr * min(depth, 1.0) >= JUDGED_STAR_SNR))[0][:50]
-        if showable.size >= MIN_JUDGED_STARS:
-            judged = showable
+    judged = _judged_stars(reference, covered, snr)
     if judged.size >= MIN_JUDGED_STARS and found[judged].mean() < MIN_REGISTERED_FRACTION:
         raise TooFewStarsError(
             frame.path,
@@ -167,6 +151,29 @@ def _find_stars(reference: Reference, frame: Frame, image, noise: float, fwhm_t:
         )
     ox, oy = registration_offsets(x, y, tx, ty, found)
     return x + ox, y + oy, found
+
+
+def _judged_stars(reference: Reference, covered: np.ndarray, snr: np.ndarray) -> np.ndarray:
+    """Indices of the stars a target's registration is judged on: the brightest that it
+    ``covered`` at all and that stand out of the reference's noise enough for any registered
+    target to show them (a sparse field's brightest 50 reach down to stars a shorter or hazier
+    frame cannot show). ``snr``: each star's strength in the target, in its noise.
+
+    A frame shallower than the reference (thin cloud, haze, worse seeing) shows them fainter
+    by its depth, the median ratio of its stars' strength to the reference's at the brightest
+    unsaturated of them (a saturated star's strength in the reference is clipped): it is
+    judged on those it shows at JUDGED_STAR_SNR. A frame not registered, or without stars,
+    has no depth at the reference's positions; too few stars are left, and it is judged on
+    the strong ones, as a deep frame is.
+    """
+    strong = covered & (reference.peak_snr >= JUDGED_STAR_SNR)
+    judged = np.nonzero(strong)[0][:50]
+    if judged.size < MIN_JUDGED_STARS:
+        return judged
+    head = judged[reference.channel_peak[judged] < reference.params.linear_range][:DEPTH_STARS]
+    depth = float(np.median(snr[head] / reference.peak_snr[head])) if head.size else 0.0
+    showable = np.nonzero(strong & (reference.peak_snr * min(depth, 1.0) >= JUDGED_STAR_SNR))[0][:50]
+    return showable if showable.size >= MIN_JUDGED_STARS else judged
 
 
 #: Found stars (the brightest first) on which a target's registration residual is fitted.
