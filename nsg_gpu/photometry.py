@@ -410,16 +410,26 @@ BLUR_DIRECTIONS = 8
 
 def _blurred_weight(weight: MoffatPSF, radii: np.ndarray, radius: float, blur) -> np.ndarray:
     """The weights (:func:`_weight_profile`) convolved with the separable kernel ``blur``,
-    averaged over the directions at each of ``radii``."""
+    averaged over the directions at each of ``radii``.
+
+    A kernel with a centroid (a shift's: :class:`nsg_gpu.resampling.InterpolationKernel`)
+    took each star from where the camera saw it, so its taps act at their offsets less the
+    centroid; and since a shift and its mirror read alike in the noise, and stars fall
+    anywhere in their pixels, such a kernel is averaged with its mirrors along each axis
+    (which a quarter turn of directions then holds).
+    """
     theta = (np.arange(BLUR_DIRECTIONS) + 0.5) * (math.pi / 2 / BLUR_DIRECTIONS)
     x, y = radii[:, None] * np.cos(theta), radii[:, None] * np.sin(theta)
     offsets = np.arange(-blur.half, blur.half + 1, dtype=float)
+    cx, cy = blur.centre
+    signs = ((1, 1),) if blur.symmetric else ((1, 1), (1, -1), (-1, 1), (-1, -1))
     total = np.zeros_like(x)
-    for a, hx in zip(offsets, blur.x):
-        for b, hy in zip(offsets, blur.y):
+    for a, hx in zip(offsets - cx, blur.x):
+        for b, hy in zip(offsets - cy, blur.y):
             if abs(hx * hy) < 1e-7:
                 continue
-            total += hx * hy * _weight_profile(weight, (x - a) ** 2 + (y - b) ** 2, radius)
+            for sa, sb in signs:
+                total += hx * hy / len(signs) * _weight_profile(weight, (x - sa * a) ** 2 + (y - sb * b) ** 2, radius)
     return total.mean(axis=1)
 
 

@@ -425,13 +425,17 @@ def _columns(psf: MoffatPSF, offsets: list[tuple], out: np.ndarray, widths: np.n
     return out
 
 
-def _square(stamps: PSFStamps, margin: int) -> PSFStamps:
+def _square(stamps: PSFStamps, margin: int, centre: tuple[float, float] = (0.0, 0.0)) -> PSFStamps:
     """The square of pixels around the stamps' discs, ``margin`` px wider on each side (no
-    data: only its offsets and the stars' positions are used)."""
+    data: only its offsets and the stars' positions are used), with the stars moved by
+    ``centre`` (x, y): where a kernel of that centroid takes them from."""
     half = int(round(max(np.max(np.abs(stamps.px)), np.max(np.abs(stamps.py))))) + margin
     off = np.arange(-half, half + 1, dtype=float)
     gy, gx = np.meshgrid(off, off, indexing="ij")
-    return PSFStamps(np.zeros((0, gx.size)), gx.ravel(), gy.ravel(), stamps.xi, stamps.yi, stamps.dx, stamps.dy)
+    cx, cy = centre
+    return PSFStamps(
+        np.zeros((0, gx.size)), gx.ravel(), gy.ravel(), stamps.xi, stamps.yi, stamps.dx + cx, stamps.dy + cy
+    )
 
 
 def _blurred(columns: np.ndarray, stamps: PSFStamps, blur: InterpolationKernel) -> np.ndarray:
@@ -526,7 +530,10 @@ class _StarModels:
         st = self.stamps
         key = (st.dx, st.dy, psf.pixel_integrated)
         if self._offsets is None or any(a is not b for a, b in zip(self._offsets[0], key)):
-            evaluated = st if self.blur is None else _square(st, self.blur.half)
+            # A kernel with a centroid (a shift's) moves the stars by it: the profile is
+            # evaluated where the camera saw them, so that the fitted positions stay the
+            # registered ones.
+            evaluated = st if self.blur is None else _square(st, self.blur.half, self.blur.centre)
             self._offsets = (key, _offsets(evaluated, psf.pixel_integrated), evaluated)
         evaluated = self._offsets[2]
         columns = _columns(psf, self._offsets[1], np.empty((st.dx.size, 3, evaluated.px.size)), self.widths)
@@ -828,9 +835,39 @@ def fit_target_psf(
         blur=blur,
     )
     if field is None:
-        return _fit(clean_stamps, widths=None, **options).psf
+        fit = _fit(clean_stamps, widths=None, **options)
+        chosen = _shift_sign(fit, blur)
+        if chosen is not blur:
+            fit = _fit(clean_stamps, widths=None, **{**options, **_started(fit.psf), "blur": chosen})
+        return fit.psf
     start = field.factor(clean_stamps.xi + clean_stamps.dx, clean_stamps.yi + clean_stamps.dy)
     return _fit_with_field(clean_stamps, start=start, **options).psf
+
+
+def _shift_sign(fit: _Fit, blur: InterpolationKernel | None) -> InterpolationKernel | None:
+    """Of ``blur`` and its mirrors along each axis that it shifts (the noise reads a shift and
+    its mirror alike: :func:`nsg_gpu.resampling.matched_kernel`), the one whose stars fit
+    ``fit``'s pixels best at ``fit``'s Moffat (each at its own amplitude, position and
+    background)."""
+    if blur is None or blur.symmetric or fit.models is None:
+        return blur
+    m = fit.models
+    flips = [(fx, fy) for fx in (False, True) for fy in (False, True)]
+    cx, cy = blur.centre
+    flips = [f for f in flips if (not f[0] or abs(cx) > 0.02) and (not f[1] or abs(cy) > 0.02)]
+    best, best_chi2 = blur, math.inf
+    for fx, fy in flips:
+        kernel = InterpolationKernel(blur.x[::-1] if fx else blur.x, blur.y[::-1] if fy else blur.y, blur.name)
+        _, model = _StarModels(m.stamps, m.background, m.data, m.weight, m.widths, kernel).solve(fit.psf)
+        chi2 = float(np.sum(m.weight * (m.data - model) ** 2))
+        if chi2 < best_chi2:
+            best, best_chi2 = (blur if not (fx or fy) else kernel), chi2
+    return best
+
+
+def _started(psf: MoffatPSF) -> dict:
+    """A fit's starting values at ``psf``'s."""
+    return {"fwhm": psf.fwhm, "beta": psf.beta}
 
 
 def stamp_radius(fwhm: float) -> int:
@@ -889,8 +926,7 @@ def fit_reference_psf(
     noise, gain_inv = stamp_noise(stamps)
     if not noise > 0:
         return None
-    fit = _fit_with_field(
-        stamps,
+    options = dict(
         fwhm=fwhm,
         sigma=noise,
         gain_inv=gain_inv,
@@ -898,8 +934,11 @@ def fit_reference_psf(
         curved=True,
         extra_variance=None,
         pixel_integrated=pixel_integrated,
-        blur=blur,
     )
+    fit = _fit_with_field(stamps, blur=blur, **options)
+    chosen = _shift_sign(fit, blur)
+    if chosen is not blur:
+        fit = _fit_with_field(stamps, blur=chosen, **{**options, **_started(fit.psf)})
     if fit.usable.sum() < MIN_PSF_STARS or not plausible(fit.psf, fwhm):
         return None
     return FittedPSF(fit.psf, stamps, fit.usable, fit.star, noise, gain_inv)

@@ -32,7 +32,15 @@ from scipy import ndimage
 
 from .backend import get_backend
 
-__all__ = ["InterpolationKernel", "interpolation_kernel", "noise_correlation", "MIN_CORRELATION"]
+__all__ = [
+    "InterpolationKernel",
+    "interpolation_kernel",
+    "interpolation_taps",
+    "matched_kernel",
+    "noise_correlation",
+    "INTERPOLATIONS",
+    "MIN_CORRELATION",
+]
 
 #: Lags at which the noise's correlation is read (interpolation kernels of 4-8 taps correlate
 #: neighbours up to 3 px apart, with little beyond 2), and the lags taken as uncorrelated.
@@ -45,20 +53,42 @@ MIN_CORRELATION = 0.02
 #: Pixels read: bands of rows across the frame.
 KERNEL_PIXELS = 400_000
 BAND_ROWS = 16
-#: Half-width of the kernel's taps.
+#: Half-width of the kernel's taps: the zero-phase kernel's, and a matched interpolation's (a
+#: spline's taps reach further; cut at 5 px they differ from SciPy's shift by 0.003 of a
+#: pixel's value at most; the fits' cost grows with the taps).
 KERNEL_HALF = 4
+MATCHED_HALF = 5
 
 
 @dataclass(frozen=True)
 class InterpolationKernel:
-    """A separable zero-phase kernel: taps at integer offsets ``-h..h`` along x and y."""
+    """A separable kernel: taps at integer offsets ``-h..h`` along x and y, each of unit sum.
+
+    A registered pixel ``p`` is ``sum_a x[a] * captured(p + a)`` along x (likewise y). The
+    taps' centroid (:attr:`centre`) is the sub-pixel offset at which the camera saw the
+    reference's pixel: a star the registration put at ``x0`` was captured at ``x0 +
+    centre``. ``name``: the interpolation it was matched to, or ``"zero-phase"``.
+    """
 
     x: tuple[float, ...]
     y: tuple[float, ...]
+    name: str = "zero-phase"
 
     @property
     def half(self) -> int:
         return len(self.x) // 2
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        """The taps' centroids along x and y (0 for a zero-phase kernel)."""
+        if self.symmetric:
+            return 0.0, 0.0
+        offsets = np.arange(-self.half, self.half + 1)
+        return float(np.dot(offsets, self.x)), float(np.dot(offsets, self.y))
+
+    @property
+    def symmetric(self) -> bool:
+        return self.x == self.x[::-1] and self.y == self.y[::-1]
 
     def noise_gain(self) -> float:
         """What the kernel leaves of white noise's standard deviation."""
@@ -153,10 +183,106 @@ def _zero_phase_taps(rho: np.ndarray) -> tuple[float, ...]:
 
 
 def interpolation_kernel(data, *, max_pixels: int = KERNEL_PIXELS) -> InterpolationKernel | None:
-    """The zero-phase kernel the frame's pixels went through (see the module's text), or None
-    where its noise is white (a frame that was not resampled)."""
+    """The kernel the frame's pixels went through (see the module's text), or None where its
+    noise is white (a frame that was not resampled): the interpolation of
+    :data:`INTERPOLATIONS` at the sub-pixel shift whose correlations match the noise's, or,
+    where none does within :data:`MATCH_TOLERANCE`, the zero-phase kernel of the noise's
+    spectrum."""
     rho = noise_correlation(data, max_pixels=max_pixels)
     # Interpolation smooths: neighbours correlate positively along at least one axis.
     if not np.all(np.isfinite(rho)) or np.max(rho[:, 0]) < MIN_CORRELATION:
         return None
-    return InterpolationKernel(_zero_phase_taps(rho[0]), _zero_phase_taps(rho[1]))
+    return matched_kernel(rho) or InterpolationKernel(_zero_phase_taps(rho[0]), _zero_phase_taps(rho[1]))
+
+
+#: Interpolations a registration may have used, as functions of the offset ``t`` from a
+#: captured pixel (the splines' through SciPy's prefiltered interpolation, below).
+INTERPOLATIONS = ("linear", "cubic spline", "quintic spline", "bicubic", "Lanczos-3", "Lanczos-4")
+#: A matched kernel is used where the RMS difference of its correlations (lags 1-3, both
+#: axes) from the noise's is within this. Shifted frames match within 0.002-0.008 (the
+#: generator's registered sets; 0.010-0.013 on its crowded set, whose stars leave more in
+#: the noise); frames rotated by 3-45 degrees, whose shift varies across them, by 0.011-0.036.
+#: A rotation of a degree or less reads like a shift (within 0.006).
+MATCH_TOLERANCE = 0.01
+#: Sub-pixel shifts tried, 0 to 1/2 px (a shift and its mirror correlate alike).
+_SHIFTS = np.linspace(0.0, 0.5, 101)
+
+
+def _keys(t: np.ndarray, a: float = -0.5) -> np.ndarray:
+    t = np.abs(t)
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return np.where(t <= 1, near, np.where(t < 2, far, 0.0))
+
+
+def _lanczos(t: np.ndarray, n: int) -> np.ndarray:
+    return np.where(np.abs(t) < n, np.sinc(t) * np.sinc(t / n), 0.0)
+
+
+def interpolation_taps(name: str, shift: float, half: int = MATCHED_HALF) -> tuple[float, ...]:
+    """Taps ``-half..half`` (unit sum) of interpolation ``name`` (:data:`INTERPOLATIONS`)
+    resampling a frame at ``shift`` px: registered ``p`` from captured ``p + shift``, so
+    that the taps' centroid is ``shift``."""
+    a = np.arange(-half, half + 1, dtype=float)
+    if name.endswith("spline") or name == "linear":
+        order = {"linear": 1, "cubic spline": 3, "quintic spline": 5}[name]
+        impulse = np.zeros(4 * half + 1)
+        impulse[2 * half] = 1.0
+        # out[c + m] = K(m + shift): the response of registered c + m to captured c.
+        out = ndimage.shift(impulse, -shift, order=order, mode="constant")
+        taps = out[half : 3 * half + 1][::-1]
+    elif name == "bicubic":
+        taps = _keys(shift - a)
+    else:
+        taps = _lanczos(shift - a, int(name[-1]))
+    # The cut taps, corrected by the least change that restores a unit sum and the centroid at
+    # ``shift`` (an interpolation reproduces a constant and a slope), which the star
+    # photometry's kept share depends on.
+    basis = np.stack([np.ones_like(a), a])
+    miss = np.array([1.0 - taps.sum(), shift - float(np.dot(a, taps))])
+    taps = taps + np.linalg.solve(basis @ basis.T, miss) @ basis
+    return tuple(float(v) for v in taps)
+
+
+def _correlations(taps) -> np.ndarray:
+    h = np.asarray(taps)
+    full = np.correlate(h, h, "full")
+    centre = h.size - 1
+    return np.array([full[centre + lag] for lag in CORRELATION_LAGS]) / full[centre]
+
+
+_TABLE: dict[str, np.ndarray] = {}
+
+
+def _table(name: str) -> np.ndarray:
+    """Correlations at :data:`CORRELATION_LAGS` of ``name``'s kernel at each of
+    :data:`_SHIFTS`, ``(shifts, lags)``; computed once."""
+    if name not in _TABLE:
+        _TABLE[name] = np.array([_correlations(interpolation_taps(name, float(v))) for v in _SHIFTS])
+    return _TABLE[name]
+
+
+def matched_kernel(rho: np.ndarray) -> InterpolationKernel | None:
+    """The interpolation of :data:`INTERPOLATIONS`, and its shift along each axis, whose
+    correlations are nearest the noise's ``rho`` ``(2, lags)`` (x, y); None where even the
+    nearest is further than :data:`MATCH_TOLERANCE` (RMS), as for a frame whose shift varies
+    across it (a rotation) or that went through something else.
+
+    The correlations tell a shift from its mirror apart no more than the noise does; the
+    positive one is taken. The photometry's kept share does not depend on the choice
+    (:func:`nsg_gpu.photometry.kept_share` averages the kernel with its mirrors).
+    """
+    best = None
+    for name in INTERPOLATIONS:
+        table = _table(name)
+        misses = [np.sum((table - rho[axis]) ** 2, axis=1) for axis in (0, 1)]
+        picks = [int(np.argmin(m)) for m in misses]
+        rms = math.sqrt((misses[0][picks[0]] + misses[1][picks[1]]) / (2 * len(CORRELATION_LAGS)))
+        if best is None or rms < best[0]:
+            best = (rms, name, picks)
+    rms, name, (px, py) = best
+    if rms > MATCH_TOLERANCE:
+        return None
+    return InterpolationKernel(
+        interpolation_taps(name, float(_SHIFTS[px])), interpolation_taps(name, float(_SHIFTS[py])), name
+    )

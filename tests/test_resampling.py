@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from nsg_gpu.resampling import interpolation_kernel, noise_correlation
+from nsg_gpu.resampling import InterpolationKernel, interpolation_kernel, interpolation_taps, noise_correlation
 
 
 def _impulse_response(shift: float) -> np.ndarray:
@@ -56,3 +56,47 @@ def test_no_kernel_where_the_frame_was_not_resampled():
     kernel = interpolation_kernel(shifted[None].astype(np.float32))
     assert kernel is not None
     assert kernel.noise_gain() == pytest.approx(np.sqrt(np.sum(_impulse_response(0.4) ** 2)), rel=0.03)
+
+
+@pytest.mark.parametrize(
+    ("name", "shift"),
+    [("cubic spline", (0.3, 0.15)), ("Lanczos-4", (0.45, 0.25)), ("linear", (0.2, 0.35)), ("bicubic", (0.1, 0.4))],
+)
+def test_the_interpolation_and_its_shift_are_recognised(name, shift):
+    """White noise resampled by an interpolation at a sub-pixel shift (x, y): the kernel read
+    from it is that interpolation's at the shift within 0.03 px (the noise cannot tell a
+    shift from its mirror: the positive one), its taps the interpolation's own."""
+    rng = np.random.default_rng(5)
+    noise = 0.1 + rng.normal(0, 0.01, (1000, 1000))
+    hx, hy = interpolation_taps(name, shift[0]), interpolation_taps(name, shift[1])
+    resampled = scipy.ndimage.correlate1d(noise, hx, axis=1, mode="nearest")
+    resampled = scipy.ndimage.correlate1d(resampled, hy, axis=0, mode="nearest")
+    kernel = interpolation_kernel(resampled[None].astype(np.float32))
+    assert kernel.name == name
+    assert np.allclose(kernel.centre, shift, atol=0.03), kernel.centre
+    assert np.allclose(kernel.x, hx, atol=0.04) and np.allclose(kernel.y, hy, atol=0.04)
+
+
+def test_cubic_spline_taps_are_scipys_shift():
+    """``interpolation_taps('cubic spline', s)`` applied as a correlation is what
+    ``scipy.ndimage.shift`` by ``-s`` does (to the taps' cut at 5 px), and its centroid is s."""
+    rng = np.random.default_rng(6)
+    captured = rng.normal(size=400)
+    for s in (0.17, 0.5):
+        taps = interpolation_taps("cubic spline", s)
+        direct = scipy.ndimage.shift(captured, -s, order=3, mode="nearest")[20:-20]
+        via = scipy.ndimage.correlate1d(captured, taps, mode="nearest")[20:-20]
+        assert np.max(np.abs(direct - via)) < 4e-3
+        assert InterpolationKernel(taps, taps).centre[0] == pytest.approx(s, abs=5e-3)
+
+
+def test_a_rotated_frame_keeps_the_zero_phase_kernel():
+    """Noise rotated by 10 degrees (cubic spline): its shift varies across the frame, and no
+    single interpolation at one shift matches it (the nearest misses by 0.03); the zero-phase
+    kernel of its spectrum is kept, symmetric and centred."""
+    rng = np.random.default_rng(7)
+    noise = 0.1 + rng.normal(0, 0.01, (1200, 1200))
+    rotated = scipy.ndimage.rotate(noise, 10, order=3, reshape=False, mode="nearest")[200:-200, 200:-200]
+    kernel = interpolation_kernel(rotated[None].astype(np.float32))
+    assert kernel is not None
+    assert kernel.name == "zero-phase" and kernel.symmetric and kernel.centre == (0.0, 0.0)
