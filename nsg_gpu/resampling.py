@@ -6,10 +6,16 @@ spline, Lanczos, bicubic: whatever the registration used). Its stars are convolv
 kernel, which no Moffat is: for stars of 1.5-2.5 px a Moffat fitted to them misses the share
 of the light the photometry's weights keep by 0.5-2.4 % (docs/scale-accuracy.md). The noise
 was white before and went through the same kernel, so the noise's autocorrelation along each
-axis is the kernel's: in frequency, its square root is the kernel's magnitude. The
-zero-phase kernel with that magnitude (:func:`interpolation_kernel`) is what the PSF model of
-the frame is convolved with (:mod:`nsg_gpu.psf`); the kernel's phase moves the stars, which
-their fitted positions take up.
+axis is the kernel's. :func:`interpolation_kernel` finds the interpolation (spline, bicubic,
+Lanczos, linear) and the sub-pixel shift along each axis whose correlations these are
+(:func:`matched_kernel`): a kernel with the shift's phase, which moves each star's core
+off-centre as the registration did; a zero-phase kernel of the same magnitude misread the
+cores of stars of 1.5-2.5 px by a few hundredths in the PSF's index, worth up to 1.6 % of
+scale (docs/scale-accuracy.md). The noise cannot tell a shift from its mirror: the target's
+PSF fit chooses (:mod:`nsg_gpu.psf`), and the photometry's kept share does not depend on it.
+Where no interpolation at one shift matches (a frame rotated by more than a degree or two,
+whose shift varies across it), the zero-phase kernel of the noise's spectrum is taken. The
+PSF model of the frame is convolved with the kernel (:mod:`nsg_gpu.psf`).
 
 The autocorrelation at lag ``l`` comes from the robust variance of pixel differences at that
 lag, ``D(l) = 2 sigma^2 (1 - rho(l))``, against the differences at lags where an interpolation
