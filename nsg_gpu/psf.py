@@ -841,7 +841,11 @@ def fit_target_psf(
             fit = _fit(clean_stamps, widths=None, **{**options, **_started(fit.psf), "blur": chosen})
         return fit.psf
     start = field.factor(clean_stamps.xi + clean_stamps.dx, clean_stamps.yi + clean_stamps.dy)
-    return _fit_with_field(clean_stamps, start=start, **options).psf
+    fit = _fit_with_field(clean_stamps, start=start, **options)
+    chosen = _shift_sign(fit, blur)
+    if chosen is not blur:
+        fit = _fit_with_field(clean_stamps, start=start, **{**options, **_started(fit.psf), "blur": chosen})
+    return fit.psf
 
 
 def _shift_sign(fit: _Fit, blur: InterpolationKernel | None) -> InterpolationKernel | None:
