@@ -635,7 +635,18 @@ class _Fit:
     models: _StarModels | None
 
 
-def _fit(
+def _fit(stamps: PSFStamps, *, blur: InterpolationKernel | None = None, **options) -> _Fit:
+    """:func:`fit_psf`, keeping the stars' models. A kernel that shifts (a matched
+    interpolation's), whose sign the noise does not tell, has it chosen by the fit
+    (:func:`_shift_sign`): where a mirror fits better, the fit is redone with it."""
+    fit = _fit_once(stamps, blur=blur, **options)
+    chosen = _shift_sign(fit, blur)
+    if chosen is blur:
+        return fit
+    return _fit_once(stamps, blur=chosen, **{**options, "fwhm": fit.psf.fwhm, "beta": fit.psf.beta})
+
+
+def _fit_once(
     stamps: PSFStamps,
     *,
     fwhm: float,
@@ -648,7 +659,7 @@ def _fit(
     widths: np.ndarray | None,
     blur: InterpolationKernel | None = None,
 ) -> _Fit:
-    """:func:`fit_psf`, keeping the stars' models."""
+    """One :func:`_fit` with ``blur`` as it is."""
     usable = np.mean(stamps.data == 0, axis=1) <= MAX_EMPTY
     st = stamps.take(usable)
     st.dx, st.dy = st.dx.copy(), st.dy.copy()
@@ -768,6 +779,7 @@ def _fit_with_field(stamps: PSFStamps, *, start: np.ndarray | None = None, **opt
     fit = _fit(stamps, widths=start, **options)
     if fit.models is None or fit.usable.sum() < FIELD_MIN_STARS:
         return fit
+    options = {**options, "blur": fit.psf.blur}  # the kernel with the sign the fit chose
     st = fit.models.stamps
     x, y = st.xi + st.dx, st.yi + st.dy
     base = np.ones(st.dx.size) if start is None else np.asarray(start, float)[fit.usable]
@@ -835,17 +847,9 @@ def fit_target_psf(
         blur=blur,
     )
     if field is None:
-        fit = _fit(clean_stamps, widths=None, **options)
-        chosen = _shift_sign(fit, blur)
-        if chosen is not blur:
-            fit = _fit(clean_stamps, widths=None, **{**options, **_started(fit.psf), "blur": chosen})
-        return fit.psf
+        return _fit(clean_stamps, widths=None, **options).psf
     start = field.factor(clean_stamps.xi + clean_stamps.dx, clean_stamps.yi + clean_stamps.dy)
-    fit = _fit_with_field(clean_stamps, start=start, **options)
-    chosen = _shift_sign(fit, blur)
-    if chosen is not blur:
-        fit = _fit_with_field(clean_stamps, start=start, **{**options, **_started(fit.psf), "blur": chosen})
-    return fit.psf
+    return _fit_with_field(clean_stamps, start=start, **options).psf
 
 
 def _shift_sign(fit: _Fit, blur: InterpolationKernel | None) -> InterpolationKernel | None:
@@ -867,11 +871,6 @@ def _shift_sign(fit: _Fit, blur: InterpolationKernel | None) -> InterpolationKer
         if chi2 < best_chi2:
             best, best_chi2 = (blur if not (fx or fy) else kernel), chi2
     return best
-
-
-def _started(psf: MoffatPSF) -> dict:
-    """A fit's starting values at ``psf``'s."""
-    return {"fwhm": psf.fwhm, "beta": psf.beta}
 
 
 def stamp_radius(fwhm: float) -> int:
@@ -930,7 +929,8 @@ def fit_reference_psf(
     noise, gain_inv = stamp_noise(stamps)
     if not noise > 0:
         return None
-    options = dict(
+    fit = _fit_with_field(
+        stamps,
         fwhm=fwhm,
         sigma=noise,
         gain_inv=gain_inv,
@@ -938,11 +938,8 @@ def fit_reference_psf(
         curved=True,
         extra_variance=None,
         pixel_integrated=pixel_integrated,
+        blur=blur,
     )
-    fit = _fit_with_field(stamps, blur=blur, **options)
-    chosen = _shift_sign(fit, blur)
-    if chosen is not blur:
-        fit = _fit_with_field(stamps, blur=chosen, **{**options, **_started(fit.psf)})
     if fit.usable.sum() < MIN_PSF_STARS or not plausible(fit.psf, fwhm):
         return None
     return FittedPSF(fit.psf, stamps, fit.usable, fit.star, noise, gain_inv)
