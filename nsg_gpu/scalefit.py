@@ -257,6 +257,13 @@ def _standard_error(u, beta, x, variance, keep, *, robust: bool = True) -> float
     return max(model, sandwich)
 
 
+def _weighted_pairs(x, r, m: float, sx2, variance, say, keep, robust: bool):
+    """Each pair's true target flux given ``m`` (York: the fit's "x" without its noise), its
+    weight in the fit (its ``say`` over its ``variance``), and the fit's standard error."""
+    beta = x + r * m * sx2 / variance
+    return beta, say / variance, _standard_error(r / np.sqrt(variance), beta, x, variance, keep, robust=robust)
+
+
 def weighted_ratio(x, y, sx, sy, m: float, *, iterations: int = 50, robust: bool = True):
     """The noise-weighted robust fit of ``y = m x`` from the start ``m``; without ``robust``,
     every pair is kept (no biweight).
@@ -292,11 +299,8 @@ def weighted_ratio(x, y, sx, sy, m: float, *, iterations: int = 50, robust: bool
         keep = say > 0
         if keep.sum() < 2:
             break
-        # The true target flux of each pair, given m (York): the fit's "x" without its noise.
-        beta = x + r * m * sx2 / variance
-        w = say / variance
+        beta, w, error = _weighted_pairs(x, r, m, sx2, variance, say, keep, robust)
         m_new = float(np.sum(w * beta * y) / np.sum(w * beta * x))
-        error = _standard_error(r / np.sqrt(variance), beta, x, variance, keep, robust=robust)
         converged = abs(m_new - m) <= 1e-10 * abs(m)
         m = m_new
         if converged:
@@ -308,9 +312,7 @@ def weighted_ratio(x, y, sx, sy, m: float, *, iterations: int = 50, robust: bool
         classical = _chi2_scatter(r[keep], sy2[keep], (m * m * sx2)[keep], level2[keep])
         if classical > scatter:
             variance = sy2 + m * m * sx2 + classical * classical * level2
-            beta = x + r * m * sx2 / variance
-            w = say / variance
-            error = _standard_error(r / np.sqrt(variance), beta, x, variance, keep, robust=robust)
+            beta, w, error = _weighted_pairs(x, r, m, sx2, variance, say, keep, robust)
             scatter = classical
     if scatter > 0 and keep.sum() >= 2:
         error *= _small_sample_factor(w[keep] * beta[keep] ** 2)
