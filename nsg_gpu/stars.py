@@ -23,7 +23,7 @@ from scipy.spatial import cKDTree
 
 from . import kernels
 from .backend import get_backend
-from .resampling import InterpolationKernel, interpolation_kernel
+from .resampling import INTERPOLATIONS, MATCHED_HALF, interpolation_kernel, interpolation_taps
 from .stamps import gather_stamps
 
 __all__ = [
@@ -44,11 +44,16 @@ _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 #: leaves extended sources out: stars read 0.4-1.3 (undersampled ones the most), single hot
 #: pixels several.
 SHARPNESS_CAP = 1.0
-#: On a resampled frame a detection is a hot pixel (or cosmic ray) seen through the frame's
-#: interpolation kernel where that fits its 5 x 5 pixels better, by this much chi-square, than
-#: any star of FWHM :data:`POINT_TEST_FWHM` or more anywhere in its pixel, through the kernel too.
+#: On a resampled frame a detection is a hot pixel (or cosmic ray) seen through a
+#: registration's interpolation where that fits its 5 x 5 pixels better, by this much
+#: chi-square, than any star of FWHM :data:`POINT_TEST_FWHM` or more near the
+#: centre (:func:`through_kernel_points`); the shifts tried are :data:`POINT_TEST_STEP` apart.
 HOT_PIXEL_CHI2 = 25.0
-POINT_TEST_FWHM = (1.0, 1.4, 2.0, 2.8, 4.0)
+POINT_TEST_FWHM = (0.8, 1.0, 1.4, 2.0, 2.8, 4.0)
+POINT_TEST_STEP = 0.05
+#: The brightest detections (by their peak) that are tested, at most: the ones that set the
+#: catalogue's FWHM, sharpness and registration check.
+POINT_TEST_MAX = 1000
 #: Only detections whose brightest pixel is this many times the pixel noise are tested: the
 #: fainter ones fit either, and do not set the catalogue's FWHM or sharpness.
 POINT_TEST_SNR = 10.0
@@ -410,8 +415,8 @@ def detect_stars(
     Notes
     -----
     Runs on the backend of ``data``; image-sized intermediates stay there. On a resampled
-    frame (its noise read by :func:`nsg_gpu.resampling.interpolation_kernel`) the bright
-    detections that are single pixels seen through that kernel are left out
+    frame (its noise correlated: :func:`nsg_gpu.resampling.interpolation_kernel`) the bright
+    detections that are single pixels seen through an interpolation are left out
     (:func:`through_kernel_points`).
     """
     be = get_backend(data)
@@ -419,18 +424,18 @@ def detect_stars(
     image = data if data.ndim == 2 else detection_image(data)
     image = image.astype(xp.float32, copy=False)
     valid = image > 0
-    blur = interpolation_kernel(data if data.ndim == 3 else data[None])
+    resampled = interpolation_kernel(data if data.ndim == 3 else data[None]) is not None
     guess = 3.0 if fwhm is None else float(fwhm)
-    catalog = _detect_once(be, image, valid, guess, detection_sigma, max_stars, blur)
+    catalog = _detect_once(be, image, valid, guess, detection_sigma, max_stars, resampled)
     for _ in range(2):
         if fwhm is not None or len(catalog) < 5 or abs(catalog.fwhm - guess) < 0.2 * guess:
             break
         guess = float(np.clip(catalog.fwhm, 1.0, 20.0))
-        catalog = _detect_once(be, image, valid, guess, detection_sigma, max_stars, blur)
+        catalog = _detect_once(be, image, valid, guess, detection_sigma, max_stars, resampled)
     return catalog
 
 
-def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, blur=None) -> StarCatalog:
+def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=False) -> StarCatalog:
     xp = be.xp
     h, w = image.shape
     background = smooth_background(image, valid, scale=max(8.0 * fwhm, 16.0))
@@ -479,15 +484,16 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, blur=None) 
     pixel_noise = noise * math.sqrt(4 * math.pi) * sigma
     undersampled = (around > 0.4 * centre) & (nearest > 0.25 * centre) & (nearest > 3 * pixel_noise)
     keep = ok & (flux > 0) & ((cross > 0.2 * centre) | undersampled)
-    if blur is not None:
+    if resampled:
         # A resampled frame: a hot pixel comes out spread over its neighbours by the
         # interpolation, and passes the tests above; its shape is the kernel's.
         residual_sub = residual[::step, ::step][valid[::step, ::step]]
         pixel_sigma = float(1.4826 * xp.median(xp.abs(residual_sub - xp.median(residual_sub))))
         tested = xp.nonzero(keep & (centre > POINT_TEST_SNR * pixel_sigma))[0]
+        tested = tested[xp.argsort(-centre[tested])[:POINT_TEST_MAX]]
         if tested.size:
             inner = be.to_host(win[tested][:, half - 2 : half + 3, half - 2 : half + 3])
-            points = through_kernel_points(inner, blur, pixel_sigma)
+            points = through_kernel_points(inner, pixel_sigma)
             keep[tested[be.asarray(points)]] = False
     cx, cy, flux, peak_value, peak_residual = (
         be.to_host(a[keep]).astype(np.float64) for a in (cx, cy, flux, peak_value, peak_residual)
@@ -532,60 +538,73 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, blur=None) 
     return StarCatalog(cx + 0.0, cy + 0.0, flux, peak_value, radius, measured, noise)
 
 
-def _profiles(taps: tuple[float, ...], captured: np.ndarray) -> np.ndarray:
-    """Registered 1-D profiles at offsets -2..2 of captured profiles ``(n, offsets)`` on
-    offsets ``-m..m``: registered ``p`` is ``sum_a taps[a] captured(p + a)``, both mirrors of
-    the taps (the noise does not tell a shift from its mirror)."""
-    h, m = len(taps) // 2, captured.shape[1] // 2
-    out = []
-    for t in (np.asarray(taps), np.asarray(taps)[::-1]):
-        rows = np.zeros((5, captured.shape[1]))
-        for i, p in enumerate(range(-2, 3)):
-            for a in range(-h, h + 1):
-                if -m <= p + a <= m:
-                    rows[i, p + a + m] += t[a + h]
-        out.append(captured @ rows.T)
-    return np.concatenate(out)
+def _registered(taps: np.ndarray, captured: np.ndarray) -> np.ndarray:
+    """Registered 1-D profiles at offsets -2..2 of captured profiles ``(n, offsets -m..m)``
+    through ``taps`` (``-h..h``): registered ``p`` is ``sum_a taps[a] captured(p + a)``."""
+    h, m = taps.size // 2, captured.shape[1] // 2
+    rows = np.zeros((5, captured.shape[1]))
+    for i, p in enumerate(range(-2, 3)):
+        for a in range(-h, h + 1):
+            if -m <= p + a <= m:
+                rows[i, p + a + m] += taps[a + h]
+    return captured @ rows.T
 
 
-@functools.lru_cache(maxsize=8)
-def _point_templates(blur: InterpolationKernel) -> tuple[np.ndarray, np.ndarray]:
-    """Unit-norm 5 x 5 templates, ``(25, n)``: a single captured pixel through ``blur`` (at
-    the captured pixel under the registered one or a neighbour), and pixel-integrated
-    Gaussian stars of :data:`POINT_TEST_FWHM` at quarter-pixel places through it."""
+def _unit_outer(py: np.ndarray, px: np.ndarray) -> np.ndarray:
+    """Every outer product of a row of ``py`` and one of ``px`` as unit-norm 5 x 5 templates,
+    ``(25, n)``."""
+    t = (py[:, None, :, None] * px[None, :, None, :]).reshape(-1, 25)
+    return (t / np.linalg.norm(t, axis=1, keepdims=True)).T
+
+
+@functools.lru_cache(maxsize=1)
+def _point_templates() -> tuple[np.ndarray, np.ndarray]:
+    """Unit-norm 5 x 5 templates ``(25, n)``: a single captured pixel (under the registered
+    one or a neighbour) seen through each interpolation of
+    :data:`nsg_gpu.resampling.INTERPOLATIONS` at shifts of -1/2 to 1/2 px in steps of
+    :data:`POINT_TEST_STEP` along x and y; and pixel-integrated Gaussian stars of
+    :data:`POINT_TEST_FWHM` at quarter-pixel places within a pixel of the centre, through each
+    interpolation at shifts of -1/4, 0, 1/4 and 1/2 px. Made once."""
     from scipy.special import ndtr
 
-    m = 2 + len(blur.x) // 2 + 1
+    m = 2 + MATCHED_HALF + 2
     q = np.arange(-m, m + 1)
     single = np.zeros((3, q.size))
     single[np.arange(3), m + np.arange(-1, 2)] = 1.0
-    stars = []
-    for fwhm in POINT_TEST_FWHM:
-        sigma = fwhm * _FWHM_TO_SIGMA
-        for d in np.arange(-1.0, 1.001, 0.25):
-            stars.append(ndtr((q + 0.5 - d) / sigma) - ndtr((q - 0.5 - d) / sigma))
-    stars = np.array(stars).reshape(len(POINT_TEST_FWHM), -1, q.size)
+    places = np.arange(-1.0, 1.0001, 0.25)[:, None]
+    point, star = [], []
+    for name in INTERPOLATIONS:
 
-    def outer(py: np.ndarray, px: np.ndarray) -> np.ndarray:
-        t = (py[:, None, :, None] * px[None, :, None, :]).reshape(-1, 25)
-        return (t / np.linalg.norm(t, axis=1, keepdims=True)).T
+        def taps(shift: float) -> np.ndarray:
+            t = np.asarray(interpolation_taps(name, abs(shift)))  # noqa: B023 (used at once)
+            return t if shift >= 0 else t[::-1]
 
-    point = outer(_profiles(blur.y, single), _profiles(blur.x, single))
-    star = np.concatenate([outer(_profiles(blur.y, s), _profiles(blur.x, s)) for s in stars], axis=1)
-    return point, star
+        points = np.concatenate(
+            [_registered(taps(float(v)), single) for v in np.round(np.arange(-0.5, 0.5001, POINT_TEST_STEP), 6)]
+        )
+        point.append(_unit_outer(points, points))
+        for fwhm in POINT_TEST_FWHM:
+            sigma = fwhm * _FWHM_TO_SIGMA
+            captured = ndtr((q + 0.5 - places) / sigma) - ndtr((q - 0.5 - places) / sigma)
+            stars = np.concatenate([_registered(taps(v), captured) for v in (-0.25, 0.0, 0.25, 0.5)])
+            star.append(_unit_outer(stars, stars))
+    return np.concatenate(point, axis=1), np.concatenate(star, axis=1)
 
 
-def through_kernel_points(windows: np.ndarray, blur: InterpolationKernel, pixel_sigma: float) -> np.ndarray:
+def through_kernel_points(windows: np.ndarray, pixel_sigma: float) -> np.ndarray:
     """True for each 5 x 5 window (background-subtracted, centred on a detection; host
-    array ``(n, 5, 5)``) that a single bright pixel seen through the interpolation ``blur``
-    fits better, by :data:`HOT_PIXEL_CHI2` in units of ``pixel_sigma``, than any star of
-    :data:`POINT_TEST_FWHM` through it: a hot pixel or cosmic ray that a registration spread
+    array ``(n, 5, 5)``) that a single captured pixel seen through a registration's
+    interpolation fits better, by :data:`HOT_PIXEL_CHI2` in units of ``pixel_sigma``, than any
+    star of :data:`POINT_TEST_FWHM`: a hot pixel or cosmic ray that a registration spread
     over its neighbours, which the tests of a single bright pixel no longer see.
 
-    A least-squares amplitude per template: the chi-square is the window's square sum less
-    the square of its projection on the unit template, so only the largest projections
-    count."""
-    point, star = _point_templates(blur)
+    The interpolation and its shift are free for every window (:func:`_point_templates`): a
+    registration that also rotated or warped the frame shifts each pixel by its own amount,
+    and one that clamps its kernel's lobes at high contrast shows a hot pixel through another
+    kernel than the noise's. A least-squares amplitude per template: the chi-square is the
+    window's square sum less the square of its projection on the unit template, so only the
+    largest projections count."""
+    point, star = _point_templates()
     flat = np.asarray(windows, dtype=np.float64).reshape(len(windows), 25)
     best_point = np.clip(flat @ point, 0, None).max(axis=1)
     best_star = np.clip(flat @ star, 0, None).max(axis=1)
