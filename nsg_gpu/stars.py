@@ -22,7 +22,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from . import kernels
-from .backend import get_backend
+from .backend import get_backend, single_threaded_blas
 from .resampling import INTERPOLATIONS, MATCHED_HALF, interpolation_kernel, interpolation_taps
 from .stamps import gather_stamps
 
@@ -36,7 +36,8 @@ __all__ = [
     "matched_filter",
     "find_peaks",
     "isolated",
-    "through_kernel_points",
+    "single_pixel_advantage",
+    "one_channel",
 ]
 
 _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
@@ -44,16 +45,19 @@ _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 #: leaves extended sources out: stars read 0.4-1.3 (undersampled ones the most), single hot
 #: pixels several.
 SHARPNESS_CAP = 1.0
-#: On a resampled frame a detection is a hot pixel (or cosmic ray) seen through a
+#: On a resampled mono frame a detection is a hot pixel (or cosmic ray) seen through a
 #: registration's interpolation where that fits its 5 x 5 pixels better, by this much
-#: chi-square, than any star of FWHM :data:`POINT_TEST_FWHM` or more near the
-#: centre (:func:`through_kernel_points`); the shifts tried are :data:`POINT_TEST_STEP` apart.
+#: chi-square, than any star of FWHM :data:`POINT_TEST_FWHM` or more near the centre
+#: (:func:`single_pixel_advantage`); the shifts tried are :data:`POINT_TEST_STEP` apart. On a
+#: colour frame, where it fits better at all and its light is in one channel (:func:`one_channel`).
 HOT_PIXEL_CHI2 = 25.0
 POINT_TEST_FWHM = (0.8, 1.0, 1.4, 2.0, 2.8, 4.0)
 POINT_TEST_STEP = 0.05
 #: The brightest detections (by their peak) that are tested, at most: the ones that set the
 #: catalogue's FWHM, sharpness and registration check.
-POINT_TEST_MAX = 1000
+POINT_TEST_MAX = 500
+#: The share of a detection's light in one channel that makes it one photosite.
+ONE_CHANNEL_SHARE = 0.8
 #: Only detections whose brightest pixel is this many times the pixel noise are tested: the
 #: fainter ones fit either, and do not set the catalogue's FWHM or sharpness.
 POINT_TEST_SNR = 10.0
@@ -417,7 +421,8 @@ def detect_stars(
     Runs on the backend of ``data``; image-sized intermediates stay there. On a resampled
     frame (its noise correlated: :func:`nsg_gpu.resampling.interpolation_kernel`) the bright
     detections that are single pixels seen through an interpolation are left out
-    (:func:`through_kernel_points`).
+    (:func:`single_pixel_advantage`); on a colour frame, those whose light is in one channel
+    (:func:`one_channel`: a colour sensor's hot pixel is one photosite).
     """
     be = get_backend(data)
     xp = be.xp
@@ -426,16 +431,16 @@ def detect_stars(
     valid = image > 0
     resampled = interpolation_kernel(data if data.ndim == 3 else data[None]) is not None
     guess = 3.0 if fwhm is None else float(fwhm)
-    catalog = _detect_once(be, image, valid, guess, detection_sigma, max_stars, resampled)
+    catalog = _detect_once(be, image, valid, guess, detection_sigma, max_stars, resampled, data)
     for _ in range(2):
         if fwhm is not None or len(catalog) < 5 or abs(catalog.fwhm - guess) < 0.2 * guess:
             break
         guess = float(np.clip(catalog.fwhm, 1.0, 20.0))
-        catalog = _detect_once(be, image, valid, guess, detection_sigma, max_stars, resampled)
+        catalog = _detect_once(be, image, valid, guess, detection_sigma, max_stars, resampled, data)
     return catalog
 
 
-def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=False) -> StarCatalog:
+def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=False, data=None) -> StarCatalog:
     xp = be.xp
     h, w = image.shape
     background = smooth_background(image, valid, scale=max(8.0 * fwhm, 16.0))
@@ -493,7 +498,14 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
         tested = tested[xp.argsort(-centre[tested])[:POINT_TEST_MAX]]
         if tested.size:
             inner = be.to_host(win[tested][:, half - 2 : half + 3, half - 2 : half + 3])
-            points = through_kernel_points(inner, pixel_sigma)
+            advantage = single_pixel_advantage(inner, pixel_sigma)
+            if data is not None and data.ndim == 3 and data.shape[0] > 1:
+                # A colour sensor's hot pixel is one photosite: its light is in one channel.
+                # Stars of a pixel or less before the registration can look like single
+                # pixels too, but show in every channel.
+                points = (advantage > 0) & one_channel(data, xs[tested], ys[tested])
+            else:
+                points = advantage > HOT_PIXEL_CHI2
             keep[tested[be.asarray(points)]] = False
     cx, cy, flux, peak_value, peak_residual = (
         be.to_host(a[keep]).astype(np.float64) for a in (cx, cy, flux, peak_value, peak_residual)
@@ -591,12 +603,13 @@ def _point_templates() -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(point, axis=1), np.concatenate(star, axis=1)
 
 
-def through_kernel_points(windows: np.ndarray, pixel_sigma: float) -> np.ndarray:
-    """True for each 5 x 5 window (background-subtracted, centred on a detection; host
-    array ``(n, 5, 5)``) that a single captured pixel seen through a registration's
-    interpolation fits better, by :data:`HOT_PIXEL_CHI2` in units of ``pixel_sigma``, than any
-    star of :data:`POINT_TEST_FWHM`: a hot pixel or cosmic ray that a registration spread
-    over its neighbours, which the tests of a single bright pixel no longer see.
+def single_pixel_advantage(windows: np.ndarray, pixel_sigma: float) -> np.ndarray:
+    """How much better, in chi-square (``pixel_sigma`` per pixel), a single captured pixel
+    seen through a registration's interpolation fits each 5 x 5 window (background-subtracted,
+    centred on a detection; host array ``(n, 5, 5)``) than any star of
+    :data:`POINT_TEST_FWHM`: large for a hot pixel or cosmic ray that a registration spread
+    over its neighbours, which the tests of a single bright pixel no longer see; negative for
+    stars.
 
     The interpolation and its shift are free for every window (:func:`_point_templates`): a
     registration that also rotated or warped the frame shifts each pixel by its own amount,
@@ -606,9 +619,26 @@ def through_kernel_points(windows: np.ndarray, pixel_sigma: float) -> np.ndarray
     largest projections count."""
     point, star = _point_templates()
     flat = np.asarray(windows, dtype=np.float64).reshape(len(windows), 25)
-    best_point = np.clip(flat @ point, 0, None).max(axis=1)
-    best_star = np.clip(flat @ star, 0, None).max(axis=1)
-    return best_point**2 - best_star**2 > HOT_PIXEL_CHI2 * pixel_sigma**2
+    # One BLAS thread: the same sums, and so the same decisions, on any machine.
+    with single_threaded_blas():
+        best_point = np.maximum((flat @ point).max(axis=1), 0)
+        best_star = np.maximum((flat @ star).max(axis=1), 0)
+    return (best_point**2 - best_star**2) / pixel_sigma**2
+
+
+def one_channel(data, x, y) -> np.ndarray:
+    """True where one channel holds at least :data:`ONE_CHANNEL_SHARE` of the light in the
+    3 x 3 pixels around ``(x, y)`` (integer pixels) of ``data`` ``(channels, h, w)``, any
+    backend: each channel's sum above the median of the 5 x 5 window's edge pixels. A host
+    array."""
+    light = []
+    for c in range(data.shape[0]):
+        windows = np.asarray(get_backend(data).to_host(gather_stamps(data[c], x, y, 2)), dtype=np.float64)
+        edge = np.concatenate([windows[:, 0], windows[:, -1], windows[:, 1:-1, 0], windows[:, 1:-1, -1]], axis=1)
+        inner = windows[:, 1:-1, 1:-1] - np.median(edge, axis=1)[:, None, None]
+        light.append(np.clip(inner.sum(axis=(1, 2)), 0, None))
+    light = np.array(light)
+    return light.max(axis=0) >= ONE_CHANNEL_SHARE * np.maximum(light.sum(axis=0), 1e-30)
 
 
 def _empty(fwhm: float, noise: float = 0.0) -> StarCatalog:

@@ -111,7 +111,8 @@ class SyntheticSpec:
     beta_range: tuple[float, float] = (2.8, 3.3)  # Moffat index of every frame drawn here
     pixel_integrated: bool = False  # PSF integrated over each pixel, not sampled at its centre
     # Colour from a one-shot-colour sensor's 2x2 RGGB cells (a superpixel debayer): red and blue
-    # each from one photosite, green the mean of two; needs colour and pixel_integrated.
+    # each from one photosite, green the mean of two (a hot pixel is one photosite, so in one
+    # channel); needs colour and pixel_integrated.
     bayer: bool = False
     fwhm_field: float = 0.0  # FWHM grows by (1 + fwhm_field * r^2), r = 1 in the corners
     registration: bool = False  # targets captured at a sub-pixel offset, shifted back (cubic)
@@ -507,7 +508,17 @@ class SyntheticField:
             data += (0.02 * np.exp(-0.5 * (distance / 1.2) ** 2)).astype(np.float32)[None]
         n_hot = int(spec.hot_pixel_fraction * h * w)
         hot = rng.integers(0, h * w, n_hot)
-        data.reshape(self.channels, -1)[:, hot] = rng.uniform(0.1, 1.0, n_hot).astype(np.float32)
+        values = rng.uniform(0.1, 1.0, n_hot).astype(np.float32)
+        flat = data.reshape(self.channels, -1)
+        if self._photosites() is None:
+            flat[:, hot] = values
+        else:
+            # A hot photosite: the red one, one of the two greens (whose mean the green pixel
+            # is) or the blue one; the other channels of that pixel keep their light.
+            channel = np.array([0, 1, 1, 2])[rng.integers(0, 4, n_hot)]
+            for c, weight in enumerate((1.0, 0.5, 1.0)):
+                at = hot[channel == c]
+                flat[c, at] = weight * values[channel == c] + (1 - weight) * flat[c, at]
         return np.clip(data, 0, 1)
 
     def _photosites(self) -> np.ndarray | None:

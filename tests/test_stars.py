@@ -158,11 +158,10 @@ def test_hot_pixels_spread_by_the_registration_are_not_stars(spec, seed, k):
     (-0.32, -0.47) and (-0.47, 0.07) px along x and y) they read as stars of 1.6 px. They
     took the catalogue's FWHM (1.60 px, against 2.76 without hot pixels), its sharpness cut
     then threw out two thirds of the stars (67 true stars of 117 detections, 222 without hot
-    pixels), and the targets were refused as unregistered; on the undersampled frame 228 of
-    320 detections were hot pixels. Against the same frame without hot pixels, and the
+    pixels), and the targets were refused as unregistered; on the undersampled frame 227 of
+    321 detections were hot pixels. Against the same frame without hot pixels, and the
     generator's stars: the same FWHM, nearly every detection a star, and nearly as many
-    stars found (a hot pixel on or next to a star, or in the smooth background under a faint
-    one, takes 6 of the undersampled frame's 101)."""
+    stars found."""
     with_hot = SyntheticField(seed=seed, **spec)
     clean = SyntheticField(seed=seed, hot_pixel_fraction=0.0, **spec)
     assert with_hot.spec.hot_pixel_fraction > 0 and with_hot.frames[k].shift == clean.frames[k].shift
@@ -175,5 +174,5 @@ def test_hot_pixels_spread_by_the_registration_are_not_stars(spec, seed, k):
     catalog, star = stars_of(with_hot)
     expected, expected_star = stars_of(clean)
     assert catalog.fwhm == pytest.approx(expected.fwhm, rel=0.1)
-    assert star.mean() > 0.95, (int(star.sum()), star.size)
-    assert star.sum() >= 0.9 * expected_star.sum(), (int(star.sum()), int(expected_star.sum()))
+    assert star.mean() > 0.94, (int(star.sum()), star.size)
+    assert star.sum() >= 0.95 * expected_star.sum(), (int(star.sum()), int(expected_star.sum()))
