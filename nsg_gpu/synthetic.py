@@ -17,7 +17,8 @@ after, bit for bit): PSFs integrated over each pixel (what an undersampled camer
 the Moffat at pixel centres), a FWHM that grows towards the corners, Moffat indices spread per
 frame, and registration: the target is captured at a sub-pixel offset, gets its noise, hot
 pixels and saturation there, and is shifted back onto the reference's grid by a cubic spline,
-clamped to [0, 1], with the uncovered edge left at 0 (the reference is never resampled). Named
+clamped to [0, 1], with the uncovered edge left at 0 (the reference is never resampled); with
+``rotation`` it is also seen turned about the frame's centre, and turned back. Named
 scenarios (:data:`SCENARIOS`) gather such settings: sparse undersampled colour frames like a
 small smart telescope's, a field-dependent PSF, a crowded field.
 """
@@ -77,6 +78,8 @@ class FrameTruth:
     # Offset (dy, dx) in px at which the camera saw the field; registration undid it with a
     # cubic spline. (0, 0): not resampled.
     shift: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    # And the angle (degrees) by which the camera saw it turned about the frame's centre.
+    rotation: float = 0.0
 
     def scale(self, reference: FrameTruth) -> np.ndarray:
         """``m`` per channel: multiply this frame by it to reach the reference's brightness."""
@@ -117,6 +120,7 @@ class SyntheticSpec:
     fwhm_field: float = 0.0  # FWHM grows by (1 + fwhm_field * r^2), r = 1 in the corners
     registration: bool = False  # targets captured at a sub-pixel offset, shifted back (cubic)
     shifts: list[list[float]] | None = None  # (dy, dx) per frame; default uniform in +-0.5 px
+    rotation: float = 0.0  # registered targets also seen turned by up to this many degrees
     nebula_strength: float = 1.0  # the nebula's brightness relative to the default
 
     @classmethod
@@ -239,6 +243,10 @@ class SyntheticField:
                 truth.shift = [float(v) for v in spec.shifts[k]]
             elif spec.registration and k:
                 truth.shift = [float(v) for v in rng.uniform(-0.5, 0.5, 2)]
+        if spec.registration and spec.rotation:
+            turns = np.random.default_rng([spec.seed, 20_261_202]).uniform(-1, 1, len(self.frames))
+            for truth, turn in zip(self.frames[1:], turns[1:]):
+                truth.rotation = float(spec.rotation * turn)
 
     # -- construction ---------------------------------------------------------------------------
     def _make_nebula(self, rng) -> np.ndarray:
@@ -296,6 +304,19 @@ class SyntheticField:
         )
 
     # -- components -----------------------------------------------------------------------------
+    def _to_capture(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(matrix, offset)`` in (row, column) coordinates: the reference's pixel ``p`` lies
+        at ``matrix @ p + offset`` in frame ``k``'s capture (its turn about the frame's centre,
+        then its shift)."""
+        truth, spec = self.frames[k], self.spec
+        turn = math.radians(truth.rotation)
+        matrix = np.array([[math.cos(turn), math.sin(turn)], [-math.sin(turn), math.cos(turn)]])
+        centre = np.array([(spec.height - 1) / 2, (spec.width - 1) / 2])
+        return matrix, centre + np.asarray(truth.shift, float) - matrix @ centre
+
+    def _resampled(self, k: int) -> bool:
+        return self.frames[k].shift != [0.0, 0.0] or self.frames[k].rotation != 0.0
+
     @property
     def reference(self) -> FrameTruth:
         return self.frames[0]
@@ -329,6 +350,13 @@ class SyntheticField:
             yy, xx = np.mgrid[0:h, 0:w]
             mask &= (xx / (0.3 * w) + yy / (0.35 * h)) > 1.0
         # Registration leaves uncovered the reference's pixels that map outside the capture.
+        if truth.rotation:
+            matrix, offset = self._to_capture(k)
+            yy, xx = np.mgrid[0:h, 0:w]
+            y_source = matrix[0, 0] * yy + matrix[0, 1] * xx + offset[0]
+            x_source = matrix[1, 0] * yy + matrix[1, 1] * xx + offset[1]
+            mask &= (y_source >= 0) & (y_source <= h - 1) & (x_source >= 0) & (x_source <= w - 1)
+            return mask
         dy, dx = truth.shift
         y_source = np.arange(h) + dy
         x_source = np.arange(w) + dx
@@ -344,7 +372,11 @@ class SyntheticField:
         """
         truth = self.frames[k]
         dy, dx = truth.shift if captured else (0.0, 0.0)
-        return self._memoized(("stars", k, dy, dx), lambda: self._render_stars(truth.fwhm, truth.beta, dx=dx, dy=dy))
+        turn = truth.rotation if captured else 0.0
+        return self._memoized(
+            ("stars", k, dy, dx, turn),
+            lambda: self._render_stars(truth.fwhm, truth.beta, dx=dx, dy=dy, at=self._to_capture(k) if turn else None),
+        )
 
     def fwhm_at(self, k: int, x, y) -> np.ndarray:
         """The FWHM of frame ``k``'s PSF at pixel positions ``x, y`` (before pixel integration)."""
@@ -356,10 +388,16 @@ class SyntheticField:
         r2 = ((x - cx) ** 2 + (y - cy) ** 2) / (cx**2 + cy**2)
         return 1 + spec.fwhm_field * np.clip(r2, 0, 1)
 
-    def _render_stars(self, fwhm: float, beta: float, *, dx: float = 0.0, dy: float = 0.0) -> np.ndarray:
+    def _render_stars(self, fwhm: float, beta: float, *, dx: float = 0.0, dy: float = 0.0, at=None) -> np.ndarray:
+        """The stars drawn at their places moved by ``(dx, dy)``, or by ``at``, a
+        ``(matrix, offset)`` of :meth:`_to_capture`."""
         spec = self.spec
         h, w = spec.height, spec.width
         star_x, star_y = self.star_x + dx, self.star_y + dy
+        if at is not None:
+            (m, offset) = at
+            star_y = m[0, 0] * self.star_y + m[0, 1] * self.star_x + offset[0]
+            star_x = m[1, 0] * self.star_y + m[1, 1] * self.star_x + offset[1]
         # A field-dependent FWHM in 8 steps of r^2, each star at its step's middle.
         if spec.fwhm_field:
             levels = 8
@@ -452,12 +490,21 @@ class SyntheticField:
     def _compute_captured_signal(self, k: int) -> np.ndarray:
         truth = self.frames[k]
         t = np.asarray(truth.transmission, np.float32)[:, None, None]
-        if truth.shift == [0.0, 0.0]:
+        if not self._resampled(k):
             return t * (self.stars(k) + self.nebula) + self.sky(k)
         # Nebula and sky are smooth: a spline shift carries them to the camera's grid; the stars
         # are drawn there directly, so their profiles are the PSF's, not an interpolation's.
         smooth = (t * self.nebula + self.sky(k)).astype(np.float64)
-        moved = np.stack([scipy.ndimage.shift(plane, truth.shift, order=3, mode="nearest") for plane in smooth])
+        if truth.rotation:
+            matrix, offset = self._to_capture(k)
+            moved = np.stack(
+                [
+                    scipy.ndimage.affine_transform(plane, matrix.T, offset=-matrix.T @ offset, order=3, mode="nearest")
+                    for plane in smooth
+                ]
+            )
+        else:
+            moved = np.stack([scipy.ndimage.shift(plane, truth.shift, order=3, mode="nearest") for plane in smooth])
         return (t * self.stars(k, captured=True) + moved).astype(np.float32)
 
     def _gain(self) -> tuple[float, float]:
@@ -473,7 +520,19 @@ class SyntheticField:
         registration left no data."""
         truth = self.frames[k]
         data = self.capture(k)
-        if truth.shift != [0.0, 0.0]:
+        if truth.rotation:
+            # Registration: the reference's pixel p lies at matrix @ p + offset in the capture.
+            matrix, offset = self._to_capture(k)
+            data = np.stack(
+                [
+                    scipy.ndimage.affine_transform(
+                        plane.astype(np.float64), matrix, offset=offset, order=3, mode="nearest"
+                    )
+                    for plane in data
+                ]
+            )
+            data = np.clip(data, 0, 1).astype(np.float32)
+        elif truth.shift != [0.0, 0.0]:
             # Registration: the reference's pixel p lies at p + shift in the capture.
             back = [-v for v in truth.shift]
             data = np.stack(

@@ -128,6 +128,40 @@ def test_registered_small_stars_with_the_registration_kernel(seed):
         assert abs(error) < 2 * measured.fits[0].scale_error / measured.scale[0], error
 
 
+def test_targets_registered_with_a_turn():
+    """Targets seen turned by 0.4-1.4 degrees about the centre as well as shifted, then
+    registered (a cubic spline): their shift changes across the frame, and the noise of the
+    most turned one matches no single interpolation (the zero-phase kernel serves). Each
+    scale is within 1.5 % of the truth and 3 of its stated uncertainty (0.00, +0.58, +0.95 %
+    against 0.7-0.8 %; stars of 1.5-2.5 px, RMS 0.59 % over seeds 5, 7, 8 and 9 with turns up
+    to 2 degrees, 0.22 % without turns)."""
+    from nsg_gpu.io import Frame
+    from nsg_gpu.params import Parameters
+    from nsg_gpu.reference import prepare_reference
+    from nsg_gpu.scale import measure_scale
+    from nsg_gpu.synthetic import SyntheticField
+
+    field = SyntheticField(
+        width=900,
+        height=700,
+        n_stars=900,
+        n_frames=4,
+        fwhm_range=(1.5, 2.5),
+        beta_range=(2.5, 4.0),
+        pixel_integrated=True,
+        registration=True,
+        rotation=2.0,
+        seed=8,
+    )
+    assert [round(abs(f.rotation), 2) for f in field.frames] == [0.0, 0.37, 1.12, 1.38]
+    reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
+    for k in range(1, 4):
+        measured = measure_scale(reference, Frame.from_array(field.render(k), name=f"target {k}"))
+        error = measured.scale[0] / field.frames[k].scale(field.reference)[0] - 1
+        stated = measured.fits[0].scale_error / measured.scale[0]
+        assert abs(error) < 0.015 and abs(error) < 3 * stated, (k, error, stated)
+
+
 @pytest.mark.parametrize("seed", [2, 3])
 def test_sparse_field_targets_are_judged_registered(seed):
     """25 stars on a nebula, 800 x 600 px: the reference's 50 brightest reach down to stars a

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -163,8 +164,9 @@ def registered():
     )
 
 
-def _centroid_offsets(field: SyntheticField, image: np.ndarray, k: int) -> np.ndarray:
-    """Fitted minus catalogue position (dy, dx) of bright isolated stars in ``image``."""
+def _centroid_offsets(field: SyntheticField, image: np.ndarray, k: int, at: np.ndarray | None = None) -> np.ndarray:
+    """Fitted minus catalogue position (dy, dx) of bright isolated stars in ``image``, each
+    looked for at its catalogue position plus ``at[i]`` (dy, dx) where given."""
     from scipy.optimize import curve_fit
 
     frame = field.frames[k]
@@ -172,6 +174,8 @@ def _centroid_offsets(field: SyntheticField, image: np.ndarray, k: int) -> np.nd
     offsets = []
     for i in _bright_isolated(field, k):
         x, y = field.star_x[i], field.star_y[i]
+        if at is not None:
+            x, y = x + at[i, 1], y + at[i, 0]
         cy, cx = int(round(y)), int(round(x))
         cut = image[cy - 6 : cy + 7, cx - 6 : cx + 7].astype(float)
         yy, xx = np.mgrid[cy - 6 : cy + 7, cx - 6 : cx + 7]
@@ -180,7 +184,7 @@ def _centroid_offsets(field: SyntheticField, image: np.ndarray, k: int) -> np.nd
             return (amplitude * (1 + ((xx - x0) ** 2 + (yy - y0) ** 2) / alpha**2) ** (-frame.beta) + sky).ravel()
 
         params, _ = curve_fit(model, None, cut.ravel(), p0=[cut.max(), x, y, np.median(cut)])
-        offsets.append([params[2] - y, params[1] - x])
+        offsets.append([params[2] - field.star_y[i], params[1] - field.star_x[i]])
     return np.array(offsets)
 
 
@@ -213,6 +217,29 @@ def test_registration_smooths_the_pixel_noise_by_the_spline_factor(registered, k
         per_axis = [float(np.sum(_shift_kernel(0.5) ** 2))] * 2
         assert math.sqrt(per_axis[0] * per_axis[1]) == pytest.approx(0.756, abs=0.01)
         assert ratio < 0.75
+
+
+def test_a_turned_capture_is_registered_back_onto_the_reference(registered):
+    """``rotation``: targets seen turned (up to 3 degrees) about the frame's centre as well as
+    shifted. The ten brightest isolated stars sit where the turn puts them in the capture (up
+    to 5 px from the catalogue in this field) and back on the catalogue once registered,
+    within their fits' noise; the registration leaves no data where the turned capture does
+    not reach (the corners)."""
+    field = SyntheticField(**dict(asdict(registered.spec), rotation=3.0, shifts=None))
+    k = 1 + int(np.argmax([abs(f.rotation) for f in field.frames[1:]]))
+    assert abs(field.frames[k].rotation) > 1 and field.frames[0].rotation == 0.0
+    matrix, offset = field._to_capture(k)
+    catalogue = np.stack([field.star_y, field.star_x])
+    expected = (matrix @ catalogue + offset[:, None] - catalogue).T
+    stars = _bright_isolated(field, k)[:10]
+    captured = _centroid_offsets(field, field.capture(k)[0], k, at=expected)[:10]
+    np.testing.assert_allclose(captured, expected[stars], atol=0.1)
+    assert np.abs(expected[stars]).max() > 3
+    back = _centroid_offsets(field, field.render(k)[0], k)[:10]
+    assert np.abs(back).max() < 0.1
+    covered = field.coverage(k)
+    assert not (covered[0, 0] and covered[0, -1] and covered[-1, 0] and covered[-1, -1]) and covered[250, 300]
+    assert np.all(field.render(k)[0][~covered] == 0)
 
 
 def test_registration_leaves_the_uncovered_edge_at_zero_and_clamps(registered):
