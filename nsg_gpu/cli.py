@@ -497,12 +497,19 @@ def synth(
     ] = None,
     stars: Annotated[Optional[int], typer.Option(help="Stars in the field; default 3500 or the scenario's.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same frames.")] = 1,
+    rotation: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Registered targets also seen turned about the centre by up to this many degrees "
+            "(the scenarios that register their targets: all but default)."
+        ),
+    ] = None,
 ):
     """Write synthetic registered frames with known transmission, gradient, noise and
     registration offsets (see truth.json)."""
     from .synthetic import SyntheticSpec, write_synthetic_set
 
-    chosen = {"width": width, "height": height, "colour": colour, "n_stars": stars}
+    chosen = {"width": width, "height": height, "colour": colour, "n_stars": stars, "rotation": rotation}
     spec = SyntheticSpec.from_scenario(
         scenario, n_frames=frames, seed=seed, **{k: v for k, v in chosen.items() if v is not None}
     )

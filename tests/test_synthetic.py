@@ -303,6 +303,14 @@ def test_nsg_synth_writes_a_scenario_and_its_truth(tmp_path):
         assert len(entry["pixel_noise"]) == 3
     bad = CliRunner().invoke(app, ["synth", str(tmp_path / "x"), "--scenario", "nope"])
     assert bad.exit_code == 1 and "unknown scenario" in bad.output
+    turned = CliRunner().invoke(
+        app,
+        ["synth", str(tmp_path / "t"), "--scenario", "crowded", "-n", "3", "--width", "300", "--height", "200"]
+        + ["--stars", "300", "--rotation", "2"],
+    )
+    assert turned.exit_code == 0, turned.output
+    turns = [f["rotation"] for f in json.loads((tmp_path / "t" / "truth.json").read_text())["frames"]]
+    assert turns[0] == 0 and all(0 < abs(t) <= 2 for t in turns[1:]), turns
 
 
 def test_independent_photometry_recovers_the_true_transmission():
