@@ -72,6 +72,19 @@ def test_registration_offsets_follow_the_frame_not_each_centroid():
     assert np.allclose(ox, 0.25) and np.allclose(oy, -0.1)
 
 
+#: Stars of 1.5-2.5 px before the pixels, integrated over them; targets registered.
+REGISTERED_SMALL = dict(
+    width=900,
+    height=700,
+    n_stars=900,
+    n_frames=4,
+    fwhm_range=(1.5, 2.5),
+    beta_range=(2.5, 4.0),
+    pixel_integrated=True,
+    registration=True,
+)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [5, 8])
 def test_registered_small_stars_with_the_registration_kernel(seed):
@@ -87,17 +100,7 @@ def test_registered_small_stars_with_the_registration_kernel(seed):
     from nsg_gpu.scale import measure_scale
     from nsg_gpu.synthetic import SyntheticField
 
-    field = SyntheticField(
-        width=900,
-        height=700,
-        n_stars=900,
-        n_frames=4,
-        fwhm_range=(1.5, 2.5),
-        beta_range=(2.5, 4.0),
-        pixel_integrated=True,
-        registration=True,
-        seed=seed,
-    )
+    field = SyntheticField(**REGISTERED_SMALL, seed=seed)
     reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
     assert reference.interpolation_kernel is None
     for k in range(1, 4):
@@ -141,18 +144,7 @@ def test_targets_registered_with_a_turn():
     from nsg_gpu.scale import measure_scale
     from nsg_gpu.synthetic import SyntheticField
 
-    field = SyntheticField(
-        width=900,
-        height=700,
-        n_stars=900,
-        n_frames=4,
-        fwhm_range=(1.5, 2.5),
-        beta_range=(2.5, 4.0),
-        pixel_integrated=True,
-        registration=True,
-        rotation=2.0,
-        seed=8,
-    )
+    field = SyntheticField(**REGISTERED_SMALL, rotation=2.0, seed=8)
     assert [round(abs(f.rotation), 2) for f in field.frames] == [0.0, 0.37, 1.12, 1.38]
     reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
     for k in range(1, 4):
