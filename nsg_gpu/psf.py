@@ -48,7 +48,7 @@ reference's fit is kept by :class:`nsg_gpu.reference.Reference`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage, optimize, stats
@@ -127,6 +127,9 @@ class MoffatPSF:
     #: The registration's interpolation kernel the frame's pixels went through
     #: (:mod:`nsg_gpu.resampling`), convolved with the profile; None for a frame not resampled.
     blur: InterpolationKernel | None = None
+    #: The fit's covariance of ``(log alpha, beta)`` as ``(var log alpha, cov, var beta)``
+    #: (:func:`parameter_covariance`), or None where the Moffat was not fitted.
+    covariance: tuple[float, float, float] | None = None
 
     @property
     def fwhm(self) -> float:
@@ -146,7 +149,9 @@ class MoffatPSF:
     def at(self, factor: float) -> MoffatPSF:
         """The same Moffat ``factor`` times as wide, without a field model: the PSF where the
         field's factor is ``factor``."""
-        return MoffatPSF(self.alpha * factor, self.beta, self.stars, self.pixel_integrated, None, self.blur)
+        return MoffatPSF(
+            self.alpha * factor, self.beta, self.stars, self.pixel_integrated, None, self.blur, self.covariance
+        )
 
     def uniform(self) -> MoffatPSF:
         """The Moffat at the field's typical width (factor 1), without the field model."""
@@ -621,7 +626,7 @@ def fit_psf(
         widths=widths,
         blur=blur,
     )
-    return fit.psf, fit.usable, fit.star
+    return _with_covariance(fit), fit.usable, fit.star
 
 
 @dataclass
@@ -717,6 +722,50 @@ def _fit_once(
     coef, _ = models.solve(psf)
     star = np.einsum("nkp,nk->np", models.profile(psf), coef[:, :3])
     return _Fit(MoffatPSF(psf.alpha, psf.beta, int(usable.sum()), pixel_integrated, None, blur), usable, star, models)
+
+
+def parameter_covariance(models: _StarModels, psf: MoffatPSF) -> tuple[float, float, float]:
+    """The covariance of a joint fit's ``(log alpha, beta)``, as ``(var log alpha, cov,
+    var beta)``, at the fit's final weights.
+
+    The Jacobian is that of the residuals with every star's amplitude, position and
+    background solved again (the fit's own residual function; central differences), so the
+    stars' linear parameters are accounted for. Two estimates, the larger (by the index's
+    variance) kept: the model's, ``(J^T J)^-1`` times the reduced chi-square, and the
+    cluster-robust sandwich ``A^-1 (sum_i g_i g_i^T) A^-1`` with each star a cluster
+    (``g_i`` its residuals' gradient), which also holds where a star's pixels share an error
+    the model lacks (a faint neighbour in its wings, nebula under it, a kernel off at its
+    place): such errors pull a star's whole stamp one way and do not average out over its
+    pixels, only over the stars.
+    """
+    theta = np.array([math.log(psf.alpha), psf.beta])
+    steps = np.array([1e-3, 2e-3])
+
+    def residual(t):
+        _, model = models.solve(MoffatPSF(math.exp(t[0]), t[1], 0, psf.pixel_integrated))
+        return (models.data - model) * models.sqrt_weight
+
+    r = residual(theta)
+    jac = np.empty(r.shape + (2,))
+    for j in range(2):
+        d = np.zeros(2)
+        d[j] = steps[j]
+        jac[..., j] = (residual(theta + d) - residual(theta - d)) / (2 * steps[j])
+    inverse = np.linalg.inv(np.einsum("npi,npj->ij", jac, jac))
+    n = r.shape[0]
+    dof = max(int(np.count_nonzero(models.weight)) - n * models.k - 2, 1)
+    model = inverse * float(np.sum(r * r)) / dof
+    g = np.einsum("npi,np->ni", jac, r)
+    sandwich = inverse @ (g.T @ g * n / max(n - 1, 1)) @ inverse
+    c = sandwich if sandwich[1, 1] > model[1, 1] else model
+    return float(c[0, 0]), float(c[0, 1]), float(c[1, 1])
+
+
+def _with_covariance(fit: _Fit) -> MoffatPSF:
+    """``fit``'s Moffat with its :func:`parameter_covariance`."""
+    if fit.models is None:
+        return fit.psf
+    return replace(fit.psf, covariance=parameter_covariance(fit.models, fit.psf))
 
 
 def _star_widths(fit: _Fit) -> tuple[np.ndarray, np.ndarray]:
@@ -847,9 +896,9 @@ def fit_target_psf(
         blur=blur,
     )
     if field is None:
-        return _fit(clean_stamps, widths=None, **options).psf
+        return _with_covariance(_fit(clean_stamps, widths=None, **options))
     start = field.factor(clean_stamps.xi + clean_stamps.dx, clean_stamps.yi + clean_stamps.dy)
-    return _fit_with_field(clean_stamps, start=start, **options).psf
+    return _with_covariance(_fit_with_field(clean_stamps, start=start, **options))
 
 
 def _shift_sign(fit: _Fit, blur: InterpolationKernel | None) -> InterpolationKernel | None:
@@ -942,4 +991,4 @@ def fit_reference_psf(
     )
     if fit.usable.sum() < MIN_PSF_STARS or not plausible(fit.psf, fwhm):
         return None
-    return FittedPSF(fit.psf, stamps, fit.usable, fit.star, noise, gain_inv)
+    return FittedPSF(_with_covariance(fit), stamps, fit.usable, fit.star, noise, gain_inv)

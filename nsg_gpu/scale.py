@@ -71,13 +71,9 @@ JUDGED_STAR_SNR = 15.0
 MIN_JUDGED_STARS = 5
 #: The brightest judged stars from which a target's depth relative to the reference is read.
 DEPTH_STARS = 20
-#: Typical errors of a fitted PSF's parameters (docs/scale-accuracy.md: the joint fits' betas
-#: come out within a few hundredths, their FWHM within a few tenths of a per cent; their
-#: errors depend on the field, so the scale fit's own error does not hold them).
-FITTED_BETA_ERROR = 0.03
-FITTED_FWHM_ERROR = 0.005
-#: The same where the PSF is not fitted: a Moffat of index 3 is assumed (seeing-limited stars
-#: have 2.5-4.5), at the FWHM measured from the stars' half-maximum areas.
+#: Errors of the PSF where it is not fitted (a fitted one carries its fit's covariance): a
+#: Moffat of index 3 is assumed (seeing-limited stars have 2.5-4.5), at the FWHM measured
+#: from the stars' half-maximum areas.
 ASSUMED_BETA_ERROR = 0.75
 ASSUMED_FWHM_ERROR = 0.03
 
@@ -283,7 +279,6 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
         reference_psf=reference_psf.uniform(),
         target_psf=target_psf.uniform(),
         weight=weight,
-        fitted=psfs is not None,
     )
     scales, fits, pairs = [], [], []
     for c in range(channels):
@@ -337,22 +332,37 @@ def correction_uncertainty(
     reference_psf: MoffatPSF,
     target_psf: MoffatPSF,
     weight: MoffatPSF | None,
-    fitted: bool,
 ) -> float:
     """Relative standard error of :func:`nsg_gpu.photometry.seeing_correction` from the PSFs'
-    parameter errors (:data:`FITTED_BETA_ERROR` and the rest), each frame's taken as
-    independent: the correction's share of the scale's uncertainty, which no scatter of the
-    pairs shows since it moves every pair alike."""
-    beta_error, fwhm_error = (
-        (FITTED_BETA_ERROR, FITTED_FWHM_ERROR) if fitted else (ASSUMED_BETA_ERROR, ASSUMED_FWHM_ERROR)
-    )
+    parameter errors, each frame's taken as independent: the correction's share of the
+    scale's uncertainty, which no scatter of the pairs shows since it moves every pair alike.
+
+    A fitted Moffat carries its fit's covariance (:func:`nsg_gpu.psf.parameter_covariance`),
+    propagated through the kept share's derivatives by ``log alpha`` and ``beta`` (the
+    weights held: they are a choice, not a measurement); an assumed one (the plain aperture's
+    fallback, a Moffat of index 3 at the quick FWHM) is off by :data:`ASSUMED_BETA_ERROR` and
+    :data:`ASSUMED_FWHM_ERROR`.
+    """
     variance = 0.0
     for psf in (reference_psf, target_psf):
         kept = photometry.kept_share(geometry, psf, weight)
-        for beta, fwhm in ((psf.beta + beta_error, psf.fwhm), (psf.beta, psf.fwhm * (1 + fwhm_error))):
-            shape = MoffatPSF.from_fwhm(fwhm, max(beta, 1.05))
-            moved = photometry.kept_share(geometry, replace(psf, alpha=shape.alpha, beta=shape.beta), weight)
-            variance += (moved / kept - 1) ** 2
+        if psf.covariance is None:
+            for beta, fwhm in (
+                (psf.beta + ASSUMED_BETA_ERROR, psf.fwhm),
+                (psf.beta, psf.fwhm * (1 + ASSUMED_FWHM_ERROR)),
+            ):
+                shape = MoffatPSF.from_fwhm(fwhm, max(beta, 1.05))
+                moved = photometry.kept_share(geometry, replace(psf, alpha=shape.alpha, beta=shape.beta), weight)
+                variance += (moved / kept - 1) ** 2
+            continue
+        gradient = []
+        for log_alpha, beta in ((1e-3, 0.0), (0.0, 2e-3)):
+            up = replace(psf, alpha=psf.alpha * math.exp(log_alpha), beta=psf.beta + beta)
+            down = replace(psf, alpha=psf.alpha * math.exp(-log_alpha), beta=psf.beta - beta)
+            share = photometry.kept_share(geometry, up, weight) - photometry.kept_share(geometry, down, weight)
+            gradient.append(share / (2 * (log_alpha + beta) * kept))
+        (ga, gb), (caa, cab, cbb) = gradient, psf.covariance
+        variance += ga * ga * caa + 2 * ga * gb * cab + gb * gb * cbb
     return math.sqrt(variance)
 
 

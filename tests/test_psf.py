@@ -73,6 +73,30 @@ def test_fit_psf_recovers_fwhm_and_index_under_noise_and_gradient():
     assert np.median(model.sum(axis=1) / fluxes) == pytest.approx(inside, rel=0.01)
 
 
+def test_fit_covariance_is_the_scatter_over_noise_draws():
+    """The covariance a fit states for its ``(log alpha, beta)`` against the scatter of the
+    fitted values over 40 noise draws of the same faint stars (signal-to-noise 10-40): the
+    standard errors within a third of the scatter, and the two as correlated as the fits are.
+    The seeing correction's share of NSGSERR is propagated from this covariance."""
+    truth = MoffatPSF.from_fwhm(3.2, 3.0)
+    shape = (470, 470)
+    xs, ys, fluxes = _grid_stars(np.random.default_rng(5))
+    clean = _render(shape, xs, ys, 0.05 * fluxes, truth) + 0.05
+    fitted = []
+    for seed in range(40):
+        image = clean + np.random.default_rng(100 + seed).normal(0, 1e-3, shape)
+        stamps = psf_fitting.cut_stamps(image, np.round(xs), np.round(ys), 15)
+        fit = psf_fitting.fit_psf(stamps, fwhm=3.0, sigma=1e-3, beta=3.5, curved=True)[0]
+        fitted.append((math.log(fit.alpha), fit.beta, *fit.covariance))
+    log_alpha, beta, var_log_alpha, cov, var_beta = np.array(fitted).T
+    for values, variance in ((log_alpha, var_log_alpha), (beta, var_beta)):
+        assert 0.75 < np.std(values, ddof=1) / math.sqrt(np.mean(variance)) < 1.33
+    stated = np.mean(cov / np.sqrt(var_log_alpha * var_beta))
+    assert abs(stated - np.corrcoef(log_alpha, beta)[0, 1]) < 0.05
+    # The beta these faint stars give is unbiased within its stated error of the mean.
+    assert abs(np.mean(beta) - truth.beta) < 3 * math.sqrt(np.mean(var_beta) / beta.size)
+
+
 def test_fit_psf_skips_stamps_with_no_data():
     rng = np.random.default_rng(4)
     truth = MoffatPSF.from_fwhm(3.0, 3.0)
