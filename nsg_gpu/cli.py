@@ -133,7 +133,7 @@ def normalize(
         typer.Option(
             "--reference",
             "-r",
-            help="Reference frame, or 'auto' to choose the frame with the best star signal-to-noise among those with full coverage and a calm gradient.",
+            help="Reference frame, or 'auto' to choose the frame with the best star signal-to-noise among those that cover the area most frames share and have a calm gradient.",
         ),
     ] = "auto",
     output_dir: Annotated[
@@ -442,7 +442,7 @@ def inspect(
     table = Table(title="Frames ranked as --reference auto ranks them", title_justify="left")
     columns = (
         "#", "file", "date", "exp (s)", "filter", "alt / airmass", "median", "noise", "noise/s",
-        "stars", "FWHM", "gradient", "star SNR", "note",
+        "stars", "FWHM", "coverage", "gradient", "star SNR", "note",
     )  # fmt: skip
     for heading in columns:
         table.add_column(heading, justify="left" if heading in ("file", "date", "filter", "note") else "right")
@@ -460,6 +460,7 @@ def inspect(
             number(s.noise_per_second, ".3g"),
             str(s.stars),
             number(s.fwhm, ".2f"),
+            "" if s.missing_area is None else f"{s.coverage:.1%} ({s.missing_area:.1%} missed)",
             number(s.gradient or None, ".1f"),
             number(s.star_snr or None, ".0f"),
             s.error or s.note,

@@ -4,9 +4,15 @@ NSG leaves the choice to the user; the usual advice is a frame with good seeing 
 transparency, low noise, full coverage and a simple gradient. The rule here, applied to every
 candidate frame:
 
-1. **Coverage.** Frames whose share of pixels with data is below 98 % of the best frame's are
-   not candidates: a reference with a registration border would cost every target the
-   samples and stars in that border.
+1. **Coverage.** A reference with a registration border costs every target the samples and
+   stars in that border, and leaves the target's gradient there extrapolated. What counts is
+   the area the stack keeps: the pixels that at least half of the frames cover. Frames that
+   miss more than 3 % of that area beyond what the best-covering frame misses are not
+   candidates. In a set with its registration reference (no border) and frames of small
+   borders, that is the old rule of full coverage; in a dithered set registered to a frame
+   that is not among them, where every frame has a border of its own, it keeps the frames
+   whose borders lie outside the area most frames share, instead of the one frame whose
+   border is smallest whatever its transparency.
 2. **Gradient.** Frames whose background gradient (the 5-95 % range of a smooth background
    model, in units of the frame's noise) is more than twice the median of the candidates are
    dropped, unless that would drop all.
@@ -51,10 +57,22 @@ from .io import read_frame
 from .noise import ksigma_noise
 from .stars import detect_stars, detection_image, smooth_background
 
-__all__ = ["ReferenceScore", "star_snr", "score_frame", "rank_frames", "inspect_frames", "choose_reference"]
+__all__ = [
+    "ReferenceScore",
+    "star_snr",
+    "footprint",
+    "missing_area",
+    "score_frame",
+    "rank_frames",
+    "inspect_frames",
+    "choose_reference",
+]
 
-#: Frames covering less than this share of the best frame's coverage are not candidates.
-MIN_RELATIVE_COVERAGE = 0.98
+#: Frames missing more than this share of the area most frames cover, beyond what the
+#: best-covering frame misses, are not candidates.
+MAX_MISSING_AREA = 0.03
+#: The frames' footprints (where they have data) are kept at about this many cells across.
+FOOTPRINT_CELLS = 256
 #: Frames whose gradient exceeds this multiple of the candidates' median are not candidates.
 MAX_RELATIVE_GRADIENT = 2.0
 #: Stars whose median gives the star signal-to-noise.
@@ -68,7 +86,7 @@ PSF_SNR_FACTOR = 2.0 * math.sqrt(2.0 * math.log(2.0)) / math.sqrt(4.0 * math.pi)
 
 
 #: The star table a score carries for :func:`rank_frames`; not part of its row.
-_STAR_TABLE = ("star_flux", "star_linear")
+_STAR_TABLE = ("star_flux", "star_linear", "footprint")
 
 
 @dataclass
@@ -78,7 +96,9 @@ class ReferenceScore:
     ``star_snr`` is the score (see the module's rule); ``rank`` (1 = the frame
     ``--reference auto`` picks), ``candidate`` and ``note`` are set by :func:`rank_frames`,
     which also scores every frame again on the band of stars common to all of them.
-    ``star_flux`` (brightest first) and ``star_linear`` are the detected stars it scores.
+    ``star_flux`` (brightest first) and ``star_linear`` are the detected stars it scores,
+    ``footprint`` where the frame has data (:func:`footprint`); ``missing_area`` is the share
+    of the area most frames cover that the frame lacks, set by :func:`rank_frames`.
     """
 
     path: Path
@@ -95,11 +115,13 @@ class ReferenceScore:
     date_obs: str | None = None
     altitude: float | None = None
     airmass: float | None = None
+    missing_area: float | None = None
     rank: int | None = None
     candidate: bool = False
     note: str = ""
     star_flux: np.ndarray | None = field(default=None, repr=False, compare=False)
     star_linear: np.ndarray | None = field(default=None, repr=False, compare=False)
+    footprint: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def nonlinear_stars(self) -> int:
@@ -143,6 +165,25 @@ def star_snr(score: ReferenceScore, first: int = 0, coverage: float = 1.0) -> fl
     return float(PSF_SNR_FACTOR * np.median(band) / (score.noise * max(score.fwhm, 1.0)))
 
 
+def footprint(valid: np.ndarray) -> np.ndarray:
+    """Where a frame has data, in square cells of about ``1/FOOTPRINT_CELLS`` of its larger
+    side: a cell counts when most of its pixels hold data (a remainder under one cell at the
+    right and top edges is left out)."""
+    cell = max(1, math.ceil(max(valid.shape) / FOOTPRINT_CELLS))
+    rows, cols = valid.shape[0] // cell, valid.shape[1] // cell
+    blocks = valid[: rows * cell, : cols * cell].reshape(rows, cell, cols, cell)
+    return np.count_nonzero(blocks, axis=(1, 3)) * 2 >= cell * cell
+
+
+def missing_area(footprints: Sequence[np.ndarray]) -> np.ndarray:
+    """For each footprint (all of one shape), the share of the cells that at least half of
+    them cover which it lacks."""
+    stack = np.stack(footprints)
+    shared = np.count_nonzero(stack, axis=0) * 2 >= len(footprints)
+    area = max(int(np.count_nonzero(shared)), 1)
+    return np.count_nonzero(shared & ~stack, axis=(1, 2)) / area
+
+
 def score_frame(path: str | os.PathLike, *, detection_sigma: float = 5.0) -> ReferenceScore:
     """Measure coverage, noise, star signal-to-noise and gradient strength of a frame.
 
@@ -180,6 +221,7 @@ def score_frame(path: str | os.PathLike, *, detection_sigma: float = 5.0) -> Ref
         airmass=meta.airmass,
         star_flux=stars.flux,
         star_linear=stars.peak < LINEAR_RANGE * float(image.max()),
+        footprint=footprint(valid),
     )
     score.star_snr = star_snr(score, score.nonlinear_stars)
     return score
@@ -208,7 +250,9 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
         for s in measured:
             if s.star_flux is not None:
                 s.star_snr = star_snr(s, first, s.coverage / best_coverage if best_coverage > 0 else 1.0)
-        covered = [s for s in measured if s.coverage >= MIN_RELATIVE_COVERAGE * best_coverage]
+        _set_missing_area(measured, best_coverage)
+        least = min(s.missing_area for s in measured)
+        covered = [s for s in measured if s.missing_area <= least + MAX_MISSING_AREA + 1e-9]
         median_gradient = float(np.median([s.gradient for s in covered]))
         calm = [s for s in covered if s.gradient <= MAX_RELATIVE_GRADIENT * median_gradient + 1e-9] or covered
         for s in measured:
@@ -218,7 +262,10 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
             elif s in covered:
                 s.note = f"gradient {s.gradient / max(median_gradient, 1e-12):.1f}x the median"
             else:
-                s.note = f"coverage {s.coverage:.1%}, below {MIN_RELATIVE_COVERAGE:.0%} of the best"
+                s.note = (
+                    f"coverage {s.coverage:.1%}: misses {s.missing_area:.1%} of the area most frames cover, "
+                    f"more than {least + MAX_MISSING_AREA:.1%}"
+                )
 
     def group(s: ReferenceScore) -> int:
         if s.candidate:
@@ -233,6 +280,21 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
     for k, s in enumerate(ordered, start=1):
         s.rank = k
     return ordered
+
+
+def _set_missing_area(measured: Sequence[ReferenceScore], best_coverage: float) -> None:
+    """Each measured frame's ``missing_area``: from the footprints of the frames of the most
+    common footprint shape; a frame without a footprint (a score built by hand) or of another
+    shape is judged by its coverage alone, as missing what it covers less than the best."""
+    shapes = [s.footprint.shape for s in measured if s.footprint is not None]
+    common = max(set(shapes), key=shapes.count) if shapes else None
+    alike = [s for s in measured if s.footprint is not None and s.footprint.shape == common]
+    for s, missing in zip(alike, missing_area([s.footprint for s in alike]) if alike else ()):
+        s.missing_area = float(missing)
+    judged = {id(s) for s in alike}
+    for s in measured:
+        if id(s) not in judged:
+            s.missing_area = max(best_coverage - s.coverage, 0.0)
 
 
 def inspect_frames(paths: Sequence[str | os.PathLike], *, detection_sigma: float = 5.0) -> list[ReferenceScore]:

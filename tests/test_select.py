@@ -107,6 +107,30 @@ def test_coverage_and_gradient_still_exclude_the_best_stars(tmp_path):
     assert "1 for their gradient" in reason and "1 for their coverage" in reason
 
 
+def test_dithered_set_without_its_registration_reference(tmp_path):
+    """Every frame has a registration border of its own (a dithered set registered to a frame
+    that is not among them). The frame with the smallest border is the cloudiest; the clearest
+    misses a strip of 70 px on the left that the others cover. Judged by coverage against the
+    best frame, only the cloudy one was a candidate; judged by the area at least half of the
+    frames cover, the frames whose borders lie outside it are candidates, the clearest of them
+    is chosen, and the one with the wide strip is still left out, with the share it misses."""
+    borders = [[2, 3, 1, 2], [16, 0, 0, 6], [0, 12, 8, 0], [15, 0, 14, 0], [70, 0, 0, 0]]
+    transmissions = [0.55, 1.0, 0.8, 0.7, 1.0]
+    paths = write_conditions(tmp_path, [{"transmission": t, "border": b} for t, b in zip(transmissions, borders)])
+    ranked = inspect_frames(paths)
+    by_index = {paths.index(s.path): s for s in ranked}
+    coverage = np.array([by_index[k].coverage for k in range(5)])
+    assert np.all(coverage[1:] < 0.98 * coverage[0])  # the old rule's only candidate: frame 0
+    assert [by_index[k].candidate for k in range(5)] == [True, True, True, True, False]
+    assert by_index[4].note.startswith("coverage") and by_index[4].star_snr > by_index[2].star_snr
+    # At least half of the frames cover 15 <= x < 640 (frames 0, 2 and 3 on the left, 1, 3 and
+    # 4 on the right): frame 4 misses 55 of those 625 columns.
+    assert by_index[4].missing_area == pytest.approx(55 / 625, abs=0.01)
+    assert by_index[1].missing_area < 0.03
+    chosen, reason = choose_reference(paths)
+    assert chosen == paths[1] and "1 for their coverage" in reason
+
+
 def test_score_does_not_depend_on_the_data_units(tmp_path):
     """The same frames as floats in [0, 1] and as 16-bit ADU rank alike, with the same scores."""
     conditions = [{"fwhm": 3.4}, {"fwhm": 2.6, "transmission": 0.7}]
