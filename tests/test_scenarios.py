@@ -25,9 +25,6 @@ SCALE_SHORT = {
     "fluxes scattered by the Bayer cells (one photosite each): errors of -3.9 to +4.1 %, within 2.1 of their "
     "stated uncertainties of 1.4-5.9 %; the Cramer-Rao bound of these scales is 0.24-0.36 % "
     "(bench/scale_bound.py), so that even an ideal photometry meets 0.5 % in all nine only about 4 times in 10",
-    "field-dependent-psf": "each frame's PSF with its own field model (a quadratic width surface): +0.28 and "
-    "+0.69 % (stated 0.69 and 0.71 %); frame 2 is +0.37 % on average over four noise draws with 0.2 % of "
-    "scatter, and +0.18 % with the true PSFs: the fitted PSFs' errors are what is left",
 }
 
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from nsg_gpu.cli import app
 from nsg_gpu.noise import ksigma_noise
-from nsg_gpu.synthetic import SCENARIOS, SyntheticField, SyntheticSpec
+from nsg_gpu.synthetic import FIELD_STEP, SCENARIOS, SyntheticField, SyntheticSpec
 
 
 def _moffat(alpha: float, beta: float):
@@ -141,8 +141,8 @@ def test_field_dependent_fwhm_grows_towards_the_corners():
     beta = field.frames[0].beta
     measured = np.array([_fitted_fwhm(light, field.star_x[i], field.star_y[i], beta) for i in centre + corner])
     expected = field.fwhm_at(0, field.star_x[centre + corner], field.star_y[centre + corner])
-    # Each star's FWHM is its zone's (8 steps of r^2): within half a step of the exact law.
-    np.testing.assert_allclose(measured, expected, rtol=0, atol=2.6 * 0.7 / 16 + 0.02)
+    # Each star's FWHM is its zone's (steps of FIELD_STEP): within half a step of the exact law.
+    np.testing.assert_allclose(measured, expected, rtol=0, atol=2.6 * FIELD_STEP / 2 + 0.02)
     assert np.median(measured[len(centre) :]) > 1.3 * np.median(measured[: len(centre)])
 
 
