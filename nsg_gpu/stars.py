@@ -56,6 +56,10 @@ POINT_TEST_STEP = 0.05
 #: The brightest detections (by their peak) that are tested, at most: the ones that set the
 #: catalogue's FWHM, sharpness and registration check.
 POINT_TEST_MAX = 500
+#: Pixels at or below this fraction of the frame's maximum are taken as clamped (a
+#: registration sets the negative lobes of a bright point's interpolation to zero, or to a
+#: hair above it so as not to read as no data) and left out of the point test's fits.
+CLAMPED = 1e-4
 #: The share of a detection's light in one channel that makes it one photosite.
 ONE_CHANNEL_SHARE = 0.8
 #: Only detections whose brightest pixel is this many times the pixel noise are tested: the
@@ -497,15 +501,20 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
         tested = xp.nonzero(keep & (centre > POINT_TEST_SNR * pixel_sigma))[0]
         tested = tested[xp.argsort(-centre[tested])[:POINT_TEST_MAX]]
         if tested.size:
-            inner = be.to_host(win[tested][:, half - 2 : half + 3, half - 2 : half + 3])
-            advantage = single_pixel_advantage(inner, pixel_sigma)
             if data is not None and data.ndim == 3 and data.shape[0] > 1:
-                # A colour sensor's hot pixel is one photosite: its light is in one channel.
-                # Stars of a pixel or less before the registration can look like single
-                # pixels too, but show in every channel.
-                points = (advantage > 0) & one_channel(data, xs[tested], ys[tested])
+                # A colour sensor's hot pixel is one photosite: its light is in one channel,
+                # and its shape is judged there (in the intensity, min + max of the channels,
+                # a lobe clamped at zero in that channel does not show as clamped). Stars of a
+                # pixel or less before the registration can look like single pixels too, but
+                # show in every channel.
+                single, windows, raw = _one_channel_windows(data, xs[tested], ys[tested])
+                valid = raw > CLAMPED * float(be.to_host(data.max()))
+                points = single & (single_pixel_advantage(windows, pixel_sigma, valid) > 0)
             else:
-                points = advantage > HOT_PIXEL_CHI2
+                inner = be.to_host(win[tested][:, half - 2 : half + 3, half - 2 : half + 3])
+                raw = be.to_host(gather_stamps(image, xs[tested], ys[tested], 2))
+                valid = raw > CLAMPED * float(be.to_host(image.max()))
+                points = single_pixel_advantage(inner, pixel_sigma, valid) > HOT_PIXEL_CHI2
             keep[tested[be.asarray(points)]] = False
     cx, cy, flux, peak_value, peak_residual = (
         be.to_host(a[keep]).astype(np.float64) for a in (cx, cy, flux, peak_value, peak_residual)
@@ -577,33 +586,45 @@ def _point_templates() -> tuple[np.ndarray, np.ndarray]:
     :data:`POINT_TEST_STEP` along x and y; and pixel-integrated Gaussian stars of
     :data:`POINT_TEST_FWHM` at quarter-pixel places within a pixel of the centre, through each
     interpolation at shifts of -1/4, 0, 1/4 and 1/2 px. Made once."""
-    from scipy.special import ndtr
-
-    m = 2 + MATCHED_HALF + 2
-    q = np.arange(-m, m + 1)
-    single = np.zeros((3, q.size))
-    single[np.arange(3), m + np.arange(-1, 2)] = 1.0
-    places = np.arange(-1.0, 1.0001, 0.25)[:, None]
     point, star = [], []
     for name in INTERPOLATIONS:
-
-        def taps(shift: float) -> np.ndarray:
-            t = np.asarray(interpolation_taps(name, abs(shift)))  # noqa: B023 (used at once)
-            return t if shift >= 0 else t[::-1]
-
-        points = np.concatenate(
-            [_registered(taps(float(v)), single) for v in np.round(np.arange(-0.5, 0.5001, POINT_TEST_STEP), 6)]
-        )
+        points = np.concatenate([_point_profiles(name, float(v), np.arange(-1, 2)) for v in _point_shifts()])
         point.append(_unit_outer(points, points))
         for fwhm in POINT_TEST_FWHM:
-            sigma = fwhm * _FWHM_TO_SIGMA
-            captured = ndtr((q + 0.5 - places) / sigma) - ndtr((q - 0.5 - places) / sigma)
-            stars = np.concatenate([_registered(taps(v), captured) for v in (-0.25, 0.0, 0.25, 0.5)])
+            stars = np.concatenate([_star_profiles(name, fwhm, v, _STAR_PLACES) for v in _STAR_SHIFTS])
             star.append(_unit_outer(stars, stars))
     return np.concatenate(point, axis=1), np.concatenate(star, axis=1)
 
 
-def single_pixel_advantage(windows: np.ndarray, pixel_sigma: float) -> np.ndarray:
+#: The star templates' registration shifts and places (within a pixel of the centre).
+_STAR_SHIFTS = (-0.25, 0.0, 0.25, 0.5)
+_STAR_PLACES = np.arange(-1.0, 1.0001, 0.25)
+#: Captured profiles span this many pixels either side, enough for the kernels' taps.
+_PROFILE_HALF = 2 + MATCHED_HALF + 2
+
+
+def _point_profiles(name: str, shift: float, pixels: np.ndarray) -> np.ndarray:
+    """Registered 1-D profiles (offsets -2..2) of single captured pixels at ``pixels``
+    through interpolation ``name`` at ``shift``, ``(len(pixels), 5)``."""
+    m = _PROFILE_HALF
+    single = np.zeros((len(pixels), 2 * m + 1))
+    single[np.arange(len(pixels)), m + np.asarray(pixels)] = 1.0
+    return _registered(_signed_taps(name, shift), single)
+
+
+def _star_profiles(name: str, fwhm: float, shift: float, places: np.ndarray) -> np.ndarray:
+    """Registered 1-D profiles (offsets -2..2) of pixel-integrated Gaussians of ``fwhm`` at
+    ``places`` through interpolation ``name`` at ``shift``, ``(len(places), 5)``."""
+    from scipy.special import ndtr
+
+    q = np.arange(-_PROFILE_HALF, _PROFILE_HALF + 1)
+    sigma = fwhm * _FWHM_TO_SIGMA
+    places = np.asarray(places, float)[:, None]
+    captured = ndtr((q + 0.5 - places) / sigma) - ndtr((q - 0.5 - places) / sigma)
+    return _registered(_signed_taps(name, shift), captured)
+
+
+def single_pixel_advantage(windows: np.ndarray, pixel_sigma: float, valid: np.ndarray | None = None) -> np.ndarray:
     """How much better, in chi-square (``pixel_sigma`` per pixel), a single captured pixel
     seen through a registration's interpolation fits each 5 x 5 window (background-subtracted,
     centred on a detection; host array ``(n, 5, 5)``) than any star of
@@ -616,14 +637,126 @@ def single_pixel_advantage(windows: np.ndarray, pixel_sigma: float) -> np.ndarra
     and one that clamps its kernel's lobes at high contrast shows a hot pixel through another
     kernel than the noise's. A least-squares amplitude per template: the chi-square is the
     window's square sum less the square of its projection on the unit template, so only the
-    largest projections count."""
+    largest projections count.
+
+    ``valid`` (``(n, 5, 5)`` bool), where given, marks the pixels that hold data: a
+    registration clamps the negative lobes of a bright point's interpolation at zero, and
+    such pixels (and no-data ones) are left out of that window's fit, every template cut to
+    the rest and normalized again."""
     point, star = _point_templates()
     flat = np.asarray(windows, dtype=np.float64).reshape(len(windows), 25)
+    keep = np.ones(flat.shape, bool) if valid is None else np.asarray(valid, bool).reshape(flat.shape)
+    best_point, best_star = np.zeros(len(flat)), np.zeros(len(flat))
+    chosen_point, chosen_star = np.zeros(len(flat), np.int64), np.zeros(len(flat), np.int64)
     # One BLAS thread: the same sums, and so the same decisions, on any machine.
     with single_threaded_blas():
-        best_point = np.maximum((flat @ point).max(axis=1), 0)
-        best_star = np.maximum((flat @ star).max(axis=1), 0)
+        full = keep.all(axis=1)
+        for best, chosen, templates in ((best_point, chosen_point, point), (best_star, chosen_star, star)):
+            if full.any():
+                projections = flat[full] @ templates
+                best[full], chosen[full] = projections.max(axis=1), projections.argmax(axis=1)
+            for i in np.nonzero(~full)[0]:
+                projections = _cut_projections(flat[i, keep[i]], templates[keep[i]])
+                best[i], chosen[i] = projections.max(), projections.argmax()
+        # Both grids refined around their best: at a signal-to-noise of hundreds a grid's
+        # step alone misfits a hot pixel or a star by more than the two differ.
+        for i in range(len(flat)):
+            for best, chosen, refined in (
+                (best_point, chosen_point, _refined_points),
+                (best_star, chosen_star, _refined_stars),
+            ):
+                fine = _cut_projections(flat[i, keep[i]], refined(int(chosen[i]))[keep[i]])
+                best[i] = max(best[i], fine.max())
+    best_point, best_star = np.maximum(best_point, 0), np.maximum(best_star, 0)
     return (best_point**2 - best_star**2) / pixel_sigma**2
+
+
+def _cut_projections(values: np.ndarray, templates: np.ndarray) -> np.ndarray:
+    """The projections of ``values`` on the columns of ``templates`` cut to the same pixels,
+    each column normalized again; columns with no weight left give 0."""
+    norm = np.linalg.norm(templates, axis=0)
+    return (values @ templates) / np.where(norm > 0, norm, np.inf)
+
+
+def _point_shifts() -> np.ndarray:
+    return np.round(np.arange(-0.5, 0.5001, POINT_TEST_STEP), 6)
+
+
+def _signed_taps(name: str, shift: float) -> np.ndarray:
+    """Taps of interpolation ``name`` at ``shift`` px, of either sign."""
+    t = np.asarray(interpolation_taps(name, abs(shift)))
+    return t if shift >= 0 else t[::-1]
+
+
+@functools.lru_cache(maxsize=4096)
+def _refined_points(index: int) -> np.ndarray:
+    """Unit-norm single-pixel templates ``(25, n)`` around column ``index`` of
+    :func:`_point_templates`' points: the same interpolation and pixel, shifts within one
+    grid step of its own along each axis, in steps of a tenth of it."""
+    shifts = _point_shifts()
+    rows = 3 * shifts.size
+    name = INTERPOLATIONS[index // rows**2]
+    profiles = []
+    for row in divmod(index % rows**2, rows):
+        shift_index, pixel = divmod(row, 3)
+        around = np.clip(shifts[shift_index] + POINT_TEST_STEP * np.linspace(-1, 1, 21), -0.5, 0.5)
+        profiles.append(np.concatenate([_point_profiles(name, float(v), [pixel - 1]) for v in around]))
+    return _unit_outer(*profiles)
+
+
+@functools.lru_cache(maxsize=4096)
+def _refined_stars(index: int) -> np.ndarray:
+    """Unit-norm star templates ``(25, n)`` around column ``index`` of
+    :func:`_point_templates`' stars: the same interpolation and shifts, places within half a
+    grid step of its own along each axis in steps of a twentieth of the step, and FWHMs of
+    its own and halfway (geometrically) to its neighbours in :data:`POINT_TEST_FWHM`."""
+    rows = len(_STAR_SHIFTS) * len(_STAR_PLACES)
+    per_name = len(POINT_TEST_FWHM) * rows**2
+    name = INTERPOLATIONS[index // per_name]
+    f = (index % per_name) // rows**2
+    step = _STAR_PLACES[1] - _STAR_PLACES[0]
+    fwhms = [POINT_TEST_FWHM[f]] + [
+        math.sqrt(POINT_TEST_FWHM[f] * POINT_TEST_FWHM[g]) for g in (f - 1, f + 1) if 0 <= g < len(POINT_TEST_FWHM)
+    ]
+    templates = []
+    for fwhm in fwhms:
+        profiles = []
+        for row in divmod(index % rows**2, rows):
+            shift_index, place = divmod(row, len(_STAR_PLACES))
+            around = _STAR_PLACES[place] + step / 2 * np.linspace(-1, 1, 21)
+            profiles.append(_star_profiles(name, fwhm, _STAR_SHIFTS[shift_index], around))
+        templates.append(_unit_outer(*profiles))
+    return np.concatenate(templates, axis=1)
+
+
+def _one_channel_windows(data, x, y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`one_channel` of the detections at ``(x, y)``, with each one's 5 x 5 window of
+    its brightest channel less that window's edge median, and the same window as it is:
+    host arrays ``(n,)``, ``(n, 5, 5)``, ``(n, 5, 5)``."""
+    raw = np.stack(
+        [
+            np.asarray(get_backend(data).to_host(gather_stamps(data[c], x, y, 2)), np.float64)
+            for c in range(data.shape[0])
+        ]
+    )
+    light = _inner_light(raw)
+    channel = np.argmax(light, axis=0)
+    windows = raw[channel, np.arange(raw.shape[1])]
+    single = light.max(axis=0) >= ONE_CHANNEL_SHARE * np.maximum(light.sum(axis=0), 1e-30)
+    return single, windows - _edge_median(windows)[:, None, None], windows
+
+
+def _edge_median(windows: np.ndarray) -> np.ndarray:
+    """The median of the edge pixels of each 5 x 5 window ``(n, 5, 5)``."""
+    edge = np.concatenate([windows[:, 0], windows[:, -1], windows[:, 1:-1, 0], windows[:, 1:-1, -1]], axis=1)
+    return np.median(edge, axis=1)
+
+
+def _inner_light(raw: np.ndarray) -> np.ndarray:
+    """Each channel's light in the inner 3 x 3 of 5 x 5 windows ``(channels, n, 5, 5)``: its sum
+    above the edge median, at least 0; ``(channels, n)``."""
+    light = [np.clip((w[:, 1:-1, 1:-1] - _edge_median(w)[:, None, None]).sum(axis=(1, 2)), 0, None) for w in raw]
+    return np.array(light)
 
 
 def one_channel(data, x, y) -> np.ndarray:
@@ -631,14 +764,7 @@ def one_channel(data, x, y) -> np.ndarray:
     3 x 3 pixels around ``(x, y)`` (integer pixels) of ``data`` ``(channels, h, w)``, any
     backend: each channel's sum above the median of the 5 x 5 window's edge pixels. A host
     array."""
-    light = []
-    for c in range(data.shape[0]):
-        windows = np.asarray(get_backend(data).to_host(gather_stamps(data[c], x, y, 2)), dtype=np.float64)
-        edge = np.concatenate([windows[:, 0], windows[:, -1], windows[:, 1:-1, 0], windows[:, 1:-1, -1]], axis=1)
-        inner = windows[:, 1:-1, 1:-1] - np.median(edge, axis=1)[:, None, None]
-        light.append(np.clip(inner.sum(axis=(1, 2)), 0, None))
-    light = np.array(light)
-    return light.max(axis=0) >= ONE_CHANNEL_SHARE * np.maximum(light.sum(axis=0), 1e-30)
+    return _one_channel_windows(data, x, y)[0]
 
 
 def _empty(fwhm: float, noise: float = 0.0) -> StarCatalog:

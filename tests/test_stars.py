@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from nsg_gpu.stars import detect_stars, find_peaks
+from nsg_gpu.stars import CLAMPED, HOT_PIXEL_CHI2, detect_stars, find_peaks, single_pixel_advantage
 from nsg_gpu.synthetic import SyntheticField
 
 
@@ -141,6 +141,38 @@ def test_host_colour_intensity_is_the_whole_array_formula_to_the_bit():
     np.testing.assert_array_equal(actual.view(np.int32), expected.view(np.int32))
 
 
+def _registered_window(source: np.ndarray, shift) -> tuple[np.ndarray, np.ndarray]:
+    """``source`` on a sky of 0.06 with noise 0.001, shifted by a cubic spline as a registration
+    does and clamped (at 1e-6, as the generator does): the 5 x 5 window around its brightest
+    pixel less the sky, and where it holds data above the clamp."""
+    plane = 0.06 + np.random.default_rng(4).normal(0, 0.001, source.shape) + source
+    data = np.clip(ndi.shift(plane, shift, order=3, mode="nearest"), 1e-6, 1)
+    y, x = np.unravel_index(np.argmax(data), data.shape)
+    raw = data[y - 2 : y + 3, x - 2 : x + 3]
+    return raw - 0.06, raw > CLAMPED * data.max()
+
+
+@pytest.mark.parametrize("shift", [(0.275, 0.281), (-0.45, 0.1), (0.0, 0.0)])
+def test_a_bright_hot_pixel_is_a_point_and_a_star_of_a_pixel_is_not(shift):
+    """A hot pixel of 0.9 over the sky (signal-to-noise 900), registered: at (0.275, 0.281) px
+    its interpolation's lobes are clamped at zero, and the fit with every pixel (-2742 before
+    the clamped pixels were left out and the grids refined) took it for a star. Stars of 1.0
+    and 1.4 px before the pixels, integrated over them, at the same peak and shifts, are stars."""
+    from scipy.special import ndtr
+
+    point = np.zeros((41, 41))
+    point[20, 20] = 0.9
+    window, valid = _registered_window(point, shift)
+    assert single_pixel_advantage(window[None], 0.001, valid[None])[0] > HOT_PIXEL_CHI2
+    q = np.arange(41) - 20
+    for fwhm in (1.0, 1.4):
+        sigma = fwhm / (2 * np.sqrt(2 * np.log(2)))
+        profile = ndtr((q + 0.5) / sigma) - ndtr((q - 0.5) / sigma)
+        star = np.outer(profile, profile)
+        window, valid = _registered_window(0.9 * star / star.max(), shift)
+        assert single_pixel_advantage(window[None], 0.001, valid[None])[0] < 0, fwhm
+
+
 #: Stars of 1.5-2.5 px before the pixels, targets registered (as in test_scale.py).
 REGISTERED_SMALL = dict(width=900, height=700, n_stars=900, n_frames=4, fwhm_range=(1.5, 2.5), beta_range=(2.5, 4.0))
 
@@ -150,6 +182,7 @@ REGISTERED_SMALL = dict(width=900, height=700, n_stars=900, n_frames=4, fwhm_ran
     [
         pytest.param(dict(REGISTERED_SMALL, pixel_integrated=True, registration=True), 8, 3, id="stars-2px"),
         pytest.param({"scenario": "undersampled-sparse-colour"}, 1, 1, id="undersampled-colour"),
+        pytest.param({"scenario": "undersampled-sparse-colour", "n_frames": 6}, 2, 3, id="undersampled-colour-clamped"),
         pytest.param(
             dict(REGISTERED_SMALL, pixel_integrated=True, registration=True, rotation=2.0),
             8,
@@ -167,8 +200,14 @@ def test_hot_pixels_spread_by_the_registration_are_not_stars(spec, seed, k):
     pixels), and the targets were refused as unregistered; on the undersampled frame 227 of
     321 detections were hot pixels. Registered with a turn of 1.4 degrees as well, their
     phase changes across the frame: without the test 36 of its 323 detections are hot
-    pixels. Against the same frame without hot pixels, and the generator's stars: the same
-    FWHM, nearly every detection a star, and nearly as many stars found."""
+    pixels. On an undersampled colour frame shifted by (-0.28, -0.28) px, whose stars are 1 px
+    before the pixels, the brightest hot photosites' negative lobes are clamped at zero, and
+    at a signal-to-noise of hundreds the point's shift on its grid misfits them more than a
+    star's templates do: 43 of 115 detections were hot pixels, 35 of the 50 brightest, and
+    every target was refused against it as unregistered; their clamped pixels are now left
+    out of the fit and the shift refined. Against the same frame without hot pixels, and the
+    generator's stars: the same FWHM, nearly every detection a star, and nearly as many stars
+    found."""
     with_hot = SyntheticField(seed=seed, **spec)
     clean = SyntheticField(seed=seed, hot_pixel_fraction=0.0, **spec)
     assert with_hot.spec.hot_pixel_fraction > 0 and with_hot.frames[k].shift == clean.frames[k].shift
