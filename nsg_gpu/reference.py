@@ -13,7 +13,6 @@ aperture each target needs, are computed on first use and kept (:meth:`Reference
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass, field
 
@@ -27,7 +26,7 @@ from .noise import DETECT_NOISE_PIXELS, frame_noise, ksigma_noise
 from .outliers import bright_counts, clipped_medians, pixel_noise
 from .params import Parameters, resolve_parameters
 from .psf import MIN_PSF_FWHM, PSF_STARS, FittedPSF, MoffatPSF, fit_reference_psf, integrated_fit, stamp_radius
-from .resampling import InterpolationKernel, interpolation_kernel
+from .resampling import InterpolationKernel
 from .samples import MIN_SAMPLES, SampleGrid, bin_medians, make_grid, star_rejection
 from .stamps import channel_peaks, peak_contrast
 from .stars import StarCatalog, detect_stars, detection_image, isolated
@@ -116,11 +115,12 @@ class Reference:
                 )
         return self._psf_fits[key]
 
-    @functools.cached_property
+    @property
     def interpolation_kernel(self) -> InterpolationKernel | None:
         """The interpolation kernel the reference's pixels went through, where it was
-        resampled itself (:func:`nsg_gpu.resampling.interpolation_kernel`); read once."""
-        return interpolation_kernel(self.frame.data)
+        resampled itself (:func:`nsg_gpu.resampling.interpolation_kernel`): read once, by the
+        star detection."""
+        return self.stars.resampling
 
     def clipped_medians(self, bins: np.ndarray) -> np.ndarray:
         """The reference's clipped medians (:func:`nsg_gpu.samples.clipped_medians`) of

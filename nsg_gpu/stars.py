@@ -23,7 +23,7 @@ from scipy.spatial import cKDTree
 
 from . import kernels
 from .backend import get_backend, single_threaded_blas
-from .resampling import INTERPOLATIONS, MATCHED_HALF, interpolation_kernel, interpolation_taps
+from .resampling import INTERPOLATIONS, MATCHED_HALF, InterpolationKernel, interpolation_kernel, interpolation_taps
 from .stamps import gather_stamps
 
 __all__ = [
@@ -78,6 +78,9 @@ class StarCatalog:
     radius: np.ndarray  # radius (px) where the star meets the noise floor
     fwhm: float  # median FWHM (px) of bright unsaturated stars
     noise: float  # noise of the matched-filter image
+    # The interpolation the frame went through where its noise says it was resampled
+    # (nsg_gpu.resampling.interpolation_kernel, read once by detect_stars), else None.
+    resampling: InterpolationKernel | None = None
 
     def __len__(self) -> int:
         return int(self.x.size)
@@ -91,6 +94,7 @@ class StarCatalog:
             self.radius[index],
             self.fwhm,
             self.noise,
+            self.resampling,
         )
 
 
@@ -433,7 +437,8 @@ def detect_stars(
     image = data if data.ndim == 2 else detection_image(data)
     image = image.astype(xp.float32, copy=False)
     valid = image > 0
-    resampled = interpolation_kernel(data if data.ndim == 3 else data[None]) is not None
+    kernel = interpolation_kernel(data if data.ndim == 3 else data[None])
+    resampled = kernel is not None
     guess = 3.0 if fwhm is None else float(fwhm)
     catalog = _detect_once(be, image, valid, guess, detection_sigma, max_stars, resampled, data)
     for _ in range(2):
@@ -441,6 +446,7 @@ def detect_stars(
             break
         guess = float(np.clip(catalog.fwhm, 1.0, 20.0))
         catalog = _detect_once(be, image, valid, guess, detection_sigma, max_stars, resampled, data)
+    catalog.resampling = kernel
     return catalog
 
 
