@@ -762,10 +762,18 @@ def parameter_covariance(models: _StarModels, psf: MoffatPSF) -> tuple[float, fl
 
 
 def _with_covariance(fit: _Fit) -> MoffatPSF:
-    """``fit``'s Moffat with its :func:`parameter_covariance`."""
+    """``fit``'s Moffat with its :func:`parameter_covariance`, or without one (so that the
+    seeing correction's error falls back to the assumed parameter errors) where the fit's
+    Jacobian is singular or the covariance not finite."""
     if fit.models is None:
         return fit.psf
-    return replace(fit.psf, covariance=parameter_covariance(fit.models, fit.psf))
+    try:
+        covariance = parameter_covariance(fit.models, fit.psf)
+    except np.linalg.LinAlgError:
+        return fit.psf
+    if not (np.all(np.isfinite(covariance)) and covariance[0] >= 0 and covariance[2] >= 0):
+        return fit.psf
+    return replace(fit.psf, covariance=covariance)
 
 
 def _star_widths(fit: _Fit) -> tuple[np.ndarray, np.ndarray]:

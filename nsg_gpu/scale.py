@@ -362,7 +362,7 @@ def correction_uncertainty(
             share = photometry.kept_share(geometry, up, weight) - photometry.kept_share(geometry, down, weight)
             gradient.append(share / (2 * (log_alpha + beta) * kept))
         (ga, gb), (caa, cab, cbb) = gradient, psf.covariance
-        variance += ga * ga * caa + 2 * ga * gb * cab + gb * gb * cbb
+        variance += max(ga * ga * caa + 2 * ga * gb * cab + gb * gb * cbb, 0.0)
     return math.sqrt(variance)
 
 

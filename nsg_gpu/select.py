@@ -250,9 +250,8 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
         for s in measured:
             if s.star_flux is not None:
                 s.star_snr = star_snr(s, first, s.coverage / best_coverage if best_coverage > 0 else 1.0)
-        _set_missing_area(measured, best_coverage)
-        least = min(s.missing_area for s in measured)
-        covered = [s for s in measured if s.missing_area <= least + MAX_MISSING_AREA + 1e-9]
+        limit = _set_missing_area(measured, best_coverage)
+        covered = [s for s in measured if s.missing_area is not None and s.missing_area <= limit + 1e-9]
         median_gradient = float(np.median([s.gradient for s in covered]))
         calm = [s for s in covered if s.gradient <= MAX_RELATIVE_GRADIENT * median_gradient + 1e-9] or covered
         for s in measured:
@@ -261,10 +260,12 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
                 s.note = "candidate"
             elif s in covered:
                 s.note = f"gradient {s.gradient / max(median_gradient, 1e-12):.1f}x the median"
+            elif s.missing_area is None:
+                s.note = "coverage not compared: its size differs from most frames'"
             else:
                 s.note = (
                     f"coverage {s.coverage:.1%}: misses {s.missing_area:.1%} of the area most frames cover, "
-                    f"more than {least + MAX_MISSING_AREA:.1%}"
+                    f"more than {limit:.1%}"
                 )
 
     def group(s: ReferenceScore) -> int:
@@ -282,19 +283,26 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
     return ordered
 
 
-def _set_missing_area(measured: Sequence[ReferenceScore], best_coverage: float) -> None:
-    """Each measured frame's ``missing_area``: from the footprints of the frames of the most
-    common footprint shape; a frame without a footprint (a score built by hand) or of another
-    shape is judged by its coverage alone, as missing what it covers less than the best."""
+def _set_missing_area(measured: Sequence[ReferenceScore], best_coverage: float) -> float:
+    """Set each measured frame's ``missing_area`` and return the most a candidate may miss
+    (:data:`MAX_MISSING_AREA` beyond the least any frame misses).
+
+    Frames with footprints are judged by those of the most common shape (the first such shape
+    where two are as common); a frame of another shape gets None: it is not a candidate (it
+    cannot be the others' reference). Where no frame has a footprint (scores built by hand),
+    each misses what it covers less than the best."""
     shapes = [s.footprint.shape for s in measured if s.footprint is not None]
-    common = max(set(shapes), key=shapes.count) if shapes else None
-    alike = [s for s in measured if s.footprint is not None and s.footprint.shape == common]
-    for s, missing in zip(alike, missing_area([s.footprint for s in alike]) if alike else ()):
-        s.missing_area = float(missing)
-    judged = {id(s) for s in alike}
-    for s in measured:
-        if id(s) not in judged:
+    if not shapes:
+        for s in measured:
             s.missing_area = max(best_coverage - s.coverage, 0.0)
+    else:
+        common = max(shapes, key=shapes.count)
+        alike = [s for s in measured if s.footprint is not None and s.footprint.shape == common]
+        for s in measured:
+            s.missing_area = None
+        for s, missing in zip(alike, missing_area([s.footprint for s in alike]), strict=True):
+            s.missing_area = float(missing)
+    return min(s.missing_area for s in measured if s.missing_area is not None) + MAX_MISSING_AREA
 
 
 def inspect_frames(paths: Sequence[str | os.PathLike], *, detection_sigma: float = 5.0) -> list[ReferenceScore]:

@@ -514,13 +514,13 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
                 # pixel or less before the registration can look like single pixels too, but
                 # show in every channel.
                 single, windows, raw = _one_channel_windows(data, xs[tested], ys[tested])
-                valid = raw > CLAMPED * float(be.to_host(data.max()))
-                points = single & (single_pixel_advantage(windows, pixel_sigma, valid) > 0)
+                unclamped = raw > CLAMPED * float(be.to_host(data.max()))
+                points = single & (single_pixel_advantage(windows, pixel_sigma, unclamped) > 0)
             else:
                 inner = be.to_host(win[tested][:, half - 2 : half + 3, half - 2 : half + 3])
                 raw = be.to_host(gather_stamps(image, xs[tested], ys[tested], 2))
-                valid = raw > CLAMPED * float(be.to_host(image.max()))
-                points = single_pixel_advantage(inner, pixel_sigma, valid) > HOT_PIXEL_CHI2
+                unclamped = raw > CLAMPED * float(be.to_host(image.max()))
+                points = single_pixel_advantage(inner, pixel_sigma, unclamped) > HOT_PIXEL_CHI2
             keep[tested[be.asarray(points)]] = False
     cx, cy, flux, peak_value, peak_residual = (
         be.to_host(a[keep]).astype(np.float64) for a in (cx, cy, flux, peak_value, peak_residual)
@@ -666,13 +666,20 @@ def single_pixel_advantage(windows: np.ndarray, pixel_sigma: float, valid: np.nd
                 best[i], chosen[i] = projections.max(), projections.argmax()
         # Both grids refined around their best: at a signal-to-noise of hundreds a grid's
         # step alone misfits a hot pixel or a star by more than the two differ.
+        # The refined templates are outer products of unit profiles: a full window's
+        # projections on them are two small products.
         for i in range(len(flat)):
+            window = flat[i].reshape(5, 5)
             for best, chosen, refined in (
                 (best_point, chosen_point, _refined_points),
                 (best_star, chosen_star, _refined_stars),
             ):
-                fine = _cut_projections(flat[i, keep[i]], refined(int(chosen[i]))[keep[i]])
-                best[i] = max(best[i], fine.max())
+                for rows_y, rows_x in refined(int(chosen[i])):
+                    if full[i]:
+                        fine = rows_y @ window @ rows_x.T
+                    else:
+                        fine = _cut_projections(flat[i, keep[i]], _unit_outer(rows_y, rows_x)[keep[i]])
+                    best[i] = max(best[i], float(fine.max()))
     best_point, best_star = np.maximum(best_point, 0), np.maximum(best_star, 0)
     return (best_point**2 - best_star**2) / pixel_sigma**2
 
@@ -694,45 +701,58 @@ def _signed_taps(name: str, shift: float) -> np.ndarray:
     return t if shift >= 0 else t[::-1]
 
 
-@functools.lru_cache(maxsize=4096)
-def _refined_points(index: int) -> np.ndarray:
-    """Unit-norm single-pixel templates ``(25, n)`` around column ``index`` of
-    :func:`_point_templates`' points: the same interpolation and pixel, shifts within one
-    grid step of its own along each axis, in steps of a tenth of it."""
+def _refined_points(index: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Single-pixel templates around column ``index`` of :func:`_point_templates`' points, as
+    pairs of 1-D profiles (y and x, unit rows ``(21, 5)``) whose outer products they are: the
+    same interpolation, the point within one grid step of its own place along each axis, in
+    steps of a tenth of it."""
     shifts = _point_shifts()
     rows = 3 * shifts.size
-    name = INTERPOLATIONS[index // rows**2]
-    profiles = []
-    for row in divmod(index % rows**2, rows):
-        shift_index, pixel = divmod(row, 3)
-        around = np.clip(shifts[shift_index] + POINT_TEST_STEP * np.linspace(-1, 1, 21), -0.5, 0.5)
-        profiles.append(np.concatenate([_point_profiles(name, float(v), [pixel - 1]) for v in around]))
-    return _unit_outer(*profiles)
+    name = index // rows**2
+    row_y, row_x = divmod(index % rows**2, rows)
+    return [(_refined_point_rows(name, row_y), _refined_point_rows(name, row_x))]
 
 
-@functools.lru_cache(maxsize=4096)
-def _refined_stars(index: int) -> np.ndarray:
-    """Unit-norm star templates ``(25, n)`` around column ``index`` of
-    :func:`_point_templates`' stars: the same interpolation and shifts, places within half a
-    grid step of its own along each axis in steps of a twentieth of the step, and FWHMs of
-    its own and halfway (geometrically) to its neighbours in :data:`POINT_TEST_FWHM`."""
+@functools.cache
+def _refined_point_rows(name: int, row: int) -> np.ndarray:
+    """Unit 1-D profiles ``(21, 5)`` around row ``row`` of the point profiles of interpolation
+    ``INTERPOLATIONS[name]``. A place is a pixel and a shift (pixel ``p`` at shift ``v`` lies at
+    ``v - p``); past half a pixel's shift it is the next pixel's, so that a point near the
+    half pixel is refined on both sides."""
+    shift_index, pixel = divmod(row, 3)
+    places = _point_shifts()[shift_index] - (pixel - 1) + POINT_TEST_STEP * np.linspace(-1, 1, 21)
+    nearest = np.floor(places + 0.5)  # the pixel (negated) whose shift is within -1/2..1/2
+    profiles = np.concatenate(
+        [_point_profiles(INTERPOLATIONS[name], float(u - n), [int(-n)]) for u, n in zip(places, nearest, strict=True)]
+    )
+    return profiles / np.linalg.norm(profiles, axis=1, keepdims=True)
+
+
+def _refined_stars(index: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Star templates around column ``index`` of :func:`_point_templates`' stars, as pairs of
+    1-D profiles (y and x, unit rows ``(21, 5)``), one pair per FWHM: the same interpolation
+    and shifts, places within half a grid step of its own along each axis in steps of a
+    twentieth of the step, and FWHMs of its own and halfway (geometrically) to its
+    neighbours in :data:`POINT_TEST_FWHM`."""
     rows = len(_STAR_SHIFTS) * len(_STAR_PLACES)
     per_name = len(POINT_TEST_FWHM) * rows**2
-    name = INTERPOLATIONS[index // per_name]
-    f = (index % per_name) // rows**2
-    step = _STAR_PLACES[1] - _STAR_PLACES[0]
+    name, f = index // per_name, (index % per_name) // rows**2
+    row_y, row_x = divmod(index % rows**2, rows)
     fwhms = [POINT_TEST_FWHM[f]] + [
         math.sqrt(POINT_TEST_FWHM[f] * POINT_TEST_FWHM[g]) for g in (f - 1, f + 1) if 0 <= g < len(POINT_TEST_FWHM)
     ]
-    templates = []
-    for fwhm in fwhms:
-        profiles = []
-        for row in divmod(index % rows**2, rows):
-            shift_index, place = divmod(row, len(_STAR_PLACES))
-            around = _STAR_PLACES[place] + step / 2 * np.linspace(-1, 1, 21)
-            profiles.append(_star_profiles(name, fwhm, _STAR_SHIFTS[shift_index], around))
-        templates.append(_unit_outer(*profiles))
-    return np.concatenate(templates, axis=1)
+    return [(_refined_star_rows(name, fwhm, row_y), _refined_star_rows(name, fwhm, row_x)) for fwhm in fwhms]
+
+
+@functools.cache
+def _refined_star_rows(name: int, fwhm: float, row: int) -> np.ndarray:
+    """Unit 1-D profiles ``(21, 5)`` of stars of ``fwhm`` around row ``row`` of the star
+    profiles of interpolation ``INTERPOLATIONS[name]``."""
+    shift_index, place = divmod(row, len(_STAR_PLACES))
+    step = _STAR_PLACES[1] - _STAR_PLACES[0]
+    around = _STAR_PLACES[place] + step / 2 * np.linspace(-1, 1, 21)
+    profiles = _star_profiles(INTERPOLATIONS[name], fwhm, _STAR_SHIFTS[shift_index], around)
+    return profiles / np.linalg.norm(profiles, axis=1, keepdims=True)
 
 
 def _one_channel_windows(data, x, y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

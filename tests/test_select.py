@@ -158,6 +158,36 @@ def test_rank_frames_keeps_a_given_score_without_a_star_table():
     assert ranked[2].note == "no stars detected" and not ranked[2].candidate
 
 
+def test_a_frame_of_another_size_does_not_set_the_coverage_rule():
+    """Footprints of four dithered frames (borders of 4-5 % on different sides) and one frame of
+    another size, fully covered: it cannot be the others' reference, and the others are judged
+    among themselves (the least they miss, not the stray frame's nothing, is the baseline)."""
+
+    def bordered(left=0, right=0, bottom=0, top=0):
+        footprint = np.ones((100, 100), bool)
+        footprint[:bottom], footprint[100 - top :], footprint[:, :left], footprint[:, 100 - right :] = (False,) * 4
+        return footprint
+
+    footprints = [bordered(left=5), bordered(right=5), bordered(bottom=4), bordered(top=5), np.ones((50, 50), bool)]
+    scores = [
+        ReferenceScore(
+            Path(f"{k}.fits"),
+            coverage=float(f.mean()),
+            noise=1.0,
+            star_snr=10.0 + k,
+            gradient=1.0,
+            stars=100,
+            footprint=f,
+        )
+        for k, f in enumerate(footprints)
+    ]
+    ranked = rank_frames(scores)
+    by_name = {s.path.name: s for s in ranked}
+    assert [by_name[f"{k}.fits"].candidate for k in range(5)] == [True, True, True, True, False]
+    assert by_name["4.fits"].missing_area is None and "size" in by_name["4.fits"].note
+    assert ranked[0].path.name == "3.fits"
+
+
 @pytest.fixture(scope="module")
 def inspected_set(tmp_path_factory):
     """Four 700x500 mono synthetic frames (random conditions and borders) and their field."""
