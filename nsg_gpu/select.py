@@ -8,11 +8,11 @@ candidate frame:
    stars in that border, and leaves the target's gradient there extrapolated. What counts is
    the area the stack keeps: the pixels that at least half of the frames cover. Frames that
    miss more than 3 % of that area beyond what the best-covering frame misses are not
-   candidates. In a set with its registration reference (no border) and frames of small
-   borders, that is the old rule of full coverage; in a dithered set registered to a frame
-   that is not among them, where every frame has a border of its own, it keeps the frames
-   whose borders lie outside the area most frames share, instead of the one frame whose
-   border is smallest whatever its transparency.
+   candidates (a frame of another size than most is not compared, and not a candidate). Where most frames cover the whole field, a frame with a
+   border of more than 3 % is left out, as a rule of full coverage would; in a dithered set
+   registered to a frame that is not among them, where every frame has a border of its own,
+   the frames whose borders lie outside the area most frames share stay candidates, instead
+   of only the one whose border is smallest, whatever its transparency.
 2. **Gradient.** Frames whose background gradient (the 5-95 % range of a smooth background
    model, in units of the frame's noise) is more than twice the median of the candidates are
    dropped, unless that would drop all.
