@@ -167,12 +167,14 @@ def star_snr(score: ReferenceScore, first: int = 0, coverage: float = 1.0) -> fl
 
 def footprint(valid: np.ndarray) -> np.ndarray:
     """Where a frame has data, in square cells of about ``1/FOOTPRINT_CELLS`` of its larger
-    side: a cell counts when most of its pixels hold data (a remainder under one cell at the
-    right and top edges is left out)."""
-    cell = max(1, math.ceil(max(valid.shape) / FOOTPRINT_CELLS))
+    side (8 px at least): a cell counts when more than a twentieth of its pixels hold data,
+    so that the scattered zeros of a frame clipped at 0 (a dark sky less its dark frame)
+    leave it covered, and only a region without data (a registration's border) does not. A
+    remainder under one cell at the right and top edges is left out."""
+    cell = max(8, math.ceil(max(valid.shape) / FOOTPRINT_CELLS))
     rows, cols = valid.shape[0] // cell, valid.shape[1] // cell
     blocks = valid[: rows * cell, : cols * cell].reshape(rows, cell, cols, cell)
-    return np.count_nonzero(blocks, axis=(1, 3)) * 2 >= cell * cell
+    return np.count_nonzero(blocks, axis=(1, 3)) * 20 > cell * cell
 
 
 def missing_area(footprints: Sequence[np.ndarray]) -> np.ndarray:

@@ -158,6 +158,21 @@ def test_rank_frames_keeps_a_given_score_without_a_star_table():
     assert ranked[2].note == "no stars detected" and not ranked[2].candidate
 
 
+def test_footprint_is_the_region_with_data_not_the_scattered_zeros():
+    """A frame clipped at 0 over 70 % of its sky (a dark sky less its dark frame) with a
+    registration border of 40 px on the left: its footprint misses the border and nothing
+    else."""
+    from nsg_gpu.select import footprint
+
+    rng = np.random.default_rng(1)
+    valid = rng.random((480, 640)) > 0.7
+    valid[:, :40] = False
+    cells = footprint(valid)
+    cell = 640 // cells.shape[1]
+    assert cell == 8
+    assert cells[:, : 40 // cell].sum() == 0 and cells[:, 40 // cell :].all()
+
+
 def test_a_frame_of_another_size_does_not_set_the_coverage_rule():
     """Footprints of four dithered frames (borders of 4-5 % on different sides) and one frame of
     another size, fully covered: it cannot be the others' reference, and the others are judged
