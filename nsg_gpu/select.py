@@ -248,10 +248,15 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
             s.note = "no stars detected" if s.stars == 0 else "no noise measured"
     if measured:
         best_coverage = max(s.coverage for s in measured)
+        # The band's ranks scale with the area that holds stars: the footprint's, where the
+        # frame has one (a frame clipped at 0 across its sky has fewer pixels with data, not
+        # fewer stars).
+        covered = {id(s): s.coverage if s.footprint is None else float(s.footprint.mean()) for s in measured}
+        best_covered = max(covered.values())
         first = max(s.nonlinear_stars for s in measured)
         for s in measured:
             if s.star_flux is not None:
-                s.star_snr = star_snr(s, first, s.coverage / best_coverage if best_coverage > 0 else 1.0)
+                s.star_snr = star_snr(s, first, covered[id(s)] / best_covered if best_covered > 0 else 1.0)
         limit = _set_missing_area(measured, best_coverage)
         covered = [s for s in measured if s.missing_area is not None and s.missing_area <= limit + 1e-9]
         median_gradient = float(np.median([s.gradient for s in covered]))
