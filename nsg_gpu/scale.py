@@ -355,12 +355,12 @@ def correction_uncertainty(
                 moved = photometry.kept_share(geometry, replace(psf, alpha=shape.alpha, beta=shape.beta), weight)
                 variance += (moved / kept - 1) ** 2
             continue
-        gradient = []
-        for log_alpha, beta in ((1e-3, 0.0), (0.0, 2e-3)):
+        gradient = []  # d log(kept share) / d(log alpha, beta), by central differences
+        for log_alpha, beta, step in ((1e-3, 0.0, 1e-3), (0.0, 2e-3, 2e-3)):
             up = replace(psf, alpha=psf.alpha * math.exp(log_alpha), beta=psf.beta + beta)
             down = replace(psf, alpha=psf.alpha * math.exp(-log_alpha), beta=psf.beta - beta)
             share = photometry.kept_share(geometry, up, weight) - photometry.kept_share(geometry, down, weight)
-            gradient.append(share / (2 * (log_alpha + beta) * kept))
+            gradient.append(share / (2 * step * kept))
         (ga, gb), (caa, cab, cbb) = gradient, psf.covariance
         variance += max(ga * ga * caa + 2 * ga * gb * cab + gb * gb * cbb, 0.0)
     return math.sqrt(variance)

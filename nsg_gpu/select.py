@@ -8,8 +8,9 @@ candidate frame:
    stars in that border, and leaves the target's gradient there extrapolated. What counts is
    the area the stack keeps: the pixels that at least half of the frames cover. Frames that
    miss more than 3 % of that area beyond what the best-covering frame misses are not
-   candidates (a frame of another size than most is not compared, and not a candidate). Where most frames cover the whole field, a frame with a
-   border of more than 3 % is left out, as a rule of full coverage would; in a dithered set
+   candidates (a frame of another size than most is not compared, and not a candidate).
+   Where most frames cover the whole field, a frame with a border of more than 3 % is left
+   out, as a rule of full coverage would; in a dithered set
    registered to a frame that is not among them, where every frame has a border of its own,
    the frames whose borders lie outside the area most frames share stay candidates, instead
    of only the one whose border is smallest, whatever its transparency.
@@ -251,12 +252,12 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
         # The band's ranks scale with the area that holds stars: the footprint's, where the
         # frame has one (a frame clipped at 0 across its sky has fewer pixels with data, not
         # fewer stars).
-        covered = {id(s): s.coverage if s.footprint is None else float(s.footprint.mean()) for s in measured}
-        best_covered = max(covered.values())
+        area = {id(s): s.coverage if s.footprint is None else float(s.footprint.mean()) for s in measured}
+        best_area = max(area.values())
         first = max(s.nonlinear_stars for s in measured)
         for s in measured:
             if s.star_flux is not None:
-                s.star_snr = star_snr(s, first, covered[id(s)] / best_covered if best_covered > 0 else 1.0)
+                s.star_snr = star_snr(s, first, area[id(s)] / best_area if best_area > 0 else 1.0)
         limit = _set_missing_area(measured, best_coverage)
         covered = [s for s in measured if s.missing_area is not None and s.missing_area <= limit + 1e-9]
         median_gradient = float(np.median([s.gradient for s in covered]))

@@ -56,7 +56,7 @@ POINT_TEST_STEP = 0.05
 #: The brightest detections (by their peak) that are tested, at most: the ones that set the
 #: catalogue's FWHM, sharpness and registration check.
 POINT_TEST_MAX = 500
-#: Pixels at or below this fraction of the frame's maximum are taken as clamped (a
+#: Pixels at or below this fraction of the detection image's maximum are taken as clamped (a
 #: registration sets the negative lobes of a bright point's interpolation to zero, or to a
 #: hair above it so as not to read as no data) and left out of the point test's fits.
 CLAMPED = 1e-4
@@ -499,6 +499,7 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     pixel_noise = noise * math.sqrt(4 * math.pi) * sigma
     undersampled = (around > 0.4 * centre) & (nearest > 0.25 * centre) & (nearest > 3 * pixel_noise)
     keep = ok & (flux > 0) & ((cross > 0.2 * centre) | undersampled)
+    image_max = float(be.to_host(image.max()))
     if resampled:
         # A resampled frame: a hot pixel comes out spread over its neighbours by the
         # interpolation, and passes the tests above; its shape is the kernel's.
@@ -514,12 +515,12 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
                 # pixel or less before the registration can look like single pixels too, but
                 # show in every channel.
                 single, windows, raw = _one_channel_windows(data, xs[tested], ys[tested])
-                unclamped = raw > CLAMPED * float(be.to_host(data.max()))
+                unclamped = raw > CLAMPED * image_max
                 points = single & (single_pixel_advantage(windows, pixel_sigma, unclamped) > 0)
             else:
                 inner = be.to_host(win[tested][:, half - 2 : half + 3, half - 2 : half + 3])
                 raw = be.to_host(gather_stamps(image, xs[tested], ys[tested], 2))
-                unclamped = raw > CLAMPED * float(be.to_host(image.max()))
+                unclamped = raw > CLAMPED * image_max
                 points = single_pixel_advantage(inner, pixel_sigma, unclamped) > HOT_PIXEL_CHI2
             keep[tested[be.asarray(points)]] = False
     cx, cy, flux, peak_value, peak_residual = (
@@ -528,7 +529,6 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     order = np.argsort(-flux)[:max_stars]
     cx, cy, flux, peak_value, peak_residual = (a[order] for a in (cx, cy, flux, peak_value, peak_residual))
     # FWHM from bright stars that are clearly unsaturated and well above the noise.
-    image_max = float(be.to_host(image.max()))
     unsaturated = peak_value < 0.5 * image_max
     bright = np.nonzero(unsaturated & (peak_residual > 30 * pixel_noise))[0][:200]
     measured = fwhm
