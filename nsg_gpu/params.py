@@ -93,6 +93,8 @@ class Parameters:
         radius. Auto: 0.002 deg, at least 5 px.
     min_star_pairs : int
         Fewer usable star pairs than this is an error for that frame, never a silent scale 1.
+        A scale from fewer than three is written and flagged, as NSG flags it
+        (:data:`nsg_gpu.scalefit.FEW_STAR_PAIRS`).
 
     Gradient
     --------
@@ -158,7 +160,9 @@ class Parameters:
     aperture_bg_delta: float | None = _option(
         None, "Least width (px) of the background annulus.", auto="0.002 deg, at least 5 px"
     )
-    min_star_pairs: int = _option(3, "Fewer usable star pairs than this fails the frame (NSG flags fewer than 3).")
+    min_star_pairs: int = _option(
+        2, "Fewer usable star pairs than this fails the frame; fewer than 3 is flagged (as NSG flags it)."
+    )
     sample_size: int | None = _option(
         None, "Side (px) of the background samples.", auto="NSG's rule from the pixel size and image size"
     )

@@ -120,7 +120,7 @@ def reject_frames(
                     f"transmission {f.relative_transmission:.3f} of the best{unit} (minimum {min_transmission:g})"
                 )
             doubt = (
-                scale_doubt(f.transmission, f.transmission_error, threshold=max_scale_error)
+                scale_doubt(f.transmission, f.transmission_error, threshold=max_scale_error, star_pairs=f.star_pairs)
                 if max_scale_error
                 else None
             )

@@ -60,7 +60,12 @@ class FrameResult:
     @property
     def scale_flag(self) -> str | None:
         """Why the scale is in doubt (:func:`nsg_gpu.scalefit.scale_doubt`), or None."""
-        return scale_doubt(self.transmission, self.transmission_error)
+        return scale_doubt(self.transmission, self.transmission_error, star_pairs=self._fitted_pairs)
+
+    @property
+    def _fitted_pairs(self) -> int | None:
+        """The star pairs of the scale fit; the reference's count is its stars, not a fit's."""
+        return None if self.status == "reference" else self.star_pairs
 
     @property
     def exposure(self) -> float | None:

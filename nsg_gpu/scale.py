@@ -302,7 +302,7 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
             tolerance=params.star_flux_tolerance,
             outlier_removal=params.outlier_removal,
             judged=snr[pairs_c] >= JUDGED_PAIR_SNR,
-            min_pairs=params.min_star_pairs,
+            min_pairs=max(params.min_star_pairs, scalefit.FEW_STAR_PAIRS),
         )
         if not (fit.scale > 0 and math.isfinite(fit.scale)):
             raise TooFewStarsError(

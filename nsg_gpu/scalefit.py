@@ -70,6 +70,10 @@ UNCERTAIN_SCALE = 0.03
 #: error-weighted mean has a probability below this (3.3 sigma): more than a grey change of
 #: transmission (exposure, thin cloud) explains, within the errors.
 CHANNELS_DISAGREE_P = 0.001
+#: A scale fitted from fewer star pairs than this (in its best channel) is flagged, as NSG
+#: flags it: two pairs cannot show an outlier, one of them cannot be left out, and their
+#: scatter, with one degree of freedom, is itself a guess.
+FEW_STAR_PAIRS = 3
 
 
 def median(values: np.ndarray) -> float:
@@ -305,7 +309,7 @@ def weighted_ratio(x, y, sx, sy, m: float, *, iterations: int = 50, robust: bool
         m = m_new
         if converged:
             break
-    if 3 <= keep.sum() < FEW_PAIRS:
+    if 2 <= keep.sum() < FEW_PAIRS:
         # A robust spread of so few residuals is itself a guess: the classical one (their
         # chi-square at n - 1), where larger, sets the uncertainty (not the fit).
         r, level2 = y - m * x, _level2(x, y, m)
@@ -370,8 +374,8 @@ def fit_scale(
     3. :func:`weighted_ratio` fits the rest; then the ``outlier_removal`` per cent of them
        with the largest error-normalized residuals are left out (NSG's removal of the
        farthest pairs, measured in each pair's own errors) and the fit is repeated;
-    4. where that leaves fewer than ``min_pairs`` of at least as many, every pair is fitted
-       and kept (no tolerance, no biweight): among three or four pairs an outlier cannot be
+    4. where that leaves fewer than ``min_pairs``, or fewer than all of fewer pairs, every
+       pair is fitted and kept (no tolerance, no biweight): among three or four pairs an outlier cannot be
        told from the scatter (a red star of a colour sensor 30 % off its share, beside two
        at signal-to-noise 2), and a scale with the uncertainty of all of them (flagged where
        large) serves better than a failed frame.
@@ -438,24 +442,29 @@ def fit_scale(
         variance = sy[index] ** 2 + (m * sx[index]) ** 2 + scatter**2 * _level2(x[index], y[index], m)
         residual = np.abs(y[index] - m * x[index]) / np.sqrt(variance)
         used[index[np.argsort(-residual, kind="stable")[:n_remove]]] = False
-    if used.sum() < min_pairs <= n:
+    if used.sum() < min(min_pairs, n):
         m, error, scatter, _ = weighted_ratio(x, y, sx, sy, m0, robust=False)
         used = np.ones(n, bool)
     return ScaleFit(float(m), 0.0, used, int(used.sum()), float(error), float(scatter))
 
 
-def scale_doubt(transmission, transmission_error, *, threshold: float = UNCERTAIN_SCALE) -> str | None:
+def scale_doubt(
+    transmission, transmission_error, *, threshold: float = UNCERTAIN_SCALE, star_pairs: int | None = None
+) -> str | None:
     """Why a frame's transmissions are in doubt, or None.
 
-    A channel's relative standard error above ``threshold``, or channels that disagree with
-    each other beyond their errors (:data:`CHANNELS_DISAGREE_P`), are in doubt; a channel
-    without an error (NaN or None) is not judged.
+    A channel's relative standard error above ``threshold``, channels that disagree with
+    each other beyond their errors (:data:`CHANNELS_DISAGREE_P`), or a scale from fewer than
+    :data:`FEW_STAR_PAIRS` star pairs in its best channel (``star_pairs``, where known) are
+    in doubt; a channel without an error (NaN or None) is not judged.
     """
     t = np.asarray(transmission, float)
     e = np.array([np.nan if v is None else v for v in transmission_error], float)
     if t.size == 0 or e.size != t.size:
         return None
     reasons = []
+    if star_pairs is not None and star_pairs < FEW_STAR_PAIRS:
+        reasons.append(f"{star_pairs} star pair{'s' if star_pairs != 1 else ''} (fewer than {FEW_STAR_PAIRS})")
     relative = e / t
     worst = int(np.nanargmax(relative)) if np.isfinite(relative).any() else None
     if worst is not None and relative[worst] > threshold:
