@@ -42,7 +42,7 @@ from .psf import (
 from .reference import Reference
 from .resampling import interpolation_kernel
 from .stamps import channel_peaks, gather_stamps, local_level, peak_contrast, stamp_peaks
-from .stars import detection_image, estimate_fwhm
+from .stars import detection_image, estimate_fwhm, typical_fwhm
 
 __all__ = [
     "ScaleMeasurement",
@@ -114,7 +114,7 @@ def _target_fwhm(reference: Reference, image, noise: float) -> float:
         half=max(4, int(math.ceil(3 * stars.fwhm))),
     )
     values = values[values > 0.8]
-    return float(np.median(values)) if values.size >= 5 else stars.fwhm
+    return typical_fwhm(values) if values.size >= 5 else stars.fwhm
 
 
 def _find_stars(reference: Reference, frame: Frame, image, noise: float, fwhm_t: float):

@@ -32,6 +32,7 @@ __all__ = [
     "smooth_background",
     "detect_stars",
     "estimate_fwhm",
+    "typical_fwhm",
     "gaussian_weights",
     "matched_filter",
     "find_peaks",
@@ -45,6 +46,14 @@ _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 #: leaves extended sources out: stars read 0.4-1.3 (undersampled ones the most), single hot
 #: pixels several.
 SHARPNESS_CAP = 1.0
+#: A detection whose 4-neighbours hold less than a fifth of its peak is still a star where
+#: the light on both sides of it (twice the lesser of each pair of opposite neighbours, over
+#: the four axes) is this share of the peak, and :data:`AROUND_SNR` times the pixel noise
+#: (about twice its own noise, and 3 of that above a hot pixel's, whose minima are negative):
+#: an undersampled star (0.6 px or more before the pixels, wherever it falls in its pixel),
+#: not a hot pixel, a pair of them or a hot pixel beside a star.
+UNDERSAMPLED_AROUND = 0.1
+AROUND_SNR = 5.0
 #: On a resampled mono frame a detection is a hot pixel (or cosmic ray) seen through a
 #: registration's interpolation where that fits its 5 x 5 pixels better, by this much
 #: chi-square, than any star of FWHM :data:`POINT_TEST_FWHM` or more near the centre
@@ -226,6 +235,18 @@ def estimate_fwhm(image, x, y, background=0.0, half: int = 8) -> np.ndarray:
     peak = win[:, half - 1 : half + 2, half - 1 : half + 2].max(axis=(1, 2))
     area = ((win > 0.5 * peak[:, None, None]) & disc).sum(axis=(1, 2))
     return be.to_host(2.0 * xp.sqrt(area / math.pi))
+
+
+def typical_fwhm(values: np.ndarray) -> float:
+    """The FWHM (px) typical of stars whose :func:`estimate_fwhm` readings are ``values``:
+    that of their mean area above half maximum, the tenth largest and smallest areas left
+    out. The areas are whole pixels, and an undersampled star's is one or two pixels as it
+    falls on a pixel's centre or between two, so their median jumps between 1.13 and 1.60 px
+    with the share of stars on each side; their mean over many stars, which fall anywhere in
+    their pixels, grows with the stars' width as it does."""
+    area = np.sort(np.pi * (np.asarray(values, float) / 2) ** 2)
+    cut = area.size // 10
+    return float(2.0 * math.sqrt(area[cut : area.size - cut].mean() / math.pi))
 
 
 def gaussian_weights(sigma: float) -> np.ndarray:
@@ -486,25 +507,29 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     peak_value = gather_stamps(image, xs, ys, 1).max(axis=(1, 2))
     peak_residual = win[:, half - 1 : half + 2, half - 1 : half + 2].max(axis=(1, 2))
     # Hot pixels and cosmic rays: a star's 4-neighbours hold a good share of its peak
-    # (half of it at FWHM 2 px), a single bright pixel's do not. An undersampled star
-    # (FWHM 1-1.6 px) near a pixel's centre keeps less in its cross, 15-20 % of its peak, but
-    # its light still shows in its 8 neighbours together (half to once the peak) and in the
-    # brightest of them (a quarter of the peak or more, well above the noise); a hot pixel's
-    # show neither.
+    # (half of it at FWHM 2 px), a single bright pixel's do not. An undersampled star near a
+    # pixel's centre keeps less in its cross (15-20 % of its peak at FWHM 1-1.6 px, 3-12 % at
+    # 0.5-0.7 px before the pixels), but its light shows on both sides of it along every
+    # axis: twice the lesser of each pair of opposite neighbours, summed over the four axes,
+    # is a tenth of its peak or more wherever its cross holds less than a fifth (stars of
+    # 0.6 px and more). A hot pixel's neighbours hold the sky, and a pair of hot pixels, or a
+    # hot pixel beside a star, lights one side only.
     centre = win[:, half, half]
     cross = 0.25 * (win[:, half - 1, half] + win[:, half + 1, half] + win[:, half, half - 1] + win[:, half, half + 1])
-    ring = win[:, half - 1 : half + 2, half - 1 : half + 2]
-    around = ring.sum(axis=(1, 2)) - centre
-    nearest = xp.maximum(xp.max(ring.reshape(ring.shape[0], -1)[:, [0, 1, 2, 3, 5, 6, 7, 8]], axis=1), 0)
+    edge = xp.concatenate([win[:, 0, :], win[:, -1, :], win[:, 1:-1, 0], win[:, 1:-1, -1]], axis=1)
+    ring = win[:, half - 1 : half + 2, half - 1 : half + 2] - xp.median(edge, axis=1)[:, None, None]
+    symmetric = 2 * sum(
+        xp.minimum(ring[:, 1 + dy, 1 + dx], ring[:, 1 - dy, 1 - dx]) for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1))
+    )
     pixel_noise = noise * math.sqrt(4 * math.pi) * sigma
-    undersampled = (around > 0.4 * centre) & (nearest > 0.25 * centre) & (nearest > 3 * pixel_noise)
+    residual_sub = residual[::step, ::step][valid[::step, ::step]]
+    pixel_sigma = float(1.4826 * xp.median(xp.abs(residual_sub - xp.median(residual_sub))))
+    undersampled = (symmetric > UNDERSAMPLED_AROUND * centre) & (symmetric > AROUND_SNR * pixel_sigma)
     keep = ok & (flux > 0) & ((cross > 0.2 * centre) | undersampled)
     image_max = float(be.to_host(image.max()))
     if resampled:
         # A resampled frame: a hot pixel comes out spread over its neighbours by the
         # interpolation, and passes the tests above; its shape is the kernel's.
-        residual_sub = residual[::step, ::step][valid[::step, ::step]]
-        pixel_sigma = float(1.4826 * xp.median(xp.abs(residual_sub - xp.median(residual_sub))))
         tested = xp.nonzero(keep & (centre > POINT_TEST_SNR * pixel_sigma))[0]
         tested = tested[xp.argsort(-centre[tested])[:POINT_TEST_MAX]]
         if tested.size:
@@ -544,7 +569,7 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
         )
         values = values[np.isfinite(values) & (values > 0.8)]
         if values.size >= 5:
-            measured = float(np.median(values))
+            measured = typical_fwhm(values)
     # Extended sources (nebular knots, galaxies) are far less concentrated than the PSF: an
     # unsaturated star's sharpness is 0.4-1.3 whatever its FWHM, a knot's 0.1-0.3. Judged
     # against the brightest quarter's median, or, where knots outnumber stars there (a sparse
