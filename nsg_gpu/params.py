@@ -131,8 +131,9 @@ class Parameters:
         every frame has an exposure time), is at or below this is rejected (NSG default 0.75).
     max_scale_error : float or None
         A frame whose transmission has a relative standard error above this in any channel,
-        or whose channels disagree beyond their errors, is rejected (beyond NSG; None, the
-        default, rejects none: such frames are only flagged).
+        whose channels disagree beyond their errors, or whose scale comes from fewer than 3
+        star pairs, is rejected (beyond NSG; None, the default, rejects none: such frames are
+        only flagged).
     """
 
     detection_sigma: float = _option(5.0, "Star detection threshold, in noise units of the matched-filter image.")
@@ -199,8 +200,9 @@ class Parameters:
     max_scale_error: float | None = _option(
         None,
         "Reject frames whose transmission is less certain than this in any channel (relative standard "
-        "error, e.g. 0.03), or whose channels' transmissions disagree beyond their errors; unset rejects "
-        "none (such frames are flagged in the results either way).",
+        "error, e.g. 0.03), whose channels' transmissions disagree beyond their errors, or whose scale "
+        "comes from fewer than 3 star pairs; unset rejects none (such frames are flagged in the results "
+        "either way).",
     )
 
     def __post_init__(self):

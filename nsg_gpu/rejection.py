@@ -93,8 +93,9 @@ def reject_frames(
         Thresholds as fractions of the best frame's value.
 
     max_scale_error : float, optional
-        Largest relative standard error of a transmission; frames beyond it, or whose
-        channels disagree (:func:`nsg_gpu.scalefit.scale_doubt`), are rejected.
+        Largest relative standard error of a transmission; frames beyond it, whose channels
+        disagree or whose scale comes from fewer than 3 star pairs
+        (:func:`nsg_gpu.scalefit.scale_doubt`), are rejected.
 
     output_dir : path
         The run's output directory; rejected outputs go to its ``rejected/`` subfolder.

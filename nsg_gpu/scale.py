@@ -304,7 +304,7 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
             judged=snr[pairs_c] >= JUDGED_PAIR_SNR,
             min_pairs=max(params.min_star_pairs, scalefit.FEW_STAR_PAIRS),
         )
-        if not (fit.scale > 0 and math.isfinite(fit.scale)):
+        if fit.n_pairs == 0 or not (fit.scale > 0 and math.isfinite(fit.scale)):
             raise TooFewStarsError(
                 frame.path, f"channel {c}: the {fit.n_pairs} star pairs give no positive scale ({fit.scale:g})"
             )

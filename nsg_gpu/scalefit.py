@@ -458,13 +458,13 @@ def scale_doubt(
     :data:`FEW_STAR_PAIRS` star pairs in its best channel (``star_pairs``, where known) are
     in doubt; a channel without an error (NaN or None) is not judged.
     """
-    t = np.asarray(transmission, float)
-    e = np.array([np.nan if v is None else v for v in transmission_error], float)
-    if t.size == 0 or e.size != t.size:
-        return None
     reasons = []
     if star_pairs is not None and star_pairs < FEW_STAR_PAIRS:
         reasons.append(f"{star_pairs} star pair{'s' if star_pairs != 1 else ''} (fewer than {FEW_STAR_PAIRS})")
+    t = np.asarray(transmission, float)
+    e = np.array([np.nan if v is None else v for v in transmission_error], float)
+    if t.size == 0 or e.size != t.size:
+        return "; ".join(reasons) or None
     relative = e / t
     worst = int(np.nanargmax(relative)) if np.isfinite(relative).any() else None
     if worst is not None and relative[worst] > threshold:

@@ -48,12 +48,14 @@ _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 SHARPNESS_CAP = 1.0
 #: A detection whose 4-neighbours hold less than a fifth of its peak is still a star where
 #: the light on both sides of it (twice the lesser of each pair of opposite neighbours, over
-#: the four axes) is this share of the peak, and :data:`AROUND_SNR` times the pixel noise
-#: (about twice its own noise, and 3 of that above a hot pixel's, whose minima are negative):
+#: the four axes, above 8 times the window edge's median) is this share of the peak, and
+#: :data:`AROUND_SNR` times the pixel noise: about 4 pixel sigmas is its own noise, and a
+#: hot pixel's is centred at -4.5 (the least of two noises is negative), so that one in a
+#: thousand passes where the share does not decide (hot pixels under about 80 sigma);
 #: an undersampled star (0.6 px or more before the pixels, wherever it falls in its pixel),
 #: not a hot pixel, a pair of them or a hot pixel beside a star.
 UNDERSAMPLED_AROUND = 0.1
-AROUND_SNR = 5.0
+AROUND_SNR = 8.0
 #: On a resampled mono frame a detection is a hot pixel (or cosmic ray) seen through a
 #: registration's interpolation where that fits its 5 x 5 pixels better, by this much
 #: chi-square, than any star of FWHM :data:`POINT_TEST_FWHM` or more near the centre
@@ -240,12 +242,17 @@ def estimate_fwhm(image, x, y, background=0.0, half: int = 8) -> np.ndarray:
 def typical_fwhm(values: np.ndarray) -> float:
     """The FWHM (px) typical of stars whose :func:`estimate_fwhm` readings are ``values``:
     that of their mean area above half maximum, the tenth largest and smallest areas left
-    out. The areas are whole pixels, and an undersampled star's is one or two pixels as it
-    falls on a pixel's centre or between two, so their median jumps between 1.13 and 1.60 px
-    with the share of stars on each side; their mean over many stars, which fall anywhere in
-    their pixels, grows with the stars' width as it does."""
-    area = np.sort(np.pi * (np.asarray(values, float) / 2) ** 2)
-    cut = area.size // 10
+    out (one at each end from five values, so that a blend among a few stars does not move
+    it; none below five), NaN for none. The areas are whole pixels, and an undersampled
+    star's is one or two pixels as it falls on a pixel's centre or between two, so their
+    median jumps between 1.13 and 1.60 px with the share of stars on each side; their mean
+    over many stars, which fall anywhere in their pixels, grows with the stars' width as it
+    does."""
+    values = np.asarray(values, float)
+    area = np.sort(np.pi * (values[np.isfinite(values)] / 2) ** 2)
+    if not area.size:
+        return float("nan")
+    cut = max(1, area.size // 10) if area.size >= 5 else 0
     return float(2.0 * math.sqrt(area[cut : area.size - cut].mean() / math.pi))
 
 
@@ -524,7 +531,9 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     pixel_noise = noise * math.sqrt(4 * math.pi) * sigma
     residual_sub = residual[::step, ::step][valid[::step, ::step]]
     pixel_sigma = float(1.4826 * xp.median(xp.abs(residual_sub - xp.median(residual_sub))))
-    undersampled = (symmetric > UNDERSAMPLED_AROUND * centre) & (symmetric > AROUND_SNR * pixel_sigma)
+    # (The matched filter's noise per pixel as a floor: quantized data can have a MAD of 0.)
+    undersampled_noise = max(pixel_sigma, pixel_noise)
+    undersampled = (symmetric > UNDERSAMPLED_AROUND * centre) & (symmetric > AROUND_SNR * undersampled_noise)
     keep = ok & (flux > 0) & ((cross > 0.2 * centre) | undersampled)
     image_max = float(be.to_host(image.max()))
     if resampled:

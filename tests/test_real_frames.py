@@ -162,7 +162,8 @@ def test_stargate_with_an_automatic_reference(tmp_path):
 
 @needs_stargate
 def test_a_sparse_corner_of_stargate_normalizes_every_frame(tmp_path, independent_photometry):
-    """The StarGate frames cut to their lower right quarter (376 x 290 px), where sep finds
+    """The StarGate frames cut to the quarter of their last rows and columns (376 x 290 px;
+    the upper right as displayed), where sep finds
     two or three stars: every frame normalized (7 of the 9 targets failed with 2 usable star
     pairs while 3 were required), those scaled from fewer than 3 pairs flagged, and each
     transmission within 3 combined standard errors of sep's on the whole frames, which the
