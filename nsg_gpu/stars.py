@@ -49,7 +49,8 @@ SHARPNESS_CAP = 1.0
 #: A detection whose 4-neighbours hold less than a fifth of its peak is still a star where
 #: the light on both sides of it (twice the lesser of each pair of opposite neighbours, over
 #: the four axes, above 8 times the window edge's median) is this share of the peak, and
-#: :data:`AROUND_SNR` times the pixel noise: about 4 pixel sigmas is its own noise, and a
+#: :data:`AROUND_SNR` times the pixel noise (the matched filter's, per pixel: on frames not
+#: resampled 1.1-2 times the pixels' own spread): about 4 pixel sigmas is its own noise, and a
 #: hot pixel's is centred at -4.5 (the least of two noises is negative), so that one in a
 #: thousand passes where the share does not decide (hot pixels under about 80 sigma);
 #: an undersampled star (0.6 px or more before the pixels, wherever it falls in its pixel),
@@ -523,22 +524,19 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     # hot pixel beside a star, lights one side only.
     centre = win[:, half, half]
     cross = 0.25 * (win[:, half - 1, half] + win[:, half + 1, half] + win[:, half, half - 1] + win[:, half, half + 1])
-    edge = xp.concatenate([win[:, 0, :], win[:, -1, :], win[:, 1:-1, 0], win[:, 1:-1, -1]], axis=1)
-    ring = win[:, half - 1 : half + 2, half - 1 : half + 2] - xp.median(edge, axis=1)[:, None, None]
+    ring = win[:, half - 1 : half + 2, half - 1 : half + 2] - _edge_median(win)[:, None, None]
     symmetric = 2 * sum(
         xp.minimum(ring[:, 1 + dy, 1 + dx], ring[:, 1 - dy, 1 - dx]) for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1))
     )
     pixel_noise = noise * math.sqrt(4 * math.pi) * sigma
-    residual_sub = residual[::step, ::step][valid[::step, ::step]]
-    pixel_sigma = float(1.4826 * xp.median(xp.abs(residual_sub - xp.median(residual_sub))))
-    # (The matched filter's noise per pixel as a floor: quantized data can have a MAD of 0.)
-    undersampled_noise = max(pixel_sigma, pixel_noise)
-    undersampled = (symmetric > UNDERSAMPLED_AROUND * centre) & (symmetric > AROUND_SNR * undersampled_noise)
+    undersampled = (symmetric > UNDERSAMPLED_AROUND * centre) & (symmetric > AROUND_SNR * pixel_noise)
     keep = ok & (flux > 0) & ((cross > 0.2 * centre) | undersampled)
     image_max = float(be.to_host(image.max()))
     if resampled:
         # A resampled frame: a hot pixel comes out spread over its neighbours by the
         # interpolation, and passes the tests above; its shape is the kernel's.
+        residual_sub = residual[::step, ::step][valid[::step, ::step]]
+        pixel_sigma = float(1.4826 * xp.median(xp.abs(residual_sub - xp.median(residual_sub))))
         tested = xp.nonzero(keep & (centre > POINT_TEST_SNR * pixel_sigma))[0]
         tested = tested[xp.argsort(-centre[tested])[:POINT_TEST_MAX]]
         if tested.size:
@@ -806,10 +804,12 @@ def _one_channel_windows(data, x, y) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return single, windows - _edge_median(windows)[:, None, None], windows
 
 
-def _edge_median(windows: np.ndarray) -> np.ndarray:
-    """The median of the edge pixels of each 5 x 5 window ``(n, 5, 5)``."""
-    edge = np.concatenate([windows[:, 0], windows[:, -1], windows[:, 1:-1, 0], windows[:, 1:-1, -1]], axis=1)
-    return np.median(edge, axis=1)
+def _edge_median(windows):
+    """The median of the edge pixels of each square window ``(n, k, k)``, on the windows'
+    backend."""
+    xp = get_backend(windows).xp
+    edge = xp.concatenate([windows[:, 0], windows[:, -1], windows[:, 1:-1, 0], windows[:, 1:-1, -1]], axis=1)
+    return xp.median(edge, axis=1)
 
 
 def _inner_light(raw: np.ndarray) -> np.ndarray:
