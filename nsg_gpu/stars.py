@@ -524,13 +524,18 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     # hot pixel beside a star, lights one side only.
     centre = win[:, half, half]
     cross = 0.25 * (win[:, half - 1, half] + win[:, half + 1, half] + win[:, half, half - 1] + win[:, half, half + 1])
-    ring = win[:, half - 1 : half + 2, half - 1 : half + 2] - _edge_median(win)[:, None, None]
-    symmetric = 2 * sum(
-        xp.minimum(ring[:, 1 + dy, 1 + dx], ring[:, 1 - dy, 1 - dx]) for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1))
-    )
     pixel_noise = noise * math.sqrt(4 * math.pi) * sigma
-    undersampled = (symmetric > UNDERSAMPLED_AROUND * centre) & (symmetric > AROUND_SNR * pixel_noise)
-    keep = ok & (flux > 0) & ((cross > 0.2 * centre) | undersampled)
+    keep = ok & (flux > 0) & (cross > 0.2 * centre)
+    # The rest (few where the stars are resolved) are judged by the light on both sides.
+    judged = xp.nonzero(ok & (flux > 0) & ~keep)[0]
+    if judged.size:
+        sub = win[judged]
+        ring = sub[:, half - 1 : half + 2, half - 1 : half + 2] - _edge_median(sub)[:, None, None]
+        symmetric = 2 * sum(
+            xp.minimum(ring[:, 1 + dy, 1 + dx], ring[:, 1 - dy, 1 - dx]) for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1))
+        )
+        c = centre[judged]
+        keep[judged] = (symmetric > UNDERSAMPLED_AROUND * c) & (symmetric > AROUND_SNR * pixel_noise)
     image_max = float(be.to_host(image.max()))
     if resampled:
         # A resampled frame: a hot pixel comes out spread over its neighbours by the
