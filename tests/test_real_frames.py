@@ -86,13 +86,19 @@ def test_background_matches_better_than_global_scale_and_offset(real_run):
 # -- detection against a standard extractor -----------------------------------------------------
 @pytest.mark.parametrize(
     ("directory", "name"),
-    [(NGC7023, "000_Light_NGC_7023_10.0s_IRCUT_20240730-224436.fits.gz"), (STARGATE, STARGATE_REFERENCE)],
-    ids=["ngc7023", "stargate"],
+    [
+        (NGC7023, "000_Light_NGC_7023_10.0s_IRCUT_20240730-224436.fits.gz"),
+        (NGC7023, "004_Light_NGC_7023_20.0s_IRCUT_20250630-023420.fits.gz"),
+        (STARGATE, STARGATE_REFERENCE),
+    ],
+    ids=["ngc7023", "ngc7023-sky-clipped-at-zero", "stargate"],
 )
 def test_reference_detection_finds_the_extractors_stars_and_no_hot_pixel(directory, name):
     """Our reference catalogue holds at least 85 % of the stars sep finds at 5 sigma (less
     single hot pixels; NGC 7023's stars of 1.6 px included, which an undersampled star centred
-    on a pixel makes look like one), and none of ours is a single hot pixel."""
+    on a pixel makes look like one), and none of ours is a single hot pixel. NGC 7023's 20 s
+    frames have a dim sky clipped at zero in 4 % of each channel's pixels (12 % of the
+    intensity's), scattered everywhere: taken for no data, they left 1 of sep's 93 stars."""
     if not directory.is_dir():
         pytest.skip(f"real frames not present at {directory}")
     from nsg_gpu.params import Parameters

@@ -7,7 +7,14 @@ import pytest
 import scipy.ndimage as ndi
 from independent import extractor_stars
 
-from nsg_gpu.stars import CLAMPED, HOT_PIXEL_CHI2, detect_stars, find_peaks, single_pixel_advantage
+from nsg_gpu.stars import (
+    CLAMPED,
+    HOT_PIXEL_CHI2,
+    detect_stars,
+    find_peaks,
+    no_data_regions,
+    single_pixel_advantage,
+)
 from nsg_gpu.synthetic import SyntheticField, SyntheticSpec
 
 
@@ -36,6 +43,39 @@ def test_sparse_field_on_a_nebula_gives_stars_not_knots(n_stars, seed):
     star = distance < 1.5
     assert star.mean() >= 0.6, (int(star.sum()), star.size)
     assert star.sum() >= {(25, 1): 13, (40, 1): 19, (40, 3): 23}[(n_stars, seed)] - 1
+
+
+@pytest.mark.parametrize("share", [0.05, 0.3, 0.6, 0.85])
+def test_no_data_regions_are_scipys_opening(share):
+    empty = np.random.default_rng(3).random((61, 87)) < share
+    np.testing.assert_array_equal(no_data_regions(empty), ndi.binary_opening(empty, np.ones((3, 3), bool)))
+
+
+@pytest.mark.parametrize("colour", [False, True])
+def test_a_sky_clipped_at_zero_is_data_not_no_data(colour):
+    """A dim sky (one noise sigma above zero) clipped at zero by the camera or calibration:
+    a sixth of its pixels are 0 (of a colour frame's intensity, where any channel is, a
+    third), a zero within a few pixels of every star. As no data they left none of the stars;
+    as the data they are, the stars found are those of the same frame with its sky raised
+    well above zero, at the same FWHM, and the registration border is still no data."""
+    spec = dict(
+        width=700, height=500, n_stars=800, seed=4, n_frames=2, colour=colour, noise_sigma=0.002,
+        max_gradient_sigma=0.0, nebula_strength=0.0,
+    )  # fmt: skip
+    k = 1  # a target: it has a registration border
+    image = SyntheticField(sky_level=0.002, **spec).render(k)
+    image = np.where(image <= 1e-6, 0, image)  # the generator clips at 1e-6 to keep data apart from borders
+    intensity = image.min(axis=0)
+    assert 0.1 < np.mean(intensity[50:-50, 50:-50] == 0) < 0.6
+    catalog, expected = detect_stars(image), detect_stars(SyntheticField(sky_level=0.05, **spec).render(k))
+    assert len(expected) > 80
+    found = np.hypot(expected.x[:, None] - catalog.x, expected.y[:, None] - catalog.y).min(axis=1) < 1.5
+    assert found.mean() > 0.85, (int(found.sum()), len(expected))
+    assert catalog.fwhm == pytest.approx(expected.fwhm, rel=0.15)
+    border = no_data_regions(intensity == 0)
+    assert border.sum() > 0.01 * border.size
+    for x, y in zip(np.rint(catalog.x).astype(int), np.rint(catalog.y).astype(int)):
+        assert not border[y - 3 : y + 4, x - 3 : x + 4].any(), (x, y)
 
 
 def test_stars_of_a_pixel_or_less_are_found_as_sep_finds_them():
