@@ -48,6 +48,11 @@ _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 #: leaves extended sources out: stars read 0.4-1.3 (undersampled ones the most), single hot
 #: pixels several.
 SHARPNESS_CAP = 1.0
+#: The catalogue's FWHM is read from unsaturated stars whose peak stands this many pixel
+#: noise sigmas above their surroundings; where fewer than five do, from the five strongest
+#: above SPARSE_FWHM_PEAK_SNR.
+FWHM_PEAK_SNR = 30.0
+SPARSE_FWHM_PEAK_SNR = 7.0
 #: A detection whose 4-neighbours hold less than a fifth of its peak is still a star where
 #: the light on both sides of it (twice the lesser of each pair of opposite neighbours, over
 #: the four axes, above 8 times the window edge's median) is this share of the peak, and
@@ -625,9 +630,15 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     )
     order = np.argsort(-flux)[:max_stars]
     cx, cy, flux, peak_value, peak_residual = (a[order] for a in (cx, cy, flux, peak_value, peak_residual))
-    # FWHM from bright stars that are clearly unsaturated and well above the noise.
+    # FWHM from bright stars that are clearly unsaturated and well above the noise; on a
+    # sparse field with fewer of them, from its strongest unsaturated peaks that stand out
+    # of the noise enough to show their width (a guess kept for want of five stars sizes
+    # every aperture and filter after it).
     unsaturated = peak_value < 0.5 * image_max
-    bright = np.nonzero(unsaturated & (peak_residual > 30 * pixel_noise))[0][:200]
+    bright = np.nonzero(unsaturated & (peak_residual > FWHM_PEAK_SNR * pixel_noise))[0][:200]
+    if bright.size < 5:
+        strong = np.nonzero(unsaturated & (peak_residual > SPARSE_FWHM_PEAK_SNR * pixel_noise))[0]
+        bright = strong[np.argsort(-peak_residual[strong], kind="stable")[:5]]
     measured = fwhm
     if bright.size >= 5:
         rows = be.asarray(np.rint(cy[bright]).astype(np.int64))
