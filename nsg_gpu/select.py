@@ -22,14 +22,25 @@ candidate frame:
    matched to its PSF over a sky-limited background,
    ``flux / (noise * sqrt(4 pi) * FWHM / 2.355)`` (exact for a Gaussian PSF), taken as the
    median over a band of 50 bright stars. The flux grows with transparency and exposure, the
-   pixel noise with the sky, and the light of a star is spread over an area that grows with
+   pixel noise with the sky (its noise before any registration,
+   :func:`nsg_gpu.noise.multiscale_noise`: a per-pixel estimate takes a resampled frame,
+   whose noise the interpolation smoothed by an amount that depends on its shift, for up to
+   a third cleaner than it is), and the light of a star is spread over an area that grows with
    the seeing, so the score falls as 1/FWHM: a sharper or clearer frame scores higher, in
    proportion. The stars of the band are the same in every frame: the frames are
    registered, so their stars ranked by flux are (nearly) the same stars, and the band
    starts below the brightest stars that are non-linear (peak at or above 70 % of the
    frame's maximum) in any frame, with the ranks scaled by each frame's coverage. Taking
    each frame's own brightest unsaturated stars instead would compare stars near the
-   saturation limit, whose flux grows with the FWHM: it favours blurred frames.
+   saturation limit, whose flux grows with the FWHM: it favours blurred frames. Only the
+   detections that recur, within about :data:`COMMON_RADIUS` px, in at least half of the
+   other frames are ranked (:func:`common_stars`): the stars. Hot pixels and cosmic rays,
+   which each frame has at its own places once registered, and the pieces of a satellite
+   trail, which one frame has, outnumber the stars of a sparse field among its detections of
+   the band's brightness, and made the frame they crowd most the reference (a trail frame's
+   pieces are as bright as its stars; every other frame then failed the registration
+   check). A frame with fewer than :data:`MIN_COMMON_STARS` stars in common with the others
+   (a set not registered to one grid) is scored on all of its detections.
 
 Every measure is a ratio of pixel values, so the choice does not depend on the data's units
 (the same frames in [0, 1] or in ADU rank alike).
@@ -55,12 +66,13 @@ import numpy as np
 
 from .errors import FrameError, ReferenceFrameError
 from .io import read_frame
-from .noise import ksigma_noise
+from .noise import multiscale_noise
 from .stars import detect_stars, detection_image, smooth_background
 
 __all__ = [
     "ReferenceScore",
     "star_snr",
+    "common_stars",
     "footprint",
     "missing_area",
     "score_frame",
@@ -81,13 +93,20 @@ SNR_STARS = 50
 #: Stars peaking at or above this fraction of the frame's maximum are non-linear (NSG's
 #: linear range); the band of stars scored starts below them.
 LINEAR_RANGE = 0.7
+#: Detections within about this distance (px) of one another in two frames are the same star
+#: (the cells of :func:`common_stars`: within 1.5 px always, up to 4.2 px along a diagonal).
+COMMON_RADIUS = 1.5
+#: Each frame's brightest detections compared with the other frames'.
+COMMON_STARS = 1000
+#: A frame with fewer stars in common with the others is scored on all of its detections.
+MIN_COMMON_STARS = 5
 #: Signal-to-noise of a star of flux F measured with weights matched to a Gaussian PSF on a
 #: background of pixel noise s: F / (s * sqrt(4 pi) * sigma_PSF) = this * F / (s * FWHM).
 PSF_SNR_FACTOR = 2.0 * math.sqrt(2.0 * math.log(2.0)) / math.sqrt(4.0 * math.pi)
 
 
 #: The star table a score carries for :func:`rank_frames`; not part of its row.
-_STAR_TABLE = ("star_flux", "star_linear", "footprint")
+_STAR_TABLE = ("star_flux", "star_linear", "star_x", "star_y", "footprint")
 
 
 @dataclass
@@ -97,7 +116,8 @@ class ReferenceScore:
     ``star_snr`` is the score (see the module's rule); ``rank`` (1 = the frame
     ``--reference auto`` picks), ``candidate`` and ``note`` are set by :func:`rank_frames`,
     which also scores every frame again on the band of stars common to all of them.
-    ``star_flux`` (brightest first) and ``star_linear`` are the detected stars it scores,
+    ``star_flux`` (brightest first), ``star_linear``, ``star_x`` and ``star_y`` are the
+    detected stars it scores (``shared_stars``: how many of them recur in the other frames),
     ``footprint`` where the frame has data (:func:`footprint`); ``missing_area`` is the share
     of the area most frames cover that the frame lacks, set by :func:`rank_frames`.
     """
@@ -122,7 +142,10 @@ class ReferenceScore:
     note: str = ""
     star_flux: np.ndarray | None = field(default=None, repr=False, compare=False)
     star_linear: np.ndarray | None = field(default=None, repr=False, compare=False)
+    star_x: np.ndarray | None = field(default=None, repr=False, compare=False)
+    star_y: np.ndarray | None = field(default=None, repr=False, compare=False)
     footprint: np.ndarray | None = field(default=None, repr=False, compare=False)
+    shared_stars: int | None = None
 
     @property
     def nonlinear_stars(self) -> int:
@@ -142,10 +165,19 @@ class ReferenceScore:
         return out
 
 
-def star_snr(score: ReferenceScore, first: int = 0, coverage: float = 1.0) -> float:
+def star_snr(
+    score: ReferenceScore,
+    first: int = 0,
+    coverage: float = 1.0,
+    use: np.ndarray | None = None,
+    reach: int | None = None,
+) -> float:
     """The star signal-to-noise of a frame, over the band of :data:`SNR_STARS` stars from
     rank ``first`` by flux, ranks scaled by ``coverage`` (the frame's share of the best
-    coverage); the band's non-linear stars are left out.
+    coverage); the band's non-linear stars are left out. ``use`` (bool, one per detection),
+    where given: only those detections are ranked. ``reach``, where given: the band ends
+    before that rank (the fewest stars any frame ranks, so that frames with more faint
+    detections than others are not scored on fainter stars).
 
     Returns
     -------
@@ -155,7 +187,13 @@ def star_snr(score: ReferenceScore, first: int = 0, coverage: float = 1.0) -> fl
     flux, linear = score.star_flux, score.star_linear
     if flux is None or linear is None or not flux.size or not score.noise > 0 or not score.fwhm:
         return 0.0
+    if use is not None:
+        flux, linear = flux[use], linear[use]
+        if not flux.size:
+            return 0.0
     width = max(1, int(round(SNR_STARS * coverage)))
+    if reach is not None and reach - first >= MIN_COMMON_STARS:
+        width = min(width, max(1, int(round((reach - first) * coverage))))
     # A frame with fewer stars than the band reaches: its faintest stars.
     start = max(0, min(int(round(first * coverage)), flux.size - width))
     band = flux[start : start + width][linear[start : start + width]]
@@ -164,6 +202,53 @@ def star_snr(score: ReferenceScore, first: int = 0, coverage: float = 1.0) -> fl
     if not band.size:
         return 0.0
     return float(PSF_SNR_FACTOR * np.median(band) / (score.noise * max(score.fwhm, 1.0)))
+
+
+def common_stars(positions: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    """Which detections of each frame recur in at least half of the other frames.
+
+    Parameters
+    ----------
+    positions : sequence of (x, y)
+        Each frame's detections (px, brightest first), the frames registered to one grid.
+
+    Returns
+    -------
+    list of bool arrays
+        One per frame: True where a detection of at least half of the other frames (a
+        frame's own detections not counted) lies in the same cell of :data:`COMMON_RADIUS`
+        px or in one of its eight neighbours; the detections after the brightest
+        :data:`COMMON_STARS` are False. With fewer than two frames, all True.
+
+    Notes
+    -----
+    Each frame marks the 3 x 3 cells around each of its detections once; a cell's count is
+    the number of frames that marked it, less one for the frame's own mark. The same
+    positions give the same answer in any order of the frames.
+    """
+    n = len(positions)
+    if n < 2:
+        return [np.ones(np.size(x), bool) for x, _ in positions]
+    cells, marks = [], []
+    for x, y in positions:
+        cx = np.floor(np.asarray(x[:COMMON_STARS], np.float64) / COMMON_RADIUS).astype(np.int64) + 1
+        cy = np.floor(np.asarray(y[:COMMON_STARS], np.float64) / COMMON_RADIUS).astype(np.int64) + 1
+        cells.append(cy * _CELL_ROW + cx)
+        around = (cy[:, None] + _AROUND_Y[None, :]) * _CELL_ROW + (cx[:, None] + _AROUND_X[None, :])
+        marks.append(np.unique(around))
+    keys, counts = np.unique(np.concatenate(marks), return_counts=True)
+    out = []
+    for (x, _), own in zip(positions, cells, strict=True):
+        others = counts[np.searchsorted(keys, own)] - 1
+        common = np.zeros(np.size(x), bool)
+        common[: own.size] = 2 * others >= n - 1
+        out.append(common)
+    return out
+
+
+#: Cell keys of :func:`common_stars`: row times this plus column (frames under 2^31 cells wide).
+_CELL_ROW = 1 << 31
+_AROUND_Y, _AROUND_X = (a.ravel() for a in np.mgrid[-1:2, -1:2])
 
 
 def footprint(valid: np.ndarray) -> np.ndarray:
@@ -202,7 +287,7 @@ def score_frame(path: str | os.PathLike, *, detection_sigma: float = 5.0) -> Ref
     image = detection_image(frame.data)
     valid = image > 0
     coverage = float(np.count_nonzero(valid)) / image.size
-    noise = ksigma_noise(image)
+    noise = multiscale_noise(image)
     stars = detect_stars(frame.data, detection_sigma=detection_sigma)
     background = smooth_background(image, valid, scale=max(image.shape) / 16.0, factor=8)
     values = background[valid]
@@ -224,6 +309,8 @@ def score_frame(path: str | os.PathLike, *, detection_sigma: float = 5.0) -> Ref
         airmass=meta.airmass,
         star_flux=stars.flux,
         star_linear=stars.peak < LINEAR_RANGE * float(image.max()),
+        star_x=stars.x,
+        star_y=stars.y,
         footprint=footprint(valid),
     )
     score.star_snr = star_snr(score, score.nonlinear_stars)
@@ -254,10 +341,22 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
         # fewer stars).
         area = {id(s): s.coverage if s.footprint is None else float(s.footprint.mean()) for s in measured}
         best_area = max(area.values())
-        first = max(s.nonlinear_stars for s in measured)
+        tabled = [s for s in measured if s.star_flux is not None and s.star_x is not None]
+        use = {}
+        for s, common in zip(tabled, common_stars([(s.star_x, s.star_y) for s in tabled]), strict=True):
+            s.shared_stars = int(np.count_nonzero(common))
+            use[id(s)] = common if s.shared_stars >= MIN_COMMON_STARS else None
+        first = max(
+            s.nonlinear_stars if use.get(id(s)) is None else int(np.count_nonzero(~s.star_linear[use[id(s)]]))
+            for s in measured
+        )
+        ranked = [int(np.count_nonzero(use[id(s)])) for s in tabled if use[id(s)] is not None]
+        reach = min(ranked) if len(ranked) >= 2 else None
         for s in measured:
             if s.star_flux is not None:
-                s.star_snr = star_snr(s, first, area[id(s)] / best_area if best_area > 0 else 1.0)
+                s.star_snr = star_snr(
+                    s, first, area[id(s)] / best_area if best_area > 0 else 1.0, use.get(id(s)), reach
+                )
         limit = _set_missing_area(measured, best_coverage)
         covered = [s for s in measured if s.missing_area is not None and s.missing_area <= limit + 1e-9]
         median_gradient = float(np.median([s.gradient for s in covered]))
