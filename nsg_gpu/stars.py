@@ -84,6 +84,21 @@ ONE_CHANNEL_SHARE = 0.8
 #: Only detections whose brightest pixel is this many times the pixel noise are tested: the
 #: fainter ones fit either, and do not set the catalogue's FWHM or sharpness.
 POINT_TEST_SNR = 10.0
+#: A satellite's or aircraft's trail is detected as a chain of pieces along a line, each a few
+#: pixels from the next (a local maximum of the matched filter along a ridge). Detections
+#: within TRAIL_REACH FWHM of one another are neighbours; a detection whose neighbours (two
+#: or more) lie on a line through it, their scatter across it at most TRAIL_SCATTER px RMS,
+#: is on a line; TRAIL_PIECES or more such detections connected by neighbours, together on
+#: one line within TRAIL_SCATTER px and along at least TRAIL_LENGTH FWHM of it, show a
+#: trail. Every detection within TRAIL_WIDTH px of that line (where the noise broke the
+#: chain, and beyond) leaves the catalogue, but for those TRAIL_STAR times brighter than the
+#: chain's median: stars that the trail crosses.
+TRAIL_REACH = 6.0
+TRAIL_SCATTER = 1.0
+TRAIL_PIECES = 8
+TRAIL_LENGTH = 10.0
+TRAIL_WIDTH = 2.0
+TRAIL_STAR = 3.0
 
 
 @dataclass
@@ -540,8 +555,69 @@ def detect_stars(
             break
         guess = float(np.clip(catalog.fwhm, 1.0, 20.0))
         catalog = _detect_once(be, image, valid, guess, detection_sigma, max_stars, resampled, data)
+    catalog = catalog.take(~trail_pieces(catalog.x, catalog.y, catalog.flux, catalog.fwhm))
     catalog.resampling = kernel
     return catalog
+
+
+def trail_pieces(x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm: float) -> np.ndarray:
+    """Which detections are pieces of a satellite's or aircraft's trail (see
+    :data:`TRAIL_REACH` and the constants after it), as a host bool array.
+
+    A trail is detected as dozens to hundreds of "stars" in a row: in a sparse field they
+    outnumber the stars, judge a frame's registration and star signal-to-noise, and come out
+    as pairs that no other frame has. Stars are not in a row: in a crowded field or a
+    cluster a star's neighbours lie all around it, and a chance alignment of a few does not
+    reach TRAIL_PIECES connected detections on one line.
+    """
+    x, y, flux = (np.asarray(a, np.float64) for a in (x, y, flux))
+    n = x.size
+    out = np.zeros(n, bool)
+    if n < TRAIL_PIECES:
+        return out
+    reach = TRAIL_REACH * max(float(fwhm), 1.0)
+    pairs = cKDTree(np.column_stack([x, y])).query_pairs(reach, output_type="ndarray")
+    if pairs.shape[0] < TRAIL_PIECES:
+        return out
+    i, j = np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])
+    dx, dy = x[j] - x[i], y[j] - y[i]
+    count = np.bincount(i, minlength=n).astype(np.float64)
+    # The scatter across the best line through each detection and its neighbours (the
+    # detection itself at the origin, in the sums with weight one).
+    points = count + 1.0
+    mx, my = np.bincount(i, dx, n) / points, np.bincount(i, dy, n) / points
+    sxx = np.bincount(i, dx * dx, n) / points - mx * mx
+    syy = np.bincount(i, dy * dy, n) / points - my * my
+    sxy = np.bincount(i, dx * dy, n) / points - mx * my
+    across = 0.5 * (sxx + syy) - np.sqrt(0.25 * (sxx - syy) ** 2 + sxy * sxy)
+    on_line = (count >= 2) & (across <= TRAIL_SCATTER**2)
+    link = on_line[pairs[:, 0]] & on_line[pairs[:, 1]]
+    if not link.any():
+        return out
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(int(link.sum())), (pairs[link, 0], pairs[link, 1])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    sizes = np.bincount(labels[on_line], minlength=labels.max() + 1)
+    for label in np.nonzero(sizes >= TRAIL_PIECES)[0]:
+        members = np.nonzero(on_line & (labels == label))[0]
+        px, py = x[members] - x[members].mean(), y[members] - y[members].mean()
+        cov = np.cov(np.vstack([px, py]), bias=True)
+        values, vectors = np.linalg.eigh(cov)
+        along = vectors[:, 1]
+        extent = np.ptp(px * along[0] + py * along[1])
+        if values[0] <= TRAIL_SCATTER**2 and extent >= TRAIL_LENGTH * max(float(fwhm), 1.0):
+            faint = flux <= TRAIL_STAR * np.median(flux[members])
+            # The line through the chain, then through every piece near it (one chain may be
+            # a short part of the trail, and its line off by pixels at the frame's far side).
+            for _ in range(2):
+                cx, cy = x[members].mean(), y[members].mean()
+                on = faint & (np.abs((x - cx) * along[1] - (y - cy) * along[0]) <= TRAIL_WIDTH)
+                members = np.nonzero(on)[0]
+                along = np.linalg.eigh(np.cov(np.vstack([x[members], y[members]]), bias=True))[1][:, 1]
+            out |= on
+    return out
 
 
 def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=False, data=None) -> StarCatalog:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
 from independent import extractor_stars
 
+from nsg_gpu.run import normalize
 from nsg_gpu.stars import (
     CLAMPED,
     HOT_PIXEL_CHI2,
@@ -14,8 +17,9 @@ from nsg_gpu.stars import (
     find_peaks,
     no_data_regions,
     single_pixel_advantage,
+    trail_pieces,
 )
-from nsg_gpu.synthetic import SyntheticField, SyntheticSpec
+from nsg_gpu.synthetic import SyntheticField, SyntheticSpec, write_synthetic_set
 
 
 def test_detection_finds_true_stars_and_fwhm():
@@ -133,6 +137,65 @@ def test_a_sparse_fields_fwhm_is_measured_not_guessed(width, seed):
     catalog = detect_stars(field.render(0))
     assert 10 <= len(catalog) <= 30
     assert catalog.fwhm == pytest.approx(width, rel=0.15)
+
+
+def _trail_line(x, y, shape):
+    """Distance (px) from the generator's trail (``SyntheticField.capture``)."""
+    h, w = shape
+    return np.abs((y - 0.2 * h) - 0.45 * (x - 0.1 * w)) / np.hypot(1, 0.45)
+
+
+def test_trail_pieces_are_a_chain_on_a_line_and_nothing_else():
+    """A trail's pieces (every 4-14 px along a line, as the generator's trail gives them at
+    FWHM 3.3 px, 0.2 px across it, with gaps of 30 and 70 px where the noise hid it), a star
+    it crosses (five times its pieces' flux), 40 stars scattered over the frame, and 3000
+    stars of a crowded field with five of them in a row by chance: the pieces go, all of
+    them, and no star but those that lie on the trail's line (within 2 px of it)."""
+    rng = np.random.default_rng(5)
+    along = np.cumsum(rng.uniform(4, 14, 150))
+    along[50:] += 30
+    along[100:] += 70
+    direction = np.array([np.cos(0.4), np.sin(0.4)])
+    tx = 50 + along * direction[0] - rng.normal(0, 0.2, along.size) * direction[1]
+    ty = 40 + along * direction[1] + rng.normal(0, 0.2, along.size) * direction[0]
+    star_on_trail = (tx[30] + 0.3, ty[30])
+    for n_stars in (40, 3000):
+        sx, sy = rng.uniform(0, 3000, n_stars), rng.uniform(0, 2000, n_stars)
+        sx[:5], sy[:5] = 1000 + 12 * np.arange(5), 1500 + 0.1 * rng.normal(size=5)
+        x = np.concatenate([sx, tx, [star_on_trail[0]]])
+        y = np.concatenate([sy, ty, [star_on_trail[1]]])
+        flux = np.concatenate([rng.uniform(0.2, 20, n_stars), rng.uniform(0.5, 0.7, along.size), [3.0]])
+        removed = trail_pieces(x, y, flux, fwhm=3.0)
+        near = np.abs((sx - 50) * direction[1] - (sy - 40) * direction[0]) < 2.5  # on its line by chance
+        assert removed[n_stars : n_stars + along.size].all()
+        assert not removed[-1]
+        assert not removed[:n_stars][~near].any(), np.nonzero(removed[:n_stars])
+
+
+def test_a_trail_frame_can_be_the_reference(tmp_path):
+    """A sparse field (40 stars) whose reference has a satellite trail: its 150 pieces were
+    its brightest "stars" after the few real ones, and every target failed the registration
+    check ("only 8 of the reference's 23 brightest stars ... are found"). Now none of them is
+    in its catalogue, the true stars are, and every target is normalized within its stated
+    uncertainty (three of them) of the truth."""
+    spec = SyntheticSpec.from_scenario("field-dependent-psf", n_stars=40, seed=7)
+    field = SyntheticField(spec)
+    image = field.render(2)
+    catalog = detect_stars(image)
+    true = np.hypot(catalog.x[:, None] - field.star_x, catalog.y[:, None] - field.star_y).min(axis=1) < 1.5
+    assert not (~true & (_trail_line(catalog.x, catalog.y, image.shape[-2:]) < 3)).any()
+    assert true.sum() >= 15
+    paths = write_synthetic_set(tmp_path / "frames", spec)
+    result = normalize(paths, reference=paths[2], output_dir=tmp_path / "out")
+    truth = [np.array(f.transmission) for f in field.frames]
+    assert len(result.frames) == len(paths)
+    for frame in result.frames:
+        k = [p.name for p in paths].index(Path(frame.path).name)
+        assert frame.status == ("reference" if k == 2 else "ok"), frame.error
+        if k != 2:
+            expected = truth[k] / truth[2]
+            error = np.abs(np.array(frame.transmission) / expected - 1) * expected
+            assert (error < 3 * np.array(frame.transmission_error)).all(), (k, frame.transmission, expected)
 
 
 def _direct_find_peaks(matched, image, *, half, threshold, margin):
