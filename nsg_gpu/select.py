@@ -39,8 +39,8 @@ candidate frame:
    trail, which one frame has, outnumber the stars of a sparse field among its detections of
    the band's brightness, and made the frame they crowd most the reference (a trail frame's
    pieces are as bright as its stars; every other frame then failed the registration
-   check). A frame with fewer than :data:`MIN_COMMON_STARS` stars in common with the others
-   (a set not registered to one grid) is scored on all of its detections.
+   check). Where the frames share fewer than :data:`MIN_COMMON_STARS` stars (the median
+   frame: a set not registered to one grid), every frame is scored on all of its detections.
 
 Every measure is a ratio of pixel values, so the choice does not depend on the data's units
 (the same frames in [0, 1] or in ADU rank alike).
@@ -98,7 +98,8 @@ LINEAR_RANGE = 0.7
 COMMON_RADIUS = 1.5
 #: Each frame's brightest detections compared with the other frames'.
 COMMON_STARS = 1000
-#: A frame with fewer stars in common with the others is scored on all of its detections.
+#: Where the median frame shares fewer stars with the others, the frames are not registered to
+#: one grid, and each is scored on all of its detections.
 MIN_COMMON_STARS = 5
 #: Signal-to-noise of a star of flux F measured with weights matched to a Gaussian PSF on a
 #: background of pixel noise s: F / (s * sqrt(4 pi) * sigma_PSF) = this * F / (s * FWHM).
@@ -342,15 +343,18 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
         area = {id(s): s.coverage if s.footprint is None else float(s.footprint.mean()) for s in measured}
         best_area = max(area.values())
         tabled = [s for s in measured if s.star_flux is not None and s.star_x is not None]
-        use = {}
-        for s, common in zip(tabled, common_stars([(s.star_x, s.star_y) for s in tabled]), strict=True):
+        masks = common_stars([(s.star_x, s.star_y) for s in tabled])
+        for s, common in zip(tabled, masks, strict=True):
             s.shared_stars = int(np.count_nonzero(common))
-            use[id(s)] = common if s.shared_stars >= MIN_COMMON_STARS else None
+        # Frames registered to one grid share their stars: a frame that shares few (cloud,
+        # a frame of another field) is scored on those few, as the others are on theirs.
+        registered = bool(tabled) and np.median([s.shared_stars for s in tabled]) >= MIN_COMMON_STARS
+        use = {id(s): common if registered else None for s, common in zip(tabled, masks, strict=True)}
         first = max(
             s.nonlinear_stars if use.get(id(s)) is None else int(np.count_nonzero(~s.star_linear[use[id(s)]]))
             for s in measured
         )
-        ranked = [int(np.count_nonzero(use[id(s)])) for s in tabled if use[id(s)] is not None]
+        ranked = [s.shared_stars for s in tabled if registered and s.shared_stars >= MIN_COMMON_STARS]
         reach = min(ranked) if len(ranked) >= 2 else None
         for s in measured:
             if s.star_flux is not None:

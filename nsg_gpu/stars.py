@@ -555,7 +555,6 @@ def detect_stars(
             break
         guess = float(np.clip(catalog.fwhm, 1.0, 20.0))
         catalog = _detect_once(be, image, valid, guess, detection_sigma, max_stars, resampled, data)
-    catalog = catalog.take(~trail_pieces(catalog.x, catalog.y, catalog.flux, catalog.fwhm))
     catalog.resampling = kernel
     return catalog
 
@@ -704,7 +703,8 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     cx, cy, flux, peak_value, peak_residual = (
         be.to_host(a[keep]).astype(np.float64) for a in (cx, cy, flux, peak_value, peak_residual)
     )
-    order = np.argsort(-flux)[:max_stars]
+    order = np.argsort(-flux)
+    order = order[~trail_pieces(cx[order], cy[order], flux[order], fwhm)][:max_stars]
     cx, cy, flux, peak_value, peak_residual = (a[order] for a in (cx, cy, flux, peak_value, peak_residual))
     # FWHM from bright stars that are clearly unsaturated and well above the noise; on a
     # sparse field with fewer of them, from its strongest unsaturated peaks that stand out
