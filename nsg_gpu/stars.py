@@ -49,7 +49,7 @@ _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 #: pixels several.
 SHARPNESS_CAP = 1.0
 #: The catalogue's FWHM is read from unsaturated stars whose peak stands this many pixel
-#: noise sigmas above their surroundings; where fewer than five do, from the five strongest
+#: noise sigmas above their surroundings; where fewer than five do, from the five brightest
 #: above SPARSE_FWHM_PEAK_SNR.
 FWHM_PEAK_SNR = 30.0
 SPARSE_FWHM_PEAK_SNR = 7.0
@@ -707,14 +707,14 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     order = order[~trail_pieces(cx[order], cy[order], flux[order], fwhm)][:max_stars]
     cx, cy, flux, peak_value, peak_residual = (a[order] for a in (cx, cy, flux, peak_value, peak_residual))
     # FWHM from bright stars that are clearly unsaturated and well above the noise; on a
-    # sparse field with fewer of them, from its strongest unsaturated peaks that stand out
-    # of the noise enough to show their width (a guess kept for want of five stars sizes
-    # every aperture and filter after it).
+    # sparse field with fewer of them, from its five brightest (by flux: a hot pixel that a
+    # registration spread over two pixels can peak as high as a star, with a fraction of its
+    # flux) unsaturated detections that stand out of the noise enough to show their width (a
+    # guess kept for want of five stars sizes every aperture and filter after it).
     unsaturated = peak_value < 0.5 * image_max
     bright = np.nonzero(unsaturated & (peak_residual > FWHM_PEAK_SNR * pixel_noise))[0][:200]
     if bright.size < 5:
-        strong = np.nonzero(unsaturated & (peak_residual > SPARSE_FWHM_PEAK_SNR * pixel_noise))[0]
-        bright = strong[np.argsort(-peak_residual[strong], kind="stable")[:5]]
+        bright = np.nonzero(unsaturated & (peak_residual > SPARSE_FWHM_PEAK_SNR * pixel_noise))[0][:5]
     measured = fwhm
     if bright.size >= 5:
         rows = be.asarray(np.rint(cy[bright]).astype(np.int64))

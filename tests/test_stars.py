@@ -128,7 +128,7 @@ def test_a_sparse_fields_fwhm_is_measured_not_guessed(width, seed):
     """30 stars on 1000 x 800 px, 3-5 of them with a peak above 30 pixel noise sigmas: the
     catalogue's FWHM was the detection's 3 px guess, which then sized every aperture and
     filter (a reference of 3.5 px read as 3 px gave targets' scales 4-5 % high). Now it is
-    read from the five strongest peaks, within 15 % of the true width (the tolerance of
+    read from the five brightest detections, within 15 % of the true width (the tolerance of
     test_detection_finds_true_stars_and_fwhm: the areas above half maximum are whole pixels)."""
     field = SyntheticField(
         width=1000, height=800, n_frames=1, n_stars=30, seed=seed, fwhms=[width], beta_range=(3.0, 3.0),
