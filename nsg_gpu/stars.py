@@ -555,6 +555,7 @@ def detect_stars(
             break
         guess = float(np.clip(catalog.fwhm, 1.0, 20.0))
         catalog = _detect_once(be, image, valid, guess, detection_sigma, max_stars, resampled, data)
+    catalog = catalog.take(~trail_pieces(catalog.x, catalog.y, catalog.flux, catalog.fwhm))
     catalog.resampling = kernel
     return catalog
 
@@ -703,18 +704,19 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     cx, cy, flux, peak_value, peak_residual = (
         be.to_host(a[keep]).astype(np.float64) for a in (cx, cy, flux, peak_value, peak_residual)
     )
-    order = np.argsort(-flux)
-    order = order[~trail_pieces(cx[order], cy[order], flux[order], fwhm)][:max_stars]
+    order = np.argsort(-flux)[:max_stars]
     cx, cy, flux, peak_value, peak_residual = (a[order] for a in (cx, cy, flux, peak_value, peak_residual))
+    # A trail's pieces do not read the FWHM (five of them read 20 px on a sparse field).
+    trail = trail_pieces(cx, cy, flux, fwhm)
     # FWHM from bright stars that are clearly unsaturated and well above the noise; on a
     # sparse field with fewer of them, from its five brightest (by flux: a hot pixel that a
     # registration spread over two pixels can peak as high as a star, with a fraction of its
     # flux) unsaturated detections that stand out of the noise enough to show their width (a
     # guess kept for want of five stars sizes every aperture and filter after it).
     unsaturated = peak_value < 0.5 * image_max
-    bright = np.nonzero(unsaturated & (peak_residual > FWHM_PEAK_SNR * pixel_noise))[0][:200]
+    bright = np.nonzero(unsaturated & ~trail & (peak_residual > FWHM_PEAK_SNR * pixel_noise))[0][:200]
     if bright.size < 5:
-        bright = np.nonzero(unsaturated & (peak_residual > SPARSE_FWHM_PEAK_SNR * pixel_noise))[0][:5]
+        bright = np.nonzero(unsaturated & ~trail & (peak_residual > SPARSE_FWHM_PEAK_SNR * pixel_noise))[0][:5]
     measured = fwhm
     if bright.size >= 5:
         rows = be.asarray(np.rint(cy[bright]).astype(np.int64))
