@@ -64,6 +64,14 @@ JUDGED_PAIR_SNR = 10.0
 MIN_FWHM_PEAK_SNR = 20.0
 #: Share of the bright reference stars that must be found within the search radius.
 MIN_REGISTERED_FRACTION = 0.5
+#: ... or, where the reference's brightest detections hold some that are not stars (hot
+#: pixels spread by its own registration, which no target has at those places), at least
+#: this share, and at least MIN_JUDGED_STARS - 2 of them, found within REGISTERED_SHIFT px
+#: of their reference positions (their median): the stars of a registered frame sit where
+#: the reference has them, to a few tenths of a pixel, while chance matches of a frame not
+#: registered lie anywhere within the search radius.
+MIN_SHARP_FRACTION = 0.2
+REGISTERED_SHIFT = 0.5
 #: The stars that judge registration: peaks this many noise sigmas above their surroundings
 #: in the reference (above the 5 sigma of "found" in a target of a third the transmission),
 #: at least MIN_JUDGED_STARS of them.
@@ -137,7 +145,14 @@ def _find_stars(reference: Reference, frame: Frame, image, noise: float, fwhm_t:
     found = np.isfinite(shift) & (shift <= params.star_search_radius) & (snr > 5)
     covered = get_backend(image).to_host(gather_stamps(image, x, y, 2).min(axis=(1, 2))) > 0
     judged = _judged_stars(reference, covered, snr)
-    if judged.size >= MIN_JUDGED_STARS and found[judged].mean() < MIN_REGISTERED_FRACTION:
+    share = float(found[judged].mean()) if judged.size else 1.0
+    matched = judged[found[judged]]
+    in_place = (
+        matched.size >= MIN_JUDGED_STARS - 2
+        and share >= MIN_SHARP_FRACTION
+        and float(np.median(shift[matched])) <= REGISTERED_SHIFT
+    )
+    if judged.size >= MIN_JUDGED_STARS and share < MIN_REGISTERED_FRACTION and not in_place:
         raise TooFewStarsError(
             frame.path,
             f"only {int(found[judged].sum())} of the reference's {judged.size} brightest stars in the frame's "
