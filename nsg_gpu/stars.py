@@ -20,6 +20,8 @@ import operator
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from . import kernels
@@ -575,8 +577,8 @@ def trail_pieces(x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm: float) ->
     out = np.zeros(n, bool)
     if n < TRAIL_PIECES:
         return out
-    reach = TRAIL_REACH * max(float(fwhm), 1.0)
-    pairs = cKDTree(np.column_stack([x, y])).query_pairs(reach, output_type="ndarray")
+    width = max(float(fwhm), 1.0)
+    pairs = cKDTree(np.column_stack([x, y])).query_pairs(TRAIL_REACH * width, output_type="ndarray")
     if pairs.shape[0] < TRAIL_PIECES:
         return out
     i, j = np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])
@@ -594,30 +596,30 @@ def trail_pieces(x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm: float) ->
     link = on_line[pairs[:, 0]] & on_line[pairs[:, 1]]
     if not link.any():
         return out
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     graph = coo_matrix((np.ones(int(link.sum())), (pairs[link, 0], pairs[link, 1])), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
     sizes = np.bincount(labels[on_line], minlength=labels.max() + 1)
     for label in np.nonzero(sizes >= TRAIL_PIECES)[0]:
         members = np.nonzero(on_line & (labels == label))[0]
-        px, py = x[members] - x[members].mean(), y[members] - y[members].mean()
-        cov = np.cov(np.vstack([px, py]), bias=True)
-        values, vectors = np.linalg.eigh(cov)
-        along = vectors[:, 1]
-        extent = np.ptp(px * along[0] + py * along[1])
-        if values[0] <= TRAIL_SCATTER**2 and extent >= TRAIL_LENGTH * max(float(fwhm), 1.0):
-            faint = flux <= TRAIL_STAR * np.median(flux[members])
-            # The line through the chain, then through every piece near it (one chain may be
-            # a short part of the trail, and its line off by pixels at the frame's far side).
-            for _ in range(2):
-                cx, cy = x[members].mean(), y[members].mean()
-                on = faint & (np.abs((x - cx) * along[1] - (y - cy) * along[0]) <= TRAIL_WIDTH)
-                members = np.nonzero(on)[0]
-                along = np.linalg.eigh(np.cov(np.vstack([x[members], y[members]]), bias=True))[1][:, 1]
-            out |= on
+        centre, along, scatter = _line_through(x[members], y[members])
+        extent = np.ptp((x[members] - centre[0]) * along[0] + (y[members] - centre[1]) * along[1])
+        if scatter > TRAIL_SCATTER**2 or extent < TRAIL_LENGTH * width:
+            continue
+        faint = flux <= TRAIL_STAR * np.median(flux[members])
+        # The line through the chain, then through every piece near it (one chain may be a
+        # short part of the trail, and its line off by pixels at the frame's far side).
+        for _ in range(2):
+            on = faint & (np.abs((x - centre[0]) * along[1] - (y - centre[1]) * along[0]) <= TRAIL_WIDTH)
+            centre, along, _ = _line_through(x[on], y[on])
+        out |= on
     return out
+
+
+def _line_through(x: np.ndarray, y: np.ndarray) -> tuple[tuple[float, float], np.ndarray, float]:
+    """The total least-squares line through points: their centre, the unit vector along the
+    line, and the variance of their distances across it."""
+    values, vectors = np.linalg.eigh(np.cov(np.vstack([x, y]), bias=True))
+    return (float(x.mean()), float(y.mean())), vectors[:, 1], float(values[0])
 
 
 def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=False, data=None) -> StarCatalog:
