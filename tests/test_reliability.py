@@ -125,7 +125,7 @@ def test_killed_run_then_rerun_leaves_only_valid_outputs(tmp_path):
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
     }
-    killed = 0
+    killed = between = 0
     # Killed once the run has written 1, 2 and 4 frames (each rerun redoes what is missing),
     # then a few milliseconds later, so that the kills land among the writes whatever the
     # machine's speed, not before the first output.
@@ -138,13 +138,17 @@ def test_killed_run_then_rerun_leaves_only_valid_outputs(tmp_path):
             time.sleep(0.01)
         time.sleep(pause)
         process.send_signal(signal.SIGKILL)
-        killed += process.wait() == -signal.SIGKILL
+        if process.wait() == -signal.SIGKILL:
+            killed += 1
+            between += 0 < len(list(out.rglob("*_nsg.fits"))) < len(inputs)
         for path in out.rglob("*_nsg.fits"):  # rejected frames' outputs are in out/rejected
             assert _valid_output(path), path
         if (out / "results.json").exists():
             json.loads((out / "results.json").read_text())
     assert killed >= 2, "the runs finished before they could be killed; the test needs more frames"
-    assert 0 < len(list(out.rglob("*_nsg.fits"))) < len(inputs), "the kills landed before or after the writes"
+    # On a loaded machine the last run may finish within its pause: what counts is that some
+    # kill landed with part of the outputs written.
+    assert between >= 1, "the kills landed before or after the writes"
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
     outputs = sorted(out.rglob("*_nsg.fits"))
