@@ -79,6 +79,14 @@ def card_name(name: str) -> str:
     return name[-_MAX_NAME:]
 
 
+def _comment_room(value: str, comment: str) -> str:
+    """``comment``, shortened to what an 80-character card has left after a string value
+    (astropy would truncate it with a warning on every write)."""
+    # "KEYWORD = 'value' / comment": the value's quotes doubled inside, padded to 8 characters.
+    used = 10 + max(len(value.replace("'", "''")) + 2, 20) + 3
+    return comment[: max(0, 80 - used)]
+
+
 def set_nsg_keywords(header: fits.Header, cards: NSGCards, *, weight_keyword: str = "NWEIGHT") -> fits.Header:
     """Return a copy of ``header`` carrying ``cards`` (earlier NSG cards and history replaced).
 
@@ -94,7 +102,8 @@ def set_nsg_keywords(header: fits.Header, cards: NSGCards, *, weight_keyword: st
         del header["HISTORY"]
         for h in kept:
             header.add_history(str(h))
-    header[REFERENCE] = (card_name(cards.reference_name), "NSG reference frame")
+    name = card_name(cards.reference_name)
+    header[REFERENCE] = (name, _comment_room(name, "NSG reference frame"))
     for c, value in enumerate(cards.transmission):
         header[f"{TRANSMISSION}{c}"] = (float(f"{value:.5g}"), "NSG transmission (1/scale)")
     for c, value in enumerate(cards.transmission_error):

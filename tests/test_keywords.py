@@ -44,3 +44,24 @@ def test_cards_read_back_as_written(channels):
     assert [str(h) for h in written["HISTORY"]][0] == "calibrated"
     assert ("NSGS2" in written) == (channels == 3)
     assert "NWEIGHT" not in written
+
+
+@pytest.mark.parametrize("length", [8, 40, 50, 58, 68])
+def test_reference_card_fits_without_a_truncation_warning(length, tmp_path):
+    """A long reference name leaves less room for NSGREF's comment: the card is written
+    whole, with what comment fits, and no astropy warning on the console of every write."""
+    import warnings
+
+    import numpy as np
+
+    name = ("o'" + "n" * length)[-length:]
+    cards = NSGCards(reference_name=name, transmission=[1.0], snr=[1.0], weight=1.0)
+    header = set_nsg_keywords(fits.Header(), cards)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fits.writeto(tmp_path / "out.fits", np.zeros((2, 2), np.float32), header)
+        card = str(fits.getheader(tmp_path / "out.fits").cards["NSGREF"].image)
+    assert fits.getheader(tmp_path / "out.fits")["NSGREF"] == name
+    assert len(card) == 80
+    if length <= 40:
+        assert card.rstrip().endswith("/ NSG reference frame")
