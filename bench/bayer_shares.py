@@ -7,7 +7,7 @@ and a registered target was captured at another sub-pixel place than the referen
 script measures every target of a set with ``measure_scale`` twice in one run: as shipped,
 and with each star's seeing correction multiplied per channel by the true ratio of its
 shares (target over reference, from the generator's own stamps at the star's captured
-place), which removes the cells' effect and leaves everything else. Both are printed
+place, ``SyntheticField.bayer_shares``), which removes the cells' effect and leaves everything else. Both are printed
 against the truth, with the RMS of the errors; ``--override`` changes the spec (e.g.
 ``'{"noise_sigma": 1.5e-5}'`` for frames almost without noise, ``'{"registration": false}'``).
 
@@ -35,20 +35,6 @@ from nsg_gpu.scale import measure_scale  # noqa: E402
 from nsg_gpu.synthetic import SyntheticField  # noqa: E402
 
 
-def true_shares(field: SyntheticField, k: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """``(3, n)``: each channel's share of the stars at reference positions ``x, y`` in frame
-    ``k`` (1 on average over the cell), from the generator's stamps at their captured place
-    (a shift only; the 1/16 px phases the generator draws them at)."""
-    truth = field.frames[k]
-    planes, _ = field._stamps(truth.fwhm, truth.beta)
-    table = planes.sum(axis=(-1, -2))  # (channels, phase_y, phase_x)
-    dy, dx = truth.shift
-    cx, cy = x + dx, y + dy
-    qx = np.clip(np.floor((cx - np.rint(cx) + 0.5) * 16), 0, 15).astype(int)
-    qy = np.clip(np.floor((cy - np.rint(cy) + 0.5) * 16), 0, 15).astype(int)
-    return table[:, qy, qx]
-
-
 def measure(field: SyntheticField, k: int, reference, *, shares: bool) -> list[float]:
     """Frame ``k``'s scale errors per channel, with the true shares or as shipped."""
     shipped = photometry.seeing_correction
@@ -61,7 +47,7 @@ def measure(field: SyntheticField, k: int, reference, *, shares: bool) -> list[f
         nearest = distance.argmin(axis=1)
         matched = distance[np.arange(x.size), nearest] < 1.0
         sx, sy = field.star_x[nearest], field.star_y[nearest]
-        ratio = true_shares(field, k, sx, sy) / true_shares(field, 0, sx, sy)
+        ratio = field.bayer_shares(k, sx, sy) / field.bayer_shares(0, sx, sy)
         ratio[:, ~matched] = 1.0
         return np.asarray(base)[None] * ratio
 

@@ -43,7 +43,9 @@ def run_set(directory: Path, scenario: str, seed: int, stars: int | None = None)
             raise RuntimeError(made.stderr)
     out = directory / "out"
     frames = sorted(str(p) for p in directory.glob("light_*.fits"))
-    _nsg("normalize", *frames, "--reference", "auto", "-o", str(out), "-q")
+    run = _nsg("normalize", *frames, "--reference", "auto", "-o", str(out), "-q")
+    if not (out / "results.csv").exists():
+        raise RuntimeError(f"{directory}: nsg normalize wrote no results: {run.stderr}")
     truth = {f["name"]: f for f in json.loads((directory / "truth.json").read_text())["frames"]}
     results = list(csv.DictReader((out / "results.csv").open()))
     reference = truth[Path(next(r["file"] for r in results if r["status"] == "reference")).stem]

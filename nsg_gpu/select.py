@@ -151,7 +151,14 @@ class ReferenceScore:
     @property
     def nonlinear_stars(self) -> int:
         """Number of detected stars peaking in the non-linear range."""
-        return 0 if self.star_linear is None else int(np.count_nonzero(~self.star_linear))
+        return self.nonlinear_among(None)
+
+    def nonlinear_among(self, use: np.ndarray | None) -> int:
+        """Number of the detections ``use`` selects (bool; None: all) peaking in the
+        non-linear range."""
+        if self.star_linear is None:
+            return 0
+        return int(np.count_nonzero(~(self.star_linear if use is None else self.star_linear[use])))
 
     @property
     def noise_per_second(self) -> float | None:
@@ -349,11 +356,8 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
         # Frames registered to one grid share their stars: a frame that shares few (cloud,
         # a frame of another field) is scored on those few, as the others are on theirs.
         registered = bool(tabled) and np.median([s.shared_stars for s in tabled]) >= MIN_COMMON_STARS
-        use = {id(s): common if registered else None for s, common in zip(tabled, masks, strict=True)}
-        first = max(
-            s.nonlinear_stars if use.get(id(s)) is None else int(np.count_nonzero(~s.star_linear[use[id(s)]]))
-            for s in measured
-        )
+        use = {id(s): common for s, common in zip(tabled, masks, strict=True)} if registered else {}
+        first = max(s.nonlinear_among(use.get(id(s))) for s in measured)
         ranked = [s.shared_stars for s in tabled if registered and s.shared_stars >= MIN_COMMON_STARS]
         reach = min(ranked) if len(ranked) >= 2 else None
         for s in measured:

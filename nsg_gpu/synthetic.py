@@ -131,6 +131,13 @@ class SyntheticSpec:
         return cls(**{**SCENARIOS[name], "scenario": name, **overrides})
 
 
+def _pixel_and_phase(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The nearest pixel of positions ``v`` and the index (0-15) of their 1/16 px phase in it:
+    the stamp a star is drawn with."""
+    pixel = np.rint(v).astype(np.int64)
+    return pixel, np.clip(np.floor((v - pixel + 0.5) * 16), 0, 15).astype(np.int64)
+
+
 #: Named settings for :meth:`SyntheticSpec.from_scenario` and ``nsg synth --scenario``.
 SCENARIOS: dict[str, dict] = {
     # The generator's defaults: 2000 x 1400 mono, about 3500 stars, FWHM 2.5-4.5 px.
@@ -470,10 +477,8 @@ class SyntheticField:
     def _add_stars(self, out, star_x, star_y, star_flux, fwhm: float, beta: float) -> None:
         h, w = self.spec.height, self.spec.width
         stamps, off = self._stamps(fwhm, beta)
-        x0 = np.rint(star_x).astype(np.int64)
-        y0 = np.rint(star_y).astype(np.int64)
-        qx = np.clip(np.floor((star_x - x0 + 0.5) * 16), 0, 15).astype(np.int64)
-        qy = np.clip(np.floor((star_y - y0 + 0.5) * 16), 0, 15).astype(np.int64)
+        x0, qx = _pixel_and_phase(star_x)
+        y0, qy = _pixel_and_phase(star_y)
         for chunk in np.array_split(np.arange(star_x.size), max(1, star_x.size // 400)):
             px = x0[chunk, None, None] + off[None, None, :]
             py = y0[chunk, None, None] + off[None, :, None]
@@ -483,6 +488,23 @@ class SyntheticField:
                 profile = stamps[c][qy[chunk], qx[chunk]] if stamps.ndim == 5 else stamps[qy[chunk], qx[chunk]]
                 vals = (profile * star_flux[chunk, c][:, None, None].astype(np.float32))[inside]
                 out[c] += np.bincount(flat, weights=vals, minlength=h * w)
+
+    def bayer_shares(self, k: int, x, y) -> np.ndarray:
+        """``(channels, n)``: each channel's share of the light of stars at reference positions
+        ``x, y`` in frame ``k`` as its photosites caught it (with ``bayer``: 1 on average over
+        the places within the cell, 10-30 % off it for stars of about a pixel; else all 1), at
+        the place where the frame captured them (its shift and turn) and at the phases the
+        stars were drawn at. The truth a photometry of the cells is checked against."""
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        if not (self.spec.bayer and self.channels == 3):
+            return np.ones((self.channels, x.size))
+        truth = self.frames[k]
+        matrix, offset = self._to_capture(k)
+        cy = matrix[0, 0] * y + matrix[0, 1] * x + offset[0]
+        cx = matrix[1, 0] * y + matrix[1, 1] * x + offset[1]
+        planes, _ = self._stamps(truth.fwhm, truth.beta)
+        table = planes.sum(axis=(-1, -2), dtype=np.float64)  # (channels, phase_y, phase_x)
+        return table[:, _pixel_and_phase(cy)[1], _pixel_and_phase(cx)[1]]
 
     def noise_free(self, k: int) -> np.ndarray:
         """Frame ``k`` without noise, defects or borders (saturation applied), on the

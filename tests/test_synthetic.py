@@ -90,6 +90,33 @@ def test_bayer_cells_make_colour_fluxes_depend_on_where_a_star_falls():
     assert field.pixel_noise(0) == pytest.approx(np.sqrt((sky / gain + read**2) / [1, 2, 1]), rel=1e-6)
 
 
+@pytest.mark.parametrize("rotation", [0.0, 2.0], ids=["shifted", "turned"])
+def test_bayer_shares_are_the_light_each_channel_caught(rotation):
+    """``bayer_shares`` at a star's reference position is the share of its light that each
+    channel holds in the frame as captured (summed around its captured place), whatever the
+    frame's offset or turn; without cells, 1."""
+    spec = dict(width=160, height=120, n_stars=6, colour=True, pixel_integrated=True, fwhms=[0.9, 1.1])
+    spec.update(n_frames=2, bayer=True, registration=True, rotation=rotation, hot_pixel_fraction=0, borders=False)
+    field = SyntheticField(**spec)
+    shares = field.bayer_shares(1, field.star_x, field.star_y)
+    light = field.stars(1, captured=True).astype(np.float64)
+    matrix, offset = field._to_capture(1)
+    cy = matrix[0, 0] * field.star_y + matrix[0, 1] * field.star_x + offset[0]
+    cx = matrix[1, 0] * field.star_y + matrix[1, 1] * field.star_x + offset[1]
+    apart = np.hypot(field.star_x[:, None] - field.star_x[None], field.star_y[:, None] - field.star_y[None])
+    checked = 0
+    for i in range(field.star_x.size):
+        yi, xi = int(round(cy[i])), int(round(cx[i]))
+        if not (12 <= xi < 148 and 12 <= yi < 108) or np.sort(apart[i])[1] < 25:
+            continue
+        caught = light[:, yi - 10 : yi + 11, xi - 10 : xi + 11].sum(axis=(1, 2)) / field.star_flux[i]
+        assert caught == pytest.approx(shares[:, i], rel=2e-3)
+        checked += 1
+    assert checked >= 2 and np.ptp(shares[0]) > 0.02
+    plain = SyntheticField(**{**spec, "bayer": False})
+    assert np.all(plain.bayer_shares(1, plain.star_x, plain.star_y) == 1.0)
+
+
 def test_star_light_is_conserved_whatever_the_psf():
     """Each star's light in the image is its catalogue flux: the truth a scale is checked with."""
     field = SyntheticField(
