@@ -133,7 +133,7 @@ def normalize(
         typer.Option(
             "--reference",
             "-r",
-            help="Reference frame, or 'auto' to choose the frame with the best star signal-to-noise among those that cover the area most frames share and have a calm gradient.",
+            help="Reference frame (a path, or the name or stem of one of FRAMES), or 'auto' to choose the frame with the best star signal-to-noise among those that cover the area most frames share and have a calm gradient.",
         ),
     ] = "auto",
     output_dir: Annotated[

@@ -22,7 +22,7 @@ from .diagnostics import chosen_frames, existing_frame_plots, write_frame_plots
 from .errors import FrameError, NSGError, OutputError, ReferenceFrameError
 from .executors import InProcessExecutor
 from .htmlreport import write_report
-from .io import OUTPUT_FORMATS, expand_frames, output_path, read_frame
+from .io import OUTPUT_FORMATS, expand_frames, frame_stem, output_path, read_frame
 from .jobs import FrameJob, reference_result, write_reference
 from .params import Parameters
 from .pipeline import normalize_frame
@@ -80,6 +80,32 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
     return output_dir
 
 
+def _reference_among(reference: Path, frames: list[Path]) -> Path:
+    """The reference frame ``reference`` names: a file, or where no file has that path, the
+    one frame given whose file name or stem (``frame_stem``) it is (``-r frame_0005`` with
+    ``lights/`` as the frames).
+
+    Raises
+    ------
+    ReferenceFrameError
+        It is a directory, names no file and no frame given, or more than one frame given.
+    """
+    if reference.is_dir():
+        raise ReferenceFrameError(reference, "is a directory; give the reference frame itself")
+    if reference.is_file():
+        return reference
+    if reference.parent == Path("."):
+        named = sorted({p for p in frames if reference.name in (p.name, frame_stem(p))}, key=str)
+        if len(named) == 1 and named[0].is_file():
+            return named[0]
+        if len(named) > 1:
+            listed = ", ".join(str(p) for p in named[:4]) + (", ..." if len(named) > 4 else "")
+            raise ReferenceFrameError(
+                reference, f"names {len(named)} of the frames given ({listed}); give the reference's path"
+            )
+    raise ReferenceFrameError(reference, "the reference frame does not exist")
+
+
 def plan_run(
     frames: Sequence[str | os.PathLike],
     *,
@@ -111,11 +137,7 @@ def plan_run(
             raise NSGError("no frames given")
         reference_path, reason = choose_reference(paths, detection_sigma=params.detection_sigma)
     else:
-        reference_path = Path(reference)
-        if reference_path.is_dir():
-            raise ReferenceFrameError(reference_path, "is a directory; give the reference frame itself")
-        if not reference_path.is_file():
-            raise ReferenceFrameError(reference_path, "the reference frame does not exist")
+        reference_path = _reference_among(Path(reference), paths)
     seen: dict[Path, Path] = {}
     targets: list[Path] = []
     duplicates: list[FrameResult] = []

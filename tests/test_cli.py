@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -291,3 +292,31 @@ def test_normalize_then_stack_against_the_truth(small_frames, tmp_path):
     assert abs(np.median(residual[partial]) - level) < 0.5 * noise  # borders not darkened
     assert '<h2 id="stack">Stack</h2>' in (out / "report.html").read_text()
     assert (tmp_path / "stack.csv").is_file()
+
+
+def test_reference_named_among_the_frames(small_frames, tmp_path):
+    """``-r`` with a frame's stem picks that frame from a directory of frames, and the run
+    equals the run with the reference's path."""
+    frames_dir = small_frames / "in"
+    reference = sorted(frames_dir.glob("*.fits"))[1]
+    by_path = runner.invoke(app, ["normalize", str(frames_dir), "-r", str(reference), "-o", str(tmp_path / "a")])
+    by_stem = runner.invoke(app, ["normalize", str(frames_dir), "-r", reference.stem, "-o", str(tmp_path / "b")])
+    assert by_path.exit_code == 0 and by_stem.exit_code == 0, by_stem.output
+    rows_a = json.loads((tmp_path / "a" / "results.json").read_text())["frames"]
+    rows_b = json.loads((tmp_path / "b" / "results.json").read_text())["frames"]
+    assert [Path(r["file"]).name for r in rows_b if r["status"] == "reference"] == [reference.name]
+    assert [(Path(r["file"]).name, r["status"], r["scale_0"], r["weight"]) for r in rows_a] == [
+        (Path(r["file"]).name, r["status"], r["scale_0"], r["weight"]) for r in rows_b
+    ]
+
+
+def test_reference_name_that_fits_two_frames_is_refused(small_frames, tmp_path):
+    frames_dir = small_frames / "in"
+    first = sorted(frames_dir.glob("*.fits"))[0]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / first.name).write_bytes(first.read_bytes())
+    result = runner.invoke(app, ["normalize", str(frames_dir), str(other), "-r", first.stem, "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert f"{first.stem}: names 2 of the frames given" in result.output
+    assert not (tmp_path / "o" / "results.json").exists()
