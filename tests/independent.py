@@ -144,9 +144,11 @@ def independent_transmission(reference: np.ndarray, target: np.ndarray) -> list[
     radius = max(5.0, 4.0 * r50)
     inner, outer = radius + 3.0, radius + 11.0
     h, w = ref_mean.shape
-    inside = (x > outer) & (x < w - 1 - outer) & (y > outer) & (y < h - 1 - outer)
-    # No no-data pixel (0 in any channel of either frame) within the annulus's outer edge.
+    # The annulus's box (its nearest pixel's centre, plus ceil(outer)) inside the image.
     reach = int(np.ceil(outer))
+    xi, yi = np.rint(x), np.rint(y)
+    inside = (xi >= reach) & (xi < w - reach) & (yi >= reach) & (yi < h - reach)
+    # No no-data pixel (0 in any channel of either frame) within the annulus's outer edge.
     disk = np.hypot(*np.mgrid[-reach : reach + 1, -reach : reach + 1]) <= outer
     blocked = scipy.ndimage.binary_dilation(ref_nodata | tgt_nodata, structure=disk)
     covered = ~blocked[np.clip(np.rint(y).astype(int), 0, h - 1), np.clip(np.rint(x).astype(int), 0, w - 1)]
