@@ -86,14 +86,30 @@ MAX_EMPTY = 0.02
 #: Bright isolated stars a frame's PSF is fitted on, and the fewest that will do.
 PSF_STARS = 60
 MIN_PSF_STARS = 8
-#: Below this FWHM (px, as :func:`nsg_gpu.stars.estimate_fwhm` reads it) the photometry falls
-#: back to the plain aperture. Not for want of a model (the pixel-integrated one fits stars
-#: down to 0.5 px within 3 %), but weights as narrow as such stars make each star's measured
-#: share hang on where it falls in its pixel and on its centroid, and on registered colour
-#: frames of 1 px stars PSF weights missed the scale by up to 19 % without the registration's
-#: kernel and 14 % with it, where the aperture misses by less (docs/scale-accuracy.md,
-#: "Undersampled stars" and "The registration's kernel").
+#: Below this FWHM (px, as :func:`nsg_gpu.stars.estimate_fwhm` reads it) colour frames take
+#: the plain aperture. Not for want of a model (the pixel-integrated one fits stars down to
+#: 0.5 px within 3 %), but the Bayer cells share each red or blue star's light out by where it
+#: falls, and on registered colour frames of 1 px stars PSF weights missed the scale by up to
+#: 19 % without the registration's kernel and 14 % with it, where the aperture misses by less
+#: (docs/scale-accuracy.md, "Undersampled stars" and "The registration's kernel").
 MIN_PSF_FWHM = 2.0
+#: Mono frames from this reading up fit PSFs; below :data:`MIN_PSF_FWHM` they take the PSF
+#: weights (of at least :data:`MIN_WEIGHT_FWHM`, with the pixel-integrated fits and the
+#: registration's kernel) or the plain aperture, whichever states the smaller uncertainty:
+#: on the generator's registered mono frames of 0.5-1.4 px mostly the weights (RMS 0.65-1.7 %
+#: against 0.94-5.2 %), on real ones of 1.3-1.7 px the aperture (docs/scale-accuracy.md,
+#: "Undersampled mono frames"). Stars of 0.5 px read about 1.3 px.
+MIN_MONO_PSF_FWHM = 1.0
+#: PSF weights are never narrower than this FWHM (px, the Moffat's before the pixels): weights
+#: as narrow as 1 px stars make each star's kept share hang on where it falls in its pixel
+#: (19-35 % scatter at 0.8-1.0 px, 1.5-4 % at 2-2.5 px).
+MIN_WEIGHT_FWHM = 2.0
+#: Below :data:`MIN_PSF_FWHM` a fit whose index has a standard error above this share of the
+#: index was not determined by the few pixels such stars cover: its kernel and index trade
+#: against each other, and the correction it gave was 10.8 % off where its covariance stated
+#: 1.7 % (index 11.0 +- 21.4); the frame takes the plain aperture instead. Near-Gaussian
+#: stars (index 7-12) carry errors of 1-2.4 that change their profile little.
+MAX_UNDERSAMPLED_BETA_ERROR = 0.5
 #: Where either frame's stars have a FWHM (px, as :func:`nsg_gpu.stars.estimate_fwhm`
 #: reads it) below this, the fits integrate the Moffat over each pixel. A sampled fit's
 #: seeing correction is off by 1-2 % for stars of 1.3 px, by 0.2 % or less from 2 px (2.26 as

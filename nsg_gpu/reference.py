@@ -25,7 +25,16 @@ from .io import Frame, read_frame
 from .noise import DETECT_NOISE_PIXELS, frame_noise, ksigma_noise
 from .outliers import bright_counts, clipped_medians, pixel_noise
 from .params import Parameters, resolve_parameters
-from .psf import MIN_PSF_FWHM, PSF_STARS, FittedPSF, MoffatPSF, fit_reference_psf, integrated_fit, stamp_radius
+from .psf import (
+    MIN_MONO_PSF_FWHM,
+    MIN_PSF_FWHM,
+    PSF_STARS,
+    FittedPSF,
+    MoffatPSF,
+    fit_reference_psf,
+    integrated_fit,
+    stamp_radius,
+)
 from .resampling import InterpolationKernel
 from .samples import MIN_SAMPLES, SampleGrid, bin_medians, make_grid, star_rejection
 from .stamps import channel_peaks, peak_contrast
@@ -135,7 +144,8 @@ class Reference:
 
     def own_psf(self) -> MoffatPSF | None:
         """The reference's fitted PSF at its own FWHM, where the photometry fits PSFs."""
-        if self.params.photometry != "psf" or self.stars.fwhm < MIN_PSF_FWHM:
+        limit = MIN_PSF_FWHM if self.frame.data.shape[0] > 1 else MIN_MONO_PSF_FWHM
+        if self.params.photometry != "psf" or self.stars.fwhm < limit:
             return None
         fitted = self.psf_fit(stamp_radius(self.stars.fwhm), pixel_integrated=integrated_fit(self.stars.fwhm))
         return fitted.psf if fitted is not None else None

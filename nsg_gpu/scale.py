@@ -28,8 +28,11 @@ from .io import Frame
 from .noise import DETECT_NOISE_PIXELS, ksigma_noise
 from .progress import Stopwatch
 from .psf import (
+    MAX_UNDERSAMPLED_BETA_ERROR,
+    MIN_MONO_PSF_FWHM,
     MIN_PSF_FWHM,
     MIN_PSF_STARS,
+    MIN_WEIGHT_FWHM,
     MoffatPSF,
     fit_target_psf,
     integrated_fit,
@@ -252,8 +255,34 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
     # intensity stays low, so the peak test uses the brightest channel in both frames.
     peak_t = channel_peaks(data, tx, ty)
     clock.lap("detect")
-    resolved = min(stars.fwhm, fwhm_t) >= MIN_PSF_FWHM
+    # Colour frames' undersampled stars keep the plain aperture: the Bayer cells share each
+    # star's light out by where it falls, which no PSF weight follows.
+    read = min(stars.fwhm, fwhm_t)
+    resolved = read >= (MIN_PSF_FWHM if data.shape[0] > 1 else MIN_MONO_PSF_FWHM)
     psfs = fit_psfs(reference, frame, fwhm_t) if params.photometry == "psf" and resolved else None
+    if psfs is not None and read < MIN_PSF_FWHM and not all(_index_determined(p) for p in psfs):
+        psfs = None
+    measured = _measure(reference, frame, tx, ty, found, peak_t, fwhm_t, psfs)
+    if psfs is not None and read < MIN_PSF_FWHM:
+        # Undersampled mono stars: the PSF weights or the plain aperture, whichever states
+        # the smaller uncertainty (psf.MIN_MONO_PSF_FWHM).
+        plain = _measure(reference, frame, tx, ty, found, peak_t, fwhm_t, None)
+        if _relative_error(plain) < _relative_error(measured):
+            measured = plain
+    clock.lap("photometry")
+    return measured
+
+
+def _relative_error(measured: ScaleMeasurement) -> float:
+    return max(f.scale_error / f.scale for f in measured.fits)
+
+
+def _measure(reference: Reference, frame: Frame, tx, ty, found, peak_t, fwhm_t: float, psfs) -> ScaleMeasurement:
+    """The photometry and the scale fit of :func:`measure_scale`, with ``psfs`` (the fitted
+    reference and target PSFs) or, where None, the plain aperture."""
+    params = reference.params
+    data = frame.data
+    stars = reference.stars
     if psfs is not None:
         reference_psf, target_psf = psfs
         # The broader PSF weighs the pixels of both frames: it is close to the best weight
@@ -262,6 +291,8 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
         # registration's kernel: the same weights serve every star, and each star's
         # correction follows its own PSFs.
         weight = max((p.weights() for p in psfs), key=lambda p: p.fwhm)
+        if weight.fwhm < MIN_WEIGHT_FWHM:
+            weight = weight.at(MIN_WEIGHT_FWHM / weight.fwhm)
         fwhm_max = weight.pixel_fwhm
     else:
         reference_psf = MoffatPSF.from_fwhm(stars.fwhm, photometry.MOFFAT_BETA)
@@ -327,7 +358,6 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
         scales.append(fit.scale)
         fits.append(fit)
         pairs.append(pairs_c)
-    clock.lap("photometry")
     return ScaleMeasurement(
         np.array(scales),
         max(f.n_pairs for f in fits),
@@ -339,6 +369,12 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
         reference_psf=reference_psf if psfs is not None else None,
         target_psf=target_psf if psfs is not None else None,
     )
+
+
+def _index_determined(psf: MoffatPSF) -> bool:
+    """Whether a fitted Moffat's index is known to within :data:`MAX_UNDERSAMPLED_BETA_ERROR`
+    of itself (its fit's covariance)."""
+    return psf.covariance is not None and psf.covariance[2] <= (MAX_UNDERSAMPLED_BETA_ERROR * psf.beta) ** 2
 
 
 def correction_uncertainty(

@@ -276,3 +276,32 @@ def test_a_shifted_sparse_frame_is_still_taken_for_unregistered():
     moved = np.roll(field.render(1), (7, -6), axis=(1, 2))
     with pytest.raises(TooFewStarsError, match="does not look registered"):
         measure_scale(reference, Frame.from_array(moved, name="moved"))
+
+
+@pytest.mark.slow
+def test_undersampled_mono_frames_take_the_psf_weights_where_they_are_surer():
+    """Mono frames of stars of 0.8-1.4 px before the pixels (read 1.5 px), 400 stars, targets
+    registered at sub-pixel offsets: the PSF weights (pixel-integrated fits with the
+    registration's kernel, weights of at least 2 px) state a smaller uncertainty than the
+    plain aperture and are taken: every scale within 3 stated errors and an RMS of 0.79 %
+    over the four targets, where the plain aperture gave 1.54 % (-2.05..-0.36 %) on the same
+    frames."""
+    from nsg_gpu.io import Frame
+    from nsg_gpu.params import Parameters
+    from nsg_gpu.reference import prepare_reference
+    from nsg_gpu.scale import measure_scale
+    from nsg_gpu.synthetic import SyntheticField
+
+    field = SyntheticField(
+        scenario="undersampled-sparse-colour", colour=False, bayer=False, n_stars=400, n_frames=5, seed=4
+    )
+    reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
+    assert reference.stars.fwhm < 2.0
+    errors = []
+    for k in range(1, 5):
+        measured = measure_scale(reference, Frame.from_array(field.render(k), name=f"target {k}"))
+        assert measured.target_psf is not None and measured.target_psf.pixel_integrated
+        error = measured.scale[0] / field.frames[k].scale(field.reference)[0] - 1
+        assert abs(error) < 3 * measured.fits[0].scale_error / measured.scale[0], (k, error)
+        errors.append(error)
+    assert np.sqrt(np.mean(np.square(errors))) < 0.011, errors
