@@ -262,13 +262,21 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
     psfs = fit_psfs(reference, frame, fwhm_t) if params.photometry == "psf" and resolved else None
     if psfs is not None and read < MIN_PSF_FWHM and not all(_index_determined(p) for p in psfs):
         psfs = None
-    measured = _measure(reference, frame, tx, ty, found, peak_t, fwhm_t, psfs)
-    if psfs is not None and read < MIN_PSF_FWHM:
+    if psfs is None or read >= MIN_PSF_FWHM:
+        measured = _measure(reference, frame, tx, ty, found, peak_t, fwhm_t, psfs)
+    else:
         # Undersampled mono stars: the PSF weights or the plain aperture, whichever states
-        # the smaller uncertainty (psf.MIN_MONO_PSF_FWHM).
-        plain = _measure(reference, frame, tx, ty, found, peak_t, fwhm_t, None)
-        if _relative_error(plain) < _relative_error(measured):
-            measured = plain
+        # the smaller uncertainty (psf.MIN_MONO_PSF_FWHM); either alone where the other has
+        # too few usable pairs.
+        candidates, failure = [], None
+        for choice in (psfs, None):
+            try:
+                candidates.append(_measure(reference, frame, tx, ty, found, peak_t, fwhm_t, choice))
+            except TooFewStarsError as exc:
+                failure = failure or exc
+        if not candidates:
+            raise failure
+        measured = min(candidates, key=_relative_error)
     clock.lap("photometry")
     return measured
 
