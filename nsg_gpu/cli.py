@@ -25,6 +25,7 @@ import typer
 from .display import RunDisplay, StackDisplay
 from .errors import NSGError
 from .params import Parameters
+from .synthetic import SCENARIOS
 from .version import __version__
 
 __all__ = ["app", "main"]
@@ -483,8 +484,8 @@ def synth(
     scenario: Annotated[
         str,
         typer.Option(
-            help="Named settings: default, undersampled-sparse-colour, field-dependent-psf or crowded "
-            "(nsg_gpu.synthetic.SCENARIOS); the options below override them."
+            help=f"Named settings: {', '.join(SCENARIOS)} (nsg_gpu.synthetic.SCENARIOS); the options below "
+            "override them."
         ),
     ] = "default",
     frames: Annotated[
