@@ -96,7 +96,7 @@ MIN_PSF_FWHM = 2.0
 #: Mono frames from this reading up fit PSFs; below :data:`MIN_PSF_FWHM` they take the PSF
 #: weights (of at least :data:`MIN_WEIGHT_FWHM`, with the pixel-integrated fits and the
 #: registration's kernel) or the plain aperture, whichever states the smaller uncertainty:
-#: on the generator's registered mono frames of 0.5-1.4 px mostly the weights (RMS 0.65-1.7 %
+#: on the generator's registered mono frames of 0.5-1.4 px mostly the weights (RMS 0.70-1.6 %
 #: against 0.94-5.2 %), on real ones of 1.3-1.7 px the aperture (docs/scale-accuracy.md,
 #: "Undersampled mono frames"). Stars of 0.5 px read about 1.3 px.
 MIN_MONO_PSF_FWHM = 1.0
@@ -485,12 +485,20 @@ def _design(psf: MoffatPSF, stamps: PSFStamps, background: np.ndarray, widths: n
 
 
 def _normal_equations(design: np.ndarray, data: np.ndarray, weight: np.ndarray):
-    """Per star, the weighted normal matrix ``(n, k, k)`` (with a 1e-12 ridge) and right-hand
+    """Per star, the weighted normal matrix ``(n, k, k)`` (with :func:`_ridge`) and right-hand
     side ``(n, k)`` of the linear model ``design`` ``(n, k, p)``."""
     dw = design * weight[:, None, :]
     normal = dw @ design.transpose(0, 2, 1)
-    normal += 1e-12 * np.trace(normal, axis1=1, axis2=2)[:, None, None] * np.eye(design.shape[1])
+    normal += _ridge(normal)
     return normal, (dw @ data[..., None])[..., 0]
+
+
+def _ridge(normal: np.ndarray) -> np.ndarray:
+    """1e-12 of each normal matrix's trace on its diagonal, and at least the smallest normal
+    float: a star whose pixels were all clipped or empty (weights 0) gets coefficients 0
+    instead of a singular system."""
+    trace = np.trace(normal, axis1=1, axis2=2)
+    return (1e-12 * trace + np.finfo(np.float64).tiny)[:, None, None] * np.eye(normal.shape[1])
 
 
 def _solve(design: np.ndarray, data: np.ndarray, weight: np.ndarray):
@@ -579,7 +587,7 @@ class _StarModels:
         rhs = np.empty((n, self.k))
         rhs[:, :3] = np.einsum("nkp,np->nk", profile, self.wdata)
         rhs[:, 3:] = self.bd
-        normal += 1e-12 * np.trace(normal, axis1=1, axis2=2)[:, None, None] * np.eye(self.k)
+        normal += _ridge(normal)
         coef = np.linalg.solve(normal, rhs[..., None])[..., 0]
         model = np.einsum("nkp,nk->np", profile, coef[:, :3])
         model += coef[:, 3:] @ self.background
