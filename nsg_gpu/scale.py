@@ -266,7 +266,14 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
     # star's light out by where it falls, which no PSF weight follows.
     read = min(stars.fwhm, fwhm_t)
     resolved = read >= (MIN_PSF_FWHM if data.shape[0] > 1 else MIN_MONO_PSF_FWHM)
-    psfs = fit_psfs(reference, frame, fwhm_t) if params.photometry == "psf" and resolved else None
+    try:
+        psfs = fit_psfs(reference, frame, fwhm_t) if params.photometry == "psf" and resolved else None
+    except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+        # The fits of stars under 2 px are an option beside the aperture, which measured
+        # these frames before: a numerical failure there leaves the frame to the aperture.
+        if read >= MIN_PSF_FWHM:
+            raise
+        psfs = None
     if psfs is not None and read < MIN_PSF_FWHM and not all(_index_determined(p) for p in psfs):
         psfs = None
     if psfs is None or read >= MIN_PSF_FWHM:

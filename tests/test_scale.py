@@ -323,3 +323,27 @@ def test_undersampled_mono_frames_almost_without_noise_are_measured():
         measured = measure_scale(reference, Frame.from_array(field.render(k), name=f"target {k}"))
         error = measured.scale[0] / field.frames[k].scale(field.reference)[0] - 1
         assert abs(error) < 3 * measured.fits[0].scale_error / measured.scale[0], (k, error)
+
+
+def test_undersampled_mono_fits_that_fail_leave_the_frame_to_the_aperture(monkeypatch):
+    """Below 2 px the PSF fits are an option beside the plain aperture: a numerical failure
+    in them (here a singular system raised on purpose) measures the frame with the aperture,
+    as before mono frames of such stars fitted PSFs, instead of stopping the run."""
+    from nsg_gpu import scale
+    from nsg_gpu.io import Frame
+    from nsg_gpu.params import Parameters
+    from nsg_gpu.reference import prepare_reference
+    from nsg_gpu.synthetic import SyntheticField
+
+    field = SyntheticField(scenario="undersampled-sparse-mono", n_frames=2, seed=4, n_stars=400)
+    reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
+    target = Frame.from_array(field.render(1), name="target")
+
+    def singular(*args, **kwargs):
+        raise np.linalg.LinAlgError("Singular matrix")
+
+    monkeypatch.setattr(scale, "fit_psfs", singular)
+    measured = scale.measure_scale(reference, target)
+    assert measured.target_psf is None
+    error = measured.scale[0] / field.frames[1].scale(field.reference)[0] - 1
+    assert abs(error) < 3 * measured.fits[0].scale_error / measured.scale[0]
