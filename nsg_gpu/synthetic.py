@@ -163,22 +163,6 @@ SCENARIOS: dict[str, dict] = {
         exposure=10.0,
         nebula_strength=0.5,
     ),
-    # The same sky through a small refractor and a mono camera (250 mm, 3.76 um pixels: 3.1"
-    # per pixel): stars of 0.8-1.4 px before the pixels, no Bayer cells, registered targets.
-    "undersampled-sparse-mono": dict(
-        width=960,
-        height=540,
-        n_stars=130,
-        fwhm_range=(0.8, 1.4),
-        beta_range=(2.3, 4.0),
-        pixel_integrated=True,
-        registration=True,
-        hot_pixel_fraction=5e-4,
-        focal_length_mm=250.0,
-        pixel_size_um=3.76,
-        exposure=10.0,
-        nebula_strength=0.5,
-    ),
     # A fast optic's PSF: 70 % broader in the corners than in the centre, indices 2.5-4.0,
     # registered targets.
     "field-dependent-psf": dict(
@@ -201,6 +185,11 @@ SCENARIOS: dict[str, dict] = {
         registration=True,
     ),
 }
+# The same sky through a small refractor and a mono camera (250 mm, 3.76 um pixels: 3.1" per
+# pixel): the undersampled colour scenario's stars without its Bayer cells.
+SCENARIOS["undersampled-sparse-mono"] = dict(
+    SCENARIOS["undersampled-sparse-colour"], colour=False, bayer=False, pixel_size_um=3.76
+)
 
 
 #: A field-dependent FWHM is drawn in steps of this much of the frame's FWHM (1 %): steps of
