@@ -73,6 +73,7 @@ __all__ = [
     "stamp_radius",
     "pixel_mean",
     "integrated_fit",
+    "fits_psf_from",
 ]
 
 #: Radius of the fitted stamps, in FWHM.
@@ -959,6 +960,12 @@ def stamp_radius(fwhm: float) -> int:
     reference is fitted once per step, not once per frame."""
     wanted = max(FIT_RADIUS_FWHM * fwhm, 8.0)
     return int(math.ceil(8 * 1.1 ** math.ceil(math.log(wanted / 8) / math.log(1.1) - 1e-9)))
+
+
+def fits_psf_from(channels: int) -> float:
+    """The FWHM reading from which frames of ``channels`` fit PSFs: :data:`MIN_PSF_FWHM` for
+    colour frames, :data:`MIN_MONO_PSF_FWHM` for mono ones."""
+    return MIN_PSF_FWHM if channels > 1 else MIN_MONO_PSF_FWHM
 
 
 def integrated_fit(*fwhm: float) -> bool:

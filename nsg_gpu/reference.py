@@ -26,12 +26,11 @@ from .noise import DETECT_NOISE_PIXELS, frame_noise, ksigma_noise
 from .outliers import bright_counts, clipped_medians, pixel_noise
 from .params import Parameters, resolve_parameters
 from .psf import (
-    MIN_MONO_PSF_FWHM,
-    MIN_PSF_FWHM,
     PSF_STARS,
     FittedPSF,
     MoffatPSF,
     fit_reference_psf,
+    fits_psf_from,
     integrated_fit,
     stamp_radius,
 )
@@ -144,8 +143,7 @@ class Reference:
 
     def own_psf(self) -> MoffatPSF | None:
         """The reference's fitted PSF at its own FWHM, where the photometry fits PSFs."""
-        limit = MIN_PSF_FWHM if self.frame.data.shape[0] > 1 else MIN_MONO_PSF_FWHM
-        if self.params.photometry != "psf" or self.stars.fwhm < limit:
+        if self.params.photometry != "psf" or self.stars.fwhm < fits_psf_from(self.frame.data.shape[0]):
             return None
         fitted = self.psf_fit(stamp_radius(self.stars.fwhm), pixel_integrated=integrated_fit(self.stars.fwhm))
         return fitted.psf if fitted is not None else None

@@ -29,12 +29,12 @@ from .noise import DETECT_NOISE_PIXELS, ksigma_noise
 from .progress import Stopwatch
 from .psf import (
     MAX_UNDERSAMPLED_BETA_ERROR,
-    MIN_MONO_PSF_FWHM,
     MIN_PSF_FWHM,
     MIN_PSF_STARS,
     MIN_WEIGHT_FWHM,
     MoffatPSF,
     fit_target_psf,
+    fits_psf_from,
     integrated_fit,
     plausible,
     psf_stamps,
@@ -265,7 +265,7 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
     # Colour frames' undersampled stars keep the plain aperture: the Bayer cells share each
     # star's light out by where it falls, which no PSF weight follows.
     read = min(stars.fwhm, fwhm_t)
-    resolved = read >= (MIN_PSF_FWHM if data.shape[0] > 1 else MIN_MONO_PSF_FWHM)
+    resolved = read >= fits_psf_from(data.shape[0])
     try:
         psfs = fit_psfs(reference, frame, fwhm_t) if params.photometry == "psf" and resolved else None
     except (np.linalg.LinAlgError, ValueError, FloatingPointError):
