@@ -33,6 +33,7 @@ sys.path[:0] = [str(_ROOT / "tests"), str(Path(__file__).resolve().parent)]
 from _machine import machine, print_machine  # noqa: E402
 from independent import (  # noqa: E402
     NGC7023,
+    NGC7023_REFERENCE,
     STARGATE,
     STARGATE_REFERENCE,
     extractor_stars,
@@ -41,7 +42,7 @@ from independent import (  # noqa: E402
 )
 
 SETS = {
-    "ngc7023": (NGC7023, "000_Light_NGC_7023_10.0s_IRCUT_20240730-224436"),
+    "ngc7023": (NGC7023, NGC7023_REFERENCE),
     "stargate": (STARGATE, STARGATE_REFERENCE),
 }
 #: sep must keep at least this many stars in a channel for a comparison.

@@ -24,6 +24,8 @@ from astropy.io import fits
 SHARED_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 NGC7023 = SHARED_DATA_ROOT / "ngc7023"
 STARGATE = SHARED_DATA_ROOT / "stargate"
+#: The frame the NGC 7023 frames were registered to (not resampled).
+NGC7023_REFERENCE = "000_Light_NGC_7023_10.0s_IRCUT_20240730-224436.fits.gz"
 #: The frame the stargate frames were registered to (not resampled).
 STARGATE_REFERENCE = "sg_0005.fits.gz"
 
@@ -38,6 +40,7 @@ MIN_SNR = 10.0
 
 __all__ = [
     "NGC7023",
+    "NGC7023_REFERENCE",
     "STARGATE",
     "STARGATE_REFERENCE",
     "StarRatios",

@@ -14,6 +14,7 @@ from astropy.io import fits
 from conftest import SHARED_DATA
 from independent import (
     NGC7023,
+    NGC7023_REFERENCE,
     STARGATE,
     STARGATE_REFERENCE,
     extractor_stars,
@@ -87,7 +88,7 @@ def test_background_matches_better_than_global_scale_and_offset(real_run):
 @pytest.mark.parametrize(
     ("directory", "name"),
     [
-        (NGC7023, "000_Light_NGC_7023_10.0s_IRCUT_20240730-224436.fits.gz"),
+        (NGC7023, NGC7023_REFERENCE),
         (NGC7023, "004_Light_NGC_7023_20.0s_IRCUT_20250630-023420.fits.gz"),
         (STARGATE, STARGATE_REFERENCE),
     ],
@@ -239,7 +240,7 @@ def _frames(directory, reference_name):
 def _cases():
     cases = []
     for name, directory, reference, channels in (
-        ("ngc7023", NGC7023, "000_Light_NGC_7023_10.0s_IRCUT_20240730-224436.fits.gz", 3),
+        ("ngc7023", NGC7023, NGC7023_REFERENCE, 3),
         ("stargate", STARGATE, STARGATE_REFERENCE, 1),
     ):
         for path in _frames(directory, reference):
