@@ -271,9 +271,12 @@ def _multiscale_bands(image, max_pixels: int):
     if rows >= h:
         starts, height = [0], h
     else:
+        # Each band at the centre of one of ``count`` equal strips: never the frame's first
+        # and last rows, where a registered frame's borders (no data) and vignetting are.
         height = _BAND_ROWS
         count = -(-rows // height)
-        starts = np.unique(np.rint(np.linspace(0, h - height, count)).astype(int)).tolist()
+        centres = (np.arange(count) + 0.5) * h / count
+        starts = np.unique(np.clip(np.rint(centres - height / 2), 0, h - height).astype(int)).tolist()
     bands = []
     for start in starts:
         source = np.arange(start - _HALO, start + height + _HALO)
