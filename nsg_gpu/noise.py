@@ -343,7 +343,7 @@ def multiscale_noise(
     sampled: on a crowded field (one star per 110 px) the support leaves 8 % of them, and
     500 000 sampled pixels read the noise to 0.7-1.2 %, which the weight doubles and a
     target's ratio to the reference compounds (NWEIGHT 8-9 % off on such targets;
-    docs/scale-accuracy.md, "NWEIGHT on crowded fields").
+    docs/scale-accuracy.md, "Where the noise is read").
     """
     h, w = image.shape
     sigma, background = _settled_noise(_multiscale_bands(image, max_pixels), iterations)
