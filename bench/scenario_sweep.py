@@ -9,7 +9,8 @@ noise before registration and the true scale. Frames that fail are listed with t
 Per scenario and over all: RMS and worst error, RMS and worst z, weight errors, failures.
 
     python bench/scenario_sweep.py [--scenarios undersampled-sparse-colour,field-dependent-psf,crowded]
-                                   [--seeds 11,12,13,14] [--stars N] [--cache DIR] [--json FILE]
+                                   [--seeds 11,12,13,14] [--stars N] [--width W --height H]
+                                   [--cache DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ def _nsg(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nsg_gpu", *args], capture_output=True, text=True)
 
 
-def run_set(directory: Path, scenario: str, seed: int, stars: int | None = None) -> list[dict]:
-    """Write (once) and normalize one set; one row per target."""
+def run_set(
+    directory: Path, scenario: str, seed: int, stars: int | None = None, size: tuple[int, int] | None = None
+) -> list[dict]:
+    """Write (once) and normalize one set; one row per target. ``size``: (width, height)."""
     if not (directory / "truth.json").exists():
         more = ["--stars", str(stars)] if stars else []
+        more += ["--width", str(size[0]), "--height", str(size[1])] if size else []
         made = _nsg("synth", str(directory), "--scenario", scenario, "--seed", str(seed), *more)
         if made.returncode:
             raise RuntimeError(made.stderr)
@@ -95,17 +99,23 @@ def main() -> None:
     parser.add_argument("--scenarios", default=SCENARIOS)
     parser.add_argument("--seeds", default="11,12,13,14")
     parser.add_argument("--stars", type=int, help="stars in every set (default: the scenario's)")
+    parser.add_argument("--width", type=int, help="frame width in every set (default: the scenario's)")
+    parser.add_argument("--height", type=int, help="frame height in every set (default: the scenario's)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "nsg-scenario-sweep")
     parser.add_argument("--json", type=Path, help="write the rows to this file")
     args = parser.parse_args()
     info = machine()
     print_machine(info)
+    if (args.width is None) != (args.height is None):
+        parser.error("--width and --height go together")
+    size = (args.width, args.height) if args.width else None
     rows = []
     for scenario in args.scenarios.split(","):
         these = []
         for seed in (int(s) for s in args.seeds.split(",")):
             name = f"{scenario}-{seed}" + (f"-{args.stars}-stars" if args.stars else "")
-            for row in run_set(args.cache / name, scenario, seed, args.stars):
+            name += f"-{size[0]}x{size[1]}" if size else ""
+            for row in run_set(args.cache / name, scenario, seed, args.stars, size):
                 these.append(row)
                 head = f"{scenario} seed {seed} {row['frame']} (reference {row['reference']})"
                 if "failed" in row:

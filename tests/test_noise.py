@@ -119,11 +119,11 @@ def test_bands_on_large_frames_agree_with_the_whole_frame():
     assert whole == pytest.approx(0.002, rel=0.015)
 
 
-def test_bands_avoid_the_borders_of_a_registered_wide_frame():
+def test_bands_avoid_the_borders_of_a_wide_frame():
     """A wide frame's 500 000 pixels are two bands of 64 rows. At the first and last rows
-    they lay in the zero borders a registration leaves (here 55 and 59 rows) and the
-    interpolation's edge beside them, and read the noise 8 % high (NWEIGHT 14 % low); at the
-    centres of two halves of the frame, within 1 % of the generator's background noise."""
+    they lay in the zero borders that a registration leaves (here 55 and 59 rows) and beside
+    them, and read the noise 8 % high (NWEIGHT 14 % low); at the centres of the frame's two
+    halves, within 1 % of the generator's background noise."""
     field = SyntheticField(width=4000, height=900, n_frames=3, seed=0, n_stars=4500)
     assert field.frames[2].border[2:] == [55, 59]
     frame = field.render(2)[0]
