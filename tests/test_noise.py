@@ -260,6 +260,21 @@ def test_nweight_of_registered_frames_is_the_weight_before_registration(register
         assert per_pixel > 1.2 * truth
 
 
+@pytest.mark.slow
+def test_nweight_of_a_wide_frame_with_deep_borders(tmp_path):
+    """End to end, the weight of the target of ``test_bands_avoid_the_borders_of_a_wide_frame``
+    (borders of 55 and 59 rows across a frame of 4000 x 900 px, measured on the normalized
+    output): within 3 % of ``(sigma_R / (sigma_T m))^2`` with our own scale; the bands at the
+    first and last rows made it 15 % low (0.381 against 0.451)."""
+    from conftest import NormalizedSet
+
+    s = NormalizedSet(tmp_path, width=4000, height=900, n_frames=3, seed=0, n_stars=4500)
+    result = s.run.frames[2]
+    assert result.weight_source == "noiseMultiscale"
+    truth = float(np.mean((s.background_noise(0) / (s.background_noise(2) * np.asarray(result.scale))) ** 2))
+    assert result.weight == pytest.approx(truth, rel=0.03)
+
+
 def test_ksigma_noise_of_white_noise_and_weight():
     rng = np.random.default_rng(4)
     image = (0.1 + rng.normal(0, 0.002, (500, 600))).astype(np.float32)
