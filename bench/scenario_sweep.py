@@ -10,7 +10,7 @@ Per scenario and over all: RMS and worst error, RMS and worst z, weight errors, 
 
     python bench/scenario_sweep.py [--scenarios undersampled-sparse-colour,field-dependent-psf,crowded]
                                    [--seeds 11,12,13,14] [--stars N] [--width W --height H]
-                                   [--cache DIR] [--json FILE]
+                                   [--colour] [--cache DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -36,12 +36,19 @@ def _nsg(*args: str) -> subprocess.CompletedProcess:
 
 
 def run_set(
-    directory: Path, scenario: str, seed: int, stars: int | None = None, size: tuple[int, int] | None = None
+    directory: Path,
+    scenario: str,
+    seed: int,
+    stars: int | None = None,
+    size: tuple[int, int] | None = None,
+    colour: bool = False,
 ) -> list[dict]:
-    """Write (once) and normalize one set; one row per target. ``size``: (width, height)."""
+    """Write (once) and normalize one set; one row per target. ``size``: (width, height);
+    ``colour``: colour frames whatever the scenario says."""
     if not (directory / "truth.json").exists():
         more = ["--stars", str(stars)] if stars else []
         more += ["--width", str(size[0]), "--height", str(size[1])] if size else []
+        more += ["--colour"] if colour else []
         made = _nsg("synth", str(directory), "--scenario", scenario, "--seed", str(seed), *more)
         if made.returncode:
             raise RuntimeError(made.stderr)
@@ -101,6 +108,7 @@ def main() -> None:
     parser.add_argument("--stars", type=int, help="stars in every set (default: the scenario's)")
     parser.add_argument("--width", type=int, help="frame width in every set (default: the scenario's)")
     parser.add_argument("--height", type=int, help="frame height in every set (default: the scenario's)")
+    parser.add_argument("--colour", action="store_true", help="colour frames in every set (default: the scenario's)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "nsg-scenario-sweep")
     parser.add_argument("--json", type=Path, help="write the rows to this file")
     args = parser.parse_args()
@@ -114,8 +122,8 @@ def main() -> None:
         these = []
         for seed in (int(s) for s in args.seeds.split(",")):
             name = f"{scenario}-{seed}" + (f"-{args.stars}-stars" if args.stars else "")
-            name += f"-{size[0]}x{size[1]}" if size else ""
-            for row in run_set(args.cache / name, scenario, seed, args.stars, size):
+            name += (f"-{size[0]}x{size[1]}" if size else "") + ("-colour" if args.colour else "")
+            for row in run_set(args.cache / name, scenario, seed, args.stars, size, args.colour):
                 these.append(row)
                 head = f"{scenario} seed {seed} {row['frame']} (reference {row['reference']})"
                 if "failed" in row:
