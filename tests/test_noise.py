@@ -216,6 +216,12 @@ def test_cupy_matches_numpy():
     image = _registered(_white(seed=13), 0.2, 0.4)
     image[:, :60] = 0
     assert multiscale_noise(cp.asarray(image)) == pytest.approx(multiscale_noise(image), rel=1e-6)
+    # A crowded field sampled in bands, and then in more of them (the second sample).
+    crowded = SyntheticField(scenario="crowded", width=1000, height=700, n_stars=6400, n_frames=1, seed=3).render(0)[0]
+    for kwargs in ({"max_pixels": 100_000, "min_background": 0}, {"max_pixels": 100_000, "min_background": 50_000}):
+        assert multiscale_noise(cp.asarray(crowded), **kwargs) == pytest.approx(
+            multiscale_noise(crowded, **kwargs), rel=1e-6
+        )
 
 
 @pytest.fixture(scope="module")
