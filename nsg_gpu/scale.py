@@ -265,18 +265,19 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
     # Colour frames' undersampled stars keep the plain aperture: the Bayer cells share each
     # star's light out by where it falls, which no PSF weight follows.
     read = min(stars.fwhm, fwhm_t)
-    resolved = read >= fits_psf_from(data.shape[0])
+    undersampled = read < MIN_PSF_FWHM
     try:
-        psfs = fit_psfs(reference, frame, fwhm_t) if params.photometry == "psf" and resolved else None
+        fits_psfs = params.photometry == "psf" and read >= fits_psf_from(data.shape[0])
+        psfs = fit_psfs(reference, frame, fwhm_t) if fits_psfs else None
     except (np.linalg.LinAlgError, ValueError, FloatingPointError):
         # The fits of stars under 2 px are an option beside the aperture, which measured
         # these frames before: a numerical failure there leaves the frame to the aperture.
-        if read >= MIN_PSF_FWHM:
+        if not undersampled:
             raise
         psfs = None
-    if psfs is not None and read < MIN_PSF_FWHM and not all(_index_determined(p) for p in psfs):
+    if psfs is not None and undersampled and not all(_index_determined(p) for p in psfs):
         psfs = None
-    if psfs is None or read >= MIN_PSF_FWHM:
+    if psfs is None or not undersampled:
         measured = _measure(reference, frame, tx, ty, found, peak_t, fwhm_t, psfs)
     else:
         # Undersampled mono stars: the PSF weights or the plain aperture, whichever states

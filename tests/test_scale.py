@@ -6,6 +6,15 @@ import numpy as np
 import pytest
 from conftest import SCALE_TARGET, scale_errors
 
+from nsg_gpu import scale
+from nsg_gpu.errors import TooFewStarsError
+from nsg_gpu.io import Frame
+from nsg_gpu.params import Parameters
+from nsg_gpu.reference import prepare_reference
+from nsg_gpu.scale import measure_scale, registration_offsets
+from nsg_gpu.scalefit import scale_doubt
+from nsg_gpu.synthetic import SyntheticField, SyntheticSpec
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mono_set", "colour_set"])
@@ -20,12 +29,6 @@ def test_undersampled_frames_fit_the_psf_before_the_pixels():
     """Stars of 1.8 and 2.1 px FWHM integrated over the pixels (read as 2.26 px): the scale
     stage fits both frames' PSFs integrated over the pixels and gets the PSFs the generator
     set, where a fit sampling the Moffat at the pixel centres reads them 7-9 % broader."""
-    from nsg_gpu.io import Frame
-    from nsg_gpu.params import Parameters
-    from nsg_gpu.reference import prepare_reference
-    from nsg_gpu.scale import measure_scale
-    from nsg_gpu.synthetic import SyntheticField
-
     field = SyntheticField(
         width=900,
         height=700,
@@ -42,7 +45,7 @@ def test_undersampled_frames_fit_the_psf_before_the_pixels():
         assert psf is not None and psf.pixel_integrated
         assert psf.fwhm == pytest.approx(truth.fwhm, rel=0.02)
         assert psf.beta == pytest.approx(truth.beta, abs=0.15)
-    error = measured.scale[0] / field.frames[1].scale(field.reference)[0] - 1
+    error = _mono_error(field, measured, 1)
     assert abs(error) < 3 * measured.fits[0].scale_error / measured.scale[0]
 
 
@@ -50,8 +53,6 @@ def test_registration_offsets_follow_the_frame_not_each_centroid():
     """A target registered with a residual shift and rotation: the offsets fitted to noisy
     centroids, a tenth of them pulled 1-2 px by neighbours, are the residual's to 0.02 px at
     every star."""
-    from nsg_gpu.scale import registration_offsets
-
     rng = np.random.default_rng(4)
     x, y = rng.uniform(0, 3000, 400), rng.uniform(0, 2000, 400)
     angle, shift = 2e-4, (0.3, -0.2)
@@ -96,12 +97,6 @@ def test_registered_small_stars_with_the_registration_kernel(seed):
     7, 8, 9, 12 and 13, RMS 0.25 % and 16 of 18 frames within 0.5 %). PSFs fitted without
     the kernel miss by up to 3.9 % (seed 5) and 2.7 % (seed 8), with the zero-phase kernel of
     the noise's spectrum by up to 1.59 % and 0.97 %."""
-    from nsg_gpu.io import Frame
-    from nsg_gpu.params import Parameters
-    from nsg_gpu.reference import prepare_reference
-    from nsg_gpu.scale import measure_scale
-    from nsg_gpu.synthetic import SyntheticField
-
     field = SyntheticField(**REGISTERED_SMALL, seed=seed)
     reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
     assert reference.interpolation_kernel is None
@@ -140,12 +135,6 @@ def test_targets_registered_with_a_turn():
     scale is within 1.5 % of the truth and 3 of its stated uncertainty (0.00, +0.58, +0.95 %
     against 0.56, 0.59 and 0.45 %: the turned frames' PSFs fitted with one kernel; stars of 1.5-2.5 px, RMS 0.59 % over seeds 5, 7, 8 and 9 with turns up
     to 2 degrees, 0.22 % without turns)."""
-    from nsg_gpu.io import Frame
-    from nsg_gpu.params import Parameters
-    from nsg_gpu.reference import prepare_reference
-    from nsg_gpu.scale import measure_scale
-    from nsg_gpu.synthetic import SyntheticField
-
     field = SyntheticField(**REGISTERED_SMALL, rotation=2.0, seed=8)
     assert [round(abs(f.rotation), 2) for f in field.frames] == [0.0, 0.37, 1.12, 1.38]
     reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
@@ -162,12 +151,6 @@ def test_a_turned_reference():
     phase is right nowhere in particular. Every target (one not turned, two turned) still
     measures within 1.5 % of the truth and 3 of its stated uncertainty (-0.50, -0.08, -0.27 %
     against 0.38-0.40 %; RMS 0.59 %, RMS z 1.2 over seeds 5, 7, 8 and 9, worst z 2.1)."""
-    from nsg_gpu.io import Frame
-    from nsg_gpu.params import Parameters
-    from nsg_gpu.reference import prepare_reference
-    from nsg_gpu.scale import measure_scale
-    from nsg_gpu.synthetic import SyntheticField
-
     field = SyntheticField(**REGISTERED_SMALL, rotation=2.0, seed=8)
     reference = prepare_reference(Frame.from_array(field.render(3), name="turned reference"), Parameters())
     assert reference.interpolation_kernel.name == "zero-phase"
@@ -185,17 +168,11 @@ def test_sparse_field_targets_are_judged_registered(seed):
     target cannot show above 5 sigma, and every target was taken for unregistered ("only 5 of
     the reference's 15 brightest stars ... are found"). Judged on the reference's stars that
     stand 15 sigma out of its noise, every target measures, within 3 stated errors."""
-    from nsg_gpu.io import Frame
-    from nsg_gpu.params import Parameters
-    from nsg_gpu.reference import prepare_reference
-    from nsg_gpu.scale import measure_scale
-    from nsg_gpu.synthetic import SyntheticField
-
     field = SyntheticField(width=800, height=600, n_stars=25, seed=seed, n_frames=4)
     reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
     for k in range(1, 4):
         measured = measure_scale(reference, Frame.from_array(field.render(k), name=f"target {k}"))
-        error = measured.scale[0] / field.frames[k].scale(field.reference)[0] - 1
+        error = _mono_error(field, measured, k)
         assert abs(error) < 3 * measured.fits[0].scale_error / measured.scale[0], (k, error)
 
 
@@ -204,13 +181,6 @@ def test_sparse_colour_frame_with_three_pairs_in_a_channel_is_measured_and_flagg
     on the target at 5 sigma): three red pairs, of which the biweight kept two, and the frame
     failed. All three fitted, every channel is within 3 stated errors of the truth, and the
     uncertainty flags the frame."""
-    from nsg_gpu.io import Frame
-    from nsg_gpu.params import Parameters
-    from nsg_gpu.reference import prepare_reference
-    from nsg_gpu.scale import measure_scale
-    from nsg_gpu.scalefit import scale_doubt
-    from nsg_gpu.synthetic import SyntheticField
-
     field = SyntheticField(scenario="undersampled-sparse-colour", n_stars=15, seed=1, n_frames=4)
     reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
     measured = measure_scale(reference, Frame.from_array(field.render(1), name="target"))
@@ -226,19 +196,13 @@ def test_frames_under_thin_cloud_are_judged_on_the_stars_they_show():
     stars at 0.15 of their strength, and were taken for unregistered ("only 11 of the
     reference's 23 brightest stars ... are found"). Judged on the stars their depth lets them
     show, both are measured, within 3 stated errors of the truth."""
-    from nsg_gpu.io import Frame
-    from nsg_gpu.params import Parameters
-    from nsg_gpu.reference import prepare_reference
-    from nsg_gpu.scale import measure_scale
-    from nsg_gpu.synthetic import SyntheticField
-
     field = SyntheticField(
         width=800, height=600, n_stars=150, seed=1, n_frames=5, transmissions=[1.0, 0.6, 0.35, 0.2, 0.1]
     )
     reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
     for k in (2, 3):
         measured = measure_scale(reference, Frame.from_array(field.render(k), name=f"target {k}"))
-        error = measured.scale[0] / field.frames[k].scale(field.reference)[0] - 1
+        error = _mono_error(field, measured, k)
         assert abs(error) < 3 * measured.fits[0].scale_error / measured.scale[0], (k, error)
 
 
@@ -248,12 +212,6 @@ def test_a_reference_with_hot_pixels_among_its_brightest_judges_registered_targe
     detections: the targets found 2-3 of its 8-10 judged stars and were taken for
     unregistered. The stars they find sit where the reference has them (median shift under
     half a pixel): every target is measured, within 3 stated errors of the truth."""
-    from nsg_gpu.io import Frame
-    from nsg_gpu.params import Parameters
-    from nsg_gpu.reference import prepare_reference
-    from nsg_gpu.scale import measure_scale
-    from nsg_gpu.synthetic import SyntheticField, SyntheticSpec
-
     field = SyntheticField(SyntheticSpec.from_scenario("field-dependent-psf", n_stars=40, seed=9))
     reference = prepare_reference(Frame.from_array(field.render(4), name="reference"), Parameters())
     for k in range(4):
@@ -264,18 +222,16 @@ def test_a_reference_with_hot_pixels_among_its_brightest_judges_registered_targe
 
 def test_a_shifted_sparse_frame_is_still_taken_for_unregistered():
     """The same sparse field with the target moved by 7 px: the judged stars are not found."""
-    from nsg_gpu.errors import TooFewStarsError
-    from nsg_gpu.io import Frame
-    from nsg_gpu.params import Parameters
-    from nsg_gpu.reference import prepare_reference
-    from nsg_gpu.scale import measure_scale
-    from nsg_gpu.synthetic import SyntheticField
-
     field = SyntheticField(width=800, height=600, n_stars=25, seed=2, n_frames=2)
     reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
     moved = np.roll(field.render(1), (7, -6), axis=(1, 2))
     with pytest.raises(TooFewStarsError, match="does not look registered"):
         measure_scale(reference, Frame.from_array(moved, name="moved"))
+
+
+def _mono_error(field: SyntheticField, measured, k: int) -> float:
+    """The relative error of a mono target's measured scale against the generator's."""
+    return float(measured.scale[0] / field.frames[k].scale(field.reference)[0] - 1)
 
 
 @pytest.mark.slow
@@ -286,12 +242,6 @@ def test_undersampled_mono_frames_take_the_psf_weights_where_they_are_surer():
     plain aperture and are taken: every scale within 3 stated errors and an RMS of 0.79 %
     over the four targets, where the plain aperture gave 1.54 % (-2.05..-0.36 %) on the same
     frames."""
-    from nsg_gpu.io import Frame
-    from nsg_gpu.params import Parameters
-    from nsg_gpu.reference import prepare_reference
-    from nsg_gpu.scale import measure_scale
-    from nsg_gpu.synthetic import SyntheticField
-
     field = SyntheticField(
         scenario="undersampled-sparse-colour", colour=False, bayer=False, n_stars=400, n_frames=5, seed=4
     )
@@ -301,7 +251,7 @@ def test_undersampled_mono_frames_take_the_psf_weights_where_they_are_surer():
     for k in range(1, 5):
         measured = measure_scale(reference, Frame.from_array(field.render(k), name=f"target {k}"))
         assert measured.target_psf is not None and measured.target_psf.pixel_integrated
-        error = measured.scale[0] / field.frames[k].scale(field.reference)[0] - 1
+        error = _mono_error(field, measured, k)
         assert abs(error) < 3 * measured.fits[0].scale_error / measured.scale[0], (k, error)
         errors.append(error)
     assert np.sqrt(np.mean(np.square(errors))) < 0.011, errors
@@ -311,17 +261,11 @@ def test_undersampled_mono_frames_almost_without_noise_are_measured():
     """Registered mono frames of 0.8-1.4 px stars almost without noise: the 5-sigma clipping of
     a tiny noise leaves some stars no pixel in the PSF fits, which once stopped them with a
     singular system; every target is measured, within 3 stated errors."""
-    from nsg_gpu.io import Frame
-    from nsg_gpu.params import Parameters
-    from nsg_gpu.reference import prepare_reference
-    from nsg_gpu.scale import measure_scale
-    from nsg_gpu.synthetic import SyntheticField
-
     field = SyntheticField(scenario="undersampled-sparse-mono", n_frames=5, seed=3, noise_sigma=1.5e-5)
     reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
     for k in range(1, 5):
         measured = measure_scale(reference, Frame.from_array(field.render(k), name=f"target {k}"))
-        error = measured.scale[0] / field.frames[k].scale(field.reference)[0] - 1
+        error = _mono_error(field, measured, k)
         assert abs(error) < 3 * measured.fits[0].scale_error / measured.scale[0], (k, error)
 
 
@@ -329,12 +273,6 @@ def test_undersampled_mono_fits_that_fail_leave_the_frame_to_the_aperture(monkey
     """Below 2 px the PSF fits are an option beside the plain aperture: a numerical failure
     in them (here a singular system raised on purpose) measures the frame with the aperture,
     as before mono frames of such stars fitted PSFs, instead of stopping the run."""
-    from nsg_gpu import scale
-    from nsg_gpu.io import Frame
-    from nsg_gpu.params import Parameters
-    from nsg_gpu.reference import prepare_reference
-    from nsg_gpu.synthetic import SyntheticField
-
     field = SyntheticField(scenario="undersampled-sparse-mono", n_frames=2, seed=4, n_stars=400)
     reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
     target = Frame.from_array(field.render(1), name="target")
@@ -345,5 +283,5 @@ def test_undersampled_mono_fits_that_fail_leave_the_frame_to_the_aperture(monkey
     monkeypatch.setattr(scale, "fit_psfs", singular)
     measured = scale.measure_scale(reference, target)
     assert measured.target_psf is None
-    error = measured.scale[0] / field.frames[1].scale(field.reference)[0] - 1
+    error = _mono_error(field, measured, 1)
     assert abs(error) < 3 * measured.fits[0].scale_error / measured.scale[0]
