@@ -2,7 +2,8 @@
 extractor finds them, and do the scales still agree with sep?
 
 Every frame of ../shared/data/ngc7023 and ../shared/data/stargate is cut into five regions
-(the four quarters and the centre half), each region's frames are written as one set, and
+(the four quarters and the centre half; with ``--grid N`` an N x N grid of tiles, sparser
+still), each region's frames are written as one set, and
 ``nsg normalize SET -r <the set's reference stem>`` runs on it as a user would. Each target is
 then compared with the independent photometry of ``tests/independent.py`` (sep, wide
 apertures; not our code): per channel, our transmission and NSGSERR against sep's median ratio
@@ -11,7 +12,7 @@ single hot pixels) are counted on the region's reference and target. Prints one 
 target, then the frames that failed with the extractor's counts, the RMS and worst of
 (ours - sep) / combined error, and the median |ours / sep - 1|.
 
-    python bench/real_crops.py [--work DIR] [--json FILE]
+    python bench/real_crops.py [--grid N] [--work DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -49,8 +50,12 @@ SETS = {
 MIN_SEP_STARS = 3
 
 
-def regions(height: int, width: int) -> list[tuple[slice, slice]]:
-    """The four quarters and the centre half."""
+def regions(height: int, width: int, grid: int = 0) -> list[tuple[slice, slice]]:
+    """The four quarters and the centre half; with ``grid`` the tiles of a grid x grid cut."""
+    if grid:
+        rows = [slice(height * i // grid, height * (i + 1) // grid) for i in range(grid)]
+        cols = [slice(width * j // grid, width * (j + 1) // grid) for j in range(grid)]
+        return [(r, c) for r in rows for c in cols]
     h2, w2, h4, w4 = height // 2, width // 2, height // 4, width // 4
     return [
         (slice(0, h2), slice(0, w2)),
@@ -88,9 +93,13 @@ def run_region(directory: Path, reference_stem: str) -> list[dict]:
         capture_output=True,
         text=True,
     )
-    if not (out / "results.csv").exists():
-        raise RuntimeError(f"{directory}: nsg normalize wrote no results: {run.stderr}")
-    results = {Path(r["file"]).name: r for r in csv.DictReader((out / "results.csv").open())}
+    if (out / "results.csv").exists():
+        results = {Path(r["file"]).name: r for r in csv.DictReader((out / "results.csv").open())}
+    else:
+        # The run stopped before any frame (its reference unusable): every target failed with
+        # the run's error.
+        message = (run.stderr.strip().splitlines() or ["no results"])[-1]
+        results = {p.name: {"status": "failed", "error": message, "scale_flag": ""} for p in directory.glob("*.fits")}
     reference_path = directory / f"{reference_stem.removesuffix('.fits.gz')}.fits"
     reference = read_planes(reference_path)
     reference_stars = len(extractor_stars(reference)[0])
@@ -146,6 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "nsg-real-crops")
     parser.add_argument("--json", type=Path, help="write the rows to this file")
+    parser.add_argument("--grid", type=int, default=0, help="cut N x N tiles instead of the five regions")
     args = parser.parse_args()
     info = machine("sep")
     print_machine(info)
@@ -156,8 +166,8 @@ def main() -> None:
             print(f"{name}: no frames at {folder}")
             continue
         height, width = fits.getdata(files[0]).shape[-2:]
-        for k, (r, c) in enumerate(regions(height, width)):
-            directory = args.work / f"{name}-{k}"
+        for k, (r, c) in enumerate(regions(height, width, args.grid)):
+            directory = args.work / (f"{name}-{args.grid}x{args.grid}-{k}" if args.grid else f"{name}-{k}")
             cut(files, r, c, directory)
             for row in run_region(directory, reference.removesuffix(".fits.gz")):
                 rows.append(row)
