@@ -198,6 +198,50 @@ def test_a_sparse_corner_of_stargate_normalizes_every_frame(tmp_path, independen
         )
 
 
+def test_ngc7023_tiles_where_the_extractor_finds_ten_stars_normalize_every_frame(tmp_path):
+    """The NGC 7023 frames cut into a 3 x 3 grid of tiles (320 x 180 px): on every tile whose
+    reference holds ten or more of sep's 5-sigma stars, every frame is normalized, and every
+    channel where sep keeps three stars or more is within 3 combined standard errors of sep's
+    transmission on the same tile (``bench/real_crops.py --grid 3``)."""
+    paths = sorted(NGC7023.glob("*.fits.gz"))
+    height, width = fits.getdata(paths[0]).shape[-2:]
+    tiles = 0
+    for i in range(3):
+        for j in range(3):
+            rows, cols = slice(height * i // 3, height * (i + 1) // 3), slice(width * j // 3, width * (j + 1) // 3)
+            folder = tmp_path / f"tile{i}{j}"
+            folder.mkdir()
+            tile_paths = []
+            for path in paths:
+                with fits.open(path) as hdul:
+                    data, header = hdul[0].data[..., rows, cols], hdul[0].header.copy()
+                tile_paths.append(folder / path.name.removesuffix(".gz"))
+                fits.writeto(tile_paths[-1], np.ascontiguousarray(data), header)
+            reference = folder / NGC7023_REFERENCE.removesuffix(".gz")
+            reference_planes = read_planes(reference)
+            if len(extractor_stars(reference_planes)[0]) < 10:
+                continue
+            tiles += 1
+            run = normalize(tile_paths, reference=reference, output_dir=folder / "out")
+            assert run.ok, [f.error for f in run.failed]
+            for f in run.frames:
+                if f.status == "reference":
+                    continue
+                theirs = independent_transmission(reference_planes, read_planes(f.path))
+                for c, s in enumerate(theirs):
+                    if s.ratios.size < 3:
+                        continue
+                    combined = float(np.hypot(f.transmission_error[c], s.bootstrap_error()))
+                    assert abs(f.transmission[c] - s.transmission) <= 3 * combined, (
+                        f.path,
+                        c,
+                        f.transmission[c],
+                        f.transmission_error[c],
+                        s.transmission,
+                    )
+    assert tiles >= 2
+
+
 def test_ngc7023_as_mono_frames_match_independent_photometry(tmp_path):
     """The NGC 7023 frames made mono (the channels' mean; stars read 1.3-1.7 px), where each
     target is measured with PSF weights and with the plain aperture and keeps the one that
