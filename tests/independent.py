@@ -3,8 +3,9 @@
 - :func:`independent_transmission`: wide-aperture photometry with sep (SExtractor's library):
   stars detected at 5 sigma on the reference (sep's own background), matched to the target's
   detections, measured with ``sep.sum_circle`` in both frames with a local annulus, and the
-  median of the target-to-reference flux ratios with a bootstrap error. Nothing in it comes
-  from ``nsg_gpu``.
+  median of the target-to-reference flux ratios with a bootstrap error (or, with
+  :meth:`StarRatios.summed`, the ratio of the brightest stars' summed fluxes). Nothing in it
+  comes from ``nsg_gpu``.
 - :func:`extractor_stars`: sep's detections at 5 sigma, less single hot pixels.
 - :func:`spline_smoothing`: how much registration smoothed a frame's pixel noise, from the
   noise's own structure (the variances of its pixel differences), independently of any noise
@@ -66,10 +67,22 @@ class StarRatios:
     y: np.ndarray
     radius: float
     detected: int  # reference detections at 5 sigma (before matching and cuts)
+    reference_flux: np.ndarray | None = None  # the stars' fluxes in the reference
 
     @property
     def transmission(self) -> float:
         return float(np.median(self.ratios))
+
+    def summed(self, brightest: int = 7) -> tuple[float, float]:
+        """The ratio of the summed fluxes of the ``brightest`` stars of the reference (a
+        curve of growth's measure: each star counts by its light, not by one vote), and its
+        bootstrap error over those stars."""
+        order = np.argsort(-self.reference_flux)[:brightest]
+        ratios, flux = self.ratios[order], self.reference_flux[order]
+        value = float(np.sum(ratios * flux) / np.sum(flux))
+        picks = np.random.default_rng(0).integers(0, order.size, (2000, order.size))
+        spread = np.sum(ratios[picks] * flux[picks], axis=1) / np.sum(flux[picks], axis=1)
+        return value, float(spread.std())
 
     def bootstrap_error(self, *, resamples: int = 2000, seed: int = 0) -> float:
         """Standard deviation of the median over bootstrap resamples of the stars."""
@@ -168,7 +181,9 @@ def independent_transmission(reference: np.ndarray, target: np.ndarray) -> list[
         (f_ref, e_ref), (f_tgt, e_tgt) = fluxes
         good = (f_ref > MIN_SNR * e_ref) & (f_tgt > MIN_SNR * e_tgt)
         results.append(
-            StarRatios(f_tgt[good] / f_ref[good], x[keep][good], y[keep][good], radius, int(ref_objects.size))
+            StarRatios(
+                f_tgt[good] / f_ref[good], x[keep][good], y[keep][good], radius, int(ref_objects.size), f_ref[good]
+            )
         )
     return results
 
