@@ -4,8 +4,10 @@ Second stage of a target, after the reference is prepared (:mod:`nsg_gpu.referen
 target's FWHM is measured at the reference's bright isolated stars; every reference star is
 recentred on the target (frames are registered, so stars are looked for where the reference
 has them) and the frame is failed when too few of the brightest are found. The stars are then
-measured at the reference's positions moved by the frame's registration residual (an affine
-offset fitted to the centroids), not at each star's own centroid. The PSFs of both
+measured at one position per star in both frames, moved in the target by the frame's
+registration residual (an affine offset fitted to the centroids), not at each frame's own
+centroid: the reference's catalogue position for the plain aperture, the mean of the two
+frames' centroids for PSF weights (:func:`shared_positions`). The PSFs of both
 frames are fitted (:mod:`nsg_gpu.psf`; integrated over the pixels where either frame's stars
 are undersampled, and then convolved with the registration's kernel where a frame was
 resampled: :mod:`nsg_gpu.resampling`), the stars are measured in both frames with the same
@@ -171,7 +173,25 @@ def _find_stars(reference: Reference, frame: Frame, image, noise: float, fwhm_t:
             "shutter); register it first, or raise --star-search-radius",
         )
     ox, oy = registration_offsets(x, y, tx, ty, found)
-    return x + ox, y + oy, found
+    return x + ox, y + oy, found, shared_positions(x, y, tx - ox, ty - oy, found)
+
+
+def shared_positions(x, y, cx, cy, found) -> tuple[np.ndarray, np.ndarray]:
+    """Where PSF weights measure each star in both frames, in the reference's pixels: the
+    mean of its centroid in the reference ``(x, y)`` and in the target ``(cx, cy)`` (moved
+    back by the registration residual), where it was ``found``; else the reference's.
+
+    A centroid moves with its frame's noise, towards the noise's bright side, and PSF weights
+    set there keep more of that frame's noise than of the other's: measured at the
+    reference's own centroids, faint stars read brighter in the reference than in the target
+    (by 0.14 of their error for stars of 1 px under weights of 2 px, whose centroids scatter
+    by 0.25 px), which put the scale of undersampled mono frames 0.4 % high (18 targets,
+    docs/scale-accuracy.md). At the mean of the two centroids each frame keeps half of its
+    own share and the two shares cancel where the frames are about as deep; and a star's
+    neighbours, which pull its centroid alike in both frames, pull the weights alike.
+    """
+    use = found & np.isfinite(cx) & np.isfinite(cy)
+    return np.where(use, 0.5 * (x + cx), x), np.where(use, 0.5 * (y + cy), y)
 
 
 def _judged_stars(reference: Reference, covered: np.ndarray, snr: np.ndarray) -> np.ndarray:
@@ -257,7 +277,7 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
     image = detection_image(data)
     noise_t = ksigma_noise(image, max_pixels=DETECT_NOISE_PIXELS)
     fwhm_t = _target_fwhm(reference, image, noise_t)
-    tx, ty, found = _find_stars(reference, frame, image, noise_t, fwhm_t)
+    tx, ty, found, shared = _find_stars(reference, frame, image, noise_t, fwhm_t)
     # Non-linearity is a property of each channel: a red star can clip in red while its
     # intensity stays low, so the peak test uses the brightest channel in both frames.
     peak_t = channel_peaks(data, tx, ty)
@@ -278,7 +298,7 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
     if psfs is not None and undersampled and not all(_index_determined(p) for p in psfs):
         psfs = None
     if psfs is None or not undersampled:
-        measured = _measure(reference, frame, tx, ty, found, peak_t, fwhm_t, psfs)
+        measured = _measure(reference, frame, tx, ty, found, shared, peak_t, fwhm_t, psfs)
     else:
         # Undersampled mono stars: the PSF weights or the plain aperture, whichever states
         # the smaller uncertainty (psf.MIN_MONO_PSF_FWHM); either alone where the other has
@@ -286,7 +306,7 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
         candidates, failure = [], None
         for choice in (psfs, None):
             try:
-                candidates.append(_measure(reference, frame, tx, ty, found, peak_t, fwhm_t, choice))
+                candidates.append(_measure(reference, frame, tx, ty, found, shared, peak_t, fwhm_t, choice))
             except TooFewStarsError as exc:
                 failure = failure or exc
         if not candidates:
@@ -300,9 +320,14 @@ def _relative_error(measured: ScaleMeasurement) -> float:
     return max(f.scale_error / f.scale for f in measured.fits)
 
 
-def _measure(reference: Reference, frame: Frame, tx, ty, found, peak_t, fwhm_t: float, psfs) -> ScaleMeasurement:
+def _measure(
+    reference: Reference, frame: Frame, tx, ty, found, shared, peak_t, fwhm_t: float, psfs
+) -> ScaleMeasurement:
     """The photometry and the scale fit of :func:`measure_scale`, with ``psfs`` (the fitted
-    reference and target PSFs) or, where None, the plain aperture."""
+    reference and target PSFs) or, where None, the plain aperture. The plain aperture measures
+    the reference at its catalogue and the target there moved by its registration residual
+    (``tx, ty``); PSF weights measure both at the ``shared`` positions
+    (:func:`shared_positions`), the target's moved by the same residual."""
     params = reference.params
     data = frame.data
     stars = reference.stars
@@ -329,8 +354,14 @@ def _measure(reference: Reference, frame: Frame, tx, ty, found, peak_t, fwhm_t: 
         gap=params.aperture_gap,
         bg_delta=params.aperture_bg_delta,
     )
-    ref_m = reference.measurement(geometry, weight)
-    tgt_m = photometry.measure_stars(data, tx, ty, geometry, weight)
+    if weight is None:
+        ref_m = reference.measurement(geometry, weight)
+        tgt_m = photometry.measure_stars(data, tx, ty, geometry, weight)
+    else:
+        rx, ry = stars.x[reference.photometry_index], stars.y[reference.photometry_index]
+        px, py = shared
+        ref_m = photometry.measure_stars(reference.frame.data, px, py, geometry, weight)
+        tgt_m = photometry.measure_stars(data, px + (tx - rx), py + (ty - ry), geometry, weight)
     usable = (
         ref_m.ok & tgt_m.ok & found & (peak_t < params.linear_range) & (reference.channel_peak < params.linear_range)
     )
