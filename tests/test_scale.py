@@ -6,8 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import SCALE_TARGET, scale_errors
-from scipy import special
+from conftest import SCALE_TARGET, integrated_gaussians, scale_errors
 
 from nsg_gpu import photometry, scale
 from nsg_gpu.errors import TooFewStarsError
@@ -53,19 +52,6 @@ def test_undersampled_frames_fit_the_psf_before_the_pixels():
     assert abs(error) < 3 * measured.fits[0].scale_error / measured.scale[0]
 
 
-def _integrated_gaussians(x, y, size: int, fwhm: float, flux: float) -> np.ndarray:
-    """Gaussian stars at ``(x, y)`` integrated over square pixels (exact, by the error function)."""
-    sigma = fwhm / (2 * math.sqrt(2 * math.log(2)))
-    edges = np.arange(size + 1) - 0.5
-    image = np.zeros((size, size))
-    for xi, yi in zip(x, y):
-        i0, j0 = int(xi) - 6, int(yi) - 6
-        across = np.diff(0.5 * special.erf((edges[i0 : i0 + 14] - xi) / (math.sqrt(2) * sigma)))
-        down = np.diff(0.5 * special.erf((edges[j0 : j0 + 14] - yi) / (math.sqrt(2) * sigma)))
-        image[j0 : j0 + 13, i0 : i0 + 13] += flux * np.outer(down, across)
-    return image
-
-
 def test_weights_at_shared_positions_keep_neither_frame_s_own_noise():
     """900 stars of 1 px FWHM at signal-to-noise about 8 under PSF weights of 2 px, in two
     frames that differ only by their noise: measured at one frame's own centroids, which
@@ -76,7 +62,7 @@ def test_weights_at_shared_positions_keep_neither_frame_s_own_noise():
     grid = (np.arange(30) + 0.5) * 20
     x = (grid[None, :] + rng.uniform(-0.5, 0.5, (30, 30))).ravel()
     y = (grid[:, None] + rng.uniform(-0.5, 0.5, (30, 30))).ravel()
-    clean = _integrated_gaussians(x, y, 600, 1.0, 12.0) + 100.0
+    clean = integrated_gaussians((600, 600), x, y, 1.0, 12.0) + 100.0
     weight = MoffatPSF.from_fwhm(2.0, 3.0)
     geometry = photometry.aperture_geometry(
         weight.pixel_fwhm, aperture_fwhm=3.0, aperture_add=1.0, gap=2.0, bg_delta=4.0

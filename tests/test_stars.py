@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+from conftest import integrated_gaussians
 from independent import extractor_stars
 
 from nsg_gpu.run import normalize
@@ -237,18 +238,8 @@ def test_undersampled_stars_centred_on_a_pixel_are_stars_and_hot_pixels_are_not(
     rng = np.random.default_rng(3)
     h, w = 200, 240
     image = rng.normal(0.1, 0.002, (h, w))
-    sigma = 1.0 / 2.3548
-    yy, xx = np.mgrid[0:h, 0:w]
     stars = [(30 + 40 * i + 0.15 * (-1) ** i, 30 + 45 * j) for i in range(5) for j in range(4)]
-    from scipy.special import erf
-
-    def edge(u):
-        return 0.5 * (1 + erf(u / (np.sqrt(2) * sigma)))
-
-    for x0, y0 in stars:
-        px = edge(xx + 0.5 - x0) - edge(xx - 0.5 - x0)
-        py = edge(yy + 0.5 - y0) - edge(yy - 0.5 - y0)
-        image += 0.3 * px * py
+    image += integrated_gaussians((h, w), *zip(*stars), 1.0, 0.3)
     hot = [(50 + 40 * i, 52 + 45 * j) for i in range(4) for j in range(3)]
     peak = image[30, 30] - 0.1
     for x0, y0 in hot:
