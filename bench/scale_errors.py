@@ -5,13 +5,14 @@ For synthetic sets (``nsg_gpu.synthetic``, known truth) every target is measured
 (what becomes NSGSERR, relative) and their ratio z, with the photometry it took (PSF-weighted
 with the fitted FWHM / index and whether the fit integrated over the pixels, or the plain
 aperture); the RMS of z over all sets closes. ``--override`` changes every set's spec (e.g.
-``'{"registration": false}'``). With ``--real`` the real frames in ../shared/data are measured
+``'{"registration": false}'``); ``--sparse`` measures the undersampled scenarios with 20-130
+stars instead (eight fields each) and closes with each star count's figures. With ``--real`` the real frames in ../shared/data are measured
 instead, against sep's wide-aperture transmissions (``tests/independent.py``: the median
 ratio, and the summed fluxes of the 7 brightest stars); the median |ours / sep - 1| per set
 closes. Prints the
 machine and library versions; --json writes the figures.
 
-    python bench/scale_errors.py [--sets "undersampled seed 1,mid seed 7"] [--override JSON] [--real] [--json out.json]
+    python bench/scale_errors.py [--sets "undersampled seed 1,mid seed 7"] [--override JSON] [--sparse] [--real] [--json out.json]
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ SETS = {
     **{f"mid seed {s}": dict(_MID, registration=True, n_frames=5, seed=s) for s in (7, 8, 9)},
     **{f"mid unregistered seed {s}": dict(_MID, n_frames=5, seed=s) for s in (7, 8, 9)},
 }
+#: Sparse sets: the undersampled scenarios with fewer stars, eight fields each (``--sparse``).
+SPARSE = {
+    f"sparse {kind} {n} stars seed {seed}": dict(
+        scenario=f"undersampled-sparse-{kind}", n_stars=n, n_frames=4, seed=seed
+    )
+    for kind in ("colour", "mono")
+    for n in (20, 35, 50, 130)
+    for seed in range(21, 29)
+}
 REAL = {"ngc7023": "000_Light_NGC_7023_10.0s_IRCUT_20240730-224436.fits.gz", "stargate": "sg_0005.fits.gz"}
 
 
@@ -61,7 +71,7 @@ def _path(measured) -> str:
 def synthetic(names: list[str], override: dict) -> list[dict]:
     rows = []
     for name in names:
-        field = SyntheticField(**{**SETS[name], **override})
+        field = SyntheticField(**{**{**SETS, **SPARSE}[name], **override})
         reference = prepare_reference(Frame.from_array(field.render(0), name=f"{name} 0"), Parameters())
         for k in range(1, field.spec.n_frames):
             truth = field.frames[k].scale(field.reference)
@@ -118,11 +128,28 @@ def real(names: list[str]) -> list[dict]:
     return rows
 
 
+def _sparse_summary(rows: list[dict]) -> None:
+    """Per scenario and star count: RMS, median and worst error, RMS z, failed frames."""
+    for group in dict.fromkeys(row["set"].rsplit(" seed", 1)[0] for row in rows):
+        mine = [row for row in rows if row["set"].rsplit(" seed", 1)[0] == group]
+        e = np.array([row["error"] for row in mine if "z" in row])
+        z = np.array([row["z"] for row in mine if "z" in row])
+        failed = sum(1 for row in mine if "z" not in row)
+        print(
+            f"{group}: {e.size} channel scales, RMS {100 * np.sqrt(np.mean(e**2)):.2f} %, median |error| "
+            f"{100 * np.median(np.abs(e)):.2f} %, worst {100 * np.max(np.abs(e)):.1f} %, RMS z "
+            f"{np.sqrt(np.mean(z**2)):.2f}; {failed} frames failed"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", help="comma-separated set names (default: all)")
     parser.add_argument("--override", default="{}", help="JSON of spec fields set in every synthetic set")
     parser.add_argument("--real", action="store_true", help="the real frames against sep instead")
+    parser.add_argument(
+        "--sparse", action="store_true", help="the undersampled scenarios with 20-130 stars, 8 fields each, instead"
+    )
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args()
     info = machine("sep")
@@ -130,8 +157,10 @@ def main() -> None:
     if args.real:
         rows = real([n.strip() for n in args.sets.split(",")] if args.sets else list(REAL))
     else:
-        names = [n.strip() for n in args.sets.split(",")] if args.sets else list(SETS)
+        names = [n.strip() for n in args.sets.split(",")] if args.sets else list(SPARSE if args.sparse else SETS)
         rows = synthetic(names, json.loads(args.override))
+        if args.sparse:
+            _sparse_summary(rows)
     for name in sorted({row["set"] for row in rows if "sep" in row}):
         mine = [row for row in rows if row["set"] == name and "sep" in row]
         median = np.median([abs(row["transmission"] / row["sep"] - 1) for row in mine])

@@ -7,8 +7,10 @@ annulus mean (photutils' ``ApertureStats`` definition, computed for all stars at
 everything in the annulus but the sky and the noise (faint neighbours, nebula, wings)
 scales with the transmission, and the mean stays linear in it; a
 median or a clipped mean responds to faint neighbours in proportion to the noise instead,
-which differs from frame to frame and biases the scale. A hot pixel in an annulus spoils one
-star, which the robust fit rejects.
+which differs from frame to frame and biases the scale. A hot pixel or cosmic ray near a
+star, in either frame, is left out of both (:func:`shared_defects`): left in, it spoils the
+star's flux, and among the few pairs of a sparse field the robust fit cannot tell it from
+the stars' own scatter.
 
 Seeing changes between frames. Every star is measured in both frames within the same
 circle, ``aperture_fwhm`` (3 by default) times the larger of the two FWHM, and with the same
@@ -34,7 +36,7 @@ reference's measurements are kept by :class:`nsg_gpu.reference.Reference`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from photutils.aperture import CircularAperture, aperture_photometry
@@ -50,6 +52,20 @@ from .stamps import gather_stamps
 SYSTEMATIC_ERROR = 0.005
 #: Share of the aperture that may hold scattered zero pixels.
 MAX_HOLE_FRACTION = 0.05
+#: A pixel beyond a star's core is a defect of one frame (a hot pixel, a cosmic ray) where it
+#: stands this many noise sigmas above the star's background, more than twice as far above
+#: it as the mean of its 8 neighbours, and the other frame shows nothing there
+#: (:func:`shared_defects`).
+DEFECT_SIGMA = 8.0
+#: What the other frame must show at a defect's pixel, in its noise sigmas, for it to be a
+#: star seen in both instead.
+SHOWN_SIGMA = 3.0
+#: How far (px) a defect's mask reaches beyond the pixels that show it: a registration's
+#: cubic spline spreads a hot pixel over 2 x 2 pixels at a half-pixel shift and rings beyond
+#: (lobes of -13 %, +3.4 % and -0.9 % of it per axis), so that 3 px leave about 1 % of it.
+DEFECT_REACH = 3
+#: Defects within this many FWHM of a star's centre are not told from its own light.
+DEFECT_CORE_FWHM = 2.0
 #: Moffat index assumed for a frame whose PSF could not be fitted (too few bright isolated
 #: stars). Seeing-limited stars have beta of about 2.5-4.5; on frames with beta 2.8-3.3 a
 #: fixed 3 leaves the plain aperture's correction up to 0.5 % off at 3 FWHM
@@ -64,6 +80,7 @@ __all__ = [
     "aperture_geometry",
     "recentre",
     "measure_stars",
+    "shared_defects",
     "kept_share",
     "seeing_correction",
 ]
@@ -152,6 +169,20 @@ class Cutouts:
     counted: np.ndarray  # (channels, n) annulus area with data
     annulus_area: float
     mosaic: tuple | None = None  # _mosaic's result, kept only where asked for
+
+    def subset(self, rows: np.ndarray) -> Cutouts:
+        """The cutouts of the stars ``rows`` alone (without a mosaic)."""
+        return Cutouts(
+            self.geometry,
+            self.stamps[:, rows],
+            self.fx[rows],
+            self.fy[rows],
+            self.finite[rows],
+            self.background[:, rows],
+            self.background_std[:, rows],
+            self.counted[:, rows],
+            self.annulus_area,
+        )
 
 
 def _mosaic(stamps: np.ndarray, fx: np.ndarray, fy: np.ndarray):
@@ -257,8 +288,179 @@ def cut_out(data, x, y, geometry: ApertureGeometry, *, keep_mosaic: bool = False
     )
 
 
+def _radii2(fx: np.ndarray, fy: np.ndarray, side: int) -> np.ndarray:
+    """Squared distance of every stamp pixel from its star, ``(n, side, side)``."""
+    half = side // 2
+    off = np.arange(-half, half + 1, dtype=np.float64)
+    return (off[None, None, :] - fx[:, None, None]) ** 2 + (off[None, :, None] - fy[:, None, None]) ** 2
+
+
+def _noise_and_level(cut: Cutouts):
+    """Each channel's noise (the median of the annuli's standard deviations) and each star's
+    background ``(channels, n)``, in the stamps' precision."""
+    finite_std = [v[np.isfinite(v) & (v > 0)] for v in cut.background_std]
+    sigma = np.array([float(np.median(v)) if v.size else np.inf for v in finite_std])
+    return sigma.astype(cut.stamps.dtype), np.nan_to_num(cut.background).astype(cut.stamps.dtype)
+
+
+def _defect_seeds(cut: Cutouts, core_radius: float):
+    """Pixels ``(star, row, column)`` beyond ``core_radius`` of their star that stand
+    :data:`DEFECT_SIGMA` noise sigmas above its background in some channel and more than
+    twice as far above it as the mean of their 8 neighbours."""
+    stamps = cut.stamps
+    side = stamps.shape[-1]
+    half = side // 2
+    sigma, level = _noise_and_level(cut)
+    threshold = level + DEFECT_SIGMA * sigma[:, None]
+    high = np.any(stamps > threshold[..., None, None], axis=0)
+    _beyond_core(high, cut, core_radius, np.arange(high.shape[0]))
+    flat = np.flatnonzero(high)  # (a 1-D search: several times faster than a 3-D one)
+    i, rest = np.divmod(flat, side * side)
+    y, x = np.divmod(rest, side)
+    inner = (y > 0) & (y < side - 1) & (x > 0) & (x < side - 1)
+    inner &= (x - half - cut.fx[i]) ** 2 + (y - half - cut.fy[i]) ** 2 > core_radius * core_radius
+    i, y, x = i[inner], y[inner], x[inner]
+    c = np.argmax(stamps[:, i, y, x] - threshold[:, i], axis=0)  # the channel where it stands out most
+    around = np.zeros(c.size)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                around += stamps[c, i, y + dy, x + dx]
+    sharp = stamps[c, i, y, x] - level[c, i] > 2 * (around / 8 - level[c, i])
+    return i[sharp], y[sharp], x[sharp]
+
+
+def _shown(cut: Cutouts, i, y, x) -> np.ndarray:
+    """Whether ``cut`` shows anything at its stamps' pixels ``(i, y, x)`` (:data:`SHOWN_SIGMA`
+    above the background in some channel); False off its stamps."""
+    side = cut.stamps.shape[-1]
+    on = (y >= 0) & (y < side) & (x >= 0) & (x < side)
+    sigma, level = _noise_and_level(cut)
+    shown = np.zeros(i.size, bool)
+    values = cut.stamps[:, i[on], y[on], x[on]]
+    shown[on] = np.any(values > level[:, i[on]] + SHOWN_SIGMA * sigma[:, None], axis=0)
+    return shown
+
+
+def _moved(mask: np.ndarray, dy: np.ndarray, dx: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``mask`` ``(n, s, s)``, nonzero in ``rows`` only, with star ``i``'s pixel ``(a, b)``
+    moved to ``(a + dy[i], b + dx[i])``."""
+    out = np.zeros_like(mask)
+    side = mask.shape[-1]
+    for a, b in set(zip(dy[rows].tolist(), dx[rows].tolist())):
+        if abs(a) >= side or abs(b) >= side:
+            continue
+        moving = rows[(dy[rows] == a) & (dx[rows] == b)]
+        src_y, dst_y = slice(max(0, -a), side - max(0, a)), slice(max(0, a), side - max(0, -a))
+        src_x, dst_x = slice(max(0, -b), side - max(0, b)), slice(max(0, b), side - max(0, -b))
+        out[moving, dst_y, dst_x] = mask[moving, src_y, src_x]
+    return out
+
+
+def _beyond_core(mask: np.ndarray, cut: Cutouts, core_radius: float, rows: np.ndarray) -> np.ndarray:
+    """``mask`` cleared within ``core_radius`` of each star of ``rows``."""
+    side = mask.shape[-1]
+    half = side // 2
+    k = min(half, int(math.ceil(core_radius)) + 1)
+    box = slice(half - k, half + k + 1)
+    off = np.arange(-k, k + 1, dtype=np.float64)
+    r2 = (off[None, None, :] - cut.fx[rows, None, None]) ** 2 + (off[None, :, None] - cut.fy[rows, None, None]) ** 2
+    mask[rows, box, box] &= r2 > core_radius * core_radius
+    return mask
+
+
+def shared_defects(reference: Cutouts, rx, ry, target: Cutouts, tx, ty, core_radius: float):
+    """The pixels near each star that a defect of either frame spoils, in both frames' stamps.
+
+    A hot pixel or a cosmic ray is in one frame only; left in, it adds its light to that
+    frame's star (in the aperture) or takes it away (in the annulus), and a few spoiled pairs
+    of a sparse field decide its scale. It shows as a pixel beyond ``core_radius`` of the
+    star that stands :data:`DEFECT_SIGMA` noise sigmas above the star's background in some
+    channel of one frame (a hot photosite is in one channel), more than twice as far above it
+    as the mean of its 8 neighbours (a star's wing, a nebula and the sky are smoother), where
+    the other frame shows nothing (a neighbouring star, however sharp, is in both). Its mask
+    reaches :data:`DEFECT_REACH` px further, beyond the core, and is left out of both frames:
+    whatever else lies there (sky, nebula, a neighbour's wing) is gone from both alike. The
+    stamps are centred on the pixels nearest to ``(rx, ry)`` and ``(tx, ty)``, which may
+    differ by a pixel or more; each frame's pixels are moved onto the other's. The noise of
+    each frame and channel is the median of its annuli's standard deviations.
+
+    Returns
+    -------
+    reference_mask, target_mask : ndarray (n, s, s) bool
+    """
+    n, side = reference.stamps.shape[1], reference.stamps.shape[-1]
+    finite = np.isfinite(rx) & np.isfinite(ry) & np.isfinite(tx) & np.isfinite(ty)
+    dy = np.where(finite, np.rint(np.nan_to_num(ty)) - np.rint(np.nan_to_num(ry)), 0).astype(np.int64)
+    dx = np.where(finite, np.rint(np.nan_to_num(tx)) - np.rint(np.nan_to_num(rx)), 0).astype(np.int64)
+    # The defects of both frames, in the reference's stamps.
+    i, y, x = _defect_seeds(reference, core_radius)
+    alone = ~_shown(target, i, y - dy[i], x - dx[i])
+    ri, ry_, rx_ = i[alone], y[alone], x[alone]
+    i, y, x = _defect_seeds(target, core_radius)
+    alone = ~_shown(reference, i, y + dy[i], x + dx[i])
+    i = np.concatenate([ri, i[alone]])
+    y = np.concatenate([ry_, y[alone] + dy[i[ri.size :]]])
+    x = np.concatenate([rx_, x[alone] + dx[i[ri.size :]]])
+    mask = np.zeros((n, side, side), bool)
+    for a in range(-DEFECT_REACH, DEFECT_REACH + 1):
+        for b in range(-DEFECT_REACH, DEFECT_REACH + 1):
+            on = (y + a >= 0) & (y + a < side) & (x + b >= 0) & (x + b < side)
+            mask[i[on], y[on] + a, x[on] + b] = True
+    rows = np.unique(i)
+    ref_mask = _beyond_core(mask, reference, core_radius, rows)
+    tgt_mask = _beyond_core(_moved(ref_mask, -dy, -dx, rows), target, core_radius, rows)
+    return ref_mask, tgt_mask
+
+
+def _without(cut: Cutouts, excluded: np.ndarray, geometry: ApertureGeometry) -> Cutouts:
+    """``cut`` with the annulus statistics of the stars that have ``excluded`` pixels made
+    again without them (their sums less the excluded pixels': only those are read)."""
+    side = excluded.shape[-1]
+    i, rest = np.divmod(np.flatnonzero(excluded), side * side)
+    y, x = np.divmod(rest, side)
+    half = side // 2
+    r2 = (x - half - cut.fx[i]) ** 2 + (y - half - cut.fy[i]) ** 2
+    values = cut.stamps[:, i, y, x].astype(np.float64)
+    ring = (r2 < geometry.annulus_outer**2) & ~(r2 < geometry.annulus_inner**2) & np.all(values != 0, axis=0)
+    i, values = i[ring], values[:, ring]
+    n = cut.background.shape[1]
+    gone = np.bincount(i, minlength=n).astype(np.float64)
+    background, background_std, counted = cut.background.copy(), cut.background_std.copy(), cut.counted.copy()
+    rows = np.nonzero(gone)[0]
+    for c in range(values.shape[0]):
+        total = np.bincount(i, weights=values[c], minlength=n)[rows]
+        squares = np.bincount(i, weights=values[c] ** 2, minlength=n)[rows]
+        count, mean, std = counted[c, rows], background[c, rows], background_std[c, rows]
+        left = count - gone[rows]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            new_mean = (mean * count - total) / left
+            variance = (count * (std * std + mean * mean) - squares) / left - new_mean * new_mean
+        background[c, rows] = np.where(left > 0, new_mean, np.nan)
+        background_std[c, rows] = np.where(left > 0, np.sqrt(np.maximum(variance, 0.0)), np.nan)
+        counted[c, rows] = left
+    return replace(cut, background=background, background_std=background_std, counted=counted)
+
+
+def _mosaic_mask(excluded: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``excluded`` ``(n, s, s)`` laid out as :func:`_mosaic` lays out the stamps."""
+    n, side, _ = excluded.shape
+    cols = int(math.ceil(math.sqrt(n)))
+    i, a, b = np.nonzero(excluded)
+    out = np.zeros(shape, bool)
+    out[(i // cols) * side + a, (i % cols) * side + b] = True
+    return out
+
+
 def measure_stars(
-    data, x, y, geometry: ApertureGeometry, weight: MoffatPSF | None = None, *, cutouts: Cutouts | None = None
+    data,
+    x,
+    y,
+    geometry: ApertureGeometry,
+    weight: MoffatPSF | None = None,
+    *,
+    cutouts: Cutouts | None = None,
+    excluded: np.ndarray | None = None,
 ) -> StarMeasurement:
     """Photometry at ``(x, y)`` in every channel of ``data`` ``(channels, h, w)``.
 
@@ -267,7 +469,8 @@ def measure_stars(
     over the circular aperture; with it, every pixel within the aperture radius counts with
     the profile ``weight`` (a Moffat centred on the star, less its value at the aperture's
     edge so that it falls to 0 there), which gives the bright core more say than the noisy
-    wings.
+    wings. ``excluded`` ``(n, s, s)`` (over the cutouts' stamps; :func:`shared_defects`) are
+    pixels left out: of the annulus, and of the aperture as if they held the background.
     """
     channels = data.shape[0]
     n = int(np.size(x))
@@ -275,18 +478,25 @@ def measure_stars(
         empty = np.zeros((channels, 0))
         return StarMeasurement(geometry, empty, empty, empty, np.zeros(0, bool))
     cut = cutouts if cutouts is not None else cut_out(data, x, y, geometry, keep_mosaic=weight is None)
+    if excluded is not None and not excluded.any():
+        excluded = None
+    if excluded is not None:
+        cut = _without(cut, excluded, geometry)
     stamps = cut.stamps
     if weight is not None:
         # The weights vanish beyond the aperture: only the box around it is summed.
         half = stamps.shape[-1] // 2
         keep = int(math.ceil(geometry.radius)) + 1
         stamps = stamps[..., half - keep : half + keep + 1, half - keep : half + keep + 1]
+        if excluded is not None:
+            excluded = excluded[:, half - keep : half + keep + 1, half - keep : half + keep + 1]
     stamps = stamps.astype(np.float64)
     stamp_empty = np.any(stamps == 0, axis=0)  # (n, s, s)
     bkg = np.nan_to_num(cut.background)
     if weight is None:
         mosaic, positions, cell = cut.mosaic if cut.mosaic is not None else _mosaic(stamps, cut.fx, cut.fy)
         no_data = np.any(mosaic == 0, axis=0)
+        fill = no_data if excluded is None else no_data | _mosaic_mask(excluded, no_data.shape)
         aperture = CircularAperture(positions, r=geometry.radius)
         # Scattered zero pixels (a raw frame clipped at 0) are tolerated up to a few per cent
         # of the aperture and count as background; a registration border in it is not.
@@ -309,12 +519,14 @@ def measure_stars(
         gain_inv = sky_var / np.maximum(np.abs(bkg[c]), np.sqrt(sky_var) + 1e-30)
         if weight is None:
             filled = mosaic[c].copy()
-            hole_cells = cell[no_data]
-            filled[no_data] = np.where(hole_cells >= 0, bkg[c][np.maximum(hole_cells, 0)], 0.0)
+            hole_cells = cell[fill]
+            filled[fill] = np.where(hole_cells >= 0, bkg[c][np.maximum(hole_cells, 0)], 0.0)
             flux[c] = np.asarray(aperture_photometry(filled, aperture)["aperture_sum"], float) - bkg[c] * area
             star_var = np.clip(flux[c], 0, None) * gain_inv
         else:
-            signal = np.where(stamp_empty, 0.0, stamps[c] - bkg[c][:, None, None])
+            signal = np.where(
+                stamp_empty if excluded is None else stamp_empty | excluded, 0.0, stamps[c] - bkg[c][:, None, None]
+            )
             flux[c] = np.sum(w * signal, axis=(1, 2))
             star_var = np.sum(w * w * np.clip(signal, 0, None), axis=(1, 2)) * gain_inv
         # Error: sky noise over the (weighted) aperture and in the background estimate, the

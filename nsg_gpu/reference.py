@@ -88,19 +88,24 @@ class Reference:
         if measured is None:
             idx = self.photometry_index
             x, y = self.stars.x[idx], self.stars.y[idx]
-            # The cutouts and their backgrounds depend on the geometry alone; they are the
-            # costly part, and few geometries (radii in half pixels) are kept, for their size.
-            cutouts = self._cutouts.get(geometry)
-            if cutouts is None:
-                cutouts = photometry.cut_out(self.frame.data, x, y, geometry)
-                if len(self._cutouts) >= 3:
-                    self._cutouts.clear()
-                self._cutouts[geometry] = cutouts
-            measured = photometry.measure_stars(self.frame.data, x, y, geometry, weight, cutouts=cutouts)
+            measured = photometry.measure_stars(self.frame.data, x, y, geometry, weight, cutouts=self.cutouts(geometry))
             if len(self._measurements) > 8:
                 self._measurements.clear()
             self._measurements[key] = measured
         return measured
+
+    def cutouts(self, geometry: photometry.ApertureGeometry) -> photometry.Cutouts:
+        """The photometry stars' cutouts for an aperture geometry, made once and kept."""
+        # The cutouts and their backgrounds depend on the geometry alone; they are the
+        # costly part, and few geometries (radii in half pixels) are kept, for their size.
+        cutouts = self._cutouts.get(geometry)
+        if cutouts is None:
+            idx = self.photometry_index
+            cutouts = photometry.cut_out(self.frame.data, self.stars.x[idx], self.stars.y[idx], geometry)
+            if len(self._cutouts) >= 3:
+                self._cutouts.clear()
+            self._cutouts[geometry] = cutouts
+        return cutouts
 
     def psf_fit(self, radius: int, *, pixel_integrated: bool = False) -> FittedPSF | None:
         """The reference's PSF fitted on stamps of ``radius`` px around its bright isolated

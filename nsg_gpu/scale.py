@@ -327,7 +327,9 @@ def _measure(
     reference and target PSFs) or, where None, the plain aperture. The plain aperture measures
     the reference at its catalogue and the target there moved by its registration residual
     (``tx, ty``); PSF weights measure both at the ``shared`` positions
-    (:func:`shared_positions`), the target's moved by the same residual."""
+    (:func:`shared_positions`), the target's moved by the same residual. A defect of either
+    frame near a star (a hot pixel, a cosmic ray) is left out of both
+    (:func:`photometry.shared_defects`)."""
     params = reference.params
     data = frame.data
     stars = reference.stars
@@ -354,14 +356,27 @@ def _measure(
         gap=params.aperture_gap,
         bg_delta=params.aperture_bg_delta,
     )
+    rx, ry = stars.x[reference.photometry_index], stars.y[reference.photometry_index]
     if weight is None:
-        ref_m = reference.measurement(geometry, weight)
-        tgt_m = photometry.measure_stars(data, tx, ty, geometry, weight)
+        ref_at, tgt_at = (rx, ry), (tx, ty)
+        ref_cut = reference.cutouts(geometry)
     else:
-        rx, ry = stars.x[reference.photometry_index], stars.y[reference.photometry_index]
         px, py = shared
-        ref_m = photometry.measure_stars(reference.frame.data, px, py, geometry, weight)
-        tgt_m = photometry.measure_stars(data, px + (tx - rx), py + (ty - ry), geometry, weight)
+        ref_at, tgt_at = (px, py), (px + (tx - rx), py + (ty - ry))
+        ref_cut = photometry.cut_out(reference.frame.data, px, py, geometry)
+    tgt_cut = photometry.cut_out(data, *tgt_at, geometry, keep_mosaic=weight is None)
+    # A hot pixel or cosmic ray near a star, in either frame, is left out of both.
+    ref_defects, tgt_defects = photometry.shared_defects(
+        ref_cut, *ref_at, tgt_cut, *tgt_at, photometry.DEFECT_CORE_FWHM * fwhm_max
+    )
+    tgt_m = photometry.measure_stars(data, *tgt_at, geometry, weight, cutouts=tgt_cut, excluded=tgt_defects)
+    if weight is None:
+        # The cached reference photometry, made again where a defect lies near the star.
+        ref_m = _with_defects(reference, geometry, ref_cut, ref_at, ref_defects)
+    else:
+        ref_m = photometry.measure_stars(
+            reference.frame.data, *ref_at, geometry, weight, cutouts=ref_cut, excluded=ref_defects
+        )
     usable = (
         ref_m.ok & tgt_m.ok & found & (peak_t < params.linear_range) & (reference.channel_peak < params.linear_range)
     )
@@ -426,6 +441,31 @@ def _measure(
         reference_psf=reference_psf if psfs is not None else None,
         target_psf=target_psf if psfs is not None else None,
     )
+
+
+def _with_defects(reference: Reference, geometry, cut, at, defects) -> photometry.StarMeasurement:
+    """The reference's plain-aperture photometry (kept), measured again for the stars with
+    ``defects`` pixels (:func:`photometry.shared_defects`) without them."""
+    measured = reference.measurement(geometry)
+    rows = np.nonzero(defects.any(axis=(1, 2)))[0]
+    if rows.size == 0:
+        return measured
+    again = photometry.measure_stars(
+        reference.frame.data, at[0][rows], at[1][rows], geometry, cutouts=cut.subset(rows), excluded=defects[rows]
+    )
+    flux, error, background, ok = (
+        measured.flux.copy(),
+        measured.flux_error.copy(),
+        measured.background.copy(),
+        measured.ok.copy(),
+    )
+    flux[:, rows], error[:, rows], background[:, rows], ok[rows] = (
+        again.flux,
+        again.flux_error,
+        again.background,
+        again.ok,
+    )
+    return replace(measured, flux=flux, flux_error=error, background=background, ok=ok)
 
 
 def _index_determined(psf: MoffatPSF) -> bool:

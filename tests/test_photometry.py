@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+import scipy.ndimage
+from conftest import integrated_gaussians
 
 from nsg_gpu import photometry, scalefit
 from nsg_gpu.psf import MoffatPSF
@@ -123,3 +125,93 @@ def test_fast_median_equals_numpy_median_to_the_bit(n):
     assert scalefit.median(ties) == np.median(ties)
     values[n // 2] = np.nan
     assert np.isnan(scalefit.median(values))
+
+
+def _two_frames_with_hot_pixels(hot: float):
+    """Undersampled stars (1.2 px) on a grid in a reference and a target at half its
+    transmission, the target captured half a pixel off and registered back by a cubic
+    spline; a hot pixel of ``hot`` in a star's aperture or annulus, two in the reference
+    and two in the target (before its registration, which spreads each over 2 x 2 pixels and
+    rings beyond); a sharp neighbour in star 4's annulus in both frames."""
+    rng = np.random.default_rng(3)
+    grid = np.arange(30, 240, 40)
+    x = (grid[None, :] + rng.uniform(-0.5, 0.5, (grid.size, grid.size))).ravel()
+    y = (grid[:, None] + rng.uniform(-0.5, 0.5, (grid.size, grid.size))).ravel()
+    shape, sigma, fwhm = (260, 260), 0.0015, 1.2
+    reference = integrated_gaussians(shape, x, y, fwhm, 1.0) + 0.05 + rng.normal(0, sigma, shape)
+    captured = integrated_gaussians(shape, x + 0.5, y + 0.5, fwhm, 0.5) + 0.04 + rng.normal(0, sigma, shape)
+    reference += integrated_gaussians(shape, [x[4] + 8.2], [y[4] + 2.9], fwhm, 0.04)
+    captured += integrated_gaussians(shape, [x[4] + 8.7], [y[4] + 3.4], fwhm, 0.02)
+    spoiled = {0: (2, 2), 1: (8, -3), 2: (-3, 3), 3: (-7, -5)}  # star: its hot pixel's offset (px)
+    for star, (dx, dy) in spoiled.items():
+        image, shift = (reference, 0) if star < 2 else (captured, 1)
+        image[int(round(y[star])) + dy + shift, int(round(x[star])) + dx + shift] += hot
+    target = scipy.ndimage.shift(captured, (-0.5, -0.5), order=3, mode="nearest")
+    return reference[None], target[None], x, y, fwhm, list(spoiled)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["aperture", "psf-weights"])
+def test_a_hot_pixel_near_a_star_in_either_frame_is_left_out_of_both(weighted):
+    """A hot pixel of 200 sigmas near a star in either frame (:func:`_two_frames_with_hot_pixels`)
+    is found and left out of both frames: every star's flux ratio is then what it is on the
+    same frames without hot pixels, within its error, and the stars without one are measured
+    to the bit as before; left in, in the plain aperture, each spoils its star's ratio by
+    several errors."""
+    transmission = 0.5
+    reference, target, x, y, fwhm, spoiled = _two_frames_with_hot_pixels(0.3)
+    clean_reference, clean_target, *_ = _two_frames_with_hot_pixels(0.0)
+    geometry = photometry.aperture_geometry(fwhm, aperture_fwhm=3.0, aperture_add=1.0, gap=1.0, bg_delta=5.0)
+    weight = MoffatPSF.from_fwhm(2.0, 3.0) if weighted else None
+
+    def ratios(ref_image, tgt_image, masked: bool):
+        ref_cut = photometry.cut_out(ref_image, x, y, geometry, keep_mosaic=not weighted)
+        tgt_cut = photometry.cut_out(tgt_image, x, y, geometry, keep_mosaic=not weighted)
+        core = photometry.DEFECT_CORE_FWHM * fwhm
+        ref_mask, tgt_mask = photometry.shared_defects(ref_cut, x, y, tgt_cut, x, y, core) if masked else (None, None)
+        ref = photometry.measure_stars(ref_image, x, y, geometry, weight, cutouts=ref_cut, excluded=ref_mask)
+        tgt = photometry.measure_stars(tgt_image, x, y, geometry, weight, cutouts=tgt_cut, excluded=tgt_mask)
+        ratio = tgt.flux[0] / ref.flux[0]
+        error = ratio * np.hypot(tgt.flux_error[0] / tgt.flux[0], ref.flux_error[0] / ref.flux[0])
+        marked = np.zeros(x.size, bool) if ref_mask is None else ref_mask.any(axis=(1, 2))
+        return ratio, error, marked
+
+    clean, error, _ = ratios(clean_reference, clean_target, masked=False)
+    cleaned, _, marked = ratios(reference, target, masked=True)
+    spoilt, _, _ = ratios(reference, target, masked=False)
+    assert set(spoiled) <= set(np.nonzero(marked)[0].tolist())
+    # Left out, the hot pixels take a little sky (and the far wings) with them.
+    assert np.all(np.abs(cleaned - clean) < 2 * error), np.round((cleaned - clean) / error, 1)
+    np.testing.assert_array_equal(cleaned[~marked], spoilt[~marked])
+    if not weighted:
+        # Left in, each moves its star's ratio by several of the errors the clean frames
+        # state (3.2-20 here; in the annulus it also inflates the star's own stated error).
+        # PSF weights of 2 px give these pixels, 3-9 px out, too little weight for that.
+        missed = (spoilt[spoiled] - clean[spoiled]) / error[spoiled]
+        assert np.all(np.abs(missed) > 3), np.round(missed, 1)
+        # The plain aperture keeps all of an undersampled star's light: the ratio is the
+        # transmission itself.
+        deviation = (cleaned - transmission) / error
+        assert np.all(np.abs(deviation) < 4) and np.sqrt(np.mean(deviation**2)) < 1.6, np.round(deviation, 1)
+
+
+def test_annulus_without_excluded_pixels_equals_the_annulus_made_again():
+    """The annulus statistics less some pixels (from the sums, reading only those pixels)
+    equal those made again from stamps where the pixels are no data."""
+    rng = np.random.default_rng(5)
+    channels, n, side = 3, 40, 41
+    stamps = (0.05 + rng.normal(0, 0.002, (channels, n, side, side))).astype(np.float32)
+    stamps[:, 3, :5] = 0  # no data in one star's corner
+    fx, fy = rng.uniform(-0.5, 0.5, n), rng.uniform(-0.5, 0.5, n)
+    geometry = photometry.ApertureGeometry(6.0, 8.0, 19.5)
+    mean, std, count = photometry.annulus_statistics(stamps, fx, fy, geometry)
+    cut = photometry.Cutouts(geometry, stamps, fx, fy, np.ones(n, bool), mean, std, count, 1.0)
+    excluded = rng.random((n, side, side)) < 0.03
+    excluded[::2] = False
+    made = photometry._without(cut, excluded, geometry)
+    zeroed = stamps.copy()
+    zeroed[:, excluded] = 0
+    mean2, std2, count2 = photometry.annulus_statistics(zeroed, fx, fy, geometry)
+    np.testing.assert_allclose(made.background, mean2, rtol=1e-9)
+    np.testing.assert_allclose(made.background_std, std2, rtol=1e-6)
+    np.testing.assert_array_equal(made.counted, count2)
+    assert not np.allclose(made.background_std[:, 1::2], std[:, 1::2], rtol=1e-9)
