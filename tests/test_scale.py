@@ -343,3 +343,29 @@ def test_undersampled_mono_fits_that_fail_leave_the_frame_to_the_aperture(monkey
     assert measured.target_psf is None
     error = _mono_error(field, measured, 1)
     assert abs(error) < 3 * measured.fits[0].scale_error / measured.scale[0]
+
+
+@pytest.mark.slow
+def test_sparse_colour_fields_are_not_decided_by_hot_pixels():
+    """Colour fields of 20 stars of about a superpixel (the undersampled colour scenario with
+    20 stars, seeds 21-28, three targets each) with the scenario's hot pixels (5e-4 of the
+    pixels, 70-700 noise sigmas): among the 10-20 pairs of a channel a hot pixel near one star
+    decided its scale while it was left in (RMS 12.6 % over the 72 channel scales, worst
+    65 %); left out of both frames, RMS 6.8 %, worst 30 % (`bench/scale_errors.py --sparse`),
+    what the Bayer cells' scatter leaves (5.0 % on the same frames without hot pixels), and
+    the stated uncertainties hold it."""
+    errors, z = [], []
+    for seed in range(21, 29):
+        field = SyntheticField(scenario="undersampled-sparse-colour", n_stars=20, n_frames=4, seed=seed)
+        reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
+        for k in range(1, 4):
+            measured = measure_scale(reference, Frame.from_array(field.render(k), name=f"target {k}"))
+            truth = field.frames[k].scale(field.reference)
+            for c, fit in enumerate(measured.fits):
+                errors.append(fit.scale / truth[c] - 1)
+                z.append(errors[-1] / (fit.scale_error / fit.scale))
+    rms = float(np.sqrt(np.mean(np.square(errors))))
+    rms_z = float(np.sqrt(np.mean(np.square(z))))
+    assert len(errors) == 72
+    assert rms < 0.09, rms
+    assert 0.5 <= rms_z <= 2, rms_z
