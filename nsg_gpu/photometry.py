@@ -185,17 +185,23 @@ class Cutouts:
         )
 
 
+def _mosaic_origins(n: int, side: int):
+    """Where :func:`_mosaic` puts each of ``n`` stamps of ``side`` px (the rows and columns
+    of their corners), and the mosaic's shape: a square-ish grid."""
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    index = np.arange(n)
+    return (index // cols) * side, (index % cols) * side, (rows * side, cols * side)
+
+
 def _mosaic(stamps: np.ndarray, fx: np.ndarray, fy: np.ndarray):
     """Stamps laid side by side in one image per channel, the stars' positions in it, and the
     stamp index of every mosaic pixel."""
     channels, n, side, _ = stamps.shape
     half = side // 2
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    mosaic = np.zeros((channels, rows * side, cols * side))
-    cell = np.full((rows * side, cols * side), -1, np.int64)
-    index = np.arange(n)
-    r0, c0 = (index // cols) * side, (index % cols) * side
+    r0, c0, shape = _mosaic_origins(n, side)
+    mosaic = np.zeros((channels, *shape))
+    cell = np.full(shape, -1, np.int64)
     for i in range(n):
         mosaic[:, r0[i] : r0[i] + side, c0[i] : c0[i] + side] = stamps[:, i]
         cell[r0[i] : r0[i] + side, c0[i] : c0[i] + side] = i
@@ -288,11 +294,13 @@ def cut_out(data, x, y, geometry: ApertureGeometry, *, keep_mosaic: bool = False
     )
 
 
-def _radii2(fx: np.ndarray, fy: np.ndarray, side: int) -> np.ndarray:
-    """Squared distance of every stamp pixel from its star, ``(n, side, side)``."""
-    half = side // 2
-    off = np.arange(-half, half + 1, dtype=np.float64)
-    return (off[None, None, :] - fx[:, None, None]) ** 2 + (off[None, :, None] - fy[:, None, None]) ** 2
+def _pixels(mask: np.ndarray):
+    """``(star, row, column)`` of the true pixels of ``mask`` ``(n, s, s)`` (a 1-D search:
+    several times faster than ``np.nonzero`` over three axes)."""
+    side = mask.shape[-1]
+    i, rest = np.divmod(np.flatnonzero(mask), side * side)
+    y, x = np.divmod(rest, side)
+    return i, y, x
 
 
 def _noise_and_level(cut: Cutouts):
@@ -303,22 +311,17 @@ def _noise_and_level(cut: Cutouts):
     return sigma.astype(cut.stamps.dtype), np.nan_to_num(cut.background).astype(cut.stamps.dtype)
 
 
-def _defect_seeds(cut: Cutouts, core_radius: float):
+def _defect_seeds(cut: Cutouts, sigma: np.ndarray, level: np.ndarray, core_radius: float):
     """Pixels ``(star, row, column)`` beyond ``core_radius`` of their star that stand
-    :data:`DEFECT_SIGMA` noise sigmas above its background in some channel and more than
-    twice as far above it as the mean of their 8 neighbours."""
+    :data:`DEFECT_SIGMA` noise sigmas (``sigma`` per channel) above its background (``level``
+    per channel and star) in some channel and more than twice as far above it as the mean of
+    their 8 neighbours."""
     stamps = cut.stamps
     side = stamps.shape[-1]
-    half = side // 2
-    sigma, level = _noise_and_level(cut)
     threshold = level + DEFECT_SIGMA * sigma[:, None]
     high = np.any(stamps > threshold[..., None, None], axis=0)
-    _beyond_core(high, cut, core_radius, np.arange(high.shape[0]))
-    flat = np.flatnonzero(high)  # (a 1-D search: several times faster than a 3-D one)
-    i, rest = np.divmod(flat, side * side)
-    y, x = np.divmod(rest, side)
+    i, y, x = _pixels(_beyond_core(high, cut, core_radius, np.arange(high.shape[0])))
     inner = (y > 0) & (y < side - 1) & (x > 0) & (x < side - 1)
-    inner &= (x - half - cut.fx[i]) ** 2 + (y - half - cut.fy[i]) ** 2 > core_radius * core_radius
     i, y, x = i[inner], y[inner], x[inner]
     c = np.argmax(stamps[:, i, y, x] - threshold[:, i], axis=0)  # the channel where it stands out most
     around = np.zeros(c.size)
@@ -330,12 +333,11 @@ def _defect_seeds(cut: Cutouts, core_radius: float):
     return i[sharp], y[sharp], x[sharp]
 
 
-def _shown(cut: Cutouts, i, y, x) -> np.ndarray:
+def _shown(cut: Cutouts, sigma: np.ndarray, level: np.ndarray, i, y, x) -> np.ndarray:
     """Whether ``cut`` shows anything at its stamps' pixels ``(i, y, x)`` (:data:`SHOWN_SIGMA`
-    above the background in some channel); False off its stamps."""
+    noise sigmas above the background in some channel); False off its stamps."""
     side = cut.stamps.shape[-1]
     on = (y >= 0) & (y < side) & (x >= 0) & (x < side)
-    sigma, level = _noise_and_level(cut)
     shown = np.zeros(i.size, bool)
     values = cut.stamps[:, i[on], y[on], x[on]]
     shown[on] = np.any(values > level[:, i[on]] + SHOWN_SIGMA * sigma[:, None], axis=0)
@@ -393,15 +395,15 @@ def shared_defects(reference: Cutouts, rx, ry, target: Cutouts, tx, ty, core_rad
     finite = np.isfinite(rx) & np.isfinite(ry) & np.isfinite(tx) & np.isfinite(ty)
     dy = np.where(finite, np.rint(np.nan_to_num(ty)) - np.rint(np.nan_to_num(ry)), 0).astype(np.int64)
     dx = np.where(finite, np.rint(np.nan_to_num(tx)) - np.rint(np.nan_to_num(rx)), 0).astype(np.int64)
+    ref_noise, tgt_noise = _noise_and_level(reference), _noise_and_level(target)
     # The defects of both frames, in the reference's stamps.
-    i, y, x = _defect_seeds(reference, core_radius)
-    alone = ~_shown(target, i, y - dy[i], x - dx[i])
+    i, y, x = _defect_seeds(reference, *ref_noise, core_radius)
+    alone = ~_shown(target, *tgt_noise, i, y - dy[i], x - dx[i])
     ri, ry_, rx_ = i[alone], y[alone], x[alone]
-    i, y, x = _defect_seeds(target, core_radius)
-    alone = ~_shown(reference, i, y + dy[i], x + dx[i])
-    i = np.concatenate([ri, i[alone]])
-    y = np.concatenate([ry_, y[alone] + dy[i[ri.size :]]])
-    x = np.concatenate([rx_, x[alone] + dx[i[ri.size :]]])
+    i, y, x = _defect_seeds(target, *tgt_noise, core_radius)
+    alone = ~_shown(reference, *ref_noise, i, y + dy[i], x + dx[i])
+    i, y, x = i[alone], y[alone] + dy[i[alone]], x[alone] + dx[i[alone]]
+    i, y, x = np.concatenate([ri, i]), np.concatenate([ry_, y]), np.concatenate([rx_, x])
     mask = np.zeros((n, side, side), bool)
     for a in range(-DEFECT_REACH, DEFECT_REACH + 1):
         for b in range(-DEFECT_REACH, DEFECT_REACH + 1):
@@ -416,10 +418,8 @@ def shared_defects(reference: Cutouts, rx, ry, target: Cutouts, tx, ty, core_rad
 def _without(cut: Cutouts, excluded: np.ndarray, geometry: ApertureGeometry) -> Cutouts:
     """``cut`` with the annulus statistics of the stars that have ``excluded`` pixels made
     again without them (their sums less the excluded pixels': only those are read)."""
-    side = excluded.shape[-1]
-    i, rest = np.divmod(np.flatnonzero(excluded), side * side)
-    y, x = np.divmod(rest, side)
-    half = side // 2
+    i, y, x = _pixels(excluded)
+    half = excluded.shape[-1] // 2
     r2 = (x - half - cut.fx[i]) ** 2 + (y - half - cut.fy[i]) ** 2
     values = cut.stamps[:, i, y, x].astype(np.float64)
     ring = (r2 < geometry.annulus_outer**2) & ~(r2 < geometry.annulus_inner**2) & np.all(values != 0, axis=0)
@@ -442,13 +442,13 @@ def _without(cut: Cutouts, excluded: np.ndarray, geometry: ApertureGeometry) -> 
     return replace(cut, background=background, background_std=background_std, counted=counted)
 
 
-def _mosaic_mask(excluded: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def _mosaic_mask(excluded: np.ndarray) -> np.ndarray:
     """``excluded`` ``(n, s, s)`` laid out as :func:`_mosaic` lays out the stamps."""
     n, side, _ = excluded.shape
-    cols = int(math.ceil(math.sqrt(n)))
-    i, a, b = np.nonzero(excluded)
+    r0, c0, shape = _mosaic_origins(n, side)
+    i, a, b = _pixels(excluded)
     out = np.zeros(shape, bool)
-    out[(i // cols) * side + a, (i % cols) * side + b] = True
+    out[r0[i] + a, c0[i] + b] = True
     return out
 
 
@@ -496,7 +496,7 @@ def measure_stars(
     if weight is None:
         mosaic, positions, cell = cut.mosaic if cut.mosaic is not None else _mosaic(stamps, cut.fx, cut.fy)
         no_data = np.any(mosaic == 0, axis=0)
-        fill = no_data if excluded is None else no_data | _mosaic_mask(excluded, no_data.shape)
+        fill = no_data if excluded is None else no_data | _mosaic_mask(excluded)
         aperture = CircularAperture(positions, r=geometry.radius)
         # Scattered zero pixels (a raw frame clipped at 0) are tolerated up to a few per cent
         # of the aperture and count as background; a registration border in it is not.

@@ -453,19 +453,13 @@ def _with_defects(reference: Reference, geometry, cut, at, defects) -> photometr
     again = photometry.measure_stars(
         reference.frame.data, at[0][rows], at[1][rows], geometry, cutouts=cut.subset(rows), excluded=defects[rows]
     )
-    flux, error, background, ok = (
-        measured.flux.copy(),
-        measured.flux_error.copy(),
-        measured.background.copy(),
-        measured.ok.copy(),
-    )
-    flux[:, rows], error[:, rows], background[:, rows], ok[rows] = (
-        again.flux,
-        again.flux_error,
-        again.background,
-        again.ok,
-    )
-    return replace(measured, flux=flux, flux_error=error, background=background, ok=ok)
+    spliced = {}
+    for name in ("flux", "flux_error", "background"):
+        spliced[name] = getattr(measured, name).copy()
+        spliced[name][:, rows] = getattr(again, name)
+    spliced["ok"] = measured.ok.copy()
+    spliced["ok"][rows] = again.ok
+    return replace(measured, **spliced)
 
 
 def _index_determined(psf: MoffatPSF) -> bool:
