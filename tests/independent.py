@@ -7,6 +7,8 @@
   :meth:`StarRatios.summed`, the ratio of the brightest stars' summed fluxes). Nothing in it
   comes from ``nsg_gpu``.
 - :func:`extractor_stars`: sep's detections at 5 sigma, less single hot pixels.
+- :func:`star_colours`: the median red-to-green and blue-to-green flux ratios of a colour
+  frame's stars, measured in that frame alone (no other frame, no matching, no scale).
 - :func:`spline_smoothing`: how much registration smoothed a frame's pixel noise, from the
   noise's own structure (the variances of its pixel differences), independently of any noise
   estimate of ours; and the sub-pixel offset that explains it.
@@ -45,6 +47,8 @@ __all__ = [
     "STARGATE",
     "STARGATE_REFERENCE",
     "StarRatios",
+    "StarColours",
+    "star_colours",
     "read_planes",
     "independent_transmission",
     "extractor_stars",
@@ -186,6 +190,52 @@ def independent_transmission(reference: np.ndarray, target: np.ndarray) -> list[
             )
         )
     return results
+
+
+#: Colours: aperture radius, annulus (px), least signal-to-noise in every channel, border (px).
+COLOUR_RADIUS, COLOUR_INNER, COLOUR_OUTER, COLOUR_SNR, COLOUR_EDGE = 5.0, 8.0, 16.0, 10.0, 20
+
+
+@dataclass
+class StarColours:
+    """``log(R / G)`` and ``log(B / G)`` of each star kept in one frame, shape ``(2, n)``."""
+
+    logs: np.ndarray
+    detected: int
+
+    def median(self) -> np.ndarray:
+        """The median R/G and B/G."""
+        return np.exp(np.median(self.logs, axis=1))
+
+    def log_error(self, *, resamples: int = 2000, seed: int = 0) -> np.ndarray:
+        """Bootstrap standard errors of the medians' logarithms (relative errors)."""
+        picks = np.random.default_rng(seed).integers(0, self.logs.shape[1], (resamples, self.logs.shape[1]))
+        return np.median(self.logs[:, picks], axis=2).std(axis=1)
+
+
+def star_colours(planes: np.ndarray) -> StarColours:
+    """The colours of a colour frame's stars as its camera sees them, from sep alone.
+
+    Stars detected at 5 sigma on the channel mean, more than ``COLOUR_EDGE`` px from the
+    border and clear of no-data regions by the annulus's outer radius, measured in every
+    channel in a circle of ``COLOUR_RADIUS`` px less the annulus median, and kept where the
+    flux is at least ``COLOUR_SNR`` times its error in every channel.
+    """
+    nodata = _nodata(planes)
+    objects = _detect(np.ascontiguousarray(planes.mean(axis=0)), nodata)
+    x, y = objects["x"], objects["y"]
+    h, w = planes.shape[1:]
+    near = scipy.ndimage.binary_dilation(nodata, iterations=int(COLOUR_OUTER) + 1)
+    edge = COLOUR_EDGE
+    keep = (x > edge) & (x < w - edge) & (y > edge) & (y < h - edge)
+    keep[keep] &= ~near[np.rint(y[keep]).astype(int), np.rint(x[keep]).astype(int)]
+    x, y = x[keep], y[keep]
+    measured = [
+        _aperture_flux(np.ascontiguousarray(p), x, y, COLOUR_RADIUS, COLOUR_INNER, COLOUR_OUTER) for p in planes
+    ]
+    good = np.all([f > COLOUR_SNR * e for f, e in measured], axis=0)
+    r, g, b = (f[good] for f, _ in measured)
+    return StarColours(np.log(np.array([r / g, b / g])), int(objects.size))
 
 
 def _nodata(frame: np.ndarray) -> np.ndarray:
