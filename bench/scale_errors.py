@@ -5,14 +5,16 @@ For synthetic sets (``nsg_gpu.synthetic``, known truth) every target is measured
 (what becomes NSGSERR, relative) and their ratio z, with the photometry it took (PSF-weighted
 with the fitted FWHM / index and whether the fit integrated over the pixels, or the plain
 aperture); the RMS of z over all sets closes. ``--override`` changes every set's spec (e.g.
-``'{"registration": false}'``); ``--sparse`` measures the undersampled scenarios with 20-130
+``'{"registration": false}'``); ``--scenario NAME --seeds LIST`` measures that generator
+scenario's sets (its own frame count) instead; ``--sparse`` measures the undersampled scenarios with 20-130
 stars instead (eight fields each) and closes with each star count's figures. With ``--real`` the real frames in ../shared/data are measured
 instead, against sep's wide-aperture transmissions (``tests/independent.py``: the median
 ratio, and the summed fluxes of the 7 brightest stars); the median |ours / sep - 1| per set
 closes. Prints the
 machine and library versions; --json writes the figures.
 
-    python bench/scale_errors.py [--sets "undersampled seed 1,mid seed 7"] [--override JSON] [--sparse] [--real] [--json out.json]
+    python bench/scale_errors.py [--sets "undersampled seed 1,mid seed 7"] [--override JSON] [--sparse] [--real]
+        [--scenario NAME --seeds 11,12,13,14] [--json out.json]
 """
 
 from __future__ import annotations
@@ -68,10 +70,10 @@ def _path(measured) -> str:
     return f"PSF {kind} {measured.reference_psf.fwhm:.2f}/{measured.reference_psf.beta:.2f} -> {psf.fwhm:.2f}/{psf.beta:.2f}"
 
 
-def synthetic(names: list[str], override: dict) -> list[dict]:
+def synthetic(names: list[str], override: dict, extra: dict | None = None) -> list[dict]:
     rows = []
     for name in names:
-        field = SyntheticField(**{**{**SETS, **SPARSE}[name], **override})
+        field = SyntheticField(**{**{**SETS, **SPARSE, **(extra or {})}[name], **override})
         reference = prepare_reference(Frame.from_array(field.render(0), name=f"{name} 0"), Parameters())
         for k in range(1, field.spec.n_frames):
             truth = field.frames[k].scale(field.reference)
@@ -150,12 +152,23 @@ def main() -> None:
     parser.add_argument(
         "--sparse", action="store_true", help="the undersampled scenarios with 20-130 stars, 8 fields each, instead"
     )
+    parser.add_argument("--scenario", help="a generator scenario measured at --seeds instead (its own frames)")
+    parser.add_argument("--seeds", default="11,12,13,14", help="with --scenario: comma-separated seeds")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args()
     info = machine("sep")
     print_machine(info)
     if args.real:
         rows = real([n.strip() for n in args.sets.split(",")] if args.sets else list(REAL))
+    elif args.scenario:
+        extra = {f"{args.scenario} seed {s}": dict(scenario=args.scenario, seed=int(s)) for s in args.seeds.split(",")}
+        rows = synthetic(list(extra), json.loads(args.override), extra)
+        errors = np.array([row["error"] for row in rows if "z" in row])
+        failed = sum("z" not in row for row in rows)
+        print(
+            f"{args.scenario}: RMS error {100 * np.sqrt(np.mean(errors**2)):.2f} %, within 0.5 %: "
+            f"{np.sum(np.abs(errors) <= 0.005)} of {errors.size}; {failed} failed"
+        )
     else:
         names = [n.strip() for n in args.sets.split(",")] if args.sets else list(SPARSE if args.sparse else SETS)
         rows = synthetic(names, json.loads(args.override))
