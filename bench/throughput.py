@@ -20,7 +20,7 @@ per-frame wall times, the CPU seconds each used (a check on a machine shared wit
 work, where wall times stretch with the load; per frame: those after the reference) and
 the peak resident set of each run.
 
-    python bench/throughput.py [--frames 4] [--width 6248 --height 4176] [--colour]
+    python bench/throughput.py [--frames 4] [--width 6248 --height 4176] [--colour] [--scenario NAME]
                                [--cache DIR] [--modes serial,cores1,cores2,cores] [--json FILE]
 """
 
@@ -49,16 +49,28 @@ from nsg_gpu.executors import InProcessExecutor, ProcessExecutor, usable_cores  
 from nsg_gpu.io import read_frame, write_frame  # noqa: E402
 from nsg_gpu.results import STAGES  # noqa: E402
 from nsg_gpu.run import normalize  # noqa: E402
-from nsg_gpu.synthetic import write_synthetic_set  # noqa: E402
+from nsg_gpu.synthetic import SyntheticSpec, write_synthetic_set  # noqa: E402
 
 #: Stars of the generator's default field (2000 x 1400), scaled to the frame's area.
 STARS_PER_PIXEL = 3500 / (2000 * 1400)
 
 
-def frame_set(cache: Path, *, width: int, height: int, colour: bool, frames: int, seed: int) -> list[Path]:
-    """The reference and ``frames`` targets, rendered once into ``cache``."""
-    kind = "colour" if colour else "mono"
-    directory = cache / f"{width}x{height}-{kind}-n{frames + 1}-seed{seed}"
+def frame_set(
+    cache: Path, *, width: int, height: int, colour: bool, frames: int, seed: int, scenario: str | None = None
+) -> list[Path]:
+    """The reference and ``frames`` targets, rendered once into ``cache``; with ``scenario``,
+    that generator scenario's frames (its PSFs, registration, colour and star density) at
+    this size."""
+    if scenario is not None:
+        spec = SyntheticSpec.from_scenario(scenario)
+        directory = cache / f"{width}x{height}-{scenario}-n{frames + 1}-seed{seed}"
+        n_stars = int(round(spec.n_stars * width * height / (spec.width * spec.height)))
+        overrides = dict(scenario=scenario, width=width, height=height, n_stars=n_stars)
+    else:
+        kind = "colour" if colour else "mono"
+        directory = cache / f"{width}x{height}-{kind}-n{frames + 1}-seed{seed}"
+        n_stars = int(round(STARS_PER_PIXEL * width * height))
+        overrides = dict(width=width, height=height, colour=colour, n_stars=n_stars)
     truth = directory / "truth.json"
     if truth.exists():
         names = [f["name"] for f in json.loads(truth.read_text())["frames"]]
@@ -66,10 +78,7 @@ def frame_set(cache: Path, *, width: int, height: int, colour: bool, frames: int
         if all(p.exists() for p in paths):
             return paths
     started = time.perf_counter()
-    n_stars = int(round(STARS_PER_PIXEL * width * height))
-    paths = write_synthetic_set(
-        directory, width=width, height=height, colour=colour, n_frames=frames + 1, seed=seed, n_stars=n_stars
-    )
+    paths = write_synthetic_set(directory, n_frames=frames + 1, seed=seed, **overrides)
     print(f"generated {len(paths)} frames in {time.perf_counter() - started:.0f} s into {directory}")
     return paths
 
@@ -200,6 +209,11 @@ def main() -> None:
     parser.add_argument("--colour", action="store_true", help="3-channel frames instead of mono")
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument(
+        "--scenario",
+        help="a generator scenario's frames (e.g. undersampled-sparse-mono: registered stars of about a pixel) "
+        "at this size, with its star density; default: the generator's defaults (not resampled)",
+    )
+    parser.add_argument(
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "nsg-bench-frames", help="where frames are kept"
     )
     parser.add_argument("--backends", default="numpy,cupy", help="comma-separated; cupy only where usable")
@@ -216,10 +230,16 @@ def main() -> None:
 
     info = machine()
     print_machine(info)
-    kind = "colour" if args.colour else "mono"
+    kind = args.scenario or ("colour" if args.colour else "mono")
     print(f"frames: {args.frames} targets + 1 reference, {args.width} x {args.height} {kind} float32")
     paths = frame_set(
-        args.cache, width=args.width, height=args.height, colour=args.colour, frames=args.frames, seed=args.seed
+        args.cache,
+        width=args.width,
+        height=args.height,
+        colour=args.colour,
+        frames=args.frames,
+        seed=args.seed,
+        scenario=args.scenario,
     )
     work = Path(tempfile.mkdtemp(prefix="nsg-throughput-", dir=args.cache))
     report = {"machine": info, "geometry": {"width": args.width, "height": args.height, "colour": args.colour}}
