@@ -219,7 +219,8 @@ def star_colours(planes: np.ndarray) -> StarColours:
     Stars detected at 5 sigma on the channel mean, more than ``COLOUR_EDGE`` px from the
     border and clear of no-data regions by the annulus's outer radius, measured in every
     channel in a circle of ``COLOUR_RADIUS`` px less the annulus median, and kept where the
-    flux is at least ``COLOUR_SNR`` times its error in every channel.
+    flux is at least ``COLOUR_SNR`` times its error in every channel and the peak stays under
+    ``LINEAR_SHARE`` of the frame's maximum (saturated stars lose their colour).
     """
     nodata = _nodata(planes)
     objects = _detect(np.ascontiguousarray(planes.mean(axis=0)), nodata)
@@ -234,6 +235,7 @@ def star_colours(planes: np.ndarray) -> StarColours:
         _aperture_flux(np.ascontiguousarray(p), x, y, COLOUR_RADIUS, COLOUR_INNER, COLOUR_OUTER) for p in planes
     ]
     good = np.all([f > COLOUR_SNR * e for f, e in measured], axis=0)
+    good &= _peaks(planes.max(axis=0), x, y) < LINEAR_SHARE * planes.max()
     r, g, b = (f[good] for f, _ in measured)
     return StarColours(np.log(np.array([r / g, b / g])), int(objects.size))
 
