@@ -242,7 +242,11 @@ def main() -> None:
         scenario=args.scenario,
     )
     work = Path(tempfile.mkdtemp(prefix="nsg-throughput-", dir=args.cache))
-    report = {"machine": info, "geometry": {"width": args.width, "height": args.height, "colour": args.colour}}
+    colour = SyntheticSpec.from_scenario(args.scenario).colour if args.scenario else args.colour
+    report = {
+        "machine": info,
+        "geometry": {"width": args.width, "height": args.height, "colour": colour, "scenario": args.scenario},
+    }
     try:
         copy = copy_floor(paths[1:], work / "copy")
         own = copy_floor(paths[1:], work / "copy-own", plain=False)
@@ -313,7 +317,7 @@ def main() -> None:
     print(f"{'/ nsg copy':<12}" + "".join(f"{r['ratio_to_own_copy']:>16.2f}" for r in runs.values()))
     print(f"{'CPU s, run':<12}" + "".join(f"{r['cpu_s']:>16.1f}" for r in runs.values()))
     print(f"{'CPU s/frame':<12}" + "".join(f"{r['cpu_per_frame_s']:>16.2f}" for r in runs.values()))
-    frame_mb = args.width * args.height * (3 if args.colour else 1) * 4 / 2**20
+    frame_mb = args.width * args.height * (3 if colour else 1) * 4 / 2**20
     print(
         f"{'peak RSS MB':<12}"
         + "".join(f"{r['peak_rss_mb']:>16.0f}" if r["peak_rss_mb"] else f"{'-':>16}" for r in runs.values())
