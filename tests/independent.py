@@ -90,9 +90,14 @@ class StarRatios:
 
     def bootstrap_error(self, *, resamples: int = 2000, seed: int = 0) -> float:
         """Standard deviation of the median over bootstrap resamples of the stars."""
-        rng = np.random.default_rng(seed)
-        picks = rng.integers(0, self.ratios.size, (resamples, self.ratios.size))
-        return float(np.median(self.ratios[picks], axis=1).std())
+        return float(_median_bootstrap(self.ratios, resamples, seed))
+
+
+def _median_bootstrap(values: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """Standard deviation of the median of ``values`` along the last axis (the stars) over
+    bootstrap resamples of the stars; one value per leading row."""
+    picks = np.random.default_rng(seed).integers(0, values.shape[-1], (resamples, values.shape[-1]))
+    return np.median(values[..., picks], axis=-1).std(axis=-1)
 
 
 def _detect(image: np.ndarray, nodata: np.ndarray):
@@ -163,19 +168,12 @@ def independent_transmission(reference: np.ndarray, target: np.ndarray) -> list[
     r50 = max(_half_light_radius(ref_mean, x[bright], y[bright]), _half_light_radius(tgt_mean, x[bright], y[bright]))
     radius = max(5.0, 4.0 * r50)
     inner, outer = radius + 3.0, radius + 11.0
-    h, w = ref_mean.shape
-    # The annulus's box (its nearest pixel's centre, plus ceil(outer)) inside the image.
-    reach = int(np.ceil(outer))
-    xi, yi = np.rint(x), np.rint(y)
-    inside = (xi >= reach) & (xi < w - reach) & (yi >= reach) & (yi < h - reach)
     # No no-data pixel (0 in any channel of either frame) within the annulus's outer edge.
-    disk = np.hypot(*np.mgrid[-reach : reach + 1, -reach : reach + 1]) <= outer
-    blocked = scipy.ndimage.binary_dilation(ref_nodata | tgt_nodata, structure=disk)
-    covered = ~blocked[np.clip(np.rint(y).astype(int), 0, h - 1), np.clip(np.rint(x).astype(int), 0, w - 1)]
+    clear = _measurable(x, y, ref_nodata | tgt_nodata, outer)
     peak_ref = _peaks(reference.max(axis=0), x, y)
     peak_tgt = _peaks(target.max(axis=0), x, y)
     linear = (peak_ref < LINEAR_SHARE * reference.max()) & (peak_tgt < LINEAR_SHARE * target.max())
-    keep = inside & covered & linear
+    keep = clear & linear
     results = []
     for c in range(reference.shape[0]):
         fluxes = []
@@ -192,8 +190,8 @@ def independent_transmission(reference: np.ndarray, target: np.ndarray) -> list[
     return results
 
 
-#: Colours: aperture radius, annulus (px), least signal-to-noise in every channel, border (px).
-COLOUR_RADIUS, COLOUR_INNER, COLOUR_OUTER, COLOUR_SNR, COLOUR_EDGE = 5.0, 8.0, 16.0, 10.0, 20
+#: Colours: aperture radius, annulus (px), least signal-to-noise in every channel.
+COLOUR_RADIUS, COLOUR_INNER, COLOUR_OUTER, COLOUR_SNR = 5.0, 8.0, 16.0, 10.0
 
 
 @dataclass
@@ -209,28 +207,22 @@ class StarColours:
 
     def log_error(self, *, resamples: int = 2000, seed: int = 0) -> np.ndarray:
         """Bootstrap standard errors of the medians' logarithms (relative errors)."""
-        picks = np.random.default_rng(seed).integers(0, self.logs.shape[1], (resamples, self.logs.shape[1]))
-        return np.median(self.logs[:, picks], axis=2).std(axis=1)
+        return _median_bootstrap(self.logs, resamples, seed)
 
 
 def star_colours(planes: np.ndarray) -> StarColours:
     """The colours of a colour frame's stars as its camera sees them, from sep alone.
 
-    Stars detected at 5 sigma on the channel mean, more than ``COLOUR_EDGE`` px from the
-    border and clear of no-data regions by the annulus's outer radius, measured in every
+    Stars detected at 5 sigma on the channel mean, whose annulus lies in the image clear of
+    no-data regions (as :func:`independent_transmission`'s), measured in every
     channel in a circle of ``COLOUR_RADIUS`` px less the annulus median, and kept where the
     flux is at least ``COLOUR_SNR`` times its error in every channel and the peak stays under
     ``LINEAR_SHARE`` of the frame's maximum (saturated stars lose their colour).
     """
     nodata = _nodata(planes)
     objects = _detect(np.ascontiguousarray(planes.mean(axis=0)), nodata)
-    x, y = objects["x"], objects["y"]
-    h, w = planes.shape[1:]
-    near = scipy.ndimage.binary_dilation(nodata, iterations=int(COLOUR_OUTER) + 1)
-    edge = COLOUR_EDGE
-    keep = (x > edge) & (x < w - edge) & (y > edge) & (y < h - edge)
-    keep[keep] &= ~near[np.rint(y[keep]).astype(int), np.rint(x[keep]).astype(int)]
-    x, y = x[keep], y[keep]
+    keep = _measurable(objects["x"], objects["y"], nodata, COLOUR_OUTER)
+    x, y = objects["x"][keep], objects["y"][keep]
     measured = [
         _aperture_flux(np.ascontiguousarray(p), x, y, COLOUR_RADIUS, COLOUR_INNER, COLOUR_OUTER) for p in planes
     ]
@@ -238,6 +230,19 @@ def star_colours(planes: np.ndarray) -> StarColours:
     good &= _peaks(planes.max(axis=0), x, y) < LINEAR_SHARE * planes.max()
     r, g, b = (f[good] for f, _ in measured)
     return StarColours(np.log(np.array([r / g, b / g])), int(objects.size))
+
+
+def _measurable(x: np.ndarray, y: np.ndarray, nodata: np.ndarray, outer: float) -> np.ndarray:
+    """Stars whose annulus's box (the nearest pixel's centre plus ``ceil(outer)``) lies in the
+    image and holds no ``nodata`` pixel within ``outer`` px."""
+    h, w = nodata.shape
+    reach = int(np.ceil(outer))
+    xi, yi = np.rint(x), np.rint(y)
+    inside = (xi >= reach) & (xi < w - reach) & (yi >= reach) & (yi < h - reach)
+    disk = np.hypot(*np.mgrid[-reach : reach + 1, -reach : reach + 1]) <= outer
+    blocked = scipy.ndimage.binary_dilation(nodata, structure=disk)
+    covered = ~blocked[np.clip(np.rint(y).astype(int), 0, h - 1), np.clip(np.rint(x).astype(int), 0, w - 1)]
+    return inside & covered
 
 
 def _nodata(frame: np.ndarray) -> np.ndarray:
