@@ -36,7 +36,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(_ROOT), str(Path(__file__).resolve().parent)]
 from _machine import machine, print_machine  # noqa: E402
 
-from nsg_gpu import photometry, scalefit  # noqa: E402
+from nsg_gpu import photometry  # noqa: E402
 from nsg_gpu import scale as scale_stage  # noqa: E402
 from nsg_gpu.io import Frame  # noqa: E402
 from nsg_gpu.noise import ksigma_noise  # noqa: E402
@@ -180,18 +180,7 @@ def measure(field: SyntheticField, reference, k: int, psfs_from: str, positions:
     for name, correction in corrections.items():
         x, y = tgt_m.flux[0], ref_m.flux[0] * correction
         sx, sy = tgt_m.flux_error[0], ref_m.flux_error[0] * correction
-        snr = scale_stage._pair_snr(x, y, sx, sy, usable)
-        pairs = usable & (snr >= scale_stage.MIN_PAIR_SNR)
-        fit = scalefit.fit_scale(
-            x[pairs],
-            y[pairs],
-            target_error=sx[pairs],
-            reference_error=sy[pairs],
-            tolerance=params.star_flux_tolerance,
-            outlier_removal=params.outlier_removal,
-            judged=snr[pairs] >= scale_stage.JUDGED_PAIR_SNR,
-            min_pairs=max(params.min_star_pairs, scalefit.FEW_STAR_PAIRS),
-        )
+        fit, _ = scale_stage.fit_pairs(x, y, sx, sy, usable, params)
         row[name] = fit.scale / truth - 1
     oracle = corrections["oracle"][usable]
     row["spread"] = float(np.std(np.log(oracle)))

@@ -402,26 +402,13 @@ def _measure(
     for c in range(channels):
         x, y = tgt_m.flux[c], ref_m.flux[c] * correction[c]
         sx, sy = tgt_m.flux_error[c], ref_m.flux_error[c] * correction[c]
-        # Every star of the one star set measured in this channel counts, weighted by its
-        # noise; only pairs too faint to tell a star from the sky are left out.
-        snr = _pair_snr(x, y, sx, sy, usable)
-        pairs_c = usable & (snr >= MIN_PAIR_SNR)
-        if pairs_c.sum() < params.min_star_pairs:
+        fit, pairs_c = fit_pairs(x, y, sx, sy, usable, params)
+        if fit is None:
             raise TooFewStarsError(
                 frame.path,
                 f"channel {c}: {int(pairs_c.sum())} usable star pairs (unsaturated, fully covered, signal-to-noise "
                 f">= {MIN_PAIR_SNR:g}); at least {params.min_star_pairs} are needed for a photometric scale",
             )
-        fit = scalefit.fit_scale(
-            x[pairs_c],
-            y[pairs_c],
-            target_error=sx[pairs_c],
-            reference_error=sy[pairs_c],
-            tolerance=params.star_flux_tolerance,
-            outlier_removal=params.outlier_removal,
-            judged=snr[pairs_c] >= JUDGED_PAIR_SNR,
-            min_pairs=max(params.min_star_pairs, scalefit.FEW_STAR_PAIRS),
-        )
         if fit.n_pairs == 0 or not (fit.scale > 0 and math.isfinite(fit.scale)):
             raise TooFewStarsError(
                 frame.path, f"channel {c}: the {fit.n_pairs} star pairs give no positive scale ({fit.scale:g})"
@@ -441,6 +428,30 @@ def _measure(
         reference_psf=reference_psf if psfs is not None else None,
         target_psf=target_psf if psfs is not None else None,
     )
+
+
+def fit_pairs(x, y, sx, sy, usable, params) -> tuple[scalefit.ScaleFit | None, np.ndarray]:
+    """One channel's scale fit of :func:`_measure` from the target's fluxes ``x`` and the
+    reference's corrected ones ``y`` with their errors: every ``usable`` star counts, weighted
+    by its noise; only pairs too faint to tell a star from the sky (signal-to-noise under
+    :data:`MIN_PAIR_SNR`) are left out, and those from :data:`JUDGED_PAIR_SNR` up are judged
+    by NSG's ratio tolerance. Returns the fit (None where fewer than
+    ``params.min_star_pairs`` pairs are left) and the pairs it was given."""
+    snr = _pair_snr(x, y, sx, sy, usable)
+    pairs = usable & (snr >= MIN_PAIR_SNR)
+    if pairs.sum() < params.min_star_pairs:
+        return None, pairs
+    fit = scalefit.fit_scale(
+        x[pairs],
+        y[pairs],
+        target_error=sx[pairs],
+        reference_error=sy[pairs],
+        tolerance=params.star_flux_tolerance,
+        outlier_removal=params.outlier_removal,
+        judged=snr[pairs] >= JUDGED_PAIR_SNR,
+        min_pairs=max(params.min_star_pairs, scalefit.FEW_STAR_PAIRS),
+    )
+    return fit, pairs
 
 
 def _with_defects(reference: Reference, geometry, cut, at, defects) -> photometry.StarMeasurement:
