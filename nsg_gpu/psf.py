@@ -726,7 +726,7 @@ def _fit_once(
         solution = optimize.least_squares(
             residual,
             [math.log(psf.alpha), psf.beta],
-            bounds=([math.log(0.3), 1.2], [math.log(50.0), 20.0]),
+            bounds=([math.log(0.3), 1.2], [math.log(50.0), MAX_FIT_BETA]),
             x_scale=[0.01, 0.05],
             diff_step=[1e-4, 1e-4],
             # Steps of 1e-6 in log alpha and beta, far inside the rounds' own criterion
@@ -975,10 +975,20 @@ def integrated_fit(*fwhm: float) -> bool:
     return min(fwhm) < INTEGRATE_BELOW_FWHM
 
 
+#: The bound of the fits' Moffat index.
+MAX_FIT_BETA = 20.0
+#: The largest Moffat index a fit may have: short of the fit's bound (:data:`MAX_FIT_BETA`),
+#: since a fit that ends there has found no index. Above 10 a Moffat's core is a Gaussian's
+#: within 1 %, and stars that near-Gaussian do come out so: the StarGate reference fits 11.7
+#: with stamps of 24 px and 14.0 with stamps of 22 px (docs/scale-accuracy.md, "The quick
+#: FWHM: only the star's own pixels").
+MAX_PLAUSIBLE_BETA = 18.0
+
+
 def plausible(psf: MoffatPSF, fwhm_estimate: float) -> bool:
     """A fitted Moffat that seeing-limited stars can have, near the frame's quick FWHM (which
     is measured in the pixels: :attr:`MoffatPSF.pixel_fwhm`)."""
-    return 1.5 <= psf.beta <= 12.0 and 0.6 <= psf.pixel_fwhm / fwhm_estimate <= 1.4
+    return 1.5 <= psf.beta <= MAX_PLAUSIBLE_BETA and 0.6 <= psf.pixel_fwhm / fwhm_estimate <= 1.4
 
 
 @dataclass
