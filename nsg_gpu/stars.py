@@ -54,6 +54,15 @@ SHARPNESS_CAP = 1.0
 #: noise sigmas above their surroundings; where fewer than five do, from the five brightest
 #: above SPARSE_FWHM_PEAK_SNR.
 FWHM_PEAK_SNR = 30.0
+#: The noise above which the stars that read the FWHM stand is the matched image's (scaled to
+#: a pixel), at most this many times the pixels' own.
+FWHM_NOISE_CAP = 2.0
+#: A star's area above half maximum over this many times the median of its frame's bright
+#: stars is a blend, and does not read the frame's FWHM (:func:`typical_fwhm`).
+BLEND_AREA = 3.0
+#: ... where it is larger than this (px^2; a reading of 4 px); and under a BLEND_AREA-th of
+#: the median, where the median is larger than this.
+BLEND_MIN_AREA = 4.0 * math.pi
 SPARSE_FWHM_PEAK_SNR = 7.0
 #: A detection whose 4-neighbours hold less than a fifth of its peak is still a star where
 #: the light on both sides of it (twice the lesser of each pair of opposite neighbours, over
@@ -303,9 +312,12 @@ def estimate_fwhm(image, x, y, background=0.0, half: int = 8) -> np.ndarray:
     """FWHM (px) of stars from the area above half their peak.
 
     ``2 * sqrt(area / pi)`` of the pixels above half the (background-subtracted) peak within
-    ``half`` pixels of the star, the peak being the brightest sampled pixel. Cheap and robust;
-    it sizes apertures and filters and is not a measurement in itself (it reads about 5 %
-    high for well-sampled Moffat stars).
+    ``half`` pixels of the star and joined to the peak through such pixels (8-connected), the
+    peak being the brightest sampled pixel near the centre. Cheap and robust; it sizes
+    apertures and filters and is not a measurement in itself (it reads about 5 % high for
+    well-sampled Moffat stars). Only the star's own pixels count, so that neighbours and
+    noise elsewhere in a window sized from a first guess do not inflate it (a larger reading
+    would widen the next window in turn).
     """
     be = get_backend(image)
     xp = be.xp
@@ -317,23 +329,52 @@ def estimate_fwhm(image, x, y, background=0.0, half: int = 8) -> np.ndarray:
     offsets = xp.arange(-half, half + 1)
     disc = (offsets[:, None] ** 2 + offsets[None, :] ** 2) <= half * half
     peak = win[:, half - 1 : half + 2, half - 1 : half + 2].max(axis=(1, 2))
-    area = ((win > 0.5 * peak[:, None, None]) & disc).sum(axis=(1, 2))
-    return be.to_host(2.0 * xp.sqrt(area / math.pi))
+    above = (win > 0.5 * peak[:, None, None]) & disc
+    return be.to_host(2.0 * xp.sqrt(_joined_to_centre(above, half).sum(axis=(1, 2)) / math.pi))
+
+
+def _joined_to_centre(above, half: int):
+    """The pixels of ``above`` (n, s, s) joined to the central 3 x 3 pixels through pixels of
+    ``above`` (8-connected): grown one pixel a step from the centre's until it stops."""
+    xp = get_backend(above).xp
+    region = xp.zeros_like(above)
+    region[:, half - 1 : half + 2, half - 1 : half + 2] = above[:, half - 1 : half + 2, half - 1 : half + 2]
+    for _ in range(2 * half + 1):
+        grown = region.copy()
+        grown[:, 1:, :] |= region[:, :-1, :]
+        grown[:, :-1, :] |= region[:, 1:, :]
+        wide = grown.copy()
+        wide[:, :, 1:] |= grown[:, :, :-1]
+        wide[:, :, :-1] |= grown[:, :, 1:]
+        wide &= above
+        if not bool((wide != region).any()):
+            break
+        region = wide
+    return region
 
 
 def typical_fwhm(values: np.ndarray) -> float:
     """The FWHM (px) typical of stars whose :func:`estimate_fwhm` readings are ``values``:
     that of their mean area above half maximum, the tenth largest and smallest areas left
     out (one at each end from five values, so that a blend among a few stars does not move
-    it; none below five), NaN for none. The areas are whole pixels, and an undersampled
-    star's is one or two pixels as it falls on a pixel's centre or between two, so their
-    median jumps between 1.13 and 1.60 px with the share of stars on each side; their mean
-    over many stars, which fall anywhere in their pixels, grows with the stars' width as it
-    does."""
+    it; none below five), NaN for none. Areas over :data:`BLEND_AREA` times the median (and
+    over :data:`BLEND_MIN_AREA`: an undersampled star's one to four pixels all count) are
+    left out first: stars joined above half maximum, which on a field of broad stars can be
+    two in sixteen (their mean would then read 9 px for stars of 7). Where the median is
+    over :data:`BLEND_MIN_AREA`, so are areas under a :data:`BLEND_AREA`-th of it: hot pixels
+    on broad stars' peaks (four of fourteen read 1.1-3.4 px among stars of 9.7). The areas are whole
+    pixels, and an undersampled star's is one or two pixels as it falls on a pixel's centre
+    or between two, so their median jumps between 1.13 and 1.60 px with the share of stars
+    on each side; their mean over many stars, which fall anywhere in their pixels, grows with
+    the stars' width as it does."""
     values = np.asarray(values, float)
     area = np.sort(np.pi * (values[np.isfinite(values)] / 2) ** 2)
     if not area.size:
         return float("nan")
+    middle = float(np.median(area))
+    area = area[area <= max(BLEND_AREA * middle, BLEND_MIN_AREA)]
+    if middle > BLEND_MIN_AREA:
+        area = area[area * BLEND_AREA >= middle]
     cut = max(1, area.size // 10) if area.size >= 5 else 0
     return float(2.0 * math.sqrt(area[cut : area.size - cut].mean() / math.pi))
 
@@ -680,11 +721,12 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
         c = centre[judged]
         keep[judged] = (symmetric > UNDERSAMPLED_AROUND * c) & (symmetric > AROUND_SNR * pixel_noise)
     image_max = float(be.to_host(image.max()))
+    # The pixels' own noise, from the residual's median absolute deviation.
+    residual_sub = residual[::step, ::step][valid[::step, ::step]]
+    pixel_sigma = float(1.4826 * xp.median(xp.abs(residual_sub - xp.median(residual_sub))))
     if resampled:
         # A resampled frame: a hot pixel comes out spread over its neighbours by the
         # interpolation, and passes the tests above; its shape is the kernel's.
-        residual_sub = residual[::step, ::step][valid[::step, ::step]]
-        pixel_sigma = float(1.4826 * xp.median(xp.abs(residual_sub - xp.median(residual_sub))))
         tested = xp.nonzero(keep & (centre > POINT_TEST_SNR * pixel_sigma))[0]
         tested = tested[xp.argsort(-centre[tested])[:POINT_TEST_MAX]]
         if tested.size:
@@ -714,11 +756,18 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     # sparse field with fewer of them, from its five brightest (by flux: a hot pixel that a
     # registration spread over two pixels can peak as high as a star, with a fraction of its
     # flux) unsaturated detections that stand out of the noise enough to show their width (a
-    # guess kept for want of five stars sizes every aperture and filter after it).
+    # guess kept for want of five stars sizes every aperture and filter after it). The noise
+    # they stand above is the matched image's (which also holds what the filter keeps of the
+    # nebula and of faint stars: 1.05-1.9 times the pixels' own on the generator's fields), at
+    # most FWHM_NOISE_CAP times the pixels' own: on broad stars over a nebula it was 5 times
+    # that, too few stars stood 30 of it above their sky, and five faint detections and knots
+    # read 20 px where the stars have 9.7.
     unsaturated = peak_value < 0.5 * image_max
-    bright = np.nonzero(unsaturated & ~trail & (peak_residual > FWHM_PEAK_SNR * pixel_noise))[0][:200]
+    readable = unsaturated & ~trail
+    reading_noise = min(pixel_noise, FWHM_NOISE_CAP * pixel_sigma)
+    bright = np.nonzero(readable & (peak_residual > FWHM_PEAK_SNR * reading_noise))[0][:200]
     if bright.size < 5:
-        bright = np.nonzero(unsaturated & ~trail & (peak_residual > SPARSE_FWHM_PEAK_SNR * pixel_noise))[0][:5]
+        bright = np.nonzero(readable & (peak_residual > SPARSE_FWHM_PEAK_SNR * reading_noise))[0][:5]
     measured = fwhm
     if bright.size >= 5:
         rows = be.asarray(np.rint(cy[bright]).astype(np.int64))
