@@ -721,12 +721,11 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
         c = centre[judged]
         keep[judged] = (symmetric > UNDERSAMPLED_AROUND * c) & (symmetric > AROUND_SNR * pixel_noise)
     image_max = float(be.to_host(image.max()))
-    # The pixels' own noise, from the residual's median absolute deviation.
-    residual_sub = residual[::step, ::step][valid[::step, ::step]]
-    pixel_sigma = float(1.4826 * xp.median(xp.abs(residual_sub - xp.median(residual_sub))))
     if resampled:
         # A resampled frame: a hot pixel comes out spread over its neighbours by the
         # interpolation, and passes the tests above; its shape is the kernel's.
+        residual_sub = residual[::step, ::step][valid[::step, ::step]]
+        pixel_sigma = float(1.4826 * xp.median(xp.abs(residual_sub - xp.median(residual_sub))))
         tested = xp.nonzero(keep & (centre > POINT_TEST_SNR * pixel_sigma))[0]
         tested = tested[xp.argsort(-centre[tested])[:POINT_TEST_MAX]]
         if tested.size:
@@ -764,7 +763,10 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     # read 20 px where the stars have 9.7.
     unsaturated = peak_value < 0.5 * image_max
     readable = unsaturated & ~trail
-    reading_noise = min(pixel_noise, FWHM_NOISE_CAP * pixel_sigma)
+    # (The pixels' own noise from a sixteenth of the subsample above: 4 ms on 26 MP.)
+    coarse = residual[:: 4 * step, :: 4 * step][valid[:: 4 * step, :: 4 * step]]
+    own = float(1.4826 * xp.median(xp.abs(coarse - xp.median(coarse)))) if coarse.size else pixel_noise
+    reading_noise = min(pixel_noise, FWHM_NOISE_CAP * own)
     bright = np.nonzero(readable & (peak_residual > FWHM_PEAK_SNR * reading_noise))[0][:200]
     if bright.size < 5:
         bright = np.nonzero(readable & (peak_residual > SPARSE_FWHM_PEAK_SNR * reading_noise))[0][:5]
