@@ -67,19 +67,24 @@ def test_broad_stars_on_a_nebula_are_measured_with_their_psfs():
         assert abs(_mono_error(field, measured, k)) < SCALE_TARGET
 
 
-def test_a_target_of_much_broader_stars_reads_its_own_fwhm():
-    """A target of 11 px against a reference of 2.8 px (Moffat index 3.05 and 3.13): none of
-    the reference's 200 bright isolated stars peaks 20 noise sigmas above its sky there, and
-    the target took the reference's FWHM, whose apertures kept two thirds of its stars'
-    light (scale +53 %). Now its FWHM is read from the brightest at 7 sigmas, within 12 %;
-    the scale is still off by more than stated (docs/scale-accuracy.md, "Targets of much
-    broader stars"), and a thin-cloud frame keeps the reference's FWHM
+def test_a_target_of_much_broader_stars_reads_its_own_fwhm_and_takes_the_aperture():
+    """Targets of 6 and 11 px against a reference of 2.8 px (Moffat index 3.05-3.19, 3500
+    stars). The 11 px target's stars peaked under the 20 noise sigmas that read a target's
+    FWHM, and it took the reference's, whose apertures kept two thirds of its stars' light
+    (scale +53 %); now its FWHM is read from the brightest at 7 sigmas, within 12 %. Both
+    take the plain aperture (a frame twice as broad as the other or more): the PSF weights
+    read them +2.3 % and +6.6 % for stated 0.5 % and 2.2 % (their fitted index too high on
+    stars with many neighbours per PSF area; docs/scale-accuracy.md, "Targets of much
+    broader stars"). A thin-cloud frame keeps the reference's FWHM
     (test_frames_under_thin_cloud_are_judged_on_the_stars_they_show)."""
     field = SyntheticField(seed=1, n_frames=5, fwhms=[2.8, 8.0, 6.0, 4.0, 11.0])
     reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
-    measured = measure_scale(reference, Frame.from_array(field.render(4), name="target"))
-    assert measured.fwhm == pytest.approx(11.0, rel=0.12)
-    assert abs(_mono_error(field, measured, 4)) < 0.1
+    for k in (2, 4):
+        measured = measure_scale(reference, Frame.from_array(field.render(k), name=f"target {k}"))
+        assert measured.fwhm == pytest.approx(field.frames[k].fwhm, rel=0.12)
+        assert measured.target_psf is None
+        error = _mono_error(field, measured, k)
+        assert abs(error) < 3 * measured.fits[0].scale_error / measured.scale[0], (k, error)
 
 
 def test_a_target_of_much_broader_stars_is_judged_registered():
