@@ -127,25 +127,30 @@ class ScaleMeasurement:
 def _target_fwhm(reference: Reference, image, noise: float) -> float:
     """The target's FWHM at the reference's bright isolated stars; the reference's where too
     few stand out of the target's noise (noise inflates the area above half maximum of faint
-    ones)."""
-    be = get_backend(image)
+    ones), unless those of them that do read it much broader (:func:`_broad_target_fwhm`)."""
     stars = reference.stars
     bright = reference.photometry_index[reference.isolated][:200]
     if bright.size < 5:
         return stars.fwhm
-    local = local_level(image, stars.x[bright], stars.y[bright], 12)
-    strong = (stamp_peaks(image, stars.x[bright], stars.y[bright]) - local) > MIN_FWHM_PEAK_SNR * noise
-    if strong.sum() < 5:
+    half = max(4, int(math.ceil(3 * stars.fwhm)))
+    reading = _fwhm_reading(image, stars.x[bright], stars.y[bright], MIN_FWHM_PEAK_SNR * noise, 12, half, 200)
+    if reading is None:
         return _broad_target_fwhm(reference, image, noise, bright)
-    values = estimate_fwhm(
-        image,
-        stars.x[bright][strong],
-        stars.y[bright][strong],
-        background=be.asarray(local[strong]),
-        half=max(4, int(math.ceil(3 * stars.fwhm))),
-    )
+    return reading if math.isfinite(reading) else stars.fwhm
+
+
+def _fwhm_reading(image, x, y, threshold: float, sky_half: int, half: int, most: int) -> float | None:
+    """:func:`typical_fwhm` of the first ``most`` stars at ``x, y`` whose peak stands
+    ``threshold`` above their local sky (:func:`local_level` at ``sky_half``), read in windows
+    of ``half``; None where fewer than five stand out, NaN where fewer than five read it."""
+    be = get_backend(image)
+    local = local_level(image, x, y, sky_half)
+    shown = np.nonzero(stamp_peaks(image, x, y) - local > threshold)[0][:most]
+    if shown.size < 5:
+        return None
+    values = estimate_fwhm(image, x[shown], y[shown], background=be.asarray(local[shown]), half=half)
     values = values[values > 0.8]
-    return typical_fwhm(values) if values.size >= 5 else stars.fwhm
+    return typical_fwhm(values) if values.size >= 5 else math.nan
 
 
 def _broad_target_fwhm(reference: Reference, image, noise: float, bright: np.ndarray) -> float:
@@ -159,21 +164,14 @@ def _broad_target_fwhm(reference: Reference, image, noise: float, bright: np.nda
     apertures, which kept two thirds of its stars' light (scale +53 %). A frame under thin
     cloud keeps the reference's: the areas of its faint stars, which noise inflates, do not
     read half as broad again."""
-    be = get_backend(image)
     stars = reference.stars
     x, y = stars.x[bright], stars.y[bright]
     reading = stars.fwhm
     for _ in range(2):
         half = max(12, int(math.ceil(3 * reading)))
-        local = local_level(image, x, y, half)
-        shown = np.nonzero(stamp_peaks(image, x, y) - local > BROAD_FWHM_PEAK_SNR * noise)[0][:30]
-        if shown.size < 5:
+        reading = _fwhm_reading(image, x, y, BROAD_FWHM_PEAK_SNR * noise, half, half, 30)
+        if reading is None or not math.isfinite(reading):
             return stars.fwhm
-        values = estimate_fwhm(image, x[shown], y[shown], background=be.asarray(local[shown]), half=half)
-        values = values[values > 0.8]
-        if values.size < 5:
-            return stars.fwhm
-        reading = typical_fwhm(values)
     return reading if reading >= BROAD_FWHM * stars.fwhm else stars.fwhm
 
 
