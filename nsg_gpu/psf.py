@@ -83,6 +83,7 @@ __all__ = [
     "pixel_mean",
     "integrated_fit",
     "fits_psf_from",
+    "neighbour_mask",
 ]
 
 #: Radius of the fitted stamps, in FWHM.
@@ -928,7 +929,8 @@ def fit_target_psf(
     ``pixel_integrated`` as the reference's fit. Where the reference's PSF has a ``field``
     model the target's widths are measured star by star too, from the reference's field as
     a start, and the target gets its own field model (seeing widens the stars of the centre
-    and the edges differently) or none.
+    and the edges differently) or none. ``masked`` ``(stamps, pixels)``: the pixels the
+    reference's fit left out (:attr:`FittedPSF.masked`), left out here too.
     """
     t = target.take(fitted)
     r = reference.take(fitted)
@@ -1065,7 +1067,10 @@ def fit_reference_psf(
     too few stars can be fitted or the fit is implausible.
 
     A curved background per star: the reference's fit has only its own frame, and a nebula's
-    curvature under the wings would otherwise read as wing light.
+    curvature under the wings would otherwise read as wing light. ``neighbours`` ``(flux, x,
+    y, stars)``: the catalogue, and the PSF stars' indices in it; the pixels
+    :func:`neighbour_mask` marks are left out, and kept with the result for the targets'
+    fits.
     """
     if x.size < MIN_PSF_STARS:
         return None
