@@ -74,8 +74,8 @@ BROAD_FWHM = 1.5
 #: Where one frame's stars are this many times as broad as the other's or more, the plain
 #: aperture measures them: the PSF weights read targets much sharper than their reference
 #: high by more than they state (against a reference of 9 px, 3 px targets +1.7 % and
-#: +1.6 %, stated 0.7 % and 0.9 %, with their fitted PSFs right: the neighbours' light in
-#: the photometry). Targets 2-4 times broader than the reference read RMS 0.93 % (RMS z 0.93)
+#: +1.6 %, stated 0.7 % and 0.9 %: the two fitted indices' difference 0.06-0.13 off, where
+#: the correction needs it to 0.02). Targets 2-4 times broader than the reference read RMS 0.93 % (RMS z 0.93)
 #: on the weights since the neighbours are left out of the PSF fits, 1.35 % (z 1.05) on the
 #: aperture (docs/scale-accuracy.md, "The neighbours in the PSF stars' wings").
 MAX_PSF_WIDTH_RATIO = 2.0
