@@ -714,10 +714,10 @@ def _fit_once(
     variance = np.full(data.shape, sigma * sigma)
     if extra_variance is not None:
         variance += extra_variance[usable]
-    empty = data == 0
+    left_out = data == 0  # no data, or near another star (``masked``)
     if masked is not None:
-        empty = empty | masked[usable]
-    weight = np.where(empty, 0.0, 1.0 / variance)
+        left_out |= masked[usable]
+    weight = np.where(left_out, 0.0, 1.0 / variance)
     psf = MoffatPSF.from_fwhm(fwhm, beta, pixel_integrated=pixel_integrated)
     background = _background_terms(st, curved)
     if data.shape[0] == 0:
@@ -757,7 +757,7 @@ def _fit_once(
         previous, psf = psf, MoffatPSF(math.exp(solution.x[0]), float(solution.x[1]), 0, pixel_integrated)
         coef, model = models.solve(psf)
         star = coef[:, :1] * models.profile(psf)[:, 0]
-        weight = np.where(empty, 0.0, 1.0 / (variance + gain_inv * np.clip(star, 0, None)))
+        weight = np.where(left_out, 0.0, 1.0 / (variance + gain_inv * np.clip(star, 0, None)))
         weight[np.abs(data - model) * np.sqrt(weight) > CLIP_SIGMA] = 0.0
         if abs(psf.beta - previous.beta) < 5e-3 and abs(psf.alpha / previous.alpha - 1) < 1e-3:
             break
@@ -1044,10 +1044,10 @@ def neighbour_mask(
     tree = cKDTree(np.column_stack([x, y]))
     extent = float(np.max(np.hypot(stamps.px, stamps.py))) + NEIGHBOUR_REACH_FWHM * fwhm
     for k, near in enumerate(tree.query_ball_point(np.column_stack([cx, cy]), r=extent)):
-        for j in near:
-            if j != stars[k]:
-                ox, oy = x[j] - stamps.xi[k], y[j] - stamps.yi[k]
-                light[k] += flux[j] * profile.shape((stamps.px - ox) ** 2 + (stamps.py - oy) ** 2)
+        others = np.array([j for j in near if j != stars[k]], dtype=np.int64)
+        if others.size:
+            ox, oy = x[others, None] - stamps.xi[k], y[others, None] - stamps.yi[k]
+            light[k] = flux[others] @ profile.shape((stamps.px - ox) ** 2 + (stamps.py - oy) ** 2)
     return light > NEIGHBOUR_SHARE * own
 
 

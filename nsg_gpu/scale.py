@@ -75,9 +75,10 @@ BROAD_FWHM = 1.5
 #: aperture measures them: the PSF weights read targets much sharper than their reference
 #: high by more than they state (against a reference of 9 px, 3 px targets +1.7 % and
 #: +1.6 %, stated 0.7 % and 0.9 %: the two fitted indices' difference 0.06-0.13 off, where
-#: the correction needs it to 0.02). Targets 2-4 times broader than the reference read RMS 0.93 % (RMS z 0.93)
-#: on the weights since the neighbours are left out of the PSF fits, 1.35 % (z 1.05) on the
-#: aperture (docs/scale-accuracy.md, "The neighbours in the PSF stars' wings").
+#: the correction needs it to 0.02). Targets 2-4 times broader than the reference read RMS
+#: 0.93 % (RMS z 0.93) on the weights since the neighbours are left out of the PSF fits,
+#: 1.35 % (z 1.05) on the aperture (docs/scale-accuracy.md, "The neighbours in the PSF
+#: stars' wings").
 MAX_PSF_WIDTH_RATIO = 2.0
 #: Share of the bright reference stars that must be found within the search radius.
 MIN_REGISTERED_FRACTION = 0.5
@@ -603,8 +604,11 @@ def fit_psfs(reference: Reference, frame: Frame, fwhm_t: float) -> tuple[MoffatP
         field=fitted_reference.psf.field,
         masked=fitted_reference.masked,
         # The registration's kernel changes the cores of stars under 2.5 px (what the fit
-        # integrates over the pixels); above, its effect is within the fits' own errors and
-        # reading it would cost 0.15 s of CPU per 26 MP frame (docs/scale-accuracy.md).
+        # integrates over the pixels). Above, it still moves registered targets sharper than
+        # their reference (the crowded scenario's two misses, +0.7 %), but fitting through it
+        # costs 2.5-4 times the CPU per target, and on crowded frames the noise names it only
+        # against the reference's (docs/scale-accuracy.md, "The neighbours in the PSF stars'
+        # wings").
         blur=interpolation_kernel(frame.data) if integrated else None,
     )
     if target_psf.stars < MIN_PSF_STARS or not plausible(target_psf, fwhm_t):
