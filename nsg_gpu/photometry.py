@@ -36,6 +36,7 @@ reference's measurements are kept by :class:`nsg_gpu.reference.Reference`.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -609,8 +610,7 @@ def kept_share(geometry: ApertureGeometry, psf: MoffatPSF, weight: MoffatPSF | N
     if psf.blur is not None:
         # The pixels' light is the profile convolved with the registration's kernel; summed
         # under the weights it is the profile under the weights convolved with the kernel.
-        radii = np.linspace(0.0, r + psf.blur.half, INTEGRATED_RADII if psf.pixel_integrated else 1025)
-        w = _blurred_weight(weight, radii, r, psf.blur)
+        w, radii = _blurred_weight(weight, r, psf.blur, INTEGRATED_RADII if psf.pixel_integrated else 1025)
         ring = 2 * math.pi * radii
     held = float(integrate.simpson(ring * w * _radial_light(psf, radii), x=radii))
     return held - area * annulus_mean
@@ -618,18 +618,32 @@ def kept_share(geometry: ApertureGeometry, psf: MoffatPSF, weight: MoffatPSF | N
 
 #: Directions over a quarter turn at which blurred weights are averaged.
 BLUR_DIRECTIONS = 8
+#: Blurred weights kept (:func:`_blurred_weight`), the oldest dropped first.
+BLURRED_WEIGHTS_KEPT = 8
+_BLURRED_WEIGHTS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+_BLURRED_LOCK = threading.Lock()
 
 
-def _blurred_weight(weight: MoffatPSF, radii: np.ndarray, radius: float, blur) -> np.ndarray:
+def _blurred_weight(weight: MoffatPSF, radius: float, blur, points: int) -> tuple[np.ndarray, np.ndarray]:
     """The weights (:func:`_weight_profile`) convolved with the separable kernel ``blur``,
-    averaged over the directions at each of ``radii``.
+    averaged over the directions, at ``points`` radii from 0 to ``radius`` plus the
+    kernel's half-width; returns ``(weights, radii)``, read-only.
 
     A kernel with a centroid (a shift's: :class:`nsg_gpu.resampling.InterpolationKernel`)
     took each star from where the camera saw it, so its taps act at their offsets less the
     centroid; and since a shift and its mirror read alike in the noise, and stars fall
     anywhere in their pixels, such a kernel is averaged with its mirrors along each axis
     (which a quarter turn of directions then holds).
+
+    They do not depend on the star's PSF, only on the weights and the kernel: computed once
+    for the few last (a target's seeing correction, its uncertainty's differences and a
+    field model's nodes ask for the same ones) and kept.
     """
+    key = (weight.alpha, weight.beta, float(radius), blur, int(points))
+    kept = _BLURRED_WEIGHTS.get(key)
+    if kept is not None:
+        return kept
+    radii = np.linspace(0.0, radius + blur.half, points)
     theta = (np.arange(BLUR_DIRECTIONS) + 0.5) * (math.pi / 2 / BLUR_DIRECTIONS)
     x, y = radii[:, None] * np.cos(theta), radii[:, None] * np.sin(theta)
     offsets = np.arange(-blur.half, blur.half + 1, dtype=float)
@@ -642,7 +656,14 @@ def _blurred_weight(weight: MoffatPSF, radii: np.ndarray, radius: float, blur) -
                 continue
             for sa, sb in signs:
                 total += hx * hy / len(signs) * _weight_profile(weight, (x - sa * a) ** 2 + (y - sb * b) ** 2, radius)
-    return total.mean(axis=1)
+    kept = (total.mean(axis=1), radii)
+    for array in kept:
+        array.flags.writeable = False
+    with _BLURRED_LOCK:
+        while len(_BLURRED_WEIGHTS) >= BLURRED_WEIGHTS_KEPT:
+            _BLURRED_WEIGHTS.pop(next(iter(_BLURRED_WEIGHTS)))
+        _BLURRED_WEIGHTS[key] = kept
+    return kept
 
 
 def seeing_correction(
