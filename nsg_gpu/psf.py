@@ -102,6 +102,10 @@ CLIP_SIGMA = 5.0
 #: The stars' pixels, over which the residuals' spread is read: the star's model at least
 #: this many noise sigmas.
 STAR_PIXEL_SIGMA = 5.0
+#: Of a sampled profile seen through the registration's kernel, the core convolved with it, in
+#: shares of the stamps' radius (2.5 FWHM): the scales within 1e-5 of the whole stamp
+#: convolved, in half the convolutions (:func:`_blurred_core`).
+BLUR_CORE = 0.5
 #: Stamps with more than this share of no-data pixels are not fitted.
 MAX_EMPTY = 0.02
 #: Bright isolated stars a frame's PSF is fitted on, and the fewest that will do.
@@ -467,11 +471,16 @@ def _columns(psf: MoffatPSF, offsets: list[tuple], out: np.ndarray, widths: np.n
     return out
 
 
-def _square(stamps: PSFStamps, margin: int, centre: tuple[float, float] = (0.0, 0.0)) -> PSFStamps:
-    """The square of pixels around the stamps' discs, ``margin`` px wider on each side (no
-    data: only its offsets and the stars' positions are used), with the stars moved by
-    ``centre`` (x, y): where a kernel of that centroid takes them from."""
-    half = int(round(max(np.max(np.abs(stamps.px)), np.max(np.abs(stamps.py))))) + margin
+def _square(
+    stamps: PSFStamps, margin: int, centre: tuple[float, float] = (0.0, 0.0), half: int | None = None
+) -> PSFStamps:
+    """The square of pixels around the stamps' discs (or of ``half`` px from the centre),
+    ``margin`` px wider on each side (no data: only its offsets and the stars' positions are
+    used), with the stars moved by ``centre`` (x, y): where a kernel of that centroid takes
+    them from."""
+    if half is None:
+        half = int(round(max(np.max(np.abs(stamps.px)), np.max(np.abs(stamps.py)))))
+    half += margin
     off = np.arange(-half, half + 1, dtype=float)
     gy, gx = np.meshgrid(off, off, indexing="ij")
     cx, cy = centre
@@ -491,6 +500,51 @@ def _blurred(columns: np.ndarray, stamps: PSFStamps, blur: InterpolationKernel) 
     grid = ndimage.correlate1d(grid, np.asarray(blur.y), axis=2, mode="constant")
     index = (stamps.py.astype(int) + half) * side + (stamps.px.astype(int) + half)
     return np.ascontiguousarray(grid.reshape(n, 3, side * side)[:, :, index])
+
+
+def _blurred_core(
+    columns: np.ndarray, core: tuple, psf: MoffatPSF, widths: np.ndarray | None, blur: InterpolationKernel
+) -> np.ndarray:
+    """``columns`` ``(n, 3, p)`` (the Moffat at the stamps' pixels, the stars moved by the
+    kernel's centroid) with the profile over the stars' cores convolved with ``blur``.
+
+    ``core``: the square's squared offsets ``(n, side * side)`` (:func:`_square`, ``half``
+    the core's and the kernel's half-width as margin), the core pixels' places in the
+    stamps and in the square. Beyond the core the kernel, which keeps the low frequencies of
+    a smooth wing, is left out.
+    """
+    r2, in_stamp, in_square = core
+    n = columns.shape[0]
+    side = int(round(math.sqrt(r2.shape[1])))
+    if widths is None:
+        a2 = psf.alpha * psf.alpha
+    else:
+        a2 = (psf.alpha * np.asarray(widths, float))[:, None] ** 2
+    grid = np.power(1.0 + r2 / a2, -psf.beta).reshape(n, side, side)
+    grid = ndimage.correlate1d(grid, np.asarray(blur.x), axis=2, mode="constant")
+    grid = ndimage.correlate1d(grid, np.asarray(blur.y), axis=1, mode="constant")
+    columns[:, 0, in_stamp] = grid.reshape(n, side * side)[:, in_square]
+    return columns
+
+
+def _core(stamps: PSFStamps, blur: InterpolationKernel) -> tuple[PSFStamps, tuple]:
+    """Where a sampled profile seen through ``blur`` is evaluated (:meth:`_StarModels.profile`):
+    the stamps with the stars moved by the kernel's centroid, and the core that
+    :func:`_blurred_core` convolves."""
+    cx, cy = blur.centre
+    moved = PSFStamps(stamps.data, stamps.px, stamps.py, stamps.xi, stamps.yi, stamps.dx + cx, stamps.dy + cy)
+    radius = max(np.max(np.abs(stamps.px)), np.max(np.abs(stamps.py)))
+    half = int(math.ceil(BLUR_CORE * radius))
+    square = _square(stamps, blur.half, blur.centre, half=half)
+    side = 2 * (half + blur.half) + 1
+    inside = (np.abs(stamps.px) <= half) & (np.abs(stamps.py) <= half)
+    in_stamp = np.nonzero(inside)[0]
+    in_square = (stamps.py[in_stamp].astype(int) + half + blur.half) * side + (
+        stamps.px[in_stamp].astype(int) + half + blur.half
+    )
+    ux = square.px[None] - square.dx[:, None]
+    uy = square.py[None] - square.dy[:, None]
+    return moved, (ux * ux + uy * uy, in_stamp, in_square)
 
 
 def _design(psf: MoffatPSF, stamps: PSFStamps, background: np.ndarray, widths: np.ndarray | None = None) -> np.ndarray:
@@ -583,11 +637,21 @@ class _StarModels:
             # A kernel with a centroid (a shift's) moves the stars by it: the profile is
             # evaluated where the camera saw them, so that the fitted positions stay the
             # registered ones.
-            evaluated = st if self.blur is None else _square(st, self.blur.half, self.blur.centre)
-            self._offsets = (key, _offsets(evaluated, psf.pixel_integrated), evaluated)
-        evaluated = self._offsets[2]
+            core = None
+            if self.blur is None:
+                evaluated = st
+            elif psf.pixel_integrated:
+                evaluated = _square(st, self.blur.half, self.blur.centre)
+            else:
+                evaluated, core = _core(st, self.blur)
+            self._offsets = (key, _offsets(evaluated, psf.pixel_integrated), evaluated, core)
+        evaluated, core = self._offsets[2], self._offsets[3]
         columns = _columns(psf, self._offsets[1], np.empty((st.dx.size, 3, evaluated.px.size)), self.widths)
-        return columns if self.blur is None else _blurred(columns, st, self.blur)
+        if self.blur is None:
+            return columns
+        if core is None:
+            return _blurred(columns, st, self.blur)
+        return _blurred_core(columns, core, psf, self.widths, self.blur)
 
     def solve(self, psf: MoffatPSF):
         """Coefficients ``(n, k)`` and the model ``(n, p)``, as ``_solve(_design(...))``
@@ -687,9 +751,13 @@ class _Fit:
 
 def _fit(stamps: PSFStamps, *, blur: InterpolationKernel | None = None, **options) -> _Fit:
     """:func:`fit_psf`, keeping the stars' models. A kernel that shifts (a matched
-    interpolation's), whose sign the noise does not tell, has it chosen by the fit
+    interpolation's), whose sign the noise does not tell, has it chosen by an integrated fit
     (:func:`_shift_sign`): where a mirror fits better, the fit is redone with it."""
     fit = _fit_once(stamps, blur=blur, **options)
+    if not options["pixel_integrated"]:
+        # Stars of 2.5 px and more fit a kernel and its mirror alike (their scales within
+        # 0.08 %: docs/scale-accuracy.md, "The registration's kernel above 2.5 px").
+        return fit
     chosen = _shift_sign(fit, blur)
     if chosen is blur:
         return fit

@@ -34,7 +34,7 @@ from .psf import (
     integrated_fit,
     stamp_radius,
 )
-from .resampling import InterpolationKernel
+from .resampling import InterpolationKernel, noise_correlation
 from .samples import MIN_SAMPLES, SampleGrid, bin_medians, make_grid, star_rejection
 from .stamps import channel_peaks, peak_contrast
 from .stars import StarCatalog, detect_stars, detection_image, isolated
@@ -72,6 +72,7 @@ class Reference:
     _measurements: dict = field(default_factory=dict)
     _cutouts: dict = field(default_factory=dict)
     _psf_fits: dict = field(default_factory=dict)
+    _noise_correlation: np.ndarray | None = None
 
     @property
     def name(self) -> str:
@@ -135,6 +136,15 @@ class Reference:
         resampled itself (:func:`nsg_gpu.resampling.interpolation_kernel`): read once, by the
         star detection."""
         return self.stars.resampling
+
+    @property
+    def noise_correlation(self) -> np.ndarray:
+        """The reference's noise correlations (:func:`nsg_gpu.resampling.noise_correlation`),
+        against which a registered target's kernel is read
+        (:func:`nsg_gpu.resampling.registration_kernel`): read once and kept."""
+        if self._noise_correlation is None:
+            self._noise_correlation = noise_correlation(self.frame.data)
+        return self._noise_correlation
 
     def clipped_medians(self, bins: np.ndarray) -> np.ndarray:
         """The reference's clipped medians (:func:`nsg_gpu.samples.clipped_medians`) of

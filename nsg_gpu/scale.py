@@ -45,7 +45,7 @@ from .psf import (
     stamp_ratio,
 )
 from .reference import Reference
-from .resampling import interpolation_kernel
+from .resampling import interpolation_kernel, noise_correlation, registration_kernel
 from .stamps import channel_peaks, gather_stamps, local_level, peak_contrast, stamp_peaks
 from .stars import detection_image, estimate_fwhm, typical_fwhm
 
@@ -571,6 +571,26 @@ def _pair_snr(x, y, sx, sy, usable) -> np.ndarray:
     return (y + ratio * x) / np.maximum(np.hypot(sy, ratio * sx), 1e-30)
 
 
+def _target_kernel(reference: Reference, frame: Frame, integrated: bool):
+    """The registration's kernel that the target's PSF fit convolves its Moffat with, or None.
+
+    Undersampled stars (an ``integrated`` fit) have their cores reshaped by it: the frame's
+    own (:func:`nsg_gpu.resampling.interpolation_kernel`), as the reference's fit has its
+    own. Stars of 2.5 px and more are fitted sampled, the reference's without a kernel; the
+    kernel still moves a registered target's fitted index (crowded targets sharper than
+    their reference read +0.7 % without it), and there it is read against the reference's
+    noise (:func:`nsg_gpu.resampling.registration_kernel`), whose unresolved stars would
+    otherwise be taken for a kernel (docs/scale-accuracy.md, "The registration's kernel
+    above 2.5 px"). A reference resampled itself by an interpolation at one shift has no
+    such reading: what a target's noise holds beyond its noise is no kernel."""
+    if integrated:
+        return interpolation_kernel(frame.data)
+    own = reference.interpolation_kernel
+    if own is not None and own.name != "zero-phase":
+        return None
+    return registration_kernel(noise_correlation(frame.data), reference.noise_correlation)
+
+
 def fit_psfs(reference: Reference, frame: Frame, fwhm_t: float) -> tuple[MoffatPSF, MoffatPSF] | None:
     """The reference's and the target's Moffat PSFs, the target's fitted against the
     reference's sky (:func:`nsg_gpu.psf.fit_target_psf`), both integrated over the pixels
@@ -603,13 +623,7 @@ def fit_psfs(reference: Reference, frame: Frame, fwhm_t: float) -> tuple[MoffatP
         pixel_integrated=integrated,
         field=fitted_reference.psf.field,
         masked=fitted_reference.masked,
-        # The registration's kernel changes the cores of stars under 2.5 px (what the fit
-        # integrates over the pixels). Above, it still moves registered targets sharper than
-        # their reference (the crowded scenario's two misses, +0.7 %), but fitting through it
-        # costs 2.5-4 times the CPU per target, and on crowded frames the noise names it only
-        # against the reference's (docs/scale-accuracy.md, "The neighbours in the PSF stars'
-        # wings").
-        blur=interpolation_kernel(frame.data) if integrated else None,
+        blur=_target_kernel(reference, frame, integrated),
     )
     if target_psf.stars < MIN_PSF_STARS or not plausible(target_psf, fwhm_t):
         return None

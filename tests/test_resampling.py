@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from nsg_gpu.resampling import InterpolationKernel, interpolation_kernel, interpolation_taps, noise_correlation
+from nsg_gpu.resampling import (
+    InterpolationKernel,
+    interpolation_kernel,
+    interpolation_taps,
+    noise_correlation,
+    registration_kernel,
+)
 
 
 def _impulse_response(shift: float) -> np.ndarray:
@@ -100,3 +106,35 @@ def test_a_rotated_frame_keeps_the_zero_phase_kernel():
     kernel = interpolation_kernel(rotated[None].astype(np.float32))
     assert kernel is not None
     assert kernel.name == "zero-phase" and kernel.symmetric and kernel.centre == (0.0, 0.0)
+
+
+def _unresolved_sky(rng, shape) -> np.ndarray:
+    """White noise and, a fifth of its variance, a random field blurred by a 0.7 px
+    Gaussian: a sky whose own pixels correlate by about 0.05 at lag 1, as a crowded field's
+    unresolved stars do."""
+    smooth = scipy.ndimage.gaussian_filter(rng.normal(0, 1, shape), 0.7)
+    smooth *= 0.01 / np.sqrt(5) / smooth.std()
+    return 0.1 + smooth + rng.normal(0, 0.01, shape)
+
+
+@pytest.mark.parametrize("shift", [(0.3, -0.2), (0.0, 0.45)])
+def test_a_target_s_kernel_read_against_the_reference_s_noise(shift):
+    """A crowded sky's unresolved stars correlate a frame's pixels that no registration
+    touched: read alone, the reference and an unshifted target have a kernel. Read against
+    the reference's correlations (``registration_kernel``), the unshifted target has none,
+    and a target shifted by a cubic spline has the spline at its shift (a shift and its
+    mirror read alike)."""
+    rng = np.random.default_rng(4)
+    shape = (900, 1100)
+    reference = _unresolved_sky(rng, shape)[None].astype(np.float32)
+    own = noise_correlation(reference)
+    assert 0.03 < own[0, 0] < 0.08 and 0.03 < own[1, 0] < 0.08, own
+    assert interpolation_kernel(reference) is not None  # the sky read as a kernel
+    unshifted = _unresolved_sky(rng, shape)[None].astype(np.float32)
+    assert interpolation_kernel(unshifted) is not None
+    assert registration_kernel(noise_correlation(unshifted), own) is None
+    captured = _unresolved_sky(rng, shape)
+    target = scipy.ndimage.shift(captured, shift, order=3, mode="nearest")[None].astype(np.float32)
+    kernel = registration_kernel(noise_correlation(target), own)
+    assert kernel is not None and kernel.name == "cubic spline", kernel
+    assert np.allclose(np.abs(kernel.centre), np.abs(shift[::-1]), atol=0.05), (kernel.centre, shift)
