@@ -96,12 +96,15 @@ NEIGHBOUR_REACH_FWHM = 10.0
 #: At most this many rounds of positions, Moffat fit, weights and clipping.
 MAX_ROUNDS = 6
 #: Residuals beyond this many sigma are left out of the fit: sigmas of the pixels' noise, or
-#: of the residuals' own spread over the stars' pixels where it is larger
-#: (:func:`_clip_scale`).
+#: more where the model's own error is many times the noise (:func:`_clip_scale`).
 CLIP_SIGMA = 5.0
 #: The stars' pixels, over which the residuals' spread is read: the star's model at least
 #: this many noise sigmas.
 STAR_PIXEL_SIGMA = 5.0
+#: A spread of the residuals over the stars' pixels (in noise sigmas) beyond which the clip
+#: follows it: the generator's Moffats fit to 1.0-1.1, real bright stars (StarGate) to
+#: 2.5-3.7, which the clip at 5 noise sigmas serves; almost noiseless frames to 25-70.
+MODEL_ERROR_SPREAD = 4.0
 #: Of a sampled profile seen through the registration's kernel, the core convolved with it, in
 #: shares of the stamps' radius (2.5 FWHM): the scales within 1e-5 of the whole stamp
 #: convolved, in half the convolutions (:func:`_blurred_core`).
@@ -844,19 +847,20 @@ def _fit_once(
 def _clip_scale(residual: np.ndarray, star: np.ndarray, variance: np.ndarray, weight: np.ndarray) -> float:
     """The unit of the fit's clipping, in noise sigmas: 1, or the robust spread (1.4826 times
     the median) of the normalised ``residual`` over the stars' pixels (``star`` at least
-    :data:`STAR_PIXEL_SIGMA` noise sigmas, still weighted) where that is larger.
+    :data:`STAR_PIXEL_SIGMA` noise sigmas, still weighted) over :data:`MODEL_ERROR_SPREAD`
+    where that is larger.
 
-    Where the Moffat's own error exceeds the noise (bright stars on a frame of very little
-    noise, seen through a kernel the noise does not show), a clip at 5 noise sigmas takes
-    the stars' cores for outliers, round after round, and leaves the fit to the pixels that
-    rounding spares: two machines' BLAS put an undersampled target's FWHM at 0.80 and 1.00
-    px, its scale 4.3 % apart (docs/scale-accuracy.md, "Clipping where the model's error
+    Where the Moffat's own error is many times the noise (bright stars on a frame of very
+    little noise, seen through a kernel the noise does not show), a clip at 5 noise sigmas
+    takes the stars' cores for outliers, round after round, and leaves the fit to the pixels
+    that rounding spares: two machines' BLAS put an undersampled target's FWHM at 0.80 and
+    1.00 px, its scale 4.3 % apart (docs/scale-accuracy.md, "Clipping where the model's error
     exceeds the noise"). Outliers are then what stands out of the model's error.
     """
     on = (weight > 0) & (star > STAR_PIXEL_SIGMA * np.sqrt(variance))
     if not on.any():
         return 1.0
-    return max(1.0, 1.4826 * float(np.median(residual[on])))
+    return max(1.0, 1.4826 * float(np.median(residual[on])) / MODEL_ERROR_SPREAD)
 
 
 def parameter_covariance(models: _StarModels, psf: MoffatPSF) -> tuple[float, float, float]:

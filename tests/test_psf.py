@@ -418,8 +418,7 @@ def _field_stars(seed, base: MoffatPSF, widening: float, noise=1e-3, transmissio
 def test_field_model_follows_a_psf_widening_to_the_corners():
     """Stars 60 % broader in the corners: the reference's fit finds a field model whose factor
     across the field is the truth's to 2 %, and the index within 0.08 (one Moffat for the
-    whole frame reads the mixture of widths as an index 0.11 too low; 0.20 while the clip at
-    5 noise sigmas took the cores it misfits for outliers: ``psf._clip_scale``)."""
+    whole frame reads the mixture of widths as an index 0.2 too low)."""
     truth = MoffatPSF.from_fwhm(2.8, 3.2)
     image, xs, ys, factor = _field_stars(2, truth, 0.6)
     fitted = psf_fitting.fit_reference_psf(image[None], xs, ys, fwhm=3.5, radius=18)
@@ -429,7 +428,7 @@ def test_field_model_follows_a_psf_widening_to_the_corners():
     assert np.allclose(relative, factor, rtol=0.02), np.max(np.abs(relative / factor - 1))
     assert psf.beta == pytest.approx(truth.beta, abs=0.08)
     one, _, _ = psf_fitting.fit_psf(psf_fitting.cut_stamps(image, xs, ys, 18), fwhm=3.5, sigma=1e-3, curved=True)
-    assert one.field is None and truth.beta - one.beta > 0.08
+    assert one.field is None and truth.beta - one.beta > 0.15
 
 
 @pytest.mark.parametrize("seed", [3, 4, 5])
