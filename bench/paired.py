@@ -11,7 +11,7 @@ process's wall; the medians and ranges are printed, and the ratios this/baseline
 (their median: the figure to quote).
 
     python bench/paired.py --baseline PATH [--runs 7] [--frames 4] [--width 6248 --height 4176]
-                           [--colour] [--cache DIR] [--json FILE]
+                           [--colour] [--scenario NAME] [--cache DIR] [--json FILE]
 
 PATH is a checkout of the commit to compare against (``git worktree add PATH COMMIT``).
 """
@@ -90,6 +90,9 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=4176)
     parser.add_argument("--colour", action="store_true", help="3-channel frames instead of mono")
     parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument(
+        "--scenario", help="a generator scenario's frames (bench/throughput.py --scenario), e.g. field-dependent-psf"
+    )
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "nsg-bench-frames")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
@@ -99,7 +102,13 @@ def main() -> None:
     paths = [
         str(p)
         for p in frame_set(
-            args.cache, width=args.width, height=args.height, colour=args.colour, frames=args.frames, seed=args.seed
+            args.cache,
+            width=args.width,
+            height=args.height,
+            colour=args.colour,
+            frames=args.frames,
+            seed=args.seed,
+            scenario=args.scenario,
         )
     ]
     this = str(_HERE.parent)
@@ -115,7 +124,7 @@ def main() -> None:
                 for name, value in figures.items():
                     rows[name].append(value)
     print(
-        f"{args.frames} targets of {args.width} x {args.height} {'colour' if args.colour else 'mono'}, "
+        f"{args.frames} targets of {args.width} x {args.height} {args.scenario or ('colour' if args.colour else 'mono')}, "
         f"{args.runs} rounds; median (min-max)"
     )
     for name in rows:
