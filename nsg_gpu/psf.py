@@ -508,8 +508,8 @@ def _blurred(columns: np.ndarray, stamps: PSFStamps, blur: InterpolationKernel) 
 def _blurred_core(
     columns: np.ndarray, core: tuple, psf: MoffatPSF, widths: np.ndarray | None, blur: InterpolationKernel
 ) -> np.ndarray:
-    """``columns`` ``(n, 3, p)`` (the Moffat at the stamps' pixels, the stars moved by the
-    kernel's centroid) with the profile over the stars' cores convolved with ``blur``.
+    """``columns`` ``(n, 3, p)`` (the Moffat at the stamps' pixels) with the profile over the
+    stars' cores convolved with ``blur``.
 
     ``core``: the square's squared offsets ``(n, side * side)`` (:func:`_square`, ``half``
     the core's and the kernel's half-width as margin), the core pixels' places in the
@@ -532,10 +532,9 @@ def _blurred_core(
 
 def _core(stamps: PSFStamps, blur: InterpolationKernel) -> tuple[PSFStamps, tuple]:
     """Where a sampled profile seen through ``blur`` is evaluated (:meth:`_StarModels.profile`):
-    the stamps with the stars moved by the kernel's centroid, and the core that
-    :func:`_blurred_core` convolves."""
-    cx, cy = blur.centre
-    moved = PSFStamps(stamps.data, stamps.px, stamps.py, stamps.xi, stamps.yi, stamps.dx + cx, stamps.dy + cy)
+    the stamps themselves (the stars where the registration put them), and the core that
+    :func:`_blurred_core` convolves (over a square with the stars where the camera saw
+    them, moved by the kernel's centroid, which the kernel takes back)."""
     radius = max(np.max(np.abs(stamps.px)), np.max(np.abs(stamps.py)))
     half = int(math.ceil(BLUR_CORE * radius))
     square = _square(stamps, blur.half, blur.centre, half=half)
@@ -547,7 +546,7 @@ def _core(stamps: PSFStamps, blur: InterpolationKernel) -> tuple[PSFStamps, tupl
     )
     ux = square.px[None] - square.dx[:, None]
     uy = square.py[None] - square.dy[:, None]
-    return moved, (ux * ux + uy * uy, in_stamp, in_square)
+    return stamps, (ux * ux + uy * uy, in_stamp, in_square)
 
 
 def _design(psf: MoffatPSF, stamps: PSFStamps, background: np.ndarray, widths: np.ndarray | None = None) -> np.ndarray:

@@ -521,6 +521,40 @@ def test_blurred_columns_are_the_profile_convolved_with_the_kernel():
     assert np.allclose(blurred, direct, atol=1e-12 * np.abs(direct).max())
 
 
+def test_sampled_profile_is_convolved_with_the_kernel_over_the_core():
+    """A sampled profile (stars of 2.5 px and more) through a registration's kernel: over
+    the core (half the stamp's radius) the profile column is the Moffat convolved with the
+    kernel's taps, the stars moved by its centroid (where the camera saw them, which the
+    kernel takes back); beyond it the Moffat where the registration put them, within 2e-4 of
+    the peak of the convolved one; the position columns are the Moffat's own."""
+    from nsg_gpu.resampling import InterpolationKernel, interpolation_taps
+
+    kernel = InterpolationKernel(interpolation_taps("cubic spline", 0.3), interpolation_taps("Lanczos-3", 0.45))
+    cx, cy = kernel.centre
+    psf = MoffatPSF.from_fwhm(2.8, 3.0)
+    rng = np.random.default_rng(3)
+    stamps = psf_fitting.cut_stamps(rng.normal(0, 1, (90, 90)), np.array([30.2, 55.7]), np.array([40.4, 50.9]), 14)
+    models = psf_fitting._StarModels(
+        stamps, psf_fitting._background_terms(stamps, False), stamps.data, np.ones_like(stamps.data), blur=kernel
+    )
+    columns = models.profile(psf)
+    half = kernel.half
+    convolved = np.zeros(columns.shape[::2])
+    for a, hx in zip(range(-half, half + 1), kernel.x):
+        for b, hy in zip(range(-half, half + 1), kernel.y):
+            u = stamps.px[None] + a - (stamps.dx + cx)[:, None]
+            v = stamps.py[None] + b - (stamps.dy + cy)[:, None]
+            convolved += hx * hy * psf.shape(u * u + v * v)
+    u = stamps.px[None] - stamps.dx[:, None]
+    v = stamps.py[None] - stamps.dy[:, None]
+    core = (np.abs(stamps.px) <= 7) & (np.abs(stamps.py) <= 7)
+    assert np.allclose(columns[:, 0, core], convolved[:, core], rtol=0, atol=1e-12)
+    assert np.allclose(columns[:, 0, ~core], psf.shape(u * u + v * v)[:, ~core], rtol=0, atol=1e-12)
+    assert np.abs(columns[:, 0] - convolved).max() < 2e-4
+    plain = psf_fitting._design(psf, stamps, np.zeros((0, stamps.px.size)))
+    assert np.allclose(columns[:, 1:], plain[:, 1:3], rtol=0, atol=1e-12)
+
+
 def test_blurred_kept_share_is_the_measured_share():
     """A pixel-integrated star of 1.8 px shifted by a cubic spline at (0.3, 0.4) px: the
     weighted aperture keeps, averaged over where the star falls in its pixel, the share
