@@ -519,10 +519,8 @@ def _blurred_core(
     r2, in_stamp, in_square = core
     n = columns.shape[0]
     side = int(round(math.sqrt(r2.shape[1])))
-    if widths is None:
-        a2 = psf.alpha * psf.alpha
-    else:
-        a2 = (psf.alpha * np.asarray(widths, float))[:, None] ** 2
+    # As :func:`_columns`' profile: each star's alpha times its factor in ``widths``.
+    a2 = psf.alpha * psf.alpha if widths is None else (psf.alpha * np.asarray(widths, float))[:, None] ** 2
     grid = np.power(1.0 + r2 / a2, -psf.beta).reshape(n, side, side)
     grid = ndimage.correlate1d(grid, np.asarray(blur.x), axis=2, mode="constant")
     grid = ndimage.correlate1d(grid, np.asarray(blur.y), axis=1, mode="constant")
@@ -530,11 +528,11 @@ def _blurred_core(
     return columns
 
 
-def _core(stamps: PSFStamps, blur: InterpolationKernel) -> tuple[PSFStamps, tuple]:
-    """Where a sampled profile seen through ``blur`` is evaluated (:meth:`_StarModels.profile`):
-    the stamps themselves (the stars where the registration put them), and the core that
-    :func:`_blurred_core` convolves (over a square with the stars where the camera saw
-    them, moved by the kernel's centroid, which the kernel takes back)."""
+def _core(stamps: PSFStamps, blur: InterpolationKernel) -> tuple:
+    """The core that :func:`_blurred_core` convolves for a sampled profile seen through
+    ``blur`` (:meth:`_StarModels.profile`; beyond it the profile is the stamps' own, the stars
+    where the registration put them): over a square with the stars where the camera saw
+    them, moved by the kernel's centroid, which the kernel takes back."""
     radius = max(np.max(np.abs(stamps.px)), np.max(np.abs(stamps.py)))
     half = int(math.ceil(BLUR_CORE * radius))
     square = _square(stamps, blur.half, blur.centre, half=half)
@@ -546,7 +544,7 @@ def _core(stamps: PSFStamps, blur: InterpolationKernel) -> tuple[PSFStamps, tupl
     )
     ux = square.px[None] - square.dx[:, None]
     uy = square.py[None] - square.dy[:, None]
-    return stamps, (ux * ux + uy * uy, in_stamp, in_square)
+    return ux * ux + uy * uy, in_stamp, in_square
 
 
 def _design(psf: MoffatPSF, stamps: PSFStamps, background: np.ndarray, widths: np.ndarray | None = None) -> np.ndarray:
@@ -636,16 +634,15 @@ class _StarModels:
         st = self.stamps
         key = (st.dx, st.dy, psf.pixel_integrated)
         if self._offsets is None or any(a is not b for a, b in zip(self._offsets[0], key)):
-            # A kernel with a centroid (a shift's) moves the stars by it: the profile is
-            # evaluated where the camera saw them, so that the fitted positions stay the
-            # registered ones.
-            core = None
-            if self.blur is None:
-                evaluated = st
-            elif psf.pixel_integrated:
+            # A kernel with a centroid (a shift's) moves the stars by it: what it convolves
+            # is evaluated where the camera saw them, so that the fitted positions stay the
+            # registered ones. Integrated profiles are convolved over a square around each
+            # stamp, sampled ones over the core only (:func:`_core`).
+            evaluated, core = st, None
+            if self.blur is not None and psf.pixel_integrated:
                 evaluated = _square(st, self.blur.half, self.blur.centre)
-            else:
-                evaluated, core = _core(st, self.blur)
+            elif self.blur is not None:
+                core = _core(st, self.blur)
             self._offsets = (key, _offsets(evaluated, psf.pixel_integrated), evaluated, core)
         evaluated, core = self._offsets[2], self._offsets[3]
         columns = _columns(psf, self._offsets[1], np.empty((st.dx.size, 3, evaluated.px.size)), self.widths)

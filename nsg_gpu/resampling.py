@@ -196,8 +196,7 @@ def interpolation_kernel(data, *, max_pixels: int = KERNEL_PIXELS) -> Interpolat
     where none does within :data:`MATCH_TOLERANCE`, the zero-phase kernel of the noise's
     spectrum."""
     rho = noise_correlation(data, max_pixels=max_pixels)
-    # Interpolation smooths: neighbours correlate positively along at least one axis.
-    if not np.all(np.isfinite(rho)) or np.max(rho[:, 0]) < MIN_CORRELATION:
+    if not _smoothed(rho):
         return None
     return matched_kernel(rho) or InterpolationKernel(_zero_phase_taps(rho[0]), _zero_phase_taps(rho[1]))
 
@@ -216,9 +215,13 @@ def registration_kernel(rho: np.ndarray, reference_rho: np.ndarray) -> Interpola
     (docs/scale-accuracy.md, "The registration's kernel above 2.5 px").
     """
     excess = np.asarray(rho, float) - np.asarray(reference_rho, float)
-    if not np.all(np.isfinite(excess)) or np.max(excess[:, 0]) < MIN_CORRELATION:
-        return None
-    return matched_kernel(excess)
+    return matched_kernel(excess) if _smoothed(excess) else None
+
+
+def _smoothed(rho: np.ndarray) -> bool:
+    """Whether correlations ``rho`` ``(2, lags)`` show an interpolation: it smooths, so
+    neighbours correlate by :data:`MIN_CORRELATION` or more along at least one axis."""
+    return bool(np.all(np.isfinite(rho)) and np.max(rho[:, 0]) >= MIN_CORRELATION)
 
 
 #: Interpolations a registration may have used, as functions of the offset ``t`` from a
