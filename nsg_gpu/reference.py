@@ -72,7 +72,6 @@ class Reference:
     _measurements: dict = field(default_factory=dict)
     _cutouts: dict = field(default_factory=dict)
     _psf_fits: dict = field(default_factory=dict)
-    _noise_correlation: np.ndarray | None = None
 
     @property
     def name(self) -> str:
@@ -141,10 +140,10 @@ class Reference:
     def noise_correlation(self) -> np.ndarray:
         """The reference's noise correlations (:func:`nsg_gpu.resampling.noise_correlation`),
         against which a registered target's kernel is read
-        (:func:`nsg_gpu.resampling.registration_kernel`): read once and kept."""
-        if self._noise_correlation is None:
-            self._noise_correlation = noise_correlation(self.frame.data)
-        return self._noise_correlation
+        (:func:`nsg_gpu.resampling.registration_kernel`): read once, by the star detection."""
+        if self.stars.correlation is None:
+            self.stars.correlation = noise_correlation(self.frame.data)
+        return self.stars.correlation
 
     def clipped_medians(self, bins: np.ndarray) -> np.ndarray:
         """The reference's clipped medians (:func:`nsg_gpu.samples.clipped_medians`) of

@@ -44,6 +44,7 @@ __all__ = [
     "interpolation_taps",
     "matched_kernel",
     "noise_correlation",
+    "correlation_kernel",
     "registration_kernel",
     "INTERPOLATIONS",
     "MIN_CORRELATION",
@@ -195,7 +196,12 @@ def interpolation_kernel(data, *, max_pixels: int = KERNEL_PIXELS) -> Interpolat
     :data:`INTERPOLATIONS` at the sub-pixel shift whose correlations match the noise's, or,
     where none does within :data:`MATCH_TOLERANCE`, the zero-phase kernel of the noise's
     spectrum."""
-    rho = noise_correlation(data, max_pixels=max_pixels)
+    return correlation_kernel(noise_correlation(data, max_pixels=max_pixels))
+
+
+def correlation_kernel(rho: np.ndarray) -> InterpolationKernel | None:
+    """:func:`interpolation_kernel` of noise correlations ``rho`` ``(2, lags)`` already read
+    (:func:`noise_correlation`)."""
     if not _smoothed(rho):
         return None
     return matched_kernel(rho) or InterpolationKernel(_zero_phase_taps(rho[0]), _zero_phase_taps(rho[1]))

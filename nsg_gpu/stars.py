@@ -26,7 +26,14 @@ from scipy.spatial import cKDTree
 
 from . import kernels
 from .backend import get_backend, single_threaded_blas
-from .resampling import INTERPOLATIONS, MATCHED_HALF, InterpolationKernel, interpolation_kernel, interpolation_taps
+from .resampling import (
+    INTERPOLATIONS,
+    MATCHED_HALF,
+    InterpolationKernel,
+    correlation_kernel,
+    interpolation_taps,
+    noise_correlation,
+)
 from .stamps import gather_stamps
 
 __all__ = [
@@ -126,6 +133,8 @@ class StarCatalog:
     # The interpolation the frame went through where its noise says it was resampled
     # (nsg_gpu.resampling.interpolation_kernel, read once by detect_stars), else None.
     resampling: InterpolationKernel | None = None
+    # The noise correlations it was read from (nsg_gpu.resampling.noise_correlation, (2, lags)).
+    correlation: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.x.size)
@@ -140,6 +149,7 @@ class StarCatalog:
             self.fwhm,
             self.noise,
             self.resampling,
+            self.correlation,
         )
 
 
@@ -586,7 +596,8 @@ def detect_stars(
     image = image.astype(xp.float32, copy=False)
     image = _scattered_zeros_as_data(image, data)
     valid = image > 0
-    kernel = interpolation_kernel(data if data.ndim == 3 else data[None])
+    correlation = noise_correlation(data if data.ndim == 3 else data[None])
+    kernel = correlation_kernel(correlation)
     resampled = kernel is not None
     guess = 3.0 if fwhm is None else float(fwhm)
     catalog = _detect_once(be, image, valid, guess, detection_sigma, max_stars, resampled, data)
@@ -597,6 +608,7 @@ def detect_stars(
         catalog = _detect_once(be, image, valid, guess, detection_sigma, max_stars, resampled, data)
     catalog = catalog.take(~trail_pieces(catalog.x, catalog.y, catalog.flux, catalog.fwhm))
     catalog.resampling = kernel
+    catalog.correlation = correlation
     return catalog
 
 
