@@ -321,10 +321,11 @@ def test_gpus_without_dask_cuda_is_a_one_line_error(frames, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-#: How long a restarted worker of the test below takes to start: beyond Dask's default 15 s
-#: for a lost worker to come back, as a new process that imports NumPy, SciPy and astropy on
-#: a busy machine can.
-SLOW_START = 20
+#: Dask's time for a lost worker to come back in the test below (``lost-worker-timeout``,
+#: 15 s by default), and how long the restarted worker takes to start: beyond it, as a new
+#: process that imports NumPy, SciPy and astropy on a busy machine can beyond the 15 s.
+LOST_WORKER_TIMEOUT = 2
+SLOW_START = 6
 
 # Dask imports a worker's preload twice as it starts: the process sleeps at the first.
 _SLOW_START_PRELOAD = """
@@ -338,14 +339,19 @@ if os.path.exists(marker) and not os.environ.get("NSG_TEST_SLOW_STARTED"):
 
 def test_workers_option_waits_for_a_killed_worker_that_starts_slowly(tmp_path):
     """A worker of ``--workers N`` killed mid-run is restarted by its nanny; a new process
-    that takes longer than Dask's 15 s to join must still be waited for, not have its nanny
-    closed, or the run goes on with one worker fewer (and with none, hangs)."""
+    that takes longer than Dask's time for a lost worker (15 s by default, here set to
+    LOST_WORKER_TIMEOUT) to join must still be waited for, not have its nanny closed, or the
+    run goes on with one worker fewer (and with none, hangs)."""
     from nsg_gpu.cluster import open_cluster
 
     marker = tmp_path / "slow"
     preload = tmp_path / "slow_start.py"
     preload.write_text(_SLOW_START_PRELOAD.format(marker=str(marker), seconds=SLOW_START))
-    with dask.config.set({"distributed.worker.preload": [str(preload)]}):
+    config = {
+        "distributed.worker.preload": [str(preload)],
+        "distributed.deploy.lost-worker-timeout": f"{LOST_WORKER_TIMEOUT}s",
+    }
+    with dask.config.set(config):
         with open_cluster(workers=1, worker_timeout=TIMEOUT) as executor:
             client = executor.client
             pid = client.run(os.getpid)
