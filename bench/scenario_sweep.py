@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,9 @@ def run_set(
         if made.returncode:
             raise RuntimeError(made.stderr)
     out = directory / "out"
+    # A run into an existing output directory resumes (keeps the frames done before): the
+    # sweep measures the code at hand, so every run starts from an empty one.
+    shutil.rmtree(out, ignore_errors=True)
     frames = sorted(str(p) for p in directory.glob("light_*.fits"))
     run = _nsg("normalize", *frames, "--reference", "auto", "-o", str(out), "-q")
     if not (out / "results.csv").exists():
