@@ -235,15 +235,16 @@ def test_registered_small_stars_with_the_registration_kernel(seed):
         assert abs(error) < 2 * measured.fits[0].scale_error / measured.scale[0], error
 
 
-@pytest.mark.parametrize(("seed", "k"), [(11, 3), (14, 2)])
+@pytest.mark.parametrize(("seed", "k"), [(11, 3), (14, 2), (33, 1)])
 def test_crowded_targets_sharper_than_their_reference_fit_through_their_registration(seed, k):
-    """The crowded scenario's targets of 2.8 px against a reference of 3.0 px, registered by
-    a cubic spline: fitted sampled, the reference's PSF without a kernel and the target's
+    """The crowded scenario's targets of 2.6-2.8 px against a reference of 3.0 px, registered
+    by a cubic spline: fitted sampled, the reference's PSF without a kernel and the target's
     through the kernel read from its noise against the reference's
     (``resampling.registration_kernel``; read alone, the reference's unresolved stars read
     as a kernel too): the spline at the frame's shift, and the scale within 0.5 % of the
-    truth (+0.39 %, +0.19 %; +0.77 % and +0.69 % fitted without the kernel, their indices
-    too high)."""
+    truth (+0.39 %, +0.19 %, +0.25 %; +0.77 %, +0.69 % and +0.60 % fitted without the kernel,
+    their indices too high). Seed 33's frame 1, shifted by half a pixel, matches the spline
+    within 0.0103 RMS: the tolerance of a difference of two readings, not of one."""
     field = SyntheticField(scenario="crowded", seed=seed)
     reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
     measured = measure_scale(reference, Frame.from_array(field.render(k), name=f"target {k}"))
