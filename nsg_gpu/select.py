@@ -101,6 +101,14 @@ COMMON_STARS = 1000
 #: Where the median frame shares fewer stars with the others, the frames are not registered to
 #: one grid, and each is scored on all of its detections.
 MIN_COMMON_STARS = 5
+#: A frame that shares fewer stars with the others than this fraction of what the median
+#: frame shares is not a candidate: its detections are mostly something the others do not
+#: show (hot pixels a registration spread into blobs, a trail's pieces, cloud), its FWHM is
+#: read on them, and every target judged against its brightest detections would fail as not
+#: registered (the colour field-dependent scenario's seed 12: a trail frame near half a
+#: pixel's shift shared 9 of its 168 detections where the others shared 409-420, read FWHM
+#: 1.66 px for 3.53, and won on star signal-to-noise; its four targets failed).
+MIN_SHARED_FRACTION = 0.25
 #: Signal-to-noise of a star of flux F measured with weights matched to a Gaussian PSF on a
 #: background of pixel noise s: F / (s * sqrt(4 pi) * sigma_PSF) = this * F / (s * FWHM).
 PSF_SNR_FACTOR = 2.0 * math.sqrt(2.0 * math.log(2.0)) / math.sqrt(4.0 * math.pi)
@@ -355,10 +363,14 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
             s.shared_stars = int(np.count_nonzero(common))
         # Frames registered to one grid share their stars: a frame that shares few (cloud,
         # a frame of another field) is scored on those few, as the others are on theirs.
-        registered = bool(tabled) and np.median([s.shared_stars for s in tabled]) >= MIN_COMMON_STARS
+        median_shared = float(np.median([s.shared_stars for s in tabled])) if tabled else 0.0
+        registered = median_shared >= MIN_COMMON_STARS
         use = {id(s): common for s, common in zip(tabled, masks, strict=True)} if registered else {}
+        few = {id(s) for s in tabled if registered and s.shared_stars < MIN_SHARED_FRACTION * median_shared}
         first = max(s.nonlinear_among(use.get(id(s))) for s in measured)
-        ranked = [s.shared_stars for s in tabled if registered and s.shared_stars >= MIN_COMMON_STARS]
+        ranked = [
+            s.shared_stars for s in tabled if registered and s.shared_stars >= MIN_COMMON_STARS and id(s) not in few
+        ]
         reach = min(ranked) if len(ranked) >= 2 else None
         for s in measured:
             if s.star_flux is not None:
@@ -369,10 +381,16 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
         covered = [s for s in measured if s.missing_area is not None and s.missing_area <= limit + 1e-9]
         median_gradient = float(np.median([s.gradient for s in covered]))
         calm = [s for s in covered if s.gradient <= MAX_RELATIVE_GRADIENT * median_gradient + 1e-9] or covered
+        picked = [s for s in calm if id(s) not in few] or calm
         for s in measured:
-            s.candidate = s in calm
+            s.candidate = s in picked
             if s.candidate:
                 s.note = "candidate"
+            elif id(s) in few and s in calm:
+                s.note = (
+                    f"shares {s.shared_stars} stars with the other frames, under "
+                    f"{MIN_SHARED_FRACTION:.0%} of the median frame's {median_shared:.0f}"
+                )
             elif s in covered:
                 s.note = f"gradient {s.gradient / max(median_gradient, 1e-12):.1f}x the median"
             elif s.missing_area is None:
@@ -388,7 +406,7 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
             return 0
         if s.error is None and s.note.startswith("gradient"):
             return 1
-        if s.error is None and s.note.startswith("coverage"):
+        if s.error is None and s.note.startswith(("coverage", "shares")):
             return 2
         return 3
 
@@ -464,6 +482,7 @@ def choose_reference(paths: Sequence[str | os.PathLike], *, detection_sigma: flo
     dropped = {
         "for their gradient": sum(s.note.startswith("gradient") for s in ranked),
         "for their coverage": sum(s.note.startswith("coverage") for s in ranked),
+        "for the few stars they share": sum(s.note.startswith("shares") for s in ranked),
         "unreadable or without stars": sum(s.error is not None or s.note.startswith("no ") for s in ranked),
     }
     if any(dropped.values()):
