@@ -34,7 +34,7 @@ from .psf import (
     integrated_fit,
     stamp_radius,
 )
-from .resampling import InterpolationKernel, noise_correlation
+from .resampling import InterpolationKernel, correlation_kernel, noise_correlation
 from .samples import MIN_SAMPLES, SampleGrid, bin_medians, make_grid, star_rejection
 from .stamps import channel_peaks, peak_contrast
 from .stars import StarCatalog, detect_stars, detection_image, isolated
@@ -132,9 +132,9 @@ class Reference:
     @property
     def interpolation_kernel(self) -> InterpolationKernel | None:
         """The interpolation kernel the reference's pixels went through, where it was
-        resampled itself (:func:`nsg_gpu.resampling.interpolation_kernel`): read once, by the
-        star detection."""
-        return self.stars.resampling
+        resampled itself (:func:`nsg_gpu.resampling.interpolation_kernel`), from the noise
+        correlations the star detection read."""
+        return correlation_kernel(self.noise_correlation)
 
     @property
     def noise_correlation(self) -> np.ndarray:

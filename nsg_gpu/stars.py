@@ -130,10 +130,8 @@ class StarCatalog:
     radius: np.ndarray  # radius (px) where the star meets the noise floor
     fwhm: float  # median FWHM (px) of bright unsaturated stars
     noise: float  # noise of the matched-filter image
-    # The interpolation the frame went through where its noise says it was resampled
-    # (nsg_gpu.resampling.interpolation_kernel, read once by detect_stars), else None.
-    resampling: InterpolationKernel | None = None
-    # The noise correlations it was read from (nsg_gpu.resampling.noise_correlation, (2, lags)).
+    # The frame's noise correlations (nsg_gpu.resampling.noise_correlation, (2, lags)), read
+    # once by detect_stars: the interpolation it went through is their kernel (resampling).
     correlation: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -148,9 +146,14 @@ class StarCatalog:
             self.radius[index],
             self.fwhm,
             self.noise,
-            self.resampling,
             self.correlation,
         )
+
+    @property
+    def resampling(self) -> InterpolationKernel | None:
+        """The interpolation the frame went through where its noise says it was resampled
+        (:func:`nsg_gpu.resampling.correlation_kernel` of :attr:`correlation`), else None."""
+        return None if self.correlation is None else correlation_kernel(self.correlation)
 
 
 def detection_image(data):
@@ -607,7 +610,6 @@ def detect_stars(
         guess = float(np.clip(catalog.fwhm, 1.0, 20.0))
         catalog = _detect_once(be, image, valid, guess, detection_sigma, max_stars, resampled, data)
     catalog = catalog.take(~trail_pieces(catalog.x, catalog.y, catalog.flux, catalog.fwhm))
-    catalog.resampling = kernel
     catalog.correlation = correlation
     return catalog
 
