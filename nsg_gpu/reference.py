@@ -34,7 +34,15 @@ from .psf import (
     integrated_fit,
     stamp_radius,
 )
-from .resampling import InterpolationKernel, correlation_kernel, noise_correlation
+from .resampling import (
+    InterpolationKernel,
+    correlation_kernel,
+    kernel_correlations,
+    matched_kernel,
+    noise_correlation,
+    sky_correlation,
+    smoothed,
+)
 from .samples import MIN_SAMPLES, SampleGrid, bin_medians, make_grid, star_rejection
 from .stamps import channel_peaks, peak_contrast
 from .stars import StarCatalog, detect_stars, detection_image, isolated
@@ -124,7 +132,7 @@ class Reference:
                     fwhm=self.stars.fwhm,
                     radius=radius,
                     pixel_integrated=pixel_integrated,
-                    blur=self.interpolation_kernel if pixel_integrated else None,
+                    blur=self.interpolation_kernel if pixel_integrated else self.own_kernel,
                     neighbours=(self.stars.flux, self.stars.x, self.stars.y, idx),
                 )
         return self._psf_fits[key]
@@ -135,6 +143,38 @@ class Reference:
         resampled itself (:func:`nsg_gpu.resampling.interpolation_kernel`), from the noise
         correlations the star detection read."""
         return correlation_kernel(self.noise_correlation)
+
+    @property
+    def own_kernel(self) -> InterpolationKernel | None:
+        """The interpolation the reference was registered with, where it was resampled itself
+        at one shift: matched to its noise correlations beside those of its unresolved stars
+        (:func:`nsg_gpu.resampling.matched_kernel` with
+        :func:`nsg_gpu.resampling.sky_correlation`), which on a crowded field would
+        otherwise leave no interpolation matched; None for a frame not resampled or turned.
+        Its PSF fit on stars of 2.5 px and more (sampled) is convolved with it, as each
+        target's is with its own (docs/scale-accuracy.md, "A registered reference").
+
+        A kernel that would not itself correlate neighbours by
+        :data:`nsg_gpu.resampling.MIN_CORRELATION` is none: the correlations of a crowded
+        frame not resampled are its sky's (0.017-0.031 at lag 1 on the generator's crowded
+        frames, where an interpolation at a shift of 0.08 px or less matched beside them).
+        The sky's share is tried only where no interpolation matches without it: on the
+        field-dependent scenario's registered references it would take some of what is
+        the kernel's (docs/scale-accuracy.md, "A registered reference")."""
+        rho = self.noise_correlation
+        if not smoothed(rho):
+            return None
+        kernel = matched_kernel(rho) or matched_kernel(rho, sky=sky_correlation(self.stars.fwhm))
+        return kernel if kernel is not None and smoothed(kernel_correlations(kernel)) else None
+
+    @property
+    def sky_correlation(self) -> np.ndarray:
+        """The reference's noise correlations less its own kernel's (:attr:`own_kernel`):
+        what its sky holds beyond the registration, against which a registered target's
+        kernel is read (:func:`nsg_gpu.resampling.registration_kernel`)."""
+        own = self.own_kernel
+        rho = self.noise_correlation
+        return rho if own is None else rho - kernel_correlations(own)
 
     @property
     def noise_correlation(self) -> np.ndarray:

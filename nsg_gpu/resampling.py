@@ -24,12 +24,19 @@ out smooth sky and nebula and keeps the noise's correlation along the axis): sta
 pixels and no-data pixels do not move a median. A frame that was not
 resampled has no correlation beyond the estimate's error, and no kernel.
 
+A crowded field's unresolved stars correlate its pixels too, with the PSF's autocorrelation
+(:func:`sky_correlation`): read alone, a resampled crowded frame matches no interpolation, and
+:func:`matched_kernel` can match one beside a share of the sky's.
+
 In the flow: the scale stage (:mod:`nsg_gpu.scale`) reads each frame's kernel before its PSF
-fit; the reference's is read once (:mod:`nsg_gpu.reference`).
+fit; the reference's is read once (:mod:`nsg_gpu.reference`), and a target's above 2.5 px
+against what the reference's noise holds beyond its own kernel
+(:func:`registration_kernel`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -46,6 +53,9 @@ __all__ = [
     "noise_correlation",
     "correlation_kernel",
     "registration_kernel",
+    "kernel_correlations",
+    "sky_correlation",
+    "smoothed",
     "INTERPOLATIONS",
     "MIN_CORRELATION",
 ]
@@ -202,7 +212,7 @@ def interpolation_kernel(data, *, max_pixels: int = KERNEL_PIXELS) -> Interpolat
 def correlation_kernel(rho: np.ndarray) -> InterpolationKernel | None:
     """:func:`interpolation_kernel` of noise correlations ``rho`` ``(2, lags)`` already read
     (:func:`noise_correlation`)."""
-    if not _smoothed(rho):
+    if not smoothed(rho):
         return None
     return matched_kernel(rho) or InterpolationKernel(_zero_phase_taps(rho[0]), _zero_phase_taps(rho[1]))
 
@@ -226,10 +236,10 @@ def registration_kernel(rho: np.ndarray, reference_rho: np.ndarray) -> Interpola
     without it (docs/scale-accuracy.md, "Crowded seeds the kernel was not tuned on").
     """
     excess = np.asarray(rho, float) - np.asarray(reference_rho, float)
-    return matched_kernel(excess, math.sqrt(2) * MATCH_TOLERANCE) if _smoothed(excess) else None
+    return matched_kernel(excess, math.sqrt(2) * MATCH_TOLERANCE) if smoothed(excess) else None
 
 
-def _smoothed(rho: np.ndarray) -> bool:
+def smoothed(rho: np.ndarray) -> bool:
     """Whether correlations ``rho`` ``(2, lags)`` show an interpolation: it smooths, so
     neighbours correlate by :data:`MIN_CORRELATION` or more along at least one axis."""
     return bool(np.all(np.isfinite(rho)) and np.max(rho[:, 0]) >= MIN_CORRELATION)
@@ -302,27 +312,80 @@ def _table(name: str) -> np.ndarray:
     return _TABLE[name]
 
 
-def matched_kernel(rho: np.ndarray, tolerance: float = MATCH_TOLERANCE) -> InterpolationKernel | None:
+def matched_kernel(
+    rho: np.ndarray, tolerance: float = MATCH_TOLERANCE, *, sky: np.ndarray | None = None
+) -> InterpolationKernel | None:
     """The interpolation of :data:`INTERPOLATIONS`, and its shift along each axis, whose
     correlations are nearest the noise's ``rho`` ``(2, lags)`` (x, y); None where even the
     nearest is further than ``tolerance`` (RMS), as for a frame whose shift varies across it
     (a rotation) or that went through something else.
 
+    ``sky``: the correlations' shape that the frame's unresolved stars add
+    (:func:`sky_correlation`), at any strength from 0 to :data:`MAX_SKY_CORRELATION` at lag
+    1, the same along both axes: the interpolation is matched to what ``rho`` holds beyond it.
+
     The correlations tell a shift from its mirror apart no more than the noise does; the
     positive one is taken. The photometry's kept share does not depend on the choice
     (:func:`nsg_gpu.photometry.kept_share` averages the kernel with its mirrors).
     """
+    rho = np.asarray(rho, float)
+    strengths = [0.0] if sky is None else np.linspace(0.0, MAX_SKY_CORRELATION, SKY_STEPS)
     best = None
-    for name in INTERPOLATIONS:
-        table = _table(name)
-        misses = [np.sum((table - rho[axis]) ** 2, axis=1) for axis in (0, 1)]
-        picks = [int(np.argmin(m)) for m in misses]
-        rms = math.sqrt((misses[0][picks[0]] + misses[1][picks[1]]) / (2 * len(CORRELATION_LAGS)))
-        if best is None or rms < best[0]:
-            best = (rms, name, picks)
+    for strength in strengths:
+        rest = rho if sky is None else rho - strength * np.asarray(sky, float)[None, :] / float(sky[0])
+        for name in INTERPOLATIONS:
+            table = _table(name)
+            misses = [np.sum((table - rest[axis]) ** 2, axis=1) for axis in (0, 1)]
+            picks = [int(np.argmin(m)) for m in misses]
+            rms = math.sqrt((misses[0][picks[0]] + misses[1][picks[1]]) / (2 * len(CORRELATION_LAGS)))
+            if best is None or rms < best[0]:
+                best = (rms, name, picks)
     rms, name, (px, py) = best
     if rms > tolerance:
         return None
     return InterpolationKernel(
         interpolation_taps(name, float(_SHIFTS[px])), interpolation_taps(name, float(_SHIFTS[py])), name
     )
+
+
+def kernel_correlations(kernel: InterpolationKernel) -> np.ndarray:
+    """The correlations ``(2, lags)`` (x, y) that ``kernel`` gives white noise."""
+    return np.stack([_correlations(kernel.x), _correlations(kernel.y)])
+
+
+#: The unresolved stars of a crowded field correlate its pixels by up to this much at lag 1
+#: (0.017-0.031 on the generator's crowded frames not resampled, 0.02-0.04 read beside a
+#: registration's kernel); :func:`matched_kernel` tries this many strengths from 0 to it.
+MAX_SKY_CORRELATION = 0.06
+SKY_STEPS = 25
+
+
+@functools.lru_cache(maxsize=64)
+def _sky_correlation(fwhm: float) -> tuple[float, ...]:
+    half = 64
+    y, x = np.mgrid[-half:half, -half:half]
+    alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / SKY_BETA) - 1.0))
+    profile = (1.0 + (x * x + y * y) / alpha**2) ** -SKY_BETA
+    spectrum = np.fft.fft2(np.fft.ifftshift(profile))
+    auto = np.real(np.fft.ifft2(np.abs(spectrum) ** 2))  # [dy, dx]
+
+    def along(lag: int) -> float:
+        # As :func:`noise_correlation` reads it: high-passed across the axis
+        # (each pixel less the mean of its two neighbours), at ``lag`` along it.
+        return 1.5 * auto[0, lag] - 2.0 * auto[1, lag] + 0.5 * auto[2, lag]
+
+    free = float(np.mean([along(lag) for lag in UNCORRELATED_LAGS]))
+    return tuple(float((along(lag) - free) / (along(0) - free)) for lag in CORRELATION_LAGS)
+
+
+#: The Moffat index of the unresolved stars' profile in :func:`sky_correlation` (the shape
+#: moves by 0.01 between indices 3 and 4.5).
+SKY_BETA = 3.0
+
+
+def sky_correlation(fwhm: float) -> np.ndarray:
+    """The shape, at :data:`CORRELATION_LAGS`, of the correlations that a field's unresolved
+    stars of ``fwhm`` px give its pixels as :func:`noise_correlation` reads them: their light
+    is the PSF at random places, whose autocorrelation is the PSF's. 1 at lag 0; about 0.84,
+    0.51, 0.24 at lags 1-3 for stars of 3 px."""
+    return np.array(_sky_correlation(round(float(fwhm), 2)))

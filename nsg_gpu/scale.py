@@ -581,14 +581,12 @@ def _target_kernel(reference: Reference, frame: Frame, integrated: bool):
     their reference read +0.7 % without it), and there it is read against the reference's
     noise (:func:`nsg_gpu.resampling.registration_kernel`), whose unresolved stars would
     otherwise be taken for a kernel (docs/scale-accuracy.md, "The registration's kernel
-    above 2.5 px"). A reference resampled itself by an interpolation at one shift has no
-    such reading: what a target's noise holds beyond its noise is no kernel."""
+    above 2.5 px"). A reference resampled itself is fitted through its own kernel, and a
+    target's is read against what its noise holds beyond that kernel
+    (:attr:`Reference.sky_correlation`; docs/scale-accuracy.md, "A registered reference")."""
     if integrated:
         return interpolation_kernel(frame.data)
-    own = reference.interpolation_kernel
-    if own is not None and own.name != "zero-phase":
-        return None
-    return registration_kernel(noise_correlation(frame.data), reference.noise_correlation)
+    return registration_kernel(noise_correlation(frame.data), reference.sky_correlation)
 
 
 def fit_psfs(reference: Reference, frame: Frame, fwhm_t: float) -> tuple[MoffatPSF, MoffatPSF] | None:

@@ -257,6 +257,29 @@ def test_crowded_targets_sharper_than_their_reference_fit_through_their_registra
     assert abs(error) < 0.005, error
 
 
+def test_a_registered_reference_on_a_crowded_field_is_fitted_through_its_own_kernel():
+    """The crowded scenario's seed 32, frame 1 as the reference (what ``--reference auto``
+    chose there: the sharpest, registered by a cubic spline from (0.35, -0.42) px). Read alone
+    its noise matched no interpolation (its unresolved stars add about 0.03 at lag 1), so its
+    PSF was fitted without a kernel, and its targets' kernels were read against correlations
+    that no interpolation gives: frames 0 and 4 read -0.75 % and -0.55 %. Matched beside its
+    sky's correlations (``resampling.sky_correlation``) it is the spline at its shift; the
+    reference is fitted through it and the targets' kernels are read against what its noise
+    holds beyond it: -0.43 % and -0.18 %."""
+    field = SyntheticField(scenario="crowded", seed=32)
+    reference = prepare_reference(Frame.from_array(field.render(1), name="registered reference"), Parameters())
+    own = reference.own_kernel
+    assert own is not None and own.name == "cubic spline", own
+    shift = np.abs(field.frames[1].shift[::-1])  # (x, y); a shift and its mirror read alike
+    assert np.allclose(np.abs(own.centre), shift, atol=0.05), (own.centre, shift)
+    for k in (0, 4):
+        measured = measure_scale(reference, Frame.from_array(field.render(k), name=f"target {k}"))
+        blur = measured.reference_psf.blur  # the fit chooses the shift's sign
+        assert blur is not None and blur.name == own.name and np.allclose(np.abs(blur.centre), np.abs(own.centre))
+        error = measured.scale[0] / field.frames[k].scale(field.frames[1])[0] - 1
+        assert abs(error) < 0.005, (k, error)
+
+
 def test_targets_registered_with_a_turn():
     """Targets seen turned by 0.4-1.4 degrees about the centre as well as shifted, then
     registered (a cubic spline): their shift changes across the frame, and the noise of the
