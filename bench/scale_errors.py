@@ -10,11 +10,12 @@ scenario's sets (its own frame count) instead; ``--sparse`` measures the undersa
 stars instead (eight fields each) and closes with each star count's figures. With ``--real`` the real frames in ../shared/data are measured
 instead, against sep's wide-aperture transmissions (``tests/independent.py``: the median
 ratio, and the summed fluxes of the 7 brightest stars); the median |ours / sep - 1| per set
-closes. Prints the
+closes; ``--resampled-reference`` takes a frame that registration resampled as each set's
+reference (``RESAMPLED``), as ``--reference auto`` does on StarGate. Prints the
 machine and library versions; --json writes the figures.
 
     python bench/scale_errors.py [--sets "undersampled seed 1,mid seed 7"] [--override JSON] [--sparse] [--real]
-        [--scenario NAME --seeds 11,12,13,14] [--json out.json]
+        [--resampled-reference] [--scenario NAME --seeds 11,12,13,14] [--photometry aperture] [--json out.json]
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ SPARSE = {
     for seed in range(21, 29)
 }
 REAL = {"ngc7023": "000_Light_NGC_7023_10.0s_IRCUT_20240730-224436.fits.gz", "stargate": "sg_0005.fits.gz"}
+#: With ``--resampled-reference``: a frame that registration resampled, as ``--reference auto``
+#: chooses on StarGate.
+RESAMPLED = {"ngc7023": "001_Light_NGC_7023_10.0s_IRCUT_20240730-224448.fits.gz", "stargate": "sg_0001.fits.gz"}
 
 
 def _path(measured) -> str:
@@ -70,11 +74,13 @@ def _path(measured) -> str:
     return f"PSF {kind} {measured.reference_psf.fwhm:.2f}/{measured.reference_psf.beta:.2f} -> {psf.fwhm:.2f}/{psf.beta:.2f}"
 
 
-def synthetic(names: list[str], override: dict, extra: dict | None = None) -> list[dict]:
+def synthetic(
+    names: list[str], override: dict, extra: dict | None = None, params: Parameters | None = None
+) -> list[dict]:
     rows = []
     for name in names:
         field = SyntheticField(**{**{**SETS, **SPARSE, **(extra or {})}[name], **override})
-        reference = prepare_reference(Frame.from_array(field.render(0), name=f"{name} 0"), Parameters())
+        reference = prepare_reference(Frame.from_array(field.render(0), name=f"{name} 0"), params or Parameters())
         for k in range(1, field.spec.n_frames):
             truth = field.frames[k].scale(field.reference)
             try:
@@ -96,7 +102,7 @@ def synthetic(names: list[str], override: dict, extra: dict | None = None) -> li
     return rows
 
 
-def real(names: list[str]) -> list[dict]:
+def real(names: list[str], references: dict[str, str] = REAL) -> list[dict]:
     from independent import SHARED_DATA_ROOT, independent_transmission, read_planes
 
     rows = []
@@ -105,7 +111,7 @@ def real(names: list[str]) -> list[dict]:
         if not directory.is_dir():
             print(f"{name}: no frames at {directory}")
             continue
-        reference_path = directory / REAL[name]
+        reference_path = directory / references[name]
         reference = prepare_reference(read_frame(reference_path), Parameters())
         planes = read_planes(reference_path)
         for path in sorted(directory.glob("*.fits.gz")):
@@ -150,19 +156,26 @@ def main() -> None:
     parser.add_argument("--override", default="{}", help="JSON of spec fields set in every synthetic set")
     parser.add_argument("--real", action="store_true", help="the real frames against sep instead")
     parser.add_argument(
+        "--resampled-reference", action="store_true", help="with --real: a resampled frame as each set's reference"
+    )
+    parser.add_argument(
         "--sparse", action="store_true", help="the undersampled scenarios with 20-130 stars, 8 fields each, instead"
     )
     parser.add_argument("--scenario", help="a generator scenario measured at --seeds instead (its own frames)")
     parser.add_argument("--seeds", default="11,12,13,14", help="with --scenario: comma-separated seeds")
+    parser.add_argument("--photometry", default="psf", help="with synthetic sets: psf (the default) or aperture")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args()
     info = machine("sep")
     print_machine(info)
     if args.real:
-        rows = real([n.strip() for n in args.sets.split(",")] if args.sets else list(REAL))
+        rows = real(
+            [n.strip() for n in args.sets.split(",")] if args.sets else list(REAL),
+            RESAMPLED if args.resampled_reference else REAL,
+        )
     elif args.scenario:
         extra = {f"{args.scenario} seed {s}": dict(scenario=args.scenario, seed=int(s)) for s in args.seeds.split(",")}
-        rows = synthetic(list(extra), json.loads(args.override), extra)
+        rows = synthetic(list(extra), json.loads(args.override), extra, Parameters(photometry=args.photometry))
         errors = np.array([row["error"] for row in rows if "z" in row])
         failed = sum("z" not in row for row in rows)
         print(
@@ -171,7 +184,7 @@ def main() -> None:
         )
     else:
         names = [n.strip() for n in args.sets.split(",")] if args.sets else list(SPARSE if args.sparse else SETS)
-        rows = synthetic(names, json.loads(args.override))
+        rows = synthetic(names, json.loads(args.override), params=Parameters(photometry=args.photometry))
         if args.sparse:
             _sparse_summary(rows)
     for name in sorted({row["set"] for row in rows if "sep" in row}):

@@ -506,12 +506,26 @@ def synth(
             "(the scenarios that register their targets: all but default)."
         ),
     ] = None,
+    elongation: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Targets' stars drawn out along one direction (a tracking error, wind) by up to this "
+            "ellipticity, 1 - minor/major axis; the reference's stay round."
+        ),
+    ] = None,
 ):
     """Write synthetic registered frames with known transmission, gradient, noise and
     registration offsets (see truth.json)."""
     from .synthetic import SyntheticSpec, write_synthetic_set
 
-    chosen = {"width": width, "height": height, "colour": colour, "n_stars": stars, "rotation": rotation}
+    chosen = {
+        "width": width,
+        "height": height,
+        "colour": colour,
+        "n_stars": stars,
+        "rotation": rotation,
+        "max_ellipticity": elongation,
+    }
     spec = SyntheticSpec.from_scenario(
         scenario, n_frames=frames, seed=seed, **{k: v for k, v in chosen.items() if v is not None}
     )

@@ -18,7 +18,8 @@ the Moffat at pixel centres), a FWHM that grows towards the corners, Moffat indi
 frame, and registration: the target is captured at a sub-pixel offset, gets its noise, hot
 pixels and saturation there, and is shifted back onto the reference's grid by a cubic spline,
 clamped to [0, 1], with the uncovered edge left at 0 (the reference is never resampled); with
-``rotation`` it is also seen turned about the frame's centre, and turned back. Named
+``rotation`` it is also seen turned about the frame's centre, and turned back; stars drawn
+out along one direction (``ellipticities``, ``max_ellipticity``: a tracking error). Named
 scenarios (:data:`SCENARIOS`) gather such settings: sparse undersampled colour frames like a
 small smart telescope's, a field-dependent PSF, a crowded field.
 """
@@ -80,6 +81,11 @@ class FrameTruth:
     shift: list[float] = field(default_factory=lambda: [0.0, 0.0])
     # And the angle (degrees) by which the camera saw it turned about the frame's centre.
     rotation: float = 0.0
+    # Stars drawn out along one direction (a tracking error, wind): 1 - minor/major axis of
+    # the PSF, whose geometric mean FWHM is ``fwhm``, and the major axis' angle (degrees,
+    # counter-clockwise from +x).
+    ellipticity: float = 0.0
+    elongation_angle: float = 0.0
 
     def scale(self, reference: FrameTruth) -> np.ndarray:
         """``m`` per channel: multiply this frame by it to reach the reference's brightness."""
@@ -122,6 +128,8 @@ class SyntheticSpec:
     shifts: list[list[float]] | None = None  # (dy, dx) per frame; default uniform in +-0.5 px
     rotation: float = 0.0  # registered targets also seen turned by up to this many degrees
     nebula_strength: float = 1.0  # the nebula's brightness relative to the default
+    ellipticities: list[float] | None = None  # per frame: stars drawn out (1 - minor/major axis)
+    max_ellipticity: float = 0.0  # or the targets' drawn out by up to this much (the reference not)
 
     @classmethod
     def from_scenario(cls, name: str, **overrides) -> SyntheticSpec:
@@ -265,6 +273,16 @@ class SyntheticField:
             turns = np.random.default_rng([spec.seed, 20_261_202]).uniform(-1, 1, len(self.frames))
             for truth, turn in zip(self.frames[1:], turns[1:]):
                 truth.rotation = float(spec.rotation * turn)
+        ellipticities = spec.ellipticities
+        if ellipticities is None and spec.max_ellipticity:
+            drawn = np.random.default_rng([spec.seed, 20_261_206]).uniform(0, spec.max_ellipticity, len(self.frames))
+            ellipticities = [0.0] + [float(v) for v in drawn[1:]]
+        if ellipticities is not None:
+            angles = np.random.default_rng([spec.seed, 20_261_205]).uniform(0, 180, len(self.frames))
+            for truth, e, angle in zip(self.frames, ellipticities, angles):
+                if not 0 <= e < 1:
+                    raise ParameterError(f"ellipticity {e} is not in [0, 1)")
+                truth.ellipticity, truth.elongation_angle = float(e), float(angle) if e else 0.0
 
     # -- construction ---------------------------------------------------------------------------
     def _make_nebula(self, rng) -> np.ndarray:
@@ -393,7 +411,9 @@ class SyntheticField:
         turn = truth.rotation if captured else 0.0
         return self._memoized(
             ("stars", k, dy, dx, turn),
-            lambda: self._render_stars(truth.fwhm, truth.beta, dx=dx, dy=dy, at=self._to_capture(k) if turn else None),
+            lambda: self._render_stars(
+                truth.fwhm, truth.beta, dx=dx, dy=dy, at=self._to_capture(k) if turn else None, shape=self._shape(k)
+            ),
         )
 
     def fwhm_at(self, k: int, x, y) -> np.ndarray:
@@ -406,9 +426,18 @@ class SyntheticField:
         r2 = ((x - cx) ** 2 + (y - cy) ** 2) / (cx**2 + cy**2)
         return 1 + spec.fwhm_field * np.clip(r2, 0, 1)
 
-    def _render_stars(self, fwhm: float, beta: float, *, dx: float = 0.0, dy: float = 0.0, at=None) -> np.ndarray:
+    def _shape(self, k: int) -> tuple[float, float]:
+        """Frame ``k``'s stars' ellipticity and the angle (degrees) of their major axis, in the
+        camera's frame (a turn adds to it)."""
+        truth = self.frames[k]
+        return truth.ellipticity, truth.elongation_angle
+
+    def _render_stars(
+        self, fwhm: float, beta: float, *, dx: float = 0.0, dy: float = 0.0, at=None, shape=(0.0, 0.0)
+    ) -> np.ndarray:
         """The stars drawn at their places moved by ``(dx, dy)``, or by ``at``, a
-        ``(matrix, offset)`` of :meth:`_to_capture`."""
+        ``(matrix, offset)`` of :meth:`_to_capture`; ``shape``: their ellipticity and its
+        angle (:meth:`_shape`)."""
         spec = self.spec
         h, w = spec.height, spec.width
         star_x, star_y = self.star_x + dx, self.star_y + dy
@@ -429,22 +458,38 @@ class SyntheticField:
         out = np.zeros((self.channels, h * w), np.float64)
         for group_fwhm, index in groups:
             if index.size:
-                self._add_stars(out, star_x[index], star_y[index], self.star_flux[index], group_fwhm, beta)
+                self._add_stars(out, star_x[index], star_y[index], self.star_flux[index], group_fwhm, beta, shape)
         return out.reshape(self.channels, h, w).astype(np.float32)
 
-    def _stamps(self, fwhm: float, beta: float) -> tuple[np.ndarray, np.ndarray]:
+    def _stamps(self, fwhm: float, beta: float, shape=(0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
         """Normalized Moffat stamps ``(phase_y, phase_x, s, s)`` for 16 x 16 sub-pixel phases;
-        with ``bayer``, one set per channel ``(channels, phase_y, phase_x, s, s)``."""
+        with ``bayer``, one set per channel ``(channels, phase_y, phase_x, s, s)``. ``shape``:
+        the ellipticity and angle of an elongated PSF (:meth:`_shape`)."""
         alpha = fwhm / (2 * math.sqrt(2 ** (1 / beta) - 1))
+        ellipticity, angle = shape
+        # r^2 = xx * dx^2 + 2 xy * dx dy + yy * dy^2: the axes scaled by 1 / sqrt(1 - e) along
+        # the major axis and sqrt(1 - e) across it (their geometric mean 1).
+        c, s_ = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+        q = 1.0 - ellipticity
+        xx, yy, xy = c * c * q + s_ * s_ / q, s_ * s_ * q + c * c / q, c * s_ * (q - 1 / q)
         # Stamps wide enough that the Moffat wing beyond them holds < 0.02 % of the light, so
         # every star's total flux in the image is its catalogue flux times the transmission,
         # whatever the seeing: the truth a scale measurement is checked against.
-        radius = int(math.ceil(alpha * math.sqrt(2e-4 ** (1 / (1 - beta)) - 1)))
+        radius = int(math.ceil(alpha * math.sqrt(2e-4 ** (1 / (1 - beta)) - 1) / math.sqrt(q)))
         off = np.arange(-radius, radius + 1)
         # Sub-pixel positions quantized to 1/16 px: one normalized stamp per phase.
         phases = (np.arange(16) - 7.5) / 16.0
-        r2y = (off[None, :] - phases[:, None]) ** 2  # (phase, s)
-        stamps = (1 + (r2y[:, None, :, None] + r2y[None, :, None, :]) / alpha**2) ** (-beta)
+        if ellipticity:
+            d = off[None, :] - phases[:, None]  # (phase, s)
+            r2 = (
+                yy * (d * d)[:, None, :, None]
+                + xx * (d * d)[None, :, None, :]
+                + 2 * xy * d[:, None, :, None] * d[None, :, None, :]
+            )
+        else:
+            r2y = (off[None, :] - phases[:, None]) ** 2  # (phase, s)
+            r2 = r2y[:, None, :, None] + r2y[None, :, None, :]
+        stamps = (1 + r2 / alpha**2) ** (-beta)
         bayer = self.spec.bayer and self.channels == 3
         planes = np.repeat(stamps[None], 3, axis=0) if bayer else None
         if self.spec.pixel_integrated:
@@ -452,15 +497,23 @@ class SyntheticField:
             # 8 / FWHM, odd, or even for the photosites' quarters) within 3 FWHM + 3 px of the
             # centre; farther out, where about 0.1 % of the light lies, the centre value is
             # within a few per cent of the mean.
-            core = min(radius, int(math.ceil(3 * fwhm)) + 3)
+            core = min(radius, int(math.ceil(3 * fwhm / math.sqrt(q))) + 3)
             n = max(3, int(math.ceil(8 / fwhm)))
             n = n + n % 2 if bayer else n | 1
             half = n // 2
             sub = (np.arange(n) - (n - 1) / 2) / n
             inner = slice(radius - core, radius + core + 1)
-            d2 = (off[inner][None, :, None] - phases[:, None, None] + sub[None, None, :]) ** 2  # (phase, s, n)
+            d = off[inner][None, :, None] - phases[:, None, None] + sub[None, None, :]  # (phase, s, n)
+            d2 = d * d
             for qy in range(16):
-                r2 = d2[qy][None, :, None, :, None] + d2[:, None, :, None, :]  # (phase_x, sy, sx, ny, nx)
+                if ellipticity:  # (phase_x, sy, sx, ny, nx)
+                    r2 = (
+                        yy * d2[qy][None, :, None, :, None]
+                        + xx * d2[:, None, :, None, :]
+                        + 2 * xy * d[qy][None, :, None, :, None] * d[:, None, :, None, :]
+                    )
+                else:
+                    r2 = d2[qy][None, :, None, :, None] + d2[:, None, :, None, :]
                 profile = (1 + r2 / alpha**2) ** (-beta)
                 stamps[qy, :, inner, inner] = profile.mean(axis=(3, 4))
                 if bayer:
@@ -479,9 +532,9 @@ class SyntheticField:
             return (planes / total[None]).astype(np.float32), off
         return (stamps / total).astype(np.float32), off
 
-    def _add_stars(self, out, star_x, star_y, star_flux, fwhm: float, beta: float) -> None:
+    def _add_stars(self, out, star_x, star_y, star_flux, fwhm: float, beta: float, shape=(0.0, 0.0)) -> None:
         h, w = self.spec.height, self.spec.width
-        stamps, off = self._stamps(fwhm, beta)
+        stamps, off = self._stamps(fwhm, beta, shape)
         x0, qx = _pixel_and_phase(star_x)
         y0, qy = _pixel_and_phase(star_y)
         for chunk in np.array_split(np.arange(star_x.size), max(1, star_x.size // 400)):
@@ -507,7 +560,7 @@ class SyntheticField:
         matrix, offset = self._to_capture(k)
         cy = matrix[0, 0] * y + matrix[0, 1] * x + offset[0]
         cx = matrix[1, 0] * y + matrix[1, 1] * x + offset[1]
-        planes, _ = self._stamps(truth.fwhm, truth.beta)
+        planes, _ = self._stamps(truth.fwhm, truth.beta, self._shape(k))
         table = planes.sum(axis=(-1, -2), dtype=np.float64)  # (channels, phase_y, phase_x)
         return table[:, _pixel_and_phase(cy)[1], _pixel_and_phase(cx)[1]]
 

@@ -137,6 +137,39 @@ def test_star_light_is_conserved_whatever_the_psf():
         assert alone.stars(k).sum() == pytest.approx(field.star_flux[inside].sum(), rel=1e-3)
 
 
+@pytest.mark.parametrize("pixel_integrated", [False, True])
+def test_stars_drawn_out_have_the_shape_set_and_keep_their_light(pixel_integrated):
+    """Stars drawn out along one direction (a tracking error, wind): sep's ``1 - b/a`` of the
+    noise-free stars is the ellipticity set (a touch under it: its isophotes), their major axis
+    lies at the angle drawn, and each star's light is still its catalogue flux."""
+    import sep
+
+    ellipticities = [0.0, 0.3, 0.15]
+    field = SyntheticField(
+        width=400,
+        height=300,
+        n_frames=3,
+        n_stars=40,
+        seed=3,
+        pixel_integrated=pixel_integrated,
+        ellipticities=ellipticities,
+        beta_range=(3.0, 3.3),
+    )
+    inside = (field.star_x > 150) & (field.star_x < 250) & (field.star_y > 100) & (field.star_y < 200)
+    alone = SyntheticField(field.spec)
+    alone.star_flux = np.where(inside[:, None], field.star_flux, 0)
+    for k, ellipticity in enumerate(ellipticities):
+        truth = field.frames[k]
+        assert truth.ellipticity == ellipticity
+        found = sep.extract(np.ascontiguousarray(field.stars(k)[0], dtype=np.float64), 1e-6)
+        bright = found[np.argsort(-found["flux"])][:10]
+        assert np.median(1 - bright["b"] / bright["a"]) == pytest.approx(ellipticity, abs=0.025)
+        if ellipticity:
+            turn = (np.degrees(np.median(bright["theta"])) - truth.elongation_angle + 90) % 180 - 90
+            assert abs(turn) < 1.0, (np.degrees(bright["theta"]), truth.elongation_angle)
+        assert alone.stars(k).sum() == pytest.approx(field.star_flux[inside].sum(), rel=1e-3)
+
+
 def _fitted_fwhm(image: np.ndarray, x: float, y: float, beta: float, radius: int = 7) -> float:
     """FWHM of a Moffat of index ``beta`` fitted to the noise-free star at ``x, y``."""
     from scipy.optimize import curve_fit
@@ -338,6 +371,14 @@ def test_nsg_synth_writes_a_scenario_and_its_truth(tmp_path):
     assert turned.exit_code == 0, turned.output
     turns = [f["rotation"] for f in json.loads((tmp_path / "t" / "truth.json").read_text())["frames"]]
     assert turns[0] == 0 and all(0 < abs(t) <= 2 for t in turns[1:]), turns
+    drawn = CliRunner().invoke(
+        app,
+        ["synth", str(tmp_path / "e"), "-n", "3", "--width", "300", "--height", "200", "--stars", "300"]
+        + ["--elongation", "0.3"],
+    )
+    assert drawn.exit_code == 0, drawn.output
+    shapes = [f["ellipticity"] for f in json.loads((tmp_path / "e" / "truth.json").read_text())["frames"]]
+    assert shapes[0] == 0 and all(0 < e <= 0.3 for e in shapes[1:]), shapes
 
 
 def test_star_colours_follow_a_camera_that_sees_colours_differently():
