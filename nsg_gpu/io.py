@@ -168,6 +168,29 @@ def _first_image_hdu(hdul: fits.HDUList, path: Path):
     raise FrameReadError(path, "holds no image (no HDU with two or more axes)")
 
 
+#: Cards that describe an HDU's own layout, never inherited from the primary header.
+_STRUCTURAL = (
+    "SIMPLE", "BITPIX", "NAXIS", "EXTEND", "XTENSION", "PCOUNT", "GCOUNT", "BSCALE", "BZERO", "BLANK",
+    "CHECKSUM", "DATASUM", "EXTNAME", "EXTVER", "INHERIT",
+)  # fmt: skip
+
+
+def _image_header(hdul: fits.HDUList, hdu) -> fits.Header:
+    """The image HDU's header (a copy), with the primary header's cards it lacks where the
+    image lies in an extension: a tile-compressed file (fpack) or an observatory's
+    multi-extension file keeps the exposure, filter and time in the primary header (FITS's
+    ``INHERIT`` convention)."""
+    header = hdu.header.copy()
+    if hdu is hdul[0]:
+        return header
+    for card in hdul[0].header.cards:
+        key = card.keyword
+        if not key or key in ("COMMENT", "HISTORY") or key.startswith(_STRUCTURAL) or key in header:
+            continue
+        header.append(card, end=True)
+    return header
+
+
 def _card(header: fits.Header, key: str):
     """A card's value, or None when it is missing or cannot be parsed (a damaged header)."""
     try:
@@ -277,7 +300,7 @@ def read_meta(path: str | os.PathLike) -> FrameMeta:
         return meta_from_header(_read_xisf(path, pixels=False)[1])
     try:
         with open(path, "rb") as handle, fits.open(handle, memmap=False) as hdul:
-            return meta_from_header(_first_image_hdu(hdul, path).header)
+            return meta_from_header(_image_header(hdul, _first_image_hdu(hdul, path)))
     except FrameReadError:
         raise
     except Exception as exc:
@@ -319,7 +342,7 @@ def read_frame(path: str | os.PathLike) -> Frame:
                 hdu = _first_image_hdu(hdul, path)
                 # Copy the header before touching the data: astropy rewrites BITPIX/BZERO
                 # when it scales integer data, and they tell the white level.
-                header = hdu.header.copy()
+                header = _image_header(hdul, hdu)
                 data = np.asarray(hdu.data)
     except (FrameReadError, FrameShapeError):
         raise

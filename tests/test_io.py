@@ -25,6 +25,23 @@ def test_integer_frames_are_scaled_and_nonfinite_is_no_data(tmp_path):
     np.testing.assert_array_equal(read_frame(tmp_path / "nan.fits").data[0], np.array([[0, 0.5], [0, 0.2]], np.float32))
 
 
+def test_tile_compressed_and_gzipped_frames_read_as_the_plain_one(tmp_path):
+    """A camera's 16-bit frame as a plain FITS, tile-compressed (``.fz``: the image in the
+    first extension, the capture's cards in the primary header, which the image inherits)
+    and gzipped: the same pixels, units and header facts."""
+    raw = np.random.default_rng(4).integers(0, 65536, (30, 40)).astype(np.uint16)
+    header = fits.Header({"EXPTIME": 30.0, "FILTER": "L"})
+    fits.PrimaryHDU(raw, header).writeto(tmp_path / "plain.fits")
+    fits.HDUList([fits.PrimaryHDU(header=header), fits.CompImageHDU(raw)]).writeto(tmp_path / "tiles.fits.fz")
+    fits.PrimaryHDU(raw, header).writeto(tmp_path / "zipped.fits.gz")
+    plain = read_frame(tmp_path / "plain.fits")
+    np.testing.assert_array_equal(plain.data[0], raw.astype(np.float32))
+    for name in ("tiles.fits.fz", "zipped.fits.gz"):
+        other = read_frame(tmp_path / name)
+        np.testing.assert_array_equal(other.data, plain.data)
+        assert other.white_level == plain.white_level and other.meta.exposure == 30.0
+
+
 def test_read_errors_name_the_file(tmp_path):
     bad = tmp_path / "garbage.fits"
     bad.write_bytes(b"this is not a FITS file at all" * 100)
