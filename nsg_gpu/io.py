@@ -73,6 +73,7 @@ class FrameMeta:
     altitude: float | None = None
     airmass: float | None = None
     noise: tuple[float, ...] | None = None  # NOISE00..02, one per channel
+    bayer_pattern: str | None = None  # BAYERPAT or COLORTYP: a one-shot-colour camera's cells
 
 
 @dataclass
@@ -232,7 +233,18 @@ def meta_from_header(header: fits.Header) -> FrameMeta:
         altitude=_float_card(header, "ALTITUDE", "OBJCTALT", "CENTALT"),
         airmass=_float_card(header, "AIRMASS"),
         noise=tuple(noise) if noise else None,
+        bayer_pattern=_bayer_pattern(header),
     )
+
+
+def _bayer_pattern(header: fits.Header) -> str | None:
+    """The colour cells a one-shot-colour camera's header names (``BAYERPAT``, or MaxIm's
+    ``COLORTYP`` where it names cells, e.g. ``RGGB``), or None."""
+    for key in ("BAYERPAT", "COLORTYP"):
+        value = _card(header, key)
+        if isinstance(value, str) and re.fullmatch(r"[RGB]{4}", value.strip().upper()):
+            return value.strip().upper()
+    return None
 
 
 def _zero_non_finite(data: np.ndarray) -> None:

@@ -317,6 +317,7 @@ def normalize(
             progress(result, len(by_path) + 1, total)
     results = [reference_row, *plan.duplicates, *(by_path[p] for p in plan.targets if p in by_path)]
     _filter_warnings(results)
+    _mosaic_warnings(results)
     reject_frames(
         results,
         min_weight=params.min_weight,
@@ -350,6 +351,21 @@ def _filter_warnings(results: list[FrameResult]) -> None:
                 "frames of different filters should not be normalized to one reference"
             )
             result.warning = f"{result.warning}; {message}" if result.warning else message
+
+
+def _mosaic_warnings(results: list[FrameResult]) -> None:
+    """Warn on every mono frame whose header names a colour camera's cells (BAYERPAT): a
+    one-shot-colour frame not debayered, whose red, green and blue pixels are normalized
+    together by one scale and one sky surface, where each colour has its own."""
+    for result in results:
+        pattern = result.meta.bayer_pattern
+        if result.status == "failed" or not pattern or len(result.scale) != 1:
+            continue
+        message = (
+            f"a colour camera's frame (BAYERPAT {pattern}) not debayered: its colours are normalized "
+            "as one; debayer before registering and normalizing"
+        )
+        result.warning = f"{result.warning}; {message}" if result.warning else message
 
 
 def _keep_extremes(kept: dict, result: FrameResult) -> None:

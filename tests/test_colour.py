@@ -1,4 +1,5 @@
-"""Colour frames: detection on the intensity, keywords per channel, and a FILTER mismatch warning."""
+"""Colour frames: detection on the intensity, keywords per channel, a FILTER mismatch and a
+mosaic not debayered as warnings."""
 
 from __future__ import annotations
 
@@ -53,14 +54,24 @@ def test_colour_outputs_carry_keywords_per_channel(colour_set):
         assert len(set(transmissions)) == 3  # three fits, not one value copied (accuracy: test_accuracy)
 
 
-def test_filter_differing_from_the_reference_is_a_warning(tmp_path):
+def test_filter_differing_from_the_reference_and_a_mosaic_not_debayered_are_warnings(tmp_path):
+    """A frame of another filter, and a mono frame whose header names a colour camera's cells
+    (a one-shot-colour frame not debayered): each normalized, with its warning."""
     paths = write_synthetic_set(tmp_path / "in", n_frames=3, seed=7, width=700, height=500, n_stars=900)
     with fits.open(paths[2], mode="update") as hdul:
         hdul[0].header["FILTER"] = "Ha"
+        hdul[0].header["COLORTYP"] = "Mono"  # MaxIm's word for a mono camera: no cells
+    with fits.open(paths[1], mode="update") as hdul:
+        hdul[0].header["BAYERPAT"] = "RGGB"
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["normalize", *map(str, paths), "-r", str(paths[0]), "-o", str(out)])
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "results.json").read_text())["frames"]
-    assert [r["warning"] for r in rows[:2]] == [None, None]
-    assert rows[2]["warning"].startswith("FILTER 'Ha' differs from the reference's 'L'")
+    assert [r["status"] for r in rows] == ["reference", "ok", "ok"]
+    assert rows[0]["warning"] is None
+    assert rows[1]["warning"].startswith("a colour camera's frame (BAYERPAT RGGB) not debayered")
+    assert rows[2]["warning"] == (
+        "FILTER 'Ha' differs from the reference's 'L': frames of different filters should not be "
+        "normalized to one reference"
+    )
     assert "warning: light_002.fits: FILTER 'Ha' differs from the reference's 'L'" in result.output
