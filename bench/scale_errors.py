@@ -15,7 +15,8 @@ reference (``RESAMPLED``), as ``--reference auto`` does on StarGate. Prints the
 machine and library versions; --json writes the figures.
 
     python bench/scale_errors.py [--sets "undersampled seed 1,mid seed 7"] [--override JSON] [--sparse] [--real]
-        [--resampled-reference] [--scenario NAME --seeds 11,12,13,14] [--photometry aperture] [--json out.json]
+        [--resampled-reference] [--scenario NAME --seeds 11,12,13,14] [--reference 1]
+        [--photometry aperture] [--json out.json]
 """
 
 from __future__ import annotations
@@ -75,16 +76,20 @@ def _path(measured) -> str:
 
 
 def synthetic(
-    names: list[str], override: dict, extra: dict | None = None, params: Parameters | None = None
+    names: list[str], override: dict, extra: dict | None = None, params: Parameters | None = None, reference: int = 0
 ) -> list[dict]:
     rows = []
     for name in names:
         field = SyntheticField(**{**{**SETS, **SPARSE, **(extra or {})}[name], **override})
-        reference = prepare_reference(Frame.from_array(field.render(0), name=f"{name} 0"), params or Parameters())
-        for k in range(1, field.spec.n_frames):
-            truth = field.frames[k].scale(field.reference)
+        chosen = prepare_reference(
+            Frame.from_array(field.render(reference), name=f"{name} {reference}"), params or Parameters()
+        )
+        for k in range(field.spec.n_frames):
+            if k == reference:
+                continue
+            truth = field.frames[k].scale(field.frames[reference])
             try:
-                measured = measure_scale(reference, Frame.from_array(field.render(k), name=f"{name} {k}"))
+                measured = measure_scale(chosen, Frame.from_array(field.render(k), name=f"{name} {k}"))
             except Exception as exc:  # a frame that fails is a result too
                 print(f"{name} frame {k}: failed: {exc}", flush=True)
                 rows.append({"set": name, "frame": k, "error": str(exc)})
@@ -163,6 +168,9 @@ def main() -> None:
     )
     parser.add_argument("--scenario", help="a generator scenario measured at --seeds instead (its own frames)")
     parser.add_argument("--seeds", default="11,12,13,14", help="with --scenario: comma-separated seeds")
+    parser.add_argument(
+        "--reference", type=int, default=0, help="with --scenario: this frame as the reference (1: a registered one)"
+    )
     parser.add_argument("--photometry", default="psf", help="with synthetic sets: psf (the default) or aperture")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args()
@@ -175,7 +183,9 @@ def main() -> None:
         )
     elif args.scenario:
         extra = {f"{args.scenario} seed {s}": dict(scenario=args.scenario, seed=int(s)) for s in args.seeds.split(",")}
-        rows = synthetic(list(extra), json.loads(args.override), extra, Parameters(photometry=args.photometry))
+        rows = synthetic(
+            list(extra), json.loads(args.override), extra, Parameters(photometry=args.photometry), args.reference
+        )
         errors = np.array([row["error"] for row in rows if "z" in row])
         failed = sum("z" not in row for row in rows)
         print(
