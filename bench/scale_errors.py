@@ -72,7 +72,17 @@ def _path(measured) -> str:
         return "aperture"
     # getattr: so that the script measures commits from before the pixel-integrated fit too.
     kind = "integrated" if getattr(psf, "pixel_integrated", False) else "sampled"
-    return f"PSF {kind} {measured.reference_psf.fwhm:.2f}/{measured.reference_psf.beta:.2f} -> {psf.fwhm:.2f}/{psf.beta:.2f}"
+    text = f"PSF {kind} {measured.reference_psf.fwhm:.2f}/{measured.reference_psf.beta:.2f}"
+    text += _shape(measured.reference_psf) + f" -> {psf.fwhm:.2f}/{psf.beta:.2f}" + _shape(psf)
+    return text
+
+
+def _shape(psf) -> str:
+    """`` e 0.24 at 54`` for a drawn-out fit (1 - b/a, major axis in degrees); empty for round
+    ones and commits before the fits measured the shape."""
+    if getattr(psf, "round", True):
+        return ""
+    return f" e {psf.ellipticity:.2f} at {psf.elongation_angle:.0f}"
 
 
 def synthetic(

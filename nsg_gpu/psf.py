@@ -6,7 +6,7 @@ frame's PSF, and above all the *difference* between the target's and the referen
 about 0.02 in the Moffat index. One Moffat ``(1 + r^2/alpha^2)^-beta`` is shared by all stars
 of a frame; each star has its own amplitude, sub-pixel shift (linearized: the profile's
 derivatives are columns of the per-star linear model) and a background plane, or quadratic
-surface, all solved exactly for each trial ``(alpha, beta)``, which
+surface, all solved exactly for each trial ``(alpha, beta)`` (and elongation, below), which
 :func:`scipy.optimize.least_squares` adjusts.
 Pixels of value 0 (no data) and residuals beyond 5 sigma (hot pixels, cosmic rays) are left
 out, and bright pixels are weighted by their shot noise.
@@ -43,6 +43,15 @@ across the frame beyond their errors a quadratic surface of the width (:class:`F
 joins the Moffat: the fit is redone with each star's ``alpha`` scaled by the surface, and the
 target gets its own surface (seeing widens the centre and the edges differently). The
 photometry then corrects each star with the PSFs of its place in the field.
+
+A mount that trails or a tube the wind shakes draws every star of a frame out along one
+direction. A round Moffat fitted to such stars is broader and of a lower index than the light
+it stands for, and the weights' correction from it missed a target drawn out by 0.3 by up to
+1.6 %. The Moffat's ``r^2`` is therefore a quadratic form of determinant 1
+(:attr:`MoffatPSF.shear`: ``alpha`` stays the axes' geometric mean and the normalization
+holds), whose two parameters every fit measures beside ``alpha`` and ``beta``; the round
+weights then keep the drawn-out light's mean over directions at each radius
+(:func:`nsg_gpu.photometry.kept_share`).
 
 A target registered at a sub-pixel offset shows its stars convolved with the registration's
 interpolation kernel, which no Moffat is. The kernel is read from the frame's noise
@@ -174,10 +183,55 @@ class MoffatPSF:
     #: The fit's covariance of ``(log alpha, beta)`` as ``(var log alpha, cov, var beta)``
     #: (:func:`parameter_covariance`), or None where the Moffat was not fitted.
     covariance: tuple[float, float, float] | None = None
+    #: Stars drawn out (tracking, wind, tilt): ``(g1, g2)``, the profile a function of
+    #: ``(u, v) M (u, v)^T`` with ``M = exp([[g1, g2], [g2, -g1]])`` (determinant 1, so that
+    #: ``alpha`` stays the axes' geometric mean and the normalization holds); round at 0.
+    shear: tuple[float, float] = (0.0, 0.0)
+    #: The fit's covariance of ``shear`` as ``(var g1, cov, var g2)``, or None.
+    shear_covariance: tuple[float, float, float] | None = None
 
     @property
     def fwhm(self) -> float:
         return 2.0 * self.alpha * math.sqrt(2.0 ** (1.0 / self.beta) - 1.0)
+
+    @property
+    def round(self) -> bool:
+        return self.shear[0] == 0.0 and self.shear[1] == 0.0
+
+    @property
+    def ellipticity(self) -> float:
+        """``1 - minor / major`` axis of the profile's contours."""
+        return 1.0 - math.exp(-math.hypot(*self.shear))
+
+    @property
+    def elongation_angle(self) -> float:
+        """The major axis's angle from the x axis, degrees in ``(-90, 90]``."""
+        angle = math.degrees(0.5 * math.atan2(self.shear[1], self.shear[0])) + 90.0
+        return angle - 180.0 if angle > 90.0 else angle
+
+    def quadratic(self) -> tuple[float, float, float]:
+        """``(m11, m12, m22)`` of the shape's matrix ``M`` (:attr:`shear`)."""
+        g1, g2 = self.shear
+        g = math.hypot(g1, g2)
+        if g == 0.0:
+            return 1.0, 0.0, 1.0
+        c, s = math.cosh(g), math.sinh(g) / g
+        return c + g1 * s, g2 * s, c - g1 * s
+
+    def r2(self, u, v):
+        """The squared distance the profile is a function of, at offsets ``u, v`` (x, y) from
+        the star: ``u^2 + v^2`` for a round one."""
+        if self.round:
+            return u * u + v * v
+        m11, m12, m22 = self.quadratic()
+        return m11 * u * u + 2.0 * m12 * u * v + m22 * v * v
+
+    def direction_factor(self, theta):
+        """``r2`` at unit distance in directions ``theta`` (radians): the profile along a
+        direction is the round one at ``r^2`` times this."""
+        m11, m12, m22 = self.quadratic()
+        c, s = np.cos(theta), np.sin(theta)
+        return m11 * c * c + 2.0 * m12 * c * s + m22 * s * s
 
     @property
     def pixel_fwhm(self) -> float:
@@ -193,17 +247,15 @@ class MoffatPSF:
     def at(self, factor: float) -> MoffatPSF:
         """The same Moffat ``factor`` times as wide, without a field model: the PSF where the
         field's factor is ``factor``."""
-        return MoffatPSF(
-            self.alpha * factor, self.beta, self.stars, self.pixel_integrated, None, self.blur, self.covariance
-        )
+        return replace(self, alpha=self.alpha * factor, field=None)
 
     def uniform(self) -> MoffatPSF:
         """The Moffat at the field's typical width (factor 1), without the field model."""
         return self.at(1.0) if self.field is not None else self
 
     def weights(self) -> MoffatPSF:
-        """The Moffat alone, as photometric weights: a function of the distance to the star,
-        at the field's typical width, without the registration's kernel."""
+        """The Moffat alone, as photometric weights: a function of the distance to the star
+        (round), at the field's typical width, without the registration's kernel."""
         return MoffatPSF(self.alpha, self.beta, self.stars, self.pixel_integrated)
 
     def factor(self, x, y) -> np.ndarray:
@@ -328,7 +380,7 @@ def pixel_mean(psf: MoffatPSF, x, y, *, nodes: int = 8):
     total = np.zeros(np.broadcast(x, y).shape)
     for a, b, weight in zip(sx, sy, w):
         u, v = x + a, y + b
-        total += weight * psf(u * u + v * v)
+        total += weight * psf(psf.r2(u, v))
     return total
 
 
@@ -452,8 +504,14 @@ def _offsets(stamps: PSFStamps, integrated: bool) -> list[tuple]:
 def _columns(psf: MoffatPSF, offsets: list[tuple], out: np.ndarray, widths: np.ndarray | None = None) -> np.ndarray:
     """The profile and its derivatives by the star's x and y into ``out`` ``(n, 3, p)``: at
     the pixel centres, or their means over the pixels (the nodes' weighted sums); each star's
-    ``alpha`` times its factor in ``widths`` ``(n,)`` where given (a field model)."""
+    ``alpha`` times its factor in ``widths`` ``(n,)`` where given (a field model). A drawn-out
+    profile (:attr:`MoffatPSF.shear`) is a function of ``(u, v) M (u, v)^T``, its gradient
+    ``M (u, v)``."""
+    m11, m12, m22 = psf.quadratic()
     for index, u, v, r2, w in offsets:
+        if not psf.round:
+            r2 = psf.r2(u, v)
+            u, v = m11 * u + m12 * v, m12 * u + m22 * v
         if widths is None:
             a2 = psf.alpha * psf.alpha
         else:
@@ -511,12 +569,13 @@ def _blurred_core(
     """``columns`` ``(n, 3, p)`` (the Moffat at the stamps' pixels) with the profile over the
     stars' cores convolved with ``blur``.
 
-    ``core``: the square's squared offsets ``(n, side * side)`` (:func:`_square`, ``half``
+    ``core``: the square's offsets ``u, v`` ``(n, side * side)`` (:func:`_square`, ``half``
     the core's and the kernel's half-width as margin), the core pixels' places in the
     stamps and in the square. Beyond the core the kernel, which keeps the low frequencies of
     a smooth wing, is left out.
     """
-    r2, in_stamp, in_square = core
+    ux, uy, in_stamp, in_square = core
+    r2 = psf.r2(ux, uy)
     n = columns.shape[0]
     side = int(round(math.sqrt(r2.shape[1])))
     # As :func:`_columns`' profile: each star's alpha times its factor in ``widths``.
@@ -544,7 +603,7 @@ def _core(stamps: PSFStamps, blur: InterpolationKernel) -> tuple:
     )
     ux = square.px[None] - square.dx[:, None]
     uy = square.py[None] - square.dy[:, None]
-    return ux * ux + uy * uy, in_stamp, in_square
+    return ux, uy, in_stamp, in_square
 
 
 def _design(psf: MoffatPSF, stamps: PSFStamps, background: np.ndarray, widths: np.ndarray | None = None) -> np.ndarray:
@@ -760,7 +819,9 @@ def _fit(stamps: PSFStamps, *, blur: InterpolationKernel | None = None, **option
     chosen = _shift_sign(fit, blur)
     if chosen is blur:
         return fit
-    return _fit_once(stamps, blur=chosen, **{**options, "fwhm": fit.psf.fwhm, "beta": fit.psf.beta})
+    return _fit_once(
+        stamps, blur=chosen, **{**options, "fwhm": fit.psf.fwhm, "beta": fit.psf.beta, "shear": fit.psf.shear}
+    )
 
 
 def _fit_once(
@@ -776,8 +837,9 @@ def _fit_once(
     widths: np.ndarray | None,
     blur: InterpolationKernel | None = None,
     masked: np.ndarray | None = None,
+    shear: tuple[float, float] = (0.0, 0.0),
 ) -> _Fit:
-    """One :func:`_fit` with ``blur`` as it is."""
+    """One :func:`_fit` with ``blur`` as it is; ``shear`` the start of the Moffat's."""
     usable = np.mean(stamps.data == 0, axis=1) <= MAX_EMPTY
     st = stamps.take(usable)
     st.dx, st.dy = st.dx.copy(), st.dy.copy()
@@ -790,7 +852,7 @@ def _fit_once(
     if masked is not None:
         left_out |= masked[usable]
     weight = np.where(left_out, 0.0, 1.0 / variance)
-    psf = MoffatPSF.from_fwhm(fwhm, beta, pixel_integrated=pixel_integrated)
+    psf = replace(MoffatPSF.from_fwhm(fwhm, beta, pixel_integrated=pixel_integrated), shear=tuple(shear))
     background = _background_terms(st, curved)
     if data.shape[0] == 0:
         return _Fit(psf, usable, np.zeros((0, data.shape[1])), None)
@@ -809,8 +871,8 @@ def _fit_once(
         models = _StarModels(st, background, data, weight, widths, blur)
         centre(psf, models)
 
-        def residual(theta, models=models):
-            _, model = models.solve(MoffatPSF(math.exp(theta[0]), theta[1], 0, pixel_integrated))
+        def residual(theta, models=models, shear=psf.shear):
+            _, model = models.solve(_trial([*theta, *shear], pixel_integrated))
             return ((data - model) * models.sqrt_weight).ravel()
 
         solution = optimize.least_squares(
@@ -826,18 +888,82 @@ def _fit_once(
             xtol=1e-6,
             gtol=1e-6,
         )
-        previous, psf = psf, MoffatPSF(math.exp(solution.x[0]), float(solution.x[1]), 0, pixel_integrated)
+        previous, psf = psf, _trial([*solution.x, *psf.shear], pixel_integrated)
+        psf = replace(psf, shear=_shear_step(models, psf))
         coef, model = models.solve(psf)
         star = coef[:, :1] * models.profile(psf)[:, 0]
         weight = np.where(left_out, 0.0, 1.0 / (variance + gain_inv * np.clip(star, 0, None)))
         residual = np.abs(data - model) * np.sqrt(weight)
         weight[residual > CLIP_SIGMA * _clip_scale(residual, star, variance, weight)] = 0.0
-        if abs(psf.beta - previous.beta) < 5e-3 and abs(psf.alpha / previous.alpha - 1) < 1e-3:
+        if (
+            abs(psf.beta - previous.beta) < 5e-3
+            and abs(psf.alpha / previous.alpha - 1) < 1e-3
+            and max(abs(a - b) for a, b in zip(psf.shear, previous.shear)) < 1e-3
+        ):
             break
     models = _StarModels(st, background, data, weight, widths, blur)
     coef, _ = models.solve(psf)
     star = np.einsum("nkp,nk->np", models.profile(psf), coef[:, :3])
-    return _Fit(MoffatPSF(psf.alpha, psf.beta, int(usable.sum()), pixel_integrated, None, blur), usable, star, models)
+    fitted = MoffatPSF(psf.alpha, psf.beta, int(usable.sum()), pixel_integrated, None, blur, shear=psf.shear)
+    return _Fit(fitted, usable, star, models)
+
+
+#: The bound of the fits' elongation (:attr:`MoffatPSF.shear`): ``1 - minor / major`` up to 0.7.
+MAX_SHEAR = 1.2
+#: The shear's step in the profile's central differences (:func:`_shear_step`).
+SHEAR_STEP = 0.01
+
+
+def _shear_step(models: _StarModels, psf: MoffatPSF) -> tuple[float, float]:
+    """``psf``'s shear moved by one Gauss-Newton step of the joint fit, its width and index
+    held: each star's model gains the profile's derivatives by ``g1`` and ``g2`` as columns,
+    whose coefficients over the star's amplitude are its own step, and the stars' steps are
+    combined by their inverse covariances (the shared shear's least squares, linearized).
+    Two profiles per parameter, one solve per star: a fraction of what two more parameters
+    of :func:`scipy.optimize.least_squares` cost (its Jacobian, every iteration)."""
+    g1, g2 = psf.shear
+    columns = []
+    for d1, d2 in ((SHEAR_STEP, 0.0), (0.0, SHEAR_STEP)):
+        up = models.profile(replace(psf, shear=(g1 + d1, g2 + d2)))[:, 0]
+        down = models.profile(replace(psf, shear=(g1 - d1, g2 - d2)))[:, 0]
+        columns.append((up - down) / (2 * SHEAR_STEP))
+    n, p = models.data.shape
+    design = np.empty((n, models.k + 2, p))
+    design[:, :3] = models.profile(psf)
+    design[:, 3], design[:, 4] = columns
+    design[:, 5:] = models.background[None]
+    normal, rhs = _normal_equations(design, models.data, models.weight)
+    coef = np.linalg.solve(normal, rhs[..., None])[..., 0]
+    amplitude = coef[:, 0]
+    good = amplitude > 0
+    if not good.any():
+        return psf.shear
+    step = coef[good, 3:5] / amplitude[good, None]
+    try:
+        inverse = np.linalg.inv(normal[good])[:, 3:5, 3:5] / (amplitude[good] ** 2)[:, None, None]
+        precision = np.linalg.inv(inverse)
+        total = precision.sum(axis=0)
+        if not np.all(np.isfinite(total)) or np.linalg.det(total) <= 0:
+            return psf.shear
+        moved = np.linalg.solve(total, np.einsum("nij,nj->i", precision, step))
+    except np.linalg.LinAlgError:
+        # A star whose pixels the clip took nearly all: the shear stays for this round.
+        return psf.shear
+    shear = np.array([g1, g2]) + moved
+    size = math.hypot(*shear)
+    if size > MAX_SHEAR:
+        shear *= MAX_SHEAR / size
+    return float(shear[0]), float(shear[1])
+
+
+def _moved(psf: MoffatPSF, alpha: float) -> MoffatPSF:
+    """A trial of ``psf``'s shape at width ``alpha``, as the fit's own trials are."""
+    return MoffatPSF(alpha, psf.beta, 0, psf.pixel_integrated, shear=psf.shear)
+
+
+def _trial(theta, pixel_integrated: bool) -> MoffatPSF:
+    """The Moffat of a fit's parameters ``(log alpha, beta, g1, g2)``."""
+    return MoffatPSF(math.exp(theta[0]), float(theta[1]), 0, pixel_integrated, shear=(float(theta[2]), float(theta[3])))
 
 
 def _clip_scale(residual: np.ndarray, star: np.ndarray, variance: np.ndarray, weight: np.ndarray) -> float:
@@ -859,9 +985,9 @@ def _clip_scale(residual: np.ndarray, star: np.ndarray, variance: np.ndarray, we
     return max(1.0, 1.4826 * float(np.median(residual[on])) / MODEL_ERROR_SPREAD)
 
 
-def parameter_covariance(models: _StarModels, psf: MoffatPSF) -> tuple[float, float, float]:
-    """The covariance of a joint fit's ``(log alpha, beta)``, as ``(var log alpha, cov,
-    var beta)``, at the fit's final weights.
+def parameter_covariance(models: _StarModels, psf: MoffatPSF) -> np.ndarray:
+    """The covariance of a joint fit's ``(log alpha, beta, g1, g2)`` (the last two its
+    :attr:`MoffatPSF.shear`), at the fit's final weights.
 
     The Jacobian is that of the residuals with every star's amplitude, position and
     background solved again (the fit's own residual function; central differences), so the
@@ -873,27 +999,26 @@ def parameter_covariance(models: _StarModels, psf: MoffatPSF) -> tuple[float, fl
     place): such errors pull a star's whole stamp one way and do not average out over its
     pixels, only over the stars.
     """
-    theta = np.array([math.log(psf.alpha), psf.beta])
-    steps = np.array([1e-3, 2e-3])
+    theta = np.array([math.log(psf.alpha), psf.beta, *psf.shear])
+    steps = np.array([1e-3, 2e-3, 1e-3, 1e-3])
 
     def residual(t):
-        _, model = models.solve(MoffatPSF(math.exp(t[0]), t[1], 0, psf.pixel_integrated))
+        _, model = models.solve(_trial(t, psf.pixel_integrated))
         return (models.data - model) * models.sqrt_weight
 
     r = residual(theta)
-    jac = np.empty(r.shape + (2,))
-    for j in range(2):
-        d = np.zeros(2)
+    jac = np.empty(r.shape + (theta.size,))
+    for j in range(theta.size):
+        d = np.zeros(theta.size)
         d[j] = steps[j]
         jac[..., j] = (residual(theta + d) - residual(theta - d)) / (2 * steps[j])
     inverse = np.linalg.inv(np.einsum("npi,npj->ij", jac, jac))
     n = r.shape[0]
-    dof = max(int(np.count_nonzero(models.weight)) - n * models.k - 2, 1)
+    dof = max(int(np.count_nonzero(models.weight)) - n * models.k - theta.size, 1)
     model = inverse * float(np.sum(r * r)) / dof
     g = np.einsum("npi,np->ni", jac, r)
     sandwich = inverse @ (g.T @ g * n / max(n - 1, 1)) @ inverse
-    c = sandwich if sandwich[1, 1] > model[1, 1] else model
-    return float(c[0, 0]), float(c[0, 1]), float(c[1, 1])
+    return sandwich if sandwich[1, 1] > model[1, 1] else model
 
 
 def _with_covariance(fit: _Fit) -> MoffatPSF:
@@ -906,9 +1031,15 @@ def _with_covariance(fit: _Fit) -> MoffatPSF:
         covariance = parameter_covariance(fit.models, fit.psf)
     except np.linalg.LinAlgError:
         return fit.psf
-    if not (np.all(np.isfinite(covariance)) and covariance[0] >= 0 and covariance[2] >= 0):
+    diagonal = np.diag(covariance)
+    if not (np.all(np.isfinite(covariance)) and np.all(diagonal >= 0)):
         return fit.psf
-    return replace(fit.psf, covariance=covariance)
+    c = covariance
+    return replace(
+        fit.psf,
+        covariance=(float(c[0, 0]), float(c[0, 1]), float(c[1, 1])),
+        shear_covariance=(float(c[2, 2]), float(c[2, 3]), float(c[3, 3])),
+    )
 
 
 def _star_widths(fit: _Fit) -> tuple[np.ndarray, np.ndarray]:
@@ -920,7 +1051,7 @@ def _star_widths(fit: _Fit) -> tuple[np.ndarray, np.ndarray]:
     n = models.data.shape[0]
     chi = np.empty((n, WIDTH_TRIALS.size))
     for j, trial in enumerate(WIDTH_TRIALS):
-        _, model = models.solve(MoffatPSF(fit.psf.alpha * trial, fit.psf.beta, 0, fit.psf.pixel_integrated))
+        _, model = models.solve(_moved(fit.psf, fit.psf.alpha * trial))
         chi[:, j] = np.sum(models.weight * (models.data - model) ** 2, axis=1)
     t = np.log(WIDTH_TRIALS)
     step = t[1] - t[0]
@@ -946,8 +1077,8 @@ def _linear_widths(fit: _Fit) -> tuple[np.ndarray, np.ndarray]:
     at the cost of two profiles and a solve instead of :data:`WIDTH_TRIALS`' profiles."""
     models, psf = fit.models, fit.psf
     step = 0.02
-    wider = models.profile(MoffatPSF(psf.alpha * (1 + step), psf.beta, 0, psf.pixel_integrated))[:, 0]
-    narrower = models.profile(MoffatPSF(psf.alpha * (1 - step), psf.beta, 0, psf.pixel_integrated))[:, 0]
+    wider = models.profile(_moved(psf, psf.alpha * (1 + step)))[:, 0]
+    narrower = models.profile(_moved(psf, psf.alpha * (1 - step)))[:, 0]
     n, p = models.data.shape
     design = np.empty((n, models.k + 1, p))
     design[:, :3] = models.profile(psf)
@@ -988,7 +1119,7 @@ def _fit_with_field(stamps: PSFStamps, *, start: np.ndarray | None = None, **opt
     refit = _fit(stamps, widths=field.factor(x_all, y_all), **options)
     psf = refit.psf
     return _Fit(
-        MoffatPSF(psf.alpha, psf.beta, psf.stars, psf.pixel_integrated, field, psf.blur),
+        replace(psf, field=field),
         refit.usable,
         refit.star,
         refit.models,

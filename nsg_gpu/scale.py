@@ -535,8 +535,9 @@ def correction_uncertainty(
     scale's uncertainty, which no scatter of the pairs shows since it moves every pair alike.
 
     A fitted Moffat carries its fit's covariance (:func:`nsg_gpu.psf.parameter_covariance`),
-    propagated through the kept share's derivatives by ``log alpha`` and ``beta`` (the
-    weights held: they are a choice, not a measurement); an assumed one (the plain aperture's
+    propagated through the kept share's derivatives by ``log alpha`` and ``beta``, and by the
+    elongation's ``g1, g2`` where the fit measured them (the weights held: they are a choice,
+    not a measurement); an assumed one (the plain aperture's
     fallback, a Moffat of index 3 at the quick FWHM) is off by :data:`ASSUMED_BETA_ERROR` and
     :data:`ASSUMED_FWHM_ERROR`.
     """
@@ -560,6 +561,16 @@ def correction_uncertainty(
             gradient.append(share / (2 * step * kept))
         (ga, gb), (caa, cab, cbb) = gradient, psf.covariance
         variance += max(ga * ga * caa + 2 * ga * gb * cab + gb * gb * cbb, 0.0)
+        if psf.shear_covariance is not None and not psf.round:
+            # The elongation's share: by ``g1, g2``, taken apart from the width and index.
+            g = []
+            for step in ((1e-3, 0.0), (0.0, 1e-3)):
+                up = replace(psf, shear=(psf.shear[0] + step[0], psf.shear[1] + step[1]))
+                down = replace(psf, shear=(psf.shear[0] - step[0], psf.shear[1] - step[1]))
+                share = photometry.kept_share(geometry, up, weight) - photometry.kept_share(geometry, down, weight)
+                g.append(share / (2e-3 * kept))
+            c11, c12, c22 = psf.shear_covariance
+            variance += max(g[0] * g[0] * c11 + 2 * g[0] * g[1] * c12 + g[1] * g[1] * c22, 0.0)
     return math.sqrt(variance)
 
 

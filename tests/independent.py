@@ -124,6 +124,19 @@ def extractor_stars(planes: np.ndarray, *, edge: float = 10.0) -> tuple[np.ndarr
     return x[star], y[star]
 
 
+def extractor_shape(planes: np.ndarray, *, brightest: int = 15) -> tuple[float, float]:
+    """The stars' elongation as sep's second moments read it: the median ``1 - b/a`` of the
+    ``brightest`` detections on the channel mean, and the median angle of their major axes
+    (degrees from the x axis, towards y; taken about the first's, since angles repeat each
+    half turn)."""
+    mean = np.ascontiguousarray(planes.mean(axis=0))
+    objects = _detect(mean, _nodata(planes))
+    objects = objects[np.argsort(objects["flux"])[::-1][:brightest]]
+    angles = np.degrees(objects["theta"])
+    turned = (angles - angles[0] + 90) % 180 - 90 + angles[0]
+    return float(np.median(1 - objects["b"] / objects["a"])), float(np.median(turned))
+
+
 def _half_light_radius(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
     background = sep.Background(image, mask=image == 0)
     radius, _ = sep.flux_radius(image - background.back(), x, y, np.full(x.size, 15.0), 0.5, subpix=5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,8 +20,7 @@ def _render(shape, xs, ys, fluxes, psf: MoffatPSF, sky=0.0) -> np.ndarray:
     off = np.arange(-half, half + 1)
     for x0, y0, f in zip(xs, ys, fluxes):
         xi, yi = int(round(x0)), int(round(y0))
-        r2 = (off[None, :] + xi - x0) ** 2 + (off[:, None] + yi - y0) ** 2
-        star = psf.shape(r2)
+        star = psf.shape(psf.r2(off[None, :] + xi - x0, off[:, None] + yi - y0))
         star *= f / star.sum()
         rows = slice(max(yi - half, 0), min(yi + half + 1, shape[0]))
         cols = slice(max(xi - half, 0), min(xi + half + 1, shape[1]))
@@ -71,6 +71,85 @@ def test_fit_psf_recovers_fwhm_and_index_under_noise_and_gradient():
     # The star model carries each star's light: its sum is the star's flux within the stamp.
     inside = 1 - (1 + (15 / truth.alpha) ** 2) ** (1 - truth.beta)
     assert np.median(model.sum(axis=1) / fluxes) == pytest.approx(inside, rel=0.01)
+
+
+def _drawn_out(psf: MoffatPSF, ellipticity: float, angle: float) -> MoffatPSF:
+    """``psf`` drawn out to ``1 - b/a = ellipticity`` along ``angle`` (degrees from x)."""
+    g = -math.log(1 - ellipticity)
+    # The shear's phase is twice the narrow axis's angle, a quarter turn from the major one.
+    phase = 2 * math.radians(angle - 90)
+    return replace(psf, shear=(g * math.cos(phase), g * math.sin(phase)))
+
+
+def test_drawn_out_moffat_keeps_its_flux_and_has_the_axes_set():
+    """A drawn-out Moffat sums to 1 over the plane, its half-maximum contour's axes are
+    ``1 / sqrt(1 - e)`` and ``sqrt(1 - e)`` times the round one's along and across the angle
+    set, and it reads back its ellipticity and angle."""
+    round_psf = MoffatPSF.from_fwhm(3.0, 3.0)
+    psf = _drawn_out(round_psf, 0.3, 35.0)
+    assert psf.ellipticity == pytest.approx(0.3) and psf.elongation_angle == pytest.approx(35.0)
+    m11, m12, m22 = psf.quadratic()
+    assert m11 * m22 - m12 * m12 == pytest.approx(1.0)
+    h = 0.05
+    axis = np.arange(-60, 60 + h / 2, h)
+    x, y = np.meshgrid(axis, axis)
+    assert float(np.sum(psf(psf.r2(x, y)))) * h * h == pytest.approx(1 - (1 + (60 / psf.alpha) ** 2) ** -2, rel=1e-3)
+    half = round_psf.fwhm / 2
+    for angle, stretch in ((35.0, 1 / math.sqrt(0.7)), (125.0, math.sqrt(0.7))):
+        t = math.radians(angle)
+        r = half * stretch
+        assert psf.shape(psf.r2(r * math.cos(t), r * math.sin(t))) == pytest.approx(0.5, rel=1e-9)
+
+
+def test_fit_psf_measures_the_stars_elongation():
+    """Stars drawn out by 0.25 along 60 degrees under noise and a gradient: the fit reads the
+    ellipticity within 0.01, the angle within 2 degrees, the FWHM (the axes' geometric mean)
+    and index as for round stars; round stars read less than 0.01."""
+    rng = np.random.default_rng(4)
+    shape = (470, 470)
+    xs, ys, fluxes = _grid_stars(rng)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    sky = 0.05 + 2e-5 * xx - 1e-5 * yy
+    round_truth = MoffatPSF.from_fwhm(3.6, 2.7)
+    for truth in (_drawn_out(round_truth, 0.25, 60.0), round_truth):
+        image = _render(shape, xs, ys, fluxes, truth) + sky + rng.normal(0, 1e-3, shape)
+        stamps = psf_fitting.cut_stamps(image, np.round(xs, 0), np.round(ys, 0), 15)
+        fitted, used, _ = psf_fitting.fit_psf(stamps, fwhm=3.0, sigma=1e-3, beta=3.5)
+        assert used.all()
+        assert fitted.fwhm == pytest.approx(truth.fwhm, rel=0.01)
+        assert fitted.beta == pytest.approx(truth.beta, abs=0.08)
+        if truth.round:
+            assert fitted.ellipticity < 0.01
+        else:
+            assert fitted.ellipticity == pytest.approx(0.25, abs=0.01)
+            assert fitted.elongation_angle == pytest.approx(60.0, abs=2.0)
+
+
+@pytest.mark.parametrize("integrated", [False, True], ids=["sampled", "integrated"])
+@pytest.mark.parametrize("ellipticity", [0.2, 0.4])
+def test_drawn_out_kept_share_is_the_integral_over_the_plane(integrated, ellipticity):
+    """What round weights (and the plain aperture) keep of a drawn-out star, and the annulus
+    takes off, against sums over a grid of 0.02 px; the round star's share differs."""
+    psf = _drawn_out(
+        MoffatPSF.from_fwhm(1.8 if integrated else 3.0, 3.0, pixel_integrated=integrated), ellipticity, 33.0
+    )
+    weight = MoffatPSF.from_fwhm(3.0, 3.0)
+    geometry = photometry.aperture_geometry(3.0, aperture_fwhm=2.0, aperture_add=1.0, gap=4, bg_delta=10)
+    h = 0.02
+    axis = np.arange(-geometry.annulus_outer - 1, geometry.annulus_outer + 1 + h / 2, h)
+    x, y = np.meshgrid(axis, axis)
+    light = psf_fitting.pixel_mean(psf, x, y, nodes=6) if integrated else psf(psf.r2(x, y))
+    r2 = x * x + y * y
+    ring = (r2 < geometry.annulus_outer**2) & (r2 >= geometry.annulus_inner**2)
+    annulus = light[ring].mean()
+    w = photometry._weight_profile(weight, r2, geometry.radius)
+    inside = r2 <= geometry.radius**2
+    weighted = float(np.sum(w * (light - annulus))) * h * h
+    plain = float(np.sum(inside * (light - annulus))) * h * h
+    assert photometry.kept_share(geometry, psf, weight) == pytest.approx(weighted, rel=1e-6)
+    assert photometry.kept_share(geometry, psf) == pytest.approx(plain, rel=5e-5)
+    round_share = photometry.kept_share(geometry, replace(psf, shear=(0.0, 0.0)), weight)
+    assert abs(round_share / weighted - 1) > 0.004
 
 
 def test_fit_covariance_is_the_scatter_over_noise_draws():

@@ -280,6 +280,27 @@ def test_a_registered_reference_on_a_crowded_field_is_fitted_through_its_own_ker
         assert abs(error) < 0.005, (k, error)
 
 
+def test_drawn_out_targets_are_corrected_by_their_own_shape():
+    """The default scenario's seed 2 with the targets' stars drawn out by 0.3, 0.2, 0.1 and
+    0.25 along angles of their own (a trailing mount). Each target's fit reads its ellipticity
+    within 0.02 and its angle within 3 degrees, and the round weights' correction integrates
+    the drawn-out light: every scale within 0.5 % of the truth and 3 of its stated
+    uncertainty. A round Moffat fitted to such stars read -0.75, -0.52, -0.39 and -0.77 %."""
+    ellipticities = [0.0, 0.3, 0.2, 0.1, 0.25]
+    field = SyntheticField(scenario="default", seed=2, ellipticities=ellipticities)
+    reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
+    for k in range(1, 5):
+        measured = measure_scale(reference, Frame.from_array(field.render(k), name=f"target {k}"))
+        assert measured.reference_psf.ellipticity < 0.02
+        shape = measured.target_psf
+        assert shape.ellipticity == pytest.approx(ellipticities[k], abs=0.02), k
+        turn = (shape.elongation_angle - field.frames[k].elongation_angle) % 180
+        assert min(turn, 180 - turn) < 3, (k, shape.elongation_angle, field.frames[k].elongation_angle)
+        error = measured.scale[0] / field.frames[k].scale(field.frames[0])[0] - 1
+        stated = measured.fits[0].scale_error / measured.scale[0]
+        assert abs(error) < 0.005 and abs(error) < 3 * stated, (k, error, stated)
+
+
 def test_targets_registered_with_a_turn():
     """Targets seen turned by 0.4-1.4 degrees about the centre as well as shifted, then
     registered (a cubic spline): their shift changes across the frame, and the noise of the
