@@ -90,6 +90,20 @@ def _number(value, digits: int = 4) -> str:
         return _e(value)
 
 
+#: A frame whose fitted PSF is drawn out by this much (``1 - b/a``) or more says so in its
+#: note: well-tracked frames read 0.02-0.12 (StarGate's), a trailed one 0.2-0.3.
+DRAWN_OUT_NOTE = 0.15
+
+
+def _drawn_out(frame) -> str | None:
+    """The note of a frame whose stars are drawn out (a trailing mount, wind), or None."""
+    e = getattr(frame, "ellipticity", None)
+    if e is None or e < DRAWN_OUT_NOTE:
+        return None
+    angle = getattr(frame, "elongation_angle", None)
+    return f"stars drawn out: 1 - b/a {e:.2f}" + (f" at {angle:.0f}° from x" if angle is not None else "")
+
+
 def _transmission(frame) -> str:
     """Each channel's transmission with its standard error where the fit gave one."""
     errors = list(frame.transmission_error or [])
@@ -137,7 +151,8 @@ def _note(frame) -> str:
     if error and error.startswith(f"{frame.path}: "):
         error = error[len(frame.path) + 2 :]
     doubt = f"scale in doubt: {frame.scale_flag}" if getattr(frame, "scale_flag", None) else None
-    return _e("; ".join(text for text in (error, getattr(frame, "warning", None), doubt) if text))
+    notes = (error, getattr(frame, "warning", None), doubt, _drawn_out(frame))
+    return _e("; ".join(text for text in notes if text))
 
 
 def _seconds(frame) -> str:

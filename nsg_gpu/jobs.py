@@ -84,6 +84,8 @@ def _cards(result: FrameResult, *, reference_name: str, history, fingerprint: st
         samples=result.samples,
         fwhm=result.fwhm,
         beta=result.beta,
+        ellipticity=result.ellipticity,
+        elongation_angle=result.elongation_angle,
         fingerprint=fingerprint,
         noise=result.noise,
         transmission_error=result.transmission_error,
@@ -152,6 +154,8 @@ def reference_result(reference: Reference, output: Path | None) -> FrameResult:
         noise=[float(v) for v in reference.noise],
         fwhm=own.fwhm if own is not None else reference.stars.fwhm,
         beta=own.beta if own is not None else None,
+        ellipticity=own.ellipticity if own is not None else None,
+        elongation_angle=own.elongation_angle if own is not None else None,
         high=float(get_backend(frame.data).to_host(frame.data.max())),
         meta=frame.meta,
     )

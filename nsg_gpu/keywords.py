@@ -2,7 +2,8 @@
 
 NSG's own cards are ``NSGREF``, ``NSGS0..2`` (transmission ``1/m`` per channel), ``NSGSNR0..2``,
 the weight (``NWEIGHT`` unless configured), ``NSGHIGH`` and ``HISTORY NSG.*``; nsg-gpu adds
-``NSGSERR0..2`` (the standard error of ``NSGSn``), ``NSGPAIRS``, ``NSGSAMPL``, ``NSGFWHM``, ``NSGBETA`` and ``NSGHASH`` (the fingerprint a rerun
+``NSGSERR0..2`` (the standard error of ``NSGSn``), ``NSGPAIRS``, ``NSGSAMPL``, ``NSGFWHM``, ``NSGBETA``, ``NSGELLIP`` and ``NSGEANG`` (the fitted PSF's
+``1 - b/a`` and major axis, where its stars are drawn out) and ``NSGHASH`` (the fingerprint a rerun
 uses to keep an output, :mod:`nsg_gpu.resume`). The jobs write them (:mod:`nsg_gpu.jobs`); a
 resumed run reads them back into its results (:func:`read_nsg_cards`).
 """
@@ -25,6 +26,8 @@ __all__ = [
     "SAMPLES",
     "FWHM",
     "BETA",
+    "ELLIPTICITY",
+    "ELONGATION_ANGLE",
     "FINGERPRINT",
     "NOISE",
     "HISTORY_PREFIX",
@@ -45,6 +48,8 @@ PAIRS = "NSGPAIRS"
 SAMPLES = "NSGSAMPL"
 FWHM = "NSGFWHM"
 BETA = "NSGBETA"
+ELLIPTICITY = "NSGELLIP"
+ELONGATION_ANGLE = "NSGEANG"
 FINGERPRINT = "NSGHASH"
 #: Per-channel noise the weight was computed from, so that a resumed run's results say what
 #: the first run's said. (No time is written: the same inputs give the same bytes.)
@@ -68,6 +73,8 @@ class NSGCards:
     samples: int | None = None
     fwhm: float | None = None
     beta: float | None = None
+    ellipticity: float | None = None
+    elongation_angle: float | None = None
     fingerprint: str | None = None
     noise: list[float] = field(default_factory=list)
     transmission_error: list[float] = field(default_factory=list)
@@ -123,6 +130,10 @@ def set_nsg_keywords(header: fits.Header, cards: NSGCards, *, weight_keyword: st
         header[FWHM] = (float(f"{cards.fwhm:.4g}"), "[px] NSG FWHM of the frame")
     if cards.beta is not None:
         header[BETA] = (float(f"{cards.beta:.4g}"), "NSG Moffat index of the fitted PSF")
+    if cards.ellipticity is not None:
+        header[ELLIPTICITY] = (float(f"{cards.ellipticity:.3g}"), "NSG 1 - b/a of the fitted PSF")
+    if cards.elongation_angle is not None:
+        header[ELONGATION_ANGLE] = (float(f"{cards.elongation_angle:.4g}"), "[deg] NSG PSF major axis from x")
     for c, value in enumerate(cards.noise):
         header[f"{NOISE}{c}"] = (float(f"{value:.6g}"), "NSG noise of the weight")
     if cards.fingerprint is not None:
@@ -163,6 +174,8 @@ def read_nsg_cards(header: fits.Header, *, weight_keyword: str = "NWEIGHT") -> N
         samples=optional(SAMPLES, int),
         fwhm=optional(FWHM, float),
         beta=optional(BETA, float),
+        ellipticity=optional(ELLIPTICITY, float),
+        elongation_angle=optional(ELONGATION_ANGLE, float),
         fingerprint=optional(FINGERPRINT, str),
         noise=_channel_values(header, NOISE),
         transmission_error=_channel_values(header, TRANSMISSION_ERROR),

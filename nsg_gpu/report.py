@@ -56,6 +56,8 @@ RESULT_COLUMNS = (
     "samples",
     "fwhm",
     "beta",
+    "ellipticity",
+    "elongation_angle",
     "high",
     "altitude",
     "airmass",

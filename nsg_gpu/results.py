@@ -44,6 +44,8 @@ class FrameResult:
     noise: list[float] = field(default_factory=list)
     fwhm: float | None = None
     beta: float | None = None  # Moffat index of the fitted PSF
+    ellipticity: float | None = None  # 1 - b/a of the fitted PSF (stars drawn out)
+    elongation_angle: float | None = None  # its major axis, degrees from the x axis
     high: float | None = None
     meta: FrameMeta = field(default_factory=FrameMeta)  # the frame's header facts
     seconds: float | None = None
@@ -106,6 +108,8 @@ class FrameResult:
             "samples": self.samples,
             "fwhm": self.fwhm,
             "beta": self.beta,
+            "ellipticity": self.ellipticity,
+            "elongation_angle": self.elongation_angle,
             "high": self.high,
             "altitude": self.altitude,
             "airmass": self.airmass,

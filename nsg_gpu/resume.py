@@ -109,6 +109,8 @@ def result_from_header(
         noise=cards.noise,
         fwhm=cards.fwhm,
         beta=cards.beta,
+        ellipticity=cards.ellipticity,
+        elongation_angle=cards.elongation_angle,
         high=cards.high,
         meta=meta_from_header(header),
         resumed=True,

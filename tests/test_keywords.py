@@ -21,6 +21,8 @@ def test_cards_read_back_as_written(channels):
         samples=1650,
         fwhm=2.8125,
         beta=3.25,
+        ellipticity=0.2771,
+        elongation_angle=54.68,
         fingerprint="ab" * 16,
         noise=[1.5e-3, 2e-3, 2.5e-3][:channels],
         transmission_error=[0.0123456, 0.02, 0.03][:channels],
@@ -38,6 +40,7 @@ def test_cards_read_back_as_written(channels):
     assert back.weight == pytest.approx(cards.weight, rel=1e-6) and back.weight_source == "noiseKSigma"
     assert (back.star_pairs, back.samples, back.fingerprint) == (412, 1650, "ab" * 16)
     assert back.high == 1.25 and back.fwhm == pytest.approx(2.8125, rel=1e-3) and back.beta == 3.25
+    assert (back.ellipticity, back.elongation_angle) == pytest.approx((0.277, 54.68))
     assert back.transmission_error == pytest.approx(cards.transmission_error, rel=1e-3)
     assert written["NSGSERR0"] == pytest.approx(0.01235) and f"NSGSERR{channels}" not in written
     assert back.history == cards.history

@@ -242,7 +242,7 @@ def mixed_report(tmp_path_factory):
     reason = "transmission 0.612 of the best per unit exposure (minimum 0.75)"
     frames = [
         frame("ref.fits", 1.0, 1.0, status="reference"),
-        frame("good.fits", 0.8, 0.95, seconds=2.5),
+        frame("good.fits", 0.8, 0.95, seconds=2.5, ellipticity=0.2771, elongation_angle=54.68),
         frame("cloudy.fits", 0.5, 0.61, seconds=3.5, rejected=reason),
         FrameResult(
             path=f"/data/{LONG_NAME}",
@@ -250,7 +250,7 @@ def mixed_report(tmp_path_factory):
             error=f"/data/{LONG_NAME}: only 7 star pairs matched the reference (at least 10 needed); is the frame "
             "registered to the reference? /data/calibrated/registered/another/very/long/path/without/spaces.fits",
         ),
-        frame("old.fits", 0.7, 0.9, seconds=0.004, resumed=True),
+        frame("old.fits", 0.7, 0.9, seconds=0.004, resumed=True, ellipticity=0.06, elongation_angle=-30.0),
     ]
     out = tmp_path_factory.mktemp("mixed")
     run = RunResult("/data/ref.fits", frames, Parameters(), "given with --reference")
@@ -266,6 +266,9 @@ def test_report_says_why_a_frame_was_rejected_and_what_the_colours_mean(mixed_re
     assert classes.split() == ["rejected"]
     assert cells["status"].startswith("rejected") and frames[2].rejected in cells["status"]
     assert page.row("good.fits")[1]["status"] == "ok"
+    # Stars drawn out are named in the note; round ones are not.
+    assert page.row("good.fits")[1]["note"] == "stars drawn out: 1 - b/a 0.28 at 55° from x"
+    assert page.row("old.fits")[1]["note"] == ""
     assert page.row("ref.fits")[0] == "reference"
     classes, cells = page.row(LONG_NAME)
     assert classes == "failed" and cells["status"] == "failed" and "only 7 star pairs" in cells["note"]
