@@ -10,7 +10,10 @@ Per scenario and over all: RMS and worst error, RMS and worst z, weight errors, 
 
     python bench/scenario_sweep.py [--scenarios undersampled-sparse-colour,field-dependent-psf,crowded]
                                    [--seeds 11,12,13,14] [--stars N] [--width W --height H]
-                                   [--colour] [--cache DIR] [--json FILE]
+                                   [--colour] [--elongation E] [--cache DIR] [--json FILE]
+
+``--elongation E``: the sets' targets have their stars drawn out by up to E (``nsg synth
+--elongation``: a trailing mount), frame 0 round.
 """
 
 from __future__ import annotations
@@ -43,13 +46,16 @@ def run_set(
     stars: int | None = None,
     size: tuple[int, int] | None = None,
     colour: bool = False,
+    elongation: float = 0.0,
 ) -> list[dict]:
     """Write (once) and normalize one set; one row per target. ``size``: (width, height);
-    ``colour``: colour frames whatever the scenario says."""
+    ``colour``: colour frames whatever the scenario says; ``elongation``: the targets' stars
+    drawn out by up to this much."""
     if not (directory / "truth.json").exists():
         more = ["--stars", str(stars)] if stars else []
         more += ["--width", str(size[0]), "--height", str(size[1])] if size else []
         more += ["--colour"] if colour else []
+        more += ["--elongation", str(elongation)] if elongation else []
         made = _nsg("synth", str(directory), "--scenario", scenario, "--seed", str(seed), *more)
         if made.returncode:
             raise RuntimeError(made.stderr)
@@ -85,6 +91,9 @@ def run_set(
                 "error": list(ours / true_t - 1),
                 "z": list((ours - true_t) / stated),
                 "weight_error": float(r["weight"]) / true_weight - 1,
+                # The fitted PSF's 1 - b/a (results' column since it was measured) and the truth's.
+                "ellipticity": float(r["ellipticity"]) if r.get("ellipticity") else None,
+                "true_ellipticity": t.get("ellipticity"),
             }
         )
     return rows
@@ -113,6 +122,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, help="frame width in every set (default: the scenario's)")
     parser.add_argument("--height", type=int, help="frame height in every set (default: the scenario's)")
     parser.add_argument("--colour", action="store_true", help="colour frames in every set (default: the scenario's)")
+    parser.add_argument("--elongation", type=float, default=0.0, help="targets' stars drawn out by up to this")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "nsg-scenario-sweep")
     parser.add_argument("--json", type=Path, help="write the rows to this file")
     args = parser.parse_args()
@@ -127,7 +137,8 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             name = f"{scenario}-{seed}" + (f"-{args.stars}-stars" if args.stars else "")
             name += (f"-{size[0]}x{size[1]}" if size else "") + ("-colour" if args.colour else "")
-            for row in run_set(args.cache / name, scenario, seed, args.stars, size, args.colour):
+            name += f"-elongated-{args.elongation:g}" if args.elongation else ""
+            for row in run_set(args.cache / name, scenario, seed, args.stars, size, args.colour, args.elongation):
                 these.append(row)
                 head = f"{scenario} seed {seed} {row['frame']} (reference {row['reference']})"
                 if "failed" in row:
@@ -138,7 +149,12 @@ def main() -> None:
                         + " ".join(f"{100 * e:+.2f}" for e in row["error"])
                         + " %, z "
                         + " ".join(f"{v:+.2f}" for v in row["z"])
-                        + f", weight {100 * row['weight_error']:+.1f} %",
+                        + f", weight {100 * row['weight_error']:+.1f} %"
+                        + (
+                            f", 1 - b/a {row['ellipticity']:.2f} (true {row['true_ellipticity']:.2f})"
+                            if row["ellipticity"] is not None and row["true_ellipticity"] is not None
+                            else ""
+                        ),
                         flush=True,
                     )
         print(f"{scenario}: {summary(these)}", flush=True)
