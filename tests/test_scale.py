@@ -282,14 +282,15 @@ def test_a_registered_reference_on_a_crowded_field_is_fitted_through_its_own_ker
 
 def test_drawn_out_targets_are_corrected_by_their_own_shape():
     """The default scenario's seed 2 with the targets' stars drawn out by 0.3, 0.2, 0.1 and
-    0.25 along angles of their own (a trailing mount). Each target's fit reads its ellipticity
-    within 0.02 and its angle within 3 degrees, and the round weights' correction integrates
-    the drawn-out light: every scale within 0.5 % of the truth and 3 of its stated
-    uncertainty. A round Moffat fitted to such stars read -0.75, -0.52, -0.39 and -0.77 %."""
+    0.25 along angles of their own (a trailing mount); the two most drawn out measured. Each
+    target's fit reads its ellipticity within 0.02 and its angle within 3 degrees, and the
+    round weights' correction integrates the drawn-out light: each scale within 0.5 % of the
+    truth and 3 of its stated uncertainty (+0.11 and -0.11 %). A round Moffat fitted to such
+    stars read -0.75 and -0.77 % (-0.52 and -0.39 % at 0.2 and 0.1)."""
     ellipticities = [0.0, 0.3, 0.2, 0.1, 0.25]
     field = SyntheticField(scenario="default", seed=2, ellipticities=ellipticities)
     reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
-    for k in range(1, 5):
+    for k in (1, 4):
         measured = measure_scale(reference, Frame.from_array(field.render(k), name=f"target {k}"))
         assert measured.reference_psf.ellipticity < 0.02
         shape = measured.target_psf
