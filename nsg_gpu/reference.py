@@ -38,10 +38,8 @@ from .resampling import (
     InterpolationKernel,
     correlation_kernel,
     kernel_correlations,
-    matched_kernel,
     noise_correlation,
-    sky_correlation,
-    smoothed,
+    own_kernel,
 )
 from .samples import MIN_SAMPLES, SampleGrid, bin_medians, make_grid, star_rejection
 from .stamps import channel_peaks, peak_contrast
@@ -147,25 +145,11 @@ class Reference:
     @property
     def own_kernel(self) -> InterpolationKernel | None:
         """The interpolation the reference was registered with, where it was resampled itself
-        at one shift: matched to its noise correlations beside those of its unresolved stars
-        (:func:`nsg_gpu.resampling.matched_kernel` with
-        :func:`nsg_gpu.resampling.sky_correlation`), which on a crowded field would
-        otherwise leave no interpolation matched; None for a frame not resampled or turned.
-        Its PSF fit on stars of 2.5 px and more (sampled) is convolved with it, as each
-        target's is with its own (docs/scale-accuracy.md, "A registered reference").
-
-        A kernel that would not itself correlate neighbours by
-        :data:`nsg_gpu.resampling.MIN_CORRELATION` is none: the correlations of a crowded
-        frame not resampled are its sky's (0.017-0.031 at lag 1 on the generator's crowded
-        frames, where an interpolation at a shift of 0.08 px or less matched beside them).
-        The sky's share is tried only where no interpolation matches without it: on the
-        field-dependent scenario's registered references it would take some of what is
-        the kernel's (docs/scale-accuracy.md, "A registered reference")."""
-        rho = self.noise_correlation
-        if not smoothed(rho):
-            return None
-        kernel = matched_kernel(rho) or matched_kernel(rho, sky=sky_correlation(self.stars.fwhm))
-        return kernel if kernel is not None and smoothed(kernel_correlations(kernel)) else None
+        at one shift (:func:`nsg_gpu.resampling.own_kernel`: matched beside its sky's
+        correlations where it matches nothing alone); None for a frame not resampled or
+        turned. Its PSF fit on stars of 2.5 px and more (sampled) is convolved with it, as
+        each target's is with its own (docs/scale-accuracy.md, "A registered reference")."""
+        return own_kernel(self.noise_correlation, self.stars.fwhm)
 
     @property
     def sky_correlation(self) -> np.ndarray:

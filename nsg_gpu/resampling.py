@@ -50,6 +50,7 @@ __all__ = [
     "interpolation_kernel",
     "interpolation_taps",
     "matched_kernel",
+    "own_kernel",
     "noise_correlation",
     "correlation_kernel",
     "registration_kernel",
@@ -346,6 +347,25 @@ def matched_kernel(
     return InterpolationKernel(
         interpolation_taps(name, float(_SHIFTS[px])), interpolation_taps(name, float(_SHIFTS[py])), name
     )
+
+
+def own_kernel(rho: np.ndarray, fwhm: float) -> InterpolationKernel | None:
+    """The interpolation a frame of noise correlations ``rho`` ``(2, lags)`` and stars of
+    ``fwhm`` px was resampled with itself (a registered reference's): matched plainly
+    (:func:`matched_kernel`), or where nothing matches so, beside its unresolved stars'
+    correlations (:func:`sky_correlation`), which on a crowded field would otherwise leave no
+    interpolation matched; None for a frame not resampled or turned.
+
+    A kernel that would not itself correlate neighbours by :data:`MIN_CORRELATION` is none:
+    the correlations of a crowded frame not resampled are its sky's (0.017-0.031 at lag 1 on
+    the generator's crowded frames, where an interpolation at a shift of 0.08 px or less
+    matched beside them). The sky's share is tried only where no interpolation matches
+    without it: on the field-dependent scenario's registered references it would take some
+    of what is the kernel's (docs/scale-accuracy.md, "A registered reference")."""
+    if not smoothed(rho):
+        return None
+    kernel = matched_kernel(rho) or matched_kernel(rho, sky=sky_correlation(fwhm))
+    return kernel if kernel is not None and smoothed(kernel_correlations(kernel)) else None
 
 
 def kernel_correlations(kernel: InterpolationKernel) -> np.ndarray:
