@@ -553,25 +553,40 @@ def correction_uncertainty(
                 moved = photometry.kept_share(geometry, replace(psf, alpha=shape.alpha, beta=shape.beta), weight)
                 variance += (moved / kept - 1) ** 2
             continue
-        gradient = []  # d log(kept share) / d(log alpha, beta), by central differences
-        for log_alpha, beta, step in ((1e-3, 0.0, 1e-3), (0.0, 2e-3, 2e-3)):
-            up = replace(psf, alpha=psf.alpha * math.exp(log_alpha), beta=psf.beta + beta)
-            down = replace(psf, alpha=psf.alpha * math.exp(-log_alpha), beta=psf.beta - beta)
-            share = photometry.kept_share(geometry, up, weight) - photometry.kept_share(geometry, down, weight)
-            gradient.append(share / (2 * step * kept))
-        (ga, gb), (caa, cab, cbb) = gradient, psf.covariance
-        variance += max(ga * ga * caa + 2 * ga * gb * cab + gb * gb * cbb, 0.0)
-        if psf.shear_covariance is not None and not psf.round:
-            # The elongation's share: by ``g1, g2``, taken apart from the width and index.
-            g = []
-            for step in ((1e-3, 0.0), (0.0, 1e-3)):
-                up = replace(psf, shear=(psf.shear[0] + step[0], psf.shear[1] + step[1]))
-                down = replace(psf, shear=(psf.shear[0] - step[0], psf.shear[1] - step[1]))
-                share = photometry.kept_share(geometry, up, weight) - photometry.kept_share(geometry, down, weight)
-                g.append(share / (2e-3 * kept))
-            c11, c12, c22 = psf.shear_covariance
-            variance += max(g[0] * g[0] * c11 + 2 * g[0] * g[1] * c12 + g[1] * g[1] * c22, 0.0)
+        # d log(kept share) / d(log alpha, beta[, g1, g2]), by central differences.
+        gradient = np.array(
+            [
+                (photometry.kept_share(geometry, up, weight) - photometry.kept_share(geometry, down, weight))
+                / (2 * step * kept)
+                for up, down, step in _parameter_moves(psf)
+            ]
+        )
+        variance += max(float(gradient @ _parameter_covariance(psf)[: gradient.size, : gradient.size] @ gradient), 0.0)
     return math.sqrt(variance)
+
+
+def _parameter_moves(psf: MoffatPSF) -> list[tuple[MoffatPSF, MoffatPSF, float]]:
+    """``psf`` moved up and down along each fitted parameter, and the step: ``log alpha`` by
+    1e-3, ``beta`` by 2e-3, and the elongation's ``g1, g2`` by 1e-3 where the fit measured a
+    drawn-out profile (:attr:`MoffatPSF.shear_covariance`)."""
+    a, b, (g1, g2) = psf.alpha, psf.beta, psf.shear
+    moves = [
+        (replace(psf, alpha=a * math.exp(1e-3)), replace(psf, alpha=a * math.exp(-1e-3)), 1e-3),
+        (replace(psf, beta=b + 2e-3), replace(psf, beta=b - 2e-3), 2e-3),
+    ]
+    if psf.shear_covariance is not None and not psf.round:
+        moves += [
+            (replace(psf, shear=(g1 + 1e-3, g2)), replace(psf, shear=(g1 - 1e-3, g2)), 1e-3),
+            (replace(psf, shear=(g1, g2 + 1e-3)), replace(psf, shear=(g1, g2 - 1e-3)), 1e-3),
+        ]
+    return moves
+
+
+def _parameter_covariance(psf: MoffatPSF) -> np.ndarray:
+    """The fit's covariance of ``(log alpha, beta, g1, g2)`` as a matrix: the width and index's
+    block and the elongation's (0 where not measured), taken apart."""
+    (caa, cab, cbb), (c11, c12, c22) = psf.covariance, psf.shear_covariance or (0.0, 0.0, 0.0)
+    return np.array([[caa, cab, 0, 0], [cab, cbb, 0, 0], [0, 0, c11, c12], [0, 0, c12, c22]], float)
 
 
 def _pair_snr(x, y, sx, sy, usable) -> np.ndarray:
