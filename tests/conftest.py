@@ -18,6 +18,36 @@ from nsg_gpu.synthetic import SyntheticField, write_synthetic_set
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ngc7023"
 
 
+#: At most this many test processes: each holds a few full-size synthetic sets at once.
+MAX_TEST_PROCESSES = 4
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Spread the tests over the cores this process may use (pytest-xdist, which the ``test``
+    extra installs), each worker taking the next test as it frees; ``-n N`` chooses, ``-n 0``
+    runs them in this process. Without pytest-xdist they run here, one after another."""
+    option = config.option
+    if not config.pluginmanager.hasplugin("xdist") or getattr(option, "numprocesses", None) is not None:
+        return
+    if option.usepdb or option.collectonly or hasattr(config, "workerinput"):
+        return  # a worker runs its tests itself
+    option.numprocesses = "auto"
+    if option.dist == "no":
+        option.dist = "worksteal"
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """The cores this process may use (``taskset`` counts), up to MAX_TEST_PROCESSES; on one
+    core 0, so the tests run in this process without a worker's start-up.
+    ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still decides where it is set."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 0 if cores < 2 else min(cores, MAX_TEST_PROCESSES)
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip ``gpu`` tests where no GPU is usable, unless NSG_REQUIRE_GPU=1 demands one."""
     from nsg_gpu.backend import cupy_status
