@@ -447,9 +447,9 @@ def test_undersampled_mono_frames_almost_without_noise_are_measured():
     a tiny noise leaves some stars no pixel in the PSF fits, which once stopped them with a
     singular system; every target is measured, within 3 stated errors and the PSF weights'
     model error on such stars (``UNDERSAMPLED_KERNEL_ERROR``, which is stated only where the
-    noise shows the registration's kernel, and a noise this small shows none: frame 2 on the
-    weights is -0.68 % off, stating 0.15 %; the three on the aperture -0.45..+0.05 %, stating
-    0.41-0.45 %)."""
+    noise shows the registration's kernel; frame 2, shifted by only (-0.086, 0.059) px, shows
+    none, and on the weights it is -0.77 % off, stating 0.18 %; the three on the aperture
+    -0.45..+0.05 %, stating 0.41-0.45 %)."""
     field = SyntheticField(scenario="undersampled-sparse-mono", n_frames=5, seed=3, noise_sigma=1.5e-5)
     reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
     for k in range(1, 5):
