@@ -11,12 +11,16 @@ stars instead (eight fields each) and closes with each star count's figures. Wit
 instead, against sep's wide-aperture transmissions (``tests/independent.py``: the median
 ratio, and the summed fluxes of the 7 brightest stars); the median |ours / sep - 1| per set
 closes; ``--resampled-reference`` takes a frame that registration resampled as each set's
-reference (``RESAMPLED``), as ``--reference auto`` does on StarGate. Prints the
-machine and library versions; --json writes the figures.
+reference (``RESAMPLED``), as ``--reference auto`` does on StarGate. With ``--halo SHARE,WIDTH``
+the sets are drawn without our generator (``tests/independent.py``: ``core_and_halo_frames``):
+stars of a Gaussian core and a Gaussian halo WIDTH times as broad holding SHARE of the light, no
+Moffat, a 3 px reference and four targets of 2.3-4 px per seed of ``--seeds``; each line also
+gives the PSF weights' check against the plain aperture (``scale.aperture_check``). Prints
+the machine and library versions; --json writes the figures.
 
     python bench/scale_errors.py [--sets "undersampled seed 1,mid seed 7"] [--override JSON] [--sparse] [--real]
         [--resampled-reference] [--scenario NAME --seeds 11,12,13,14] [--reference 1]
-        [--photometry aperture] [--json out.json]
+        [--photometry aperture] [--halo 0.2,2.5 --seeds 1,2,3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -77,6 +81,55 @@ def _path(measured) -> str:
     return text
 
 
+def _check(measured, c: int) -> str:
+    checks = getattr(measured, "aperture_check", None)
+    if not checks or checks[c] is None:
+        return ""
+    difference, sigma = checks[c]
+    return f", against the aperture {100 * difference:+.2f} % ({difference / sigma:+.1f} sigma)"
+
+
+def _check_figures(measured, c: int) -> dict:
+    checks = getattr(measured, "aperture_check", None)
+    if not checks or checks[c] is None:
+        return {}
+    return {"check": checks[c][0], "check_sigma": checks[c][1]}
+
+
+def halo(seeds: list[int], share: float, width: float, params: Parameters) -> list[dict]:
+    """Sets of stars no Moffat is (``independent.core_and_halo_frames``), each target against
+    the 3 px reference."""
+    from independent import core_and_halo_frames
+
+    rows = []
+    for seed in seeds:
+        rng = np.random.default_rng(1000 + seed)
+        settings = [(1.0, 3.0, 0.02, 0.002)] + [
+            (
+                float(rng.uniform(0.7, 1.0)),
+                float(rng.uniform(2.3, 4.0)),
+                0.02 + 0.01 * k,
+                float(rng.uniform(0.0015, 0.003)),
+            )
+            for k in range(1, 5)
+        ]
+        frames = core_and_halo_frames(settings, seed=seed, halo_share=share, halo_width=width)
+        reference = prepare_reference(Frame.from_array(frames[0], name="reference"), params)
+        name = f"halo {share:g} x {width:g} seed {seed}"
+        for k, (transmission, fwhm, _, _) in enumerate(settings[1:], 1):
+            measured = measure_scale(reference, Frame.from_array(frames[k], name=f"{name} {k}"))
+            fit = measured.fits[0]
+            error, stated = fit.scale * transmission - 1, fit.scale_error / fit.scale
+            rows.append({"set": name, "frame": k, "channel": 0, "fwhm": fwhm, "error": error, "stated": stated})
+            rows[-1].update(z=error / stated, **_check_figures(measured, 0))
+            print(
+                f"{name} frame {k} ({fwhm:.2f} px): {_path(measured)}, error {100 * error:+.3f} % "
+                f"(stated {100 * stated:.3f} %, z {error / stated:+.2f}){_check(measured, 0)}",
+                flush=True,
+            )
+    return rows
+
+
 def _shape(psf) -> str:
     """`` e 0.24 at 54`` for a drawn-out fit (1 - b/a, major axis in degrees); empty for round
     ones and commits before the fits measured the shape."""
@@ -109,9 +162,10 @@ def synthetic(
                 rows.append(
                     {"set": name, "frame": k, "channel": c, "error": error, "stated": stated, "z": error / stated}
                 )
+                rows[-1].update(_check_figures(measured, c))
                 print(
                     f"{name} frame {k} ch {c}: {_path(measured)}, error {100 * error:+.3f} % "
-                    f"(stated {100 * stated:.3f} %, z {error / stated:+.2f}), {fit.n_pairs} pairs",
+                    f"(stated {100 * stated:.3f} %, z {error / stated:+.2f}), {fit.n_pairs} pairs{_check(measured, c)}",
                     flush=True,
                 )
     return rows
@@ -177,11 +231,12 @@ def main() -> None:
         "--sparse", action="store_true", help="the undersampled scenarios with 20-130 stars, 8 fields each, instead"
     )
     parser.add_argument("--scenario", help="a generator scenario measured at --seeds instead (its own frames)")
-    parser.add_argument("--seeds", default="11,12,13,14", help="with --scenario: comma-separated seeds")
+    parser.add_argument("--seeds", default="11,12,13,14", help="with --scenario or --halo: comma-separated seeds")
     parser.add_argument(
         "--reference", type=int, default=0, help="with --scenario: this frame as the reference (1: a registered one)"
     )
     parser.add_argument("--photometry", default="psf", help="with synthetic sets: psf (the default) or aperture")
+    parser.add_argument("--halo", help="SHARE,WIDTH: stars of a core and a halo (no Moffat) at --seeds instead")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args()
     info = machine("sep")
@@ -191,6 +246,9 @@ def main() -> None:
             [n.strip() for n in args.sets.split(",")] if args.sets else list(REAL),
             RESAMPLED if args.resampled_reference else REAL,
         )
+    elif args.halo:
+        share, width = (float(v) for v in args.halo.split(","))
+        rows = halo([int(s) for s in args.seeds.split(",")], share, width, Parameters(photometry=args.photometry))
     elif args.scenario:
         extra = {f"{args.scenario} seed {s}": dict(scenario=args.scenario, seed=int(s)) for s in args.seeds.split(",")}
         rows = synthetic(

@@ -453,12 +453,16 @@ def _mosaic_mask(excluded: np.ndarray) -> np.ndarray:
     return out
 
 
+#: :func:`measure_stars`' weight for a plain aperture summed at pixel centres.
+FLAT = "flat"
+
+
 def measure_stars(
     data,
     x,
     y,
     geometry: ApertureGeometry,
-    weight: MoffatPSF | None = None,
+    weight: MoffatPSF | str | None = None,
     *,
     cutouts: Cutouts | None = None,
     excluded: np.ndarray | None = None,
@@ -470,7 +474,10 @@ def measure_stars(
     over the circular aperture; with it, every pixel within the aperture radius counts with
     the profile ``weight`` (a Moffat centred on the star, less its value at the aperture's
     edge so that it falls to 0 there), which gives the bright core more say than the noisy
-    wings. ``excluded`` ``(n, s, s)`` (over the cutouts' stamps; :func:`shared_defects`) are
+    wings. ``weight=FLAT`` counts every pixel whose centre lies within the aperture once: the
+    plain aperture at pixel centres, with the weights' vectorized sums instead of photutils'
+    exact overlaps (what it keeps of a star averages to :func:`kept_share`'s plain aperture
+    over where stars fall within their pixels). ``excluded`` ``(n, s, s)`` (over the cutouts' stamps; :func:`shared_defects`) are
     pixels left out: of the annulus, and of the aperture as if they held the background.
     """
     channels = data.shape[0]
@@ -542,9 +549,11 @@ def measure_stars(
     return StarMeasurement(geometry, flux, flux_error, cut.background.copy(), ok)
 
 
-def _weight_profile(weight: MoffatPSF, r2, radius: float):
+def _weight_profile(weight: MoffatPSF | str, r2, radius: float):
     """The photometric weight at squared distances ``r2``: the Moffat's shape less its value at
-    ``radius``, and 0 beyond."""
+    ``radius``, and 0 beyond; 1 within ``radius`` for :data:`FLAT`."""
+    if isinstance(weight, str):
+        return (r2 <= radius * radius).astype(np.float64)
     edge = weight.shape(radius * radius)
     return np.where(r2 <= radius * radius, np.clip(weight.shape(r2) - edge, 0, None), 0.0)
 

@@ -109,6 +109,13 @@ ASSUMED_FWHM_ERROR = 0.03
 #: (RMS 1.1 %) where the fits stated 0.2-0.4 % (docs/scale-accuracy.md, "Undersampled mono
 #: frames").
 UNDERSAMPLED_KERNEL_ERROR = 0.01
+#: How many standard errors of their difference the PSF weights' scale may stand from the
+#: plain aperture's on the same stars before the difference counts as the model's error
+#: (:func:`aperture_check`).
+APERTURE_CHECK_SIGMAS = 2.0
+#: The check measures the plain aperture on at most this many stars, those of the highest
+#: signal-to-noise, which hold most of what the scales know.
+CHECK_STARS = 300
 
 
 @dataclass
@@ -124,6 +131,9 @@ class ScaleMeasurement:
     reference_flux: list | None = None  # per channel, corrected for the seeing
     reference_psf: MoffatPSF | None = None  # fitted, or None where the fit was not possible
     target_psf: MoffatPSF | None = None
+    #: With PSF weights, per channel: the log ratio of their scale to the plain aperture's on
+    #: the same stars and its standard error (:func:`aperture_check`), or None.
+    aperture_check: list | None = None
 
 
 def _target_fwhm(reference: Reference, image, noise: float) -> float:
@@ -461,6 +471,30 @@ def _measure(
         scales.append(fit.scale)
         fits.append(fit)
         pairs.append(pairs_c)
+    checks = None
+    if psfs is not None:
+        rows = _check_stars(tgt_m, ref_m, correction, pairs)
+        plain = [
+            photometry.measure_stars(
+                image, at[0][rows], at[1][rows], geometry, photometry.FLAT, cutouts=cut.subset(rows), excluded=defects
+            )
+            for image, at, cut, defects in (
+                (data, tgt_at, tgt_cut, None if tgt_defects is None else tgt_defects[rows]),
+                (reference.frame.data, ref_at, ref_cut, None if ref_defects is None else ref_defects[rows]),
+            )
+        ]
+        fits, checks = aperture_check(
+            fits,
+            correction_error,
+            weighted=(tgt_m.flux[:, rows], tgt_m.flux_error[:, rows], ref_m.flux[:, rows], ref_m.flux_error[:, rows]),
+            weighted_correction=correction[:, rows],
+            plain=(plain[0].flux, plain[0].flux_error, plain[1].flux, plain[1].flux_error),
+            plain_correction=photometry.seeing_correction(
+                geometry, reference_psf=reference_psf, target_psf=target_psf, x=ref_x[rows], y=ref_y[rows]
+            ),
+            usable=usable[rows] & plain[0].ok & plain[1].ok,
+            params=params,
+        )
     return ScaleMeasurement(
         np.array(scales),
         max(f.n_pairs for f in fits),
@@ -471,7 +505,77 @@ def _measure(
         reference_flux=[ref_m.flux[c][p] * correction[c][p] for c, p in enumerate(pairs)],
         reference_psf=reference_psf if psfs is not None else None,
         target_psf=target_psf if psfs is not None else None,
+        aperture_check=checks,
     )
+
+
+def _check_stars(target, reference, correction, pairs) -> np.ndarray:
+    """The :data:`CHECK_STARS` pairs of the highest signal-to-noise in their best channel,
+    among those the scale fits were given (indices into the measured stars)."""
+    candidates = np.flatnonzero(np.any(pairs, axis=0))
+    if candidates.size <= CHECK_STARS:
+        return candidates
+    snr = np.max(
+        [
+            _pair_snr(
+                target.flux[c],
+                reference.flux[c] * correction[c],
+                target.flux_error[c],
+                reference.flux_error[c] * correction[c],
+                pairs[c],
+            )
+            for c in range(len(pairs))
+        ],
+        axis=0,
+    )[candidates]
+    return np.sort(candidates[np.argsort(-snr, kind="stable")[:CHECK_STARS]])
+
+
+def aperture_check(
+    fits: list, correction_error: float, *, weighted, weighted_correction, plain, plain_correction, usable, params
+) -> tuple[list, list]:
+    """The PSF weights' scale against the plain aperture's on the same stars, both corrected
+    by the same fitted PSFs. ``weighted`` and ``plain`` are each ``(target flux, its error,
+    reference flux, its error)`` ``(channels, stars)``, their corrections the factors applied
+    to the reference's fluxes. Returns ``fits`` (the weights' scale per channel over all
+    their stars), each with its uncertainty widened where the two disagree, and per channel
+    the log ratio of the two scales on these stars and its standard error (None where either
+    has too few pairs).
+
+    The correction of PSF weights rests on the Moffat's wings, which hold the light the weights
+    pass over; the aperture's rests on them only for the little light beyond 3 FWHM. A profile
+    no Moffat is (a core with a broad halo, scattered light) is fitted by a Moffat whose index
+    follows the part of the profile each frame's stamps see, and the weights' scale then misses
+    by percents while the fits' covariance states tenths (docs/scale-accuracy.md, "Profiles
+    no Moffat is"). The two scales share the stars and their noise: the aperture's is the
+    noisier, and for the weights' near the best their difference has about the variance of
+    the aperture's less theirs (at least half the aperture's), to which the weights' stated
+    correction error adds. A difference beyond :data:`APERTURE_CHECK_SIGMAS` of that is the
+    model's: what exceeds the expected spread is added to the weights' uncertainty. Which of the
+    two is right the stars do not say (a crowded field's annuli bias the aperture too), so the
+    weights' scale is kept and stated as uncertain as the disagreement makes it.
+    """
+    checked, checks = [], []
+    for c, fit in enumerate(fits):
+        pair = []
+        for (x, sx, y, sy), factor in ((weighted, weighted_correction[c]), (plain, plain_correction)):
+            one, _ = fit_pairs(x[c], y[c] * factor, sx[c], sy[c] * factor, usable, params)
+            ok = one is not None and one.n_pairs > 0 and one.scale > 0 and math.isfinite(one.scale)
+            pair.append(one if ok else None)
+        if None in pair:
+            checked.append(fit)
+            checks.append(None)
+            continue
+        weights, aperture = pair
+        difference = math.log(weights.scale / aperture.scale)
+        spread, own = aperture.scale_error / aperture.scale, weights.scale_error / weights.scale
+        sigma = math.hypot(math.sqrt(max(spread * spread - own * own, 0.5 * spread * spread)), correction_error)
+        if abs(difference) > APERTURE_CHECK_SIGMAS * sigma:
+            excess = math.sqrt(difference * difference - sigma * sigma)
+            fit = replace(fit, scale_error=math.hypot(fit.scale_error, excess * fit.scale))
+        checked.append(fit)
+        checks.append((difference, sigma))
+    return checked, checks
 
 
 def fit_pairs(x, y, sx, sy, usable, params) -> tuple[scalefit.ScaleFit | None, np.ndarray]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.ndimage
+import scipy.special
 import sep
 from astropy.io import fits
 
@@ -338,3 +339,48 @@ def spline_smoothing(image: np.ndarray) -> tuple[float, tuple[float, float]]:
     offset_y = float(np.interp(ratio_y, gains[::-1, 1], offsets[::-1]))
     smoothing = float(np.sqrt(np.interp(offset_x, offsets, gains[:, 0]) * np.interp(offset_y, offsets, gains[:, 0])))
     return smoothing, (offset_y, offset_x)
+
+
+def core_and_halo_stars(shape, x, y, flux, fwhm: float, halo_share: float, halo_width: float) -> np.ndarray:
+    """Stars of a Gaussian core of ``fwhm`` holding ``1 - halo_share`` of the light and a
+    Gaussian halo ``halo_width`` times as broad (seeing with scattered light), integrated over
+    square pixels exactly (the error function), on a zero image of ``shape``; each drawn
+    within 25 px of its pixel."""
+    image = np.zeros(shape)
+    sigma = fwhm / (2 * np.sqrt(2 * np.log(2)))
+    for xi, yi, fi in zip(x, y, flux):
+        i0, j0 = max(int(xi) - 25, 0), max(int(yi) - 25, 0)
+        i1, j1 = min(int(xi) + 26, shape[1]), min(int(yi) + 26, shape[0])
+        stamp = np.zeros((j1 - j0, i1 - i0))
+        for share, width in ((1 - halo_share, sigma), (halo_share, halo_width * sigma)):
+            scale = np.sqrt(2) * width
+            across = np.diff(0.5 * scipy.special.erf((np.arange(i0, i1 + 1) - 0.5 - xi) / scale))
+            down = np.diff(0.5 * scipy.special.erf((np.arange(j0, j1 + 1) - 0.5 - yi) / scale))
+            stamp += share * np.outer(down, across)
+        image[j0:j1, i0:i1] += fi * stamp
+    return image
+
+
+def core_and_halo_frames(
+    frames: list[tuple[float, float, float, float]],
+    *,
+    seed: int,
+    halo_share: float = 0.2,
+    halo_width: float = 2.5,
+    n_stars: int = 900,
+    shape: tuple[int, int] = (1400, 2000),
+) -> list[np.ndarray]:
+    """One field of ``n_stars`` (uniform places, a power law of fluxes: many faint, a few near
+    the range's top) seen in ``frames`` of ``(transmission, fwhm, sky, noise sigma)``: each
+    ``(1, h, w)`` float32, the stars :func:`core_and_halo_stars` times the transmission, a sky
+    with a slope across the frame, Gaussian noise, clipped to [0, 1]."""
+    rng = np.random.default_rng(seed)
+    x, y = rng.uniform(10, shape[1] - 10, n_stars), rng.uniform(10, shape[0] - 10, n_stars)
+    flux = 0.08 * (1 - rng.uniform(0, 0.995, n_stars)) ** (-1 / 0.8)
+    ramp = 0.004 * np.arange(shape[1])[None, :] / shape[1]
+    out = []
+    for transmission, fwhm, sky, sigma in frames:
+        image = transmission * core_and_halo_stars(shape, x, y, flux, fwhm, halo_share, halo_width) + sky + ramp
+        image += rng.normal(0.0, sigma, shape)
+        out.append(np.clip(image, 0, 1).astype(np.float32)[None])
+    return out
