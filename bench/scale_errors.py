@@ -86,7 +86,9 @@ def _check(measured, c: int) -> str:
     if not checks or checks[c] is None:
         return ""
     difference, sigma = checks[c]
-    return f", against the aperture {100 * difference:+.2f} % ({difference / sigma:+.1f} sigma)"
+    crowding = getattr(measured, "crowding", None)
+    annulus = "" if crowding is None else f", annulus {crowding:.2f} noise"
+    return f", against the aperture {100 * difference:+.2f} % ({difference / sigma:+.1f} sigma{annulus})"
 
 
 def _check_figures(measured, c: int) -> dict:

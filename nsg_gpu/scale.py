@@ -116,6 +116,14 @@ APERTURE_CHECK_SIGMAS = 2.0
 #: The check measures the plain aperture on at most this many stars, those of the highest
 #: signal-to-noise, which hold most of what the scales know.
 CHECK_STARS = 300
+#: Where the PSF weights disagree with the aperture, a frame whose reference annuli scatter by
+#: at most this many times the noise (the median over the checked stars) is measured with the
+#: plain aperture if it states the smaller uncertainty. Denser fields scatter more (the
+#: generator's default scenario 1.13-1.40, its other sets 1.11 and up, crowded 2.3-3.4; stars
+#: with halos on a clear sky 1.01-1.02), and there the light of their faint stars biases the
+#: aperture by as much as the weights' model error (docs/scale-accuracy.md, "Profiles no
+#: Moffat is").
+CLEAR_ANNULUS = 1.05
 
 
 @dataclass
@@ -134,6 +142,9 @@ class ScaleMeasurement:
     #: With PSF weights, per channel: the log ratio of their scale to the plain aperture's on
     #: the same stars and its standard error (:func:`aperture_check`), or None.
     aperture_check: list | None = None
+    #: With PSF weights: the median over the checked stars of the reference's annulus scatter
+    #: over its noise (1 on an empty sky; the light of faint stars and neighbours raises it).
+    crowding: float | None = None
 
 
 def _target_fwhm(reference: Reference, image, noise: float) -> float:
@@ -353,6 +364,15 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
         psfs = None
     if psfs is None or not undersampled:
         measured = _measure(reference, frame, tx, ty, found, shared, peak_t, fwhm_t, psfs)
+        if _model_in_doubt(measured):
+            # Stars no Moffat fits (a halo) on a sky clear enough for the plain aperture:
+            # whichever states the smaller uncertainty, as for undersampled mono stars.
+            try:
+                plain = _measure(reference, frame, tx, ty, found, shared, peak_t, fwhm_t, None)
+            except TooFewStarsError:
+                plain = None
+            if plain is not None and _relative_error(plain) < _relative_error(measured):
+                measured = plain
     else:
         # Undersampled mono stars: the PSF weights or the plain aperture, whichever states
         # the smaller uncertainty (psf.MIN_MONO_PSF_FWHM); either alone where the other has
@@ -368,6 +388,14 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
         measured = min(candidates, key=_relative_error)
     clock.lap("photometry")
     return measured
+
+
+def _model_in_doubt(measured: ScaleMeasurement) -> bool:
+    """Whether PSF weights disagree with the plain aperture (:func:`aperture_check`) on a sky
+    whose annuli scatter by at most :data:`CLEAR_ANNULUS` times the noise."""
+    checks = measured.aperture_check or []
+    doubted = any(c is not None and abs(c[0]) > APERTURE_CHECK_SIGMAS * c[1] for c in checks)
+    return doubted and measured.crowding is not None and measured.crowding <= CLEAR_ANNULUS
 
 
 def _relative_error(measured: ScaleMeasurement) -> float:
@@ -471,9 +499,12 @@ def _measure(
         scales.append(fit.scale)
         fits.append(fit)
         pairs.append(pairs_c)
-    checks = None
+    checks = crowding = None
     if psfs is not None:
         rows = _check_stars(tgt_m, ref_m, correction, pairs)
+        if rows.size:
+            noise = np.maximum(np.asarray(reference.noise, float).reshape(-1, 1), 1e-30)
+            crowding = float(np.nanmedian(ref_cut.background_std[:, rows] / noise))
         plain = [
             photometry.measure_stars(
                 image, at[0][rows], at[1][rows], geometry, photometry.FLAT, cutouts=cut.subset(rows), excluded=defects
@@ -506,6 +537,7 @@ def _measure(
         reference_psf=reference_psf if psfs is not None else None,
         target_psf=target_psf if psfs is not None else None,
         aperture_check=checks,
+        crowding=crowding,
     )
 
 
