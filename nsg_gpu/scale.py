@@ -18,6 +18,7 @@ frame's weights keep, and NSG's robust line fit gives ``m`` per channel. The gra
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -362,32 +363,37 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
         psfs = None
     if psfs is not None and undersampled and not all(_index_determined(p) for p in psfs):
         psfs = None
+    measure = functools.partial(_measure, reference, frame, tx, ty, found, shared, peak_t, fwhm_t)
     if psfs is None or not undersampled:
-        measured = _measure(reference, frame, tx, ty, found, shared, peak_t, fwhm_t, psfs)
+        measured = measure(psfs)
         if _model_in_doubt(measured):
             # Stars no Moffat fits (a halo) on a sky clear enough for the plain aperture:
             # whichever states the smaller uncertainty, as for undersampled mono stars.
-            try:
-                plain = _measure(reference, frame, tx, ty, found, shared, peak_t, fwhm_t, None)
-            except TooFewStarsError:
-                plain = None
-            if plain is not None and _relative_error(plain) < _relative_error(measured):
-                measured = plain
+            measured = _least_uncertain(measure, (None,), measured)
     else:
         # Undersampled mono stars: the PSF weights or the plain aperture, whichever states
         # the smaller uncertainty (psf.MIN_MONO_PSF_FWHM); either alone where the other has
         # too few usable pairs.
-        candidates, failure = [], None
-        for choice in (psfs, None):
-            try:
-                candidates.append(_measure(reference, frame, tx, ty, found, shared, peak_t, fwhm_t, choice))
-            except TooFewStarsError as exc:
-                failure = failure or exc
-        if not candidates:
-            raise failure
-        measured = min(candidates, key=_relative_error)
+        measured = _least_uncertain(measure, (psfs, None))
     clock.lap("photometry")
     return measured
+
+
+def _least_uncertain(measure, choices, measured: ScaleMeasurement | None = None) -> ScaleMeasurement:
+    """Of ``measured`` and ``measure(choice)`` for each of ``choices`` (PSF pairs, or None for
+    the plain aperture), the measurement stating the smallest relative scale uncertainty; the
+    first on a tie. A choice with too few usable pairs drops out; its error is raised only
+    where nothing is left."""
+    candidates = [] if measured is None else [measured]
+    failure = None
+    for choice in choices:
+        try:
+            candidates.append(measure(choice))
+        except TooFewStarsError as exc:
+            failure = failure or exc
+    if not candidates:
+        raise failure
+    return min(candidates, key=_relative_error)
 
 
 def _model_in_doubt(measured: ScaleMeasurement) -> bool:
