@@ -146,6 +146,9 @@ class ScaleMeasurement:
     #: With PSF weights: the median over the checked stars of the reference's annulus scatter
     #: over its noise (1 on an empty sky; the light of faint stars and neighbours raises it).
     crowding: float | None = None
+    #: Whether the fluxes are PSF-weighted sums; False: the plain aperture, whose seeing
+    #: correction uses the fitted PSFs where ``reference_psf`` is set, else an assumed Moffat.
+    weighted: bool = True
 
 
 def _target_fwhm(reference: Reference, image, noise: float) -> float:
@@ -368,8 +371,9 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
         measured = measure(psfs)
         if _model_in_doubt(measured):
             # Stars no Moffat fits (a halo) on a sky clear enough for the plain aperture:
-            # whichever states the smaller uncertainty, as for undersampled mono stars.
-            measured = _least_uncertain(measure, (None,), measured)
+            # whichever states the smaller uncertainty, as for undersampled mono stars. The
+            # aperture's small correction for the light beyond it is the fitted PSFs'.
+            measured = _least_uncertain(functools.partial(measure, weighted=False), (psfs,), measured)
     else:
         # Undersampled mono stars: the PSF weights or the plain aperture, whichever states
         # the smaller uncertainty (psf.MIN_MONO_PSF_FWHM); either alone where the other has
@@ -409,10 +413,11 @@ def _relative_error(measured: ScaleMeasurement) -> float:
 
 
 def _measure(
-    reference: Reference, frame: Frame, tx, ty, found, shared, peak_t, fwhm_t: float, psfs
+    reference: Reference, frame: Frame, tx, ty, found, shared, peak_t, fwhm_t: float, psfs, *, weighted: bool = True
 ) -> ScaleMeasurement:
     """The photometry and the scale fit of :func:`measure_scale`, with ``psfs`` (the fitted
-    reference and target PSFs) or, where None, the plain aperture. The plain aperture measures
+    reference and target PSFs) or, where None, the plain aperture; with ``weighted`` False,
+    the plain aperture whose seeing correction is that of ``psfs``. The plain aperture measures
     the reference at its catalogue and the target there moved by its registration residual
     (``tx, ty``); PSF weights measure both at the ``shared`` positions
     (:func:`shared_positions`), the target's moved by the same residual. A defect of either
@@ -421,7 +426,7 @@ def _measure(
     params = reference.params
     data = frame.data
     stars = reference.stars
-    if psfs is not None:
+    if psfs is not None and weighted:
         reference_psf, target_psf = psfs
         # The broader PSF weighs the pixels of both frames: it is close to the best weight
         # for the frame whose stars are noisiest per pixel.
@@ -433,8 +438,11 @@ def _measure(
             weight = weight.at(MIN_WEIGHT_FWHM / weight.fwhm)
         fwhm_max = weight.pixel_fwhm
     else:
-        reference_psf = MoffatPSF.from_fwhm(stars.fwhm, photometry.MOFFAT_BETA)
-        target_psf = MoffatPSF.from_fwhm(fwhm_t, photometry.MOFFAT_BETA)
+        if psfs is not None:
+            reference_psf, target_psf = psfs
+        else:
+            reference_psf = MoffatPSF.from_fwhm(stars.fwhm, photometry.MOFFAT_BETA)
+            target_psf = MoffatPSF.from_fwhm(fwhm_t, photometry.MOFFAT_BETA)
         weight = None
         fwhm_max = max(stars.fwhm, fwhm_t)
     geometry = photometry.aperture_geometry(
@@ -506,7 +514,7 @@ def _measure(
         fits.append(fit)
         pairs.append(pairs_c)
     checks = crowding = None
-    if psfs is not None:
+    if weight is not None:
         rows = _check_stars(tgt_m, ref_m, correction, pairs)
         if rows.size:
             noise = np.maximum(np.asarray(reference.noise, float).reshape(-1, 1), 1e-30)
@@ -544,6 +552,7 @@ def _measure(
         target_psf=target_psf if psfs is not None else None,
         aperture_check=checks,
         crowding=crowding,
+        weighted=weight is not None,
     )
 
 
