@@ -117,13 +117,14 @@ APERTURE_CHECK_SIGMAS = 2.0
 #: The check measures the plain aperture on at most this many stars, those of the highest
 #: signal-to-noise, which hold most of what the scales know.
 CHECK_STARS = 300
-#: Where the PSF weights disagree with the aperture, a frame whose reference annuli scatter by
-#: at most this many times the noise (the median over the checked stars) is measured with the
-#: plain aperture if it states the smaller uncertainty. Denser fields scatter more (the
-#: generator's default scenario 1.13-1.40, its other sets 1.11 and up, crowded 2.3-3.4; stars
-#: with halos on a clear sky 1.01-1.02), and there the light of their faint stars biases the
-#: aperture by as much as the weights' model error (docs/scale-accuracy.md, "Profiles no
-#: Moffat is").
+#: Where the PSF weights stand from the aperture by more than their difference's standard
+#: error, a frame whose reference annuli scatter by at most this many times the noise (the
+#: median over the checked stars) is measured with the plain aperture, corrected by the
+#: fitted PSFs, if that is expected nearer the truth (:func:`_expected_error`). Denser fields
+#: scatter more (the generator's default scenario 1.13-1.40, its other sets 1.11 and up,
+#: crowded 2.3-3.4; stars with halos on a clear sky 1.01-1.02), and there the light of their
+#: faint stars biases the aperture by as much as the weights' model error
+#: (docs/scale-accuracy.md, "Profiles no Moffat is").
 CLEAR_ANNULUS = 1.05
 
 
@@ -371,9 +372,10 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
         measured = measure(psfs)
         if _model_in_doubt(measured):
             # Stars no Moffat fits (a halo) on a sky clear enough for the plain aperture:
-            # whichever states the smaller uncertainty, as for undersampled mono stars. The
-            # aperture's small correction for the light beyond it is the fitted PSFs'.
-            measured = _least_uncertain(functools.partial(measure, weighted=False), (psfs,), measured)
+            # whichever is expected to be nearer the truth. The aperture's small correction
+            # for the light beyond it is the fitted PSFs'.
+            plain = functools.partial(measure, weighted=False)
+            measured = _least_uncertain(plain, (psfs,), measured, key=_expected_error)
     else:
         # Undersampled mono stars: the PSF weights or the plain aperture, whichever states
         # the smaller uncertainty (psf.MIN_MONO_PSF_FWHM); either alone where the other has
@@ -383,11 +385,11 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
     return measured
 
 
-def _least_uncertain(measure, choices, measured: ScaleMeasurement | None = None) -> ScaleMeasurement:
+def _least_uncertain(measure, choices, measured: ScaleMeasurement | None = None, *, key=None) -> ScaleMeasurement:
     """Of ``measured`` and ``measure(choice)`` for each of ``choices`` (PSF pairs, or None for
-    the plain aperture), the measurement stating the smallest relative scale uncertainty; the
-    first on a tie. A choice with too few usable pairs drops out; its error is raised only
-    where nothing is left."""
+    the plain aperture), the measurement stating the smallest relative scale uncertainty (or
+    the smallest ``key``); the first on a tie. A choice with too few usable pairs drops out;
+    its error is raised only where nothing is left."""
     candidates = [] if measured is None else [measured]
     failure = None
     for choice in choices:
@@ -397,19 +399,36 @@ def _least_uncertain(measure, choices, measured: ScaleMeasurement | None = None)
             failure = failure or exc
     if not candidates:
         raise failure
-    return min(candidates, key=_relative_error)
+    return min(candidates, key=key or _relative_error)
 
 
 def _model_in_doubt(measured: ScaleMeasurement) -> bool:
-    """Whether PSF weights disagree with the plain aperture (:func:`aperture_check`) on a sky
-    whose annuli scatter by at most :data:`CLEAR_ANNULUS` times the noise."""
+    """Whether PSF weights stand from the plain aperture (:func:`aperture_check`) by more than
+    the standard error of their difference, on a sky whose annuli scatter by at most
+    :data:`CLEAR_ANNULUS` times the noise."""
     checks = measured.aperture_check or []
-    doubted = any(c is not None and abs(c[0]) > APERTURE_CHECK_SIGMAS * c[1] for c in checks)
-    return doubted and measured.crowding is not None and measured.crowding <= CLEAR_ANNULUS
+    apart = any(c is not None and abs(c[0]) > c[1] for c in checks)
+    return apart and measured.crowding is not None and measured.crowding <= CLEAR_ANNULUS
 
 
 def _relative_error(measured: ScaleMeasurement) -> float:
     return max(f.scale_error / f.scale for f in measured.fits)
+
+
+def _expected_error(measured: ScaleMeasurement) -> float:
+    """The root of the expected squared relative error of the scale, the worst channel's:
+    its stated variance and, on PSF weights that the check (:func:`aperture_check`) left
+    within its gate, the difference's excess over its expected spread, ``d^2 - sigma^2``,
+    an unbiased estimate of the weights' squared model error against an unbiased aperture
+    (beyond the gate the excess is part of the stated uncertainty already)."""
+    checks = measured.aperture_check or [None] * len(measured.fits)
+    worst = 0.0
+    for fit, check in zip(measured.fits, checks):
+        variance = (fit.scale_error / fit.scale) ** 2
+        if check is not None and abs(check[0]) <= APERTURE_CHECK_SIGMAS * check[1]:
+            variance += max(check[0] ** 2 - check[1] ** 2, 0.0)
+        worst = max(worst, variance)
+    return math.sqrt(worst)
 
 
 def _measure(
