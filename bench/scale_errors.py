@@ -74,15 +74,12 @@ def _path(measured) -> str:
     psf = measured.target_psf
     if psf is None:
         return "aperture"
-    # getattr: so that the script measures commits from before the pixel-integrated fit too.
-    if not getattr(measured, "weighted", psf is not None):
-        return (
-            "aperture"
-            if psf is None
-            else f"aperture, fitted {measured.reference_psf.fwhm:.2f}/{measured.reference_psf.beta:.2f} -> {psf.fwhm:.2f}/{psf.beta:.2f}"
-        )
+    reference = f"{measured.reference_psf.fwhm:.2f}/{measured.reference_psf.beta:.2f}"
+    # getattr: so that the script measures commits from before these attributes too.
+    if not getattr(measured, "weighted", True):
+        return f"aperture, fitted {reference} -> {psf.fwhm:.2f}/{psf.beta:.2f}"
     kind = "integrated" if getattr(psf, "pixel_integrated", False) else "sampled"
-    text = f"PSF {kind} {measured.reference_psf.fwhm:.2f}/{measured.reference_psf.beta:.2f}"
+    text = f"PSF {kind} {reference}"
     text += _shape(measured.reference_psf) + f" -> {psf.fwhm:.2f}/{psf.beta:.2f}" + _shape(psf)
     return text
 
