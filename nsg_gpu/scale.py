@@ -370,7 +370,7 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
     measure = functools.partial(_measure, reference, frame, tx, ty, found, shared, peak_t, fwhm_t)
     if psfs is None or not undersampled:
         measured = measure(psfs)
-        if _model_in_doubt(measured):
+        if _apart_on_a_clear_sky(measured):
             # Stars no Moffat fits (a halo) on a sky clear enough for the plain aperture:
             # whichever is expected to be nearer the truth. The aperture's small correction
             # for the light beyond it is the fitted PSFs'.
@@ -402,7 +402,7 @@ def _least_uncertain(measure, choices, measured: ScaleMeasurement | None = None,
     return min(candidates, key=key or _relative_error)
 
 
-def _model_in_doubt(measured: ScaleMeasurement) -> bool:
+def _apart_on_a_clear_sky(measured: ScaleMeasurement) -> bool:
     """Whether PSF weights stand from the plain aperture (:func:`aperture_check`) by more than
     the standard error of their difference, on a sky whose annuli scatter by at most
     :data:`CLEAR_ANNULUS` times the noise."""
