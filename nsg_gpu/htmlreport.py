@@ -176,6 +176,7 @@ _COLUMNS = (
     ("star pairs", lambda f: _cell(_e(f.star_pairs)), None),
     ("samples", lambda f: _cell(_e(f.samples)), None),
     ("FWHM (px)", lambda f: _cell(_number(f.fwhm, 3)), None),
+    ("photometry", lambda f: _cell(_e(f.photometry or ""), "text"), "photometry"),
     ("noise", lambda f: _cell(_number(f.noise, 3)), None),
     ("altitude (deg)", lambda f: _cell(_number(f.altitude, 3)), "altitude"),
     ("exposure (s)", lambda f: _cell(_number(f.exposure, 4)), "exposure"),

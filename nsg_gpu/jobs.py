@@ -83,6 +83,7 @@ def _cards(result: FrameResult, *, reference_name: str, history, fingerprint: st
         star_pairs=result.star_pairs,
         samples=result.samples,
         fwhm=result.fwhm,
+        photometry=result.photometry,
         beta=result.beta,
         ellipticity=result.ellipticity,
         elongation_angle=result.elongation_angle,

@@ -2,7 +2,8 @@
 
 NSG's own cards are ``NSGREF``, ``NSGS0..2`` (transmission ``1/m`` per channel), ``NSGSNR0..2``,
 the weight (``NWEIGHT`` unless configured), ``NSGHIGH`` and ``HISTORY NSG.*``; nsg-gpu adds
-``NSGSERR0..2`` (the standard error of ``NSGSn``), ``NSGPAIRS``, ``NSGSAMPL``, ``NSGFWHM``, ``NSGBETA``, ``NSGELLIP`` and ``NSGEANG`` (the fitted PSF's
+``NSGSERR0..2`` (the standard error of ``NSGSn``), ``NSGPAIRS``, ``NSGSAMPL``, ``NSGFWHM``, ``NSGPHOT`` (what
+measured the star fluxes: ``psf``, ``aperture-fitted`` or ``aperture``), ``NSGBETA``, ``NSGELLIP`` and ``NSGEANG`` (the fitted PSF's
 ``1 - b/a`` and major axis, where its stars are drawn out) and ``NSGHASH`` (the fingerprint a rerun
 uses to keep an output, :mod:`nsg_gpu.resume`). The jobs write them (:mod:`nsg_gpu.jobs`); a
 resumed run reads them back into its results (:func:`read_nsg_cards`).
@@ -25,6 +26,7 @@ __all__ = [
     "PAIRS",
     "SAMPLES",
     "FWHM",
+    "PHOTOMETRY",
     "BETA",
     "ELLIPTICITY",
     "ELONGATION_ANGLE",
@@ -47,6 +49,7 @@ HIGH = "NSGHIGH"
 PAIRS = "NSGPAIRS"
 SAMPLES = "NSGSAMPL"
 FWHM = "NSGFWHM"
+PHOTOMETRY = "NSGPHOT"
 BETA = "NSGBETA"
 ELLIPTICITY = "NSGELLIP"
 ELONGATION_ANGLE = "NSGEANG"
@@ -72,6 +75,7 @@ class NSGCards:
     star_pairs: int | None = None
     samples: int | None = None
     fwhm: float | None = None
+    photometry: str | None = None
     beta: float | None = None
     ellipticity: float | None = None
     elongation_angle: float | None = None
@@ -128,6 +132,8 @@ def set_nsg_keywords(header: fits.Header, cards: NSGCards, *, weight_keyword: st
         header[SAMPLES] = (int(cards.samples), "NSG background samples of the gradient")
     if cards.fwhm is not None:
         header[FWHM] = (float(f"{cards.fwhm:.4g}"), "[px] NSG FWHM of the frame")
+    if cards.photometry is not None:
+        header[PHOTOMETRY] = (cards.photometry, "NSG what measured the star fluxes")
     if cards.beta is not None:
         header[BETA] = (float(f"{cards.beta:.4g}"), "NSG Moffat index of the fitted PSF")
     if cards.ellipticity is not None:
@@ -173,6 +179,7 @@ def read_nsg_cards(header: fits.Header, *, weight_keyword: str = "NWEIGHT") -> N
         star_pairs=optional(PAIRS, int),
         samples=optional(SAMPLES, int),
         fwhm=optional(FWHM, float),
+        photometry=optional(PHOTOMETRY, str),
         beta=optional(BETA, float),
         ellipticity=optional(ELLIPTICITY, float),
         elongation_angle=optional(ELONGATION_ANGLE, float),

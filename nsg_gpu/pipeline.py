@@ -117,6 +117,7 @@ def normalize_frame(reference: Reference, frame, *, diagnostics: bool = False) -
         samples=gradient.n_samples,
         noise=[float(v) for v in noise],
         fwhm=measured.fwhm,
+        photometry=measured.photometry,
         beta=measured.target_psf.beta if measured.target_psf is not None else None,
         ellipticity=measured.target_psf.ellipticity if measured.target_psf is not None else None,
         elongation_angle=measured.target_psf.elongation_angle if measured.target_psf is not None else None,

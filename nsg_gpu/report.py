@@ -55,6 +55,7 @@ RESULT_COLUMNS = (
     "star_pairs",
     "samples",
     "fwhm",
+    "photometry",
     "beta",
     "ellipticity",
     "elongation_angle",

@@ -43,6 +43,7 @@ class FrameResult:
     samples: int | None = None
     noise: list[float] = field(default_factory=list)
     fwhm: float | None = None
+    photometry: str | None = None  # what measured the star fluxes (ScaleMeasurement.photometry)
     beta: float | None = None  # Moffat index of the fitted PSF
     ellipticity: float | None = None  # 1 - b/a of the fitted PSF (stars drawn out)
     elongation_angle: float | None = None  # its major axis, degrees from the x axis
@@ -107,6 +108,7 @@ class FrameResult:
             "star_pairs": self.star_pairs,
             "samples": self.samples,
             "fwhm": self.fwhm,
+            "photometry": self.photometry,
             "beta": self.beta,
             "ellipticity": self.ellipticity,
             "elongation_angle": self.elongation_angle,

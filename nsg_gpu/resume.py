@@ -108,6 +108,7 @@ def result_from_header(
         samples=cards.samples,
         noise=cards.noise,
         fwhm=cards.fwhm,
+        photometry=cards.photometry,
         beta=cards.beta,
         ellipticity=cards.ellipticity,
         elongation_angle=cards.elongation_angle,

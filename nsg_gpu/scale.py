@@ -151,6 +151,14 @@ class ScaleMeasurement:
     #: correction uses the fitted PSFs where ``reference_psf`` is set, else an assumed Moffat.
     weighted: bool = True
 
+    @property
+    def photometry(self) -> str:
+        """What measured the fluxes: ``psf`` (PSF weights), ``aperture-fitted`` (the plain
+        aperture corrected by the fitted PSFs) or ``aperture`` (corrected by an assumed Moffat)."""
+        if self.weighted:
+            return "psf"
+        return "aperture-fitted" if self.target_psf is not None else "aperture"
+
 
 def _target_fwhm(reference: Reference, image, noise: float) -> float:
     """The target's FWHM at the reference's bright isolated stars; the reference's where too

@@ -20,6 +20,7 @@ def test_cards_read_back_as_written(channels):
         star_pairs=412,
         samples=1650,
         fwhm=2.8125,
+        photometry="aperture-fitted",
         beta=3.25,
         ellipticity=0.2771,
         elongation_angle=54.68,
@@ -40,6 +41,7 @@ def test_cards_read_back_as_written(channels):
     assert back.weight == pytest.approx(cards.weight, rel=1e-6) and back.weight_source == "noiseKSigma"
     assert (back.star_pairs, back.samples, back.fingerprint) == (412, 1650, "ab" * 16)
     assert back.high == 1.25 and back.fwhm == pytest.approx(2.8125, rel=1e-3) and back.beta == 3.25
+    assert back.photometry == "aperture-fitted" and written["NSGPHOT"] == "aperture-fitted"
     assert (back.ellipticity, back.elongation_angle) == pytest.approx((0.277, 54.68))
     assert back.transmission_error == pytest.approx(cards.transmission_error, rel=1e-3)
     assert written["NSGSERR0"] == pytest.approx(0.01235) and f"NSGSERR{channels}" not in written

@@ -72,6 +72,8 @@ def test_rerun_keeps_complete_outputs_and_their_rows(baseline, tmp_path):
         assert new.weight_source == old.weight_source
         assert new.fwhm == pytest.approx(old.fwhm, rel=1e-3)  # NSGFWHM: 4 digits
         assert old.beta is not None and new.beta == pytest.approx(old.beta, rel=1e-3)
+        assert old.status == "reference" or old.photometry in ("psf", "aperture-fitted", "aperture")
+        assert new.photometry == old.photometry
         assert old.ellipticity is not None and new.ellipticity == pytest.approx(old.ellipticity, rel=1e-2)
         assert new.elongation_angle == pytest.approx(old.elongation_angle, abs=0.1)
         assert len(new.noise) == len(old.noise) == 1 and new.noise == pytest.approx(old.noise, rel=1e-5)
