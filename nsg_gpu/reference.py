@@ -74,6 +74,9 @@ class Reference:
     peak_snr: np.ndarray
     circles: np.ndarray | None = None  # (n, 3) x, y, radius of the stars that reject samples
     bright: np.ndarray | None = None  # (channels, rows, cols) bright pixels per bin (samples.bright_counts)
+    #: Per channel, the k-sigma noise of single pixels (outliers.pixel_noise): where the frame
+    #: was resampled, below ``noise``, which reads the noise before the interpolation smoothed it.
+    pixel_noise: np.ndarray | None = None
     _clipped: dict = field(default_factory=dict)  # (row, col) -> clipped medians per channel
     _measurements: dict = field(default_factory=dict)
     _cutouts: dict = field(default_factory=dict)
@@ -291,7 +294,8 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
     rejected = star_rejection(grid, stars.x[:n_reject], stars.y[:n_reject], radius)
     noise = frame_noise(data)  # the weight's noise: registration does not bias it
     circles = np.column_stack([stars.x[:n_reject], stars.y[:n_reject], radius])
-    bright = bright_counts(data, grid, medians, pixel_noise(data), frame.white_level)
+    pixels = pixel_noise(data)
+    bright = bright_counts(data, grid, medians, pixels, frame.white_level)
     return Reference(
         frame,
         resolved,
@@ -307,4 +311,5 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
         peak_snr,
         circles=circles,
         bright=bright,
+        pixel_noise=pixels,
     )

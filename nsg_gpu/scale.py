@@ -118,8 +118,8 @@ APERTURE_CHECK_SIGMAS = 2.0
 #: signal-to-noise, which hold most of what the scales know.
 CHECK_STARS = 300
 #: Where the PSF weights stand from the aperture by more than their difference's standard
-#: error, a frame whose reference annuli scatter by at most this many times the noise (the
-#: median over the checked stars) is measured with the plain aperture, corrected by the
+#: error, a frame whose reference annuli scatter by at most this many times its single
+#: pixels' noise (the median over the checked stars; ``Reference.pixel_noise``) is measured with the plain aperture, corrected by the
 #: fitted PSFs, if that is expected nearer the truth (:func:`_expected_error`). Denser fields
 #: scatter more (the generator's default scenario 1.13-1.40, its other sets 1.11 and up,
 #: crowded 2.3-3.4; stars with halos on a clear sky 1.01-1.02), and there the light of their
@@ -145,7 +145,8 @@ class ScaleMeasurement:
     #: the same stars and its standard error (:func:`aperture_check`), or None.
     aperture_check: list | None = None
     #: With PSF weights: the median over the checked stars of the reference's annulus scatter
-    #: over its noise (1 on an empty sky; the light of faint stars and neighbours raises it).
+    #: over its single pixels' noise (1 on an empty sky; the light of faint stars and
+    #: neighbours raises it).
     crowding: float | None = None
     #: Whether the fluxes are PSF-weighted sums; False: the plain aperture, whose seeing
     #: correction uses the fitted PSFs where ``reference_psf`` is set, else an assumed Moffat.
@@ -544,7 +545,10 @@ def _measure(
     if weight is not None:
         rows = _check_stars(tgt_m, ref_m, correction, pairs)
         if rows.size:
-            noise = np.maximum(np.asarray(reference.noise, float).reshape(-1, 1), 1e-30)
+            # Single pixels' noise: a resampled reference's annuli scatter less than the noise
+            # before its interpolation (``reference.noise``), which would read crowded skies clear.
+            pixels = reference.pixel_noise if reference.pixel_noise is not None else reference.noise
+            noise = np.maximum(np.asarray(pixels, float).reshape(-1, 1), 1e-30)
             crowding = float(np.nanmedian(ref_cut.background_std[:, rows] / noise))
         plain = [
             photometry.measure_stars(
