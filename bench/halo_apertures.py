@@ -22,8 +22,7 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(_ROOT), str(_ROOT / "tests"), str(Path(__file__).resolve().parent)]
 from _machine import machine, print_machine  # noqa: E402
-from independent import core_and_halo_frames  # noqa: E402
-from scale_errors import halo_settings  # noqa: E402
+from independent import core_and_halo_frames, halo_settings  # noqa: E402
 
 from nsg_gpu import scale  # noqa: E402
 from nsg_gpu.io import Frame  # noqa: E402

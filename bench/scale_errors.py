@@ -101,20 +101,10 @@ def _check_figures(measured, c: int) -> dict:
     return {"check": checks[c][0], "check_sigma": checks[c][1]}
 
 
-def halo_settings(seed: int) -> list[tuple[float, float, float, float]]:
-    """The ``(transmission, fwhm, sky, noise sigma)`` of a halo set's 3 px reference and its
-    four targets (``independent.core_and_halo_frames``)."""
-    rng = np.random.default_rng(1000 + seed)
-    return [(1.0, 3.0, 0.02, 0.002)] + [
-        (float(rng.uniform(0.7, 1.0)), float(rng.uniform(2.3, 4.0)), 0.02 + 0.01 * k, float(rng.uniform(0.0015, 0.003)))
-        for k in range(1, 5)
-    ]
-
-
 def halo(seeds: list[int], share: float, width: float, params: Parameters) -> list[dict]:
     """Sets of stars no Moffat is (``independent.core_and_halo_frames``), each target against
     the 3 px reference."""
-    from independent import core_and_halo_frames
+    from independent import core_and_halo_frames, halo_settings
 
     rows = []
     for seed in seeds:

@@ -119,8 +119,9 @@ APERTURE_CHECK_SIGMAS = 2.0
 CHECK_STARS = 300
 #: Where the PSF weights stand from the aperture by more than their difference's standard
 #: error, a frame whose reference annuli scatter by at most this many times its single
-#: pixels' noise (the median over the checked stars; ``Reference.pixel_noise``) is measured with the plain aperture, corrected by the
-#: fitted PSFs, if that is expected nearer the truth (:func:`_expected_error`). Denser fields
+#: pixels' noise (the median over the checked stars; ``Reference.pixel_noise``) is measured
+#: with the plain aperture, corrected by the fitted PSFs, if that is expected nearer the
+#: truth (:func:`_expected_error`). Denser fields
 #: scatter more (the generator's default scenario 1.13-1.40, its other sets 1.11 and up,
 #: crowded 2.3-3.4; stars with halos on a clear sky 1.01-1.02), and there the light of their
 #: faint stars biases the aperture by as much as the weights' model error
@@ -383,27 +384,27 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
             # Stars no Moffat fits (a halo) on a sky clear enough for the plain aperture:
             # whichever is expected to be nearer the truth. The aperture's small correction
             # for the light beyond it is the fitted PSFs'.
-            plain = functools.partial(measure, weighted=False)
-            measured = _least_uncertain(plain, (psfs,), measured, key=_expected_error)
+            plain = functools.partial(measure, psfs, weighted=False)
+            measured = _least_uncertain([plain], measured, key=_expected_error)
     else:
         # Undersampled mono stars: the PSF weights or the plain aperture, whichever states
         # the smaller uncertainty (psf.MIN_MONO_PSF_FWHM); either alone where the other has
         # too few usable pairs.
-        measured = _least_uncertain(measure, (psfs, None))
+        measured = _least_uncertain([functools.partial(measure, psfs), functools.partial(measure, None)])
     clock.lap("photometry")
     return measured
 
 
-def _least_uncertain(measure, choices, measured: ScaleMeasurement | None = None, *, key=None) -> ScaleMeasurement:
-    """Of ``measured`` and ``measure(choice)`` for each of ``choices`` (PSF pairs, or None for
-    the plain aperture), the measurement stating the smallest relative scale uncertainty (or
-    the smallest ``key``); the first on a tie. A choice with too few usable pairs drops out;
-    its error is raised only where nothing is left."""
+def _least_uncertain(measurements, measured: ScaleMeasurement | None = None, *, key=None) -> ScaleMeasurement:
+    """Of ``measured`` and what each of ``measurements`` (callables) measures, the one stating
+    the smallest relative scale uncertainty (or the smallest ``key``); the first on a tie. A
+    measurement with too few usable pairs drops out; its error is raised only where nothing
+    is left."""
     candidates = [] if measured is None else [measured]
     failure = None
-    for choice in choices:
+    for measurement in measurements:
         try:
-            candidates.append(measure(choice))
+            candidates.append(measurement())
         except TooFewStarsError as exc:
             failure = failure or exc
     if not candidates:
@@ -414,7 +415,7 @@ def _least_uncertain(measure, choices, measured: ScaleMeasurement | None = None,
 def _apart_on_a_clear_sky(measured: ScaleMeasurement) -> bool:
     """Whether PSF weights stand from the plain aperture (:func:`aperture_check`) by more than
     the standard error of their difference, on a sky whose annuli scatter by at most
-    :data:`CLEAR_ANNULUS` times the noise."""
+    :data:`CLEAR_ANNULUS` times its single pixels' noise."""
     checks = measured.aperture_check or []
     apart = any(c is not None and abs(c[0]) > c[1] for c in checks)
     return apart and measured.crowding is not None and measured.crowding <= CLEAR_ANNULUS
@@ -434,10 +435,22 @@ def _expected_error(measured: ScaleMeasurement) -> float:
     worst = 0.0
     for fit, check in zip(measured.fits, checks):
         variance = (fit.scale_error / fit.scale) ** 2
-        if check is not None and abs(check[0]) <= APERTURE_CHECK_SIGMAS * check[1]:
-            variance += max(check[0] ** 2 - check[1] ** 2, 0.0)
+        if check is not None and not _beyond_gate(*check):
+            variance += _excess_variance(*check)
         worst = max(worst, variance)
     return math.sqrt(worst)
+
+
+def _beyond_gate(difference: float, sigma: float) -> bool:
+    """Whether the check's difference counts as the PSF weights' model error
+    (:data:`APERTURE_CHECK_SIGMAS` of its standard error)."""
+    return abs(difference) > APERTURE_CHECK_SIGMAS * sigma
+
+
+def _excess_variance(difference: float, sigma: float) -> float:
+    """What the check's squared difference holds beyond its expected spread: an estimate of
+    the weights' squared model error (0 where the difference is within its spread)."""
+    return max(difference * difference - sigma * sigma, 0.0)
 
 
 def _measure(
@@ -466,11 +479,10 @@ def _measure(
             weight = weight.at(MIN_WEIGHT_FWHM / weight.fwhm)
         fwhm_max = weight.pixel_fwhm
     else:
-        if psfs is not None:
-            reference_psf, target_psf = psfs
-        else:
-            reference_psf = MoffatPSF.from_fwhm(stars.fwhm, photometry.MOFFAT_BETA)
-            target_psf = MoffatPSF.from_fwhm(fwhm_t, photometry.MOFFAT_BETA)
+        reference_psf, target_psf = psfs or (
+            MoffatPSF.from_fwhm(stars.fwhm, photometry.MOFFAT_BETA),
+            MoffatPSF.from_fwhm(fwhm_t, photometry.MOFFAT_BETA),
+        )
         weight = None
         fwhm_max = max(stars.fwhm, fwhm_t)
     geometry = photometry.aperture_geometry(
@@ -547,8 +559,7 @@ def _measure(
         if rows.size:
             # Single pixels' noise: a resampled reference's annuli scatter less than the noise
             # before its interpolation (``reference.noise``), which would read crowded skies clear.
-            pixels = reference.pixel_noise if reference.pixel_noise is not None else reference.noise
-            noise = np.maximum(np.asarray(pixels, float).reshape(-1, 1), 1e-30)
+            noise = np.maximum(np.asarray(reference.pixel_noise, float).reshape(-1, 1), 1e-30)
             crowding = float(np.nanmedian(ref_cut.background_std[:, rows] / noise))
         plain = [
             photometry.measure_stars(
@@ -648,8 +659,8 @@ def aperture_check(
         difference = math.log(weights.scale / aperture.scale)
         spread, own = aperture.scale_error / aperture.scale, weights.scale_error / weights.scale
         sigma = math.hypot(math.sqrt(max(spread * spread - own * own, 0.5 * spread * spread)), correction_error)
-        if abs(difference) > APERTURE_CHECK_SIGMAS * sigma:
-            excess = math.sqrt(difference * difference - sigma * sigma)
+        if _beyond_gate(difference, sigma):
+            excess = math.sqrt(_excess_variance(difference, sigma))
             fit = replace(fit, scale_error=math.hypot(fit.scale_error, excess * fit.scale))
         checked.append(fit)
         checks.append((difference, sigma))

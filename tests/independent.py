@@ -54,6 +54,9 @@ __all__ = [
     "independent_transmission",
     "extractor_stars",
     "spline_smoothing",
+    "core_and_halo_stars",
+    "core_and_halo_frames",
+    "halo_settings",
 ]
 
 
@@ -359,6 +362,16 @@ def core_and_halo_stars(shape, x, y, flux, fwhm: float, halo_share: float, halo_
             stamp += share * np.outer(down, across)
         image[j0:j1, i0:i1] += fi * stamp
     return image
+
+
+def halo_settings(seed: int) -> list[tuple[float, float, float, float]]:
+    """The ``(transmission, fwhm, sky, noise sigma)`` of a halo set's 3 px reference and its
+    four targets (:func:`core_and_halo_frames`; ``bench/scale_errors.py --halo``'s sets)."""
+    rng = np.random.default_rng(1000 + seed)
+    return [(1.0, 3.0, 0.02, 0.002)] + [
+        (float(rng.uniform(0.7, 1.0)), float(rng.uniform(2.3, 4.0)), 0.02 + 0.01 * k, float(rng.uniform(0.0015, 0.003)))
+        for k in range(1, 5)
+    ]
 
 
 def core_and_halo_frames(

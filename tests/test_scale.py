@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import SCALE_TARGET, integrated_gaussians, scale_errors
-from independent import core_and_halo_frames
+from independent import core_and_halo_frames, halo_settings
 
 from nsg_gpu import photometry, scale
 from nsg_gpu.errors import TooFewStarsError
@@ -350,11 +350,7 @@ def test_a_disagreement_within_the_gate_on_a_clear_sky_takes_the_nearer_measurem
     small, and ``d^2 - sigma^2`` estimates the weights' squared model error; it exceeds the
     variance the aperture adds, and the frames take the aperture: -0.10 and -0.42 %, stating
     0.28 and 0.26 %."""
-    rng = np.random.default_rng(1003)
-    settings = [(1.0, 3.0, 0.02, 0.002)] + [
-        (float(rng.uniform(0.7, 1.0)), float(rng.uniform(2.3, 4.0)), 0.02 + 0.01 * k, float(rng.uniform(0.0015, 0.003)))
-        for k in range(1, 5)
-    ]
+    settings = halo_settings(3)
     frames = core_and_halo_frames(settings, seed=3)
     reference = prepare_reference(Frame.from_array(frames[0], name="reference"), Parameters())
     expected = scale._expected_error
