@@ -138,7 +138,7 @@ class ScaleMeasurement:
     fwhm: float  # the target's
     fits: list  # scalefit.ScaleFit per channel
     correction: np.ndarray  # (channels, stars), applied to the reference's fluxes
-    target_flux: list | None = None  # per channel, the fitted pairs' fluxes
+    target_flux: list | None = None  # per channel, the fluxes of the pairs given to the fit
     reference_flux: list | None = None  # per channel, corrected for the seeing
     reference_psf: MoffatPSF | None = None  # fitted, or None where the fit was not possible
     target_psf: MoffatPSF | None = None
@@ -303,7 +303,8 @@ AFFINE_OFFSET_STARS = 12
 def registration_offsets(x, y, tx, ty, found) -> tuple[np.ndarray, np.ndarray]:
     """Where the target's stars lie relative to the reference's ``(x, y)``: the frame's
     registration residual, an affine offset fitted to the centroid shifts ``(tx - x, ty - y)``
-    of the brightest ``found`` stars (3-sigma clipped), or their median shift.
+    of the brightest ``found`` stars (clipped at 3 x 1.4826 times the median distance from the fit,
+    about 5 sigma per axis), or their median shift.
 
     A star's own centroid in the target is not its position: it moves with the noise and
     towards its neighbours, and PSF weights set off the star keep less of its light, in the
@@ -566,8 +567,8 @@ def _measure(
                 image, at[0][rows], at[1][rows], geometry, photometry.FLAT, cutouts=cut.subset(rows), excluded=defects
             )
             for image, at, cut, defects in (
-                (data, tgt_at, tgt_cut, None if tgt_defects is None else tgt_defects[rows]),
-                (reference.frame.data, ref_at, ref_cut, None if ref_defects is None else ref_defects[rows]),
+                (data, tgt_at, tgt_cut, tgt_defects[rows]),
+                (reference.frame.data, ref_at, ref_cut, ref_defects[rows]),
             )
         ]
         fits, checks = aperture_check(

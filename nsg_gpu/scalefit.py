@@ -223,13 +223,16 @@ def _smallest_scatter(too_small) -> float:
     return hi
 
 
-def _level2(x, y, m: float, *, power: float = 0.25) -> np.ndarray:
+def _level2(x, y, m: float, *, power: float = 0.5) -> np.ndarray:
     """The squared flux level that a relative scatter multiplies, in reference units.
 
-    ``(m x)^2 (y / m x)^power``; with ``power = 0.25`` the fixed point of the reweighted fit with these weights is then
-    the centre of the ratios ``y / x`` for any scatter symmetric in log (a lognormal one),
-    where a level from ``(y + m x) / 2`` would weigh high ratios down and bias ``m`` low by
-    a good part of its error. Pairs with a flux at or below 0 (faint ones, whose photometric
+    ``(m x)^2 (y / m x)^power``. The reweighted fit with weights ``1 / level2`` (where the
+    scatter dominates) moves ``m`` to ``m sum(k^(1 - power)) / sum(k^-power)``, ``k = y / m x``:
+    with ``power = 0.5`` its fixed point is the centre of the ratios for any scatter
+    symmetric in log (a lognormal one), where a level from ``m x`` alone (``power = 0``)
+    would put it at ``exp(sigma^2 / 2)`` times the centre, and ``(y + m x) / 2`` would weigh
+    high ratios down. ``power = 1`` is the symmetric level ``m x y``, against which the
+    residuals are judged. Pairs with a flux at or below 0 (faint ones, whose photometric
     error dominates) take the mean of the two.
     """
     mx = m * x
@@ -238,34 +241,35 @@ def _level2(x, y, m: float, *, power: float = 0.25) -> np.ndarray:
     return np.where(positive, safe_mx**2 * (safe_y / safe_mx) ** power, (0.5 * (np.abs(y) + np.abs(mx))) ** 2)
 
 
-def _standard_error(u, beta, x, variance, keep, *, robust: bool = True) -> float:
+def _standard_error(r, beta, x, variance, judging, keep, *, robust: bool = True) -> float:
     """The larger of the model's standard error (normalized residuals of unit spread, the
     biweight's Gaussian efficiency) and the sandwich (Huber) estimate, which holds where the
     residuals are not Gaussian (a lognormal scatter, a few pairs carrying the fit); without
-    ``robust``, those of the plain weighted fit."""
+    ``robust``, those of the plain weighted fit. ``r`` are the residuals, ``variance`` the
+    fit's weights' and ``judging`` the biweight's (:func:`weighted_ratio`): each pair's
+    estimating term is ``say beta r / variance``, its say from ``r / sqrt(judging)``."""
     information = float(np.sum(beta[keep] ** 2 / variance[keep]))
     model = (_EFFICIENCY if robust else 1.0) / math.sqrt(information)
     n = int(keep.sum())
     if n < 3:
         return model
     if robust:
-        t = np.where(keep, u / BIWEIGHT_C, 0.0)
-        psi = np.where(keep, u * (1 - t * t) ** 2, 0.0)
+        t = np.where(keep, r / (BIWEIGHT_C * np.sqrt(judging)), 0.0)
+        say = np.where(keep, (1 - t * t) ** 2, 0.0)
         slope = np.where(keep, (1 - t * t) * (1 - 5 * t * t), 0.0)
     else:
-        psi, slope = np.where(keep, u, 0.0), keep.astype(float)
-    sigma = np.sqrt(variance)
+        say, slope = keep.astype(float), keep.astype(float)
     bread = float(np.sum(slope * beta * x / variance))
-    meat = float(np.sum((psi * beta / sigma) ** 2))
+    meat = float(np.sum((say * r * beta / variance) ** 2))
     sandwich = math.sqrt(meat * n / (n - 1)) / abs(bread) if bread > 0 else math.inf
     return max(model, sandwich)
 
 
-def _weighted_pairs(x, r, m: float, sx2, variance, say, keep, robust: bool):
+def _weighted_pairs(x, r, m: float, sx2, variance, judging, say, keep, robust: bool):
     """Each pair's true target flux given ``m`` (York: the fit's "x" without its noise), its
     weight in the fit (its ``say`` over its ``variance``), and the fit's standard error."""
     beta = x + r * m * sx2 / variance
-    return beta, say / variance, _standard_error(r / np.sqrt(variance), beta, x, variance, keep, robust=robust)
+    return beta, say / variance, _standard_error(r, beta, x, variance, judging, keep, robust=robust)
 
 
 def weighted_ratio(x, y, sx, sy, m: float, *, iterations: int = 50, robust: bool = True):
@@ -289,7 +293,7 @@ def weighted_ratio(x, y, sx, sy, m: float, *, iterations: int = 50, robust: bool
         # Residuals are judged (spread, scatter, biweight) against the symmetric level
         # ``sqrt(m x y)``, so that a ratio high by a factor and one low by it weigh alike;
         # the fit's weights use :func:`_level2`, whose fixed point is the ratios' centre.
-        level2 = _level2(x, y, m, power=0.5)
+        level2 = _level2(x, y, m, power=1.0)
         m2sx2 = m * m * sx2
         # The scatter that all pairs show, or that the pairs which carry the fit show, whichever
         # is larger: many faint pairs with honest errors must not hide the excess scatter
@@ -303,7 +307,7 @@ def weighted_ratio(x, y, sx, sy, m: float, *, iterations: int = 50, robust: bool
         keep = say > 0
         if keep.sum() < 2:
             break
-        beta, w, error = _weighted_pairs(x, r, m, sx2, variance, say, keep, robust)
+        beta, w, error = _weighted_pairs(x, r, m, sx2, variance, judging, say, keep, robust)
         m_new = float(np.sum(w * beta * y) / np.sum(w * beta * x))
         converged = abs(m_new - m) <= 1e-10 * abs(m)
         m = m_new
@@ -316,7 +320,7 @@ def weighted_ratio(x, y, sx, sy, m: float, *, iterations: int = 50, robust: bool
         classical = _chi2_scatter(r[keep], sy2[keep], (m * m * sx2)[keep], level2[keep])
         if classical > scatter:
             variance = sy2 + m * m * sx2 + classical * classical * level2
-            beta, w, error = _weighted_pairs(x, r, m, sx2, variance, say, keep, robust)
+            beta, w, error = _weighted_pairs(x, r, m, sx2, variance, judging, say, keep, robust)
             scatter = classical
     if scatter > 0 and keep.sum() >= 2:
         error *= _small_sample_factor(w[keep] * beta[keep] ** 2)
@@ -437,9 +441,11 @@ def fit_scale(
         used[index[~keep]] = False
         if attempt or n_remove == 0 or used.sum() - n_remove < 3:
             break
-        # NSG's removal of the farthest pairs, in each pair's own errors.
+        # NSG's removal of the farthest pairs, in each pair's own errors, judged against the
+        # symmetric level as the biweight judges them: a ratio high by a factor and one low
+        # by it are as far.
         index = np.nonzero(used)[0]
-        variance = sy[index] ** 2 + (m * sx[index]) ** 2 + scatter**2 * _level2(x[index], y[index], m)
+        variance = sy[index] ** 2 + (m * sx[index]) ** 2 + scatter**2 * _level2(x[index], y[index], m, power=1.0)
         residual = np.abs(y[index] - m * x[index]) / np.sqrt(variance)
         used[index[np.argsort(-residual, kind="stable")[:n_remove]]] = False
     if used.sum() < min(min_pairs, n):
