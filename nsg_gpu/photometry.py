@@ -83,6 +83,8 @@ __all__ = [
     "measure_stars",
     "shared_defects",
     "kept_share",
+    "neighbour_shares",
+    "neighbours_light",
     "seeing_correction",
 ]
 
@@ -644,6 +646,71 @@ def kept_share(geometry: ApertureGeometry, psf: MoffatPSF, weight: MoffatPSF | N
         ring = 2 * math.pi * radii
     held = float(integrate.simpson(ring * w * _radial_light(psf, radii), x=radii))
     return held - area * annulus_mean
+
+
+#: Radii at which :func:`neighbour_shares` integrates a neighbour's light, and the step of
+#: the distances it is computed at (interpolated between).
+NEIGHBOUR_RADII = 2049
+NEIGHBOUR_STEP = 0.25
+
+
+def neighbour_shares(geometry: ApertureGeometry, psf: MoffatPSF, distances) -> np.ndarray:
+    """What the plain aperture (:func:`measure_stars` without weights) counts of a star of
+    unit flux and profile ``psf`` lying ``distances`` px from the measured star: its light in
+    the aperture less the annulus mean over the aperture's area (at distance 0,
+    :func:`kept_share`). The light of a circle of radius ``rho`` around the neighbour falls in
+    a disc of radius ``R`` at distance ``d`` over the arc ``2 rho acos((rho^2 + d^2 - R^2) /
+    (2 rho d))``; the profile is its mean over the directions (:func:`_radial_light`)."""
+    d = np.abs(np.asarray(distances, float))
+    r, inner, outer = geometry.radius, geometry.annulus_inner, geometry.annulus_outer
+    if d.size == 0:
+        return np.zeros(0)
+    grid = np.arange(0.0, float(d.max()) + 2 * NEIGHBOUR_STEP, NEIGHBOUR_STEP)
+    rho = np.linspace(0.0, float(grid[-1]) + outer, NEIGHBOUR_RADII)
+    light = _radial_light(psf, rho)
+
+    def disc(radius: float) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            c = (rho[None] ** 2 + grid[:, None] ** 2 - radius * radius) / (2 * rho[None] * grid[:, None])
+        theta = np.arccos(np.clip(np.nan_to_num(c, nan=-1.0, posinf=1.0, neginf=-1.0), -1.0, 1.0))
+        # At the centre (d = 0) a circle is wholly inside or wholly outside.
+        theta[grid == 0] = np.where(rho < radius, math.pi, 0.0)
+        return integrate.simpson(2 * rho[None] * theta * light[None], x=rho, axis=1)
+
+    ring = (disc(outer) - disc(inner)) / (math.pi * (outer * outer - inner * inner))
+    counted = disc(r) - math.pi * r * r * ring
+    return np.interp(d, grid, counted)
+
+
+def neighbours_light(
+    geometry: ApertureGeometry, psf: MoffatPSF, flux: np.ndarray, x: np.ndarray, y: np.ndarray, stars: np.ndarray
+) -> np.ndarray:
+    """For each of ``stars`` (indices into the catalogue ``flux, x, y``), the light of the
+    catalogue's other stars that the plain aperture counts with it, as a share of its own
+    counted light (:func:`neighbour_shares`, each neighbour's light in proportion to its
+    catalogue flux, profile ``psf``). Where the frames' PSFs differ, neighbours share their
+    light between a star's aperture and its annulus differently in each, and on a crowded
+    field that moves the aperture's scale by up to a per cent or two
+    (docs/scale-accuracy.md, "The check against the aperture on a crowded field")."""
+    from scipy.spatial import cKDTree
+
+    flux = np.clip(np.asarray(flux, float), 0.0, None)
+    stars = np.asarray(stars, np.int64)
+    out = np.zeros(stars.size)
+    if stars.size == 0 or flux.size < 2:
+        return out
+    tree = cKDTree(np.column_stack([x, y]))
+    reach = geometry.annulus_outer + 3 * psf.fwhm
+    lists = tree.query_ball_point(np.column_stack([x[stars], y[stars]]), r=reach)
+    pairs = [(k, j) for k, near in enumerate(lists) for j in near if j != stars[k]]
+    if not pairs:
+        return out
+    k, j = np.array(pairs, np.int64).T
+    distance = np.hypot(x[j] - x[stars[k]], y[j] - y[stars[k]])
+    own = kept_share(geometry, psf)
+    counted = flux[j] * neighbour_shares(geometry, psf, distance)
+    np.add.at(out, k, counted)
+    return out / np.maximum(flux[stars] * own, 1e-300)
 
 
 #: Directions over a quarter turn at which blurred weights are averaged.

@@ -58,6 +58,34 @@ def test_flat_aperture_at_pixel_centres_keeps_what_the_exact_aperture_keeps():
     assert np.mean(flat) == pytest.approx(kept, rel=2e-4)
 
 
+@pytest.mark.parametrize("distance", [0.0, 6.0, 12.5, 16.0, 22.0, 35.0])
+def test_a_neighbours_light_in_the_aperture_and_annulus_is_what_photutils_counts(distance):
+    """A star of unit flux ``distance`` px from the measured one (a Moffat of 4 px and index
+    2.5, drawn on a grid of quarter pixels, so that the pixels' sampling of its core does not
+    count): photutils' exact aperture sum less its annulus mean over the aperture's area is
+    what :func:`photometry.neighbour_shares` says, inside the aperture, across its edge, in
+    the annulus and beyond it."""
+    from photutils.aperture import ApertureStats, CircularAnnulus, CircularAperture, aperture_photometry
+
+    geometry = photometry.ApertureGeometry(12.5, 15.5, 28.0)
+    psf = MoffatPSF.from_fwhm(4.0, 2.5)
+    fine = 4  # grid points per pixel
+    size = 161 * fine
+    yy, xx = (np.mgrid[:size, :size].astype(float) + 0.5) / fine
+    centre = 161 / 2 + 0.3
+    image = psf((xx - centre - distance) ** 2 + (yy - centre) ** 2) / fine**2
+    at = (centre * fine - 0.5, centre * fine - 0.5)
+    aperture = CircularAperture(at, geometry.radius * fine)
+    annulus = CircularAnnulus(at, geometry.annulus_inner * fine, geometry.annulus_outer * fine)
+    held = float(aperture_photometry(image, aperture, method="exact")["aperture_sum"][0])
+    mean = float(ApertureStats(image, annulus).mean)
+    expected = held - math.pi * (geometry.radius * fine) ** 2 * mean
+    (counted,) = photometry.neighbour_shares(geometry, psf, [distance])
+    assert counted == pytest.approx(expected, abs=1e-3), (counted, expected)
+    if distance == 0.0:
+        assert counted == pytest.approx(photometry.kept_share(geometry, psf), abs=1e-4)
+
+
 def test_l1_line_ignores_outliers():
     rng = np.random.default_rng(0)
     x = rng.uniform(1, 100, 200)
