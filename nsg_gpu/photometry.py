@@ -47,6 +47,7 @@ from scipy.interpolate import CubicSpline
 from .backend import get_backend
 from .psf import MoffatPSF, pixel_mean
 from .stamps import gather_stamps
+from .stars import neighbour_pairs
 
 #: Relative error floor of one star's flux (flat-field and PSF variations across the field);
 #: it keeps the few brightest stars from outweighing all others in the fit.
@@ -698,34 +699,30 @@ def neighbour_shares(geometry: ApertureGeometry, psf: MoffatPSF, distances) -> n
 
 
 def neighbours_light(
-    geometry: ApertureGeometry, psf: MoffatPSF, flux: np.ndarray, x: np.ndarray, y: np.ndarray, stars: np.ndarray
+    geometry: ApertureGeometry, psfs, flux: np.ndarray, x: np.ndarray, y: np.ndarray, stars: np.ndarray
 ) -> np.ndarray:
-    """For each of ``stars`` (indices into the catalogue ``flux, x, y``), the light of the
-    catalogue's other stars that the plain aperture counts with it, as a share of its own
-    counted light (:func:`neighbour_shares`, each neighbour's light in proportion to its
-    catalogue flux, profile ``psf``). Where the frames' PSFs differ, neighbours share their
-    light between a star's aperture and its annulus differently in each, and on a crowded
-    field that moves the aperture's scale by up to a per cent or two
-    (docs/scale-accuracy.md, "The check against the aperture on a crowded field")."""
-    from scipy.spatial import cKDTree
-
+    """For each of ``stars`` (indices into the catalogue ``flux, x, y``) and each profile of
+    ``psfs`` (one per frame), the light of the catalogue's other stars within the annulus plus
+    :data:`NEIGHBOUR_REACH_FWHM` FWHM that the plain aperture counts with it, as a share of
+    its own counted light (:func:`neighbour_shares`, each neighbour's light in proportion to
+    its catalogue flux); ``(len(psfs), len(stars))``. Where the frames' PSFs differ,
+    neighbours share their light between a star's aperture and its annulus differently in
+    each, and on a crowded field that moves the aperture's scale by up to a per cent or two
+    (docs/scale-accuracy.md, "The check on a crowded field")."""
     flux = np.clip(np.asarray(flux, float), 0.0, None)
     stars = np.asarray(stars, np.int64)
-    out = np.zeros(stars.size)
-    if stars.size == 0 or flux.size < 2:
+    out = np.zeros((len(psfs), stars.size))
+    reaches = [geometry.annulus_outer + NEIGHBOUR_REACH_FWHM * psf.fwhm for psf in psfs]
+    k, j = neighbour_pairs(x, y, stars, max(reaches, default=0.0))
+    if k.size == 0:
         return out
-    tree = cKDTree(np.column_stack([x, y]))
-    reach = geometry.annulus_outer + NEIGHBOUR_REACH_FWHM * psf.fwhm
-    lists = tree.query_ball_point(np.column_stack([x[stars], y[stars]]), r=reach)
-    pairs = [(k, j) for k, near in enumerate(lists) for j in near if j != stars[k]]
-    if not pairs:
-        return out
-    k, j = np.array(pairs, np.int64).T
     distance = np.hypot(x[j] - x[stars[k]], y[j] - y[stars[k]])
-    own = kept_share(geometry, psf)
-    counted = flux[j] * neighbour_shares(geometry, psf, distance)
-    np.add.at(out, k, counted)
-    return out / np.maximum(flux[stars] * own, 1e-300)
+    for row, (psf, reach) in enumerate(zip(psfs, reaches)):
+        near = distance <= reach
+        counted = flux[j[near]] * neighbour_shares(geometry, psf, distance[near])
+        np.add.at(out[row], k[near], counted)
+        out[row] /= np.maximum(flux[stars] * kept_share(geometry, psf), 1e-300)
+    return out
 
 
 #: Directions over a quarter turn at which blurred weights are averaged.

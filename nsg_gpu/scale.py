@@ -567,6 +567,15 @@ def _measure(
             # before its interpolation (``reference.noise``), which would read crowded skies clear.
             noise = np.maximum(np.asarray(reference.pixel_noise, float).reshape(-1, 1), 1e-30)
             crowding = float(np.nanmedian(ref_cut.background_std[:, rows] / noise))
+        # The catalogue neighbours' light each frame's aperture counts with the checked stars.
+        shares = photometry.neighbours_light(
+            geometry,
+            (target_psf.uniform(), reference_psf.uniform()),
+            stars.flux,
+            stars.x,
+            stars.y,
+            reference.photometry_index[rows],
+        )
         plain = [
             _without_neighbours(
                 photometry.measure_stars(
@@ -578,13 +587,11 @@ def _measure(
                     cutouts=cut.subset(rows),
                     excluded=defects,
                 ),
-                photometry.neighbours_light(
-                    geometry, psf.uniform(), stars.flux, stars.x, stars.y, reference.photometry_index[rows]
-                ),
+                share,
             )
-            for image, at, cut, defects, psf in (
-                (data, tgt_at, tgt_cut, tgt_defects[rows], target_psf),
-                (reference.frame.data, ref_at, ref_cut, ref_defects[rows], reference_psf),
+            for image, at, cut, defects, share in (
+                (data, tgt_at, tgt_cut, tgt_defects[rows], shares[0]),
+                (reference.frame.data, ref_at, ref_cut, ref_defects[rows], shares[1]),
             )
         ]
         fits, checks = aperture_check(
@@ -692,13 +699,10 @@ def _without_neighbours(measured: photometry.StarMeasurement, share: np.ndarray)
     star (``share`` of the star's own, :func:`photometry.neighbours_light`); a star whose
     neighbours count for more than :data:`MAX_NEIGHBOUR_SHARE` of it is left out (its
     neighbours' catalogue fluxes and profiles would decide it)."""
-    share = np.asarray(share, float)
-    factor = np.where(np.abs(share) <= MAX_NEIGHBOUR_SHARE, 1.0 + share, 1.0)
+    kept = np.abs(share) <= MAX_NEIGHBOUR_SHARE
+    factor = np.where(kept, 1.0 + share, 1.0)
     return replace(
-        measured,
-        flux=measured.flux / factor,
-        flux_error=measured.flux_error / factor,
-        ok=measured.ok & (np.abs(share) <= MAX_NEIGHBOUR_SHARE),
+        measured, flux=measured.flux / factor, flux_error=measured.flux_error / factor, ok=measured.ok & kept
     )
 
 

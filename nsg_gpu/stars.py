@@ -1049,15 +1049,26 @@ def _empty(fwhm: float, noise: float = 0.0) -> StarCatalog:
     return StarCatalog(e, e, e, e, e, float(fwhm), noise)
 
 
+def neighbour_pairs(x: np.ndarray, y: np.ndarray, index: np.ndarray, reach: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each catalogue star within ``reach`` px of the stars ``index`` (of the catalogue ``x,
+    y``), the star itself left out: pairs ``(k, j)``, ``k`` a position in ``index`` and ``j``
+    the neighbour's catalogue index, in ``index``'s order."""
+    index = np.asarray(index, np.int64)
+    if index.size == 0 or np.size(x) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    tree = cKDTree(np.column_stack([x, y]))
+    near = tree.query_ball_point(np.column_stack([np.asarray(x)[index], np.asarray(y)[index]]), r=reach)
+    k = np.repeat(np.arange(index.size), [len(n) for n in near])
+    j = np.fromiter((v for n in near for v in n), np.int64, count=k.size)
+    other = j != index[k]
+    return k[other], j[other]
+
+
 def isolated(stars: StarCatalog, index: np.ndarray, reach: float) -> np.ndarray:
     """True for each star ``stars[index]`` that has no star brighter than 5 % of it within
     ``reach`` px."""
-    tree = cKDTree(np.column_stack([stars.x, stars.y]))
-    neighbours = tree.query_ball_point(np.column_stack([stars.x[index], stars.y[index]]), r=reach)
+    index = np.asarray(index, np.int64)
+    k, j = neighbour_pairs(stars.x, stars.y, index, reach)
     out = np.ones(index.size, bool)
-    for k, (i, near) in enumerate(zip(index, neighbours)):
-        for j in near:
-            if j != i and stars.flux[j] > 0.05 * stars.flux[i]:
-                out[k] = False
-                break
+    out[k[stars.flux[j] > 0.05 * stars.flux[index[k]]]] = False
     return out

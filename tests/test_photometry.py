@@ -88,16 +88,21 @@ def test_a_neighbours_light_in_the_aperture_and_annulus_is_what_photutils_counts
 
 def test_neighbours_light_counts_each_other_star_by_its_flux_and_distance():
     """Three catalogue stars: each of the two within reach counts the other's light by their
-    flux ratio and :func:`photometry.neighbour_shares` at their distance, not its own; a far
-    star, however bright, counts for neither; the stars asked for come in any order."""
+    flux ratio and :func:`photometry.neighbour_shares` at their distance, not its own, for
+    each frame's profile; a far star, however bright, counts for neither; the stars asked for
+    come in any order."""
     geometry = photometry.ApertureGeometry(10.5, 13.5, 24.0)
     psf = MoffatPSF.from_fwhm(3.0, 3.0)
     flux = np.array([1000.0, 2000.0, 1e6])
     x, y = np.array([100.0, 114.3, 900.0]), np.array([100.0, 100.0, 900.0])
-    shares = photometry.neighbours_light(geometry, psf, flux, x, y, np.array([1, 0]))
+    broad = MoffatPSF.from_fwhm(4.0, 3.0)
+    shares = photometry.neighbours_light(geometry, (psf, broad), flux, x, y, np.array([1, 0]))
+    assert shares.shape == (2, 2)
+    for row, profile in zip(shares, (psf, broad)):
+        (at,) = photometry.neighbour_shares(geometry, profile, [14.3])
+        own = photometry.kept_share(geometry, profile)
+        assert row == pytest.approx([1000 * at / (2000 * own), 2000 * at / (1000 * own)], rel=1e-9)
     (at,) = photometry.neighbour_shares(geometry, psf, [14.3])
-    own = photometry.kept_share(geometry, psf)
-    assert shares == pytest.approx([1000 * at / (2000 * own), 2000 * at / (1000 * own)], rel=1e-9)
     assert at < -0.05  # in the annulus: the annulus mean takes more than the aperture holds
 
 
