@@ -130,7 +130,8 @@ CLEAR_ANNULUS = 1.05
 #: The check against the aperture leaves out stars whose catalogue neighbours' light counts
 #: in their plain aperture (less its annulus) for more than this share of their own
 #: (:func:`_without_neighbours`): 12 % of the checked stars on the crowded scenario, 6 % on
-#: the field-dependent one, 2-3 % on the default one.
+#: the field-dependent one, 2-3 % on the default one. A plain aperture's scale fit leaves
+#: them out too, where enough pairs are left without them.
 MAX_NEIGHBOUR_SHARE = 0.5
 
 
@@ -519,6 +520,22 @@ def _measure(
         ref_m = photometry.measure_stars(
             reference.frame.data, *ref_at, geometry, weight, cutouts=ref_cut, excluded=ref_defects
         )
+    if weight is None:
+        # The catalogue neighbours' light that each frame's aperture counts with each star,
+        # out of its flux: on a crowded field the frames' PSFs share it between aperture and
+        # annulus differently (docs/scale-accuracy.md, "The plain aperture on a crowded field").
+        shares = photometry.neighbours_light(
+            geometry,
+            (target_psf.uniform(), reference_psf.uniform()),
+            stars.flux,
+            stars.x,
+            stars.y,
+            reference.photometry_index,
+        )
+        tgt_m, ref_m = (_without_neighbours(m, share, leave_out=False) for m, share in zip((tgt_m, ref_m), shares))
+        crowded = (np.abs(shares) > MAX_NEIGHBOUR_SHARE).any(axis=0)
+    else:
+        crowded = np.zeros(tgt_m.ok.shape, bool)
     usable = (
         ref_m.ok & tgt_m.ok & found & (peak_t < params.linear_range) & (reference.channel_peak < params.linear_range)
     )
@@ -544,7 +561,11 @@ def _measure(
     for c in range(channels):
         x, y = tgt_m.flux[c], ref_m.flux[c] * correction[c]
         sx, sy = tgt_m.flux_error[c], ref_m.flux_error[c] * correction[c]
-        fit, pairs_c = fit_pairs(x, y, sx, sy, usable, params)
+        # Stars whose neighbours outshine them are left out where enough pairs are left
+        # without them (a sparse field's few stars all count).
+        fit, pairs_c = fit_pairs(x, y, sx, sy, usable & ~crowded, params)
+        if fit is None and (usable & crowded).any():
+            fit, pairs_c = fit_pairs(x, y, sx, sy, usable, params)
         if fit is None:
             raise TooFewStarsError(
                 frame.path,
@@ -694,16 +715,18 @@ def aperture_check(
     return checked, checks
 
 
-def _without_neighbours(measured: photometry.StarMeasurement, share: np.ndarray) -> photometry.StarMeasurement:
+def _without_neighbours(
+    measured: photometry.StarMeasurement, share: np.ndarray, *, leave_out: bool = True
+) -> photometry.StarMeasurement:
     """The plain aperture's fluxes less the catalogue neighbours' light it counts with each
     star (``share`` of the star's own, :func:`photometry.neighbours_light`); a star whose
-    neighbours count for more than :data:`MAX_NEIGHBOUR_SHARE` of it is left out (its
-    neighbours' catalogue fluxes and profiles would decide it)."""
+    neighbours count for more than :data:`MAX_NEIGHBOUR_SHARE` of it keeps its flux as
+    measured (its neighbours' catalogue fluxes and profiles would decide it) and, with
+    ``leave_out``, is left out."""
     kept = np.abs(share) <= MAX_NEIGHBOUR_SHARE
     factor = np.where(kept, 1.0 + share, 1.0)
-    return replace(
-        measured, flux=measured.flux / factor, flux_error=measured.flux_error / factor, ok=measured.ok & kept
-    )
+    ok = measured.ok & kept if leave_out else measured.ok
+    return replace(measured, flux=measured.flux / factor, flux_error=measured.flux_error / factor, ok=ok)
 
 
 def fit_pairs(x, y, sx, sy, usable, params) -> tuple[scalefit.ScaleFit | None, np.ndarray]:
