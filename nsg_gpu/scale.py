@@ -564,7 +564,7 @@ def _measure(
         # Stars whose neighbours outshine them are left out where enough pairs are left
         # without them (a sparse field's few stars all count).
         fit, pairs_c = fit_pairs(x, y, sx, sy, usable & ~crowded, params)
-        if fit is None and (usable & crowded).any():
+        if not _gives_a_scale(fit) and (usable & crowded).any():
             fit, pairs_c = fit_pairs(x, y, sx, sy, usable, params)
         if fit is None:
             raise TooFewStarsError(
@@ -572,7 +572,7 @@ def _measure(
                 f"channel {c}: {int(pairs_c.sum())} usable star pairs (unsaturated, fully covered, signal-to-noise "
                 f">= {MIN_PAIR_SNR:g}); at least {params.min_star_pairs} are needed for a photometric scale",
             )
-        if fit.n_pairs == 0 or not (fit.scale > 0 and math.isfinite(fit.scale)):
+        if not _gives_a_scale(fit):
             raise TooFewStarsError(
                 frame.path, f"channel {c}: the {fit.n_pairs} star pairs give no positive scale ({fit.scale:g})"
             )
@@ -727,6 +727,12 @@ def _without_neighbours(
     factor = np.where(kept, 1.0 + share, 1.0)
     ok = measured.ok & kept if leave_out else measured.ok
     return replace(measured, flux=measured.flux / factor, flux_error=measured.flux_error / factor, ok=ok)
+
+
+def _gives_a_scale(fit: scalefit.ScaleFit | None) -> bool:
+    """Whether ``fit`` (:func:`fit_pairs`) exists and rests on pairs that give a positive,
+    finite scale."""
+    return fit is not None and fit.n_pairs > 0 and fit.scale > 0 and math.isfinite(fit.scale)
 
 
 def fit_pairs(x, y, sx, sy, usable, params) -> tuple[scalefit.ScaleFit | None, np.ndarray]:
