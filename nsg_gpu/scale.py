@@ -524,14 +524,7 @@ def _measure(
         # The catalogue neighbours' light that each frame's aperture counts with each star,
         # out of its flux: on a crowded field the frames' PSFs share it between aperture and
         # annulus differently (docs/scale-accuracy.md, "The plain aperture on a crowded field").
-        shares = photometry.neighbours_light(
-            geometry,
-            (target_psf.uniform(), reference_psf.uniform()),
-            stars.flux,
-            stars.x,
-            stars.y,
-            reference.photometry_index,
-        )
+        shares = _neighbours_light(geometry, reference, target_psf, reference_psf, reference.photometry_index)
         tgt_m, ref_m = (_without_neighbours(m, share, leave_out=False) for m, share in zip((tgt_m, ref_m), shares))
         crowded = (np.abs(shares) > MAX_NEIGHBOUR_SHARE).any(axis=0)
     else:
@@ -589,14 +582,7 @@ def _measure(
             noise = np.maximum(np.asarray(reference.pixel_noise, float).reshape(-1, 1), 1e-30)
             crowding = float(np.nanmedian(ref_cut.background_std[:, rows] / noise))
         # The catalogue neighbours' light each frame's aperture counts with the checked stars.
-        shares = photometry.neighbours_light(
-            geometry,
-            (target_psf.uniform(), reference_psf.uniform()),
-            stars.flux,
-            stars.x,
-            stars.y,
-            reference.photometry_index[rows],
-        )
+        shares = _neighbours_light(geometry, reference, target_psf, reference_psf, reference.photometry_index[rows])
         plain = [
             _without_neighbours(
                 photometry.measure_stars(
@@ -713,6 +699,17 @@ def aperture_check(
         checked.append(fit)
         checks.append((difference, sigma))
     return checked, checks
+
+
+def _neighbours_light(geometry, reference: Reference, target_psf: MoffatPSF, reference_psf: MoffatPSF, index):
+    """The catalogue neighbours' light that the target's and the reference's plain aperture
+    count with each star of ``index`` (catalogue rows), as a share of its own
+    (:func:`photometry.neighbours_light`, each frame's PSF at the field's typical width);
+    ``(2, len(index))``, the target's first."""
+    stars = reference.stars
+    return photometry.neighbours_light(
+        geometry, (target_psf.uniform(), reference_psf.uniform()), stars.flux, stars.x, stars.y, index
+    )
 
 
 def _without_neighbours(
