@@ -532,13 +532,10 @@ def _measure(
         # The catalogue neighbours' light that each frame's aperture counts with each star,
         # out of its flux: on a crowded field the frames' PSFs share it between aperture and
         # annulus differently (docs/scale-accuracy.md, "The plain aperture on a crowded field").
+        # A star outshone by its neighbours keeps its fluxes as measured, and counts the
+        # frames' difference in its error.
         shares = _neighbours_light(geometry, reference, target_psf, reference_psf, reference.photometry_index)
-        # Taken out of both frames or of neither: a star outshone by its neighbours in either
-        # keeps its fluxes as measured, and counts the difference in its error.
-        taken_out = (np.abs(shares) <= MAX_NEIGHBOUR_SHARE).all(axis=0)
-        tgt_m, ref_m = (
-            _without_neighbours(m, np.where(taken_out, share, 0.0)) for m, share in zip((tgt_m, ref_m), shares)
-        )
+        tgt_m, ref_m, taken_out = _without_neighbours(tgt_m, ref_m, shares)
         neighbour_error = _neighbour_error(shares, taken_out)
     else:
         neighbour_error = np.zeros(tgt_m.ok.shape)
@@ -592,25 +589,19 @@ def _measure(
             noise = np.maximum(np.asarray(reference.pixel_noise, float).reshape(-1, 1), 1e-30)
             crowding = float(np.nanmedian(ref_cut.background_std[:, rows] / noise))
         # The catalogue neighbours' light each frame's aperture counts with the checked stars.
+        # Stars outshone by their neighbours are left out of the check: their neighbours'
+        # catalogue fluxes and profiles would decide it.
         shares = _neighbours_light(geometry, reference, target_psf, reference_psf, reference.photometry_index[rows])
         plain = [
-            _without_neighbours(
-                photometry.measure_stars(
-                    image,
-                    at[0][rows],
-                    at[1][rows],
-                    geometry,
-                    photometry.FLAT,
-                    cutouts=cut.subset(rows),
-                    excluded=defects,
-                ),
-                share,
+            photometry.measure_stars(
+                image, at[0][rows], at[1][rows], geometry, photometry.FLAT, cutouts=cut.subset(rows), excluded=defects
             )
-            for image, at, cut, defects, share in (
-                (data, tgt_at, tgt_cut, tgt_defects[rows], shares[0]),
-                (reference.frame.data, ref_at, ref_cut, ref_defects[rows], shares[1]),
+            for image, at, cut, defects in (
+                (data, tgt_at, tgt_cut, tgt_defects[rows]),
+                (reference.frame.data, ref_at, ref_cut, ref_defects[rows]),
             )
         ]
+        *plain, taken_out = _without_neighbours(*plain, shares)
         fits, checks = aperture_check(
             fits,
             correction_error,
@@ -620,7 +611,7 @@ def _measure(
             plain_correction=photometry.seeing_correction(
                 geometry, reference_psf=reference_psf, target_psf=target_psf, x=ref_x[rows], y=ref_y[rows]
             ),
-            usable=usable[rows] & plain[0].ok & plain[1].ok,
+            usable=usable[rows] & plain[0].ok & plain[1].ok & taken_out,
             params=params,
         )
     return ScaleMeasurement(
@@ -732,16 +723,18 @@ def _neighbour_error(shares: np.ndarray, taken_out: np.ndarray) -> np.ndarray:
     return np.where(taken_out, NEIGHBOUR_LIGHT_ERROR, 1.0) * np.abs(shares[0] - shares[1])
 
 
-def _without_neighbours(measured: photometry.StarMeasurement, share: np.ndarray) -> photometry.StarMeasurement:
-    """The plain aperture's fluxes less the catalogue neighbours' light it counts with each
-    star (``share`` of the star's own, :func:`photometry.neighbours_light`); a star whose
-    neighbours count for more than :data:`MAX_NEIGHBOUR_SHARE` of it is left out (its
-    neighbours' catalogue fluxes and profiles would decide it)."""
-    kept = np.abs(share) <= MAX_NEIGHBOUR_SHARE
-    factor = np.where(kept, 1.0 + share, 1.0)
-    return replace(
-        measured, flux=measured.flux / factor, flux_error=measured.flux_error / factor, ok=measured.ok & kept
-    )
+def _without_neighbours(target: photometry.StarMeasurement, reference: photometry.StarMeasurement, shares):
+    """Both frames' plain-aperture fluxes less the catalogue neighbours' light each counts with
+    each star (``shares``, the target's and the reference's share of the star's own,
+    :func:`_neighbours_light`), and where that was done: in both frames or in neither, not
+    where the neighbours count for more than :data:`MAX_NEIGHBOUR_SHARE` of the star in
+    either (those keep their fluxes as measured)."""
+    taken_out = (np.abs(shares) <= MAX_NEIGHBOUR_SHARE).all(axis=0)
+    out = []
+    for measured, share in zip((target, reference), shares):
+        factor = np.where(taken_out, 1.0 + share, 1.0)
+        out.append(replace(measured, flux=measured.flux / factor, flux_error=measured.flux_error / factor))
+    return out[0], out[1], taken_out
 
 
 def _gives_a_scale(fit: scalefit.ScaleFit | None) -> bool:
