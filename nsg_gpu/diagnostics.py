@@ -13,8 +13,8 @@ Agg canvas, no display, no global pyplot state):
   stars that reject samples, as NSG draws them;
 - **gradient image**: the fitted spline over the whole frame;
 
-and, for the run, transmission and weight per frame in time order, relative to the best frame,
-with the rejection thresholds. A frame's :class:`FrameDiagnostics` comes from
+and, for the run, transmission and weight per frame in time order, relative to the best frame
+whose scale is not in doubt, with the rejection thresholds. A frame's :class:`FrameDiagnostics` comes from
 :func:`nsg_gpu.pipeline.normalize_frame` with ``diagnostics=True``.
 
 In the flow: fed by :func:`nsg_gpu.pipeline.normalize_frame` with ``diagnostics=True``, drawn
@@ -474,7 +474,8 @@ def time_order(frames: Sequence) -> tuple[list, bool]:
 
 
 def relative_figures(frames: Sequence) -> tuple[list, np.ndarray, np.ndarray, bool, bool]:
-    """Frames (not failed) in time order, their weight and transmission relative to the best.
+    """Frames (not failed) in time order, their weight and transmission relative to the best
+    frame whose scale is not in doubt.
 
     The values the rejection uses (:func:`nsg_gpu.rejection.relative_quality`): transmission
     is the mean over channels, and both are per unit exposure when every frame has one.
@@ -513,6 +514,7 @@ def write_run_plots(run, directory: str | os.PathLike) -> list[Path]:
     index = np.arange(len(done))
     rejected = np.array([bool(getattr(f, "rejected", None)) for f in done])
     is_reference = np.array([f.status == "reference" for f in done])
+    in_doubt = np.array([bool(getattr(f, "scale_flag", None)) for f in done])
     for axes, values, threshold, label in (
         (t_axes, transmission, min_transmission, "transmission" + (" per second" if per_exposure else "")),
         (w_axes, weight, min_weight, "weight"),
@@ -532,12 +534,24 @@ def write_run_plots(run, directory: str | os.PathLike) -> list[Path]:
             zorder=3,
             label="reference",
         )
+        if in_doubt.any():
+            axes.scatter(
+                index[in_doubt],
+                values[in_doubt],
+                s=90,
+                facecolors="none",
+                edgecolors="#ff7f0e",
+                marker="s",
+                zorder=3,
+                label="scale in doubt",
+            )
         axes.axhline(threshold, color="#d62728", ls="--", lw=1, label=f"threshold {threshold:g}")
         axes.set_ylabel(f"{label}\nrelative to best")
-        axes.set_ylim(0, 1.08)
+        # Frames in doubt may stand above the best of the others (rejection.relative_quality).
+        axes.set_ylim(0, max(1.08, 1.05 * float(np.nanmax(values))))
         axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     w_axes.set_xlabel("frame, in time order (DATE-OBS)" if by_time else "frame, in input order (no DATE-OBS)")
     if labels:
         w_axes.set_xticks(index, labels, rotation=90, fontsize=7)
-    t_axes.set_title(f"{len(done)} frames: transmission and weight relative to the best frame")
+    t_axes.set_title(f"{len(done)} frames: transmission and weight relative to the best frame not in doubt")
     return [save_figure(figure, Path(directory) / "run_transmission_weight.png")]

@@ -64,6 +64,20 @@ def test_twenty_second_frames_are_about_twice_as_bright_in_green(real_run):
         assert 1.95 < f.transmission[1] < 2.2, f.transmission
 
 
+def test_frames_in_doubt_do_not_set_the_rejection_bar(real_run):
+    """The 20 s frames (another camera: red and blue 35-55 % above green per unit exposure,
+    channels in doubt) would set NSG's best transmission per unit exposure 1.3 times the 10 s
+    frames', and NSG's 0.75 would reject every 10 s target; the bar is the best frame whose
+    scale is not in doubt."""
+    _, run, _ = real_run
+    short = [f for f in run.frames if "10.0s" in f.path and f.status == "ok"]
+    long = [f for f in run.frames if "20.0s" in f.path]
+    assert len(short) == 3 and all("disagree" in (f.scale_flag or "") for f in long)
+    assert all(f.relative_transmission > 1.2 for f in long), [f.relative_transmission for f in long]
+    assert [f.rejected for f in short] == [None] * 3
+    assert all(0.9 < f.relative_transmission < 1.1 for f in short), [f.relative_transmission for f in short]
+
+
 def _background_rms(image, reference, covered, block=32):
     diff = np.where(covered, image - reference, np.nan)
     h, w = diff.shape
