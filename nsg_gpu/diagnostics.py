@@ -525,26 +525,19 @@ def write_run_plots(run, directory: str | os.PathLike) -> list[Path]:
             axes.scatter(
                 index[rejected], values[rejected], s=30, marker="x", color="#d62728", zorder=3, label="rejected"
             )
-        axes.scatter(
-            index[is_reference],
-            values[is_reference],
-            s=60,
-            facecolors="none",
-            edgecolors="black",
-            zorder=3,
-            label="reference",
-        )
-        if in_doubt.any():
-            axes.scatter(
-                index[in_doubt],
-                values[in_doubt],
-                s=90,
-                facecolors="none",
-                edgecolors="#ff7f0e",
-                marker="s",
-                zorder=3,
-                label="scale in doubt",
-            )
+        rings = ((is_reference, 60, "black", "o", "reference"), (in_doubt, 90, "#ff7f0e", "s", "scale in doubt"))
+        for mask, size, colour, marker, name in rings:
+            if mask.any():
+                axes.scatter(
+                    index[mask],
+                    values[mask],
+                    s=size,
+                    facecolors="none",
+                    edgecolors=colour,
+                    marker=marker,
+                    zorder=3,
+                    label=name,
+                )
         axes.axhline(threshold, color="#d62728", ls="--", lw=1, label=f"threshold {threshold:g}")
         axes.set_ylabel(f"{label}\nrelative to best")
         # Frames in doubt may stand above the best of the others (rejection.relative_quality).
