@@ -14,8 +14,9 @@ Agg canvas, no display, no global pyplot state):
 - **gradient image**: the fitted spline over the whole frame;
 
 and, for the run, transmission and weight per frame in time order, relative to the best frame
-whose scale is not in doubt, with the rejection thresholds. A frame's :class:`FrameDiagnostics` comes from
-:func:`nsg_gpu.pipeline.normalize_frame` with ``diagnostics=True``.
+whose mean transmission is not in doubt, with the rejection thresholds. A frame's
+:class:`FrameDiagnostics` comes from :func:`nsg_gpu.pipeline.normalize_frame` with
+``diagnostics=True``.
 
 In the flow: fed by :func:`nsg_gpu.pipeline.normalize_frame` with ``diagnostics=True``, drawn
 during and at the end of a run (:mod:`nsg_gpu.run`).
@@ -475,7 +476,7 @@ def time_order(frames: Sequence) -> tuple[list, bool]:
 
 def relative_figures(frames: Sequence) -> tuple[list, np.ndarray, np.ndarray, bool, bool]:
     """Frames (not failed) in time order, their weight and transmission relative to the best
-    frame whose scale is not in doubt.
+    frame whose mean transmission is not in doubt.
 
     The values the rejection uses (:func:`nsg_gpu.rejection.relative_quality`): transmission
     is the mean over channels, and both are per unit exposure when every frame has one.
@@ -514,7 +515,7 @@ def write_run_plots(run, directory: str | os.PathLike) -> list[Path]:
     index = np.arange(len(done))
     rejected = np.array([bool(getattr(f, "rejected", None)) for f in done])
     is_reference = np.array([f.status == "reference" for f in done])
-    in_doubt = np.array([bool(getattr(f, "scale_flag", None)) for f in done])
+    in_doubt = np.array([bool(getattr(f, "transmission_doubt", None)) for f in done])
     for axes, values, threshold, label in (
         (t_axes, transmission, min_transmission, "transmission" + (" per second" if per_exposure else "")),
         (w_axes, weight, min_weight, "weight"),
@@ -525,7 +526,10 @@ def write_run_plots(run, directory: str | os.PathLike) -> list[Path]:
             axes.scatter(
                 index[rejected], values[rejected], s=30, marker="x", color="#d62728", zorder=3, label="rejected"
             )
-        rings = ((is_reference, 60, "black", "o", "reference"), (in_doubt, 90, "#ff7f0e", "s", "scale in doubt"))
+        rings = (
+            (is_reference, 60, "black", "o", "reference"),
+            (in_doubt, 90, "#ff7f0e", "s", "transmission in doubt"),
+        )
         for mask, size, colour, marker, name in rings:
             if mask.any():
                 axes.scatter(
@@ -546,5 +550,7 @@ def write_run_plots(run, directory: str | os.PathLike) -> list[Path]:
     w_axes.set_xlabel("frame, in time order (DATE-OBS)" if by_time else "frame, in input order (no DATE-OBS)")
     if labels:
         w_axes.set_xticks(index, labels, rotation=90, fontsize=7)
-    t_axes.set_title(f"{len(done)} frames: transmission and weight relative to the best frame not in doubt")
+    t_axes.set_title(
+        f"{len(done)} frames: transmission and weight relative to the best frame whose transmission is sure"
+    )
     return [save_figure(figure, Path(directory) / "run_transmission_weight.png")]

@@ -276,7 +276,8 @@ def write_report(
         ("frames", f"{len(frames)}: {n_done} normalized{kept}, {n_failed} failed, {n_rejected} rejected"),
         (
             "rejection thresholds",
-            f"weight {min_weight:g}, transmission {min_transmission:g} (relative to the best frame whose scale is not in doubt)",
+            f"weight {min_weight:g}, transmission {min_transmission:g} (relative to the best frame whose mean "
+            "transmission is not in doubt)",
         ),
         ("time per frame", _time_per_frame(frames)),
         ("results", "results.csv, results.json"),
@@ -310,7 +311,8 @@ def write_report(
     ]
     if run_plots:
         caption = (
-            "Per frame in time order, relative to the best frame whose scale is not in doubt; dashed: rejection "
+            "Per frame in time order, relative to the best frame whose mean transmission is not in doubt "
+            "(squares: in doubt); dashed: rejection "
             "thresholds. Transmission "
             "is the mean over channels, per second of exposure where every frame has EXPTIME."
         )

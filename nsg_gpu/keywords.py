@@ -81,7 +81,7 @@ class NSGCards:
     elongation_angle: float | None = None
     fingerprint: str | None = None
     noise: list[float] = field(default_factory=list)
-    transmission_error: list[float] = field(default_factory=list)
+    transmission_error: list[float | None] = field(default_factory=list)
     history: list[str] = field(default_factory=list)
 
 
@@ -185,6 +185,10 @@ def read_nsg_cards(header: fits.Header, *, weight_keyword: str = "NWEIGHT") -> N
         elongation_angle=optional(ELONGATION_ANGLE, float),
         fingerprint=optional(FINGERPRINT, str),
         noise=_channel_values(header, NOISE),
-        transmission_error=_channel_values(header, TRANSMISSION_ERROR),
+        # By position, None where a fit gave no error (its card is not written): a later
+        # channel's error stays that channel's.
+        transmission_error=[
+            optional(f"{TRANSMISSION_ERROR}{c}", float) for c in range(len(_channel_values(header, TRANSMISSION)))
+        ],
         history=history,
     )

@@ -125,12 +125,12 @@ class Parameters:
     ---------
     min_weight : float
         A frame whose weight, relative to the best frame's (per unit exposure when every
-        frame has an exposure time; the best of the frames whose scale is not in doubt), is at
-        or below this is rejected (NSG default 0.25).
+        frame has an exposure time; the best of the frames whose mean transmission is not in
+        doubt), is at or below this is rejected (NSG default 0.25).
     min_transmission : float
         A frame whose transmission, relative to the best frame's (per unit exposure when
-        every frame has an exposure time; the best of the frames whose scale is not in
-        doubt), is at or below this is rejected (NSG default 0.75).
+        every frame has an exposure time; the best of the frames whose mean transmission is
+        not in doubt), is at or below this is rejected (NSG default 0.75).
     max_scale_error : float or None
         A frame whose transmission has a relative standard error above this in any channel,
         whose channels disagree beyond their errors, or whose scale comes from fewer than 3
@@ -192,14 +192,14 @@ class Parameters:
     min_weight: float = _option(
         0.25,
         "Reject frames whose weight is at or below this fraction of the best frame's "
-        "(per unit exposure when every frame has EXPTIME; the best of the frames whose scale "
-        "is not in doubt); 0 rejects none.",
+        "(per unit exposure when every frame has EXPTIME; the best of the frames whose mean "
+        "transmission is not in doubt); 0 rejects none.",
     )
     min_transmission: float = _option(
         0.75,
         "Reject frames whose transmission is at or below this fraction of the best frame's "
-        "(per unit exposure when every frame has EXPTIME; the best of the frames whose scale "
-        "is not in doubt); 0 rejects none.",
+        "(per unit exposure when every frame has EXPTIME; the best of the frames whose mean "
+        "transmission is not in doubt); 0 rejects none.",
     )
     max_scale_error: float | None = _option(
         None,

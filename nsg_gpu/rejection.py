@@ -5,13 +5,13 @@ For every normalized frame (the reference included) the weight ``w`` and the tra
 ``T`` (the mean of ``1/m`` over the channels) are divided by the exposure time when every one
 of those frames has one, then by the best frame's value: ``relative_weight = (w/t) / max(w/t)``
 and ``relative_transmission = (T/t) / max(T/t)`` (``w / max w`` and ``T / max T`` otherwise).
-Beyond NSG, the best is taken among the frames whose scale is not in doubt
-(:attr:`nsg_gpu.results.FrameResult.scale_flag`: channels that disagree, an uncertain
-transmission, too few star pairs), where there are any: a frame whose transmission the stars
-do not pin down would otherwise set the bar for every other frame by its own error (two
-20 s frames of NGC 7023 from another camera, whose red and blue stand 35-55 % above their
-green per unit exposure, had every other frame of the reference's night rejected). Such a
-frame's own relative values may then exceed 1.
+Beyond NSG, the best is taken among the frames whose mean transmission is not in doubt
+(:attr:`nsg_gpu.results.FrameResult.transmission_doubt`: channels that agree, enough star
+pairs, the mean's relative standard error within 3 %; the reference always counts), where
+there are any: a frame whose transmission the stars do not pin down would otherwise set the
+bar for every other frame by its own error (two 20 s frames of NGC 7023 from another camera,
+whose red and blue stand 35-55 % above their green per unit exposure, had every other frame
+of the reference's night rejected). Such a frame's own relative values may then exceed 1.
 A frame is rejected when ``relative_weight <= min_weight`` or ``relative_transmission <=
 min_transmission`` (NSG's defaults 0.25 and 0.75; a threshold of 0 turns its test off); the
 reference never is. A rejected frame's
@@ -44,7 +44,8 @@ def _normalized(result) -> bool:
 def relative_quality(frames: Sequence) -> bool:
     """Set ``relative_weight`` and ``relative_transmission`` on every normalized frame.
 
-    Each is relative to the best frame whose scale is not in doubt (the module's text).
+    Each is relative to the best frame whose mean transmission is not in doubt (the module's
+    text).
 
     Returns
     -------
@@ -60,8 +61,9 @@ def relative_quality(frames: Sequence) -> bool:
         time = f.exposure if per_exposure else 1.0
         weights.append(f.weight / time)
         transmissions.append(sum(f.transmission) / len(f.transmission) / time)
-    # The best among the frames whose scale is not in doubt, where there are any.
-    sure = [i for i, f in enumerate(normalized) if not getattr(f, "scale_flag", None)] or range(len(normalized))
+    # The best among the frames whose mean transmission is not in doubt, where there are any.
+    sure = [i for i, f in enumerate(normalized) if not getattr(f, "transmission_doubt", None)]
+    sure = sure or range(len(normalized))
     best_weight, best_transmission = max(weights[i] for i in sure), max(transmissions[i] for i in sure)
     for f, w, t in zip(normalized, weights, transmissions):
         f.relative_weight = w / best_weight if best_weight > 0 else 0.0

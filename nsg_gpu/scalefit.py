@@ -51,6 +51,7 @@ __all__ = [
     "weighted_ratio",
     "fit_scale",
     "scale_doubt",
+    "mean_transmission_doubt",
     "BIWEIGHT_C",
     "UNCERTAIN_SCALE",
     "CHANNELS_DISAGREE_P",
@@ -489,3 +490,24 @@ def scale_doubt(
             values = ", ".join(f"{a:.4g} +- {b:.2g}" for a, b in zip(t, e))
             reasons.append(f"channels' transmissions {values} disagree beyond their errors (p = {p:.1e})")
     return "; ".join(reasons) or None
+
+
+def mean_transmission_doubt(
+    transmission, transmission_error, *, threshold: float = UNCERTAIN_SCALE, star_pairs: int | None = None
+) -> str | None:
+    """Why the mean of a frame's transmissions over its channels, what rejection compares
+    between frames (:mod:`nsg_gpu.rejection`), is in doubt, or None: channels that disagree or
+    too few star pairs (:func:`scale_doubt`'s tests), or the mean's own relative standard error
+    above ``threshold`` (judged where every channel has an error). A colour frame whose one
+    channel is uncertain by 4 % can have a mean known to 2 %."""
+    reasons = [scale_doubt(transmission, transmission_error, threshold=math.inf, star_pairs=star_pairs)]
+    t = np.asarray(transmission, float)
+    e = np.array([np.nan if v is None else v for v in transmission_error], float)
+    if t.size and e.size == t.size and np.isfinite(e).all():
+        mean, error = float(t.mean()), float(np.sqrt(np.sum(e * e))) / t.size
+        if mean > 0 and error / mean > threshold:
+            name = "mean transmission" if t.size > 1 else "transmission"
+            reasons.append(
+                f"{name} {mean:.4g} +- {error:.2g} ({100 * error / mean:.1f} %, more than {100 * threshold:g} %)"
+            )
+    return "; ".join(r for r in reasons if r) or None

@@ -51,6 +51,24 @@ def test_cards_read_back_as_written(channels):
     assert "NWEIGHT" not in written
 
 
+def test_a_channel_without_an_error_keeps_the_later_channels_errors_in_place():
+    """A fit with too few pairs gives no error (no NSGSERRn card): the next channel's error is
+    read back as that channel's, so a resumed run judges the scale as the fresh run did."""
+    cards = NSGCards(
+        reference_name="ref.fits",
+        transmission=[2.79, 2.07, 3.09],
+        snr=[1.0, 1.0, 1.0],
+        weight=6.5,
+        transmission_error=[0.097, None, 0.15],
+    )
+    written = set_nsg_keywords(fits.Header(), cards)
+    assert "NSGSERR1" not in written and "NSGSERR2" in written
+    assert read_nsg_cards(written).transmission_error == [pytest.approx(0.097), None, pytest.approx(0.15)]
+    # An output of a version that wrote no errors: none for any channel.
+    del written["NSGSERR0"], written["NSGSERR2"]
+    assert read_nsg_cards(written).transmission_error == [None, None, None]
+
+
 @pytest.mark.parametrize("length", [8, 40, 50, 58, 68])
 def test_reference_card_fits_without_a_truncation_warning(length, tmp_path):
     """A long reference name leaves less room for NSGREF's comment: the card is written

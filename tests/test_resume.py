@@ -176,12 +176,13 @@ def test_rejection_is_relative_to_the_best_per_unit_exposure(tmp_path):
     assert frames[5].rejected is None and frames[5].relative_weight is None
 
 
-def test_a_frame_whose_scale_is_in_doubt_does_not_set_the_bar(tmp_path):
+def test_a_frame_whose_transmission_is_in_doubt_does_not_set_the_bar(tmp_path):
     """NGC 7023's numbers (``nsg normalize ... --reference auto``): two 20 s frames from another
     camera, whose channels disagree, set NSG's best transmission per unit exposure at 1.35
     times the 10 s reference's, and every 10 s target fell under 0.75 of it. The bar is now
-    the best frame whose scale is not in doubt (here the reference: the 10 s targets' blue
-    is uncertain by 4.3-4.4 %); frames in doubt are still judged themselves."""
+    the best frame whose mean transmission is not in doubt: the 10 s targets' scales are
+    flagged for one channel's error of 4.3-4.4 %, but their means are known to 1.7-2.1 % and
+    count; the 20 s frames do not, and are still judged themselves."""
     frames = [
         _row("000", 1.0, [1.0, 1.0, 1.0], 10.0, status="reference"),
         _row("001", 0.988, [0.9693, 0.9893, 0.9879], 10.0),
@@ -193,13 +194,15 @@ def test_a_frame_whose_scale_is_in_doubt_does_not_set_the_bar(tmp_path):
     for f, e in zip(frames[1:], errors):
         f.transmission_error = e
     assert [bool(f.scale_flag) for f in frames] == [False, True, True, True, True]
-    assert "disagree" in frames[3].scale_flag and "disagree" not in frames[1].scale_flag
+    assert [bool(f.transmission_doubt) for f in frames] == [False, False, False, True, True]
+    assert "disagree" in frames[3].transmission_doubt
     assert reject_frames(frames, min_weight=0, min_transmission=0, output_dir=tmp_path) == []
     # NSG's bar, frame 005's 0.1346 per second, would reject both 10 s targets (0.73-0.74).
     assert max(f.relative_transmission for f in frames) == pytest.approx((2.8985 + 2.0839 + 3.0952) / 60 / 0.1)
     assert reject_frames(frames, min_weight=0.25, min_transmission=0.75, output_dir=tmp_path) == []
     assert frames[1].relative_transmission == pytest.approx((0.9693 + 0.9893 + 0.9879) / 3)
-    assert frames[2].relative_weight == pytest.approx(1.017)
+    assert frames[2].relative_weight == pytest.approx(1.0)  # the best weight of the sure frames
+    assert frames[0].relative_weight == pytest.approx(1 / 1.017)
     # A sure frame above the reference sets the bar; a thin one under 0.75 of it goes.
     frames += [_row("sure", 1.1, [1.05, 1.05, 1.05], 10.0), _row("thin", 0.9, [0.78, 0.78, 0.78], 10.0)]
     frames[-2].transmission_error = frames[-1].transmission_error = [0.01] * 3
@@ -207,13 +210,13 @@ def test_a_frame_whose_scale_is_in_doubt_does_not_set_the_bar(tmp_path):
     assert [f.path for f in rejected] == ["thin"]
     assert frames[1].relative_transmission == pytest.approx((0.9693 + 0.9893 + 0.9879) / 3 / 1.05)
     assert frames[6].relative_transmission == pytest.approx(0.78 / 1.05)
-    # No frame sure (no reference among them): NSG's bar over all.
-    doubtful = frames[1:5]
+    # A mean uncertain by more than 3 % is in doubt too; where every frame is, NSG's bar.
+    frames[5].transmission_error = [0.06] * 3
+    assert "mean transmission 1.05 +- 0.035 (3.3 %, more than 3 %)" in frames[5].transmission_doubt
+    doubtful = frames[3:6]
     reject_frames(doubtful, min_weight=0, min_transmission=0, output_dir=tmp_path)
     assert max(f.relative_transmission for f in doubtful) == pytest.approx(1.0)
-    assert doubtful[0].relative_transmission == pytest.approx(
-        (0.9693 + 0.9893 + 0.9879) / 3 / ((2.8985 + 2.0839 + 3.0952) / 6)
-    )
+    assert doubtful[2].relative_transmission == pytest.approx(1.05 / 10 / ((2.8985 + 2.0839 + 3.0952) / 60))
 
 
 def test_without_every_exposure_rejection_uses_raw_values_and_spares_the_reference(tmp_path):
