@@ -312,9 +312,8 @@ def write_report(
     if run_plots:
         caption = (
             "Per frame in time order, relative to the best frame whose mean transmission is not in doubt "
-            "(squares: in doubt); dashed: rejection "
-            "thresholds. Transmission "
-            "is the mean over channels, per second of exposure where every frame has EXPTIME."
+            "(squares: in doubt); dashed: rejection thresholds. Transmission is the mean over channels, "
+            "per second of exposure where every frame has EXPTIME."
         )
         parts += ['<h2 id="run">Transmission and weight</h2>', _figures(run_plots, output_dir, caption)]
     if frame_plots:

@@ -499,7 +499,10 @@ def mean_transmission_doubt(
     between frames (:mod:`nsg_gpu.rejection`), is in doubt, or None: channels that disagree or
     too few star pairs (:func:`scale_doubt`'s tests), or the mean's own relative standard error
     above ``threshold`` (judged where every channel has an error). A colour frame whose one
-    channel is uncertain by 4 % can have a mean known to 2 %."""
+    channel is uncertain by 4 % can have a mean known to 2 %. The channels' errors are taken
+    as independent: their common part, the seeing correction's, is about half a per cent at
+    most (the plain aperture's assumed Moffat) where the pairs' noise brings a mean near the
+    threshold."""
     reasons = [scale_doubt(transmission, transmission_error, threshold=math.inf, star_pairs=star_pairs)]
     t = np.asarray(transmission, float)
     e = np.array([np.nan if v is None else v for v in transmission_error], float)
