@@ -169,9 +169,10 @@ def read_nsg_cards(header: fits.Header, *, weight_keyword: str = "NWEIGHT") -> N
     weight = header.get(weight_keyword)
     source = re.search(r"\((.+)\)", header.comments[weight_keyword]) if weight_keyword in header else None
     history = [str(h)[len(HISTORY_PREFIX) :] for h in header.get("HISTORY", []) if str(h).startswith(HISTORY_PREFIX)]
+    transmission = _channel_values(header, TRANSMISSION)
     return NSGCards(
         reference_name=str(header.get(REFERENCE, "")),
-        transmission=_channel_values(header, TRANSMISSION),
+        transmission=transmission,
         snr=_channel_values(header, SNR),
         weight=float(weight) if weight is not None else None,
         weight_source=source.group(1) if source else "",
@@ -187,8 +188,6 @@ def read_nsg_cards(header: fits.Header, *, weight_keyword: str = "NWEIGHT") -> N
         noise=_channel_values(header, NOISE),
         # By position, None where a fit gave no error (its card is not written): a later
         # channel's error stays that channel's.
-        transmission_error=[
-            optional(f"{TRANSMISSION_ERROR}{c}", float) for c in range(len(_channel_values(header, TRANSMISSION)))
-        ],
+        transmission_error=[optional(f"{TRANSMISSION_ERROR}{c}", float) for c in range(len(transmission))],
         history=history,
     )

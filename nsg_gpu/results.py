@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import FrameError
 from .io import FrameMeta, read_meta
 from .params import Parameters
-from .scalefit import mean_transmission_doubt, scale_doubt
+from .scalefit import scale_doubt
 
 __all__ = ["FrameResult", "RunResult", "failed_result", "STAGES"]
 
@@ -68,9 +68,9 @@ class FrameResult:
     @property
     def transmission_doubt(self) -> str | None:
         """Why the mean transmission over the channels, which rejection compares between frames,
-        is in doubt (:func:`nsg_gpu.scalefit.mean_transmission_doubt`), or None: such a frame
+        is in doubt (:func:`nsg_gpu.scalefit.scale_doubt` of the mean), or None: such a frame
         does not set the bar the others are measured against (:mod:`nsg_gpu.rejection`)."""
-        return mean_transmission_doubt(self.transmission, self.transmission_error, star_pairs=self._fitted_pairs)
+        return scale_doubt(self.transmission, self.transmission_error, star_pairs=self._fitted_pairs, mean=True)
 
     @property
     def _fitted_pairs(self) -> int | None:

@@ -51,7 +51,6 @@ __all__ = [
     "weighted_ratio",
     "fit_scale",
     "scale_doubt",
-    "mean_transmission_doubt",
     "BIWEIGHT_C",
     "UNCERTAIN_SCALE",
     "CHANNELS_DISAGREE_P",
@@ -456,7 +455,12 @@ def fit_scale(
 
 
 def scale_doubt(
-    transmission, transmission_error, *, threshold: float = UNCERTAIN_SCALE, star_pairs: int | None = None
+    transmission,
+    transmission_error,
+    *,
+    threshold: float = UNCERTAIN_SCALE,
+    star_pairs: int | None = None,
+    mean: bool = False,
 ) -> str | None:
     """Why a frame's transmissions are in doubt, or None.
 
@@ -464,6 +468,13 @@ def scale_doubt(
     each other beyond their errors (:data:`CHANNELS_DISAGREE_P`), or a scale from fewer than
     :data:`FEW_STAR_PAIRS` star pairs in its best channel (``star_pairs``, where known) are
     in doubt; a channel without an error (NaN or None) is not judged.
+
+    With ``mean``, the error judged against ``threshold`` is that of the mean over the
+    channels, what rejection compares between frames (:mod:`nsg_gpu.rejection`), where every
+    channel has one: a colour frame whose one channel is uncertain by 4 % can have a mean
+    known to 2 %. The channels' errors are taken as independent there: their common part, the
+    seeing correction's, is about half a per cent at most (the plain aperture's assumed
+    Moffat) where the pairs' noise brings a mean near the threshold.
     """
     reasons = []
     if star_pairs is not None and star_pairs < FEW_STAR_PAIRS:
@@ -472,45 +483,26 @@ def scale_doubt(
     e = np.array([np.nan if v is None else v for v in transmission_error], float)
     if t.size == 0 or e.size != t.size:
         return "; ".join(reasons) or None
-    relative = e / t
-    worst = int(np.nanargmax(relative)) if np.isfinite(relative).any() else None
-    if worst is not None and relative[worst] > threshold:
-        channel = f"channel {worst} " if t.size > 1 else ""
+    # The value whose relative error is judged: the mean over the channels, or the worst one.
+    uncertain = None
+    if mean and np.isfinite(e).all():
+        name = "mean transmission" if t.size > 1 else "transmission"
+        uncertain = (name, float(t.mean()), float(np.sqrt(np.sum(e * e))) / t.size)
+    elif not mean and np.isfinite(e / t).any():
+        worst = int(np.nanargmax(e / t))
+        uncertain = (f"channel {worst} transmission" if t.size > 1 else "transmission", t[worst], e[worst])
+    if uncertain is not None and uncertain[2] / uncertain[1] > threshold:
+        name, value, error = uncertain
         reasons.append(
-            f"{channel}transmission {t[worst]:.4g} +- {e[worst]:.2g} ({100 * relative[worst]:.1f} %, more than "
-            f"{100 * threshold:g} %)"
+            f"{name} {value:.4g} +- {error:.2g} ({100 * error / value:.1f} %, more than {100 * threshold:g} %)"
         )
     judged = np.isfinite(e) & (e > 0)
     if judged.sum() >= 2:
         w = 1 / e[judged] ** 2
-        mean = float(np.sum(w * t[judged]) / np.sum(w))
-        chi2 = float(np.sum(w * (t[judged] - mean) ** 2))
+        centre = float(np.sum(w * t[judged]) / np.sum(w))
+        chi2 = float(np.sum(w * (t[judged] - centre) ** 2))
         p = float(stats.chi2.sf(chi2, judged.sum() - 1))
         if p < CHANNELS_DISAGREE_P:
             values = ", ".join(f"{a:.4g} +- {b:.2g}" for a, b in zip(t, e))
             reasons.append(f"channels' transmissions {values} disagree beyond their errors (p = {p:.1e})")
     return "; ".join(reasons) or None
-
-
-def mean_transmission_doubt(
-    transmission, transmission_error, *, threshold: float = UNCERTAIN_SCALE, star_pairs: int | None = None
-) -> str | None:
-    """Why the mean of a frame's transmissions over its channels, what rejection compares
-    between frames (:mod:`nsg_gpu.rejection`), is in doubt, or None: channels that disagree or
-    too few star pairs (:func:`scale_doubt`'s tests), or the mean's own relative standard error
-    above ``threshold`` (judged where every channel has an error). A colour frame whose one
-    channel is uncertain by 4 % can have a mean known to 2 %. The channels' errors are taken
-    as independent: their common part, the seeing correction's, is about half a per cent at
-    most (the plain aperture's assumed Moffat) where the pairs' noise brings a mean near the
-    threshold."""
-    reasons = [scale_doubt(transmission, transmission_error, threshold=math.inf, star_pairs=star_pairs)]
-    t = np.asarray(transmission, float)
-    e = np.array([np.nan if v is None else v for v in transmission_error], float)
-    if t.size and e.size == t.size and np.isfinite(e).all():
-        mean, error = float(t.mean()), float(np.sqrt(np.sum(e * e))) / t.size
-        if mean > 0 and error / mean > threshold:
-            name = "mean transmission" if t.size > 1 else "transmission"
-            reasons.append(
-                f"{name} {mean:.4g} +- {error:.2g} ({100 * error / mean:.1f} %, more than {100 * threshold:g} %)"
-            )
-    return "; ".join(r for r in reasons if r) or None

@@ -170,6 +170,12 @@ def test_scale_doubt():
     assert scalefit.scale_doubt([1.0], [0.01], star_pairs=3) is None
     # A frame read back with a channel's error missing keeps its pairs' flag.
     assert scalefit.scale_doubt([1.0, 1.0, 1.0], [0.01], star_pairs=2) == "2 star pairs (fewer than 3)"
+    # The mean's error: one channel at 4 % leaves the mean at 1.5 %; all three at 6 %, 3.5 %.
+    assert scalefit.scale_doubt([1.0, 1.0, 1.0], [0.01, 0.01, 0.04], mean=True) is None
+    assert scalefit.scale_doubt([1.0] * 3, [0.06] * 3, mean=True).startswith("mean transmission 1 +- 0.035 (3.5 %")
+    assert "disagree" in scalefit.scale_doubt([1.0, 1.2, 1.0], [0.01, 0.01, 0.01], mean=True)
+    assert scalefit.scale_doubt([1.0, 1.0, 1.0], [0.01, None, 0.2], mean=True) is None
+    assert scalefit.scale_doubt([1.0], [0.05], mean=True) == scalefit.scale_doubt([1.0], [0.05])
 
 
 def test_pairs_without_errors_or_flux_give_a_finite_scale():
