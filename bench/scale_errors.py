@@ -167,7 +167,7 @@ def synthetic(
     return rows
 
 
-def real(names: list[str], references: dict[str, str] = REAL) -> list[dict]:
+def real(names: list[str], references: dict[str, str] = REAL, params: Parameters | None = None) -> list[dict]:
     from independent import SHARED_DATA_ROOT, independent_transmission, read_planes
 
     rows = []
@@ -177,7 +177,7 @@ def real(names: list[str], references: dict[str, str] = REAL) -> list[dict]:
             print(f"{name}: no frames at {directory}")
             continue
         reference_path = directory / references[name]
-        reference = prepare_reference(read_frame(reference_path), Parameters())
+        reference = prepare_reference(read_frame(reference_path), params or Parameters())
         planes = read_planes(reference_path)
         for path in sorted(directory.glob("*.fits.gz")):
             if path == reference_path:
@@ -231,7 +231,7 @@ def main() -> None:
     parser.add_argument(
         "--reference", type=int, default=0, help="with --scenario: this frame as the reference (1: a registered one)"
     )
-    parser.add_argument("--photometry", default="psf", help="with synthetic sets: psf (the default) or aperture")
+    parser.add_argument("--photometry", default="psf", help="psf (the default) or aperture")
     parser.add_argument("--halo", help="SHARE,WIDTH: stars of a core and a halo (no Moffat) at --seeds instead")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args()
@@ -241,6 +241,7 @@ def main() -> None:
         rows = real(
             [n.strip() for n in args.sets.split(",")] if args.sets else list(REAL),
             RESAMPLED if args.resampled_reference else REAL,
+            Parameters(photometry=args.photometry),
         )
     elif args.halo:
         share, width = (float(v) for v in args.halo.split(","))

@@ -21,7 +21,8 @@ work, where wall times stretch with the load; per frame: those after the referen
 the peak resident set of each run.
 
     python bench/throughput.py [--frames 4] [--width 6248 --height 4176] [--colour] [--scenario NAME]
-                               [--cache DIR] [--modes serial,cores1,cores2,cores] [--json FILE]
+                               [--cache DIR] [--modes serial,cores1,cores2,cores] [--photometry aperture]
+                               [--json FILE]
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from _machine import machine, print_machine  # noqa: E402
 from nsg_gpu.backend import cupy_status, select_backend  # noqa: E402
 from nsg_gpu.executors import InProcessExecutor, ProcessExecutor, usable_cores  # noqa: E402
 from nsg_gpu.io import read_frame, write_frame  # noqa: E402
+from nsg_gpu.params import Parameters  # noqa: E402
 from nsg_gpu.results import STAGES  # noqa: E402
 from nsg_gpu.run import normalize  # noqa: E402
 from nsg_gpu.synthetic import SyntheticSpec, write_synthetic_set  # noqa: E402
@@ -135,7 +137,9 @@ def copy_floor(targets: list[Path], out: Path, *, plain: bool = True) -> dict:
     }
 
 
-def timed_run(paths: list[Path], out: Path, backend, executor, cores: set[int] | None = None) -> dict:
+def timed_run(
+    paths: list[Path], out: Path, backend, executor, cores: set[int] | None = None, params: Parameters | None = None
+) -> dict:
     """One normalize run; per-frame wall time from the reference's completion to the end.
 
     ``cores``: run pinned to these cores (the calling thread's CPU affinity, which the
@@ -144,7 +148,7 @@ def timed_run(paths: list[Path], out: Path, backend, executor, cores: set[int] |
     if cores is not None:
         os.sched_setaffinity(0, cores)
     try:
-        return _timed_run(paths, out, backend, executor)
+        return _timed_run(paths, out, backend, executor, params)
     finally:
         if held is not None:
             os.sched_setaffinity(0, held)
@@ -163,7 +167,7 @@ def _peak_rss_mb(reset: bool = False) -> float | None:
     return None
 
 
-def _timed_run(paths: list[Path], out: Path, backend, executor) -> dict:
+def _timed_run(paths: list[Path], out: Path, backend, executor, params: Parameters | None = None) -> dict:
     marks = {}
 
     cpu_marks = {}
@@ -175,7 +179,9 @@ def _timed_run(paths: list[Path], out: Path, backend, executor) -> dict:
     resident = _peak_rss_mb(reset=True)
     started = time.perf_counter()
     cpu = _cpu_seconds()
-    run = normalize(paths, reference=paths[0], output_dir=out, backend=backend, executor=executor, progress=progress)
+    run = normalize(
+        paths, reference=paths[0], output_dir=out, params=params, backend=backend, executor=executor, progress=progress
+    )
     finished = time.perf_counter()
     cpu_targets = _cpu_seconds() - cpu_marks[1]
     cpu = _cpu_seconds() - cpu
@@ -225,6 +231,7 @@ def main() -> None:
         "compute threads), coresN (the default streaming run pinned to N cores), cores (on all), "
         "procsN and procs (ProcessExecutor with N processes on N cores, or on all)",
     )
+    parser.add_argument("--photometry", default="psf", help="psf (the default) or aperture")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
 
@@ -246,6 +253,7 @@ def main() -> None:
     report = {
         "machine": info,
         "geometry": {"width": args.width, "height": args.height, "colour": colour, "scenario": args.scenario},
+        "photometry": args.photometry,
     }
     try:
         copy = copy_floor(paths[1:], work / "copy")
@@ -294,7 +302,7 @@ def main() -> None:
                 while label in runs:
                     label += "'"
                 out = work / label
-                figures = timed_run(paths, out, backend, executor, cores)
+                figures = timed_run(paths, out, backend, executor, cores, Parameters(photometry=args.photometry))
                 figures["cores"] = len(cores) if cores is not None else usable_cores()
                 figures["ratio_to_copy"] = figures["per_frame_s"] / copy["per_frame_s"]
                 figures["ratio_to_own_copy"] = figures["per_frame_s"] / own["per_frame_s"]

@@ -26,6 +26,7 @@ from .noise import DETECT_NOISE_PIXELS, frame_noise, ksigma_noise
 from .outliers import bright_counts, clipped_medians, pixel_noise
 from .params import Parameters, resolve_parameters
 from .psf import (
+    MIN_PSF_FWHM,
     PSF_STARS,
     FittedPSF,
     MoffatPSF,
@@ -184,8 +185,11 @@ class Reference:
         return np.stack(columns, axis=1) if columns else np.zeros((self.frame.data.shape[0], 0))
 
     def own_psf(self) -> MoffatPSF | None:
-        """The reference's fitted PSF at its own FWHM, where the photometry fits PSFs."""
-        if self.params.photometry != "psf" or self.stars.fwhm < fits_psf_from(self.frame.data.shape[0]):
+        """The reference's fitted PSF at its own FWHM, where the photometry fits PSFs (the plain
+        aperture alone fits them for its seeing correction on stars of :data:`MIN_PSF_FWHM` and
+        more)."""
+        least = MIN_PSF_FWHM if self.params.photometry == "aperture" else fits_psf_from(self.frame.data.shape[0])
+        if self.stars.fwhm < least:
             return None
         fitted = self.psf_fit(stamp_radius(self.stars.fwhm), pixel_integrated=integrated_fit(self.stars.fwhm))
         return fitted.psf if fitted is not None else None

@@ -377,23 +377,31 @@ def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = 
     # star's light out by where it falls, which no PSF weight follows.
     read = min(stars.fwhm, fwhm_t)
     undersampled = read < MIN_PSF_FWHM
+    # The plain aperture alone (``--photometry aperture``) takes the seeing correction of its
+    # small loss beyond the aperture from fitted PSFs where the stars are resolved, else from
+    # an assumed Moffat: a measured index instead of one assumed (docs/scale-accuracy.md,
+    # "The plain wide aperture").
+    aperture_only = params.photometry == "aperture"
     try:
         fits_psfs = (
-            params.photometry == "psf"
+            not (aperture_only and undersampled)
             and read >= fits_psf_from(data.shape[0])
             and max(stars.fwhm, fwhm_t) < MAX_PSF_WIDTH_RATIO * read
         )
         psfs = fit_psfs(reference, frame, fwhm_t) if fits_psfs else None
     except (np.linalg.LinAlgError, ValueError, FloatingPointError):
         # The fits of stars under 2 px are an option beside the aperture, which measured
-        # these frames before: a numerical failure there leaves the frame to the aperture.
-        if not undersampled:
+        # these frames before, and the plain aperture's only correct it: a numerical failure
+        # there leaves the frame to the aperture with an assumed Moffat.
+        if not (undersampled or aperture_only):
             raise
         psfs = None
     if psfs is not None and undersampled and not all(_index_determined(p) for p in psfs):
         psfs = None
     measure = functools.partial(_measure, reference, frame, tx, ty, found, shared, peak_t, fwhm_t)
-    if psfs is None or not undersampled:
+    if aperture_only:
+        measured = measure(psfs, weighted=False)
+    elif psfs is None or not undersampled:
         measured = measure(psfs)
         if _apart_on_a_clear_sky(measured):
             # Stars no Moffat fits (a halo) on a sky clear enough for the plain aperture:
