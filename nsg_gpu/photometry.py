@@ -501,10 +501,9 @@ def measure_stars(
         stamps = stamps[..., half - keep : half + keep + 1, half - keep : half + keep + 1]
         if excluded is not None:
             excluded = excluded[:, half - keep : half + keep + 1, half - keep : half + keep + 1]
-    stamps = stamps.astype(np.float64)
-    stamp_empty = np.any(stamps == 0, axis=0)  # (n, s, s)
     bkg = np.nan_to_num(cut.background)
     if weight is None:
+        # The plain aperture sums the stamps' mosaic (float64), not the stamps.
         mosaic, positions, cell = cut.mosaic if cut.mosaic is not None else _mosaic(stamps, cut.fx, cut.fy)
         no_data = np.any(mosaic == 0, axis=0)
         fill = no_data if excluded is None else no_data | _mosaic_mask(excluded)
@@ -515,6 +514,8 @@ def measure_stars(
         ok = (holes <= MAX_HOLE_FRACTION * aperture.area) & cut.finite
         area, area2 = aperture.area, aperture.area
     else:
+        stamps = stamps.astype(np.float64)
+        stamp_empty = np.any(stamps == 0, axis=0)  # (n, s, s)
         half = stamps.shape[-1] // 2
         off = np.arange(-half, half + 1, dtype=np.float64)
         r2 = (off[None, None, :] - cut.fx[:, None, None]) ** 2 + (off[None, :, None] - cut.fy[:, None, None]) ** 2
