@@ -442,20 +442,18 @@ def test_the_plain_aperture_on_a_crowded_field_takes_the_neighbours_light_out():
 def test_the_plain_aperture_is_corrected_by_the_fitted_psfs():
     """``--photometry aperture`` on the field-dependent scenario (Moffat index 2.5-4.5, stars
     up to 35 % broader in the corners): the seeing correction of the light beyond the
-    aperture from an assumed index 3 (+- 0.75) read the scales -1.74 % and -1.52 % off the
-    truth, stating 0.81 and 0.75 %; from the two frames' fitted PSFs they are -0.33 % and
-    -0.36 %, stating 0.27 and 0.30 %."""
+    aperture from an assumed index 3 (+- 0.75) read the first target's scale -1.74 % off the
+    truth, stating 0.81 %; from the two frames' fitted PSFs it is -0.33 %, stating 0.27 %."""
     field = SyntheticField(scenario="field-dependent-psf", seed=1, width=1200, height=800, n_stars=1200, n_frames=3)
     reference = prepare_reference(
         Frame.from_array(field.render(0), name="reference"), Parameters(photometry="aperture")
     )
     assert reference.own_psf() is not None
-    for k in (1, 2):
-        measured = measure_scale(reference, Frame.from_array(field.render(k), name=f"target {k}"))
-        assert measured.photometry == "aperture-fitted"
-        error = measured.scale[0] / field.frames[k].scale(field.frames[0])[0] - 1
-        stated = measured.fits[0].scale_error / measured.scale[0]
-        assert abs(error) < min(SCALE_TARGET, 3 * stated), (k, error, stated)
+    measured = measure_scale(reference, Frame.from_array(field.render(1), name="target"))
+    assert measured.photometry == "aperture-fitted"
+    error = measured.scale[0] / field.frames[1].scale(field.frames[0])[0] - 1
+    stated = measured.fits[0].scale_error / measured.scale[0]
+    assert abs(error) < min(SCALE_TARGET, 3 * stated), (error, stated)
 
 
 def test_moffat_stars_agree_with_the_aperture():
