@@ -78,14 +78,15 @@ def test_a_target_of_much_broader_stars_reads_its_own_fwhm_and_takes_the_apertur
     FWHM, and it took the reference's, whose apertures kept two thirds of its stars' light
     (scale +53 %); now its FWHM is read from the brightest at 7 sigmas, within 12 %. Both
     take the plain aperture (a frame twice as broad as the other or more; docs/scale-accuracy.md,
-    "The neighbours in the PSF stars' wings"). A thin-cloud frame keeps the reference's FWHM
+    "The neighbours in the PSF stars' wings"), corrected by the two frames' fitted PSFs. A
+    thin-cloud frame keeps the reference's FWHM
     (test_frames_under_thin_cloud_are_judged_on_the_stars_they_show)."""
     field = SyntheticField(seed=1, n_frames=5, fwhms=[2.8, 8.0, 6.0, 4.0, 11.0])
     reference = prepare_reference(Frame.from_array(field.render(0), name="reference"), Parameters())
     for k in (2, 4):
         measured = measure_scale(reference, Frame.from_array(field.render(k), name=f"target {k}"))
         assert measured.fwhm == pytest.approx(field.frames[k].fwhm, rel=0.12)
-        assert measured.target_psf is None
+        assert measured.photometry == "aperture-fitted"
         error = _mono_error(field, measured, k)
         assert abs(error) < 3 * measured.fits[0].scale_error / measured.scale[0], (k, error)
 
