@@ -78,11 +78,12 @@ class Parameters:
         PSF as its weight, and the share of the light each frame's weights keep is corrected
         from the two fitted PSFs (about three times less noise than a plain aperture).
         ``aperture``: NSG's plain aperture sum, corrected for the light beyond it with the two
-        fitted PSFs where the stars are 2 px and more, else with a Moffat of index 3 at each
-        frame's FWHM. ``psf`` falls back to ``aperture`` for a frame whose PSF cannot be
-        fitted (fewer than 8 bright isolated stars) or whose colour stars are undersampled
-        (FWHM below 2 px; undersampled mono stars take whichever of the two states the
-        smaller uncertainty).
+        fitted PSFs where the stars are 2 px and more, else (and where no PSF can be fitted)
+        with a Moffat of index 3 at each frame's FWHM. ``psf`` falls back to ``aperture`` for
+        a frame whose PSF cannot be fitted (fewer than 8 bright isolated stars), whose stars
+        are twice as broad as the reference's or more (or half as broad or less), or whose
+        colour stars are undersampled (FWHM below 2 px; undersampled mono stars take
+        whichever of the two states the smaller uncertainty).
     aperture_fwhm : float
         Photometry aperture radius in units of the larger of the two frames' FWHM (NSG uses
         1.5; 3 keeps nearly all of a star's light in both frames, whatever the seeing).
@@ -155,7 +156,7 @@ class Parameters:
         "psf",
         "psf: pixels weighted by the fitted Moffat PSF, corrected for both frames' PSFs; "
         "aperture: NSG's plain aperture sum, corrected for the light beyond it by the fitted PSFs "
-        "(an assumed Moffat on stars under 2 px).",
+        "(an assumed Moffat on stars under 2 px or where no PSF can be fitted).",
         choices=("psf", "aperture"),
     )
     aperture_fwhm: float = _option(3.0, "Photometry aperture radius in units of the larger FWHM of the two frames.")

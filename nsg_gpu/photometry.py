@@ -21,9 +21,11 @@ Moffat PSF, which puts the weight where the star's light is and gives about a th
 plain aperture's noise; the share of a star's light those weights keep differs by up to 30 %
 between frames, and :func:`seeing_correction` restores it from the two fitted PSFs
 (:mod:`nsg_gpu.psf`, which fits the target's PSF against the reference's so that their
-difference is right). With ``photometry="aperture"``, or where a PSF cannot be fitted, the
-weights are a plain photutils aperture and the correction uses a Moffat of index 3 at each
-frame's FWHM (``docs/scale-accuracy.md`` has what each reaches). The scale ``m`` per channel
+difference is right). With ``photometry="aperture"``, where one frame's stars are twice as
+broad as the other's or more, or where a PSF cannot be fitted, the weights are a plain
+photutils aperture, and the correction uses the two fitted PSFs where the stars are 2 px
+and more and were fitted, else a Moffat of index 3 at each frame's FWHM
+(``docs/scale-accuracy.md`` has what each reaches). The scale ``m`` per channel
 is then fitted to the pairs by :mod:`nsg_gpu.scalefit`.
 
 Images reach this module as small cutouts around the stars (a mosaic on the host), so a

@@ -52,6 +52,9 @@ __all__ = ["Reference", "prepare_reference", "check_coverage", "as_frame", "MAX_
 MAX_PHOTOMETRY_STARS = 1500
 #: A frame with less of its pixels holding data than this is not normalized.
 MIN_COVERAGE = 0.05
+#: The reference's PSF fits kept (one per stamp radius and model; the radius follows the
+#: broader of the two frames, in steps of a tenth): the oldest is dropped beyond this.
+PSF_FITS_KEPT = 16
 
 
 @dataclass
@@ -121,23 +124,28 @@ class Reference:
         """The reference's PSF fitted on stamps of ``radius`` px around its bright isolated
         stars (integrated over the pixels with ``pixel_integrated``), fitted once per radius
         and model and kept; None where too few stars can be fitted."""
+        # Compute threads may ask at the same time: each fits what it does not find, keeps
+        # it (the oldest fit dropped beyond PSF_FITS_KEPT) and returns its own (identical) fit.
         key = (radius, pixel_integrated)
-        if key not in self._psf_fits:
-            if len(self._psf_fits) > 8:
-                self._psf_fits.clear()
-            idx = self.photometry_index[self.isolated][:PSF_STARS]
-            with single_threaded_blas():
-                self._psf_fits[key] = fit_reference_psf(
-                    self.frame.data,
-                    self.stars.x[idx],
-                    self.stars.y[idx],
-                    fwhm=self.stars.fwhm,
-                    radius=radius,
-                    pixel_integrated=pixel_integrated,
-                    blur=self.interpolation_kernel if pixel_integrated else self.own_kernel,
-                    neighbours=(self.stars.flux, self.stars.x, self.stars.y, idx),
-                )
-        return self._psf_fits[key]
+        if key in self._psf_fits:
+            return self._psf_fits[key]
+        idx = self.photometry_index[self.isolated][:PSF_STARS]
+        with single_threaded_blas():
+            fitted = fit_reference_psf(
+                self.frame.data,
+                self.stars.x[idx],
+                self.stars.y[idx],
+                fwhm=self.stars.fwhm,
+                radius=radius,
+                pixel_integrated=pixel_integrated,
+                blur=self.interpolation_kernel if pixel_integrated else self.own_kernel,
+                neighbours=(self.stars.flux, self.stars.x, self.stars.y, idx),
+            )
+        if len(self._psf_fits) >= PSF_FITS_KEPT:
+            # The oldest goes (another thread may have dropped it already).
+            self._psf_fits.pop(next(iter(self._psf_fits.copy()), None), None)
+        self._psf_fits[key] = fitted
+        return fitted
 
     @property
     def interpolation_kernel(self) -> InterpolationKernel | None:
@@ -191,7 +199,11 @@ class Reference:
         least = MIN_PSF_FWHM if self.params.photometry == "aperture" else fits_psf_from(self.frame.data.shape[0])
         if self.stars.fwhm < least:
             return None
-        fitted = self.psf_fit(stamp_radius(self.stars.fwhm), pixel_integrated=integrated_fit(self.stars.fwhm))
+        try:
+            fitted = self.psf_fit(stamp_radius(self.stars.fwhm), pixel_integrated=integrated_fit(self.stars.fwhm))
+        except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+            # The reference's row only reports its PSF; the targets' fits judge their own.
+            return None
         return fitted.psf if fitted is not None else None
 
 

@@ -79,7 +79,7 @@ BROAD_FWHM = 1.5
 #: the correction needs it to 0.02). Targets 2-4 times broader than the reference read RMS
 #: 0.93 % (RMS z 0.93) on the weights since the neighbours are left out of the PSF fits,
 #: 1.35 % (z 1.05) on the aperture (docs/scale-accuracy.md, "The neighbours in the PSF
-#: stars' wings"). The aperture's correction is the fitted PSFs': on 18 such targets of 3-11
+#: stars' wings"). The aperture's correction is the fitted PSFs': on 18 such targets of 2.8-11
 #: px RMS 0.73 % (z 1.10), against 0.88 % (z 0.85) with an assumed index
 #: (docs/scale-accuracy.md, "The plain aperture's correction from the fitted PSFs").
 MAX_PSF_WIDTH_RATIO = 2.0

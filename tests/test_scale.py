@@ -702,6 +702,33 @@ def test_undersampled_mono_fits_that_fail_leave_the_frame_to_the_aperture(monkey
     assert abs(error) < 3 * measured.fits[0].scale_error / measured.scale[0]
 
 
+@pytest.mark.parametrize(
+    ("photometry", "fwhms"), [("aperture", [2.8, 3.4]), ("psf", [2.8, 6.0])], ids=["aperture", "broad"]
+)
+def test_plain_aperture_fits_that_fail_leave_the_frame_to_the_assumed_index(monkeypatch, photometry, fwhms):
+    """The plain aperture's PSF fits only correct it (``--photometry aperture``, and a target
+    twice as broad as the reference): a numerical failure in them (a singular system raised
+    on purpose), in the targets' fits or the reference's own, measures the frame with the
+    assumed Moffat instead of stopping the run."""
+    field = SyntheticField(seed=2, n_frames=2, width=900, height=700, n_stars=500, fwhms=fwhms)
+    reference = prepare_reference(
+        Frame.from_array(field.render(0), name="reference"), Parameters(photometry=photometry)
+    )
+    target = Frame.from_array(field.render(1), name="target")
+    assert scale.measure_scale(reference, target).photometry == "aperture-fitted"
+
+    def singular(*args, **kwargs):
+        raise np.linalg.LinAlgError("Singular matrix")
+
+    monkeypatch.setattr(scale, "fit_psfs", singular)
+    monkeypatch.setattr(reference, "psf_fit", singular)
+    assert reference.own_psf() is None
+    measured = scale.measure_scale(reference, target)
+    assert measured.photometry == "aperture"
+    error = _mono_error(field, measured, 1)
+    assert abs(error) < 3 * measured.fits[0].scale_error / measured.scale[0]
+
+
 @pytest.mark.slow
 def test_sparse_colour_fields_are_not_decided_by_hot_pixels():
     """Colour fields of 20 stars of about a superpixel (the undersampled colour scenario with
