@@ -513,6 +513,13 @@ def synth(
             "ellipticity, 1 - minor/major axis; the reference's stay round."
         ),
     ] = None,
+    warm_pixels: Annotated[
+        Optional[float],
+        typer.Option(
+            help="This share of the sensor's pixels warm, 5-30 times the sky's noise above their light, "
+            "the same pixels in every frame (registration moves them with the frame); e.g. 3e-4."
+        ),
+    ] = None,
 ):
     """Write synthetic registered frames with known transmission, gradient, noise and
     registration offsets (see truth.json)."""
@@ -525,6 +532,7 @@ def synth(
         "n_stars": stars,
         "rotation": rotation,
         "max_ellipticity": elongation,
+        "warm_pixel_fraction": warm_pixels,
     }
     spec = SyntheticSpec.from_scenario(
         scenario, n_frames=frames, seed=seed, **{k: v for k, v in chosen.items() if v is not None}

@@ -93,6 +93,16 @@ POINT_TEST_STEP = 0.05
 #: The brightest detections (by their peak) that are tested, at most: the ones that set the
 #: catalogue's FWHM, sharpness and registration check.
 POINT_TEST_MAX = 500
+#: Once a resampled frame's FWHM is read, no star of it is taken for narrower than this share
+#: of it (the PSF varies across a field by a third or so, not by half): the detections that
+#: a single pixel seen through an interpolation fits better, by :data:`HOT_PIXEL_CHI2`, than
+#: any star of that FWHM or more are hot pixels, down to :data:`FAINT_POINT_SNR` times the
+#: pixel noise. On a real frame that a Lanczos-3 registration resampled (stars of 3.7 px),
+#: hot pixels of 9-28 pixel sigmas won by -1 to 16 against stars of 0.8 px
+#: (:data:`POINT_TEST_FWHM`), too little to tell, and by 46-680 against stars of 1.8 px and
+#: more; the stars' own advantage stayed at -95 and below.
+STAR_FWHM_SHARE = 0.5
+FAINT_POINT_SNR = 5.0
 #: Pixels at or below this fraction of the detection image's maximum are taken as clamped (a
 #: registration sets the negative lobes of a bright point's interpolation to zero, or to a
 #: hair above it so as not to read as no data) and left out of the point test's fits.
@@ -739,26 +749,18 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
         tested = xp.nonzero(keep & (centre > POINT_TEST_SNR * pixel_sigma))[0]
         tested = tested[xp.argsort(-centre[tested])[:POINT_TEST_MAX]]
         if tested.size:
-            if data is not None and data.ndim == 3 and data.shape[0] > 1:
-                # A colour sensor's hot pixel is one photosite: its light is in one channel,
-                # and its shape is judged there (in the intensity, min + max of the channels,
-                # a lobe clamped at zero in that channel does not show as clamped). Stars of a
-                # pixel or less before the registration can look like single pixels too, but
-                # show in every channel.
-                single, windows, raw = _one_channel_windows(data, xs[tested], ys[tested])
-                unclamped = raw > CLAMPED * image_max
-                points = single & (single_pixel_advantage(windows, pixel_sigma, unclamped) > 0)
-            else:
-                inner = be.to_host(win[tested][:, half - 2 : half + 3, half - 2 : half + 3])
-                raw = be.to_host(gather_stamps(image, xs[tested], ys[tested], 2))
-                unclamped = raw > CLAMPED * image_max
-                points = single_pixel_advantage(inner, pixel_sigma, unclamped) > HOT_PIXEL_CHI2
+            points = _seen_through_interpolation(
+                data, image, residual, xs[tested], ys[tested], pixel_sigma, image_max, POINT_TEST_FWHM
+            )
             keep[tested[be.asarray(points)]] = False
-    cx, cy, flux, peak_value, peak_residual = (
-        be.to_host(a[keep]).astype(np.float64) for a in (cx, cy, flux, peak_value, peak_residual)
+    cx, cy, flux, peak_value, peak_residual, xs, ys = (
+        be.to_host(a[keep]) for a in (cx, cy, flux, peak_value, peak_residual, xs, ys)
     )
+    cx, cy, flux, peak_value, peak_residual = (a.astype(np.float64) for a in (cx, cy, flux, peak_value, peak_residual))
     order = np.argsort(-flux)[:max_stars]
-    cx, cy, flux, peak_value, peak_residual = (a[order] for a in (cx, cy, flux, peak_value, peak_residual))
+    cx, cy, flux, peak_value, peak_residual, xs, ys = (
+        a[order] for a in (cx, cy, flux, peak_value, peak_residual, xs, ys)
+    )
     # A trail's pieces do not read the FWHM (five of them read 20 px on a sparse field).
     trail = trail_pieces(cx, cy, flux, fwhm)
     # FWHM from bright stars that are clearly unsaturated and well above the noise; on a
@@ -794,6 +796,18 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
         values = values[np.isfinite(values) & (values > 0.8)]
         if values.size >= 5:
             measured = typical_fwhm(values)
+    fwhms = _star_test_fwhms(measured)
+    if resampled and fwhms[0] > POINT_TEST_FWHM[0]:
+        # Stars read, no star is much narrower than they are: the hot pixels that stars of
+        # 0.8 px could pass for, and the fainter ones, are told from them.
+        tested = np.nonzero(peak_residual > FAINT_POINT_SNR * pixel_sigma)[0]
+        tested = tested[np.argsort(-peak_residual[tested], kind="stable")[:POINT_TEST_MAX]]
+        if tested.size:
+            at = be.asarray(xs[tested]), be.asarray(ys[tested])
+            star = np.ones(cx.size, bool)
+            star[tested] = ~_seen_through_interpolation(data, image, residual, *at, pixel_sigma, image_max, fwhms)
+            cx, cy, flux, peak_value, peak_residual = (a[star] for a in (cx, cy, flux, peak_value, peak_residual))
+            unsaturated = peak_value < 0.5 * image_max
     # Extended sources (nebular knots, galaxies) are far less concentrated than the PSF: an
     # unsaturated star's sharpness is 0.4-1.3 whatever its FWHM, a knot's 0.1-0.3. Judged
     # against the brightest quarter's median, or, where knots outnumber stars there (a sparse
@@ -812,6 +826,26 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     level = np.maximum(peak_residual / max(3 * pixel_noise, 1e-30), 1.0 + 1e-9)
     radius = np.maximum(measured * _FWHM_TO_SIGMA * np.sqrt(2 * np.log(level)), 1.0)
     return StarCatalog(cx + 0.0, cy + 0.0, flux, peak_value, radius, measured, noise)
+
+
+def _seen_through_interpolation(data, image, residual, xs, ys, pixel_sigma, image_max, fwhms) -> np.ndarray:
+    """Which detections at pixels ``xs, ys`` (on the image's backend) of a resampled frame are
+    single pixels seen through its registration's interpolation rather than stars of
+    ``fwhms`` (:func:`single_pixel_advantage` on ``residual``, the background-subtracted
+    detection image): a host bool array."""
+    be = get_backend(image)
+    if data is not None and data.ndim == 3 and data.shape[0] > 1:
+        # A colour sensor's hot pixel is one photosite: its light is in one channel, and its
+        # shape is judged there (in the intensity, min + max of the channels, a lobe clamped at
+        # zero in that channel does not show as clamped). Stars of a pixel or less before the
+        # registration can look like single pixels too, but show in every channel.
+        single, windows, raw = _one_channel_windows(data, xs, ys)
+        unclamped = raw > CLAMPED * image_max
+        return single & (single_pixel_advantage(windows, pixel_sigma, unclamped, fwhms) > 0)
+    inner = be.to_host(gather_stamps(residual, xs, ys, 2))
+    raw = be.to_host(gather_stamps(image, xs, ys, 2))
+    unclamped = raw > CLAMPED * image_max
+    return single_pixel_advantage(inner, pixel_sigma, unclamped, fwhms) > HOT_PIXEL_CHI2
 
 
 def _registered(taps: np.ndarray, captured: np.ndarray) -> np.ndarray:
@@ -833,22 +867,41 @@ def _unit_outer(py: np.ndarray, px: np.ndarray) -> np.ndarray:
     return (t / np.linalg.norm(t, axis=1, keepdims=True)).T
 
 
-@functools.lru_cache(maxsize=1)
-def _point_templates() -> tuple[np.ndarray, np.ndarray]:
+def _point_templates(fwhms: tuple[float, ...] = POINT_TEST_FWHM) -> tuple[np.ndarray, np.ndarray]:
     """Unit-norm 5 x 5 templates ``(25, n)``: a single captured pixel (under the registered
     one or a neighbour) seen through each interpolation of
     :data:`nsg_gpu.resampling.INTERPOLATIONS` at shifts of -1/2 to 1/2 px in steps of
-    :data:`POINT_TEST_STEP` along x and y; and pixel-integrated Gaussian stars of
-    :data:`POINT_TEST_FWHM` at quarter-pixel places within a pixel of the centre, through each
-    interpolation at shifts of -1/4, 0, 1/4 and 1/2 px. Made once."""
-    point, star = [], []
+    :data:`POINT_TEST_STEP` along x and y; and pixel-integrated Gaussian stars of ``fwhms``
+    at quarter-pixel places within a pixel of the centre, through each interpolation at shifts
+    of -1/4, 0, 1/4 and 1/2 px. Made once for each ``fwhms``."""
+    return _single_pixel_templates(), _star_templates(tuple(fwhms))
+
+
+@functools.lru_cache(maxsize=1)
+def _single_pixel_templates() -> np.ndarray:
+    point = []
     for name in INTERPOLATIONS:
         points = np.concatenate([_point_profiles(name, float(v), np.arange(-1, 2)) for v in _point_shifts()])
         point.append(_unit_outer(points, points))
-        for fwhm in POINT_TEST_FWHM:
+    return np.concatenate(point, axis=1)
+
+
+@functools.lru_cache(maxsize=8)
+def _star_templates(fwhms: tuple[float, ...]) -> np.ndarray:
+    star = []
+    for name in INTERPOLATIONS:
+        for fwhm in fwhms:
             stars = np.concatenate([_star_profiles(name, fwhm, v, _STAR_PLACES) for v in _STAR_SHIFTS])
             star.append(_unit_outer(stars, stars))
-    return np.concatenate(point, axis=1), np.concatenate(star, axis=1)
+    return np.concatenate(star, axis=1)
+
+
+def _star_test_fwhms(fwhm: float) -> tuple[float, ...]:
+    """The star FWHMs a resampled frame whose stars read ``fwhm`` px is tested against, once
+    that is read: :data:`STAR_FWHM_SHARE` of it (down to a tenth of a pixel) and the broader
+    ones of :data:`POINT_TEST_FWHM`."""
+    narrowest = math.floor(10 * STAR_FWHM_SHARE * fwhm) / 10
+    return (narrowest, *(f for f in POINT_TEST_FWHM if f > narrowest))
 
 
 #: The star templates' registration shifts and places (within a pixel of the centre).
@@ -879,13 +932,17 @@ def _star_profiles(name: str, fwhm: float, shift: float, places: np.ndarray) -> 
     return _registered(_signed_taps(name, shift), captured)
 
 
-def single_pixel_advantage(windows: np.ndarray, pixel_sigma: float, valid: np.ndarray | None = None) -> np.ndarray:
+def single_pixel_advantage(
+    windows: np.ndarray,
+    pixel_sigma: float,
+    valid: np.ndarray | None = None,
+    fwhms: tuple[float, ...] = POINT_TEST_FWHM,
+) -> np.ndarray:
     """How much better, in chi-square (``pixel_sigma`` per pixel), a single captured pixel
     seen through a registration's interpolation fits each 5 x 5 window (background-subtracted,
-    centred on a detection; host array ``(n, 5, 5)``) than any star of
-    :data:`POINT_TEST_FWHM`: large for a hot pixel or cosmic ray that a registration spread
-    over its neighbours, which the tests of a single bright pixel no longer see; negative for
-    stars.
+    centred on a detection; host array ``(n, 5, 5)``) than any star of ``fwhms`` (px,
+    ascending): large for a hot pixel or cosmic ray that a registration spread over its
+    neighbours, which the tests of a single bright pixel no longer see; negative for stars.
 
     The interpolation and its shift are free for every window (:func:`_point_templates`): a
     registration that also rotated or warped the frame shifts each pixel by its own amount,
@@ -898,7 +955,8 @@ def single_pixel_advantage(windows: np.ndarray, pixel_sigma: float, valid: np.nd
     registration clamps the negative lobes of a bright point's interpolation at zero, and
     such pixels (and no-data ones) are left out of that window's fit, every template cut to
     the rest and normalized again."""
-    point, star = _point_templates()
+    fwhms = tuple(fwhms)
+    point, star = _point_templates(fwhms)
     flat = np.asarray(windows, dtype=np.float64).reshape(len(windows), 25)
     keep = np.ones(flat.shape, bool) if valid is None else np.asarray(valid, bool).reshape(flat.shape)
     best_point, best_star = np.zeros(len(flat)), np.zeros(len(flat))
@@ -921,7 +979,7 @@ def single_pixel_advantage(windows: np.ndarray, pixel_sigma: float, valid: np.nd
             window = flat[i].reshape(5, 5)
             for best, chosen, refined in (
                 (best_point, chosen_point, _refined_points),
-                (best_star, chosen_star, _refined_stars),
+                (best_star, chosen_star, functools.partial(_refined_stars, fwhms=fwhms)),
             ):
                 for rows_y, rows_x in refined(int(chosen[i])):
                     if full[i]:
@@ -977,20 +1035,18 @@ def _refined_point_rows(name: int, row: int) -> np.ndarray:
     return profiles / np.linalg.norm(profiles, axis=1, keepdims=True)
 
 
-def _refined_stars(index: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Star templates around column ``index`` of :func:`_point_templates`' stars, as pairs of
-    1-D profiles (y and x, unit rows ``(21, 5)``), one pair per FWHM: the same interpolation
-    and shifts, places within half a grid step of its own along each axis in steps of a
-    twentieth of the step, and FWHMs of its own and halfway (geometrically) to its
-    neighbours in :data:`POINT_TEST_FWHM`."""
+def _refined_stars(index: int, fwhms: tuple[float, ...] = POINT_TEST_FWHM) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Star templates around column ``index`` of :func:`_point_templates`' stars of ``fwhms``,
+    as pairs of 1-D profiles (y and x, unit rows ``(21, 5)``), one pair per FWHM: the same
+    interpolation and shifts, places within half a grid step of its own along each axis in
+    steps of a twentieth of the step, and FWHMs of its own and halfway (geometrically) to its
+    neighbours in ``fwhms``."""
     rows = len(_STAR_SHIFTS) * len(_STAR_PLACES)
-    per_name = len(POINT_TEST_FWHM) * rows**2
+    per_name = len(fwhms) * rows**2
     name, f = index // per_name, (index % per_name) // rows**2
     row_y, row_x = divmod(index % rows**2, rows)
-    fwhms = [POINT_TEST_FWHM[f]] + [
-        math.sqrt(POINT_TEST_FWHM[f] * POINT_TEST_FWHM[g]) for g in (f - 1, f + 1) if 0 <= g < len(POINT_TEST_FWHM)
-    ]
-    return [(_refined_star_rows(name, fwhm, row_y), _refined_star_rows(name, fwhm, row_x)) for fwhm in fwhms]
+    tried = [fwhms[f]] + [math.sqrt(fwhms[f] * fwhms[g]) for g in (f - 1, f + 1) if 0 <= g < len(fwhms)]
+    return [(_refined_star_rows(name, fwhm, row_y), _refined_star_rows(name, fwhm, row_x)) for fwhm in tried]
 
 
 @functools.cache

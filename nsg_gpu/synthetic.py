@@ -3,7 +3,8 @@
 A :class:`SyntheticField` is one patch of sky: a star field with a power-law flux distribution
 (some stars saturate), an extended nebula, and per-frame observing conditions: transmission
 (per channel for colour), Moffat PSF of varying FWHM and index, an additive sky (pedestal,
-plane, curvature and a light-pollution dome), Poisson and read noise, hot pixels, a satellite
+plane, curvature and a light-pollution dome), Poisson and read noise, hot pixels (and, when
+asked, a sensor's fainter warm pixels, the same in every frame), a satellite
 trail and zero registration borders. Frame ``k`` is::
 
     frame_k = clip( t_k * (stars_k + nebula) + sky_k + noise_k , 0, 1 )   (0 outside the border)
@@ -130,6 +131,10 @@ class SyntheticSpec:
     nebula_strength: float = 1.0  # the nebula's brightness relative to the default
     ellipticities: list[float] | None = None  # per frame: stars drawn out (1 - minor/major axis)
     max_ellipticity: float = 0.0  # or the targets' drawn out by up to this much (the reference not)
+    # Warm pixels: this share of the sensor's pixels, the same ones in every frame, each
+    # WARM_PIXEL_RANGE times noise_sigma above its light (log-uniform); a registration moves and
+    # spreads them with the frame, where the stars stay (warm_pixels gives their places).
+    warm_pixel_fraction: float = 0.0
 
     @classmethod
     def from_scenario(cls, name: str, **overrides) -> SyntheticSpec:
@@ -199,6 +204,11 @@ SCENARIOS["undersampled-sparse-mono"] = dict(
     SCENARIOS["undersampled-sparse-colour"], colour=False, bayer=False, pixel_size_um=3.76
 )
 
+
+#: How far above its own light a warm pixel stands, in the sky's pixel noise (noise_sigma):
+#: an uncalibrated sensor's dark current, from where a 5-sigma detection finds it to where
+#: the hot pixels (hot_pixel_fraction, 0.1-1.0) begin.
+WARM_PIXEL_RANGE = (5.0, 30.0)
 
 #: A field-dependent FWHM is drawn in steps of this much of the frame's FWHM (1 %): steps of
 #: 9 % (8 over a factor of 1.7) put a staircase into the PSF that no smooth field model
@@ -652,6 +662,15 @@ class SyntheticField:
             yy, xx = np.mgrid[0:h, 0:w]
             distance = np.abs((yy - 0.2 * h) - 0.45 * (xx - 0.1 * w)) / math.hypot(1, 0.45)
             data += (0.02 * np.exp(-0.5 * (distance / 1.2) ** 2)).astype(np.float32)[None]
+        if spec.warm_pixel_fraction:
+            at, excess, channel = self._warm_pixels()
+            flat = data.reshape(self.channels, -1)
+            if self._photosites() is None:
+                flat[:, at] += excess
+            else:
+                # A warm photosite, as a hot one: in its channel (half of it in green's mean).
+                for c, weight in enumerate((1.0, 0.5, 1.0)):
+                    flat[c, at[channel == c]] += weight * excess[channel == c]
         n_hot = int(spec.hot_pixel_fraction * h * w)
         hot = rng.integers(0, h * w, n_hot)
         values = rng.uniform(0.1, 1.0, n_hot).astype(np.float32)
@@ -666,6 +685,29 @@ class SyntheticField:
                 at = hot[channel == c]
                 flat[c, at] = weight * values[channel == c] + (1 - weight) * flat[c, at]
         return np.clip(data, 0, 1)
+
+    def _warm_pixels(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The sensor's warm pixels (flat indices on the camera's grid), their excess and, with
+        Bayer cells, each one's channel, from a stream of their own: the same in every frame."""
+        spec = self.spec
+        rng = np.random.default_rng([spec.seed, 20_261_207])
+        n = int(spec.warm_pixel_fraction * spec.height * spec.width)
+        at = rng.choice(spec.height * spec.width, n, replace=False)
+        lo, hi = np.log(WARM_PIXEL_RANGE)
+        excess = (spec.noise_sigma * np.exp(rng.uniform(lo, hi, n))).astype(np.float32)
+        return at, excess, np.array([0, 1, 1, 2])[rng.integers(0, 4, n)]
+
+    def warm_pixels(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where frame ``k`` shows the sensor's warm pixels on the reference's grid: ``x, y``
+        (px; a registered frame's move with its offset and turn) and each one's excess over its
+        light before registration (a registration spreads it over a few pixels)."""
+        if not self.spec.warm_pixel_fraction:
+            return np.zeros(0), np.zeros(0), np.zeros(0)
+        at, excess, _ = self._warm_pixels()
+        row, column = np.divmod(at, self.spec.width)
+        matrix, offset = self._to_capture(k)
+        y, x = np.linalg.solve(matrix, np.stack([row, column]).astype(float) - offset[:, None])
+        return x, y, excess.astype(np.float64)
 
     def _photosites(self) -> np.ndarray | None:
         """Photosites behind each channel's pixel with ``bayer`` (1, 2, 1), else None."""

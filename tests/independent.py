@@ -7,6 +7,8 @@
   :meth:`StarRatios.summed`, the ratio of the brightest stars' summed fluxes). Nothing in it
   comes from ``nsg_gpu``.
 - :func:`extractor_stars`: sep's detections at 5 sigma, less single hot pixels.
+- :func:`stacked_stars`: sep's detections on the median of registered frames, where a
+  sensor's hot pixels, which move with each frame's registration, mostly do not survive.
 - :func:`star_colours`: the median red-to-green and blue-to-green flux ratios of a colour
   frame's stars, measured in that frame alone (no other frame, no matching, no scale).
 - :func:`spline_smoothing`: how much registration smoothed a frame's pixel noise, from the
@@ -53,6 +55,7 @@ __all__ = [
     "read_planes",
     "independent_transmission",
     "extractor_stars",
+    "stacked_stars",
     "spline_smoothing",
     "core_and_halo_stars",
     "core_and_halo_frames",
@@ -126,6 +129,18 @@ def extractor_stars(planes: np.ndarray, *, edge: float = 10.0) -> tuple[np.ndarr
     neighbours = [mean[yi + dy, xi + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
     star = np.maximum.reduce(neighbours) - sky > 0.1 * centre
     return x[star], y[star]
+
+
+def stacked_stars(frames: list[np.ndarray], *, threshold: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """sep's detections (``threshold`` sigma, 5 px) on the median of registered frames'
+    channel means where all of them hold data. A sensor's hot pixels move with each frame's
+    registration, the stars stay: the median keeps the stars, and takes most hot pixels out."""
+    stack = np.stack([np.asarray(f, np.float64).mean(axis=0) for f in frames])
+    nodata = ~(stack > 0).all(axis=0)
+    median = np.ascontiguousarray(np.where(nodata, 0.0, np.median(stack, axis=0)))
+    background = sep.Background(median, mask=nodata)
+    objects = sep.extract(median - background.back(), threshold, err=background.globalrms, mask=nodata, minarea=5)
+    return objects["x"], objects["y"]
 
 
 def extractor_shape(planes: np.ndarray, *, brightest: int = 15) -> tuple[float, float]:

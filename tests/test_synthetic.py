@@ -320,6 +320,42 @@ def test_background_noise_is_what_the_capture_holds(registered):
         assert residual[faint].std() == pytest.approx(registered.background_noise(k)[0], rel=0.01)
 
 
+@pytest.mark.parametrize("rotation", [0.0, 2.0])
+def test_warm_pixels_are_the_sensors_in_every_frame_and_move_with_its_registration(registered, rotation):
+    """``warm_pixel_fraction``: the same camera pixels in every frame, each 5-30 sky noises
+    above its light (the frames without them differ there and nowhere else); once registered
+    they lie where ``warm_pixels`` says (a turned target's too): the registered frame's excess
+    over the same frame without them peaks within half a pixel of each place, and holds the
+    warm pixel's light."""
+    spec = dict(asdict(registered.spec), rotation=rotation)
+    warm = SyntheticField(**dict(spec, warm_pixel_fraction=1e-3))
+    plain = SyntheticField(**spec)
+    n = int(1e-3 * 600 * 500)
+    places = []
+    for k in range(4):
+        excess = (warm.capture(k) - plain.capture(k))[0]
+        places.append(np.flatnonzero(excess))
+        assert places[-1].size == n
+        sigmas = excess.ravel()[places[-1]] / warm.spec.noise_sigma
+        assert sigmas.min() >= 5 - 1e-3 and sigmas.max() <= 30 + 1e-3
+        assert np.ptp(np.log(sigmas)) > 0.9 * math.log(6)
+    assert all(np.array_equal(places[0], p) for p in places[1:])
+    for k in (1, 3):
+        x, y, light = warm.warm_pixels(k)
+        moved = (warm.render(k) - plain.render(k))[0].astype(float)
+        inside = (x > 5) & (x < 594) & (y > 5) & (y < 494)
+        assert inside.sum() > 0.9 * n
+        apart = np.sort(np.hypot(x[:, None] - x[None], y[:, None] - y[None]), axis=1)[:, 1] > 8
+        for xi, yi, value in zip(*(v[inside & apart][:40] for v in (x, y, light)), strict=True):
+            cx, cy = int(round(xi)), int(round(yi))
+            window = moved[cy - 4 : cy + 5, cx - 4 : cx + 5]
+            py, px = np.unravel_index(np.argmax(window), window.shape)
+            assert abs(cy - 4 + py - yi) <= 0.5 + 1e-9 and abs(cx - 4 + px - xi) <= 0.5 + 1e-9
+            assert window.sum() == pytest.approx(value, rel=0.05)
+    if rotation:
+        assert np.abs(np.subtract(*warm.warm_pixels(1)[:2]) - np.subtract(*warm.warm_pixels(0)[:2])).max() > 3
+
+
 # -- scenarios and truth.json ---------------------------------------------------------------------
 def test_default_scenario_is_the_default_spec():
     assert SyntheticSpec.from_scenario("default") == SyntheticSpec()
