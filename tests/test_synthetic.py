@@ -10,6 +10,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import scipy.ndimage
+from astropy.io import fits
 from scipy import integrate
 from typer.testing import CliRunner
 
@@ -415,6 +416,15 @@ def test_nsg_synth_writes_a_scenario_and_its_truth(tmp_path):
     assert drawn.exit_code == 0, drawn.output
     shapes = [f["ellipticity"] for f in json.loads((tmp_path / "e" / "truth.json").read_text())["frames"]]
     assert shapes[0] == 0 and all(0 < e <= 0.3 for e in shapes[1:]), shapes
+    warm = CliRunner().invoke(
+        app,
+        ["synth", str(tmp_path / "w"), "-n", "3", "--width", "300", "--height", "200", "--stars", "300"]
+        + ["--elongation", "0.3", "--warm-pixels", "1e-3"],
+    )
+    assert warm.exit_code == 0, warm.output
+    assert json.loads((tmp_path / "w" / "truth.json").read_text())["spec"]["warm_pixel_fraction"] == 1e-3
+    first = [fits.getdata(sorted((tmp_path / d).glob("*.fits"))[0]) for d in ("e", "w")]
+    assert np.count_nonzero(first[0] != first[1]) == 60  # the reference is not resampled
 
 
 def test_star_colours_follow_a_camera_that_sees_colours_differently():
