@@ -424,17 +424,8 @@ def test_hot_pixels_spread_by_the_registration_are_not_stars(spec, seed, k):
     assert star.sum() >= 0.95 * expected_star.sum(), (int(star.sum()), int(expected_star.sum()))
 
 
-#: Stars of 3-4.5 px on a registered mono field, with a sensor's warm pixels (5-30 sky noises).
-WARM = dict(
-    width=900,
-    height=700,
-    n_stars=900,
-    n_frames=4,
-    fwhm_range=(3.0, 4.5),
-    beta_range=(2.5, 4.0),
-    pixel_integrated=True,
-    registration=True,
-)
+#: Stars of 3-4.5 px on a registered mono field (warm pixels added in the test).
+WARM = dict(REGISTERED_SMALL, fwhm_range=(3.0, 4.5), pixel_integrated=True, registration=True)
 
 
 @pytest.mark.parametrize(("seed", "k"), [(1, 1), (1, 3)])
@@ -442,11 +433,11 @@ def test_faint_warm_pixels_spread_by_the_registration_are_not_stars(seed, k):
     """A frame registered at nearly half a pixel (here (0.07, -0.47) and (-0.47, 0.05) px)
     spreads each warm pixel over two pixels, which a star of 0.8-1.4 px fits about as well at
     5-30 sky noises: 7 and 12 of the catalogue's detections were warm pixels away from any
-    star (they are fixed on the sensor, so they stay in place across a night's frames, where
-    they set the FWHM a target is read at, and pair up as stars of no colour and no
-    transmission). Once the frame's stars read 3.2-3.9 px no star is taken for narrower than
-    half that: at most one warm pixel left, and the stars, FWHM and as many true stars as
-    the same frame without warm pixels (a star with a warm pixel on it may go with it)."""
+    star (fixed on the sensor, they stay nearly in place across a night's frames: on
+    StarGate they read a target's FWHM). Once the frame's stars read 3.2-3.9 px no star is
+    taken for narrower than half that: at most one warm pixel left, and the FWHM and nearly
+    as many true stars as the same frame without warm pixels (a star with a warm pixel on it
+    may go with it)."""
     with_warm = SyntheticField(seed=seed, warm_pixel_fraction=1e-3, **WARM)
     clean = SyntheticField(seed=seed, **WARM)
     catalog, expected = detect_stars(with_warm.render(k)), detect_stars(clean.render(k))
