@@ -93,14 +93,14 @@ POINT_TEST_STEP = 0.05
 #: The brightest detections (by their peak) that are tested, at most: the ones that set the
 #: catalogue's FWHM, sharpness and registration check.
 POINT_TEST_MAX = 500
-#: Once a resampled frame's FWHM is read, no star of it is taken for narrower than this share
-#: of it (the PSF varies across a field by a third or so, not by half): the detections that
-#: a single pixel seen through an interpolation fits better, by :data:`HOT_PIXEL_CHI2`, than
-#: any star of that FWHM or more are hot pixels, down to :data:`FAINT_POINT_SNR` times the
-#: pixel noise. On a real frame that a Lanczos-3 registration resampled (stars of 3.7 px),
-#: hot pixels of 9-28 pixel sigmas won by -1 to 16 against stars of 0.8 px
-#: (:data:`POINT_TEST_FWHM`), too little to tell, and by 46-680 against stars of 1.8 px and
-#: more; the stars' own advantage stayed at -95 and below.
+#: Once a frame's FWHM is read, no star of it is taken for narrower than this share of it
+#: (the PSF varies across a field by a third or so, not by half): the detections that a
+#: single pixel, seen through an interpolation where the frame was resampled, fits better, by
+#: :data:`HOT_PIXEL_CHI2`, than any star of that FWHM or more are hot pixels (or warm ones),
+#: down to :data:`FAINT_POINT_SNR` times the pixel noise. On a real frame that a Lanczos-3
+#: registration resampled (stars of 3.7 px), hot pixels of 9-28 pixel sigmas won by -1 to 16
+#: against stars of 0.8 px (:data:`POINT_TEST_FWHM`), too little to tell, and by 46-680
+#: against stars of 1.8 px and more; the stars' own advantage stayed at -95 and below.
 STAR_FWHM_SHARE = 0.5
 FAINT_POINT_SNR = 5.0
 #: Pixels at or below this fraction of the detection image's maximum are taken as clamped (a
@@ -601,7 +601,10 @@ def detect_stars(
     frame (its noise correlated: :func:`nsg_gpu.resampling.interpolation_kernel`) the bright
     detections that are single pixels seen through an interpolation are left out
     (:func:`single_pixel_advantage`); on a colour frame, those whose light is in one channel
-    (:func:`one_channel`: a colour sensor's hot pixel is one photosite).
+    (:func:`one_channel`: a colour sensor's hot pixel is one photosite). Once the frame's FWHM
+    is read, on any frame, the detections of :data:`FAINT_POINT_SNR` pixel sigmas and more
+    are judged so again against stars of at least :data:`STAR_FWHM_SHARE` of it, where that
+    is broader than :data:`POINT_TEST_FWHM`'s narrowest.
     """
     be = get_backend(data)
     xp = be.xp
@@ -797,9 +800,13 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
         if values.size >= 5:
             measured = typical_fwhm(values)
     fwhms = _star_test_fwhms(measured)
-    if resampled and fwhms[0] > POINT_TEST_FWHM[0]:
+    if fwhms[0] > POINT_TEST_FWHM[0]:
         # Stars read, no star is much narrower than they are: the hot pixels that stars of
-        # 0.8 px could pass for, and the fainter ones, are told from them.
+        # 0.8 px could pass for, and the fainter ones, are told from them; on a frame not
+        # resampled too (a single pixel through no interpolation: the shift 0), where a
+        # nebula's light under the smooth background lifts a faint one's cross with it.
+        if not resampled:
+            pixel_sigma = _mad_sigma(residual[::step, ::step][valid[::step, ::step]])
         tested = np.nonzero(peak_residual > FAINT_POINT_SNR * pixel_sigma)[0]
         tested = tested[np.argsort(-peak_residual[tested], kind="stable")[:POINT_TEST_MAX]]
         if tested.size:
@@ -829,10 +836,11 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
 
 
 def _seen_through_interpolation(data, image, residual, xs, ys, pixel_sigma, image_max, fwhms) -> np.ndarray:
-    """Which detections at pixels ``xs, ys`` (on the image's backend) of a resampled frame are
-    single pixels seen through its registration's interpolation rather than stars of
+    """Which detections at pixels ``xs, ys`` (on the image's backend) are single pixels, seen
+    through a registration's interpolation where there was one, rather than stars of
     ``fwhms`` (:func:`single_pixel_advantage` on ``residual``, the background-subtracted
-    detection image): a host bool array."""
+    detection image; its templates hold the identity, an interpolation at shift 0): a host
+    bool array."""
     be = get_backend(image)
     if data is not None and data.ndim == 3 and data.shape[0] > 1:
         # A colour sensor's hot pixel is one photosite: its light is in one channel, and its
