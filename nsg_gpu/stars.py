@@ -96,8 +96,9 @@ POINT_TEST_MAX = 500
 #: Once a frame's FWHM is read, no star of it is taken for narrower than this share of it
 #: (the PSF varies across a field by a third or so, not by half): the detections that a
 #: single pixel, seen through an interpolation where the frame was resampled, fits better, by
-#: :data:`HOT_PIXEL_CHI2`, than any star of that FWHM or more are hot pixels (or warm ones),
-#: down to :data:`FAINT_POINT_SNR` times the pixel noise. On a real frame that a Lanczos-3
+#: :data:`HOT_PIXEL_CHI2`, than any star of that FWHM or more are hot pixels (or warm ones);
+#: those tried peak at :data:`FAINT_POINT_SNR` pixel sigmas or more (a single pixel can beat a
+#: star of half a 2-4 px FWHM by 25 from about 6-7 of them). On a real frame that a Lanczos-3
 #: registration resampled (stars of 3.7 px), hot pixels of 9-28 pixel sigmas won by -1 to 16
 #: against stars of 0.8 px (:data:`POINT_TEST_FWHM`), too little to tell, and by 46-680
 #: against stars of 1.8 px and more; the stars' own advantage stayed at -95 and below.
@@ -602,9 +603,10 @@ def detect_stars(
     detections that are single pixels seen through an interpolation are left out
     (:func:`single_pixel_advantage`); on a colour frame, those whose light is in one channel
     (:func:`one_channel`: a colour sensor's hot pixel is one photosite). Once the frame's FWHM
-    is read, on any frame, the detections of :data:`FAINT_POINT_SNR` pixel sigmas and more
-    are judged so again against stars of at least :data:`STAR_FWHM_SHARE` of it, where that
-    is broader than :data:`POINT_TEST_FWHM`'s narrowest.
+    is read from five stars or more, on any frame, the detections that peak at
+    :data:`FAINT_POINT_SNR` pixel sigmas or more are judged so again against stars of at
+    least :data:`STAR_FWHM_SHARE` of it, where that is broader than
+    :data:`POINT_TEST_FWHM`'s narrowest.
     """
     be = get_backend(data)
     xp = be.xp
@@ -785,7 +787,7 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     bright = np.nonzero(readable & (peak_residual > FWHM_PEAK_SNR * reading_noise))[0][:200]
     if bright.size < 5:
         bright = np.nonzero(readable & (peak_residual > SPARSE_FWHM_PEAK_SNR * reading_noise))[0][:5]
-    measured = fwhm
+    measured, read = fwhm, False
     if bright.size >= 5:
         rows = be.asarray(np.rint(cy[bright]).astype(np.int64))
         cols = be.asarray(np.rint(cx[bright]).astype(np.int64))
@@ -798,16 +800,18 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
         )
         values = values[np.isfinite(values) & (values > 0.8)]
         if values.size >= 5:
-            measured = typical_fwhm(values)
+            measured, read = typical_fwhm(values), True
     fwhms = _star_test_fwhms(measured)
-    if fwhms[0] > POINT_TEST_FWHM[0]:
+    if read and fwhms[0] > POINT_TEST_FWHM[0]:
         # Stars read, no star is much narrower than they are: the hot pixels that stars of
         # 0.8 px could pass for, and the fainter ones, are told from them; on a frame not
         # resampled too (a single pixel through no interpolation: the shift 0), where a
         # nebula's light under the smooth background lifts a faint one's cross with it.
+        # (Where too few stars read the FWHM, the guess would take undersampled stars for
+        # single pixels.)
         if not resampled:
             pixel_sigma = _mad_sigma(residual[::step, ::step][valid[::step, ::step]])
-        tested = np.nonzero(peak_residual > FAINT_POINT_SNR * pixel_sigma)[0]
+        tested = np.nonzero(peak_residual > FAINT_POINT_SNR * pixel_sigma)[0] if pixel_sigma > 0 else np.zeros(0, int)
         tested = tested[np.argsort(-peak_residual[tested], kind="stable")[:POINT_TEST_MAX]]
         if tested.size:
             at = be.asarray(xs[tested]), be.asarray(ys[tested])
@@ -912,8 +916,8 @@ def _template_squares(fwhms: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]
 
 
 def _star_test_fwhms(fwhm: float) -> tuple[float, ...]:
-    """The star FWHMs a resampled frame whose stars read ``fwhm`` px is tested against, once
-    that is read: :data:`STAR_FWHM_SHARE` of it (down to a tenth of a pixel) and the broader
+    """The star FWHMs a frame whose stars read ``fwhm`` px is tested against, once that is
+    read: :data:`STAR_FWHM_SHARE` of it (down to a tenth of a pixel) and the broader
     ones of :data:`POINT_TEST_FWHM`."""
     narrowest = math.floor(10 * STAR_FWHM_SHARE * fwhm) / 10
     return (narrowest, *(f for f in POINT_TEST_FWHM if f > narrowest))
@@ -994,7 +998,7 @@ def single_pixel_advantage(
                 rows = cut[start : start + _CUT_WINDOWS_AT_ONCE]
                 kept = keep[rows].astype(np.float64)
                 norm = np.sqrt(kept @ squares)
-                projections = ((flat[rows] * kept) @ templates) / np.where(norm > 0, norm, np.inf)
+                projections = np.where(keep[rows], flat[rows], 0.0) @ templates / np.where(norm > 0, norm, np.inf)
                 best[rows], chosen[rows] = projections.max(axis=1), projections.argmax(axis=1)
         # Both grids refined around their best: at a signal-to-noise of hundreds a grid's
         # step alone misfits a hot pixel or a star by more than the two differ.
@@ -1017,7 +1021,7 @@ def single_pixel_advantage(
 
 
 #: Windows with pixels left out whose projections are made together (each a row of as many
-#: values as there are templates: 70000, half a megabyte).
+#: values as there are templates, up to 70000: half a megabyte a window).
 _CUT_WINDOWS_AT_ONCE = 16
 
 

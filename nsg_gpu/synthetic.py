@@ -270,6 +270,8 @@ class SyntheticField:
         """Seeing range and registration offsets, from a stream of their own (so the default
         frames, which use neither, are those of the generator before them)."""
         spec = self.spec
+        if not 0 <= spec.warm_pixel_fraction <= 1:
+            raise ParameterError(f"warm_pixel_fraction {spec.warm_pixel_fraction} is not in [0, 1]")
         rng = np.random.default_rng([spec.seed, 20_251_201])
         for k, truth in enumerate(self.frames):
             if spec.fwhm_range is not None and spec.fwhms is None:

@@ -475,3 +475,38 @@ def test_warm_pixels_on_a_sparse_frame_not_resampled_are_not_stars():
         left += int(np.sum(warm & ~stars(catalog)))
         assert stars(catalog).sum() >= stars(expected).sum() - 1
     assert left <= 1
+
+
+@pytest.mark.parametrize(("seed", "n_stars"), [(4, 6), (7, 6), (9, 12)])
+def test_the_second_point_test_waits_for_a_measured_fwhm(monkeypatch, seed, n_stars):
+    """Where fewer than five stars read a frame's FWHM, the guess (3 px) stands for it, and
+    undersampled stars of about a pixel would be taken for single pixels against stars of
+    1.5 px: on these sparse undersampled frames (no hot pixels) the second test then removed
+    true stars. It waits for a FWHM read from the stars: every true star found without it is
+    found with it."""
+    field = SyntheticField(
+        scenario="undersampled-sparse-mono", width=480, height=270, n_stars=n_stars, seed=seed, hot_pixel_fraction=0.0
+    )
+    data = field.render(0)
+
+    def true_stars(catalog):
+        near = np.hypot(field.star_x[None] - catalog.x[:, None], field.star_y[None] - catalog.y[:, None])
+        return set(np.argmin(near, axis=1)[near.min(axis=1) < 1.0].tolist())
+
+    found = true_stars(detect_stars(data))
+    monkeypatch.setattr("nsg_gpu.stars.STAR_FWHM_SHARE", 0.0)
+    assert true_stars(detect_stars(data)) <= found
+
+
+def test_left_out_pixels_do_not_reach_the_fit_even_when_not_finite():
+    """A window's pixels marked as holding no data are left out of the point test's fits,
+    whatever they hold."""
+    rng = np.random.default_rng(3)
+    window = rng.normal(0, 0.001, (5, 5))
+    window[2, 2] += 0.05
+    valid = np.ones((5, 5), bool)
+    valid[0, 0] = False
+    clean = single_pixel_advantage(window[None], 0.001, valid[None])
+    window[0, 0] = np.nan
+    assert single_pixel_advantage(window[None], 0.001, valid[None]) == pytest.approx(clean)
+    assert np.isfinite(clean).all()
