@@ -746,11 +746,11 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
         c = centre[judged]
         keep[judged] = (symmetric > UNDERSAMPLED_AROUND * c) & (symmetric > AROUND_SNR * pixel_noise)
     image_max = float(be.to_host(image.max()))
+    # The residual's own pixel noise, which the point tests below count in.
+    pixel_sigma = _mad_sigma(residual[::step, ::step][valid[::step, ::step]])
     if resampled:
         # A resampled frame: a hot pixel comes out spread over its neighbours by the
         # interpolation, and passes the tests above; its shape is the kernel's.
-        residual_sub = residual[::step, ::step][valid[::step, ::step]]
-        pixel_sigma = _mad_sigma(residual_sub)
         tested = xp.nonzero(keep & (centre > POINT_TEST_SNR * pixel_sigma))[0]
         tested = tested[xp.argsort(-centre[tested])[:POINT_TEST_MAX]]
         if tested.size:
@@ -809,8 +809,6 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
         # nebula's light under the smooth background lifts a faint one's cross with it.
         # (Where too few stars read the FWHM, the guess would take undersampled stars for
         # single pixels.)
-        if not resampled:
-            pixel_sigma = _mad_sigma(residual[::step, ::step][valid[::step, ::step]])
         tested = np.nonzero(peak_residual > FAINT_POINT_SNR * pixel_sigma)[0] if pixel_sigma > 0 else np.zeros(0, int)
         tested = tested[np.argsort(-peak_residual[tested], kind="stable")[:POINT_TEST_MAX]]
         if tested.size:
@@ -879,40 +877,39 @@ def _unit_outer(py: np.ndarray, px: np.ndarray) -> np.ndarray:
     return (t / np.linalg.norm(t, axis=1, keepdims=True)).T
 
 
-def _point_templates(fwhms: tuple[float, ...] = POINT_TEST_FWHM) -> tuple[np.ndarray, np.ndarray]:
+def _point_templates(
+    fwhms: tuple[float, ...] = POINT_TEST_FWHM,
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Unit-norm 5 x 5 templates ``(25, n)``: a single captured pixel (under the registered
     one or a neighbour) seen through each interpolation of
     :data:`nsg_gpu.resampling.INTERPOLATIONS` at shifts of -1/2 to 1/2 px in steps of
     :data:`POINT_TEST_STEP` along x and y; and pixel-integrated Gaussian stars of ``fwhms``
     at quarter-pixel places within a pixel of the centre, through each interpolation at shifts
-    of -1/4, 0, 1/4 and 1/2 px. Made once for each ``fwhms``."""
+    of -1/4, 0, 1/4 and 1/2 px. Made once for each ``fwhms``. Each family comes with its
+    templates' squares: a template's norm over the pixels a window keeps is the root of
+    their sum there."""
     return _single_pixel_templates(), _star_templates(tuple(fwhms))
 
 
 @functools.lru_cache(maxsize=1)
-def _single_pixel_templates() -> np.ndarray:
+def _single_pixel_templates() -> tuple[np.ndarray, np.ndarray]:
     point = []
     for name in INTERPOLATIONS:
         points = np.concatenate([_point_profiles(name, float(v), np.arange(-1, 2)) for v in _point_shifts()])
         point.append(_unit_outer(points, points))
-    return np.concatenate(point, axis=1)
+    point = np.concatenate(point, axis=1)
+    return point, point**2
 
 
 @functools.lru_cache(maxsize=8)
-def _star_templates(fwhms: tuple[float, ...]) -> np.ndarray:
+def _star_templates(fwhms: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
     star = []
     for name in INTERPOLATIONS:
         for fwhm in fwhms:
             stars = np.concatenate([_star_profiles(name, fwhm, v, _STAR_PLACES) for v in _STAR_SHIFTS])
             star.append(_unit_outer(stars, stars))
-    return np.concatenate(star, axis=1)
-
-
-@functools.lru_cache(maxsize=8)
-def _template_squares(fwhms: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The squares of :func:`_point_templates`' ``(point, star)``: a template's norm over the
-    pixels a window keeps is the root of their sum there."""
-    return tuple(t**2 for t in _point_templates(fwhms))
+    star = np.concatenate(star, axis=1)
+    return star, star**2
 
 
 def _star_test_fwhms(fwhm: float) -> tuple[float, ...]:
@@ -975,8 +972,7 @@ def single_pixel_advantage(
     such pixels (and no-data ones) are left out of that window's fit, every template cut to
     the rest and normalized again."""
     fwhms = tuple(fwhms)
-    point, star = _point_templates(fwhms)
-    point_squares, star_squares = _template_squares(fwhms)
+    (point, point_squares), (star, star_squares) = _point_templates(fwhms)
     flat = np.asarray(windows, dtype=np.float64).reshape(len(windows), 25)
     keep = np.ones(flat.shape, bool) if valid is None else np.asarray(valid, bool).reshape(flat.shape)
     best_point, best_star = np.zeros(len(flat)), np.zeros(len(flat))

@@ -205,6 +205,11 @@ SCENARIOS["undersampled-sparse-mono"] = dict(
 )
 
 
+#: A Bayer cell's photosites by channel (red, the two greens, blue), and the share of one
+#: photosite's excess that its channel's pixel shows (green is the mean of two).
+PHOTOSITE_CHANNELS = np.array([0, 1, 1, 2])
+PHOTOSITE_WEIGHTS = (1.0, 0.5, 1.0)
+
 #: How far above its own light a warm pixel stands, in the sky's pixel noise (noise_sigma):
 #: an uncalibrated sensor's dark current, from where a 5-sigma detection finds it to where
 #: the hot pixels (hot_pixel_fraction, 0.1-1.0) begin.
@@ -671,7 +676,7 @@ class SyntheticField:
                 flat[:, at] += excess
             else:
                 # A warm photosite, as a hot one: in its channel (half of it in green's mean).
-                for c, weight in enumerate((1.0, 0.5, 1.0)):
+                for c, weight in enumerate(PHOTOSITE_WEIGHTS):
                     flat[c, at[channel == c]] += weight * excess[channel == c]
         n_hot = int(spec.hot_pixel_fraction * h * w)
         hot = rng.integers(0, h * w, n_hot)
@@ -682,8 +687,8 @@ class SyntheticField:
         else:
             # A hot photosite: the red one, one of the two greens (whose mean the green pixel
             # is) or the blue one; the other channels of that pixel keep their light.
-            channel = np.array([0, 1, 1, 2])[rng.integers(0, 4, n_hot)]
-            for c, weight in enumerate((1.0, 0.5, 1.0)):
+            channel = PHOTOSITE_CHANNELS[rng.integers(0, 4, n_hot)]
+            for c, weight in enumerate(PHOTOSITE_WEIGHTS):
                 at = hot[channel == c]
                 flat[c, at] = weight * values[channel == c] + (1 - weight) * flat[c, at]
         return np.clip(data, 0, 1)
@@ -697,7 +702,7 @@ class SyntheticField:
         at = rng.choice(spec.height * spec.width, n, replace=False)
         lo, hi = np.log(WARM_PIXEL_RANGE)
         excess = (spec.noise_sigma * np.exp(rng.uniform(lo, hi, n))).astype(np.float32)
-        return at, excess, np.array([0, 1, 1, 2])[rng.integers(0, 4, n)]
+        return at, excess, PHOTOSITE_CHANNELS[rng.integers(0, 4, n)]
 
     def warm_pixels(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Where frame ``k`` shows the sensor's warm pixels on the reference's grid: ``x, y``
