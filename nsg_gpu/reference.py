@@ -55,6 +55,23 @@ MIN_COVERAGE = 0.05
 #: The reference's PSF fits kept (one per stamp radius and model; the radius follows the
 #: broader of the two frames, in steps of a tenth): the oldest is dropped beyond this.
 PSF_FITS_KEPT = 16
+#: The PSF is fitted on the bright isolated stars (:meth:`Reference.psf_stars`): those whose
+#: peak stands at least PSF_PEAK_SNR noise sigmas out of their surroundings
+#: (:attr:`Reference.peak_snr`), and the fainter ones; but where many of these peak at less
+#: than PSF_SHARPNESS of the bright ones' peak for their flux (PSF_SHARP_SNR sigmas and
+#: more), those are left out. Among faint detections are a nebula's knots: broad, with their
+#: light lifting their flux, they pass the detection's sharpness test (0.4 of the stars'
+#: typical, which keeps a field's broad corners), and on a sparse field over a nebula they
+#: outnumbered the stars among the 60 brightest isolated detections (50 knots of 2-4.8 sigmas
+#: at their peak, read at 0.31-0.67 of the stars' peak for their flux; its 10 stars from 6
+#: sigmas) and drew the fitted Moffats broad in their wings (docs/scale-accuracy.md, "Knots
+#: of a nebula among the PSF stars"). StarGate's faint stars of 3.4-4.8 sigmas read 0.6-1.9.
+PSF_PEAK_SNR = 5.0
+PSF_SHARPNESS = 0.7
+PSF_SHARP_SNR = 10.0
+#: ... where more than this share of the faint ones peak that low: their noise takes about a
+#: tenth of faint stars there (StarGate's sg_0001: one of its five), and those stay.
+PSF_KNOT_SHARE = 1.0 / 3.0
 
 
 @dataclass
@@ -129,7 +146,7 @@ class Reference:
         key = (radius, pixel_integrated)
         if key in self._psf_fits:
             return self._psf_fits[key]
-        idx = self.photometry_index[self.isolated][:PSF_STARS]
+        idx = self.psf_stars()
         with single_threaded_blas():
             fitted = fit_reference_psf(
                 self.frame.data,
@@ -146,6 +163,25 @@ class Reference:
             self._psf_fits.pop(next(iter(self._psf_fits.copy()), None), None)
         self._psf_fits[key] = fitted
         return fitted
+
+    def psf_stars(self) -> np.ndarray:
+        """Catalogue rows of the stars the PSF is fitted on: the brightest isolated ones, at
+        most :data:`PSF_STARS`, less the faint ones whose peak is low for their flux where a
+        share of the faint ones are (see :data:`PSF_PEAK_SNR`)."""
+        rows = np.nonzero(self.isolated)[0]
+        snr = self.peak_snr[rows]
+        flux = self.stars.flux[self.photometry_index[rows]]
+        # Peak for flux, relative to the stars' that stand well out of the noise (a ratio of
+        # the same noise, so in any units).
+        ratio = snr / np.where(flux > 0, flux, np.inf)
+        sharp = snr >= PSF_SHARP_SNR
+        if np.count_nonzero(sharp) >= 3:
+            faint = snr < PSF_PEAK_SNR
+            blunt = faint & (ratio < PSF_SHARPNESS * float(np.median(ratio[sharp])))
+            # A few faint stars peak that low by their noise; a share of them, knots.
+            if np.count_nonzero(blunt) > PSF_KNOT_SHARE * np.count_nonzero(faint):
+                rows = rows[~blunt]
+        return self.photometry_index[rows][:PSF_STARS]
 
     @property
     def interpolation_kernel(self) -> InterpolationKernel | None:

@@ -71,6 +71,13 @@ BLEND_AREA = 3.0
 #: the median, where the median is larger than this.
 BLEND_MIN_AREA = 4.0 * math.pi
 SPARSE_FWHM_PEAK_SNR = 7.0
+#: ... and whose peak for their flux is at least this share of the typical star's there
+#: (:func:`_compact`): a source twice as broad as the stars peaks at a quarter of theirs for
+#: its flux. A nebula's knots, whose light is spread, outshine the faint stars of a sparse
+#: field in flux: four of a synthetic frame's five brightest readable detections, which read
+#: 17 px where its stars have 2.8 (docs/scale-accuracy.md, "Knots of a nebula among the PSF
+#: stars").
+SPARSE_FWHM_COMPACT = 0.25
 #: A detection whose 4-neighbours hold less than a fifth of its peak is still a star where
 #: the light on both sides of it (twice the lesser of each pair of opposite neighbours, over
 #: the four axes, above 8 times the window edge's median) is this share of the peak, and
@@ -786,7 +793,8 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     reading_noise = min(pixel_noise, FWHM_NOISE_CAP * own)
     bright = np.nonzero(readable & (peak_residual > FWHM_PEAK_SNR * reading_noise))[0][:200]
     if bright.size < 5:
-        bright = np.nonzero(readable & (peak_residual > SPARSE_FWHM_PEAK_SNR * reading_noise))[0][:5]
+        shown = np.nonzero(readable & (peak_residual > SPARSE_FWHM_PEAK_SNR * reading_noise))[0]
+        bright = shown[_compact(peak_residual[shown], flux[shown], fwhm)][:5]
     measured, read = fwhm, False
     if bright.size >= 5:
         rows = be.asarray(np.rint(cy[bright]).astype(np.int64))
@@ -835,6 +843,20 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     level = np.maximum(peak_residual / max(3 * pixel_noise, 1e-30), 1.0 + 1e-9)
     radius = np.maximum(measured * _FWHM_TO_SIGMA * np.sqrt(2 * np.log(level)), 1.0)
     return StarCatalog(cx + 0.0, cy + 0.0, flux, peak_value, radius, measured, noise)
+
+
+def _compact(peak: np.ndarray, flux: np.ndarray, fwhm: float) -> np.ndarray:
+    """Which detections (``peak`` above the background and ``flux``, brightest first) are no
+    broader than stars: peak over flux at least :data:`SPARSE_FWHM_COMPACT` of the median of
+    the five highest peaks' (stars: the knots of a nebula peak low), that median at most
+    :data:`SHARPNESS_CAP` over the square of ``fwhm`` (the pass's FWHM), so that single hot
+    pixels among the highest peaks do not raise it."""
+    ratio = peak / np.where(flux > 0, flux, np.inf)
+    if ratio.size < 5:
+        return np.ones(ratio.size, bool)
+    highest = np.argsort(-peak, kind="stable")[:5]
+    typical = min(float(np.median(ratio[highest])), SHARPNESS_CAP / fwhm**2)
+    return ratio >= SPARSE_FWHM_COMPACT * typical
 
 
 def _seen_through_interpolation(data, image, residual, xs, ys, pixel_sigma, image_max, fwhms) -> np.ndarray:
