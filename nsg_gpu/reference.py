@@ -42,9 +42,9 @@ from .resampling import (
     noise_correlation,
     own_kernel,
 )
-from .samples import MIN_SAMPLES, SampleGrid, bin_medians, make_grid, star_rejection
+from .samples import MIN_SAMPLES, SampleGrid, bin_medians, make_grid, star_rejection, trail_rejection
 from .stamps import channel_peaks, peak_contrast
-from .stars import StarCatalog, detect_stars, detection_image, isolated
+from .stars import StarCatalog, detect_stars, detection_image, isolated, near_trails
 
 __all__ = ["Reference", "prepare_reference", "check_coverage", "as_frame", "MAX_PHOTOMETRY_STARS"]
 
@@ -55,6 +55,11 @@ MIN_COVERAGE = 0.05
 #: The reference's PSF fits kept (one per stamp radius and model; the radius follows the
 #: broader of the two frames, in steps of a tenth): the oldest is dropped beyond this.
 PSF_FITS_KEPT = 16
+#: A trail's light reaches this many FWHM beside its line: the reference's stars whose
+#: annulus comes that near a trail its detection found, and its samples that do, are left
+#: out (the trail's light in a reference star's annulus took 10-30 % of a bright star's flux
+#: out of a sparse synthetic field's scales).
+TRAIL_CLEARANCE_FWHM = 2.0
 #: The PSF is fitted on the bright isolated stars (:meth:`Reference.psf_stars`): those whose
 #: peak stands at least PSF_PEAK_SNR noise sigmas out of their surroundings
 #: (:attr:`Reference.peak_snr`), and the fainter ones; but where many of these peak at less
@@ -330,7 +335,18 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
         )
     except ParameterError as exc:
         raise ReferenceFrameError(frame.path, str(exc)) from exc
-    linear = np.nonzero(stars.peak < resolved.linear_range)[0][:MAX_PHOTOMETRY_STARS]
+    # A satellite's trail across the reference would be in every target's photometry of the
+    # stars beside it (aperture or annulus) and in its samples: those are left out.
+    geometry = photometry.aperture_geometry(
+        stars.fwhm,
+        aperture_fwhm=resolved.aperture_fwhm,
+        aperture_add=resolved.aperture_add,
+        gap=resolved.aperture_gap,
+        bg_delta=resolved.aperture_bg_delta,
+    )
+    clearance = TRAIL_CLEARANCE_FWHM * stars.fwhm
+    beside = near_trails(stars.x, stars.y, stars.trails, geometry.annulus_outer + clearance)
+    linear = np.nonzero((stars.peak < resolved.linear_range) & ~beside)[0][:MAX_PHOTOMETRY_STARS]
     x, y = stars.x[linear], stars.y[linear]
     channel_peak = channel_peaks(data, x, y)
     peak_snr = peak_contrast(image, x, y, stars.fwhm) / max(ksigma_noise(image, max_pixels=DETECT_NOISE_PIXELS), 1e-30)
@@ -344,6 +360,7 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
     n_reject = int(math.floor(len(stars) * min(resolved.limit_sample_stars_percent, 100.0) / 100.0))
     radius = stars.radius[:n_reject] + resolved.aperture_add + resolved.sample_star_growth_rate * stars.flux[:n_reject]
     rejected = star_rejection(grid, stars.x[:n_reject], stars.y[:n_reject], radius)
+    rejected |= trail_rejection(grid, stars.trails, clearance)
     noise = frame_noise(data)  # the weight's noise: registration does not bias it
     circles = np.column_stack([stars.x[:n_reject], stars.y[:n_reject], radius])
     pixels = pixel_noise(data)

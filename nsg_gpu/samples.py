@@ -29,6 +29,7 @@ __all__ = [
     "bin_medians",
     "median_stride",
     "star_rejection",
+    "trail_rejection",
     "bin_samples",
     "MIN_SAMPLES",
     "strided_blocks",
@@ -307,6 +308,24 @@ def star_rejection(grid: SampleGrid, x, y, radius) -> np.ndarray:
         near = np.hypot(sub_x - xs, sub_y - ys) < r + 0.5 * s
         same_line = (np.arange(r_lo, r_hi + 1)[:, None] == row) | (np.arange(c_lo, c_hi + 1)[None, :] == col)
         rejected[r_lo : r_hi + 1, c_lo : c_hi + 1] |= near | same_line
+    return rejected
+
+
+def trail_rejection(grid: SampleGrid, lines: np.ndarray, reach: float) -> np.ndarray:
+    """Bins to reject along trails (``lines`` ``(k, 4)``: a point on each and its direction,
+    :func:`nsg_gpu.stars.trail_lines`): those that reach within ``reach`` px of a line.
+
+    Returns
+    -------
+    bool ndarray (n_rows, n_cols)
+        True for rejected bins.
+    """
+    rejected = np.zeros((grid.n_rows, grid.n_cols), bool)
+    cx, cy = grid.centre_x[None, :], grid.centre_y[:, None]
+    for x0, y0, ax, ay in np.asarray(lines, np.float64).reshape(-1, 4):
+        # A bin's half-extent across the line: its half-diagonal projected on the normal.
+        extent = 0.5 * grid.size * (abs(ax) + abs(ay))
+        rejected |= np.abs((cx - x0) * ay - (cy - y0) * ax) < reach + extent
     return rejected
 
 

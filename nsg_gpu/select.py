@@ -17,7 +17,12 @@ candidate frame:
 2. **Gradient.** Frames whose background gradient (the 5-95 % range of a smooth background
    model, in units of the frame's noise) is more than twice the median of the candidates are
    dropped, unless that would drop all.
-3. **Star signal-to-noise.** Of the rest, the frame with the highest star signal-to-noise
+3. **Satellite trails.** Frames whose star detection found a satellite's or aircraft's trail
+   (:func:`nsg_gpu.stars.trail_lines`) are dropped, unless that would drop all: a trail
+   across the reference lies in every target's photometry and background samples beside it
+   (its stars near the trail and its samples on it are left out,
+   :func:`nsg_gpu.reference.prepare_reference`, but a frame without one loses none).
+4. **Star signal-to-noise.** Of the rest, the frame with the highest star signal-to-noise
    wins: the signal-to-noise at which its typical bright star is measured with weights
    matched to its PSF over a sky-limited background,
    ``flux / (noise * sqrt(4 pi) * FWHM / 2.355)`` (exact for a Gaussian PSF), taken as the
@@ -46,7 +51,8 @@ Every measure is a ratio of pixel values, so the choice does not depend on the d
 (the same frames in [0, 1] or in ADU rank alike).
 
 Frames are ranked by the same rule (candidates by star signal-to-noise, then the frames
-dropped for their gradient, then for their coverage, then those that could not be measured):
+dropped for a trail or their gradient, then for their coverage, then those that could not be
+measured):
 ``nsg inspect`` shows that ranking, and ``--reference auto`` takes its first frame.
 
 In the flow: before everything else, when the run is planned (:func:`nsg_gpu.run.plan_run`),
@@ -155,6 +161,7 @@ class ReferenceScore:
     star_y: np.ndarray | None = field(default=None, repr=False, compare=False)
     footprint: np.ndarray | None = field(default=None, repr=False, compare=False)
     shared_stars: int | None = None
+    trails: int = 0  # satellite or aircraft trails its detection found
 
     @property
     def nonlinear_stars(self) -> int:
@@ -328,6 +335,7 @@ def score_frame(path: str | os.PathLike, *, detection_sigma: float = 5.0) -> Ref
         star_x=stars.x,
         star_y=stars.y,
         footprint=footprint(valid),
+        trails=len(stars.trails),
     )
     score.star_snr = star_snr(score, score.nonlinear_stars)
     return score
@@ -343,8 +351,8 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
     Returns
     -------
     list of ReferenceScore
-        Candidates first by star signal-to-noise, then the frames dropped for their gradient,
-        for their coverage, and the frames that could not be measured.
+        Candidates first by star signal-to-noise, then the frames dropped for a trail or their
+        gradient, for their coverage, and the frames that could not be measured.
     """
     measured = [s for s in scores if s.error is None and s.stars > 0 and s.noise > 0]
     for s in scores:
@@ -382,10 +390,13 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
         median_gradient = float(np.median([s.gradient for s in covered]))
         calm = [s for s in covered if s.gradient <= MAX_RELATIVE_GRADIENT * median_gradient + 1e-9] or covered
         picked = [s for s in calm if id(s) not in few] or calm
+        picked = [s for s in picked if not s.trails] or picked
         for s in measured:
             s.candidate = s in picked
             if s.candidate:
                 s.note = "candidate"
+            elif s.trails and s in calm and id(s) not in few:
+                s.note = f"crossed by {s.trails} satellite trail(s)"
             elif id(s) in few and s in calm:
                 s.note = (
                     f"shares {s.shared_stars} stars with the other frames, under "
@@ -404,7 +415,7 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
     def group(s: ReferenceScore) -> int:
         if s.candidate:
             return 0
-        if s.error is None and s.note.startswith("gradient"):
+        if s.error is None and s.note.startswith(("crossed", "gradient")):
             return 1
         if s.error is None and s.note.startswith(("coverage", "shares")):
             return 2
@@ -480,6 +491,7 @@ def choose_reference(paths: Sequence[str | os.PathLike], *, detection_sigma: flo
         runner_up = candidates[1]
         reason += f"; next: {runner_up.path.name} ({runner_up.star_snr:.0f})"
     dropped = {
+        "for a satellite trail": sum(s.note.startswith("crossed") for s in ranked),
         "for their gradient": sum(s.note.startswith("gradient") for s in ranked),
         "for their coverage": sum(s.note.startswith("coverage") for s in ranked),
         "for the few stars they share": sum(s.note.startswith("shares") for s in ranked),

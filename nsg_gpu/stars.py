@@ -14,6 +14,7 @@ the scale stage (:mod:`nsg_gpu.scale`, the target's FWHM); the cut-outs come fro
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import operator
@@ -50,6 +51,8 @@ __all__ = [
     "isolated",
     "single_pixel_advantage",
     "one_channel",
+    "trail_lines",
+    "near_trails",
 ]
 
 _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
@@ -151,6 +154,9 @@ class StarCatalog:
     # The frame's noise correlations (nsg_gpu.resampling.noise_correlation, (2, lags)), read
     # once by detect_stars: the interpolation it went through is their kernel (resampling).
     correlation: np.ndarray | None = None
+    # Satellite or aircraft trails that detect_stars found (:func:`trail_lines`), one row
+    # ``(centre x, centre y, direction x, direction y)`` each; their pieces are not stars.
+    trails: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 4)))
 
     def __len__(self) -> int:
         return int(self.x.size)
@@ -165,6 +171,7 @@ class StarCatalog:
             self.fwhm,
             self.noise,
             self.correlation,
+            self.trails,
         )
 
     @property
@@ -631,14 +638,23 @@ def detect_stars(
             break
         guess = float(np.clip(catalog.fwhm, 1.0, 20.0))
         catalog = _detect_once(be, image, valid, guess, detection_sigma, max_stars, resampled, data)
-    catalog = catalog.take(~trail_pieces(catalog.x, catalog.y, catalog.flux, catalog.fwhm))
-    catalog.correlation = correlation
+    pieces, lines = trail_lines(catalog.x, catalog.y, catalog.flux, catalog.fwhm)
+    catalog = catalog.take(~pieces)
+    catalog.correlation, catalog.trails = correlation, lines
     return catalog
 
 
 def trail_pieces(x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm: float) -> np.ndarray:
+    """Which detections are pieces of a satellite's or aircraft's trail, as a host bool
+    array (:func:`trail_lines`)."""
+    return trail_lines(x, y, flux, fwhm)[0]
+
+
+def trail_lines(x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm: float) -> tuple[np.ndarray, np.ndarray]:
     """Which detections are pieces of a satellite's or aircraft's trail (see
-    :data:`TRAIL_REACH` and the constants after it), as a host bool array.
+    :data:`TRAIL_REACH` and the constants after it), as a host bool array, and the trails'
+    lines, ``(k, 4)``: a point on each and its direction, ``(x, y, dx, dy)``
+    (:func:`near_trails`).
 
     A trail is detected as dozens to hundreds of "stars" in a row: in a sparse field they
     outnumber the stars, judge a frame's registration and star signal-to-noise, and come out
@@ -649,12 +665,13 @@ def trail_pieces(x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm: float) ->
     x, y, flux = (np.asarray(a, np.float64) for a in (x, y, flux))
     n = x.size
     out = np.zeros(n, bool)
+    lines = []
     if n < TRAIL_PIECES:
-        return out
+        return out, np.zeros((0, 4))
     width = max(float(fwhm), 1.0)
     pairs = cKDTree(np.column_stack([x, y])).query_pairs(TRAIL_REACH * width, output_type="ndarray")
     if pairs.shape[0] < TRAIL_PIECES:
-        return out
+        return out, np.zeros((0, 4))
     i, j = np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])
     dx, dy = x[j] - x[i], y[j] - y[i]
     count = np.bincount(i, minlength=n).astype(np.float64)
@@ -669,7 +686,7 @@ def trail_pieces(x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm: float) ->
     on_line = (count >= 2) & (across <= TRAIL_SCATTER**2)
     link = on_line[pairs[:, 0]] & on_line[pairs[:, 1]]
     if not link.any():
-        return out
+        return out, np.zeros((0, 4))
     graph = coo_matrix((np.ones(int(link.sum())), (pairs[link, 0], pairs[link, 1])), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
     sizes = np.bincount(labels[on_line], minlength=labels.max() + 1)
@@ -685,8 +702,21 @@ def trail_pieces(x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm: float) ->
         for _ in range(2):
             on = faint & (np.abs((x - centre[0]) * along[1] - (y - centre[1]) * along[0]) <= TRAIL_WIDTH)
             centre, along, _ = _line_through(x[on], y[on])
+        if not out[on].all():
+            # (Another chain of a trail already found gives its line again.)
+            lines.append([centre[0], centre[1], along[0], along[1]])
         out |= on
-    return out
+    return out, np.array(lines, np.float64).reshape(-1, 4)
+
+
+def near_trails(x, y, lines: np.ndarray, reach: float) -> np.ndarray:
+    """Which points ``(x, y)`` lie within ``reach`` px of any of the trails' ``lines``
+    (:func:`trail_lines`), as a host bool array."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    near = np.zeros(x.shape, bool)
+    for cx, cy, ax, ay in np.asarray(lines, np.float64).reshape(-1, 4):
+        near |= np.abs((x - cx) * ay - (y - cy) * ax) <= reach
+    return near
 
 
 def _line_through(x: np.ndarray, y: np.ndarray) -> tuple[tuple[float, float], np.ndarray, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nsg_gpu.samples import SampleSet, bin_medians, bin_samples, make_grid, star_rejection
+from nsg_gpu.samples import SampleSet, bin_medians, bin_samples, make_grid, star_rejection, trail_rejection
 
 
 def test_bin_medians_ignore_zeros_and_saturation_and_flag_black_bins():
@@ -30,3 +30,22 @@ def test_star_rejection_and_binning():
     samples = SampleSet(np.repeat(grid.centre_x, 10), np.tile(grid.centre_y, 10), np.ones((1, n)), np.ones(n))
     binned = bin_samples(samples, grid, max_samples=30)
     assert len(binned) <= 30 and binned.weight.sum() == n
+
+
+@pytest.mark.parametrize("angle", [0.0, 0.4, 1.1, np.pi / 2])
+def test_trail_rejection_takes_the_bins_that_come_near_the_line(angle):
+    """A bin is rejected where some point of its square lies within the reach of a trail's
+    line: checked against the distances of a fine lattice of points over every bin."""
+    grid = make_grid(300, 400, 24)
+    along = np.array([np.cos(angle), np.sin(angle)])
+    lines = np.array([[205.3, 148.7, along[0], along[1]]])
+    reach = 6.0
+    rejected = trail_rejection(grid, lines, reach)
+    offsets = (np.arange(97) / 96 - 0.5) * grid.size
+    for r, cy in enumerate(grid.centre_y):
+        for c, cx in enumerate(grid.centre_x):
+            px, py = np.meshgrid(cx + offsets, cy + offsets)
+            distance = np.abs((px - 205.3) * along[1] - (py - 148.7) * along[0]).min()
+            if abs(distance - reach) > 0.2:
+                assert rejected[r, c] == (distance < reach), (r, c, distance)
+    assert not trail_rejection(grid, np.zeros((0, 4)), reach).any()

@@ -550,6 +550,42 @@ def test_a_sparse_fields_psf_is_fitted_on_its_stars_not_the_knots():
     assert np.all(distance < 3.0), np.round(distance, 1)
 
 
+def test_a_reference_crossed_by_a_trail_leaves_the_stars_and_samples_beside_it_out():
+    """The generator's trail (frame 2: 13 sky noises, along y - 0.2 h = 0.45 (x - 0.1 w)) as
+    the reference's: in every target's annulus of a star beside it, and in the samples on it.
+    No photometry star's annulus reaches within 2 FWHM of it, and every sample bin it crosses
+    is rejected; the stars farther away are all kept."""
+    field = SyntheticField(width=900, height=700, n_stars=900, seed=4, n_frames=3, borders=False)
+    assert field.frames[2].trail
+    reference = prepare_reference(Frame.from_array(field.render(2), name="reference"), Parameters())
+    stars, params = reference.stars, reference.params
+    geometry = photometry.aperture_geometry(
+        stars.fwhm,
+        aperture_fwhm=params.aperture_fwhm,
+        aperture_add=params.aperture_add,
+        gap=params.aperture_gap,
+        bg_delta=params.aperture_bg_delta,
+    )
+    w, h = 900, 700
+    along = np.array([1.0, 0.45]) / math.hypot(1.0, 0.45)
+
+    def distance(x, y):
+        return np.abs((np.asarray(y) - 0.2 * h) * along[0] - (np.asarray(x) - 0.1 * w) * along[1])
+
+    reach = geometry.annulus_outer + 2 * stars.fwhm
+    kept = np.zeros(len(stars), bool)
+    kept[reference.photometry_index] = True
+    linear = stars.peak < params.linear_range
+    near = distance(stars.x, stars.y)
+    assert not np.any(kept & (near < reach - 1.0))
+    assert np.all(kept[linear & (near > reach + 1.0)][: reference.photometry_index.size])
+    grid = reference.grid
+    cx, cy = np.meshgrid(grid.centre_x, grid.centre_y)
+    crossed = distance(cx, cy) < 0.5 * grid.size
+    assert crossed.sum() > 20
+    assert np.all(reference.rejected[crossed])
+
+
 def test_sparse_colour_frame_with_three_pairs_in_a_channel_is_measured_and_flagged():
     """15 undersampled stars on a colour nebula (sep finds 12 of them on the reference and 10
     on the target at 5 sigma): three red pairs, of which the biweight kept two, and the frame

@@ -29,11 +29,14 @@ FIELD = dict(width=640, height=480, n_stars=1400, seed=11, borders=False, trail_
 SKY = 0.06
 
 
-def write_conditions(directory: Path, conditions: list[dict], *, white: float | None = None) -> list[Path]:
-    """Frames of one field under ``conditions`` (FrameTruth fields per frame, by default
-    transmission 0.9, FWHM 3, Moffat index 3, the same sky level and gradient as frame 0,
-    full coverage), written as float FITS, or as 16-bit integers in units where 1.0 is ``white``."""
-    field = SyntheticField(n_frames=len(conditions), **FIELD)
+def write_conditions(
+    directory: Path, conditions: list[dict], *, white: float | None = None, n_stars: int = FIELD["n_stars"]
+) -> list[Path]:
+    """Frames of one field (of ``n_stars``) under ``conditions`` (FrameTruth fields per frame,
+    by default transmission 0.9, FWHM 3, Moffat index 3, the same sky level and gradient as
+    frame 0, full coverage), written as float FITS, or as 16-bit integers in units where 1.0
+    is ``white``."""
+    field = SyntheticField(n_frames=len(conditions), **{**FIELD, "n_stars": n_stars})
     base = field.frames[0]
     paths = []
     for k, changes in enumerate(conditions):
@@ -78,6 +81,27 @@ def test_sharper_frame_wins_at_equal_transparency_and_sky(tmp_path):
     # Equal transparency and noise: star_snr * FWHM is the same in every frame.
     product = np.array([s.star_snr * fwhms[paths.index(s.path)] for s in ranked])
     assert np.ptp(product) / product.mean() < 0.15, product
+
+
+def test_a_frame_crossed_by_a_trail_is_no_candidate(tmp_path):
+    """The sharpest frame of a field of 300 stars carries a satellite trail (13 sky noises):
+    as the reference, the trail would lie in every target's photometry of the stars beside it
+    and in the samples on it. It is no candidate, with a note that says so, and the next best
+    is chosen; where every frame has one, the sharpest is chosen still."""
+    fwhms = [3.8, 3.0, 3.4]
+    conditions = [{"fwhm": f, "trail": k == 1} for k, f in enumerate(fwhms)]
+    paths = write_conditions(tmp_path, conditions, n_stars=300)
+    ranked = inspect_frames(paths)
+    assert ranked_indices(ranked, paths) == [2, 0, 1]
+    crossed = ranked[2]
+    assert crossed.trails == 1 and not crossed.candidate
+    assert crossed.note == "crossed by 1 satellite trail(s)"
+    chosen, reason = choose_reference(paths)
+    assert chosen == paths[2] and "1 for a satellite trail" in reason
+    every = tmp_path / "every"
+    every.mkdir()
+    paths = write_conditions(every, [{"fwhm": f, "trail": True} for f in fwhms], n_stars=300)
+    assert choose_reference(paths)[0] == paths[1]
 
 
 def test_clearer_frame_wins_at_equal_seeing_and_sky(tmp_path):

@@ -17,6 +17,7 @@ from nsg_gpu.stars import (
     detect_stars,
     estimate_fwhm,
     find_peaks,
+    near_trails,
     no_data_regions,
     single_pixel_advantage,
     trail_pieces,
@@ -219,6 +220,20 @@ def test_trail_pieces_are_a_chain_on_a_line_and_nothing_else():
         assert removed[n_stars : n_stars + along.size].all()
         assert not removed[-1]
         assert not removed[:n_stars][~near].any(), np.nonzero(removed[:n_stars])
+
+
+def test_a_trail_is_found_as_the_line_it_lies_on():
+    """Beside the trail's pieces, which leave the catalogue, :func:`detect_stars` gives the
+    trail's line (the generator's: 13 sky noises along y - 0.2 h = 0.45 (x - 0.1 w)), once,
+    within a pixel of it across the frame; a frame without a trail gives none."""
+    field = SyntheticField(width=900, height=700, n_stars=900, seed=4, n_frames=3, borders=False)
+    catalog = detect_stars(field.render(2))
+    assert catalog.trails.shape == (1, 4)
+    x = np.linspace(0.0, 900.0, 50)
+    y = 0.2 * 700 + 0.45 * (x - 0.1 * 900)
+    assert near_trails(x, y, catalog.trails, 1.0).all()
+    assert not near_trails(x, y + 3.0, catalog.trails, 1.0).any()
+    assert detect_stars(field.render(1)).trails.shape == (0, 4)
 
 
 def test_a_trail_frame_can_be_the_reference(tmp_path):
