@@ -92,7 +92,7 @@ class FrameDiagnostics:
     photometry: list[PhotometryPairs]
     grid: object  # SampleGrid
     covered: np.ndarray  # (rows, cols) bool, data in both frames
-    star_rejected: np.ndarray  # (rows, cols) bool, near a reference star
+    star_rejected: np.ndarray  # (rows, cols) bool, near a reference star or across its trail
     used: np.ndarray  # (rows, cols) bool, samples given to the spline
     difference: np.ndarray  # (channels, rows, cols) m*T - R medians
     samples: object  # SampleSet the spline was fitted to (after merging)

@@ -92,7 +92,7 @@ class Reference:
     grid: SampleGrid
     medians: object  # (channels, rows, cols) backend array
     valid: object  # (rows, cols) backend bool
-    rejected: np.ndarray  # (rows, cols) host bool, star circles
+    rejected: np.ndarray  # (rows, cols) host bool, star circles and trails
     noise: np.ndarray  # per channel
     # What each photometry star's peak stands over its surroundings (stamps.peak_contrast) in
     # noise sigmas of the detection image: which stars every registered target must show

