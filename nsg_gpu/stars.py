@@ -852,7 +852,9 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
         if tested.size:
             at = be.asarray(xs[tested]), be.asarray(ys[tested])
             star = np.ones(cx.size, bool)
-            star[tested] = ~_seen_through_interpolation(data, image, residual, *at, pixel_sigma, image_max, fwhms)
+            star[tested] = ~_seen_through_interpolation(
+                data, image, residual, *at, pixel_sigma, image_max, fwhms, level=True
+            )
             cx, cy, flux, peak_value, peak_residual = (a[star] for a in (cx, cy, flux, peak_value, peak_residual))
             unsaturated = peak_value < 0.5 * image_max
     # Extended sources (nebular knots, galaxies) are far less concentrated than the PSF: an
@@ -889,12 +891,14 @@ def _compact(peak: np.ndarray, flux: np.ndarray, fwhm: float) -> np.ndarray:
     return ratio >= SPARSE_FWHM_COMPACT * typical
 
 
-def _seen_through_interpolation(data, image, residual, xs, ys, pixel_sigma, image_max, fwhms) -> np.ndarray:
+def _seen_through_interpolation(
+    data, image, residual, xs, ys, pixel_sigma, image_max, fwhms, level: bool = False
+) -> np.ndarray:
     """Which detections at pixels ``xs, ys`` (on the image's backend) are single pixels, seen
     through a registration's interpolation where there was one, rather than stars of
     ``fwhms`` (:func:`single_pixel_advantage` on ``residual``, the background-subtracted
-    detection image; its templates hold the identity, an interpolation at shift 0): a host
-    bool array."""
+    detection image; its templates hold the identity, an interpolation at shift 0; with
+    ``level``, both on a level of their own): a host bool array."""
     be = get_backend(image)
     if data is not None and data.ndim == 3 and data.shape[0] > 1:
         # A colour sensor's hot pixel is one photosite: its light is in one channel, and its
@@ -903,11 +907,11 @@ def _seen_through_interpolation(data, image, residual, xs, ys, pixel_sigma, imag
         # registration can look like single pixels too, but show in every channel.
         single, windows, raw = _one_channel_windows(data, xs, ys)
         unclamped = raw > CLAMPED * image_max
-        return single & (single_pixel_advantage(windows, pixel_sigma, unclamped, fwhms) > 0)
+        return single & (single_pixel_advantage(windows, pixel_sigma, unclamped, fwhms, level) > 0)
     inner = be.to_host(gather_stamps(residual, xs, ys, 2))
     raw = be.to_host(gather_stamps(image, xs, ys, 2))
     unclamped = raw > CLAMPED * image_max
-    return single_pixel_advantage(inner, pixel_sigma, unclamped, fwhms) > HOT_PIXEL_CHI2
+    return single_pixel_advantage(inner, pixel_sigma, unclamped, fwhms, level) > HOT_PIXEL_CHI2
 
 
 def _registered(taps: np.ndarray, captured: np.ndarray) -> np.ndarray:
@@ -1005,6 +1009,7 @@ def single_pixel_advantage(
     pixel_sigma: float,
     valid: np.ndarray | None = None,
     fwhms: tuple[float, ...] = POINT_TEST_FWHM,
+    level: bool = False,
 ) -> np.ndarray:
     """How much better, in chi-square (``pixel_sigma`` per pixel), a single captured pixel
     seen through a registration's interpolation fits each 5 x 5 window (background-subtracted,
@@ -1022,7 +1027,11 @@ def single_pixel_advantage(
     ``valid`` (``(n, 5, 5)`` bool), where given, marks the pixels that hold data: a
     registration clamps the negative lobes of a bright point's interpolation at zero, and
     such pixels (and no-data ones) are left out of that window's fit, every template cut to
-    the rest and normalized again."""
+    the rest and normalized again.
+
+    With ``level``, both fits have a level of their own too (every template less its mean
+    over the window's kept pixels, normalized again): a nebula's light that the smooth
+    background leaves under a warm pixel is no star's wing."""
     fwhms = tuple(fwhms)
     (point, point_squares), (star, star_squares) = _point_templates(fwhms)
     flat = np.asarray(windows, dtype=np.float64).reshape(len(windows), 25)
@@ -1037,7 +1046,7 @@ def single_pixel_advantage(
             (best_star, chosen_star, star, star_squares),
         ):
             if full.any():
-                projections = flat[full] @ templates
+                projections = flat[full] @ (_levelled(templates) if level else templates)
                 best[full], chosen[full] = projections.max(axis=1), projections.argmax(axis=1)
             # Windows with pixels left out: each template cut to the rest and normalized
             # again, a few windows at a time (the norms from the templates' squares).
@@ -1045,8 +1054,17 @@ def single_pixel_advantage(
             for start in range(0, cut.size, _CUT_WINDOWS_AT_ONCE):
                 rows = cut[start : start + _CUT_WINDOWS_AT_ONCE]
                 kept = keep[rows].astype(np.float64)
-                norm = np.sqrt(kept @ squares)
-                projections = np.where(keep[rows], flat[rows], 0.0) @ templates / np.where(norm > 0, norm, np.inf)
+                values = np.where(keep[rows], flat[rows], 0.0)
+                if level:
+                    # Less the template's mean over the kept pixels, times the values' sum.
+                    count = np.maximum(kept.sum(axis=1, keepdims=True), 1.0)
+                    sums = kept @ templates
+                    norm = np.sqrt(np.maximum(kept @ squares - sums * sums / count, 0.0))
+                    centred = values @ templates - sums * values.sum(axis=1, keepdims=True) / count
+                    projections = centred / np.where(norm > 1e-12, norm, np.inf)
+                else:
+                    norm = np.sqrt(kept @ squares)
+                    projections = values @ templates / np.where(norm > 0, norm, np.inf)
                 best[rows], chosen[rows] = projections.max(axis=1), projections.argmax(axis=1)
         # Both grids refined around their best: at a signal-to-noise of hundreds a grid's
         # step alone misfits a hot pixel or a star by more than the two differ.
@@ -1059,10 +1077,15 @@ def single_pixel_advantage(
                 (best_star, chosen_star, functools.partial(_refined_stars, fwhms=fwhms)),
             ):
                 for rows_y, rows_x in refined(int(chosen[i])):
-                    if full[i]:
+                    if full[i] and not level:
                         fine = rows_y @ window @ rows_x.T
+                    elif full[i]:
+                        # The unit outer products less their means (sy sx / 25).
+                        mean = np.outer(rows_y.sum(axis=1), rows_x.sum(axis=1)) / 25.0
+                        norm = np.sqrt(np.maximum(1.0 - 25.0 * mean * mean, 0.0))
+                        fine = (rows_y @ window @ rows_x.T - mean * window.sum()) / np.where(norm > 1e-12, norm, np.inf)
                     else:
-                        fine = _cut_projections(flat[i, keep[i]], _unit_outer(rows_y, rows_x)[keep[i]])
+                        fine = _cut_projections(flat[i, keep[i]], _unit_outer(rows_y, rows_x)[keep[i]], level)
                     best[i] = max(best[i], float(fine.max()))
     best_point, best_star = np.maximum(best_point, 0), np.maximum(best_star, 0)
     return (best_point**2 - best_star**2) / pixel_sigma**2
@@ -1073,11 +1096,24 @@ def single_pixel_advantage(
 _CUT_WINDOWS_AT_ONCE = 16
 
 
-def _cut_projections(values: np.ndarray, templates: np.ndarray) -> np.ndarray:
+def _cut_projections(values: np.ndarray, templates: np.ndarray, level: bool = False) -> np.ndarray:
     """The projections of ``values`` on the columns of ``templates`` cut to the same pixels,
-    each column normalized again; columns with no weight left give 0."""
+    each column normalized again (with ``level``, less its mean first); columns with no
+    weight left give 0."""
+    if level:
+        templates = templates - templates.mean(axis=0)
+        norm = np.linalg.norm(templates, axis=0)
+        return (values @ templates) / np.where(norm > 1e-12, norm, np.inf)
     norm = np.linalg.norm(templates, axis=0)
     return (values @ templates) / np.where(norm > 0, norm, np.inf)
+
+
+def _levelled(templates: np.ndarray) -> np.ndarray:
+    """``templates`` ``(25, n)`` less each column's mean, normalized again (a column with
+    nothing left gives 0)."""
+    centred = templates - templates.mean(axis=0)
+    norm = np.linalg.norm(centred, axis=0)
+    return centred / np.where(norm > 1e-12, norm, np.inf)
 
 
 def _point_shifts() -> np.ndarray:
