@@ -311,21 +311,25 @@ def star_rejection(grid: SampleGrid, x, y, radius) -> np.ndarray:
     return rejected
 
 
-def trail_rejection(grid: SampleGrid, lines: np.ndarray, reach: float) -> np.ndarray:
-    """Bins to reject along trails (``lines`` ``(k, 4)``: a point on each and its direction,
-    :func:`nsg_gpu.stars.trail_lines`): those that reach within ``reach`` px of a line.
+def trail_rejection(grid: SampleGrid, trails: np.ndarray, reach: float) -> np.ndarray:
+    """Bins to reject along trails (``trails`` ``(k, 6)``: each its pieces' stretch of a line,
+    :func:`nsg_gpu.stars.trail_lines`): those that come within ``reach`` px of one, across
+    its line and along it beyond its ends (a bin's half-extent on either axis is its
+    half-diagonal projected there).
 
     Returns
     -------
     bool ndarray (n_rows, n_cols)
         True for rejected bins.
     """
+    from .stars import trail_coordinates
+
     rejected = np.zeros((grid.n_rows, grid.n_cols), bool)
-    cx, cy = grid.centre_x[None, :], grid.centre_y[:, None]
-    for x0, y0, ax, ay in np.asarray(lines, np.float64).reshape(-1, 4):
-        # A bin's half-extent across the line: its half-diagonal projected on the normal.
-        extent = 0.5 * grid.size * (abs(ax) + abs(ay))
-        rejected |= np.abs((cx - x0) * ay - (cy - y0) * ax) < reach + extent
+    cx, cy = np.meshgrid(grid.centre_x, grid.centre_y)
+    for trail in np.asarray(trails, np.float64).reshape(-1, 6):
+        extent = 0.5 * grid.size * (abs(trail[2]) + abs(trail[3]))
+        across, beyond = trail_coordinates(cx, cy, trail)
+        rejected |= (across < reach + extent) & (beyond < reach + extent)
     return rejected
 
 

@@ -389,13 +389,13 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
         covered = [s for s in measured if s.missing_area is not None and s.missing_area <= limit + 1e-9]
         median_gradient = float(np.median([s.gradient for s in covered]))
         calm = [s for s in covered if s.gradient <= MAX_RELATIVE_GRADIENT * median_gradient + 1e-9] or covered
-        picked = [s for s in calm if id(s) not in few] or calm
-        picked = [s for s in picked if not s.trails] or picked
+        unshared = [s for s in calm if id(s) not in few] or calm
+        picked = [s for s in unshared if not s.trails] or unshared
         for s in measured:
             s.candidate = s in picked
             if s.candidate:
                 s.note = "candidate"
-            elif s.trails and s in calm and id(s) not in few:
+            elif s.trails and s in unshared:
                 s.note = f"crossed by {s.trails} satellite trail(s)"
             elif id(s) in few and s in calm:
                 s.note = (

@@ -52,6 +52,7 @@ __all__ = [
     "single_pixel_advantage",
     "one_channel",
     "trail_lines",
+    "trail_coordinates",
     "near_trails",
 ]
 
@@ -62,7 +63,7 @@ _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 SHARPNESS_CAP = 1.0
 #: The catalogue's FWHM is read from unsaturated stars whose peak stands this many pixel
 #: noise sigmas above their surroundings; where fewer than five do, from the five brightest
-#: above SPARSE_FWHM_PEAK_SNR.
+#: above SPARSE_FWHM_PEAK_SNR that are no broader than stars (SPARSE_FWHM_COMPACT).
 FWHM_PEAK_SNR = 30.0
 #: The noise above which the stars that read the FWHM stand is the matched image's (scaled to
 #: a pixel), at most this many times the pixels' own.
@@ -155,8 +156,8 @@ class StarCatalog:
     # once by detect_stars: the interpolation it went through is their kernel (resampling).
     correlation: np.ndarray | None = None
     # Satellite or aircraft trails that detect_stars found (:func:`trail_lines`), one row
-    # ``(centre x, centre y, direction x, direction y)`` each; their pieces are not stars.
-    trails: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 4)))
+    # ``(x, y, direction x, direction y, first, last)`` each; their pieces are not stars.
+    trails: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 6)))
 
     def __len__(self) -> int:
         return int(self.x.size)
@@ -652,9 +653,10 @@ def trail_pieces(x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm: float) ->
 
 def trail_lines(x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm: float) -> tuple[np.ndarray, np.ndarray]:
     """Which detections are pieces of a satellite's or aircraft's trail (see
-    :data:`TRAIL_REACH` and the constants after it), as a host bool array, and the trails'
-    lines, ``(k, 4)``: a point on each and its direction, ``(x, y, dx, dy)``
-    (:func:`near_trails`).
+    :data:`TRAIL_REACH` and the constants after it), as a host bool array, and the trails,
+    ``(k, 6)``: a point on each line, its direction, and how far along it (from that point)
+    its pieces reach either way, and a link's reach (TRAIL_REACH FWHM) beyond,
+    ``(x, y, dx, dy, first, last)`` (:func:`near_trails`).
 
     A trail is detected as dozens to hundreds of "stars" in a row: in a sparse field they
     outnumber the stars, judge a frame's registration and star signal-to-noise, and come out
@@ -667,11 +669,11 @@ def trail_lines(x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm: float) -> 
     out = np.zeros(n, bool)
     lines = []
     if n < TRAIL_PIECES:
-        return out, np.zeros((0, 4))
+        return out, np.zeros((0, 6))
     width = max(float(fwhm), 1.0)
     pairs = cKDTree(np.column_stack([x, y])).query_pairs(TRAIL_REACH * width, output_type="ndarray")
     if pairs.shape[0] < TRAIL_PIECES:
-        return out, np.zeros((0, 4))
+        return out, np.zeros((0, 6))
     i, j = np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])
     dx, dy = x[j] - x[i], y[j] - y[i]
     count = np.bincount(i, minlength=n).astype(np.float64)
@@ -686,7 +688,7 @@ def trail_lines(x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm: float) -> 
     on_line = (count >= 2) & (across <= TRAIL_SCATTER**2)
     link = on_line[pairs[:, 0]] & on_line[pairs[:, 1]]
     if not link.any():
-        return out, np.zeros((0, 4))
+        return out, np.zeros((0, 6))
     graph = coo_matrix((np.ones(int(link.sum())), (pairs[link, 0], pairs[link, 1])), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
     sizes = np.bincount(labels[on_line], minlength=labels.max() + 1)
@@ -702,20 +704,33 @@ def trail_lines(x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm: float) -> 
         for _ in range(2):
             on = faint & (np.abs((x - centre[0]) * along[1] - (y - centre[1]) * along[0]) <= TRAIL_WIDTH)
             centre, along, _ = _line_through(x[on], y[on])
-        if not out[on].all():
+        if np.count_nonzero(out[on]) <= 0.5 * np.count_nonzero(on):
             # (Another chain of a trail already found gives its line again.)
-            lines.append([centre[0], centre[1], along[0], along[1]])
+            # Its stretch: from its first piece to its last, and a link's reach beyond each
+            # (where the noise hid the next pieces, as it breaks the chain).
+            position = (x[on] - centre[0]) * along[0] + (y[on] - centre[1]) * along[1]
+            ends = (position.min() - TRAIL_REACH * width, position.max() + TRAIL_REACH * width)
+            lines.append([centre[0], centre[1], along[0], along[1], *ends])
         out |= on
-    return out, np.array(lines, np.float64).reshape(-1, 4)
+    return out, np.array(lines, np.float64).reshape(-1, 6)
 
 
-def near_trails(x, y, lines: np.ndarray, reach: float) -> np.ndarray:
-    """Which points ``(x, y)`` lie within ``reach`` px of any of the trails' ``lines``
-    (:func:`trail_lines`), as a host bool array."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    near = np.zeros(x.shape, bool)
-    for cx, cy, ax, ay in np.asarray(lines, np.float64).reshape(-1, 4):
-        near |= np.abs((x - cx) * ay - (y - cy) * ax) <= reach
+def trail_coordinates(x, y, trail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Points ``(x, y)`` in one trail's frame (a row of :func:`trail_lines`): their distance
+    across its line, and how far beyond its pieces' ends they lie along it (0 between them)."""
+    cx, cy, ax, ay, first, last = np.asarray(trail, np.float64)
+    dx, dy = np.asarray(x, np.float64) - cx, np.asarray(y, np.float64) - cy
+    position = dx * ax + dy * ay
+    return np.abs(dx * ay - dy * ax), np.maximum(np.maximum(first - position, position - last), 0.0)
+
+
+def near_trails(x, y, trails: np.ndarray, reach: float) -> np.ndarray:
+    """Which points ``(x, y)`` lie within ``reach`` px of any of the ``trails``
+    (:func:`trail_lines`: each its pieces' stretch of its line), as a host bool array."""
+    near = np.zeros(np.shape(x), bool)
+    for trail in np.asarray(trails, np.float64).reshape(-1, 6):
+        across, beyond = trail_coordinates(x, y, trail)
+        near |= np.hypot(across, beyond) <= reach
     return near
 
 
@@ -808,8 +823,9 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     # FWHM from bright stars that are clearly unsaturated and well above the noise; on a
     # sparse field with fewer of them, from its five brightest (by flux: a hot pixel that a
     # registration spread over two pixels can peak as high as a star, with a fraction of its
-    # flux) unsaturated detections that stand out of the noise enough to show their width (a
-    # guess kept for want of five stars sizes every aperture and filter after it). The noise
+    # flux) unsaturated detections that stand out of the noise enough to show their width,
+    # among those no broader than stars (_compact: a nebula's knots outshine faint stars in
+    # flux; a guess kept for want of five stars sizes every aperture and filter after it). The noise
     # they stand above is the matched image's (which also holds what the filter keeps of the
     # nebula and of faint stars: 1.05-1.9 times the pixels' own on the generator's fields), at
     # most FWHM_NOISE_CAP times the pixels' own: on broad stars over a nebula it was 5 times
@@ -1041,12 +1057,13 @@ def single_pixel_advantage(
     # One BLAS thread: the same sums, and so the same decisions, on any machine.
     with single_threaded_blas():
         full = keep.all(axis=1)
-        for best, chosen, templates, squares in (
-            (best_point, chosen_point, point, point_squares),
-            (best_star, chosen_star, star, star_squares),
+        levelled = _levelled_templates(fwhms) if level else (None, None)
+        for best, chosen, templates, squares, centred in (
+            (best_point, chosen_point, point, point_squares, levelled[0]),
+            (best_star, chosen_star, star, star_squares, levelled[1]),
         ):
             if full.any():
-                projections = flat[full] @ (_levelled(templates) if level else templates)
+                projections = flat[full] @ (centred if level else templates)
                 best[full], chosen[full] = projections.max(axis=1), projections.argmax(axis=1)
             # Windows with pixels left out: each template cut to the rest and normalized
             # again, a few windows at a time (the norms from the templates' squares).
@@ -1108,12 +1125,18 @@ def _cut_projections(values: np.ndarray, templates: np.ndarray, level: bool = Fa
     return (values @ templates) / np.where(norm > 0, norm, np.inf)
 
 
-def _levelled(templates: np.ndarray) -> np.ndarray:
-    """``templates`` ``(25, n)`` less each column's mean, normalized again (a column with
-    nothing left gives 0)."""
-    centred = templates - templates.mean(axis=0)
-    norm = np.linalg.norm(centred, axis=0)
-    return centred / np.where(norm > 1e-12, norm, np.inf)
+@functools.lru_cache(maxsize=8)
+def _levelled_templates(fwhms: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_point_templates`' single-pixel and star templates less each column's mean,
+    normalized again (a column with nothing left gives 0): made once for each ``fwhms``."""
+
+    def levelled(templates: np.ndarray) -> np.ndarray:
+        centred = templates - templates.mean(axis=0)
+        norm = np.linalg.norm(centred, axis=0)
+        return centred / np.where(norm > 1e-12, norm, np.inf)
+
+    (point, _), (star, _) = _point_templates(fwhms)
+    return levelled(point), levelled(star)
 
 
 def _point_shifts() -> np.ndarray:

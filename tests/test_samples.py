@@ -33,19 +33,29 @@ def test_star_rejection_and_binning():
 
 
 @pytest.mark.parametrize("angle", [0.0, 0.4, 1.1, np.pi / 2])
-def test_trail_rejection_takes_the_bins_that_come_near_the_line(angle):
-    """A bin is rejected where some point of its square lies within the reach of a trail's
-    line: checked against the distances of a fine lattice of points over every bin."""
+def test_trail_rejection_takes_the_bins_that_come_near_the_trail(angle):
+    """A bin is rejected where some point of its square lies within the reach of a trail:
+    checked against the distances of a fine lattice of points over every bin, for a trail
+    across the whole frame (exactly) and for a stretch of 120 px (every bin that comes within
+    the reach is rejected, none farther than a bin's side beyond it)."""
     grid = make_grid(300, 400, 24)
     along = np.array([np.cos(angle), np.sin(angle)])
-    lines = np.array([[205.3, 148.7, along[0], along[1]]])
     reach = 6.0
-    rejected = trail_rejection(grid, lines, reach)
     offsets = (np.arange(97) / 96 - 0.5) * grid.size
-    for r, cy in enumerate(grid.centre_y):
-        for c, cx in enumerate(grid.centre_x):
-            px, py = np.meshgrid(cx + offsets, cy + offsets)
-            distance = np.abs((px - 205.3) * along[1] - (py - 148.7) * along[0]).min()
-            if abs(distance - reach) > 0.2:
-                assert rejected[r, c] == (distance < reach), (r, c, distance)
-    assert not trail_rejection(grid, np.zeros((0, 4)), reach).any()
+    for first, last in ((-np.inf, np.inf), (-40.0, 80.0)):
+        trails = np.array([[205.3, 148.7, along[0], along[1], first, last]])
+        rejected = trail_rejection(grid, trails, reach)
+        for r, cy in enumerate(grid.centre_y):
+            for c, cx in enumerate(grid.centre_x):
+                px, py = np.meshgrid(cx + offsets, cy + offsets)
+                position = np.clip((px - 205.3) * along[0] + (py - 148.7) * along[1], first, last)
+                nearest_x, nearest_y = 205.3 + position * along[0], 148.7 + position * along[1]
+                distance = np.hypot(px - nearest_x, py - nearest_y).min()
+                if np.isinf(last) and abs(distance - reach) > 0.2:
+                    assert rejected[r, c] == (distance < reach), (r, c, distance)
+                elif distance < reach - 0.2:
+                    assert rejected[r, c], (r, c, distance)
+                elif distance > reach + grid.size:
+                    assert not rejected[r, c], (r, c, distance)
+        assert rejected.any() and not rejected.all()
+    assert not trail_rejection(grid, np.zeros((0, 6)), reach).any()

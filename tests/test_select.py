@@ -101,7 +101,9 @@ def test_a_frame_crossed_by_a_trail_is_no_candidate(tmp_path):
     every = tmp_path / "every"
     every.mkdir()
     paths = write_conditions(every, [{"fwhm": f, "trail": True} for f in fwhms], n_stars=300)
-    assert choose_reference(paths)[0] == paths[1]
+    ranked = inspect_frames(paths)
+    assert all(s.trails == 1 and s.candidate for s in ranked)
+    assert ranked[0].path == paths[1] == choose_reference(paths)[0]
 
 
 def test_clearer_frame_wins_at_equal_seeing_and_sky(tmp_path):

@@ -224,16 +224,16 @@ def test_trail_pieces_are_a_chain_on_a_line_and_nothing_else():
 
 def test_a_trail_is_found_as_the_line_it_lies_on():
     """Beside the trail's pieces, which leave the catalogue, :func:`detect_stars` gives the
-    trail's line (the generator's: 13 sky noises along y - 0.2 h = 0.45 (x - 0.1 w)), once,
-    within a pixel of it across the frame; a frame without a trail gives none."""
+    trail (the generator's: 13 sky noises along y - 0.2 h = 0.45 (x - 0.1 w)), once, within a
+    pixel of it across the frame; a frame without a trail gives none."""
     field = SyntheticField(width=900, height=700, n_stars=900, seed=4, n_frames=3, borders=False)
     catalog = detect_stars(field.render(2))
-    assert catalog.trails.shape == (1, 4)
-    x = np.linspace(0.0, 900.0, 50)
+    assert catalog.trails.shape == (1, 6)
+    x = np.linspace(30.0, 870.0, 50)
     y = 0.2 * 700 + 0.45 * (x - 0.1 * 900)
     assert near_trails(x, y, catalog.trails, 1.0).all()
     assert not near_trails(x, y + 3.0, catalog.trails, 1.0).any()
-    assert detect_stars(field.render(1)).trails.shape == (0, 4)
+    assert detect_stars(field.render(1)).trails.shape == (0, 6)
 
 
 def test_a_trail_frame_can_be_the_reference(tmp_path):
@@ -415,6 +415,24 @@ def test_a_warm_pixel_on_a_nebulas_level_is_a_point_with_a_level_of_its_own():
         flat = single_pixel_advantage(windows, 1.0, keep, fwhms, level=True)
         raised = single_pixel_advantage(windows + 7.0, 1.0, keep, fwhms, level=True)
         np.testing.assert_allclose(raised, flat, rtol=1e-9, atol=1e-6)
+
+
+def test_a_projection_with_a_level_is_the_least_squares_fit_with_a_level():
+    """The square of a window's projection on a template less its mean over the kept pixels
+    (normalized again) is what a least-squares fit of that template and a level takes off
+    the chi-square beyond the level alone: the point test's fits with a level of their own."""
+    from nsg_gpu.stars import _cut_projections
+
+    rng = np.random.default_rng(2)
+    templates, values = rng.normal(size=(25, 6)), rng.normal(size=25) + 3.0
+    keep = np.ones(25, bool)
+    keep[[3, 17]] = False
+    projections = _cut_projections(values[keep], templates[keep], level=True)
+    alone = np.sum((values[keep] - values[keep].mean()) ** 2)
+    for j in range(templates.shape[1]):
+        design = np.column_stack([templates[keep, j], np.ones(keep.sum())])
+        fitted = design @ np.linalg.lstsq(design, values[keep], rcond=None)[0]
+        assert projections[j] ** 2 == pytest.approx(alone - np.sum((values[keep] - fitted) ** 2), rel=1e-9)
 
 
 #: Stars of 1.5-2.5 px before the pixels, targets registered (as in test_scale.py).
