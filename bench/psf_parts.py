@@ -118,13 +118,7 @@ def measure(field: SyntheticField, reference, k: int, psfs_from: str, positions:
     if weight.fwhm < MIN_WEIGHT_FWHM:
         weight = weight.at(MIN_WEIGHT_FWHM / weight.fwhm)
     params = reference.params
-    geometry = photometry.aperture_geometry(
-        weight.pixel_fwhm,
-        aperture_fwhm=params.aperture_fwhm,
-        aperture_add=params.aperture_add,
-        gap=params.aperture_gap,
-        bg_delta=params.aperture_bg_delta,
-    )
+    geometry = photometry.geometry_for(weight.pixel_fwhm, params)
     rx, ry = reference.stars.x[reference.photometry_index], reference.stars.y[reference.photometry_index]
     px, py = shared
     ref_at, tgt_at = (px, py), (px + (tx - rx), py + (ty - ry))

@@ -82,6 +82,7 @@ __all__ = [
     "Cutouts",
     "cut_out",
     "aperture_geometry",
+    "geometry_for",
     "recentre",
     "measure_stars",
     "shared_defects",
@@ -114,6 +115,18 @@ def aperture_geometry(
     radius = math.ceil(2 * max(aperture_fwhm * fwhm + aperture_add, 3.0)) / 2
     inner = radius + gap
     return ApertureGeometry(radius, inner, inner + max(bg_delta, radius))
+
+
+def geometry_for(fwhm: float, params) -> ApertureGeometry:
+    """:func:`aperture_geometry` for frames whose larger FWHM is ``fwhm`` (px), with the
+    aperture settings of resolved ``params`` (:class:`nsg_gpu.params.Parameters`)."""
+    return aperture_geometry(
+        fwhm,
+        aperture_fwhm=params.aperture_fwhm,
+        aperture_add=params.aperture_add,
+        gap=params.aperture_gap,
+        bg_delta=params.aperture_bg_delta,
+    )
 
 
 @dataclass

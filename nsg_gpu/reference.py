@@ -337,13 +337,7 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
         raise ReferenceFrameError(frame.path, str(exc)) from exc
     # A satellite's trail across the reference would be in every target's photometry of the
     # stars beside it (aperture or annulus) and in its samples: those are left out.
-    geometry = photometry.aperture_geometry(
-        stars.fwhm,
-        aperture_fwhm=resolved.aperture_fwhm,
-        aperture_add=resolved.aperture_add,
-        gap=resolved.aperture_gap,
-        bg_delta=resolved.aperture_bg_delta,
-    )
+    geometry = photometry.geometry_for(stars.fwhm, resolved)
     clearance = TRAIL_CLEARANCE_FWHM * stars.fwhm
     beside = near_trails(stars.x, stars.y, stars.trails, geometry.annulus_outer + clearance)
     linear = np.nonzero((stars.peak < resolved.linear_range) & ~beside)[0][:MAX_PHOTOMETRY_STARS]

@@ -507,13 +507,7 @@ def _measure(
         )
         weight = None
         fwhm_max = max(stars.fwhm, fwhm_t)
-    geometry = photometry.aperture_geometry(
-        fwhm_max,
-        aperture_fwhm=params.aperture_fwhm,
-        aperture_add=params.aperture_add,
-        gap=params.aperture_gap,
-        bg_delta=params.aperture_bg_delta,
-    )
+    geometry = photometry.geometry_for(fwhm_max, params)
     rx, ry = stars.x[reference.photometry_index], stars.y[reference.photometry_index]
     if weight is None:
         ref_at, tgt_at = (rx, ry), (tx, ty)

@@ -565,13 +565,7 @@ def test_a_reference_crossed_by_a_trail_leaves_the_stars_and_samples_beside_it_o
     assert field.frames[2].trail
     reference = prepare_reference(Frame.from_array(field.render(2), name="reference"), Parameters())
     stars, params = reference.stars, reference.params
-    geometry = photometry.aperture_geometry(
-        stars.fwhm,
-        aperture_fwhm=params.aperture_fwhm,
-        aperture_add=params.aperture_add,
-        gap=params.aperture_gap,
-        bg_delta=params.aperture_bg_delta,
-    )
+    geometry = photometry.geometry_for(stars.fwhm, params)
     w, h = 900, 700
     along = np.array([1.0, 0.45]) / math.hypot(1.0, 0.45)
 
