@@ -308,6 +308,12 @@ def prepare_reference(frame, params: Parameters | None = None, *, backend: Backe
         return _prepare(frame, params)
 
 
+def beside_trails(stars: StarCatalog, x, y, geometry: photometry.ApertureGeometry) -> np.ndarray:
+    """Which stars at ``(x, y)`` have their annulus of ``geometry`` within
+    :data:`TRAIL_CLEARANCE_FWHM` of a trail in the catalogue ``stars`` (host bool)."""
+    return near_trails(x, y, stars.trails, geometry.annulus_outer + TRAIL_CLEARANCE_FWHM * stars.fwhm)
+
+
 def _prepare(frame: Frame, params: Parameters) -> Reference:
     be = get_backend(frame.data)
     data = frame.data
@@ -337,9 +343,7 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
         raise ReferenceFrameError(frame.path, str(exc)) from exc
     # A satellite's trail across the reference would be in every target's photometry of the
     # stars beside it (aperture or annulus) and in its samples: those are left out.
-    geometry = photometry.geometry_for(stars.fwhm, resolved)
-    clearance = TRAIL_CLEARANCE_FWHM * stars.fwhm
-    beside = near_trails(stars.x, stars.y, stars.trails, geometry.annulus_outer + clearance)
+    beside = beside_trails(stars, stars.x, stars.y, photometry.geometry_for(stars.fwhm, resolved))
     linear = np.nonzero((stars.peak < resolved.linear_range) & ~beside)[0][:MAX_PHOTOMETRY_STARS]
     x, y = stars.x[linear], stars.y[linear]
     channel_peak = channel_peaks(data, x, y)
@@ -354,7 +358,7 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
     n_reject = int(math.floor(len(stars) * min(resolved.limit_sample_stars_percent, 100.0) / 100.0))
     radius = stars.radius[:n_reject] + resolved.aperture_add + resolved.sample_star_growth_rate * stars.flux[:n_reject]
     rejected = star_rejection(grid, stars.x[:n_reject], stars.y[:n_reject], radius)
-    rejected |= trail_rejection(grid, stars.trails, clearance)
+    rejected |= trail_rejection(grid, stars.trails, TRAIL_CLEARANCE_FWHM * stars.fwhm)
     noise = frame_noise(data)  # the weight's noise: registration does not bias it
     circles = np.column_stack([stars.x[:n_reject], stars.y[:n_reject], radius])
     pixels = pixel_noise(data)

@@ -45,10 +45,10 @@ from .psf import (
     stamp_radius,
     stamp_ratio,
 )
-from .reference import TRAIL_CLEARANCE_FWHM, Reference
+from .reference import Reference, beside_trails
 from .resampling import interpolation_kernel, noise_correlation, registration_kernel
 from .stamps import channel_peaks, gather_stamps, local_level, peak_contrast, stamp_peaks
-from .stars import detection_image, estimate_fwhm, near_trails, typical_fwhm
+from .stars import detection_image, estimate_fwhm, typical_fwhm
 
 __all__ = [
     "ScaleMeasurement",
@@ -545,7 +545,7 @@ def _measure(
     )
     # A trail across the reference: its stars whose annulus comes near it at these frames'
     # geometry (the reference's catalogue left out those that come near at its own).
-    usable &= ~near_trails(rx, ry, stars.trails, geometry.annulus_outer + TRAIL_CLEARANCE_FWHM * stars.fwhm)
+    usable &= ~beside_trails(stars, rx, ry, geometry)
     channels = data.shape[0]
     # One factor per star, the same in every channel: a star's PSFs are those of its place
     # in the field where a frame's PSF has a field model, else the frame's one Moffat.

@@ -884,8 +884,7 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
         typical = float(np.median(sharpness[: max(5, sharpness.size // 4)]))
         candidates = np.nonzero(unsaturated)[0]
         if candidates.size >= 5:
-            highest = candidates[np.argsort(-peak_residual[candidates], kind="stable")[:5]]
-            typical = max(typical, min(float(np.median(sharpness[highest])), SHARPNESS_CAP))
+            typical = max(typical, _highest_peaks_sharpness(sharpness[candidates], peak_residual[candidates]))
         point_like = (sharpness > 0.4 * typical) | ~unsaturated
         cx, cy, flux, peak_value, peak_residual = (a[point_like] for a in (cx, cy, flux, peak_value, peak_residual))
     level = np.maximum(peak_residual / max(3 * pixel_noise, 1e-30), 1.0 + 1e-9)
@@ -893,18 +892,23 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     return StarCatalog(cx + 0.0, cy + 0.0, flux, peak_value, radius, measured, noise)
 
 
+def _highest_peaks_sharpness(sharpness: np.ndarray, peak: np.ndarray) -> float:
+    """The median ``sharpness`` (peak over flux times the FWHM squared) of the five highest
+    ``peak``s, which are stars, at most :data:`SHARPNESS_CAP`, so that single hot pixels among
+    them do not raise it."""
+    highest = np.argsort(-peak, kind="stable")[:5]
+    return min(float(np.median(sharpness[highest])), SHARPNESS_CAP)
+
+
 def _compact(peak: np.ndarray, flux: np.ndarray, fwhm: float) -> np.ndarray:
     """Which detections (``peak`` above the background and ``flux``, brightest first) are no
-    broader than stars: peak over flux at least :data:`SPARSE_FWHM_COMPACT` of the median of
-    the five highest peaks' (stars: the knots of a nebula peak low), that median at most
-    :data:`SHARPNESS_CAP` over the square of ``fwhm`` (the pass's FWHM), so that single hot
-    pixels among the highest peaks do not raise it."""
-    ratio = peak / np.where(flux > 0, flux, np.inf)
-    if ratio.size < 5:
-        return np.ones(ratio.size, bool)
-    highest = np.argsort(-peak, kind="stable")[:5]
-    typical = min(float(np.median(ratio[highest])), SHARPNESS_CAP / fwhm**2)
-    return ratio >= SPARSE_FWHM_COMPACT * typical
+    broader than stars: sharpness at ``fwhm`` (the pass's FWHM) at least
+    :data:`SPARSE_FWHM_COMPACT` of the five highest peaks' (:func:`_highest_peaks_sharpness`;
+    the knots of a nebula peak low for their flux)."""
+    sharpness = peak / np.where(flux > 0, flux, np.inf) * fwhm**2
+    if sharpness.size < 5:
+        return np.ones(sharpness.size, bool)
+    return sharpness >= SPARSE_FWHM_COMPACT * _highest_peaks_sharpness(sharpness, peak)
 
 
 def _seen_through_interpolation(
@@ -1096,11 +1100,6 @@ def single_pixel_advantage(
                 for rows_y, rows_x in refined(int(chosen[i])):
                     if full[i] and not level:
                         fine = rows_y @ window @ rows_x.T
-                    elif full[i]:
-                        # The unit outer products less their means (sy sx / 25).
-                        mean = np.outer(rows_y.sum(axis=1), rows_x.sum(axis=1)) / 25.0
-                        norm = np.sqrt(np.maximum(1.0 - 25.0 * mean * mean, 0.0))
-                        fine = (rows_y @ window @ rows_x.T - mean * window.sum()) / np.where(norm > 1e-12, norm, np.inf)
                     else:
                         fine = _cut_projections(flat[i, keep[i]], _unit_outer(rows_y, rows_x)[keep[i]], level)
                     best[i] = max(best[i], float(fine.max()))
@@ -1118,25 +1117,25 @@ def _cut_projections(values: np.ndarray, templates: np.ndarray, level: bool = Fa
     each column normalized again (with ``level``, less its mean first); columns with no
     weight left give 0."""
     if level:
-        templates = templates - templates.mean(axis=0)
-        norm = np.linalg.norm(templates, axis=0)
-        return (values @ templates) / np.where(norm > 1e-12, norm, np.inf)
+        return values @ _centred(templates)
     norm = np.linalg.norm(templates, axis=0)
     return (values @ templates) / np.where(norm > 0, norm, np.inf)
 
 
+def _centred(templates: np.ndarray) -> np.ndarray:
+    """``templates`` ``(pixels, n)`` less each column's mean, normalized again (a column with
+    nothing left gives 0): a template's fit with a level of its own."""
+    centred = templates - templates.mean(axis=0)
+    norm = np.linalg.norm(centred, axis=0)
+    return centred / np.where(norm > 1e-12, norm, np.inf)
+
+
 @functools.lru_cache(maxsize=8)
 def _levelled_templates(fwhms: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_point_templates`' single-pixel and star templates less each column's mean,
-    normalized again (a column with nothing left gives 0): made once for each ``fwhms``."""
-
-    def levelled(templates: np.ndarray) -> np.ndarray:
-        centred = templates - templates.mean(axis=0)
-        norm = np.linalg.norm(centred, axis=0)
-        return centred / np.where(norm > 1e-12, norm, np.inf)
-
+    """:func:`_point_templates`' single-pixel and star templates :func:`_centred`, made once
+    for each ``fwhms``."""
     (point, _), (star, _) = _point_templates(fwhms)
-    return levelled(point), levelled(star)
+    return _centred(point), _centred(star)
 
 
 def _point_shifts() -> np.ndarray:
