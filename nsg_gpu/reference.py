@@ -172,8 +172,11 @@ class Reference:
     def psf_stars(self) -> np.ndarray:
         """Catalogue rows of the stars the PSF is fitted on: the brightest isolated ones, at
         most :data:`PSF_STARS`, less the faint ones whose peak is low for their flux where a
-        share of the faint ones are (see :data:`PSF_PEAK_SNR`)."""
-        rows = np.nonzero(self.isolated)[0]
+        share of the faint ones are (see :data:`PSF_PEAK_SNR`), and less those a few pixels
+        from a hot pixel (:attr:`StarCatalog.near_point`)."""
+        # A star beside a hot pixel or cosmic ray has its light in the stamp (and, where the
+        # point is the sensor's, elsewhere in each registered target's).
+        rows = np.nonzero(self.isolated & ~self.stars.near_point[self.photometry_index])[0]
         snr = self.peak_snr[rows]
         flux = self.stars.flux[self.photometry_index[rows]]
         # Peak for flux, relative to the stars' that stand well out of the noise (a ratio of

@@ -21,6 +21,7 @@ import operator
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
@@ -99,6 +100,12 @@ AROUND_SNR = 8.0
 #: (:func:`single_pixel_advantage`); the shifts tried are :data:`POINT_TEST_STEP` apart. On a
 #: colour frame, where it fits better at all and its light is in one channel (:func:`one_channel`).
 HOT_PIXEL_CHI2 = 25.0
+#: A hot pixel (or cosmic ray) within a few pixels of a fainter star holds the matched image's
+#: maximum there: once it is taken for a point, the stars it outshone are looked for again
+#: with its 5 x 5 pixels' light taken out of the matched image
+#: (:func:`_outshone_peaks`), at least this many pixels (along x or y) from it. A star nearer
+#: than that is the point's own pixels, and goes with them.
+OUTSHONE_CLEAR = 3
 POINT_TEST_FWHM = (0.8, 1.0, 1.4, 2.0, 2.8, 4.0)
 POINT_TEST_STEP = 0.05
 #: The brightest detections (by their peak) that are tested, at most: the ones that set the
@@ -158,6 +165,13 @@ class StarCatalog:
     # Satellite or aircraft trails that detect_stars found (:func:`trail_lines`), one row
     # ``(x, y, direction x, direction y, first, last)`` each; their pieces are not stars.
     trails: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 6)))
+    # Stars a few pixels from a hot pixel or cosmic ray that detection took out (found, or
+    # measured, without its light; its pixels still hold it): no PSF star.
+    near_point: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.near_point is None:
+            self.near_point = np.zeros(self.x.shape, bool)
 
     def __len__(self) -> int:
         return int(self.x.size)
@@ -173,6 +187,7 @@ class StarCatalog:
             self.noise,
             self.correlation,
             self.trails,
+            self.near_point[index],
         )
 
     @property
@@ -764,59 +779,69 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     ys, xs = xp.nonzero(peaks)
     if ys.size == 0:
         return _empty(fwhm, noise)
-    win = gather_stamps(residual, xs, ys, half)
-    weights = xp.clip(win, 0, None)
-    total = weights.sum(axis=(1, 2))
-    offsets = xp.arange(-half, half + 1, dtype=xp.float32)
-    ok = total > 0
-    cy = ys + (weights.sum(axis=2) * offsets).sum(axis=1) / xp.where(ok, total, 1)
-    cx = xs + (weights.sum(axis=1) * offsets).sum(axis=1) / xp.where(ok, total, 1)
-    rr = offsets[:, None] ** 2 + offsets[None, :] ** 2
-    flux = (win * (rr <= (2 * fwhm) ** 2)).sum(axis=(1, 2))
-    peak_value = gather_stamps(image, xs, ys, 1).max(axis=(1, 2))
-    peak_residual = win[:, half - 1 : half + 2, half - 1 : half + 2].max(axis=(1, 2))
-    # Hot pixels and cosmic rays: a star's 4-neighbours hold a good share of its peak
-    # (half of it at FWHM 2 px), a single bright pixel's do not. An undersampled star near a
-    # pixel's centre keeps less in its cross (15-20 % of its peak at FWHM 1-1.6 px, 3-12 % at
-    # 0.5-0.7 px before the pixels), but its light shows on both sides of it along every
-    # axis: twice the lesser of each pair of opposite neighbours, summed over the four axes,
-    # is a tenth of its peak or more wherever its cross holds less than a fifth (stars of
-    # 0.6 px and more). A hot pixel's neighbours hold the sky, and a pair of hot pixels, or a
-    # hot pixel beside a star, lights one side only.
-    centre = win[:, half, half]
-    cross = 0.25 * (win[:, half - 1, half] + win[:, half + 1, half] + win[:, half, half - 1] + win[:, half, half + 1])
-    pixel_noise = noise * math.sqrt(4 * math.pi) * sigma
-    keep = ok & (flux > 0) & (cross > 0.2 * centre)
-    # The rest (few where the stars are resolved) are judged by the light on both sides.
-    judged = xp.nonzero(ok & (flux > 0) & ~keep)[0]
-    if judged.size:
-        sub = win[judged]
-        ring = sub[:, half - 1 : half + 2, half - 1 : half + 2] - _edge_median(sub)[:, None, None]
-        symmetric = 2 * sum(
-            xp.minimum(ring[:, 1 + dy, 1 + dx], ring[:, 1 - dy, 1 - dx]) for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1))
-        )
-        c = centre[judged]
-        keep[judged] = (symmetric > UNDERSAMPLED_AROUND * c) & (symmetric > AROUND_SNR * pixel_noise)
     image_max = float(be.to_host(image.max()))
     # The residual's own pixel noise, which the point tests below count in.
     pixel_sigma = _mad_sigma(residual[::step, ::step][valid[::step, ::step]])
-    if resampled:
-        # A resampled frame: a hot pixel comes out spread over its neighbours by the
-        # interpolation, and passes the tests above; its shape is the kernel's.
-        tested = xp.nonzero(keep & (centre > POINT_TEST_SNR * pixel_sigma))[0]
-        tested = tested[xp.argsort(-centre[tested])[:POINT_TEST_MAX]]
-        if tested.size:
-            points = _seen_through_interpolation(
-                data, image, residual, xs[tested], ys[tested], pixel_sigma, image_max, POINT_TEST_FWHM
-            )
-            keep[tested[be.asarray(points)]] = False
-    cx, cy, flux, peak_value, peak_residual, xs, ys = (
-        be.to_host(a[keep]) for a in (cx, cy, flux, peak_value, peak_residual, xs, ys)
+    pixel_noise = noise * math.sqrt(4 * math.pi) * sigma
+    judge = functools.partial(
+        _judge_peaks,
+        be,
+        image=image,
+        half=half,
+        fwhm=fwhm,
+        pixel_noise=pixel_noise,
+        pixel_sigma=pixel_sigma,
+        image_max=image_max,
+        resampled=resampled,
+        data=data,
+    )
+    cx, cy, flux, peak_value, peak_residual, keep, gone = judge(residual, xs, ys)
+    # Stars with a point's light a few pixels away: found or measured without it, but their
+    # pixels hold it, and they do not read the FWHM.
+    by_point = xp.zeros(xs.shape, bool)
+    if gone.size:
+        # A hot pixel (or cosmic ray) brighter than a star a few pixels away holds the
+        # matched image's maximum there, and the star is no peak of its own; the point goes,
+        # and the stars it outshone are looked for again without it. A star kept beside one
+        # is measured without it too (its centroid is not drawn to it, nor its flux raised).
+        more_x, more_y = _outshone_peaks(
+            be,
+            matched,
+            residual,
+            image,
+            xs[gone],
+            ys[gone],
+            xs[keep],
+            ys[keep],
+            sigma,
+            size // 2,
+            detection_sigma * noise,
+            margin,
+        )
+        beside = _near_points(be, xs, ys, keep, xs[gone], ys[gone], half + 2)
+        if more_x.size or beside.size:
+            cleaned = _without_points(residual, xs[gone], ys[gone])
+            if beside.size:
+                again = judge(cleaned, xs[beside], ys[beside])
+                for measure, remeasured in zip((cx, cy, flux, peak_value, peak_residual), again[:5]):
+                    measure[beside] = remeasured
+                by_point[beside] = True
+            if more_x.size:
+                more = judge(cleaned, more_x, more_y)
+                cx, cy, flux, peak_value, peak_residual, xs, ys, keep, by_point = (
+                    xp.concatenate([a, b])
+                    for a, b in zip(
+                        (cx, cy, flux, peak_value, peak_residual, xs, ys, keep, by_point),
+                        (*more[:5], more_x, more_y, more[5], xp.ones(more_x.shape, bool)),
+                    )
+                )
+    cx, cy, flux, peak_value, peak_residual, xs, ys, by_point = (
+        be.to_host(a[keep]) for a in (cx, cy, flux, peak_value, peak_residual, xs, ys, by_point)
     )
     cx, cy, flux, peak_value, peak_residual = (a.astype(np.float64) for a in (cx, cy, flux, peak_value, peak_residual))
     order = np.argsort(-flux)[:max_stars]
-    cx, cy, flux, peak_value, peak_residual, xs, ys = (
-        a[order] for a in (cx, cy, flux, peak_value, peak_residual, xs, ys)
+    cx, cy, flux, peak_value, peak_residual, xs, ys, by_point = (
+        a[order] for a in (cx, cy, flux, peak_value, peak_residual, xs, ys, by_point)
     )
     # A trail's pieces do not read the FWHM (five of them read 20 px on a sparse field).
     trail = trail_pieces(cx, cy, flux, fwhm)
@@ -832,7 +857,7 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     # that, too few stars stood 30 of it above their sky, and five faint detections and knots
     # read 20 px where the stars have 9.7.
     unsaturated = peak_value < 0.5 * image_max
-    readable = unsaturated & ~trail
+    readable = unsaturated & ~trail & ~by_point
     # (The pixels' own noise from a sixteenth of the subsample above: 4 ms on 26 MP.)
     coarse = residual[:: 4 * step, :: 4 * step][valid[:: 4 * step, :: 4 * step]]
     own = _mad_sigma(coarse) if coarse.size else pixel_noise
@@ -871,7 +896,9 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
             star[tested] = ~_seen_through_interpolation(
                 data, image, residual, *at, pixel_sigma, image_max, fwhms, level=True
             )
-            cx, cy, flux, peak_value, peak_residual = (a[star] for a in (cx, cy, flux, peak_value, peak_residual))
+            cx, cy, flux, peak_value, peak_residual, by_point = (
+                a[star] for a in (cx, cy, flux, peak_value, peak_residual, by_point)
+            )
             unsaturated = peak_value < 0.5 * image_max
     # Extended sources (nebular knots, galaxies) are far less concentrated than the PSF: an
     # unsaturated star's sharpness is 0.4-1.3 whatever its FWHM, a knot's 0.1-0.3. Judged
@@ -886,10 +913,154 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
         if candidates.size >= 5:
             typical = max(typical, _highest_peaks_sharpness(sharpness[candidates], peak_residual[candidates]))
         point_like = (sharpness > 0.4 * typical) | ~unsaturated
-        cx, cy, flux, peak_value, peak_residual = (a[point_like] for a in (cx, cy, flux, peak_value, peak_residual))
+        cx, cy, flux, peak_value, peak_residual, by_point = (
+            a[point_like] for a in (cx, cy, flux, peak_value, peak_residual, by_point)
+        )
     level = np.maximum(peak_residual / max(3 * pixel_noise, 1e-30), 1.0 + 1e-9)
     radius = np.maximum(measured * _FWHM_TO_SIGMA * np.sqrt(2 * np.log(level)), 1.0)
-    return StarCatalog(cx + 0.0, cy + 0.0, flux, peak_value, radius, measured, noise)
+    return StarCatalog(cx + 0.0, cy + 0.0, flux, peak_value, radius, measured, noise, near_point=by_point)
+
+
+def _judge_peaks(be, residual, xs, ys, *, image, half, fwhm, pixel_noise, pixel_sigma, image_max, resampled, data):
+    """The first measures of the peaks at pixels ``xs, ys`` (backend arrays) of the matched
+    image, on ``residual`` (the background-subtracted detection image) within ``half`` px:
+    centroid, flux, peak value and peak above the background; which of them are stars, not
+    hot pixels or cosmic rays (the tests below); and the indices of those that had light and
+    were taken for such points (on the backend)."""
+    xp = be.xp
+    win = gather_stamps(residual, xs, ys, half)
+    weights = xp.clip(win, 0, None)
+    total = weights.sum(axis=(1, 2))
+    offsets = xp.arange(-half, half + 1, dtype=xp.float32)
+    ok = total > 0
+    cy = ys + (weights.sum(axis=2) * offsets).sum(axis=1) / xp.where(ok, total, 1)
+    cx = xs + (weights.sum(axis=1) * offsets).sum(axis=1) / xp.where(ok, total, 1)
+    rr = offsets[:, None] ** 2 + offsets[None, :] ** 2
+    flux = (win * (rr <= (2 * fwhm) ** 2)).sum(axis=(1, 2))
+    peak_value = gather_stamps(image, xs, ys, 1).max(axis=(1, 2))
+    peak_residual = win[:, half - 1 : half + 2, half - 1 : half + 2].max(axis=(1, 2))
+    # Hot pixels and cosmic rays: a star's 4-neighbours hold a good share of its peak
+    # (half of it at FWHM 2 px), a single bright pixel's do not. An undersampled star near a
+    # pixel's centre keeps less in its cross (15-20 % of its peak at FWHM 1-1.6 px, 3-12 % at
+    # 0.5-0.7 px before the pixels), but its light shows on both sides of it along every
+    # axis: twice the lesser of each pair of opposite neighbours, summed over the four axes,
+    # is a tenth of its peak or more wherever its cross holds less than a fifth (stars of
+    # 0.6 px and more). A hot pixel's neighbours hold the sky, and a pair of hot pixels, or a
+    # hot pixel beside a star, lights one side only.
+    centre = win[:, half, half]
+    cross = 0.25 * (win[:, half - 1, half] + win[:, half + 1, half] + win[:, half, half - 1] + win[:, half, half + 1])
+    lit = ok & (flux > 0)
+    keep = lit & (cross > 0.2 * centre)
+    # The rest (few where the stars are resolved) are judged by the light on both sides.
+    judged = xp.nonzero(lit & ~keep)[0]
+    if judged.size:
+        sub = win[judged]
+        ring = sub[:, half - 1 : half + 2, half - 1 : half + 2] - _edge_median(sub)[:, None, None]
+        symmetric = 2 * sum(
+            xp.minimum(ring[:, 1 + dy, 1 + dx], ring[:, 1 - dy, 1 - dx]) for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1))
+        )
+        c = centre[judged]
+        keep[judged] = (symmetric > UNDERSAMPLED_AROUND * c) & (symmetric > AROUND_SNR * pixel_noise)
+    if resampled:
+        # A resampled frame: a hot pixel comes out spread over its neighbours by the
+        # interpolation, and passes the tests above; its shape is the kernel's.
+        tested = xp.nonzero(keep & (centre > POINT_TEST_SNR * pixel_sigma))[0]
+        tested = tested[xp.argsort(-centre[tested])[:POINT_TEST_MAX]]
+        if tested.size:
+            points = _seen_through_interpolation(
+                data, image, residual, xs[tested], ys[tested], pixel_sigma, image_max, POINT_TEST_FWHM
+            )
+            keep[tested[be.asarray(points)]] = False
+    return cx, cy, flux, peak_value, peak_residual, keep, xp.nonzero(lit & ~keep)[0]
+
+
+def _outshone_peaks(be, matched, residual, image, px, py, kx, ky, sigma, nms_half, threshold, margin):
+    """Peaks that the points at pixels ``px, py`` (rejected detections: hot pixels, cosmic
+    rays) held down: the pixels of the matched image's maxima near the points once the light
+    of their 5 x 5 pixels of ``residual`` (above the ring around them, :func:`_point_fill`)
+    is taken out of it (over
+    ``threshold``, with data ``margin`` px around, the maximum within ``nms_half`` px, as
+    :func:`find_peaks`), at least :data:`OUTSHONE_CLEAR` px from every point and more than
+    ``nms_half`` px from the detections kept (``kx, ky``), on the backend.
+
+    Local: each point's light is convolved with the matched filter's Gaussian of ``sigma``
+    px on a block around it (the filter is linear) and subtracted there, and the block's
+    maxima found on the host; a frame's hundreds or thousands of hot pixels cost a few
+    milliseconds each, not a pass over the frame."""
+    xp = be.xp
+    reach = 2 + int(math.ceil(4.0 * sigma))  # where a point's light moves the matched image
+    block = reach + nms_half
+    side = 2 * block + 1
+    centre = slice(block - 2, block + 3)
+    patches = be.to_host(gather_stamps(residual, px, py, 2)).astype(np.float64)
+    patches -= _point_fill(residual, px, py)[:, None, None]
+    light = np.zeros((patches.shape[0], side, side))
+    light[:, centre, centre] = patches
+    light = scipy.ndimage.gaussian_filter(light, (0, sigma, sigma), mode="constant")
+    values = be.to_host(gather_stamps(matched, px, py, block)).astype(np.float64) - light
+    has_data = be.to_host(gather_stamps(image, px, py, block + margin)) > 0
+    # Data all around (a square of ``margin`` px), as find_peaks asks of its peaks.
+    around = scipy.ndimage.minimum_filter(has_data, size=(1, 2 * margin + 1, 2 * margin + 1), mode="constant")
+    around = around[:, margin:-margin, margin:-margin]
+    highest = scipy.ndimage.maximum_filter(
+        values, size=(1, 2 * nms_half + 1, 2 * nms_half + 1), mode="constant", cval=-np.inf
+    )
+    offsets = np.arange(-block, block + 1)
+    inner = (np.abs(offsets)[:, None] <= reach) & (np.abs(offsets)[None, :] <= reach)
+    clear = (np.abs(offsets)[:, None] >= OUTSHONE_CLEAR) | (np.abs(offsets)[None, :] >= OUTSHONE_CLEAR)
+    found = (values == highest) & (values > threshold) & around & (inner & clear)[None]
+    k, dy, dx = np.nonzero(found)
+    px, py = be.to_host(px).astype(np.int64), be.to_host(py).astype(np.int64)
+    x, y, height = px[k] + offsets[dx], py[k] + offsets[dy], values[k, dy, dx]
+    # One peak per place (blocks overlap), the highest first; none near a point or a star kept.
+    kx, ky = be.to_host(kx), be.to_host(ky)
+    at = np.column_stack([x, y])
+    apart = cKDTree(np.column_stack([px, py])).query(at, p=np.inf)[0] >= OUTSHONE_CLEAR if x.size else np.zeros(0, bool)
+    if x.size and kx.size:
+        apart &= cKDTree(np.column_stack([kx, ky])).query(at, p=np.inf)[0] > nms_half
+    x, y, height = x[apart], y[apart], height[apart]
+    chosen = []
+    for i in np.lexsort((x, y, -height)):
+        if all(max(abs(x[i] - x[j]), abs(y[i] - y[j])) > nms_half for j in chosen):
+            chosen.append(i)
+    chosen = np.asarray(chosen, np.int64)
+    return be.asarray(x[chosen]).astype(xp.int64), be.asarray(y[chosen]).astype(xp.int64)
+
+
+def _near_points(be, xs, ys, keep, px, py, reach: int):
+    """Indices (on the backend) of the detections kept (``keep``) at pixels ``xs, ys`` that
+    have a point at ``px, py`` within ``reach`` px (along x or y), and none nearer than
+    :data:`OUTSHONE_CLEAR` (whose 5 x 5 pixels would hold the star's own)."""
+    kept = be.to_host(be.xp.nonzero(keep)[0])
+    if kept.size == 0:
+        return be.asarray(kept)
+    points = cKDTree(np.column_stack([be.to_host(px), be.to_host(py)]))
+    at = np.column_stack([be.to_host(xs)[kept], be.to_host(ys)[kept]])
+    nearest = points.query(at, p=np.inf)[0]
+    return be.asarray(kept[(nearest <= reach) & (nearest >= OUTSHONE_CLEAR)])
+
+
+def _without_points(residual, px, py):
+    """``residual`` (a copy) with the 5 x 5 pixels around each point at ``px, py`` replaced by
+    the median of the ring just outside them (:func:`_point_fill`): the point's light out,
+    the sky or nebula under it kept."""
+    be = get_backend(residual)
+    fill = _point_fill(residual, px, py)
+    px, py = be.to_host(px).astype(np.int64), be.to_host(py).astype(np.int64)
+    cleaned = residual.copy()
+    for oy in range(-2, 3):
+        for ox in range(-2, 3):
+            rows, cols = py + oy, px + ox
+            inside = (rows >= 0) & (rows < residual.shape[0]) & (cols >= 0) & (cols < residual.shape[1])
+            cleaned[be.asarray(rows[inside]), be.asarray(cols[inside])] = be.asarray(fill[inside])
+    return cleaned
+
+
+def _point_fill(residual, px, py) -> np.ndarray:
+    """Per point at ``px, py``: the median of ``residual``'s ring of pixels just outside its 5 x 5
+    pixels (the edge of the 7 x 7 square), on the host, in ``residual``'s type."""
+    be = get_backend(residual)
+    return be.to_host(_edge_median(gather_stamps(residual, px, py, 3))).astype(residual.dtype)
 
 
 def _highest_peaks_sharpness(sharpness: np.ndarray, peak: np.ndarray) -> float:

@@ -486,6 +486,44 @@ def test_hot_pixels_spread_by_the_registration_are_not_stars(spec, seed, k):
     assert star.sum() >= 0.95 * expected_star.sum(), (int(star.sum()), int(expected_star.sum()))
 
 
+#: Stars of 3-4 px and many hot pixels (2e-3 of the pixels) on 700 x 500 px.
+BESIDE_HOT = dict(width=700, height=500, n_stars=700, n_frames=2, fwhm_range=(3.0, 4.0), hot_pixel_fraction=2e-3)
+
+
+@pytest.mark.parametrize(
+    ("spec", "k"),
+    [
+        pytest.param(BESIDE_HOT, 0, id="not-resampled"),
+        pytest.param(dict(BESIDE_HOT, pixel_integrated=True, registration=True), 1, id="registered"),
+    ],
+)
+def test_a_star_beside_a_hot_pixel_is_found_once_the_point_is_out(spec, k):
+    """A hot pixel brighter than a star 3-7 px away holds the matched image's maximum there:
+    the star was no peak of its own, the point was rejected, and the star went with it (of the
+    stars found without hot pixels that lie 3-7 px from one, 14 of 43 were found on the frame
+    not resampled and 7 of 20 on the registered one). Now the stars a rejected point outshone
+    are looked for again with its light out of the matched image: against the same frame
+    without hot pixels and the generator's stars, 32 of 43 and 15 of 20, and the catalogue's
+    detections are true stars (96 and 100 %; 93 and 90 % before)."""
+    with_hot = SyntheticField(seed=4, **spec)
+    clean = SyntheticField(seed=4, **{**spec, "hot_pixel_fraction": 0.0})
+    image, clean_image = with_hot.render(k), clean.render(k)
+    # The hot pixels' light: the same frame's difference (the same noise; the registration
+    # spreads each over its neighbours).
+    hot_y, hot_x = np.nonzero(np.abs(image - clean_image)[0] > 10 * with_hot.spec.noise_sigma)
+    catalog, expected = detect_stars(image), detect_stars(clean_image)
+
+    def true_star(c):
+        return np.hypot(clean.star_x[None] - c.x[:, None], clean.star_y[None] - c.y[:, None]).min(axis=1) < 1.5
+
+    to_hot = np.hypot(hot_x[None] - expected.x[:, None], hot_y[None] - expected.y[:, None]).min(axis=1)
+    beside = true_star(expected) & (to_hot >= 3) & (to_hot <= 7)
+    assert beside.sum() >= 20
+    found = np.hypot(catalog.x[None] - expected.x[:, None], catalog.y[None] - expected.y[:, None]).min(axis=1) < 1.5
+    assert found[beside].mean() >= 0.7, (int(found[beside].sum()), int(beside.sum()))
+    assert true_star(catalog).mean() > 0.95
+
+
 #: Stars of 3-4.5 px on a registered mono field (warm pixels added in the test).
 WARM = dict(REGISTERED_SMALL, fwhm_range=(3.0, 4.5), pixel_integrated=True, registration=True)
 
