@@ -978,9 +978,8 @@ def _outshone_peaks(be, matched, residual, image, px, py, kx, ky, sigma, nms_hal
     """Peaks that the points at pixels ``px, py`` (rejected detections: hot pixels, cosmic
     rays) held down: the pixels of the matched image's maxima near the points once the light
     of their 5 x 5 pixels of ``residual`` (above the ring around them, :func:`_point_fill`)
-    is taken out of it (over
-    ``threshold``, with data ``margin`` px around, the maximum within ``nms_half`` px, as
-    :func:`find_peaks`), at least :data:`OUTSHONE_CLEAR` px from every point and more than
+    is taken out of it (over ``threshold``, with data ``margin`` px around, the maximum
+    within ``nms_half`` px, as :func:`find_peaks`), at least :data:`OUTSHONE_CLEAR` px from every point and more than
     ``nms_half`` px from the detections kept (``kx, ky``), on the backend.
 
     Local: each point's light is convolved with the matched filter's Gaussian of ``sigma``
@@ -998,17 +997,13 @@ def _outshone_peaks(be, matched, residual, image, px, py, kx, ky, sigma, nms_hal
     light[:, centre, centre] = patches
     light = scipy.ndimage.gaussian_filter(light, (0, sigma, sigma), mode="constant")
     values = be.to_host(gather_stamps(matched, px, py, block)).astype(np.float64) - light
-    has_data = be.to_host(gather_stamps(image, px, py, block + margin)) > 0
-    # Data all around (a square of ``margin`` px), as find_peaks asks of its peaks.
-    around = scipy.ndimage.minimum_filter(has_data, size=(1, 2 * margin + 1, 2 * margin + 1), mode="constant")
-    around = around[:, margin:-margin, margin:-margin]
     highest = scipy.ndimage.maximum_filter(
         values, size=(1, 2 * nms_half + 1, 2 * nms_half + 1), mode="constant", cval=-np.inf
     )
     offsets = np.arange(-block, block + 1)
     inner = (np.abs(offsets)[:, None] <= reach) & (np.abs(offsets)[None, :] <= reach)
     clear = (np.abs(offsets)[:, None] >= OUTSHONE_CLEAR) | (np.abs(offsets)[None, :] >= OUTSHONE_CLEAR)
-    found = (values == highest) & (values > threshold) & around & (inner & clear)[None]
+    found = (values == highest) & (values > threshold) & (inner & clear)[None]
     k, dy, dx = np.nonzero(found)
     px, py = be.to_host(px).astype(np.int64), be.to_host(py).astype(np.int64)
     x, y, height = px[k] + offsets[dx], py[k] + offsets[dy], values[k, dy, dx]
@@ -1018,6 +1013,10 @@ def _outshone_peaks(be, matched, residual, image, px, py, kx, ky, sigma, nms_hal
     apart = cKDTree(np.column_stack([px, py])).query(at, p=np.inf)[0] >= OUTSHONE_CLEAR if x.size else np.zeros(0, bool)
     if x.size and kx.size:
         apart &= cKDTree(np.column_stack([kx, ky])).query(at, p=np.inf)[0] > nms_half
+    if x.size:
+        # Data all around (a square of ``margin`` px), as find_peaks asks of its peaks.
+        around = be.to_host(gather_stamps(image, be.asarray(x), be.asarray(y), margin)) > 0
+        apart &= around.all(axis=(1, 2))
     x, y, height = x[apart], y[apart], height[apart]
     chosen = []
     for i in np.lexsort((x, y, -height)):
