@@ -175,7 +175,8 @@ class Reference:
         share of the faint ones are (see :data:`PSF_PEAK_SNR`), and less those a few pixels
         from a hot pixel (:attr:`StarCatalog.near_point`)."""
         # A star beside a hot pixel or cosmic ray has its light in the stamp (and, where the
-        # point is the sensor's, elsewhere in each registered target's).
+        # point is the sensor's, elsewhere in each registered target's): the fits clip its
+        # core, not its wings under 5 sigmas.
         rows = np.nonzero(self.isolated & ~self.stars.near_point[self.photometry_index])[0]
         snr = self.peak_snr[rows]
         flux = self.stars.flux[self.photometry_index[rows]]

@@ -106,6 +106,12 @@ HOT_PIXEL_CHI2 = 25.0
 #: (:func:`_outshone_peaks`), at least this many pixels (along x or y) from it. A star nearer
 #: than that is the point's own pixels, and goes with them.
 OUTSHONE_CLEAR = 3
+#: The points looked beside: those whose peak stands this many pixel sigmas above the
+#: background (a fainter reject, often noise, can hold down only stars at the detection's
+#: limit, and would cost the stars near it their say in the FWHM and the PSF).
+OUTSHONE_POINT_SNR = 10.0
+#: Points whose blocks are made and searched together (a few MB each at FWHM 10 px).
+_POINTS_AT_ONCE = 512
 POINT_TEST_FWHM = (0.8, 1.0, 1.4, 2.0, 2.8, 4.0)
 POINT_TEST_STEP = 0.05
 #: The brightest detections (by their peak) that are tested, at most: the ones that set the
@@ -799,6 +805,11 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     # Stars with a point's light a few pixels away: found or measured without it, but their
     # pixels hold it, and they do not read the FWHM.
     by_point = xp.zeros(xs.shape, bool)
+    # The residual the later point test reads: the points' pixels out where stars were
+    # found or measured without them.
+    judged_on = residual
+    # The points bright enough to outshine a star (:data:`OUTSHONE_POINT_SNR`).
+    gone = gone[peak_residual[gone] > OUTSHONE_POINT_SNR * pixel_sigma]
     if gone.size:
         # A hot pixel (or cosmic ray) brighter than a star a few pixels away holds the
         # matched image's maximum there, and the star is no peak of its own; the point goes,
@@ -818,16 +829,17 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
             detection_sigma * noise,
             margin,
         )
-        beside = _near_points(be, xs, ys, keep, xs[gone], ys[gone], half + 2)
+        beside, touching = _near_points(be, xs, ys, keep, xs[gone], ys[gone], half + 2)
+        by_point[touching] = True
         if more_x.size or beside.size:
-            cleaned = _without_points(residual, xs[gone], ys[gone])
+            judged_on = _without_points(residual, xs[gone], ys[gone])
             if beside.size:
-                again = judge(cleaned, xs[beside], ys[beside])
+                again = judge(judged_on, xs[beside], ys[beside])
                 for measure, remeasured in zip((cx, cy, flux, peak_value, peak_residual), again[:5]):
                     measure[beside] = remeasured
                 by_point[beside] = True
             if more_x.size:
-                more = judge(cleaned, more_x, more_y)
+                more = judge(judged_on, more_x, more_y)
                 cx, cy, flux, peak_value, peak_residual, xs, ys, keep, by_point = (
                     xp.concatenate([a, b])
                     for a, b in zip(
@@ -894,7 +906,7 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
             at = be.asarray(xs[tested]), be.asarray(ys[tested])
             star = np.ones(cx.size, bool)
             star[tested] = ~_seen_through_interpolation(
-                data, image, residual, *at, pixel_sigma, image_max, fwhms, level=True
+                data, image, judged_on, *at, pixel_sigma, image_max, fwhms, level=True
             )
             cx, cy, flux, peak_value, peak_residual, by_point = (
                 a[star] for a in (cx, cy, flux, peak_value, peak_residual, by_point)
@@ -977,36 +989,45 @@ def _judge_peaks(be, residual, xs, ys, *, image, half, fwhm, pixel_noise, pixel_
 def _outshone_peaks(be, matched, residual, image, px, py, kx, ky, sigma, nms_half, threshold, margin):
     """Peaks that the points at pixels ``px, py`` (rejected detections: hot pixels, cosmic
     rays) held down: the pixels of the matched image's maxima near the points once the light
-    of their 5 x 5 pixels of ``residual`` (above the ring around them, :func:`_point_fill`)
-    is taken out of it (over ``threshold``, with data ``margin`` px around, the maximum
-    within ``nms_half`` px, as :func:`find_peaks`), at least :data:`OUTSHONE_CLEAR` px from every point and more than
-    ``nms_half`` px from the detections kept (``kx, ky``), on the backend.
+    of their 5 x 5 pixels of ``residual``, less the median of the ring around them
+    (:func:`_point_fill`), is taken out of it (over ``threshold``, with data ``margin`` px
+    around, the maximum within ``nms_half`` px, as :func:`find_peaks`), at least
+    :data:`OUTSHONE_CLEAR` px from every point and more than ``nms_half`` px from the
+    detections kept (``kx, ky``), on the backend.
 
     Local: each point's light is convolved with the matched filter's Gaussian of ``sigma``
     px on a block around it (the filter is linear) and subtracted there, and the block's
-    maxima found on the host; a frame's hundreds or thousands of hot pixels cost a few
-    milliseconds each, not a pass over the frame."""
+    maxima found on the host, :data:`_POINTS_AT_ONCE` points at a time: a frame's hundreds or
+    thousands of hot pixels cost milliseconds, not a pass over the frame. Where two points'
+    blocks overlap, each block keeps the other's light (a peak there is judged with it)."""
     xp = be.xp
     reach = 2 + int(math.ceil(4.0 * sigma))  # where a point's light moves the matched image
     block = reach + nms_half
     side = 2 * block + 1
     centre = slice(block - 2, block + 3)
-    patches = be.to_host(gather_stamps(residual, px, py, 2)).astype(np.float64)
-    patches -= _point_fill(residual, px, py)[:, None, None]
-    light = np.zeros((patches.shape[0], side, side))
-    light[:, centre, centre] = patches
-    light = scipy.ndimage.gaussian_filter(light, (0, sigma, sigma), mode="constant")
-    values = be.to_host(gather_stamps(matched, px, py, block)).astype(np.float64) - light
-    highest = scipy.ndimage.maximum_filter(
-        values, size=(1, 2 * nms_half + 1, 2 * nms_half + 1), mode="constant", cval=-np.inf
-    )
     offsets = np.arange(-block, block + 1)
     inner = (np.abs(offsets)[:, None] <= reach) & (np.abs(offsets)[None, :] <= reach)
     clear = (np.abs(offsets)[:, None] >= OUTSHONE_CLEAR) | (np.abs(offsets)[None, :] >= OUTSHONE_CLEAR)
-    found = (values == highest) & (values > threshold) & (inner & clear)[None]
-    k, dy, dx = np.nonzero(found)
-    px, py = be.to_host(px).astype(np.int64), be.to_host(py).astype(np.int64)
-    x, y, height = px[k] + offsets[dx], py[k] + offsets[dy], values[k, dy, dx]
+    host_x, host_y = be.to_host(px).astype(np.int64), be.to_host(py).astype(np.int64)
+    x, y, height = [], [], []
+    for first in range(0, host_x.size, _POINTS_AT_ONCE):
+        cx, cy = px[first : first + _POINTS_AT_ONCE], py[first : first + _POINTS_AT_ONCE]
+        patches = be.to_host(gather_stamps(residual, cx, cy, 2)).astype(np.float64)
+        patches -= _point_fill(residual, cx, cy)[:, None, None]
+        light = np.zeros((patches.shape[0], side, side))
+        light[:, centre, centre] = patches
+        light = scipy.ndimage.gaussian_filter(light, (0, sigma, sigma), mode="constant")
+        values = be.to_host(gather_stamps(matched, cx, cy, block)).astype(np.float64) - light
+        highest = scipy.ndimage.maximum_filter(
+            values, size=(1, 2 * nms_half + 1, 2 * nms_half + 1), mode="constant", cval=-np.inf
+        )
+        found = (values == highest) & (values > threshold) & (inner & clear)[None]
+        k, dy, dx = np.nonzero(found)
+        x.append(host_x[first + k] + offsets[dx])
+        y.append(host_y[first + k] + offsets[dy])
+        height.append(values[k, dy, dx])
+    x, y, height = (np.concatenate(a) for a in (x, y, height))
+    px, py = host_x, host_y
     # One peak per place (blocks overlap), the highest first; none near a point or a star kept.
     kx, ky = be.to_host(kx), be.to_host(ky)
     at = np.column_stack([x, y])
@@ -1028,15 +1049,17 @@ def _outshone_peaks(be, matched, residual, image, px, py, kx, ky, sigma, nms_hal
 
 def _near_points(be, xs, ys, keep, px, py, reach: int):
     """Indices (on the backend) of the detections kept (``keep``) at pixels ``xs, ys`` that
-    have a point at ``px, py`` within ``reach`` px (along x or y), and none nearer than
-    :data:`OUTSHONE_CLEAR` (whose 5 x 5 pixels would hold the star's own)."""
+    have a point at ``px, py`` within ``reach`` px (along x or y) but none nearer than
+    :data:`OUTSHONE_CLEAR`, to be measured without the points; and of those with one nearer
+    (the point's 5 x 5 pixels hold the star's own: measured as they are)."""
     kept = be.to_host(be.xp.nonzero(keep)[0])
     if kept.size == 0:
-        return be.asarray(kept)
+        return be.asarray(kept), be.asarray(kept)
     points = cKDTree(np.column_stack([be.to_host(px), be.to_host(py)]))
     at = np.column_stack([be.to_host(xs)[kept], be.to_host(ys)[kept]])
     nearest = points.query(at, p=np.inf)[0]
-    return be.asarray(kept[(nearest <= reach) & (nearest >= OUTSHONE_CLEAR)])
+    touching = nearest < OUTSHONE_CLEAR
+    return be.asarray(kept[(nearest <= reach) & ~touching]), be.asarray(kept[touching])
 
 
 def _without_points(residual, px, py):
