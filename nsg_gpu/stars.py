@@ -583,11 +583,7 @@ def _find_peaks_host(matched, image, *, half: int, threshold, margin: int):
     side = 2 * margin + 1
     if ys.size and ys.size * side * side < h * w:
         # Few candidates: look at their own windows (all inside the image, by the margin).
-        holes = np.zeros(ys.size, dtype=bool)
-        for start in range(0, ys.size, _WINDOWS_AT_ONCE):
-            chunk = slice(start, start + _WINDOWS_AT_ONCE)
-            windows = gather_stamps(image, xs[chunk], ys[chunk], margin)
-            holes[chunk] = ~np.all(windows > 0, axis=(1, 2))
+        holes = ~_data_around(image, xs, ys, margin)
         peaks[ys[holes], xs[holes]] = False
     elif ys.size:
         empty = np.zeros((h + 1, w + 1), dtype=np.int32)
@@ -601,6 +597,19 @@ def _find_peaks_host(matched, image, *, half: int, threshold, margin: int):
 
 #: Candidate windows looked at in one go by :func:`_find_peaks_host`.
 _WINDOWS_AT_ONCE = 2048
+
+
+def _data_around(image, xs, ys, margin: int) -> np.ndarray:
+    """Whether every pixel of ``image`` within ``margin`` px (a square) of each pixel ``xs,
+    ys`` holds data (is above 0; outside the image is no data), as a host bool array: the
+    candidates' own windows, :data:`_WINDOWS_AT_ONCE` at a time."""
+    be = get_backend(image)
+    out = np.zeros(np.size(xs), dtype=bool)
+    for start in range(0, out.size, _WINDOWS_AT_ONCE):
+        chunk = slice(start, start + _WINDOWS_AT_ONCE)
+        windows = gather_stamps(image, xs[chunk], ys[chunk], margin)
+        out[chunk] = be.to_host((windows > 0).all(axis=(1, 2)))
+    return out
 
 
 def detect_stars(
@@ -811,6 +820,7 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     # The points bright enough to outshine a star (:data:`OUTSHONE_POINT_SNR`).
     gone = gone[peak_residual[gone] > OUTSHONE_POINT_SNR * pixel_sigma]
     if gone.size:
+        fill = _point_fill(residual, xs[gone], ys[gone])
         # A hot pixel (or cosmic ray) brighter than a star a few pixels away holds the
         # matched image's maximum there, and the star is no peak of its own; the point goes,
         # and the stars it outshone are looked for again without it. A star kept beside one
@@ -822,6 +832,7 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
             image,
             xs[gone],
             ys[gone],
+            fill,
             xs[keep],
             ys[keep],
             sigma,
@@ -832,7 +843,7 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
         beside, touching = _near_points(be, xs, ys, keep, xs[gone], ys[gone], half + 2)
         by_point[touching] = True
         if more_x.size or beside.size:
-            judged_on = _without_points(residual, xs[gone], ys[gone])
+            judged_on = _without_points(residual, xs[gone], ys[gone], fill)
             if beside.size:
                 again = judge(judged_on, xs[beside], ys[beside])
                 for measure, remeasured in zip((cx, cy, flux, peak_value, peak_residual), again[:5]):
@@ -986,11 +997,11 @@ def _judge_peaks(be, residual, xs, ys, *, image, half, fwhm, pixel_noise, pixel_
     return cx, cy, flux, peak_value, peak_residual, keep, xp.nonzero(lit & ~keep)[0]
 
 
-def _outshone_peaks(be, matched, residual, image, px, py, kx, ky, sigma, nms_half, threshold, margin):
+def _outshone_peaks(be, matched, residual, image, px, py, fill, kx, ky, sigma, nms_half, threshold, margin):
     """Peaks that the points at pixels ``px, py`` (rejected detections: hot pixels, cosmic
     rays) held down: the pixels of the matched image's maxima near the points once the light
-    of their 5 x 5 pixels of ``residual``, less the median of the ring around them
-    (:func:`_point_fill`), is taken out of it (over ``threshold``, with data ``margin`` px
+    of their 5 x 5 pixels of ``residual``, less ``fill`` (host, per point: the median of the
+    ring around them, :func:`_point_fill`), is taken out of it (over ``threshold``, with data ``margin`` px
     around, the maximum within ``nms_half`` px, as :func:`find_peaks`), at least
     :data:`OUTSHONE_CLEAR` px from every point and more than ``nms_half`` px from the
     detections kept (``kx, ky``), on the backend.
@@ -1013,7 +1024,7 @@ def _outshone_peaks(be, matched, residual, image, px, py, kx, ky, sigma, nms_hal
     for first in range(0, host_x.size, _POINTS_AT_ONCE):
         cx, cy = px[first : first + _POINTS_AT_ONCE], py[first : first + _POINTS_AT_ONCE]
         patches = be.to_host(gather_stamps(residual, cx, cy, 2)).astype(np.float64)
-        patches -= _point_fill(residual, cx, cy)[:, None, None]
+        patches -= fill[first : first + _POINTS_AT_ONCE, None, None]
         light = np.zeros((patches.shape[0], side, side))
         light[:, centre, centre] = patches
         light = scipy.ndimage.gaussian_filter(light, (0, sigma, sigma), mode="constant")
@@ -1036,8 +1047,7 @@ def _outshone_peaks(be, matched, residual, image, px, py, kx, ky, sigma, nms_hal
         apart &= cKDTree(np.column_stack([kx, ky])).query(at, p=np.inf)[0] > nms_half
     if x.size:
         # Data all around (a square of ``margin`` px), as find_peaks asks of its peaks.
-        around = be.to_host(gather_stamps(image, be.asarray(x), be.asarray(y), margin)) > 0
-        apart &= around.all(axis=(1, 2))
+        apart &= _data_around(image, be.asarray(x), be.asarray(y), margin)
     x, y, height = x[apart], y[apart], height[apart]
     chosen = []
     for i in np.lexsort((x, y, -height)):
@@ -1062,12 +1072,11 @@ def _near_points(be, xs, ys, keep, px, py, reach: int):
     return be.asarray(kept[(nearest <= reach) & ~touching]), be.asarray(kept[touching])
 
 
-def _without_points(residual, px, py):
+def _without_points(residual, px, py, fill):
     """``residual`` (a copy) with the 5 x 5 pixels around each point at ``px, py`` replaced by
-    the median of the ring just outside them (:func:`_point_fill`): the point's light out,
-    the sky or nebula under it kept."""
+    ``fill`` (host, per point: the median of the ring just outside them, :func:`_point_fill`):
+    the point's light out, the sky or nebula under it kept."""
     be = get_backend(residual)
-    fill = _point_fill(residual, px, py)
     px, py = be.to_host(px).astype(np.int64), be.to_host(py).astype(np.int64)
     cleaned = residual.copy()
     for oy in range(-2, 3):
