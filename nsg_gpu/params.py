@@ -122,7 +122,8 @@ class Parameters:
     weight_keyword : str
         Header keyword for the weight (NSG default NWEIGHT).
     truncate : bool
-        Clip the output to [0, white level] as NSG does; off keeps the full float range.
+        Clip the output to [0, white level] as NSG does (from the reference's least value
+        where it holds negative data: a sky about 0); off keeps the full float range.
 
     Rejection
     ---------

@@ -24,7 +24,7 @@ from .errors import FrameDataError, FrameShapeError
 from .gradient import GradientModel, model_gradient
 from .io import Frame
 from .noise import frame_noise, weight_from_noise
-from .reference import Reference, as_frame, check_coverage
+from .reference import Reference, as_frame, check_coverage, with_pedestal
 from .results import FrameResult
 from .scale import ScaleMeasurement, measure_scale
 
@@ -75,6 +75,10 @@ def normalize_frame(reference: Reference, frame, *, diagnostics: bool = False) -
             f"units unlike the reference's: {_units(frame.white_level)} against {_units(ref.white_level)} in "
             f"{ref.path.name}; write all frames in the same units (same bit depth, or all normalized to [0, 1])",
         )
+    # A frame holding negative data is measured with a pedestal (reference.with_pedestal); the
+    # gradient model takes it, so that m*T - G is at the reference's level, or at the level
+    # of the reference's own pedestal, taken out after the noise is read.
+    frame, _ = with_pedestal(frame)
     check_coverage(frame)
     with single_threaded_blas():
         measured = measure_scale(reference, frame, timings=timings)
@@ -86,13 +90,15 @@ def normalize_frame(reference: Reference, frame, *, diagnostics: bool = False) -
             m,
             gradient.image,
             white_level=ref.white_level,
-            truncate=reference.params.truncate,
+            truncate=reference.params.truncate and not reference.pedestal,
             measure_noise=False,
             timings=timings,
             overwrite_gradient=True,  # G is not needed after this: its buffer takes the output
         )
         # The weight's noise: the multiscale estimate, which registration does not bias.
         measured_noise = None if cards is not None else frame_noise(out, timings=timings)
+        if reference.pedestal:
+            high = _without_pedestal(out, frame.data, reference)
     gradient.image = None  # frame-sized; the diagnostics keep only the samples and splines
     if cards is not None:
         snr, weight = weight_from_noise(cards[0], cards[1], m)
@@ -128,6 +134,21 @@ def normalize_frame(reference: Reference, frame, *, diagnostics: bool = False) -
         diagnostics=_diagnostics(reference, measured, gradient) if diagnostics else None,
         timings=timings,
     )
+
+
+def _without_pedestal(out, data, reference: Reference) -> float:
+    """Take the reference's pedestal out of the output ``out`` (in place, where ``data``, the
+    target, holds data) and, with ``truncate``, clip it to the reference's own range: from
+    minus the pedestal (a hair below its least value) to the white level. Returns the largest
+    value of ``m*T - G`` before the clip."""
+    xp = get_backend(out).xp
+    pedestal = np.float32(reference.pedestal)
+    out -= pedestal
+    out[data == 0] = 0
+    high = float(get_backend(out).to_host(out.max()))
+    if reference.params.truncate:
+        xp.clip(out, -pedestal, np.float32(reference.frame.white_level), out=out)
+    return high
 
 
 def _diagnostics(reference: Reference, measured: ScaleMeasurement, gradient: GradientModel) -> FrameDiagnostics:

@@ -46,7 +46,7 @@ from .samples import MIN_SAMPLES, SampleGrid, bin_medians, make_grid, star_rejec
 from .stamps import channel_peaks, peak_contrast
 from .stars import StarCatalog, detect_stars, detection_image, isolated, near_trails
 
-__all__ = ["Reference", "prepare_reference", "check_coverage", "as_frame", "MAX_PHOTOMETRY_STARS"]
+__all__ = ["Reference", "prepare_reference", "check_coverage", "with_pedestal", "as_frame", "MAX_PHOTOMETRY_STARS"]
 
 #: At most this many reference stars are measured on each target, brightest first.
 MAX_PHOTOMETRY_STARS = 1500
@@ -77,6 +77,9 @@ PSF_SHARP_SNR = 10.0
 #: ... where more than this share of the faint ones peak that low: their noise takes about a
 #: tenth of faint stars there (StarGate's sg_0001: one of its five), and those stay.
 PSF_KNOT_SHARE = 1.0 / 3.0
+#: A frame holding negative data is measured with a pedestal of its least value's magnitude
+#: and this share more (:func:`with_pedestal`), so that its least pixel stays above 0.
+PEDESTAL_MARGIN = 1e-3
 
 
 @dataclass
@@ -103,6 +106,9 @@ class Reference:
     #: Per channel, the k-sigma noise of single pixels (outliers.pixel_noise): where the frame
     #: was resampled, below ``noise``, which reads the noise before the interpolation smoothed it.
     pixel_noise: np.ndarray | None = None
+    #: Added to every pixel of ``frame`` holding data, where the reference holds negative data
+    #: (:func:`with_pedestal`); 0 otherwise.
+    pedestal: float = 0.0
     _clipped: dict = field(default_factory=dict)  # (row, col) -> clipped medians per channel
     _measurements: dict = field(default_factory=dict)
     _cutouts: dict = field(default_factory=dict)
@@ -252,6 +258,34 @@ class Reference:
         return fitted.psf if fitted is not None else None
 
 
+def with_pedestal(frame: Frame) -> tuple[Frame, float]:
+    """``frame`` with every pixel that holds data (not 0) raised by a pedestal, where it holds
+    negative data, and that pedestal; ``(frame, 0.0)`` where it holds none.
+
+    Zero marks no data (DESIGN.md), and the stages read pixels at or below 0 as none (a sky
+    clipped at 0, registration borders): detection's margins, the stars' coverage, the
+    background samples, the noise. A frame whose sky lies about 0 (its background subtracted,
+    or calibrated without a pedestal) holds negative data in about half its sky, and was left
+    with few star pairs, a noise read on its positive half and half its output's sky clipped to
+    0. Raised by a little more than its least value's magnitude, none of its pixels is at or
+    below 0: the stars' fluxes (less their local background) and the noise are those of the
+    frame as given, and the gradient model takes the constant
+    (:func:`nsg_gpu.pipeline.normalize_frame` writes the output at the reference's own level).
+    What does move is the stars' shot noise, read from the sky's level (``psf.stamp_noise``,
+    ``photometry.measure_stars``): a subtracted sky no longer shows its level, the raised one
+    stands for it, and the brightest stars weigh less in the scale's fit.
+    """
+    data = frame.data
+    be = get_backend(data)
+    xp = be.xp
+    least = float(be.to_host(data.min()))
+    if not least < 0:
+        return frame, 0.0
+    pedestal = np.float32(-least * (1 + PEDESTAL_MARGIN))
+    raised = xp.where(data != 0, data + pedestal, np.float32(0)).astype(xp.float32)
+    return dataclasses.replace(frame, data=raised), float(pedestal)
+
+
 def check_coverage(frame: Frame) -> None:
     """Raise :class:`FrameDataError` when the frame holds no data, or too little of it."""
     data = frame.data
@@ -304,12 +338,14 @@ def prepare_reference(frame, params: Parameters | None = None, *, backend: Backe
     """
     params = params or Parameters()
     try:
-        frame = as_frame(frame, backend)
+        frame, pedestal = with_pedestal(as_frame(frame, backend))
         check_coverage(frame)
     except FrameError as exc:
         raise ReferenceFrameError(exc.path, exc.reason) from exc
     with single_threaded_blas():
-        return _prepare(frame, params)
+        reference = _prepare(frame, params)
+    reference.pedestal = pedestal
+    return reference
 
 
 def beside_trails(stars: StarCatalog, x, y, geometry: photometry.ApertureGeometry) -> np.ndarray:
