@@ -184,10 +184,15 @@ def _exact_numpy_gradient(monkeypatch) -> list:
             dict(width=640, height=448, n_frames=2, seed=6, n_stars=500, colour=True, transmissions=[1.0, 0.6]),
             id="colour",
         ),
+        pytest.param(
+            dict(width=640, height=448, n_frames=3, seed=5, n_stars=500, sky_about_zero=True), id="sky-about-0"
+        ),
     ],
 )
 def test_pipeline_cupy_equals_numpy(cp, spec, monkeypatch):
-    """Scales within 1e-5 relative, outputs within 1e-3 of the pixel noise (exact gradient on both)."""
+    """Scales within 1e-5 relative, outputs within 1e-3 of the pixel noise (exact gradient on both);
+    ``sky_about_zero``: each frame less its sky's median, measured with a pedestal
+    (``reference.with_pedestal``) on both."""
     from nsg_gpu.backend import NUMPY, select_backend
     from nsg_gpu.io import Frame, FrameMeta
     from nsg_gpu.pipeline import normalize_frame
@@ -195,15 +200,21 @@ def test_pipeline_cupy_equals_numpy(cp, spec, monkeypatch):
     from nsg_gpu.synthetic import SyntheticField
 
     calls = _exact_numpy_gradient(monkeypatch)
+    spec = dict(spec)
+    about_zero = spec.pop("sky_about_zero", False)
     field = SyntheticField(**spec)
-    frames = [
-        Frame(Path(f"frame_{k}.fits"), field.render(k), None, 1.0, FrameMeta(focal_length_mm=530.0, pixel_size_um=3.76))
-        for k in range(spec["n_frames"])
-    ]
+    frames = []
+    for k in range(spec["n_frames"]):
+        data = field.render(k)
+        if about_zero:
+            data = np.where(data != 0, data - np.median(data[data != 0]), 0).astype(np.float32)
+        meta = FrameMeta(focal_length_mm=530.0, pixel_size_um=3.76)
+        frames.append(Frame(Path(f"frame_{k}.fits"), data, None, 1.0, meta))
     gpu = select_backend("cupy")
     ref_numpy = prepare_reference(frames[0], backend=NUMPY)
     ref_cupy = prepare_reference(frames[0], backend=gpu)
     assert len(ref_cupy.stars) == len(ref_numpy.stars)
+    assert (ref_cupy.pedestal > 0) == (ref_numpy.pedestal > 0) == about_zero
     assert_close(ref_cupy.noise, ref_numpy.noise, "gpu_reference_noise")
     for k in range(1, spec["n_frames"]):
         expected = normalize_frame(ref_numpy, frames[k])
