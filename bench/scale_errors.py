@@ -38,7 +38,7 @@ from _machine import machine, print_machine  # noqa: E402
 
 from nsg_gpu.io import Frame, read_frame  # noqa: E402
 from nsg_gpu.params import Parameters  # noqa: E402
-from nsg_gpu.reference import prepare_reference  # noqa: E402
+from nsg_gpu.reference import as_measured, prepare_reference  # noqa: E402
 from nsg_gpu.scale import measure_scale  # noqa: E402
 from nsg_gpu.synthetic import SyntheticField  # noqa: E402
 
@@ -182,7 +182,8 @@ def real(names: list[str], references: dict[str, str] = REAL, params: Parameters
         for path in sorted(directory.glob("*.fits.gz")):
             if path == reference_path:
                 continue
-            measured = measure_scale(reference, read_frame(path))
+            # As normalize_frame measures it: scattered zeros as data, a pedestal for negative data.
+            measured = measure_scale(reference, as_measured(read_frame(path))[0])
             for c, (fit, sep) in enumerate(zip(measured.fits, independent_transmission(planes, read_planes(path)))):
                 ours, stated = 1 / fit.scale, fit.scale_error / fit.scale**2
                 combined = float(np.hypot(stated, sep.bootstrap_error()))

@@ -173,7 +173,7 @@ def write_reference(reference: Reference, output: Path, *, fingerprint: str | No
         fingerprint=fingerprint,
     )
     header = set_nsg_keywords(frame.header, cards, weight_keyword=reference.params.weight_keyword)
-    # A reference measured with a pedestal (reference.with_pedestal) is copied as it was read.
-    data = read_frame(frame.path).data if reference.pedestal else get_backend(frame.data).to_host(frame.data)
+    # A reference measured otherwise than read (reference.as_measured) is copied as it was read.
+    data = read_frame(frame.path).data if reference.altered else get_backend(frame.data).to_host(frame.data)
     write_frame(output, data, header, properties=frame.properties)
     return result

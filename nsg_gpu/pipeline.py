@@ -24,7 +24,7 @@ from .errors import FrameDataError, FrameShapeError
 from .gradient import GradientModel, model_gradient
 from .io import Frame
 from .noise import frame_noise, weight_from_noise
-from .reference import Reference, as_frame, check_coverage, with_pedestal
+from .reference import Reference, as_frame, as_measured, check_coverage
 from .results import FrameResult
 from .scale import ScaleMeasurement, measure_scale
 
@@ -75,10 +75,11 @@ def normalize_frame(reference: Reference, frame, *, diagnostics: bool = False) -
             f"units unlike the reference's: {_units(frame.white_level)} against {_units(ref.white_level)} in "
             f"{ref.path.name}; write all frames in the same units (same bit depth, or all normalized to [0, 1])",
         )
-    # A frame holding negative data is measured with a pedestal (reference.with_pedestal); the
-    # gradient model takes it, so that m*T - G is at the reference's level, or at the level
-    # of the reference's own pedestal, taken out after the noise is read.
-    frame, _ = with_pedestal(frame)
+    # Scattered zeros (a sky clipped at 0) are data, and a frame holding negative data is
+    # measured with a pedestal (reference.as_measured); the gradient model takes it, so that
+    # m*T - G is at the reference's level, or at the level of the reference's own pedestal,
+    # taken out after the noise is read.
+    frame, _ = as_measured(frame)
     check_coverage(frame)
     with single_threaded_blas():
         measured = measure_scale(reference, frame, timings=timings)

@@ -44,9 +44,17 @@ from .resampling import (
 )
 from .samples import MIN_SAMPLES, SampleGrid, bin_medians, make_grid, star_rejection, trail_rejection
 from .stamps import channel_peaks, peak_contrast
-from .stars import StarCatalog, detect_stars, detection_image, isolated, near_trails
+from .stars import (
+    EDGE_NO_DATA,
+    StarCatalog,
+    detect_stars,
+    detection_image,
+    isolated,
+    near_trails,
+    no_data_regions,
+)
 
-__all__ = ["Reference", "prepare_reference", "check_coverage", "with_pedestal", "as_frame", "MAX_PHOTOMETRY_STARS"]
+__all__ = ["Reference", "prepare_reference", "check_coverage", "as_measured", "as_frame", "MAX_PHOTOMETRY_STARS"]
 
 #: At most this many reference stars are measured on each target, brightest first.
 MAX_PHOTOMETRY_STARS = 1500
@@ -78,8 +86,10 @@ PSF_SHARP_SNR = 10.0
 #: tenth of faint stars there (StarGate's sg_0001: one of its five), and those stay.
 PSF_KNOT_SHARE = 1.0 / 3.0
 #: A frame holding negative data is measured with a pedestal of its least value's magnitude
-#: and this share more (:func:`with_pedestal`), so that its least pixel stays above 0.
+#: and this share more (:func:`as_measured`), so that its least pixel stays above 0.
 PEDESTAL_MARGIN = 1e-3
+#: :func:`as_measured` looks for a sky clipped at 0 on every this many rows first.
+SCATTERED_ZERO_ROWS = 8
 
 
 @dataclass
@@ -107,8 +117,11 @@ class Reference:
     #: was resampled, below ``noise``, which reads the noise before the interpolation smoothed it.
     pixel_noise: np.ndarray | None = None
     #: Added to every pixel of ``frame`` holding data, where the reference holds negative data
-    #: (:func:`with_pedestal`); 0 otherwise.
+    #: (:func:`as_measured`); 0 otherwise.
     pedestal: float = 0.0
+    #: Whether ``frame`` holds the reference as measured, not as read (:func:`as_measured`: its
+    #: scattered zeros given a value, or a pedestal added); its own output is then read again.
+    altered: bool = False
     _clipped: dict = field(default_factory=dict)  # (row, col) -> clipped medians per channel
     _measurements: dict = field(default_factory=dict)
     _cutouts: dict = field(default_factory=dict)
@@ -258,32 +271,66 @@ class Reference:
         return fitted.psf if fitted is not None else None
 
 
-def with_pedestal(frame: Frame) -> tuple[Frame, float]:
-    """``frame`` with every pixel that holds data (not 0) raised by a pedestal, where it holds
-    negative data, and that pedestal; ``(frame, 0.0)`` where it holds none.
+def as_measured(frame: Frame) -> tuple[Frame, float]:
+    """``frame`` as the stages measure it, and the pedestal added to it (0.0 for none):
+    ``frame`` itself where it holds no scattered zero and no negative pixel.
 
-    Zero marks no data (DESIGN.md), and the stages read pixels at or below 0 as none (a sky
-    clipped at 0, registration borders): detection's margins, the stars' coverage, the
-    background samples, the noise. A frame whose sky lies about 0 (its background subtracted,
-    or calibrated without a pedestal) holds negative data in about half its sky, and was left
-    with few star pairs, a noise read on its positive half and half its output's sky clipped to
-    0. Raised by a little more than its least value's magnitude, none of its pixels is at or
-    below 0: the stars' fluxes (less their local background) and the noise are those of the
-    frame as given, and the gradient model takes the constant
-    (:func:`nsg_gpu.pipeline.normalize_frame` writes the output at the reference's own level).
-    What does move is the stars' shot noise, read from the sky's level (``psf.stamp_noise``,
-    ``photometry.measure_stars``): a subtracted sky no longer shows its level, the raised one
-    stands for it, and the brightest stars weigh less in the scale's fit.
+    Zero marks no data (DESIGN.md), and the stages read pixels at or below 0 as none
+    (detection's margins, the stars' coverage, the photometry's holes, the background samples,
+    the noise, the kernels'). Two kinds of frames hold data there:
+
+    - A sky clipped at 0 (calibrated without a pedestal on a dim sky): its zeros are scattered
+      one by one, where no-data regions (registration borders, masks) fill 3 x 3 squares
+      (:func:`nsg_gpu.stars.no_data_regions`). A reference with a sixth of its sky at 0 left
+      every target without a usable star pair. Its scattered zeros are given the least
+      positive float32: data of the value 0.
+    - A sky about 0 (subtracted, or calibrated without a pedestal and not clipped): about half
+      its sky is negative, and such a frame was left with few star pairs, a noise read on its
+      positive half and half its output's sky clipped to 0. Every pixel holding data is raised
+      by a little more than the least value's magnitude (the pedestal), so that none is at or
+      below 0: the stars' fluxes (less their local background) and the noise are those of the
+      frame as given, and the gradient model takes the constant
+      (:func:`nsg_gpu.pipeline.normalize_frame` writes the output at the reference's own
+      level). What does move is the stars' shot noise, read from the sky's level
+      (``psf.stamp_noise``, ``photometry.measure_stars``): a subtracted sky no longer shows its
+      level, the raised one stands for it, and the brightest stars weigh less in the fit.
     """
     data = frame.data
     be = get_backend(data)
     xp = be.xp
+    scattered = _scattered_zeros(data)
     least = float(be.to_host(data.min()))
-    if not least < 0:
+    if scattered is None and not least < 0:
         return frame, 0.0
-    pedestal = np.float32(-least * (1 + PEDESTAL_MARGIN))
-    raised = xp.where(data != 0, data + pedestal, np.float32(0)).astype(xp.float32)
-    return dataclasses.replace(frame, data=raised), float(pedestal)
+    if scattered is not None:
+        data = xp.where(scattered, np.finfo(np.float32).tiny, data).astype(xp.float32)
+    pedestal = np.float32(-least * (1 + PEDESTAL_MARGIN)) if least < 0 else np.float32(0)
+    if pedestal:
+        data = xp.where(data != 0, data + pedestal, np.float32(0)).astype(xp.float32)
+    return dataclasses.replace(frame, data=data), float(pedestal)
+
+
+def _scattered_zeros(data):
+    """The zero pixels of ``data`` (channels, height, width) that are data (a sky clipped at
+    0), or None where there are none: zeros outside every channel's no-data regions and
+    farther than ``EDGE_NO_DATA`` from the image's edge (a border narrower than 3 px runs
+    along it), as detection reads them. A look at every 8th row first (zeros whose row
+    neighbours hold data), so that a frame whose zeros are its registration borders alone
+    pays for no binary opening."""
+    edge = EDGE_NO_DATA
+    rows = data[:, edge:-edge:SCATTERED_ZERO_ROWS, edge:-edge] == 0
+    if not bool((rows[:, :, 1:-1] & ~rows[:, :, :-2] & ~rows[:, :, 2:]).any()):
+        return None
+    empty = data == 0
+    regions = no_data_regions(empty[0])
+    for plane in empty[1:]:
+        regions |= no_data_regions(plane)
+    scattered = empty & ~regions[None]
+    scattered[:, :edge] = False
+    scattered[:, -edge:] = False
+    scattered[:, :, :edge] = False
+    scattered[:, :, -edge:] = False
+    return scattered if bool(scattered.any()) else None
 
 
 def check_coverage(frame: Frame) -> None:
@@ -338,13 +385,14 @@ def prepare_reference(frame, params: Parameters | None = None, *, backend: Backe
     """
     params = params or Parameters()
     try:
-        frame, pedestal = with_pedestal(as_frame(frame, backend))
+        given = as_frame(frame, backend)
+        frame, pedestal = as_measured(given)
         check_coverage(frame)
     except FrameError as exc:
         raise ReferenceFrameError(exc.path, exc.reason) from exc
     with single_threaded_blas():
         reference = _prepare(frame, params)
-    reference.pedestal = pedestal
+    reference.pedestal, reference.altered = pedestal, frame is not given
     return reference
 
 

@@ -73,7 +73,7 @@ import numpy as np
 from .errors import FrameError, ReferenceFrameError
 from .io import read_frame
 from .noise import multiscale_noise
-from .reference import with_pedestal
+from .reference import as_measured
 from .stars import detect_stars, detection_image, smooth_background
 
 __all__ = [
@@ -307,8 +307,8 @@ def score_frame(path: str | os.PathLike, *, detection_sigma: float = 5.0) -> Ref
     FrameError
         The frame cannot be read.
     """
-    # Negative data (a sky about 0) is measured as the run measures it: with a pedestal.
-    frame, _ = with_pedestal(read_frame(path))
+    # A sky clipped at 0 or about 0 is measured as the run measures it (reference.as_measured).
+    frame, _ = as_measured(read_frame(path))
     image = detection_image(frame.data)
     valid = image > 0
     coverage = float(np.count_nonzero(valid)) / image.size

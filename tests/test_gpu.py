@@ -192,7 +192,7 @@ def _exact_numpy_gradient(monkeypatch) -> list:
 def test_pipeline_cupy_equals_numpy(cp, spec, monkeypatch):
     """Scales within 1e-5 relative, outputs within 1e-3 of the pixel noise (exact gradient on both);
     ``sky_about_zero``: each frame less its sky's median, measured with a pedestal
-    (``reference.with_pedestal``) on both."""
+    (``reference.as_measured``) on both."""
     from nsg_gpu.backend import NUMPY, select_backend
     from nsg_gpu.io import Frame, FrameMeta
     from nsg_gpu.pipeline import normalize_frame

@@ -262,6 +262,42 @@ def test_a_sparse_corner_of_stargate_normalizes_every_frame(tmp_path, independen
         )
 
 
+@needs_stargate
+def test_stargate_with_its_sky_clipped_at_zero_or_below_it_normalizes_every_frame(tmp_path, independent_photometry):
+    """StarGate's frames less their sky plus one sky noise: the reference (sg_0005, the frame
+    the others were registered to) clipped at 0 as a calibration without a pedestal leaves a
+    dim sky (a sixth of its sky at 0, scattered), the registered targets holding the same
+    share of negative sky. Every frame is normalized, each within 3 combined standard errors of
+    sep's on the frames as they were. Pixels at or below 0 were read as no data: every target
+    failed with no usable star pair (the reference's scattered zeros in every aperture)."""
+    paths = []
+    for path in sorted(STARGATE.glob("*.fits.gz")):
+        with fits.open(path) as hdul:
+            data, header = hdul[0].data.astype(np.float32), hdul[0].header.copy()
+        held = data != 0
+        sky = np.median(data[held])
+        sigma = 1.4826 * np.median(np.abs(data[held] - sky))
+        dim = data - sky + sigma
+        if path.name == STARGATE_REFERENCE:
+            dim = np.clip(dim, 0, None)
+            assert 0.1 < np.mean(dim[held] == 0) < 0.25
+        paths.append(tmp_path / path.name.removesuffix(".gz"))
+        fits.writeto(paths[-1], np.where(held, dim, 0).astype(np.float32), header)
+    run = normalize(paths, reference=tmp_path / STARGATE_REFERENCE.removesuffix(".gz"), output_dir=tmp_path / "out")
+    assert run.ok, [f.error for f in run.failed]
+    for f in run.frames:
+        if f.status == "reference":
+            continue
+        theirs = independent_photometry("stargate", f.path.rsplit("/", 1)[-1] + ".gz")[0]
+        combined = float(np.hypot(f.transmission_error[0], theirs.bootstrap_error()))
+        assert abs(f.transmission[0] - theirs.transmission) <= 3 * combined, (
+            f.path,
+            f.transmission[0],
+            f.transmission_error[0],
+            theirs.transmission,
+        )
+
+
 def test_ngc7023_tiles_where_the_extractor_finds_ten_stars_normalize_every_frame(tmp_path):
     """The NGC 7023 frames cut into a 3 x 3 grid of tiles (320 x 180 px): on every tile whose
     reference holds ten or more of sep's 5-sigma stars, every frame is normalized, and every
