@@ -51,7 +51,7 @@ from .stars import (
     detection_image,
     isolated,
     near_trails,
-    no_data_regions,
+    scattered_zeros,
 )
 
 __all__ = ["Reference", "prepare_reference", "check_coverage", "as_measured", "as_frame", "MAX_PHOTOMETRY_STARS"]
@@ -312,24 +312,15 @@ def as_measured(frame: Frame) -> tuple[Frame, float]:
 
 def _scattered_zeros(data):
     """The zero pixels of ``data`` (channels, height, width) that are data (a sky clipped at
-    0), or None where there are none: zeros outside every channel's no-data regions and
-    farther than ``EDGE_NO_DATA`` from the image's edge (a border narrower than 3 px runs
-    along it), as detection reads them. A look at every 8th row first (zeros whose row
-    neighbours hold data), so that a frame whose zeros are its registration borders alone
-    pays for no binary opening."""
+    0; :func:`nsg_gpu.stars.scattered_zeros`, as detection reads them), or None where there
+    are none. A look at every 8th row first (zeros whose row neighbours hold data), so that a
+    frame whose zeros are its registration borders alone pays for no binary opening."""
     edge = EDGE_NO_DATA
     rows = data[:, edge:-edge:SCATTERED_ZERO_ROWS, edge:-edge] == 0
     if not bool((rows[:, :, 1:-1] & ~rows[:, :, :-2] & ~rows[:, :, 2:]).any()):
         return None
     empty = data == 0
-    regions = no_data_regions(empty[0])
-    for plane in empty[1:]:
-        regions |= no_data_regions(plane)
-    scattered = empty & ~regions[None]
-    scattered[:, :edge] = False
-    scattered[:, -edge:] = False
-    scattered[:, :, :edge] = False
-    scattered[:, :, -edge:] = False
+    scattered = scattered_zeros(empty, empty)
     return scattered if bool(scattered.any()) else None
 
 

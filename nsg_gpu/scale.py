@@ -355,6 +355,9 @@ def registration_offsets(x, y, tx, ty, found) -> tuple[np.ndarray, np.ndarray]:
 def measure_scale(reference: Reference, frame: Frame, *, timings: dict | None = None) -> ScaleMeasurement:
     """The photometric scale ``m`` per channel of ``frame`` against the reference.
 
+    ``frame`` as :func:`nsg_gpu.reference.as_measured` gives it (``normalize_frame`` does):
+    scattered zeros as data, negative data raised by a pedestal.
+
     ``timings``, when given, gains the seconds spent in ``detect`` (target FWHM, recentring,
     registration check) and ``photometry`` (PSF fits, star fluxes, scale fit).
 

@@ -45,6 +45,7 @@ __all__ = [
     "detect_stars",
     "estimate_fwhm",
     "no_data_regions",
+    "scattered_zeros",
     "typical_fwhm",
     "gaussian_weights",
     "matched_filter",
@@ -336,6 +337,22 @@ def no_data_regions(empty):
     return out
 
 
+def scattered_zeros(empty, planes):
+    """The pixels of ``empty`` (a boolean image, or planes ``(channels, h, w)``; any backend)
+    outside the :func:`no_data_regions` of every one of ``planes`` (boolean images) and
+    farther than :data:`EDGE_NO_DATA` from the image's edge: the zeros of a sky clipped at 0,
+    which are data. A registration border narrower than 3 px (a sub-pixel shift's column, the
+    thin end of a turned frame's wedge) runs along the image's edge."""
+    regions = functools.reduce(operator.or_, (no_data_regions(plane) for plane in planes))
+    scattered = empty & ~regions
+    edge = EDGE_NO_DATA
+    scattered[..., :edge, :] = False
+    scattered[..., -edge:, :] = False
+    scattered[..., :edge] = False
+    scattered[..., -edge:] = False
+    return scattered
+
+
 def _scattered_zeros_as_data(image, data):
     """``image`` (the detection image of ``data``) with its scattered zero pixels (outside
     :func:`no_data_regions` of every channel) given their value, or the least positive float32 where that is
@@ -347,23 +364,13 @@ def _scattered_zeros_as_data(image, data):
     empty = image <= 0
     if not bool(empty.any()):
         return image
-    if data.ndim == 2 or data.shape[0] == 1:
-        regions = no_data_regions(empty)
-    else:
-        # Each channel's own: their scattered zeros together (a colour intensity is 0 where
-        # any channel is) make squares of zeros where none of them has one.
-        regions = functools.reduce(operator.or_, (no_data_regions(plane <= 0) for plane in data))
-    scattered = empty & ~regions
-    # A registration border narrower than 3 px (a sub-pixel shift's column, the thin end of
-    # a turned frame's wedge) runs along the image's edge.
-    edge = EDGE_NO_DATA
-    scattered[:edge] = False
-    scattered[-edge:] = False
-    scattered[:, :edge] = False
-    scattered[:, -edge:] = False
+    # A colour frame's regions are each channel's own: their scattered zeros together (a
+    # colour intensity is 0 where any channel is) make squares of zeros where none of them has one.
+    mono = data.ndim == 2 or data.shape[0] == 1
+    scattered = scattered_zeros(empty, [empty] if mono else (plane <= 0 for plane in data))
     if not bool(scattered.any()):
         return image
-    level = image if data.ndim == 2 or data.shape[0] == 1 else 0.5 * (data.min(axis=0) + data.max(axis=0))
+    level = image if mono else 0.5 * (data.min(axis=0) + data.max(axis=0))
     tiny = np.float32(np.finfo(np.float32).tiny)
     return xp.where(scattered, xp.maximum(level, tiny), image).astype(xp.float32)
 
