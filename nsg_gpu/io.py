@@ -256,17 +256,28 @@ def _zero_non_finite(data: np.ndarray) -> None:
     np.nan_to_num(data, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+#: The white level of 16-bit data: of a 16-bit file, and of data in 32-bit files (integer or
+#: floating point) that does not exceed it.
+SIXTEEN_BIT_WHITE = 65535.0
+
+
 def _white_level(header: fits.Header, data: np.ndarray) -> float:
     """Saturation value in physical units, from the header as stored (before scaling)."""
     bitpix = int(header.get("BITPIX", -32))
     if bitpix > 0:
         top = 255 if bitpix == 8 else 2 ** (bitpix - 1) - 1
-        return float(top) * float(header.get("BSCALE", 1.0)) + float(header.get("BZERO", 0.0))
+        white = float(top) * float(header.get("BSCALE", 1.0)) + float(header.get("BZERO", 0.0))
+        if white > SIXTEEN_BIT_WHITE and data.size and float(np.max(data)) <= SIXTEEN_BIT_WHITE:
+            # A 16-bit camera's counts in a 32- or 64-bit integer file: the camera's white, as
+            # the same counts in a 16-bit file have it (the linear range, the truncation and
+            # NSG's [0, 1] rules are read against it).
+            return SIXTEEN_BIT_WHITE
+        return white
     finite_max = float(np.max(data)) if data.size else 0.0
     if finite_max <= 1.0:
         return 1.0
-    if finite_max <= 65535.0:
-        return 65535.0
+    if finite_max <= SIXTEEN_BIT_WHITE:
+        return SIXTEEN_BIT_WHITE
     return finite_max
 
 

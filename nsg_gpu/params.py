@@ -337,8 +337,12 @@ def resolve_parameters(
             f"flux in the data's units (white level {white:g}){hint}"
         )
     if params.linear_range is None:
-        # Rounded to a thousandth of the white level, as NSG rounds it in [0, 1] data.
-        changes["linear_range"] = white * (round(1000 * LINEAR_RANGE * reference_max / white) / 1000 or LINEAR_RANGE)
+        # Rounded to a thousandth of the white level, as NSG rounds it in [0, 1] data; a
+        # reference whose brightest pixel is under a thousandth of it keeps its own 0.7 (the
+        # rounding would make it 0, and NSG's fallback, 0.7 of the white level, would take
+        # saturated stars for linear ones).
+        share = LINEAR_RANGE * reference_max / white
+        changes["linear_range"] = white * (round(1000 * share) / 1000 or share or LINEAR_RANGE)
     if params.aperture_gap is None:
         changes["aperture_gap"] = float(min(50, max(1, _round_half_up(0.0005 / a))))
     if params.aperture_bg_delta is None:

@@ -21,6 +21,14 @@ def test_integer_frames_are_scaled_and_nonfinite_is_no_data(tmp_path):
     assert frame.data.dtype == np.float32 and frame.data.shape == (1, 2, 2)
     np.testing.assert_array_equal(frame.data[0], raw)
     assert frame.white_level == 65535
+    # A 16-bit camera's counts in a 32-bit integer file have the 16-bit file's white level;
+    # counts beyond 16 bits, the type's.
+    fits.PrimaryHDU(raw.astype(np.int32)).writeto(tmp_path / "i32.fits")
+    wide = read_frame(tmp_path / "i32.fits")
+    np.testing.assert_array_equal(wide.data, frame.data)
+    assert wide.white_level == 65535
+    fits.PrimaryHDU((raw * 4).astype(np.int32)).writeto(tmp_path / "i32-18bit.fits")
+    assert read_frame(tmp_path / "i32-18bit.fits").white_level == 2**31 - 1
     fits.PrimaryHDU(np.array([[np.nan, 0.5], [np.inf, 0.2]], np.float32)).writeto(tmp_path / "nan.fits")
     np.testing.assert_array_equal(read_frame(tmp_path / "nan.fits").data[0], np.array([[0, 0.5], [0, 0.2]], np.float32))
 

@@ -84,22 +84,29 @@ def test_auto_rules_do_not_depend_on_the_data_units(max_star_flux, binding):
 
 @pytest.fixture(scope="module")
 def frames_in_two_units(tmp_path_factory):
-    """Three 600x450 synthetic frames written twice, as float [0, 1] and as 16-bit ADU with
-    BZERO 32768, holding the same values (the floats are the ADU divided by 65535)."""
+    """Three 600x450 synthetic frames written three times, as float [0, 1], as 16-bit ADU with
+    BZERO 32768 and as the same ADU in a 32-bit integer file, holding the same values (the
+    floats are the ADU divided by 65535)."""
     root = tmp_path_factory.mktemp("units")
     field = SyntheticField(width=600, height=450, n_frames=3, n_stars=800, seed=4)
-    paths = {"float": [], "adu": []}
+    paths = {"float": [], "adu": [], "adu32": []}
     for unit in paths:
         (root / unit).mkdir()
     for k, truth in enumerate(field.frames):
         data = field.render(k)[0]
         counts = np.where(data > 0, np.maximum(np.rint(data * ADU), 1), 0)
-        for unit, values in (("float", (counts / ADU).astype(np.float32)), ("adu", counts.astype(np.uint16))):
+        for unit, values in (
+            ("float", (counts / ADU).astype(np.float32)),
+            ("adu", counts.astype(np.uint16)),
+            ("adu32", counts.astype(np.int32)),
+        ):
             path = root / unit / f"{truth.name}.fits"
             fits.PrimaryHDU(values, header=field.header(k)).writeto(path)
             paths[unit].append(path)
     with fits.open(paths["adu"][0]) as hdul:
         assert (hdul[0].header["BITPIX"], hdul[0].header["BZERO"]) == (16, 32768)
+    with fits.open(paths["adu32"][0]) as hdul:
+        assert hdul[0].header["BITPIX"] == 32 and "BZERO" not in hdul[0].header
     return paths
 
 
@@ -163,7 +170,32 @@ def test_run_is_the_same_in_adu(frames_in_two_units, tmp_path):
     }
     unit, adu = runs["float"].frames, runs["adu"].frames
     assert [f.status for f in unit + adu] == ["reference", "ok", "ok"] * 2
+    # A 32-bit integer file holding a 16-bit camera's counts is read as the 16-bit file: with
+    # the type's white level (2^31 - 1) the linear range, rounded to a thousandth of it, came
+    # out at 0.7 of it, and the saturated stars were measured as linear ones.
+    for a, b in zip(adu, runs["adu32"].frames):
+        assert (b.status, b.star_pairs, b.samples) == (a.status, a.star_pairs, a.samples)
+        np.testing.assert_array_equal(b.transmission, a.transmission)
+        assert b.weight == a.weight
     assert [f.samples for f in adu] == [f.samples for f in unit]
     assert [f.star_pairs for f in adu] == [f.star_pairs for f in unit]
     for a, b in zip(unit, adu):
         np.testing.assert_allclose(b.transmission, a.transmission, rtol=0, atol=1e-4)
+
+
+def test_linear_range_of_a_reference_far_below_its_white_level_is_its_own(tmp_path):
+    """NSG rounds the linear range (0.7 of the reference's maximum) to a thousandth of the
+    white level; a reference whose brightest pixel is under a thousandth of it (a dark frame in
+    a wide integer type) rounded to 0, and the fallback, 0.7 of the white level, took every
+    saturated star for a linear one. It keeps 0.7 of its own maximum."""
+    common = dict(width=1200, height=900, header_focal_length_mm=530.0, header_pixel_size_um=3.76)
+    resolved = resolve_parameters(
+        Parameters(), **common, n_reference_stars=700, reference_max=30000.0, max_star_flux=4e5, white_level=2**31 - 1
+    )
+    assert resolved.linear_range == pytest.approx(0.7 * 30000.0, rel=1e-12)
+    dim = resolve_parameters(Parameters(), **common, n_reference_stars=700, reference_max=6e-4, max_star_flux=0.01)
+    assert dim.linear_range == pytest.approx(0.7 * 6e-4, rel=1e-12)
+    # At a thousandth of the white level and more, NSG's rounding.
+    assert resolve_parameters(
+        Parameters(), **common, n_reference_stars=700, reference_max=0.0015, max_star_flux=0.02
+    ).linear_range == pytest.approx(0.001)
