@@ -22,7 +22,7 @@ from .backend import get_backend, single_threaded_blas
 from .diagnostics import FrameDiagnostics, PhotometryPairs
 from .errors import FrameDataError, FrameShapeError
 from .gradient import GradientModel, model_gradient
-from .io import Frame
+from .io import SIXTEEN_BIT_WHITE, Frame
 from .noise import frame_noise, weight_from_noise
 from .reference import Reference, as_frame, as_measured, check_coverage
 from .results import FrameResult
@@ -69,7 +69,7 @@ def normalize_frame(reference: Reference, frame, *, diagnostics: bool = False) -
             f"is {_describe(frame.data.shape)} but the reference {ref.path.name} is "
             f"{_describe(ref.data.shape)}; frames must be registered to the reference",
         )
-    if frame.white_level != ref.white_level:
+    if not same_units(frame.white_level, ref.white_level):
         raise FrameDataError(
             frame.path,
             f"units unlike the reference's: {_units(frame.white_level)} against {_units(ref.white_level)} in "
@@ -186,6 +186,14 @@ def _noise_cards(reference: Reference, frame: Frame):
     if ref_noise and tgt_noise and len(ref_noise) == len(tgt_noise) == frame.data.shape[0]:
         return ref_noise, tgt_noise
     return None
+
+
+def same_units(white_level: float, other: float) -> bool:
+    """Whether frames of these white levels hold data in the same units: the same white level,
+    or both 16 bits or more. Float frames in ADU read their white level from their own
+    brightest pixel above 65535 (a flat-divided frame, a camera of more than 16 bits), so it
+    differs from frame to frame of one set; the reference's governs the run."""
+    return white_level == other or min(white_level, other) >= SIXTEEN_BIT_WHITE
 
 
 def _units(white_level: float) -> str:

@@ -86,10 +86,11 @@ def test_auto_rules_do_not_depend_on_the_data_units(max_star_flux, binding):
 def frames_in_two_units(tmp_path_factory):
     """Three 600x450 synthetic frames written three times, as float [0, 1], as 16-bit ADU with
     BZERO 32768 and as the same ADU in a 32-bit integer file, holding the same values (the
-    floats are the ADU divided by 65535)."""
+    floats are the ADU divided by 65535), and as floats in ADU of more than 16 bits (four
+    times the counts, a hot pixel of its own value in each target's corner)."""
     root = tmp_path_factory.mktemp("units")
     field = SyntheticField(width=600, height=450, n_frames=3, n_stars=800, seed=4)
-    paths = {"float": [], "adu": [], "adu32": []}
+    paths = {"float": [], "adu": [], "adu32": [], "wide": []}
     for unit in paths:
         (root / unit).mkdir()
     for k, truth in enumerate(field.frames):
@@ -99,6 +100,7 @@ def frames_in_two_units(tmp_path_factory):
             ("float", (counts / ADU).astype(np.float32)),
             ("adu", counts.astype(np.uint16)),
             ("adu32", counts.astype(np.int32)),
+            ("wide", _beyond_sixteen_bits(counts, k)),
         ):
             path = root / unit / f"{truth.name}.fits"
             fits.PrimaryHDU(values, header=field.header(k)).writeto(path)
@@ -108,6 +110,13 @@ def frames_in_two_units(tmp_path_factory):
     with fits.open(paths["adu32"][0]) as hdul:
         assert hdul[0].header["BITPIX"] == 32 and "BZERO" not in hdul[0].header
     return paths
+
+
+def _beyond_sixteen_bits(counts: np.ndarray, k: int) -> np.ndarray:
+    wide = (4 * counts).astype(np.float32)
+    if k:  # the reference's brightest pixel sets the linear range; the targets' do not
+        wide[3, 3] = 300000 + 1000 * k
+    return wide
 
 
 @pytest.mark.parametrize(
@@ -177,6 +186,13 @@ def test_run_is_the_same_in_adu(frames_in_two_units, tmp_path):
         assert (b.status, b.star_pairs, b.samples) == (a.status, a.star_pairs, a.samples)
         np.testing.assert_array_equal(b.transmission, a.transmission)
         assert b.weight == a.weight
+    # Floats in ADU beyond 16 bits read their white level from their brightest pixel, which
+    # differs from frame to frame: they are in the units of one another (every target failed
+    # with "units unlike the reference's").
+    wide = runs["wide"].frames
+    assert [f.status for f in wide] == ["reference", "ok", "ok"]
+    for a, b in zip(adu, wide):
+        np.testing.assert_allclose(b.transmission, a.transmission, rtol=0, atol=1e-4)
     assert [f.samples for f in adu] == [f.samples for f in unit]
     assert [f.star_pairs for f in adu] == [f.star_pairs for f in unit]
     for a, b in zip(unit, adu):
