@@ -262,7 +262,9 @@ SIXTEEN_BIT_WHITE = 65535.0
 
 
 def _white_level(header: fits.Header, data: np.ndarray) -> float:
-    """Saturation value in physical units, from the header as stored (before scaling)."""
+    """Saturation value in physical units, from the header as stored (before scaling); for
+    float data, 1 for data in [0, 1] (a few pixels beyond it allowed), 65535 for data in ADU
+    up to it, and the brightest pixel beyond."""
     bitpix = int(header.get("BITPIX", -32))
     if bitpix > 0:
         top = 255 if bitpix == 8 else 2 ** (bitpix - 1) - 1
@@ -274,11 +276,25 @@ def _white_level(header: fits.Header, data: np.ndarray) -> float:
             return SIXTEEN_BIT_WHITE
         return white
     finite_max = float(np.max(data)) if data.size else 0.0
-    if finite_max <= 1.0:
+    if finite_max <= 1.0 or _normalized_with_overshoot(data):
         return 1.0
     if finite_max <= SIXTEEN_BIT_WHITE:
         return SIXTEEN_BIT_WHITE
     return finite_max
+
+
+#: Float data whose pixels holding data are at or under 1 but for this share are data in
+#: [0, 1]: a flat-divided saturated core or a calibration's overshoot beyond 1 leaves them
+#: so, where data in ADU holds its sky's noise (a few ADU at least) above 1 in half its pixels.
+OVERSHOOT_SHARE = 0.01
+
+
+def _normalized_with_overshoot(data: np.ndarray) -> bool:
+    """Whether float data with pixels beyond 1 is all the same data in [0, 1], read on every
+    8th row and column."""
+    sample = data[..., ::8, ::8]
+    covered = sample[sample != 0]
+    return bool(covered.size) and float(np.mean(covered > 1.0)) <= OVERSHOOT_SHARE
 
 
 def _check_file(path: Path) -> None:

@@ -29,6 +29,15 @@ def test_integer_frames_are_scaled_and_nonfinite_is_no_data(tmp_path):
     assert wide.white_level == 65535
     fits.PrimaryHDU((raw * 4).astype(np.int32)).writeto(tmp_path / "i32-18bit.fits")
     assert read_frame(tmp_path / "i32-18bit.fits").white_level == 2**31 - 1
+    # Float data in [0, 1] with a few pixels beyond 1 (a flat-divided saturated core) is data
+    # in [0, 1]; float data in ADU holds its sky's noise above 1 in most pixels, even with its
+    # sky subtracted.
+    sky = np.random.default_rng(3).normal(0.01, 0.002, (256, 256)).astype(np.float32)
+    sky[30:33, 30:33] = 1.08
+    fits.PrimaryHDU(sky).writeto(tmp_path / "over.fits")
+    assert read_frame(tmp_path / "over.fits").white_level == 1
+    fits.PrimaryHDU(np.minimum(sky, 0.9) * 65535 - 655).writeto(tmp_path / "adu-float.fits")
+    assert read_frame(tmp_path / "adu-float.fits").white_level == 65535
     fits.PrimaryHDU(np.array([[np.nan, 0.5], [np.inf, 0.2]], np.float32)).writeto(tmp_path / "nan.fits")
     np.testing.assert_array_equal(read_frame(tmp_path / "nan.fits").data[0], np.array([[0, 0.5], [0, 0.2]], np.float32))
 

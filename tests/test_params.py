@@ -87,10 +87,11 @@ def frames_in_two_units(tmp_path_factory):
     """Three 600x450 synthetic frames written three times, as float [0, 1], as 16-bit ADU with
     BZERO 32768 and as the same ADU in a 32-bit integer file, holding the same values (the
     floats are the ADU divided by 65535), and as floats in ADU of more than 16 bits (four
-    times the counts, a hot pixel of its own value in each target's corner)."""
+    times the counts, a hot pixel of its own value in each target's corner), and as floats in
+    [0, 1] whose targets' saturated cores a flat lifted beyond 1."""
     root = tmp_path_factory.mktemp("units")
     field = SyntheticField(width=600, height=450, n_frames=3, n_stars=800, seed=4)
-    paths = {"float": [], "adu": [], "adu32": [], "wide": []}
+    paths = {"float": [], "adu": [], "adu32": [], "wide": [], "overshoot": []}
     for unit in paths:
         (root / unit).mkdir()
     for k, truth in enumerate(field.frames):
@@ -101,6 +102,7 @@ def frames_in_two_units(tmp_path_factory):
             ("adu", counts.astype(np.uint16)),
             ("adu32", counts.astype(np.int32)),
             ("wide", _beyond_sixteen_bits(counts, k)),
+            ("overshoot", _overshoot((counts / ADU).astype(np.float32), k)),
         ):
             path = root / unit / f"{truth.name}.fits"
             fits.PrimaryHDU(values, header=field.header(k)).writeto(path)
@@ -117,6 +119,12 @@ def _beyond_sixteen_bits(counts: np.ndarray, k: int) -> np.ndarray:
     if k:  # the reference's brightest pixel sets the linear range; the targets' do not
         wide[3, 3] = 300000 + 1000 * k
     return wide
+
+
+def _overshoot(floats: np.ndarray, k: int) -> np.ndarray:
+    if k:
+        floats[floats > 0.9] *= np.float32(1.1)
+    return floats
 
 
 @pytest.mark.parametrize(
@@ -192,6 +200,13 @@ def test_run_is_the_same_in_adu(frames_in_two_units, tmp_path):
     wide = runs["wide"].frames
     assert [f.status for f in wide] == ["reference", "ok", "ok"]
     for a, b in zip(adu, wide):
+        np.testing.assert_allclose(b.transmission, a.transmission, rtol=0, atol=1e-4)
+    # Floats in [0, 1] with saturated cores beyond 1 are still in [0, 1] (they were read as
+    # ADU up to 65535, and failed against the reference in [0, 1]).
+    lifted = runs["overshoot"].frames
+    assert [f.status for f in lifted] == ["reference", "ok", "ok"]
+    assert max(f.high for f in lifted) > 1
+    for a, b in zip(unit, lifted):
         np.testing.assert_allclose(b.transmission, a.transmission, rtol=0, atol=1e-4)
     assert [f.samples for f in adu] == [f.samples for f in unit]
     assert [f.star_pairs for f in adu] == [f.star_pairs for f in unit]
