@@ -93,7 +93,8 @@ class Frame:
 
     white_level : float
         The value of a saturated pixel in the frame's units: 1.0 for data normalized to
-        [0, 1], the largest integer of the stored type for integer data.
+        [0, 1], the largest integer of the stored type for integer data (65535 for a 16-bit
+        camera's counts in a wider type); see :func:`_white_level`.
 
     properties : dict or None
         An XISF file's image properties, as the ``xisf`` package reads them; written back
