@@ -129,6 +129,13 @@ POINT_TEST_MAX = 500
 #: against stars of 1.8 px and more; the stars' own advantage stayed at -95 and below.
 STAR_FWHM_SHARE = 0.5
 FAINT_POINT_SNR = 5.0
+#: On a frame whose stars read NARROW_TEST_FWHM px or more, a detection that peaks at
+#: NARROW_TEST_SNR pixel sigmas or more and reads under NARROW_SHARE of their FWHM is no star
+#: (a hot pixel an upscaling registration spread over 2-3 px; stars of a field-dependent PSF
+#: read 0.8 of the frame's and more, and faint ones scatter by about a sixth).
+NARROW_TEST_FWHM = 4.0
+NARROW_TEST_SNR = 10.0
+NARROW_SHARE = 0.6
 #: Pixels at or below this fraction of the detection image's maximum are taken as clamped (a
 #: registration sets the negative lobes of a bright point's interpolation to zero, or to a
 #: hair above it so as not to read as no data) and left out of the point test's fits.
@@ -417,7 +424,7 @@ def _mad_sigma(values) -> float:
     return float(1.4826 * xp.median(xp.abs(values - xp.median(values))))
 
 
-def typical_fwhm(values: np.ndarray) -> float:
+def typical_fwhm(values: np.ndarray, flux: np.ndarray | None = None) -> float:
     """The FWHM (px) typical of stars whose :func:`estimate_fwhm` readings are ``values``:
     that of their mean area above half maximum, the tenth largest and smallest areas left
     out (one at each end from five values, so that a blend among a few stars does not move
@@ -430,12 +437,25 @@ def typical_fwhm(values: np.ndarray) -> float:
     pixels, and an undersampled star's is one or two pixels as it falls on a pixel's centre
     or between two, so their median jumps between 1.13 and 1.60 px with the share of stars
     on each side; their mean over many stars, which fall anywhere in their pixels, grows with
-    the stars' width as it does."""
+    the stars' width as it does.
+
+    With the readings' ``flux``, where the area that holds the middle of their light is over
+    :data:`BLEND_AREA` times the median, the areas are judged against it instead: on a frame
+    registered with an upscaling (Siril's 2x, a drizzle) a hot pixel is a blob of 2-3 px and
+    can outnumber stars of 7 px, with a fiftieth of their light."""
     values = np.asarray(values, float)
-    area = np.sort(np.pi * (values[np.isfinite(values)] / 2) ** 2)
+    finite = np.isfinite(values)
+    area = np.pi * (values[finite] / 2) ** 2
     if not area.size:
         return float("nan")
+    order = np.argsort(area, kind="stable")
+    area = area[order]
     middle = float(np.median(area))
+    if flux is not None:
+        light = np.cumsum(np.clip(np.asarray(flux, float)[finite][order], 0, None))
+        if light[-1] > 0:
+            lit = float(area[np.searchsorted(light, 0.5 * light[-1])])
+            middle = lit if lit > BLEND_AREA * middle else middle
     area = area[area <= max(BLEND_AREA * middle, BLEND_MIN_AREA)]
     if middle > BLEND_MIN_AREA:
         area = area[area * BLEND_AREA >= middle]
@@ -907,9 +927,9 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
             background=background[rows, cols],
             half=max(4, int(math.ceil(3 * fwhm))),
         )
-        values = values[np.isfinite(values) & (values > 0.8)]
-        if values.size >= 5:
-            measured, read = typical_fwhm(values), True
+        usable = np.isfinite(values) & (values > 0.8)
+        if usable.sum() >= 5:
+            measured, read = typical_fwhm(values[usable], flux[bright][usable]), True
     fwhms = _star_test_fwhms(measured)
     if read and fwhms[0] > POINT_TEST_FWHM[0]:
         # Stars read, no star is much narrower than they are: the hot pixels that stars of
@@ -926,6 +946,26 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
             star[tested] = ~_seen_through_interpolation(
                 data, image, judged_on, *at, pixel_sigma, image_max, fwhms, level=True
             )
+            cx, cy, flux, peak_value, peak_residual, by_point = (
+                a[star] for a in (cx, cy, flux, peak_value, peak_residual, by_point)
+            )
+            unsaturated = peak_value < 0.5 * image_max
+    if read and measured >= NARROW_TEST_FWHM and pixel_sigma > 0:
+        # Broad stars read, no star is much narrower than they are: a hot pixel that a
+        # registration's upscaling (Siril's 2x, a drizzle) made a blob of 2-3 px is no point
+        # seen through a sub-pixel shift's kernel, and on an uncalibrated frame such blobs
+        # outnumber the stars.
+        # (Saturated stars read broad: flat tops. The hot pixels are as bright as stars.)
+        tested = np.nonzero(peak_residual > NARROW_TEST_SNR * pixel_sigma)[0]
+        tested = tested[np.argsort(-peak_residual[tested], kind="stable")[:POINT_TEST_MAX]]
+        if tested.size:
+            rows = be.asarray(np.rint(cy[tested]).astype(np.int64))
+            cols = be.asarray(np.rint(cx[tested]).astype(np.int64))
+            readings = estimate_fwhm(
+                image, cx[tested], cy[tested], background=background[rows, cols], half=int(math.ceil(2 * measured))
+            )
+            star = np.ones(cx.size, bool)
+            star[tested] = ~(readings < NARROW_SHARE * measured)
             cx, cy, flux, peak_value, peak_residual, by_point = (
                 a[star] for a in (cx, cy, flux, peak_value, peak_residual, by_point)
             )
