@@ -142,6 +142,12 @@ NARROW_SHARE = 0.6
 CLAMPED = 1e-4
 #: The share of a detection's light in one channel that makes it one photosite.
 ONE_CHANNEL_SHARE = 0.8
+#: A detection with this share of its light in one channel, that light PHOTOSITE_SNR times the
+#: noise of its 3 x 3 sum or more, is one photosite whatever its shape: a full-resolution
+#: debayer (bilinear, VNG, RCD) spreads a hot photosite over 3 x 3 pixels of its channel, no
+#: single pixel; a star, even a red one, leaves a third of its light or more in the others.
+PHOTOSITE_SHARE = 0.95
+PHOTOSITE_SNR = 20.0
 #: Only detections whose brightest pixel is this many times the pixel noise are tested: the
 #: fainter ones fit either, and do not set the catalogue's FWHM or sharpness.
 POINT_TEST_SNR = 10.0
@@ -1174,9 +1180,9 @@ def _seen_through_interpolation(
         # shape is judged there (in the intensity, min + max of the channels, a lobe clamped at
         # zero in that channel does not show as clamped). Stars of a pixel or less before the
         # registration can look like single pixels too, but show in every channel.
-        single, windows, raw = _one_channel_windows(data, xs, ys)
+        single, windows, raw, photosite = _one_channel_windows(data, xs, ys, pixel_sigma)
         unclamped = raw > CLAMPED * image_max
-        return single & (single_pixel_advantage(windows, pixel_sigma, unclamped, fwhms, level) > 0)
+        return photosite | (single & (single_pixel_advantage(windows, pixel_sigma, unclamped, fwhms, level) > 0))
     inner = be.to_host(gather_stamps(residual, xs, ys, 2))
     raw = be.to_host(gather_stamps(image, xs, ys, 2))
     unclamped = raw > CLAMPED * image_max
@@ -1449,10 +1455,12 @@ def _refined_star_rows(name: int, fwhm: float, row: int) -> np.ndarray:
     return profiles / np.linalg.norm(profiles, axis=1, keepdims=True)
 
 
-def _one_channel_windows(data, x, y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _one_channel_windows(data, x, y, pixel_sigma: float = 0.0):
     """:func:`one_channel` of the detections at ``(x, y)``, with each one's 5 x 5 window of
-    its brightest channel less that window's edge median, and the same window as it is:
-    host arrays ``(n,)``, ``(n, 5, 5)``, ``(n, 5, 5)``."""
+    its brightest channel less that window's edge median, the same window as it is, and
+    whether it is one photosite whatever its shape (:data:`PHOTOSITE_SHARE`, at a pixel noise
+    of ``pixel_sigma``; none where that is 0): host arrays ``(n,)``, ``(n, 5, 5)``, ``(n, 5,
+    5)``, ``(n,)``."""
     raw = np.stack(
         [
             np.asarray(get_backend(data).to_host(gather_stamps(data[c], x, y, 2)), np.float64)
@@ -1462,8 +1470,12 @@ def _one_channel_windows(data, x, y) -> tuple[np.ndarray, np.ndarray, np.ndarray
     light = _inner_light(raw)
     channel = np.argmax(light, axis=0)
     windows = raw[channel, np.arange(raw.shape[1])]
-    single = light.max(axis=0) >= ONE_CHANNEL_SHARE * np.maximum(light.sum(axis=0), 1e-30)
-    return single, windows - _edge_median(windows)[:, None, None], windows
+    total = np.maximum(light.sum(axis=0), 1e-30)
+    single = light.max(axis=0) >= ONE_CHANNEL_SHARE * total
+    photosite = (light.max(axis=0) >= PHOTOSITE_SHARE * total) & (light.max(axis=0) >= PHOTOSITE_SNR * 3 * pixel_sigma)
+    if pixel_sigma <= 0:
+        photosite[:] = False
+    return single, windows - _edge_median(windows)[:, None, None], windows, photosite
 
 
 def _edge_median(windows):
