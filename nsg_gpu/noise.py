@@ -43,6 +43,9 @@ __all__ = [
     "wavelet_layer_rows",
     "noise_row_stride",
     "weight_from_noise",
+    "noise_step",
+    "UPSCALED_CORRELATIONS",
+    "COLOUR_UPSCALED_CORRELATION",
     "B3_LAYER1_FRACTION",
     "B3_LAYER_FRACTIONS",
     "MULTISCALE_BIAS",
@@ -72,6 +75,19 @@ NOISE_PIXELS = 500_000
 NOISE_BACKGROUND_PIXELS = 200_000
 #: ... but at most this many times ``max_pixels`` (0.2-0.4 us a pixel on one CPU core).
 NOISE_SAMPLE_GROWTH = 8
+#: Lag-1 noise correlations (:func:`nsg_gpu.resampling.noise_correlation`, the smaller of x
+#: and y) from which a mono frame is read as upscaled by 2, 3 and 4 (:func:`noise_step`). White
+#: noise zoomed by a cubic spline reads 0.52 (x1.5), 0.69 (x2), 0.79 (x2.5), 0.86 (x3), 0.92
+#: (x4); linearly, 0.63, 0.76, 0.86, 0.90, 0.94; a registration without upscaling reads at most
+#: 0.26 (cubic spline, half a pixel) and 0.50 (linear, half a pixel).
+UPSCALED_CORRELATIONS = (0.6, 0.83, 0.91)
+#: The same for colour frames, read as upscaled by 2 from here on, by no more: a full-resolution
+#: debayer (bilinear) already correlates neighbours by 0.59, 0.64 once registered with a turn
+#: by a cubic spline and 0.72 at half a pixel linearly, and read at a step of 2 such a frame's
+#: noise follows the Bayer cells' phase (0.92-1.11 at half a pixel); debayered and upscaled by
+#: 2 it reads 0.89. A colour frame of one photosite a pixel (a superpixel debayer) upscaled by
+#: 2 with a cubic spline (0.69) is read at every pixel.
+COLOUR_UPSCALED_CORRELATION = 0.75
 _HALO = 2 * (1 + 2 + 4) + SUPPORT_GROWTH  # rows: the third layer's reach plus the growth
 _BAND_ROWS = 64
 
@@ -297,8 +313,35 @@ def _multiscale_bands(image, max_pixels: int):
     return bands
 
 
+def noise_step(correlation, *, colour: bool = False) -> int:
+    """The pixel step at which :func:`multiscale_noise` reads a frame whose noise correlations
+    are ``correlation`` (:func:`nsg_gpu.resampling.noise_correlation`, ``(2, lags)``): 1, or
+    the factor by which a registration upscaled it (2-4 on mono frames,
+    :data:`UPSCALED_CORRELATIONS`; 2 on ``colour`` ones, :data:`COLOUR_UPSCALED_CORRELATION`).
+
+    An upscaling by k (Siril's or a drizzle's grid) stretches the registration's kernel by k,
+    so the second wavelet layer's scales of 2-4 px are 1-2 of the capture's, where the
+    kernel's smoothing follows each frame's sub-pixel shift again; read every k-th pixel, the
+    layer is back at 2-4 of the capture's pixels. Every frame of a run is read at the
+    reference's step, so that a weight compares like with like.
+    """
+    if correlation is None:
+        return 1
+    lag1 = np.asarray(correlation, float)[:, 0]
+    if not np.all(np.isfinite(lag1)):
+        return 1
+    if colour:
+        return 2 if float(lag1.min()) >= COLOUR_UPSCALED_CORRELATION else 1
+    return 1 + int(np.count_nonzero(float(lag1.min()) >= np.asarray(UPSCALED_CORRELATIONS)))
+
+
 def multiscale_noise(
-    image, *, max_pixels: int = NOISE_PIXELS, min_background: int = NOISE_BACKGROUND_PIXELS, iterations: int = 20
+    image,
+    *,
+    max_pixels: int = NOISE_PIXELS,
+    min_background: int = NOISE_BACKGROUND_PIXELS,
+    iterations: int = 20,
+    step: int = 1,
 ) -> float:
     """Per-pixel noise of a 2-D image before any resampling, from its second wavelet layer.
 
@@ -318,6 +361,10 @@ def multiscale_noise(
 
     iterations : int
         Rounds of support and clipping at most (they usually settle in 5-10).
+
+    step : int
+        Read every ``step``-th pixel of every ``step``-th row: the step of a frame upscaled by
+        its registration (:func:`noise_step`); ``max_pixels`` counts the pixels read.
 
     Returns
     -------
@@ -345,6 +392,8 @@ def multiscale_noise(
     target's ratio to the reference compounds (NWEIGHT 8-9 % off on such targets;
     docs/scale-accuracy.md, "Where the noise is read").
     """
+    if step > 1:
+        image = image[::step, ::step]
     h, w = image.shape
     sigma, background = _settled_noise(_multiscale_bands(image, max_pixels), iterations)
     if _band_rows(h, w, max_pixels) < h and 0 < background < min_background:
@@ -386,13 +435,14 @@ def _settled_noise(bands, iterations: int) -> tuple[float, int]:
     return sigma, int((level <= sigma).sum())
 
 
-def frame_noise(data, *, max_pixels: int = NOISE_PIXELS, timings: dict | None = None) -> np.ndarray:
-    """:func:`multiscale_noise` of every channel of ``data`` (channels, height, width).
+def frame_noise(data, *, max_pixels: int = NOISE_PIXELS, step: int = 1, timings: dict | None = None) -> np.ndarray:
+    """:func:`multiscale_noise` of every channel of ``data`` (channels, height, width), read at
+    ``step`` (:func:`noise_step`).
 
     ``timings``, when given, gains the seconds spent under ``noise``.
     """
     started = time.perf_counter()
-    noise = np.array([multiscale_noise(data[c], max_pixels=max_pixels) for c in range(data.shape[0])])
+    noise = np.array([multiscale_noise(data[c], max_pixels=max_pixels, step=step) for c in range(data.shape[0])])
     if timings is not None:
         timings["noise"] = timings.get("noise", 0.0) + time.perf_counter() - started
     return noise

@@ -96,8 +96,9 @@ def normalize_frame(reference: Reference, frame, *, diagnostics: bool = False) -
             timings=timings,
             overwrite_gradient=True,  # G is not needed after this: its buffer takes the output
         )
-        # The weight's noise: the multiscale estimate, which registration does not bias.
-        measured_noise = None if cards is not None else frame_noise(out, timings=timings)
+        # The weight's noise: the multiscale estimate, which registration does not bias, read
+        # at the reference's step (every k-th pixel of frames a registration upscaled by k).
+        measured_noise = None if cards is not None else frame_noise(out, step=reference.noise_step, timings=timings)
         if reference.pedestal:
             high = _without_pedestal(out, frame.data, reference)
     gradient.image = None  # frame-sized; the diagnostics keep only the samples and splines

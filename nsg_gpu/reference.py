@@ -22,7 +22,7 @@ from . import photometry
 from .backend import Backend, get_backend, single_threaded_blas
 from .errors import FrameDataError, FrameError, ParameterError, ReferenceFrameError
 from .io import Frame, read_frame
-from .noise import DETECT_NOISE_PIXELS, frame_noise, ksigma_noise
+from .noise import DETECT_NOISE_PIXELS, frame_noise, ksigma_noise, noise_step
 from .outliers import bright_counts, clipped_medians, pixel_noise
 from .params import Parameters, resolve_parameters
 from .psf import (
@@ -122,6 +122,10 @@ class Reference:
     #: Whether ``frame`` holds the reference as measured, not as read (:func:`as_measured`: its
     #: scattered zeros given a value, or a pedestal added); its own output is then read again.
     altered: bool = False
+    #: The pixel step at which every frame's weight noise is read (:func:`nsg_gpu.noise.noise_step`
+    #: of the reference's noise correlations): more than 1 where the registration upscaled the
+    #: frames, whose noise ``noise`` is then read at that step.
+    noise_step: int = 1
     _clipped: dict = field(default_factory=dict)  # (row, col) -> clipped medians per channel
     _measurements: dict = field(default_factory=dict)
     _cutouts: dict = field(default_factory=dict)
@@ -438,7 +442,11 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
     radius = stars.radius[:n_reject] + resolved.aperture_add + resolved.sample_star_growth_rate * stars.flux[:n_reject]
     rejected = star_rejection(grid, stars.x[:n_reject], stars.y[:n_reject], radius)
     rejected |= trail_rejection(grid, stars.trails, TRAIL_CLEARANCE_FWHM * stars.fwhm)
-    noise = frame_noise(data)  # the weight's noise: registration does not bias it
+    # The weight's noise: registration does not bias it, nor, read at its step, an upscaling.
+    if stars.correlation is None:
+        stars.correlation = noise_correlation(data)
+    step = noise_step(stars.correlation, colour=data.shape[0] > 1)
+    noise = frame_noise(data, step=step)
     circles = np.column_stack([stars.x[:n_reject], stars.y[:n_reject], radius])
     pixels = pixel_noise(data)
     bright = bright_counts(data, grid, medians, pixels, frame.white_level)
@@ -458,4 +466,5 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
         circles=circles,
         bright=bright,
         pixel_noise=pixels,
+        noise_step=step,
     )

@@ -72,7 +72,7 @@ import numpy as np
 
 from .errors import FrameError, ReferenceFrameError
 from .io import read_frame
-from .noise import multiscale_noise
+from .noise import multiscale_noise, noise_step
 from .reference import as_measured
 from .stars import detect_stars, detection_image, smooth_background
 
@@ -312,8 +312,9 @@ def score_frame(path: str | os.PathLike, *, detection_sigma: float = 5.0) -> Ref
     image = detection_image(frame.data)
     valid = image > 0
     coverage = float(np.count_nonzero(valid)) / image.size
-    noise = multiscale_noise(image)
     stars = detect_stars(frame.data, detection_sigma=detection_sigma)
+    # Read at the run's step where a registration upscaled the frame (noise.noise_step).
+    noise = multiscale_noise(image, step=noise_step(stars.correlation, colour=frame.channels > 1))
     background = smooth_background(image, valid, scale=max(image.shape) / 16.0, factor=8)
     values = background[valid]
     gradient = float(np.subtract(*np.percentile(values, [95, 5])) / noise) if noise > 0 and values.size else 0.0
