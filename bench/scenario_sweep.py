@@ -10,10 +10,11 @@ Per scenario and over all: RMS and worst error, RMS and worst z, weight errors, 
 
     python bench/scenario_sweep.py [--scenarios undersampled-sparse-colour,field-dependent-psf,crowded]
                                    [--seeds 11,12,13,14] [--stars N] [--width W --height H]
-                                   [--colour] [--elongation E] [--cache DIR] [--json FILE]
+                                   [--colour] [--elongation E] [--upscale K] [--cache DIR] [--json FILE]
 
 ``--elongation E``: the sets' targets have their stars drawn out by up to E (``nsg synth
---elongation``: a trailing mount), frame 0 round.
+--elongation``: a trailing mount), frame 0 round. ``--upscale K``: every frame written as a
+registration that upscales by K writes it (``nsg synth --upscale``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def run_set(
     size: tuple[int, int] | None = None,
     colour: bool = False,
     elongation: float = 0.0,
+    upscale: int = 1,
 ) -> list[dict]:
     """Write (once) and normalize one set; one row per target. ``size``: (width, height);
     ``colour``: colour frames whatever the scenario says; ``elongation``: the targets' stars
@@ -56,6 +58,7 @@ def run_set(
         more += ["--width", str(size[0]), "--height", str(size[1])] if size else []
         more += ["--colour"] if colour else []
         more += ["--elongation", str(elongation)] if elongation else []
+        more += ["--upscale", str(upscale)] if upscale > 1 else []
         made = _nsg("synth", str(directory), "--scenario", scenario, "--seed", str(seed), *more)
         if made.returncode:
             raise RuntimeError(made.stderr)
@@ -123,6 +126,9 @@ def main() -> None:
     parser.add_argument("--height", type=int, help="frame height in every set (default: the scenario's)")
     parser.add_argument("--colour", action="store_true", help="colour frames in every set (default: the scenario's)")
     parser.add_argument("--elongation", type=float, default=0.0, help="targets' stars drawn out by up to this")
+    parser.add_argument(
+        "--upscale", type=int, default=1, help="frames written as an upscaling registration writes them"
+    )
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "nsg-scenario-sweep")
     parser.add_argument("--json", type=Path, help="write the rows to this file")
     args = parser.parse_args()
@@ -138,7 +144,11 @@ def main() -> None:
             name = f"{scenario}-{seed}" + (f"-{args.stars}-stars" if args.stars else "")
             name += (f"-{size[0]}x{size[1]}" if size else "") + ("-colour" if args.colour else "")
             name += f"-elongated-{args.elongation:g}" if args.elongation else ""
-            for row in run_set(args.cache / name, scenario, seed, args.stars, size, args.colour, args.elongation):
+            name += f"-x{args.upscale}" if args.upscale > 1 else ""
+            found = run_set(
+                args.cache / name, scenario, seed, args.stars, size, args.colour, args.elongation, args.upscale
+            )
+            for row in found:
                 these.append(row)
                 head = f"{scenario} seed {seed} {row['frame']} (reference {row['reference']})"
                 if "failed" in row:

@@ -520,6 +520,16 @@ def synth(
             "the same pixels in every frame (registration moves them with the frame); e.g. 3e-4."
         ),
     ] = None,
+    upscale: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=4,
+            help="Write every frame, the reference too, as a registration that upscales by this factor "
+            "writes it (Siril's x2, a drizzle's grid): zoomed by a cubic spline; truth.json's noises "
+            "and shifts stay the capture's.",
+        ),
+    ] = 1,
 ):
     """Write synthetic registered frames with known transmission, gradient, noise and
     registration offsets (see truth.json)."""
@@ -537,7 +547,7 @@ def synth(
     spec = SyntheticSpec.from_scenario(
         scenario, n_frames=frames, seed=seed, **{k: v for k, v in chosen.items() if v is not None}
     )
-    paths = write_synthetic_set(directory, spec)
+    paths = write_synthetic_set(directory, spec, upscale=upscale)
     typer.echo(f"{len(paths)} frames written to {directory} (truth in {directory / 'truth.json'})")
 
 

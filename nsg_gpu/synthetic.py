@@ -776,7 +776,30 @@ class SyntheticField:
         return header
 
 
-def write_synthetic_set(directory: str | Path, spec: SyntheticSpec | None = None, **overrides) -> list[Path]:
+def upscaled(data: np.ndarray, factor: int) -> np.ndarray:
+    """``data`` ``(channels, h, w)`` as a registration that upscales by ``factor`` writes it
+    (Siril's x2, a drizzle's grid): every plane zoomed by a cubic spline on the pixels' areas
+    (each fine pixel a quarter of a coarse one at x2), clamped to [0, 1],
+    regions without data kept without (each pixel of the coarse grid becomes ``factor`` x
+    ``factor`` pixels of the fine one); the reference is upscaled as well, since every frame
+    of a registration shares the grid."""
+    if factor == 1:
+        return data
+    covered = np.repeat(np.repeat(data[0] != 0, factor, axis=0), factor, axis=1)
+    fine = np.stack(
+        [
+            scipy.ndimage.zoom(plane.astype(np.float64), factor, order=3, mode="nearest", grid_mode=True)
+            for plane in data
+        ]
+    )
+    fine = np.clip(fine, 1e-6, 1).astype(np.float32)
+    fine[:, ~covered] = 0
+    return fine
+
+
+def write_synthetic_set(
+    directory: str | Path, spec: SyntheticSpec | None = None, *, upscale: int = 1, **overrides
+) -> list[Path]:
     """Write a synthetic set as FITS files plus ``truth.json``; return the frame paths.
 
     The truth file lists the spec (with its scenario) and, per frame, its transmission, scale
@@ -785,12 +808,21 @@ def write_synthetic_set(directory: str | Path, spec: SyntheticSpec | None = None
     resampled) and the noise before registration: ``pixel_noise`` at the sky's pedestal and
     ``background_noise`` over the background (:meth:`SyntheticField.background_noise`), so a
     run's scales and weights can be checked against it.
+
+    ``upscale`` > 1 writes every frame as a registration that upscales by that factor writes it
+    (:func:`upscaled`), with ``XPIXSZ``/``YPIXSZ`` and the WCS's pixel scale divided by it;
+    ``truth.json`` then says ``"upscale"``, and its noises and shifts stay the capture's.
     """
+    if int(upscale) != upscale or not 1 <= upscale <= 4:
+        raise ValueError(f"upscale must be 1, 2, 3 or 4, not {upscale}")
+    upscale = int(upscale)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     synthetic = SyntheticField(spec, **overrides)
     paths = []
     truth = {"spec": asdict(synthetic.spec), "reference": synthetic.reference.name, "frames": []}
+    if upscale > 1:
+        truth["upscale"] = upscale
 
     def render(k: int) -> tuple[np.ndarray, np.ndarray]:
         with synthetic._frame_memo():  # the frame's star light and signal serve its noise too
@@ -805,10 +837,13 @@ def write_synthetic_set(directory: str | Path, spec: SyntheticSpec | None = None
                 if ahead not in pending:
                     pending[ahead] = pool.submit(render, ahead)
             data, background_noise = pending.pop(k).result()
+            data = upscaled(data, upscale)
+            header = synthetic.header(k)
+            if upscale > 1:
+                for key in ("XPIXSZ", "YPIXSZ", "CRPIX1", "CRPIX2", "CDELT1", "CDELT2"):
+                    header[key] = header[key] * upscale if key.startswith("CRPIX") else header[key] / upscale
             path = directory / f"{frame.name}.fits"
-            fits.PrimaryHDU(data[0] if synthetic.channels == 1 else data, header=synthetic.header(k)).writeto(
-                path, overwrite=True
-            )
+            fits.PrimaryHDU(data[0] if synthetic.channels == 1 else data, header=header).writeto(path, overwrite=True)
             paths.append(path)
             entry = asdict(frame)
             entry["scale"] = [float(v) for v in frame.scale(synthetic.reference)]

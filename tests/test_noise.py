@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.ndimage
+from astropy.io import fits
 
 from nsg_gpu.noise import (
     MULTISCALE_BIAS,
@@ -398,23 +399,17 @@ def test_host_ksigma_clip_is_the_direct_loop_to_the_bit(dtype):
 
 
 def test_nweight_of_frames_a_registration_upscaled_by_two(registered_run, tmp_path):
-    """The registered targets above (shifts up to half a pixel) upscaled by 2 with a cubic
-    spline, the reference too, as an x2 registration writes them: NWEIGHT within 10 % of
-    ``(sigma_R / (sigma_T m))^2`` with the true scale and the noise before registration,
-    and within 3 % with our own scale (read at every pixel: 12-27 % high)."""
-    from astropy.io import fits
-
+    """The registered targets above (shifts up to half a pixel) written as an x2 registration
+    writes them (``write_synthetic_set(upscale=2)``: every frame, the reference too, zoomed by
+    a cubic spline): NWEIGHT within 10 % of ``(sigma_R / (sigma_T m))^2`` with the true scale
+    and the noise before registration, and within 3 % with our own scale (read at every
+    pixel: 12-27 % high)."""
     from nsg_gpu.run import normalize
+    from nsg_gpu.synthetic import write_synthetic_set
 
     s, noise = registered_run
-    paths = []
-    for path in s.paths:
-        with fits.open(path) as hdul:
-            data, header = np.asarray(hdul[0].data, np.float64), hdul[0].header.copy()
-        zoomed = np.clip(scipy.ndimage.zoom(data, 2, order=3), 0, None)
-        zoomed[scipy.ndimage.zoom((data > 0).astype(np.uint8), 2, order=0) == 0] = 0
-        paths.append(tmp_path / path.name)
-        fits.PrimaryHDU(zoomed.astype(np.float32), header=header).writeto(paths[-1])
+    paths = write_synthetic_set(tmp_path / "in", s.field.spec, upscale=2)
+    assert fits.getdata(paths[1]).shape == (1200, 1400)
     run = normalize(paths, reference=paths[0], output_dir=tmp_path / "out")
     for k in (1, 2, 3):
         result = run.frames[k]

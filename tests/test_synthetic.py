@@ -427,6 +427,32 @@ def test_nsg_synth_writes_a_scenario_and_its_truth(tmp_path):
     assert np.count_nonzero(first[0] != first[1]) == 60  # the reference is not resampled
 
 
+def test_nsg_synth_upscale_writes_the_frames_as_an_x2_registration_does(tmp_path):
+    """``--upscale 2``: every frame, the reference too, on a grid twice as fine, its light and
+    its borders where the frame at 1x has them, the pixel size halved; the truth is the
+    capture's."""
+    args = ["synth", "-n", "3", "--width", "300", "--height", "200", "--stars", "300", "--seed", "4"]
+    for folder, more in (("x1", []), ("x2", ["--upscale", "2"])):
+        result = CliRunner().invoke(app, [args[0], str(tmp_path / folder), *args[1:], *more])
+        assert result.exit_code == 0, result.output
+    for name in ("light_000.fits", "light_001.fits"):
+        coarse, fine = fits.getdata(tmp_path / "x1" / name), fits.getdata(tmp_path / "x2" / name)
+        assert fine.shape == (400, 600)
+        # Each coarse pixel is 2 x 2 fine ones: the block means are the coarse frame's light.
+        blocks = fine.reshape(200, 2, 300, 2).mean(axis=(1, 3))
+        inner, at_1x = blocks[4:-4, 4:-4], coarse[4:-4, 4:-4]
+        covered = at_1x > 0
+        assert np.corrcoef(inner[covered], at_1x[covered])[0, 1] > 0.95
+        assert np.mean(inner[covered]) == pytest.approx(np.mean(at_1x[covered]), rel=1e-3)
+        assert np.array_equal(fine[::2, ::2] == 0, coarse == 0)
+        assert fits.getheader(tmp_path / "x2" / name)["XPIXSZ"] == fits.getheader(tmp_path / "x1" / name)["XPIXSZ"] / 2
+    truths = [json.loads((tmp_path / d / "truth.json").read_text()) for d in ("x1", "x2")]
+    assert truths[1]["upscale"] == 2 and "upscale" not in truths[0]
+    assert truths[1]["frames"] == truths[0]["frames"]
+    bad = CliRunner().invoke(app, [args[0], str(tmp_path / "x5"), *args[1:], "--upscale", "5"])
+    assert bad.exit_code == 2
+
+
 def test_star_colours_follow_a_camera_that_sees_colours_differently():
     """The real-frame tests' colour oracle (tests/independent.py: ``star_colours``) on frames
     whose colour response is known: the undersampled colour scenario (300 stars, for 40-80
