@@ -20,6 +20,7 @@ from nsg_gpu.select import (
     common_stars,
     inspect_frames,
     rank_frames,
+    score_frame,
 )
 from nsg_gpu.synthetic import SyntheticField, SyntheticSpec, write_synthetic_set
 
@@ -352,3 +353,23 @@ def test_inspect_ranks_as_reference_auto_chooses(inspected_set):
     assert table.exit_code == 0
     assert f"--reference auto would choose {Path(chosen).name}" in table.output
     assert table.output.index(Path(chosen).name) < min(table.output.index(p.name) for p in paths if p != Path(chosen))
+
+
+def test_frames_a_registration_upscaled_are_scored_on_their_capture_noise(tmp_path):
+    """The automatic choice reads every frame's noise as the weights do: on frames written as
+    an x2 registration writes them (targets registered at up to half a pixel), at every 2nd
+    pixel, within 3 % of each frame's noise before registration, where every pixel reads
+    the zoom's smoothing (1.55-1.77 of it here, unequally for frames shifted unequally)."""
+    from nsg_gpu.noise import multiscale_noise
+    from nsg_gpu.stars import detection_image
+
+    shifts = [[0, 0], [0.5, 0.5], [0.05, -0.1]]
+    field = SyntheticField(width=600, height=500, n_frames=3, n_stars=350, seed=8, registration=True, shifts=shifts)
+    paths = write_synthetic_set(tmp_path, field.spec, upscale=2)
+    truth = json.loads((tmp_path / "truth.json").read_text())["frames"]
+    every = []
+    for k, path in enumerate(paths):
+        noise = truth[k]["background_noise"][0]
+        assert score_frame(path).noise == pytest.approx(noise, rel=0.03)
+        every.append(multiscale_noise(detection_image(fits.getdata(path)[None])) / noise)
+    assert max(every) > 1.5 and abs(every[1] - every[2]) > 0.05, every
