@@ -122,10 +122,6 @@ class Reference:
     #: Whether ``frame`` holds the reference as measured, not as read (:func:`as_measured`: its
     #: scattered zeros given a value, or a pedestal added); its own output is then read again.
     altered: bool = False
-    #: The pixel step at which every frame's weight noise is read (:func:`nsg_gpu.noise.noise_step`
-    #: of the reference's noise correlations): more than 1 where the registration upscaled the
-    #: frames, whose noise ``noise`` is then read at that step.
-    noise_step: int = 1
     _clipped: dict = field(default_factory=dict)  # (row, col) -> clipped medians per channel
     _measurements: dict = field(default_factory=dict)
     _cutouts: dict = field(default_factory=dict)
@@ -239,6 +235,13 @@ class Reference:
         own = self.own_kernel
         rho = self.noise_correlation
         return rho if own is None else rho - kernel_correlations(own)
+
+    @property
+    def noise_step(self) -> int:
+        """The pixel step at which every frame's weight noise is read, ``noise`` included
+        (:func:`nsg_gpu.noise.noise_step` of :attr:`noise_correlation`): more than 1 where the
+        registration upscaled the frames."""
+        return noise_step(self.noise_correlation, colour=self.frame.channels > 1)
 
     @property
     def noise_correlation(self) -> np.ndarray:
@@ -442,11 +445,9 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
     radius = stars.radius[:n_reject] + resolved.aperture_add + resolved.sample_star_growth_rate * stars.flux[:n_reject]
     rejected = star_rejection(grid, stars.x[:n_reject], stars.y[:n_reject], radius)
     rejected |= trail_rejection(grid, stars.trails, TRAIL_CLEARANCE_FWHM * stars.fwhm)
-    # The weight's noise: registration does not bias it, nor, read at its step, an upscaling.
-    if stars.correlation is None:
-        stars.correlation = noise_correlation(data)
-    step = noise_step(stars.correlation, colour=data.shape[0] > 1)
-    noise = frame_noise(data, step=step)
+    # The weight's noise: registration does not bias it, nor, read at its step
+    # (Reference.noise_step), an upscaling.
+    noise = frame_noise(data, step=noise_step(stars.correlation, colour=data.shape[0] > 1))
     circles = np.column_stack([stars.x[:n_reject], stars.y[:n_reject], radius])
     pixels = pixel_noise(data)
     bright = bright_counts(data, grid, medians, pixels, frame.white_level)
@@ -466,5 +467,4 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
         circles=circles,
         bright=bright,
         pixel_noise=pixels,
-        noise_step=step,
     )

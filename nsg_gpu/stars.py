@@ -804,6 +804,21 @@ def _line_through(x: np.ndarray, y: np.ndarray) -> tuple[tuple[float, float], np
     return (float(x.mean()), float(y.mean())), vectors[:, 1], float(values[0])
 
 
+def _brightest(peak_residual: np.ndarray, threshold: float) -> np.ndarray:
+    """The detections whose peak stands more than ``threshold`` over the background, brightest
+    first, :data:`POINT_TEST_MAX` at most."""
+    tested = np.nonzero(peak_residual > threshold)[0]
+    return tested[np.argsort(-peak_residual[tested], kind="stable")[:POINT_TEST_MAX]]
+
+
+def _readings(be, image, background, cx, cy, index: np.ndarray, *, half: int) -> np.ndarray:
+    """:func:`estimate_fwhm` of the detections ``index``, each above the smooth ``background``
+    at its pixel."""
+    rows = be.asarray(np.rint(cy[index]).astype(np.int64))
+    cols = be.asarray(np.rint(cx[index]).astype(np.int64))
+    return estimate_fwhm(image, cx[index], cy[index], background=background[rows, cols], half=half)
+
+
 def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=False, data=None) -> StarCatalog:
     xp = be.xp
     h, w = image.shape
@@ -924,15 +939,7 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
         bright = shown[_compact(peak_residual[shown], flux[shown], fwhm)][:5]
     measured, read = fwhm, False
     if bright.size >= 5:
-        rows = be.asarray(np.rint(cy[bright]).astype(np.int64))
-        cols = be.asarray(np.rint(cx[bright]).astype(np.int64))
-        values = estimate_fwhm(
-            image,
-            cx[bright],
-            cy[bright],
-            background=background[rows, cols],
-            half=max(4, int(math.ceil(3 * fwhm))),
-        )
+        values = _readings(be, image, background, cx, cy, bright, half=max(4, int(math.ceil(3 * fwhm))))
         usable = np.isfinite(values) & (values > 0.8)
         if usable.sum() >= 5:
             measured, read = typical_fwhm(values[usable], flux[bright][usable]), True
@@ -944,8 +951,7 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
         # nebula's light under the smooth background lifts a faint one's cross with it.
         # (Where too few stars read the FWHM, the guess would take undersampled stars for
         # single pixels.)
-        tested = np.nonzero(peak_residual > FAINT_POINT_SNR * pixel_sigma)[0] if pixel_sigma > 0 else np.zeros(0, int)
-        tested = tested[np.argsort(-peak_residual[tested], kind="stable")[:POINT_TEST_MAX]]
+        tested = _brightest(peak_residual, FAINT_POINT_SNR * pixel_sigma) if pixel_sigma > 0 else np.zeros(0, int)
         if tested.size:
             at = be.asarray(xs[tested]), be.asarray(ys[tested])
             star = np.ones(cx.size, bool)
@@ -962,14 +968,9 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
         # seen through a sub-pixel shift's kernel, and on an uncalibrated frame such blobs
         # outnumber the stars.
         # (Saturated stars read broad: flat tops. The hot pixels are as bright as stars.)
-        tested = np.nonzero(peak_residual > NARROW_TEST_SNR * pixel_sigma)[0]
-        tested = tested[np.argsort(-peak_residual[tested], kind="stable")[:POINT_TEST_MAX]]
+        tested = _brightest(peak_residual, NARROW_TEST_SNR * pixel_sigma)
         if tested.size:
-            rows = be.asarray(np.rint(cy[tested]).astype(np.int64))
-            cols = be.asarray(np.rint(cx[tested]).astype(np.int64))
-            readings = estimate_fwhm(
-                image, cx[tested], cy[tested], background=background[rows, cols], half=int(math.ceil(2 * measured))
-            )
+            readings = _readings(be, image, background, cx, cy, tested, half=int(math.ceil(2 * measured)))
             star = np.ones(cx.size, bool)
             star[tested] = ~(readings < NARROW_SHARE * measured)
             cx, cy, flux, peak_value, peak_residual, by_point = (
@@ -1470,11 +1471,9 @@ def _one_channel_windows(data, x, y, pixel_sigma: float = 0.0):
     light = _inner_light(raw)
     channel = np.argmax(light, axis=0)
     windows = raw[channel, np.arange(raw.shape[1])]
-    total = np.maximum(light.sum(axis=0), 1e-30)
-    single = light.max(axis=0) >= ONE_CHANNEL_SHARE * total
-    photosite = (light.max(axis=0) >= PHOTOSITE_SHARE * total) & (light.max(axis=0) >= PHOTOSITE_SNR * 3 * pixel_sigma)
-    if pixel_sigma <= 0:
-        photosite[:] = False
+    most, total = light.max(axis=0), np.maximum(light.sum(axis=0), 1e-30)
+    single = most >= ONE_CHANNEL_SHARE * total
+    photosite = (most >= PHOTOSITE_SHARE * total) & (most >= PHOTOSITE_SNR * 3 * pixel_sigma) & (pixel_sigma > 0)
     return single, windows - _edge_median(windows)[:, None, None], windows, photosite
 
 
