@@ -28,6 +28,7 @@ from scipy.spatial import cKDTree
 
 from . import kernels
 from .backend import get_backend, single_threaded_blas
+from .noise import noise_step
 from .resampling import (
     INTERPOLATIONS,
     MATCHED_HALF,
@@ -695,13 +696,15 @@ def detect_stars(
     correlation = noise_correlation(data if data.ndim == 3 else data[None])
     kernel = correlation_kernel(correlation)
     resampled = kernel is not None
+    # A registration that upscaled by k: its hot pixels are judged on every k-th pixel.
+    upscaled = noise_step(correlation, colour=data.ndim == 3 and data.shape[0] > 1)
     guess = 3.0 if fwhm is None else float(fwhm)
-    catalog = _detect_once(be, image, valid, guess, detection_sigma, max_stars, resampled, data)
+    catalog = _detect_once(be, image, valid, guess, detection_sigma, max_stars, resampled, data, upscaled)
     for _ in range(2):
         if fwhm is not None or len(catalog) < 5 or abs(catalog.fwhm - guess) < 0.2 * guess:
             break
         guess = float(np.clip(catalog.fwhm, 1.0, 20.0))
-        catalog = _detect_once(be, image, valid, guess, detection_sigma, max_stars, resampled, data)
+        catalog = _detect_once(be, image, valid, guess, detection_sigma, max_stars, resampled, data, upscaled)
     pieces, lines = trail_lines(catalog.x, catalog.y, catalog.flux, catalog.fwhm)
     catalog = catalog.take(~pieces)
     catalog.correlation, catalog.trails = correlation, lines
@@ -819,7 +822,9 @@ def _readings(be, image, background, cx, cy, index: np.ndarray, *, half: int) ->
     return estimate_fwhm(image, cx[index], cy[index], background=background[rows, cols], half=half)
 
 
-def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=False, data=None) -> StarCatalog:
+def _detect_once(
+    be, image, valid, fwhm, detection_sigma, max_stars, resampled=False, data=None, upscaled: int = 1
+) -> StarCatalog:
     xp = be.xp
     h, w = image.shape
     background = smooth_background(image, valid, scale=max(8.0 * fwhm, 16.0))
@@ -857,6 +862,7 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
         image_max=image_max,
         resampled=resampled,
         data=data,
+        step=upscaled,
     )
     cx, cy, flux, peak_value, peak_residual, keep, gone = judge(residual, xs, ys)
     # Stars with a point's light a few pixels away: found or measured without it, but their
@@ -943,7 +949,7 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
         usable = np.isfinite(values) & (values > 0.8)
         if usable.sum() >= 5:
             measured, read = typical_fwhm(values[usable], flux[bright][usable]), True
-    fwhms = _star_test_fwhms(measured)
+    fwhms = _star_test_fwhms(measured / upscaled)
     if read and fwhms[0] > POINT_TEST_FWHM[0]:
         # Stars read, no star is much narrower than they are: the hot pixels that stars of
         # 0.8 px could pass for, and the fainter ones, are told from them; on a frame not
@@ -956,7 +962,7 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
             at = be.asarray(xs[tested]), be.asarray(ys[tested])
             star = np.ones(cx.size, bool)
             star[tested] = ~_seen_through_interpolation(
-                data, image, judged_on, *at, pixel_sigma, image_max, fwhms, level=True
+                data, image, judged_on, *at, pixel_sigma, image_max, fwhms, level=True, step=upscaled
             )
             cx, cy, flux, peak_value, peak_residual, by_point = (
                 a[star] for a in (cx, cy, flux, peak_value, peak_residual, by_point)
@@ -998,7 +1004,9 @@ def _detect_once(be, image, valid, fwhm, detection_sigma, max_stars, resampled=F
     return StarCatalog(cx + 0.0, cy + 0.0, flux, peak_value, radius, measured, noise, near_point=by_point)
 
 
-def _judge_peaks(be, residual, xs, ys, *, image, half, fwhm, pixel_noise, pixel_sigma, image_max, resampled, data):
+def _judge_peaks(
+    be, residual, xs, ys, *, image, half, fwhm, pixel_noise, pixel_sigma, image_max, resampled, data, step=1
+):
     """The first measures of the peaks at pixels ``xs, ys`` (backend arrays) of the matched
     image, on ``residual`` (the background-subtracted detection image) within ``half`` px:
     centroid, flux, peak value and peak above the background; which of them are stars, not
@@ -1045,7 +1053,7 @@ def _judge_peaks(be, residual, xs, ys, *, image, half, fwhm, pixel_noise, pixel_
         tested = tested[xp.argsort(-centre[tested])[:POINT_TEST_MAX]]
         if tested.size:
             points = _seen_through_interpolation(
-                data, image, residual, xs[tested], ys[tested], pixel_sigma, image_max, POINT_TEST_FWHM
+                data, image, residual, xs[tested], ys[tested], pixel_sigma, image_max, POINT_TEST_FWHM, step=step
             )
             keep[tested[be.asarray(points)]] = False
     return cx, cy, flux, peak_value, peak_residual, keep, xp.nonzero(lit & ~keep)[0]
@@ -1168,26 +1176,37 @@ def _compact(peak: np.ndarray, flux: np.ndarray, fwhm: float) -> np.ndarray:
 
 
 def _seen_through_interpolation(
-    data, image, residual, xs, ys, pixel_sigma, image_max, fwhms, level: bool = False
+    data, image, residual, xs, ys, pixel_sigma, image_max, fwhms, level: bool = False, step: int = 1
 ) -> np.ndarray:
     """Which detections at pixels ``xs, ys`` (on the image's backend) are single pixels, seen
     through a registration's interpolation where there was one, rather than stars of
     ``fwhms`` (:func:`single_pixel_advantage` on ``residual``, the background-subtracted
     detection image; its templates hold the identity, an interpolation at shift 0; with
-    ``level``, both on a level of their own): a host bool array."""
+    ``level``, both on a level of their own): a host bool array.
+
+    ``step``: the frame was upscaled by that factor (:func:`nsg_gpu.noise.noise_step`), and
+    each window takes every ``step``-th pixel around the detection, where a hot pixel is one
+    captured pixel seen through the upscaling's interpolation and a star has its captured
+    width (``fwhms`` in captured pixels)."""
     be = get_backend(image)
     if data is not None and data.ndim == 3 and data.shape[0] > 1:
         # A colour sensor's hot pixel is one photosite: its light is in one channel, and its
         # shape is judged there (in the intensity, min + max of the channels, a lobe clamped at
         # zero in that channel does not show as clamped). Stars of a pixel or less before the
         # registration can look like single pixels too, but show in every channel.
-        single, windows, raw, photosite = _one_channel_windows(data, xs, ys, pixel_sigma)
+        single, windows, raw, photosite = _one_channel_windows(data, xs, ys, pixel_sigma, step)
         unclamped = raw > CLAMPED * image_max
         return photosite | (single & (single_pixel_advantage(windows, pixel_sigma, unclamped, fwhms, level) > 0))
-    inner = be.to_host(gather_stamps(residual, xs, ys, 2))
-    raw = be.to_host(gather_stamps(image, xs, ys, 2))
+    inner = be.to_host(_windows(residual, xs, ys, step))
+    raw = be.to_host(_windows(image, xs, ys, step))
     unclamped = raw > CLAMPED * image_max
     return single_pixel_advantage(inner, pixel_sigma, unclamped, fwhms, level) > HOT_PIXEL_CHI2
+
+
+def _windows(image, xs, ys, step: int = 1):
+    """5 x 5 windows of ``image`` centred on pixels ``xs, ys``, of every ``step``-th pixel
+    along both axes; on the image's backend."""
+    return gather_stamps(image, xs, ys, 2 * step)[:, ::step, ::step]
 
 
 def _registered(taps: np.ndarray, captured: np.ndarray) -> np.ndarray:
@@ -1456,17 +1475,14 @@ def _refined_star_rows(name: int, fwhm: float, row: int) -> np.ndarray:
     return profiles / np.linalg.norm(profiles, axis=1, keepdims=True)
 
 
-def _one_channel_windows(data, x, y, pixel_sigma: float = 0.0):
+def _one_channel_windows(data, x, y, pixel_sigma: float = 0.0, step: int = 1):
     """:func:`one_channel` of the detections at ``(x, y)``, with each one's 5 x 5 window of
     its brightest channel less that window's edge median, the same window as it is, and
     whether it is one photosite whatever its shape (:data:`PHOTOSITE_SHARE`, at a pixel noise
     of ``pixel_sigma``; none where that is 0): host arrays ``(n,)``, ``(n, 5, 5)``, ``(n, 5,
-    5)``, ``(n,)``."""
+    5)``, ``(n,)``; the windows of every ``step``-th pixel (:func:`_windows`)."""
     raw = np.stack(
-        [
-            np.asarray(get_backend(data).to_host(gather_stamps(data[c], x, y, 2)), np.float64)
-            for c in range(data.shape[0])
-        ]
+        [np.asarray(get_backend(data).to_host(_windows(data[c], x, y, step)), np.float64) for c in range(data.shape[0])]
     )
     light = _inner_light(raw)
     channel = np.argmax(light, axis=0)
