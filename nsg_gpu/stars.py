@@ -685,7 +685,10 @@ def detect_stars(
     is read from five stars or more, on any frame, the detections that peak at
     :data:`FAINT_POINT_SNR` pixel sigmas or more are judged so again against stars of at
     least :data:`STAR_FWHM_SHARE` of it, where that is broader than
-    :data:`POINT_TEST_FWHM`'s narrowest.
+    :data:`POINT_TEST_FWHM`'s narrowest. On a frame a registration upscaled by k (its noise's
+    correlations, :func:`nsg_gpu.noise.noise_step`), these tests take every k-th pixel around
+    each detection: there a hot pixel is one captured pixel seen through the upscaling's
+    interpolation, and a star has its captured width.
     """
     be = get_backend(data)
     xp = be.xp
