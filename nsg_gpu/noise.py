@@ -46,6 +46,8 @@ __all__ = [
     "noise_step",
     "UPSCALED_CORRELATIONS",
     "COLOUR_UPSCALED_CORRELATION",
+    "COLOUR_UPSCALED_LOBED",
+    "UPSCALED_LOBE",
     "B3_LAYER1_FRACTION",
     "B3_LAYER_FRACTIONS",
     "MULTISCALE_BIAS",
@@ -85,9 +87,17 @@ UPSCALED_CORRELATIONS = (0.6, 0.83, 0.91)
 #: debayer (bilinear) already correlates neighbours by 0.59, 0.64 once registered with a turn
 #: by a cubic spline and 0.72 at half a pixel linearly, and read at a step of 2 such a frame's
 #: noise follows the Bayer cells' phase (0.92-1.11 at half a pixel); debayered and upscaled by
-#: 2 it reads 0.89. A colour frame of one photosite a pixel (a superpixel debayer) upscaled by
-#: 2 with a cubic spline (0.69) is read at every pixel.
+#: 2 it reads 0.89.
 COLOUR_UPSCALED_CORRELATION = 0.75
+#: A colour frame of one photosite a pixel (a superpixel debayer) upscaled by 2 with a cubic
+#: spline or Lanczos-3 correlates neighbours by only 0.71-0.72, but the kernel's negative lobe,
+#: stretched by 2, shows at lag 3 (-0.14 to -0.17): read at a step of 2 where neighbours
+#: correlate by this much or more and lag 3 by :data:`UPSCALED_LOBE` or less. A full-resolution
+#: debayer, as captured or registered by any interpolation of
+#: :data:`nsg_gpu.resampling.INTERPOLATIONS` at a quarter or half a pixel, reads -0.04 to +0.02
+#: there (docs/scale-accuracy.md, "Frames a registration upscaled").
+COLOUR_UPSCALED_LOBED = 0.65
+UPSCALED_LOBE = -0.08
 _HALO = 2 * (1 + 2 + 4) + SUPPORT_GROWTH  # rows: the third layer's reach plus the growth
 _BAND_ROWS = 64
 
@@ -331,7 +341,9 @@ def noise_step(correlation, *, colour: bool = False) -> int:
     if not np.all(np.isfinite(lag1)):
         return 1
     if colour:
-        return 2 if float(lag1.min()) >= COLOUR_UPSCALED_CORRELATION else 1
+        lag3 = np.asarray(correlation, float)[:, 2]
+        lobed = float(lag1.min()) >= COLOUR_UPSCALED_LOBED and float(lag3.max()) <= UPSCALED_LOBE
+        return 2 if float(lag1.min()) >= COLOUR_UPSCALED_CORRELATION or lobed else 1
     return 1 + int(np.count_nonzero(float(lag1.min()) >= np.asarray(UPSCALED_CORRELATIONS)))
 
 

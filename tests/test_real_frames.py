@@ -8,6 +8,8 @@ registration smoothed each frame's noise, measured from the noise's own pixel di
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -640,3 +642,36 @@ def test_stargate_upscaled_by_its_registration_keeps_its_noise_ratios(stargate_r
     as_they_are = stargate_noise["noise"]
     assert np.all(np.abs(np.array(ours) / as_they_are - 1) < 0.015), np.array(ours) / as_they_are
     assert np.min(np.array(every_pixel) / as_they_are) < 0.95, np.array(every_pixel) / as_they_are
+
+
+def test_ngc7023_upscaled_by_its_registration_keeps_its_weights(real_run, tmp_path):
+    """NGC 7023's colour frames (a photosite per pixel) upscaled by 2 with a cubic spline, the
+    reference too: their neighbours correlate by only 0.72 (a full-resolution debayer reads up
+    to 0.70 registered), but the stretched kernel's negative lobe shows at lag 3, so the weight's
+    noise is read at every 2nd pixel. Every target's NWEIGHT over its mean squared transmission
+    is within 2 % of the frames' as they are (read at every pixel: 19-31 % high)."""
+    import scipy.ndimage
+
+    frames, run, _ = real_run
+    for path in frames:
+        with fits.open(path) as hdul:
+            planes, header = np.asarray(hdul[0].data, np.float64), hdul[0].header.copy()
+        held = np.repeat(np.repeat(np.any(planes > 0, axis=0), 2, axis=0), 2, axis=1)
+        zoomed = np.stack([scipy.ndimage.zoom(p, 2, order=3, grid_mode=True, mode="nearest") for p in planes])
+        zoomed = np.where(held, np.clip(zoomed, 0, None), 0).astype(np.float32)
+        for key in ("BZERO", "BSCALE"):
+            header.remove(key, ignore_missing=True)
+        fits.PrimaryHDU(zoomed, header=header).writeto(tmp_path / path.name[: -len(".gz")])
+    upscaled = normalize(
+        sorted(tmp_path.glob("*.fits")), reference=tmp_path / frames[0].name[: -len(".gz")], output_dir=tmp_path / "o"
+    )
+
+    def weight_over_light(result):
+        return result.weight / float(np.mean(np.square(result.transmission)))
+
+    for as_read, x2 in zip(run.frames, upscaled.frames):
+        assert Path(as_read.path).name.startswith(Path(x2.path).name)
+        if as_read.status == "reference":
+            continue
+        assert x2.status == "ok", (x2.path, x2.error)
+        assert weight_over_light(x2) / weight_over_light(as_read) == pytest.approx(1, abs=0.02), x2.path
