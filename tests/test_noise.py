@@ -331,23 +331,31 @@ def test_cupy_matches_numpy():
         )
 
 
+#: 700 x 600 targets registered at offsets up to half a pixel in both axes.
+REGISTERED = dict(
+    width=700, height=600, n_frames=4, n_stars=500, seed=21, registration=True,
+    shifts=[[0, 0], [0.5, 0.5], [0.3, -0.2], [-0.05, 0.45]],
+)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def registered_run(tmp_path_factory):
-    """Mono 700 x 600 targets registered at offsets up to half a pixel in both axes, normalized."""
+    """Mono frames of :data:`REGISTERED`, normalized."""
     from conftest import NormalizedSet
 
-    shifts = [[0, 0], [0.5, 0.5], [0.3, -0.2], [-0.05, 0.45]]
-    s = NormalizedSet(
-        tmp_path_factory.mktemp("registered"),
-        width=700,
-        height=600,
-        n_frames=4,
-        n_stars=500,
-        seed=21,
-        registration=True,
-        shifts=shifts,
-    )
+    s = NormalizedSet(tmp_path_factory.mktemp("registered"), **REGISTERED)
     return s, [s.background_noise(k) for k in range(4)]
+
+
+def _nweight_is_the_weight_before_registration(result, field, noise, k: int) -> None:
+    """Target ``k``'s NWEIGHT within 10 % of ``(sigma_R / (sigma_T m))^2`` with the true scale
+    and the noise before registration ``noise`` (per frame and channel), and within 3 % with
+    our own scale (the estimate itself)."""
+    assert result.status == "ok" and result.weight_source == "noiseMultiscale", (result.path, result.error)
+    truth_m = field.frames[k].scale(field.reference)
+    assert result.weight == pytest.approx(float(np.mean((noise[0] / (noise[k] * truth_m)) ** 2)), rel=0.10)
+    ours_m = np.asarray(result.scale)
+    assert result.weight == pytest.approx(float(np.mean((noise[0] / (noise[k] * ours_m)) ** 2)), rel=0.03)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -355,14 +363,9 @@ def test_nweight_of_registered_frames_is_the_weight_before_registration(register
     """NWEIGHT within 10 % of ``(sigma_R / (sigma_T m))^2`` with the true scale and the noise
     before registration; a per-pixel noise would be off by 40-110 % here."""
     s, noise = registered_run
+    _nweight_is_the_weight_before_registration(s.run.frames[k], s.field, noise, k)
     truth_m = s.field.frames[k].scale(s.field.reference)
     truth = float(np.mean((noise[0] / (noise[k] * truth_m)) ** 2))
-    result = s.run.frames[k]
-    assert result.weight_source == "noiseMultiscale"
-    assert result.weight == pytest.approx(truth, rel=0.10)
-    # The estimate itself, with our scale in the truth: within 3 %.
-    ours_m = np.asarray(result.scale)
-    assert result.weight == pytest.approx(float(np.mean((noise[0] / (noise[k] * ours_m)) ** 2)), rel=0.03)
     # What the first-layer estimate would have given: the failure this weight removes.
     data, _ = s.output(k)
     reference = s.input(0)
@@ -429,28 +432,13 @@ def test_nweight_of_colour_frames_a_registration_upscaled_by_two(tmp_path):
     from nsg_gpu.run import normalize
     from nsg_gpu.synthetic import SyntheticField, write_synthetic_set
 
-    field = SyntheticField(
-        width=700,
-        height=600,
-        n_frames=4,
-        n_stars=500,
-        seed=21,
-        registration=True,
-        shifts=[[0, 0], [0.5, 0.5], [0.3, -0.2], [-0.05, 0.45]],
-        colour=True,
-        bayer=True,
-    )
+    field = SyntheticField(**REGISTERED, colour=True, bayer=True)
     paths = write_synthetic_set(tmp_path / "in", field.spec, upscale=2)
     truth = json.loads((tmp_path / "in" / "truth.json").read_text())
     noise = [np.asarray(frame["background_noise"]) for frame in truth["frames"]]
     run = normalize(paths, reference=paths[0], output_dir=tmp_path / "out")
     for k in (1, 2, 3):
-        result = run.frames[k]
-        assert result.status == "ok" and result.weight_source == "noiseMultiscale", (result.path, result.error)
-        truth_m = field.frames[k].scale(field.reference)
-        assert result.weight == pytest.approx(float(np.mean((noise[0] / (noise[k] * truth_m)) ** 2)), rel=0.10)
-        ours_m = np.asarray(result.scale)
-        assert result.weight == pytest.approx(float(np.mean((noise[0] / (noise[k] * ours_m)) ** 2)), rel=0.03)
+        _nweight_is_the_weight_before_registration(run.frames[k], field, noise, k)
 
 
 def test_nweight_of_frames_a_registration_upscaled_by_two(registered_run, tmp_path):
@@ -467,9 +455,4 @@ def test_nweight_of_frames_a_registration_upscaled_by_two(registered_run, tmp_pa
     assert fits.getdata(paths[1]).shape == (1200, 1400)
     run = normalize(paths, reference=paths[0], output_dir=tmp_path / "out")
     for k in (1, 2, 3):
-        result = run.frames[k]
-        assert result.status == "ok" and result.weight_source == "noiseMultiscale", (result.path, result.error)
-        truth_m = s.field.frames[k].scale(s.field.reference)
-        assert result.weight == pytest.approx(float(np.mean((noise[0] / (noise[k] * truth_m)) ** 2)), rel=0.10)
-        ours_m = np.asarray(result.scale)
-        assert result.weight == pytest.approx(float(np.mean((noise[0] / (noise[k] * ours_m)) ** 2)), rel=0.03)
+        _nweight_is_the_weight_before_registration(run.frames[k], s.field, noise, k)
