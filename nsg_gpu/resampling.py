@@ -136,13 +136,30 @@ CLIP_SIGMA = 3.0
 CLIP_GROWTH = 2
 
 
+#: Where more than this share of the high-passed pixels are 0 (to a ten-thousandth of the
+#: largest tenth's), the pixels across the axis were interpolated linearly between captured
+#: ones (a linear upscaling by 2, 3 or 4 on the captured grid makes one in two, two in three,
+#: three in four such rows), and the high-pass takes the pixels :data:`WIDE_ACROSS` away.
+LINEAR_ROWS_SHARE = 0.25
+WIDE_ACROSS = 3
+
+
 def _high_pass(band: np.ndarray, axis: int) -> np.ndarray:
-    """Each pixel less the mean of its two neighbours across ``axis``, NaN where clipped."""
-    if axis == 1:
-        high = band[1:-1] - 0.5 * (band[:-2] + band[2:])
-    else:
-        high = band[:, 1:-1] - 0.5 * (band[:, :-2] + band[:, 2:])
+    """Each pixel less the mean of its two neighbours across ``axis``, NaN where clipped.
+
+    A frame upscaled linearly has rows (across ``axis``) that are exactly the mean of their
+    neighbours, whose high-pass is 0 (:data:`LINEAR_ROWS_SHARE`); there the two pixels taken
+    lie :data:`WIDE_ACROSS` away, which spans a captured row wherever the row is. Across the
+    axis any such filter leaves the correlations along it as they are (it multiplies the
+    noise's autocovariance along the axis by one factor at every lag)."""
+    high = _across(band, axis, 1)
     finite = np.isfinite(high)
+    if finite.any():
+        size = np.abs(high[finite])
+        flat = np.count_nonzero(size <= 1e-4 * float(np.percentile(size, 90)))
+        if flat > LINEAR_ROWS_SHARE * size.size:
+            high = _across(band, axis, WIDE_ACROSS)
+            finite = np.isfinite(high)
     if not finite.any():
         return high
     values = high[finite]
@@ -151,6 +168,13 @@ def _high_pass(band: np.ndarray, axis: int) -> np.ndarray:
     loud = (np.abs(np.nan_to_num(high, nan=level) - level) > CLIP_SIGMA * spread).astype(np.uint8)
     loud = ndimage.maximum_filter(loud, size=2 * CLIP_GROWTH + 1) > 0
     return np.where(loud, np.nan, high)
+
+
+def _across(band: np.ndarray, axis: int, reach: int) -> np.ndarray:
+    """Each pixel less the mean of the two pixels ``reach`` away across ``axis``."""
+    if axis == 1:
+        return band[reach:-reach] - 0.5 * (band[: -2 * reach] + band[2 * reach :])
+    return band[:, reach:-reach] - 0.5 * (band[:, : -2 * reach] + band[:, 2 * reach :])
 
 
 def _difference_variance(highs: list[np.ndarray], lag: int, axis: int) -> float:

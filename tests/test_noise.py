@@ -84,12 +84,19 @@ def _correlation(image: np.ndarray) -> np.ndarray:
         pytest.param(lambda w: scipy.ndimage.zoom(w, 2, order=1), 2, id="linear-x2"),
         pytest.param(lambda w: scipy.ndimage.zoom(w, 3, order=3), 3, id="cubic-x3"),
         pytest.param(lambda w: scipy.ndimage.zoom(w, 4, order=3), 4, id="cubic-x4"),
+        pytest.param(lambda w: scipy.ndimage.zoom(w, 3, order=1), 3, id="linear-x3"),
+        pytest.param(
+            lambda w: scipy.ndimage.zoom(w, 3, order=1, grid_mode=True, mode="nearest"), 3, id="linear-x3-grid"
+        ),
+        pytest.param(lambda w: scipy.ndimage.zoom(w, 4, order=1), 4, id="linear-x4"),
     ],
 )
 def test_the_step_reads_an_upscaling_and_no_sub_pixel_registration(how, step):
     """A registration that upscaled the frames (Siril's x2, a drizzle's grid) is read from the
     noise's correlations; no sub-pixel shift of a frame at its own scale, by a cubic spline or
-    linearly, is taken for one."""
+    linearly, is taken for one. (A linear upscaling by 3 or 4 has rows that are exactly the mean
+    of their neighbours, where the high-pass across the axis reads 0: it read no correlation,
+    or -3.8, before the high-pass took pixels 3 away there.)"""
     image = how(_white((300, 300), seed=5))[8:-8, 8:-8]
     assert noise_step(_correlation(image)) == step
 
