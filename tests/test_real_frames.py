@@ -650,14 +650,19 @@ def test_stargate_upscaled_by_three_finds_its_stars_not_its_hot_pixels(stargate_
     """The StarGate frames (uncalibrated: hot pixels) upscaled by 3, the reference too: each hot
     pixel became a blob of the zoom's kernel, and among the reference's 256-258 detections they
     read the FWHM (3.4 px with a cubic spline, 2.5 linearly, for stars of 12); 8 and 9 of the
-    9 targets were refused as unregistered. The point tests now take every 3rd pixel (the
+    9 targets were refused as unregistered (here five targets and the reference). The point tests now take every 3rd pixel (the
     frames' step, read from their noise; linearly since its rows exactly between captured
     ones no longer blind the correlations): every frame normalized, the reference's FWHM 3 times
     the frames' as they are, each transmission within 2 stated errors of theirs and each
     NWEIGHT over the squared transmission within 2 % of theirs."""
     import scipy.ndimage
 
+    # The reference and five targets: sg_0006 (on the plain aperture) and sg_0004 (the
+    # dimmest) among them.
+    kept = ("sg_0001", "sg_0004", "sg_0005", "sg_0006", "sg_0008", "sg_0010")
     for path in sorted(STARGATE.glob("*.fits.gz")):
+        if not path.name.startswith(kept):
+            continue
         with fits.open(path) as hdul:
             plane, header = np.asarray(hdul[0].data, np.float64), hdul[0].header.copy()
         held = scipy.ndimage.zoom((plane > 0).astype(np.uint8), 3, order=0) > 0
@@ -672,8 +677,9 @@ def test_stargate_upscaled_by_three_finds_its_stars_not_its_hot_pixels(stargate_
         reference=tmp_path / STARGATE_REFERENCE[: -len(".gz")],
         output_dir=tmp_path / "o",
     )
-    for as_read, x3 in zip(stargate_run.frames, run.frames):
-        assert Path(as_read.path).name.startswith(Path(x3.path).name)
+    assert len(run.frames) == len(kept)
+    for x3 in run.frames:
+        as_read = _ours(stargate_run, Path(x3.path).name + ".gz")
         if as_read.status == "reference":
             assert x3.fwhm == pytest.approx(3 * as_read.fwhm, rel=0.1)
             continue
