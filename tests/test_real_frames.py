@@ -609,6 +609,28 @@ def test_stargate_weights_of_equal_exposures_agree(stargate_noise, independent_p
     assert old.max() / old.min() > 1.5 and np.polyfit(np.log(s), np.log(old), 1)[0] < -2
 
 
+def _upscaled_copies(paths, directory: Path, factor: int, order: int = 3) -> list[Path]:
+    """The frames at ``paths`` as a registration that upscales by ``factor`` writes them (Siril's
+    x2, a drizzle's grid): every plane zoomed by a spline of ``order`` (SciPy, on the pixels'
+    areas), its negative lobes clamped at 0, the pixels without data in every channel kept so;
+    float32 FITS in ``directory``, each named as its frame without ``.gz``."""
+    import scipy.ndimage
+
+    written = []
+    for path in paths:
+        with fits.open(path) as hdul:
+            data, header = np.asarray(hdul[0].data, np.float64), hdul[0].header.copy()
+        planes = data if data.ndim == 3 else data[None]
+        held = np.repeat(np.repeat(np.any(planes > 0, axis=0), factor, axis=0), factor, axis=1)
+        zoomed = [scipy.ndimage.zoom(p, factor, order=order, grid_mode=True, mode="nearest") for p in planes]
+        out = np.where(held, np.clip(np.stack(zoomed), 0, None), 0).astype(np.float32)
+        for key in ("BZERO", "BSCALE"):
+            header.remove(key, ignore_missing=True)
+        written.append(directory / path.name.removesuffix(".gz"))
+        fits.PrimaryHDU(out if data.ndim == 3 else out[0], header=header).writeto(written[-1])
+    return written
+
+
 @needs_stargate
 def test_stargate_upscaled_by_its_registration_keeps_its_noise_ratios(stargate_run, stargate_noise, tmp_path):
     """The StarGate frames upscaled by 2 with a cubic spline (Siril's x2 registration, a
@@ -616,18 +638,10 @@ def test_stargate_upscaled_by_its_registration_keeps_its_noise_ratios(stargate_r
     where the weight's noise reads; read at the step (every 2nd pixel), every target's noise
     before scaling, relative to the reference's, is within 1.5 % of the frames' as they are;
     read at every pixel it follows each frame's sub-pixel shift again (up to 10 % low)."""
-    import scipy.ndimage
-
     from nsg_gpu.noise import multiscale_noise
 
-    for path in sorted(STARGATE.glob("*.fits.gz")):
-        planes = read_planes(path)[0].astype(np.float64)
-        zoomed = np.clip(scipy.ndimage.zoom(planes, 2, order=3), 0, None)
-        zoomed[scipy.ndimage.zoom((planes > 0).astype(np.uint8), 2, order=0) == 0] = 0
-        fits.PrimaryHDU(zoomed.astype(np.float32), header=fits.getheader(path)).writeto(tmp_path / path.name[:-3])
-    run = normalize(
-        sorted(tmp_path.glob("*.fits")), reference=tmp_path / STARGATE_REFERENCE[:-3], output_dir=tmp_path / "out"
-    )
+    paths = _upscaled_copies(sorted(STARGATE.glob("*.fits.gz")), tmp_path, 2)
+    run = normalize(paths, reference=tmp_path / STARGATE_REFERENCE[:-3], output_dir=tmp_path / "out")
     reference = next(f for f in run.frames if f.status == "reference")
     reference_pixels = multiscale_noise(read_planes(tmp_path / STARGATE_REFERENCE[:-3])[0].astype(np.float32))
     ours, every_pixel = [], []
@@ -655,28 +669,12 @@ def test_stargate_upscaled_by_three_finds_its_stars_not_its_hot_pixels(stargate_
     normalized, the reference's FWHM 3 times the frames' as they are, each transmission within
     2 stated errors of theirs and each NWEIGHT over the squared transmission within 2 % of
     theirs."""
-    import scipy.ndimage
-
     # The reference and five targets: sg_0006 (on the plain aperture) and sg_0004 (the
     # dimmest) among them.
     kept = ("sg_0001", "sg_0004", "sg_0005", "sg_0006", "sg_0008", "sg_0010")
-    for path in sorted(STARGATE.glob("*.fits.gz")):
-        if not path.name.startswith(kept):
-            continue
-        with fits.open(path) as hdul:
-            plane, header = np.asarray(hdul[0].data, np.float64), hdul[0].header.copy()
-        held = scipy.ndimage.zoom((plane > 0).astype(np.uint8), 3, order=0) > 0
-        zoomed = scipy.ndimage.zoom(plane, 3, order=1, grid_mode=True, mode="nearest")
-        for key in ("BZERO", "BSCALE"):
-            header.remove(key, ignore_missing=True)
-        fits.PrimaryHDU(np.where(held, np.clip(zoomed, 0, None), 0).astype(np.float32), header=header).writeto(
-            tmp_path / path.name[: -len(".gz")]
-        )
-    run = normalize(
-        sorted(tmp_path.glob("*.fits")),
-        reference=tmp_path / STARGATE_REFERENCE[: -len(".gz")],
-        output_dir=tmp_path / "o",
-    )
+    frames = [p for p in sorted(STARGATE.glob("*.fits.gz")) if p.name.startswith(kept)]
+    paths = _upscaled_copies(frames, tmp_path, 3, order=1)
+    run = normalize(paths, reference=tmp_path / STARGATE_REFERENCE[:-3], output_dir=tmp_path / "o")
     assert len(run.frames) == len(kept)
     for x3 in run.frames:
         as_read = _ours(stargate_run, Path(x3.path).name + ".gz")
@@ -697,22 +695,10 @@ def test_ngc7023_upscaled_by_its_registration_keeps_its_weights(real_run, tmp_pa
     noise is read at every 2nd pixel. Every target's NWEIGHT over its mean squared transmission
     is within 2 % of the frames' as they are (read at every pixel: 19-31 % high over the five
     targets; here 001 and 004)."""
-    import scipy.ndimage
-
     frames, run, _ = real_run
     # The reference, a 10 s target and a 20 s one (another night, turned by 121 degrees).
-    for path in (frames[0], frames[1], frames[4]):
-        with fits.open(path) as hdul:
-            planes, header = np.asarray(hdul[0].data, np.float64), hdul[0].header.copy()
-        held = np.repeat(np.repeat(np.any(planes > 0, axis=0), 2, axis=0), 2, axis=1)
-        zoomed = np.stack([scipy.ndimage.zoom(p, 2, order=3, grid_mode=True, mode="nearest") for p in planes])
-        zoomed = np.where(held, np.clip(zoomed, 0, None), 0).astype(np.float32)
-        for key in ("BZERO", "BSCALE"):
-            header.remove(key, ignore_missing=True)
-        fits.PrimaryHDU(zoomed, header=header).writeto(tmp_path / path.name[: -len(".gz")])
-    upscaled = normalize(
-        sorted(tmp_path.glob("*.fits")), reference=tmp_path / frames[0].name[: -len(".gz")], output_dir=tmp_path / "o"
-    )
+    paths = _upscaled_copies((frames[0], frames[1], frames[4]), tmp_path, 2)
+    upscaled = normalize(paths, reference=paths[0], output_dir=tmp_path / "o")
 
     def weight_over_light(result):
         return result.weight / float(np.mean(np.square(result.transmission)))
