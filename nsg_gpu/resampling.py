@@ -155,9 +155,8 @@ def _high_pass(band: np.ndarray, axis: int) -> np.ndarray:
     high = _across(band, axis, 1)
     finite = np.isfinite(high)
     if finite.any():
-        size = np.abs(high[finite])
-        flat = np.count_nonzero(size <= 1e-4 * float(np.percentile(size, 90)))
-        if flat > LINEAR_ROWS_SHARE * size.size:
+        low, high_end = np.percentile(np.abs(high[finite]), [100 * LINEAR_ROWS_SHARE, 90])
+        if low <= 1e-4 * high_end:
             high = _across(band, axis, WIDE_ACROSS)
             finite = np.isfinite(high)
     if not finite.any():
