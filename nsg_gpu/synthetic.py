@@ -478,10 +478,20 @@ class SyntheticField:
                 self._add_stars(out, star_x[index], star_y[index], self.star_flux[index], group_fwhm, beta, shape)
         return out.reshape(self.channels, h, w).astype(np.float32)
 
-    def _stamps(self, fwhm: float, beta: float, shape=(0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
+    def _stamps(self, fwhm: float, beta: float, shape=(0.0, 0.0), phases=None) -> tuple[np.ndarray, np.ndarray]:
         """Normalized Moffat stamps ``(phase_y, phase_x, s, s)`` for 16 x 16 sub-pixel phases;
         with ``bayer``, one set per channel ``(channels, phase_y, phase_x, s, s)``. ``shape``:
-        the ellipticity and angle of an elongated PSF (:meth:`_shape`)."""
+        the ellipticity and angle of an elongated PSF (:meth:`_shape`).
+
+        ``phases``, where given, is a pair of arrays ``(phase_y, phase_x)``: only those stamps
+        are made, ``(n, s, s)`` (with ``bayer`` ``(channels, n, s, s)``) in their order, each
+        the same to the bit as in the full table (a field-dependent PSF draws a few stars
+        with each of its many FWHMs)."""
+        if phases is None:
+            grid_y, grid_x = np.divmod(np.arange(256), 16)
+            stamps, off = self._stamps(fwhm, beta, shape, (grid_y, grid_x))
+            return stamps.reshape(*stamps.shape[:-3], 16, 16, *stamps.shape[-2:]), off
+        pick_y, pick_x = (np.asarray(p, np.int64) for p in phases)
         alpha = fwhm / (2 * math.sqrt(2 ** (1 / beta) - 1))
         ellipticity, angle = shape
         # r^2 = xx * dx^2 + 2 xy * dx dy + yy * dy^2: the axes scaled by 1 / sqrt(1 - e) along
@@ -499,13 +509,13 @@ class SyntheticField:
         if ellipticity:
             d = off[None, :] - phases[:, None]  # (phase, s)
             r2 = (
-                yy * (d * d)[:, None, :, None]
-                + xx * (d * d)[None, :, None, :]
-                + 2 * xy * d[:, None, :, None] * d[None, :, None, :]
+                yy * (d * d)[pick_y][:, :, None]
+                + xx * (d * d)[pick_x][:, None, :]
+                + 2 * xy * d[pick_y][:, :, None] * d[pick_x][:, None, :]
             )
         else:
             r2y = (off[None, :] - phases[:, None]) ** 2  # (phase, s)
-            r2 = r2y[:, None, :, None] + r2y[None, :, None, :]
+            r2 = r2y[pick_y][:, :, None] + r2y[pick_x][:, None, :]
         stamps = (1 + r2 / alpha**2) ** (-beta)
         bayer = self.spec.bayer and self.channels == 3
         planes = np.repeat(stamps[None], 3, axis=0) if bayer else None
@@ -522,27 +532,29 @@ class SyntheticField:
             inner = slice(radius - core, radius + core + 1)
             d = off[inner][None, :, None] - phases[:, None, None] + sub[None, None, :]  # (phase, s, n)
             d2 = d * d
-            for qy in range(16):
+            for qy in np.unique(pick_y):
+                rows = np.nonzero(pick_y == qy)[0]
+                qx = pick_x[rows]
                 if ellipticity:  # (phase_x, sy, sx, ny, nx)
                     r2 = (
                         yy * d2[qy][None, :, None, :, None]
-                        + xx * d2[:, None, :, None, :]
-                        + 2 * xy * d[qy][None, :, None, :, None] * d[:, None, :, None, :]
+                        + xx * d2[qx][:, None, :, None, :]
+                        + 2 * xy * d[qy][None, :, None, :, None] * d[qx][:, None, :, None, :]
                     )
                 else:
-                    r2 = d2[qy][None, :, None, :, None] + d2[:, None, :, None, :]
+                    r2 = d2[qy][None, :, None, :, None] + d2[qx][:, None, :, None, :]
                 profile = (1 + r2 / alpha**2) ** (-beta)
-                stamps[qy, :, inner, inner] = profile.mean(axis=(3, 4))
+                stamps[rows, inner, inner] = profile.mean(axis=(3, 4))
                 if bayer:
                     # RGGB: red the top-left photosite, green the other diagonal, blue the
                     # bottom-right; each reads its quarter of the cell, scaled to the cell.
                     top, bottom = profile[..., :half, :], profile[..., half:, :]
-                    planes[0, qy, :, inner, inner] = top[..., :half].mean(axis=(3, 4))
-                    planes[1, qy, :, inner, inner] = (
+                    planes[0, rows, inner, inner] = top[..., :half].mean(axis=(3, 4))
+                    planes[1, rows, inner, inner] = (
                         top[..., half:].mean(axis=(3, 4)) + bottom[..., :half].mean(axis=(3, 4))
                     ) / 2
-                    planes[2, qy, :, inner, inner] = bottom[..., half:].mean(axis=(3, 4))
-        total = stamps.sum(axis=(2, 3), keepdims=True)
+                    planes[2, rows, inner, inner] = bottom[..., half:].mean(axis=(3, 4))
+        total = stamps.sum(axis=(1, 2), keepdims=True)
         if bayer:
             # Normalized by the whole cells' light: a channel's share of a star then depends on
             # where the star falls within the cell (1 on average), as a real sensor's does.
@@ -551,16 +563,18 @@ class SyntheticField:
 
     def _add_stars(self, out, star_x, star_y, star_flux, fwhm: float, beta: float, shape=(0.0, 0.0)) -> None:
         h, w = self.spec.height, self.spec.width
-        stamps, off = self._stamps(fwhm, beta, shape)
         x0, qx = _pixel_and_phase(star_x)
         y0, qy = _pixel_and_phase(star_y)
+        # Only the phases these stars fall at: each star's stamp by its phase pair's index.
+        used, which = np.unique(qy * 16 + qx, return_inverse=True)
+        stamps, off = self._stamps(fwhm, beta, shape, np.divmod(used, 16))
         for chunk in np.array_split(np.arange(star_x.size), max(1, star_x.size // 400)):
             px = x0[chunk, None, None] + off[None, None, :]
             py = y0[chunk, None, None] + off[None, :, None]
             inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
             flat = (py * w + px)[inside]
             for c in range(self.channels):
-                profile = stamps[c][qy[chunk], qx[chunk]] if stamps.ndim == 5 else stamps[qy[chunk], qx[chunk]]
+                profile = stamps[c][which[chunk]] if stamps.ndim == 4 else stamps[which[chunk]]
                 vals = (profile * star_flux[chunk, c][:, None, None].astype(np.float32))[inside]
                 out[c] += np.bincount(flat, weights=vals, minlength=h * w)
 
