@@ -1346,7 +1346,7 @@ def single_pixel_advantage(
         ):
             if full.any():
                 projections = flat[full] @ (centred if level else templates)
-                best[full], chosen[full] = projections.max(axis=1), projections.argmax(axis=1)
+                best[full], chosen[full] = _row_best(projections)
             # Windows with pixels left out: each template cut to the rest and normalized
             # again, a few windows at a time (the norms from the templates' squares).
             cut = np.nonzero(~full)[0]
@@ -1364,7 +1364,7 @@ def single_pixel_advantage(
                 else:
                     norm = np.sqrt(kept @ squares)
                     projections = values @ templates / np.where(norm > 0, norm, np.inf)
-                best[rows], chosen[rows] = projections.max(axis=1), projections.argmax(axis=1)
+                best[rows], chosen[rows] = _row_best(projections)
         # Both grids refined around their best: at a signal-to-noise of hundreds a grid's
         # step alone misfits a hot pixel or a star by more than the two differ.
         # The refined templates are outer products of unit profiles: a full window's
@@ -1383,6 +1383,12 @@ def single_pixel_advantage(
                     best[i] = max(best[i], float(fine.max()))
     best_point, best_star = np.maximum(best_point, 0), np.maximum(best_star, 0)
     return (best_point**2 - best_star**2) / pixel_sigma**2
+
+
+def _row_best(projections: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's largest value and its first column, in one pass over the rows."""
+    chosen = projections.argmax(axis=1)
+    return np.take_along_axis(projections, chosen[:, None], axis=1)[:, 0], chosen
 
 
 #: Windows with pixels left out whose projections are made together (each a row of as many
