@@ -1344,9 +1344,16 @@ def single_pixel_advantage(
             (best_point, chosen_point, point, point_squares, levelled[0]),
             (best_star, chosen_star, star, star_squares, levelled[1]),
         ):
-            if full.any():
-                projections = flat[full] @ (centred if level else templates)
-                best[full], chosen[full] = _row_best(projections)
+            # Full windows a few at a time into one buffer: every window's projections on
+            # tens of thousands of templates at once would be a fresh array of hundreds of
+            # megabytes, which costs more to fill than the products themselves.
+            whole = np.nonzero(full)[0]
+            matrix = centred if level else templates
+            buffer = np.empty((min(whole.size, _FULL_WINDOWS_AT_ONCE), matrix.shape[1]))
+            for start in range(0, whole.size, _FULL_WINDOWS_AT_ONCE):
+                rows = whole[start : start + _FULL_WINDOWS_AT_ONCE]
+                projections = np.matmul(flat[rows], matrix, out=buffer[: rows.size])
+                best[rows], chosen[rows] = _row_best(projections)
             # Windows with pixels left out: each template cut to the rest and normalized
             # again, a few windows at a time (the norms from the templates' squares).
             cut = np.nonzero(~full)[0]
@@ -1390,6 +1397,9 @@ def _row_best(projections: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     chosen = projections.argmax(axis=1)
     return np.take_along_axis(projections, chosen[:, None], axis=1)[:, 0], chosen
 
+
+#: Full windows whose projections are made together (a quarter to a half megabyte each).
+_FULL_WINDOWS_AT_ONCE = 32
 
 #: Windows with pixels left out whose projections are made together (each a row of as many
 #: values as there are templates, up to 70000: half a megabyte a window).
