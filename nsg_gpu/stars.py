@@ -68,6 +68,10 @@ SHARPNESS_CAP = 1.0
 #: noise sigmas above their surroundings; where fewer than five do, from the five brightest
 #: above SPARSE_FWHM_PEAK_SNR that are no broader than stars (SPARSE_FWHM_COMPACT).
 FWHM_PEAK_SNR = 30.0
+#: ... from five of them at least, or from this many where the frame's saturated stars make
+#: up the five (the brightest stars of a sparse field of stars under a pixel); with fewer the
+#: filter's guess stays.
+MIN_FWHM_READINGS = 2
 #: The noise above which the stars that read the FWHM stand is the matched image's (scaled to
 #: a pixel), at most this many times the pixels' own.
 FWHM_NOISE_CAP = 2.0
@@ -682,7 +686,7 @@ def detect_stars(
     detections that are single pixels seen through an interpolation are left out
     (:func:`single_pixel_advantage`); on a colour frame, those whose light is in one channel
     (:func:`one_channel`: a colour sensor's hot pixel is one photosite). Once the frame's FWHM
-    is read from five stars or more, on any frame, the detections that peak at
+    is read (from five stars or more, or fewer beside saturated ones: :data:`MIN_FWHM_READINGS`), on any frame, the detections that peak at
     :data:`FAINT_POINT_SNR` pixel sigmas or more are judged so again against stars of at
     least :data:`STAR_FWHM_SHARE` of it, where that is broader than
     :data:`POINT_TEST_FWHM`'s narrowest. On a frame a registration upscaled by k (its noise's
@@ -930,7 +934,7 @@ def _detect_once(
     # registration spread over two pixels can peak as high as a star, with a fraction of its
     # flux) unsaturated detections that stand out of the noise enough to show their width,
     # among those no broader than stars (_compact: a nebula's knots outshine faint stars in
-    # flux; a guess kept for want of five stars sizes every aperture and filter after it). The noise
+    # flux; a guess kept for want of stars sizes every aperture and filter after it). The noise
     # they stand above is the matched image's (which also holds what the filter keeps of the
     # nebula and of faint stars: 1.05-1.9 times the pixels' own on the generator's fields), at
     # most FWHM_NOISE_CAP times the pixels' own: on broad stars over a nebula it was 5 times
@@ -946,11 +950,18 @@ def _detect_once(
     if bright.size < 5:
         shown = np.nonzero(readable & (peak_residual > SPARSE_FWHM_PEAK_SNR * reading_noise))[0]
         bright = shown[_compact(peak_residual[shown], flux[shown], fwhm)][:5]
+    # Fewer readings will do where saturated stars make up the five: on a sparse field of
+    # stars under a pixel whose brightest are saturated, two or three are unsaturated, and the
+    # 3 px guess kept for want of five made apertures of 10 px that held the raw frames' hot
+    # pixels rather than the stars' light. (Without saturated stars, a few readings among
+    # hundreds of a registration's spread hot pixels stay unread, as they were.)
+    saturated = int(np.count_nonzero(~unsaturated & ~trail & ~by_point))
     measured, read = fwhm, False
-    if bright.size >= 5:
+    if bright.size >= MIN_FWHM_READINGS and bright.size + saturated >= 5:
         values = _readings(be, image, background, cx, cy, bright, half=max(4, int(math.ceil(3 * fwhm))))
         usable = np.isfinite(values) & (values > 0.8)
-        if usable.sum() >= 5:
+        readings = int(usable.sum())
+        if readings >= MIN_FWHM_READINGS and readings + saturated >= 5:
             measured, read = typical_fwhm(values[usable], flux[bright][usable]), True
     fwhms = _star_test_fwhms(measured / upscaled)
     if read and fwhms[0] > POINT_TEST_FWHM[0]:
