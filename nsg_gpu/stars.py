@@ -686,7 +686,8 @@ def detect_stars(
     detections that are single pixels seen through an interpolation are left out
     (:func:`single_pixel_advantage`); on a colour frame, those whose light is in one channel
     (:func:`one_channel`: a colour sensor's hot pixel is one photosite). Once the frame's FWHM
-    is read (from five stars or more, or fewer beside saturated ones: :data:`MIN_FWHM_READINGS`), on any frame, the detections that peak at
+    is read (from five stars or more, or fewer beside saturated ones:
+    :data:`MIN_FWHM_READINGS`), on any frame, the detections that peak at
     :data:`FAINT_POINT_SNR` pixel sigmas or more are judged so again against stars of at
     least :data:`STAR_FWHM_SHARE` of it, where that is broader than
     :data:`POINT_TEST_FWHM`'s narrowest. On a frame a registration upscaled by k (its noise's

@@ -478,20 +478,20 @@ class SyntheticField:
                 self._add_stars(out, star_x[index], star_y[index], self.star_flux[index], group_fwhm, beta, shape)
         return out.reshape(self.channels, h, w).astype(np.float32)
 
-    def _stamps(self, fwhm: float, beta: float, shape=(0.0, 0.0), phases=None) -> tuple[np.ndarray, np.ndarray]:
+    def _stamps(self, fwhm: float, beta: float, shape=(0.0, 0.0), wanted=None) -> tuple[np.ndarray, np.ndarray]:
         """Normalized Moffat stamps ``(phase_y, phase_x, s, s)`` for 16 x 16 sub-pixel phases;
         with ``bayer``, one set per channel ``(channels, phase_y, phase_x, s, s)``. ``shape``:
         the ellipticity and angle of an elongated PSF (:meth:`_shape`).
 
-        ``phases``, where given, is a pair of arrays ``(phase_y, phase_x)``: only those stamps
+        ``wanted``, where given, is a pair of arrays ``(phase_y, phase_x)``: only those stamps
         are made, ``(n, s, s)`` (with ``bayer`` ``(channels, n, s, s)``) in their order, each
         the same to the bit as in the full table (a field-dependent PSF draws a few stars
         with each of its many FWHMs)."""
-        if phases is None:
+        if wanted is None:
             grid_y, grid_x = np.divmod(np.arange(256), 16)
             stamps, off = self._stamps(fwhm, beta, shape, (grid_y, grid_x))
             return stamps.reshape(*stamps.shape[:-3], 16, 16, *stamps.shape[-2:]), off
-        pick_y, pick_x = (np.asarray(p, np.int64) for p in phases)
+        pick_y, pick_x = (np.asarray(p, np.int64) for p in wanted)
         alpha = fwhm / (2 * math.sqrt(2 ** (1 / beta) - 1))
         ellipticity, angle = shape
         # r^2 = xx * dx^2 + 2 xy * dx dy + yy * dy^2: the axes scaled by 1 / sqrt(1 - e) along
