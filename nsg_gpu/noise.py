@@ -340,11 +340,12 @@ def noise_step(correlation, *, colour: bool = False) -> int:
     lag1 = np.asarray(correlation, float)[:, 0]
     if not np.all(np.isfinite(lag1)):
         return 1
+    least = float(lag1.min())
     if colour:
         lag3 = np.asarray(correlation, float)[:, 2]
-        lobed = float(lag1.min()) >= COLOUR_UPSCALED_LOBED and float(lag3.max()) <= UPSCALED_LOBE
-        return 2 if float(lag1.min()) >= COLOUR_UPSCALED_CORRELATION or lobed else 1
-    return 1 + int(np.count_nonzero(float(lag1.min()) >= np.asarray(UPSCALED_CORRELATIONS)))
+        lobed = least >= COLOUR_UPSCALED_LOBED and float(lag3.max()) <= UPSCALED_LOBE
+        return 2 if least >= COLOUR_UPSCALED_CORRELATION or lobed else 1
+    return 1 + int(np.count_nonzero(least >= np.asarray(UPSCALED_CORRELATIONS)))
 
 
 def multiscale_noise(

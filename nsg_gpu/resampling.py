@@ -136,11 +136,12 @@ CLIP_SIGMA = 3.0
 CLIP_GROWTH = 2
 
 
-#: Where more than this share of the high-passed pixels are 0 (to a ten-thousandth of the
-#: largest tenth's), the pixels across the axis were interpolated linearly between captured
+#: Where more than this share of the high-passed pixels are 0 (to :data:`LINEAR_ROWS_ZERO` of
+#: the largest tenth's), the pixels across the axis were interpolated linearly between captured
 #: ones (a linear upscaling by 2, 3 or 4 on the captured grid makes one in two, two in three,
 #: three in four such rows), and the high-pass takes the pixels :data:`WIDE_ACROSS` away.
 LINEAR_ROWS_SHARE = 0.25
+LINEAR_ROWS_ZERO = 1e-4
 WIDE_ACROSS = 3
 
 
@@ -156,7 +157,7 @@ def _high_pass(band: np.ndarray, axis: int) -> np.ndarray:
     finite = np.isfinite(high)
     if finite.any():
         low, high_end = np.percentile(np.abs(high[finite]), [100 * LINEAR_ROWS_SHARE, 90])
-        if low <= 1e-4 * high_end:
+        if low <= LINEAR_ROWS_ZERO * high_end:
             high = _across(band, axis, WIDE_ACROSS)
             finite = np.isfinite(high)
     if not finite.any():

@@ -957,12 +957,15 @@ def _detect_once(
     # pixels rather than the stars' light. (Without saturated stars, a few readings among
     # hundreds of a registration's spread hot pixels stay unread, as they were.)
     saturated = int(np.count_nonzero(~unsaturated & ~trail & ~by_point))
+
+    def enough(readings: int) -> bool:
+        return readings >= MIN_FWHM_READINGS and readings + saturated >= 5
+
     measured, read = fwhm, False
-    if bright.size >= MIN_FWHM_READINGS and bright.size + saturated >= 5:
+    if enough(bright.size):
         values = _readings(be, image, background, cx, cy, bright, half=max(4, int(math.ceil(3 * fwhm))))
         usable = np.isfinite(values) & (values > 0.8)
-        readings = int(usable.sum())
-        if readings >= MIN_FWHM_READINGS and readings + saturated >= 5:
+        if enough(int(usable.sum())):
             measured, read = typical_fwhm(values[usable], flux[bright][usable]), True
     fwhms = _star_test_fwhms(measured / upscaled)
     if read and fwhms[0] > POINT_TEST_FWHM[0]:
