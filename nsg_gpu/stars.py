@@ -1389,20 +1389,16 @@ def single_pixel_advantage(
                 best[rows], chosen[rows] = _row_best(projections)
         # Both grids refined around their best: at a signal-to-noise of hundreds a grid's
         # step alone misfits a hot pixel or a star by more than the two differ.
-        # The refined templates are outer products of unit profiles: a full window's
-        # projections on them are two small products.
-        for i in range(len(flat)):
-            window = flat[i].reshape(5, 5)
-            for best, chosen, refined in (
-                (best_point, chosen_point, _refined_points),
-                (best_star, chosen_star, functools.partial(_refined_stars, fwhms=fwhms)),
-            ):
-                for rows_y, rows_x in refined(int(chosen[i])):
-                    if full[i] and not level:
-                        fine = rows_y @ window @ rows_x.T
-                    else:
-                        fine = _cut_projections(flat[i, keep[i]], _unit_outer(rows_y, rows_x)[keep[i]], level)
-                    best[i] = max(best[i], float(fine.max()))
+        for best, chosen, refined in (
+            (best_point, chosen_point, _refined_points),
+            (best_star, chosen_star, functools.partial(_refined_stars, fwhms=fwhms)),
+        ):
+            pairs = [(i, rows) for i in range(len(flat)) for rows in refined(int(chosen[i]))]
+            if pairs:
+                owner = np.array([i for i, _ in pairs])
+                rows_y, rows_x = (np.stack([rows[axis] for _, rows in pairs]) for axis in (0, 1))
+                fine = _refined_best(flat[owner], keep[owner], full[owner] & (not level), rows_y, rows_x, level)
+                np.maximum.at(best, owner, fine)
     best_point, best_star = np.maximum(best_point, 0), np.maximum(best_star, 0)
     return (best_point**2 - best_star**2) / pixel_sigma**2
 
@@ -1421,14 +1417,59 @@ _FULL_WINDOWS_AT_ONCE = 32
 _CUT_WINDOWS_AT_ONCE = 16
 
 
-def _cut_projections(values: np.ndarray, templates: np.ndarray, level: bool = False) -> np.ndarray:
-    """The projections of ``values`` on the columns of ``templates`` cut to the same pixels,
-    each column normalized again (with ``level``, less its mean first); columns with no
-    weight left give 0."""
+def _refined_best(flat, keep, whole, rows_y, rows_x, level: bool) -> np.ndarray:
+    """The largest projection of each window ``flat`` ``(n, 25)`` (its kept pixels ``keep``)
+    on the outer products of its pair of unit profiles ``rows_y``, ``rows_x`` ``(n, 21, 5)``:
+    the refined templates around a window's best. Windows ``whole`` (every pixel kept, no
+    level) take them as two small products; the others cut to their kept pixels
+    (:func:`_outer_projections`). ``(n,)``."""
+    fine = np.empty(len(flat))
+    for start in range(0, len(flat), _REFINED_AT_ONCE):
+        part = slice(start, start + _REFINED_AT_ONCE)
+        plain = start + np.nonzero(whole[part])[0]
+        rest = start + np.nonzero(~whole[part])[0]
+        if plain.size:
+            fine[plain] = _bilinear(rows_y[plain], flat[plain], rows_x[plain]).max(axis=(1, 2))
+        if rest.size:
+            projections = _outer_projections(flat[rest], keep[rest], rows_y[rest], rows_x[rest], level)
+            fine[rest] = projections.max(axis=(1, 2))
+    return fine
+
+
+#: Windows' refined templates taken together (441 values a window in each of a few arrays:
+#: a few megabytes).
+_REFINED_AT_ONCE = 1024
+
+
+def _bilinear(rows_y: np.ndarray, windows: np.ndarray, rows_x: np.ndarray) -> np.ndarray:
+    """``rows_y @ window @ rows_x.T`` for each window ``(n, 25)`` and its profiles ``(n, a, 5)``,
+    ``(n, b, 5)``: the window's sums over the outer products of every pair of rows,
+    ``(n, a, b)``."""
+    return np.matmul(np.matmul(rows_y, windows.reshape(-1, 5, 5)), np.swapaxes(rows_x, 1, 2))
+
+
+def _outer_projections(values, keep, rows_y, rows_x, level: bool = False) -> np.ndarray:
+    """The projections of each window's ``values`` ``(n, 25)`` on the outer products of every
+    row of its ``rows_y`` ``(n, a, 5)`` and one of its ``rows_x`` ``(n, b, 5)``, each template
+    cut to the window's ``keep`` pixels and normalized again (with ``level``, less its mean
+    over them first); templates with no weight left give 0. ``(n, a, b)``.
+
+    A template's sums over the kept pixels are bilinear forms of its profiles, so each is two
+    small products: its sum with the values, its square sum (the profiles squared) and, for
+    the level, its plain sum."""
+    kept = np.asarray(keep, np.float64)
+    values = np.where(keep, values, 0.0)
+    dot = _bilinear(rows_y, values, rows_x)
+    norm2 = _bilinear(rows_y**2, kept, rows_x**2)
+    floor = 0.0
     if level:
-        return values @ _centred(templates)
-    norm = np.linalg.norm(templates, axis=0)
-    return (values @ templates) / np.where(norm > 0, norm, np.inf)
+        count = np.maximum(kept.sum(axis=1), 1.0)[:, None, None]
+        sums = _bilinear(rows_y, kept, rows_x)
+        norm2 = norm2 - sums * sums / count
+        dot = dot - sums * values.sum(axis=1)[:, None, None] / count
+        floor = 1e-12
+    norm = np.sqrt(np.maximum(norm2, 0.0))
+    return dot / np.where(norm > floor, norm, np.inf)
 
 
 def _centred(templates: np.ndarray) -> np.ndarray:

@@ -421,19 +421,26 @@ def test_a_warm_pixel_on_a_nebulas_level_is_a_point_with_a_level_of_its_own():
 def test_a_projection_with_a_level_is_the_least_squares_fit_with_a_level():
     """The square of a window's projection on a template less its mean over the kept pixels
     (normalized again) is what a least-squares fit of that template and a level takes off
-    the chi-square beyond the level alone: the point test's fits with a level of their own."""
-    from nsg_gpu.stars import _cut_projections
+    the chi-square beyond the level alone; without the level, what the template alone takes
+    off: the point test's refined fits, each template the outer product of two profiles."""
+    from nsg_gpu.stars import _outer_projections
 
     rng = np.random.default_rng(2)
-    templates, values = rng.normal(size=(25, 6)), rng.normal(size=25) + 3.0
-    keep = np.ones(25, bool)
-    keep[[3, 17]] = False
-    projections = _cut_projections(values[keep], templates[keep], level=True)
-    alone = np.sum((values[keep] - values[keep].mean()) ** 2)
-    for j in range(templates.shape[1]):
-        design = np.column_stack([templates[keep, j], np.ones(keep.sum())])
-        fitted = design @ np.linalg.lstsq(design, values[keep], rcond=None)[0]
-        assert projections[j] ** 2 == pytest.approx(alone - np.sum((values[keep] - fitted) ** 2), rel=1e-9)
+    rows_y, rows_x = rng.normal(size=(1, 3, 5)), rng.normal(size=(1, 4, 5))
+    values = rng.normal(size=(1, 25)) + 3.0
+    keep = np.ones((1, 25), bool)
+    keep[0, [3, 17]] = False
+    kept = values[0, keep[0]]
+    for level in (True, False):
+        projections = _outer_projections(values, keep, rows_y, rows_x, level=level)[0]
+        assert projections.shape == (3, 4)
+        alone = np.sum((kept - kept.mean()) ** 2) if level else np.sum(kept**2)
+        for a in range(3):
+            for b in range(4):
+                template = np.outer(rows_y[0, a], rows_x[0, b]).ravel()[keep[0]]
+                design = np.column_stack([template, np.ones(kept.size)]) if level else template[:, None]
+                fitted = design @ np.linalg.lstsq(design, kept, rcond=None)[0]
+                assert projections[a, b] ** 2 == pytest.approx(alone - np.sum((kept - fitted) ** 2), rel=1e-9)
 
 
 #: Stars of 1.5-2.5 px before the pixels, targets registered (as in test_scale.py).
