@@ -1376,16 +1376,13 @@ def single_pixel_advantage(
                 rows = cut[start : start + _CUT_WINDOWS_AT_ONCE]
                 kept = keep[rows].astype(np.float64)
                 values = np.where(keep[rows], flat[rows], 0.0)
+                dot, square_sums = values @ templates, kept @ squares
                 if level:
-                    # Less the template's mean over the kept pixels, times the values' sum.
                     count = np.maximum(kept.sum(axis=1, keepdims=True), 1.0)
-                    sums = kept @ templates
-                    norm = np.sqrt(np.maximum(kept @ squares - sums * sums / count, 0.0))
-                    centred = values @ templates - sums * values.sum(axis=1, keepdims=True) / count
-                    projections = centred / np.where(norm > 1e-12, norm, np.inf)
+                    level_sums = (kept @ templates, values.sum(axis=1, keepdims=True), count)
+                    projections = _kept_projections(dot, square_sums, *level_sums)
                 else:
-                    norm = np.sqrt(kept @ squares)
-                    projections = values @ templates / np.where(norm > 0, norm, np.inf)
+                    projections = _kept_projections(dot, square_sums)
                 best[rows], chosen[rows] = _row_best(projections)
         # Both grids refined around their best: at a signal-to-noise of hundreds a grid's
         # step alone misfits a hot pixel or a star by more than the two differ.
@@ -1459,16 +1456,26 @@ def _outer_projections(values, keep, rows_y, rows_x, level: bool = False) -> np.
     the level, its plain sum."""
     kept = np.asarray(keep, np.float64)
     values = np.where(keep, values, 0.0)
-    dot = _bilinear(rows_y, values, rows_x)
-    norm2 = _bilinear(rows_y**2, kept, rows_x**2)
-    floor = 0.0
+    dot, square_sums = _bilinear(rows_y, values, rows_x), _bilinear(rows_y**2, kept, rows_x**2)
     if level:
         count = np.maximum(kept.sum(axis=1), 1.0)[:, None, None]
-        sums = _bilinear(rows_y, kept, rows_x)
-        norm2 = norm2 - sums * sums / count
-        dot = dot - sums * values.sum(axis=1)[:, None, None] / count
+        level_sums = (_bilinear(rows_y, kept, rows_x), values.sum(axis=1)[:, None, None], count)
+        return _kept_projections(dot, square_sums, *level_sums)
+    return _kept_projections(dot, square_sums)
+
+
+def _kept_projections(dot, square_sums, sums=None, value_sums=None, count=None) -> np.ndarray:
+    """Projections of windows on templates cut to each window's kept pixels and normalized
+    again, from the templates' sums there: ``dot`` with the window's values and
+    ``square_sums`` of their squares; with a level (``sums`` of the templates, ``value_sums``
+    of the values, ``count`` kept pixels, all broadcast alike), each template less its mean
+    over the kept pixels first. Templates with no weight left give 0."""
+    floor = 0.0
+    if sums is not None:
+        square_sums = square_sums - sums * sums / count
+        dot = dot - sums * value_sums / count
         floor = 1e-12
-    norm = np.sqrt(np.maximum(norm2, 0.0))
+    norm = np.sqrt(np.maximum(square_sums, 0.0))
     return dot / np.where(norm > floor, norm, np.inf)
 
 
