@@ -10,8 +10,8 @@
 //       For every pixel the samples with data are sorted by (value, frame) into the scratch
 //       columns sorted[j * n_pixels + p], order[j * n_pixels + p] (j < n, n = the coverage),
 //       the method (0 none, 1 percentile, 2 sigma, 3 winsorized sigma, 4 generalized ESD,
-//       5 linear fit; 6 auto: by n, NSG's rule: none up to 2, percentile below 8, sigma up to 10,
-//       winsorized below 20, ESD from 20) rejects some of them with its thresholds
+//       5 linear fit, 6 noise; 7 auto: by n: none up to 2, noise below 8, then NSG's rule:
+//       sigma up to 10, winsorized below 20, ESD from 20) rejects some of them with its thresholds
 //       thresholds[2 * method] (low) and thresholds[2 * method + 1] (high), and
 //       master[p]     = sum(w_i * x_i) / sum(w_i) over the kept samples (float32 of the double
 //                       quotient; 0 without data), summed in frame order;
@@ -19,7 +19,9 @@
 //       flags[i * n_pixels + p] = 1 (rejected low), 2 (rejected high), else 0, for every frame.
 //       esd_lambda[n * esd_stride + i] is the ESD critical value for n samples and test i
 //       (rows 0 .. n_frames); work is (n_frames, n_pixels) double scratch, used by the linear
-//       fit only (null otherwise). Every output item is written.
+//       fit only (null otherwise). peak[p] and noise[p] (float32) are the pixel's peak and
+//       noise for noise clipping, with signal_share (null when no pixel is noise-clipped).
+//       Every output item is written.
 //   All statistics are in double with explicitly rounded products and sums (no FMA
 //   contraction), in the twin's order, so the kernel equals its twin bit for bit.
 #include "common.cuh"
@@ -30,7 +32,8 @@
 #define METHOD_WINSORIZED 3
 #define METHOD_ESD 4
 #define METHOD_LINEAR 5
-#define METHOD_AUTO 6
+#define METHOD_NOISE 6
+#define METHOD_AUTO 7
 
 // Iteration caps; the twin has the same (nsg_gpu.combine.HUBER_ITERATIONS, LAD_STEPS).
 #define HUBER_ITERATIONS 100
@@ -251,7 +254,8 @@ extern "C" __global__ void reject_combine_f32(const float* __restrict__ values, 
                                               double cutoff,
                                               const double* __restrict__ esd_lambda, index_t esd_stride,
                                               double esd_outliers, double esd_low_relaxation,
-                                              float* __restrict__ sorted, int* __restrict__ order,
+                                              const float* __restrict__ peak, const float* __restrict__ noise,
+                                              double signal_share, float* __restrict__ sorted, int* __restrict__ order,
                                               double* __restrict__ work, float* __restrict__ master,
                                               int* __restrict__ coverage, int* __restrict__ low_count,
                                               int* __restrict__ high_count, unsigned char* __restrict__ flags) {
@@ -273,12 +277,18 @@ extern "C" __global__ void reject_combine_f32(const float* __restrict__ values, 
         int use = method;
         if (use == METHOD_AUTO)
             use = n <= 2 ? METHOD_NONE
-                         : (n < 8 ? METHOD_PERCENTILE
+                         : (n < 8 ? METHOD_NOISE
                                   : (n <= 10 ? METHOD_SIGMA : (n < 20 ? METHOD_WINSORIZED : METHOD_ESD)));
         const double low = thresholds[2 * use], high = thresholds[2 * use + 1];
         if (use == METHOD_PERCENTILE && n >= 2) {
             const double m = median_of(c, 0, n);
             if (1.0 + m != 1.0) clip_ends(c, &lo, &hi, m, m, low, high, clip_low, clip_high);
+        } else if (use == METHOD_NOISE && n >= 3) {
+            const double m = median_of(c, 0, n);
+            const double spread = mul(signal_share, (double)peak[p]);
+            const double sd = (double)noise[p];
+            const double scale = sqrt(__dadd_rn(mul(sd, sd), mul(spread, spread)));
+            if (1.0 + scale != 1.0) clip_ends(c, &lo, &hi, m, scale, low, high, clip_low, clip_high);
         } else if ((use == METHOD_SIGMA || use == METHOD_WINSORIZED) && n >= 3) {
             for (int it = 0;; ++it) {
                 double centre, scale;

@@ -263,6 +263,7 @@ class RejectionMethod(str, enum.Enum):
     winsorized = "winsorized"
     esd = "esd"
     linear = "linear"
+    noise = "noise"
 
 
 class Maps(str, enum.Enum):
@@ -294,21 +295,22 @@ def stack(
     rejection: Annotated[
         RejectionMethod,
         typer.Option(
-            help="Pixel rejection; auto applies NSG's rule by frame count to the frames with data at each "
-            "pixel: percentile clipping below 8 frames, sigma clipping to 10, winsorized sigma clipping to 19, "
-            "generalized ESD from 20 (none for 1-2 frames)."
+            help="Pixel rejection; auto goes by the frames with data at each pixel: noise clipping (against the "
+            "sky's noise and a share of each pixel's peak, so stars keep their light) below 8 frames, then NSG's "
+            "rule: sigma clipping to 10, winsorized sigma clipping to 19, generalized ESD from 20 (none for 1-2 "
+            "frames)."
         ),
     ] = RejectionMethod.auto,
     low: Annotated[
         Optional[float],
         typer.Option(
             help="Low threshold of the chosen --rejection: a fraction of the median for percentile, sigmas for "
-            "sigma, winsorized and linear. [default: 0.2, 3.5, 3.5, 5]"
+            "sigma, winsorized, linear and noise. [default: 0.2, 3.5, 3.5, 5, 4]"
         ),
     ] = None,
     high: Annotated[
         Optional[float],
-        typer.Option(help="High threshold of the chosen --rejection (as --low). [default: 0.1, 2.5, 2.2, 4]"),
+        typer.Option(help="High threshold of the chosen --rejection (as --low). [default: 0.1, 2.5, 2.2, 4, 3]"),
     ] = None,
     clip_low: Annotated[bool, typer.Option("--clip-low/--no-clip-low", help="Reject low samples at all.")] = True,
     clip_high: Annotated[bool, typer.Option("--clip-high/--no-clip-high", help="Reject high samples at all.")] = True,
@@ -323,6 +325,13 @@ def stack(
     esd_low_relaxation: Annotated[
         float, typer.Option(help="Generalized ESD: low deviations are divided by this (1: symmetric).")
     ] = 1.0,
+    signal_share: Annotated[
+        float,
+        typer.Option(
+            help="Noise clipping: the share of each pixel's peak (its median over the frames above its row's at "
+            "3 px) by which frames may differ there; 0 clips against the sky's noise alone."
+        ),
+    ] = 1.5,
     memory: Annotated[
         Optional[str],
         typer.Option(
@@ -380,6 +389,7 @@ def stack(
         esd_alpha=esd_alpha,
         esd_outliers=esd_outliers,
         esd_low_relaxation=esd_low_relaxation,
+        signal_share=signal_share,
     )
     chosen = select_backend(backend)
     report_page = _stack_report_page(inputs, output) if html_report else False

@@ -45,7 +45,7 @@ class BandResult:
     frame_high: Any  # int64 (n_frames,)
 
 
-def reject_combine(values, weights, rejection: Rejection, *, launcher=None) -> BandResult:
+def reject_combine(values, weights, rejection: Rejection, *, peak=None, noise=None, launcher=None) -> BandResult:
     """Reject outlying samples and average the rest, pixel by pixel.
 
     Parameters
@@ -59,6 +59,11 @@ def reject_combine(values, weights, rejection: Rejection, *, launcher=None) -> B
 
     rejection : Rejection
         Resolved settings (:meth:`Rejection.resolve`).
+
+    peak, noise : float32 arrays (n_pixels,), optional
+        How far each pixel's median stands above its row's at 3 pixels on either side
+        (:func:`peak_excess`) and the sky's noise there (:meth:`NoiseMap.band`): needed where
+        noise clipping runs (:meth:`Rejection.needs_noise`). On the backend of ``values``.
 
     launcher : optional
         Runs the ``reject_combine_f32`` kernel (:data:`nsg_gpu.kernels.DEVICE`, or the
@@ -102,6 +107,13 @@ def reject_combine(values, weights, rejection: Rejection, *, launcher=None) -> B
       and a sample is rejected when its distance below (above) the line is at least
       ``low`` (``high``) times ``s``; repeated on the ranks of the remaining samples until
       nothing is rejected or fewer than 3 remain.
+    - ``noise`` (``n >= 3``): one pass, ``c`` the median and
+      ``s = sqrt(noise^2 + (signal_share * peak)^2)`` from the pixel's noise and peak (IRAF
+      imcombine's ``ccdclip``, with the sky's measured noise for the CCD's and its
+      sensitivity noise on what stands out at a star's scale only): a sample is an outlier
+      against the noise the frames share, not against the others' scatter, so one outlier
+      among 3 can go, and a star, whose pixels differ between frames with the seeing and
+      where each frame caught it, keeps its light (skipped where ``1 + s == 1``).
 
     A side with ``clip_low`` (``clip_high``) off is never rejected.
     """
@@ -113,10 +125,22 @@ def reject_combine(values, weights, rejection: Rejection, *, launcher=None) -> B
         raise ValueError(f"{weights.size} weights for {n_frames} frames")
     if rejection.method not in METHOD_CODES or (rejection.method in THRESHOLDS and rejection.low is None):
         raise ValueError("resolve the rejection settings first (Rejection.resolve)")
+    if rejection.needs_noise(n_frames):
+        if peak is None or noise is None:
+            raise ValueError(f"{rejection.describe()}: give the peak and noise of every pixel")
+        if len(peak) != n_pixels or len(noise) != n_pixels:
+            raise ValueError(f"peak and noise of {len(peak)} and {len(noise)} pixels for {n_pixels}")
+    else:
+        peak = noise = None
     if launcher is None:
-        return _reject_combine_twin(np.asarray(values, np.float32), weights, rejection)
+        if peak is not None:
+            peak, noise = np.asarray(peak, np.float32), np.asarray(noise, np.float32)
+        return _reject_combine_twin(np.asarray(values, np.float32), weights, rejection, peak, noise)
     xp = be.xp
     values = xp.ascontiguousarray(values, dtype=xp.float32)
+    if peak is not None:
+        peak = xp.ascontiguousarray(peak, dtype=xp.float32)
+        noise = xp.ascontiguousarray(noise, dtype=xp.float32)
     table = None
     stride = 0
     if rejection.method in ("esd", "auto"):
@@ -149,6 +173,9 @@ def reject_combine(values, weights, rejection: Rejection, *, launcher=None) -> B
                 stride,
                 float(rejection.esd_outliers),
                 float(rejection.esd_low_relaxation),
+                peak,
+                noise,
+                float(rejection.signal_share),
                 sorted_values,
                 order,
                 work,
@@ -170,14 +197,16 @@ def reject_combine(values, weights, rejection: Rejection, *, launcher=None) -> B
     )
 
 
-def _reject_combine_twin(values: np.ndarray, weights: np.ndarray, rejection: Rejection) -> BandResult:
+def _reject_combine_twin(values: np.ndarray, weights: np.ndarray, rejection: Rejection, peak, noise) -> BandResult:
     """The NumPy twin of ``reject_combine_f32``, in chunks of pixels."""
     n_frames, n_pixels = values.shape
     step = max(1, CHUNK_SAMPLES // max(1, n_frames))
-    parts = [
-        _twin_chunk(np.ascontiguousarray(values[:, start : start + step]), weights, rejection)
-        for start in range(0, n_pixels, step)
-    ] or [_twin_chunk(values, weights, rejection)]
+
+    def part(start: int, end: int) -> BandResult:
+        maps = (None, None) if peak is None else (peak[start:end], noise[start:end])
+        return _twin_chunk(np.ascontiguousarray(values[:, start:end]), weights, rejection, *maps)
+
+    parts = [part(start, start + step) for start in range(0, n_pixels, step)] or [part(0, n_pixels)]
     if len(parts) == 1:
         return parts[0]
     return BandResult(
@@ -191,7 +220,7 @@ def _reject_combine_twin(values: np.ndarray, weights: np.ndarray, rejection: Rej
     )
 
 
-def _twin_chunk(values: np.ndarray, weights: np.ndarray, rejection: Rejection) -> BandResult:
+def _twin_chunk(values: np.ndarray, weights: np.ndarray, rejection: Rejection, peak, noise) -> BandResult:
     n_frames, n_pixels = values.shape
     data = np.isfinite(values) & (values != 0)
     n = data.sum(axis=0).astype(np.int64)
@@ -218,7 +247,9 @@ def _twin_chunk(values: np.ndarray, weights: np.ndarray, rejection: Rejection) -
     extra_high = np.zeros(n_pixels, np.int64)
     flags = np.zeros((n_frames, n_pixels), np.uint8)
     if rejection.method == "auto":
-        codes = np.select([n <= 2, n < 8, n <= 10, n < 20], [0, 1, 2, 3], 4)
+        codes = np.select(
+            [n <= 2, n < 8, n <= 10, n < 20], [METHOD_CODES[m] for m in ("none", "noise", "sigma", "winsorized")], 4
+        )
     else:
         codes = np.full(n_pixels, METHOD_CODES[rejection.method])
     compacted = np.zeros(n_pixels, bool)  # linear fit: kept samples moved to the front
@@ -231,6 +262,16 @@ def _twin_chunk(values: np.ndarray, weights: np.ndarray, rejection: Rejection) -
             keep = (1.0 + centre) != 1.0
             cols, centre = cols[keep], centre[keep]
             _clip_ends(xs, lo, hi, cols, centre, centre, settings)
+        elif method == "noise":
+            cols = np.flatnonzero(mine & (n >= 3))
+            if not cols.size:
+                continue
+            centre = _median(xs, lo[cols], hi[cols], cols)
+            spread = settings.signal_share * peak[cols].astype(np.float64)
+            sd = noise[cols].astype(np.float64)
+            scale = np.sqrt(sd * sd + spread * spread)
+            keep = (1.0 + scale) != 1.0
+            _clip_ends(xs, lo, hi, cols[keep], centre[keep], scale[keep], settings)
         elif method in ("sigma", "winsorized"):
             _iterative_clip(xs, lo, hi, np.flatnonzero(mine & (n >= 3)), settings)
         elif method == "esd":

@@ -1,8 +1,9 @@
 """Integration of normalized frames: weights, pixel rejection, coverage, streamed in row bands.
 
 ``nsg stack`` is the step after ``nsg normalize``: the weighted average of the frames, pixel by
-pixel, over the samples that have data (0 means none) and survive a rejection chosen, like
-NSG's set-up of ImageIntegration, by the number of frames (:mod:`nsg_gpu.pixel_rejection`).
+pixel, over the samples that have data (0 means none) and survive a rejection chosen by the
+number of frames (:mod:`nsg_gpu.pixel_rejection`: NSG's set-up of ImageIntegration from 8
+frames, noise clipping below, whose noise map is read before the bands).
 The frames never have to fit in memory: they are read in bands of rows, every file once
 (:mod:`nsg_gpu.stack_inputs`), and a band of every frame is combined
 (:mod:`nsg_gpu.combine`) while the next is read. The top of the stacking rooms; the command
@@ -32,8 +33,9 @@ from .combine import CHUNK_SAMPLES, BandResult, reject_combine
 from .errors import FrameDataError, FrameError, FrameReadError, FrameShapeError, OutputError, ParameterError, StackError
 from .htmlreport import add_stack_section
 from .io import XISF_SUFFIXES, read_frame
+from .keywords import HISTORY_PREFIX
 from .noise import ksigma_noise
-from .pixel_rejection import Rejection
+from .pixel_rejection import NOISE_BOX, NoiseMap, Rejection, peak_excess
 from .stack_inputs import (
     MASTER_CARD,
     BandRows,
@@ -87,8 +89,9 @@ def stack(
         holding a weight.
 
     rejection : Rejection or str
-        The settings, or a method name (``"auto"`` by the frame count, as NSG sets up
-        ImageIntegration); ``low`` and ``high`` then set its thresholds.
+        The settings, or a method name (``"auto"`` by the frame count:
+        :func:`~nsg_gpu.pixel_rejection.auto_rejection`); ``low`` and ``high`` then set its
+        thresholds.
 
     memory : int or str, optional
         Budget in bytes (or ``"4G"``) for the whole process (:func:`plan_bands` says what it
@@ -207,7 +210,8 @@ def stack(
             bands=-(-height // rows),
             scan_seconds=scan_seconds,
         )
-        products = _combine(used, result, chosen, threads=threads, progress=progress)
+        noise_map = _noise_map(used, weight_mode) if rejection.needs_noise(len(used)) else None
+        products = _combine(used, result, chosen, noise_map, threads=threads, progress=progress)
         _finish_frames(frames, sources, used, products)
         written = time.perf_counter()
         write_outputs(result, used, products, maps=maps)
@@ -358,7 +362,47 @@ def _measure_noise(source: StackInput, data: np.ndarray | None) -> list[float]:
     return [ksigma_noise(data[c]) for c in range(channels)]
 
 
-def _combine(used: list[StackInput], result: StackResult, chosen: Backend, *, threads: int, progress) -> StackProducts:
+def _noise_map(used: list[StackInput], weight_mode: str) -> NoiseMap:
+    """The sky's noise for noise clipping (:class:`NoiseMap`), from the difference of two
+    frames: the reference of ``nsg normalize`` where it is among them (its ``NSG.reference``
+    history line; it covers the grid), else the frame of the highest weight, and the frame of
+    the highest weight among the others (the first of equals). Where the weights are inverse
+    variances (NWEIGHT, noise) they give the second frame's noise relative to the first's and
+    the root mean square of all the frames' noise, to which the map is scaled; otherwise the
+    frames are taken as equally noisy."""
+    weights = np.stack([s.weight for s in used])  # (frames, channels)
+    mean = weights.mean(axis=1)
+    first = int(np.argmax(mean))
+    for k, candidate in enumerate(used):
+        if candidate.header is not None and f"{HISTORY_PREFIX}reference" in candidate.header.get("HISTORY", []):
+            first = k
+            break
+    second = int(np.argmax(np.where(np.arange(len(used)) == first, -np.inf, mean)))
+    pair = (used[first], used[second])
+    channels, height, width = pair[0].shape
+    ratio = factor = None
+    if weight_mode in ("NWEIGHT", "noise"):
+        ratio = weights[first] / weights[second]
+        factor = np.sqrt(np.mean(weights[first] / weights, axis=0))
+    handles = [os.open(source.rows.file, os.O_RDONLY) for source in pair]
+    try:
+        raw = bytearray(NOISE_BOX * width * max(source.rows.dtype.itemsize for source in pair))
+
+        def read_rows(y0: int, y1: int) -> np.ndarray:
+            data = np.empty((2, channels, y1 - y0, width), np.float32)
+            for k, source in enumerate(pair):
+                source.rows.read(handles[k], y0, y1, data[k], raw)
+            return data
+
+        return NoiseMap.measure(read_rows, pair[0].shape, box=NOISE_BOX, variance_ratio=ratio, noise_factor=factor)
+    finally:
+        for fd in handles:
+            os.close(fd)
+
+
+def _combine(
+    used: list[StackInput], result: StackResult, chosen: Backend, noise_map: NoiseMap | None, *, threads: int, progress
+) -> StackProducts:
     """Read the frames band by band (a reader thread one band ahead) and combine each band."""
     channels, height, width = result.shape
     n = len(used)
@@ -424,7 +468,11 @@ def _combine(used: list[StackInput], result: StackResult, chosen: Backend, *, th
                     name: getattr(products, name)[c, y0:y1].reshape(-1)  # views: rows are contiguous
                     for name in ("master", "coverage", "low", "high")
                 }
-                _combine_values(values, weights[:, c], result.rejection, chosen, pool, threads, out, products)
+                maps = (None, None)
+                if noise_map is not None:
+                    noise = noise_map.band(c, y0, y1)
+                    maps = (_peaks(values, width, result.rejection, noise), noise)
+                _combine_values(values, weights[:, c], result.rejection, maps, chosen, pool, threads, out, products)
             combine_seconds += time.perf_counter() - started
             buffers.put(flat)
             done += 1
@@ -449,6 +497,7 @@ def _combine_values(
     values: np.ndarray,
     weights: np.ndarray,
     rejection: Rejection,
+    maps: tuple,
     chosen: Backend,
     pool,
     threads,
@@ -460,6 +509,10 @@ def _combine_values(
     threads, a wave of ``threads`` chunks at a time so that their outputs stay small. The
     chunks do not change the result."""
     n, pixels = values.shape
+    peak, noise = maps
+
+    def cut(start: int, end: int) -> dict:
+        return {} if peak is None else {"peak": peak[start:end], "noise": noise[start:end]}
 
     def store(start: int, part: BandResult, host) -> None:
         end = start + int(part.master.shape[0])
@@ -471,23 +524,36 @@ def _combine_values(
     if chosen.is_gpu:
         xp = chosen.xp
         free = _device_free_bytes()
-        per_pixel = n * (4 + 4 + 4 + 1 + (8 if rejection.method == "linear" else 0)) + 16
+        per_pixel = n * (4 + 4 + 4 + 1 + (8 if rejection.method == "linear" else 0)) + 16 + 8
         step = max(1024, int(free * 0.5) // per_pixel)
         for start in range(0, pixels, step):
             device = xp.asarray(values[:, start : start + step])
-            store(start, reject_combine(device, weights, rejection), chosen.to_host)
+            on_device = {k: xp.asarray(v) for k, v in cut(start, start + step).items()}
+            store(start, reject_combine(device, weights, rejection, **on_device), chosen.to_host)
         return
     step = max(1, CHUNK_SAMPLES // max(1, n))
     starts = list(range(0, pixels, step))
 
     def run(start: int) -> BandResult:
-        return reject_combine(np.ascontiguousarray(values[:, start : start + step]), weights, rejection)
+        return reject_combine(
+            np.ascontiguousarray(values[:, start : start + step]), weights, rejection, **cut(start, start + step)
+        )
 
     for wave in range(0, len(starts), threads):
         batch = starts[wave : wave + threads]
         parts = pool.map(run, batch) if pool is not None and len(batch) > 1 else map(run, batch)
         for start, part in zip(batch, parts):
             store(start, part, np.asarray)
+
+
+def _peaks(values: np.ndarray, width: int, rejection: Rejection, noise: np.ndarray) -> np.ndarray:
+    """:func:`peak_excess` of a band at the pixels that are noise-clipped (under ``auto``, those
+    with as many samples as noise clipping is chosen for)."""
+    if rejection.method == "noise":
+        return peak_excess(values, width, noise=noise)
+    counts = [k for k in range(values.shape[0] + 1) if rejection.method_for(k) == "noise"]
+    n = (np.isfinite(values) & (values != 0)).sum(axis=0)
+    return peak_excess(values, width, np.isin(n, counts), noise)
 
 
 def _device_free_bytes() -> int:

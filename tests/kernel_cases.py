@@ -116,6 +116,17 @@ def stack_case(n_frames: int, n_pixels: int, *, seed: int) -> tuple[np.ndarray, 
     return values, weights
 
 
+def stack_maps(n_pixels: int, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The peak and the noise per pixel for noise clipping: a peak from none to many times the
+    noise, and a noise of 0 with no peak where the pixel's scale is 0 (no clipping)."""
+    rng = np.random.default_rng(seed + 500)
+    peak = (rng.choice([0.0, 0.003, 0.02], n_pixels) * rng.uniform(0.5, 1.0, n_pixels)).astype(np.float32)
+    noise = rng.uniform(0.001, 0.005, n_pixels).astype(np.float32)
+    noise[::29] = 0
+    peak[::29] = 0
+    return peak, noise
+
+
 def assert_same(actual, expected, *, what: str = "") -> None:
     """A kernel's result equals its twin's: dtype and shape first, then values, exactly."""
     assert np.asarray(actual).dtype == np.asarray(expected).dtype, f"{what}: dtype differs"

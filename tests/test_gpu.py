@@ -20,6 +20,7 @@ from kernel_cases import (
     sample_frame,
     spline_case,
     stack_case,
+    stack_maps,
     star_image,
 )
 
@@ -233,9 +234,12 @@ def test_pipeline_cupy_equals_numpy(cp, spec, monkeypatch):
 @pytest.mark.parametrize(("n_frames", "n_pixels"), [(1, 157), (5, 1031), (24, 20011), (41, 3001), (300, 517)], ids=str)
 def test_reject_combine_on_gpu(cp, device, method, n_frames, n_pixels):
     values, weights = stack_case(n_frames, n_pixels, seed=n_frames)
+    peak, noise = stack_maps(n_pixels, seed=n_frames)
     rejection = Rejection(method).resolve(n_frames)
-    expected = reject_combine(values, weights, rejection)
-    actual = reject_combine(cp.asarray(values), weights, rejection, launcher=device)
+    expected = reject_combine(values, weights, rejection, peak=peak, noise=noise)
+    actual = reject_combine(
+        cp.asarray(values), weights, rejection, peak=cp.asarray(peak), noise=cp.asarray(noise), launcher=device
+    )
     for name in ("master", "coverage", "low", "high", "flags", "frame_low", "frame_high"):
         np.testing.assert_array_equal(_host(getattr(actual, name)), getattr(expected, name), err_msg=name)
 

@@ -25,6 +25,7 @@ from kernel_cases import (
     sample_frame,
     spline_case,
     stack_case,
+    stack_maps,
     star_image,
 )
 
@@ -322,15 +323,18 @@ def test_reject_combine_kernel(method, n_frames, launcher):
     """Every method, bit for bit, from a single frame to more than 32 (heapsort instead of
     insertion sort), with borders, NaN, outliers, saturated ties and 0-2 frame pixels."""
     values, weights = stack_case(n_frames, 157, seed=n_frames)
+    maps = dict(zip(("peak", "noise"), stack_maps(157, seed=n_frames)))
     before = values.copy()
     rejection = Rejection(method).resolve(n_frames)
-    expected = reject_combine(values, weights, rejection)
-    actual = reject_combine(values, weights, rejection, launcher=launcher)
+    expected = reject_combine(values, weights, rejection, **maps)
+    actual = reject_combine(values, weights, rejection, launcher=launcher, **maps)
     _assert_same_stack(actual, expected, f"{method}, {n_frames} frames")
     assert_same(values, before, what="input untouched")
     assert expected.coverage[13] == 0 and expected.master[13] == 0
     if method not in ("none", "linear") and n_frames >= 13:  # auto: winsorized or ESD here
         assert expected.low.sum() > 0 and expected.high.sum() > 0  # the rejection branches ran
+    if method in ("noise", "auto") and 3 <= n_frames < 8:
+        assert expected.high.sum() > 0
 
 
 @pytest.mark.parametrize(
@@ -342,13 +346,15 @@ def test_reject_combine_kernel(method, n_frames, launcher):
         pytest.param(Rejection("esd", clip_low=False), id="esd-high-only"),
         pytest.param(Rejection("linear", low=2.0, high=1.5), id="linear-tight"),
         pytest.param(Rejection("percentile", low=0.0, high=0.0), id="percentile-zero"),
+        pytest.param(Rejection("noise", low=2.0, high=1.0, signal_share=0.1, clip_low=False), id="noise-high-only"),
     ],
 )
 def test_reject_combine_kernel_options(rejection, launcher):
     values, weights = stack_case(17, 131, seed=3)
+    maps = dict(zip(("peak", "noise"), stack_maps(131, seed=3)))
     rejection = rejection.resolve(17)
-    expected = reject_combine(values, weights, rejection)
-    actual = reject_combine(values, weights, rejection, launcher=launcher)
+    expected = reject_combine(values, weights, rejection, **maps)
+    actual = reject_combine(values, weights, rejection, launcher=launcher, **maps)
     _assert_same_stack(actual, expected, rejection.describe())
     if not rejection.clip_low:
         assert not expected.low.any()

@@ -19,6 +19,7 @@ from independent import (
     NGC7023_REFERENCE,
     STARGATE,
     STARGATE_REFERENCE,
+    _aperture_flux,
     extractor_shape,
     extractor_stars,
     independent_transmission,
@@ -34,6 +35,7 @@ from nsg_gpu.params import Parameters
 from nsg_gpu.reference import prepare_reference
 from nsg_gpu.run import normalize
 from nsg_gpu.scale import measure_scale
+from nsg_gpu.stacking import stack
 
 pytestmark = [
     pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real frames not present at {SHARED_DATA}"),
@@ -48,6 +50,37 @@ def real_run(tmp_path_factory):
     frames = sorted(SHARED_DATA.glob("*.fits.gz"))
     out = tmp_path_factory.mktemp("ngc7023")
     return frames, normalize(frames, reference=frames[0], output_dir=out), out
+
+
+def test_a_master_of_four_real_frames_keeps_its_stars_light(real_run, tmp_path):
+    """The four 10 s frames of one night (stars of 1.3-1.6 px) stacked with auto (noise
+    clipping at 4 frames), without rejection and with NSG's percentile clipping; each star's
+    flux in a master over its flux in the master without rejection, by sep's apertures (5 px,
+    annulus 8-12 px) at the stars sep finds on it: noise clipping keeps the light of every
+    star within 4 % and of most within 1 %, where percentile clipping takes 6-10 % (median)."""
+    _, _, out = real_run
+    frames = sorted(out.glob("00[0-3]_*_nsg.fits"))
+    assert len(frames) == 4
+    masters = {}
+    for method in ("none", "auto", "percentile"):
+        stack(
+            frames,
+            tmp_path / f"{method}.fits",
+            rejection=method,
+            backend="numpy",
+            maps="none",
+            csv_path=tmp_path / "s.csv",
+        )
+        masters[method] = read_planes(tmp_path / f"{method}.fits")
+    x, y = extractor_stars(masters["none"], edge=30)
+    for c in range(3):
+        plain, error = _aperture_flux(masters["none"][c], x, y, 5.0, 8.0, 12.0)
+        measurable = plain > 30 * error
+        assert measurable.sum() >= 7
+        kept = _aperture_flux(masters["auto"][c], x, y, 5.0, 8.0, 12.0)[0][measurable] / plain[measurable]
+        assert abs(np.median(kept) - 1) < 0.005 and np.percentile(kept, 10) > 0.985 and kept.min() > 0.95, (c, kept)
+        clipped = _aperture_flux(masters["percentile"][c], x, y, 5.0, 8.0, 12.0)[0][measurable] / plain[measurable]
+        assert np.median(clipped) < 0.96, (c, clipped)
 
 
 def test_all_frames_normalize(real_run):
