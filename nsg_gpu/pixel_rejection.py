@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -327,78 +326,66 @@ def peak_excess(
     ``c`` the median of each pixel's samples with data and ``m`` its mean over
     ``x - PEAK_SMOOTH .. x + PEAK_SMOOTH`` along the row (over the pixels with data there; a
     side without data or beyond the row's end is left out; a pixel with neither side, or
-    without data, gets 0); ``noise``
-    the sky's noise of one frame at each pixel (0 when not given). Only the pixels in
-    ``needed`` (all when not given) get a value, the others 0. A star of a few pixels, whose
+    without data, gets 0); ``noise`` the sky's noise of one frame at each pixel (0 when not
+    given). Only the pixels in ``needed`` (all when not given) get a value, the others 0,
+    the same as the whole band gives them. A star of a few pixels, whose
     pixels the seeing and the sub-pixel place change from frame to frame, stands out at its
     core and on its flanks (against the sky on its far side); the sky, a nebula, a gradient
     and one frame's trail or hot pixel (not in the median) hardly do.
     """
     frames, pixels = values.shape
-    reach = PEAK_REACH
-    wanted = np.arange(pixels) if needed is None else np.flatnonzero(needed)
+    reach, smooth = PEAK_REACH, PEAK_SMOOTH
+    rows = pixels // width if width else 0
     excess = np.zeros(pixels, np.float32)
-    if not wanted.size:
-        return excess
-    column = wanted % width
-    span = reach + PEAK_SMOOTH
-    mark = np.zeros(pixels, bool)
-    for d in range(-span, span + 1):
-        inside = (column + d >= 0) & (column + d < width)
-        mark[wanted[inside] + d] = True
-    at = np.flatnonzero(mark)
+    if needed is None:
+        at = np.arange(pixels)
+    else:
+        needed = np.asarray(needed, bool).reshape(rows, width)
+        if not needed.any():
+            return excess
+        mark = needed.copy()  # the medians the wanted pixels' values are made of
+        for d in range(1, reach + smooth + 1):
+            mark[:, d:] |= needed[:, :-d]
+            mark[:, :-d] |= needed[:, d:]
+        at = np.flatnonzero(mark)
+    # Each pixel's median: its samples with data sorted (no data last), the middle one or two.
     block = np.ascontiguousarray((values if at.size == pixels else values[:, at]).T)  # (pixels, frames)
     data = np.isfinite(block) & (block != 0)
-    block[~data] = np.inf  # no data sorts last
+    block[~data] = np.inf
     block.sort(axis=1)
-    count = data.sum(axis=1)
-    low = np.take_along_axis(block, np.maximum(count - 1, 0)[:, None] // 2, axis=1)[:, 0]
-    high = np.take_along_axis(block, (count // 2)[:, None], axis=1)[:, 0] if frames else low
+    count = np.count_nonzero(data, axis=1)
+    del data
+    flat, base = block.reshape(-1), np.arange(at.size) * frames
+    low = flat[base + np.maximum(count - 1, 0) // 2].astype(np.float64) if frames else np.full(at.size, np.nan)
+    high = flat[base + np.minimum(count // 2, max(frames - 1, 0))].astype(np.float64) if frames else low
+    del block, flat, base
     centre = np.full(pixels, np.nan)
-    centre[at] = np.where(count > 0, (low.astype(np.float64) + high.astype(np.float64)) * 0.5, np.nan)
-
-    def shifted(d: int) -> np.ndarray:
-        inside = (column + d >= 0) & (column + d < width)
-        return np.where(inside, centre[np.where(inside, wanted + d, 0)], np.nan)
-
-    def smoothed(d: int) -> np.ndarray:  # the mean of the medians at d - s .. d + s along the row
-        parts = np.stack([shifted(d + k) for k in range(-PEAK_SMOOTH, PEAK_SMOOTH + 1)])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # no data around: NaN, as meant
-            return np.nanmean(parts, axis=0)
-
-    here = smoothed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        floor = np.fmin(smoothed(-reach), smoothed(reach))  # fmin: a NaN side is left out
-    value = np.where(np.isfinite(centre[wanted]), here - floor, np.nan)
+    centre[at] = np.where(count > 0, (low + high) * 0.5, np.nan)
+    centre = centre.reshape(rows, width)
+    # Their mean over 2 smooth + 1 pixels along the row (over those with data), then the peak.
+    present = np.isfinite(centre)
+    level = np.where(present, centre, 0.0)
+    sums, counts = level.copy(), present.astype(np.float64)
+    for d in range(1, smooth + 1):
+        sums[:, d:] += level[:, :-d]
+        counts[:, d:] += present[:, :-d]
+        sums[:, :-d] += level[:, d:]
+        counts[:, :-d] += present[:, d:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = sums / counts  # NaN where no pixel around has data
+    del sums, counts, level
+    left = np.full((rows, width), np.nan)
+    right = np.full((rows, width), np.nan)
+    left[:, reach:] = mean[:, :-reach]
+    right[:, :-reach] = mean[:, reach:]
+    value = mean - np.fmin(left, right)  # fmin: a side without data is left out
+    del left, right
     if noise is not None:
-        value -= PEAK_NOISE * np.asarray(noise, np.float64)[wanted]
-    excess[wanted] = np.where(np.isfinite(value) & (value > 0), value, 0.0)
-    return excess
-    column = wanted % width
-    left = np.where(column >= reach, wanted - reach, -1)
-    right = np.where(column < width - reach, wanted + reach, -1)
-    mark = np.zeros(pixels, bool)
-    for where in (wanted, left[left >= 0], right[right >= 0]):
-        mark[where] = True
-    at = np.flatnonzero(mark)
-    block = np.ascontiguousarray((values if at.size == pixels else values[:, at]).T)  # (pixels, frames)
-    data = np.isfinite(block) & (block != 0)
-    block[~data] = np.inf  # no data sorts last
-    block.sort(axis=1)
-    count = data.sum(axis=1)
-    low = np.take_along_axis(block, np.maximum(count - 1, 0)[:, None] // 2, axis=1)[:, 0]
-    high = np.take_along_axis(block, (count // 2)[:, None], axis=1)[:, 0] if frames else low
-    centre = np.full(pixels + 1, np.nan)  # the last entry: the missing side
-    centre[at] = np.where(count > 0, (low.astype(np.float64) + high.astype(np.float64)) * 0.5, np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        floor = np.fmin(centre[left], centre[right])  # fmin: a NaN side is left out
-    value = centre[wanted] - floor
-    if noise is not None:
-        value -= PEAK_NOISE * np.asarray(noise, np.float64)[wanted]
-    excess[wanted] = np.where(np.isfinite(value) & (value > 0), value, 0.0)
+        value -= PEAK_NOISE * np.asarray(noise, np.float64).reshape(rows, width)
+    keep = present & np.isfinite(value) & (value > 0)
+    if needed is not None:
+        keep &= needed
+    excess[keep.reshape(-1)] = value[keep]
     return excess
 
 
@@ -501,16 +488,15 @@ class NoiseMap:
 
 
 def _clipped_mad(rows: np.ndarray) -> np.ndarray:
-    """``1.4826 x`` the median absolute deviation of each row, again over the values within 3
-    such sigma of the median (a trail or a star's residual that fills a quarter of a box
-    raises the first estimate by about half; the second leaves it out), over
-    :data:`MAD_CUT_FACTOR`."""
+    """``1.4826 x`` the median absolute deviation of each row from its median, again over the
+    deviations within 3 such sigma, over :data:`MAD_CUT_FACTOR` (a quarter of a box 10 sigma
+    high, a trail or a star's residual, raises the first estimate by about half, the second
+    by a tenth)."""
     centre = np.median(rows, axis=1, keepdims=True)
-    distance = np.abs(rows - centre)
-    first = 1.4826 * np.median(distance, axis=1, keepdims=True)
-    kept = np.where(distance <= 3.0 * first, rows, np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        centre = np.nanmedian(kept, axis=1, keepdims=True)
-        second = 1.4826 * np.nanmedian(np.abs(kept - centre), axis=1) / MAD_CUT_FACTOR
-    return np.where(np.isfinite(second), second, first[:, 0])
+    distance = np.sort(np.abs(rows - centre), axis=1)
+    size = distance.shape[1]
+    index = np.arange(distance.shape[0])
+    first = 1.4826 * (distance[:, (size - 1) // 2] + distance[:, size // 2]) * 0.5
+    kept = np.maximum(np.count_nonzero(distance <= 3.0 * first[:, None], axis=1), 1)
+    middle = (distance[index, (kept - 1) // 2] + distance[index, kept // 2]) * 0.5
+    return 1.4826 * middle / MAD_CUT_FACTOR
