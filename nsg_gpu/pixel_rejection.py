@@ -57,6 +57,10 @@ PEAK_REACH = 3
 #: noise alone the peak is then 0 on 95 % of the pixels at 3 frames, 99.5 % at 7.
 PEAK_SMOOTH = 1
 PEAK_NOISE = 1.0
+#: Noise clipping: samples (frames x pixels) of whole rows whose peaks are found at a time, and
+#: the bytes that takes at most (the samples sorted, and a few double arrays per pixel).
+PEAK_CHUNK_SAMPLES = 1 << 20
+PEAK_BYTES = PEAK_CHUNK_SAMPLES * 6 + (PEAK_CHUNK_SAMPLES // 3) * 72
 #: Noise clipping: the side of the boxes in which the sky's noise is read (pixels).
 NOISE_BOX = 16
 #: The median absolute deviation of a normal distribution cut at 3 sigma over the uncut one's.
@@ -333,6 +337,23 @@ def peak_excess(
     core and on its flanks (against the sky on its far side); the sky, a nebula, a gradient
     and one frame's trail or hot pixel (not in the median) hardly do.
     """
+    frames, pixels = values.shape
+    rows = pixels // width if width else 0
+    excess = np.zeros(pixels, np.float32)
+    step = max(1, PEAK_CHUNK_SAMPLES // max(1, width * frames))  # rows at a time: each row is its own
+    for r0 in range(0, rows, step):
+        part = slice(r0 * width, min(rows, r0 + step) * width)
+        excess[part] = _row_peaks(
+            values[:, part],
+            width,
+            None if needed is None else np.asarray(needed, bool)[part],
+            None if noise is None else np.asarray(noise)[part],
+        )
+    return excess
+
+
+def _row_peaks(values: np.ndarray, width: int, needed, noise) -> np.ndarray:
+    """:func:`peak_excess` of whole rows."""
     frames, pixels = values.shape
     reach, smooth = PEAK_REACH, PEAK_SMOOTH
     rows = pixels // width if width else 0

@@ -23,6 +23,7 @@ from astropy.io import fits
 from .combine import CHUNK_SAMPLES, TWIN_BYTES_PER_SAMPLE
 from .errors import FrameError, FrameReadError, FrameShapeError, ParameterError, StackError, quiet_warnings
 from .io import FRAME_SUFFIXES
+from .pixel_rejection import PEAK_BYTES
 
 #: Memory set aside for the interpreter and the libraries within a --memory budget.
 PROCESS_RESERVE = 256 << 20
@@ -288,7 +289,15 @@ def default_memory() -> int:
 
 
 def plan_bands(
-    memory: int, *, n_frames: int, channels: int, height: int, width: int, threads: int = 1, gpu: bool = False
+    memory: int,
+    *,
+    n_frames: int,
+    channels: int,
+    height: int,
+    width: int,
+    threads: int = 1,
+    gpu: bool = False,
+    noise_clipping: bool = False,
 ) -> int:
     """Rows per band so that a stack fits in ``memory`` bytes; what the budget holds:
 
@@ -298,7 +307,9 @@ def plan_bands(
     - two bands of every frame (one read while the other is combined), float32, and the
       reader's buffer for one frame's band;
     - the CPU twin's working set, :data:`CHUNK_SAMPLES` samples per thread (on the GPU,
-      one band's kernel outputs on the host instead).
+      one band's kernel outputs on the host instead);
+    - with ``noise_clipping``, the peaks' working set (:data:`PEAK_BYTES`) and one channel's
+      band of peaks and noise (float32).
 
     Raises
     ------
@@ -308,18 +319,26 @@ def plan_bands(
     results = channels * height * width * 10
     fixed = PROCESS_RESERVE + results
     band_row = 2 * channels * n_frames * width * 4 + 8 * width  # two bands of every frame, a read buffer
+    if noise_clipping:
+        band_row += 8 * width
+    # Working sets of at most a chunk's bytes, fewer where a band holds less: (bytes per band row,
+    # bytes of a whole chunk).
+    chunks = []
     if gpu:
-        # The kernel's outputs of one band on the host: counts and master (int32/float32).
-        rows = (memory - fixed) // (band_row + 16 * width)
+        band_row += 16 * width  # the kernel's outputs of one band on the host: counts and master
     else:
-        # The twin works on min(CHUNK_SAMPLES, band samples of a channel) per thread.
-        working = max(1, threads) * TWIN_BYTES_PER_SAMPLE
-        rows = (memory - fixed - working * CHUNK_SAMPLES) // band_row
-        if rows * n_frames * width < CHUNK_SAMPLES:
-            rows = (memory - fixed) // (band_row + working * n_frames * width)
+        working = max(1, threads) * TWIN_BYTES_PER_SAMPLE  # the twin: CHUNK_SAMPLES per thread at most
+        chunks.append((working * n_frames * width, working * CHUNK_SAMPLES))
+    if noise_clipping:
+        chunks.append((width * (6 * n_frames + 72), PEAK_BYTES))
+    rows = (memory - fixed - sum(whole for _, whole in chunks)) // band_row
+    small = [(per_row, whole) for per_row, whole in chunks if rows * per_row < whole]
+    if small:  # bands smaller than those chunks: their working sets by the row
+        rows = (memory - fixed - sum(w for p, w in chunks if (p, w) not in small)) // (
+            band_row + sum(per_row for per_row, _ in small)
+        )
     if rows < 1:
-        working = max(1, threads) * TWIN_BYTES_PER_SAMPLE * min(CHUNK_SAMPLES, n_frames * width)
-        need = fixed + band_row + (16 * width if gpu else working)
+        need = fixed + band_row + sum(min(per_row, whole) for per_row, whole in chunks)
         raise StackError(
             f"--memory {memory / 2**30:.2f} GiB is too small for {n_frames} frames of {width} x {height}"
             f"{' x 3' if channels == 3 else ''}: at least {math.ceil(need / 2**30 * 100) / 100:.2f} GiB is needed"

@@ -197,6 +197,7 @@ def stack(
             width=width,
             threads=threads,
             gpu=chosen.is_gpu,
+            noise_clipping=rejection.needs_noise(len(used)),
         )
         result = StackResult(
             output=output,
@@ -551,8 +552,12 @@ def _peaks(values: np.ndarray, width: int, rejection: Rejection, noise: np.ndarr
     with as many samples as noise clipping is chosen for)."""
     if rejection.method == "noise":
         return peak_excess(values, width, noise=noise)
-    counts = [k for k in range(values.shape[0] + 1) if rejection.method_for(k) == "noise"]
-    n = (np.isfinite(values) & (values != 0)).sum(axis=0)
+    frames, pixels = values.shape
+    counts = [k for k in range(frames + 1) if rejection.method_for(k) == "noise"]
+    n = np.empty(pixels, np.int64)
+    step = max(1, CHUNK_SAMPLES // max(1, frames))
+    for start in range(0, pixels, step):  # samples with data (the reader made non-finite ones 0)
+        n[start : start + step] = np.count_nonzero(values[:, start : start + step], axis=0)
     return peak_excess(values, width, np.isin(n, counts), noise)
 
 

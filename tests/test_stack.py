@@ -27,7 +27,15 @@ import nsg_gpu
 from nsg_gpu.cli import app
 from nsg_gpu.combine import LAD_STEPS, reject_combine
 from nsg_gpu.errors import StackError
-from nsg_gpu.pixel_rejection import METHODS, NoiseMap, Rejection, auto_rejection, esd_critical_values, peak_excess
+from nsg_gpu.pixel_rejection import (
+    METHODS,
+    PEAK_BYTES,
+    NoiseMap,
+    Rejection,
+    auto_rejection,
+    esd_critical_values,
+    peak_excess,
+)
 from nsg_gpu.stack_inputs import PROCESS_RESERVE, parse_memory, plan_bands
 from nsg_gpu.stacking import stack
 
@@ -736,6 +744,12 @@ def test_memory_budget(tmp_path):
     rows = plan_bands(parse_memory("24G"), n_frames=500, channels=1, height=4176, width=6248, threads=16)
     assert rows >= 100  # 500 frames of 26 MP in bands of at least 100 rows on a 24 GB machine
     assert plan_bands(parse_memory("24G"), n_frames=500, channels=1, height=4176, width=6248, gpu=True) >= 100
+    # Noise clipping's peaks: a chunk of samples' working set, and a band row of peaks and noise.
+    frames = dict(n_frames=5, channels=1, height=4176, width=6248, threads=2)
+    plain = plan_bands(parse_memory("2G"), **frames)
+    clipped = plan_bands(parse_memory("2G"), **frames, noise_clipping=True)
+    budget = parse_memory("2G") - PROCESS_RESERVE - 4176 * 6248 * 10 - 2 * 96 * (1 << 20) - PEAK_BYTES
+    assert clipped == min(4176, budget // (2 * 5 * 6248 * 4 + 8 * 6248 + 8 * 6248)) < plain
 
 
 def test_outputs_cards_maps_and_progress(tmp_path):
