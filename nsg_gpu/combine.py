@@ -246,12 +246,8 @@ def _twin_chunk(values: np.ndarray, weights: np.ndarray, rejection: Rejection, p
     extra_low = np.zeros(n_pixels, np.int64)
     extra_high = np.zeros(n_pixels, np.int64)
     flags = np.zeros((n_frames, n_pixels), np.uint8)
-    if rejection.method == "auto":
-        codes = np.select(
-            [n <= 2, n < 8, n <= 10, n < 20], [METHOD_CODES[m] for m in ("none", "noise", "sigma", "winsorized")], 4
-        )
-    else:
-        codes = np.full(n_pixels, METHOD_CODES[rejection.method])
+    # Each pixel's method by its count of samples (auto's rule: Rejection.method_for).
+    codes = np.array([METHOD_CODES[rejection.method_for(k)] for k in range(n_frames + 1)])[n]
     compacted = np.zeros(n_pixels, bool)  # linear fit: kept samples moved to the front
     for code, method in enumerate(METHODS):
         settings = rejection.concrete(method)
