@@ -61,6 +61,8 @@ PEAK_NOISE = 1.0
 #: the bytes that takes at most (the samples sorted, and a few double arrays per pixel).
 PEAK_CHUNK_SAMPLES = 1 << 20
 PEAK_BYTES = PEAK_CHUNK_SAMPLES * 6 + (PEAK_CHUNK_SAMPLES // 3) * 72
+#: Pixels of a band whose noise :meth:`NoiseMap.band` interpolates at a time.
+BAND_CHUNK_PIXELS = 1 << 16
 #: Noise clipping: the side of the boxes in which the sky's noise is read (pixels).
 NOISE_BOX = 16
 #: The median absolute deviation of a normal distribution cut at 3 sigma over the uncut one's.
@@ -320,7 +322,12 @@ def _esd_tests(n: int, outliers: float) -> int:
 
 
 def peak_excess(
-    values: np.ndarray, width: int, needed: np.ndarray | None = None, noise: np.ndarray | None = None
+    values: np.ndarray,
+    width: int,
+    needed: np.ndarray | None = None,
+    noise: np.ndarray | None = None,
+    *,
+    run=map,
 ) -> np.ndarray:
     """How far each pixel's median over the frames stands above its row's at :data:`PEAK_REACH`
     pixels on either side, beyond what the noise makes of it:
@@ -332,7 +339,9 @@ def peak_excess(
     side without data or beyond the row's end is left out; a pixel with neither side, or
     without data, gets 0); ``noise`` the sky's noise of one frame at each pixel (0 when not
     given). Only the pixels in ``needed`` (all when not given) get a value, the others 0,
-    the same as the whole band gives them. A star of a few pixels, whose
+    the same as the whole band gives them. ``run`` maps a function over the chunks of rows
+    (a thread pool's ``map`` runs them side by side; the chunks are fixed, so the result is
+    the same). A star of a few pixels, whose
     pixels the seeing and the sub-pixel place change from frame to frame, stands out at its
     core and on its flanks (against the sky on its far side); the sky, a nebula, a gradient
     and one frame's trail or hot pixel (not in the median) hardly do.
@@ -341,14 +350,20 @@ def peak_excess(
     rows = pixels // width if width else 0
     excess = np.zeros(pixels, np.float32)
     step = max(1, PEAK_CHUNK_SAMPLES // max(1, width * frames))  # rows at a time: each row is its own
-    for r0 in range(0, rows, step):
+    needed = None if needed is None else np.asarray(needed, bool)
+    noise = None if noise is None else np.asarray(noise)
+
+    def chunk(r0: int) -> None:
         part = slice(r0 * width, min(rows, r0 + step) * width)
         excess[part] = _row_peaks(
             values[:, part],
             width,
-            None if needed is None else np.asarray(needed, bool)[part],
-            None if noise is None else np.asarray(noise)[part],
+            None if needed is None else needed[part],
+            None if noise is None else noise[part],
         )
+
+    for _ in run(chunk, range(0, rows, step)):
+        pass
     return excess
 
 
@@ -504,8 +519,14 @@ class NoiseMap:
         top, bottom, ty = axis(np.arange(y0, y1, dtype=np.float64), grid.shape[0])
         left, right, tx = axis(np.arange(self.width, dtype=np.float64), grid.shape[1])
         rows = grid[top] * (1.0 - ty)[:, None] + grid[bottom] * ty[:, None]
-        values = rows[:, left] * (1.0 - tx) + rows[:, right] * tx
-        return values.astype(np.float32).reshape(-1)
+        out = np.empty((y1 - y0, self.width), np.float32)
+        step = max(1, BAND_CHUNK_PIXELS // max(1, self.width))
+        for r in range(0, y1 - y0, step):  # a few rows at a time: the gathers stay in cache
+            values = np.take(rows[r : r + step], left, axis=1)
+            values *= 1.0 - tx
+            values += np.take(rows[r : r + step], right, axis=1) * tx
+            out[r : r + step] = values
+        return out.reshape(-1)
 
 
 def _clipped_mad(rows: np.ndarray) -> np.ndarray:

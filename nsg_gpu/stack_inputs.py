@@ -308,8 +308,8 @@ def plan_bands(
       reader's buffer for one frame's band;
     - the CPU twin's working set, :data:`CHUNK_SAMPLES` samples per thread (on the GPU,
       one band's kernel outputs on the host instead);
-    - with ``noise_clipping``, the peaks' working set (:data:`PEAK_BYTES`) and one channel's
-      band of peaks and noise (float32).
+    - with ``noise_clipping``, the peaks' working set (:data:`PEAK_BYTES` per thread) and one
+      channel's band of peaks and noise (float32).
 
     Raises
     ------
@@ -330,7 +330,7 @@ def plan_bands(
         working = max(1, threads) * TWIN_BYTES_PER_SAMPLE  # the twin: CHUNK_SAMPLES per thread at most
         chunks.append((working * n_frames * width, working * CHUNK_SAMPLES))
     if noise_clipping:
-        chunks.append((width * (6 * n_frames + 72), PEAK_BYTES))
+        chunks.append((width * (6 * n_frames + 72), max(1, threads) * PEAK_BYTES))
     rows = (memory - fixed - sum(whole for _, whole in chunks)) // band_row
     small = [(per_row, whole) for per_row, whole in chunks if rows * per_row < whole]
     if small:  # bands smaller than those chunks: their working sets by the row

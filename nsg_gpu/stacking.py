@@ -451,7 +451,8 @@ def _combine(
 
     thread = threading.Thread(target=reader, name="nsg-stack-reader", daemon=True)
     thread.start()
-    pool = concurrent.futures.ThreadPoolExecutor(threads) if threads > 1 and not chosen.is_gpu else None
+    on_host = not chosen.is_gpu or noise_map is not None  # the twin's chunks, or the peaks'
+    pool = concurrent.futures.ThreadPoolExecutor(threads) if threads > 1 and on_host else None
     combine_seconds = 0.0
     try:
         done = 0
@@ -472,7 +473,7 @@ def _combine(
                 maps = (None, None)
                 if noise_map is not None:
                     noise = noise_map.band(c, y0, y1)
-                    maps = (_peaks(values, width, result.rejection, noise), noise)
+                    maps = (_peaks(values, width, result.rejection, noise, pool), noise)
                 _combine_values(values, weights[:, c], result.rejection, maps, chosen, pool, threads, out, products)
             combine_seconds += time.perf_counter() - started
             buffers.put(flat)
@@ -547,18 +548,19 @@ def _combine_values(
             store(start, part, np.asarray)
 
 
-def _peaks(values: np.ndarray, width: int, rejection: Rejection, noise: np.ndarray) -> np.ndarray:
+def _peaks(values: np.ndarray, width: int, rejection: Rejection, noise: np.ndarray, pool=None) -> np.ndarray:
     """:func:`peak_excess` of a band at the pixels that are noise-clipped (under ``auto``, those
-    with as many samples as noise clipping is chosen for)."""
+    with as many samples as noise clipping is chosen for), its chunks of rows on ``pool``."""
+    run = map if pool is None else pool.map
     if rejection.method == "noise":
-        return peak_excess(values, width, noise=noise)
+        return peak_excess(values, width, noise=noise, run=run)
     frames, pixels = values.shape
-    counts = [k for k in range(frames + 1) if rejection.method_for(k) == "noise"]
-    n = np.empty(pixels, np.int64)
+    chosen = np.array([rejection.method_for(k) == "noise" for k in range(frames + 1)])
+    needed = np.empty(pixels, bool)
     step = max(1, CHUNK_SAMPLES // max(1, frames))
     for start in range(0, pixels, step):  # samples with data (the reader made non-finite ones 0)
-        n[start : start + step] = np.count_nonzero(values[:, start : start + step], axis=0)
-    return peak_excess(values, width, np.isin(n, counts), noise)
+        needed[start : start + step] = chosen[np.count_nonzero(values[:, start : start + step], axis=0)]
+    return peak_excess(values, width, needed, noise, run=run)
 
 
 def _device_free_bytes() -> int:

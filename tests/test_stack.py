@@ -7,6 +7,7 @@ per frame, a satellite trail, hot pixels and zero registration borders, so the i
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import json
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.interpolate
 import scipy.optimize
 import scipy.stats
 from astropy.io import fits
@@ -24,6 +26,7 @@ from conftest import integrated_gaussians
 from typer.testing import CliRunner
 
 import nsg_gpu
+from nsg_gpu import pixel_rejection
 from nsg_gpu.cli import app
 from nsg_gpu.combine import LAD_STEPS, reject_combine
 from nsg_gpu.errors import StackError
@@ -519,9 +522,14 @@ def test_the_noise_map_reads_each_frames_noise_through_a_nebula():
     np.testing.assert_allclose(scaled.noise, 1.5 * noise_map.noise)
     bands = np.concatenate([noise_map.band(0, y0, min(h, y0 + 37)) for y0 in range(0, h, 37)])
     np.testing.assert_array_equal(bands, whole.reshape(-1))
+    # Bilinear between the boxes' centres, constant beyond the outer ones.
+    centres = [np.arange(n) * noise_map.box + (noise_map.box - 1) / 2 for n in noise_map.noise.shape[1:]]
+    bilinear = scipy.interpolate.RegularGridInterpolator(centres, noise_map.noise[0])
+    inside = np.stack([np.clip(yy, centres[0][0], centres[0][-1]), np.clip(xx, centres[1][0], centres[1][-1])], -1)
+    np.testing.assert_allclose(whole, bilinear(inside), rtol=1e-6)
 
 
-def test_a_star_has_a_peak_a_nebula_and_one_frames_trail_none():
+def test_a_star_has_a_peak_a_nebula_and_one_frames_trail_none(monkeypatch):
     """peak_excess: a star of 2 px stands out by about its own height (less the average along
     the row and a noise); a broad nebula 25 times the noise a few noises on its flanks (its
     slope over 3 px), a gradient and a trail in one frame 0; the pixels asked for alone get
@@ -548,6 +556,11 @@ def test_a_star_has_a_peak_a_nebula_and_one_frames_trail_none():
     alone = peak_excess(frames.reshape(n, -1), w, needed, noise)
     np.testing.assert_array_equal(alone[needed], peak.reshape(-1)[needed])
     assert not alone[~needed].any()
+    # In chunks of 3 rows on a pool of threads: the same values.
+    monkeypatch.setattr(pixel_rejection, "PEAK_CHUNK_SAMPLES", 3 * w * n)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        pooled = peak_excess(frames.reshape(n, -1), w, noise=noise, run=pool.map)
+    np.testing.assert_array_equal(pooled, peak.reshape(-1))
 
 
 def test_without_rejection_the_trail_stays(scenes, tmp_path):
@@ -744,11 +757,12 @@ def test_memory_budget(tmp_path):
     rows = plan_bands(parse_memory("24G"), n_frames=500, channels=1, height=4176, width=6248, threads=16)
     assert rows >= 100  # 500 frames of 26 MP in bands of at least 100 rows on a 24 GB machine
     assert plan_bands(parse_memory("24G"), n_frames=500, channels=1, height=4176, width=6248, gpu=True) >= 100
-    # Noise clipping's peaks: a chunk of samples' working set, and a band row of peaks and noise.
+    # Noise clipping's peaks: a chunk of samples' working set per thread, and a band row of peaks
+    # and noise.
     frames = dict(n_frames=5, channels=1, height=4176, width=6248, threads=2)
     plain = plan_bands(parse_memory("2G"), **frames)
     clipped = plan_bands(parse_memory("2G"), **frames, noise_clipping=True)
-    budget = parse_memory("2G") - PROCESS_RESERVE - 4176 * 6248 * 10 - 2 * 96 * (1 << 20) - PEAK_BYTES
+    budget = parse_memory("2G") - PROCESS_RESERVE - 4176 * 6248 * 10 - 2 * 96 * (1 << 20) - 2 * PEAK_BYTES
     assert clipped == min(4176, budget // (2 * 5 * 6248 * 4 + 8 * 6248 + 8 * 6248)) < plain
 
 
