@@ -8,6 +8,7 @@ killed run leaves at most temporary files, which the next run removes
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from .errors import NSGError, OutputError
 
-__all__ = ["atomic_write", "write_bytes", "write_text", "remove_stale_temporaries"]
+__all__ = ["AtomicGroup", "atomic_write", "write_bytes", "write_text", "remove_stale_temporaries"]
 
 
 def _os_reason(error: OSError, directory: Path) -> str:
@@ -64,6 +65,67 @@ def atomic_write(path: str | os.PathLike, fill) -> Path:
         The directory is not writable or the disk is full; no partial file is left.
     """
     path = Path(path)
+    tmp_name = _staged(path, fill)
+    try:
+        os.replace(tmp_name, path)
+    except OSError as exc:
+        os.unlink(tmp_name)
+        raise OutputError(f"{path}: cannot be written ({_os_reason(exc, path.parent)})") from exc
+    return path
+
+
+class AtomicGroup:
+    """Files that are written together or not at all: each is written to a temporary file
+    beside it and synced (:meth:`write`), and all are renamed over their paths at once
+    (:meth:`commit`); a failure before that leaves none of them (:meth:`discard`). Use as a
+    context manager: it commits when the block ends without an error, else discards."""
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[str, Path]] = []
+
+    def write(self, path: str | os.PathLike, fill) -> Path:
+        """Stage ``path`` (``fill`` as for :func:`atomic_write`)."""
+        path = Path(path)
+        self._staged.append((_staged(path, fill), path))
+        return path
+
+    def commit(self) -> None:
+        staged, self._staged = self._staged, []
+        try:
+            for _, path in staged:  # what would stop a rename, before any is made
+                if path.is_dir():
+                    raise OutputError(f"{path}: cannot be written (Is a directory)")
+            while staged:
+                tmp_name, path = staged[0]
+                try:
+                    os.replace(tmp_name, path)
+                except OSError as exc:
+                    raise OutputError(f"{path}: cannot be written ({_os_reason(exc, path.parent)})") from exc
+                staged.pop(0)
+        finally:
+            self._staged = staged
+            self.discard()
+
+    def discard(self) -> None:
+        for tmp_name, _ in self._staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+        self._staged = []
+
+    def __enter__(self) -> AtomicGroup:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def _staged(path: Path, fill) -> str:
+    """``fill`` a temporary file beside ``path``, synced; its name. On a failure no
+    temporary file is left (:class:`OutputError` where the directory is not writable or
+    the disk is full)."""
     tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,8 +135,8 @@ def atomic_write(path: str | os.PathLike, fill) -> Path:
             fill(handle, tmp_name)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
+        staged, tmp_name = tmp_name, None
+        return staged
     except NSGError:
         raise
     except Exception as exc:
@@ -89,7 +151,6 @@ def atomic_write(path: str | os.PathLike, fill) -> Path:
     finally:
         if tmp_name is not None and os.path.exists(tmp_name):
             os.unlink(tmp_name)
-    return path
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

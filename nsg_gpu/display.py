@@ -193,7 +193,8 @@ class StackDisplay(_Display):
             return
         rejection = result.rejection
         lines = [
-            f"stacked {len(result.used)} frames into {result.output} in {format_seconds(result.seconds)} "
+            f"stacked {len(result.used)} frame{'' if len(result.used) == 1 else 's'} into {result.output} "
+            f"in {format_seconds(result.seconds)} "
             f"on {result.backend}",
         ]
         if not self.quiet:

@@ -39,6 +39,27 @@ def _is_frame_file(path: Path) -> bool:
     return path.is_file() and not name.startswith(".") and name.endswith(FRAME_SUFFIXES)
 
 
+def _listed_names(listing: Path) -> list[str]:
+    """The ``file`` column of an ``nsg normalize`` output directory's ``weights.csv`` (a
+    spreadsheet's byte-order mark and spaces around the names allowed)."""
+    try:
+        text = listing.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise StackError(f"{listing}: not a text CSV (not UTF-8); remove it to stack the directory's frames") from None
+    except OSError as exc:
+        raise StackError(f"{listing}: cannot be read ({exc.strerror or exc})") from exc
+    reader = csv.DictReader(io.StringIO(text))
+    columns = [name.strip() for name in reader.fieldnames or []]
+    if "file" not in columns:
+        raise StackError(f"{listing}: has no 'file' column (columns: {', '.join(columns) or 'none'})")
+    reader.fieldnames = columns
+    names = [(row.get("file") or "").strip() for row in reader]
+    names = [name for name in names if name]
+    if not names:
+        raise StackError(f"{listing}: lists no frames")
+    return names
+
+
 def stack_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, bool]]:
     """The frames named by ``inputs``: files as given, directories expanded.
 
@@ -57,9 +78,7 @@ def stack_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, bool]]
         if path.is_dir():
             listing = path / "weights.csv"
             if listing.is_file():
-                rows = list(csv.DictReader(io.StringIO(listing.read_text())))
-                names = [row.get("file", "") for row in rows if row.get("file")]
-                files = [path / name for name in names]
+                files = [path / name for name in _listed_names(listing)]
             else:
                 files = sorted(p for p in path.iterdir() if _is_frame_file(p))
             if not files:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from .atomic import atomic_write, write_text
+from .atomic import AtomicGroup, write_bytes
 from .io import STRUCTURAL_CARDS
 from .pixel_rejection import Rejection
 from .stack_inputs import MASTER_CARD, StackInput
@@ -144,15 +144,20 @@ class StackResult:
         }
 
 
-def write_stack_csv(result: StackResult, path: str | os.PathLike) -> Path:
-    """Write ``stack.csv``: one row per input frame (:data:`STACK_COLUMNS`), atomically."""
+def write_stack_csv(result: StackResult, path: str | os.PathLike, group: AtomicGroup | None = None) -> Path:
+    """Write ``stack.csv``: one row per input frame (:data:`STACK_COLUMNS`), atomically (as one
+    of ``group``'s files where given)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=STACK_COLUMNS)
     writer.writeheader()
     for frame in result.frames:
         writer.writerow(frame.row(result.samples_per_frame))
     path = Path(path)
-    write_text(path, buffer.getvalue())
+    data = buffer.getvalue().encode()
+    if group is None:
+        write_bytes(path, data)
+    else:
+        group.write(path, lambda handle, _: handle.write(data))
     return path
 
 
@@ -201,7 +206,19 @@ def _master_header(first: fits.Header, result: StackResult, used: list[StackInpu
     return header
 
 
-def write_outputs(result: StackResult, used: list[StackInput], products: StackProducts, *, maps: str) -> None:
+def map_paths(output: Path) -> dict[str, Path]:
+    """The map files beside the master ``output`` (``--maps files``)."""
+    stem = output.name
+    for suffix in (".fits", ".fit", ".fts"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+    return {name: output.parent / f"{stem}_{name}.fits" for name in ("coverage", "rejlow", "rejhigh")}
+
+
+def write_outputs(
+    result: StackResult, used: list[StackInput], products: StackProducts, *, maps: str, group: AtomicGroup
+) -> None:
+    """The master and its maps, as ``group``'s files."""
     result.rejected_low_share = float(products.low.sum(dtype=np.int64)) / max(
         1, int(products.coverage.sum(dtype=np.int64))
     )
@@ -231,22 +248,19 @@ def write_outputs(result: StackResult, used: list[StackInput], products: StackPr
             hdus.append(extension)
             result.maps[name] = f"HDU {name.upper()}"
     elif maps == "files":
-        stem = result.output.name
-        for suffix in (".fits", ".fit", ".fts"):
-            if stem.lower().endswith(suffix):
-                stem = stem[: -len(suffix)]
+        paths = map_paths(result.output)
         for name, array in map_arrays.items():
-            path = result.output.parent / f"{stem}_{name}.fits"
+            path = paths[name]
             map_header = fits.Header()
             map_header["COMMENT"] = f"nsg stack: {titles[name]} of {result.output.name}"
-            _write_fits(path, fits.HDUList([fits.PrimaryHDU(data=image(array), header=map_header)]))
+            map_header[MASTER_CARD] = (f"nsg-gpu {__version__}", "a map written by nsg stack")
+            _write_fits(group, path, fits.HDUList([fits.PrimaryHDU(data=image(array), header=map_header)]))
             result.maps[name] = str(path)
-    _write_fits(result.output, fits.HDUList(hdus))
+    _write_fits(group, result.output, fits.HDUList(hdus))
 
 
-def _write_fits(path: Path, hdul: fits.HDUList) -> None:
-    """Write ``hdul`` atomically (:func:`nsg_gpu.atomic.atomic_write`)."""
-    atomic_write(path, lambda handle, _: hdul.writeto(handle, output_verify="silentfix"))
+def _write_fits(group: AtomicGroup, path: Path, hdul: fits.HDUList) -> None:
+    group.write(path, lambda handle, _: hdul.writeto(handle, output_verify="silentfix"))
 
 
 def stack_previews(products: StackProducts, width: int = 800) -> dict[str, np.ndarray]:

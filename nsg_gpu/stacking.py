@@ -27,7 +27,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from astropy.io.fits.verify import VerifyError
 
+from .atomic import AtomicGroup
 from .backend import Backend, select_backend
 from .combine import CHUNK_SAMPLES, BandResult, reject_combine
 from .errors import FrameDataError, FrameError, FrameReadError, FrameShapeError, OutputError, ParameterError, StackError
@@ -47,10 +49,20 @@ from .stack_inputs import (
     plan_bands,
     stack_inputs,
 )
-from .stack_results import StackFrame, StackProducts, StackResult, stack_previews, write_outputs, write_stack_csv
+from .stack_results import (
+    StackFrame,
+    StackProducts,
+    StackResult,
+    map_paths,
+    stack_previews,
+    write_outputs,
+    write_stack_csv,
+)
 
 #: Rows of the middle of a frame read to measure its noise for --weights noise.
 NOISE_ROWS = 512
+#: Rows read from each frame to tell an empty one (no sample with data) before noise clipping.
+PROBE_ROWS = 16
 
 
 def stack(
@@ -170,15 +182,15 @@ def stack(
     weight_mode = _weight_mode(weights)
 
     listed = stack_inputs(inputs)
-    output_key = output.resolve()
-    for path, _ in listed:
-        if path.resolve() == output_key:
-            raise StackError(f"{output}: the master would overwrite an input frame; choose another -o")
+    csv_path = Path(csv_path) if csv_path is not None else output.parent / "stack.csv"
+    _check_outputs(inputs, listed, output, csv_path, maps)
     spool_parent = Path(spool_dir) if spool_dir is not None else output.parent
     try:
         spool_parent.mkdir(parents=True, exist_ok=True)
         spool_root = tempfile.mkdtemp(prefix=".nsg-stack-", dir=spool_parent)
     except OSError as exc:
+        if spool_dir is None:
+            raise OutputError(f"{spool_parent}: the master's folder cannot be written ({exc.strerror or exc})") from exc
         raise OutputError(f"{spool_parent}: cannot hold the stack's spool folder ({exc.strerror or exc})") from exc
     try:
         frames, sources = _scan(listed, weight_mode, Path(spool_root), stop_on_error=stop_on_error)
@@ -213,10 +225,13 @@ def stack(
         )
         noise_map = _noise_map(used, weight_mode) if rejection.needs_noise(len(used)) else None
         products = _combine(used, result, chosen, noise_map, threads=threads, progress=progress)
-        _finish_frames(frames, sources, used, products)
+        used = _finish_frames(frames, sources, used, products)
+        if not used:
+            raise StackError("no frame can be stacked: " + "; ".join(f.error for f in frames if f.error))
         written = time.perf_counter()
-        write_outputs(result, used, products, maps=maps)
-        result.csv = write_stack_csv(result, csv_path if csv_path is not None else output.parent / "stack.csv")
+        with AtomicGroup() as group:  # the master, its maps and stack.csv: all or none
+            write_outputs(result, used, products, maps=maps, group=group)
+            result.csv = write_stack_csv(result, csv_path, group)
         result.write_seconds = time.perf_counter() - written
         result.previews = stack_previews(products)
     finally:
@@ -229,6 +244,41 @@ def stack(
         except (OutputError, OSError) as exc:
             result.report_error = str(exc)
     return result
+
+
+def _check_outputs(inputs, listed, output: Path, csv_path: Path, maps: str) -> None:
+    """Refuse, before anything is read, outputs that would overwrite an input (a frame, or an
+    input directory's ``weights.csv``) or each other. A master or map of an earlier stack
+    found in an input directory is not an input (it is never stacked) and may be replaced."""
+    outputs = {"the master": output, "stack.csv": csv_path}
+    if maps == "files":
+        outputs.update({f"the {name} map": path for name, path in map_paths(output).items()})
+    seen: dict[Path, str] = {}
+    for role, path in outputs.items():
+        key = path.resolve()
+        if key in seen:
+            raise StackError(f"{path}: {role} and {seen[key]} would be the same file; choose other paths")
+        seen[key] = role
+    taken = {
+        path.resolve(): "an input frame" for path, from_directory in listed if not (from_directory and _is_master(path))
+    }
+    for item in inputs:
+        listing = Path(item) / "weights.csv"
+        if Path(item).is_dir() and listing.is_file():
+            taken[listing.resolve()] = "the frame list of an input directory"
+    for key, role in seen.items():
+        if key in taken:
+            option = "-o" if role == "the master" or role.endswith(" map") else "--csv"
+            raise StackError(f"{outputs[role]}: {role} would overwrite {taken[key]}; choose another {option}")
+
+
+def _is_master(path: Path) -> bool:
+    """Whether ``path`` is a master or map written by nsg stack (its ``NSGSTACK`` card)."""
+    try:
+        header, _ = open_fits(path)
+    except (FrameError, OSError):
+        return False
+    return header is not None and MASTER_CARD in header
 
 
 def _weight_mode(weights: str) -> str:
@@ -246,7 +296,6 @@ def _scan(listed, weight_mode: str, spool_root: Path, *, stop_on_error: bool):
     """Open every input once: header, shape, weight; decompress what cannot be read in bands."""
     frames: list[StackFrame] = []
     sources: list[StackInput] = []
-    reference_shape = None
     for path, from_directory in listed:
         source = StackInput(path)
         try:
@@ -256,19 +305,24 @@ def _scan(listed, weight_mode: str, spool_root: Path, *, stop_on_error: bool):
                 if from_directory:
                     continue  # a master of an earlier stack in the directory: never an input
                 raise FrameDataError(path, "is a master written by nsg stack, not a frame") from None
-            if reference_shape is None:
-                reference_shape = source.shape
-            elif source.shape != reference_shape:
-                raise FrameShapeError(
-                    path,
-                    f"is {_shape_text(source.shape)} but the first frame is {_shape_text(reference_shape)}; "
-                    "frames must be registered to the same reference",
-                )
         except FrameError as exc:
             if stop_on_error:
                 raise StackError(str(exc)) from exc
             source.error = str(exc)
         sources.append(source)
+    shape, whose = _stack_shape([s for s in sources if s.error is None])
+    for source in sources:
+        if source.error is None and source.shape != shape:
+            error = FrameShapeError(
+                source.path,
+                f"is {_shape_text(source.shape)} but the stack's frames are {_shape_text(shape)} ({whose}); "
+                "frames must be registered to the same reference",
+            )
+            if stop_on_error:
+                raise StackError(str(error))
+            source.error = str(error)
+    for source in sources:
+        path = source.path
         weight = None if source.weight is None else tuple(float(w) for w in source.weight)
         frames.append(
             StackFrame(
@@ -282,9 +336,24 @@ def _scan(listed, weight_mode: str, spool_root: Path, *, stop_on_error: bool):
     return frames, sources
 
 
+def _stack_shape(readable: list[StackInput]) -> tuple[tuple | None, str]:
+    """The frames' shape, and whose it is: the reference's of ``nsg normalize`` where it is
+    among them (its ``NSG.reference`` history line), else the most frames' (the first
+    frame's among equals)."""
+    for source in readable:
+        if source.header is not None and f"{HISTORY_PREFIX}reference" in source.header.get("HISTORY", []):
+            return source.shape, f"the reference {source.path.name}'s"
+    shapes = [source.shape for source in readable]
+    if not shapes:
+        return None, ""
+    shape = max(shapes, key=lambda s: (shapes.count(s), -shapes.index(s)))
+    count = shapes.count(shape)
+    return shape, ("the first frame's" if count == 1 else f"{count} of the {len(shapes)} frames'")
+
+
 def _shape_text(shape) -> str:
     channels, height, width = shape
-    return f"{width}x{height}" + (f"x{channels}" if channels > 1 else "")
+    return f"{width}x{height}" + (" colour" if channels > 1 else " mono")
 
 
 class _MasterFile(Exception):
@@ -335,11 +404,16 @@ def _frame_weight(source: StackInput, mode: str, data: np.ndarray | None) -> np.
         if not np.all(np.isfinite(noise) & (noise > 0)):
             raise FrameDataError(path, "its noise cannot be measured (too few pixels with data); use another --weights")
         return 1.0 / noise**2
-    value = source.header.get(mode)
+    try:
+        value = source.header.get(mode)
+    except (VerifyError, ValueError) as exc:  # astropy parses a card when it is asked for
+        raise FrameDataError(path, f"its {mode} card cannot be read ({exc})") from None
     if value is None:
         hint = "stack the outputs of nsg normalize, or choose --weights equal|noise|KEYWORD"
         raise FrameDataError(path, f"has no {mode} card; {hint}")
     try:
+        if isinstance(value, bool):
+            raise TypeError
         weight = float(value)
     except (TypeError, ValueError):
         raise FrameDataError(path, f"its {mode} card is {value!r}, not a number") from None
@@ -349,36 +423,56 @@ def _frame_weight(source: StackInput, mode: str, data: np.ndarray | None) -> np.
 
 
 def _measure_noise(source: StackInput, data: np.ndarray | None) -> list[float]:
-    channels, height, width = source.shape
     if data is None:
-        # The middle rows only: the one place where a frame's pixels are read twice.
-        count = min(height, NOISE_ROWS)
-        y0 = (height - count) // 2
-        data = np.empty((channels, count, width), np.float32)
-        fd = os.open(source.rows.file, os.O_RDONLY)
-        try:
-            source.rows.read(fd, y0, y0 + count, data, bytearray(count * width * source.rows.dtype.itemsize))
-        finally:
-            os.close(fd)
-    return [ksigma_noise(data[c]) for c in range(channels)]
+        data = _middle_rows(source)  # the middle rows only
+    return [ksigma_noise(data[c]) for c in range(source.shape[0])]
+
+
+def _middle_rows(source: StackInput) -> np.ndarray:
+    """The middle :data:`NOISE_ROWS` rows of a frame, float32 (channels, rows, width)."""
+    channels, height, width = source.shape
+    count = min(height, NOISE_ROWS)
+    y0 = (height - count) // 2
+    data = np.empty((channels, count, width), np.float32)
+    fd = os.open(source.rows.file, os.O_RDONLY)
+    try:
+        source.rows.read(fd, y0, y0 + count, data, bytearray(count * width * source.rows.dtype.itemsize))
+    finally:
+        os.close(fd)
+    return data
+
+
+def _has_data(source: StackInput) -> bool:
+    """Whether any of :data:`PROBE_ROWS` rows spread over the frame holds a sample with data."""
+    channels, height, width = source.shape
+    row = np.empty((channels, 1, width), np.float32)
+    raw = bytearray(width * source.rows.dtype.itemsize)
+    fd = os.open(source.rows.file, os.O_RDONLY)
+    try:
+        for y in np.unique(np.linspace(0, height - 1, PROBE_ROWS).astype(np.int64)):
+            source.rows.read(fd, int(y), int(y) + 1, row, raw)
+            if np.any(np.isfinite(row) & (row != 0)):
+                return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _noise_map(used: list[StackInput], weight_mode: str) -> NoiseMap:
     """The sky's noise for noise clipping (:class:`NoiseMap`), from the difference of two
     frames: the reference of ``nsg normalize`` where it is among them (its ``NSG.reference``
     history line; it covers the grid), else the frame of the highest weight, and the frame of
-    the highest weight among the others (the first of equals). Where the weights are inverse
-    variances (NWEIGHT, noise) they give the second frame's noise relative to the first's and
-    the root mean square of all the frames' noise, to which the map is scaled; otherwise the
-    frames are taken as equally noisy."""
+    the highest weight among the others (the first of equals), among the frames with data
+    (:func:`_has_data`). Where the weights are inverse variances (NWEIGHT, noise) they give
+    the second frame's noise relative to the first's and the root mean square of all these
+    frames' noise, to which the map is scaled; otherwise the frames are taken as equally
+    noisy."""
+    used = [s for s in used if _has_data(s)] or used  # an empty frame shows no noise
     weights = np.stack([s.weight for s in used])  # (frames, channels)
     mean = weights.mean(axis=1)
-    first = int(np.argmax(mean))
-    for k, candidate in enumerate(used):
-        if candidate.header is not None and f"{HISTORY_PREFIX}reference" in candidate.header.get("HISTORY", []):
-            first = k
-            break
-    second = int(np.argmax(np.where(np.arange(len(used)) == first, -np.inf, mean)))
+    marked = [s.header is not None and f"{HISTORY_PREFIX}reference" in s.header.get("HISTORY", []) for s in used]
+    order = sorted(range(len(used)), key=lambda k: (not marked[k], -mean[k]))  # stable: the first of equals
+    first, second = (order + order)[:2]
     pair = (used[first], used[second])
     channels, height, width = pair[0].shape
     ratio = factor = None
@@ -572,14 +666,22 @@ def _device_free_bytes() -> int:
 
 def _finish_frames(
     frames: list[StackFrame], sources: list[StackInput], used: list[StackInput], products: StackProducts
-) -> None:
+) -> list[StackInput]:
+    """Each used frame's counts; a frame without a sample with data is left out (it took no
+    part in the master). The frames used."""
     by_source = {id(s): k for k, s in enumerate(used)}
-    best = max(float(np.mean(s.weight)) for s in used)
+    with_data = [s for k, s in enumerate(used) if products.covered[k]]
+    best = max((float(np.mean(s.weight)) for s in with_data), default=1.0)
     for frame, source in zip(frames, sources):
         k = by_source.get(id(source))
         if k is None:
+            continue
+        if not products.covered[k]:
+            source.error = frame.error = f"{source.path}: has no data (every sample is 0 or not finite)"
+            frame.status, frame.weight = "skipped", None
             continue
         frame.covered = int(products.covered[k])
         frame.rejected_low = int(products.frame_low[k])
         frame.rejected_high = int(products.frame_high[k])
         frame.relative_weight = float(np.mean(source.weight)) / best
+    return with_data

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from nsg_gpu.atomic import remove_stale_temporaries, write_bytes
+from nsg_gpu.atomic import AtomicGroup, remove_stale_temporaries, write_bytes
 from nsg_gpu.errors import OutputError
 
 
@@ -40,3 +40,35 @@ def test_a_failed_write_leaves_nothing_and_stale_temporaries_are_removed(tmp_pat
     other.write_bytes(b"complete")
     remove_stale_temporaries([tmp_path / "frame_nsg.fits", other])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other_nsg.fits"]
+
+
+def test_a_group_of_files_is_written_all_or_none(tmp_path):
+    """AtomicGroup: nothing appears until every file is written; a failed write, an error in
+    the block or a path taken by a folder leaves none of them, nor any temporary."""
+    old = tmp_path / "a.fits"
+    old.write_bytes(b"old")
+
+    def fail(handle, name):
+        handle.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OutputError, match="b.csv: cannot be written"):
+        with AtomicGroup() as group:
+            group.write(old, lambda handle, _: handle.write(b"new"))
+            assert old.read_bytes() == b"old"
+            group.write(tmp_path / "b.csv", fail)
+    with pytest.raises(RuntimeError):
+        with AtomicGroup() as group:
+            group.write(old, lambda handle, _: handle.write(b"new"))
+            raise RuntimeError("stop")
+    (tmp_path / "c.csv").mkdir()
+    with pytest.raises(OutputError, match="c.csv: cannot be written"):
+        with AtomicGroup() as group:
+            group.write(old, lambda handle, _: handle.write(b"new"))
+            group.write(tmp_path / "c.csv", lambda handle, _: handle.write(b"x"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.fits", "c.csv"] and old.read_bytes() == b"old"
+    with AtomicGroup() as group:
+        group.write(old, lambda handle, _: handle.write(b"new"))
+        group.write(tmp_path / "d.csv", lambda handle, _: handle.write(b"d"))
+    assert old.read_bytes() == b"new" and (tmp_path / "d.csv").read_bytes() == b"d"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.fits", "c.csv", "d.csv"]

@@ -29,7 +29,7 @@ import nsg_gpu
 from nsg_gpu import pixel_rejection
 from nsg_gpu.cli import app
 from nsg_gpu.combine import LAD_STEPS, reject_combine
-from nsg_gpu.errors import StackError
+from nsg_gpu.errors import OutputError, StackError
 from nsg_gpu.pixel_rejection import (
     METHODS,
     PEAK_BYTES,
@@ -671,20 +671,102 @@ def test_bad_frames_are_left_out_with_their_reason(tmp_path):
     (tmp_path / "garbage.fits").write_bytes(b"not a fits file" * 300)
     truncated = tmp_path / "truncated.fits"
     truncated.write_bytes(scene.paths[2].read_bytes()[:-4000])
-    inputs = [*scene.paths, tmp_path / "small.fits", tmp_path / "noweight.fits", tmp_path / "garbage.fits", truncated]
+    # An empty frame marked as the reference (it would have been the noise map's first frame),
+    # and a weight card astropy cannot parse.
+    header = fits.getheader(scene.paths[0])
+    assert "NSG.reference" in header["HISTORY"]
+    fits.PrimaryHDU(np.zeros(SHAPE, np.float32), header).writeto(tmp_path / "empty.fits")
+    unparsable = fits.PrimaryHDU(fits.getdata(scene.paths[1]), fits.getheader(scene.paths[1])).copy()
+    unparsable.writeto(tmp_path / "unparsable.fits")
+    raw = (tmp_path / "unparsable.fits").read_bytes()
+    start = raw.index(b"NWEIGHT =")
+    (tmp_path / "unparsable.fits").write_bytes(
+        raw[:start] + b"NWEIGHT =                  NAN".ljust(80) + raw[start + 80 :]
+    )
+    # The wrong shape first: the stack's shape is still the reference's.
+    bad = [tmp_path / "noweight.fits", tmp_path / "garbage.fits", truncated, tmp_path / "empty.fits"]
+    inputs = [tmp_path / "small.fits", *scene.paths, *bad, tmp_path / "unparsable.fits"]
     result = stack(inputs, tmp_path / "m.fits", backend="numpy")
     errors = {f.path.name: f.error for f in result.skipped}
-    assert "is 10x10 but the first frame is 96x64" in errors["small.fits"]
+    shape_text = "is 10x10 mono but the stack's frames are 96x64 mono (the reference frame_000_nsg.fits's)"
+    assert shape_text in errors["small.fits"]
     assert "has no NWEIGHT card" in errors["noweight.fits"]
     assert "cannot be read as FITS" in errors["garbage.fits"]
     assert "is truncated" in errors["truncated.fits"]
+    assert "has no data (every sample is 0 or not finite)" in errors["empty.fits"]
+    assert "its NWEIGHT card cannot be read" in errors["unparsable.fits"]
     assert all(str(tmp_path) in e for e in errors.values())  # every message names its file
-    assert len(result.used) == 6
+    assert len(result.used) == 6 and fits.getheader(tmp_path / "m.fits")["NCOMBINE"] == 6
     rows = list(csv.DictReader((tmp_path / "stack.csv").read_text().splitlines()))
-    assert [r["status"] for r in rows] == ["used"] * 6 + ["skipped"] * 4
-    with pytest.raises(StackError, match="small.fits"):
+    assert [r["status"] for r in rows] == ["skipped"] + ["used"] * 6 + ["skipped"] * 5
+    # The good frames alone give the same master (the empty frame was not the noise map's).
+    stack(scene.paths, tmp_path / "alone.fits", backend="numpy")
+    np.testing.assert_array_equal(_master(tmp_path / "m.fits")[0], _master(tmp_path / "alone.fits")[0])
+    # Without a reference among them, the most frames' shape.
+    mixed = [tmp_path / "small.fits", *scene.paths[1:4]]
+    errors = {f.path.name: f.error for f in stack(mixed, tmp_path / "m3.fits", backend="numpy").skipped}
+    assert "but the stack's frames are 96x64 mono (3 of the 4 frames')" in errors["small.fits"]
+    with pytest.raises(StackError, match="noweight.fits"):  # the frames are read, then their shapes compared
         stack(inputs, tmp_path / "m2.fits", backend="numpy", stop_on_error=True)
+    with pytest.raises(StackError, match="small.fits"):
+        stack(inputs[:7], tmp_path / "m2.fits", backend="numpy", stop_on_error=True)
     assert not (tmp_path / "m2.fits").exists()
+
+
+def test_outputs_never_overwrite_inputs_or_each_other(tmp_path):
+    """--csv, map files and the master are checked against the inputs (frames and an input
+    directory's weights.csv) and each other before anything is read; a master of an earlier
+    run in an input directory is not an input and may be replaced."""
+    scene = write_scene(tmp_path / "in", 4, seed=12)
+    victim = scene.paths[0]
+    before = victim.read_bytes()
+    cases = [
+        (dict(output=tmp_path / "a" / "m.fits", csv_path=victim), "stack.csv would overwrite an input frame"),
+        (dict(output=tmp_path / "b" / "m.fits", csv_path=tmp_path / "b" / "m.fits"), "would be the same file"),
+        (dict(output=tmp_path / "in" / "frame_000_nsg.fits"), "the master would overwrite an input frame"),
+    ]
+    for options, message in cases:
+        with pytest.raises(StackError, match=message):
+            stack(scene.paths, backend="numpy", **options)
+    coverage = tmp_path / "c" / "m_coverage.fits"
+    coverage.parent.mkdir()
+    coverage.write_bytes(before)
+    with pytest.raises(StackError, match="the coverage map would overwrite an input frame"):
+        stack([coverage, *scene.paths[1:]], tmp_path / "c" / "m.fits", maps="files", backend="numpy")
+    (tmp_path / "in" / "weights.csv").write_text("file,weight\n" + "".join(f"{p.name},1\n" for p in scene.paths))
+    with pytest.raises(StackError, match="would overwrite the frame list of an input directory"):
+        stack(tmp_path / "in", tmp_path / "in" / "weights.csv", backend="numpy")
+    assert victim.read_bytes() == before and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # Into the input directory, twice: the first master (and its map files) is not an input.
+    (tmp_path / "in" / "weights.csv").unlink()
+    first = stack(tmp_path / "in", tmp_path / "in" / "master.fits", maps="files", backend="numpy")
+    again = stack(tmp_path / "in", tmp_path / "in" / "master.fits", maps="files", backend="numpy")
+    assert len(first.used) == len(again.used) == 4 and not again.skipped
+
+
+def test_the_outputs_are_written_all_or_none(tmp_path):
+    """stack.csv that cannot be written (a folder of that name): no master and no maps."""
+    scene = write_scene(tmp_path / "in", 4, seed=13)
+    (tmp_path / "out" / "stack.csv").mkdir(parents=True)
+    with pytest.raises(OutputError, match="stack.csv: cannot be written"):
+        stack(scene.paths, tmp_path / "out" / "m.fits", maps="files", backend="numpy")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["stack.csv"]
+
+
+def test_a_weights_csv_from_a_spreadsheet_or_not_a_csv(tmp_path):
+    """A byte-order mark, CRLF and spaces around the names are read; bytes that are not text
+    get one clear error naming the file."""
+    scene = write_scene(tmp_path / "in", 4, seed=14)
+    rows = "".join(f" {p.name} ,1\r\n" for p in scene.paths[:3])
+    (tmp_path / "in" / "weights.csv").write_bytes(("\ufefffile,weight\r\n" + rows).encode())
+    result = stack(tmp_path / "in", tmp_path / "m.fits", backend="numpy")
+    assert [f.path.name for f in result.used] == [p.name for p in scene.paths[:3]]
+    (tmp_path / "in" / "weights.csv").write_bytes(bytes(range(128, 256)) * 3)
+    with pytest.raises(StackError, match=r"weights.csv: not a text CSV"):
+        stack(tmp_path / "in", tmp_path / "m2.fits", backend="numpy")
+    (tmp_path / "in" / "weights.csv").write_text("name,weight\nx,1\n")
+    with pytest.raises(StackError, match=r"weights.csv: has no 'file' column"):
+        stack(tmp_path / "in", tmp_path / "m2.fits", backend="numpy")
 
 
 def test_compressed_integer_and_xisf_inputs_give_the_same_master(tmp_path):
