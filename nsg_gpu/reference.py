@@ -337,7 +337,9 @@ def check_coverage(frame: Frame) -> None:
     xp = get_backend(data).xp
     covered = float(xp.count_nonzero(data.min(axis=0) > 0)) / (data.shape[1] * data.shape[2])
     if covered == 0:
-        raise FrameDataError(frame.path, "every pixel is 0 (no data); is the frame empty or a failed registration?")
+        raise FrameDataError(
+            frame.path, "every pixel is 0 or not finite (no data); is the frame empty or a failed registration?"
+        )
     if covered < MIN_COVERAGE:
         raise FrameDataError(
             frame.path, f"only {covered:.1%} of the pixels hold data; at least {MIN_COVERAGE:.0%} is needed"

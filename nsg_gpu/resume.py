@@ -23,7 +23,7 @@ from pathlib import Path
 
 from astropy.io import fits
 
-from .errors import FrameError
+from .errors import FrameError, OutputError
 from .io import meta_from_header, read_output_header
 from .keywords import FINGERPRINT, REFERENCE, card_name, read_nsg_cards
 from .params import Parameters
@@ -84,8 +84,12 @@ def clear_outputs(output: str | os.PathLike) -> None:
     for candidate in output_locations(output):
         try:
             candidate.unlink()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # absent, or its folder is not one
             pass
+        except IsADirectoryError:
+            raise OutputError(f"{candidate}: a folder has the name of this frame's output; move it away") from None
+        except OSError as exc:
+            raise OutputError(f"{candidate}: cannot be removed to redo the frame ({exc.strerror or exc})") from exc
 
 
 def result_from_header(

@@ -77,6 +77,12 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputError(f"{output_dir}: the output directory is a file; choose another --output-dir")
+    for above in output_dir.absolute().parents:
+        if above.exists() and not above.is_dir():
+            raise OutputError(f"{output_dir}: {above} is a file, not a folder; choose another --output-dir")
+    rejected = output_dir / "rejected"
+    if rejected.exists() and not rejected.is_dir():
+        raise OutputError(f"{rejected}: is a file, where rejected frames' outputs go; move it away")
     return output_dir
 
 
@@ -127,6 +133,8 @@ def plan_run(
         The output directory is a file, or an output would overwrite an input.
     """
     params = params or Parameters()
+    if "/" in postfix or "\\" in postfix or os.sep in postfix:
+        raise NSGError(f"--postfix {postfix!r}: a postfix names files in the output directory; no / or \\")
     if output_format not in OUTPUT_FORMATS:
         raise NSGError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}, not {output_format!r}")
     output_dir = check_output_dir(output_dir)
@@ -142,9 +150,12 @@ def plan_run(
     targets: list[Path] = []
     duplicates: list[FrameResult] = []
     ref_resolved = reference_path.resolve()
+    seen_reference = False
     for p in paths:
         key = p.resolve()
-        if key == ref_resolved:
+        if key == ref_resolved and not seen_reference:
+            seen_reference = True
+            seen[key] = p
             continue
         if key in seen:
             duplicates.append(
@@ -157,12 +168,25 @@ def plan_run(
         targets.append(p)
     inputs = {ref_resolved, *seen.keys()}
     outputs = {}
+    named: dict[Path, Path] = {}  # each output, and the frame it is of
     for p in [reference_path, *targets]:
         out = output_path(p, output_dir, postfix, output_format=output_format)
         if out.resolve() in inputs:
             raise OutputError(
                 f"{out}: the output would overwrite an input frame; choose another --output-dir or postfix"
             )
+        other = named.get(out.resolve())
+        if other is not None:  # frames of one name in two folders
+            duplicates.append(
+                FrameResult(
+                    path=str(p),
+                    status="failed",
+                    error=f"{p}: its output {out.name} would be {other}'s as well; rename one of the two frames",
+                )
+            )
+            targets.remove(p)
+            continue
+        named[out.resolve()] = p
         outputs[p] = out
     return RunPlan(reference_path, outputs[reference_path], targets, outputs, duplicates, reason)
 
@@ -264,6 +288,9 @@ def normalize(
             found = find_complete_output(plan.outputs[p], reference_name=ref_name, fingerprint=fingerprints[p])
             if found is not None:
                 complete[p] = found
+    for p, out in plan.outputs.items():  # a frame redone has no output until its new one is complete
+        if p not in complete:
+            clear_outputs(out)
     try:
         ref_frame = read_frame(plan.reference_path)
     except FrameError as exc:
@@ -274,7 +301,6 @@ def normalize(
         reference_row = reference_result(prepared, complete.pop(plan.reference_path)[0])
         reference_row.resumed = True
     else:
-        clear_outputs(plan.reference_output)
         reference_row = write_reference(prepared, plan.reference_output, fingerprint=fingerprints[plan.reference_path])
     total = len(plan.targets) + 1
     if progress:
@@ -291,8 +317,6 @@ def normalize(
         for job in plan.jobs(prepared.params.history(), fingerprints=fingerprints, diagnostics=plots or report)
         if job.path not in complete
     ]
-    for job in jobs:
-        clear_outputs(job.output)  # a frame redone has no output until its new one is complete
     frame_plots: dict[str, list[Path]] = {}
     plot_error = None
     kept: dict[str, tuple] = {}

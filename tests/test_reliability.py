@@ -58,6 +58,7 @@ def test_inputs_are_never_modified(frames, tmp_path):
     [
         pytest.param(lambda d: (d * 65535).astype(np.uint16), "units unlike the reference", id="adu-vs-normalized"),
         pytest.param(lambda d: np.zeros_like(d), "every pixel is 0", id="all-zero"),
+        pytest.param(lambda d: np.full_like(d, np.nan), "every pixel is 0 or not finite", id="all-nan"),
         pytest.param(lambda d: np.roll(d, 12, axis=-1), "does not look registered", id="not-registered"),
         pytest.param(_keep_centre, "of the pixels hold data", id="mostly-zero"),
     ],
@@ -87,9 +88,50 @@ def test_nan_pixels_are_no_data_not_an_error(frames, tmp_path):
 
 
 def test_same_path_twice_is_processed_once(frames, tmp_path):
-    run = normalize([frames[0], frames[1], frames[1]], reference=frames[0], output_dir=tmp_path / "o")
+    run = normalize([frames[0], frames[1], frames[1], frames[0]], reference=frames[0], output_dir=tmp_path / "o")
+    assert [f.status for f in run.frames] == ["reference", "failed", "failed", "ok"]
+    assert "given twice" in run.frames[1].error and "given twice" in run.frames[2].error
+
+
+def test_frames_of_one_name_in_two_folders_do_not_share_an_output(frames, tmp_path):
+    """The second frame whose output name is taken fails with both names; the first's output,
+    results and weights.csv are its own."""
+    other = tmp_path / "other" / frames[1].name
+    other.parent.mkdir()
+    other.write_bytes(frames[2].read_bytes())
+    run = normalize([frames[0], frames[1], other], reference=frames[0], output_dir=tmp_path / "o")
     assert [f.status for f in run.frames] == ["reference", "failed", "ok"]
-    assert "given twice" in run.frames[1].error
+    assert str(other) in run.frames[1].error and str(frames[1]) in run.frames[1].error
+    ok = run.frames[2]
+    assert Path(ok.path) == frames[1] and fits.getheader(ok.output)["NSGS0"] == pytest.approx(
+        ok.transmission[0], rel=1e-4
+    )
+    listed = (tmp_path / "o" / "weights.csv").read_text().splitlines()
+    outputs = [f.output for f in run.frames if f.output]
+    assert len(set(listed)) == len(listed) and len(set(outputs)) == len(outputs) == 2
+
+
+def test_blocked_output_paths_are_one_clear_error(frames, tmp_path):
+    """A file above the output directory, a file named rejected, a folder named as an output:
+    one line each, nothing written."""
+    from typer.testing import CliRunner
+
+    from nsg_gpu.cli import app
+
+    (tmp_path / "afile").touch()
+    (tmp_path / "o2").mkdir()
+    (tmp_path / "o2" / "rejected").touch()
+    (tmp_path / "o3" / frames[1].name.replace(".fits", "_nsg.fits")).mkdir(parents=True)
+    cases = {
+        tmp_path / "afile" / "sub": "is a file, not a folder",
+        tmp_path / "o2": "is a file, where rejected frames' outputs go",
+        tmp_path / "o3": "a folder has the name of this frame's output",
+    }
+    for output, message in cases.items():
+        args = ["normalize", *map(str, frames[:2]), "-r", str(frames[0]), "-o", str(output), "--no-report"]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in (tmp_path / "o3").iterdir()) == [frames[1].name.replace(".fits", "_nsg.fits")]
 
 
 @mutation_fuzz
