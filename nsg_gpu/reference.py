@@ -90,6 +90,9 @@ PSF_KNOT_SHARE = 1.0 / 3.0
 PEDESTAL_MARGIN = 1e-3
 #: :func:`as_measured` looks for a sky clipped at 0 on every this many rows first.
 SCATTERED_ZERO_ROWS = 8
+#: A run of this many equal pixels along the frame's edge, not 0, is a registration's border
+#: filled with that value (:func:`as_measured`); a sky with noise never repeats a value so.
+FILL_RUN = 32
 
 
 @dataclass
@@ -291,6 +294,11 @@ def as_measured(frame: Frame) -> tuple[Frame, float]:
       (:func:`nsg_gpu.stars.no_data_regions`). A reference with a sixth of its sky at 0 left
       every target without a usable star pair. Its scattered zeros are given the least
       positive float32: data of the value 0.
+    - A registration border filled with a value other than 0 (a fill the registration was
+      set to, or a level taken off a frame after it was registered): no data, as 0 would
+      have said, and set to 0 (:func:`_filled_borders`). Read as data it was a sky without
+      noise, which took the frame's noise for a small share of its own and gave weights of
+      thousands to millions.
     - A sky about 0 (subtracted, or calibrated without a pedestal and not clipped): about half
       its sky is negative, and such a frame was left with few star pairs, a noise read on its
       positive half and half its output's sky clipped to 0. Every pixel holding data is raised
@@ -305,6 +313,10 @@ def as_measured(frame: Frame) -> tuple[Frame, float]:
     data = frame.data
     be = get_backend(data)
     xp = be.xp
+    filled = _filled_borders(data)
+    if filled is not None:
+        data = xp.where(filled, np.float32(0), data).astype(xp.float32)
+        frame = dataclasses.replace(frame, data=data)
     scattered = _scattered_zeros(data)
     least = float(be.to_host(data.min()))
     if scattered is None and not least < 0:
@@ -315,6 +327,35 @@ def as_measured(frame: Frame) -> tuple[Frame, float]:
     if pedestal:
         data = xp.where(data != 0, data + pedestal, np.float32(0)).astype(xp.float32)
     return dataclasses.replace(frame, data=data), float(pedestal)
+
+
+def _filled_borders(data):
+    """Where each channel holds a registration border of one value other than 0, or None:
+    the pixels of a value that runs over :data:`FILL_RUN` pixels along one of the frame's
+    edges (not the channel's highest, where a saturated star cut by the edge runs), where they
+    fill 3 x 3 squares (a binary opening, as no-data zeros are found).
+    Only the four edges are looked at unless such a run is there."""
+    be = get_backend(data)
+    xp, ndi = be.xp, be.ndimage
+    found = None
+    for c in range(data.shape[0]):
+        plane = data[c]
+        values = set()
+        for edge in (plane[0], plane[-1], plane[:, 0], plane[:, -1]):
+            same = edge[1:] == edge[:-1]
+            if int(be.to_host(same.sum())) < FILL_RUN - 1:
+                continue
+            run = ndi.minimum_filter1d(same.view(xp.uint8), FILL_RUN - 1, mode="constant", cval=0)
+            ends = be.to_host(xp.flatnonzero(run))
+            values.update(float(v) for v in be.to_host(edge[ends]) if v != 0 and np.isfinite(v))
+        if values:  # never the frame's top: a saturated star cut by the edge runs along it too
+            values.discard(float(be.to_host(xp.nanmax(plane))))
+        for value in sorted(values):
+            fill = ndi.binary_opening(plane == np.float32(value), structure=xp.ones((3, 3), bool))
+            if found is None:
+                found = xp.zeros(data.shape, bool)
+            found[c] |= fill
+    return found
 
 
 def _scattered_zeros(data):

@@ -16,6 +16,7 @@ import pytest
 from astropy.io import fits
 from conftest import mutation_fuzz, read_mutated
 
+from nsg_gpu.params import Parameters
 from nsg_gpu.run import normalize
 from nsg_gpu.synthetic import write_synthetic_set
 
@@ -382,3 +383,32 @@ def test_a_sky_about_zero_is_data_not_a_hole(tmp_path):
     reference_out = fits.getdata(about0.frames[0].output)
     assert np.array_equal(reference_out, fits.getdata(subtracted[0]))
     assert score_frame(subtracted[0]).coverage > 0.95
+
+
+def test_a_border_filled_with_one_value_is_no_data(frames, tmp_path):
+    """A registration border filled with 0.05 instead of 0, or the frame lowered by its sky
+    level after registration (its border then negative): the same weight and transmission as
+    with a border of zeros, and zeros there in the output. Read as a sky without noise, such a
+    border gave weights a thousand times too high."""
+    header = fits.getheader(frames[1])
+    data = fits.getdata(frames[1]).astype(np.float32)
+    border = np.zeros(data.shape, bool)
+    border[..., :25, :] = True
+    border[..., :, -40:] = True
+    zeroed = np.where(border, np.float32(0), data)
+    variants = {
+        "zeroed": zeroed,
+        "filled": np.where(border, np.float32(0.05), data),
+        "lowered": zeroed - np.float32(np.median(data[~border])),
+    }
+    for name, values in variants.items():
+        fits.PrimaryHDU(values, header).writeto(tmp_path / f"{name}.fits")
+    paths = [frames[0], *(tmp_path / f"{name}.fits" for name in variants)]
+    params = Parameters(min_weight=0, min_transmission=0)
+    run = normalize(paths, reference=frames[0], output_dir=tmp_path / "o", params=params)
+    rows = {Path(f.path).stem: f for f in run.frames[1:]}
+    assert all(f.status == "ok" for f in rows.values()), [f.error for f in rows.values()]
+    for name in ("filled", "lowered"):
+        assert rows[name].weight == pytest.approx(rows["zeroed"].weight, rel=0.03), name
+        assert rows[name].transmission[0] == pytest.approx(rows["zeroed"].transmission[0], rel=0.01), name
+        assert not fits.getdata(rows[name].output)[border].any(), name
