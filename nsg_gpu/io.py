@@ -123,9 +123,7 @@ class Frame:
         if data.ndim == 2:
             data = data[np.newaxis]
         elif data.ndim != 3 or data.shape[0] not in (1, 3):
-            raise FrameShapeError(
-                path, f"has shape {tuple(data.shape)}; frames must be 2-D mono or 3-D colour with 3 planes"
-            )
+            raise FrameShapeError(path, shape_problem(tuple(data.shape)))
         _zero_non_finite(data)
         header = header.copy() if header is not None else fits.Header()
         return cls(path, data, header, _white_level(header, data), meta_from_header(header))
@@ -139,11 +137,21 @@ class Frame:
         return int(self.data.shape[1]), int(self.data.shape[2])
 
 
+def shape_problem(shape: tuple) -> str:
+    """What is wrong with an image of ``shape`` (NumPy's order) as a frame."""
+    text = f"has shape {shape}; frames must be 2-D mono or 3-D colour with 3 planes"
+    if len(shape) == 3 and shape[-1] in (1, 3) and shape[0] not in (1, 3):
+        text += " on the first axis (NAXIS3 = 3), not the last"
+    return text
+
+
 def frame_stem(path: str | os.PathLike) -> str:
-    """The file name without its FITS or XISF suffixes (``a.fits.gz`` gives ``a``)."""
+    """The file name without its FITS or XISF suffixes (``a.fits.gz`` and ``a.fits.fz`` give
+    ``a``)."""
     name = Path(path).name
     lower = name.lower()
-    for suffix in sorted(FITS_SUFFIXES + XISF_SUFFIXES, key=len, reverse=True):
+    compressed = (".fits.fz", ".fit.fz", ".fts.fz")  # a tile-compressed file's usual names
+    for suffix in sorted(FITS_SUFFIXES + compressed + XISF_SUFFIXES, key=len, reverse=True):
         if lower.endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
@@ -391,10 +399,7 @@ def read_frame(path: str | os.PathLike) -> Frame:
     if data.ndim == 2:
         data = data[np.newaxis]
     elif data.ndim != 3 or data.shape[0] not in (1, 3):
-        raise FrameShapeError(
-            path,
-            f"has shape {tuple(data.shape)}; frames must be 2-D mono or 3-D colour with 3 planes",
-        )
+        raise FrameShapeError(path, shape_problem(tuple(data.shape)))
     data = np.array(data, dtype=np.float32)  # a copy: the input file's buffer is never touched
     _zero_non_finite(data)
     meta = meta_from_header(header)

@@ -245,7 +245,8 @@ def _find_stars(reference: Reference, frame: Frame, image, noise: float, fwhm_t:
     shift = np.hypot(tx - x, ty - y)
     # Found: the centroid moved little and a star really stands there (the centroid of bare
     # sky also lies near the window's centre).
-    snr = peak_contrast(image, x, y, max(stars.fwhm, fwhm_t)) / noise
+    with np.errstate(divide="ignore", invalid="ignore"):  # a frame without noise: no star found
+        snr = peak_contrast(image, x, y, max(stars.fwhm, fwhm_t)) / noise
     found = np.isfinite(shift) & (shift <= params.star_search_radius) & (snr > 5)
     covered = get_backend(image).to_host(gather_stamps(image, x, y, 2).min(axis=(1, 2))) > 0
     judged = _judged_stars(reference, covered, snr)

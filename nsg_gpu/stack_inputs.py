@@ -22,7 +22,7 @@ from astropy.io import fits
 
 from .combine import CHUNK_SAMPLES, TWIN_BYTES_PER_SAMPLE
 from .errors import FrameError, FrameReadError, FrameShapeError, ParameterError, StackError, quiet_warnings
-from .io import FRAME_SUFFIXES
+from .io import FRAME_SUFFIXES, shape_problem
 from .pixel_rejection import PEAK_BYTES
 
 #: Memory set aside for the interpreter and the libraries within a --memory budget.
@@ -214,7 +214,7 @@ def _image_shape(header: fits.Header, path: Path) -> tuple[int, int, int]:
     if naxis == 3 and axes[2] in (1, 3):
         return axes[2], axes[1], axes[0]
     shape = tuple(reversed(axes))
-    raise FrameShapeError(path, f"has shape {shape}; frames must be 2-D mono or 3-D colour with 3 planes")
+    raise FrameShapeError(path, shape_problem(shape))
 
 
 def open_fits(path: Path) -> tuple[fits.Header, BandRows | None]:

@@ -7,7 +7,7 @@ import pytest
 from astropy.io import fits
 
 from nsg_gpu.errors import FrameReadError, FrameShapeError, OutputError
-from nsg_gpu.io import output_path, read_frame, write_frame
+from nsg_gpu.io import frame_stem, output_path, read_frame, write_frame
 from nsg_gpu.keywords import NSGCards, set_nsg_keywords
 
 
@@ -57,6 +57,14 @@ def test_tile_compressed_and_gzipped_frames_read_as_the_plain_one(tmp_path):
         other = read_frame(tmp_path / name)
         np.testing.assert_array_equal(other.data, plain.data)
         assert other.white_level == plain.white_level and other.meta.exposure == 30.0
+        assert output_path(tmp_path / name, tmp_path / "o").name == f"{name.split('.')[0]}_nsg.fits"
+    assert frame_stem("a.fz") == "a" and frame_stem("a.FIT.fz") == "a" and frame_stem("a.fts.gz") == "a"
+
+
+def test_colour_planes_on_the_last_axis_are_named(tmp_path):
+    fits.PrimaryHDU(np.ones((30, 40, 3), np.float32)).writeto(tmp_path / "planes_last.fits")
+    with pytest.raises(FrameShapeError, match=r"3 planes on the first axis \(NAXIS3 = 3\), not the last"):
+        read_frame(tmp_path / "planes_last.fits")
 
 
 def test_read_errors_name_the_file(tmp_path):

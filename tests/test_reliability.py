@@ -60,6 +60,7 @@ def test_inputs_are_never_modified(frames, tmp_path):
         pytest.param(lambda d: (d * 65535).astype(np.uint16), "units unlike the reference", id="adu-vs-normalized"),
         pytest.param(lambda d: np.zeros_like(d), "every pixel is 0", id="all-zero"),
         pytest.param(lambda d: np.full_like(d, np.nan), "every pixel is 0 or not finite", id="all-nan"),
+        pytest.param(lambda d: np.full_like(d, 0.1), "does not look registered", id="constant"),
         pytest.param(lambda d: np.roll(d, 12, axis=-1), "does not look registered", id="not-registered"),
         pytest.param(_keep_centre, "of the pixels hold data", id="mostly-zero"),
     ],
