@@ -65,7 +65,8 @@ def stack_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, bool]]
 
     A directory means the accepted outputs of ``nsg normalize``: the files its ``weights.csv``
     lists (reference first) when it has one, else its FITS and XISF files (sorted by name; not
-    those of ``rejected/`` or any other subfolder). Returns ``(path, from_directory)`` pairs.
+    those of ``rejected/`` or any other subfolder). Returns ``(path, from_directory)`` pairs,
+    a file named twice (as given, through a link or a directory) twice.
 
     Raises
     ------
@@ -88,14 +89,7 @@ def stack_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, bool]]
             found.append((path, False))
         else:
             raise StackError(f"{path}: no such file or directory")
-    seen: set[Path] = set()
-    unique = []
-    for path, from_directory in found:
-        key = path.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append((path, from_directory))
-    return unique
+    return found
 
 
 @dataclass

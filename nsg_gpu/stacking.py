@@ -296,8 +296,14 @@ def _scan(listed, weight_mode: str, spool_root: Path, *, stop_on_error: bool):
     """Open every input once: header, shape, weight; decompress what cannot be read in bands."""
     frames: list[StackFrame] = []
     sources: list[StackInput] = []
+    seen: dict[Path, Path] = {}
     for path, from_directory in listed:
         source = StackInput(path)
+        key = path.resolve()
+        if key in seen:
+            source.error = f"{path}: given twice (also as {seen[key]}); stacked once"
+            sources.append(source)
+            continue
         try:
             try:
                 _prepare(source, weight_mode, spool_root, len(sources))
@@ -309,6 +315,7 @@ def _scan(listed, weight_mode: str, spool_root: Path, *, stop_on_error: bool):
             if stop_on_error:
                 raise StackError(str(exc)) from exc
             source.error = str(exc)
+        seen[key] = path
         sources.append(source)
     shape, whose = _stack_shape([s for s in sources if s.error is None])
     for source in sources:

@@ -702,6 +702,10 @@ def test_bad_frames_are_left_out_with_their_reason(tmp_path):
     # The good frames alone give the same master (the empty frame was not the noise map's).
     stack(scene.paths, tmp_path / "alone.fits", backend="numpy")
     np.testing.assert_array_equal(_master(tmp_path / "m.fits")[0], _master(tmp_path / "alone.fits")[0])
+    # A frame given twice (through a link too) is stacked once.
+    (tmp_path / "link.fits").symlink_to(scene.paths[2])
+    twice = stack([*scene.paths, tmp_path / "link.fits"], tmp_path / "m4.fits", backend="numpy")
+    assert len(twice.used) == 6 and "given twice (also as" in twice.skipped[0].error
     # Without a reference among them, the most frames' shape.
     mixed = [tmp_path / "small.fits", *scene.paths[1:4]]
     errors = {f.path.name: f.error for f in stack(mixed, tmp_path / "m3.fits", backend="numpy").skipped}
