@@ -309,6 +309,8 @@ def _normalized_with_overshoot(data: np.ndarray) -> bool:
 def _check_file(path: Path) -> None:
     """Raise :class:`FrameReadError` unless ``path`` is a file that can be opened."""
     if path.is_dir():
+        if not any(p.is_file() and p.name.lower().endswith(FRAME_SUFFIXES) for p in path.iterdir()):
+            raise FrameReadError(path, "is a directory holding no FITS or XISF frame")
         raise FrameReadError(path, "is a directory, not a frame")
     if not path.is_file():
         raise FrameReadError(path, "no such file")
@@ -330,11 +332,13 @@ def _fits_reason(path: Path, error: Exception) -> str:
 
 def expand_frames(paths) -> list[Path]:
     """The frames that ``paths`` name: a directory stands for its FITS and XISF files (sorted
-    by name, not recursive); anything else is kept as given, to be read or to fail alone."""
+    by name, not recursive; one without any is kept, to fail as one); anything else is kept as
+    given, to be read or to fail alone."""
     out: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            out.extend(sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(FRAME_SUFFIXES)))
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(FRAME_SUFFIXES))
+            out.extend(found or [path])  # a directory without frames fails alone, named
         else:
             out.append(path)
     return out

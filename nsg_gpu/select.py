@@ -479,8 +479,10 @@ def choose_reference(paths: Sequence[str | os.PathLike], *, detection_sigma: flo
     """
     ranked = inspect_frames(paths, detection_sigma=detection_sigma)
     if not ranked or not ranked[0].candidate:
+        why = [s.error or f"{s.path}: {s.note or 'not a candidate'}" for s in ranked]
+        shown = "; ".join(why[:5]) + (f"; and {len(why) - 5} more" if len(why) > 5 else "")
         raise ReferenceFrameError(
-            paths[0] if paths else "auto", "no frame could be measured to choose a reference from"
+            "--reference auto", "no frame could be measured to choose a reference from" + (f" ({shown})" if why else "")
         )
     best = ranked[0]
     candidates = [s for s in ranked if s.candidate]

@@ -16,6 +16,7 @@ import pytest
 from astropy.io import fits
 from conftest import mutation_fuzz, read_mutated
 
+from nsg_gpu.errors import ReferenceFrameError
 from nsg_gpu.params import Parameters
 from nsg_gpu.run import normalize
 from nsg_gpu.synthetic import write_synthetic_set
@@ -87,6 +88,21 @@ def test_nan_pixels_are_no_data_not_an_error(frames, tmp_path):
     assert run.ok
     out = fits.getdata(run.frames[1].output)
     assert np.all(out[100:140, 200:260] == 0)
+
+
+def test_a_directory_without_frames_fails_alone_named(frames, tmp_path):
+    (tmp_path / "empty").mkdir()
+    run = normalize([frames[0], tmp_path / "empty", frames[1]], reference=frames[0], output_dir=tmp_path / "o")
+    assert [f.status for f in run.frames] == ["reference", "failed", "ok"]
+    assert run.frames[1].error == f"{tmp_path / 'empty'}: is a directory holding no FITS or XISF frame"
+
+
+def test_auto_reference_among_unreadable_frames_names_each(tmp_path):
+    (tmp_path / "text.fits").write_text("not a FITS file " * 200)
+    fits.PrimaryHDU(np.zeros((50, 60), np.float32)).writeto(tmp_path / "zero.fits")
+    with pytest.raises(ReferenceFrameError, match="no frame could be measured") as caught:
+        normalize([tmp_path / "text.fits", tmp_path / "zero.fits"], output_dir=tmp_path / "o")
+    assert "text.fits: is not a FITS file" in str(caught.value) and "zero.fits" in str(caught.value)
 
 
 def test_same_path_twice_is_processed_once(frames, tmp_path):
