@@ -351,7 +351,11 @@ def read_meta(path: str | os.PathLike) -> FrameMeta:
     if _is_xisf(path):
         return meta_from_header(_read_xisf(path, pixels=False)[1])
     try:
-        with open(path, "rb") as handle, fits.open(handle, memmap=False) as hdul:
+        with (
+            quiet_warnings(AstropyUserWarning, FITSFixedWarning),  # the reading says what is wrong
+            open(path, "rb") as handle,
+            fits.open(handle, memmap=False) as hdul,
+        ):
             return meta_from_header(_image_header(hdul, _first_image_hdu(hdul, path)))
     except FrameReadError:
         raise

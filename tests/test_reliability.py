@@ -105,6 +105,21 @@ def test_auto_reference_among_unreadable_frames_names_each(tmp_path):
     assert "text.fits: is not a FITS file" in str(caught.value) and "zero.fits" in str(caught.value)
 
 
+def test_a_truncated_frame_is_one_line_without_astropys_warnings(frames, tmp_path):
+    """Run as a user runs it (no test's warning filters): the truncated frame's line names it,
+    and nothing of astropy's own reaches the terminal."""
+    truncated = tmp_path / "truncated.fits"
+    truncated.write_bytes(frames[1].read_bytes()[:300_000])
+    args = [str(frames[0]), str(truncated), "-r", str(frames[0]), "-o", str(tmp_path / "o"), "--no-report"]
+    done = subprocess.run(
+        [sys.executable, "-m", "nsg_gpu", "normalize", *args, "--json"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 3, done.stderr
+    assert "WARNING" not in done.stderr and "Warning" not in done.stderr, done.stderr
+    failed = [json.loads(line) for line in done.stdout.splitlines() if '"failed"' in line]
+    assert failed and "truncated.fits" in json.dumps(failed)
+
+
 def test_same_path_twice_is_processed_once(frames, tmp_path):
     run = normalize([frames[0], frames[1], frames[1], frames[0]], reference=frames[0], output_dir=tmp_path / "o")
     assert [f.status for f in run.frames] == ["reference", "failed", "failed", "ok"]
