@@ -68,10 +68,13 @@ def stack_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, bool]]
     those of ``rejected/`` or any other subfolder). Returns ``(path, from_directory)`` pairs,
     a file named twice (as given, through a link or a directory) twice.
 
+    A directory without frames, and a path that names nothing, are kept as given: the stack
+    leaves them out with their reason.
+
     Raises
     ------
     StackError
-        An input is neither a file nor a directory, or a directory holds no frame.
+        A directory's ``weights.csv`` cannot be read.
     """
     found: list[tuple[Path, bool]] = []
     for item in inputs:
@@ -82,13 +85,9 @@ def stack_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, bool]]
                 files = [path / name for name in _listed_names(listing)]
             else:
                 files = sorted(p for p in path.iterdir() if _is_frame_file(p))
-            if not files:
-                raise StackError(f"{path}: no frames in this directory (FITS or XISF files, or a weights.csv)")
-            found += [(f, True) for f in files]
-        elif path.exists() or path.suffix:
-            found.append((path, False))
+            found += [(f, True) for f in files] if files else [(path, False)]  # none: left out, named
         else:
-            raise StackError(f"{path}: no such file or directory")
+            found.append((path, False))
     return found
 
 

@@ -185,6 +185,7 @@ def stack(
     csv_path = Path(csv_path) if csv_path is not None else output.parent / "stack.csv"
     _check_outputs(inputs, listed, output, csv_path, maps)
     spool_parent = Path(spool_dir) if spool_dir is not None else output.parent
+    made = [p for p in [spool_parent, *spool_parent.absolute().parents] if not p.exists()]  # deepest first
     try:
         spool_parent.mkdir(parents=True, exist_ok=True)
         spool_root = tempfile.mkdtemp(prefix=".nsg-stack-", dir=spool_parent)
@@ -234,6 +235,14 @@ def stack(
             result.csv = write_stack_csv(result, csv_path, group)
         result.write_seconds = time.perf_counter() - written
         result.previews = stack_previews(products)
+    except BaseException:
+        shutil.rmtree(spool_root, ignore_errors=True)
+        for folder in made:  # a stack that failed leaves no folder it made
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
     finally:
         shutil.rmtree(spool_root, ignore_errors=True)
     result.seconds = time.perf_counter() - started
@@ -369,8 +378,12 @@ class _MasterFile(Exception):
 
 def _prepare(source: StackInput, weight_mode: str, spool_root: Path, index: int) -> None:
     path = source.path
+    if path.is_dir():
+        raise FrameReadError(path, "is a directory holding no FITS or XISF frame (nor a weights.csv)")
+    if not path.exists():
+        raise FrameReadError(path, "is a link to nothing" if path.is_symlink() else "no such file or directory")
     if not path.is_file():
-        raise FrameReadError(path, "no such file")
+        raise FrameReadError(path, "is not a regular file")
     data = None
     if path.name.lower().endswith(XISF_SUFFIXES):
         header, rows = None, None

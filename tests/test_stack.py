@@ -713,8 +713,25 @@ def test_bad_frames_are_left_out_with_their_reason(tmp_path):
     with pytest.raises(StackError, match="noweight.fits"):  # the frames are read, then their shapes compared
         stack(inputs, tmp_path / "m2.fits", backend="numpy", stop_on_error=True)
     with pytest.raises(StackError, match="small.fits"):
-        stack(inputs[:7], tmp_path / "m2.fits", backend="numpy", stop_on_error=True)
-    assert not (tmp_path / "m2.fits").exists()
+        stack(inputs[:7], tmp_path / "new" / "folder" / "m2.fits", backend="numpy", stop_on_error=True)
+    assert not (tmp_path / "new").exists()  # nor the folders it made
+
+
+def test_what_names_no_frame_is_left_out_named(tmp_path):
+    """A directory without frames, a path to nothing, a broken link and a device: each left
+    out with its reason; the frames stacked."""
+    scene = write_scene(tmp_path / "in", 3, seed=15)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.fits").symlink_to(tmp_path / "gone.fits")
+    named = [tmp_path / "empty", tmp_path / "nothing", tmp_path / "broken.fits", Path("/dev/null")]
+    result = stack([*scene.paths, *named], tmp_path / "m.fits", backend="numpy")
+    errors = [f.error for f in result.skipped]
+    assert len(result.used) == 3 and errors == [
+        f"{tmp_path / 'empty'}: is a directory holding no FITS or XISF frame (nor a weights.csv)",
+        f"{tmp_path / 'nothing'}: no such file or directory",
+        f"{tmp_path / 'broken.fits'}: is a link to nothing",
+        "/dev/null: is not a regular file",
+    ]
 
 
 def test_outputs_never_overwrite_inputs_or_each_other(tmp_path):
