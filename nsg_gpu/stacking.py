@@ -167,6 +167,8 @@ def stack(
     output = Path(output)
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    if output.name.lower().endswith(XISF_SUFFIXES + (".fz", ".gz")):
+        raise ParameterError(f"{output}: the master is written as plain FITS; name it .fits")
     if maps not in ("hdus", "files", "none"):
         raise ParameterError(f"maps={maps!r}: choose hdus, files or none")
     if isinstance(rejection, str):

@@ -29,7 +29,7 @@ import nsg_gpu
 from nsg_gpu import pixel_rejection
 from nsg_gpu.cli import app
 from nsg_gpu.combine import LAD_STEPS, reject_combine
-from nsg_gpu.errors import OutputError, StackError
+from nsg_gpu.errors import OutputError, ParameterError, StackError
 from nsg_gpu.pixel_rejection import (
     METHODS,
     PEAK_BYTES,
@@ -749,6 +749,8 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path):
     for options, message in cases:
         with pytest.raises(StackError, match=message):
             stack(scene.paths, backend="numpy", **options)
+    with pytest.raises(ParameterError, match="the master is written as plain FITS; name it .fits"):
+        stack(scene.paths, tmp_path / "m.xisf", backend="numpy")
     coverage = tmp_path / "c" / "m_coverage.fits"
     coverage.parent.mkdir()
     coverage.write_bytes(before)
