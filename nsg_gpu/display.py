@@ -123,6 +123,7 @@ class RunDisplay(_Display):
                 "failed": len(run.failed),
                 "rejected": sum(1 for f in run.frames if f.rejected),
                 "kept": sum(1 for f in run.frames if f.resumed),
+                "not_tried": run.not_tried,
                 "backend": backend,
                 "results": str(output_dir / "results.csv"),
                 "report": run.report,
@@ -135,6 +136,8 @@ class RunDisplay(_Display):
         self._print(
             f"{done} of {len(run.frames)} frames normalized on {backend}; results in {output_dir / 'results.csv'}"
         )
+        if run.not_tried:
+            self._print_error(f"stopped at the first failure (--stop-on-error): {run.not_tried} frame(s) not tried")
         kept = sum(1 for f in run.frames if f.resumed)
         if kept:
             self._print(

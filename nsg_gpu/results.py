@@ -146,6 +146,7 @@ class RunResult:
     reference_reason: str | None = None
     report: str | None = None  # report.html, when written
     report_error: str | None = None  # why it was not
+    not_tried: int = 0  # frames left when --stop-on-error stopped the run
 
     @property
     def failed(self) -> list[FrameResult]:

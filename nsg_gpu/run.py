@@ -350,6 +350,7 @@ def normalize(
         output_dir=output_dir,
     )
     run = RunResult(str(plan.reference_path), results, prepared.params, plan.reference_reason)
+    run.not_tried = sum(1 for p in plan.targets if p not in by_path)
     run.report_error = plot_error
     write_results(run, output_dir)
     write_weights(run, output_dir)

@@ -443,6 +443,7 @@ def test_stop_on_error_writes_nothing_after_the_failure(frames, tmp_path):
     inputs = [frames[0], frames[1], bad, *frames[2:]]
     run = normalize(inputs, reference=frames[0], output_dir=tmp_path / "o", stop_on_error=True)
     assert [f.status for f in run.frames] == ["reference", "ok", "failed"]
+    assert run.not_tried == len(frames) - 2  # said in the summary
     written = sorted(p.name for p in (tmp_path / "o").glob("*.fits"))
     assert written == sorted([f"{frames[0].stem}_nsg.fits", f"{frames[1].stem}_nsg.fits"])
 
