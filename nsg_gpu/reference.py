@@ -346,8 +346,8 @@ def _filled_borders(data):
             if int(be.to_host(same.sum())) < FILL_RUN - 1:
                 continue
             run = ndi.minimum_filter1d(same.view(xp.uint8), FILL_RUN - 1, mode="constant", cval=0)
-            ends = be.to_host(xp.flatnonzero(run))
-            values.update(float(v) for v in be.to_host(edge[ends]) if v != 0 and np.isfinite(v))
+            in_runs = be.to_host(edge[xp.flatnonzero(run)])
+            values.update(float(v) for v in np.unique(in_runs) if v != 0 and np.isfinite(v))
         if values:  # never the frame's top: a saturated star cut by the edge runs along it too
             values.discard(float(be.to_host(xp.nanmax(plane))))
         for value in sorted(values):

@@ -263,6 +263,24 @@ def test_stack_on_gpu_equals_numpy(cp, tmp_path):
     assert (tmp_path / "gpu.fits").read_bytes() == (tmp_path / "cpu.fits").read_bytes()
 
 
+def test_a_filled_border_on_gpu_as_on_the_cpu(cp):
+    """reference.as_measured on a CuPy frame whose border is filled with one value (and a
+    sky lowered below 0): the same pixels as NumPy's."""
+    from nsg_gpu.backend import select_backend
+    from nsg_gpu.io import Frame
+    from nsg_gpu.reference import as_frame, as_measured
+
+    rng = np.random.default_rng(5)
+    data = (0.1 + rng.normal(0, 0.003, (3, 120, 160))).astype(np.float32)
+    data[:, :, :30] = np.float32(0.05)
+    data[:, :20, :] = np.float32(0.05)
+    for values in (data, data - np.float32(0.1)):
+        host, host_pedestal = as_measured(Frame.from_array(values))
+        device, device_pedestal = as_measured(as_frame(Frame.from_array(values), select_backend("cupy")))
+        assert not host.data[:, :, :30].any() and host_pedestal == device_pedestal
+        np.testing.assert_array_equal(cp.asnumpy(device.data), host.data)
+
+
 def test_cli_info_names_the_gpu(cp):
     from typer.testing import CliRunner
 
