@@ -93,6 +93,8 @@ SCATTERED_ZERO_ROWS = 8
 #: A run of this many equal pixels along the frame's edge, not 0, is a registration's border
 #: filled with that value (:func:`as_measured`); a sky with noise never repeats a value so.
 FILL_RUN = 32
+#: A value that makes this share of the frame's central fifth (each way) is the sky's, not a fill.
+FILL_CENTRE_SHARE = 0.01
 
 
 @dataclass
@@ -332,8 +334,10 @@ def as_measured(frame: Frame) -> tuple[Frame, float]:
 def _filled_borders(data):
     """Where each channel holds a registration border of one value other than 0, or None:
     the pixels of a value that runs over :data:`FILL_RUN` pixels along one of the frame's
-    edges (not the channel's highest, where a saturated star cut by the edge runs), where they
-    fill 3 x 3 squares (a binary opening, as no-data zeros are found).
+    edges (not the channel's highest, where a saturated star cut by the edge runs, nor one
+    that makes :data:`FILL_CENTRE_SHARE` or more of the frame's central fifth: a sky
+    quantized finer than its noise, or clipped at a floor, repeats its value everywhere),
+    where they fill 3 x 3 squares (a binary opening, as no-data zeros are found).
     Only the four edges are looked at unless such a run is there."""
     be = get_backend(data)
     xp, ndi = be.xp, be.ndimage
@@ -350,6 +354,10 @@ def _filled_borders(data):
             values.update(float(v) for v in np.unique(in_runs) if v != 0 and np.isfinite(v))
         if values:  # never the frame's top: a saturated star cut by the edge runs along it too
             values.discard(float(be.to_host(xp.nanmax(plane))))
+        if values:  # nor a value of the sky itself (a sky quantized finer than its noise, a floor)
+            h, w = plane.shape
+            centre = plane[h // 2 - h // 10 : h // 2 + h // 10 + 1, w // 2 - w // 10 : w // 2 + w // 10 + 1]
+            values = {v for v in values if float(be.to_host(xp.mean(centre == np.float32(v)))) < FILL_CENTRE_SHARE}
         for value in sorted(values):
             fill = ndi.binary_opening(plane == np.float32(value), structure=xp.ones((3, 3), bool))
             if found is None:

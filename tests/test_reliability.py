@@ -444,3 +444,21 @@ def test_a_border_filled_with_one_value_is_no_data(frames, tmp_path):
         assert rows[name].weight == pytest.approx(rows["zeroed"].weight, rel=0.03), name
         assert rows[name].transmission[0] == pytest.approx(rows["zeroed"].transmission[0], rel=0.01), name
         assert not fits.getdata(rows[name].output)[border].any(), name
+
+
+def test_a_sky_that_repeats_its_value_is_not_a_filled_border():
+    """A sky quantized finer than its noise (8-bit data: noise 0.3 unit, one value on most
+    pixels), or clipped at a floor, runs along the edges too: it stays data. A fill of 0.05
+    on the same field's left 50 columns is found, and only it."""
+    from nsg_gpu.reference import _filled_borders
+
+    rng = np.random.default_rng(1)
+    h, w = 400, 600
+    quantized = np.round(20 + rng.normal(0, 0.3, (h, w))).astype(np.float32)
+    floor = np.maximum(0.1 + rng.normal(0, 0.01, (h, w)), 0.1).astype(np.float32)
+    assert _filled_borders(quantized[None]) is None and _filled_borders(floor[None]) is None
+    filled = (0.1 + rng.normal(0, 0.003, (h, w))).astype(np.float32)
+    filled[:, :50] = np.float32(0.05)
+    expected = np.zeros((1, h, w), bool)
+    expected[0, :, :50] = True
+    np.testing.assert_array_equal(_filled_borders(filled[None]), expected)
