@@ -76,8 +76,9 @@ def atomic_write(path: str | os.PathLike, fill) -> Path:
 
 class AtomicGroup:
     """Files that are written together or not at all: each is written to a temporary file
-    beside it and synced (:meth:`write`), and all are renamed over their paths at once
-    (:meth:`commit`); a failure before that leaves none of them (:meth:`discard`). Use as a
+    beside it and synced (:meth:`write`), and once all are written they are renamed over
+    their paths one after another (:meth:`commit`; a path taken by a folder stops it before
+    the first rename); a failure before that leaves none of them (:meth:`discard`). Use as a
     context manager: it commits when the block ends without an error, else discards."""
 
     def __init__(self) -> None:

@@ -205,6 +205,10 @@ def normalize(
     from .run import normalize as run_normalize
 
     check_output_dir(output_dir)  # before the progress bar: a one-line error, nothing started
+    if stack_output is not None:
+        from .stacking import check_master_name
+
+        check_master_name(stack_output)
 
     clustered = scheduler is not None or workers is not None or gpus is not None
     if gpus is not None:

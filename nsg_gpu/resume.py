@@ -30,7 +30,14 @@ from .params import Parameters
 from .rejection import REJECTED_DIR
 from .results import FrameResult
 
-__all__ = ["frame_fingerprint", "find_complete_output", "result_from_header", "clear_outputs", "output_locations"]
+__all__ = [
+    "frame_fingerprint",
+    "find_complete_output",
+    "result_from_header",
+    "check_clearable",
+    "clear_outputs",
+    "output_locations",
+]
 
 
 def _identity(path: Path) -> list:
@@ -77,6 +84,16 @@ def find_complete_output(
         if header.get(FINGERPRINT) == fingerprint and header.get(REFERENCE) == card_name(reference_name):
             return candidate, header
     return None
+
+
+def check_clearable(output: str | os.PathLike) -> None:
+    """Raise :class:`OutputError` where :func:`clear_outputs` could not clear a frame's
+    outputs (a folder of their name, a folder that cannot be written); removes nothing."""
+    for candidate in output_locations(output):
+        if candidate.is_dir():
+            raise OutputError(f"{candidate}: a folder has the name of this frame's output; move it away")
+        if candidate.exists() and not os.access(candidate.parent, os.W_OK):
+            raise OutputError(f"{candidate}: cannot be removed to redo the frame (its folder is not writable)")
 
 
 def clear_outputs(output: str | os.PathLike) -> None:

@@ -31,7 +31,7 @@ from .reference import Reference, prepare_reference
 from .rejection import reject_frames
 from .report import write_results, write_weights
 from .results import FrameResult, RunResult
-from .resume import clear_outputs, find_complete_output, frame_fingerprint, result_from_header
+from .resume import check_clearable, clear_outputs, find_complete_output, frame_fingerprint, result_from_header
 from .select import choose_reference
 
 __all__ = ["RunPlan", "plan_run", "normalize", "check_output_dir"]
@@ -288,9 +288,9 @@ def normalize(
             found = find_complete_output(plan.outputs[p], reference_name=ref_name, fingerprint=fingerprints[p])
             if found is not None:
                 complete[p] = found
-    for p, out in plan.outputs.items():  # a frame redone has no output until its new one is complete
+    for p, out in plan.outputs.items():  # outputs that could not be cleared: before anything is done
         if p not in complete:
-            clear_outputs(out)
+            check_clearable(out)
     try:
         ref_frame = read_frame(plan.reference_path)
     except FrameError as exc:
@@ -301,6 +301,7 @@ def normalize(
         reference_row = reference_result(prepared, complete.pop(plan.reference_path)[0])
         reference_row.resumed = True
     else:
+        clear_outputs(plan.reference_output)
         reference_row = write_reference(prepared, plan.reference_output, fingerprint=fingerprints[plan.reference_path])
     total = len(plan.targets) + 1
     if progress:
@@ -317,6 +318,8 @@ def normalize(
         for job in plan.jobs(prepared.params.history(), fingerprints=fingerprints, diagnostics=plots or report)
         if job.path not in complete
     ]
+    for job in jobs:
+        clear_outputs(job.output)  # a frame redone has no output until its new one is complete
     frame_plots: dict[str, list[Path]] = {}
     plot_error = None
     kept: dict[str, tuple] = {}

@@ -158,17 +158,17 @@ def stack(
     Every input file is read once: uncompressed FITS images band by band straight from their
     data (``os.preadv``, no memory map, so the resident memory does not grow with the files),
     compressed FITS and XISF whole, one at a time, into the spool file they are then read
-    from. A frame that cannot be used (unreadable, another shape than the first frame's,
-    no or a non-positive weight) is left out with its reason in ``stack.csv`` and the
-    result; the stack goes on unless ``stop_on_error``. Results do not depend on the
-    memory budget (the band height), the pixel chunks or the threads.
+    from. A frame that cannot be used (unreadable, another shape than the reference's or most
+    frames', no or a non-positive weight, no sample with data, given twice) is left out with
+    its reason in ``stack.csv`` and the result; the stack goes on unless ``stop_on_error``.
+    Results do not depend on the memory budget (the band height), the pixel chunks or the
+    threads.
     """
     started = time.perf_counter()
     output = Path(output)
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    if output.name.lower().endswith(XISF_SUFFIXES + (".fz", ".gz")):
-        raise ParameterError(f"{output}: the master is written as plain FITS; name it .fits")
+    check_master_name(output)
     if maps not in ("hdus", "files", "none"):
         raise ParameterError(f"maps={maps!r}: choose hdus, files or none")
     if isinstance(rejection, str):
@@ -187,14 +187,24 @@ def stack(
     csv_path = Path(csv_path) if csv_path is not None else output.parent / "stack.csv"
     _check_outputs(inputs, listed, output, csv_path, maps)
     spool_parent = Path(spool_dir) if spool_dir is not None else output.parent
-    made = [p for p in [spool_parent, *spool_parent.absolute().parents] if not p.exists()]  # deepest first
+    folders = {output.parent.absolute(): "the master's folder", csv_path.parent.absolute(): "stack.csv's folder"}
+    folders.setdefault(spool_parent.absolute(), "the spool folder's place")
+    made = {above for folder in folders for above in [folder, *folder.parents] if not above.exists()}
+    made = sorted(made, key=lambda p: len(p.parts), reverse=True)  # deepest first
     try:
-        spool_parent.mkdir(parents=True, exist_ok=True)
-        spool_root = tempfile.mkdtemp(prefix=".nsg-stack-", dir=spool_parent)
-    except OSError as exc:
-        if spool_dir is None:
-            raise OutputError(f"{spool_parent}: the master's folder cannot be written ({exc.strerror or exc})") from exc
-        raise OutputError(f"{spool_parent}: cannot hold the stack's spool folder ({exc.strerror or exc})") from exc
+        for folder, role in folders.items():
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(f"{folder}: {role} cannot be made ({exc.strerror or exc})") from exc
+        try:
+            spool_root = tempfile.mkdtemp(prefix=".nsg-stack-", dir=spool_parent)
+        except OSError as exc:
+            role = "the master's folder" if spool_dir is None else "the spool folder's place"
+            raise OutputError(f"{spool_parent}: {role} cannot be written ({exc.strerror or exc})") from exc
+    except OutputError:
+        _remove_folders(made)
+        raise
     try:
         frames, sources = _scan(listed, weight_mode, Path(spool_root), stop_on_error=stop_on_error)
         scan_seconds = time.perf_counter() - started
@@ -229,6 +239,8 @@ def stack(
         noise_map = _noise_map(used, weight_mode) if rejection.needs_noise(len(used)) else None
         products = _combine(used, result, chosen, noise_map, threads=threads, progress=progress)
         used = _finish_frames(frames, sources, used, products)
+        if stop_on_error and any(f.error for f in frames):
+            raise StackError(next(f.error for f in frames if f.error))
         if not used:
             raise StackError("no frame can be stacked: " + "; ".join(f.error for f in frames if f.error))
         written = time.perf_counter()
@@ -239,11 +251,7 @@ def stack(
         result.previews = stack_previews(products)
     except BaseException:
         shutil.rmtree(spool_root, ignore_errors=True)
-        for folder in made:  # a stack that failed leaves no folder it made
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        _remove_folders(made)  # a stack that failed leaves no folder it made
         raise
     finally:
         shutil.rmtree(spool_root, ignore_errors=True)
@@ -255,6 +263,20 @@ def stack(
         except (OutputError, OSError) as exc:
             result.report_error = str(exc)
     return result
+
+
+def _remove_folders(folders: list[Path]) -> None:
+    """Remove these folders (deepest first) where they are empty."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def check_master_name(output: str | os.PathLike) -> None:
+    """Raise :class:`ParameterError` where ``output`` names a format the master is not
+    written in (it is plain FITS)."""
+    if Path(output).name.lower().endswith(XISF_SUFFIXES + (".fz", ".gz")):
+        raise ParameterError(f"{output}: the master is written as plain FITS; name it .fits")
 
 
 def _check_outputs(inputs, listed, output: Path, csv_path: Path, maps: str) -> None:
@@ -313,6 +335,8 @@ def _scan(listed, weight_mode: str, spool_root: Path, *, stop_on_error: bool):
         key = path.resolve()
         if key in seen:
             source.error = f"{path}: given twice (also as {seen[key]}); stacked once"
+            if stop_on_error:
+                raise StackError(source.error)
             sources.append(source)
             continue
         try:

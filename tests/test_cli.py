@@ -248,6 +248,14 @@ def test_exit_codes_json_rejections_and_quiet_reference(small_frames, tmp_path):
     )
 
 
+def test_normalize_refuses_a_master_name_before_it_starts(small_frames, tmp_path):
+    frames = sorted(str(p) for p in (small_frames / "in").glob("*.fits"))
+    args = ["normalize", *frames, "-r", frames[0], "-o", str(tmp_path / "out"), "--stack", str(tmp_path / "m.xisf")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "the master is written as plain FITS" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_normalize_then_stack_against_the_truth(small_frames, tmp_path):
     """``normalize --stack``: the accepted outputs (not rejected/) integrated; against the
     synthetic field's truth the trail of frame 2 and the hot pixels are gone, the coverage is

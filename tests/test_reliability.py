@@ -144,6 +144,18 @@ def test_frames_of_one_name_in_two_folders_do_not_share_an_output(frames, tmp_pa
     assert len(set(listed)) == len(listed) and len(set(outputs)) == len(outputs) == 2
 
 
+def test_a_reference_that_fails_leaves_the_earlier_outputs(frames, tmp_path):
+    """--overwrite with a reference that cannot be used: the error, and the earlier run's
+    outputs still there (they are cleared only once the reference is prepared)."""
+    first = normalize(frames[:3], reference=frames[0], output_dir=tmp_path / "o")
+    before = {f.output: _digest(Path(f.output)) for f in first.frames}
+    blank = tmp_path / frames[0].name
+    fits.PrimaryHDU(np.zeros_like(fits.getdata(frames[0])), fits.getheader(frames[0])).writeto(blank)
+    with pytest.raises(ReferenceFrameError, match="every pixel is 0"):
+        normalize([blank, *frames[1:3]], reference=blank, output_dir=tmp_path / "o", overwrite=True)
+    assert {out: _digest(Path(out)) for out in before} == before
+
+
 def test_blocked_output_paths_are_one_clear_error(frames, tmp_path):
     """A file above the output directory, a file named rejected, a folder named as an output:
     one line each, nothing written."""

@@ -715,6 +715,10 @@ def test_bad_frames_are_left_out_with_their_reason(tmp_path):
     with pytest.raises(StackError, match="small.fits"):
         stack(inputs[:7], tmp_path / "new" / "folder" / "m2.fits", backend="numpy", stop_on_error=True)
     assert not (tmp_path / "new").exists()  # nor the folders it made
+    for extra, name in ((scene.paths[0], "given twice"), (tmp_path / "empty.fits", "has no data")):
+        with pytest.raises(StackError, match=name):
+            stack([*scene.paths, extra], tmp_path / "m5.fits", backend="numpy", stop_on_error=True)
+    assert not (tmp_path / "m5.fits").exists()
 
 
 def test_what_names_no_frame_is_left_out_named(tmp_path):
@@ -774,6 +778,12 @@ def test_the_outputs_are_written_all_or_none(tmp_path):
     with pytest.raises(OutputError, match="stack.csv: cannot be written"):
         stack(scene.paths, tmp_path / "out" / "m.fits", maps="files", backend="numpy")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["stack.csv"]
+    # A master's name taken by a folder, stack.csv into new folders: none of them left.
+    (tmp_path / "taken" / "m.fits").mkdir(parents=True)
+    csv_path = tmp_path / "new" / "deep" / "stack.csv"
+    with pytest.raises(OutputError, match="m.fits: cannot be written"):
+        stack(scene.paths, tmp_path / "taken" / "m.fits", csv_path=csv_path, backend="numpy")
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["m.fits"]
 
 
 def test_a_weights_csv_from_a_spreadsheet_or_not_a_csv(tmp_path):
