@@ -23,7 +23,7 @@ from typing import Annotated, Optional
 import typer
 
 from .display import RunDisplay, StackDisplay
-from .errors import NSGError
+from .errors import NSGError, ParameterError
 from .params import Parameters
 from .synthetic import SCENARIOS
 from .version import __version__
@@ -206,9 +206,12 @@ def normalize(
 
     check_output_dir(output_dir)  # before the progress bar: a one-line error, nothing started
     if stack_output is not None:
+        from .io import expand_frames
         from .stacking import check_master_name
 
         check_master_name(stack_output)
+        if Path(stack_output).resolve() in {p.resolve() for p in expand_frames(frames)}:
+            raise ParameterError(f"{stack_output}: --stack names one of the frames; choose another path")
 
     clustered = scheduler is not None or workers is not None or gpus is not None
     if gpus is not None:

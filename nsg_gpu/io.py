@@ -37,6 +37,8 @@ __all__ = [
     "FrameMeta",
     "read_frame",
     "read_meta",
+    "is_stack_master",
+    "MASTER_CARD",
     "read_output_header",
     "meta_from_header",
     "write_frame",
@@ -49,6 +51,8 @@ __all__ = [
 
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.gz", ".fit.gz", ".fts.gz")
 XISF_SUFFIXES = (".xisf",)
+#: Name of the card that marks a master (or map) written by nsg stack: never a frame.
+MASTER_CARD = "NSGSTACK"
 #: What a directory given as frames contributes.
 FRAME_SUFFIXES = FITS_SUFFIXES + XISF_SUFFIXES
 #: Output formats of ``normalize`` and the file suffix of each.
@@ -342,6 +346,19 @@ def expand_frames(paths) -> list[Path]:
         else:
             out.append(path)
     return out
+
+
+def is_stack_master(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a FITS master or map written by nsg stack (its :data:`MASTER_CARD`);
+    False for anything that cannot be read as FITS (its reading says why)."""
+    path = Path(path)
+    if not path.is_file() or _is_xisf(path):
+        return False
+    try:
+        with quiet_warnings(AstropyUserWarning, FITSFixedWarning):
+            return MASTER_CARD in fits.getheader(path)
+    except Exception:
+        return False
 
 
 def read_meta(path: str | os.PathLike) -> FrameMeta:

@@ -22,7 +22,7 @@ from .diagnostics import chosen_frames, existing_frame_plots, write_frame_plots
 from .errors import FrameError, NSGError, OutputError, ReferenceFrameError
 from .executors import InProcessExecutor
 from .htmlreport import write_report
-from .io import OUTPUT_FORMATS, expand_frames, frame_stem, output_path, read_frame
+from .io import OUTPUT_FORMATS, expand_frames, frame_stem, is_stack_master, output_path, read_frame
 from .jobs import FrameJob, reference_result, write_reference
 from .params import Parameters
 from .pipeline import normalize_frame
@@ -99,6 +99,8 @@ def _reference_among(reference: Path, frames: list[Path]) -> Path:
     if reference.is_dir():
         raise ReferenceFrameError(reference, "is a directory; give the reference frame itself")
     if reference.is_file():
+        if is_stack_master(reference):
+            raise ReferenceFrameError(reference, "is a master written by nsg stack, not a frame")
         return reference
     if reference.parent == Path("."):
         named = sorted({p for p in frames if reference.name in (p.name, frame_stem(p))}, key=str)
@@ -139,6 +141,14 @@ def plan_run(
         raise NSGError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}, not {output_format!r}")
     output_dir = check_output_dir(output_dir)
     paths = expand_frames(frames)
+    masters = [
+        FrameResult(path=str(p), status="failed", error=f"{p}: is a master written by nsg stack, not a frame")
+        for p in paths
+        if is_stack_master(p)
+    ]
+    if masters:
+        named = {r.path for r in masters}
+        paths = [p for p in paths if str(p) not in named]
     reason = None
     if str(reference) == "auto":
         if not paths:
@@ -148,7 +158,7 @@ def plan_run(
         reference_path = _reference_among(Path(reference), paths)
     seen: dict[Path, Path] = {}
     targets: list[Path] = []
-    duplicates: list[FrameResult] = []
+    duplicates: list[FrameResult] = list(masters)
     ref_resolved = reference_path.resolve()
     seen_reference = False
     for p in paths:

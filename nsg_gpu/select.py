@@ -71,7 +71,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FrameError, ReferenceFrameError
-from .io import read_frame
+from .io import is_stack_master, read_frame
 from .noise import multiscale_noise, noise_step
 from .reference import as_measured
 from .stars import detect_stars, detection_image, smooth_background
@@ -456,6 +456,11 @@ def inspect_frames(paths: Sequence[str | os.PathLike], *, detection_sigma: float
     """Score every frame (an unreadable one gets its error) and rank them; see :func:`rank_frames`."""
     scores = []
     for p in paths:
+        if is_stack_master(p):
+            scores.append(
+                ReferenceScore(Path(p), error=f"{p}: is a master written by nsg stack, not a frame", note="a master")
+            )
+            continue
         try:
             scores.append(score_frame(p, detection_sigma=detection_sigma))
         except FrameError as exc:

@@ -27,8 +27,6 @@ from .pixel_rejection import PEAK_BYTES
 
 #: Memory set aside for the interpreter and the libraries within a --memory budget.
 PROCESS_RESERVE = 256 << 20
-#: Name of the card that marks a master written by nsg stack (such files are never stacked).
-MASTER_CARD = "NSGSTACK"
 
 
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"PK\x03\x04")

@@ -15,9 +15,9 @@ import numpy as np
 from astropy.io import fits
 
 from .atomic import AtomicGroup, write_bytes
-from .io import STRUCTURAL_CARDS
+from .io import MASTER_CARD, STRUCTURAL_CARDS
 from .pixel_rejection import Rejection
-from .stack_inputs import MASTER_CARD, StackInput
+from .stack_inputs import StackInput
 from .version import __version__
 
 STACK_COLUMNS = (

@@ -34,12 +34,11 @@ from .backend import Backend, select_backend
 from .combine import CHUNK_SAMPLES, BandResult, reject_combine
 from .errors import FrameDataError, FrameError, FrameReadError, FrameShapeError, OutputError, ParameterError, StackError
 from .htmlreport import add_stack_section
-from .io import XISF_SUFFIXES, read_frame
+from .io import MASTER_CARD, XISF_SUFFIXES, read_frame
 from .keywords import HISTORY_PREFIX
 from .noise import ksigma_noise
 from .pixel_rejection import NOISE_BOX, NoiseMap, Rejection, peak_excess
 from .stack_inputs import (
-    MASTER_CARD,
     BandRows,
     FileHandles,
     StackInput,

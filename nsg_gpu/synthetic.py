@@ -755,11 +755,14 @@ class SyntheticField:
     def background_noise(self, k: int) -> np.ndarray:
         """The noise per channel of frame ``k``'s background before registration: the RMS of
         :meth:`noise_map` where the star light is under a tenth of the sky's pixel noise (which
-        takes in the gradient's and the nebula's shot noise), within the coverage."""
+        takes in the gradient's and the nebula's shot noise), within the coverage (all of it
+        where stars leave no such pixel)."""
         noise = self.noise_map(k)
         t = np.asarray(self.frames[k].transmission, np.float32)[:, None, None]
         faint = (t * self.stars(k, captured=True)).max(axis=0) < 0.1 * self.pixel_noise(k).min()
         keep = faint & self.coverage(k)
+        if not keep.any():  # a field of stars everywhere: the covered pixels' noise
+            keep = self.coverage(k)
         return np.sqrt(np.mean(noise[:, keep] ** 2, axis=1))
 
     def perfect_normalization(self, k: int, data: np.ndarray) -> np.ndarray:

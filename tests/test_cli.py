@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -253,7 +254,33 @@ def test_normalize_refuses_a_master_name_before_it_starts(small_frames, tmp_path
     args = ["normalize", *frames, "-r", frames[0], "-o", str(tmp_path / "out"), "--stack", str(tmp_path / "m.xisf")]
     result = runner.invoke(app, args)
     assert result.exit_code == 1 and "the master is written as plain FITS" in result.output
+    result = runner.invoke(app, [*args[:-1], frames[2]])
+    assert result.exit_code == 1 and "--stack names one of the frames" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_master_among_the_frames_is_not_a_frame(small_frames, tmp_path):
+    """A master of nsg stack among FRAMES (written beside them): normalize fails it alone and
+    never takes it for the reference; inspect says what it is."""
+    frames = sorted((small_frames / "in").glob("*.fits"))
+    with fits.open(frames[1]) as hdul:
+        header = hdul[0].header.copy()
+        header["NSGSTACK"] = "nsg-gpu"
+        fits.PrimaryHDU(hdul[0].data * 2, header).writeto(tmp_path / "master.fits")
+    inputs = [str(tmp_path / "master.fits"), *map(str, frames[:3])]
+    result = runner.invoke(app, ["normalize", *inputs, "-o", str(tmp_path / "out"), "--backend", "numpy", "--json"])
+    assert result.exit_code == 3, result.output
+    table = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    rows = {Path(r["file"]).name: r for r in csv.DictReader(table)}
+    assert (
+        rows["master.fits"]["status"] == "failed" and "is a master written by nsg stack" in rows["master.fits"]["error"]
+    )
+    assert sum(r["status"] == "reference" for r in rows.values()) == 1 and rows["master.fits"]["status"] != "reference"
+    shown = runner.invoke(app, ["inspect", *inputs, "--json"])
+    listed = {Path(r["path"]).name: r for r in json.loads(shown.output)}
+    assert (
+        "is a master written by nsg stack" in listed["master.fits"]["error"] and not listed["master.fits"]["candidate"]
+    )
 
 
 def test_normalize_then_stack_against_the_truth(small_frames, tmp_path):

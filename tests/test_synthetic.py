@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from nsg_gpu.cli import app
 from nsg_gpu.noise import ksigma_noise
-from nsg_gpu.synthetic import FIELD_STEP, SCENARIOS, SyntheticField, SyntheticSpec
+from nsg_gpu.synthetic import FIELD_STEP, SCENARIOS, SyntheticField, SyntheticSpec, write_synthetic_set
 
 
 def _moffat(alpha: float, beta: float):
@@ -497,3 +497,13 @@ def test_independent_photometry_recovers_the_true_transmission():
                 truth[c],
             )
             assert error < 0.1 * truth[c]
+
+
+def test_a_crowded_field_too_small_for_faint_sky_still_has_a_noise_truth(tmp_path):
+    """The crowded scenario on 600 x 400 px leaves no pixel of faint sky: the noise truth is
+    then the covered pixels', a number (truth.json stays strict JSON)."""
+    spec = SyntheticSpec.from_scenario("crowded", width=600, height=400, n_frames=2, seed=3)
+    write_synthetic_set(tmp_path, spec=spec)
+    truth = json.loads((tmp_path / "truth.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    noise = [frame["background_noise"] for frame in truth["frames"]]
+    assert all(np.isfinite(v).all() and min(v) > 0 for v in noise), noise
