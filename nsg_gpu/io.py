@@ -14,6 +14,7 @@ XISF properties ride along in :attr:`Frame.properties` into an XISF output.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io as _io
 import os
 import re
@@ -571,6 +572,32 @@ def _write_xisf(name: str, data: np.ndarray, header: fits.Header, properties: di
         xisf.XISF.write(
             name, np.ascontiguousarray(data.transpose(1, 2, 0)), creator_app="nsg-gpu", image_metadata=image_metadata
         )
+    _set_creation_time(name, header)
+
+
+def _set_creation_time(name: str, header: fits.Header) -> None:
+    """Write the frame's capture time (``DATE-OBS``; 1970-01-01 without one) over the
+    ``XISF:CreationTime`` the xisf package stamps with the clock, in place (the same length),
+    so that the same inputs give the same bytes."""
+    tag = b'<Property id="XISF:CreationTime" type="String">'
+    with open(name, "r+b") as handle:
+        head = handle.read(16)
+        if head[:8] != b"XISF0100":
+            return
+        xml = handle.read(int.from_bytes(head[8:12], "little"))
+        at = xml.find(tag)
+        if at < 0:
+            return
+        start = at + len(tag)
+        old = xml[start : xml.find(b"</Property>", start)]
+        try:
+            when = datetime.datetime.fromisoformat(str(header.get("DATE-OBS", ""))).replace(tzinfo=None)
+        except ValueError:
+            when = datetime.datetime(1970, 1, 1)
+        new = when.isoformat(timespec="microseconds" if len(old) == 26 else "seconds").encode()
+        if len(new) == len(old):
+            handle.seek(16 + start)
+            handle.write(new)
 
 
 def read_output_header(path: str | os.PathLike) -> fits.Header:

@@ -84,6 +84,18 @@ def test_xisf_round_trip(tmp_path, colour):
     assert all(f.resumed for f in again.frames)
 
 
+def test_the_same_frame_written_twice_is_the_same_bytes(tmp_path):
+    """The xisf package stamps XISF:CreationTime with the clock; ours is the capture time."""
+    from nsg_gpu.io import write_frame
+
+    data = np.random.default_rng(2).random((3, 20, 30)).astype(np.float32)
+    header = fits.Header({"DATE-OBS": "2024-07-30T22:44:36.25", "EXPTIME": 10.0})
+    first = write_frame(tmp_path / "a.xisf", data, header).read_bytes()
+    second = write_frame(tmp_path / "b.xisf", data, header).read_bytes()
+    assert first == second and b'"XISF:CreationTime" type="String">2024-07-30T22:44:36.250000<' in first
+    np.testing.assert_array_equal(read_frame(tmp_path / "a.xisf").data, data)
+
+
 def test_integer_xisf_keeps_its_white_level(tmp_path):
     values = np.random.default_rng(3).integers(100, 60000, (40, 50, 1)).astype(np.uint16)
     path = tmp_path / "int.xisf"
