@@ -216,25 +216,34 @@ class Parameters:
 
     def __post_init__(self):
         checks = [
-            (self.detection_sigma > 0, "detection_sigma must be positive"),
-            (self.star_search_radius > 0, "star_search_radius must be positive"),
-            (1.0 < self.star_flux_tolerance <= 10, "star_flux_tolerance must be in (1, 10]"),
-            (self.max_scale_error is None or self.max_scale_error > 0, "max_scale_error must be positive"),
-            (0 <= self.outlier_removal <= 50, "outlier_removal must be a percentage in [0, 50]"),
-            (self.photometry in ("psf", "aperture"), "photometry must be 'psf' or 'aperture'"),
-            (self.aperture_fwhm > 0, "aperture_fwhm must be positive"),
-            (self.min_star_pairs >= 2, "min_star_pairs must be at least 2"),
-            (self.sample_size is None or 2 <= self.sample_size <= 1000, "sample_size must be in [2, 1000]"),
-            (-8 <= self.gradient_smoothness <= 4 or self.gradient_smoothness >= 4, "gradient_smoothness too small"),
-            (self.max_samples >= 10, "max_samples must be at least 10"),
+            (self.detection_sigma > 0, "detection_sigma (--detection-sigma) must be positive"),
+            (self.star_search_radius > 0, "star_search_radius (--star-search-radius) must be positive"),
+            (1.0 < self.star_flux_tolerance <= 10, "star_flux_tolerance (--star-flux-tolerance) must be in (1, 10]"),
+            (
+                self.max_scale_error is None or self.max_scale_error > 0,
+                "max_scale_error (--max-scale-error) must be positive",
+            ),
+            (0 <= self.outlier_removal <= 50, "outlier_removal (--outlier-removal) must be a percentage in [0, 50]"),
+            (self.photometry in ("psf", "aperture"), "photometry (--photometry) must be 'psf' or 'aperture'"),
+            (self.aperture_fwhm > 0, "aperture_fwhm (--aperture-fwhm) must be positive"),
+            (self.min_star_pairs >= 2, "min_star_pairs (--min-star-pairs) must be at least 2"),
+            (
+                self.sample_size is None or 2 <= self.sample_size <= 1000,
+                "sample_size (--sample-size) must be in [2, 1000]",
+            ),
+            (self.gradient_smoothness >= -8, "gradient_smoothness (--gradient-smoothness) must be at least -8"),
+            (self.max_samples >= 10, "max_samples (--max-samples) must be at least 10"),
             (
                 0 < len(self.weight_keyword) <= 8 and self.weight_keyword.isascii(),
-                "weight_keyword must be 1-8 ASCII characters",
+                "weight_keyword (--weight-keyword) must be 1-8 ASCII characters",
             ),
-            (0 <= self.min_weight <= 1, "min_weight must be in [0, 1] (a fraction of the best frame's weight)"),
+            (
+                0 <= self.min_weight <= 1,
+                "min_weight (--min-weight) must be in [0, 1] (a fraction of the best frame's weight)",
+            ),
             (
                 0 <= self.min_transmission <= 1,
-                "min_transmission must be in [0, 1] (a fraction of the best frame's transmission)",
+                "min_transmission (--min-transmission) must be in [0, 1] (a fraction of the best frame's transmission)",
             ),
         ]
         for ok, message in checks:

@@ -254,15 +254,15 @@ def test_max_scale_error_rejects_uncertain_and_disagreeing_frames(tmp_path):
     # A looser threshold keeps the uncertain frame, never the disagreeing one.
     rejected = reject_frames(frames, min_weight=0, min_transmission=0, max_scale_error=0.05, output_dir=tmp_path)
     assert [f.path for f in rejected] == ["chromatic"]
-    with pytest.raises(ValueError, match="max_scale_error must be positive"):
+    with pytest.raises(ValueError, match=r"max_scale_error \(--max-scale-error\) must be positive"):
         Parameters(max_scale_error=0)
     assert Parameters(max_scale_error=0.02).normalization_items() == Parameters().normalization_items()
 
 
 def test_thresholds_are_checked_and_not_part_of_the_history():
-    with pytest.raises(ValueError, match="min_weight must be in"):
+    with pytest.raises(ValueError, match=r"min_weight \(--min-weight\) must be in"):
         Parameters(min_weight=1.5)
-    with pytest.raises(ValueError, match="min_transmission must be in"):
+    with pytest.raises(ValueError, match=r"min_transmission \(--min-transmission\) must be in"):
         Parameters(min_transmission=-0.1)
     history = Parameters(min_weight=0.4).history()
     assert not any(line.startswith(("min_weight", "min_transmission")) for line in history)
