@@ -292,9 +292,11 @@ def _check_outputs(inputs, listed, output: Path, csv_path: Path, maps: str) -> N
         if key in seen:
             raise StackError(f"{path}: {role} and {seen[key]} would be the same file; choose other paths")
         seen[key] = role
-    taken = {
-        path.resolve(): "an input frame" for path, from_directory in listed if not (from_directory and _is_master(path))
-    }
+    taken = {}
+    for path, from_directory in listed:
+        key = path.resolve()
+        if key in seen and not (from_directory and _is_master(path)):  # headers read only where it matters
+            taken[key] = "an input frame"
     for item in inputs:
         listing = Path(item) / "weights.csv"
         if Path(item).is_dir() and listing.is_file():
