@@ -12,6 +12,7 @@ compared with another and nothing comes from ``nsg_gpu``.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from independent import NGC7023, read_planes, star_colours  # noqa: E402
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, and no options
     print_machine(machine())
     frames = sorted(NGC7023.glob("*.fits*"))
     if not frames:
