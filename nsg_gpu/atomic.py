@@ -91,21 +91,19 @@ class AtomicGroup:
         return path
 
     def commit(self) -> None:
-        staged, self._staged = self._staged, []
         try:
-            for _, path in staged:  # what would stop a rename, before any is made
+            for _, path in self._staged:  # what would stop a rename, before any is made
                 if path.is_dir():
                     raise OutputError(f"{path}: cannot be written (Is a directory)")
-            while staged:
-                tmp_name, path = staged[0]
+            while self._staged:
+                tmp_name, path = self._staged[0]
                 try:
                     os.replace(tmp_name, path)
                 except OSError as exc:
                     raise OutputError(f"{path}: cannot be written ({_os_reason(exc, path.parent)})") from exc
-                staged.pop(0)
+                del self._staged[0]
         finally:
-            self._staged = staged
-            self.discard()
+            self.discard()  # what was not renamed
 
     def discard(self) -> None:
         for tmp_name, _ in self._staged:

@@ -40,6 +40,7 @@ __all__ = [
     "read_meta",
     "is_stack_master",
     "MASTER_CARD",
+    "MASTER_REASON",
     "read_output_header",
     "meta_from_header",
     "write_frame",
@@ -54,6 +55,8 @@ FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.gz", ".fit.gz", ".fts.gz
 XISF_SUFFIXES = (".xisf",)
 #: Name of the card that marks a master (or map) written by nsg stack: never a frame.
 MASTER_CARD = "NSGSTACK"
+#: Why such a file is not taken as a frame.
+MASTER_REASON = "is a master written by nsg stack, not a frame"
 #: What a directory given as frames contributes.
 FRAME_SUFFIXES = FITS_SUFFIXES + XISF_SUFFIXES
 #: Output formats of ``normalize`` and the file suffix of each.

@@ -86,12 +86,16 @@ def find_complete_output(
     return None
 
 
+#: Why a frame's output cannot be written where a folder has its name.
+_FOLDER_IN_THE_WAY = "a folder has the name of this frame's output; move it away"
+
+
 def check_clearable(output: str | os.PathLike) -> None:
     """Raise :class:`OutputError` where :func:`clear_outputs` could not clear a frame's
     outputs (a folder of their name, a folder that cannot be written); removes nothing."""
     for candidate in output_locations(output):
         if candidate.is_dir():
-            raise OutputError(f"{candidate}: a folder has the name of this frame's output; move it away")
+            raise OutputError(f"{candidate}: {_FOLDER_IN_THE_WAY}")
         if candidate.exists() and not os.access(candidate.parent, os.W_OK):
             raise OutputError(f"{candidate}: cannot be removed to redo the frame (its folder is not writable)")
 
@@ -104,7 +108,7 @@ def clear_outputs(output: str | os.PathLike) -> None:
         except (FileNotFoundError, NotADirectoryError):  # absent, or its folder is not one
             pass
         except IsADirectoryError:
-            raise OutputError(f"{candidate}: a folder has the name of this frame's output; move it away") from None
+            raise OutputError(f"{candidate}: {_FOLDER_IN_THE_WAY}") from None
         except OSError as exc:
             raise OutputError(f"{candidate}: cannot be removed to redo the frame ({exc.strerror or exc})") from exc
 

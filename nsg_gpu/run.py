@@ -22,7 +22,7 @@ from .diagnostics import chosen_frames, existing_frame_plots, write_frame_plots
 from .errors import FrameError, NSGError, OutputError, ReferenceFrameError
 from .executors import InProcessExecutor
 from .htmlreport import write_report
-from .io import OUTPUT_FORMATS, expand_frames, frame_stem, is_stack_master, output_path, read_frame
+from .io import MASTER_REASON, OUTPUT_FORMATS, expand_frames, frame_stem, is_stack_master, output_path, read_frame
 from .jobs import FrameJob, reference_result, write_reference
 from .params import Parameters
 from .pipeline import normalize_frame
@@ -100,7 +100,7 @@ def _reference_among(reference: Path, frames: list[Path]) -> Path:
         raise ReferenceFrameError(reference, "is a directory; give the reference frame itself")
     if reference.is_file():
         if is_stack_master(reference):
-            raise ReferenceFrameError(reference, "is a master written by nsg stack, not a frame")
+            raise ReferenceFrameError(reference, MASTER_REASON)
         return reference
     if reference.parent == Path("."):
         named = sorted({p for p in frames if reference.name in (p.name, frame_stem(p))}, key=str)
@@ -142,9 +142,7 @@ def plan_run(
     output_dir = check_output_dir(output_dir)
     paths = expand_frames(frames)
     masters = [
-        FrameResult(path=str(p), status="failed", error=f"{p}: is a master written by nsg stack, not a frame")
-        for p in paths
-        if is_stack_master(p)
+        FrameResult(path=str(p), status="failed", error=f"{p}: {MASTER_REASON}") for p in paths if is_stack_master(p)
     ]
     if masters:
         named = {r.path for r in masters}

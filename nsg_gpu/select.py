@@ -71,7 +71,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FrameError, ReferenceFrameError
-from .io import is_stack_master, read_frame
+from .io import MASTER_REASON, is_stack_master, read_frame
 from .noise import multiscale_noise, noise_step
 from .reference import as_measured
 from .stars import detect_stars, detection_image, smooth_background
@@ -457,9 +457,7 @@ def inspect_frames(paths: Sequence[str | os.PathLike], *, detection_sigma: float
     scores = []
     for p in paths:
         if is_stack_master(p):
-            scores.append(
-                ReferenceScore(Path(p), error=f"{p}: is a master written by nsg stack, not a frame", note="a master")
-            )
+            scores.append(ReferenceScore(Path(p), error=f"{p}: {MASTER_REASON}", note="a master"))
             continue
         try:
             scores.append(score_frame(p, detection_sigma=detection_sigma))

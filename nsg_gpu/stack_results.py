@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from .atomic import AtomicGroup, write_bytes
-from .io import MASTER_CARD, STRUCTURAL_CARDS
+from .atomic import AtomicGroup
+from .io import MASTER_CARD, STRUCTURAL_CARDS, frame_stem
 from .pixel_rejection import Rejection
 from .stack_inputs import StackInput
 from .version import __version__
@@ -144,9 +144,9 @@ class StackResult:
         }
 
 
-def write_stack_csv(result: StackResult, path: str | os.PathLike, group: AtomicGroup | None = None) -> Path:
-    """Write ``stack.csv``: one row per input frame (:data:`STACK_COLUMNS`), atomically (as one
-    of ``group``'s files where given)."""
+def write_stack_csv(result: StackResult, path: str | os.PathLike, group: AtomicGroup) -> Path:
+    """Write ``stack.csv``: one row per input frame (:data:`STACK_COLUMNS`), as one of
+    ``group``'s files."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=STACK_COLUMNS)
     writer.writeheader()
@@ -154,10 +154,7 @@ def write_stack_csv(result: StackResult, path: str | os.PathLike, group: AtomicG
         writer.writerow(frame.row(result.samples_per_frame))
     path = Path(path)
     data = buffer.getvalue().encode()
-    if group is None:
-        write_bytes(path, data)
-    else:
-        group.write(path, lambda handle, _: handle.write(data))
+    group.write(path, lambda handle, _: handle.write(data))
     return path
 
 
@@ -208,10 +205,7 @@ def _master_header(first: fits.Header, result: StackResult, used: list[StackInpu
 
 def map_paths(output: Path) -> dict[str, Path]:
     """The map files beside the master ``output`` (``--maps files``)."""
-    stem = output.name
-    for suffix in (".fits", ".fit", ".fts"):
-        if stem.lower().endswith(suffix):
-            stem = stem[: -len(suffix)]
+    stem = frame_stem(output)
     return {name: output.parent / f"{stem}_{name}.fits" for name in ("coverage", "rejlow", "rejhigh")}
 
 

@@ -34,7 +34,7 @@ from .backend import Backend, select_backend
 from .combine import CHUNK_SAMPLES, BandResult, reject_combine
 from .errors import FrameDataError, FrameError, FrameReadError, FrameShapeError, OutputError, ParameterError, StackError
 from .htmlreport import add_stack_section
-from .io import MASTER_CARD, XISF_SUFFIXES, read_frame
+from .io import MASTER_CARD, MASTER_REASON, XISF_SUFFIXES, is_stack_master, read_frame
 from .keywords import HISTORY_PREFIX
 from .noise import ksigma_noise
 from .pixel_rejection import NOISE_BOX, NoiseMap, Rejection, peak_excess
@@ -205,6 +205,7 @@ def stack(
     except OutputError:
         _remove_folders(made)
         raise
+    done = False
     try:
         frames, sources = _scan(listed, weight_mode, Path(spool_root), stop_on_error=stop_on_error)
         scan_seconds = time.perf_counter() - started
@@ -249,12 +250,11 @@ def stack(
             result.csv = write_stack_csv(result, csv_path, group)
         result.write_seconds = time.perf_counter() - written
         result.previews = stack_previews(products)
-    except BaseException:
-        shutil.rmtree(spool_root, ignore_errors=True)
-        _remove_folders(made)  # a stack that failed leaves no folder it made
-        raise
+        done = True
     finally:
         shutil.rmtree(spool_root, ignore_errors=True)
+        if not done:
+            _remove_folders(made)  # a stack that failed leaves no folder it made
     result.seconds = time.perf_counter() - started
     if report:
         target = output.parent / "report.html" if report is True else Path(report)
@@ -295,7 +295,7 @@ def _check_outputs(inputs, listed, output: Path, csv_path: Path, maps: str) -> N
     taken = {}
     for path, from_directory in listed:
         key = path.resolve()
-        if key in seen and not (from_directory and _is_master(path)):  # headers read only where it matters
+        if key in seen and not (from_directory and is_stack_master(path)):  # headers read only where it matters
             taken[key] = "an input frame"
     for item in inputs:
         listing = Path(item) / "weights.csv"
@@ -305,15 +305,6 @@ def _check_outputs(inputs, listed, output: Path, csv_path: Path, maps: str) -> N
         if key in taken:
             option = "-o" if role == "the master" or role.endswith(" map") else "--csv"
             raise StackError(f"{outputs[role]}: {role} would overwrite {taken[key]}; choose another {option}")
-
-
-def _is_master(path: Path) -> bool:
-    """Whether ``path`` is a master or map written by nsg stack (its ``NSGSTACK`` card)."""
-    try:
-        header, _ = open_fits(path)
-    except (FrameError, OSError):
-        return False
-    return header is not None and MASTER_CARD in header
 
 
 def _weight_mode(weights: str) -> str:
@@ -347,7 +338,7 @@ def _scan(listed, weight_mode: str, spool_root: Path, *, stop_on_error: bool):
             except _MasterFile:
                 if from_directory:
                     continue  # a master of an earlier stack in the directory: never an input
-                raise FrameDataError(path, "is a master written by nsg stack, not a frame") from None
+                raise FrameDataError(path, MASTER_REASON) from None
         except FrameError as exc:
             if stop_on_error:
                 raise StackError(str(exc)) from exc
@@ -385,7 +376,7 @@ def _stack_shape(readable: list[StackInput]) -> tuple[tuple | None, str]:
     among them (its ``NSG.reference`` history line), else the most frames' (the first
     frame's among equals)."""
     for source in readable:
-        if source.header is not None and f"{HISTORY_PREFIX}reference" in source.header.get("HISTORY", []):
+        if _is_reference(source):
             return source.shape, f"the reference {source.path.name}'s"
     shapes = [source.shape for source in readable]
     if not shapes:
@@ -393,6 +384,11 @@ def _stack_shape(readable: list[StackInput]) -> tuple[tuple | None, str]:
     shape = max(shapes, key=lambda s: (shapes.count(s), -shapes.index(s)))
     count = shapes.count(shape)
     return shape, ("the first frame's" if count == 1 else f"{count} of the {len(shapes)} frames'")
+
+
+def _is_reference(source: StackInput) -> bool:
+    """Whether ``source`` is the reference of ``nsg normalize`` (its ``NSG.reference`` history line)."""
+    return source.header is not None and f"{HISTORY_PREFIX}reference" in source.header.get("HISTORY", [])
 
 
 def _shape_text(shape) -> str:
@@ -478,32 +474,33 @@ def _measure_noise(source: StackInput, data: np.ndarray | None) -> list[float]:
 
 def _middle_rows(source: StackInput) -> np.ndarray:
     """The middle :data:`NOISE_ROWS` rows of a frame, float32 (channels, rows, width)."""
-    channels, height, width = source.shape
+    height = source.shape[1]
     count = min(height, NOISE_ROWS)
-    y0 = (height - count) // 2
-    data = np.empty((channels, count, width), np.float32)
-    fd = os.open(source.rows.file, os.O_RDONLY)
-    try:
-        source.rows.read(fd, y0, y0 + count, data, bytearray(count * width * source.rows.dtype.itemsize))
-    finally:
-        os.close(fd)
-    return data
+    return _read_rows(source, [((height - count) // 2, (height - count) // 2 + count)])[0]
 
 
 def _has_data(source: StackInput) -> bool:
     """Whether any of the :data:`PROBE_ROWS` rows holds a sample with data."""
-    channels, height, width = source.shape
-    row = np.empty((channels, 1, width), np.float32)
-    raw = bytearray(width * source.rows.dtype.itemsize)
+    height = source.shape[1]
+    rows = sorted({min(height - 1, int(share * height)) for share in PROBE_ROWS})
+    return any(np.any(np.isfinite(row) & (row != 0)) for row in _read_rows(source, [(y, y + 1) for y in rows]))
+
+
+def _read_rows(source: StackInput, spans: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Rows ``[y0, y1)`` of a frame for each span, float32 (channels, rows, width), through
+    one file descriptor."""
+    channels, _, width = source.shape
+    raw = bytearray(max(y1 - y0 for y0, y1 in spans) * width * source.rows.dtype.itemsize)
     fd = os.open(source.rows.file, os.O_RDONLY)
     try:
-        for y in sorted({min(height - 1, int(share * height)) for share in PROBE_ROWS}):
-            source.rows.read(fd, int(y), int(y) + 1, row, raw)
-            if np.any(np.isfinite(row) & (row != 0)):
-                return True
+        out = []
+        for y0, y1 in spans:
+            data = np.empty((channels, y1 - y0, width), np.float32)
+            source.rows.read(fd, y0, y1, data, raw)
+            out.append(data)
+        return out
     finally:
         os.close(fd)
-    return False
 
 
 def _noise_map(used: list[StackInput], weight_mode: str) -> NoiseMap:
@@ -518,8 +515,9 @@ def _noise_map(used: list[StackInput], weight_mode: str) -> NoiseMap:
     used = [s for s in used if _has_data(s)] or used  # an empty frame shows no noise
     weights = np.stack([s.weight for s in used])  # (frames, channels)
     mean = weights.mean(axis=1)
-    marked = [s.header is not None and f"{HISTORY_PREFIX}reference" in s.header.get("HISTORY", []) for s in used]
-    order = sorted(range(len(used)), key=lambda k: (not marked[k], -mean[k]))  # stable: the first of equals
+    order = sorted(
+        range(len(used)), key=lambda k: (not _is_reference(used[k]), -mean[k])
+    )  # stable: the first of equals
     first, second = (order + order)[:2]
     pair = (used[first], used[second])
     channels, height, width = pair[0].shape
