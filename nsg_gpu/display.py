@@ -201,7 +201,7 @@ class StackDisplay(_Display):
             f"on {result.backend}",
         ]
         if not self.quiet:
-            chosen = rejection.reason if rejection.method == "auto" else rejection.describe()
+            chosen = rejection.describe() if rejection.reason == "chosen" else rejection.reason
             lines.append(f"weights {result.weights}; rejection {chosen}")
             lines.append(
                 f"rejected {100 * result.rejected_low_share:.3g} % of the samples low, "

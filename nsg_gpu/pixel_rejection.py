@@ -196,6 +196,15 @@ class Rejection:
         if not 0 <= self.signal_share <= 10:
             raise ParameterError(f"signal share {self.signal_share:g}: it must be between 0 and 10")
 
+    def for_stack(self, n_frames: int) -> Rejection:
+        """These resolved settings for a stack of ``n_frames`` frames: a method chosen by name
+        turns into none below 3 frames (of one or two samples none can be told to be the
+        outlier; ImageIntegration too leaves rejection out there), with the reason said."""
+        if self.method in ("none", "auto") or n_frames > 2:
+            return self
+        reason = f"{METHOD_TITLES[self.method]} asked, but {n_frames} frame(s) are too few to reject pixels: none"
+        return dataclasses.replace(self, method="none", low=None, high=None, reason=reason)
+
     def needs_noise(self, n_frames: int) -> bool:
         """Whether some pixel of ``n_frames`` frames is noise-clipped (resolved settings): the
         stack then reads the sky's noise first (:class:`NoiseMap`)."""

@@ -213,7 +213,7 @@ def stack(
         if not used:
             reasons = "; ".join(f.error for f in frames if f.error) or "no frames"
             raise StackError(f"no frame can be stacked: {reasons}")
-        rejection = rejection.resolve(len(used))
+        rejection = rejection.resolve(len(used)).for_stack(len(used))
         channels, height, width = used[0].shape
         rows = plan_bands(
             budget,

@@ -970,3 +970,24 @@ def test_the_master_gets_the_mode_the_umask_gives(tmp_path):
         os.umask(previous)
     written = [p for p in tmp_path.iterdir() if p.suffix in (".fits", ".csv")]
     assert written and all(p.stat().st_mode & 0o777 == 0o644 for p in written), [oct(p.stat().st_mode) for p in written]
+
+
+@pytest.mark.parametrize("n_frames", [1, 2])
+def test_a_method_asked_on_one_or_two_frames_says_it_rejects_nothing(tmp_path, n_frames):
+    """Sigma clipping chosen by name on two frames: the plain weighted average (neither sample
+    can be told to be the outlier), and the summary, header and results say none, and why."""
+    scene = write_scene(tmp_path / "in", n_frames, seed=3, borders=False)
+    out = tmp_path / "master.fits"
+    run = runner.invoke(app, ["stack", *map(str, scene.paths), "-o", str(out), "--rejection", "sigma"])
+    assert run.exit_code == 0, run.output
+    assert f"sigma clipping asked, but {n_frames} frame(s) are too few to reject pixels: none" in run.output
+    master, maps, header = _master(out)
+    assert header["NSGSREJ"] == "none" and "rejection: none" in str(header["HISTORY"])
+    data = []
+    for path in scene.paths:
+        with fits.open(path) as hdul:
+            data.append((np.asarray(hdul[0].data, np.float64), hdul[0].header["NWEIGHT"]))
+    expected = sum(w * d for d, w in data) / sum(w for _, w in data)
+    np.testing.assert_allclose(master[0], expected, rtol=1e-6, atol=1e-8)
+    assert not maps["REJLOW"].any() and not maps["REJHIGH"].any()
+    assert "0 % of the samples low, 0 % high" in run.output
