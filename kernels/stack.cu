@@ -20,7 +20,9 @@
 //       esd_lambda[n * esd_stride + i] is the ESD critical value for n samples and test i
 //       (rows 0 .. n_frames); work is (n_frames, n_pixels) double scratch, used by the linear
 //       fit only (null otherwise). peak[p] and noise[p] (float32) are the pixel's peak and
-//       noise for noise clipping, with signal_share (null when no pixel is noise-clipped).
+//       noise for noise clipping, noise_scale[i] (double) frame i's noise over noise[p], with
+//       signal_share (null when no pixel is noise-clipped): a sample of frame i is measured
+//       against sqrt((noise[p] * noise_scale[i])^2 + (signal_share * peak[p])^2).
 //       Every output item is written.
 //   All statistics are in double with explicitly rounded products and sums (no FMA
 //   contraction), in the twin's order, so the kernel equals its twin bit for bit.
@@ -183,6 +185,13 @@ __device__ __forceinline__ void clip_ends(const Column& c, index_t* lo, index_t*
         while (*hi > *lo && sub(c.x(*hi - 1), centre) / scale > high) --*hi;
 }
 
+// Noise clipping: a sample's scale sqrt(sd^2 f + spread^2), f = (r^2 + q h) / (1 + q) from its
+// frame's share r of the noise and the median's variance q h (the twin's _own_scales).
+__device__ __forceinline__ double own_scale(double sd, double spread, double share, double qh, double norm) {
+    const double s = mul(sd, sqrt(__dadd_rn(mul(share, share), qh) / norm));
+    return sqrt(__dadd_rn(mul(s, s), mul(spread, spread)));
+}
+
 // Least-absolute-deviation line y = a + b*j through a column's first n values against their
 // ranks j (the values are sorted, so b >= 0): bisection of b on the sign of
 // sum_j j*sign(y_j - a(b) - b*j), a(b) = median(y_j - b*j), over [0, y_max - y_min].
@@ -255,7 +264,7 @@ extern "C" __global__ void reject_combine_f32(const float* __restrict__ values, 
                                               const double* __restrict__ esd_lambda, index_t esd_stride,
                                               double esd_outliers, double esd_low_relaxation,
                                               const float* __restrict__ peak, const float* __restrict__ noise,
-                                              double signal_share, float* __restrict__ sorted, int* __restrict__ order,
+                                              const double* __restrict__ noise_scale, double signal_share, float* __restrict__ sorted, int* __restrict__ order,
                                               double* __restrict__ work, float* __restrict__ master,
                                               int* __restrict__ coverage, int* __restrict__ low_count,
                                               int* __restrict__ high_count, unsigned char* __restrict__ flags) {
@@ -288,7 +297,27 @@ extern "C" __global__ void reject_combine_f32(const float* __restrict__ values, 
             const double spread = mul(signal_share, (double)peak[p]);
             const double sd = (double)noise[p];
             const double scale = sqrt(__dadd_rn(mul(sd, sd), mul(spread, spread)));
-            if (1.0 + scale != 1.0) clip_ends(c, &lo, &hi, m, scale, low, high, clip_low, clip_high);
+            if (1.0 + scale != 1.0) {
+                double total = 0.0;  // sum of 1 / r over the samples, in frame order
+                for (index_t i = 0; i < n_frames; ++i) {
+                    const float v = values[i * n_pixels + p];
+                    if (v != 0.0f && v - v == 0.0f) total = __dadd_rn(total, 1.0 / noise_scale[i]);
+                }
+                double h = (double)n / total;
+                h = mul(h, h);
+                const double q = 3.141592653589793 / mul(2.0, (double)n);
+                const double qh = mul(q, h), norm = __dadd_rn(1.0, q);
+                // From the outside in, each end against its own frame's noise.
+                if (clip_low)
+                    while (lo < hi &&
+                           sub(m, c.x(lo)) / own_scale(sd, spread, noise_scale[c.frame[lo * c.stride]], qh, norm) > low)
+                        ++lo;
+                if (clip_high)
+                    while (hi > lo && sub(c.x(hi - 1), m) /
+                                              own_scale(sd, spread, noise_scale[c.frame[(hi - 1) * c.stride]], qh, norm) >
+                                          high)
+                        --hi;
+            }
         } else if ((use == METHOD_SIGMA || use == METHOD_WINSORIZED) && n >= 3) {
             for (int it = 0;; ++it) {
                 double centre, scale;

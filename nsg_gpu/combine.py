@@ -45,7 +45,9 @@ class BandResult:
     frame_high: Any  # int64 (n_frames,)
 
 
-def reject_combine(values, weights, rejection: Rejection, *, peak=None, noise=None, launcher=None) -> BandResult:
+def reject_combine(
+    values, weights, rejection: Rejection, *, peak=None, noise=None, noise_scale=None, launcher=None
+) -> BandResult:
     """Reject outlying samples and average the rest, pixel by pixel.
 
     Parameters
@@ -64,6 +66,10 @@ def reject_combine(values, weights, rejection: Rejection, *, peak=None, noise=No
         How far each pixel's median stands above its row's at 3 pixels on either side
         (:func:`peak_excess`) and the sky's noise there (:meth:`NoiseMap.band`): needed where
         noise clipping runs (:meth:`Rejection.needs_noise`). On the backend of ``values``.
+
+    noise_scale : sequence of float (n_frames,), optional
+        Noise clipping: each frame's noise over ``noise`` (from inverse-variance weights:
+        ``sqrt(w_noise / w_i)`` for the frame ``noise`` was measured on); 1 when not given.
 
     launcher : optional
         Runs the ``reject_combine_f32`` kernel (:data:`nsg_gpu.kernels.DEVICE`, or the
@@ -107,13 +113,19 @@ def reject_combine(values, weights, rejection: Rejection, *, peak=None, noise=No
       and a sample is rejected when its distance below (above) the line is at least
       ``low`` (``high``) times ``s``; repeated on the ranks of the remaining samples until
       nothing is rejected or fewer than 3 remain.
-    - ``noise`` (``n >= 3``): one pass, ``c`` the median and
-      ``s = sqrt(noise^2 + (signal_share * peak)^2)`` from the pixel's noise and peak (IRAF
-      imcombine's ``ccdclip``, with the sky's measured noise for the CCD's and its
-      sensitivity noise on what stands out at a star's scale only): a sample is an outlier
-      against the noise the frames share, not against the others' scatter, so one outlier
-      among 3 can go, and a star, whose pixels differ between frames with the seeing and
-      where each frame caught it, keeps its light (skipped where ``1 + s == 1``).
+    - ``noise`` (``n >= 3``): one pass, ``c`` the median and, for a sample of frame ``i``,
+      ``s_i = sqrt(noise^2 f_i + (signal_share * peak)^2)`` from the pixel's noise and peak
+      (IRAF imcombine's ``ccdclip``, with the sky's measured noise of each frame for the
+      CCD's, and its sensitivity noise on what stands out at a star's scale only), where
+      ``f_i = (r_i^2 + q h) / (1 + q)``, ``r_i`` frame ``i``'s ``noise_scale``,
+      ``q = pi / (2 n)`` and ``h = (n / sum_j 1 / r_j)^2`` over the pixel's samples: ``q h``
+      is the median's variance, so each frame's clean samples go as rarely as in a stack of
+      equally noisy frames (where ``f_i = 1``). A sample is an outlier against its own
+      frame's noise, not against the others' scatter, so one outlier among 3 can go, a
+      noisy frame's clean samples stay and a clean frame's outliers go, and a star, whose
+      pixels differ between frames with the seeing and where each frame caught it, keeps its
+      light. The ends are clipped from the outside in, each against its own ``s_i``, until
+      one is within (skipped where ``1 + sqrt(noise^2 + (signal_share * peak)^2) == 1``).
 
     A side with ``clip_low`` (``clip_high``) off is never rejected.
     """
@@ -130,12 +142,16 @@ def reject_combine(values, weights, rejection: Rejection, *, peak=None, noise=No
             raise ValueError(f"{rejection.describe()}: give the peak and noise of every pixel")
         if len(peak) != n_pixels or len(noise) != n_pixels:
             raise ValueError(f"peak and noise of {len(peak)} and {len(noise)} pixels for {n_pixels}")
+        scale = np.ones(n_frames) if noise_scale is None else np.asarray(noise_scale, np.float64).reshape(-1)
+        if scale.size != n_frames or not np.all(scale > 0):
+            raise ValueError(f"noise scales {scale.tolist()} for {n_frames} frames: give one above 0 per frame")
+        noise_scale = scale
     else:
-        peak = noise = None
+        peak = noise = noise_scale = None
     if launcher is None:
         if peak is not None:
             peak, noise = np.asarray(peak, np.float32), np.asarray(noise, np.float32)
-        return _reject_combine_twin(np.asarray(values, np.float32), weights, rejection, peak, noise)
+        return _reject_combine_twin(np.asarray(values, np.float32), weights, rejection, peak, noise, noise_scale)
     xp = be.xp
     values = xp.ascontiguousarray(values, dtype=xp.float32)
     if peak is not None:
@@ -175,6 +191,7 @@ def reject_combine(values, weights, rejection: Rejection, *, peak=None, noise=No
                 float(rejection.esd_low_relaxation),
                 peak,
                 noise,
+                None if noise_scale is None else xp.asarray(noise_scale),
                 float(rejection.signal_share),
                 sorted_values,
                 order,
@@ -197,14 +214,16 @@ def reject_combine(values, weights, rejection: Rejection, *, peak=None, noise=No
     )
 
 
-def _reject_combine_twin(values: np.ndarray, weights: np.ndarray, rejection: Rejection, peak, noise) -> BandResult:
+def _reject_combine_twin(
+    values: np.ndarray, weights: np.ndarray, rejection: Rejection, peak, noise, noise_scale
+) -> BandResult:
     """The NumPy twin of ``reject_combine_f32``, in chunks of pixels."""
     n_frames, n_pixels = values.shape
     step = max(1, CHUNK_SAMPLES // max(1, n_frames))
 
     def part(start: int, end: int) -> BandResult:
         maps = (None, None) if peak is None else (peak[start:end], noise[start:end])
-        return _twin_chunk(np.ascontiguousarray(values[:, start:end]), weights, rejection, *maps)
+        return _twin_chunk(np.ascontiguousarray(values[:, start:end]), weights, rejection, *maps, noise_scale)
 
     parts = [part(start, start + step) for start in range(0, n_pixels, step)] or [part(0, n_pixels)]
     if len(parts) == 1:
@@ -220,7 +239,7 @@ def _reject_combine_twin(values: np.ndarray, weights: np.ndarray, rejection: Rej
     )
 
 
-def _twin_chunk(values: np.ndarray, weights: np.ndarray, rejection: Rejection, peak, noise) -> BandResult:
+def _twin_chunk(values: np.ndarray, weights: np.ndarray, rejection: Rejection, peak, noise, noise_scale) -> BandResult:
     n_frames, n_pixels = values.shape
     data = np.isfinite(values) & (values != 0)
     n = data.sum(axis=0).astype(np.int64)
@@ -265,9 +284,22 @@ def _twin_chunk(values: np.ndarray, weights: np.ndarray, rejection: Rejection, p
             centre = _median(xs, lo[cols], hi[cols], cols)
             spread = settings.signal_share * peak[cols].astype(np.float64)
             sd = noise[cols].astype(np.float64)
-            scale = np.sqrt(sd * sd + spread * spread)
-            keep = (1.0 + scale) != 1.0
-            _clip_ends(xs, lo, hi, cols[keep], centre[keep], scale[keep], settings)
+            keep = (1.0 + np.sqrt(sd * sd + spread * spread)) != 1.0
+            if not np.all(noise_scale == 1.0):
+                # Only the columns whose ends stand out against a lower bound of every sample's
+                # scale (f_i >= min r^2 / (1 + pi / 6) for n >= 3) can clip: the others are left.
+                least = np.min(noise_scale) ** 2 / (1.0 + np.pi / 6.0) * (1.0 - 1e-6)
+                bound = np.sqrt(sd * sd * least + spread * spread)
+                reach = np.zeros(cols.size, bool)
+                with np.errstate(divide="ignore", invalid="ignore"):  # a bound of 0: every end reaches
+                    if settings.clip_low:
+                        reach |= ~((centre - xs[lo[cols], cols]) / bound <= settings.low)
+                    if settings.clip_high:
+                        reach |= ~((xs[hi[cols] - 1, cols] - centre) / bound <= settings.high)
+                keep &= reach
+            cols, centre, spread, sd = cols[keep], centre[keep], spread[keep], sd[keep]
+            scale = _own_scales(keys, data, cols, n[cols], noise_scale, sd, spread)
+            _clip_ends(xs, lo, hi, cols, centre, scale, settings)
         elif method in ("sigma", "winsorized"):
             _iterative_clip(xs, lo, hi, np.flatnonzero(mine & (n >= 3)), settings)
         elif method == "esd":
@@ -361,8 +393,40 @@ def _sigma(block, inside, count):
     return np.sqrt(_rows_sum(np.where(inside, d * d, 0.0)) / (count - 1))
 
 
+def _own_scales(keys, data, cols, n, noise_scale, sd, spread):
+    """Noise clipping's scale of the samples of ``cols``: a function of (sorted positions,
+    indices into ``cols``) giving ``sqrt(sd^2 f_i + spread^2)`` for those samples, with
+    ``f_i = (r_i^2 + q h) / (1 + q)``, ``r_i`` the sample's frame's share of the noise,
+    ``q = pi / (2 n)`` and ``h = (n / sum_j 1 / r_j)^2`` over the pixel's ``n`` samples (summed
+    in frame order), so that ``q h`` is the median's variance (in units of ``sd^2``) and each
+    frame's false rejections are as in a stack of equally noisy frames (``f_i = 1`` there).
+    Only the ends that clipping reaches are computed."""
+    if np.all(noise_scale == 1.0):  # f_i = 1 exactly
+        common = np.sqrt(sd * sd + spread * spread)
+        return lambda j, active: common[active]
+    inverse = 1.0 / noise_scale
+    total = np.zeros(cols.size)
+    for i in range(noise_scale.size):
+        total += np.where(data[i, cols], inverse[i], 0.0)
+    h = n / total
+    h *= h
+    q = np.pi / (2.0 * n)
+    qh, norm = q * h, 1.0 + q
+
+    frames = keys.shape[1]
+    flat = keys.reshape(-1)
+
+    def at(j: np.ndarray, active: np.ndarray) -> np.ndarray:
+        share = noise_scale[(flat[cols[active] * frames + j] & np.uint64(0xFFFFFFFF)).astype(np.intp)]
+        own = sd[active] * np.sqrt((share * share + qh[active]) / norm[active])
+        return np.sqrt(own * own + spread[active] * spread[active])
+
+    return at
+
+
 def _clip_ends(xs, lo, hi, cols, centre, scale, rejection: Rejection) -> None:
-    """Move ``lo`` up and ``hi`` down over the samples beyond the thresholds (in place)."""
+    """Move ``lo`` up and ``hi`` down over the samples beyond the thresholds (in place);
+    ``scale`` per column, or a function of (sorted positions, indices into ``cols``)."""
     last = xs.shape[0] - 1
     for side in ("low", "high"):
         if not (rejection.clip_low if side == "low" else rejection.clip_high):
@@ -372,11 +436,15 @@ def _clip_ends(xs, lo, hi, cols, centre, scale, rejection: Rejection) -> None:
         while active.size:
             c = cols[active]
             if side == "low":
-                x = xs[np.minimum(lo[c], last), c]
-                move = (lo[c] < hi[c]) & ((centre[active] - x) / scale[active] > threshold)
+                j = np.minimum(lo[c], last)
+                x = xs[j, c]
+                s = scale(j, active) if callable(scale) else scale[active]
+                move = (lo[c] < hi[c]) & ((centre[active] - x) / s > threshold)
             else:
-                x = xs[np.maximum(hi[c] - 1, 0), c]
-                move = (hi[c] > lo[c]) & ((x - centre[active]) / scale[active] > threshold)
+                j = np.maximum(hi[c] - 1, 0)
+                x = xs[j, c]
+                s = scale(j, active) if callable(scale) else scale[active]
+                move = (hi[c] > lo[c]) & ((x - centre[active]) / s > threshold)
             active = active[move]
             if side == "low":
                 lo[cols[active]] += 1

@@ -158,7 +158,7 @@ REGISTRY: dict[str, KernelEntry] = {
             "const float* values, const double* weights, index_t n_frames, index_t n_pixels, int method, "
             "const double* thresholds, int clip_low, int clip_high, double cutoff, const double* esd_lambda, "
             "index_t esd_stride, double esd_outliers, double esd_low_relaxation, const float* peak, "
-            "const float* noise, double signal_share, float* sorted, int* order, "
+            "const float* noise, const double* noise_scale, double signal_share, float* sorted, int* order, "
             "double* work, float* master, int* coverage, int* low_count, int* high_count, unsigned char* flags",
             "n_pixels",
         ),

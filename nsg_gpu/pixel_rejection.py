@@ -336,11 +336,12 @@ def peak_excess(
     needed: np.ndarray | None = None,
     noise: np.ndarray | None = None,
     *,
+    noise_factor: float = 1.0,
     run=map,
 ) -> np.ndarray:
     """How far each pixel's median over the frames stands above its row's at :data:`PEAK_REACH`
     pixels on either side, beyond what the noise makes of it:
-    ``max(0, m(x) - min(m(x - r), m(x + r)) - PEAK_NOISE * noise(x))``, float32.
+    ``max(0, m(x) - min(m(x - r), m(x + r)) - PEAK_NOISE * noise_factor * noise(x))``, float32.
 
     ``values`` is a band of ``(frames, rows * width)`` samples (0 and non-finite: no data);
     ``c`` the median of each pixel's samples with data and ``m`` its mean over
@@ -369,6 +370,7 @@ def peak_excess(
             width,
             None if needed is None else needed[part],
             None if noise is None else noise[part],
+            noise_factor,
         )
 
     for _ in run(chunk, range(0, rows, step)):
@@ -376,7 +378,7 @@ def peak_excess(
     return excess
 
 
-def _row_peaks(values: np.ndarray, width: int, needed, noise) -> np.ndarray:
+def _row_peaks(values: np.ndarray, width: int, needed, noise, noise_factor: float = 1.0) -> np.ndarray:
     """:func:`peak_excess` of whole rows."""
     frames, pixels = values.shape
     reach, smooth = PEAK_REACH, PEAK_SMOOTH
@@ -426,7 +428,7 @@ def _row_peaks(values: np.ndarray, width: int, needed, noise) -> np.ndarray:
     value = mean - np.fmin(left, right)  # fmin: a side without data is left out
     del left, right
     if noise is not None:
-        value -= PEAK_NOISE * np.asarray(noise, np.float64).reshape(rows, width)
+        value -= PEAK_NOISE * noise_factor * np.asarray(noise, np.float64).reshape(rows, width)
     keep = present & np.isfinite(value) & (value > 0)
     if needed is not None:
         keep &= needed

@@ -503,28 +503,30 @@ def _read_rows(source: StackInput, spans: list[tuple[int, int]]) -> list[np.ndar
         os.close(fd)
 
 
-def _noise_map(used: list[StackInput], weight_mode: str) -> NoiseMap:
-    """The sky's noise for noise clipping (:class:`NoiseMap`), from the difference of two
-    frames: the reference of ``nsg normalize`` where it is among them (its ``NSG.reference``
-    history line; it covers the grid), else the frame of the highest weight, and the frame of
-    the highest weight among the others (the first of equals), among the frames with data
-    (:func:`_has_data`). Where the weights are inverse variances (NWEIGHT, noise) they give
-    the second frame's noise relative to the first's and the root mean square of all these
-    frames' noise, to which the map is scaled; otherwise the frames are taken as equally
-    noisy."""
-    used = [s for s in used if _has_data(s)] or used  # an empty frame shows no noise
-    weights = np.stack([s.weight for s in used])  # (frames, channels)
+def _noise_map(used: list[StackInput], weight_mode: str) -> tuple[NoiseMap, np.ndarray]:
+    """The sky's noise for noise clipping (:class:`NoiseMap`), and each used frame's noise over
+    the map's per channel (float64 (frames, channels)). The map is the noise of the first of
+    two frames, read from their difference: the reference of ``nsg normalize`` where it is
+    among them (its ``NSG.reference`` history line; it covers the grid), else the frame of the
+    highest weight, and the frame of the highest weight among the others (the first of
+    equals), among the frames with data (:func:`_has_data`). Where the weights are inverse
+    variances (NWEIGHT, noise) they give the second frame's noise relative to the first's and
+    each frame's, ``sqrt(w_first / w_i)``; otherwise the frames are taken as equally noisy."""
+    weights = np.stack([s.weight for s in used]).astype(np.float64)  # (frames, channels)
+    with_data = [k for k, s in enumerate(used) if _has_data(s)] or list(range(len(used)))
     mean = weights.mean(axis=1)
     order = sorted(
-        range(len(used)), key=lambda k: (not _is_reference(used[k]), -mean[k])
-    )  # stable: the first of equals
+        with_data, key=lambda k: (not _is_reference(used[k]), -mean[k])
+    )  # stable: the first of equals; an empty frame shows no noise
     first, second = (order + order)[:2]
     pair = (used[first], used[second])
     channels, height, width = pair[0].shape
-    ratio = factor = None
+    ratio = None
+    relative = np.ones_like(weights)
     if weight_mode in ("NWEIGHT", "noise"):
         ratio = weights[first] / weights[second]
-        factor = np.sqrt(np.mean(weights[first] / weights, axis=0))
+        with np.errstate(over="ignore", divide="ignore"):
+            relative = np.sqrt(weights[first] / weights)  # a weight of 1e-300 clips nothing of its frame
     handles = [os.open(source.rows.file, os.O_RDONLY) for source in pair]
     try:
         raw = bytearray(NOISE_BOX * width * max(source.rows.dtype.itemsize for source in pair))
@@ -535,16 +537,23 @@ def _noise_map(used: list[StackInput], weight_mode: str) -> NoiseMap:
                 source.rows.read(handles[k], y0, y1, data[k], raw)
             return data
 
-        return NoiseMap.measure(read_rows, pair[0].shape, box=NOISE_BOX, variance_ratio=ratio, noise_factor=factor)
+        return NoiseMap.measure(read_rows, pair[0].shape, box=NOISE_BOX, variance_ratio=ratio), relative
     finally:
         for fd in handles:
             os.close(fd)
 
 
 def _combine(
-    used: list[StackInput], result: StackResult, chosen: Backend, noise_map: NoiseMap | None, *, threads: int, progress
+    used: list[StackInput],
+    result: StackResult,
+    chosen: Backend,
+    noise_map: tuple[NoiseMap, np.ndarray] | None,
+    *,
+    threads: int,
+    progress,
 ) -> StackProducts:
-    """Read the frames band by band (a reader thread one band ahead) and combine each band."""
+    """Read the frames band by band (a reader thread one band ahead) and combine each band;
+    ``noise_map`` the sky's noise and each frame's share of it (:func:`_noise_map`)."""
     channels, height, width = result.shape
     n = len(used)
     rows = result.band_rows
@@ -610,10 +619,16 @@ def _combine(
                     name: getattr(products, name)[c, y0:y1].reshape(-1)  # views: rows are contiguous
                     for name in ("master", "coverage", "low", "high")
                 }
-                maps = (None, None)
+                maps = (None, None, None)
                 if noise_map is not None:
-                    noise = noise_map.band(c, y0, y1)
-                    maps = (_peaks(values, width, result.rejection, noise, pool), noise)
+                    sky, relative = noise_map
+                    noise = sky.band(c, y0, y1)
+                    # The peaks are the frames' median's: the noise of the frames' harmonic mean
+                    # share (the frames' mean noise where they are equal; a frame of absurd noise
+                    # does not count).
+                    typical = float(len(relative) / np.sum(1.0 / relative[:, c]))
+                    peaks = _peaks(values, width, result.rejection, noise, typical, pool)
+                    maps = (peaks, noise, relative[:, c])
                 _combine_values(values, weights[:, c], result.rejection, maps, chosen, pool, threads, out, products)
             combine_seconds += time.perf_counter() - started
             buffers.put(flat)
@@ -651,10 +666,12 @@ def _combine_values(
     threads, a wave of ``threads`` chunks at a time so that their outputs stay small. The
     chunks do not change the result."""
     n, pixels = values.shape
-    peak, noise = maps
+    peak, noise, noise_scale = maps
 
     def cut(start: int, end: int) -> dict:
-        return {} if peak is None else {"peak": peak[start:end], "noise": noise[start:end]}
+        if peak is None:
+            return {}
+        return {"peak": peak[start:end], "noise": noise[start:end], "noise_scale": noise_scale}
 
     def store(start: int, part: BandResult, host) -> None:
         end = start + int(part.master.shape[0])
@@ -670,7 +687,7 @@ def _combine_values(
         step = max(1024, int(free * 0.5) // per_pixel)
         for start in range(0, pixels, step):
             device = xp.asarray(values[:, start : start + step])
-            on_device = {k: xp.asarray(v) for k, v in cut(start, start + step).items()}
+            on_device = {k: v if k == "noise_scale" else xp.asarray(v) for k, v in cut(start, start + step).items()}
             store(start, reject_combine(device, weights, rejection, **on_device), chosen.to_host)
         return
     step = max(1, CHUNK_SAMPLES // max(1, n))
@@ -688,19 +705,21 @@ def _combine_values(
             store(start, part, np.asarray)
 
 
-def _peaks(values: np.ndarray, width: int, rejection: Rejection, noise: np.ndarray, pool=None) -> np.ndarray:
+def _peaks(
+    values: np.ndarray, width: int, rejection: Rejection, noise: np.ndarray, noise_factor: float, pool=None
+) -> np.ndarray:
     """:func:`peak_excess` of a band at the pixels that are noise-clipped (under ``auto``, those
     with as many samples as noise clipping is chosen for), its chunks of rows on ``pool``."""
     run = map if pool is None else pool.map
     if rejection.method == "noise":
-        return peak_excess(values, width, noise=noise, run=run)
+        return peak_excess(values, width, noise=noise, noise_factor=noise_factor, run=run)
     frames, pixels = values.shape
     chosen = np.array([rejection.method_for(k) == "noise" for k in range(frames + 1)])
     needed = np.empty(pixels, bool)
     step = max(1, CHUNK_SAMPLES // max(1, frames))
     for start in range(0, pixels, step):  # samples with data (the reader made non-finite ones 0)
         needed[start : start + step] = chosen[np.count_nonzero(values[:, start : start + step], axis=0)]
-    return peak_excess(values, width, needed, noise, run=run)
+    return peak_excess(values, width, needed, noise, noise_factor=noise_factor, run=run)
 
 
 def _device_free_bytes() -> int:

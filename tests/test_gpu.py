@@ -235,10 +235,17 @@ def test_pipeline_cupy_equals_numpy(cp, spec, monkeypatch):
 def test_reject_combine_on_gpu(cp, device, method, n_frames, n_pixels):
     values, weights = stack_case(n_frames, n_pixels, seed=n_frames)
     peak, noise = stack_maps(n_pixels, seed=n_frames)
+    share = np.random.default_rng(n_frames).uniform(0.4, 2.5, n_frames)  # each frame's own noise
     rejection = Rejection(method).resolve(n_frames)
-    expected = reject_combine(values, weights, rejection, peak=peak, noise=noise)
+    expected = reject_combine(values, weights, rejection, peak=peak, noise=noise, noise_scale=share)
     actual = reject_combine(
-        cp.asarray(values), weights, rejection, peak=cp.asarray(peak), noise=cp.asarray(noise), launcher=device
+        cp.asarray(values),
+        weights,
+        rejection,
+        peak=cp.asarray(peak),
+        noise=cp.asarray(noise),
+        noise_scale=share,
+        launcher=device,
     )
     for name in ("master", "coverage", "low", "high", "flags", "frame_low", "frame_high"):
         np.testing.assert_array_equal(_host(getattr(actual, name)), getattr(expected, name), err_msg=name)

@@ -47,7 +47,7 @@ SHAPE = (64, 96)
 
 
 # -- direct computations of every method, one pixel at a time ---------------------------------------
-def _direct_pixel(samples, frames, weights, rejection, peak=None, noise=None):
+def _direct_pixel(samples, frames, weights, rejection, peak=None, noise=None, noise_scale=None):
     """The documented definitions, written plainly for one pixel: (master, low frames, high frames)."""
     keys = sorted(zip(samples, frames))
     x = np.array([k[0] for k in keys], np.float64)
@@ -64,10 +64,20 @@ def _direct_pixel(samples, frames, weights, rejection, peak=None, noise=None):
             high = rejection.clip_high & ((x - m) / m > rejection.high)
     elif method == "noise" and n >= 3:
         m = np.median(x)
-        s = np.sqrt(float(noise) ** 2 + (rejection.signal_share * float(peak)) ** 2)
-        if 1 + s != 1:
-            low = rejection.clip_low & ((m - x) / s > rejection.low)
-            high = rejection.clip_high & ((x - m) / s > rejection.high)
+        spread = rejection.signal_share * float(peak)
+        if 1 + np.sqrt(float(noise) ** 2 + spread**2) != 1:
+            share = np.ones(len(weights)) if noise_scale is None else noise_scale
+            q = np.pi / (2 * n)  # the median's variance: q h in units of noise^2
+            h = (n / sum(1 / share[i] for i in sorted(f))) ** 2  # summed in frame order
+            s = [np.sqrt(float(noise) ** 2 * (share[i] ** 2 + q * h) / (1 + q) + spread**2) for i in f]
+            j = 0
+            while rejection.clip_low and j < n and (m - x[j]) / s[j] > rejection.low:
+                low[j] = True
+                j += 1
+            j = n - 1
+            while rejection.clip_high and j >= 0 and not low[j] and (x[j] - m) / s[j] > rejection.high:
+                high[j] = True
+                j -= 1
     elif method in ("sigma", "winsorized") and n >= 3:
         kept = np.ones(n, bool)
         iteration = 0
@@ -226,12 +236,13 @@ def test_each_method_equals_a_direct_computation(method, n_frames):
     """Flags exactly, master within float32 rounding, for every method at several frame counts."""
     values, weights = _samples(n_frames, 48 if method == "linear" else 120, seed=n_frames)
     peak, noise = _peak_and_noise(values.shape[1], seed=n_frames)
+    share = np.random.default_rng(n_frames).uniform(0.4, 2.5, n_frames)  # each frame's noise over the map's
     rejection = Rejection(method).resolve(n_frames)
-    result = reject_combine(values, weights, rejection, peak=peak, noise=noise)
+    result = reject_combine(values, weights, rejection, peak=peak, noise=noise, noise_scale=share)
     for p in range(values.shape[1]):
         column = values[:, p]
         frames = [i for i in range(n_frames) if column[i] != 0]
-        master, low, high = _direct_pixel(column[frames], frames, weights, rejection, peak[p], noise[p])
+        master, low, high = _direct_pixel(column[frames], frames, weights, rejection, peak[p], noise[p], share)
         assert result.coverage[p] == len(frames)
         assert set(np.flatnonzero(result.flags[:, p] == 1)) == low, (p, column)
         assert set(np.flatnonzero(result.flags[:, p] == 2)) == high, (p, column)
@@ -991,3 +1002,56 @@ def test_a_method_asked_on_one_or_two_frames_says_it_rejects_nothing(tmp_path, n
     np.testing.assert_allclose(master[0], expected, rtol=1e-6, atol=1e-8)
     assert not maps["REJLOW"].any() and not maps["REJHIGH"].any()
     assert "0 % of the samples low, 0 % high" in run.output
+
+
+def test_noise_clipping_measures_each_frame_against_its_own_noise(tmp_path):
+    """Five frames, one three times as noisy (a ninth of the weight): its clean samples stay
+    (about the 0.14 % beyond 3 sigma of a normal draw, not the 5 % beyond the frames' mean
+    noise), and outliers of 4.5 of a clean frame's sigma go (the mean noise would hide them)."""
+    rng = np.random.default_rng(21)
+    h, w = 96, 128
+    sigma = np.array([1.0, 1.0, 1.0, 1.0, 3.0]) * 0.002
+    yy, xx = np.mgrid[0:h, 0:w]
+    truth = 0.1 + 0.01 * np.sin(xx / 13.0) * np.cos(yy / 9.0)
+    outliers = np.zeros((h, w), bool)
+    outliers[rng.integers(0, h, 300), rng.integers(0, w, 300)] = True
+    paths = []
+    for k, s in enumerate(sigma):
+        data = truth + rng.normal(0, s, (h, w))
+        if k == 1:
+            data[outliers] += 4.5 * s
+        header = fits.Header()
+        header["NWEIGHT"] = (sigma[0] / s) ** 2
+        if k == 0:
+            header.add_history("NSG.reference")
+        path = tmp_path / f"frame_{k}_nsg.fits"
+        fits.PrimaryHDU(data.astype(np.float32), header=header).writeto(path)
+        paths.append(path)
+    result = stack(paths, tmp_path / "master.fits", backend="numpy", rejection="noise")
+    noisy = result.frames[4]
+    assert (noisy.rejected_low + noisy.rejected_high) / (h * w) < 0.006
+    caught = result.frames[1].rejected_high / outliers.sum()
+    assert caught > 0.8, caught
+    master, _, _ = _master(tmp_path / "master.fits")
+    ideal = 1 / np.sqrt(np.sum(1 / sigma**2))
+    clean = ~outliers
+    assert (master[0] - truth)[clean].std() / ideal < 1.03
+
+
+def test_a_frame_of_absurd_weight_leaves_the_others_clipped(tmp_path):
+    """NWEIGHT 1e-300 on one frame of five (no real frame's, but a header can say it): that
+    frame takes no part in the average and is never clipped, and the others' trail and hot
+    pixels still go (the frames' mean noise, which it made 1e150 times the others', once
+    turned their clipping off)."""
+    scene = write_scene(tmp_path / "in", 5, seed=8, borders=False)
+    with fits.open(scene.paths[3], mode="update") as hdul:
+        hdul[0].header["NWEIGHT"] = 1e-300
+    result = stack(scene.paths, tmp_path / "master.fits", backend="numpy")
+    master, _, _ = _master(tmp_path / "master.fits")
+    assert result.frames[3].rejected_low + result.frames[3].rejected_high == 0
+    residual = master[0] - scene.truth[0]
+    sigma = np.delete(scene.sigma, 3)
+    ideal = 1 / np.sqrt(np.sum(1 / sigma**2))
+    for defect in (scene.trail, scene.hot):
+        assert np.all(np.abs(residual[defect]) < 6 * ideal), np.abs(residual[defect]).max() / ideal
+    assert result.frames[1].rejected_high >= scene.trail.sum()
