@@ -629,7 +629,7 @@ def _combine(
                     typical = float(len(relative) / np.sum(1.0 / relative[:, c]))
                     peaks = _peaks(values, width, result.rejection, noise, typical, pool)
                     maps = (peaks, noise, relative[:, c])
-                _combine_values(values, weights[:, c], result.rejection, maps, chosen, pool, threads, out, products)
+                _combine_values(values, weights[:, c], result.rejection, maps, chosen, pool, out, products)
             combine_seconds += time.perf_counter() - started
             buffers.put(flat)
             done += 1
@@ -657,14 +657,13 @@ def _combine_values(
     maps: tuple,
     chosen: Backend,
     pool,
-    threads,
     out: dict,
     products: StackProducts,
 ) -> None:
     """One channel of one band into ``out`` (flat views of the band's rows of the master and
     maps): on the GPU in device-sized chunks, on the CPU in pixel chunks spread over the
-    threads, a wave of ``threads`` chunks at a time so that their outputs stay small. The
-    chunks do not change the result."""
+    threads, each written into ``out`` by the thread that combined it, so that no output
+    waits. The chunks do not change the result."""
     n, pixels = values.shape
     peak, noise, noise_scale = maps
 
@@ -673,12 +672,17 @@ def _combine_values(
             return {}
         return {"peak": peak[start:end], "noise": noise[start:end], "noise_scale": noise_scale}
 
-    def store(start: int, part: BandResult, host) -> None:
+    def store(start: int, part: BandResult, host) -> tuple[np.ndarray, np.ndarray]:
+        """A chunk's pixels into ``out`` (chunks are disjoint); its per-frame counts."""
         end = start + int(part.master.shape[0])
         for name in ("master", "coverage", "low", "high"):
             out[name][start:end] = host(getattr(part, name))
-        products.frame_low += host(part.frame_low)
-        products.frame_high += host(part.frame_high)
+        return host(part.frame_low), host(part.frame_high)
+
+    def count(counts) -> None:
+        for low, high in counts:  # integers: any order gives the same sums
+            products.frame_low += low
+            products.frame_high += high
 
     if chosen.is_gpu:
         xp = chosen.xp
@@ -688,21 +692,18 @@ def _combine_values(
         for start in range(0, pixels, step):
             device = xp.asarray(values[:, start : start + step])
             on_device = {k: v if k == "noise_scale" else xp.asarray(v) for k, v in cut(start, start + step).items()}
-            store(start, reject_combine(device, weights, rejection, **on_device), chosen.to_host)
+            count([store(start, reject_combine(device, weights, rejection, **on_device), chosen.to_host)])
         return
     step = max(1, CHUNK_SAMPLES // max(1, n))
     starts = list(range(0, pixels, step))
 
-    def run(start: int) -> BandResult:
-        return reject_combine(
+    def run(start: int) -> tuple[np.ndarray, np.ndarray]:
+        part = reject_combine(
             np.ascontiguousarray(values[:, start : start + step]), weights, rejection, **cut(start, start + step)
         )
+        return store(start, part, np.asarray)  # on the worker: a chunk's outputs never wait
 
-    for wave in range(0, len(starts), threads):
-        batch = starts[wave : wave + threads]
-        parts = pool.map(run, batch) if pool is not None and len(batch) > 1 else map(run, batch)
-        for start, part in zip(batch, parts):
-            store(start, part, np.asarray)
+    count(pool.map(run, starts) if pool is not None and len(starts) > 1 else map(run, starts))
 
 
 def _peaks(
