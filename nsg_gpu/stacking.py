@@ -35,7 +35,7 @@ from .combine import CHUNK_SAMPLES, BandResult, reject_combine
 from .errors import FrameDataError, FrameError, FrameReadError, FrameShapeError, OutputError, ParameterError, StackError
 from .htmlreport import add_stack_section
 from .io import MASTER_CARD, MASTER_REASON, XISF_SUFFIXES, is_stack_master, read_frame
-from .keywords import HISTORY_PREFIX
+from .keywords import FINGERPRINT, HISTORY_PREFIX
 from .noise import ksigma_noise
 from .pixel_rejection import NOISE_BOX, NoiseMap, Rejection, peak_excess
 from .stack_inputs import (
@@ -159,7 +159,8 @@ def stack(
     data (``os.preadv``, no memory map, so the resident memory does not grow with the files),
     compressed FITS and XISF whole, one at a time, into the spool file they are then read
     from. A frame that cannot be used (unreadable, another shape than the reference's or most
-    frames', no or a non-positive weight, no sample with data, given twice) is left out with
+    frames', no or a non-positive weight, no sample with data, given twice, or the same
+    normalized frame as another: one ``NSGHASH``) is left out with
     its reason in ``stack.csv`` and the result; the stack goes on unless ``stop_on_error``.
     Results do not depend on the memory budget (the band height), the pixel chunks or the
     threads.
@@ -323,6 +324,7 @@ def _scan(listed, weight_mode: str, spool_root: Path, *, stop_on_error: bool):
     frames: list[StackFrame] = []
     sources: list[StackInput] = []
     seen: dict[Path, Path] = {}
+    made: dict[str, Path] = {}  # NSGHASH: the output of one input, reference and settings
     for path, from_directory in listed:
         source = StackInput(path)
         key = path.resolve()
@@ -339,10 +341,19 @@ def _scan(listed, weight_mode: str, spool_root: Path, *, stop_on_error: bool):
                 if from_directory:
                     continue  # a master of an earlier stack in the directory: never an input
                 raise FrameDataError(path, MASTER_REASON) from None
+            twin = made.get(_fingerprint(source))
+            if twin is not None:
+                raise FrameDataError(
+                    path,
+                    f"is the same normalized frame as {twin} (one NSGHASH: the same input, reference and "
+                    "settings, written twice); stacked once",
+                )
         except FrameError as exc:
             if stop_on_error:
                 raise StackError(str(exc)) from exc
             source.error = str(exc)
+        if source.error is None and _fingerprint(source):
+            made[_fingerprint(source)] = path
         seen[key] = path
         sources.append(source)
     shape, whose = _stack_shape([s for s in sources if s.error is None])
@@ -398,6 +409,15 @@ def _shape_text(shape) -> str:
 
 class _MasterFile(Exception):
     """The file is a master written by nsg stack."""
+
+
+def _fingerprint(source: StackInput) -> str | None:
+    """The ``NSGHASH`` that ``nsg normalize`` wrote into the frame, if any."""
+    try:
+        value = None if source.header is None else source.header.get(FINGERPRINT)
+    except (VerifyError, ValueError):
+        return None
+    return value if isinstance(value, str) and value.strip() else None
 
 
 def _prepare(source: StackInput, weight_mode: str, spool_root: Path, index: int) -> None:

@@ -11,6 +11,7 @@ import concurrent.futures
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -1055,3 +1056,26 @@ def test_a_frame_of_absurd_weight_leaves_the_others_clipped(tmp_path):
     for defect in (scene.trail, scene.hot):
         assert np.all(np.abs(residual[defect]) < 6 * ideal), np.abs(residual[defect]).max() / ideal
     assert result.frames[1].rejected_high >= scene.trail.sum()
+
+
+def test_one_normalized_frame_written_twice_is_stacked_once(tmp_path):
+    """Outputs of one input, reference and settings (one NSGHASH: a second run with another
+    --postfix, a copy in another folder) are left out after the first, named, and the master
+    is the stack of the frames without them."""
+    scene = write_scene(tmp_path / "in", 4, seed=12, borders=False)
+    for k, path in enumerate(scene.paths):
+        with fits.open(path, mode="update") as hdul:
+            hdul[0].header["NSGHASH"] = f"{k:032x}"
+    copy = tmp_path / "again" / "frame_002_nsg_b.fits"
+    copy.parent.mkdir()
+    shutil.copy(scene.paths[2], copy)
+    result = stack([tmp_path / "in", copy], tmp_path / "master.fits", backend="numpy")
+    assert [f.error is None for f in result.frames] == [True, True, True, True, False]
+    assert result.frames[4].error == (
+        f"{copy}: is the same normalized frame as {scene.paths[2]} (one NSGHASH: the same input, reference and "
+        "settings, written twice); stacked once"
+    )
+    stack(scene.paths, tmp_path / "alone.fits", backend="numpy")
+    np.testing.assert_array_equal(_master(tmp_path / "master.fits")[0], _master(tmp_path / "alone.fits")[0])
+    with pytest.raises(StackError, match="same normalized frame"):
+        stack([*scene.paths, copy], tmp_path / "stopped.fits", backend="numpy", stop_on_error=True)
