@@ -412,12 +412,16 @@ class _MasterFile(Exception):
 
 
 def _fingerprint(source: StackInput) -> str | None:
-    """The ``NSGHASH`` that ``nsg normalize`` wrote into the frame, if any."""
+    """The ``NSGHASH`` that ``nsg normalize`` wrote into the frame, with its transmissions (one
+    normalization of one input gives the same), if any."""
     try:
-        value = None if source.header is None else source.header.get(FINGERPRINT)
+        header = source.header
+        value = None if header is None else header.get(FINGERPRINT)
+        if not (isinstance(value, str) and value.strip()):
+            return None
+        return " ".join([value, *(repr(header.get(f"NSGS{c}")) for c in range(3))])
     except (VerifyError, ValueError):
         return None
-    return value if isinstance(value, str) and value.strip() else None
 
 
 def _prepare(source: StackInput, weight_mode: str, spool_root: Path, index: int) -> None:

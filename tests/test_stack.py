@@ -1079,3 +1079,9 @@ def test_one_normalized_frame_written_twice_is_stacked_once(tmp_path):
     np.testing.assert_array_equal(_master(tmp_path / "master.fits")[0], _master(tmp_path / "alone.fits")[0])
     with pytest.raises(StackError, match="same normalized frame"):
         stack([*scene.paths, copy], tmp_path / "stopped.fits", backend="numpy", stop_on_error=True)
+    # One NSGHASH but another transmission: not one normalization (an input of the same name,
+    # size and time elsewhere), so both are stacked.
+    with fits.open(copy, mode="update") as hdul:
+        hdul[0].header["NSGS0"] = 0.9
+    both = stack([*scene.paths, copy], tmp_path / "both.fits", backend="numpy")
+    assert all(f.error is None for f in both.frames)
