@@ -22,7 +22,8 @@
 //       fit only (null otherwise). peak[p] and noise[p] (float32) are the pixel's peak and
 //       noise for noise clipping, noise_scale[i] (double) frame i's noise over noise[p], with
 //       signal_share (null when no pixel is noise-clipped): a sample of frame i is measured
-//       against sqrt((noise[p] * noise_scale[i])^2 + (signal_share * peak[p])^2).
+//       against sqrt(noise[p]^2 f_i + (signal_share * peak[p])^2), f_i = (r_i^2 + q h) / (1 + q),
+//       r_i = noise_scale[i], q = pi / (2 n), h = (n / sum_j 1 / r_j)^2 over the pixel's samples.
 //       Every output item is written.
 //   All statistics are in double with explicitly rounded products and sums (no FMA
 //   contraction), in the twin's order, so the kernel equals its twin bit for bit.

@@ -214,7 +214,7 @@ def stack(
         if not used:
             reasons = "; ".join(f.error for f in frames if f.error) or "no frames"
             raise StackError(f"no frame can be stacked: {reasons}")
-        rejection = rejection.resolve(len(used)).for_stack(len(used))
+        rejection = rejection.resolve(len(used)).for_stack(_frames_with_data(used, rejection))
         channels, height, width = used[0].shape
         rows = plan_bands(
             budget,
@@ -471,7 +471,12 @@ def _frame_weight(source: StackInput, mode: str, data: np.ndarray | None) -> np.
         noise = np.asarray(noise, np.float64)
         if not np.all(np.isfinite(noise) & (noise > 0)):
             raise FrameDataError(path, "its noise cannot be measured (too few pixels with data); use another --weights")
-        return 1.0 / noise**2
+        with np.errstate(over="ignore", under="ignore", divide="ignore"):
+            weight = 1.0 / noise**2
+        if not np.all(np.isfinite(weight) & (weight > 0)):
+            listed = ", ".join(f"{v:g}" for v in noise)
+            raise FrameDataError(path, f"its noise {listed} gives no finite positive weight 1/noise^2")
+        return weight
     try:
         value = source.header.get(mode)
     except (VerifyError, ValueError) as exc:  # astropy parses a card when it is asked for
@@ -501,6 +506,20 @@ def _middle_rows(source: StackInput) -> np.ndarray:
     height = source.shape[1]
     count = min(height, NOISE_ROWS)
     return _read_rows(source, [((height - count) // 2, (height - count) // 2 + count)])[0]
+
+
+def _frames_with_data(used: list[StackInput], rejection: Rejection) -> int:
+    """How many of the frames hold data (:func:`_has_data`), counted up to 3, where it decides
+    whether a method chosen by name can reject at all (:meth:`Rejection.for_stack`); else
+    their count."""
+    if rejection.method in ("none", "auto"):
+        return len(used)
+    found = 0
+    for source in used:
+        found += _has_data(source)
+        if found == 3:
+            break
+    return found
 
 
 def _has_data(source: StackInput) -> bool:
@@ -549,8 +568,10 @@ def _noise_map(used: list[StackInput], weight_mode: str) -> tuple[NoiseMap, np.n
     relative = np.ones_like(weights)
     if weight_mode in ("NWEIGHT", "noise"):
         ratio = weights[first] / weights[second]
-        with np.errstate(over="ignore", divide="ignore"):
-            relative = np.sqrt(weights[first] / weights)  # a weight of 1e-300 clips nothing of its frame
+        # As a ratio of square roots: above 0 and not NaN for any finite positive weights (a
+        # weight of 1e-300 among weights of 1 makes its frame's noise 1e150 times theirs).
+        with np.errstate(over="ignore"):
+            relative = np.sqrt(weights[first]) / np.sqrt(weights)
     handles = [os.open(source.rows.file, os.O_RDONLY) for source in pair]
     try:
         raw = bytearray(NOISE_BOX * width * max(source.rows.dtype.itemsize for source in pair))
@@ -648,8 +669,8 @@ def _combine(
                     sky, relative = noise_map
                     noise = sky.band(c, y0, y1)
                     # The peaks are the frames' median's: the noise of the frames' harmonic mean
-                    # share (the frames' mean noise where they are equal; a frame of absurd noise
-                    # does not count).
+                    # share (the frames' noise where they are equal; a frame of absurd noise
+                    # adds nothing to the sum of inverses, but counts as one of n).
                     typical = float(len(relative) / np.sum(1.0 / relative[:, c]))
                     peaks = _peaks(values, width, result.rejection, noise, typical, pool)
                     maps = (peaks, noise, relative[:, c])

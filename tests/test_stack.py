@@ -992,7 +992,7 @@ def test_a_method_asked_on_one_or_two_frames_says_it_rejects_nothing(tmp_path, n
     out = tmp_path / "master.fits"
     run = runner.invoke(app, ["stack", *map(str, scene.paths), "-o", str(out), "--rejection", "sigma"])
     assert run.exit_code == 0, run.output
-    assert f"sigma clipping asked, but {n_frames} frame(s) are too few to reject pixels: none" in run.output
+    assert f"sigma clipping asked, but {n_frames} frame(s) with data are too few to reject pixels: none" in run.output
     master, maps, header = _master(out)
     assert header["NSGSREJ"] == "none" and "rejection: none" in str(header["HISTORY"])
     data = []
@@ -1085,3 +1085,48 @@ def test_one_normalized_frame_written_twice_is_stacked_once(tmp_path):
         hdul[0].header["NSGS0"] = 0.9
     both = stack([*scene.paths, copy], tmp_path / "both.fits", backend="numpy")
     assert all(f.error is None for f in both.frames)
+
+
+def test_a_method_asked_on_two_frames_with_data_and_an_empty_one_rejects_nothing(tmp_path):
+    """Three frames, one of them empty: two with data, so percentile clipping asked by name
+    rejects nothing (it would take both of a pixel's far-apart samples' ends otherwise)."""
+    scene = write_scene(tmp_path / "in", 3, seed=4, borders=False)
+    with fits.open(scene.paths[2], mode="update") as hdul:
+        hdul[0].data[:] = 0
+    result = stack(scene.paths, tmp_path / "master.fits", backend="numpy", rejection="percentile", low=0.5, high=0.001)
+    assert result.rejection.method == "none" and "2 frame(s) with data" in result.rejection.reason
+    assert result.rejected_low_share == result.rejected_high_share == 0
+    assert [f.error is None for f in result.frames] == [True, True, False]
+    _, _, header = _master(tmp_path / "master.fits")
+    assert "low side kept" not in str(header["HISTORY"]) and header["NSGSREJ"] == "none"
+
+
+@pytest.mark.parametrize(
+    ("cards", "weights"),
+    [
+        ({0: 1e-170}, "NWEIGHT"),  # the reference 1e330 times lighter than the others
+        ({1: 1e300, 2: 1e-300}, "NWEIGHT"),
+        ({0: 1e-170}, "noise"),  # NOISE00 of the reference: 1/noise^2 overflows
+        ({1: 1e170}, "noise"),  # 1/noise^2 underflows
+    ],
+    ids=["tiny-reference", "both-ends", "noise-overflow", "noise-underflow"],
+)
+def test_weights_at_the_ends_of_the_range_stack_or_name_the_frame(tmp_path, cards, weights):
+    """Weights no real frame has: the stack still finishes, each frame's noise clipping scaled
+    without a NaN, and a noise whose weight is not a finite positive number leaves its frame
+    out with that said."""
+    scene = write_scene(tmp_path / "in", 4, seed=6, borders=False)
+    for k, value in cards.items():
+        with fits.open(scene.paths[k], mode="update") as hdul:
+            hdul[0].header["NWEIGHT" if weights == "NWEIGHT" else "NOISE00"] = value
+    result = stack(scene.paths, tmp_path / "master.fits", backend="numpy", weights=weights)
+    master, _, _ = _master(tmp_path / "master.fits")
+    assert np.all(np.isfinite(master))
+    if weights == "noise":
+        (k,) = cards
+        assert result.frames[k].error == (
+            f"{scene.paths[k]}: its noise {cards[k]:g} gives no finite positive weight 1/noise^2"
+        )
+        assert sum(f.error is None for f in result.frames) == 3
+    else:
+        assert all(f.error is None for f in result.frames)
