@@ -226,7 +226,8 @@ def normalize(
     if clustered:  # Dask is imported only here
         from .cluster import open_cluster
 
-        cluster = open_cluster(scheduler=scheduler, workers=workers, gpus=gpus)
+        notify = None if quiet or json_lines else (lambda line: typer.echo(line, err=True))
+        cluster = open_cluster(scheduler=scheduler, workers=workers, gpus=gpus, notify=notify)
     display = RunDisplay(quiet=quiet, json_lines=json_lines)
     with cluster as executor, display:
         if executor is not None and not quiet and not json_lines:

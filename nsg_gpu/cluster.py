@@ -27,9 +27,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .atomic import remove_stale_temporaries
@@ -286,6 +287,7 @@ def open_cluster(
     connect_timeout: float | None = None,
     worker_timeout: float = 300.0,
     timeout: float | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> Iterator[DaskExecutor]:
     """Connect to a Dask cluster, or start a local one, and yield a :class:`DaskExecutor` on it.
 
@@ -314,11 +316,15 @@ def open_cluster(
     timeout : float, optional
         Passed to :class:`DaskExecutor`.
 
+    notify : callable, optional
+        Told, in a line, what the run waits for (a scheduler without workers).
+
     Raises
     ------
     ClusterError
         Not exactly one option, a bad count, Dask (or dask-cuda for ``gpus``) missing, the
-        scheduler unreachable, or no worker joined in time.
+        scheduler unreachable, not a Dask scheduler (no answer within ``connect_timeout`` and
+        :data:`ANSWER_GRACE` seconds), or no worker joined in time.
     """
     given = [name for name, value in (("--scheduler", scheduler), ("--workers", workers), ("--gpus", gpus)) if value]
     if workers is not None and workers < 1:
@@ -331,7 +337,7 @@ def open_cluster(
     with contextlib.ExitStack() as stack:
         if scheduler is None:
             stack.enter_context(_patient_with_lost_workers())
-        yield from _open(distributed, scheduler, workers, gpus, connect_timeout, worker_timeout, timeout)
+        yield from _open(distributed, scheduler, workers, gpus, connect_timeout, worker_timeout, timeout, notify)
 
 
 #: Seconds a cluster started here waits for a killed worker's new process to join before it
@@ -352,7 +358,58 @@ def _patient_with_lost_workers():
     return dask.config.set({key: f"{max(current, LOST_WORKER_TIMEOUT):g}s"})
 
 
-def _open(distributed, scheduler, workers, gpus, connect_timeout, worker_timeout, timeout) -> Iterator[DaskExecutor]:
+#: Seconds beyond the connect timeout that a scheduler has to answer before the address is
+#: taken for something else (a dashboard's or a web server's port answers a connection, never
+#: Dask's handshake).
+ANSWER_GRACE = 10.0
+
+
+def _connect(distributed, scheduler: str, connect_timeout: float | None):
+    """A ``distributed.Client`` of the scheduler at ``scheduler`` (an address or a scheduler
+    file), or a :class:`ClusterError` saying why not, within a bounded time."""
+    path = Path(scheduler)
+    if "://" not in scheduler and not path.is_file() and (scheduler.endswith(".json") or "/" in scheduler):
+        raise ClusterError(f"{scheduler}: no such scheduler file (a scheduler removes its file when it stops)")
+    limit = {} if connect_timeout is None else {"timeout": connect_timeout}
+    outcome: dict = {}
+
+    def attempt() -> None:
+        try:
+            if path.is_file():
+                outcome["client"] = distributed.Client(scheduler_file=scheduler, **limit)
+            else:
+                outcome["client"] = distributed.Client(scheduler, **limit)
+        except BaseException as exc:  # handed to the caller, which names the scheduler
+            outcome["error"] = exc
+
+    started = threading.Thread(target=attempt, name="nsg-dask-connect", daemon=True)
+    started.start()
+    import dask
+
+    default = dask.utils.parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="seconds")
+    wait = (default if connect_timeout is None else connect_timeout) + ANSWER_GRACE
+    started.join(wait)
+    if started.is_alive():
+        raise ClusterError(f"{scheduler}: no answer as a Dask scheduler within {wait:g} s (a dashboard's port?)")
+    exc = outcome.get("error")
+    if exc is None:
+        return outcome["client"]
+    if isinstance(exc, (OSError, TimeoutError)):
+        raise ClusterError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
+    if path.is_file():
+        raise ClusterError(
+            f"{scheduler}: not a scheduler file that dask scheduler --scheduler-file wrote ({type(exc).__name__})"
+        ) from exc
+    if isinstance(exc, ValueError):
+        raise ClusterError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
+    raise ClusterError(
+        f"{scheduler}: does not answer as a Dask scheduler (its answer read as Dask's gave {type(exc).__name__})"
+    ) from exc
+
+
+def _open(
+    distributed, scheduler, workers, gpus, connect_timeout, worker_timeout, timeout, notify
+) -> Iterator[DaskExecutor]:
     """:func:`open_cluster` once its options are checked."""
     cluster = None
     if gpus is not None:
@@ -370,15 +427,10 @@ def _open(distributed, scheduler, workers, gpus, connect_timeout, worker_timeout
         if cluster is not None:
             client = distributed.Client(cluster)
         else:
-            try:
-                limit = {} if connect_timeout is None else {"timeout": connect_timeout}
-                if Path(scheduler).is_file():
-                    client = distributed.Client(scheduler_file=scheduler, **limit)
-                else:
-                    client = distributed.Client(scheduler, **limit)
-            except (OSError, ValueError) as exc:
-                raise ClusterError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
+            client = _connect(distributed, str(scheduler), connect_timeout)
         with client:
+            if notify is not None and not client.scheduler_info().get("workers"):
+                notify(f"waiting up to {worker_timeout:g} s for a Dask worker to join {client.scheduler.address}")
             try:
                 client.wait_for_workers(1, timeout=worker_timeout)
             except (OSError, TimeoutError) as exc:

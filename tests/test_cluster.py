@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -305,6 +306,96 @@ def test_cluster_option_errors_are_one_line(frames, tmp_path, options, message):
     assert result.exit_code == 1
     assert result.output.startswith("nsg: error:") and message in result.output
     assert result.output.count("\n") == 1
+
+
+def _serve(answer: bytes | None):
+    """A TCP server on a free local port that answers every connection with ``answer`` (None:
+    never a byte); its address, and a function that stops it."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.2)
+    stop = threading.Event()
+    held = []
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            held.append(conn)
+            if answer is not None:
+                with contextlib.suppress(OSError):
+                    conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    def close():
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
+
+    return f"tcp://127.0.0.1:{server.getsockname()[1]}", close
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\n\r\nBad Request", "does not answer as a Dask scheduler"),
+        (None, "no answer as a Dask scheduler within 11 s"),
+    ],
+    ids=["web-server", "silent"],
+)
+def test_an_address_that_is_no_scheduler_is_a_one_line_error(frames, tmp_path, answer, message):
+    """A dashboard's or another server's port for --scheduler: one line within a bounded time
+    (Dask's connect timeout and ANSWER_GRACE), not a traceback nor a wait without end. In a
+    process of its own: a client that waits on a silent server holds Dask's event loop."""
+    paths, _ = frames
+    address, close = _serve(answer)
+    env = {**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "1s"}
+    command = [sys.executable, "-m", "nsg_gpu", "normalize", *map(str, paths[:2]), "-o", str(tmp_path / "out")]
+    try:
+        done = subprocess.run([*command, "--scheduler", address], capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        close()
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("nsg: error:") and message in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and not done.stdout
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "no such scheduler file"), ("{}", "not a scheduler file"), ("garbage", "not a scheduler file")],
+    ids=["missing", "empty-json", "garbage"],
+)
+def test_a_scheduler_file_that_is_none_is_a_one_line_error(frames, tmp_path, content, message):
+    paths, _ = frames
+    file = tmp_path / "scheduler.json"
+    if content is not None:
+        file.write_text(content)
+    result = runner.invoke(
+        app, ["normalize", *map(str, paths[:2]), "-o", str(tmp_path / "out"), "--scheduler", str(file)]
+    )
+    assert result.exit_code == 1, result.output
+    assert result.output == f"nsg: error: {file}: " + result.output.split(f"{file}: ", 1)[1]
+    assert message in result.output and result.output.count("\n") == 1
+
+
+def test_a_scheduler_without_workers_says_what_the_run_waits_for(frames, tmp_path):
+    """A live scheduler with no worker: the wait is announced, then fails after its limit."""
+    from nsg_gpu.cluster import ClusterError, open_cluster
+
+    heard = []
+    with distributed.LocalCluster(n_workers=0, dashboard_address=":0") as empty:
+        with pytest.raises(ClusterError, match="no Dask worker joined"):
+            with open_cluster(scheduler=empty.scheduler_address, worker_timeout=1, notify=heard.append):
+                pass
+    assert heard == [f"waiting up to 1 s for a Dask worker to join {empty.scheduler_address}"]
 
 
 def test_gpus_without_dask_cuda_is_a_one_line_error(frames, tmp_path):
