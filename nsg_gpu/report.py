@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from .atomic import write_text
+from .errors import OutputError
 
 __all__ = ["write_results", "write_weights", "RESULT_COLUMNS"]
 
@@ -67,6 +68,24 @@ RESULT_COLUMNS = (
     "date_obs",
     "seconds",
 )
+
+
+#: The files that describe a run as a whole, written once every frame is done.
+SUMMARY_FILES = ("results.csv", "results.json", "weights.csv")
+
+
+def clear_summaries(output_dir: str | os.PathLike) -> None:
+    """Remove an earlier run's :data:`SUMMARY_FILES` before any of its outputs is redone: a
+    run stopped midway then leaves no list of outputs that are gone or were made otherwise
+    (``nsg stack`` stacks the folder's outputs as they are)."""
+    for name in SUMMARY_FILES:
+        path = Path(output_dir) / name
+        try:
+            path.unlink()
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as exc:
+            raise OutputError(f"{path}: the earlier run's summary cannot be removed ({exc.strerror or exc})") from exc
 
 
 def write_results(run, output_dir: str | os.PathLike) -> tuple[Path, Path]:

@@ -29,7 +29,7 @@ from .pipeline import normalize_frame
 from .preview import reference_preview
 from .reference import Reference, prepare_reference
 from .rejection import reject_frames
-from .report import write_results, write_weights
+from .report import SUMMARY_FILES, clear_summaries, write_results, write_weights
 from .results import FrameResult, RunResult
 from .resume import check_clearable, clear_outputs, find_complete_output, frame_fingerprint, result_from_header
 from .select import choose_reference
@@ -283,7 +283,7 @@ def normalize(
     plan = plan_run(
         frames, reference=reference, output_dir=output_dir, params=params, postfix=postfix, output_format=output_format
     )
-    remove_stale_temporaries(plan.outputs.values())
+    remove_stale_temporaries([*plan.outputs.values(), *(Path(output_dir) / name for name in SUMMARY_FILES)])
     # Resume: outputs made from the same input, reference and parameters are kept.
     ref_name = plan.reference_path.name
     fingerprints = {
@@ -305,6 +305,8 @@ def normalize(
         raise ReferenceFrameError(plan.reference_path, exc.reason) from exc
     prepared = prepare_reference(ref_frame, params, backend=be)
     preview = reference_preview(prepared) if plots or report else None  # drawn behind the sample grids
+    if len(complete) < len(plan.outputs):  # some frame is redone: the earlier summary goes first
+        clear_summaries(output_dir)
     if plan.reference_path in complete:
         reference_row = reference_result(prepared, complete.pop(plan.reference_path)[0])
         reference_row.resumed = True

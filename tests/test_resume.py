@@ -267,3 +267,31 @@ def test_thresholds_are_checked_and_not_part_of_the_history():
     history = Parameters(min_weight=0.4).history()
     assert not any(line.startswith(("min_weight", "min_transmission")) for line in history)
     assert Parameters(min_weight=0.4).history() == Parameters().history()
+
+
+def test_a_rerun_stopped_midway_leaves_no_summary_of_the_earlier_run(baseline, tmp_path):
+    """A changed parameter redoes every frame; stopped after its reference, the rerun leaves
+    no results.csv, results.json nor weights.csv that would list the outputs it removed (nor
+    their temporaries); run to its end, it writes them anew."""
+    paths, first, out = baseline
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_the_reference(row, done, total):
+        if done == 1:
+            raise Stop
+
+    def prepare(copy):
+        (copy / ".results.csv.abc123.tmp").write_text("a killed run's half-written summary")
+
+    with pytest.raises(Stop):
+        _rerun(
+            baseline, tmp_path, prepare, params=Parameters(gradient_smoothness=1.0), progress=stop_after_the_reference
+        )
+    copy = tmp_path / "out"
+    assert not any((copy / name).exists() for name in ("results.csv", "results.json", "weights.csv"))
+    assert not list(copy.glob(".*.tmp"))
+    run = normalize(paths, reference=paths[0], output_dir=copy, params=Parameters(gradient_smoothness=1.0))
+    listed = [row["file"] for row in _csv(copy / "weights.csv")]
+    assert sorted(listed) == sorted(os.path.relpath(f.output, copy) for f in run.frames if not f.rejected)
