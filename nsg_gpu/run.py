@@ -19,7 +19,7 @@ from pathlib import Path
 from .atomic import remove_stale_temporaries
 from .backend import NUMPY, Backend
 from .diagnostics import chosen_frames, existing_frame_plots, write_frame_plots
-from .errors import FrameError, NSGError, OutputError, ReferenceFrameError
+from .errors import FrameError, NSGError, OutputError, ParameterError, ReferenceFrameError
 from .executors import InProcessExecutor
 from .htmlreport import write_report
 from .io import MASTER_REASON, OUTPUT_FORMATS, expand_frames, frame_stem, is_stack_master, output_path, read_frame
@@ -111,6 +111,12 @@ def _reference_among(reference: Path, frames: list[Path]) -> Path:
             raise ReferenceFrameError(
                 reference, f"names {len(named)} of the frames given ({listed}); give the reference's path"
             )
+    if reference.exists():
+        raise ReferenceFrameError(reference, "is not a regular file (a pipe or a device?); give the reference frame")
+    if reference.is_symlink():
+        raise ReferenceFrameError(reference, "is a link to nothing; give the reference frame itself")
+    if reference.parent == Path("."):
+        raise ReferenceFrameError(reference, "no such file, nor a frame of that name among the frames given")
     raise ReferenceFrameError(reference, "the reference frame does not exist")
 
 
@@ -153,6 +159,8 @@ def plan_run(
             raise NSGError("no frames given")
         reference_path, reason = choose_reference(paths, detection_sigma=params.detection_sigma)
     else:
+        if not str(reference).strip():
+            raise ParameterError("--reference is empty: give the reference frame's path or name, or auto")
         reference_path = _reference_among(Path(reference), paths)
     seen: dict[Path, Path] = {}
     targets: list[Path] = []

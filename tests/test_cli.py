@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -201,6 +202,26 @@ def test_a_parameter_out_of_range_is_one_line_and_a_bug_keeps_its_traceback(smal
     monkeypatch.setattr("nsg_gpu.run.normalize", broken)
     result = runner.invoke(app, ["normalize", *frames, "-o", str(tmp_path)])
     assert isinstance(result.exception, ValueError)  # not swallowed into a one-line message
+
+
+@pytest.mark.parametrize(
+    ("reference", "message"),
+    [
+        ("", "--reference is empty: give the reference frame's path or name, or auto"),
+        ("light_009", "light_009: no such file, nor a frame of that name among the frames given"),
+        ("pipe", "pipe: is not a regular file (a pipe or a device?); give the reference frame"),
+        ("dangling", "dangling: is a link to nothing; give the reference frame itself"),
+    ],
+    ids=["empty", "not-among-frames", "fifo", "dangling-link"],
+)
+def test_a_reference_that_is_no_frame_is_named_for_what_it_is(small_frames, tmp_path, monkeypatch, reference, message):
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo("pipe")
+    os.symlink("nothing", "dangling")
+    frames = sorted(str(p) for p in (small_frames / "in").glob("*.fits"))
+    result = runner.invoke(app, ["normalize", *frames, "-r", reference, "-o", "out"])
+    assert result.exit_code == 1 and result.output.strip() == f"nsg: error: {message}", result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_directories_stand_for_their_frames_and_errors_speak_our_words(small_frames, tmp_path):
