@@ -215,11 +215,12 @@ def normalize(
 
     clustered = scheduler is not None or workers is not None or gpus is not None
     if gpus is not None:
-        from .cluster import ClusterError, require_dask_cuda
+        from .cluster import ClusterError, parse_gpus, require_dask_cuda
 
-        require_dask_cuda()
+        parse_gpus(gpus)  # the options first, then what they need
         if backend.lower() == "numpy":
             raise ClusterError("--gpus runs the cupy backend; drop --backend numpy or use --workers N")
+        require_dask_cuda()
         backend = "cupy"
     chosen = select_backend(backend)
     cluster = contextlib.nullcontext()

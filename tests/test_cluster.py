@@ -297,6 +297,8 @@ def test_without_dask_options_dask_is_not_imported(frames, tmp_path):
         pytest.param(["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "exclude each other", id="two-options"),
         pytest.param(["--workers", "0"], "1 or more", id="no-workers"),
         pytest.param(["--scheduler", "tcp://127.0.0.1:1"], "cannot reach the Dask scheduler", id="unreachable"),
+        pytest.param(["--gpus", "foo"], "--gpus foo: give 'all' or a number", id="gpus-not-a-count"),
+        pytest.param(["--gpus", "2", "--backend", "numpy"], "--gpus runs the cupy backend", id="gpus-on-numpy"),
     ],
 )
 def test_cluster_option_errors_are_one_line(frames, tmp_path, options, message):
