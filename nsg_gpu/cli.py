@@ -478,7 +478,7 @@ def inspect(
             number(s.median, ".4g"),
             number(s.noise or None, ".3g"),
             number(s.noise_per_second, ".3g"),
-            str(s.stars) if s.shared_stars is None else f"{s.stars} ({s.shared_stars} shared)",
+            "" if s.error else str(s.stars) if s.shared_stars is None else f"{s.stars} ({s.shared_stars} shared)",
             number(s.fwhm, ".2f"),
             "" if s.missing_area is None else f"{s.coverage:.1%} ({s.missing_area:.1%} missed)",
             number(s.gradient or None, ".1f"),

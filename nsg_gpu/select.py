@@ -163,6 +163,7 @@ class ReferenceScore:
     footprint: np.ndarray | None = field(default=None, repr=False, compare=False)
     shared_stars: int | None = None
     trails: int = 0  # satellite or aircraft trails its detection found
+    shape: tuple[int, int] | None = None  # (height, width)
 
     @property
     def nonlinear_stars(self) -> int:
@@ -186,6 +187,9 @@ class ReferenceScore:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _STAR_TABLE}
         out["path"] = str(self.path)
         out["noise_per_second"] = self.noise_per_second
+        if self.error is not None:  # nothing was measured: no values, not zeros
+            for name in ("coverage", "noise", "star_snr", "gradient", "stars"):
+                out[name] = None
         return out
 
 
@@ -339,6 +343,7 @@ def score_frame(path: str | os.PathLike, *, detection_sigma: float = 5.0) -> Ref
         star_y=stars.y,
         footprint=footprint(valid),
         trails=len(stars.trails),
+        shape=(int(image.shape[0]), int(image.shape[1])),
     )
     score.star_snr = star_snr(score, score.nonlinear_stars)
     return score
@@ -368,7 +373,15 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
         # fewer stars).
         area = {id(s): s.coverage if s.footprint is None else float(s.footprint.mean()) for s in measured}
         best_area = max(area.values())
-        tabled = [s for s in measured if s.star_flux is not None and s.star_x is not None]
+        # Stars are compared among frames of one grid: the most common size (a frame of
+        # another size is no candidate, and its stars' places mean nothing on this grid).
+        sizes = [s.shape for s in measured if s.shape is not None]
+        size = max(sizes, key=sizes.count) if sizes else None
+        tabled = [
+            s
+            for s in measured
+            if s.star_flux is not None and s.star_x is not None and (s.shape is None or s.shape == size)
+        ]
         masks = common_stars([(s.star_x, s.star_y) for s in tabled])
         for s, common in zip(tabled, masks, strict=True):
             s.shared_stars = int(np.count_nonzero(common))

@@ -373,3 +373,29 @@ def test_frames_a_registration_upscaled_are_scored_on_their_capture_noise(tmp_pa
         assert score_frame(path).noise == pytest.approx(noise, rel=0.03)
         every.append(multiscale_noise(detection_image(fits.getdata(path)[None])) / noise)
     assert max(every) > 1.5 and abs(every[1] - every[2]) > 0.05, every
+
+
+def test_a_frame_of_another_size_and_an_unreadable_file_leave_the_others_scores_alone(inspected_set, tmp_path):
+    """A frame cut to another size and a file that is no FITS among the set: the others'
+    shared stars and scores are those of the set alone; the odd frame is no candidate, and
+    the unreadable file has no measured values (null, not 0)."""
+    field, paths = inspected_set
+    alone = {r["path"]: r for r in json.loads(runner.invoke(app, ["inspect", *map(str, paths), "--json"]).stdout)}
+    with fits.open(paths[1]) as hdul:
+        fits.PrimaryHDU(hdul[0].data[:-40, :-60], hdul[0].header).writeto(tmp_path / "cut.fits")
+    (tmp_path / "junk.fits").write_text("not a frame\n")
+    result = runner.invoke(
+        app, ["inspect", *map(str, paths), str(tmp_path / "cut.fits"), str(tmp_path / "junk.fits"), "--json"]
+    )
+    assert result.exit_code == 3
+    rows = {r["path"]: r for r in json.loads(result.stdout)}
+    for path in map(str, paths):
+        assert (rows[path]["shared_stars"], rows[path]["star_snr"], rows[path]["candidate"]) == (
+            alone[path]["shared_stars"],
+            alone[path]["star_snr"],
+            alone[path]["candidate"],
+        )
+    cut = rows[str(tmp_path / "cut.fits")]
+    assert not cut["candidate"] and cut["shape"] == [460, 640] and "size differs" in cut["note"]
+    junk = rows[str(tmp_path / "junk.fits")]
+    assert junk["error"] and all(junk[k] is None for k in ("coverage", "noise", "star_snr", "gradient", "stars"))
