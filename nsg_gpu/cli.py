@@ -34,6 +34,7 @@ __all__ = ["app", "main"]
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_FRAMES_FAILED = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 #: The array backend of ``nsg normalize`` and ``nsg stack``.
 BackendOption = Annotated[str, typer.Option(help="Array backend: auto (CuPy when a GPU is usable), numpy or cupy.")]
@@ -76,6 +77,15 @@ def _one_line_errors(command):
                 raise
             typer.echo(f"nsg: error: {exc}", err=True)
             raise typer.Exit(code=EXIT_ERROR) from None
+        except KeyboardInterrupt:
+            if os.environ.get("NSG_DEBUG"):
+                raise
+            typer.echo(
+                "nsg: interrupted: every output is complete or absent; the same command again finishes the job "
+                "(nsg normalize keeps the frames it completed)",
+                err=True,
+            )
+            raise typer.Exit(code=EXIT_INTERRUPTED) from None
 
     return wrapper
 

@@ -203,6 +203,14 @@ def test_a_parameter_out_of_range_is_one_line_and_a_bug_keeps_its_traceback(smal
     result = runner.invoke(app, ["normalize", *frames, "-o", str(tmp_path)])
     assert isinstance(result.exception, ValueError)  # not swallowed into a one-line message
 
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C in the middle of a run
+
+    monkeypatch.setattr("nsg_gpu.run.normalize", interrupted)
+    result = runner.invoke(app, ["normalize", *frames, "-o", str(tmp_path)])
+    assert result.exit_code == 130
+    assert result.output.strip().startswith("nsg: interrupted: every output is complete or absent")
+
 
 @pytest.mark.parametrize(
     ("reference", "message"),
