@@ -22,8 +22,18 @@ from .diagnostics import chosen_frames, existing_frame_plots, write_frame_plots
 from .errors import FrameError, NSGError, OutputError, ParameterError, ReferenceFrameError
 from .executors import InProcessExecutor
 from .htmlreport import write_report
-from .io import MASTER_REASON, OUTPUT_FORMATS, expand_frames, frame_stem, is_stack_master, output_path, read_frame
+from .io import (
+    MASTER_REASON,
+    OUTPUT_FORMATS,
+    expand_frames,
+    frame_stem,
+    is_stack_master,
+    output_path,
+    read_frame,
+    read_output_header,
+)
 from .jobs import FrameJob, reference_result, write_reference
+from .keywords import FINGERPRINT
 from .params import Parameters
 from .pipeline import normalize_frame
 from .preview import reference_preview
@@ -86,6 +96,29 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
     return output_dir
 
 
+def _without_earlier_outputs(frames, output_dir: Path) -> list[Path]:
+    """The frames ``frames`` name (:func:`~nsg_gpu.io.expand_frames`), less the outputs of an
+    earlier run that a directory given as frames holds where it is the output directory
+    itself (``nsg normalize lights -o lights``: each rerun would normalize the last one's
+    outputs again). An output named on its own stays, to be normalized as the user asks."""
+    paths: list[Path] = []
+    target = output_dir.resolve()
+    for item in map(Path, frames):
+        listed = expand_frames([item])
+        if item.is_dir() and item.resolve() == target:
+            listed = [p for p in listed if not _is_output(p)]
+        paths.extend(listed)
+    return paths
+
+
+def _is_output(path: Path) -> bool:
+    """Whether ``path`` is an output of ``nsg normalize`` (its ``NSGHASH`` card)."""
+    try:
+        return FINGERPRINT in read_output_header(path)
+    except FrameError:  # unreadable or cut short: its reading as a frame says why
+        return False
+
+
 def _reference_among(reference: Path, frames: list[Path]) -> Path:
     """The reference frame ``reference`` names: a file, or where no file has that path, the
     one frame given whose file name or stem (``frame_stem``) it is (``-r frame_0005`` with
@@ -146,7 +179,7 @@ def plan_run(
     if output_format not in OUTPUT_FORMATS:
         raise NSGError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}, not {output_format!r}")
     output_dir = check_output_dir(output_dir)
-    paths = expand_frames(frames)
+    paths = _without_earlier_outputs(frames, output_dir)
     masters = [
         FrameResult(path=str(p), status="failed", error=f"{p}: {MASTER_REASON}") for p in paths if is_stack_master(p)
     ]

@@ -295,3 +295,18 @@ def test_a_rerun_stopped_midway_leaves_no_summary_of_the_earlier_run(baseline, t
     run = normalize(paths, reference=paths[0], output_dir=copy, params=Parameters(gradient_smoothness=1.0))
     listed = [row["file"] for row in _csv(copy / "weights.csv")]
     assert sorted(listed) == sorted(os.path.relpath(f.output, copy) for f in run.frames if not f.rejected)
+
+
+def test_a_folder_normalized_into_itself_is_not_normalized_again(baseline, tmp_path):
+    """`nsg normalize lights -o lights` twice: the second run resumes the first's outputs and
+    does not take them for frames (no `_nsg_nsg` files)."""
+    paths, first, out = baseline
+    folder = tmp_path / "lights"
+    folder.mkdir()
+    for p in paths:
+        shutil.copy2(p, folder / p.name)
+    run = normalize([folder], reference=folder / paths[0].name, output_dir=folder)
+    assert len(run.frames) == 4 and not any(f.resumed for f in run.frames)
+    again = normalize([folder], reference=folder / paths[0].name, output_dir=folder)
+    assert len(again.frames) == 4 and all(f.resumed for f in again.frames)
+    assert not list(folder.rglob("*_nsg_nsg*"))
