@@ -81,8 +81,8 @@ def _one_line_errors(command):
             if os.environ.get("NSG_DEBUG"):
                 raise
             typer.echo(
-                "nsg: interrupted: every output is complete or absent; the same command again finishes the job "
-                "(nsg normalize keeps the frames it completed)",
+                "nsg: interrupted: the same command again finishes the job (nsg normalize and nsg stack write "
+                "each output complete or not at all; nsg normalize keeps the frames it completed)",
                 err=True,
             )
             raise typer.Exit(code=EXIT_INTERRUPTED) from None
@@ -225,9 +225,10 @@ def normalize(
 
     clustered = scheduler is not None or workers is not None or gpus is not None
     if gpus is not None:
-        from .cluster import ClusterError, parse_gpus, require_dask_cuda
+        from .cluster import ClusterError, check_cluster_options, parse_gpus, require_dask_cuda
 
-        parse_gpus(gpus)  # the options first, then what they need
+        check_cluster_options(scheduler=scheduler, workers=workers, gpus=gpus)  # the options first
+        parse_gpus(gpus)
         if backend.lower() == "numpy":
             raise ClusterError("--gpus runs the cupy backend; drop --backend numpy or use --workers N")
         require_dask_cuda()

@@ -41,7 +41,15 @@ from .reference import Reference
 from .results import FrameResult, failed_result
 from .version import __version__
 
-__all__ = ["ClusterError", "DaskExecutor", "open_cluster", "parse_gpus", "require_dask_cuda", "run_frame_task"]
+__all__ = [
+    "ClusterError",
+    "DaskExecutor",
+    "check_cluster_options",
+    "open_cluster",
+    "parse_gpus",
+    "require_dask_cuda",
+    "run_frame_task",
+]
 
 
 #: A frame's task is submitted at most this many times when the scheduler cancels it (a lost
@@ -278,6 +286,18 @@ class DaskExecutor:
         return failed_result(job.path, error)
 
 
+def check_cluster_options(*, scheduler=None, workers=None, gpus=None) -> None:
+    """Raise :class:`ClusterError` unless exactly one of the options is given, and a worker
+    count is 1 or more."""
+    given = [name for name, value in (("--scheduler", scheduler), ("--workers", workers), ("--gpus", gpus)) if value]
+    if workers is not None and workers < 1:
+        raise ClusterError(f"--workers {workers}: give 1 or more worker processes")
+    if len(given) != 1:
+        raise ClusterError(
+            f"{' and '.join(given)} exclude each other: give one" if given else "give --scheduler, --workers or --gpus"
+        )
+
+
 @contextlib.contextmanager
 def open_cluster(
     *,
@@ -326,13 +346,7 @@ def open_cluster(
         scheduler unreachable, not a Dask scheduler (no answer within ``connect_timeout`` and
         :data:`ANSWER_GRACE` seconds), or no worker joined in time.
     """
-    given = [name for name, value in (("--scheduler", scheduler), ("--workers", workers), ("--gpus", gpus)) if value]
-    if workers is not None and workers < 1:
-        raise ClusterError(f"--workers {workers}: give 1 or more worker processes")
-    if len(given) != 1:
-        raise ClusterError(
-            f"{' and '.join(given)} exclude each other: give one" if given else "give --scheduler, --workers or --gpus"
-        )
+    check_cluster_options(scheduler=scheduler, workers=workers, gpus=gpus)
     distributed = _distributed()
     with contextlib.ExitStack() as stack:
         if scheduler is None:
@@ -372,15 +386,20 @@ def _connect(distributed, scheduler: str, connect_timeout: float | None):
         raise ClusterError(f"{scheduler}: no such scheduler file (a scheduler removes its file when it stops)")
     limit = {} if connect_timeout is None else {"timeout": connect_timeout}
     outcome: dict = {}
+    abandoned = threading.Event()
 
     def attempt() -> None:
         try:
             if path.is_file():
-                outcome["client"] = distributed.Client(scheduler_file=scheduler, **limit)
+                client = distributed.Client(scheduler_file=scheduler, **limit)
             else:
-                outcome["client"] = distributed.Client(scheduler, **limit)
+                client = distributed.Client(scheduler, **limit)
         except BaseException as exc:  # handed to the caller, which names the scheduler
             outcome["error"] = exc
+            return
+        outcome["client"] = client
+        if abandoned.is_set():  # answered after the caller gave up: nobody will close it
+            client.close()
 
     started = threading.Thread(target=attempt, name="nsg-dask-connect", daemon=True)
     started.start()
@@ -390,6 +409,7 @@ def _connect(distributed, scheduler: str, connect_timeout: float | None):
     wait = (default if connect_timeout is None else connect_timeout) + ANSWER_GRACE
     started.join(wait)
     if started.is_alive():
+        abandoned.set()
         raise ClusterError(f"{scheduler}: no answer as a Dask scheduler within {wait:g} s (a dashboard's port?)")
     exc = outcome.get("error")
     if exc is None:

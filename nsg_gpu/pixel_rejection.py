@@ -202,9 +202,7 @@ class Rejection:
         outlier; ImageIntegration too leaves rejection out there), with the reason said."""
         if self.method in ("none", "auto") or n_frames > 2:
             return self
-        reason = (
-            f"{METHOD_TITLES[self.method]} asked, but {n_frames} frame(s) with data are too few to reject pixels: none"
-        )
+        reason = f"{METHOD_TITLES[self.method]} asked, but {n_frames} frame(s) are too few to reject pixels: none"
         return dataclasses.replace(
             self, method="none", low=None, high=None, clip_low=True, clip_high=True, reason=reason
         )

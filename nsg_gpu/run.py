@@ -107,6 +107,11 @@ def _without_earlier_outputs(frames, output_dir: Path) -> list[Path]:
         listed = expand_frames([item])
         if item.is_dir() and item.resolve() == target:
             listed = [p for p in listed if not _is_output(p)]
+            if not listed:
+                raise NSGError(
+                    f"{item}: the output folder holds only outputs of nsg normalize, no frames; "
+                    "to normalize those again, write into another --output-dir"
+                )
         paths.extend(listed)
     return paths
 

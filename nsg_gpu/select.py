@@ -188,7 +188,7 @@ class ReferenceScore:
         out["path"] = str(self.path)
         out["noise_per_second"] = self.noise_per_second
         if self.error is not None:  # nothing was measured: no values, not zeros
-            for name in ("coverage", "noise", "star_snr", "gradient", "stars"):
+            for name in ("coverage", "noise", "star_snr", "gradient", "stars", "trails"):
                 out[name] = None
         return out
 
@@ -451,13 +451,17 @@ def _set_missing_area(measured: Sequence[ReferenceScore], best_coverage: float) 
     where two are as common); a frame of another shape gets None: it is not a candidate (it
     cannot be the others' reference). Where no frame has a footprint (scores built by hand),
     each misses what it covers less than the best."""
-    shapes = [s.footprint.shape for s in measured if s.footprint is not None]
+
+    def size(s: ReferenceScore):  # the frame's own size where known, else its footprint's
+        return s.shape if s.shape is not None else s.footprint.shape
+
+    shapes = [size(s) for s in measured if s.footprint is not None]
     if not shapes:
         for s in measured:
             s.missing_area = max(best_coverage - s.coverage, 0.0)
     else:
         common = max(shapes, key=shapes.count)
-        alike = [s for s in measured if s.footprint is not None and s.footprint.shape == common]
+        alike = [s for s in measured if s.footprint is not None and size(s) == common]
         for s in measured:
             s.missing_area = None
         for s, missing in zip(alike, missing_area([s.footprint for s in alike]), strict=True):

@@ -214,7 +214,7 @@ def stack(
         if not used:
             reasons = "; ".join(f.error for f in frames if f.error) or "no frames"
             raise StackError(f"no frame can be stacked: {reasons}")
-        rejection = rejection.resolve(len(used)).for_stack(_frames_with_data(used, rejection))
+        rejection = rejection.resolve(len(used)).for_stack(len(used))
         channels, height, width = used[0].shape
         rows = plan_bands(
             budget,
@@ -324,7 +324,7 @@ def _scan(listed, weight_mode: str, spool_root: Path, *, stop_on_error: bool):
     frames: list[StackFrame] = []
     sources: list[StackInput] = []
     seen: dict[Path, Path] = {}
-    made: dict[str, Path] = {}  # NSGHASH: the output of one input, reference and settings
+    made: dict[str, StackInput] = {}  # NSGHASH: the output of one input, reference and settings
     for path, from_directory in listed:
         source = StackInput(path)
         key = path.resolve()
@@ -342,18 +342,18 @@ def _scan(listed, weight_mode: str, spool_root: Path, *, stop_on_error: bool):
                     continue  # a master of an earlier stack in the directory: never an input
                 raise FrameDataError(path, MASTER_REASON) from None
             twin = made.get(_fingerprint(source))
-            if twin is not None:
+            if twin is not None and _same_rows(source, twin):
                 raise FrameDataError(
                     path,
-                    f"is the same normalized frame as {twin} (one NSGHASH: the same input, reference and "
-                    "settings, written twice); stacked once",
+                    f"is the same normalized frame as {twin.path} (one NSGHASH and the same pixels: the same "
+                    "input, reference and settings, written twice); stacked once",
                 )
         except FrameError as exc:
             if stop_on_error:
                 raise StackError(str(exc)) from exc
             source.error = str(exc)
         if source.error is None and _fingerprint(source):
-            made[_fingerprint(source)] = path
+            made.setdefault(_fingerprint(source), source)
         seen[key] = path
         sources.append(source)
     shape, whose = _stack_shape([s for s in sources if s.error is None])
@@ -409,6 +409,18 @@ def _shape_text(shape) -> str:
 
 class _MasterFile(Exception):
     """The file is a master written by nsg stack."""
+
+
+def _same_rows(first: StackInput, second: StackInput) -> bool:
+    """Whether two frames of one fingerprint hold the same pixels in the :data:`PROBE_ROWS`
+    rows (inputs of one name, size and time from two nights give one ``NSGHASH``)."""
+    if first.shape != second.shape:
+        return False
+    height = first.shape[1]
+    spans = [(y, y + 1) for y in sorted({min(height - 1, int(share * height)) for share in PROBE_ROWS})]
+    return all(
+        np.array_equal(a, b, equal_nan=True) for a, b in zip(_read_rows(first, spans), _read_rows(second, spans))
+    )
 
 
 def _fingerprint(source: StackInput) -> str | None:
@@ -506,20 +518,6 @@ def _middle_rows(source: StackInput) -> np.ndarray:
     height = source.shape[1]
     count = min(height, NOISE_ROWS)
     return _read_rows(source, [((height - count) // 2, (height - count) // 2 + count)])[0]
-
-
-def _frames_with_data(used: list[StackInput], rejection: Rejection) -> int:
-    """How many of the frames hold data (:func:`_has_data`), counted up to 3, where it decides
-    whether a method chosen by name can reject at all (:meth:`Rejection.for_stack`); else
-    their count."""
-    if rejection.method in ("none", "auto"):
-        return len(used)
-    found = 0
-    for source in used:
-        found += _has_data(source)
-        if found == 3:
-            break
-    return found
 
 
 def _has_data(source: StackInput) -> bool:

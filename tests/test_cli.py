@@ -209,7 +209,7 @@ def test_a_parameter_out_of_range_is_one_line_and_a_bug_keeps_its_traceback(smal
     monkeypatch.setattr("nsg_gpu.run.normalize", interrupted)
     result = runner.invoke(app, ["normalize", *frames, "-o", str(tmp_path)])
     assert result.exit_code == 130
-    assert result.output.strip().startswith("nsg: interrupted: every output is complete or absent")
+    assert result.output.strip().startswith("nsg: interrupted: the same command again finishes the job")
 
 
 @pytest.mark.parametrize(

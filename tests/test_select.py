@@ -383,10 +383,10 @@ def test_a_frame_of_another_size_and_an_unreadable_file_leave_the_others_scores_
     alone = {r["path"]: r for r in json.loads(runner.invoke(app, ["inspect", *map(str, paths), "--json"]).stdout)}
     with fits.open(paths[1]) as hdul:
         fits.PrimaryHDU(hdul[0].data[:-40, :-60], hdul[0].header).writeto(tmp_path / "cut.fits")
+        fits.PrimaryHDU(hdul[0].data[:, :-2], hdul[0].header).writeto(tmp_path / "trim.fits")  # one footprint
     (tmp_path / "junk.fits").write_text("not a frame\n")
-    result = runner.invoke(
-        app, ["inspect", *map(str, paths), str(tmp_path / "cut.fits"), str(tmp_path / "junk.fits"), "--json"]
-    )
+    odd = [str(tmp_path / name) for name in ("cut.fits", "trim.fits", "junk.fits")]
+    result = runner.invoke(app, ["inspect", *map(str, paths), *odd, "--json"])
     assert result.exit_code == 3
     rows = {r["path"]: r for r in json.loads(result.stdout)}
     for path in map(str, paths):
@@ -395,7 +395,9 @@ def test_a_frame_of_another_size_and_an_unreadable_file_leave_the_others_scores_
             alone[path]["star_snr"],
             alone[path]["candidate"],
         )
-    cut = rows[str(tmp_path / "cut.fits")]
-    assert not cut["candidate"] and cut["shape"] == [460, 640] and "size differs" in cut["note"]
+    for name, shape in (("cut.fits", [460, 640]), ("trim.fits", [500, 698])):
+        row = rows[str(tmp_path / name)]
+        assert not row["candidate"] and row["shape"] == shape and "size differs" in row["note"], row
     junk = rows[str(tmp_path / "junk.fits")]
-    assert junk["error"] and all(junk[k] is None for k in ("coverage", "noise", "star_snr", "gradient", "stars"))
+    measured = ("coverage", "noise", "star_snr", "gradient", "stars", "trails")
+    assert junk["error"] and all(junk[k] is None for k in measured)
