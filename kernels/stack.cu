@@ -20,8 +20,9 @@
 //       esd_lambda[n * esd_stride + i] is the ESD critical value for n samples and test i
 //       (rows 0 .. n_frames); work is (n_frames, n_pixels) double scratch, used by the linear
 //       fit only (null otherwise). peak[p] and noise[p] (float32) are the pixel's peak and
-//       noise for noise clipping, noise_scale[i] (double) frame i's noise over noise[p], with
-//       signal_share (null when no pixel is noise-clipped): a sample of frame i is measured
+//       noise for noise clipping, noise_scale[i] (double) frame i's noise over noise[p] (null:
+//       frames of equal noise), with signal_share (null when no pixel is noise-clipped): a
+//       sample of frame i is measured
 //       against sqrt(noise[p]^2 f_i + (signal_share * peak[p])^2), f_i = (r_i^2 + q h) / (1 + q),
 //       r_i = noise_scale[i], q = pi / (2 n), h = (n / sum_j 1 / r_j)^2 over the pixel's samples.
 //       Every output item is written.
@@ -298,7 +299,9 @@ extern "C" __global__ void reject_combine_f32(const float* __restrict__ values, 
             const double spread = mul(signal_share, (double)peak[p]);
             const double sd = (double)noise[p];
             const double scale = sqrt(__dadd_rn(mul(sd, sd), mul(spread, spread)));
-            if (1.0 + scale != 1.0) {
+            if (1.0 + scale != 1.0 && noise_scale == nullptr) {  // frames of equal noise
+                clip_ends(c, &lo, &hi, m, scale, low, high, clip_low, clip_high);
+            } else if (1.0 + scale != 1.0) {
                 double total = 0.0;  // sum of 1 / r over the samples, in frame order
                 for (index_t i = 0; i < n_frames; ++i) {
                     const float v = values[i * n_pixels + p];

@@ -69,7 +69,8 @@ def reject_combine(
 
     noise_scale : sequence of float (n_frames,), optional
         Noise clipping: each frame's noise over ``noise`` (from inverse-variance weights:
-        ``sqrt(w_noise / w_i)`` for the frame ``noise`` was measured on); 1 when not given.
+        ``sqrt(w_noise / w_i)`` for the frame ``noise`` was measured on); frames of equal
+        noise when not given or all 1.
 
     launcher : optional
         Runs the ``reject_combine_f32`` kernel (:data:`nsg_gpu.kernels.DEVICE`, or the
@@ -142,10 +143,11 @@ def reject_combine(
             raise ValueError(f"{rejection.describe()}: give the peak and noise of every pixel")
         if len(peak) != n_pixels or len(noise) != n_pixels:
             raise ValueError(f"peak and noise of {len(peak)} and {len(noise)} pixels for {n_pixels}")
-        scale = np.ones(n_frames) if noise_scale is None else np.asarray(noise_scale, np.float64).reshape(-1)
-        if scale.size != n_frames or not np.all(scale > 0):
-            raise ValueError(f"noise scales {scale.tolist()} for {n_frames} frames: give one above 0 per frame")
-        noise_scale = scale
+        if noise_scale is not None:
+            scale = np.asarray(noise_scale, np.float64).reshape(-1)
+            if scale.size != n_frames or not np.all(scale > 0):
+                raise ValueError(f"noise scales {scale.tolist()} for {n_frames} frames: give one above 0 per frame")
+            noise_scale = None if np.all(scale == 1.0) else scale  # equal frames: the common scale
     else:
         peak = noise = noise_scale = None
     if launcher is None:
@@ -284,19 +286,22 @@ def _twin_chunk(values: np.ndarray, weights: np.ndarray, rejection: Rejection, p
             centre = _median(xs, lo[cols], hi[cols], cols)
             spread = settings.signal_share * peak[cols].astype(np.float64)
             sd = noise[cols].astype(np.float64)
-            keep = (1.0 + np.sqrt(sd * sd + spread * spread)) != 1.0
-            if not np.all(noise_scale == 1.0):
-                # Only the columns whose ends stand out against a lower bound of every sample's
-                # scale (f_i >= min r^2 / (1 + pi / 6) for n >= 3) can clip: the others are left.
-                least = np.min(noise_scale) ** 2 / (1.0 + np.pi / 6.0) * (1.0 - 1e-6)
-                bound = np.sqrt(sd * sd * least + spread * spread)
-                reach = np.zeros(cols.size, bool)
-                with np.errstate(divide="ignore", invalid="ignore"):  # a bound of 0: every end reaches
-                    if settings.clip_low:
-                        reach |= ~((centre - xs[lo[cols], cols]) / bound <= settings.low)
-                    if settings.clip_high:
-                        reach |= ~((xs[hi[cols] - 1, cols] - centre) / bound <= settings.high)
-                keep &= reach
+            common = np.sqrt(sd * sd + spread * spread)
+            keep = (1.0 + common) != 1.0
+            if noise_scale is None:  # frames of equal noise: one scale per pixel
+                _clip_ends(xs, lo, hi, cols[keep], centre[keep], common[keep], settings)
+                continue
+            # Only the columns whose ends stand out against a lower bound of every sample's
+            # scale (f_i >= min r^2 / (1 + pi / 6) for n >= 3) can clip: the others are left.
+            least = np.min(noise_scale) ** 2 / (1.0 + np.pi / 6.0) * (1.0 - 1e-6)
+            bound = np.sqrt(sd * sd * least + spread * spread)
+            reach = np.zeros(cols.size, bool)
+            with np.errstate(divide="ignore", invalid="ignore"):  # a bound of 0: every end reaches
+                if settings.clip_low:
+                    reach |= ~((centre - xs[lo[cols], cols]) / bound <= settings.low)
+                if settings.clip_high:
+                    reach |= ~((xs[hi[cols] - 1, cols] - centre) / bound <= settings.high)
+            keep &= reach
             cols, centre, spread, sd = cols[keep], centre[keep], spread[keep], sd[keep]
             scale = _own_scales(keys, data, cols, n[cols], noise_scale, sd, spread)
             _clip_ends(xs, lo, hi, cols, centre, scale, settings)
@@ -401,9 +406,6 @@ def _own_scales(keys, data, cols, n, noise_scale, sd, spread):
     in frame order), so that ``q h`` is the median's variance (in units of ``sd^2``) and each
     frame's false rejections are as in a stack of equally noisy frames (``f_i = 1`` there).
     Only the ends that clipping reaches are computed."""
-    if np.all(noise_scale == 1.0):  # f_i = 1 exactly
-        common = np.sqrt(sd * sd + spread * spread)
-        return lambda j, active: common[active]
     inverse = 1.0 / noise_scale
     total = np.zeros(cols.size)
     for i in range(noise_scale.size):

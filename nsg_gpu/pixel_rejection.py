@@ -467,7 +467,7 @@ class NoiseMap:
     width: int
 
     @classmethod
-    def measure(cls, read_rows, shape, *, box: int = NOISE_BOX, variance_ratio=None, noise_factor=None) -> NoiseMap:
+    def measure(cls, read_rows, shape, *, box: int = NOISE_BOX, variance_ratio=None) -> NoiseMap:
         """Measure two frames read ``box`` rows at a time.
 
         Parameters
@@ -478,15 +478,11 @@ class NoiseMap:
         shape : (channels, height, width)
         variance_ratio : sequence of float, optional
             Per channel, the second frame's noise variance over the first's; 1 when not given.
-        noise_factor : sequence of float, optional
-            Per channel, what the first frame's noise is multiplied by (the stack's frames'
-            noise over its); 1 when not given.
         """
         import scipy.ndimage
 
         channels, height, width = (int(v) for v in shape)
         ratio = np.ones(channels) if variance_ratio is None else np.asarray(variance_ratio, np.float64)
-        factor = np.ones(channels) if noise_factor is None else np.asarray(noise_factor, np.float64)
         rows_of_boxes, columns = -(-height // box), -(-width // box)
         noise = np.full((channels, rows_of_boxes, columns), np.nan)
         full = width // box
@@ -517,7 +513,7 @@ class NoiseMap:
                 _, (iy, ix) = scipy.ndimage.distance_transform_edt(missing, return_indices=True)
                 noise[c] = noise[c][iy, ix]
             noise[c] = scipy.ndimage.uniform_filter(noise[c], size=3, mode="nearest")
-            noise[c] *= factor[c] / math.sqrt(1.0 + ratio[c])
+            noise[c] *= 1.0 / math.sqrt(1.0 + ratio[c])
         return cls(noise, box, height, width)
 
     def band(self, channel: int, y0: int, y1: int) -> np.ndarray:

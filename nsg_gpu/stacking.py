@@ -341,7 +341,8 @@ def _scan(listed, weight_mode: str, spool_root: Path, *, stop_on_error: bool):
                 if from_directory:
                     continue  # a master of an earlier stack in the directory: never an input
                 raise FrameDataError(path, MASTER_REASON) from None
-            twin = made.get(_fingerprint(source))
+            fingerprint = _fingerprint(source)
+            twin = made.get(fingerprint) if fingerprint else None
             if twin is not None and _same_rows(source, twin):
                 raise FrameDataError(
                     path,
@@ -352,8 +353,8 @@ def _scan(listed, weight_mode: str, spool_root: Path, *, stop_on_error: bool):
             if stop_on_error:
                 raise StackError(str(exc)) from exc
             source.error = str(exc)
-        if source.error is None and _fingerprint(source):
-            made.setdefault(_fingerprint(source), source)
+        if source.error is None and fingerprint:
+            made.setdefault(fingerprint, source)
         seen[key] = path
         sources.append(source)
     shape, whose = _stack_shape([s for s in sources if s.error is None])
@@ -416,8 +417,7 @@ def _same_rows(first: StackInput, second: StackInput) -> bool:
     rows (inputs of one name, size and time from two nights give one ``NSGHASH``)."""
     if first.shape != second.shape:
         return False
-    height = first.shape[1]
-    spans = [(y, y + 1) for y in sorted({min(height - 1, int(share * height)) for share in PROBE_ROWS})]
+    spans = _probe_spans(first)
     return all(
         np.array_equal(a, b, equal_nan=True) for a, b in zip(_read_rows(first, spans), _read_rows(second, spans))
     )
@@ -522,9 +522,13 @@ def _middle_rows(source: StackInput) -> np.ndarray:
 
 def _has_data(source: StackInput) -> bool:
     """Whether any of the :data:`PROBE_ROWS` rows holds a sample with data."""
+    return any(np.any(np.isfinite(row) & (row != 0)) for row in _read_rows(source, _probe_spans(source)))
+
+
+def _probe_spans(source: StackInput) -> list[tuple[int, int]]:
+    """The :data:`PROBE_ROWS` rows of a frame, as spans for :func:`_read_rows`."""
     height = source.shape[1]
-    rows = sorted({min(height - 1, int(share * height)) for share in PROBE_ROWS})
-    return any(np.any(np.isfinite(row) & (row != 0)) for row in _read_rows(source, [(y, y + 1) for y in rows]))
+    return [(y, y + 1) for y in sorted({min(height - 1, int(share * height)) for share in PROBE_ROWS})]
 
 
 def _read_rows(source: StackInput, spans: list[tuple[int, int]]) -> list[np.ndarray]:
@@ -611,6 +615,13 @@ def _combine(
         frame_high=np.zeros(n, np.int64),
     )
     weights = np.stack([s.weight for s in used])  # (n, channels)
+    if noise_map is not None:
+        sky, relative = noise_map
+        # The peaks are the frames' median's: the noise of the frames' harmonic mean share (the
+        # frames' noise where they are equal; a frame of absurd noise adds nothing to the sum
+        # of inverses, but counts as one of n). Shares all 1: frames of equal noise.
+        typical = len(relative) / np.sum(1.0 / relative, axis=0)
+        shares = [None if np.all(relative[:, c] == 1.0) else relative[:, c] for c in range(channels)]
     bands = [(y0, min(height, y0 + rows)) for y0 in range(0, height, rows)]
     buffers: queue.Queue = queue.Queue()
     for _ in range(2):
@@ -664,14 +675,9 @@ def _combine(
                 }
                 maps = (None, None, None)
                 if noise_map is not None:
-                    sky, relative = noise_map
                     noise = sky.band(c, y0, y1)
-                    # The peaks are the frames' median's: the noise of the frames' harmonic mean
-                    # share (the frames' noise where they are equal; a frame of absurd noise
-                    # adds nothing to the sum of inverses, but counts as one of n).
-                    typical = float(len(relative) / np.sum(1.0 / relative[:, c]))
-                    peaks = _peaks(values, width, result.rejection, noise, typical, pool)
-                    maps = (peaks, noise, relative[:, c])
+                    peaks = _peaks(values, width, result.rejection, noise, float(typical[c]), pool)
+                    maps = (peaks, noise, shares[c])
                 _combine_values(values, weights[:, c], result.rejection, maps, chosen, pool, out, products)
             combine_seconds += time.perf_counter() - started
             buffers.put(flat)

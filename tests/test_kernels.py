@@ -324,7 +324,7 @@ def test_reject_combine_kernel(method, n_frames, launcher):
     insertion sort), with borders, NaN, outliers, saturated ties and 0-2 frame pixels."""
     values, weights = stack_case(n_frames, 157, seed=n_frames)
     maps = dict(zip(("peak", "noise"), stack_maps(157, seed=n_frames)))
-    if method in ("noise", "auto"):  # each frame's own noise, one of them 1e150 times the map's
+    if method in ("noise", "auto") and n_frames % 2:  # each frame's own noise, one 1e150 times the map's
         maps["noise_scale"] = np.random.default_rng(n_frames).uniform(0.4, 2.5, n_frames)
         maps["noise_scale"][-1] = 1e150
     before = values.copy()
