@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import signal
 import threading
 import time
 import uuid
@@ -50,6 +51,10 @@ __all__ = [
     "require_dask_cuda",
     "run_frame_task",
 ]
+
+#: Dask's preload for the worker processes of a cluster started here: this module, whose
+#: :func:`dask_setup` runs in each of them as it starts.
+WORKER_PRELOAD = __name__
 
 
 #: A frame's task is submitted at most this many times when the scheduler cancels it (a lost
@@ -427,6 +432,26 @@ def _connect(distributed, scheduler: str, connect_timeout: float | None):
     ) from exc
 
 
+def dask_setup(worker) -> None:
+    """Dask's preload hook, run in each worker process of a cluster started here (``--workers``,
+    ``--gpus``) as it starts: Ctrl-C in a terminal reaches every process of its group, and the
+    run's own process closes the cluster, so a worker ignores it instead of dying with a
+    traceback and being restarted by its nanny while the run stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _local_worker_options() -> dict:
+    """Options of a local cluster's workers: Dask's configured worker preloads, then ours."""
+    import dask
+
+    preload = dask.config.get("distributed.worker.preload") or []
+    options = {"preload": [*([preload] if isinstance(preload, str) else preload), WORKER_PRELOAD]}
+    argv = dask.config.get("distributed.worker.preload-argv") or []
+    if argv and not isinstance(argv[0], str):  # one list per preload: ours takes none
+        options["preload_argv"] = [*argv, []]
+    return options
+
+
 def _open(
     distributed, scheduler, workers, gpus, connect_timeout, worker_timeout, timeout, notify
 ) -> Iterator[DaskExecutor]:
@@ -437,11 +462,14 @@ def _open(
         local_cuda_cluster = require_dask_cuda()
         # Port 0: a free port for the scheduler's HTTP server (dashboard), never a clash.
         cluster = local_cuda_cluster(
-            n_workers=None if count == "all" else count, threads_per_worker=1, dashboard_address=":0"
+            n_workers=None if count == "all" else count,
+            threads_per_worker=1,
+            dashboard_address=":0",
+            **_local_worker_options(),
         )
     elif workers is not None:
         cluster = distributed.LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0", **_local_worker_options()
         )
     try:
         if cluster is not None:

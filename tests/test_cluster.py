@@ -457,3 +457,22 @@ def test_workers_option_waits_for_a_killed_worker_that_starts_slowly(tmp_path):
             client.wait_for_workers(1, timeout=TIMEOUT)
             assert client.submit(os.getpid, pure=False).result(timeout=TIMEOUT) not in pid.values()
             assert len(client.scheduler_info()["workers"]) == 1
+
+
+def test_workers_option_workers_ignore_ctrl_c(tmp_path):
+    """Ctrl-C in a terminal reaches every process of its group: the workers of ``--workers N``
+    leave it to the run's process (which closes the cluster) rather than dying with a
+    KeyboardInterrupt traceback and being restarted by their nannies; a preload configured for
+    Dask's workers still runs."""
+    from nsg_gpu.cluster import open_cluster
+
+    preload = tmp_path / "own_preload.py"
+    preload.write_text("import os\nos.environ['NSG_TEST_OWN_PRELOAD'] = 'ran'\n")
+    with dask.config.set({"distributed.worker.preload": [str(preload)]}):
+        with open_cluster(workers=1, worker_timeout=TIMEOUT) as executor:
+            client = executor.client
+            (pid,) = client.run(os.getpid).values()
+            os.kill(pid, signal.SIGINT)
+            time.sleep(1.0)
+            assert list(client.run(os.getpid).values()) == [pid]
+            assert list(client.run(os.getenv, "NSG_TEST_OWN_PRELOAD").values()) == ["ran"]
