@@ -387,7 +387,7 @@ def _row_peaks(values: np.ndarray, width: int, needed, noise, noise_factor: floa
     rows = pixels // width if width else 0
     excess = np.zeros(pixels, np.float32)
     if needed is None:
-        at = np.arange(pixels)
+        at = None
     else:
         needed = np.asarray(needed, bool).reshape(rows, width)
         if not needed.any():
@@ -397,38 +397,31 @@ def _row_peaks(values: np.ndarray, width: int, needed, noise, noise_factor: floa
             mark[:, d:] |= needed[:, :-d]
             mark[:, :-d] |= needed[:, d:]
         at = np.flatnonzero(mark)
-    # Each pixel's median: its samples with data sorted (no data last), the middle one or two.
-    block = np.ascontiguousarray((values if at.size == pixels else values[:, at]).T)  # (pixels, frames)
-    data = np.isfinite(block) & (block != 0)
-    block[~data] = np.inf
-    block.sort(axis=1)
-    count = np.count_nonzero(data, axis=1)
-    del data
-    flat, base = block.reshape(-1), np.arange(at.size) * frames
-    low = flat[base + np.maximum(count - 1, 0) // 2].astype(np.float64) if frames else np.full(at.size, np.nan)
-    high = flat[base + np.minimum(count // 2, max(frames - 1, 0))].astype(np.float64) if frames else low
-    del block, flat, base
+        if at.size == pixels:
+            at = None
     centre = np.full(pixels, np.nan)
-    centre[at] = np.where(count > 0, (low + high) * 0.5, np.nan)
+    if frames:
+        centre[slice(None) if at is None else at] = _medians(values if at is None else values[:, at])
     centre = centre.reshape(rows, width)
     # Their mean over 2 smooth + 1 pixels along the row (over those with data), then the peak.
     present = np.isfinite(centre)
     level = np.where(present, centre, 0.0)
-    sums, counts = level.copy(), present.astype(np.float64)
+    sums, counts = level.copy(), present.astype(np.int8)
     for d in range(1, smooth + 1):
         sums[:, d:] += level[:, :-d]
         counts[:, d:] += present[:, :-d]
         sums[:, :-d] += level[:, d:]
         counts[:, :-d] += present[:, d:]
+    del level
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = sums / counts  # NaN where no pixel around has data
-    del sums, counts, level
-    left = np.full((rows, width), np.nan)
-    right = np.full((rows, width), np.nan)
-    left[:, reach:] = mean[:, :-reach]
-    right[:, :-reach] = mean[:, reach:]
-    value = mean - np.fmin(left, right)  # fmin: a side without data is left out
-    del left, right
+        mean = np.divide(sums, counts, out=sums)  # NaN where no pixel around has data
+    del counts
+    # The lower of the means at reach on either side (fmin: a side without data is left out).
+    side = np.full((rows, width), np.nan)
+    side[:, reach:] = mean[:, :-reach]
+    np.fmin(side[:, :-reach], mean[:, reach:], out=side[:, :-reach])
+    value = np.subtract(mean, side, out=side)
+    del mean
     if noise is not None:
         value -= PEAK_NOISE * noise_factor * np.asarray(noise, np.float64).reshape(rows, width)
     keep = present & np.isfinite(value) & (value > 0)
@@ -436,6 +429,64 @@ def _row_peaks(values: np.ndarray, width: int, needed, noise, noise_factor: floa
         keep &= needed
     excess[keep.reshape(-1)] = value[keep]
     return excess
+
+
+#: Up to this many frames each pixel's samples are put in order by a sorting network (minima and
+#: maxima of whole rows of pixels, no transposed copy), beyond it by NumPy's sort.
+NETWORK_FRAMES = 12
+
+
+@functools.cache
+def sorting_network(n: int) -> tuple[tuple[int, int], ...]:
+    """The compare-exchange pairs ``(i, j)``, ``i < j``, of Batcher's odd-even merge sort that put
+    ``n`` values in ascending order: the network of the next power of two, without the pairs
+    that reach beyond ``n`` (values there would be +inf, which those pairs leave in place)."""
+    size = 1 << max(0, n - 1).bit_length()
+    pairs = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k, size - j - k)):
+                    a, b = i + j, i + j + k
+                    if a // (2 * p) == b // (2 * p) and b < n:
+                        pairs.append((a, b))
+            k //= 2
+        p *= 2
+    return tuple(pairs)
+
+
+def _medians(values: np.ndarray) -> np.ndarray:
+    """The median of each column's samples with data (0 and non-finite: none), float64; NaN
+    where a column has none. The middle one or two of the sorted samples, so the same bits
+    whichever way they are sorted."""
+    frames, pixels = values.shape
+    data = np.isfinite(values) & (values != 0)
+    columns = np.arange(pixels)
+    if frames <= NETWORK_FRAMES:  # counts of at most 12 in bytes: no cast per sample
+        count = np.add.reduce(data.view(np.uint8), axis=0, dtype=np.uint8).astype(np.intp)
+        block = np.where(data, values, np.inf)
+        del data
+        smaller = np.empty(pixels, block.dtype)
+        for i, j in sorting_network(frames):
+            np.minimum(block[i], block[j], out=smaller)
+            np.maximum(block[i], block[j], out=block[j])
+            block[i] = smaller
+        del smaller
+        flat, first = block.reshape(-1), columns
+        stride = pixels
+    else:
+        count = np.count_nonzero(data, axis=0)
+        block = np.ascontiguousarray(values.T)  # (pixels, frames)
+        block[~data.T] = np.inf
+        del data
+        block.sort(axis=1)
+        flat, first = block.reshape(-1), columns * frames
+        stride = 1
+    low = flat[first + (np.maximum(count - 1, 0) // 2) * stride].astype(np.float64)
+    high = flat[first + np.minimum(count // 2, frames - 1) * stride].astype(np.float64)
+    return np.where(count > 0, (low + high) * 0.5, np.nan)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -571,6 +572,41 @@ def test_a_star_has_a_peak_a_nebula_and_one_frames_trail_none(monkeypatch):
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         pooled = peak_excess(frames.reshape(n, -1), w, noise=noise, run=pool.map)
     np.testing.assert_array_equal(pooled, peak.reshape(-1))
+
+
+@pytest.mark.parametrize("frames", [1, 2, 3, 5, 8, 12, 13, 20])
+def test_peaks_medians_are_numpys_of_the_samples_with_data(frames):
+    """The medians the peaks are made of: NumPy's median of each pixel's samples with data (0
+    and non-finite are none), bit for bit, whether a sorting network (up to NETWORK_FRAMES) or
+    a sort puts them in order; NaN where a pixel has none."""
+    rng = np.random.default_rng(frames)
+    values = rng.normal(1.0, 0.2, (frames, 5000)).astype(np.float32)
+    for bad, share in ((0.0, 0.3), (np.nan, 0.05), (np.inf, 0.02), (-np.inf, 0.02)):
+        values[rng.random(values.shape) < share] = bad
+    values[:, :7] = 0  # pixels without data
+    values[:, 7:20] = values[:1, 7:20]  # ties
+    expected = values.astype(np.float64)
+    expected[~np.isfinite(expected) | (expected == 0)] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+        expected = np.nanmedian(expected, axis=0)
+    got = pixel_rejection._medians(values.copy())
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("n", range(1, pixel_rejection.NETWORK_FRAMES + 1))
+def test_sorting_network_sorts_every_input(n):
+    """By the 0-1 principle a comparator network that sorts every sequence of 0s and 1s sorts
+    every sequence: all 2^n of them here."""
+    codes = np.arange(1 << n)
+    block = ((codes[None, :] >> np.arange(n)[:, None]) & 1).astype(np.int8)  # (n, 2^n)
+    for i, j in pixel_rejection.sorting_network(n):
+        assert i < j < n
+        low = np.minimum(block[i], block[j])
+        block[j] = np.maximum(block[i], block[j])
+        block[i] = low
+    np.testing.assert_array_equal(block, np.sort(block, axis=0))
 
 
 def test_without_rejection_the_trail_stays(scenes, tmp_path):
