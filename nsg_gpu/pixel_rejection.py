@@ -478,7 +478,7 @@ def _medians(values: np.ndarray) -> np.ndarray:
         stride = pixels
     else:
         count = np.count_nonzero(data, axis=0)
-        block = np.ascontiguousarray(values.T)  # (pixels, frames)
+        block = np.array(values.T, order="C")  # (pixels, frames), a copy even of one column
         block[~data.T] = np.inf
         del data
         block.sort(axis=1)

@@ -590,9 +590,14 @@ def test_peaks_medians_are_numpys_of_the_samples_with_data(frames):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
         expected = np.nanmedian(expected, axis=0)
-    got = pixel_rejection._medians(values.copy())
+    given = values.copy()
+    got = pixel_rejection._medians(given)
     assert got.dtype == np.float64
     np.testing.assert_array_equal(got, expected)
+    column = np.ascontiguousarray(values[:, 3:4])  # one pixel (no data): its transpose is no copy
+    np.testing.assert_array_equal(pixel_rejection._medians(column), expected[3:4])
+    np.testing.assert_array_equal(given, values)  # the samples are left as they were
+    np.testing.assert_array_equal(column, values[:, 3:4])
 
 
 @pytest.mark.parametrize("n", range(1, pixel_rejection.NETWORK_FRAMES + 1))
