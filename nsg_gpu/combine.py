@@ -244,7 +244,7 @@ def _reject_combine_twin(
 def _twin_chunk(values: np.ndarray, weights: np.ndarray, rejection: Rejection, peak, noise, noise_scale) -> BandResult:
     n_frames, n_pixels = values.shape
     data = np.isfinite(values) & (values != 0)
-    n = data.sum(axis=0).astype(np.int64)
+    n = _column_counts(data)
     # One sort of 64-bit keys, pixel by pixel: the float bits mapped to an unsigned order
     # (sign bit flipped for positive values, every bit for negative ones; no data last), then
     # the frame: the kernel's (value, frame) order.
@@ -357,9 +357,22 @@ def _twin_chunk(values: np.ndarray, weights: np.ndarray, rejection: Rejection, p
         low_count,
         high_count,
         flags,
-        (flags == 1).sum(axis=1, dtype=np.int64),
-        (flags == 2).sum(axis=1, dtype=np.int64),
+        _row_counts(flags == 1),
+        _row_counts(flags == 2),
     )
+
+
+def _column_counts(mask: np.ndarray) -> np.ndarray:
+    """The True values of each column of a (frames, pixels) mask, int64: summed as bytes where
+    no count can pass 255 (a bool summed into int64 is cast sample by sample)."""
+    if mask.shape[0] <= np.iinfo(np.uint8).max:
+        return np.add.reduce(mask.view(np.uint8), axis=0, dtype=np.uint8).astype(np.int64)
+    return mask.sum(axis=0, dtype=np.int64)
+
+
+def _row_counts(mask: np.ndarray) -> np.ndarray:
+    """The True values of each row of a (frames, pixels) mask, int64 (one count per row)."""
+    return np.array([np.count_nonzero(row) for row in mask], np.int64)
 
 
 def _frame_keys(values: np.ndarray) -> np.ndarray:
