@@ -441,7 +441,7 @@ def dask_setup(worker) -> None:
 
 
 def _local_worker_options() -> dict:
-    """Options of a local cluster's workers: Dask's configured worker preloads, then ours."""
+    """Options of ``--workers``' local cluster: Dask's configured worker preloads, then ours."""
     import dask
 
     preload = dask.config.get("distributed.worker.preload") or []
@@ -465,7 +465,9 @@ def _open(
             n_workers=None if count == "all" else count,
             threads_per_worker=1,
             dashboard_address=":0",
-            **_local_worker_options(),
+            # dask-cuda appends its own preload and gives its flat argument list to every
+            # preload: only ours (which takes none) goes with it, as before no configured one.
+            preload=[WORKER_PRELOAD],
         )
     elif workers is not None:
         cluster = distributed.LocalCluster(
