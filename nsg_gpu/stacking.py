@@ -619,9 +619,8 @@ def _combine(
         sky, relative = noise_map
         # The peaks are the frames' median's: the noise of the frames' harmonic mean share (the
         # frames' noise where they are equal; a frame of absurd noise adds nothing to the sum
-        # of inverses, but counts as one of n). Shares all 1: frames of equal noise.
+        # of inverses, but counts as one of n).
         typical = len(relative) / np.sum(1.0 / relative, axis=0)
-        shares = [None if np.all(relative[:, c] == 1.0) else relative[:, c] for c in range(channels)]
     bands = [(y0, min(height, y0 + rows)) for y0 in range(0, height, rows)]
     buffers: queue.Queue = queue.Queue()
     for _ in range(2):
@@ -677,7 +676,7 @@ def _combine(
                 if noise_map is not None:
                     noise = sky.band(c, y0, y1)
                     peaks = _peaks(values, width, result.rejection, noise, float(typical[c]), pool)
-                    maps = (peaks, noise, shares[c])
+                    maps = (peaks, noise, relative[:, c])  # shares all 1: reject_combine's equal frames
                 _combine_values(values, weights[:, c], result.rejection, maps, chosen, pool, out, products)
             combine_seconds += time.perf_counter() - started
             buffers.put(flat)
