@@ -378,7 +378,10 @@ class SyntheticField:
         """The additive sky of frame ``k``: pedestal plus gradient, ``(channels, h, w)``."""
         spec, truth = self.spec, self.frames[k]
         h, w = spec.height, spec.width
-        v, u = np.mgrid[-1 : 1 : h * 1j, -1 : 1 : w * 1j].astype(np.float32)
+        # The grid's rows and columns, broadcast against each other: each pixel's value as
+        # from the full grid, without it.
+        v = np.mgrid[-1 : 1 : h * 1j].astype(np.float32)[:, None]
+        u = np.mgrid[-1 : 1 : w * 1j].astype(np.float32)[None, :]
         out = np.empty((self.channels, h, w), np.float32)
         for c, (a, b, cc, d, e, f) in enumerate(truth.gradient_coefficients):
             # Plane, curvature and a dome of light pollution rising off one edge.
@@ -568,15 +571,20 @@ class SyntheticField:
         # Only the phases these stars fall at: each star's stamp by its phase pair's index.
         used, which = np.unique(qy * 16 + qx, return_inverse=True)
         stamps, off = self._stamps(fwhm, beta, shape, np.divmod(used, 16))
-        for chunk in np.array_split(np.arange(star_x.size), max(1, star_x.size // 400)):
-            px = x0[chunk, None, None] + off[None, None, :]
-            py = y0[chunk, None, None] + off[None, :, None]
-            inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
-            flat = (py * w + px)[inside]
+        planes = out.reshape(self.channels, h, w)
+        size = off.size
+        flux = star_flux.astype(np.float32)
+        per_channel = stamps if stamps.ndim == 4 else [stamps] * self.channels
+        # Each star's stamp added where it overlaps the frame, one star after another: a pixel
+        # sums its stars' light in catalogue order, however many stars there are.
+        tops, lefts = (y0 + int(off[0])).tolist(), (x0 + int(off[0])).tolist()
+        for i, (top, left, stamp) in enumerate(zip(tops, lefts, which.tolist())):
+            y_lo, y_hi, x_lo, x_hi = max(top, 0), min(top + size, h), max(left, 0), min(left + size, w)
+            if y_lo >= y_hi or x_lo >= x_hi:
+                continue
             for c in range(self.channels):
-                profile = stamps[c][which[chunk]] if stamps.ndim == 4 else stamps[which[chunk]]
-                vals = (profile * star_flux[chunk, c][:, None, None].astype(np.float32))[inside]
-                out[c] += np.bincount(flat, weights=vals, minlength=h * w)
+                cut = per_channel[c][stamp, y_lo - top : y_hi - top, x_lo - left : x_hi - left]
+                planes[c, y_lo:y_hi, x_lo:x_hi] += cut * flux[i, c]
 
     def bayer_shares(self, k: int, x, y) -> np.ndarray:
         """``(channels, n)``: each channel's share of the light of stars at reference positions
