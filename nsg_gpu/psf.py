@@ -224,7 +224,18 @@ class MoffatPSF:
         if self.round:
             return u * u + v * v
         m11, m12, m22 = self.quadratic()
-        return m11 * u * u + 2.0 * m12 * u * v + m22 * v * v
+        if not (isinstance(u, np.ndarray) and isinstance(v, np.ndarray) and u.shape == v.shape):
+            return m11 * u * u + 2.0 * m12 * u * v + m22 * v * v
+        # The same products and sums as above, in two arrays instead of eight.
+        out = m11 * u
+        out *= u
+        term = (2.0 * m12) * u
+        term *= v
+        out += term
+        np.multiply(m22, v, out=term)
+        term *= v
+        out += term
+        return out
 
     def direction_factor(self, theta):
         """``r2`` at unit distance in directions ``theta`` (radians): the profile along a
@@ -511,24 +522,33 @@ def _columns(psf: MoffatPSF, offsets: list[tuple], out: np.ndarray, widths: np.n
     for index, u, v, r2, w in offsets:
         if not psf.round:
             r2 = psf.r2(u, v)
-            u, v = m11 * u + m12 * v, m12 * u + m22 * v
+            turned_u, term = m11 * u, m12 * v
+            turned_u += term
+            turned_v = m12 * u
+            np.multiply(m22, v, out=term)
+            turned_v += term
+            u, v = turned_u, turned_v
         if widths is None:
             a2 = psf.alpha * psf.alpha
         else:
             a2 = (psf.alpha * np.asarray(widths, float)).reshape((-1,) + (1,) * (r2.ndim - 1)) ** 2
-        q = 1.0 + r2 / a2
+        # q = 1 + r2 / a2 and the slope 2 beta / a2 * shape / q, each in one array.
+        q = np.divide(r2, a2)
+        q += 1.0
         if w is None:
             shape = np.power(q, -psf.beta, out=out[:, 0])
             # d shape / d(star x) = 2 beta u / alpha^2 * q^(-beta-1)
-            slope = 2.0 * psf.beta / a2 * shape / q
+            slope = np.multiply(2.0 * psf.beta / a2, shape)
+            slope /= q
             np.multiply(slope, u, out=out[:, 1])
             np.multiply(slope, v, out=out[:, 2])
         else:
             shape = np.power(q, -psf.beta)
-            slope = 2.0 * psf.beta / a2 * shape / q
+            slope = np.multiply(2.0 * psf.beta / a2, shape)
+            slope /= q
             out[:, 0, index] = shape @ w
-            out[:, 1, index] = (slope * u) @ w
-            out[:, 2, index] = (slope * v) @ w
+            out[:, 1, index] = np.multiply(slope, u, out=q) @ w
+            out[:, 2, index] = np.multiply(slope, v, out=q) @ w
     return out
 
 
