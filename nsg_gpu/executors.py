@@ -107,18 +107,25 @@ def idle_cores(interval: float = 0.1) -> float:
         return float(cpus)
 
 
-def default_compute_threads(*, gpu: bool = False, cores: int | None = None, idle: float | None = None) -> int:
+def default_compute_threads(
+    *, gpu: bool = False, cores: int | None = None, idle: float | None = None, frames: int | None = None
+) -> int:
     """Compute threads for a streaming run: one per core this process may use and the machine
     leaves idle (rounded), at least one and no more than two, which the GIL leaves a third
-    nothing to gain over; 1 on a GPU. A second thread on a core that other work holds only
-    contends with the first (2.04 s per 26 MP frame against 1.75 s with one thread, with
-    another job on one of two cores; 1.53 against 1.99 on a quiet machine: bench/NOTES.md).
-    The count never changes the outputs."""
+    nothing to gain over, nor more than the run's ``frames`` where given; 1 on a GPU. A
+    second thread on a core that other work holds only contends with the first (2.04 s per
+    26 MP frame against 1.75 s with one thread, with another job on one of two cores; 1.53
+    against 1.99 on a quiet machine: bench/NOTES.md). The idle cores are measured
+    (:func:`idle_cores`, 0.1 s) only where more than one thread could be chosen. The count
+    never changes the outputs."""
     if gpu:
         return 1
     cores = usable_cores() if cores is None else cores
+    most = min(2, cores) if frames is None else min(2, cores, frames)
+    if most <= 1:
+        return 1
     idle = idle_cores() if idle is None else idle
-    return max(1, min(2, cores, math.floor(idle + 0.5)))
+    return max(1, min(most, math.floor(idle + 0.5)))
 
 
 class InProcessExecutor:
@@ -155,10 +162,10 @@ class InProcessExecutor:
         self.compute_threads = compute_threads
         self.threads = bool(threads)
 
-    def _compute_threads(self, reference: Reference) -> int:
+    def _compute_threads(self, reference: Reference, frames: int) -> int:
         if self.compute_threads is not None:
             return self.compute_threads
-        return default_compute_threads(gpu=get_backend(reference.frame.data).is_gpu)
+        return default_compute_threads(gpu=get_backend(reference.frame.data).is_gpu, frames=frames)
 
     def run(
         self, reference: Reference, jobs: Sequence[FrameJob], *, stop_on_error: bool = False
@@ -182,7 +189,7 @@ class InProcessExecutor:
         stop = threading.Event()  # the consumer went away, or a thread raised
         failed = threading.Event()  # a frame failed and stop_on_error holds: read no further
         errors: list[BaseException] = []  # what a thread raised, for the consumer to raise
-        workers = self._compute_threads(reference)
+        workers = self._compute_threads(reference, len(jobs))
         read_q: queue.Queue = queue.Queue(maxsize=self.read_ahead)
         # Futures in job order; their number bounds the frames held between read and write.
         write_q: queue.Queue = queue.Queue(maxsize=self.write_behind + workers - 1)

@@ -16,6 +16,7 @@ from astropy.io import fits
 from scipy.interpolate import RectBivariateSpline
 
 from nsg_gpu import apply as apply_module
+from nsg_gpu import executors
 from nsg_gpu import samples as samples_module
 from nsg_gpu import scale as scale_module
 from nsg_gpu.apply import apply_gradient
@@ -514,6 +515,24 @@ def test_compute_threads_never_oversubscribe_the_cores(cores, idle, gpu, threads
     """A compute thread per core that the machine leaves idle, no more than two (the GIL), one
     on a GPU."""
     assert default_compute_threads(gpu=gpu, cores=cores, idle=idle) == threads
+
+
+def test_one_frame_or_one_core_takes_one_thread_without_measuring(monkeypatch):
+    """A run of one frame, or on one core, gets one compute thread without the 0.1 s that
+    measuring the idle cores takes; two frames on two quiet cores still get two."""
+    measured = []
+
+    def idle(interval=0.1):
+        measured.append(interval)
+        return 2.0
+
+    monkeypatch.setattr(executors, "idle_cores", idle)
+    assert default_compute_threads(cores=2, frames=1) == 1
+    assert default_compute_threads(cores=1, frames=5) == 1
+    assert measured == []
+    assert default_compute_threads(cores=2, frames=2) == 2
+    assert default_compute_threads(cores=2, frames=None) == 2
+    assert measured == [0.1, 0.1]
 
 
 def test_idle_cores_see_a_busy_core():
