@@ -68,7 +68,7 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy import ndimage, optimize, stats
+from scipy import ndimage, optimize, special
 from scipy.spatial import cKDTree
 
 from .backend import get_backend
@@ -354,7 +354,7 @@ class FieldModel:
         chi_surface = float(np.sum(w * (factor[keep] - terms[keep] @ coef) ** 2))
         f_stat = (chi_flat - chi_surface) / 5 / max(chi_surface / (n - 6), 1e-300)
         fitted = terms[keep] @ coef
-        if not (stats.f.sf(f_stat, 5, n - 6) < FIELD_FALSE_ALARM and fitted.max() >= FIELD_MIN_RANGE * fitted.min()):
+        if not (special.fdtrc(5, n - 6, f_stat) < FIELD_FALSE_ALARM and fitted.max() >= FIELD_MIN_RANGE * fitted.min()):
             return None
         if fitted.min() <= 0:
             return None
