@@ -452,6 +452,24 @@ def _local_worker_options() -> dict:
     return options
 
 
+def _drop_unknown_removals(cluster) -> None:
+    """Dask's cluster object follows its workers' comings and goings from the scheduler. A
+    worker killed and restarted by its nanny can be reported gone when the cluster does not
+    list it (dask/distributed#5407): the report raised KeyError in the cluster's watcher,
+    which stopped, and closing the cluster raised it again after the run's results were in.
+    Such a report is dropped: there is nothing to remove."""
+    update = getattr(cluster, "_update_worker_status", None)
+    if update is None:
+        return
+
+    def update_known(op, msg):
+        if op == "remove" and msg not in cluster.scheduler_info.get("workers", {}):
+            return
+        update(op, msg)
+
+    cluster._update_worker_status = update_known
+
+
 def _open(
     distributed, scheduler, workers, gpus, connect_timeout, worker_timeout, timeout, notify
 ) -> Iterator[DaskExecutor]:
@@ -473,6 +491,8 @@ def _open(
         cluster = distributed.LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0", **_local_worker_options()
         )
+    if cluster is not None:
+        _drop_unknown_removals(cluster)
     try:
         if cluster is not None:
             client = distributed.Client(cluster)
