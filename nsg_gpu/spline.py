@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+import scipy.signal
 from scipy.interpolate import make_interp_spline
 from scipy.linalg import lapack
 
@@ -267,8 +268,6 @@ def _evaluate_on_lattice(splines: list[SurfaceSpline], gx: np.ndarray, gy: np.nd
     table = _tps_kernel(h * h * (dx * dx + dy * dy).astype(np.float64))
     u = (gx - first.centre[0]) / first.scale
     v = (gy - first.centre[1]) / first.scale
-    import scipy.signal  # here: a tenth of a second to import, which most runs never need
-
     out = np.empty((len(splines), ny, nx))
     for c, spline in enumerate(splines):
         placed = np.zeros((ny, nx))
