@@ -31,6 +31,7 @@ import signal
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -458,14 +459,16 @@ def _drop_unknown_removals(cluster) -> None:
     list it (dask/distributed#5407): the report raised KeyError in the cluster's watcher,
     which stopped, and closing the cluster raised it again after the run's results were in.
     Such a report is dropped: there is nothing to remove."""
-    update = getattr(cluster, "_update_worker_status", None)
+    update = getattr(type(cluster), "_update_worker_status", None)
     if update is None:
         return
+    listed = weakref.ref(cluster)  # the cluster holds this function: no cycle through it
 
     def update_known(op, msg):
-        if op == "remove" and msg not in cluster.scheduler_info.get("workers", {}):
+        known = listed()
+        if known is None or (op == "remove" and msg not in known.scheduler_info.get("workers", {})):
             return
-        update(op, msg)
+        update(known, op, msg)
 
     cluster._update_worker_status = update_known
 

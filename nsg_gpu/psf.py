@@ -224,7 +224,13 @@ class MoffatPSF:
         if self.round:
             return u * u + v * v
         m11, m12, m22 = self.quadratic()
-        if not (isinstance(u, np.ndarray) and isinstance(v, np.ndarray) and u.shape == v.shape):
+        if not (
+            isinstance(u, np.ndarray)
+            and isinstance(v, np.ndarray)
+            and u.ndim
+            and u.shape == v.shape
+            and u.dtype == v.dtype
+        ):
             return m11 * u * u + 2.0 * m12 * u * v + m22 * v * v
         # The same products and sums as above, in two arrays instead of eight.
         out = m11 * u

@@ -475,11 +475,11 @@ class SyntheticField:
             ]
         else:
             groups = [(fwhm, np.arange(star_x.size))]
-        out = np.zeros((self.channels, h * w), np.float64)
+        out = np.zeros((self.channels, h, w), np.float64)
         for group_fwhm, index in groups:
             if index.size:
                 self._add_stars(out, star_x[index], star_y[index], self.star_flux[index], group_fwhm, beta, shape)
-        return out.reshape(self.channels, h, w).astype(np.float32)
+        return out.astype(np.float32)
 
     def _stamps(self, fwhm: float, beta: float, shape=(0.0, 0.0), wanted=None) -> tuple[np.ndarray, np.ndarray]:
         """Normalized Moffat stamps ``(phase_y, phase_x, s, s)`` for 16 x 16 sub-pixel phases;
@@ -565,13 +565,13 @@ class SyntheticField:
         return (stamps / total).astype(np.float32), off
 
     def _add_stars(self, out, star_x, star_y, star_flux, fwhm: float, beta: float, shape=(0.0, 0.0)) -> None:
+        """Add the stars' light to ``out`` ``(channels, h, w)`` float64."""
         h, w = self.spec.height, self.spec.width
         x0, qx = _pixel_and_phase(star_x)
         y0, qy = _pixel_and_phase(star_y)
         # Only the phases these stars fall at: each star's stamp by its phase pair's index.
         used, which = np.unique(qy * 16 + qx, return_inverse=True)
         stamps, off = self._stamps(fwhm, beta, shape, np.divmod(used, 16))
-        planes = out.reshape(self.channels, h, w)
         size = off.size
         flux = star_flux.astype(np.float32)
         per_channel = stamps if stamps.ndim == 4 else [stamps] * self.channels
@@ -584,7 +584,7 @@ class SyntheticField:
                 continue
             for c in range(self.channels):
                 cut = per_channel[c][stamp, y_lo - top : y_hi - top, x_lo - left : x_hi - left]
-                planes[c, y_lo:y_hi, x_lo:x_hi] += cut * flux[i, c]
+                out[c, y_lo:y_hi, x_lo:x_hi] += cut * flux[i, c]
 
     def bayer_shares(self, k: int, x, y) -> np.ndarray:
         """``(channels, n)``: each channel's share of the light of stars at reference positions
