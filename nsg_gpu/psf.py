@@ -541,17 +541,14 @@ def _columns(psf: MoffatPSF, offsets: list[tuple], out: np.ndarray, widths: np.n
         # q = 1 + r2 / a2 and the slope 2 beta / a2 * shape / q, each in one array.
         q = np.divide(r2, a2)
         q += 1.0
+        shape = np.power(q, -psf.beta, out=out[:, 0] if w is None else None)
+        # d shape / d(star x) = 2 beta u / alpha^2 * q^(-beta-1)
+        slope = np.multiply(2.0 * psf.beta / a2, shape)
+        slope /= q
         if w is None:
-            shape = np.power(q, -psf.beta, out=out[:, 0])
-            # d shape / d(star x) = 2 beta u / alpha^2 * q^(-beta-1)
-            slope = np.multiply(2.0 * psf.beta / a2, shape)
-            slope /= q
             np.multiply(slope, u, out=out[:, 1])
             np.multiply(slope, v, out=out[:, 2])
         else:
-            shape = np.power(q, -psf.beta)
-            slope = np.multiply(2.0 * psf.beta / a2, shape)
-            slope /= q
             out[:, 0, index] = shape @ w
             out[:, 1, index] = np.multiply(slope, u, out=q) @ w
             out[:, 2, index] = np.multiply(slope, v, out=q) @ w

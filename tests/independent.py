@@ -272,14 +272,13 @@ def _measurable(x: np.ndarray, y: np.ndarray, nodata: np.ndarray, outer: float) 
     xi, yi = np.rint(x), np.rint(y)
     inside = (xi >= reach) & (xi < w - reach) & (yi >= reach) & (yi < h - reach)
     disk = np.hypot(*np.mgrid[-reach : reach + 1, -reach : reach + 1]) <= outer
-    # The disk around each star's pixel, looked up where it lies in the image (outside counts
-    # as data, as a dilation's border does).
-    row = np.clip(yi.astype(int), 0, h - 1)[:, None] + np.arange(-reach, reach + 1)
-    column = np.clip(xi.astype(int), 0, w - 1)[:, None] + np.arange(-reach, reach + 1)
-    in_image = ((row >= 0) & (row < h))[:, :, None] & ((column >= 0) & (column < w))[:, None, :]
-    seen = nodata[np.clip(row, 0, h - 1)[:, :, None], np.clip(column, 0, w - 1)[:, None, :]]
-    blocked = (seen & in_image & disk).any(axis=(1, 2))
-    return inside & ~blocked
+    # The disk around each star's pixel, looked up in the image (it lies within it for the
+    # stars inside).
+    keep = inside.copy()
+    row = yi[inside].astype(int)[:, None] + np.arange(-reach, reach + 1)
+    column = xi[inside].astype(int)[:, None] + np.arange(-reach, reach + 1)
+    keep[inside] = ~(nodata[row[:, :, None], column[:, None, :]] & disk).any(axis=(1, 2))
+    return keep
 
 
 def _nodata(frame: np.ndarray) -> np.ndarray:
