@@ -59,3 +59,34 @@ def test_degenerate_spline_inputs_raise():
         fit_surface_spline([1, 2], [1, 2], [0, 0])
     with pytest.raises(ValueError, match="one line"):
         fit_surface_spline([1, 2, 3, 4], [1, 2, 3, 4], [0, 1, 0, 1])
+
+
+def test_lattice_convolution_is_scipys_fftconvolve_to_the_bit():
+    """The lattice evaluation's convolution gives ``scipy.signal.fftconvolve(mode="valid")``'s
+    bits (the same FFTs) on tables with sparse coefficients, axes of length one included; and
+    importing the command line brings neither ``scipy.signal`` nor ``scipy.stats``."""
+    import subprocess
+    import sys
+
+    import scipy.signal
+
+    from nsg_gpu.spline import _valid_convolution
+
+    rng = np.random.default_rng(5)
+    for ny, nx in [(1, 1), (1, 9), (7, 1), (2, 2), (13, 40), (64, 37), (96, 129)]:
+        table = rng.normal(size=(2 * ny - 1, 2 * nx - 1)) * 10.0 ** rng.integers(-3, 4)
+        placed = np.where(rng.random((ny, nx)) < 0.3, rng.normal(size=(ny, nx)), 0.0)
+        expected = scipy.signal.fftconvolve(table, placed, mode="valid")
+        got = _valid_convolution(table, placed)
+        assert got.shape == expected.shape and np.array_equal(got, expected), (ny, nx)
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, nsg_gpu.cli; print(sorted({'scipy.signal', 'scipy.stats'} & set(sys.modules)))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert loaded.stdout.strip() == "[]", loaded.stdout
