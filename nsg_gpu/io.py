@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyUserWarning
-from astropy.wcs import FITSFixedWarning
 
 from .atomic import atomic_write
 from .errors import FrameReadError, FrameShapeError, NSGError, quiet_warnings
@@ -359,7 +358,7 @@ def is_stack_master(path: str | os.PathLike) -> bool:
     if not path.is_file() or _is_xisf(path):
         return False
     try:
-        with quiet_warnings(AstropyUserWarning, FITSFixedWarning):
+        with quiet_warnings(AstropyUserWarning):
             return MASTER_CARD in fits.getheader(path)
     except Exception:
         return False
@@ -373,7 +372,7 @@ def read_meta(path: str | os.PathLike) -> FrameMeta:
         return meta_from_header(_read_xisf(path, pixels=False)[1])
     try:
         with (
-            quiet_warnings(AstropyUserWarning, FITSFixedWarning),  # the reading says what is wrong
+            quiet_warnings(AstropyUserWarning),  # the reading says what is wrong
             open(path, "rb") as handle,
             fits.open(handle, memmap=False) as hdul,
         ):
@@ -412,7 +411,7 @@ def read_frame(path: str | os.PathLike) -> Frame:
         data, header, white_level, properties = _read_xisf(path)
         return Frame(path, data, header, white_level, meta_from_header(header), properties)
     try:
-        with quiet_warnings(AstropyUserWarning, FITSFixedWarning):
+        with quiet_warnings(AstropyUserWarning):
             # The file object is ours to close: astropy leaves its own handle open when a
             # damaged file makes it fail half-way.
             with open(path, "rb") as handle, fits.open(handle, memmap=False) as hdul:
@@ -625,7 +624,7 @@ def read_output_header(path: str | os.PathLike) -> fits.Header:
             raise FrameReadError(path, f"is truncated: its image ends at byte {location[1] + location[2]} of {size}")
         return header
     try:
-        with quiet_warnings(AstropyUserWarning, FITSFixedWarning):
+        with quiet_warnings(AstropyUserWarning):
             with open(path, "rb") as handle, fits.open(handle, memmap=False, lazy_load_hdus=True) as hdul:
                 header = hdul[0].header.copy()
                 info = hdul.fileinfo(0)

@@ -49,6 +49,24 @@ def test_version():
     assert result.exit_code == 0 and __version__ in result.output
 
 
+def test_the_command_line_starts_without_what_a_run_may_not_need():
+    """Importing the command line loads neither ``scipy.signal`` with ``scipy.stats`` (0.5 s;
+    the gradient's lattice convolution calls ``scipy.fft`` itself) nor photutils with
+    astropy's coordinates, tables and WCS (0.3-0.45 s; imported where the plain aperture is
+    first used): every ``nsg`` command and every cluster worker starts without them."""
+    import subprocess
+    import sys
+
+    heavy = ("scipy.signal", "scipy.stats", "photutils", "astropy.wcs", "astropy.coordinates", "astropy.table")
+    loaded = subprocess.run(
+        [sys.executable, "-c", f"import sys, nsg_gpu.cli; print([m for m in {heavy!r} if m in sys.modules])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert loaded.stdout.strip() == "[]", loaded.stdout
+
+
 def test_normalize_writes_outputs_and_results(small_frames, tmp_path):
     frames = sorted(str(p) for p in (small_frames / "in").glob("*.fits"))
     inputs_before = {p: fits.getdata(p).copy() for p in frames}
