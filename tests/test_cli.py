@@ -50,16 +50,21 @@ def test_version():
 
 
 def test_the_command_line_starts_without_what_a_run_may_not_need():
-    """Importing the command line loads neither ``scipy.signal`` with ``scipy.stats`` (0.5 s;
-    the gradient's lattice convolution calls ``scipy.fft`` itself) nor photutils with
-    astropy's coordinates, tables and WCS (0.3-0.45 s; imported where the plain aperture is
-    first used): every ``nsg`` command and every cluster worker starts without them."""
+    """Importing the command line and the cluster's tasks loads neither ``scipy.signal``
+    with ``scipy.stats`` (0.5 s; the gradient's lattice convolution calls ``scipy.fft``
+    itself) nor photutils with astropy's coordinates, tables and WCS (0.3-0.45 s; imported
+    where the plain aperture is first used): every ``nsg`` command and every cluster worker
+    starts without them."""
     import subprocess
     import sys
 
     heavy = ("scipy.signal", "scipy.stats", "photutils", "astropy.wcs", "astropy.coordinates", "astropy.table")
     loaded = subprocess.run(
-        [sys.executable, "-c", f"import sys, nsg_gpu.cli; print([m for m in {heavy!r} if m in sys.modules])"],
+        [
+            sys.executable,
+            "-c",
+            f"import sys, nsg_gpu.cli, nsg_gpu.cluster; print([m for m in {heavy!r} if m in sys.modules])",
+        ],
         capture_output=True,
         text=True,
         check=True,
