@@ -282,7 +282,8 @@ def _valid_convolution(table: np.ndarray, placed: np.ndarray) -> np.ndarray:
     ``table`` at least as large as ``placed`` along each axis, by the same ``scipy.fft``
     calls in the same order (the same bits), without importing ``scipy.signal``: that import
     (and ``scipy.stats``, which it brings) took about 0.5 s of every process that imports
-    nsg_gpu, the command line's and each cluster worker's."""
+    nsg_gpu, the command line's and each cluster worker's. The valid part is a view of the
+    full convolution (the caller copies it into its grid)."""
     # As fftconvolve: an axis of length 1 in either array is a plain product, not an FFT.
     axes = [a for a in range(2) if table.shape[a] != 1 and placed.shape[a] != 1]
     if not axes:
@@ -295,7 +296,7 @@ def _valid_convolution(table: np.ndarray, placed: np.ndarray) -> np.ndarray:
     keep = [slice(None), slice(None)]
     for a in axes:
         keep[a] = slice(placed.shape[a] - 1, table.shape[a])
-    return out[tuple(keep)].copy()
+    return out[tuple(keep)]
 
 
 #: Rows of the image interpolated by one matrix product.
