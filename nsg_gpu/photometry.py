@@ -693,29 +693,69 @@ def neighbour_shares(geometry: ApertureGeometry, psf: MoffatPSF, distances) -> n
     a registration's blur. The distances it is computed at are the same for every star, up to
     the annulus plus :data:`NEIGHBOUR_REACH_FWHM` FWHM (farther where asked)."""
     d = np.abs(np.asarray(distances, float))
-    r, inner, outer = geometry.radius, geometry.annulus_inner, geometry.annulus_outer
     if d.size == 0:
         return np.zeros(0)
+    outer = geometry.annulus_outer
+    far_end = max(outer + NEIGHBOUR_REACH_FWHM * psf.fwhm, float(d.max())) + 1.0
+    grid, counted = _neighbour_share_table(geometry, psf, far_end)
+    return np.interp(d, grid, counted)
+
+
+#: Tables of :func:`neighbour_shares` kept (the reference's profile asks for the same one
+#: with every target whose aperture is the same), the oldest dropped first.
+NEIGHBOUR_TABLES_KEPT = 8
+_NEIGHBOUR_TABLES: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+_NEIGHBOUR_LOCK = threading.Lock()
+
+
+def _neighbour_share_table(geometry: ApertureGeometry, psf: MoffatPSF, far_end: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`neighbour_shares` at its distances up to ``far_end``: ``(distances, shares)``,
+    read-only; kept for the last few profiles (the profile's light depends only on its
+    width, index, shape and pixel integration)."""
+    key = None
+    if psf.field is None:
+        key = (geometry, psf.alpha, psf.beta, psf.shear, psf.pixel_integrated, far_end)
+        kept = _NEIGHBOUR_TABLES.get(key)
+        if kept is not None:
+            return kept
+    r, inner, outer = geometry.radius, geometry.annulus_inner, geometry.annulus_outer
     fwhm = psf.fwhm
     near_end = outer + 3 * fwhm
-    far_end = max(outer + NEIGHBOUR_REACH_FWHM * fwhm, float(d.max())) + 1.0
     step = min(0.25, fwhm / NEIGHBOUR_STEPS_PER_FWHM)
     grid = np.concatenate([np.arange(0.0, near_end, step), np.geomspace(near_end, far_end, NEIGHBOUR_FAR_STEPS)])
     spacing = min(0.05, fwhm / NEIGHBOUR_RADII_PER_FWHM)
     rho = np.linspace(0.0, far_end + outer, int(math.ceil((far_end + outer) / spacing)) + 1)
-    light = _radial_light(psf, rho)
+    light = _radial_light(psf, rho)[None]
+    # The three discs' common terms, computed once.
+    squares = rho[None] ** 2 + grid[:, None] ** 2
+    two_rho = 2 * rho[None]
+    products = two_rho * grid[:, None]
+    centre = grid == 0
 
     def disc(radius: float) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
-            c = (rho[None] ** 2 + grid[:, None] ** 2 - radius * radius) / (2 * rho[None] * grid[:, None])
-        theta = np.arccos(np.clip(np.nan_to_num(c, nan=-1.0, posinf=1.0, neginf=-1.0), -1.0, 1.0))
+            c = squares - radius * radius
+            c /= products
+        # cos of the half arc, within [-1, 1]; where the circle or the distance is 0, +-inf
+        # clipped, and 0 / 0 (a circle through the star's centre) -1 (fmax drops a NaN).
+        theta = np.arccos(np.fmin(np.fmax(c, -1.0, out=c), 1.0, out=c), out=c)
         # At the centre (d = 0) a circle is wholly inside or wholly outside.
-        theta[grid == 0] = np.where(rho < radius, math.pi, 0.0)
-        return integrate.simpson(2 * rho[None] * theta * light[None], x=rho, axis=1)
+        theta[centre] = np.where(rho < radius, math.pi, 0.0)
+        integrand = np.multiply(two_rho, theta, out=theta)
+        integrand *= light
+        return integrate.simpson(integrand, x=rho, axis=1)
 
     ring = (disc(outer) - disc(inner)) / (math.pi * (outer * outer - inner * inner))
     counted = disc(r) - math.pi * r * r * ring
-    return np.interp(d, grid, counted)
+    kept = (grid, counted)
+    if key is not None:
+        for array in kept:
+            array.flags.writeable = False
+        with _NEIGHBOUR_LOCK:
+            while len(_NEIGHBOUR_TABLES) >= NEIGHBOUR_TABLES_KEPT:
+                _NEIGHBOUR_TABLES.pop(next(iter(_NEIGHBOUR_TABLES)))
+            _NEIGHBOUR_TABLES[key] = kept
+    return kept
 
 
 def neighbours_light(
