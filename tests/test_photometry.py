@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -104,6 +105,34 @@ def test_neighbours_light_counts_each_other_star_by_its_flux_and_distance():
         assert row == pytest.approx([1000 * at / (2000 * own), 2000 * at / (1000 * own)], rel=1e-9)
     (at,) = photometry.neighbour_shares(geometry, psf, [14.3])
     assert at < -0.05  # in the annulus: the annulus mean takes more than the aperture holds
+
+
+def test_neighbour_shares_kept_per_profile_are_those_computed_afresh():
+    """The tables :func:`photometry.neighbour_shares` keeps (one per profile and aperture) give
+    what a table computed afresh gives, whichever profiles were asked for in between (more
+    than it keeps), for sampled, pixel-integrated and drawn-out profiles; the kept tables
+    cannot be written to."""
+    geometry = photometry.ApertureGeometry(7.0, 10.0, 18.0)
+    profiles = [
+        MoffatPSF.from_fwhm(fwhm, beta, pixel_integrated=integrated)
+        for fwhm in (1.4, 2.2, 3.1)
+        for beta in (2.5, 4.0)
+        for integrated in (False, True)
+    ]
+    profiles.append(dataclasses.replace(profiles[4], shear=(0.2, -0.1)))
+    distances = np.linspace(0.0, 40.0, 57)
+    photometry._NEIGHBOUR_TABLES.clear()
+    fresh = [photometry.neighbour_shares(geometry, p, distances) for p in profiles]
+    assert len(photometry._NEIGHBOUR_TABLES) == photometry.NEIGHBOUR_TABLES_KEPT < len(profiles)
+    for p, expected in zip(reversed(profiles), reversed(fresh)):
+        np.testing.assert_array_equal(photometry.neighbour_shares(geometry, p, distances), expected)
+    photometry._NEIGHBOUR_TABLES.clear()
+    for p, expected in zip(profiles, fresh):
+        np.testing.assert_array_equal(photometry.neighbour_shares(geometry, p, distances), expected)
+    assert not any(np.allclose(fresh[0], other) for other in fresh[1:])
+    grid, _ = next(iter(photometry._NEIGHBOUR_TABLES.values()))
+    with pytest.raises(ValueError):
+        grid[0] = 1.0
 
 
 def test_l1_line_ignores_outliers():
