@@ -227,18 +227,16 @@ FIELD_STEP = 0.01
 _SPLINE_PAD = 12
 #: The cubic B-spline's pole, sqrt(3) - 2 (as SciPy's ``ni_splines.c`` writes it).
 _SPLINE_POLE = -0.267949192431122706472553658494127633
-#: Terms of the first coefficient's sum below this fraction of their pixel are left out: they
-#: cannot change a float64 sum of pixels (and as subnormal numbers they would be slow).
-_NEGLIGIBLE = 1e-300
 
 
 def _spline_coefficients(lines: np.ndarray) -> np.ndarray:
     """The cubic spline's coefficients along axis 0 of ``lines`` (float64, a new array): the
     gain, a causal and an anticausal pass of the pole, started as SciPy's ``spline_filter1d``
     starts them in ``mode="nearest"`` (a mirror that repeats the edge: Unser, Aldroubi and
-    Eden, IEEE PAMI 13, 277, 1991), row after row over every column at once, so each column
-    gets SciPy's values to the bit (``tests/test_synthetic.py``) while SciPy walks one column
-    at a time and slows on lines whose pole power ``z**n`` is subnormal (540-565 px)."""
+    Eden, IEEE PAMI 13, 277, 1991), the same operations in the same order, row after row over
+    every column at once: each column gets SciPy's bits (``tests/test_synthetic.py``), in a
+    third of the time SciPy takes walking one line after another on lines of 540-565 px (whose
+    pole power ``z**n``, a subnormal number, slows every product with it)."""
     z = _SPLINE_POLE
     c = np.array(lines, np.float64, order="C", copy=True)
     c *= (1.0 - z) * (1.0 - 1.0 / z)
@@ -248,12 +246,8 @@ def _spline_coefficients(lines: np.ndarray) -> np.ndarray:
     total = c[0] + z_n * c[n - 1]
     z_i = z
     for i in range(1, n):
-        if abs(z_i) < _NEGLIGIBLE:
-            break
-        if abs(z_n) < _NEGLIGIBLE:
-            total += z_i * c[i]
-        else:  # the last term takes the sum so far, where SciPy keeps it (in the first pixel)
-            total += z_i * (c[i] + z_n * (c[n - 1 - i] if i < n - 1 else total))
+        # The last term takes the sum so far, where SciPy keeps it (in the line's first pixel).
+        total += z_i * (c[i] + z_n * (c[n - 1 - i] if i < n - 1 else total))
         z_i *= z
     total *= z / (1 - z_n * z_n)
     total += first
@@ -288,7 +282,7 @@ def spline_shift(image: np.ndarray, shift: tuple[float, float] | list[float]) ->
     axis: a shift's cubic spline is the product of one spline per axis with the same weights
     at every pixel, so each axis takes its spline filter and four taps instead of SciPy's
     sixteen weights per pixel (the same values to a few units in the last place of float64,
-    in a third of the time). Shifts beyond the pad are left to SciPy."""
+    in about a third of the time). Shifts beyond the pad are left to SciPy."""
     image = np.asarray(image, np.float64)
     dy, dx = (float(v) for v in shift)
     if image.ndim != 2 or max(abs(dy), abs(dx)) > _SPLINE_PAD - 2:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
@@ -108,28 +107,44 @@ def test_neighbours_light_counts_each_other_star_by_its_flux_and_distance():
 
 
 def test_neighbour_shares_kept_per_profile_are_those_computed_afresh():
-    """The tables :func:`photometry.neighbour_shares` keeps (one per profile and aperture) give
-    what a table computed afresh gives, whichever profiles were asked for in between (more
-    than it keeps), for sampled, pixel-integrated and drawn-out profiles; the kept tables
-    cannot be written to."""
-    geometry = photometry.ApertureGeometry(7.0, 10.0, 18.0)
-    profiles = [
-        MoffatPSF.from_fwhm(fwhm, beta, pixel_integrated=integrated)
-        for fwhm in (1.4, 2.2, 3.1)
-        for beta in (2.5, 4.0)
-        for integrated in (False, True)
-    ]
-    profiles.append(dataclasses.replace(profiles[4], shear=(0.2, -0.1)))
-    distances = np.linspace(0.0, 40.0, 57)
+    """The tables :func:`photometry.neighbour_shares` keeps (one per profile, aperture and
+    reach) give what a table computed afresh gives: a case asked for right after another that
+    differs from it in one thing only (the aperture, the profile's width, its index at the
+    same width, its shape, its pixel integration, distances farther out) gets its
+    own table, in either order; and after more cases than it keeps, the first ones again. The
+    kept tables cannot be written to."""
+    base = {"geometry": photometry.ApertureGeometry(7.0, 10.0, 18.0), "alpha": 1.2, "beta": 3.0}
+    # Distances beyond the reach of every case here, so that only ``distances`` moves it.
+    base |= {"shear": (0.0, 0.0), "integrated": False, "distances": np.linspace(0.0, 90.0, 57)}
+    changes = {
+        "geometry": photometry.ApertureGeometry(5.0, 8.0, 16.0),
+        "alpha": 1.6,
+        "beta": 4.0,
+        "shear": (0.2, -0.1),
+        "integrated": True,
+        "distances": np.linspace(0.0, 120.0, 57),
+    }
+
+    def shares(case):
+        psf = MoffatPSF(case["alpha"], case["beta"], pixel_integrated=case["integrated"], shear=case["shear"])
+        return photometry.neighbour_shares(case["geometry"], psf, case["distances"])
+
+    cases = [base] + [base | {key: value} for key, value in changes.items()]
+    fresh = []
+    for case in cases:
+        photometry._NEIGHBOUR_TABLES.clear()
+        fresh.append(shares(case))
+    for case, expected in zip(cases[1:], fresh[1:]):
+        for first, second, wanted in ((base, case, expected), (case, base, fresh[0])):
+            photometry._NEIGHBOUR_TABLES.clear()
+            shares(first)
+            np.testing.assert_array_equal(shares(second), wanted)
     photometry._NEIGHBOUR_TABLES.clear()
-    fresh = [photometry.neighbour_shares(geometry, p, distances) for p in profiles]
-    assert len(photometry._NEIGHBOUR_TABLES) == photometry.NEIGHBOUR_TABLES_KEPT < len(profiles)
-    for p, expected in zip(reversed(profiles), reversed(fresh)):
-        np.testing.assert_array_equal(photometry.neighbour_shares(geometry, p, distances), expected)
-    photometry._NEIGHBOUR_TABLES.clear()
-    for p, expected in zip(profiles, fresh):
-        np.testing.assert_array_equal(photometry.neighbour_shares(geometry, p, distances), expected)
-    assert not any(np.allclose(fresh[0], other) for other in fresh[1:])
+    more = [base | {"alpha": 1.0 + 0.1 * k} for k in range(photometry.NEIGHBOUR_TABLES_KEPT + 2)]
+    first = [shares(case) for case in more]
+    assert len(photometry._NEIGHBOUR_TABLES) == photometry.NEIGHBOUR_TABLES_KEPT
+    for case, expected in zip(more, first):
+        np.testing.assert_array_equal(shares(case), expected)
     grid, _ = next(iter(photometry._NEIGHBOUR_TABLES.values()))
     with pytest.raises(ValueError):
         grid[0] = 1.0

@@ -270,12 +270,20 @@ def test_capture_is_offset_and_registration_brings_it_back(registered, k):
 def test_the_registrations_spline_coefficients_are_scipys_to_the_bit():
     """The generator's spline filter (``_spline_coefficients``, every column at once) gives
     ``scipy.ndimage.spline_filter1d(order=3, mode="nearest")``'s bits, on lines from 2 px to
-    1500 (those of 540-565 px among them, whose pole power is subnormal)."""
+    1500 (those of 540-565 px among them, whose pole power is subnormal), of pixels of either
+    sign and any magnitude, zero over most of the line, or here and there."""
     rng = np.random.default_rng(11)
-    for n in [*range(2, 40), 100, 539, 540, 552, 564, 565, 566, 984, 1500]:
-        lines = rng.lognormal(0, 1, (n, 7)) * 10.0 ** rng.uniform(-4, 1)
-        expected = scipy.ndimage.spline_filter1d(lines, 3, axis=0, mode="nearest")
-        np.testing.assert_array_equal(_spline_coefficients(lines), expected, err_msg=str(n))
+    for n in [*range(2, 40), 100, 524, 525, 539, 540, 552, 564, 565, 566, 984, 1500]:
+        for kind in ("sky", "signed", "zero but its end", "zeros here and there"):
+            lines = rng.lognormal(0, 1, (n, 7)) * 10.0 ** rng.uniform(-4, 1)
+            if kind == "signed":
+                lines *= rng.choice([-1.0, 1.0], lines.shape) * 10.0 ** rng.uniform(-300, 300)
+            elif kind == "zero but its end":
+                lines[:-5] = 0.0
+            elif kind == "zeros here and there":
+                lines[rng.random(lines.shape) < 0.3] = 0.0
+            expected = scipy.ndimage.spline_filter1d(lines, 3, axis=0, mode="nearest")
+            np.testing.assert_array_equal(_spline_coefficients(lines), expected, err_msg=f"{n} {kind}")
 
 
 def test_the_registrations_spline_shift_is_scipys():
