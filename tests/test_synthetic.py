@@ -290,7 +290,8 @@ def test_the_registrations_spline_shift_is_scipys():
     """The generator's registration shifts axis by axis (``spline_shift``): the values of
     ``scipy.ndimage.shift(order=3, mode="nearest")`` to 1e-12 of the image's scale, edges
     included, for frames from a few pixels to a few hundred and shifts within and beyond its
-    pad; float32 (what the frames keep) the same in all but a few pixels in a million."""
+    pad; float32 (what the frames keep) the same in all but a few pixels in a million; and
+    a shift that is not a number, what SciPy gives (no number anywhere)."""
     rng = np.random.default_rng(12)
     differing = total = 0
     for case in range(120):
@@ -304,6 +305,8 @@ def test_the_registrations_spline_shift_is_scipys():
         differing += int(np.count_nonzero(got.astype(np.float32) != expected.astype(np.float32)))
         total += image.size
     assert differing <= 5e-6 * total, (differing, total)
+    for shift in ((np.nan, 0.2), (0.2, np.nan)):  # as SciPy: no number anywhere
+        assert np.isnan(spline_shift(image, shift)).all()
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 3])
