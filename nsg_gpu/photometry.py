@@ -37,6 +37,7 @@ reference's measurements are kept by :class:`nsg_gpu.reference.Reference`.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import dataclass, replace
@@ -697,27 +698,21 @@ def neighbour_shares(geometry: ApertureGeometry, psf: MoffatPSF, distances) -> n
         return np.zeros(0)
     outer = geometry.annulus_outer
     far_end = max(outer + NEIGHBOUR_REACH_FWHM * psf.fwhm, float(d.max())) + 1.0
-    grid, counted = _neighbour_share_table(geometry, psf, far_end)
+    grid, counted = _neighbour_share_table(
+        geometry, psf.alpha, psf.beta, tuple(psf.shear), psf.pixel_integrated, far_end
+    )
     return np.interp(d, grid, counted)
 
 
-#: Tables of :func:`neighbour_shares` kept (the reference's profile asks for the same one
-#: with every target whose aperture is the same), the oldest dropped first.
-NEIGHBOUR_TABLES_KEPT = 8
-_NEIGHBOUR_TABLES: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
-_NEIGHBOUR_LOCK = threading.Lock()
-
-
-def _neighbour_share_table(geometry: ApertureGeometry, psf: MoffatPSF, far_end: float) -> tuple[np.ndarray, np.ndarray]:
+@functools.lru_cache(maxsize=8)
+def _neighbour_share_table(
+    geometry: ApertureGeometry, alpha: float, beta: float, shear: tuple, pixel_integrated: bool, far_end: float
+) -> tuple[np.ndarray, np.ndarray]:
     """:func:`neighbour_shares` at its distances up to ``far_end``: ``(distances, shares)``,
-    read-only; kept for the last few profiles (the profile's light depends only on its
-    width, index, shape and pixel integration)."""
-    key = None
-    if psf.field is None:
-        key = (geometry, psf.alpha, psf.beta, psf.shear, psf.pixel_integrated, far_end)
-        kept = _NEIGHBOUR_TABLES.get(key)
-        if kept is not None:
-            return kept
+    read-only. The profile's light depends only on its width, index, shape and pixel
+    integration; the last few tables are kept (the reference's profile asks for the same one
+    with every target whose aperture is the same)."""
+    psf = MoffatPSF(alpha, beta, pixel_integrated=pixel_integrated, shear=shear)
     r, inner, outer = geometry.radius, geometry.annulus_inner, geometry.annulus_outer
     fwhm = psf.fwhm
     near_end = outer + 3 * fwhm
@@ -747,15 +742,9 @@ def _neighbour_share_table(geometry: ApertureGeometry, psf: MoffatPSF, far_end: 
 
     ring = (disc(outer) - disc(inner)) / (math.pi * (outer * outer - inner * inner))
     counted = disc(r) - math.pi * r * r * ring
-    kept = (grid, counted)
-    if key is not None:
-        for array in kept:
-            array.flags.writeable = False
-        with _NEIGHBOUR_LOCK:
-            while len(_NEIGHBOUR_TABLES) >= NEIGHBOUR_TABLES_KEPT:
-                _NEIGHBOUR_TABLES.pop(next(iter(_NEIGHBOUR_TABLES)))
-            _NEIGHBOUR_TABLES[key] = kept
-    return kept
+    for array in (grid, counted):
+        array.flags.writeable = False
+    return grid, counted
 
 
 def neighbours_light(

@@ -106,12 +106,12 @@ def test_neighbours_light_counts_each_other_star_by_its_flux_and_distance():
     assert at < -0.05  # in the annulus: the annulus mean takes more than the aperture holds
 
 
-def test_neighbour_shares_kept_per_profile_are_those_computed_afresh():
-    """The tables :func:`photometry.neighbour_shares` keeps (one per profile, aperture and
-    reach) give what a table computed afresh gives: a case asked for right after another that
-    differs from it in one thing only (the aperture, the profile's width, its index at the
-    same width, its shape, its pixel integration, distances farther out) gets its
-    own table, in either order; and after more cases than it keeps, the first ones again. The
+def test_neighbour_shares_kept_per_profile_are_each_profiles_own():
+    """:func:`photometry.neighbour_shares` keeps its tables per profile, aperture and reach:
+    a profile that differs from another in one thing only (the aperture, the width, the index
+    at the same width, the shape, the pixel integration, distances farther out) gets its own
+    table, in either order, whose share at distance 0 is :func:`photometry.kept_share` of
+    that profile (computed without the tables); a table asked for again is the same; the
     kept tables cannot be written to."""
     base = {"geometry": photometry.ApertureGeometry(7.0, 10.0, 18.0), "alpha": 1.2, "beta": 3.0}
     # Distances beyond the reach of every case here, so that only ``distances`` moves it.
@@ -125,29 +125,28 @@ def test_neighbour_shares_kept_per_profile_are_those_computed_afresh():
         "distances": np.linspace(0.0, 120.0, 57),
     }
 
-    def shares(case):
-        psf = MoffatPSF(case["alpha"], case["beta"], pixel_integrated=case["integrated"], shear=case["shear"])
-        return photometry.neighbour_shares(case["geometry"], psf, case["distances"])
+    def profile(case):
+        return MoffatPSF(case["alpha"], case["beta"], pixel_integrated=case["integrated"], shear=case["shear"])
 
-    cases = [base] + [base | {key: value} for key, value in changes.items()]
-    fresh = []
-    for case in cases:
-        photometry._NEIGHBOUR_TABLES.clear()
-        fresh.append(shares(case))
-    for case, expected in zip(cases[1:], fresh[1:]):
-        for first, second, wanted in ((base, case, expected), (case, base, fresh[0])):
-            photometry._NEIGHBOUR_TABLES.clear()
+    def shares(case):
+        return photometry.neighbour_shares(case["geometry"], profile(case), case["distances"])
+
+    photometry._neighbour_share_table.cache_clear()
+    expected_base = shares(base)
+    for key, value in changes.items():
+        case = base | {key: value}
+        for first, second in ((base, case), (case, base)):
+            photometry._neighbour_share_table.cache_clear()
             shares(first)
-            np.testing.assert_array_equal(shares(second), wanted)
-    photometry._NEIGHBOUR_TABLES.clear()
-    more = [base | {"alpha": 1.0 + 0.1 * k} for k in range(photometry.NEIGHBOUR_TABLES_KEPT + 2)]
-    first = [shares(case) for case in more]
-    assert len(photometry._NEIGHBOUR_TABLES) == photometry.NEIGHBOUR_TABLES_KEPT
-    for case, expected in zip(more, first):
-        np.testing.assert_array_equal(shares(case), expected)
-    grid, _ = next(iter(photometry._NEIGHBOUR_TABLES.values()))
+            got = shares(second)
+            assert got[0] == pytest.approx(photometry.kept_share(second["geometry"], profile(second)), abs=1e-4), key
+            assert np.array_equal(got, expected_base) == (second is base), key
+            np.testing.assert_array_equal(shares(second), got)
+    grid, counted = photometry._neighbour_share_table(base["geometry"], 1.2, 3.0, (0.0, 0.0), False, 91.0)
     with pytest.raises(ValueError):
         grid[0] = 1.0
+    with pytest.raises(ValueError):
+        counted[0] = 1.0
 
 
 def test_l1_line_ignores_outliers():
