@@ -375,8 +375,7 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
         best_area = max(area.values())
         # Stars are compared among frames of one grid: the most common size (a frame of
         # another size is no candidate, and its stars' places mean nothing on this grid).
-        sizes = [s.shape for s in measured if s.shape is not None]
-        size = max(sizes, key=sizes.count) if sizes else None
+        size = _common_size(measured)
         tabled = [
             s
             for s in measured
@@ -401,7 +400,7 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
                 s.star_snr = star_snr(
                     s, first, area[id(s)] / best_area if best_area > 0 else 1.0, use.get(id(s)), reach
                 )
-        limit = _set_missing_area(measured, best_coverage)
+        limit = _set_missing_area(measured, best_coverage, size)
         covered = [s for s in measured if s.missing_area is not None and s.missing_area <= limit + 1e-9]
         median_gradient = float(np.median([s.gradient for s in covered]))
         calm = [s for s in covered if s.gradient <= MAX_RELATIVE_GRADIENT * median_gradient + 1e-9] or covered
@@ -443,25 +442,33 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
     return ordered
 
 
-def _set_missing_area(measured: Sequence[ReferenceScore], best_coverage: float) -> float:
+def _size(s: ReferenceScore) -> tuple[int, int] | None:
+    """The frame's own size where known, else its footprint's, else None."""
+    if s.shape is not None:
+        return s.shape
+    return None if s.footprint is None else s.footprint.shape
+
+
+def _common_size(measured: Sequence[ReferenceScore]) -> tuple[int, int] | None:
+    """The most common size among the frames whose size is known (the first such size where
+    two are as common), or None where none is."""
+    sizes = [size for size in map(_size, measured) if size is not None]
+    return max(sizes, key=sizes.count) if sizes else None
+
+
+def _set_missing_area(measured: Sequence[ReferenceScore], best_coverage: float, common) -> float:
     """Set each measured frame's ``missing_area`` and return the most a candidate may miss
     (:data:`MAX_MISSING_AREA` beyond the least any frame misses).
 
-    Frames with footprints are judged by those of the most common shape (the first such shape
-    where two are as common); a frame of another shape gets None: it is not a candidate (it
-    cannot be the others' reference). Where no frame has a footprint (scores built by hand),
-    each misses what it covers less than the best."""
-
-    def size(s: ReferenceScore):  # the frame's own size where known, else its footprint's
-        return s.shape if s.shape is not None else s.footprint.shape
-
-    shapes = [size(s) for s in measured if s.footprint is not None]
-    if not shapes:
+    Frames with footprints are judged by those of the ``common`` size (:func:`_common_size`);
+    a frame of another size gets None: it is not a candidate (it cannot be the others'
+    reference). Where no frame of that size has a footprint (scores built by hand), each
+    misses what it covers less than the best."""
+    alike = [s for s in measured if s.footprint is not None and _size(s) == common]
+    if not alike:
         for s in measured:
             s.missing_area = max(best_coverage - s.coverage, 0.0)
     else:
-        common = max(shapes, key=shapes.count)
-        alike = [s for s in measured if s.footprint is not None and size(s) == common]
         for s in measured:
             s.missing_area = None
         for s, missing in zip(alike, missing_area([s.footprint for s in alike]), strict=True):
