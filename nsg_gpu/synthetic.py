@@ -282,11 +282,12 @@ def spline_shift(image: np.ndarray, shift: tuple[float, float] | list[float]) ->
     axis: a shift's cubic spline is the product of one spline per axis with the same weights
     at every pixel, so each axis takes its spline filter and four taps instead of SciPy's
     sixteen weights per pixel (the same values to a few units in the last place of float64,
-    in about a third of the time). Shifts beyond the pad (or not a number) are left to SciPy."""
+    in about a third of the time). Shifts beyond the pad (or not a number), and images with
+    pixels that are not finite, are left to SciPy."""
     image = np.asarray(image, np.float64)
     dy, dx = (float(v) for v in shift)
     within = abs(dy) <= _SPLINE_PAD - 2 and abs(dx) <= _SPLINE_PAD - 2  # False for a NaN shift
-    if image.ndim != 2 or not within:
+    if image.ndim != 2 or not within or not np.isfinite(image).all():
         return scipy.ndimage.shift(image, (dy, dx), order=3, mode="nearest")
     return _spline_shift_axis(_spline_shift_axis(image, dy, 0), dx, 1)
 

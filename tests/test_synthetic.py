@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -291,7 +292,8 @@ def test_the_registrations_spline_shift_is_scipys():
     ``scipy.ndimage.shift(order=3, mode="nearest")`` to 1e-12 of the image's scale, edges
     included, for frames from a few pixels to a few hundred and shifts within and beyond its
     pad; float32 (what the frames keep) the same in all but a few pixels in a million; and
-    a shift that is not a number, what SciPy gives (no number anywhere)."""
+    a shift that is not a number, or an image with pixels that are not finite, what SciPy
+    gives, without a warning SciPy does not give."""
     rng = np.random.default_rng(12)
     differing = total = 0
     for case in range(120):
@@ -307,6 +309,12 @@ def test_the_registrations_spline_shift_is_scipys():
     assert differing <= 5e-6 * total, (differing, total)
     for shift in ((np.nan, 0.2), (0.2, np.nan)):  # as SciPy: no number anywhere
         assert np.isnan(spline_shift(image, shift)).all()
+    image = rng.lognormal(0, 1, (40, 50))
+    image[5, 7], image[30, 3] = np.inf, np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = spline_shift(image, (0.3, -0.2))
+    np.testing.assert_array_equal(got, scipy.ndimage.shift(image, (0.3, -0.2), order=3, mode="nearest"))
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 3])
