@@ -291,7 +291,7 @@ extern "C" __global__ void reject_combine_f32(const float* __restrict__ values, 
                          : (n < 8 ? METHOD_NOISE
                                   : (n <= 10 ? METHOD_SIGMA : (n < 20 ? METHOD_WINSORIZED : METHOD_ESD)));
         const double low = thresholds[2 * use], high = thresholds[2 * use + 1];
-        if (use == METHOD_PERCENTILE && n >= 2) {
+        if (use == METHOD_PERCENTILE && n >= 3) {
             const double m = median_of(c, 0, n);
             if (1.0 + m != 1.0) clip_ends(c, &lo, &hi, m, m, low, high, clip_low, clip_high);
         } else if (use == METHOD_NOISE && n >= 3) {

@@ -88,7 +88,7 @@ def reject_combine(
     statistics are in double. With ``c`` the centre and ``s`` the scale of a method, a sample
     ``x`` is rejected low when ``(c - x) / s > low`` and high when ``(x - c) / s > high``:
 
-    - ``percentile`` (``n >= 2``): one pass, ``c = s = `` the median (skipped where
+    - ``percentile`` (``n >= 3``): one pass, ``c = s = `` the median (skipped where
       ``1 + median == 1``).
     - ``sigma`` (``n >= 3``): ``c`` the median, ``s`` the sample standard deviation of the
       remaining samples (PixInsight's: robustness comes from the median centre and the
@@ -274,7 +274,7 @@ def _twin_chunk(values: np.ndarray, weights: np.ndarray, rejection: Rejection, p
         settings = rejection.concrete(method)
         mine = codes == code
         if method == "percentile":
-            cols = np.flatnonzero(mine & (n >= 2))
+            cols = np.flatnonzero(mine & (n >= 3))
             centre = _median(xs, lo[cols], hi[cols], cols)
             keep = (1.0 + centre) != 1.0
             cols, centre = cols[keep], centre[keep]

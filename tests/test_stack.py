@@ -59,7 +59,7 @@ def _direct_pixel(samples, frames, weights, rejection, peak=None, noise=None, no
     high = np.zeros(n, bool)
     method = rejection.method_for(n)  # auto: NSG's rule applied to this pixel's frames
     rejection = rejection.concrete(method)
-    if method == "percentile" and n >= 2:
+    if method == "percentile" and n >= 3:
         m = np.median(x)
         if 1 + m != 1:
             low = rejection.clip_low & ((m - x) / m > rejection.low)
@@ -253,6 +253,35 @@ def test_each_method_equals_a_direct_computation(method, n_frames):
     assert result.frame_low.sum() == result.low.sum() and result.frame_high.sum() == result.high.sum()
     if method != "none" and n_frames >= (16 if method == "linear" else 4 if method == "noise" else 9):
         assert result.high.sum() > 0  # the test exercises rejection, not just the average
+
+
+@pytest.mark.parametrize("method", [*METHODS, "auto"])
+def test_no_method_clips_a_pixel_of_one_or_two_samples(method):
+    """Pixels that only one or two of the frames cover (a registration's borders) are not
+    clipped, by any method, in the twin and in the kernel (host emulation), as a stack of one
+    or two frames is not: of two samples neither can be told to be the outlier. Two samples
+    12 % apart are one percentile clipping would reject alone (above its median by more than
+    0.1 of it, below by less than 0.2); the other pixels have all five."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from emulation import EmulatedLauncher
+
+    values, weights = _samples(5, 60, seed=7)
+    values[values == 0] = np.float32(0.1)
+    values[2:, :20] = 0  # frames 0 and 1 only
+    values[1:, 20:30] = 0  # frame 0 only
+    values[0, :20], values[1, :20] = np.float32(1.0), np.float32(1.25)
+    values[1, 30:] += np.float32(0.5)  # an outlier where all five have data
+    peak, noise = _peak_and_noise(values.shape[1], seed=7)
+    settings = {"percentile": dict(low=0.2, high=0.1)}.get(method, {})
+    rejection = Rejection(method, **settings).resolve(5)
+    for launcher in (None, EmulatedLauncher(multiprocessors=2)):
+        result = reject_combine(values, weights, rejection, peak=peak, noise=noise, launcher=launcher)
+        assert not result.flags[:, :30].any() and not result.low[:30].any() and not result.high[:30].any()
+        expected = (weights[0] * 1.0 + weights[1] * 1.25) / (weights[0] + weights[1])
+        np.testing.assert_allclose(result.master[:20], expected, rtol=1e-6)
+        np.testing.assert_allclose(result.master[20:30], values[0, 20:30], rtol=1e-6)
+        if method == "percentile":
+            assert result.high[30:].sum() > 0  # these settings do clip where five frames cover
 
 
 @pytest.mark.parametrize(
