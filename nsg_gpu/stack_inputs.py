@@ -23,6 +23,7 @@ from astropy.io import fits
 from .combine import CHUNK_SAMPLES, TWIN_BYTES_PER_SAMPLE
 from .errors import FrameError, FrameReadError, FrameShapeError, ParameterError, StackError, quiet_warnings
 from .io import FRAME_SUFFIXES, shape_problem
+from .keywords import HISTORY_PREFIX
 from .pixel_rejection import PEAK_BYTES
 
 #: Memory set aside for the interpreter and the libraries within a --memory budget.
@@ -67,7 +68,7 @@ def stack_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, bool]]
     a file named twice (as given, through a link or a directory) twice.
 
     A directory without frames, and a path that names nothing, are kept as given: the stack
-    leaves them out with their reason.
+    leaves them out with their reason. :func:`in_stack_order` puts them in one order.
 
     Raises
     ------
@@ -87,6 +88,13 @@ def stack_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, bool]]
         else:
             found.append((path, False))
     return found
+
+
+def in_stack_order(listed: Sequence[tuple[Path, bool]]) -> list[tuple[Path, bool]]:
+    """The frames of :func:`stack_inputs` by file name, then path: one order whatever the
+    order the frames were given in, so that the same frames give the same master (its sums,
+    every first of equals) and the same ``stack.csv``."""
+    return sorted(listed, key=lambda item: (item[0].name, str(item[0]), item[1]))
 
 
 @dataclass
@@ -150,6 +158,11 @@ class StackInput:
     weight: np.ndarray | None = None
     spooled: bool = False
     error: str | None = None
+
+    @property
+    def is_reference(self) -> bool:
+        """Whether this is the reference of ``nsg normalize`` (its ``NSG.reference`` history line)."""
+        return self.header is not None and f"{HISTORY_PREFIX}reference" in self.header.get("HISTORY", [])
 
 
 class FileHandles:

@@ -173,10 +173,13 @@ class StackProducts:
     frame_high: np.ndarray
 
 
-def _master_header(first: fits.Header, result: StackResult, used: list[StackInput]) -> fits.Header:
-    """The first frame's cards (WCS, target, optics) without per-frame NSG cards, plus the stack's."""
+def _master_header(result: StackResult, used: list[StackInput]) -> fits.Header:
+    """The cards (WCS, target, optics) of the reference of ``nsg normalize`` where it is among
+    the frames, else of the first frame in the stack's order, without per-frame NSG cards;
+    plus the stack's."""
     header = fits.Header()
-    for card in first.cards:
+    source = next((s for s in used if s.is_reference), used[0])
+    for card in source.header.cards:
         key = card.keyword or ""
         if STRUCTURAL_CARDS.match(key) or _PER_FRAME.match(key) or key in (result.weights, "NWEIGHT", "NCOMBINE"):
             continue
@@ -221,7 +224,7 @@ def write_outputs(
     )
     counts = np.bincount(products.coverage.reshape(-1).astype(np.int64), minlength=len(used) + 1)
     result.coverage_counts = {k: int(v) for k, v in enumerate(counts) if v}
-    header = _master_header(used[0].header, result, used)
+    header = _master_header(result, used)
     mono = result.shape[0] == 1
 
     def image(array):

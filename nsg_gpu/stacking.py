@@ -35,7 +35,7 @@ from .combine import CHUNK_SAMPLES, BandResult, reject_combine
 from .errors import FrameDataError, FrameError, FrameReadError, FrameShapeError, OutputError, ParameterError, StackError
 from .htmlreport import add_stack_section
 from .io import MASTER_CARD, MASTER_REASON, XISF_SUFFIXES, is_stack_master, read_frame
-from .keywords import FINGERPRINT, HISTORY_PREFIX
+from .keywords import FINGERPRINT
 from .noise import ksigma_noise
 from .pixel_rejection import NOISE_BOX, NoiseMap, Rejection, peak_excess
 from .stack_inputs import (
@@ -43,6 +43,7 @@ from .stack_inputs import (
     FileHandles,
     StackInput,
     default_memory,
+    in_stack_order,
     open_fits,
     parse_memory,
     plan_bands,
@@ -162,8 +163,9 @@ def stack(
     frames', no or a non-positive weight, no sample with data, given twice, or the same
     normalized frame as another: one ``NSGHASH``) is left out with
     its reason in ``stack.csv`` and the result; the stack goes on unless ``stop_on_error``.
-    Results do not depend on the memory budget (the band height), the pixel chunks or the
-    threads.
+    Results do not depend on the memory budget (the band height), the pixel chunks, the
+    threads or the order of ``inputs``: the frames are stacked in the order of their file
+    names (:func:`~nsg_gpu.stack_inputs.in_stack_order`).
     """
     started = time.perf_counter()
     output = Path(output)
@@ -184,7 +186,7 @@ def stack(
     threads = max(1, int(threads or os.cpu_count() or 1))
     weight_mode = _weight_mode(weights)
 
-    listed = stack_inputs(inputs)
+    listed = in_stack_order(stack_inputs(inputs))
     csv_path = Path(csv_path) if csv_path is not None else output.parent / "stack.csv"
     _check_outputs(inputs, listed, output, csv_path, maps)
     spool_parent = Path(spool_dir) if spool_dir is not None else output.parent
@@ -388,7 +390,7 @@ def _stack_shape(readable: list[StackInput]) -> tuple[tuple | None, str]:
     among them (its ``NSG.reference`` history line), else the most frames' (the first
     frame's among equals)."""
     for source in readable:
-        if _is_reference(source):
+        if source.is_reference:
             return source.shape, f"the reference {source.path.name}'s"
     shapes = [source.shape for source in readable]
     if not shapes:
@@ -396,11 +398,6 @@ def _stack_shape(readable: list[StackInput]) -> tuple[tuple | None, str]:
     shape = max(shapes, key=lambda s: (shapes.count(s), -shapes.index(s)))
     count = shapes.count(shape)
     return shape, ("the first frame's" if count == 1 else f"{count} of the {len(shapes)} frames'")
-
-
-def _is_reference(source: StackInput) -> bool:
-    """Whether ``source`` is the reference of ``nsg normalize`` (its ``NSG.reference`` history line)."""
-    return source.header is not None and f"{HISTORY_PREFIX}reference" in source.header.get("HISTORY", [])
 
 
 def _shape_text(shape) -> str:
@@ -561,7 +558,7 @@ def _noise_map(used: list[StackInput], weight_mode: str) -> tuple[NoiseMap, np.n
     with_data = [k for k, s in enumerate(used) if _has_data(s)] or list(range(len(used)))
     mean = weights.mean(axis=1)
     order = sorted(
-        with_data, key=lambda k: (not _is_reference(used[k]), -mean[k])
+        with_data, key=lambda k: (not used[k].is_reference, -mean[k])
     )  # stable: the first of equals; an empty frame shows no noise
     first, second = (order + order)[:2]
     pair = (used[first], used[second])

@@ -678,6 +678,33 @@ def test_same_bytes_whatever_the_memory_and_threads(scenes, tmp_path):
     assert (tmp_path / "a.fits").read_bytes() == (tmp_path / "b.fits").read_bytes()
 
 
+@pytest.mark.parametrize("marked", [True, False], ids=["reference-marked", "no-reference"])
+def test_same_bytes_whatever_the_order_the_frames_are_given_in(tmp_path, marked):
+    """Five frames of equal weight (noise clipping: its map read from the first two frames of
+    equal weight), given in three orders: the same master and stack.csv, byte for byte, and
+    the master's header is the reference's where it is among them."""
+    scene = write_scene(tmp_path / "in", 5, seed=21)
+    for k, path in enumerate(scene.paths):
+        with fits.open(path, mode="update") as hdul:
+            header = hdul[0].header
+            header["DATE-OBS"] = f"2025-03-0{k + 1}T21:00:00"
+            if not marked:
+                history = [str(line) for line in header["HISTORY"] if str(line) != "NSG.reference"]
+                del header["HISTORY"]
+                for line in history:
+                    header.add_history(line)
+    orders = [scene.paths, scene.paths[::-1], [scene.paths[k] for k in (3, 0, 4, 2, 1)]]
+    outputs = []
+    for k, paths in enumerate(orders):
+        out = tmp_path / f"o{k}"
+        stack(paths, out / "master.fits", weights="equal", backend="numpy", report=False)
+        outputs.append([(out / name).read_bytes() for name in ("master.fits", "stack.csv")])
+        with fits.open(out / "master.fits") as hdul:
+            assert hdul[0].header["NSGSREJ"] == "auto" and hdul["REJHIGH"].data.sum() > 0
+            assert hdul[0].header["DATE-OBS"] == "2025-03-01T21:00:00"  # frame_000: the reference, or first by name
+    assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
+
+
 def test_the_twin_and_the_emulated_kernel_give_the_same_master(scenes, tmp_path, monkeypatch):
     """The whole stack with the kernel (host emulation) instead of the twin: identical bytes."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -746,7 +773,7 @@ def test_a_directory_means_the_accepted_outputs(tmp_path):
 
 def test_bad_frames_are_left_out_with_their_reason(tmp_path):
     scene = write_scene(tmp_path / "in", 6, seed=6)
-    fits.PrimaryHDU(np.ones((10, 10), np.float32), fits.Header([("NWEIGHT", 1.0)])).writeto(tmp_path / "small.fits")
+    fits.PrimaryHDU(np.ones((10, 10), np.float32), fits.Header([("NWEIGHT", 1.0)])).writeto(tmp_path / "a_small.fits")
     fits.PrimaryHDU(np.ones(SHAPE, np.float32)).writeto(tmp_path / "noweight.fits")
     (tmp_path / "garbage.fits").write_bytes(b"not a fits file" * 300)
     truncated = tmp_path / "truncated.fits"
@@ -755,7 +782,7 @@ def test_bad_frames_are_left_out_with_their_reason(tmp_path):
     # and a weight card astropy cannot parse.
     header = fits.getheader(scene.paths[0])
     assert "NSG.reference" in header["HISTORY"]
-    fits.PrimaryHDU(np.zeros(SHAPE, np.float32), header).writeto(tmp_path / "empty.fits")
+    fits.PrimaryHDU(np.zeros(SHAPE, np.float32), header).writeto(tmp_path / "zero.fits")
     unparsable = fits.PrimaryHDU(fits.getdata(scene.paths[1]), fits.getheader(scene.paths[1])).copy()
     unparsable.writeto(tmp_path / "unparsable.fits")
     raw = (tmp_path / "unparsable.fits").read_bytes()
@@ -763,17 +790,18 @@ def test_bad_frames_are_left_out_with_their_reason(tmp_path):
     (tmp_path / "unparsable.fits").write_bytes(
         raw[:start] + b"NWEIGHT =                  NAN".ljust(80) + raw[start + 80 :]
     )
-    # The wrong shape first: the stack's shape is still the reference's.
-    bad = [tmp_path / "noweight.fits", tmp_path / "garbage.fits", truncated, tmp_path / "empty.fits"]
-    inputs = [tmp_path / "small.fits", *scene.paths, *bad, tmp_path / "unparsable.fits"]
+    # The wrong shape first in the stack's order (by name): the stack's shape is still the
+    # reference's (the first so marked: the empty copy is last).
+    bad = [tmp_path / "noweight.fits", tmp_path / "garbage.fits", truncated, tmp_path / "zero.fits"]
+    inputs = [tmp_path / "a_small.fits", *scene.paths, *bad, tmp_path / "unparsable.fits"]
     result = stack(inputs, tmp_path / "m.fits", backend="numpy")
     errors = {f.path.name: f.error for f in result.skipped}
     shape_text = "is 10x10 mono but the stack's frames are 96x64 mono (the reference frame_000_nsg.fits's)"
-    assert shape_text in errors["small.fits"]
+    assert shape_text in errors["a_small.fits"]
     assert "has no NWEIGHT card" in errors["noweight.fits"]
     assert "cannot be read as FITS" in errors["garbage.fits"]
     assert "is truncated" in errors["truncated.fits"]
-    assert "has no data (every sample is 0 or not finite)" in errors["empty.fits"]
+    assert "has no data (every sample is 0 or not finite)" in errors["zero.fits"]
     assert "its NWEIGHT card cannot be read" in errors["unparsable.fits"]
     assert all(str(tmp_path) in e for e in errors.values())  # every message names its file
     assert len(result.used) == 6 and fits.getheader(tmp_path / "m.fits")["NCOMBINE"] == 6
@@ -787,15 +815,15 @@ def test_bad_frames_are_left_out_with_their_reason(tmp_path):
     twice = stack([*scene.paths, tmp_path / "link.fits"], tmp_path / "m4.fits", backend="numpy")
     assert len(twice.used) == 6 and "given twice (also as" in twice.skipped[0].error
     # Without a reference among them, the most frames' shape.
-    mixed = [tmp_path / "small.fits", *scene.paths[1:4]]
+    mixed = [tmp_path / "a_small.fits", *scene.paths[1:4]]
     errors = {f.path.name: f.error for f in stack(mixed, tmp_path / "m3.fits", backend="numpy").skipped}
-    assert "but the stack's frames are 96x64 mono (3 of the 4 frames')" in errors["small.fits"]
-    with pytest.raises(StackError, match="noweight.fits"):  # the frames are read, then their shapes compared
+    assert "but the stack's frames are 96x64 mono (3 of the 4 frames')" in errors["a_small.fits"]
+    with pytest.raises(StackError, match="garbage.fits"):  # the frames are read (by name), then their shapes compared
         stack(inputs, tmp_path / "m2.fits", backend="numpy", stop_on_error=True)
-    with pytest.raises(StackError, match="small.fits"):
+    with pytest.raises(StackError, match="a_small.fits"):
         stack(inputs[:7], tmp_path / "new" / "folder" / "m2.fits", backend="numpy", stop_on_error=True)
     assert not (tmp_path / "new").exists()  # nor the folders it made
-    for extra, name in ((scene.paths[0], "given twice"), (tmp_path / "empty.fits", "has no data")):
+    for extra, name in ((scene.paths[0], "given twice"), (tmp_path / "zero.fits", "has no data")):
         with pytest.raises(StackError, match=name):
             stack([*scene.paths, extra], tmp_path / "m5.fits", backend="numpy", stop_on_error=True)
     assert not (tmp_path / "m5.fits").exists()
@@ -810,10 +838,10 @@ def test_what_names_no_frame_is_left_out_named(tmp_path):
     named = [tmp_path / "empty", tmp_path / "nothing", tmp_path / "broken.fits", Path("/dev/null")]
     result = stack([*scene.paths, *named], tmp_path / "m.fits", backend="numpy")
     errors = [f.error for f in result.skipped]
-    assert len(result.used) == 3 and errors == [
+    assert len(result.used) == 3 and errors == [  # in the stack's order: by name
+        f"{tmp_path / 'broken.fits'}: is a link to nothing",
         f"{tmp_path / 'empty'}: is a directory holding no FITS or XISF frame (nor a weights.csv)",
         f"{tmp_path / 'nothing'}: no such file or directory",
-        f"{tmp_path / 'broken.fits'}: is a link to nothing",
         "/dev/null: is not a regular file",
     ]
 
@@ -1138,8 +1166,8 @@ def test_one_normalized_frame_written_twice_is_stacked_once(tmp_path):
     copy.parent.mkdir()
     shutil.copy(scene.paths[2], copy)
     result = stack([tmp_path / "in", copy], tmp_path / "master.fits", backend="numpy")
-    assert [f.error is None for f in result.frames] == [True, True, True, True, False]
-    assert result.frames[4].error == (
+    assert [f.error is None for f in result.frames] == [True, True, True, False, True]  # by name
+    assert result.frames[3].error == (
         f"{copy}: is the same normalized frame as {scene.paths[2]} (one NSGHASH and the same pixels: the same "
         "input, reference and settings, written twice); stacked once"
     )
