@@ -360,8 +360,12 @@ def rank_frames(scores: Sequence[ReferenceScore]) -> list[ReferenceScore]:
     -------
     list of ReferenceScore
         Candidates first by star signal-to-noise, then the frames dropped for a trail or their
-        gradient, for their coverage, and the frames that could not be measured.
+        gradient, for their coverage, and the frames that could not be measured; equals in the
+        order of their file names (then paths), whatever the order of ``scores``.
     """
+    # One order whatever the order the frames were given in, so that every first of equals
+    # (the common size, a tie of scores: a frame copied) is the same frame.
+    scores = sorted(scores, key=lambda s: (Path(s.path).name, str(s.path)))
     measured = [s for s in scores if s.error is None and s.stars > 0 and s.noise > 0]
     for s in scores:
         if s.error is None and s not in measured:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -358,6 +359,22 @@ def test_inspect_ranks_as_reference_auto_chooses(inspected_set):
     assert table.exit_code == 0
     assert f"--reference auto would choose {Path(chosen).name}" in table.output
     assert table.output.index(Path(chosen).name) < min(table.output.index(p.name) for p in paths if p != Path(chosen))
+
+
+def test_the_choice_does_not_depend_on_the_order_the_frames_are_given_in(inspected_set, tmp_path):
+    """The best frame and a copy of it (equal scores) among the set, given forwards and
+    backwards: the same frame is chosen, the first of the two by name, and the ranks are the
+    same."""
+    _, paths = inspected_set
+    best = choose_reference(paths)[0]
+    twin = tmp_path / "zz_copy.fits"
+    shutil.copy(best, twin)
+    frames = [*paths, twin]
+    forwards, backwards = inspect_frames(frames), inspect_frames(frames[::-1])
+    assert [s.path for s in forwards] == [s.path for s in backwards]
+    assert forwards[0].path == Path(best) and forwards[1].path == twin
+    assert forwards[0].star_snr == forwards[1].star_snr  # a tie, broken by name
+    assert choose_reference(frames[::-1])[0] == Path(best)
 
 
 def test_frames_a_registration_upscaled_are_scored_on_their_capture_noise(tmp_path):
