@@ -165,7 +165,8 @@ def _apply_host(data, m, gradient, *, white_level: float, truncate: bool, overwr
             r1 = min(height, r0 + _BLOCK_ROWS)
             source, block, hole = data[c, r0:r1], out[c, r0:r1], empty[: r1 - r0]
             product = scaled[: r1 - r0]
-            np.multiply(source, scale, out=product, dtype=np.float32)
+            with np.errstate(over="ignore"):  # beyond float32: the frame fails on its maximum
+                np.multiply(source, scale, out=product, dtype=np.float32)
             np.subtract(product, gradient[c, r0:r1], out=block)
             np.equal(source, 0, out=hole)
             np.copyto(block, 0, where=hole)

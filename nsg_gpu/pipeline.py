@@ -101,6 +101,13 @@ def normalize_frame(reference: Reference, frame, *, diagnostics: bool = False) -
         measured_noise = None if cards is not None else frame_noise(out, step=reference.noise_step, timings=timings)
         if reference.pedestal:
             high = _without_pedestal(out, frame.data, reference)
+    if not math.isfinite(high):
+        largest = float(get_backend(frame.data).to_host(abs(frame.data).max()))
+        raise FrameDataError(
+            frame.path,
+            f"pixels beyond float32's range once scaled by {max(m):.4g} (its largest pixel is {largest:.3g}): "
+            "corrupt data, or units unlike the reference's",
+        )
     gradient.image = None  # frame-sized; the diagnostics keep only the samples and splines
     if cards is not None:
         snr, weight = weight_from_noise(cards[0], cards[1], m)

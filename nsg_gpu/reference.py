@@ -482,6 +482,13 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
     # stars beside it (aperture or annulus) and in its samples: those are left out.
     beside = beside_trails(stars, stars.x, stars.y, photometry.geometry_for(stars.fwhm, resolved))
     linear = np.nonzero((stars.peak < resolved.linear_range) & ~beside)[0][:MAX_PHOTOMETRY_STARS]
+    if linear.size < params.min_star_pairs:
+        raise ReferenceFrameError(
+            frame.path,
+            f"only {linear.size} of the {len(stars)} stars detected on the reference peak below the linear "
+            f"range ({resolved.linear_range:.4g}) and away from trails (at least {params.min_star_pairs} "
+            "needed); raise --linear-range or choose another reference",
+        )
     x, y = stars.x[linear], stars.y[linear]
     channel_peak = channel_peaks(data, x, y)
     peak_snr = peak_contrast(image, x, y, stars.fwhm) / max(ksigma_noise(image, max_pixels=DETECT_NOISE_PIXELS), 1e-30)

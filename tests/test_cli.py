@@ -134,6 +134,18 @@ def test_missing_reference_is_one_line(small_frames, tmp_path):
     assert "Traceback" not in result.output
 
 
+def test_a_reference_without_stars_in_the_linear_range_is_one_line(small_frames, tmp_path):
+    """Every star of the reference above --linear-range: one line naming the reference and
+    why, exit code 1, nothing written (it crashed in the photometry with a traceback)."""
+    frames = sorted(str(p) for p in (small_frames / "in").glob("*.fits"))
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["normalize", *frames, "-r", frames[0], "--linear-range", "0.01", "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    assert f"{frames[0]}: only 0 of the " in result.output
+    assert "peak below the linear range (0.01)" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
 def test_cupy_backend_without_gpu_is_one_line(small_frames, tmp_path):
     from nsg_gpu.backend import cupy_status
 

@@ -39,6 +39,13 @@ def _keep_centre(data: np.ndarray) -> np.ndarray:
     return out
 
 
+def _one_pixel_at_float32s_largest(data: np.ndarray) -> np.ndarray:
+    """A pixel at float32's largest value, which the frame's scale (above 1) carries beyond."""
+    out = data.copy()
+    out[..., 50, 50] = np.finfo(np.float32).max
+    return out
+
+
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -64,6 +71,7 @@ def test_inputs_are_never_modified(frames, tmp_path):
         pytest.param(lambda d: np.full_like(d, 0.1), "does not look registered", id="constant"),
         pytest.param(lambda d: np.roll(d, 12, axis=-1), "does not look registered", id="not-registered"),
         pytest.param(_keep_centre, "of the pixels hold data", id="mostly-zero"),
+        pytest.param(_one_pixel_at_float32s_largest, "beyond float32's range once scaled", id="float32-largest"),
     ],
 )
 def test_bad_frames_fail_alone_with_a_clear_message(frames, tmp_path, make, message):
