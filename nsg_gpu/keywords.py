@@ -35,6 +35,7 @@ __all__ = [
     "HISTORY_PREFIX",
     "NSGCards",
     "card_name",
+    "header_text",
     "set_nsg_keywords",
     "read_nsg_cards",
 ]
@@ -85,9 +86,15 @@ class NSGCards:
     history: list[str] = field(default_factory=list)
 
 
+def header_text(text: str) -> str:
+    """``text`` as a FITS card can hold it: printable ASCII as it is, any other character as
+    Python's escape (``réf.fits`` -> ``r\\xe9f.fits``)."""
+    return "".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def card_name(name: str) -> str:
-    """A file name as the ``NSGREF`` card stores it."""
-    return name[-_MAX_NAME:]
+    """A file name as the ``NSGREF`` card stores it (:func:`header_text`, its last characters)."""
+    return header_text(name)[-_MAX_NAME:]
 
 
 def _comment_room(value: str, comment: str) -> str:
@@ -145,7 +152,7 @@ def set_nsg_keywords(header: fits.Header, cards: NSGCards, *, weight_keyword: st
     if cards.fingerprint is not None:
         header[FINGERPRINT] = (cards.fingerprint, "NSG run fingerprint (for resume)")
     for line in cards.history:
-        header.add_history(f"{HISTORY_PREFIX}{line}")
+        header.add_history(header_text(f"{HISTORY_PREFIX}{line}"))
     return header
 
 

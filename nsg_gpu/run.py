@@ -195,7 +195,11 @@ def plan_run(
     if str(reference) == "auto":
         if not paths:
             raise NSGError("no frames given")
-        reference_path, reason = choose_reference(paths, detection_sigma=params.detection_sigma)
+        # A frame given twice is measured once: it counts once among the frames compared.
+        once: dict[Path, Path] = {}
+        for p in paths:
+            once.setdefault(p.resolve(), p)
+        reference_path, reason = choose_reference(list(once.values()), detection_sigma=params.detection_sigma)
     else:
         if not str(reference).strip():
             raise ParameterError("--reference is empty: give the reference frame's path or name, or auto")

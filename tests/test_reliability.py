@@ -134,6 +134,39 @@ def test_same_path_twice_is_processed_once(frames, tmp_path):
     assert "given twice" in run.frames[1].error and "given twice" in run.frames[2].error
 
 
+def test_a_frame_given_twice_counts_once_in_the_automatic_choice(frames, tmp_path):
+    """The automatic choice is the same with a frame given twice as without: the copy does
+    not weigh twice in the coverage the frames are compared on (of two frames, the one given
+    twice made the majority's footprint, and was chosen)."""
+    pair = [frames[1], frames[2]]  # frame 0 covers all: the others have borders
+    alone = normalize(pair, reference="auto", output_dir=tmp_path / "a")
+    other = next(p for p in pair if str(p) != alone.reference)
+    twice = normalize([*pair, other], reference="auto", output_dir=tmp_path / "t")
+    assert twice.reference == alone.reference
+
+
+def test_file_names_beyond_ascii_are_escaped_in_the_cards(frames, tmp_path):
+    """A reference and a target named with letters beyond ASCII (which a FITS card cannot
+    hold; the run stopped on writing them): normalized, their names escaped in NSGREF and in
+    the master's history, the outputs kept by a rerun, and stacked."""
+    from nsg_gpu.stacking import stack
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    reference, target = folder / "réf.fits", folder / "cible_é.fits"
+    reference.write_bytes(frames[0].read_bytes())
+    target.write_bytes(frames[1].read_bytes())
+    params = Parameters(min_weight=0, min_transmission=0)
+    run = normalize([reference, target], reference=reference, output_dir=tmp_path / "o", params=params)
+    assert [f.status for f in run.frames] == ["reference", "ok"]
+    outputs = sorted((tmp_path / "o").glob("*_nsg.fits"))
+    assert all(fits.getheader(p)["NSGREF"] == "r\\xe9f.fits" for p in outputs) and len(outputs) == 2
+    again = normalize([reference, target], reference=reference, output_dir=tmp_path / "o", params=params)
+    assert all(f.resumed for f in again.frames)
+    stack(tmp_path / "o", tmp_path / "master.fits", backend="numpy", report=False)
+    assert any("cible_\\xe9_nsg.fits" in line for line in fits.getheader(tmp_path / "master.fits")["HISTORY"])
+
+
 def test_frames_of_one_name_in_two_folders_do_not_share_an_output(frames, tmp_path):
     """The second frame whose output name is taken fails with both names; the first's output,
     results and weights.csv are its own."""
