@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,6 +133,31 @@ def test_same_path_twice_is_processed_once(frames, tmp_path):
     run = normalize([frames[0], frames[1], frames[1], frames[0]], reference=frames[0], output_dir=tmp_path / "o")
     assert [f.status for f in run.frames] == ["reference", "failed", "failed", "ok"]
     assert "given twice" in run.frames[1].error and "given twice" in run.frames[2].error
+
+
+def test_a_pixel_far_below_the_sky_is_no_data_not_the_pedestal(frames, tmp_path):
+    """One pixel at -1 on a sky of about 0.1 (a hot pixel of the dark the light did not
+    have): as a target and as the reference, the same transmissions and weights as without
+    it, and that pixel no data in the output (its magnitude was the pedestal, and the frame
+    lost its star pairs as a target and every target its samples as the reference)."""
+    data, header = fits.getdata(frames[2]), fits.getheader(frames[2])
+    cold = tmp_path / "cold.fits"
+    data = data.copy()
+    data[..., 60, 70] = -1.0
+    fits.PrimaryHDU(data, header).writeto(cold)
+    params = Parameters(min_weight=0, min_transmission=0)
+    for reference in (frames[0], None):
+        plain = normalize(frames[:3], reference=reference or frames[2], output_dir=tmp_path / "p", params=params)
+        marked = normalize(
+            [*frames[:2], cold], reference=reference or cold, output_dir=tmp_path / "m", params=params, overwrite=True
+        )
+        assert [f.status for f in marked.frames] == [f.status for f in plain.frames]
+        for a, b in zip(plain.frames, marked.frames, strict=True):
+            assert b.transmission == pytest.approx(a.transmission, rel=1e-4)
+            assert b.weight == pytest.approx(a.weight, rel=1e-3)  # the hole moves the noise a little
+        if reference is not None:
+            assert fits.getdata(tmp_path / "m" / "cold_nsg.fits")[..., 60, 70] == 0
+        shutil.rmtree(tmp_path / "p")
 
 
 def test_a_frame_given_twice_counts_once_in_the_automatic_choice(frames, tmp_path):
