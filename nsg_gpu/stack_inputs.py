@@ -158,6 +158,7 @@ class StackInput:
     weight: np.ndarray | None = None
     spooled: bool = False
     error: str | None = None
+    level: float | None = None  # the typical magnitude of its samples with data (units check)
 
     @property
     def is_reference(self) -> bool:

@@ -64,6 +64,11 @@ NOISE_ROWS = 512
 #: Where the rows lie (shares of the height) that are read from each frame to tell an empty one
 #: (no sample with data) before noise clipping: three short reads a frame, not a scan.
 PROBE_ROWS = (0.25, 0.5, 0.75)
+#: Frames whose samples' typical magnitude (the median of |x| over the samples with data of
+#: the PROBE_ROWS) is this many times the stack's, or this share of it, are in other units
+#: (counts against data in [0, 1]: 4096-65535 times): normalized frames share the
+#: reference's level, and raw frames' skies differ by a few times at most.
+UNITS_RATIO = 100.0
 
 
 def stack(
@@ -355,6 +360,8 @@ def _scan(listed, weight_mode: str, spool_root: Path, *, stop_on_error: bool):
             if stop_on_error:
                 raise StackError(str(exc)) from exc
             source.error = str(exc)
+        if source.error is None:
+            source.level = _level(source)
         if source.error is None and fingerprint:
             made.setdefault(fingerprint, source)
         seen[key] = path
@@ -370,6 +377,7 @@ def _scan(listed, weight_mode: str, spool_root: Path, *, stop_on_error: bool):
             if stop_on_error:
                 raise StackError(str(error))
             source.error = str(error)
+    _check_units([s for s in sources if s.error is None], stop_on_error=stop_on_error)
     for source in sources:
         path = source.path
         weight = None if source.weight is None else tuple(float(w) for w in source.weight)
@@ -383,6 +391,39 @@ def _scan(listed, weight_mode: str, spool_root: Path, *, stop_on_error: bool):
             )
         )
     return frames, sources
+
+
+def _level(source: StackInput) -> float | None:
+    """The median of |x| over the samples with data of the :data:`PROBE_ROWS` rows, or None
+    where they hold none."""
+    rows = np.concatenate([row.reshape(-1) for row in _read_rows(source, _probe_spans(source))])
+    values = np.abs(rows[np.isfinite(rows) & (rows != 0)])
+    return float(np.median(values)) if values.size else None
+
+
+def _check_units(usable: list[StackInput], *, stop_on_error: bool) -> None:
+    """Leave out the frames whose samples' typical magnitude is :data:`UNITS_RATIO` times the
+    reference's (its ``NSG.reference`` history line) or more, or that share of it or less;
+    without the reference among them, the median frame's."""
+    measured = [s for s in usable if s.level is not None and s.level > 0]
+    if not measured:
+        return
+    reference = next((s for s in measured if s.is_reference), None)
+    level = reference.level if reference is not None else float(np.median([s.level for s in measured]))
+    whose = f"the reference {reference.path.name}'s" if reference is not None else "the median frame's"
+    for source in measured:
+        ratio = source.level / level
+        if 1.0 / UNITS_RATIO < ratio < UNITS_RATIO:
+            continue
+        error = FrameDataError(
+            source.path,
+            f"units unlike the stack's: its samples' typical magnitude {source.level:.4g} is {ratio:.3g} times "
+            f"{whose} ({level:.4g}); stack frames in the same units (normalized with one reference, or all "
+            "in [0, 1] or all in ADU)",
+        )
+        if stop_on_error:
+            raise StackError(str(error))
+        source.error = str(error)
 
 
 def _stack_shape(readable: list[StackInput]) -> tuple[tuple | None, str]:

@@ -829,6 +829,28 @@ def test_bad_frames_are_left_out_with_their_reason(tmp_path):
     assert not (tmp_path / "m5.fits").exists()
 
 
+def test_a_frame_in_other_units_is_left_out_named(tmp_path):
+    """A frame in counts (65535 times) among frames in [0, 1], marked or not as the
+    reference's: left out with its reason (it made a master of counts), the master that of
+    the others; --stop-on-error stops on it."""
+    scene = write_scene(tmp_path / "in", 4, seed=16)
+    counts = tmp_path / "counts.fits"
+    with fits.open(scene.paths[2]) as hdul:
+        header = hdul[0].header.copy()
+        fits.PrimaryHDU((hdul[0].data * 65535).astype(np.float32), header).writeto(counts)
+    result = stack([*scene.paths, counts], tmp_path / "m.fits", backend="numpy", report=False)
+    errors = {f.path.name: f.error for f in result.skipped}
+    assert list(errors) == ["counts.fits"] and "units unlike the stack's" in errors["counts.fits"]
+    assert "times the reference frame_000_nsg.fits's" in errors["counts.fits"]
+    stack(scene.paths, tmp_path / "alone.fits", backend="numpy", report=False)
+    np.testing.assert_array_equal(_master(tmp_path / "m.fits")[0], _master(tmp_path / "alone.fits")[0])
+    unmarked = stack([*scene.paths[1:], counts], tmp_path / "u.fits", backend="numpy", report=False)
+    assert [f.path.name for f in unmarked.skipped] == ["counts.fits"]
+    assert "times the median frame's" in unmarked.skipped[0].error
+    with pytest.raises(StackError, match="counts.fits: units unlike"):
+        stack([*scene.paths, counts], tmp_path / "s.fits", backend="numpy", stop_on_error=True)
+
+
 def test_what_names_no_frame_is_left_out_named(tmp_path):
     """A directory without frames, a path to nothing, a broken link and a device: each left
     out with its reason; the frames stacked."""
