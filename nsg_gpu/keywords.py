@@ -123,32 +123,32 @@ def set_nsg_keywords(header: fits.Header, cards: NSGCards, *, weight_keyword: st
     name = card_name(cards.reference_name)
     header[REFERENCE] = (name, _comment_room(name, "NSG reference frame"))
     for c, value in enumerate(cards.transmission):
-        header[f"{TRANSMISSION}{c}"] = (float(f"{value:.5g}"), "NSG transmission (1/scale)")
+        header[f"{TRANSMISSION}{c}"] = (float(value), "NSG transmission (1/scale)")
     for c, value in enumerate(cards.transmission_error):
         if value is not None and math.isfinite(value):
-            header[f"{TRANSMISSION_ERROR}{c}"] = (float(f"{value:.4g}"), "NSG standard error of NSGS")
+            header[f"{TRANSMISSION_ERROR}{c}"] = (float(value), "NSG standard error of NSGS")
     for c, value in enumerate(cards.snr):
-        header[f"{SNR}{c}"] = (float(f"{value:.5g}"), "NSG signal-to-noise ratio vs reference")
+        header[f"{SNR}{c}"] = (float(value), "NSG signal-to-noise ratio vs reference")
     comment = f"NSG weight ({cards.weight_source})" if cards.weight_source else "NSG weight"
-    header[weight_keyword] = (float(f"{cards.weight:.6g}"), comment[:47])
+    header[weight_keyword] = (float(cards.weight), comment[:47])
     if cards.high is not None:
-        header[HIGH] = (float(f"{cards.high:.6g}"), "NSG max value before truncation")
+        header[HIGH] = (float(cards.high), "NSG max value before truncation")
     if cards.star_pairs is not None:
         header[PAIRS] = (int(cards.star_pairs), "NSG star pairs in the scale fit")
     if cards.samples is not None:
         header[SAMPLES] = (int(cards.samples), "NSG background samples of the gradient")
     if cards.fwhm is not None:
-        header[FWHM] = (float(f"{cards.fwhm:.4g}"), "[px] NSG FWHM of the frame")
+        header[FWHM] = (float(cards.fwhm), "[px] NSG FWHM of the frame")
     if cards.photometry is not None:
         header[PHOTOMETRY] = (cards.photometry, "NSG what measured the star fluxes")
     if cards.beta is not None:
-        header[BETA] = (float(f"{cards.beta:.4g}"), "NSG Moffat index of the fitted PSF")
+        header[BETA] = (float(cards.beta), "NSG Moffat index of the fitted PSF")
     if cards.ellipticity is not None:
-        header[ELLIPTICITY] = (float(f"{cards.ellipticity:.3g}"), "NSG 1 - b/a of the fitted PSF")
+        header[ELLIPTICITY] = (float(cards.ellipticity), "NSG 1 - b/a of the fitted PSF")
     if cards.elongation_angle is not None:
-        header[ELONGATION_ANGLE] = (float(f"{cards.elongation_angle:.4g}"), "[deg] NSG PSF major axis from x")
+        header[ELONGATION_ANGLE] = (float(cards.elongation_angle), "[deg] NSG PSF major axis from x")
     for c, value in enumerate(cards.noise):
-        header[f"{NOISE}{c}"] = (float(f"{value:.6g}"), "NSG noise of the weight")
+        header[f"{NOISE}{c}"] = (float(value), "NSG noise of the weight")
     if cards.fingerprint is not None:
         header[FINGERPRINT] = (cards.fingerprint, "NSG run fingerprint (for resume)")
     for line in cards.history:
