@@ -414,6 +414,17 @@ def check_coverage(frame: Frame) -> None:
     data = frame.data
     xp = get_backend(data).xp
     covered = float(xp.count_nonzero(data.min(axis=0) > 0)) / (data.shape[1] * data.shape[2])
+    if covered == 0 and data.shape[0] > 1:
+        empty = [c for c in range(data.shape[0]) if not bool(xp.any(data[c] > 0))]
+        if len(empty) < data.shape[0]:
+            names = " and ".join(str(c) for c in empty)
+            raise FrameDataError(
+                frame.path,
+                (f"channels {names} hold" if len(empty) > 1 else f"channel {names} holds")
+                + " no data (every pixel 0 or not finite) where the others do"
+                if empty
+                else "no pixel holds data in every channel (each channel's data lie where another's are 0)",
+            )
     if covered == 0:
         raise FrameDataError(
             frame.path, "every pixel is 0 or not finite (no data); is the frame empty or a failed registration?"

@@ -88,6 +88,28 @@ def test_bad_frames_fail_alone_with_a_clear_message(frames, tmp_path, make, mess
     assert not (tmp_path / "o" / "bad_nsg.fits").exists()
 
 
+def test_a_colour_frame_with_a_channel_empty_is_named_for_it(tmp_path):
+    """A colour target whose green channel is all 0, or whose blue is all NaN: it fails
+    alone, named, and the message names the channel (it said every pixel was empty)."""
+    paths = write_synthetic_set(tmp_path / "in", n_frames=2, seed=22, colour=True, width=300, height=240, n_stars=250)
+    data, header = fits.getdata(paths[1]), fits.getheader(paths[1])
+    for channel, fill in ((1, 0.0), (2, np.nan)):
+        bad = tmp_path / f"bad{channel}.fits"
+        broken = data.copy()
+        broken[channel] = fill
+        fits.PrimaryHDU(broken, header).writeto(bad)
+    run = normalize(
+        [paths[0], tmp_path / "bad1.fits", tmp_path / "bad2.fits", paths[1]],
+        reference=paths[0],
+        output_dir=tmp_path / "o",
+        params=Parameters(min_weight=0, min_transmission=0),
+    )
+    statuses = [f.status for f in run.frames]
+    assert statuses == ["reference", "failed", "failed", "ok"], statuses
+    assert "bad1.fits: channel 1 holds no data" in run.frames[1].error
+    assert "bad2.fits: channel 2 holds no data" in run.frames[2].error
+
+
 def test_nan_pixels_are_no_data_not_an_error(frames, tmp_path):
     data = fits.getdata(frames[1]).astype(np.float32)
     data[100:140, 200:260] = np.nan
