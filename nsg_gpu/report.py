@@ -86,7 +86,9 @@ def clear_summaries(output_dir: str | os.PathLike) -> None:
             pass
         except OSError as exc:
             if not os.path.lexists(path):  # nothing to remove: a folder that cannot be written
-                raise OutputError(f"{output_dir}: the output directory cannot be written ({exc.strerror or exc})") from exc
+                raise OutputError(
+                    f"{output_dir}: the output directory cannot be written ({exc.strerror or exc})"
+                ) from exc
             raise OutputError(f"{path}: the earlier run's summary cannot be removed ({exc.strerror or exc})") from exc
 
 

@@ -252,6 +252,8 @@ def stack(
             raise StackError(next(f.error for f in frames if f.error))
         if not used:
             raise StackError("no frame can be stacked: " + "; ".join(f.error for f in frames if f.error))
+        if rejection.method == "auto":  # its reason counts the frames stacked, not those read
+            result.rejection = rejection.resolve(len(used))
         written = time.perf_counter()
         with AtomicGroup() as group:  # the master, its maps and stack.csv: all or none
             write_outputs(result, used, products, maps=maps, group=group)

@@ -805,6 +805,7 @@ def test_bad_frames_are_left_out_with_their_reason(tmp_path):
     assert "its NWEIGHT card cannot be read" in errors["unparsable.fits"]
     assert all(str(tmp_path) in e for e in errors.values())  # every message names its file
     assert len(result.used) == 6 and fits.getheader(tmp_path / "m.fits")["NCOMBINE"] == 6
+    assert result.rejection.reason.endswith("where all 6 frames cover")  # not the empty one's 7
     rows = list(csv.DictReader((tmp_path / "stack.csv").read_text().splitlines()))
     assert [r["status"] for r in rows] == ["skipped"] + ["used"] * 6 + ["skipped"] * 5
     # The good frames alone give the same master (the empty frame was not the noise map's).
