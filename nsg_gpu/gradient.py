@@ -23,7 +23,7 @@ from .io import Frame
 from .outliers import bright_counts, clipped_medians, one_frame_outliers, pixel_noise, reject_outlier_samples
 from .progress import Stopwatch
 from .reference import Reference
-from .samples import MIN_SAMPLES, SampleSet, bin_medians, bin_samples
+from .samples import MIN_SAMPLES, SampleSet, bin_medians, bin_samples, sample_cap
 from .spline import SurfaceSpline, evaluate_surfaces, fit_surface_splines
 
 __all__ = ["GradientModel", "model_gradient"]
@@ -83,7 +83,7 @@ def model_gradient(
             f"{MIN_SAMPLES} are needed: check the frame's coverage, or lower --sample-size",
         )
     samples = SampleSet(grid.centre_x[cols], grid.centre_y[rows], difference[:, rows, cols], np.ones(n))
-    samples = bin_samples(samples, grid, params.max_samples)
+    samples = bin_samples(samples, grid, sample_cap(params.max_samples, params.gradient_smoothness))
     clock.lap("sampling")
     _, height, width = data.shape
     # Half a bin: the spline varies on the scale of the bins, and this keeps the interpolation

@@ -185,7 +185,9 @@ class Parameters:
         auto="the brightest star's circle grows by about 135 arcsec",
     )
     gradient_smoothness: float = _option(-2.0, "log10 of the spline smoothing; 4 fits a plane.")
-    max_samples: int = _option(2000, "Samples are merged into super-samples above this count.")
+    max_samples: int = _option(
+        2000, "Samples are merged into super-samples above this count (falling to 500 at smoothness 4, as NSG)."
+    )
     weight_keyword: str = _option("NWEIGHT", "Header keyword for the weight.")
     truncate: bool = _option(True, "Clip outputs to [0, white level] as NSG does.", flag="--truncate/--no-truncate")
     focal_length_mm: float | None = _option(

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import kernels
 from .backend import get_backend
+from .spline import PLANE_SMOOTHNESS
 
 __all__ = [
     "SampleGrid",
@@ -27,6 +28,7 @@ __all__ = [
     "make_grid",
     "bin_statistics",
     "bin_medians",
+    "sample_cap",
     "median_stride",
     "star_rejection",
     "trail_rejection",
@@ -346,16 +348,32 @@ class SampleSet:
         return int(self.x.size)
 
 
-def bin_samples(samples: SampleSet, grid: SampleGrid, max_samples: int) -> SampleSet:
+#: NSG's cap of the spline's nodes at the highest smoothness below a plane's (7.4).
+PLANE_RAMP_SAMPLES = 500
+
+
+def sample_cap(max_samples: int, smoothness: float) -> int | None:
+    """NSG's cap on the spline's nodes for a smoothness (7.4): ``max_samples`` up to 0, then
+    falling linearly to :data:`PLANE_RAMP_SAMPLES` at 4; None (no binning) at 4 and above,
+    where a plane is fitted over every sample."""
+    if smoothness >= PLANE_SMOOTHNESS:
+        return None
+    if smoothness <= 0:
+        return int(max_samples)
+    share = smoothness / PLANE_SMOOTHNESS
+    return max(1, int(round(max_samples + (PLANE_RAMP_SAMPLES - max_samples) * share)))
+
+
+def bin_samples(samples: SampleSet, grid: SampleGrid, max_samples: int | None) -> SampleSet:
     """Merge samples into super-samples of k x k bins when there are more than ``max_samples``.
 
     NSG 7.4: with ``f = n / max_samples``, blocks of ``ceil(sqrt(f))`` bins square (2 x 1 when
     ``f <= 2``); a block's node is the mean of its members' positions and differences, with
     weight the member count. If that still exceeds the cap, the cap shrinks once by
-    ``cap * cap / n`` and the binning is redone.
+    ``cap * cap / n`` and the binning is redone. ``max_samples`` None: no binning.
     """
     n = len(samples)
-    if n <= max_samples:
+    if max_samples is None or n <= max_samples:
         return samples
     result = _bin_once(samples, grid, n / max_samples)
     if len(result) > max_samples:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nsg_gpu.samples import SampleSet, bin_medians, bin_samples, make_grid, star_rejection, trail_rejection
+from nsg_gpu.samples import (
+    SampleSet,
+    bin_medians,
+    bin_samples,
+    make_grid,
+    sample_cap,
+    star_rejection,
+    trail_rejection,
+)
 
 
 def test_bin_medians_ignore_zeros_and_saturation_and_flag_black_bins():
@@ -30,6 +38,31 @@ def test_star_rejection_and_binning():
     samples = SampleSet(np.repeat(grid.centre_x, 10), np.tile(grid.centre_y, 10), np.ones((1, n)), np.ones(n))
     binned = bin_samples(samples, grid, max_samples=30)
     assert len(binned) <= 30 and binned.weight.sum() == n
+
+
+def test_the_node_cap_falls_with_the_smoothness_and_a_plane_takes_every_sample(tmp_path):
+    """NSG 7.4: the spline's nodes are capped at max_samples up to smoothness 0, the cap falls
+    linearly to 500 at 4, and at 4 (a plane) nothing is merged: on a frame of about 3300
+    background samples, the nodes fitted at each smoothness are within that cap, and the
+    plane is fitted on every sample."""
+    from nsg_gpu.gradient import model_gradient
+    from nsg_gpu.io import read_frame
+    from nsg_gpu.params import Parameters
+    from nsg_gpu.reference import prepare_reference
+    from nsg_gpu.synthetic import write_synthetic_set
+
+    assert [sample_cap(2000, s) for s in (-2.0, 0.0, 2.0, 3.0, 4.0)] == [2000, 2000, 1250, 875, None]
+    paths = write_synthetic_set(tmp_path, n_frames=2, seed=5, width=420, height=320, n_stars=120)
+    target = read_frame(paths[1])
+    nodes = {}
+    for smoothness in (-2.0, 2.0, 3.0, 4.0):
+        reference = prepare_reference(paths[0], Parameters(sample_size=6, gradient_smoothness=smoothness))
+        model = model_gradient(reference, target, np.ones(1))
+        nodes[smoothness] = (len(model.samples), model.n_samples)
+    n = nodes[4.0][1]
+    assert n > 2000, nodes
+    assert nodes[-2.0][0] <= 2000 and nodes[2.0][0] <= 1250 and nodes[3.0][0] <= 875, nodes
+    assert nodes[2.0][0] < nodes[-2.0][0] and nodes[4.0][0] == n, nodes  # merged more; the plane on all
 
 
 @pytest.mark.parametrize("angle", [0.0, 0.4, 1.1, np.pi / 2])
