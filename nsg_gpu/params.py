@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 from .errors import ParameterError
@@ -191,10 +192,13 @@ class Parameters:
     weight_keyword: str = _option("NWEIGHT", "Header keyword for the weight.")
     truncate: bool = _option(True, "Clip outputs to [0, white level] as NSG does.", flag="--truncate/--no-truncate")
     focal_length_mm: float | None = _option(
-        None, "Focal length (mm) when the header has no FOCALLEN.", auto="header, else 1000", flag="--focal-length"
+        None,
+        "Focal length (mm), in place of the reference's FOCALLEN.",
+        auto="header, else 1000",
+        flag="--focal-length",
     )
     pixel_size_um: float | None = _option(
-        None, "Pixel size (um) when the header has no XPIXSZ.", auto="header, else 6", flag="--pixel-size"
+        None, "Pixel size (um), in place of the reference's XPIXSZ.", auto="header, else 6", flag="--pixel-size"
     )
     min_weight: float = _option(
         0.25,
@@ -228,6 +232,31 @@ class Parameters:
             (0 <= self.outlier_removal <= 50, "outlier_removal (--outlier-removal) must be a percentage in [0, 50]"),
             (self.photometry in ("psf", "aperture"), "photometry (--photometry) must be 'psf' or 'aperture'"),
             (self.aperture_fwhm > 0, "aperture_fwhm (--aperture-fwhm) must be positive"),
+            (0 <= self.aperture_add <= 10, "aperture_add (--aperture-add) must be in [0, 10] px"),
+            (
+                self.aperture_gap is None or 0 <= self.aperture_gap <= 50,
+                "aperture_gap (--aperture-gap) must be in [0, 50] px",
+            ),
+            (
+                self.aperture_bg_delta is None or 1 <= self.aperture_bg_delta <= 50,
+                "aperture_bg_delta (--aperture-bg-delta) must be in [1, 50] px",
+            ),
+            (
+                self.limit_sample_stars_percent is None or 0 <= self.limit_sample_stars_percent <= 100,
+                "limit_sample_stars_percent (--limit-sample-stars-percent) must be a percentage in [0, 100]",
+            ),
+            (
+                self.sample_star_growth_rate is None or self.sample_star_growth_rate >= 0,
+                "sample_star_growth_rate (--sample-star-growth-rate) must be at least 0",
+            ),
+            (
+                self.focal_length_mm is None or self.focal_length_mm > 0,
+                "focal_length_mm (--focal-length) must be positive (mm)",
+            ),
+            (
+                self.pixel_size_um is None or self.pixel_size_um > 0,
+                "pixel_size_um (--pixel-size) must be positive (um)",
+            ),
             (self.min_star_pairs >= 2, "min_star_pairs (--min-star-pairs) must be at least 2"),
             (
                 self.sample_size is None or 2 <= self.sample_size <= 1000,
@@ -236,8 +265,8 @@ class Parameters:
             (self.gradient_smoothness >= -8, "gradient_smoothness (--gradient-smoothness) must be at least -8"),
             (self.max_samples >= 10, "max_samples (--max-samples) must be at least 10"),
             (
-                0 < len(self.weight_keyword) <= 8 and self.weight_keyword.isascii(),
-                "weight_keyword (--weight-keyword) must be 1-8 ASCII characters",
+                re.fullmatch(r"[A-Za-z0-9_-]{1,8}", self.weight_keyword) is not None,
+                "weight_keyword (--weight-keyword) must be a FITS keyword: 1-8 letters, digits, - or _",
             ),
             (
                 0 <= self.min_weight <= 1,

@@ -52,6 +52,39 @@ def test_parameters_reject_nonsense():
         Parameters(star_flux_tolerance=0.5)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("aperture_add", -1.0),
+        ("aperture_add", 11.0),
+        ("aperture_gap", -0.5),
+        ("aperture_gap", 51.0),
+        ("aperture_bg_delta", 0.5),
+        ("aperture_bg_delta", 60.0),
+        ("limit_sample_stars_percent", -5.0),
+        ("limit_sample_stars_percent", 101.0),
+        ("sample_star_growth_rate", -1.0),
+        ("focal_length_mm", -500.0),
+        ("focal_length_mm", 0.0),
+        ("pixel_size_um", 0.0),
+        ("weight_keyword", "W=1"),
+        ("weight_keyword", "WEIGHT 1"),
+    ],
+)
+def test_parameters_out_of_nsgs_ranges_are_one_line_naming_the_option(field, value):
+    """NSG's ranges (aperture add 0-10, gap 0-50, background delta 1-50, limit 0-100 %, a
+    growth rate not negative), optics that are positive and a weight keyword FITS can hold:
+    out of them, the option is named before any frame is read (they ran, and a negative growth
+    rate made negative rejection circles; a keyword with '=' failed every frame on writing)."""
+    with pytest.raises(ValueError, match=field):
+        Parameters(**{field: value})
+    flag = {"focal_length_mm": "--focal-length", "pixel_size_um": "--pixel-size"}.get(
+        field, "--" + field.replace("_", "-")
+    )
+    result = runner.invoke(app, ["normalize", "nothing.fits", "-r", "nothing.fits", "-o", "out", flag, str(value)])
+    assert result.exit_code == 1 and f"({flag})" in result.output and "Traceback" not in result.output
+
+
 #: White level of 16-bit data (BITPIX 16, BZERO 32768).
 ADU = 65535.0
 
