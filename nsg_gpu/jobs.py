@@ -157,7 +157,8 @@ def reference_result(reference: Reference, output: Path | None) -> FrameResult:
         beta=own.beta if own is not None else None,
         ellipticity=own.ellipticity if own is not None else None,
         elongation_angle=own.elongation_angle if own is not None else None,
-        high=float(get_backend(frame.data).to_host(frame.data.max())),
+        # The maximum of the data as read: the pedestal a negative sky was measured with taken out.
+        high=float(get_backend(frame.data).to_host(frame.data.max())) - float(reference.pedestal),
         meta=frame.meta,
     )
 

@@ -515,6 +515,8 @@ def test_a_sky_about_zero_is_data_not_a_hole(tmp_path):
         assert abs(np.median(difference)) < 0.05 * sigma and np.percentile(np.abs(difference), 99) < 0.2 * sigma
     reference_out = fits.getdata(about0.frames[0].output)
     assert np.array_equal(reference_out, fits.getdata(subtracted[0]))
+    # Its NSGHIGH the maximum of its data as read, not raised by the pedestal it was measured with.
+    assert fits.getheader(about0.frames[0].output)["NSGHIGH"] == pytest.approx(float(reference_out.max()), rel=1e-6)
     assert score_frame(subtracted[0]).coverage > 0.95
 
 
