@@ -503,7 +503,10 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
             "choose a reference with more stars or lower --detection-sigma",
         )
     image = detection_image(data)
-    image_max = float(be.to_host(image.max()))
+    # NSG's linear range is 0.7 of the reference's brightest pixel in any channel: the stars'
+    # peaks are tested in their brightest channel (a star can clip in one channel while its
+    # colour intensity, (min + max) / 2, stays lower).
+    image_max = float(be.to_host(data.max()))
     try:
         resolved = resolve_parameters(
             params,

@@ -263,3 +263,19 @@ def test_linear_range_of_a_reference_far_below_its_white_level_is_its_own(tmp_pa
     assert resolve_parameters(
         Parameters(), **common, n_reference_stars=700, reference_max=0.0015, max_star_flux=0.02
     ).linear_range == pytest.approx(0.001)
+
+
+def test_the_auto_linear_range_of_colour_is_read_on_the_brightest_channel(tmp_path):
+    """NSG's linear range is 0.7 of the reference's brightest pixel: on a colour reference
+    whose green and blue are a third of its red, 0.7 of the red's maximum, not of the colour
+    intensity's (min + max) / 2, against which the stars' peaks in their brightest channel
+    (red here) dropped a third of the unsaturated bright stars."""
+    from nsg_gpu.reference import prepare_reference
+
+    field = SyntheticField(width=500, height=400, n_frames=1, n_stars=600, seed=6, colour=True)
+    data = field.render(0).astype(np.float32)
+    data[1:] *= np.float32(0.3)
+    path = tmp_path / "unbalanced.fits"
+    fits.PrimaryHDU(data, header=field.header(0)).writeto(path)
+    reference = prepare_reference(path)
+    assert reference.params.linear_range == pytest.approx(round(1000 * 0.7 * float(data.max())) / 1000)
