@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import io as _io
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -253,6 +254,32 @@ def meta_from_header(header: fits.Header) -> FrameMeta:
     )
 
 
+#: XISF's own properties for what meta_from_header reads from FITS cards, where the file's
+#: FITS keywords lack it: (FrameMeta field, property id, factor to our unit).
+XISF_META_PROPERTIES = (
+    ("pixel_size_um", "Instrument:Sensor:XPixelSize", 1.0),  # um
+    ("focal_length_mm", "Instrument:Telescope:FocalLength", 1000.0),  # m
+    ("exposure", "Instrument:ExposureTime", 1.0),  # s
+)
+
+
+def xisf_meta(header: fits.Header, properties: dict | None) -> FrameMeta:
+    """:func:`meta_from_header` of an XISF file's FITS keywords, completed from its XISF
+    properties (:data:`XISF_META_PROPERTIES`) where a keyword is missing."""
+    meta = meta_from_header(header)
+    for name, key, factor in XISF_META_PROPERTIES:
+        prop = (properties or {}).get(key)
+        if getattr(meta, name) is not None or not isinstance(prop, dict):
+            continue
+        try:
+            value = float(prop.get("value")) * factor
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(value) and value > 0:
+            setattr(meta, name, value)
+    return meta
+
+
 def _bayer_pattern(header: fits.Header) -> str | None:
     """The colour cells a one-shot-colour camera's header names (``BAYERPAT``, or MaxIm's
     ``COLORTYP`` where it names cells, e.g. ``RGGB``), or None."""
@@ -369,7 +396,8 @@ def read_meta(path: str | os.PathLike) -> FrameMeta:
     path = Path(path)
     _check_file(path)
     if _is_xisf(path):
-        return meta_from_header(_read_xisf(path, pixels=False)[1])
+        _, header, _, properties = _read_xisf(path, pixels=False)
+        return xisf_meta(header, properties)
     try:
         with (
             quiet_warnings(AstropyUserWarning),  # the reading says what is wrong
@@ -409,7 +437,7 @@ def read_frame(path: str | os.PathLike) -> Frame:
     _check_file(path)
     if _is_xisf(path):
         data, header, white_level, properties = _read_xisf(path)
-        return Frame(path, data, header, white_level, meta_from_header(header), properties)
+        return Frame(path, data, header, white_level, xisf_meta(header, properties), properties)
     try:
         with quiet_warnings(AstropyUserWarning):
             # The file object is ours to close: astropy leaves its own handle open when a

@@ -167,3 +167,29 @@ def test_xisf_reader_never_fails_unexpectedly(tmp_path_factory, position, length
     read_mutated(
         source, tmp_path_factory.mktemp("fuzz"), position=position, length=length, fill=fill, truncate=truncate
     )
+
+
+def test_optics_and_exposure_from_xisf_properties_where_keywords_lack_them(tmp_path):
+    """An XISF frame that states its optics and exposure as XISF properties only (pixel size
+    in um, focal length in m, exposure in s) is read with them, as NSG reads them, where they
+    fell back to 6 um and 1000 mm and no exposure; a FITS keyword, where present, comes first."""
+    from nsg_gpu.io import read_meta
+
+    data = np.random.default_rng(3).uniform(0.1, 0.2, (40, 60)).astype(np.float32)
+    properties = {
+        "Instrument:Sensor:XPixelSize": {"id": "Instrument:Sensor:XPixelSize", "type": "Float32", "value": 3.76},
+        "Instrument:Telescope:FocalLength": {
+            "id": "Instrument:Telescope:FocalLength",
+            "type": "Float32",
+            "value": 0.53,
+        },
+        "Instrument:ExposureTime": {"id": "Instrument:ExposureTime", "type": "Float32", "value": 60.0},
+    }
+    for name, header in (("bare", fits.Header()), ("keyed", fits.Header([("FOCALLEN", 800.0), ("EXPTIME", 30.0)]))):
+        path = tmp_path / f"{name}.xisf"
+        metadata = {"FITSKeywords": _keywords(header), "XISFProperties": properties}
+        xisf.XISF.write(str(path), data[:, :, None], image_metadata=metadata)
+        for meta in (read_frame(path).meta, read_meta(path)):
+            optics = (meta.pixel_size_um, meta.focal_length_mm, meta.exposure)
+            expected = (3.76, 530.0, 60.0) if name == "bare" else (3.76, 800.0, 30.0)
+            assert optics == pytest.approx(expected, rel=1e-6), (name, optics)
