@@ -462,7 +462,9 @@ def frame_noise(data, *, max_pixels: int = NOISE_PIXELS, step: int = 1, timings:
 
 
 def weight_from_noise(reference_noise, target_noise, scale=None) -> tuple[np.ndarray, float]:
-    """Per-channel SNR ``sigma_R / (sigma_T * m)`` and the weight, the mean of SNR squared.
+    """Per-channel SNR ``sigma_R / (sigma_T * m)`` and the weight, the mean of SNR squared over
+    the channels where both noises are known (above 0; NSG 9.1): a channel without one has SNR
+    0 and takes no part in the weight (0 where no channel has both).
 
     With ``scale`` None the target noise is taken as already in reference units (measured on
     the normalized frame), as in NSG's fallback path.
@@ -471,5 +473,6 @@ def weight_from_noise(reference_noise, target_noise, scale=None) -> tuple[np.nda
     target_noise = np.asarray(target_noise, float)
     m = np.ones_like(target_noise) if scale is None else np.asarray(scale, float)
     denominator = target_noise * m
-    snr = np.where(denominator > 0, reference_noise / np.where(denominator > 0, denominator, 1), 0.0)
-    return snr, float(np.mean(snr**2))
+    valid = (denominator > 0) & (reference_noise > 0)
+    snr = np.where(valid, reference_noise / np.where(valid, denominator, 1), 0.0)
+    return snr, float(np.mean(snr[valid] ** 2)) if valid.any() else 0.0

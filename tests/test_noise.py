@@ -405,6 +405,10 @@ def test_ksigma_noise_of_white_noise_and_weight():
     assert ksigma_noise(image) == pytest.approx(0.002, rel=0.03)
     snr, weight = weight_from_noise([0.002], [0.004], [0.5])
     assert snr[0] == pytest.approx(1.0) and weight == pytest.approx(1.0)
+    # A channel whose noise is not known (0) takes no part in the mean (NSG 9.1), not 0 in it.
+    snr, weight = weight_from_noise([0.002, 0.003, 0.002], [0.004, 0.0, 0.002], [0.5, 1.0, 2.0])
+    assert list(snr) == pytest.approx([1.0, 0.0, 0.5]) and weight == pytest.approx((1.0 + 0.25) / 2)
+    assert weight_from_noise([0.002], [0.0])[1] == 0.0
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
