@@ -313,7 +313,7 @@ def write_report(
         caption = (
             "Per frame in time order, relative to the best frame whose mean transmission is not in doubt "
             "(squares: in doubt); dashed: rejection thresholds. Transmission is the mean over channels, "
-            "per second of exposure where every frame has EXPTIME."
+            "per second of exposure where every frame states its exposure (EXPOSURE, EXPTIME or ELAPTIME)."
         )
         parts += ['<h2 id="run">Transmission and weight</h2>', _figures(run_plots, output_dir, caption)]
     if frame_plots:

@@ -203,13 +203,13 @@ class Parameters:
     min_weight: float = _option(
         0.25,
         "Reject frames whose weight is at or below this fraction of the best frame's "
-        "(per unit exposure when every frame has EXPTIME; the best of the frames whose mean "
+        "(per unit exposure when every frame states its exposure, EXPOSURE, EXPTIME or ELAPTIME; the best of the frames whose mean "
         "transmission is not in doubt); 0 rejects none.",
     )
     min_transmission: float = _option(
         0.75,
         "Reject frames whose transmission is at or below this fraction of the best frame's "
-        "(per unit exposure when every frame has EXPTIME; the best of the frames whose mean "
+        "(per unit exposure when every frame states its exposure, EXPOSURE, EXPTIME or ELAPTIME; the best of the frames whose mean "
         "transmission is not in doubt); 0 rejects none.",
     )
     max_scale_error: float | None = _option(
