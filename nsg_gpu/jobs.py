@@ -90,8 +90,16 @@ def _cards(result: FrameResult, *, reference_name: str, history, fingerprint: st
         fingerprint=fingerprint,
         noise=result.noise,
         transmission_error=result.transmission_error,
-        history=list(history),
+        history=[*history, *_noise_history(result)],
     )
+
+
+def _noise_history(result: FrameResult) -> list[str]:
+    """NSG's ``<noiseType>[c]: <sigma>`` lines of a target: the noise its weight came from,
+    per channel (none for the reference)."""
+    if result.status == "reference" or not result.weight_source:
+        return []
+    return [f"{result.weight_source}[{c}]: {float(sigma)!r}" for c, sigma in enumerate(result.noise or [])]
 
 
 def write_job(reference: Reference, job: FrameJob, frame: Frame, result: FrameResult) -> FrameResult:

@@ -289,8 +289,10 @@ class Parameters:
         return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in REJECTION_FIELDS]
 
     def history(self) -> list[str]:
-        """``name: value`` lines for the HISTORY cards of the outputs."""
-        return [f"{name}: {value}" for name, value in self.normalization_items()]
+        """``name: value`` lines for the HISTORY cards of the outputs; the smoothness under
+        NSG's own name (``NSG.gradientSmoothness``), which NSG's readers look for."""
+        names = {"gradient_smoothness": "gradientSmoothness"}
+        return [f"{names.get(name, name)}: {value}" for name, value in self.normalization_items()]
 
 
 def degrees_per_pixel(pixel_size_um: float, focal_length_mm: float) -> float:

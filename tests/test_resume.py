@@ -316,3 +316,18 @@ def test_a_folder_normalized_into_itself_is_not_normalized_again(baseline, tmp_p
     again = normalize([folder], reference=folder / paths[0].name, output_dir=folder)
     assert len(again.frames) == 4 and all(f.resumed for f in again.frames)
     assert not list(folder.rglob("*_nsg_nsg*"))
+
+
+def test_outputs_carry_nsgs_history_lines(baseline):
+    """NSG's own HISTORY lines (its readers look for them): ``NSG.gradientSmoothness: <s>``
+    on every output, and on each target ``NSG.<noise type>[c]: <sigma>``, the noise its weight
+    came from, per channel; the reference ``NSG.reference``."""
+    _, run, _ = baseline
+    for frame in run.frames:
+        history = [str(line) for line in fits.getheader(frame.output)["HISTORY"]]
+        assert "NSG.gradientSmoothness: -2.0" in history
+        noise_lines = [line for line in history if line.startswith("NSG.noise")]
+        if frame.status == "reference":
+            assert "NSG.reference" in history and not noise_lines
+        else:
+            assert noise_lines == [f"NSG.{frame.weight_source}[0]: {frame.noise[0]!r}"], noise_lines
