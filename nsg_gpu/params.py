@@ -185,6 +185,17 @@ class Parameters:
         "Growth (px) of the rejection circles per unit of star flux, in the data's units.",
         auto="the brightest star's circle grows by about 135 arcsec",
     )
+    reject_circles: str | None = _option(
+        None,
+        "Manual sample-rejection circles, 'x,y[,r]' (px, from the image's top-left pixel; r 20 by "
+        "default, at most 800), several separated by ';': background samples there are left out "
+        "(a galaxy, a nebula's core), as around stars.",
+    )
+    photometry_region: str | None = _option(
+        None,
+        "Region 'x0,y0,x1,y1' (px, from the image's top-left pixel) whose reference stars alone give "
+        "the scale (NSG's photometry ROI: a frame clouded elsewhere scaled from its object's region).",
+    )
     gradient_smoothness: float = _option(-2.0, "log10 of the spline smoothing; 4 fits a plane.")
     max_samples: int = _option(
         2000, "Samples are merged into super-samples above this count (falling to 500 at smoothness 4, as NSG)."
@@ -280,6 +291,59 @@ class Parameters:
         for ok, message in checks:
             if not ok:
                 raise ParameterError(message)
+        self.circles()
+        self.region()
+
+    def circles(self) -> list[tuple[float, float, float]]:
+        """The manual rejection circles ``(x, y, r)`` of ``reject_circles``.
+
+        Raises
+        ------
+        ParameterError
+            Not 'x,y[,r]' items separated by ';', or a radius not in (0, 800].
+        """
+        out = []
+        for item in (self.reject_circles or "").split(";"):
+            if not item.strip():
+                continue
+            try:
+                values = [float(v) for v in item.split(",")]
+            except ValueError:
+                values = []
+            if len(values) not in (2, 3) or not all(math.isfinite(v) for v in values):
+                raise ParameterError(f"reject_circles (--reject-circles): {item.strip()!r} is not 'x,y' or 'x,y,r'")
+            x, y, r = (*values, DEFAULT_CIRCLE_RADIUS) if len(values) == 2 else values
+            if not 0 < r <= MAX_CIRCLE_RADIUS:
+                raise ParameterError(
+                    f"reject_circles (--reject-circles): radius {r:g} of {item.strip()!r} must be in (0, {MAX_CIRCLE_RADIUS:g}] px"
+                )
+            out.append((x, y, r))
+        return out
+
+    def region(self) -> tuple[float, float, float, float] | None:
+        """``photometry_region`` as ``(x0, y0, x1, y1)`` with ``x0 < x1`` and ``y0 < y1``, or None.
+
+        Raises
+        ------
+        ParameterError
+            Not four numbers 'x0,y0,x1,y1' of a region of some area.
+        """
+        if self.photometry_region is None:
+            return None
+        try:
+            values = [float(v) for v in self.photometry_region.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != 4 or not all(math.isfinite(v) for v in values):
+            raise ParameterError(
+                f"photometry_region (--photometry-region): {self.photometry_region!r} is not 'x0,y0,x1,y1'"
+            )
+        x0, y0, x1, y1 = values
+        if not (x1 > x0 and y1 > y0):
+            raise ParameterError(
+                f"photometry_region (--photometry-region): {self.photometry_region!r} has no area (x1 > x0 and y1 > y0)"
+            )
+        return x0, y0, x1, y1
 
     def replace(self, **changes) -> Parameters:
         return dataclasses.replace(self, **changes)
@@ -293,6 +357,11 @@ class Parameters:
         NSG's own name (``NSG.gradientSmoothness``), which NSG's readers look for."""
         names = {"gradient_smoothness": "gradientSmoothness"}
         return [f"{names.get(name, name)}: {value}" for name, value in self.normalization_items()]
+
+
+#: NSG's manual rejection circles: the radius where none is given, and the largest (7.3).
+DEFAULT_CIRCLE_RADIUS = 20.0
+MAX_CIRCLE_RADIUS = 800.0
 
 
 def degrees_per_pixel(pixel_size_um: float, focal_length_mm: float) -> float:

@@ -524,12 +524,18 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
     # A satellite's trail across the reference would be in every target's photometry of the
     # stars beside it (aperture or annulus) and in its samples: those are left out.
     beside = beside_trails(stars, stars.x, stars.y, photometry.geometry_for(stars.fwhm, resolved))
-    linear = np.nonzero((stars.peak < resolved.linear_range) & ~beside)[0][:MAX_PHOTOMETRY_STARS]
+    chosen = (stars.peak < resolved.linear_range) & ~beside
+    region = params.region()
+    if region is not None:  # NSG's photometry ROI: the scale from the stars within it alone
+        x0, y0, x1, y1 = region
+        chosen &= (stars.x >= x0) & (stars.x < x1) & (stars.y >= y0) & (stars.y < y1)
+    linear = np.nonzero(chosen)[0][:MAX_PHOTOMETRY_STARS]
     if linear.size < params.min_star_pairs:
+        within = f", within --photometry-region {params.photometry_region}" if region is not None else ""
         raise ReferenceFrameError(
             frame.path,
             f"only {linear.size} of the {len(stars)} stars detected on the reference peak below the linear "
-            f"range ({resolved.linear_range:.4g}) and away from trails (at least {params.min_star_pairs} "
+            f"range ({resolved.linear_range:.4g}) and away from trails{within} (at least {params.min_star_pairs} "
             "needed); raise --linear-range or choose another reference",
         )
     x, y = stars.x[linear], stars.y[linear]
@@ -546,10 +552,13 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
     radius = stars.radius[:n_reject] + resolved.aperture_add + resolved.sample_star_growth_rate * stars.flux[:n_reject]
     rejected = star_rejection(grid, stars.x[:n_reject], stars.y[:n_reject], radius)
     rejected |= trail_rejection(grid, stars.trails, TRAIL_CLEARANCE_FWHM * stars.fwhm)
+    manual = np.array(params.circles(), float).reshape(-1, 3)
+    if len(manual):  # NSG's manual rejection circles, by the stars' rule
+        rejected |= star_rejection(grid, manual[:, 0], manual[:, 1], manual[:, 2])
     # The weight's noise: registration does not bias it, nor, read at its step
     # (Reference.noise_step), an upscaling.
     noise = frame_noise(data, step=noise_step(stars.correlation, colour=data.shape[0] > 1))
-    circles = np.column_stack([stars.x[:n_reject], stars.y[:n_reject], radius])
+    circles = np.vstack([manual, np.column_stack([stars.x[:n_reject], stars.y[:n_reject], radius])])
     pixels = pixel_noise(data)
     bright = bright_counts(data, grid, medians, pixels, frame.white_level)
     return Reference(

@@ -3,6 +3,8 @@ the data's units."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -279,3 +281,43 @@ def test_the_auto_linear_range_of_colour_is_read_on_the_brightest_channel(tmp_pa
     fits.PrimaryHDU(data, header=field.header(0)).writeto(path)
     reference = prepare_reference(path)
     assert reference.params.linear_range == pytest.approx(round(1000 * 0.7 * float(data.max())) / 1000)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("reject_circles", "10,20,30;5", "is not 'x,y' or 'x,y,r'"),
+        ("reject_circles", "10,20,900", "must be in (0, 800]"),
+        ("reject_circles", "a,b", "is not 'x,y' or 'x,y,r'"),
+        ("photometry_region", "0,0,10", "is not 'x0,y0,x1,y1'"),
+        ("photometry_region", "10,0,5,20", "has no area"),
+    ],
+)
+def test_manual_circles_and_the_photometry_region_are_checked(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Parameters(**{field: value})
+
+
+def test_manual_circles_reject_samples_and_the_region_picks_the_photometry_stars(tmp_path):
+    """NSG's manual rejection circles ('x,y[,r]', r 20 by default) leave out the background
+    samples by the stars' rule (a bin within r + half a bin of the centre), and its photometry
+    ROI keeps the stars within it alone for the scale; without them, neither happens."""
+    from nsg_gpu.reference import prepare_reference
+
+    field = SyntheticField(width=500, height=400, n_frames=1, n_stars=600, seed=9)
+    path = tmp_path / "ref.fits"
+    fits.PrimaryHDU(field.render(0)[0], header=field.header(0)).writeto(path)
+    plain = prepare_reference(path, Parameters(sample_size=20))
+    chosen = prepare_reference(
+        path, Parameters(sample_size=20, reject_circles="250,200,60; 40,40", photometry_region="0,0,250,200")
+    )
+    grid = chosen.grid
+    cx, cy = np.meshgrid(grid.centre_x, grid.centre_y)
+    for x, y, r in ((250, 200, 60), (40, 40, 20)):
+        inside = np.hypot(cx - x, cy - y) < r + grid.size / 2
+        assert inside.any() and chosen.rejected[inside].all() and not plain.rejected[inside].all()
+    stars = chosen.stars
+    x, y = stars.x[chosen.photometry_index], stars.y[chosen.photometry_index]
+    assert len(x) >= 10 and (x < 250).all() and (y < 200).all()
+    px, py = plain.stars.x[plain.photometry_index], plain.stars.y[plain.photometry_index]
+    assert ((px >= 250) | (py >= 200)).sum() > len(x)  # the plain run measures the others too
