@@ -123,37 +123,53 @@ def set_nsg_keywords(header: fits.Header, cards: NSGCards, *, weight_keyword: st
     name = card_name(cards.reference_name)
     header[REFERENCE] = (name, _comment_room(name, "NSG reference frame"))
     for c, value in enumerate(cards.transmission):
-        header[f"{TRANSMISSION}{c}"] = (float(value), "NSG transmission (1/scale)")
+        _set_float(header, f"{TRANSMISSION}{c}", value, "NSG transmission (1/scale)")
     for c, value in enumerate(cards.transmission_error):
         if value is not None and math.isfinite(value):
-            header[f"{TRANSMISSION_ERROR}{c}"] = (float(value), "NSG standard error of NSGS")
+            _set_float(header, f"{TRANSMISSION_ERROR}{c}", value, "NSG standard error of NSGS")
     for c, value in enumerate(cards.snr):
-        header[f"{SNR}{c}"] = (float(value), "NSG signal-to-noise ratio vs reference")
+        _set_float(header, f"{SNR}{c}", value, "NSG signal-to-noise ratio vs reference")
     comment = f"NSG weight ({cards.weight_source})" if cards.weight_source else "NSG weight"
-    header[weight_keyword] = (float(cards.weight), comment[:47])
+    _set_float(header, weight_keyword, cards.weight, comment[:47])
     if cards.high is not None:
-        header[HIGH] = (float(cards.high), "NSG max value before truncation")
+        _set_float(header, HIGH, cards.high, "NSG max value before truncation")
     if cards.star_pairs is not None:
         header[PAIRS] = (int(cards.star_pairs), "NSG star pairs in the scale fit")
     if cards.samples is not None:
         header[SAMPLES] = (int(cards.samples), "NSG background samples of the gradient")
     if cards.fwhm is not None:
-        header[FWHM] = (float(cards.fwhm), "[px] NSG FWHM of the frame")
+        _set_float(header, FWHM, cards.fwhm, "[px] NSG FWHM of the frame")
     if cards.photometry is not None:
         header[PHOTOMETRY] = (cards.photometry, "NSG what measured the star fluxes")
     if cards.beta is not None:
-        header[BETA] = (float(cards.beta), "NSG Moffat index of the fitted PSF")
+        _set_float(header, BETA, cards.beta, "NSG Moffat index of the fitted PSF")
     if cards.ellipticity is not None:
-        header[ELLIPTICITY] = (float(cards.ellipticity), "NSG 1 - b/a of the fitted PSF")
+        _set_float(header, ELLIPTICITY, cards.ellipticity, "NSG 1 - b/a of the fitted PSF")
     if cards.elongation_angle is not None:
-        header[ELONGATION_ANGLE] = (float(cards.elongation_angle), "[deg] NSG PSF major axis from x")
+        _set_float(header, ELONGATION_ANGLE, cards.elongation_angle, "[deg] NSG PSF major axis from x")
     for c, value in enumerate(cards.noise):
-        header[f"{NOISE}{c}"] = (float(value), "NSG noise of the weight")
+        _set_float(header, f"{NOISE}{c}", value, "NSG noise of the weight")
     if cards.fingerprint is not None:
         header[FINGERPRINT] = (cards.fingerprint, "NSG run fingerprint (for resume)")
     for line in cards.history:
         header.add_history(header_text(f"{HISTORY_PREFIX}{line}"))
     return header
+
+
+def _set_float(header: fits.Header, key: str, value: float, comment: str) -> None:
+    """Set the card ``key`` to ``value`` to its last bit: Python's shortest round-trip digits
+    (up to 17 significant; astropy writes 16, which a double does not always come back from),
+    with an upper-case exponent as FITS has it. Not a number or infinite: as astropy has it
+    (it refuses them)."""
+    value = float(value)
+    if not math.isfinite(value):
+        header[key] = (value, comment)
+        return
+    text = repr(value).upper()
+    image = f"{key:<8}= {text:>20} / {comment}"
+    if key in header:
+        del header[key]
+    header.append(fits.Card.fromstring(image[:80]), useblanks=True, bottom=False)
 
 
 def _channel_values(header: fits.Header, prefix: str) -> list[float]:

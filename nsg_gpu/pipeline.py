@@ -122,7 +122,9 @@ def normalize_frame(reference: Reference, frame, *, diagnostics: bool = False) -
     ]
     return FrameResult(
         path=str(frame.path),
-        scale=[float(v) for v in m],
+        # The scale as a resumed run reads it back from NSGS (1/transmission), so that both
+        # rows are the same to the last bit (it differs from m by a unit in the last place at most).
+        scale=[1.0 / t for t in transmission],
         transmission=transmission,
         transmission_error=transmission_error,
         snr=[float(v) for v in snr],

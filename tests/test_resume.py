@@ -67,14 +67,15 @@ def test_rerun_keeps_complete_outputs_and_their_rows(baseline, tmp_path):
             old.star_pairs,
             old.samples,
         )
-        # The cards hold 16 significant digits: the rows, and the rejection read from them
-        # (relative to the best frame), are the first run's, not a rounding of them (at 5
-        # digits a frame at a threshold set to 6 moved to rejected/ on a rerun).
-        exact = dict(rel=1e-15, abs=0)
+        # The cards hold every value to its last bit: the rows, and the rejection read from
+        # them (relative to the best frame), are the first run's, not a rounding of them (at
+        # 5 digits a frame at a threshold set to 6 moved to rejected/ on a rerun).
+        exact = dict(rel=0, abs=0)
         assert new.transmission == pytest.approx(old.transmission, **exact)
         assert new.weight == pytest.approx(old.weight, **exact)
-        assert new.relative_transmission == pytest.approx(old.relative_transmission, rel=1e-14)
-        assert new.relative_weight == pytest.approx(old.relative_weight, rel=1e-14)
+        assert new.scale == pytest.approx(old.scale, **exact)
+        assert new.relative_transmission == pytest.approx(old.relative_transmission, **exact)
+        assert new.relative_weight == pytest.approx(old.relative_weight, **exact)
         assert new.weight_source == old.weight_source
         assert new.fwhm == pytest.approx(old.fwhm, **exact)
         assert old.beta is not None and new.beta == pytest.approx(old.beta, **exact)
@@ -87,6 +88,10 @@ def test_rerun_keeps_complete_outputs_and_their_rows(baseline, tmp_path):
         assert Path(new.output).relative_to(copy) == Path(old.output).relative_to(out)
     rows = _csv(copy / "results.csv")
     assert [r["resumed"] for r in rows] == ["True"] * 4
+    first_rows = _csv(out / "results.csv")
+    for row, first_row in zip(rows, first_rows, strict=True):  # the same text but for these
+        differing = {k for k in row if row[k] != first_row[k]} - {"resumed", "seconds", "timings", "output"}
+        assert not differing, {k: (first_row[k], row[k]) for k in differing}
     assert all(float(r["noise_0"]) > 0 for r in rows)  # a resumed row says what the first run's said
 
 
