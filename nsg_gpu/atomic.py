@@ -162,12 +162,14 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_bytes(path, text.encode())
 
 
-def remove_stale_temporaries(outputs) -> None:
-    """Delete the temporary files that a killed run left beside these outputs (never a
-    complete file: those have their final names)."""
-    for out in outputs:
-        out = Path(out)
-        for stale in out.parent.glob(f"{glob.escape(_temporary_name(out))}*.tmp"):
+def remove_stale_temporaries(outputs, folders=()) -> None:
+    """Delete the temporary files that a killed run left beside these outputs, and any in
+    ``folders`` (folders of our files alone: the plots); never a complete file: those have
+    their final names."""
+    patterns = [(Path(out).parent, f"{glob.escape(_temporary_name(Path(out)))}*.tmp") for out in outputs]
+    patterns += [(Path(folder), ".*.*.tmp") for folder in folders]
+    for parent, pattern in patterns:
+        for stale in parent.glob(pattern):
             try:
                 stale.unlink()
             except OSError:

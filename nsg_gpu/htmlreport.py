@@ -35,7 +35,10 @@ from .diagnostics import (
 from .progress import format_seconds
 from .version import __version__
 
-__all__ = ["write_report", "stack_section", "add_stack_section", "write_stack_plots"]
+__all__ = ["REPORT_FILE", "write_report", "stack_section", "add_stack_section", "write_stack_plots"]
+
+#: The report's name in the output directory.
+REPORT_FILE = "report.html"
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em; color: #222; }
@@ -334,7 +337,7 @@ def write_report(
         "</table>",
         "</body></html>",
     ]
-    path = output_dir / "report.html"
+    path = output_dir / REPORT_FILE
     write_text(path, "\n".join(parts) + "\n")
     return path
 

@@ -21,7 +21,7 @@ from .backend import NUMPY, Backend
 from .diagnostics import chosen_frames, existing_frame_plots, write_frame_plots
 from .errors import FrameError, NSGError, OutputError, ParameterError, ReferenceFrameError
 from .executors import InProcessExecutor
-from .htmlreport import write_report
+from .htmlreport import REPORT_FILE, write_report
 from .io import (
     MASTER_REASON,
     OUTPUT_FORMATS,
@@ -333,7 +333,10 @@ def normalize(
     plan = plan_run(
         frames, reference=reference, output_dir=output_dir, params=params, postfix=postfix, output_format=output_format
     )
-    remove_stale_temporaries([*plan.outputs.values(), *(Path(output_dir) / name for name in SUMMARY_FILES)])
+    remove_stale_temporaries(
+        [*plan.outputs.values(), *(Path(output_dir) / name for name in (*SUMMARY_FILES, REPORT_FILE))],
+        folders=[Path(output_dir) / "plots"],
+    )
     # Resume: outputs made from the same input, reference and parameters are kept.
     ref_name = plan.reference_path.name
     fingerprints = {

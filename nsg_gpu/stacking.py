@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 from astropy.io.fits.verify import VerifyError
 
-from .atomic import AtomicGroup
+from .atomic import AtomicGroup, remove_stale_temporaries
 from .backend import Backend, select_backend
 from .combine import CHUNK_SAMPLES, BandResult, reject_combine
 from .errors import FrameDataError, FrameError, FrameReadError, FrameShapeError, OutputError, ParameterError, StackError
-from .htmlreport import add_stack_section
+from .htmlreport import REPORT_FILE, add_stack_section
 from .io import MASTER_CARD, MASTER_REASON, XISF_SUFFIXES, is_stack_master, read_frame
 from .keywords import FINGERPRINT
 from .noise import ksigma_noise
@@ -194,6 +194,8 @@ def stack(
     listed = in_stack_order(stack_inputs(inputs))
     csv_path = Path(csv_path) if csv_path is not None else output.parent / "stack.csv"
     _check_outputs(inputs, listed, output, csv_path, maps)
+    # What a killed stack left half-written beside its outputs (never a complete file).
+    remove_stale_temporaries([output, csv_path, *map_paths(output).values(), output.parent / REPORT_FILE])
     spool_parent = Path(spool_dir) if spool_dir is not None else output.parent
     folders = {output.parent.absolute(): "the master's folder", csv_path.parent.absolute(): "stack.csv's folder"}
     folders.setdefault(spool_parent.absolute(), "the spool folder's place")

@@ -295,6 +295,9 @@ def test_a_rerun_stopped_midway_leaves_no_summary_of_the_earlier_run(baseline, t
 
     def prepare(copy):
         (copy / ".results.csv.abc123.tmp").write_text("a killed run's half-written summary")
+        (copy / ".report.html.abc123.tmp").write_text("a killed run's half-written report")
+        (copy / "plots").mkdir(exist_ok=True)
+        (copy / "plots" / ".light_001_photometry.png.abc123.tmp").write_text("a half-written plot")
 
     with pytest.raises(Stop):
         _rerun(
@@ -302,7 +305,7 @@ def test_a_rerun_stopped_midway_leaves_no_summary_of_the_earlier_run(baseline, t
         )
     copy = tmp_path / "out"
     assert not any((copy / name).exists() for name in ("results.csv", "results.json", "weights.csv"))
-    assert not list(copy.glob(".*.tmp"))
+    assert not list(copy.glob(".*.tmp")) and not list((copy / "plots").glob(".*.tmp"))
     run = normalize(paths, reference=paths[0], output_dir=copy, params=Parameters(gradient_smoothness=1.0))
     listed = [row["file"] for row in _csv(copy / "weights.csv")]
     assert sorted(listed) == sorted(os.path.relpath(f.output, copy) for f in run.frames if not f.rejected)

@@ -1240,3 +1240,18 @@ def test_weights_at_the_ends_of_the_range_stack_or_name_the_frame(tmp_path, card
         assert sum(f.error is None for f in result.frames) == 3
     else:
         assert all(f.error is None for f in result.frames)
+
+
+def test_a_killed_stacks_temporaries_are_removed_by_the_next(tmp_path):
+    """The half-written files a killed stack leaves beside its outputs (the master, stack.csv,
+    a map file, the report) are removed by the next stack there; other files are not."""
+    scene = write_scene(tmp_path / "in", 3, seed=17)
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [out / f".{name}.abc123.tmp" for name in ("m.fits", "stack.csv", "m_coverage.fits", "report.html")]
+    for path in stale:
+        path.write_text("half-written")
+    kept = out / ".notes.txt.abc123.tmp"
+    kept.write_text("not ours")
+    stack(scene.paths, out / "m.fits", backend="numpy", maps="files")
+    assert not any(path.exists() for path in stale) and kept.exists()
