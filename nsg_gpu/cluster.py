@@ -295,7 +295,15 @@ class DaskExecutor:
 def check_cluster_options(*, scheduler=None, workers=None, gpus=None) -> None:
     """Raise :class:`ClusterError` unless exactly one of the options is given, and a worker
     count is 1 or more."""
-    given = [name for name, value in (("--scheduler", scheduler), ("--workers", workers), ("--gpus", gpus)) if value]
+    given = [
+        name
+        for name, value in (("--scheduler", scheduler), ("--workers", workers), ("--gpus", gpus))
+        if value is not None
+    ]
+    if scheduler is not None and not str(scheduler).strip():
+        raise ClusterError("--scheduler is empty: give a scheduler's address (tcp://host:8786) or scheduler file")
+    if gpus is not None and not str(gpus).strip():
+        raise ClusterError("--gpus is empty: give a GPU count or all")
     if workers is not None and workers < 1:
         raise ClusterError(f"--workers {workers}: give 1 or more worker processes")
     if len(given) != 1:

@@ -299,6 +299,8 @@ def test_without_dask_options_dask_is_not_imported(frames, tmp_path):
         pytest.param(["--scheduler", "tcp://127.0.0.1:1"], "cannot reach the Dask scheduler", id="unreachable"),
         pytest.param(["--gpus", "foo"], "--gpus foo: give 'all' or a number", id="gpus-not-a-count"),
         pytest.param(["--gpus", "2", "--backend", "numpy"], "--gpus runs the cupy backend", id="gpus-on-numpy"),
+        pytest.param(["--scheduler", ""], "--scheduler is empty", id="empty-scheduler"),
+        pytest.param(["--scheduler", " ", "--workers", "2"], "--scheduler is empty", id="empty-scheduler-and-workers"),
     ],
 )
 def test_cluster_option_errors_are_one_line(frames, tmp_path, options, message):
