@@ -167,9 +167,7 @@ def _set_float(header: fits.Header, key: str, value: float, comment: str) -> Non
         return
     text = repr(value).upper()
     image = f"{key:<8}= {text:>20} / {comment}"
-    if key in header:
-        del header[key]
-    header.append(fits.Card.fromstring(image[:80]), useblanks=True, bottom=False)
+    header.append(fits.Card.fromstring(image[:80]), useblanks=True, bottom=False)  # NSG's cards were removed
 
 
 def _channel_values(header: fits.Header, prefix: str) -> list[float]:

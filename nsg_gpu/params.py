@@ -306,11 +306,8 @@ class Parameters:
         for item in (self.reject_circles or "").split(";"):
             if not item.strip():
                 continue
-            try:
-                values = [float(v) for v in item.split(",")]
-            except ValueError:
-                values = []
-            if len(values) not in (2, 3) or not all(math.isfinite(v) for v in values):
+            values = _numbers(item)
+            if len(values) not in (2, 3):
                 raise ParameterError(f"reject_circles (--reject-circles): {item.strip()!r} is not 'x,y' or 'x,y,r'")
             x, y, r = (*values, DEFAULT_CIRCLE_RADIUS) if len(values) == 2 else values
             if not 0 < r <= MAX_CIRCLE_RADIUS:
@@ -330,11 +327,8 @@ class Parameters:
         """
         if self.photometry_region is None:
             return None
-        try:
-            values = [float(v) for v in self.photometry_region.split(",")]
-        except ValueError:
-            values = []
-        if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        values = _numbers(self.photometry_region)
+        if len(values) != 4:
             raise ParameterError(
                 f"photometry_region (--photometry-region): {self.photometry_region!r} is not 'x0,y0,x1,y1'"
             )
@@ -357,6 +351,15 @@ class Parameters:
         NSG's own name (``NSG.gradientSmoothness``), which NSG's readers look for."""
         names = {"gradient_smoothness": "gradientSmoothness"}
         return [f"{names.get(name, name)}: {value}" for name, value in self.normalization_items()]
+
+
+def _numbers(text: str) -> list[float]:
+    """The finite numbers of ``text`` separated by commas, or [] where any is not one."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        return []
+    return values if all(math.isfinite(v) for v in values) else []
 
 
 #: NSG's manual rejection circles: the radius where none is given, and the largest (7.3).

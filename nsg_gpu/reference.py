@@ -414,17 +414,11 @@ def check_coverage(frame: Frame) -> None:
     data = frame.data
     xp = get_backend(data).xp
     covered = float(xp.count_nonzero(data.min(axis=0) > 0)) / (data.shape[1] * data.shape[2])
-    if covered == 0 and data.shape[0] > 1:
-        empty = [c for c in range(data.shape[0]) if not bool(xp.any(data[c] > 0))]
-        if len(empty) < data.shape[0]:
-            names = " and ".join(str(c) for c in empty)
-            raise FrameDataError(
-                frame.path,
-                (f"channels {names} hold" if len(empty) > 1 else f"channel {names} holds")
-                + " no data (every pixel 0 or not finite) where the others do"
-                if empty
-                else "no pixel holds data in every channel (each channel's data lie where another's are 0)",
-            )
+    empty = [c for c in range(data.shape[0]) if not bool(xp.any(data[c] > 0))] if covered == 0 else []
+    if 0 < len(empty) < data.shape[0]:  # a colour frame with a channel empty: that channel named
+        names = " and ".join(map(str, empty))
+        holds = f"channels {names} hold" if len(empty) > 1 else f"channel {names} holds"
+        raise FrameDataError(frame.path, f"{holds} no data (every pixel 0 or not finite) where the others do")
     if covered == 0:
         raise FrameDataError(
             frame.path, "every pixel is 0 or not finite (no data); is the frame empty or a failed registration?"
@@ -506,7 +500,7 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
     # NSG's linear range is 0.7 of the reference's brightest pixel in any channel: the stars'
     # peaks are tested in their brightest channel (a star can clip in one channel while its
     # colour intensity, (min + max) / 2, stays lower).
-    image_max = float(be.to_host(data.max()))
+    brightest = float(be.to_host(data.max()))
     try:
         resolved = resolve_parameters(
             params,
@@ -514,7 +508,7 @@ def _prepare(frame: Frame, params: Parameters) -> Reference:
             height=height,
             header_focal_length_mm=frame.meta.focal_length_mm,
             header_pixel_size_um=frame.meta.pixel_size_um,
-            reference_max=image_max,
+            reference_max=brightest,
             max_star_flux=float(stars.flux.max()),
             n_reference_stars=len(stars),
             white_level=frame.white_level,

@@ -409,7 +409,7 @@ def _check_units(usable: list[StackInput], *, stop_on_error: bool) -> None:
     """Leave out the frames whose samples' typical magnitude is :data:`UNITS_RATIO` times the
     reference's (its ``NSG.reference`` history line) or more, or that share of it or less;
     without the reference among them, the median frame's."""
-    measured = [s for s in usable if s.level is not None and s.level > 0]
+    measured = [s for s in usable if s.level is not None]  # a median of |x| over x != 0: above 0
     if not measured:
         return
     reference = next((s for s in measured if s.is_reference), None)
@@ -562,11 +562,6 @@ def _middle_rows(source: StackInput) -> np.ndarray:
     return _read_rows(source, [((height - count) // 2, (height - count) // 2 + count)])[0]
 
 
-def _has_data(source: StackInput) -> bool:
-    """Whether any of the :data:`PROBE_ROWS` rows holds a sample with data."""
-    return any(np.any(np.isfinite(row) & (row != 0)) for row in _read_rows(source, _probe_spans(source)))
-
-
 def _probe_spans(source: StackInput) -> list[tuple[int, int]]:
     """The :data:`PROBE_ROWS` rows of a frame, as spans for :func:`_read_rows`."""
     height = source.shape[1]
@@ -596,11 +591,11 @@ def _noise_map(used: list[StackInput], weight_mode: str) -> tuple[NoiseMap, np.n
     two frames, read from their difference: the reference of ``nsg normalize`` where it is
     among them (its ``NSG.reference`` history line; it covers the grid), else the frame of the
     highest weight, and the frame of the highest weight among the others (the first of
-    equals), among the frames with data (:func:`_has_data`). Where the weights are inverse
+    equals), among the frames with data in their :data:`PROBE_ROWS` (``level``, read at the scan). Where the weights are inverse
     variances (NWEIGHT, noise) they give the second frame's noise relative to the first's and
     each frame's, ``sqrt(w_first / w_i)``; otherwise the frames are taken as equally noisy."""
     weights = np.stack([s.weight for s in used]).astype(np.float64)  # (frames, channels)
-    with_data = [k for k, s in enumerate(used) if _has_data(s)] or list(range(len(used)))
+    with_data = [k for k, s in enumerate(used) if s.level is not None] or list(range(len(used)))
     mean = weights.mean(axis=1)
     order = sorted(
         with_data, key=lambda k: (not used[k].is_reference, -mean[k])
