@@ -7,7 +7,9 @@ frame and goes on with the others. Messages say what to do, not only what went w
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+import traceback
 import warnings
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "TooFewStarsError",
     "TooFewSamplesError",
     "ReferenceFrameError",
+    "UnforeseenFrameError",
     "OutputError",
     "StackError",
     "quiet_warnings",
@@ -91,6 +94,25 @@ class TooFewSamplesError(FrameError):
 
 class ReferenceFrameError(FrameError):
     """The reference frame is missing or unusable; nothing can be normalized."""
+
+
+class UnforeseenFrameError(FrameError):
+    """An exception nsg-gpu did not foresee while working on one frame (a bug, or memory
+    running out): that frame fails, named with the exception and the line that raised it,
+    and the run goes on with the others."""
+
+    def __init__(self, path: object, exc: BaseException):
+        where = ""
+        frames = traceback.extract_tb(exc.__traceback__)
+        if frames:
+            last = frames[-1]
+            where = f" at {os.path.basename(last.filename)}:{last.lineno} in {last.name}"
+        detail = str(exc) or "(no message)"
+        super().__init__(
+            path,
+            f"unexpected {type(exc).__name__}{where}: {detail} (a defect of nsg-gpu, not of the frame: please "
+            "report it; NSG_DEBUG=1 raises it with its traceback)",
+        )
 
 
 class OutputError(NSGError):

@@ -173,8 +173,9 @@ class InProcessExecutor:
         """Yield each job's result in order, once its output is written; stop after the
         first failure if asked (frames after it are then neither reported nor written).
 
-        An exception that is not a frame's own problem (a bug, ``MemoryError``) stops the
-        run and is raised here.
+        An exception nobody foresaw in one frame's read, compute or write (a defect,
+        ``MemoryError``) is that frame's failure (:class:`~nsg_gpu.errors.UnforeseenFrameError`);
+        one outside them (a reader or writer thread's own) stops the run and is raised here.
         """
         if not self.threads:
             for job in jobs:
@@ -240,7 +241,7 @@ class InProcessExecutor:
                         started = time.perf_counter()
                         try:
                             write_job(reference, job, frame, result)
-                        except OutputError as exc:
+                        except (FrameError, OutputError) as exc:
                             result = failed_result(job.path, exc, result.timings)
                         result.timings["write"] = time.perf_counter() - started
                     del frame, future

@@ -5,11 +5,15 @@ pipeline (:mod:`nsg_gpu.pipeline`). A :class:`FrameJob` says where a target is r
 where its output goes and which cards it gets; :func:`process_frame` reads it, normalizes it
 and writes it with NSG's cards (:mod:`nsg_gpu.keywords`), atomically (:mod:`nsg_gpu.io`). A
 problem with the frame itself becomes its failed result, never an exception, so that the run
-goes on. :func:`write_reference` writes the reference's own copy.
+goes on; so does an exception nobody foresaw in one of its stages (a defect, memory running
+out: :class:`~nsg_gpu.errors.UnforeseenFrameError`), unless ``NSG_DEBUG`` is set.
+:func:`write_reference` writes the reference's own copy.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import get_backend
-from .errors import FrameError, OutputError
+from .errors import FrameError, NSGError, OutputError, UnforeseenFrameError
 from .io import Frame, read_frame, write_frame
 from .keywords import NSGCards, set_nsg_keywords
 from .pipeline import normalize_frame
@@ -50,6 +54,21 @@ class FrameJob:
     diagnostics: bool = False  # keep what the fits used, for plots
 
 
+@contextlib.contextmanager
+def _one_frames_stage(path: Path):
+    """Raise an exception that nsg-gpu does not raise on purpose as that frame's
+    :class:`~nsg_gpu.errors.UnforeseenFrameError`, so that every executor records it
+    against the frame and goes on; as it is where ``NSG_DEBUG`` is set."""
+    try:
+        yield
+    except NSGError:
+        raise
+    except Exception as exc:
+        if os.environ.get("NSG_DEBUG"):
+            raise
+        raise UnforeseenFrameError(path, exc) from exc
+
+
 def read_job(job: FrameJob) -> Frame:
     """The read stage of :func:`process_frame`: the target's frame from disk.
 
@@ -58,7 +77,8 @@ def read_job(job: FrameJob) -> Frame:
     FrameError
         The frame cannot be read.
     """
-    return read_frame(job.path)
+    with _one_frames_stage(job.path):
+        return read_frame(job.path)
 
 
 def compute_job(reference: Reference, job: FrameJob, frame: Frame) -> FrameResult:
@@ -69,7 +89,8 @@ def compute_job(reference: Reference, job: FrameJob, frame: Frame) -> FrameResul
     FrameError
         Shape mismatch, no data, too few stars or samples.
     """
-    return normalize_frame(reference, frame, diagnostics=job.diagnostics)
+    with _one_frames_stage(job.path):
+        return normalize_frame(reference, frame, diagnostics=job.diagnostics)
 
 
 def _cards(result: FrameResult, *, reference_name: str, history, fingerprint: str | None) -> NSGCards:
@@ -111,10 +132,14 @@ def write_job(reference: Reference, job: FrameJob, frame: Frame, result: FrameRe
     ------
     OutputError
         The output cannot be written; nothing is left behind.
+    FrameError
+        A cause nobody foresaw (:class:`~nsg_gpu.errors.UnforeseenFrameError`); nothing is
+        left behind either.
     """
-    cards = _cards(result, reference_name=job.reference_name, history=job.history, fingerprint=job.fingerprint)
-    header = set_nsg_keywords(frame.header, cards, weight_keyword=reference.params.weight_keyword)
-    write_frame(job.output, get_backend(result.data).to_host(result.data), header, properties=frame.properties)
+    with _one_frames_stage(job.path):
+        cards = _cards(result, reference_name=job.reference_name, history=job.history, fingerprint=job.fingerprint)
+        header = set_nsg_keywords(frame.header, cards, weight_keyword=reference.params.weight_keyword)
+        write_frame(job.output, get_backend(result.data).to_host(result.data), header, properties=frame.properties)
     result.output = str(job.output)
     result.data = None
     return result

@@ -17,6 +17,7 @@ import pytest
 from astropy.io import fits
 from conftest import mutation_fuzz, read_mutated
 
+from nsg_gpu.atomic import atomic_write
 from nsg_gpu.errors import ReferenceFrameError
 from nsg_gpu.params import Parameters
 from nsg_gpu.run import normalize
@@ -119,6 +120,64 @@ def test_nan_pixels_are_no_data_not_an_error(frames, tmp_path):
     assert run.ok
     out = fits.getdata(run.frames[1].output)
     assert np.all(out[100:140, 200:260] == 0)
+
+
+def _fault_for(name: str, function):
+    """``function``, raising ZeroDivisionError (as a defect would) where called for ``name``."""
+
+    def faulty(*args, **kwargs):
+        if any(name in str(getattr(a, "path", a)) for a in args):
+            if function.__name__ == "write_frame":  # a part of the file first
+                atomic_write(args[0], lambda handle, _: handle.write(b"SIMPLE  =  T" * 500) and 1 / 0)
+            raise ZeroDivisionError("a defect")
+        return function(*args, **kwargs)
+
+    return faulty
+
+
+@pytest.mark.parametrize("executor", ["serial", "threads", "processes"])
+@pytest.mark.parametrize("stage", ["read", "compute", "write"])
+def test_an_unforeseen_exception_fails_its_frame_alone(frames, tmp_path, monkeypatch, stage, executor):
+    """An exception nsg-gpu does not raise on purpose (here a ZeroDivisionError put into one
+    frame's read, computation or write) stopped the whole run, frames after it never done and
+    no results.csv; now that frame fails, named with the exception and the line that raised
+    it, no part of its output is left, and the other frames are the same bytes as without it."""
+    from nsg_gpu import jobs
+    from nsg_gpu.executors import InProcessExecutor, ProcessExecutor
+
+    bad = tmp_path / "bad.fits"
+    shutil.copy(frames[2], bad)
+    target = {"read": "read_frame", "compute": "normalize_frame", "write": "write_frame"}[stage]
+    monkeypatch.setattr(jobs, target, _fault_for("bad", getattr(jobs, target)))
+    monkeypatch.delenv("NSG_DEBUG", raising=False)
+    make = {
+        "serial": lambda: InProcessExecutor(threads=False),
+        "threads": lambda: InProcessExecutor(compute_threads=2),
+        "processes": lambda: ProcessExecutor(processes=2, pending=1),
+    }[executor]
+    inputs = [frames[0], frames[1], bad, frames[3]]
+    run = normalize(inputs, reference=frames[0], output_dir=tmp_path / "o", executor=make())
+    assert [f.status for f in run.frames] == ["reference", "ok", "failed", "ok"]
+    error = run.frames[2].error
+    assert error.startswith(f"{bad}: unexpected ZeroDivisionError at test_reliability.py:"), error
+    assert ("in <lambda>: division by zero" if stage == "write" else "in faulty: a defect") in error
+    assert "NSG_DEBUG=1" in error
+    assert sorted(p.name for p in (tmp_path / "o").iterdir() if "bad" in p.name) == []
+    assert (tmp_path / "o" / "results.csv").exists()
+    clean = normalize([frames[0], frames[1], frames[3]], reference=frames[0], output_dir=tmp_path / "clean")
+    for faulted, alone in zip((run.frames[1], run.frames[3]), clean.frames[1:], strict=True):
+        assert Path(faulted.output).name == Path(alone.output).name
+        assert _digest(Path(faulted.output)) == _digest(Path(alone.output))
+
+
+def test_nsg_debug_raises_the_unforeseen_exception(frames, tmp_path, monkeypatch):
+    from nsg_gpu import jobs
+
+    monkeypatch.setattr(jobs, "normalize_frame", _fault_for(frames[1].name, jobs.normalize_frame))
+    assert frames[1].name not in frames[0].name
+    monkeypatch.setenv("NSG_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError, match="a defect"):
+        normalize(frames[:2], reference=frames[0], output_dir=tmp_path / "o")
 
 
 def test_a_directory_without_frames_fails_alone_named(frames, tmp_path):
