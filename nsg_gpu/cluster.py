@@ -203,8 +203,8 @@ class DaskExecutor:
         Raises
         ------
         ClusterError
-            The workers cannot run nsg-gpu or lack a GPU for the CuPy backend, or the run
-            exceeded ``timeout``.
+            The workers cannot run nsg-gpu or lack a GPU for the CuPy backend, the reference
+            cannot be sent to them (the connection lost), or the run exceeded ``timeout``.
         """
         distributed = _distributed()
 
@@ -214,7 +214,7 @@ class DaskExecutor:
         self._check_workers(get_backend(reference.frame.data).is_gpu)
         started = time.monotonic()
         token = uuid.uuid4().hex
-        shared = [client.scatter(reference, broadcast=True, hash=False)]
+        shared = [self._scatter(reference, following=0, total=len(jobs))]
         attempts = [0] * len(jobs)
         position: dict[str, int] = {}
         live: dict[int, object] = {}
@@ -247,7 +247,7 @@ class DaskExecutor:
                     # Cancelled by the scheduler: the reference's copies were lost with the
                     # workers that held them (scattered data is not recomputed). Send it again.
                     if shared[-1].status != "finished" and len(shared) < MAX_SUBMISSIONS:
-                        shared.append(client.scatter(reference, broadcast=True, hash=False))
+                        shared.append(self._scatter(reference, following=following, total=len(jobs)))
                     completed.add(submit(index))
                     continue
                 finished[index] = self._result(future, jobs[index])
@@ -273,6 +273,18 @@ class DaskExecutor:
             # interrupted run are cleared by the next run instead.
             if not running:
                 remove_stale_temporaries(job.output for job in jobs)
+
+    def _scatter(self, reference: Reference, *, following: int, total: int):
+        """The reference on every worker, as one future; a connection lost on the way (the
+        workers or the scheduler gone) is a :class:`ClusterError` saying what is kept."""
+        try:
+            return self.client.scatter(reference, broadcast=True, hash=False)
+        except Exception as exc:
+            raise ClusterError(
+                f"the reference could not be sent to the Dask workers ({type(exc).__name__}: {exc}) with "
+                f"{following} of {total} frames done; the outputs written are kept, and the same command "
+                "again goes on from them once the cluster has workers"
+            ) from exc
 
     @staticmethod
     def _result(future, job: FrameJob) -> FrameResult:

@@ -255,6 +255,21 @@ def test_unexpected_exception_in_a_task_is_the_frames_failed_result(frames, tmp_
     assert result.exposure is not None and not (tmp_path / "x_nsg.fits").exists()
 
 
+def test_a_reference_that_cannot_be_sent_is_a_cluster_error(frames):
+    """The reference is sent again when the workers holding it are lost; where the cluster
+    is gone by then the connection's own exception came out as a traceback."""
+    from nsg_gpu.cluster import ClusterError
+
+    with distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster:
+        client = distributed.Client(cluster)
+        executor = DaskExecutor(client)
+        assert executor._scatter(np.arange(3), following=0, total=1).result().tolist() == [0, 1, 2]
+    with pytest.raises(ClusterError, match="the reference could not be sent to the Dask workers") as caught:
+        executor._scatter(np.arange(3), following=2, total=4)
+    assert "2 of 4 frames done; the outputs written are kept" in str(caught.value)
+    client.close()
+
+
 def test_relative_paths_resolve_against_the_clients_directory(frames, client, tmp_path, monkeypatch):
     paths, oracle = frames
     for p in paths[:3]:
