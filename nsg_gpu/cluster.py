@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import logging
 import signal
 import threading
 import time
@@ -457,8 +458,17 @@ def dask_setup(worker) -> None:
     """Dask's preload hook, run in each worker process of a cluster started here (``--workers``,
     ``--gpus``) as it starts: Ctrl-C in a terminal reaches every process of its group, and the
     run's own process closes the cluster, so a worker ignores it instead of dying with a
-    traceback and being restarted by its nanny while the run stops."""
+    traceback and being restarted by its nanny while the run stops. The cluster's closing
+    then cancels the frames still running, and Dask's worker warns of each ("Async
+    instruction ... ended with CancelledError", which its code says happens only as a worker
+    closes): those lines are left out."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger("distributed.worker.state_machine").addFilter(_not_a_cancellation_on_closing)
+
+
+def _not_a_cancellation_on_closing(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith("Async instruction for") and message.endswith("ended with CancelledError"))
 
 
 def _local_worker_options() -> dict:

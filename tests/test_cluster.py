@@ -501,3 +501,14 @@ def test_workers_option_workers_ignore_ctrl_c(tmp_path):
             time.sleep(1.0)
             assert list(client.run(os.getpid).values()) == [pid]
             assert list(client.run(os.getenv, "NSG_TEST_OWN_PRELOAD").values()) == ["ran"]
+            closing = "Async instruction for <Task cancelled name=\"execute('x')\"> ended with CancelledError"
+            assert list(client.run(_logged, closing).values()) == [False]  # the interrupted run's closing
+            assert list(client.run(_logged, "Unhandled exception in async instruction").values()) == [True]
+
+
+def _logged(message: str) -> bool:
+    """Whether a warning of Dask's worker state machine with ``message`` is logged (in a worker)."""
+    import logging
+
+    logger = logging.getLogger("distributed.worker.state_machine")
+    return bool(logger.filter(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, message, (), None)))
