@@ -13,7 +13,8 @@ the order of the data: ``io`` and ``params``; ``stars``, ``photometry``, ``psf``
 results files, plots and report; ``stacking`` (integration); ``cli``.
 """
 
-from . import synthetic
+# interrupts first: a worker process of a cluster nsg started ignores Ctrl-C from here on.
+from . import interrupts, synthetic  # noqa: F401
 from .errors import (
     FrameDataError,
     FrameError,

@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import logging
+import os
 import signal
 import threading
 import time
@@ -39,6 +40,7 @@ from pathlib import Path
 from .atomic import remove_stale_temporaries
 from .backend import cupy_status, get_backend
 from .errors import NSGError
+from .interrupts import WORKER_ENVIRON
 from .jobs import FrameJob, process_frame
 from .reference import Reference
 from .results import FrameResult, failed_result
@@ -508,25 +510,34 @@ def _open(
 ) -> Iterator[DaskExecutor]:
     """:func:`open_cluster` once its options are checked."""
     cluster = None
+    local = gpus is not None or workers is not None
     if gpus is not None:
         count = parse_gpus(gpus)
         local_cuda_cluster = require_dask_cuda()
-        # Port 0: a free port for the scheduler's HTTP server (dashboard), never a clash.
-        cluster = local_cuda_cluster(
-            n_workers=None if count == "all" else count,
-            threads_per_worker=1,
-            dashboard_address=":0",
-            # dask-cuda appends its own preload and gives its flat argument list to every
-            # preload: only ours (which takes none) goes with it, as before no configured one.
-            preload=[WORKER_PRELOAD],
-        )
-    elif workers is not None:
-        cluster = distributed.LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0", **_local_worker_options()
-        )
-    if cluster is not None:
-        _drop_unknown_removals(cluster)
+    environ = os.environ.get(WORKER_ENVIRON)
     try:
+        if local:
+            os.environ[WORKER_ENVIRON] = "1"  # inherited by the worker processes as they start
+            with _ctrl_c_held():
+                if gpus is not None:
+                    # Port 0: a free port for the scheduler's HTTP server (dashboard), never a clash.
+                    cluster = local_cuda_cluster(
+                        n_workers=None if count == "all" else count,
+                        threads_per_worker=1,
+                        dashboard_address=":0",
+                        # dask-cuda appends its own preload and gives its flat argument list to every
+                        # preload: only ours (which takes none) goes with it, as before no configured one.
+                        preload=[WORKER_PRELOAD],
+                    )
+                else:
+                    cluster = distributed.LocalCluster(
+                        n_workers=workers,
+                        threads_per_worker=1,
+                        processes=True,
+                        dashboard_address=":0",
+                        **_local_worker_options(),
+                    )
+            _drop_unknown_removals(cluster)
         if cluster is not None:
             client = distributed.Client(cluster)
         else:
@@ -544,3 +555,41 @@ def _open(
     finally:
         if cluster is not None:
             cluster.close()
+        if local and environ is None:
+            os.environ.pop(WORKER_ENVIRON, None)
+        elif local:
+            os.environ[WORKER_ENVIRON] = environ
+
+
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """A Ctrl-C while the block runs is raised once it ends; a second one at once.
+
+    Starting a local cluster takes seconds (its worker processes import the libraries), and a
+    KeyboardInterrupt in the middle of it left a cluster that Dask could not close (an
+    ``AssertionError`` traceback from its exit hook) and workers with their own tracebacks.
+    Held, the cluster comes up and is closed like any other. Only the main thread can set a
+    signal handler: elsewhere nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def hold(signum, frame):
+        caught.append(signum)
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    except Exception:
+        if not caught:
+            raise
+        # A worker process that the Ctrl-C reached before it could ignore it (as its
+        # interpreter starts) fails the cluster's start: the user's Ctrl-C is what happened.
+        raise KeyboardInterrupt from None
+    finally:
+        if signal.getsignal(signal.SIGINT) is hold:
+            signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt

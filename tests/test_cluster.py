@@ -506,6 +506,73 @@ def test_workers_option_workers_ignore_ctrl_c(tmp_path):
             assert list(client.run(_logged, "Unhandled exception in async instruction").values()) == [True]
 
 
+def _spawned_children(pid: int) -> dict[int, bool]:
+    """The processes whose parent is ``pid`` and that multiprocessing spawned: whether each
+    ignores SIGINT (the mask of ignored signals in its /proc status)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+            status = (entry / "status").read_text()
+        except (OSError, ValueError, IndexError):
+            continue
+        ignored = next((int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigIgn:")), 0)
+        if parent == pid and b"spawn_main" in command:
+            found[int(entry.name)] = bool(ignored & (1 << (signal.SIGINT - 1)))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the processes from /proc")
+@pytest.mark.skipif(not (Path(sys.executable).parent / "nsg").exists(), reason="nsg is not installed beside Python")
+def test_ctrl_c_while_the_workers_start_is_one_line(frames, tmp_path):
+    """Ctrl-C (to the whole process group, as a terminal sends it) while ``--workers``' processes
+    still import the libraries printed their KeyboardInterrupt tracebacks (60-120 lines) and
+    Dask's own from closing a cluster half started; now the cluster comes up, is closed, and
+    the run says it was interrupted in one line, exit 130, no process left. (A worker that the
+    Ctrl-C reaches in the tenths of a second its interpreter takes to start, before it reads
+    nsg_gpu, still dies with a traceback: the run then reports the interruption, not the
+    cluster's failure to start.)"""
+    paths, _ = frames
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("NSG_DEBUG", None)
+    # The console script, as users run it: its worker processes import nsg_gpu first thing (with
+    # ``python -m nsg_gpu`` they import Dask first, and ignore Ctrl-C from Dask's preload on).
+    script = Path(sys.executable).parent / "nsg"
+    command = [sys.executable, str(script), "normalize", *map(str, paths), "-o", str(tmp_path / "out")]
+    process = subprocess.Popen(
+        [*command, "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + TIMEOUT
+    while process.poll() is None and time.monotonic() < deadline:
+        children = _spawned_children(process.pid)
+        if len(children) == 2 and all(children.values()):  # the moment both workers ignore Ctrl-C
+            break
+        time.sleep(0.01)
+    # A worker ignores Ctrl-C as it imports nsg_gpu, before NumPy, SciPy, astropy and Dask.
+    assert not (tmp_path / "out").exists(), "the workers started before they ignored Ctrl-C"
+    assert process.poll() is None, "the run ended before its workers started"
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 130, (out, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines() == [
+        "nsg: interrupted: the same command again finishes the job (nsg normalize and nsg stack write each "
+        "output complete or not at all; nsg normalize keeps the frames it completed)"
+    ]
+    left = time.monotonic() + 20
+    with pytest.raises(ProcessLookupError):  # every process of the run's group ends
+        while time.monotonic() < left:
+            os.killpg(process.pid, 0)
+            time.sleep(0.1)
+
+
 def _logged(message: str) -> bool:
     """Whether a warning of Dask's worker state machine with ``message`` is logged (in a worker)."""
     import logging
