@@ -126,7 +126,7 @@ def write_weights(run, output_dir: str | os.PathLike) -> Path:
     writer.writerow(["file", "weight"])
     for frame in run.frames:
         if frame.status in ("ok", "reference") and not frame.rejected and frame.output and frame.weight is not None:
-            writer.writerow([os.path.relpath(frame.output, output_dir), f"{frame.weight:.6g}"])
+            writer.writerow([os.path.relpath(frame.output, output_dir), repr(float(frame.weight))])
     path = output_dir / "weights.csv"
     write_text(path, buffer.getvalue())
     return path

@@ -57,6 +57,18 @@ def test_executors_write_the_same_bytes(frames, tmp_path):
         assert _results(tmp_path / name) == _results(tmp_path / "serial"), name
 
 
+def test_weights_csv_holds_each_outputs_nweight_to_the_last_bit(frames, tmp_path):
+    """weights.csv said NWEIGHT to 6 digits; a stacker reading it now weighs as the header."""
+    from astropy.io import fits
+
+    normalize(frames, reference=frames[0], output_dir=tmp_path / "o", params=KEEP_ALL)
+    with open(tmp_path / "o" / "weights.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == SPEC["n_frames"]
+    for row in rows:
+        assert float(row["weight"]) == fits.getheader(tmp_path / "o" / row["file"])["NWEIGHT"], row
+
+
 @pytest.mark.slow
 def test_blas_and_openmp_threads_do_not_change_the_bytes(frames, tmp_path):
     """The spline's LU factorization rounds differently with more BLAS threads; the run pins
