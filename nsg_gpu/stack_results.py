@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -190,6 +191,12 @@ def _master_header(result: StackResult, used: list[StackInput]) -> fits.Header:
     rejection = result.rejection
     header[MASTER_CARD] = (f"nsg-gpu {__version__}", "master integrated by nsg stack")
     header["NCOMBINE"] = (len(used), "frames combined")
+    totals = _total_exposures(used)
+    for key in EXPOSURE_CARDS:
+        if key in totals:
+            header[key] = (totals[key], f"[s] total of the {len(used)} frames combined")
+        elif key in header:  # one frame's exposure, where the total is not known
+            del header[key]
     header["NSGSWGT"] = (result.weights, "nsg stack weights")
     header["NSGSREJ"] = (rejection.method, "nsg stack pixel rejection")
     if rejection.low is not None:
@@ -205,6 +212,22 @@ def _master_header(result: StackResult, used: list[StackInput]) -> fits.Header:
         weight = "/".join(f"{w:.6g}" for w in source.weight)
         header.add_history(header_text(f"NSG.stack frame {k + 1}: {source.path.name} weight {weight}"))
     return header
+
+
+#: Exposure cards that the master carries as the sum over the frames combined.
+EXPOSURE_CARDS = ("EXPTIME", "EXPOSURE", "TOTALEXP", "ELAPTIME")
+
+
+def _total_exposures(used: list[StackInput]) -> dict[str, float]:
+    """Each exposure card that every frame combined carries as a number: its sum (a master
+    of 6 frames of 10 s is 60 s of light, where the reference's card said 10 s). A card that
+    some frame lacks has no total, and the master goes without it."""
+    totals = {}
+    for key in EXPOSURE_CARDS:
+        values = [s.header.get(key) for s in used]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            totals[key] = float(math.fsum(values))
+    return totals
 
 
 def map_paths(output: Path) -> dict[str, Path]:

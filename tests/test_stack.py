@@ -665,6 +665,25 @@ def test_chosen_methods_reject_the_trail(scenes, method, tmp_path):
     assert result.rejection.method == method
 
 
+def test_the_masters_exposure_is_the_total_of_the_frames_combined(tmp_path):
+    """The master copied the reference's EXPTIME (10 s for a stack of 80 s); now each exposure
+    card every frame carries is their sum, and one that some frame lacks is left out."""
+    scene = write_scene(tmp_path / "in", 4, seed=3)
+    exposures = [10.0, 10.0, 20.0, 30.0]
+    for path, exposure in zip(scene.paths, exposures, strict=True):
+        with fits.open(path, mode="update") as hdul:
+            hdul[0].header["EXPTIME"] = exposure
+            hdul[0].header["EXPOSURE"] = exposure
+            if path != scene.paths[2]:
+                hdul[0].header["TOTALEXP"] = exposure
+    result = stack(scene.paths, tmp_path / "m.fits", backend="numpy")
+    assert len(result.used) == 4
+    header = fits.getheader(tmp_path / "m.fits")
+    assert header["EXPTIME"] == header["EXPOSURE"] == 70.0 and header["NCOMBINE"] == 4
+    assert "TOTALEXP" not in header  # frame 2 has none: the total is unknown
+    assert header.comments["EXPTIME"] == "[s] total of the 4 frames combined"
+
+
 def test_same_bytes_whatever_the_memory_and_threads(scenes, tmp_path):
     """A few rows per band and one band, one thread and two: the same master, byte for byte."""
     scene = scenes[15]
