@@ -266,7 +266,14 @@ def normalize(
 
         report_page = Path(run.report) if run.report else False
         with StackDisplay(quiet=quiet, json_lines=json_lines) as shown:
-            result = run_stack([output_dir], stack_output, backend=chosen, report=report_page, progress=shown.band_done)
+            result = run_stack(
+                [output_dir],
+                stack_output,
+                weights=params.weight_keyword,
+                backend=chosen,
+                report=report_page,
+                progress=shown.band_done,
+            )
         shown.finish(result)
         skipped = bool(result.skipped)
     if run.failed or skipped:

@@ -53,6 +53,14 @@ def _option(default, help: str, *, auto: str | None = None, choices: tuple | Non
 REJECTION_FIELDS = ("min_weight", "min_transmission", "max_scale_error")
 
 
+#: Keywords a weight cannot be written under: NSG's own cards, the frames' noise cards that
+#: NSG reads, and the cards of FITS's structure or commentary.
+RESERVED_KEYWORDS = re.compile(
+    r"NSG.*|NOISEA?\d\d|SIMPLE|BITPIX|NAXIS\d*|EXTEND|XTENSION|PCOUNT|GCOUNT|BZERO|BSCALE|BLANK|CHECKSUM|"
+    r"DATASUM|HISTORY|COMMENT|END|EXPTIME|EXPOSURE"
+)
+
+
 @dataclass(frozen=True)
 class Parameters:
     """Parameters of the normalization. ``None`` means Auto.
@@ -273,11 +281,19 @@ class Parameters:
                 self.sample_size is None or 2 <= self.sample_size <= 1000,
                 "sample_size (--sample-size) must be in [2, 1000]",
             ),
-            (self.gradient_smoothness >= -8, "gradient_smoothness (--gradient-smoothness) must be at least -8"),
+            (
+                -8 <= self.gradient_smoothness <= 4,
+                "gradient_smoothness (--gradient-smoothness) must be in [-8, 4] (4: a plane, as in NSG)",
+            ),
             (self.max_samples >= 10, "max_samples (--max-samples) must be at least 10"),
             (
                 re.fullmatch(r"[A-Za-z0-9_-]{1,8}", self.weight_keyword) is not None,
                 "weight_keyword (--weight-keyword) must be a FITS keyword: 1-8 letters, digits, - or _",
+            ),
+            (
+                RESERVED_KEYWORDS.fullmatch(self.weight_keyword.upper()) is None,
+                f"weight_keyword (--weight-keyword) {self.weight_keyword!r} is a card that nsg-gpu or FITS "
+                "writes for another purpose: choose another name (NWEIGHT by default)",
             ),
             (
                 0 <= self.min_weight <= 1,
@@ -291,6 +307,9 @@ class Parameters:
         for ok, message in checks:
             if not ok:
                 raise ParameterError(message)
+        # FITS keywords are upper case (astropy writes them so): one spelling, so that the
+        # card an input already carries is the one replaced.
+        object.__setattr__(self, "weight_keyword", self.weight_keyword.upper())
         self.circles()
         self.region()
 

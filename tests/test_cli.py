@@ -313,6 +313,20 @@ def test_exit_codes_json_rejections_and_quiet_reference(small_frames, tmp_path):
     )
 
 
+def test_stack_after_normalize_reads_the_weight_keyword_given(small_frames, tmp_path):
+    """``--weight-keyword WGT --stack m.fits`` normalized every frame, then failed each in the
+    stack for want of an NWEIGHT card (exit 1, no master)."""
+    frames = sorted(str(p) for p in (small_frames / "in").glob("*.fits"))
+    out, master = tmp_path / "out", tmp_path / "m.fits"
+    args = ["normalize", *frames, "-r", frames[0], "-o", str(out), "--weight-keyword", "wgt", "--stack", str(master)]
+    result = runner.invoke(app, [*args, "--min-weight", "0", "--min-transmission", "0", "--no-report", "-q"])
+    assert result.exit_code == 0, result.output
+    weights = [fits.getheader(p)["WGT"] for p in sorted(out.glob("*_nsg.fits"))]
+    assert len(weights) == len(frames) and "NWEIGHT" not in fits.getheader(sorted(out.glob("*_nsg.fits"))[1])
+    header = fits.getheader(master)
+    assert header["NCOMBINE"] == len(frames) and header["NSGSWGT"] == "WGT"
+
+
 def test_normalize_refuses_a_master_name_before_it_starts(small_frames, tmp_path):
     frames = sorted(str(p) for p in (small_frames / "in").glob("*.fits"))
     args = ["normalize", *frames, "-r", frames[0], "-o", str(tmp_path / "out"), "--stack", str(tmp_path / "m.xisf")]
@@ -370,7 +384,7 @@ def test_normalize_then_stack_against_the_truth(small_frames, tmp_path):
     assert [h for h in history if h.startswith("NSG.stack frame")] == [
         f"NSG.stack frame {k + 1}: light_00{n}_nsg.fits weight {w}"
         for k, (n, w) in enumerate(
-            zip((0, 2, 3), [r.split(",")[1] for r in (out / "weights.csv").read_text().split()[1:]])
+            zip((0, 2, 3), [f"{float(r.split(',')[1]):.6g}" for r in (out / "weights.csv").read_text().split()[1:]])
         )
     ]
     accepted = (0, 2, 3)

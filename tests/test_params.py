@@ -71,6 +71,11 @@ def test_parameters_reject_nonsense():
         ("pixel_size_um", 0.0),
         ("weight_keyword", "W=1"),
         ("weight_keyword", "WEIGHT 1"),
+        ("weight_keyword", "NSGS0"),
+        ("weight_keyword", "noise00"),
+        ("weight_keyword", "EXPTIME"),
+        ("gradient_smoothness", 9.0),
+        ("gradient_smoothness", -9.0),
     ],
 )
 def test_parameters_out_of_nsgs_ranges_are_one_line_naming_the_option(field, value):
@@ -85,6 +90,25 @@ def test_parameters_out_of_nsgs_ranges_are_one_line_naming_the_option(field, val
     )
     result = runner.invoke(app, ["normalize", "nothing.fits", "-r", "nothing.fits", "-o", "out", flag, str(value)])
     assert result.exit_code == 1 and f"({flag})" in result.output and "Traceback" not in result.output
+
+
+def test_a_lower_case_weight_keyword_replaces_the_card_an_input_carries(tmp_path):
+    """``--weight-keyword nweight`` kept an input's NWEIGHT = 5 beside the new card, and
+    astropy read the stale one first; the keyword is now upper case, as FITS has it."""
+    from astropy.io import fits
+
+    from nsg_gpu.run import normalize
+    from nsg_gpu.synthetic import write_synthetic_set
+
+    paths = write_synthetic_set(tmp_path / "in", n_frames=2, seed=4, width=500, height=400, n_stars=500)
+    with fits.open(paths[1], mode="update") as hdul:
+        hdul[0].header["NWEIGHT"] = 5.0
+    params = Parameters(weight_keyword="nweight", min_weight=0, min_transmission=0)
+    assert params.weight_keyword == "NWEIGHT"
+    run = normalize(paths, reference=paths[0], output_dir=tmp_path / "o", params=params)
+    header = fits.getheader(run.frames[1].output)
+    assert [card.keyword for card in header.cards].count("NWEIGHT") == 1
+    assert header["NWEIGHT"] == run.frames[1].weight != 5.0
 
 
 #: White level of 16-bit data (BITPIX 16, BZERO 32768).
