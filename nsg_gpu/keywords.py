@@ -134,7 +134,11 @@ def set_nsg_keywords(header: fits.Header, cards: NSGCards, *, weight_keyword: st
     if cards.high is not None:
         _set_float(header, HIGH, cards.high, "NSG max value before truncation")
     if cards.star_pairs is not None:
-        header[PAIRS] = (int(cards.star_pairs), "NSG star pairs in the scale fit")
+        # The reference has no pairs: its card counts the stars it measured, that the targets pair with.
+        comment = (
+            "NSG reference stars measured" if cards.weight_source == "reference" else "NSG star pairs in the scale fit"
+        )
+        header[PAIRS] = (int(cards.star_pairs), comment)
     if cards.samples is not None:
         header[SAMPLES] = (int(cards.samples), "NSG background samples of the gradient")
     if cards.fwhm is not None:

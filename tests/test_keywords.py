@@ -91,3 +91,14 @@ def test_reference_card_fits_without_a_truncation_warning(length, tmp_path):
     assert len(card) == 80
     if length <= 40:
         assert card.rstrip().endswith("/ NSG reference frame")
+
+
+def test_the_references_pairs_card_says_it_counts_stars():
+    """The reference has no star pairs: its NSGPAIRS counts the stars it measured, and the
+    card said "star pairs in the scale fit" on it as on the targets."""
+    common = dict(reference_name="r.fits", transmission=[1.0], snr=[1.0], weight=1.0, star_pairs=213)
+    reference = set_nsg_keywords(fits.Header(), NSGCards(**common, weight_source="reference"))
+    target = set_nsg_keywords(fits.Header(), NSGCards(**common, weight_source="noiseMultiscale"))
+    assert reference["NSGPAIRS"] == target["NSGPAIRS"] == 213
+    assert reference.comments["NSGPAIRS"] == "NSG reference stars measured"
+    assert target.comments["NSGPAIRS"] == "NSG star pairs in the scale fit"
