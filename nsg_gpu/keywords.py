@@ -33,6 +33,7 @@ __all__ = [
     "FINGERPRINT",
     "NOISE",
     "HISTORY_PREFIX",
+    "add_nsg_history",
     "NSGCards",
     "card_name",
     "header_text",
@@ -156,8 +157,37 @@ def set_nsg_keywords(header: fits.Header, cards: NSGCards, *, weight_keyword: st
     if cards.fingerprint is not None:
         header[FINGERPRINT] = (cards.fingerprint, "NSG run fingerprint (for resume)")
     for line in cards.history:
-        header.add_history(header_text(f"{HISTORY_PREFIX}{line}"))
+        add_nsg_history(header, f"{HISTORY_PREFIX}{line}")
     return header
+
+
+#: Characters of text a HISTORY card holds.
+HISTORY_ROOM = 72
+
+
+def add_nsg_history(header: fits.Header, line: str) -> None:
+    """Add the NSG history ``line`` (``NSG.<key>: <value>``) to ``header``, as
+    :func:`header_text` has it, in cards that each start with ``NSG.``.
+
+    A line longer than a card was split by astropy into cards whose continuations lacked the
+    prefix: an output normalized again kept them as someone else's history (one more each
+    time), and a master copied them. Here the line goes on over cards ``NSG.<key> (cont.):
+    <more>``."""
+    text = header_text(line)
+    if len(text) <= HISTORY_ROOM:
+        header.add_history(text)
+        return
+    key, separator, _ = text.partition(": ")
+    following = f"{key} (cont.): " if separator and len(key) <= HISTORY_ROOM // 2 else f"{HISTORY_PREFIX}(cont.): "
+    lead, value = "", text
+    while value:
+        room = HISTORY_ROOM - len(lead)
+        piece, value = value[:room], value[room:]
+        kept = piece.rstrip()
+        if value and kept and kept != piece:  # a card's trailing blanks are not kept: they go on
+            piece, value = kept, piece[len(kept) :] + value
+        header.add_history(lead + piece)
+        lead = following
 
 
 def _set_float(header: fits.Header, key: str, value: float, comment: str) -> None:

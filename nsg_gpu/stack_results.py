@@ -17,7 +17,7 @@ from astropy.io import fits
 
 from .atomic import AtomicGroup
 from .io import MASTER_CARD, STRUCTURAL_CARDS, frame_stem
-from .keywords import header_text
+from .keywords import add_nsg_history
 from .pixel_rejection import Rejection
 from .stack_inputs import StackInput
 from .version import __version__
@@ -210,7 +210,7 @@ def _master_header(result: StackResult, used: list[StackInput]) -> fits.Header:
         header.add_history(f"NSG.stack {line}")
     for k, source in enumerate(used):
         weight = "/".join(f"{w:.6g}" for w in source.weight)
-        header.add_history(header_text(f"NSG.stack frame {k + 1}: {source.path.name} weight {weight}"))
+        add_nsg_history(header, f"NSG.stack frame {k + 1}: {source.path.name} weight {weight}")
     return header
 
 

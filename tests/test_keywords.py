@@ -102,3 +102,25 @@ def test_the_references_pairs_card_says_it_counts_stars():
     assert reference["NSGPAIRS"] == target["NSGPAIRS"] == 213
     assert reference.comments["NSGPAIRS"] == "NSG reference stars measured"
     assert target.comments["NSGPAIRS"] == "NSG star pairs in the scale fit"
+
+
+def test_long_history_lines_stay_nsgs_when_normalized_again(tmp_path):
+    """A history line longer than a card (many --reject-circles, a long file name) was split
+    by astropy into cards whose continuations lacked ``NSG.``: normalizing the output again
+    kept them as someone else's history, one more each time. Now every card of the line
+    starts with ``NSG.`` and a second pass gives the same cards."""
+    circles = ";".join(f"{100 * i},{37 * i},30" for i in range(12))
+    cards = NSGCards(
+        reference_name="r.fits", transmission=[1.0], snr=[1.0], weight=1.0, history=[f"reject_circles: {circles}"]
+    )
+    original = fits.Header()
+    original.add_history("calibrated by someone else")
+    once = set_nsg_keywords(original, cards)
+    fits.PrimaryHDU(header=once).writeto(tmp_path / "once.fits")
+    twice = set_nsg_keywords(fits.getheader(tmp_path / "once.fits"), cards)
+    history = [str(h) for h in twice["HISTORY"]]
+    assert history == [str(h) for h in once["HISTORY"]]
+    assert history[0] == "calibrated by someone else" and len(history) == 4
+    assert all(h.startswith("NSG.reject_circles") and len(h) <= 72 for h in history[1:])
+    joined = history[1] + "".join(h.split(": ", 1)[1] for h in history[2:])
+    assert joined == f"NSG.reject_circles: {circles}"
