@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import remove_stale_temporaries
-from .backend import NUMPY, Backend
+from .backend import NUMPY, Backend, select_backend
 from .diagnostics import chosen_frames, existing_frame_plots, write_frame_plots
 from .errors import FrameError, NSGError, OutputError, ParameterError, ReferenceFrameError
 from .executors import InProcessExecutor
@@ -255,7 +255,7 @@ def normalize(
     reference: str | os.PathLike = "auto",
     output_dir: str | os.PathLike = "nsg",
     params: Parameters | None = None,
-    backend: Backend | None = None,
+    backend: Backend | str | None = None,
     postfix: str = "_nsg",
     stop_on_error: bool = False,
     progress: Callable[[FrameResult, int, int], None] | None = None,
@@ -286,8 +286,8 @@ def normalize(
 
     params : Parameters, optional
 
-    backend : Backend, optional
-        NumPy by default.
+    backend : Backend or {"auto", "numpy", "cupy"}, optional
+        NumPy by default; a name is chosen as ``nsg normalize --backend`` chooses it.
 
     stop_on_error : bool
         Stop at the first frame that fails instead of going on.
@@ -328,7 +328,7 @@ def normalize(
         An output would overwrite an input.
     """
     params = params or Parameters()
-    be = backend or NUMPY
+    be = select_backend(backend) if isinstance(backend, str) else backend or NUMPY
     executor = executor or InProcessExecutor()
     plan = plan_run(
         frames, reference=reference, output_dir=output_dir, params=params, postfix=postfix, output_format=output_format

@@ -101,3 +101,15 @@ def test_plots_are_drawn_for_every_frame_without_the_report(frames, tmp_path):
     for frame in frames[1:]:
         for plot, _ in FRAME_PLOTS:
             assert f"{frame.stem}_{plot}.png" in names, (frame.stem, plot)
+
+
+def test_the_library_takes_a_backend_by_name(frames, tmp_path):
+    """``normalize(..., backend="numpy")`` failed with AttributeError ('str' object has no
+    attribute 'is_gpu'); a name is chosen as the command line chooses it, an unknown one said."""
+    from nsg_gpu.errors import BackendUnavailableError
+
+    named = normalize(frames[:2], reference=frames[0], output_dir=tmp_path / "named", params=KEEP_ALL, backend="numpy")
+    default = normalize(frames[:2], reference=frames[0], output_dir=tmp_path / "default", params=KEEP_ALL)
+    assert _outputs(tmp_path / "named") == _outputs(tmp_path / "default") and named.ok and default.ok
+    with pytest.raises(BackendUnavailableError, match="tpu"):
+        normalize(frames[:2], reference=frames[0], output_dir=tmp_path / "x", backend="tpu")
