@@ -36,8 +36,28 @@ EXIT_USAGE = 2
 EXIT_FRAMES_FAILED = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
-#: The array backend of ``nsg normalize`` and ``nsg stack``.
-BackendOption = Annotated[str, typer.Option(help="Array backend: auto (CuPy when a GPU is usable), numpy or cupy.")]
+
+class BackendName(str, enum.Enum):
+    """The array backends by name (:func:`nsg_gpu.backend.select_backend`)."""
+
+    auto = "auto"
+    numpy = "numpy"
+    cupy = "cupy"
+
+
+class OutputFormat(str, enum.Enum):
+    """The formats ``nsg normalize`` writes."""
+
+    fits = "fits"
+    xisf = "xisf"
+
+
+#: The array backend of ``nsg normalize`` and ``nsg stack``; a value not among the choices is a
+#: usage error (exit code 2), as for every option with choices.
+BackendOption = Annotated[
+    BackendName,
+    typer.Option(case_sensitive=False, help="Array backend: auto (CuPy when a GPU is usable), numpy or cupy."),
+]
 
 app = typer.Typer(
     name="nsg",
@@ -150,9 +170,11 @@ def normalize(
     output_dir: Annotated[
         Path, typer.Option("--output-dir", "-o", help="Directory for <stem>_nsg.fits, results.csv and results.json.")
     ] = Path("nsg"),
-    backend: BackendOption = "auto",
+    backend: BackendOption = BackendName.auto,
     postfix: Annotated[str, typer.Option(help="Appended to each input's stem for its output name.")] = "_nsg",
-    output_format: Annotated[str, typer.Option(help="Format of the normalized frames: fits or xisf.")] = "fits",
+    output_format: Annotated[
+        OutputFormat, typer.Option(case_sensitive=False, help="Format of the normalized frames: fits or xisf.")
+    ] = OutputFormat.fits,
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -214,6 +236,8 @@ def normalize(
     from .run import check_output_dir
     from .run import normalize as run_normalize
 
+    backend, output_format = backend.value, output_format.value
+
     check_output_dir(output_dir)  # before the progress bar: a one-line error, nothing started
     if stack_output is not None:
         from .io import expand_frames
@@ -229,7 +253,7 @@ def normalize(
 
         check_cluster_options(scheduler=scheduler, workers=workers, gpus=gpus)  # the options first
         parse_gpus(gpus)
-        if backend.lower() == "numpy":
+        if backend == "numpy":
             raise ClusterError("--gpus runs the cupy backend; drop --backend numpy or use --workers N")
         require_dask_cuda()
         backend = "cupy"
@@ -366,7 +390,7 @@ def stack(
             "[default: half the available memory, at most 8G]"
         ),
     ] = None,
-    backend: BackendOption = "auto",
+    backend: BackendOption = BackendName.auto,
     maps: Annotated[
         Maps,
         typer.Option(
@@ -405,6 +429,8 @@ def stack(
     from .backend import select_backend
     from .pixel_rejection import Rejection
     from .stacking import stack as run_stack
+
+    backend = backend.value
 
     settings = Rejection(
         method=rejection.value,
@@ -591,10 +617,14 @@ def synth(
 @app.command()
 @_one_line_errors
 def info(
-    backend: Annotated[str, typer.Option(help="Backend to resolve: auto, numpy or cupy.")] = "auto",
+    backend: Annotated[
+        BackendName, typer.Option(case_sensitive=False, help="Backend to resolve: auto, numpy or cupy.")
+    ] = BackendName.auto,
 ):
     """Print the backend that would run and why, the GPU and its memory, and library versions."""
     from .backend import describe_backend
+
+    backend = backend.value
 
     lines = describe_backend(backend)
     typer.echo(f"nsg-gpu {__version__}")

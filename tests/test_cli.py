@@ -433,3 +433,31 @@ def test_reference_name_that_fits_two_frames_is_refused(small_frames, tmp_path):
     assert result.exit_code == 1
     assert f"{first.stem}: names 2 of the frames given" in result.output
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["normalize", "x.fits", "--backend", "foo"],
+        ["normalize", "x.fits", "--output-format", "tiff"],
+        ["normalize", "x.fits", "--photometry", "foo"],
+        ["stack", "x", "-o", "m.fits", "--backend", "foo"],
+        ["stack", "x", "-o", "m.fits", "--rejection", "foo"],
+        ["info", "--backend", "foo"],
+    ],
+)
+def test_a_value_not_among_an_options_choices_is_a_usage_error(args, tmp_path, monkeypatch):
+    """--backend and --output-format exited 1 for a value not among their choices, where every
+    other option with choices exits 2 (README: a usage error); now all exit 2, nothing done."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "Invalid value for" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_backend_and_format_names_are_read_in_any_case(small_frames, tmp_path):
+    frames = sorted(str(p) for p in (small_frames / "in").glob("*.fits"))[:2]
+    args = ["normalize", *frames, "-r", frames[0], "-o", str(tmp_path / "o"), "--no-report", "-q"]
+    result = runner.invoke(app, [*args, "--backend", "NumPy", "--output-format", "XISF"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.suffix for p in (tmp_path / "o").rglob("*_nsg.*")) == [".xisf", ".xisf"]
