@@ -36,7 +36,7 @@ from .errors import FrameDataError, FrameError, FrameReadError, FrameShapeError,
 from .htmlreport import REPORT_FILE, add_stack_section
 from .io import MASTER_CARD, MASTER_REASON, XISF_SUFFIXES, is_stack_master, read_frame
 from .keywords import FINGERPRINT
-from .noise import ksigma_noise
+from .noise import multiscale_noise
 from .pixel_rejection import NOISE_BOX, NoiseMap, Rejection, peak_excess
 from .stack_inputs import (
     BandRows,
@@ -103,7 +103,7 @@ def stack(
     weights : str
         ``"NWEIGHT"`` (the frames' NSG weight card, the default), ``"equal"``, ``"noise"``
         (``1 / sigma^2`` per channel, from the ``NOISE0n`` cards where a frame has them, else
-        the k-sigma noise of its middle :data:`NOISE_ROWS` rows), or any other header keyword
+        the noise of its middle :data:`NOISE_ROWS` rows, as NWEIGHT's), or any other header keyword
         holding a weight.
 
     rejection : Rejection or str
@@ -552,7 +552,10 @@ def _frame_weight(source: StackInput, mode: str, data: np.ndarray | None) -> np.
 def _measure_noise(source: StackInput, data: np.ndarray | None) -> list[float]:
     if data is None:
         data = _middle_rows(source)  # the middle rows only
-    return [ksigma_noise(data[c]) for c in range(source.shape[0])]
+    # As nsg normalize reads a target's noise for NWEIGHT: the second wavelet layer, which a
+    # registration's interpolation does not smooth (a per-pixel estimate takes a resampled
+    # frame for cleaner than the frame registered onto, by up to 2x in weight).
+    return [multiscale_noise(data[c]) for c in range(source.shape[0])]
 
 
 def _middle_rows(source: StackInput) -> np.ndarray:
