@@ -221,8 +221,7 @@ def stack(
         scan_seconds = time.perf_counter() - started
         used = [s for s in sources if s.error is None]
         if not used:
-            reasons = "; ".join(f.error for f in frames if f.error) or "no frames"
-            raise StackError(f"no frame can be stacked: {reasons}")
+            raise StackError(_none_stacked(frames))
         rejection = rejection.resolve(len(used)).for_stack(len(used))
         channels, height, width = used[0].shape
         rows = plan_bands(
@@ -253,7 +252,7 @@ def stack(
         if stop_on_error and any(f.error for f in frames):
             raise StackError(next(f.error for f in frames if f.error))
         if not used:
-            raise StackError("no frame can be stacked: " + "; ".join(f.error for f in frames if f.error))
+            raise StackError(_none_stacked(frames))
         if rejection.method == "auto":  # its reason counts the frames stacked, not those read
             result.rejection = rejection.resolve(len(used))
         written = time.perf_counter()
@@ -547,6 +546,24 @@ def _frame_weight(source: StackInput, mode: str, data: np.ndarray | None) -> np.
     if not (math.isfinite(weight) and weight > 0):
         raise FrameDataError(path, f"its {mode} card is {weight:g}; weights must be positive")
     return np.full(channels, weight)
+
+
+def _none_stacked(frames) -> str:
+    """Why no frame can be stacked: each reason once, with the frames it holds for (the first
+    named, the others counted), where every frame said the same at length."""
+    reasons: dict[str, list[str]] = {}
+    for frame in frames:
+        if frame.error:
+            name = str(frame.path)
+            reason = frame.error[len(name) + 2 :] if frame.error.startswith(f"{name}: ") else frame.error
+            reasons.setdefault(reason, []).append(name)
+    if not reasons:
+        return "no frame can be stacked: no frames"
+    parts = []
+    for reason, names in reasons.items():
+        more = f" and {len(names) - 1} other frame(s)" if len(names) > 1 else ""
+        parts.append(f"{names[0]}{more}: {reason}")
+    return "no frame can be stacked: " + "; ".join(parts)
 
 
 def _measure_noise(source: StackInput, data: np.ndarray | None) -> list[float]:

@@ -804,8 +804,10 @@ def test_equal_and_keyword_weights(tmp_path):
     assert {f.weight for f in equal.frames} == {(1.0,)}
     keyword = stack(scene.paths, tmp_path / "k.fits", weights="myweight", backend="numpy")
     assert [f.weight[0] for f in keyword.frames] == pytest.approx((scene.sigma[0] / scene.sigma) ** 2, rel=1e-6)
-    with pytest.raises(StackError, match="no frame can be stacked: .*has no NWEIGHT card"):
+    with pytest.raises(StackError, match="no frame can be stacked: .*has no NWEIGHT card") as caught:
         stack(scene.paths, tmp_path / "n.fits", backend="numpy")
+    # The reason once, with the frames it holds for (it was repeated for every frame).
+    assert str(caught.value).count("has no NWEIGHT card") == 1 and "and 3 other frame(s)" in str(caught.value)
 
 
 # -- inputs -----------------------------------------------------------------------------------------
