@@ -15,6 +15,7 @@ In the flow: the last thing a run writes (:func:`nsg_gpu.run.normalize`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import html
@@ -331,6 +332,8 @@ def write_report(
                 parts.append(_frame_section("", frame, frame_plots[frame.path], output_dir, open_=False))
     if stack is not None:
         parts.append(stack_section(stack, output_dir))
+    else:
+        parts += _earlier_stack(output_dir, frames)
     parts += [
         '<h2 id="parameters">Parameters</h2><table class="summary">',
         *[f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in parameters.items()],
@@ -340,6 +343,35 @@ def write_report(
     path = output_dir / REPORT_FILE
     write_text(path, "\n".join(parts) + "\n")
     return path
+
+
+#: Said in an earlier Stack section that a run of nsg normalize keeps.
+_EARLIER_STACK = (
+    "From nsg stack before this run of nsg normalize, which kept every output as it was; if "
+    "frames moved between the output directory and rejected/ (other thresholds), stack again."
+)
+
+
+def _earlier_stack(output_dir: Path, frames) -> list[str]:
+    """The Stack section of the page a run replaces, where this run kept every frame's output as
+    it was (all resumed): the master still stands for them. Where any frame was normalized
+    anew the master no longer does: the section goes, and so do its images."""
+    page = output_dir / REPORT_FILE
+    try:
+        text = page.read_text() if page.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    if _STACK_BEGIN in text and _STACK_END in text and frames and all(f.resumed for f in frames):
+        section = _STACK_BEGIN + text.split(_STACK_BEGIN, 1)[1].split(_STACK_END, 1)[0] + _STACK_END
+        if _EARLIER_STACK not in section:
+            section = section.replace(
+                '<h2 id="stack">Stack</h2>', f'<h2 id="stack">Stack</h2><p class="muted">{_e(_EARLIER_STACK)}</p>', 1
+            )
+        return [section]
+    for stem, _ in STACK_PLOTS:
+        with contextlib.suppress(OSError):
+            (output_dir / "plots" / f"{stem}.png").unlink()
+    return []
 
 
 def _time_per_frame(frames) -> str:

@@ -419,6 +419,29 @@ def test_resumed_run_keeps_its_report(field_frames, tmp_path):
     assert "0.00 s" not in page
 
 
+def test_a_rerun_keeps_the_stack_section_while_the_outputs_stand(field_frames, tmp_path):
+    """``nsg stack DIR`` puts its section into DIR/report.html; rerunning ``nsg normalize``
+    rewrote the page without it (its images left behind, linked from nowhere). A rerun that
+    keeps every output keeps the section, saying where it comes from; one that normalizes
+    frames again drops it and its images (the master no longer stands for the outputs)."""
+    _, paths = field_frames
+    out = tmp_path / "o"
+    command = ["normalize", *map(str, paths[:3]), "-r", str(paths[0]), "-o", str(out), "-q"]
+    command += ["--min-weight", "0", "--min-transmission", "0"]
+    assert runner.invoke(app, command).exit_code == 0
+    stacked = runner.invoke(app, ["stack", str(out), "-o", str(tmp_path / "m.fits"), "-q"])
+    assert stacked.exit_code == 0, stacked.output
+    images = sorted(p.name for p in (out / "plots").glob("stack_*.png"))
+    assert images and '<h2 id="stack">' in (out / "report.html").read_text()
+    assert runner.invoke(app, command).exit_code == 0  # every output kept
+    page = (out / "report.html").read_text()
+    assert page.count('<h2 id="stack">') == 1 and "From nsg stack before this run of nsg normalize" in page
+    assert all(f'src="plots/{name}"' in page for name in images)
+    assert runner.invoke(app, [*command, "--overwrite"]).exit_code == 0  # normalized again
+    page = (out / "report.html").read_text()
+    assert '<h2 id="stack">' not in page and not list((out / "plots").glob("stack_*.png"))
+
+
 @pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX only")
 def test_report_failure_leaves_the_run_done(field_frames, tmp_path):
     """A plots directory that cannot be made: frames and results are written, the report error is told."""
