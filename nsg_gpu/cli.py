@@ -65,6 +65,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's plain help: typer's boxed tables cut option names short in a terminal of 80
+    # columns (--limit-sample-s...), and its type column took the room of the help.
+    rich_markup_mode=None,
 )
 
 
@@ -115,7 +118,7 @@ def _parameter_option(item: dataclasses.Field, annotation) -> pyinspect.Paramete
     meta = item.metadata
     help_text = meta["help"]
     if meta["auto"]:
-        help_text += f" \\[default: Auto, {meta['auto']}]"
+        help_text += f" [default: Auto, {meta['auto']}]"
     flag = meta["flag"] or "--" + item.name.replace("_", "-")
     default = item.default
     if meta["choices"]:  # typer offers choices through an Enum
@@ -156,7 +159,8 @@ def normalize(
     frames: Annotated[
         list[Path],
         typer.Argument(
-            help="Registered FITS or XISF frames, or directories of them (the reference may be among them)."
+            metavar="FRAMES",
+            help="Registered FITS or XISF frames, or directories of them (the reference may be among them).",
         ),
     ],
     reference: Annotated[
@@ -331,8 +335,9 @@ def stack(
     inputs: Annotated[
         list[Path],
         typer.Argument(
+            metavar="DIR_OR_FRAMES",
             help="Normalized frames (FITS or XISF), or directories of nsg normalize outputs: their accepted "
-            "frames (the files of weights.csv; never those of rejected/)."
+            "frames (the files of weights.csv; never those of rejected/).",
         ),
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="The master, a float32 FITS file.")],
@@ -477,7 +482,9 @@ def _stack_report_page(inputs: list[Path], output: Path) -> Path:
 @app.command()
 @_one_line_errors
 def inspect(
-    frames: Annotated[list[Path], typer.Argument(help="FITS or XISF frames to measure, or directories of them.")],
+    frames: Annotated[
+        list[Path], typer.Argument(metavar="FRAMES", help="FITS or XISF frames to measure, or directories of them.")
+    ],
     json_output: Annotated[bool, typer.Option("--json", metavar="", help="Print the table as a JSON list.")] = False,
     detection_sigma: Annotated[
         float, typer.Option(help=dataclasses.fields(Parameters)[0].metadata["help"])
@@ -543,7 +550,7 @@ def inspect(
 @app.command()
 @_one_line_errors
 def synth(
-    directory: Annotated[Path, typer.Argument(help="Where to write the frames and truth.json.")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Where to write the frames and truth.json.")],
     scenario: Annotated[
         str,
         typer.Option(
