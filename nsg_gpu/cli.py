@@ -505,40 +505,59 @@ def inspect(
             raise typer.Exit(code=EXIT_FRAMES_FAILED)
         return
     from rich.console import Console
+    from rich.padding import Padding
     from rich.table import Table
 
     def number(value, fmt: str) -> str:
         return "" if value is None else format(value, fmt)
 
-    table = Table(title="Frames ranked as --reference auto ranks them", title_justify="left")
+    # Off a terminal (a pipe, a file) rich would squeeze the table into 80 columns; COLUMNS,
+    # where set, says the width.
+    console = Console(highlight=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
     columns = (
         "#", "file", "date", "exp (s)", "filter", "alt / airmass", "median", "noise", "noise/s",
         "stars", "FWHM", "coverage", "gradient", "star SNR", "note",
     )  # fmt: skip
-    for heading in columns:
-        table.add_column(heading, justify="left" if heading in ("file", "date", "filter", "note") else "right")
+    rows = []
     for s in ranked:
         altitude = " / ".join(v for v in (number(s.altitude, ".1f"), number(s.airmass, ".3f")) if v)
-        table.add_row(
-            str(s.rank),
-            s.path.name,
-            s.date_obs or "",
-            number(s.exposure, "g"),
-            s.filter or "",
-            altitude,
-            number(s.median, ".4g"),
-            number(s.noise or None, ".3g"),
-            number(s.noise_per_second, ".3g"),
-            "" if s.error else str(s.stars) if s.shared_stars is None else f"{s.stars} ({s.shared_stars} shared)",
-            number(s.fwhm, ".2f"),
-            "" if s.missing_area is None else f"{s.coverage:.1%} ({s.missing_area:.1%} missed)",
-            number(s.gradient or None, ".1f"),
-            number(s.star_snr or None, ".0f"),
-            s.error or s.note,
+        rows.append(
+            (
+                str(s.rank),
+                s.path.name,
+                s.date_obs or "",
+                number(s.exposure, "g"),
+                s.filter or "",
+                altitude,
+                number(s.median, ".4g"),
+                number(s.noise or None, ".3g"),
+                number(s.noise_per_second, ".3g"),
+                "" if s.error else str(s.stars) if s.shared_stars is None else f"{s.stars} ({s.shared_stars} shared)",
+                number(s.fwhm, ".2f"),
+                "" if s.missing_area is None else f"{s.coverage:.1%} ({s.missing_area:.1%} missed)",
+                number(s.gradient or None, ".1f"),
+                number(s.star_snr or None, ".0f"),
+                s.error or s.note,
+            )
         )
-    # Off a terminal (a pipe, a file) rich would squeeze the table into 80 columns.
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-    console.print(table)
+    title = "Frames ranked as --reference auto ranks them"
+    # The table where every cell fits whole on one line, else each frame as its name, then its
+    # figures (rich would crop the table, or cut or fold every cell).
+    needed = sum(max([len(h), *(len(r[k]) for r in rows)]) for k, h in enumerate(columns)) + 3 * len(columns) + 1
+    if console.width < needed:
+        console.print(title, highlight=False)
+        for row in rows:
+            console.print(f"{row[0]}. {row[1]}: {row[-1]}", highlight=False)
+            figures = ", ".join(f"{heading} {value}" for heading, value in zip(columns[2:-1], row[2:-1]) if value)
+            console.print(Padding(figures, (0, 0, 0, 3)), highlight=False)
+    else:
+        table = Table(title=title, title_justify="left")
+        for heading in columns:
+            justify = "left" if heading in ("file", "date", "filter", "note") else "right"
+            table.add_column(heading, justify=justify, overflow="fold")  # a cell folds, never cut short
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
     if ranked and ranked[0].candidate:
         console.print(f"--reference auto would choose {ranked[0].path.name}", highlight=False)
     else:

@@ -463,3 +463,21 @@ def test_backend_and_format_names_are_read_in_any_case(small_frames, tmp_path):
     result = runner.invoke(app, [*args, "--backend", "NumPy", "--output-format", "XISF"])
     assert result.exit_code == 0, result.output
     assert sorted(p.suffix for p in (tmp_path / "o").rglob("*_nsg.*")) == [".xisf", ".xisf"]
+
+
+@pytest.mark.parametrize("columns", ["80", "100", "200", "320"])
+def test_inspect_shows_every_name_whole_at_any_width(small_frames, tmp_path, columns):
+    """At 100 columns every cell of nsg inspect's table was cut short ('000...', 'ca...'), at 150
+    the file names; now a narrow terminal gets a paragraph per frame and a wide one a table
+    whose cells fold: every name and note whole, nothing cut."""
+    long_names = []
+    for k, path in enumerate(sorted((small_frames / "in").glob("*.fits"))[:3]):
+        long_names.append(tmp_path / f"{k:03d}_Light_NGC_7023_10.0s_IRCUT_20240730-2244{k:02d}.fits")
+        shutil.copy(path, long_names[-1])
+    result = runner.invoke(app, ["inspect", *map(str, long_names)], env={"COLUMNS": columns, "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output and "candidate" in result.output
+    flat = "".join(c for c in result.output if c not in "│ \n")
+    assert all(p.name in flat for p in long_names), result.output
+    assert max(len(line) for line in result.output.splitlines()) <= int(columns)
+    assert ("┃ file" in result.output) == (columns == "320")  # a table where every cell fits whole
