@@ -171,7 +171,7 @@ def _frame_line(result, done: int, total: int) -> str:
         return f"[{done}/{total}] {name}: reference, {result.star_pairs} stars"
     errors = list(result.transmission_error or []) + [None] * len(result.transmission)
     transmission = " ".join(
-        f"{t:.4f}" + (f"+-{e:.2g}" if e is not None else "") for t, e in zip(result.transmission, errors)
+        f"{t:.4f}" + (f"+-{e:#.2g}" if e is not None else "") for t, e in zip(result.transmission, errors)
     )
     return (
         f"[{done}/{total}] {name}: transmission {transmission}  weight {result.weight:.3f}  "
