@@ -473,10 +473,13 @@ def stack(
 
 
 def _stack_report_page(inputs: list[Path], output: Path) -> Path:
-    """The run's report.html when one directory of nsg normalize is stacked, else one beside the master."""
+    """The run's report.html when one directory of nsg normalize is stacked, else the master's
+    own page beside it (:func:`~nsg_gpu.stacking.stack_page_path`)."""
+    from .stacking import stack_page_path
+
     if len(inputs) == 1 and inputs[0].is_dir() and (inputs[0] / "report.html").is_file():
         return inputs[0] / "report.html"
-    return output.parent / "report.html"
+    return stack_page_path(output)
 
 
 @app.command()

@@ -413,8 +413,9 @@ STACK_PLOTS = (
 )
 
 
-def write_stack_plots(result, directory: str | os.PathLike) -> list[Path]:
-    """Draw the previews of a :class:`~nsg_gpu.stack_results.StackResult` as ``directory/stack_*.png``."""
+def write_stack_plots(result, directory: str | os.PathLike, prefix: str = "") -> list[Path]:
+    """Draw the previews of a :class:`~nsg_gpu.stack_results.StackResult` as
+    ``directory/<prefix>stack_*.png``."""
     import numpy as np
 
     directory = Path(directory)
@@ -433,14 +434,14 @@ def write_stack_plots(result, directory: str | os.PathLike) -> list[Path]:
         axes = figure.add_subplot(1, 1, 1)
         axes.imshow(image, cmap="gray", origin="lower", interpolation="nearest", vmin=0, vmax=1)
         axes.set_axis_off()
-        paths.append(save_figure(figure, directory / "stack_master.png"))
+        paths.append(save_figure(figure, directory / f"{prefix}stack_master.png"))
     if "coverage" in previews:
         figure = new_figure(8, 4.2, left=0.06, right=0.95, bottom=0.08, top=0.92)
         axes = figure.add_subplot(1, 1, 1)
         shown = axes.imshow(previews["coverage"], origin="lower", interpolation="nearest", cmap="viridis")
         figure.colorbar(shown, ax=axes, label="frames")
         axes.set_title("coverage")
-        paths.append(save_figure(figure, directory / "stack_coverage.png"))
+        paths.append(save_figure(figure, directory / f"{prefix}stack_coverage.png"))
     if "rejlow" in previews and "rejhigh" in previews:
         figure = new_figure(12, 4.2, left=0.04, right=0.97, bottom=0.08, top=0.9, wspace=0.15)
         for k, (key, title) in enumerate((("rejlow", "rejected low"), ("rejhigh", "rejected high"))):
@@ -448,15 +449,15 @@ def write_stack_plots(result, directory: str | os.PathLike) -> list[Path]:
             shown = axes.imshow(previews[key], origin="lower", interpolation="nearest", cmap="magma")
             figure.colorbar(shown, ax=axes, label="samples per pixel")
             axes.set_title(title)
-        paths.append(save_figure(figure, directory / "stack_rejection.png"))
+        paths.append(save_figure(figure, directory / f"{prefix}stack_rejection.png"))
     return paths
 
 
-def stack_section(result, base: str | os.PathLike, *, plots: bool = True) -> str:
+def stack_section(result, base: str | os.PathLike, *, plots: bool = True, prefix: str = "") -> str:
     """The Stack section of report.html for a :class:`~nsg_gpu.stack_results.StackResult`.
 
-    Its images are drawn into ``base/plots/`` (unless ``plots`` is false) and linked
-    relatively; the section is wrapped in markers so that :func:`add_stack_section` can
+    Its images are drawn into ``base/plots/`` (unless ``plots`` is false), their names led by
+    ``prefix``, and linked relatively; the section is wrapped in markers so that :func:`add_stack_section` can
     replace it.
     """
     base = Path(base)
@@ -505,8 +506,8 @@ def stack_section(result, base: str | os.PathLike, *, plots: bool = True) -> str
         "</table>",
     ]
     if plots and result.previews:
-        paths = write_stack_plots(result, base / "plots")
-        captions = dict(STACK_PLOTS)
+        paths = write_stack_plots(result, base / "plots", prefix)
+        captions = {f"{prefix}{stem}": caption for stem, caption in STACK_PLOTS}
         parts += [
             f'<figure><img src="{_e(_relative(path, base))}" alt="{_e(captions.get(path.stem, path.stem))}" '
             f'loading="lazy"><figcaption>{_e(captions.get(path.stem, path.stem))}</figcaption></figure>'
@@ -552,7 +553,8 @@ def add_stack_section(path: str | os.PathLike, result) -> Path:
         The page or an image cannot be written.
     """
     path = Path(path)
-    section = stack_section(result, path.parent)
+    # A run's report.html draws plots/stack_*.png; a master's own page, its own names.
+    section = stack_section(result, path.parent, prefix="" if path.name == REPORT_FILE else f"{path.stem}_")
     text = path.read_text() if path.is_file() else None
     if text and _STACK_BEGIN in text and _STACK_END in text:
         head, rest = text.split(_STACK_BEGIN, 1)

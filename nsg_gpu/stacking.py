@@ -33,8 +33,8 @@ from .atomic import AtomicGroup, remove_stale_temporaries
 from .backend import Backend, select_backend
 from .combine import CHUNK_SAMPLES, BandResult, reject_combine
 from .errors import FrameDataError, FrameError, FrameReadError, FrameShapeError, OutputError, ParameterError, StackError
-from .htmlreport import REPORT_FILE, add_stack_section
-from .io import MASTER_CARD, MASTER_REASON, XISF_SUFFIXES, is_stack_master, read_frame
+from .htmlreport import add_stack_section
+from .io import MASTER_CARD, MASTER_REASON, XISF_SUFFIXES, frame_stem, is_stack_master, read_frame
 from .keywords import FINGERPRINT
 from .noise import multiscale_noise
 from .pixel_rejection import NOISE_BOX, NoiseMap, Rejection, peak_excess
@@ -124,12 +124,12 @@ def stack(
         ``<stem>_rejlow.fits`` and ``<stem>_rejhigh.fits`` beside it, or not at all.
 
     csv_path : path, optional
-        Where ``stack.csv`` goes; beside the master by default.
+        Where the per-frame table goes; ``<stem>_stack.csv`` beside the master by default.
 
     report : bool or path
-        Add a Stack section to a report page: True for ``report.html`` beside the master
-        (inserted into a run's report when one is there, else a page of its own), a path for
-        that page. Off by default.
+        Add a Stack section to a report page: True for a page of its own,
+        ``<stem>_report.html`` beside the master; a path for that page (a run's report.html:
+        the section goes before its parameters). Off by default.
 
     spool_dir : path, optional
         Where compressed (``.fz``, ``.gz``) and XISF inputs are decompressed once (native
@@ -192,12 +192,14 @@ def stack(
     weight_mode = _weight_mode(weights)
 
     listed = in_stack_order(stack_inputs(inputs))
-    csv_path = Path(csv_path) if csv_path is not None else output.parent / "stack.csv"
+    csv_path = Path(csv_path) if csv_path is not None else stack_csv_path(output)
     _check_outputs(inputs, listed, output, csv_path, maps)
     # What a killed stack left half-written beside its outputs (never a complete file).
-    remove_stale_temporaries([output, csv_path, *map_paths(output).values(), output.parent / REPORT_FILE])
+    page = (stack_page_path(output) if report is True else Path(report)) if report else None
+    own = [stack_page_path(output), *([page] if page else [])]
+    remove_stale_temporaries([output, csv_path, *map_paths(output).values(), *own])
     spool_parent = Path(spool_dir) if spool_dir is not None else output.parent
-    folders = {output.parent.absolute(): "the master's folder", csv_path.parent.absolute(): "stack.csv's folder"}
+    folders = {output.parent.absolute(): "the master's folder", csv_path.parent.absolute(): "the --csv table's folder"}
     folders.setdefault(spool_parent.absolute(), "the spool folder's place")
     made = {above for folder in folders for above in [folder, *folder.parents] if not above.exists()}
     made = sorted(made, key=lambda p: len(p.parts), reverse=True)  # deepest first
@@ -256,7 +258,7 @@ def stack(
         if rejection.method == "auto":  # its reason counts the frames stacked, not those read
             result.rejection = rejection.resolve(len(used))
         written = time.perf_counter()
-        with AtomicGroup() as group:  # the master, its maps and stack.csv: all or none
+        with AtomicGroup() as group:  # the master, its maps and its table: all or none
             write_outputs(result, used, products, maps=maps, group=group)
             result.csv = write_stack_csv(result, csv_path, group)
         result.write_seconds = time.perf_counter() - written
@@ -267,13 +269,26 @@ def stack(
         if not done:
             _remove_folders(made)  # a stack that failed leaves no folder it made
     result.seconds = time.perf_counter() - started
-    if report:
-        target = output.parent / "report.html" if report is True else Path(report)
+    if page is not None:
         try:
-            result.report = add_stack_section(target, result)
+            result.report = add_stack_section(page, result)
         except (OutputError, OSError) as exc:
             result.report_error = str(exc)
     return result
+
+
+def stack_csv_path(output: str | os.PathLike) -> Path:
+    """The per-frame table beside the master ``output``: ``<stem>_stack.csv``, one per master
+    (a second master in the folder replaced a shared ``stack.csv``)."""
+    output = Path(output)
+    return output.parent / f"{frame_stem(output)}_stack.csv"
+
+
+def stack_page_path(output: str | os.PathLike) -> Path:
+    """The report page of a master whose frames are not one run's directory:
+    ``<stem>_report.html`` beside it, one per master."""
+    output = Path(output)
+    return output.parent / f"{frame_stem(output)}_report.html"
 
 
 def _remove_folders(folders: list[Path]) -> None:
@@ -294,7 +309,7 @@ def _check_outputs(inputs, listed, output: Path, csv_path: Path, maps: str) -> N
     """Refuse, before anything is read, outputs that would overwrite an input (a frame, or an
     input directory's ``weights.csv``) or each other. A master or map of an earlier stack
     found in an input directory is not an input (it is never stacked) and may be replaced."""
-    outputs = {"the master": output, "stack.csv": csv_path}
+    outputs = {"the master": output, "the --csv table": csv_path}
     if maps == "files":
         outputs.update({f"the {name} map": path for name, path in map_paths(output).items()})
     seen: dict[Path, str] = {}

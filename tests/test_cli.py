@@ -406,7 +406,7 @@ def test_normalize_then_stack_against_the_truth(small_frames, tmp_path):
     assert partial.sum() > 1000
     assert abs(np.median(residual[partial]) - level) < 0.5 * noise  # borders not darkened
     assert '<h2 id="stack">Stack</h2>' in (out / "report.html").read_text()
-    assert (tmp_path / "stack.csv").is_file()
+    assert (tmp_path / "master_stack.csv").is_file()
 
 
 def test_reference_named_among_the_frames(small_frames, tmp_path):

@@ -707,7 +707,7 @@ def test_same_bytes_whatever_the_memory_and_threads(scenes, tmp_path):
 @pytest.mark.parametrize("marked", [True, False], ids=["reference-marked", "no-reference"])
 def test_same_bytes_whatever_the_order_the_frames_are_given_in(tmp_path, marked):
     """Five frames of equal weight (noise clipping: its map read from the first two frames of
-    equal weight), given in three orders: the same master and stack.csv, byte for byte, and
+    equal weight), given in three orders: the same master and table, byte for byte, and
     the master's header is the reference's where it is among them."""
     scene = write_scene(tmp_path / "in", 5, seed=21)
     for k, path in enumerate(scene.paths):
@@ -724,7 +724,7 @@ def test_same_bytes_whatever_the_order_the_frames_are_given_in(tmp_path, marked)
     for k, paths in enumerate(orders):
         out = tmp_path / f"o{k}"
         stack(paths, out / "master.fits", weights="equal", backend="numpy", report=False)
-        outputs.append([(out / name).read_bytes() for name in ("master.fits", "stack.csv")])
+        outputs.append([(out / name).read_bytes() for name in ("master.fits", "master_stack.csv")])
         with fits.open(out / "master.fits") as hdul:
             assert hdul[0].header["NSGSREJ"] == "auto" and hdul["REJHIGH"].data.sum() > 0
             assert hdul[0].header["DATE-OBS"] == "2025-03-01T21:00:00"  # frame_000: the reference, or first by name
@@ -864,7 +864,7 @@ def test_bad_frames_are_left_out_with_their_reason(tmp_path):
     assert all(str(tmp_path) in e for e in errors.values())  # every message names its file
     assert len(result.used) == 6 and fits.getheader(tmp_path / "m.fits")["NCOMBINE"] == 6
     assert result.rejection.reason.endswith("where all 6 frames cover")  # not the empty one's 7
-    rows = list(csv.DictReader((tmp_path / "stack.csv").read_text().splitlines()))
+    rows = list(csv.DictReader((tmp_path / "m_stack.csv").read_text().splitlines()))
     assert [r["status"] for r in rows] == ["skipped"] + ["used"] * 6 + ["skipped"] * 5
     # The good frames alone give the same master (the empty frame was not the noise map's).
     stack(scene.paths, tmp_path / "alone.fits", backend="numpy")
@@ -935,7 +935,7 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path):
     victim = scene.paths[0]
     before = victim.read_bytes()
     cases = [
-        (dict(output=tmp_path / "a" / "m.fits", csv_path=victim), "stack.csv would overwrite an input frame"),
+        (dict(output=tmp_path / "a" / "m.fits", csv_path=victim), "the --csv table would overwrite an input frame"),
         (dict(output=tmp_path / "b" / "m.fits", csv_path=tmp_path / "b" / "m.fits"), "would be the same file"),
         (dict(output=tmp_path / "in" / "frame_000_nsg.fits"), "the master would overwrite an input frame"),
     ]
@@ -961,13 +961,13 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path):
 
 
 def test_the_outputs_are_written_all_or_none(tmp_path):
-    """stack.csv that cannot be written (a folder of that name): no master and no maps."""
+    """A per-frame table that cannot be written (a folder of that name): no master and no maps."""
     scene = write_scene(tmp_path / "in", 4, seed=13)
-    (tmp_path / "out" / "stack.csv").mkdir(parents=True)
-    with pytest.raises(OutputError, match="stack.csv: cannot be written"):
+    (tmp_path / "out" / "m_stack.csv").mkdir(parents=True)
+    with pytest.raises(OutputError, match="m_stack.csv: cannot be written"):
         stack(scene.paths, tmp_path / "out" / "m.fits", maps="files", backend="numpy")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["stack.csv"]
-    # A master's name taken by a folder, stack.csv into new folders: none of them left.
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m_stack.csv"]
+    # A master's name taken by a folder, its table into new folders: none of them left.
     (tmp_path / "taken" / "m.fits").mkdir(parents=True)
     csv_path = tmp_path / "new" / "deep" / "stack.csv"
     with pytest.raises(OutputError, match="m.fits: cannot be written"):
@@ -1098,7 +1098,7 @@ def test_outputs_cards_maps_and_progress(tmp_path):
     assert all(len(h) <= 72 for h in history)  # one card each
     assert sum(h.startswith("NSG.stack frame ") for h in history) == 9
     assert "frame_008_nsg.fits weight" in history[-1]
-    rows = list(csv.DictReader((tmp_path / "out" / "stack.csv").read_text().splitlines()))
+    rows = list(csv.DictReader((tmp_path / "out" / "m_stack.csv").read_text().splitlines()))
     assert [Path(r["file"]).name for r in rows] == [p.name for p in scene.paths]
     shares = [float(r["rejected_share"]) for r in rows]
     assert shares[1] == max(shares)  # the trail's frame
@@ -1119,10 +1119,11 @@ def test_cli_stack(tmp_path):
     assert result.exit_code == 3, result.output  # a frame was left out
     assert "stacked 5 frames into" in result.stdout and "noise clipping" in result.stdout
     assert "zz_noweight.fits: has no NWEIGHT card" in result.stderr
-    page = (tmp_path / "out" / "report.html").read_text()
+    page = (tmp_path / "out" / "master_report.html").read_text()  # the master's own page
     assert '<h2 id="stack">Stack</h2>' in page and "frame_004_nsg.fits" in page
     for name in ("stack_master.png", "stack_coverage.png", "stack_rejection.png"):
-        assert (tmp_path / "out" / "plots" / name).stat().st_size > 1000
+        assert (tmp_path / "out" / "plots" / f"master_report_{name}").stat().st_size > 1000
+        assert f'src="plots/master_report_{name}"' in page
     lines = runner.invoke(
         app,
         ["stack", *map(str, scene.paths), "-o", str(out), "--json", "--rejection", "sigma", "--high", "2", "--backend", "numpy"],
@@ -1147,7 +1148,26 @@ def test_report_section_replaces_itself_and_joins_a_run_report(tmp_path):
     text = page.read_text()
     assert text.count('<h2 id="stack">') == 1
     assert text.index('<h2 id="stack">') < text.index('<h2 id="parameters">') and "<h1>run</h1>" in text
-    assert 'src="plots/stack_master.png"' in text and 'href="stack.csv"' in text
+    assert 'src="plots/stack_master.png"' in text and 'href="m_stack.csv"' in text
+
+
+def test_two_masters_in_one_folder_keep_their_own_table_and_page(tmp_path):
+    """Two masters stacked into one folder (a filter each) shared stack.csv, report.html and its
+    images: the second replaced the first's. Each now has ``<stem>_stack.csv`` and
+    ``<stem>_report.html`` with its own images."""
+    red = write_scene(tmp_path / "red", 4, seed=21)
+    blue = write_scene(tmp_path / "blue", 5, seed=22)
+    stack(red.paths, tmp_path / "masters" / "R.fits", backend="numpy", report=True)
+    stack(blue.paths, tmp_path / "masters" / "B.fits", backend="numpy", report=True)
+    folder = tmp_path / "masters"
+    for stem, count in (("R", 4), ("B", 5)):
+        rows = list(csv.DictReader((folder / f"{stem}_stack.csv").read_text().splitlines()))
+        assert len(rows) == count
+        page = (folder / f"{stem}_report.html").read_text()
+        assert f"{count} stacked" in page and f'href="{stem}_stack.csv"' in page
+        assert f'src="plots/{stem}_report_stack_master.png"' in page
+        assert (folder / "plots" / f"{stem}_report_stack_master.png").is_file()
+    assert not (folder / "stack.csv").exists() and not (folder / "report.html").exists()
 
 
 def test_the_master_gets_the_mode_the_umask_gives(tmp_path):
@@ -1301,12 +1321,12 @@ def test_weights_at_the_ends_of_the_range_stack_or_name_the_frame(tmp_path, card
 
 
 def test_a_killed_stacks_temporaries_are_removed_by_the_next(tmp_path):
-    """The half-written files a killed stack leaves beside its outputs (the master, stack.csv,
-    a map file, the report) are removed by the next stack there; other files are not."""
+    """The half-written files a killed stack leaves beside its outputs (the master, its table,
+    a map file, its page) are removed by the next stack there; other files are not."""
     scene = write_scene(tmp_path / "in", 3, seed=17)
     out = tmp_path / "out"
     out.mkdir()
-    stale = [out / f".{name}.abc123.tmp" for name in ("m.fits", "stack.csv", "m_coverage.fits", "report.html")]
+    stale = [out / f".{name}.abc123.tmp" for name in ("m.fits", "m_stack.csv", "m_coverage.fits", "m_report.html")]
     for path in stale:
         path.write_text("half-written")
     kept = out / ".notes.txt.abc123.tmp"
