@@ -404,7 +404,8 @@ def stack(
         ),
     ] = Maps.hdus,
     csv_path: Annotated[
-        Optional[Path], typer.Option("--csv", help="Per-frame table. [default: stack.csv beside the master]")
+        Optional[Path],
+        typer.Option("--csv", help="Per-frame table. [default: <master stem>_stack.csv beside the master]"),
     ] = None,
     html_report: Annotated[
         bool,

@@ -93,7 +93,7 @@ def stack_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, bool]]
 def in_stack_order(listed: Sequence[tuple[Path, bool]]) -> list[tuple[Path, bool]]:
     """The frames of :func:`stack_inputs` by file name, then path: one order whatever the
     order the frames were given in, so that the same frames give the same master (its sums,
-    every first of equals) and the same ``stack.csv``."""
+    every first of equals) and the same per-frame table."""
     return sorted(listed, key=lambda item: (item[0].name, str(item[0]), item[1]))
 
 

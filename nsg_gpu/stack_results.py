@@ -1,5 +1,5 @@
 """What a stack says about itself: :class:`StackResult`, one :class:`StackFrame` per frame,
-and ``stack.csv``. Filled by :mod:`nsg_gpu.stacking`; the report's Stack section reads it.
+and the per-frame table (``<stem>_stack.csv``). Filled by :mod:`nsg_gpu.stacking`; the report's Stack section reads it.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class StackFrame:
         return (self.rejected_low + self.rejected_high) / self.covered
 
     def row(self, samples_per_frame: int) -> dict:
-        """The frame's ``stack.csv`` row."""
+        """The frame's row of the per-frame table."""
         weight = None if self.weight is None else " ".join(f"{w:.6g}" for w in self.weight)
         share = self.rejected_share
         return {
@@ -147,7 +147,7 @@ class StackResult:
 
 
 def write_stack_csv(result: StackResult, path: str | os.PathLike, group: AtomicGroup) -> Path:
-    """Write ``stack.csv``: one row per input frame (:data:`STACK_COLUMNS`), as one of
+    """Write the per-frame table (``<stem>_stack.csv`` by default): one row per input frame (:data:`STACK_COLUMNS`), as one of
     ``group``'s files."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=STACK_COLUMNS)

@@ -167,7 +167,7 @@ def stack(
     from. A frame that cannot be used (unreadable, another shape than the reference's or most
     frames', no or a non-positive weight, no sample with data, given twice, or the same
     normalized frame as another: one ``NSGHASH``) is left out with
-    its reason in ``stack.csv`` and the result; the stack goes on unless ``stop_on_error``.
+    its reason in the per-frame table and the result; the stack goes on unless ``stop_on_error``.
     Results do not depend on the memory budget (the band height), the pixel chunks, the
     threads or the order of ``inputs``: the frames are stacked in the order of their file
     names (:func:`~nsg_gpu.stack_inputs.in_stack_order`).
