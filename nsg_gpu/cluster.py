@@ -580,6 +580,8 @@ def _ctrl_c_held():
         signal.signal(signal.SIGINT, previous)
 
     previous = signal.signal(signal.SIGINT, hold)
+    if previous is None:  # a handler set outside Python: Python's own is what a Ctrl-C meets after
+        previous = signal.default_int_handler
     try:
         yield
     except Exception:

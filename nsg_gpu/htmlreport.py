@@ -457,8 +457,8 @@ def stack_section(result, base: str | os.PathLike, *, plots: bool = True, prefix
     """The Stack section of report.html for a :class:`~nsg_gpu.stack_results.StackResult`.
 
     Its images are drawn into ``base/plots/`` (unless ``plots`` is false), their names led by
-    ``prefix``, and linked relatively; the section is wrapped in markers so that :func:`add_stack_section` can
-    replace it.
+    ``prefix``, and linked relatively; the section is wrapped in markers so that
+    :func:`add_stack_section` can replace it.
     """
     base = Path(base)
     used, skipped = result.used, result.skipped
