@@ -204,7 +204,7 @@ class Parameters:
         "Region 'x0,y0,x1,y1' (px, from the image's top-left pixel) whose reference stars alone give "
         "the scale (NSG's photometry ROI: a frame clouded elsewhere scaled from its object's region).",
     )
-    gradient_smoothness: float = _option(-2.0, "log10 of the spline smoothing; 4 fits a plane.")
+    gradient_smoothness: float = _option(-2.0, "log10 of the spline smoothing, -8 to 4 (NSG: -4 to 4); 4 fits a plane.")
     max_samples: int = _option(
         2000, "Samples are merged into super-samples above this count (falling to 500 at smoothness 4, as NSG)."
     )
