@@ -35,7 +35,7 @@ from .combine import CHUNK_SAMPLES, BandResult, reject_combine
 from .errors import FrameDataError, FrameError, FrameReadError, FrameShapeError, OutputError, ParameterError, StackError
 from .htmlreport import add_stack_section
 from .io import MASTER_CARD, MASTER_REASON, XISF_SUFFIXES, frame_stem, is_stack_master, read_frame
-from .keywords import FINGERPRINT
+from .keywords import FINGERPRINT, TRANSMISSION
 from .noise import multiscale_noise
 from .pixel_rejection import NOISE_BOX, NoiseMap, Rejection, peak_excess
 from .stack_inputs import (
@@ -102,7 +102,8 @@ def stack(
 
     weights : str
         ``"NWEIGHT"`` (the frames' NSG weight card, the default), ``"equal"``, ``"noise"``
-        (``1 / sigma^2`` per channel, from the ``NOISE0n`` cards where a frame has them, else
+        (``1 / sigma^2`` per channel, from the ``NOISE0n`` cards where a frame has them,
+        divided by its transmission ``NSGSn`` where it is an output of nsg normalize, else
         the noise of its middle :data:`NOISE_ROWS` rows, as NWEIGHT's), or any other header keyword
         holding a weight.
 
@@ -534,7 +535,13 @@ def _frame_weight(source: StackInput, mode: str, data: np.ndarray | None) -> np.
         return np.ones(channels)
     if mode == "noise":
         noise = [source.header.get(f"NOISE0{c}") for c in range(channels)]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in noise):
+        if all(_positive(v) for v in noise):
+            # The calibration's noise of the input: an output of nsg normalize is the input
+            # times its scale (1 / NSGSn), and so is its noise.
+            transmission = [source.header.get(f"{TRANSMISSION}{c}") for c in range(channels)]
+            if all(_positive(t) for t in transmission):
+                noise = [float(v) / float(t) for v, t in zip(noise, transmission)]
+        else:
             noise = _measure_noise(source, data)
         noise = np.asarray(noise, np.float64)
         if not np.all(np.isfinite(noise) & (noise > 0)):
@@ -561,6 +568,11 @@ def _frame_weight(source: StackInput, mode: str, data: np.ndarray | None) -> np.
     if not (math.isfinite(weight) and weight > 0):
         raise FrameDataError(path, f"its {mode} card is {weight:g}; weights must be positive")
     return np.full(channels, weight)
+
+
+def _positive(value) -> bool:
+    """Whether a card's value is a finite positive number."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _none_stacked(frames) -> str:

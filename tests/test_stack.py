@@ -772,6 +772,22 @@ def test_colour_frames_and_noise_weights(tmp_path):
         assert np.abs(master[c] - scene.truth[c])[clean].std() < 1.05 * scene.ideal_noise()[clean].mean()
 
 
+def test_noise_weights_from_noise_cards_follow_the_outputs_scale(tmp_path):
+    """An output of nsg normalize keeps its input's NOISE0n (the calibration's noise, before
+    the scale): a frame dimmed by cloud to transmission 0.5 is scaled by 2, and so is its
+    noise, but --weights noise took the card as it was and gave it 4 times its weight."""
+    scene = write_scene(tmp_path / "in", 4, seed=5)
+    transmissions = [1.0, 0.5, 0.8, 1.25]
+    for path, t, sigma in zip(scene.paths, transmissions, scene.sigma, strict=True):
+        with fits.open(path, mode="update") as hdul:
+            hdul[0].header["NSGS0"] = t
+            hdul[0].header["NOISE00"] = float(sigma * t)  # the input's noise, before the scale 1 / t
+    result = stack(scene.paths, tmp_path / "m.fits", weights="noise", backend="numpy")
+    relative = np.array([f.relative_weight for f in result.frames])
+    truth = (scene.sigma[0] / scene.sigma) ** 2  # the outputs' own noise
+    np.testing.assert_allclose(relative, truth / truth.max(), rtol=1e-9)
+
+
 def test_noise_weights_are_not_fooled_by_a_registrations_resampling(tmp_path):
     """Two frames of the same noise before registration, one resampled by a cubic spline at
     half a pixel in both axes (its pixel noise smoothed to about 0.7 of it): ``--weights noise``
