@@ -39,7 +39,7 @@ from pathlib import Path
 
 from .atomic import remove_stale_temporaries
 from .backend import cupy_status, get_backend
-from .errors import NSGError
+from .errors import NSGError, UnforeseenFrameError
 from .interrupts import WORKER_ENVIRON
 from .jobs import FrameJob, process_frame
 from .reference import Reference
@@ -127,7 +127,7 @@ def run_frame_task(reference: Reference, job: FrameJob, path: str, output: str) 
     try:
         result = process_frame(reference, job)
     except Exception as exc:
-        result = failed_result(job.path, _TaskError(f"{job.path}: unexpected {type(exc).__name__}: {exc}"))
+        result = failed_result(job.path, UnforeseenFrameError(job.path, exc))
     result.path = path
     if result.output is not None:
         result.output = output
