@@ -22,9 +22,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from .backend import BACKEND_NAMES
 from .display import RunDisplay, StackDisplay
 from .errors import NSGError, ParameterError
+from .io import OUTPUT_FORMATS
 from .params import Parameters
+from .pixel_rejection import METHODS
+from .stacking import MAPS
 from .synthetic import SCENARIOS
 from .version import __version__
 
@@ -37,19 +41,19 @@ EXIT_FRAMES_FAILED = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
-class BackendName(str, enum.Enum):
-    """The array backends by name (:func:`nsg_gpu.backend.select_backend`)."""
+def _choices(name: str, values, doc: str) -> type[enum.Enum]:
+    """An Enum of the library's ``values`` (strings), through which typer offers choices."""
+    choices = enum.Enum(name, {value: value for value in values}, type=str)
+    choices.__doc__ = doc
+    return choices
 
-    auto = "auto"
-    numpy = "numpy"
-    cupy = "cupy"
 
-
-class OutputFormat(str, enum.Enum):
-    """The formats ``nsg normalize`` writes."""
-
-    fits = "fits"
-    xisf = "xisf"
+BackendName = _choices("BackendName", BACKEND_NAMES, "The array backends by name (backend.select_backend).")
+OutputFormat = _choices("OutputFormat", OUTPUT_FORMATS, "The formats nsg normalize writes.")
+RejectionMethod = _choices(
+    "RejectionMethod", ("auto", *METHODS), "Pixel rejection of nsg stack (pixel_rejection.METHODS, or auto)."
+)
+Maps = _choices("Maps", MAPS, "Where nsg stack writes the coverage and rejection maps.")
 
 
 #: The array backend of ``nsg normalize`` and ``nsg stack``; a value not among the choices is a
@@ -122,7 +126,7 @@ def _parameter_option(item: dataclasses.Field, annotation) -> pyinspect.Paramete
     flag = meta["flag"] or "--" + item.name.replace("_", "-")
     default = item.default
     if meta["choices"]:  # typer offers choices through an Enum
-        annotation = enum.Enum(item.name.title(), {c: c for c in meta["choices"]}, type=str)
+        annotation = _choices(item.name.title(), meta["choices"], meta["help"])
         default = annotation(default)
     flag_only = {"metavar": ""} if annotation is bool else {}  # a flag takes no value
     option = typer.Option(*flag.split(" "), help=help_text, show_default=meta["auto"] is None, **flag_only)
@@ -306,27 +310,6 @@ def normalize(
         skipped = bool(result.skipped)
     if run.failed or skipped:
         raise typer.Exit(code=EXIT_FRAMES_FAILED)
-
-
-class RejectionMethod(str, enum.Enum):
-    """Pixel rejection of ``nsg stack`` (:data:`nsg_gpu.pixel_rejection.METHODS`, or auto)."""
-
-    auto = "auto"
-    none = "none"
-    percentile = "percentile"
-    sigma = "sigma"
-    winsorized = "winsorized"
-    esd = "esd"
-    linear = "linear"
-    noise = "noise"
-
-
-class Maps(str, enum.Enum):
-    """Where ``nsg stack`` writes the coverage and rejection maps."""
-
-    hdus = "hdus"
-    files = "files"
-    none = "none"
 
 
 @app.command()

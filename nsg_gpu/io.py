@@ -31,6 +31,7 @@ from .atomic import atomic_write
 from .errors import FrameReadError, FrameShapeError, NSGError, quiet_warnings
 
 __all__ = [
+    "float_card",
     "FITS_SUFFIXES",
     "XISF_SUFFIXES",
     "OUTPUT_FORMATS",
@@ -217,7 +218,9 @@ def _card(header: fits.Header, key: str):
         return None
 
 
-def _float_card(header: fits.Header, *keys: str) -> float | None:
+def float_card(header: fits.Header, *keys: str) -> float | None:
+    """The first of ``keys`` whose card holds a finite number, as a float; None if none does
+    (missing, text, a boolean, not finite)."""
     for key in keys:
         value = _card(header, key)
         if value is None or isinstance(value, bool):
@@ -235,20 +238,20 @@ def meta_from_header(header: fits.Header) -> FrameMeta:
     """The header facts nsg-gpu uses (exposure, optics, filter, time, altitude, noise)."""
     noise = []
     for c in range(3):
-        value = _float_card(header, f"NOISE0{c}")
+        value = float_card(header, f"NOISE0{c}")
         if value is None or value <= 0:
             break
         noise.append(value)
     filt = _card(header, "FILTER")
     date = _card(header, "DATE-OBS")
     return FrameMeta(
-        exposure=_float_card(header, "EXPOSURE", "EXPTIME", "ELAPTIME"),
-        focal_length_mm=_float_card(header, "FOCALLEN"),
-        pixel_size_um=_float_card(header, "XPIXSZ"),
+        exposure=float_card(header, "EXPOSURE", "EXPTIME", "ELAPTIME"),
+        focal_length_mm=float_card(header, "FOCALLEN"),
+        pixel_size_um=float_card(header, "XPIXSZ"),
         filter=str(filt).strip() if filt is not None else None,
         date_obs=str(date).strip() if date is not None else None,
-        altitude=_float_card(header, "ALTITUDE", "OBJCTALT", "CENTALT"),
-        airmass=_float_card(header, "AIRMASS"),
+        altitude=float_card(header, "ALTITUDE", "OBJCTALT", "CENTALT"),
+        airmass=float_card(header, "AIRMASS"),
         noise=tuple(noise) if noise else None,
         bayer_pattern=_bayer_pattern(header),
     )

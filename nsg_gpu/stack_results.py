@@ -16,7 +16,7 @@ import numpy as np
 from astropy.io import fits
 
 from .atomic import AtomicGroup
-from .io import MASTER_CARD, STRUCTURAL_CARDS, frame_stem
+from .io import MASTER_CARD, STRUCTURAL_CARDS, float_card, frame_stem
 from .keywords import add_nsg_history
 from .pixel_rejection import Rejection
 from .stack_inputs import StackInput
@@ -224,9 +224,9 @@ def _total_exposures(used: list[StackInput]) -> dict[str, float]:
     some frame lacks has no total, and the master goes without it."""
     totals = {}
     for key in EXPOSURE_CARDS:
-        values = [s.header.get(key) for s in used]
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-            totals[key] = float(math.fsum(values))
+        values = [float_card(s.header, key) for s in used]
+        if all(v is not None for v in values):
+            totals[key] = math.fsum(values)
     return totals
 
 

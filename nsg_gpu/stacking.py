@@ -34,7 +34,7 @@ from .backend import Backend, select_backend
 from .combine import CHUNK_SAMPLES, BandResult, reject_combine
 from .errors import FrameDataError, FrameError, FrameReadError, FrameShapeError, OutputError, ParameterError, StackError
 from .htmlreport import add_stack_section
-from .io import MASTER_CARD, MASTER_REASON, XISF_SUFFIXES, frame_stem, is_stack_master, read_frame
+from .io import MASTER_CARD, MASTER_REASON, XISF_SUFFIXES, float_card, frame_stem, is_stack_master, read_frame
 from .keywords import FINGERPRINT, TRANSMISSION
 from .noise import multiscale_noise
 from .pixel_rejection import NOISE_BOX, NoiseMap, Rejection, peak_excess
@@ -61,6 +61,10 @@ from .stack_results import (
 
 #: Rows of the middle of a frame read to measure its noise for --weights noise.
 NOISE_ROWS = 512
+
+#: Where the coverage and rejection maps go: image extensions of the master, files of their
+#: own beside it, or nowhere.
+MAPS = ("hdus", "files", "none")
 #: Where the rows lie (shares of the height) that are read from each frame to tell an empty one
 #: (no sample with data) before noise clipping: three short reads a frame, not a scan.
 PROBE_ROWS = (0.25, 0.5, 0.75)
@@ -178,8 +182,8 @@ def stack(
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     check_master_name(output)
-    if maps not in ("hdus", "files", "none"):
-        raise ParameterError(f"maps={maps!r}: choose hdus, files or none")
+    if maps not in MAPS:
+        raise ParameterError(f"maps={maps!r}: choose {', '.join(MAPS)}")
     if isinstance(rejection, str):
         rejection = Rejection(method=rejection, low=low, high=high)
     elif low is not None or high is not None:
@@ -534,13 +538,13 @@ def _frame_weight(source: StackInput, mode: str, data: np.ndarray | None) -> np.
     if mode == "equal":
         return np.ones(channels)
     if mode == "noise":
-        noise = [source.header.get(f"NOISE0{c}") for c in range(channels)]
-        if all(_positive(v) for v in noise):
+        noise = [float_card(source.header, f"NOISE0{c}") for c in range(channels)]
+        if all(v is not None and v > 0 for v in noise):
             # The calibration's noise of the input: an output of nsg normalize is the input
             # times its scale (1 / NSGSn), and so is its noise.
-            transmission = [source.header.get(f"{TRANSMISSION}{c}") for c in range(channels)]
-            if all(_positive(t) for t in transmission):
-                noise = [float(v) / float(t) for v, t in zip(noise, transmission)]
+            transmission = [float_card(source.header, f"{TRANSMISSION}{c}") for c in range(channels)]
+            if all(t is not None and t > 0 for t in transmission):
+                noise = [v / t for v, t in zip(noise, transmission)]
         else:
             noise = _measure_noise(source, data)
         noise = np.asarray(noise, np.float64)
@@ -568,11 +572,6 @@ def _frame_weight(source: StackInput, mode: str, data: np.ndarray | None) -> np.
     if not (math.isfinite(weight) and weight > 0):
         raise FrameDataError(path, f"its {mode} card is {weight:g}; weights must be positive")
     return np.full(channels, weight)
-
-
-def _positive(value) -> bool:
-    """Whether a card's value is a finite positive number."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _none_stacked(frames) -> str:
